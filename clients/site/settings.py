@@ -1,0 +1,88 @@
+"""Site settings: the SuperNode's node config parsed once into a validated dataclass.
+
+A site admin starts ``flower-supernode --node-config "data-path='/data/site.jsonl'
+site-id='hospital-a'"``; the data path is the site's own and never comes from the server.
+In local simulation the node config is looked up by partition id in `SIM_SITES_ENV`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clients.task.errors import ConfigError
+from clients.task.plan import SIM_SITES_ENV
+
+# key: help
+KEYS = {
+    "data-path": "the site's private JSONL/CSV file (required)",
+    "site-id": "name of the site in logs and metrics (default: the file's stem)",
+    "eval-fraction": "share of local rows held out for federated evaluation (default 0.1)",
+    "base-model": "local copy of the base model; its digest must match the run's",
+    "device": "auto, cpu or cuda (default auto)",
+}
+FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    data_path: Path
+    site_id: str
+    eval_fraction: float = 0.1
+    base_model: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval-fraction={self.eval_fraction!r} must be in [0, 1)")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
+
+    @property
+    def torch_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
+        """Parse a SuperNode node config (or the simulated one for its partition).
+
+        Raises:
+            ConfigError: For a missing data path, an unknown key or a bad value.
+        """
+        config = dict(node_config)
+        if "data-path" not in config and "partition-id" in config:
+            config = _simulated(int(config["partition-id"]))
+        unknown = sorted(set(config) - set(KEYS) - set(FLOWER_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown node config key(s) {unknown}; known: {sorted(KEYS)}")
+        if not config.get("data-path"):
+            raise ConfigError("node config has no data-path (the site's data file)")
+        path = Path(str(config["data-path"])).expanduser()
+        eval_fraction = config.get("eval-fraction", 0.1)
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
+            raise ConfigError(f"eval-fraction={eval_fraction!r} must be a number")
+        return cls(
+            data_path=path,
+            site_id=str(config.get("site-id") or path.stem),
+            eval_fraction=float(eval_fraction),
+            base_model=str(config["base-model"]) if config.get("base-model") else None,
+            device=str(config.get("device", "auto")),
+        )
+
+
+def _simulated(partition_id: int) -> dict[str, Any]:
+    raw = os.environ.get(SIM_SITES_ENV)
+    if not raw:
+        raise ConfigError(
+            f"simulated site {partition_id} has no node config: {SIM_SITES_ENV} is not set "
+            "(run through `fedlora train`, or give each SuperNode --node-config data-path=...)"
+        )
+    sites = json.loads(raw)
+    if not 0 <= partition_id < len(sites):
+        raise ConfigError(f"partition-id={partition_id} has no entry in {SIM_SITES_ENV}")
+    return dict(sites[partition_id])

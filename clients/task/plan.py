@@ -1,0 +1,93 @@
+"""The round plan: what the server tells a site to do, as a flat Flower config record.
+
+The server builds a `TrainPlan` from its run settings and sends `plan.to_config()` with
+the global adapter; the site rebuilds it with `TrainPlan.from_config`, which validates
+every field, so a site never trains on a plan it has not checked.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from clients.task.errors import ConfigError
+from clients.task.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The model spec plus the local optimisation settings of one round."""
+
+    spec: ModelSpec
+    base_digest: str
+    server_round: int = 1
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 16
+    learning_rate: float = 5e-3
+    max_length: int = 64
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1 and self.local_steps < 1:
+            raise ConfigError(
+                f"local-epochs={self.local_epochs!r} and local-steps={self.local_steps!r}: "
+                "one of them must be >= 1"
+            )
+        if self.local_steps < 0:
+            raise ConfigError(f"local-steps={self.local_steps!r} must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size={self.batch_size!r} must be >= 1")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning-rate={self.learning_rate!r} must be > 0")
+        if self.max_length < 8:
+            raise ConfigError(f"max-length={self.max_length!r} must be >= 8")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
+
+    def to_config(self) -> dict[str, Any]:
+        """Flatten to the scalar and list values a Flower ConfigRecord accepts."""
+        out: dict[str, Any] = {f"spec.{k}": v for k, v in asdict(self.spec).items()}
+        # Lists travel as JSON strings: a Flower ConfigRecord cannot type an empty list.
+        out["spec.labels"] = json.dumps(list(self.spec.labels))
+        out["spec.target_modules"] = json.dumps(list(self.spec.target_modules))
+        for f in fields(self):
+            if f.name != "spec":
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrainPlan:
+        """Rebuild and validate a plan from `to_config` output.
+
+        Raises:
+            ConfigError: If a field is missing or has the wrong type.
+        """
+        spec_kwargs: dict[str, Any] = {}
+        plan_kwargs: dict[str, Any] = {}
+        for key, value in config.items():
+            if key.startswith("spec."):
+                spec_kwargs[key[5:]] = value
+            else:
+                plan_kwargs[key] = value
+        for key in ("labels", "target_modules"):
+            try:
+                spec_kwargs[key] = tuple(json.loads(spec_kwargs.get(key, "[]")))
+            except (TypeError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"round plan field spec.{key} is not a JSON list") from exc
+        known = {f.name for f in fields(cls)} - {"spec"}
+        unknown = sorted(set(plan_kwargs) - known)
+        if unknown:
+            raise ConfigError(f"round plan has unknown fields {unknown}")
+        try:
+            spec = ModelSpec(**spec_kwargs)
+            return cls(spec=spec, **plan_kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"round plan is malformed: {exc}") from exc
+
+# In local simulation every site runs on this machine and Flower gives each simulated
+# SuperNode only a partition id; the launcher puts the per-site node configs (data path,
+# site id) in this environment variable as a JSON list indexed by partition id. The data
+# path thus still comes from the site's own process, never from a server message.
+SIM_SITES_ENV = "FEDLORA_SIM_SITES"

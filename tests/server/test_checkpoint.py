@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.task.errors import ConfigError
+from server.checkpoint import Checkpoint, CheckpointStore
+
+
+def _ckpt(k: int) -> Checkpoint:
+    return Checkpoint(
+        completed_round=k,
+        state={"w": np.full(3, k, np.float32)},
+        history=[{"round": i} for i in range(1, k + 1)],
+        run_id="r",
+        fingerprint={"x": 1},
+    )
+
+
+def test_save_load_keeps_only_the_newest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.load() is None
+    store.save(_ckpt(1))
+    store.save(_ckpt(2))
+    loaded = store.load()
+    assert loaded is not None and loaded.completed_round == 2
+    np.testing.assert_array_equal(loaded.state["w"], [2, 2, 2])
+    assert [p.name for p in tmp_path.glob("round-*.npz")] == ["round-2.npz"]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_ckpt(1))
+    (tmp_path / "round-1.npz").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="unreadable"):
+        store.load()

@@ -50,7 +50,7 @@ class TrainingResult:
     history: list[dict[str, Any]]
 
 
-def _check_resume(settings: RunSettings, store: CheckpointStore):  # noqa: ANN202
+def _check_resume(settings: RunSettings, store: CheckpointStore):
     found = store.load()
     if settings.resume:
         if found is None:
@@ -89,7 +89,9 @@ def run_training(
     digest = base_digest(settings.spec.base)
     settings.plan(1)
     eval_examples = (
-        load_examples(settings.eval_file, task=settings.spec.task, labels=settings.spec.labels or None)
+        load_examples(
+            settings.eval_file, task=settings.spec.task, labels=settings.spec.labels or None
+        )
         if settings.eval_file
         else None
     )
@@ -107,6 +109,7 @@ def run_training(
 
     evaluator: Evaluator | None = None
     if eval_examples is not None:
+
         def evaluator(state: Mapping[str, np.ndarray]) -> tuple[float, float]:
             load_trainable_state(loaded.model, dict(state))
             result = evaluate(loaded, eval_examples, max_length=settings.max_length)
@@ -145,7 +148,7 @@ def run_training(
     )
 
 
-def _publish_adapter(loaded, out_dir: Path) -> Path:  # noqa: ANN001
+def _publish_adapter(loaded, out_dir: Path) -> Path:
     """Save the adapter beside its final place, then swap it in with renames."""
     final = out_dir / "adapter"
     staging = out_dir / ".adapter.tmp"

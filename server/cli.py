@@ -31,6 +31,7 @@ EXIT_ERROR = 2
 def _quiet_libraries() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("flwr", "ray", "mlflow", "alembic", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import warnings
@@ -165,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.print(_round_table(result.history))
     out.print(f"adapter: {result.adapter_dir}")
     out.print(f"metrics: {result.metrics_path}")
-    out.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})")
+    out.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -34,6 +35,9 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     from server.cli import _round_table, run_train
 
     console = Console()
+    if (out / "run").exists():  # the demo owns OUT: a re-run starts over, it never resumes
+        console.print(f"replacing the previous demo output in {out}")
+        shutil.rmtree(out / "run")
     data_dir = out / "data"
     site_paths, eval_path, labels = generate(data_dir, sites=sites, seed=seed)
     console.print(
@@ -46,7 +50,6 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
         out=out / "run",
         eval_file=eval_path,
         overrides={"seed": seed, "learning-rate": 0.01, "local-epochs": 2},
-        resume=(out / "run" / "checkpoint" / "state.json").exists(),
     )
     plot = out / "metrics.png"
     plot_history(result.history, plot)
@@ -57,5 +60,5 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     )
     console.print(f"adapter: {result.adapter_dir}")
     console.print(f"plot:    {plot}")
-    console.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})")
+    console.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0

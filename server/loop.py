@@ -199,8 +199,11 @@ def run_rounds(
             record.site_ids = [u.site for u in outcome.accepted]
             record.sites = len(outcome.accepted)
             record.train_loss = _weighted(
-                [(u.metrics["train-loss"], int(u.num_examples))  # type: ignore[call-overload]
-                 for u in outcome.accepted if "train-loss" in u.metrics]
+                [
+                    (u.metrics["train-loss"], int(u.num_examples))  # type: ignore[call-overload]
+                    for u in outcome.accepted
+                    if "train-loss" in u.metrics
+                ]
             )
             record.max_site_train_seconds = max(
                 (u.metrics.get("train-seconds", 0.0) for u in outcome.accepted), default=0.0
@@ -223,16 +226,15 @@ def run_rounds(
 
         history.append(asdict(record))
         tracker.log_round(server_round, record.metrics())
-        checkpoints.save(Checkpoint(
-            completed_round=server_round,
-            state=state,
-            history=history,
-            run_id=tracker.run_id,
-            fingerprint=settings.fingerprint(),
-        ))
+        checkpoints.save(
+            Checkpoint(
+                completed_round=server_round,
+                state=state,
+                history=history,
+                run_id=tracker.run_id,
+                fingerprint=settings.fingerprint(),
+            )
+        )
         if on_round:
             on_round(record)
     return state, history
-
-
-

@@ -31,7 +31,19 @@ class SimSite:
     data_path: Path
 
 
-def load_component(ref: str):  # noqa: ANN201 - a Flower app object
+class _HideRunSimulationDeprecation(logging.Filter):
+    """Flower 1.41 marks `run_simulation` deprecated in favour of `flwr run`.
+
+    fedlora keeps it for ``fedlora train`` because it runs the ServerApp in this process,
+    which gives the progress bar and typed errors; ``flwr run .`` works as well (README).
+    The warning would only confuse users of ``fedlora train``, so it is hidden here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def load_component(ref: str):
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -50,6 +62,13 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_HideRunSimulationDeprecation())
+
+    # Ray's worker processes inherit the environment: keep library deprecation noise out
+    # of the user's terminal (fedlora's own errors are logged, not warned).
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     os.environ[SIM_SITES_ENV] = json.dumps(
         [{"data-path": str(s.data_path.resolve()), "site-id": s.site_id} for s in sites]
     )

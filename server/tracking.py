@@ -84,7 +84,7 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def _param(key: str, value: str):  # noqa: ANN202 - mlflow entity
+def _param(key: str, value: str):
     from mlflow.entities import Param
 
     return Param(key, value[:6000])  # MLflow's limit on a param value

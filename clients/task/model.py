@@ -262,8 +262,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
-        raise ModelError(f"adapter tensors do not match the model: missing={missing[:3]} "
-                         f"unexpected={extra[:3]}")
+        raise ModelError(
+            f"adapter tensors do not match the model: missing={missing[:3]} unexpected={extra[:3]}"
+        )
     with torch.no_grad():
         for name, param in params.items():
             value = state[name]
@@ -296,7 +297,15 @@ def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
 
 def quiet_transformers() -> None:
     """Silence transformers' load reports and progress bars (we report progress ourselves)."""
+    import logging
+    import warnings
+
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes logs a warning on import when the optional `kernels` package (a hub
+    # download of CPU kernels, which fedlora never does) is absent; its own kernels are used.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")

@@ -85,7 +85,10 @@ class FedAvg:
             except UpdateRejected as exc:
                 log.warning(
                     "round %d: rejected update from site %s (check=%s): %s",
-                    server_round, update.site, exc.check, exc.detail,
+                    server_round,
+                    update.site,
+                    exc.check,
+                    exc.detail,
                 )
                 rejected.append(Rejection(update.site, exc.check, exc.detail))
                 continue
@@ -96,7 +99,8 @@ class FedAvg:
                 f"min-fit-clients={self.min_fit_clients}"
             )
         state = weighted_average(
-            [u.state for u in accepted], [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
+            [u.state for u in accepted],
+            [int(u.num_examples) for u in accepted],  # type: ignore[call-overload]
         )
         return RoundOutcome(state=state, accepted=accepted, rejected=rejected)
 

@@ -86,18 +86,26 @@ def train(message: Message, context: Context) -> Message:
     result = train_local(loaded, train_examples, plan=plan, generator=generator)
     log.info(
         "site %s round %d: %d steps, loss %.4f, %.1fs",
-        site.site_id, plan.server_round, result.steps, result.loss, result.seconds,
+        site.site_id,
+        plan.server_round,
+        result.steps,
+        result.loss,
+        result.seconds,
     )
-    content = RecordDict({
-        "arrays": to_record(trainable_state(loaded.model)),
-        "metrics": MetricRecord({
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-seconds": result.seconds,
-            "steps": result.steps,
-        }),
-        "site": ConfigRecord({"site-id": site.site_id}),
-    })
+    content = RecordDict(
+        {
+            "arrays": to_record(trainable_state(loaded.model)),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "train-loss": result.loss,
+                    "train-seconds": result.seconds,
+                    "steps": result.steps,
+                }
+            ),
+            "site": ConfigRecord({"site-id": site.site_id}),
+        }
+    )
     return Message(content, reply_to=message)
 
 
@@ -106,12 +114,16 @@ def evaluate_global(message: Message, context: Context) -> Message:
     site, plan, loaded = _prepare(message, context)
     _, held_out = _data(site, plan.spec.task, plan.spec.labels)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
-    content = RecordDict({
-        "metrics": MetricRecord({
-            "num-examples": result.num_examples,
-            "loss": result.loss,
-            "accuracy": result.accuracy,
-        }),
-        "site": ConfigRecord({"site-id": site.site_id}),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "loss": result.loss,
+                    "accuracy": result.accuracy,
+                }
+            ),
+            "site": ConfigRecord({"site-id": site.site_id}),
+        }
+    )
     return Message(content, reply_to=message)

@@ -186,7 +186,9 @@ def labels_in(paths: Sequence[str | Path]) -> list[str]:
     """The sorted union of labels in classification files (used to fix a run's label set)."""
     found: set[str] = set()
     for path in paths:
-        found.update(e.label for e in load_examples(path, task="sequence-classification") if e.label)
+        found.update(
+            e.label for e in load_examples(path, task="sequence-classification") if e.label
+        )
     return sorted(found)
 
 

@@ -86,6 +86,7 @@ class TrainPlan:
         except TypeError as exc:
             raise ConfigError(f"round plan is malformed: {exc}") from exc
 
+
 # In local simulation every site runs on this machine and Flower gives each simulated
 # SuperNode only a partition id; the launcher puts the per-site node configs (data path,
 # site id) in this environment variable as a JSON list indexed by partition id. The data

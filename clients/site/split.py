@@ -1,0 +1,302 @@
+"""Split one labelled file into per-site files, for simulations and benchmarks.
+
+Two ways to split, both keeping every column of every row and sending each row to exactly
+one site:
+
+- ``alpha``: label skew. For every label the sites' shares are drawn from
+  Dirichlet(alpha · 1) and that label's rows are dealt out by those shares (Hsu et al.,
+  "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+  Classification", 2019). Small alpha gives each site few labels; large alpha gives IID sites.
+- ``by``: feature skew. Each distinct value of a column (a domain, a hospital, a user) goes
+  wholly to one site; groups are dealt largest first to the site with the fewest rows.
+
+Usage::
+
+    rows = read_rows("clinc.jsonl")
+    split = split_rows(rows, spec=SplitSpec(sites=4, alpha=0.5, seed=0))
+    write_sites(split.parts, Path("sites"), force=False)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients.task.data import SUFFIXES
+from clients.task.errors import ConfigError, DataError
+
+# A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
+# near-feasible split succeeds while an impossible one (tiny alpha, few rows) still fails fast.
+MAX_ATTEMPTS = 20
+SITE_FILE_GLOB = "site-*.jsonl"
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to split: into `sites` sites, by Dirichlet `alpha` over labels or `by` a column."""
+
+    sites: int
+    alpha: float | None = None
+    by: str | None = None
+    seed: int = 0
+    label_column: str = "label"
+    min_per_site: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, bool) or not isinstance(self.sites, int) or self.sites < 2:
+            raise ConfigError(f"--sites {self.sites!r} must be an integer of at least 2")
+        if (self.alpha is None) == (self.by is None):
+            raise ConfigError("give exactly one of --alpha and --by")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"--alpha {self.alpha!r} must be a finite number above 0")
+        if self.by is not None and not self.by:
+            raise ConfigError("--by needs a column name")
+        if not self.label_column:
+            raise ConfigError("--label-column needs a column name")
+        if (
+            isinstance(self.min_per_site, bool)
+            or not isinstance(self.min_per_site, int)
+            or self.min_per_site < 1
+        ):
+            raise ConfigError(f"--min-per-site {self.min_per_site!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The rows of each site, in input order, and how many seeds were tried to get them."""
+
+    parts: list[list[dict]]
+    attempts: int = 1
+
+
+def site_names(sites: int) -> list[str]:
+    """``site-01`` … ``site-NN``, zero-padded so the files sort in site order."""
+    width = max(2, len(str(sites)))
+    return [f"site-{i:0{width}d}" for i in range(1, sites + 1)]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Read every row of a JSONL or CSV file as a dict, keeping all columns.
+
+    Raises:
+        DataError: If the file is missing, has another suffix or a row is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"source file {str(path)!r} does not exist")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"source file {str(path)!r} must end in .jsonl or .csv")
+    try:
+        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"source file {str(path)!r} is not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise DataError(f"source file {str(path)!r} is not valid CSV ({exc})") from exc
+    if not rows:
+        raise DataError(f"source file {str(path)!r} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path.name}:{lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path.name}:{lineno}: row must be an object")
+            rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader files surplus cells under the key None
+                raise DataError(f"{path.name}:{reader.line_num}: more cells than the header")
+            rows.append(row)
+    return rows
+
+
+def _key(value: object) -> str:
+    """A label or group value as a sortable, hashable string (JSON for non-strings)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def column_values(rows: Sequence[dict], column: str, *, flag: str) -> list[str]:
+    """The value of `column` in every row, as keys for grouping.
+
+    Raises:
+        ConfigError: If no row has the column, listing the columns there are.
+        DataError: If some row lacks a value for it, naming the row.
+    """
+    if not any(column in row for row in rows):
+        available = sorted({name for row in rows for name in row})
+        raise ConfigError(
+            f"{flag} column {column!r} is not in the rows; available: {', '.join(available)}"
+        )
+    values = []
+    for number, row in enumerate(rows, start=1):
+        value = row.get(column)
+        if value is None or value == "":
+            raise DataError(f"row {number} has no value for column {column!r}")
+        values.append(_key(value))
+    return values
+
+
+def dirichlet_partition(
+    labels: Sequence[str], *, sites: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
+    """Deal row indices to sites with Dirichlet(alpha) shares per label.
+
+    Returns:
+        For each site, the sorted indices of its rows; together they are exactly
+        ``range(len(labels))``. Sites may be empty.
+    """
+    by_label: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for label in sorted(by_label):  # sorted: the draws must not depend on row order
+        indices = rng.permutation(np.asarray(by_label[label]))
+        shares = rng.dirichlet(np.full(sites, alpha))  # (sites,)
+        # Rounded cumulative cuts: flooring them would hand the last site a row of nearly
+        # every label however small its share.
+        cuts = np.clip(np.rint(np.cumsum(shares)[:-1] * len(indices)), 0, len(indices))
+        for part, chunk in zip(parts, np.split(indices, cuts.astype(int)), strict=True):
+            part.extend(int(i) for i in chunk)
+    return [sorted(part) for part in parts]
+
+
+def group_partition(groups: Sequence[str], *, sites: int) -> list[list[int]]:
+    """Deal whole groups to sites, largest first, each to the site with the fewest rows.
+
+    Raises:
+        ConfigError: If there are fewer groups than sites.
+    """
+    sizes = Counter(groups)
+    if len(sizes) < sites:
+        raise ConfigError(f"only {len(sizes)} distinct values for --sites {sites}")
+    loads = [0] * sites
+    site_of: dict[str, int] = {}
+    # Ties broken by name, so the deal does not depend on row order.
+    for group, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        site = loads.index(min(loads))
+        site_of[group] = site
+        loads[site] += size
+    parts: list[list[int]] = [[] for _ in range(sites)]
+    for index, group in enumerate(groups):
+        parts[site_of[group]].append(index)
+    return parts
+
+
+def split_rows(rows: Sequence[dict], *, spec: SplitSpec) -> Split:
+    """Split rows into ``spec.sites`` parts; deterministic for ``spec.seed``.
+
+    Raises:
+        ConfigError: For a column that is not in the rows, or too few groups.
+        DataError: For a row without a label/group value, or if some site would get fewer
+            than ``spec.min_per_site`` rows (after `MAX_ATTEMPTS` seeds for Dirichlet).
+    """
+    names = site_names(spec.sites)
+    if len(rows) < spec.sites * spec.min_per_site:
+        raise DataError(
+            f"{len(rows)} rows cannot give --sites {spec.sites} sites "
+            f"--min-per-site {spec.min_per_site} rows each"
+        )
+    if spec.by is not None:
+        groups = column_values(rows, spec.by, flag="--by")
+        try:
+            indices = group_partition(groups, sites=spec.sites)
+        except ConfigError as exc:
+            raise ConfigError(f"--by {spec.by!r}: {exc}; use fewer --sites") from exc
+        small = _first_small(indices, spec.min_per_site)
+        if small is not None:
+            raise DataError(
+                f"{names[small]} would get {len(indices[small])} rows "
+                f"(--min-per-site {spec.min_per_site}); use fewer --sites"
+            )
+        return Split(parts=[[rows[i] for i in part] for part in indices])
+
+    assert spec.alpha is not None  # SplitSpec guarantees exactly one of alpha and by
+    labels = column_values(rows, spec.label_column, flag="--label-column")
+    for attempt in range(MAX_ATTEMPTS):
+        rng = np.random.default_rng(spec.seed + attempt)
+        indices = dirichlet_partition(labels, sites=spec.sites, alpha=spec.alpha, rng=rng)
+        small = _first_small(indices, spec.min_per_site)
+        if small is None:
+            return Split(parts=[[rows[i] for i in part] for part in indices], attempts=attempt + 1)
+    assert small is not None
+    raise DataError(
+        f"{names[small]} would get {len(indices[small])} rows (--min-per-site "
+        f"{spec.min_per_site}) for seeds {spec.seed}..{spec.seed + MAX_ATTEMPTS - 1}; "
+        f"use a larger --alpha than {spec.alpha} or fewer --sites"
+    )
+
+
+def _first_small(parts: Sequence[Sequence[int]], minimum: int) -> int | None:
+    return next((site for site, part in enumerate(parts) if len(part) < minimum), None)
+
+
+def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool) -> list[Path]:
+    """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then a rename.
+
+    With `force`, an existing `out` holding only an earlier split's ``site-*.jsonl`` files is
+    replaced whole, so no stale site from a split into more sites is left behind.
+
+    Raises:
+        ConfigError: If `out` is a file, or a non-empty directory without `force`, or with
+            `force` holds anything but site files.
+    """
+    out = Path(out)
+    _check_out(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        paths = []
+        for name, part in zip(site_names(len(parts)), parts, strict=True):
+            path = tmp / f"{name}.jsonl"
+            with path.open("w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
+            paths.append(out / path.name)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.replace(old / out.name)
+            tmp.replace(out)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return paths
+
+
+def _check_out(out: Path, *, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ConfigError(f"--out {str(out)!r} is not empty; pass --force to replace it")
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and p.match(SITE_FILE_GLOB)))
+    if others:
+        raise ConfigError(
+            f"--out {str(out)!r} holds more than site files ({', '.join(others[:3])}"
+            f"{', …' if len(others) > 3 else ''}); --force only replaces an earlier split"
+        )

@@ -1,0 +1,257 @@
+"""``fedlora site check`` and ``fedlora data split``, run in-process through server.cli."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+
+CLS = "sequence-classification"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _squeezed(text: str) -> str:
+    """Text without whitespace: the error console wraps long lines, even inside a path."""
+    return "".join(text.split())
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    return _jsonl(
+        tmp_path / "good.jsonl",
+        [
+            {"text": "hello", "label": "greet"},
+            {"text": "good morning", "label": "greet"},
+            {"text": "bye", "label": "leave"},
+        ],
+    )
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> Path:
+    return _jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"text": "hello", "label": "greet"},
+            {"label": "greet"},
+            "{not json",
+            {"text": "hi", "label": "shout"},
+        ],
+    )
+
+
+# --- site check -------------------------------------------------------------------------
+
+
+def test_check_a_good_file_exits_0_with_counts_and_lengths(
+    good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["site", "check", "--data", str(good), "--task", CLS, "--labels", "greet,leave,x"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "good rows" in out and "valid" in out
+    assert "greet" in out and "│    2 │" in out
+    assert "│ x     │    0 │" in out  # in the run's set, absent from this site
+    assert "median length (chars)" in out and "5" in out and "12" in out
+
+
+def test_check_lists_every_problem_with_its_line_and_exits_1(
+    bad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["site", "check", "--data", str(bad), "--task", CLS, "--labels", "greet"])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "3 problems:" in out
+    assert "bad.jsonl:2: field 'text' is missing or empty (None)" in out
+    assert "bad.jsonl:3: invalid JSON" in out
+    assert "bad.jsonl:4: label 'shout' is not in the run's label set" in out
+
+
+def test_check_json_is_machine_readable(bad: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["site", "check", "--data", str(bad), "--task", CLS, "--json"])
+
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert report["valid"] is False
+    assert report["good_rows"] == 2
+    assert report["label_counts"] == {"greet": 1, "shout": 1}
+    assert report["length_chars"] == {"min": 2.0, "median": 3.5, "mean": 3.5, "max": 5.0}
+    assert [p.split(":")[1] for p in report["problems"]] == ["2", "3"]
+
+
+def test_check_reads_the_label_set_from_a_file(
+    tmp_path: Path, good: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("greet\n\n")
+
+    code = main(["site", "check", "--data", str(good), "--task", CLS, "--labels-file", str(labels)])
+
+    assert code == 1
+    assert "good.jsonl:3: label 'leave' is not in the run's label set" in capsys.readouterr().out
+
+
+def test_check_a_causal_lm_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"text": "once upon"}, {"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "labels" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{tmp}/missing.jsonl", "--task", CLS], "missing.jsonl' does not exist"),
+        (["--data", "{tmp}/good.txt", "--task", CLS], "must end in .jsonl or .csv"),
+        (["--data", "{good}", "--task", "translation"], "task='translation' is not supported"),
+        (["--data", "{good}", "--task", CLS, "--labels", "a,a"], "--labels has duplicates: a"),
+        (["--data", "{good}", "--task", CLS, "--labels", " , "], "--labels gives no labels"),
+        (["--data", "{good}", "--task", CLS, "--labels-file", "{tmp}/no.txt"], "does not exist"),
+        (["--data", "{good}", "--task", "causal-lm", "--labels", "a"], "apply to sequence-"),
+    ],
+)
+def test_check_usage_errors_exit_2_with_one_line(
+    tmp_path: Path,
+    good: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    (tmp_path / "good.txt").write_text("x")
+    argv = [a.format(tmp=tmp_path, good=good) for a in args]
+
+    code = main(["site", "check", *argv])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and _squeezed(message) in _squeezed(err)
+
+
+def test_check_and_split_import_no_torch(tmp_path: Path, good: Path) -> None:
+    script = (
+        "import sys; from server.cli import main; "
+        f"assert main(['site', 'check', '--data', {str(good)!r}, '--task', {CLS!r}]) == 0; "
+        f"assert main(['data', 'split', {str(good)!r}, '--sites', '2', '--alpha', '9', "
+        f"'--out', {str(tmp_path / 'sites')!r}]) == 0; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# --- data split -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    rows = [
+        {"text": f"t{i}", "label": "abc"[i % 3], "domain": ["bank", "travel", "home"][i % 3]}
+        for i in range(30)
+    ]
+    return _jsonl(tmp_path / "all.jsonl", rows)
+
+
+def test_split_writes_one_file_per_site_and_a_summary(
+    tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sites"
+
+    code = main(["data", "split", str(src), "--sites", "3", "--alpha", "1", "--out", str(out)])
+
+    stdout = capsys.readouterr().out
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["site-01.jsonl", "site-02.jsonl", "site-03.jsonl"]
+    written = sorted(line for name in names for line in (out / name).read_text().splitlines())
+    assert written == sorted(src.read_text().splitlines())
+    assert "distinct labels" in stdout and "site-03" in stdout and "wrote 3 files" in stdout
+
+
+def test_split_by_column_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "all.csv"
+    src.write_text("text,intent,domain\na,x,bank\nb,y,bank\nc,x,home\n")
+    out = tmp_path / "sites"
+
+    code = main(
+        [
+            *("data", "split", str(src), "--sites", "2", "--by", "domain"),
+            *("--label-column", "intent", "--out", str(out)),
+        ]
+    )
+
+    assert code == 0
+    assert [json.loads(x)["text"] for x in (out / "site-01.jsonl").read_text().splitlines()] == [
+        "a",
+        "b",
+    ]
+    assert "by 'domain'" in capsys.readouterr().out
+
+
+def test_split_refuses_a_non_empty_out_dir_then_force_replaces_it(
+    tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sites"
+    args = ["data", "split", str(src), "--alpha", "5", "--out", str(out)]
+    assert main([*args, "--sites", "3"]) == 0
+    capsys.readouterr()
+
+    refused = main([*args, "--sites", "2"])
+    err = capsys.readouterr().err
+    forced = main([*args, "--sites", "2", "--force"])
+
+    assert refused == 2
+    assert _squeezed("sites' is not empty; pass --force") in _squeezed(err)
+    assert forced == 0
+    assert sorted(p.name for p in out.iterdir()) == ["site-01.jsonl", "site-02.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sites", "1", "--alpha", "1"], "--sites 1 must be an integer of at least 2"),
+        (["--sites", "2", "--alpha", "0"], "--alpha 0.0 must be a finite number above 0"),
+        (["--sites", "4", "--by", "domain"], "--by 'domain': only 3 distinct values"),
+        (["--sites", "2", "--by", "site"], "available: domain, label, text"),
+        (["--sites", "2", "--alpha", "1", "--label-column", "y"], "column 'y' is not in"),
+    ],
+)
+def test_split_usage_errors_exit_2_and_write_nothing(
+    tmp_path: Path,
+    src: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "sites"
+
+    code = main(["data", "split", str(src), *args, "--out", str(out)])
+
+    assert code == 2
+    assert _squeezed(message) in _squeezed(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_split_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = str(tmp_path / "no.jsonl")
+
+    code = main(["data", "split", src, "--sites", "2", "--alpha", "1", "--out", str(tmp_path)])
+
+    assert code == 2
+    assert "no.jsonl'doesnotexist" in _squeezed(capsys.readouterr().err)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clients.task.errors import ConfigError
+
+# The server optimiser's velocity shares the round's npz (one atomic file) under this prefix.
+VELOCITY_PREFIX = "server-velocity::"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -36,6 +39,7 @@ class Checkpoint:
     history: list[dict[str, Any]]
     run_id: str | None
     fingerprint: dict[str, Any]
+    velocity: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -49,7 +53,9 @@ class CheckpointStore:
         name = f"round-{checkpoint.completed_round}.npz"
         tensors = self.directory / name
         tmp = tensors.with_name(f".{name}.tmp.npz")
-        np.savez(tmp, **checkpoint.state)
+        arrays = dict(checkpoint.state)
+        arrays.update({VELOCITY_PREFIX + k: v for k, v in checkpoint.velocity.items()})
+        np.savez(tmp, **arrays)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, tensors)
@@ -73,12 +79,17 @@ class CheckpointStore:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             with np.load(self.directory / meta["tensors"], allow_pickle=False) as npz:
-                state = {k: npz[k] for k in npz.files}
+                arrays = {k: npz[k] for k in npz.files}
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
+        state = {k: v for k, v in arrays.items() if not k.startswith(VELOCITY_PREFIX)}
+        velocity = {
+            k[len(VELOCITY_PREFIX) :]: v for k, v in arrays.items() if k.startswith(VELOCITY_PREFIX)
+        }
         return Checkpoint(
             completed_round=int(meta["completed_round"]),
             state=state,
+            velocity=velocity,
             history=list(meta["history"]),
             run_id=meta.get("run_id"),
             fingerprint=dict(meta["fingerprint"]),

@@ -18,6 +18,7 @@ from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from strategies.fedavg import FedAvg, FedProx
+from strategies.server_opt import ServerOptimizer
 
 ON_ROUND_FAILURE = ("stop", "skip")
 
@@ -52,6 +53,8 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
+    "server.momentum": (float, 0.0, "server heavy-ball momentum (FedAvgM); 0 is FedAvg"),
 }
 
 
@@ -111,6 +114,8 @@ class RunSettings:
     round_timeout: float
     on_round_failure: str
     max_norm: float
+    server_learning_rate: float
+    server_momentum: float
     eval_file: Path | None
     out_dir: Path
     tracking_uri: str
@@ -152,6 +157,10 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={v['on-round-failure']!r} must be stop or skip")
         if not v["update.max-norm"] > 0:
             raise ConfigError(f"update.max-norm={v['update.max-norm']!r} must be > 0")
+        if not v["server.learning-rate"] > 0:
+            raise ConfigError(f"server.learning-rate={v['server.learning-rate']!r} must be > 0")
+        if not 0.0 <= v["server.momentum"] < 1.0:
+            raise ConfigError(f"server.momentum={v['server.momentum']!r} must be in [0, 1)")
         eval_file = Path(v["eval-file"]).expanduser() if v["eval-file"] else None
         if eval_file is not None and not eval_file.is_file():
             raise ConfigError(f"eval-file={v['eval-file']!r} does not exist")
@@ -183,6 +192,8 @@ class RunSettings:
             round_timeout=v["round-timeout"],
             on_round_failure=v["on-round-failure"],
             max_norm=v["update.max-norm"],
+            server_learning_rate=v["server.learning-rate"],
+            server_momentum=v["server.momentum"],
             eval_file=eval_file,
             out_dir=Path(v["out-dir"]).expanduser(),
             tracking_uri=v["tracking-uri"],
@@ -198,6 +209,11 @@ class RunSettings:
                 proximal_mu=self.proximal_mu,
             )
         return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
+
+    def server_optimizer(self) -> ServerOptimizer:
+        return ServerOptimizer(
+            learning_rate=self.server_learning_rate, momentum=self.server_momentum
+        )
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites; raises ConfigError for bad optimiser settings."""

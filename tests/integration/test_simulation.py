@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
+from server.checkpoint import CheckpointStore
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
 
@@ -213,6 +214,8 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
         "max-length=32",
         "--set",
         "lora.r=4",
+        "--set",
+        "server.momentum=0.5",  # the server optimiser's velocity must survive the kill too
     ]
     assert len(sites) == 3
     proc = subprocess.Popen(
@@ -230,6 +233,8 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
         proc.wait()
     killed_at = json.loads(state.read_text())["completed_round"]
     assert 1 <= killed_at < 4, "the run finished before it could be killed"
+    saved = CheckpointStore(out / "checkpoint").load()
+    assert saved is not None and set(saved.velocity) == set(saved.state)
     assert not (out / "metrics.json").exists()
 
     refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)

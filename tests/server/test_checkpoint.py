@@ -37,3 +37,17 @@ def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
     (tmp_path / "round-1.npz").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="unreadable"):
         store.load()
+
+
+def test_server_velocity_round_trips_beside_the_state(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    ckpt = _ckpt(1)
+    velocity = {"w": np.array([0.5, -1.0, 2.0], np.float32)}
+    store.save(Checkpoint(**{**ckpt.__dict__, "velocity": velocity}))
+    loaded = store.load()
+    assert loaded is not None
+    assert set(loaded.state) == {"w"}
+    np.testing.assert_array_equal(loaded.velocity["w"], velocity["w"])
+    store.save(_ckpt(2))  # a plain FedAvg checkpoint carries no velocity
+    loaded = store.load()
+    assert loaded is not None and loaded.velocity == {}

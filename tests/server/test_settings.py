@@ -38,6 +38,8 @@ def test_defaults_match_pyproject() -> None:
         ({"min-fit-clients": 3, "min-available-clients": 2}, "min-available-clients=2 must be >="),
         ({"on-round-failure": "retry"}, "on-round-failure='retry'"),
         ({"eval-file": "/no/such/file.jsonl"}, "eval-file='/no/such/file.jsonl' does not exist"),
+        ({"server.momentum": 1.0}, "server.momentum=1.0 must be in [0, 1"),
+        ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be > 0"),
         ({"aggregation": "mean"}, "aggregation='mean'"),
         ({"labels": ""}, "needs at least 2 labels"),
     ],

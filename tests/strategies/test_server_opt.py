@@ -1,0 +1,62 @@
+"""Server optimiser (FedAvgM): identity at the defaults, heavy-ball algebra otherwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from strategies.server_opt import ServerOptimizer
+
+vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
+
+
+@given(current=vectors, average=vectors)
+@settings(max_examples=50, deadline=None)
+def test_defaults_return_the_average_unchanged(current: np.ndarray, average: np.ndarray) -> None:
+    state, velocity = ServerOptimizer().step({"w": current}, {"w": average}, {})
+    np.testing.assert_array_equal(state["w"], average)
+    assert velocity == {}
+
+
+@given(current=vectors, average=vectors, lr=st.floats(0.1, 5.0))
+@settings(max_examples=50, deadline=None)
+def test_learning_rate_scales_the_pseudo_gradient(
+    current: np.ndarray, average: np.ndarray, lr: float
+) -> None:
+    state, _ = ServerOptimizer(learning_rate=lr).step({"w": current}, {"w": average}, {})
+    expected = current.astype(np.float64) + lr * (average.astype(np.float64) - current)
+    np.testing.assert_allclose(state["w"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_momentum_accumulates_across_rounds() -> None:
+    opt = ServerOptimizer(learning_rate=1.0, momentum=0.5)
+    w = {"w": np.zeros(2, np.float32)}
+    # Every round the sites move the adapter by +1 from wherever it is.
+    w1, v1 = opt.step(w, {"w": w["w"] + 1}, {})
+    np.testing.assert_allclose(w1["w"], [1, 1])
+    w2, v2 = opt.step(w1, {"w": w1["w"] + 1}, v1)
+    np.testing.assert_allclose(v2["w"], [1.5, 1.5])
+    np.testing.assert_allclose(w2["w"], [2.5, 2.5])
+    w3, _ = opt.step(w2, {"w": w2["w"] + 1}, v2)
+    np.testing.assert_allclose(w3["w"], [4.25, 4.25])
+    assert w3["w"].dtype == np.float32
+
+
+def test_step_is_linear_so_ffa_products_move_exactly() -> None:
+    """With A fixed, stepping B steps B·A by the same rule: the FFA-LoRA exactness holds."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4))
+    b0, b_avg, vel = (rng.normal(size=(5, 3)).astype(np.float32) for _ in range(3))
+    opt = ServerOptimizer(learning_rate=2.0, momentum=0.9)
+    b1, _ = opt.step({"b": b0}, {"b": b_avg}, {"b": vel})
+    expected = b0 @ a + 2.0 * (0.9 * vel @ a + (b_avg - b0) @ a)
+    np.testing.assert_allclose(b1["b"] @ a, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("lr", "momentum"), [(0.0, 0.0), (-1.0, 0.0), (1.0, 1.0), (1.0, -0.1)])
+def test_bad_hyperparameters_are_refused(lr: float, momentum: float) -> None:
+    with pytest.raises(ValueError, match="server"):
+        ServerOptimizer(learning_rate=lr, momentum=momentum)

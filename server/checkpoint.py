@@ -18,8 +18,8 @@ import numpy as np
 
 from clients.task.errors import ConfigError
 
-# The server optimiser's velocity shares the round's npz (one atomic file) under this prefix.
-VELOCITY_PREFIX = "server-velocity::"
+# The server optimiser's state shares the round's npz (one atomic file) under this prefix.
+SERVER_STATE_PREFIX = "server-state::"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -39,7 +39,7 @@ class Checkpoint:
     history: list[dict[str, Any]]
     run_id: str | None
     fingerprint: dict[str, Any]
-    velocity: dict[str, np.ndarray] = field(default_factory=dict)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -54,7 +54,7 @@ class CheckpointStore:
         tensors = self.directory / name
         tmp = tensors.with_name(f".{name}.tmp.npz")
         arrays = dict(checkpoint.state)
-        arrays.update({VELOCITY_PREFIX + k: v for k, v in checkpoint.velocity.items()})
+        arrays.update({SERVER_STATE_PREFIX + k: v for k, v in checkpoint.server_state.items()})
         np.savez(tmp, **arrays)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -82,14 +82,13 @@ class CheckpointStore:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
-        state = {k: v for k, v in arrays.items() if not k.startswith(VELOCITY_PREFIX)}
-        velocity = {
-            k[len(VELOCITY_PREFIX) :]: v for k, v in arrays.items() if k.startswith(VELOCITY_PREFIX)
-        }
+        n = len(SERVER_STATE_PREFIX)
+        state = {k: v for k, v in arrays.items() if not k.startswith(SERVER_STATE_PREFIX)}
+        server_state = {k[n:]: v for k, v in arrays.items() if k.startswith(SERVER_STATE_PREFIX)}
         return Checkpoint(
             completed_round=int(meta["completed_round"]),
             state=state,
-            velocity=velocity,
+            server_state=server_state,
             history=list(meta["history"]),
             run_id=meta.get("run_id"),
             fingerprint=dict(meta["fingerprint"]),

@@ -2,7 +2,7 @@
 
 For each round: sample sites, send the global adapter and the round plan, collect the
 replies, let the strategy validate and average them, apply the server optimiser
-(FedAvgM; plain FedAvg by default), evaluate (federated on sites and
+(FedAvgM or FedAdam; plain FedAvg by default), evaluate (federated on sites and
 centrally on a held-out file), track, checkpoint. A site that crashes or sends a bad
 update is logged and left out; the round fails only when fewer than ``min-fit-clients``
 valid updates remain, and then ``on-round-failure`` decides whether the run stops or the
@@ -149,7 +149,7 @@ def run_rounds(
     strategy = settings.strategy()
     optimizer = settings.server_optimizer()
     state = resume_from.state if resume_from else initial_state
-    velocity = dict(resume_from.velocity) if resume_from else {}
+    server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
     first = resume_from.completed_round + 1 if resume_from else 1
     # Site sampling is seeded by the run so a resumed run samples what the original would.
@@ -197,7 +197,7 @@ def run_rounds(
             log.warning("%s; skipping the round (on-round-failure=skip)", exc)
             record.skipped = True
         else:
-            state, velocity = optimizer.step(state, outcome.state, velocity)
+            state, server_state = optimizer.step(state, outcome.state, server_state)
             record.rejections += [asdict(r) for r in outcome.rejected]
             record.site_ids = [u.site for u in outcome.accepted]
             record.sites = len(outcome.accepted)
@@ -236,7 +236,7 @@ def run_rounds(
                 history=history,
                 run_id=tracker.run_id,
                 fingerprint=settings.fingerprint(),
-                velocity=velocity,
+                server_state=server_state,
             )
         )
         if on_round:

@@ -18,6 +18,7 @@ from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from strategies.fedavg import FedAvg, FedProx
+from strategies.server_opt import KINDS as SERVER_OPTIMIZERS
 from strategies.server_opt import ServerOptimizer
 
 ON_ROUND_FAILURE = ("stop", "skip")
@@ -54,8 +55,9 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
-    "server.momentum": (float, 0.0, "server heavy-ball momentum (FedAvgM); 0 is FedAvg"),
+    "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
 }
 
 
@@ -116,6 +118,7 @@ class RunSettings:
     round_timeout: float
     on_round_failure: str
     max_norm: float
+    server_optimizer_kind: str
     server_learning_rate: float
     server_momentum: float
     eval_file: Path | None
@@ -159,6 +162,11 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={v['on-round-failure']!r} must be stop or skip")
         if not v["update.max-norm"] > 0:
             raise ConfigError(f"update.max-norm={v['update.max-norm']!r} must be > 0")
+        if v["server.optimizer"] not in SERVER_OPTIMIZERS:
+            raise ConfigError(
+                f"server.optimizer={v['server.optimizer']!r} must be one of "
+                f"{', '.join(SERVER_OPTIMIZERS)}"
+            )
         if not v["server.learning-rate"] > 0:
             raise ConfigError(f"server.learning-rate={v['server.learning-rate']!r} must be > 0")
         if not 0.0 <= v["server.momentum"] < 1.0:
@@ -195,6 +203,7 @@ class RunSettings:
             round_timeout=v["round-timeout"],
             on_round_failure=v["on-round-failure"],
             max_norm=v["update.max-norm"],
+            server_optimizer_kind=v["server.optimizer"],
             server_learning_rate=v["server.learning-rate"],
             server_momentum=v["server.momentum"],
             eval_file=eval_file,
@@ -215,7 +224,9 @@ class RunSettings:
 
     def server_optimizer(self) -> ServerOptimizer:
         return ServerOptimizer(
-            learning_rate=self.server_learning_rate, momentum=self.server_momentum
+            kind=self.server_optimizer_kind,
+            learning_rate=self.server_learning_rate,
+            momentum=self.server_momentum,
         )
 
     def plan(self, server_round: int) -> TrainPlan:

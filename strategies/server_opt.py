@@ -1,18 +1,29 @@
-"""Server-side optimiser applied to the averaged update (FedAvgM).
+"""Server-side optimiser applied to the averaged update (FedAvgM, FedAdam).
 
-FedAvg replaces the global adapter with the sites' average. Treating ``average - global``
-as a pseudo-gradient and stepping with a server learning rate and heavy-ball momentum
-(Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution for Federated
-Visual Classification"; Reddi et al. 2021, "Adaptive Federated Optimization") speeds up
-convergence on label-skewed sites, where each round's average moves only a little:
+FedAvg replaces the global adapter with the sites' average. Treating
+``delta = average - global`` as a pseudo-gradient and stepping with a server optimiser
+(Reddi et al. 2021, "Adaptive Federated Optimization") speeds up convergence on
+label-skewed sites, where each round's average moves only a little:
 
-    v <- momentum * v + (average - global)
-    global <- global + learning_rate * v
+- ``sgd`` with heavy-ball momentum (FedAvgM, Hsu et al. 2019, "Measuring the Effects of
+  Non-Identical Data Distribution for Federated Visual Classification")::
 
-``learning_rate=1, momentum=0`` is plain FedAvg and returns the average unchanged. The
-step is linear in the average, so it composes with FFA-LoRA's exactness (the product
-B·A with a fixed A moves by the same step) and with aggregation schemes that only reveal
-the sum of the updates.
+      m <- momentum * m + delta
+      global <- global + learning_rate * m
+
+- ``adam`` (FedAdam; no bias correction, as in Reddi et al.)::
+
+      m <- momentum * m + (1 - momentum) * delta
+      v <- BETA2 * v + (1 - BETA2) * delta**2
+      global <- global + learning_rate * m / (sqrt(v) + TAU)
+
+  The per-coordinate scale lets rarely-updated tensors (e.g. the head rows of labels few
+  sites hold, whose averaged change is diluted by every other site) move as fast as the
+  rest.
+
+``sgd`` with ``learning_rate=1, momentum=0`` is plain FedAvg and returns the average
+unchanged, keeping no state. Both steps are elementwise functions of the averaged
+update, so they only need what secure aggregation reveals (the sum).
 """
 
 from __future__ import annotations
@@ -22,20 +33,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+KINDS = ("sgd", "adam")
+BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
+TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
+
 
 @dataclass(frozen=True)
 class ServerOptimizer:
-    """Heavy-ball step on the round's pseudo-gradient.
+    """One server step per round on the pseudo-gradient.
 
     Attributes:
-        learning_rate: Server step size (eta_g); 1.0 is FedAvg.
-        momentum: Heavy-ball coefficient (beta) in [0, 1); 0.0 keeps no state.
+        kind: ``sgd`` (FedAvg / FedAvgM) or ``adam`` (FedAdam).
+        learning_rate: Server step size (eta_g); ``sgd`` with 1.0 and no momentum is FedAvg.
+        momentum: Heavy-ball coefficient for ``sgd``, first-moment decay (beta1) for
+            ``adam``; in [0, 1).
     """
 
+    kind: str = "sgd"
     learning_rate: float = 1.0
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"server optimizer must be one of {KINDS}, got {self.kind!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"server learning rate must be > 0, got {self.learning_rate!r}")
         if not 0.0 <= self.momentum < 1.0:
@@ -43,31 +63,40 @@ class ServerOptimizer:
 
     @property
     def is_identity(self) -> bool:
-        return self.learning_rate == 1.0 and self.momentum == 0.0
+        return self.kind == "sgd" and self.learning_rate == 1.0 and self.momentum == 0.0
 
     def step(
         self,
         current: Mapping[str, np.ndarray],
         average: Mapping[str, np.ndarray],
-        velocity: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Return (new global state, new velocity).
+        """Return (new global tensors, new optimiser state).
 
-        ``velocity`` is empty before the first step. With momentum 0 the returned
-        velocity is empty too, so plain runs keep no optimiser state.
+        ``state`` is empty before the first step and holds ``m::NAME`` (and, for adam,
+        ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty.
         """
         if self.is_identity:
             return dict(average), {}
+        new_tensors: dict[str, np.ndarray] = {}
         new_state: dict[str, np.ndarray] = {}
-        new_velocity: dict[str, np.ndarray] = {}
+        beta1 = self.momentum
         for name, avg in average.items():
             base = current[name].astype(np.float64)
             delta = avg.astype(np.float64) - base
-            if self.momentum > 0:
-                previous = velocity.get(name)
-                v = delta if previous is None else self.momentum * previous + delta
-                new_velocity[name] = v.astype(np.float32)
+            m_prev = state.get(f"m::{name}")
+            if self.kind == "sgd":
+                m = delta if m_prev is None else beta1 * m_prev + delta
+                step = m
             else:
-                v = delta
-            new_state[name] = (base + self.learning_rate * v).astype(avg.dtype)
-        return new_state, new_velocity
+                m_prev = np.zeros_like(delta) if m_prev is None else m_prev
+                v_prev = state.get(f"v::{name}")
+                v_prev = np.zeros_like(delta) if v_prev is None else v_prev
+                m = beta1 * m_prev + (1 - beta1) * delta
+                v = BETA2 * v_prev + (1 - BETA2) * delta**2
+                new_state[f"v::{name}"] = v.astype(np.float32)
+                step = m / (np.sqrt(v) + TAU)
+            if self.kind == "adam" or beta1 > 0:
+                new_state[f"m::{name}"] = m.astype(np.float32)
+            new_tensors[name] = (base + self.learning_rate * step).astype(avg.dtype)
+        return new_tensors, new_state

@@ -215,7 +215,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
         "--set",
         "lora.r=4",
         "--set",
-        "server.momentum=0.5",  # the server optimiser's velocity must survive the kill too
+        "server.momentum=0.5",  # the server optimiser's state must survive the kill too
     ]
     assert len(sites) == 3
     proc = subprocess.Popen(
@@ -234,7 +234,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
     killed_at = json.loads(state.read_text())["completed_round"]
     assert 1 <= killed_at < 4, "the run finished before it could be killed"
     saved = CheckpointStore(out / "checkpoint").load()
-    assert saved is not None and set(saved.velocity) == set(saved.state)
+    assert saved is not None and set(saved.server_state) == {f"m::{k}" for k in saved.state}
     assert not (out / "metrics.json").exists()
 
     refused = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -39,15 +39,16 @@ def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
         store.load()
 
 
-def test_server_velocity_round_trips_beside_the_state(tmp_path: Path) -> None:
+def test_server_optimizer_state_round_trips_beside_the_state(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     ckpt = _ckpt(1)
-    velocity = {"w": np.array([0.5, -1.0, 2.0], np.float32)}
-    store.save(Checkpoint(**{**ckpt.__dict__, "velocity": velocity}))
+    server_state = {"m::w": np.array([0.5, -1.0, 2.0], np.float32), "v::w": np.ones(3)}
+    store.save(Checkpoint(**{**ckpt.__dict__, "server_state": server_state}))
     loaded = store.load()
     assert loaded is not None
     assert set(loaded.state) == {"w"}
-    np.testing.assert_array_equal(loaded.velocity["w"], velocity["w"])
-    store.save(_ckpt(2))  # a plain FedAvg checkpoint carries no velocity
+    assert set(loaded.server_state) == {"m::w", "v::w"}
+    np.testing.assert_array_equal(loaded.server_state["m::w"], server_state["m::w"])
+    store.save(_ckpt(2))  # a plain FedAvg checkpoint carries no optimiser state
     loaded = store.load()
-    assert loaded is not None and loaded.velocity == {}
+    assert loaded is not None and loaded.server_state == {}

@@ -40,6 +40,7 @@ def test_defaults_match_pyproject() -> None:
         ({"eval-file": "/no/such/file.jsonl"}, "eval-file='/no/such/file.jsonl' does not exist"),
         ({"server.momentum": 1.0}, "server.momentum=1.0 must be in [0, 1"),
         ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be > 0"),
+        ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),
         ({"aggregation": "mean"}, "aggregation='mean'"),
         ({"labels": ""}, "needs at least 2 labels"),
     ],

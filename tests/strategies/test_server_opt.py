@@ -1,4 +1,4 @@
-"""Server optimiser (FedAvgM): identity at the defaults, heavy-ball algebra otherwise."""
+"""Server optimiser: FedAvg at the defaults, FedAvgM and FedAdam algebra otherwise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from strategies.server_opt import ServerOptimizer
+from strategies.server_opt import BETA2, TAU, ServerOptimizer
 
 vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
 
@@ -16,9 +16,9 @@ vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
 @given(current=vectors, average=vectors)
 @settings(max_examples=50, deadline=None)
 def test_defaults_return_the_average_unchanged(current: np.ndarray, average: np.ndarray) -> None:
-    state, velocity = ServerOptimizer().step({"w": current}, {"w": average}, {})
+    state, server_state = ServerOptimizer().step({"w": current}, {"w": average}, {})
     np.testing.assert_array_equal(state["w"], average)
-    assert velocity == {}
+    assert server_state == {}
 
 
 @given(current=vectors, average=vectors, lr=st.floats(0.1, 5.0))
@@ -38,7 +38,7 @@ def test_momentum_accumulates_across_rounds() -> None:
     w1, v1 = opt.step(w, {"w": w["w"] + 1}, {})
     np.testing.assert_allclose(w1["w"], [1, 1])
     w2, v2 = opt.step(w1, {"w": w1["w"] + 1}, v1)
-    np.testing.assert_allclose(v2["w"], [1.5, 1.5])
+    np.testing.assert_allclose(v2["m::w"], [1.5, 1.5])
     np.testing.assert_allclose(w2["w"], [2.5, 2.5])
     w3, _ = opt.step(w2, {"w": w2["w"] + 1}, v2)
     np.testing.assert_allclose(w3["w"], [4.25, 4.25])
@@ -51,12 +51,41 @@ def test_step_is_linear_so_ffa_products_move_exactly() -> None:
     a = rng.normal(size=(3, 4))
     b0, b_avg, vel = (rng.normal(size=(5, 3)).astype(np.float32) for _ in range(3))
     opt = ServerOptimizer(learning_rate=2.0, momentum=0.9)
-    b1, _ = opt.step({"b": b0}, {"b": b_avg}, {"b": vel})
+    b1, _ = opt.step({"b": b0}, {"b": b_avg}, {"m::b": vel})
     expected = b0 @ a + 2.0 * (0.9 * vel @ a + (b_avg - b0) @ a)
     np.testing.assert_allclose(b1["b"] @ a, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("lr", "momentum"), [(0.0, 0.0), (-1.0, 0.0), (1.0, 1.0), (1.0, -0.1)])
-def test_bad_hyperparameters_are_refused(lr: float, momentum: float) -> None:
+def test_adam_matches_an_independent_recomputation() -> None:
+    opt = ServerOptimizer(kind="adam", learning_rate=0.1, momentum=0.9)
+    rng = np.random.default_rng(1)
+    w = {"w": rng.normal(size=4).astype(np.float32)}
+    state: dict[str, np.ndarray] = {}
+    m = v = np.zeros(4)
+    for _ in range(3):
+        delta = rng.normal(size=4)
+        expected_m = 0.9 * m + 0.1 * delta
+        expected_v = BETA2 * v + (1 - BETA2) * delta**2
+        expected_w = w["w"] + 0.1 * expected_m / (np.sqrt(expected_v) + TAU)
+        w, state = opt.step(w, {"w": (w["w"] + delta).astype(np.float32)}, state)
+        np.testing.assert_allclose(w["w"], expected_w, rtol=1e-4, atol=1e-5)
+        m, v = expected_m, expected_v
+    assert set(state) == {"m::w", "v::w"}
+
+
+def test_adam_moves_a_diluted_tensor_as_far_as_a_strong_one() -> None:
+    """Per-coordinate scaling: a 100x smaller (e.g. diluted) change takes a similar step."""
+    opt = ServerOptimizer(kind="adam", learning_rate=0.01, momentum=0.0)
+    zero = {"strong": np.zeros(1, np.float32), "weak": np.zeros(1, np.float32)}
+    avg = {"strong": np.ones(1, np.float32), "weak": np.full(1, 0.01, np.float32)}
+    w, _ = opt.step(zero, avg, {})
+    assert w["weak"][0] > 0.5 * w["strong"][0] > 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "lr", "momentum"),
+    [("sgd", 0.0, 0.0), ("sgd", -1.0, 0.0), ("sgd", 1.0, 1.0), ("sgd", 1.0, -0.1), ("yogi", 1, 0)],
+)
+def test_bad_hyperparameters_are_refused(kind: str, lr: float, momentum: float) -> None:
     with pytest.raises(ValueError, match="server"):
-        ServerOptimizer(learning_rate=lr, momentum=momentum)
+        ServerOptimizer(kind=kind, learning_rate=lr, momentum=momentum)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 DEFAULT_DATA = Path("/work/shared/data/clinc150")
 TARGET_RATIO = 0.97  # federated accuracy must reach 97% of the centralized one
@@ -390,21 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    for name in ("flwr", "ray", "mlflow", "alembic", "httpx", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both trainings, write ``bench_quality[-TAG].json`` and ``.png``; 0 if on target."""
     args = build_parser().parse_args(argv)
-    _quiet()
+    from server.cli import progress_bars, quiet_libraries
+
+    quiet_libraries()
     from clients.task.data import Example, write_jsonl
 
     scale = Scale(
@@ -476,14 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with progress_bars() as progress:
             results["federated"] = run_federated(
                 scale=scale,
                 site_paths=site_paths,

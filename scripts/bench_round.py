@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import platform
 import shutil
@@ -54,7 +53,7 @@ from types import ModuleType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -500,21 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    for name in ("flwr", "ray", "mlflow", "alembic", "httpx", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every configuration, write ``bench_round[-TAG].json`` and ``.png``; 0 if on target."""
     args = build_parser().parse_args(argv)
-    _quiet()
+    from server.cli import progress_bars, quiet_libraries
+
+    quiet_libraries()
     from server.demo_data import generate
 
     started = time.perf_counter()
@@ -548,14 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulation": {},
     }
     try:
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with progress_bars() as progress:
             for n in args.sites:
                 run = run_simulation(args, site_paths[:n], labels, work, progress)
                 results["simulation"][str(n)] = analyse(

@@ -28,7 +28,8 @@ console = Console(stderr=True)
 EXIT_ERROR = 2
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Keep Ray, Flower, MLflow and deprecation chatter out of the user's terminal."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -78,7 +79,8 @@ def build_train_config(
     return config
 
 
-def _progress() -> Progress:
+def progress_bars() -> Progress:
+    """The progress display of fedlora's long work (rounds, epochs): bar, count, status."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -135,7 +137,7 @@ def run_train(
     settings = RunSettings.from_config(config)
     for path in sites:  # a bad site file is refused before anything is written
         load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
-    with _progress() as progress:
+    with progress_bars() as progress:
         bar = progress.add_task("federated rounds", total=settings.rounds, status="starting")
 
         def on_round(record) -> None:
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except FedloraError as exc:

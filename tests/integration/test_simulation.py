@@ -246,3 +246,25 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = _assert_run_recorded(out, rounds=4)
     assert metrics["mlflow_run_id"] == json.loads(state.read_text())["run_id"]
+
+
+@pytest.mark.timeout(400)
+def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
+    """`fedlora demo` as a user runs it (fewer rounds): adapter, plot, MLflow, above chance."""
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [*FEDLORA, "demo", "--out", str(out), "--rounds", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _assert_run_recorded(out / "run", rounds=2)
+    assert (out / "metrics.png").stat().st_size > 0
+    assert (out / "run" / "adapter" / "adapter_config.json").is_file()
+    # 8 intents: chance is 0.125; the held-out phrasing template is unseen by every site.
+    assert metrics["final"]["accuracy"] > 0.5, metrics["final"]
+    assert "final accuracy" in done.stdout

@@ -39,7 +39,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 
-DEFAULT_DATA = Path("/work/shared/data/clinc150")
+# ../shared/data/clinc150 beside the checkout (never copied into the repository).
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 TARGET_RATIO = 0.97  # federated accuracy must reach 97% of the centralized one
 console = Console(stderr=True)
 
@@ -269,6 +270,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _server(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    kind = settings.get("server_optimizer", "sgd")
+    lr, momentum = settings.get("server_learning_rate", 1.0), settings.get("server_momentum", 0)
+    if kind == "sgd" and lr == 1.0 and momentum == 0:
+        return "FedAvg"
+    name = "FedAdam" if kind == "adam" else "FedAvgM"
+    return f"{name} lr={lr:g} m={momentum:g}"
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Federated test accuracy per round, centralized per epoch and its final line."""
     import matplotlib
@@ -283,7 +294,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         [r["round"] for r in fed],
         [r["accuracy"] for r in fed],
         marker="o",
-        label=f"federated ({results['scale']['sites']} sites, FFA-LoRA)",
+        label=f"federated ({results['scale']['sites']} sites, FFA-LoRA, {_server(results)})",
     )
     ax.plot(
         [e["epoch"] for e in cen["per_epoch"]],
@@ -294,14 +305,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
         alpha=0.7,
         label="centralized, per epoch",
     )
+    cen_best = max(e["accuracy"] for e in cen["per_epoch"])
     ax.axhline(
-        cen["final_accuracy"],
+        cen_best,
         color="tab:red",
         linestyle="--",
-        label=f"centralized final {cen['final_accuracy']:.3f}",
+        label=f"centralized best {cen_best:.3f}",
     )
     ax.axhline(
-        TARGET_RATIO * cen["final_accuracy"],
+        TARGET_RATIO * cen_best,
         color="tab:red",
         alpha=0.3,
         label=f"{TARGET_RATIO:.2f} × centralized",
@@ -382,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--rescore",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="recompute the comparison and plot of an existing results file, train nothing",
+    )
+    p.add_argument(
         "--skip-centralized",
         action="store_true",
         help="federated only (LR trials); no ratio is computed",
@@ -392,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both trainings, write ``bench_quality[-TAG].json`` and ``.png``; 0 if on target."""
     args = build_parser().parse_args(argv)
+    if args.rescore is not None:
+        return rescore(args.rescore)
     from server.cli import progress_bars, quiet_libraries
 
     quiet_libraries()
@@ -490,36 +511,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    fed_acc = results["federated"]["final_accuracy"]
-    passed = True
-    if "centralized" in results:
-        cen_acc = results["centralized"]["final_accuracy"]
-        ratio = fed_acc / cen_acc if cen_acc else float("nan")
-        passed = ratio >= TARGET_RATIO
-        results["comparison"] = {
-            "federated_accuracy": fed_acc,
-            "centralized_accuracy": cen_acc,
-            "ratio": ratio,
-            "target_ratio": TARGET_RATIO,
-            "on_target": passed,
-        }
     results["total_wall_seconds"] = time.perf_counter() - started
-
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_quality" + (f"-{args.tag}" if args.tag else "")
-    json_path = args.out / f"{stem}.json"
+    return report(results, args.out / f"{stem}.json")
+
+
+def compare(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Federated vs centralized, on each run's best and on its final test accuracy.
+
+    The headline ratio is best vs best: what each training reaches within the same pass
+    budget. The final-vs-final ratio is kept beside it; it swings with a late collapse of
+    either run (seen for the centralized baseline at lr 1e-2 after ~20 epochs).
+    """
+    if "centralized" not in results:
+        return None
+    fed = results["federated"]
+    cen = results["centralized"]
+    cen_best = max(e["accuracy"] for e in cen["per_epoch"])
+    ratio = fed["best_accuracy"] / cen_best if cen_best else float("nan")
+    return {
+        "federated_best": fed["best_accuracy"],
+        "centralized_best": cen_best,
+        "ratio": ratio,
+        "federated_final": fed["final_accuracy"],
+        "centralized_final": cen["final_accuracy"],
+        "ratio_final": fed["final_accuracy"] / cen["final_accuracy"]
+        if cen["final_accuracy"]
+        else float("nan"),
+        "target_ratio": TARGET_RATIO,
+        "on_target": ratio >= TARGET_RATIO,
+    }
+
+
+def report(results: dict[str, Any], json_path: Path) -> int:
+    """Add the comparison, write the JSON and the PNG, print a summary; 0 if on target."""
+    comparison = compare(results)
+    results.pop("comparison", None)
+    if comparison is not None:
+        results["comparison"] = comparison
     json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if "centralized" in results:
-        plot(results, args.out / f"{stem}.png")
-    summary = f"federated {fed_acc:.3f}"
-    if "comparison" in results:
-        c = results["comparison"]
+    summary = f"federated best {results['federated']['best_accuracy']:.3f}"
+    if comparison is not None:
+        plot(results, json_path.with_suffix(".png"))
         summary += (
-            f", centralized {c['centralized_accuracy']:.3f}, ratio {c['ratio']:.3f} "
-            f"({'on' if passed else 'below'} target {TARGET_RATIO})"
+            f", centralized best {comparison['centralized_best']:.3f}, ratio "
+            f"{comparison['ratio']:.3f} ({'on' if comparison['on_target'] else 'below'} "
+            f"target {TARGET_RATIO}); final vs final {comparison['ratio_final']:.3f}"
         )
     console.print(f"{summary}; {results['total_wall_seconds']:.0f}s; {json_path}")
-    return 0 if passed else 1
+    return 0 if comparison is None or comparison["on_target"] else 1
+
+
+def rescore(path: Path) -> int:
+    """Recompute the comparison and the plot of an existing results file."""
+    return report(json.loads(path.read_text(encoding="utf-8")), path)
 
 
 if __name__ == "__main__":

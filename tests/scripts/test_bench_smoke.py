@@ -77,3 +77,49 @@ def test_bench_round_writes_results_with_every_key(tmp_path: Path) -> None:
     # What travels is the trainable tensors plus .npy headers and key names: a few % more.
     assert 1.0 < summary["bytes_ratio"] < 1.1
     assert 0 < summary["max_site_train_seconds"] <= summary["round_seconds"]
+
+
+CLINC150 = ROOT.parent / "shared" / "data" / "clinc150"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not (CLINC150 / "data_full.json").is_file(), reason="CLINC150 not present")
+def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_quality.py"),
+            "--data-dir",
+            str(CLINC150),
+            "--sites",
+            "3",
+            "--per-intent",
+            "3",
+            "--test-per-intent",
+            "1",
+            "--rounds",
+            "1",
+            "--server-momentum",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: below target, expected here
+    results = json.loads((out / "bench_quality.json").read_text())
+    assert (out / "bench_quality.png").stat().st_size > 0
+    comparison = results["comparison"]
+    assert 0.0 <= comparison["federated_best"] <= 1.0
+    assert comparison["ratio"] == pytest.approx(
+        comparison["federated_best"] / comparison["centralized_best"]
+    )
+    assert comparison["on_target"] == (comparison["ratio"] >= 0.97)
+    assert results["scale"]["intents"] == 150 and results["scale"]["passes"] == 1
+    assert sum(results["scale"]["site_rows"]) == results["scale"]["train_rows"] == 450
+    assert results["settings"]["server_momentum"] == 0.5

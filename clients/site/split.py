@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.task.data import SUFFIXES
+from clients.task import data
 from clients.task.errors import ConfigError, DataError
 
 # A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
@@ -91,45 +90,17 @@ def read_rows(path: str | Path) -> list[dict]:
         DataError: If the file is missing, has another suffix or a row is not an object.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"source file {str(path)!r} does not exist")
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"source file {str(path)!r} must end in .jsonl or .csv")
-    try:
-        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"source file {str(path)!r} is not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise DataError(f"source file {str(path)!r} is not valid CSV ({exc})") from exc
+    rows = []
+    for lineno, row in data.read_rows(path, what="source file"):
+        if isinstance(row, str):  # a JSON line that did not parse, with the reason
+            raise DataError(f"{path.name}:{lineno}: {row}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path.name}:{lineno}: row must be an object")
+        if None in row:  # DictReader files surplus cells under the key None
+            raise DataError(f"{path.name}:{lineno}: more cells than the header")
+        rows.append(row)
     if not rows:
         raise DataError(f"source file {str(path)!r} has no rows")
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path.name}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path.name}:{lineno}: row must be an object")
-            rows.append(row)
-    return rows
-
-
-def _read_csv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = []
-        for row in reader:
-            if None in row:  # DictReader files surplus cells under the key None
-                raise DataError(f"{path.name}:{reader.line_num}: more cells than the header")
-            rows.append(row)
     return rows
 
 

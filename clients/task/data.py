@@ -93,6 +93,25 @@ def _rows(path: Path) -> Iterator[tuple[int, object]]:
                 yield reader.line_num, row
 
 
+def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
+    """(line number, row) pairs of a JSONL or CSV file; an unparsable JSON line is a str.
+
+    Raises:
+        DataError: Naming `what` and the path if the file is missing, has another suffix,
+            is not UTF-8 or is not valid CSV.
+    """
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{what} {str(path)!r} must end in .jsonl or .csv")
+    try:
+        yield from _rows(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{what} {str(path)!r} is not valid CSV ({exc})") from exc
+
+
 def _field(row: dict, name: str) -> str | None:
     value = row.get(name)
     if value is None:
@@ -146,21 +165,12 @@ def scan_file(path: str | Path, *, task: str, labels: Sequence[str] | None = Non
     """
     path = Path(path)
     check_task(task)
-    if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"data file {str(path)!r} must end in .jsonl or .csv")
     report = DataReport(path=path, task=task)
-    try:
-        for lineno, row in _rows(path):
-            try:
-                report.examples.append(_parse_row(row, task=task, labels=labels))
-            except (ValueError, TypeError) as exc:
-                report.problems.append(f"{path.name}:{lineno}: {exc}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise DataError(f"data file {str(path)!r} is not valid CSV ({exc})") from exc
+    for lineno, row in read_rows(path, what="data file"):
+        try:
+            report.examples.append(_parse_row(row, task=task, labels=labels))
+        except (ValueError, TypeError) as exc:
+            report.problems.append(f"{path.name}:{lineno}: {exc}")
     if not report.examples and not report.problems:
         report.problems.append(f"{path.name}: the file has no examples")
     return report

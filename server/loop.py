@@ -147,7 +147,7 @@ def run_rounds(
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Run the remaining rounds and return the final global state and the history."""
     strategy = settings.strategy()
-    optimizer = settings.server_optimizer()
+    optimizer = settings.server_optimizer
     state = resume_from.state if resume_from else initial_state
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []

@@ -18,7 +18,6 @@ from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from strategies.fedavg import FedAvg, FedProx
-from strategies.server_opt import KINDS as SERVER_OPTIMIZERS
 from strategies.server_opt import ServerOptimizer
 
 ON_ROUND_FAILURE = ("stop", "skip")
@@ -118,9 +117,7 @@ class RunSettings:
     round_timeout: float
     on_round_failure: str
     max_norm: float
-    server_optimizer_kind: str
-    server_learning_rate: float
-    server_momentum: float
+    server_optimizer: ServerOptimizer
     eval_file: Path | None
     out_dir: Path
     tracking_uri: str
@@ -162,15 +159,6 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={v['on-round-failure']!r} must be stop or skip")
         if not v["update.max-norm"] > 0:
             raise ConfigError(f"update.max-norm={v['update.max-norm']!r} must be > 0")
-        if v["server.optimizer"] not in SERVER_OPTIMIZERS:
-            raise ConfigError(
-                f"server.optimizer={v['server.optimizer']!r} must be one of "
-                f"{', '.join(SERVER_OPTIMIZERS)}"
-            )
-        if not v["server.learning-rate"] > 0:
-            raise ConfigError(f"server.learning-rate={v['server.learning-rate']!r} must be > 0")
-        if not 0.0 <= v["server.momentum"] < 1.0:
-            raise ConfigError(f"server.momentum={v['server.momentum']!r} must be in [0, 1)")
         eval_file = Path(v["eval-file"]).expanduser() if v["eval-file"] else None
         if eval_file is not None and not eval_file.is_file():
             raise ConfigError(f"eval-file={v['eval-file']!r} does not exist")
@@ -203,9 +191,11 @@ class RunSettings:
             round_timeout=v["round-timeout"],
             on_round_failure=v["on-round-failure"],
             max_norm=v["update.max-norm"],
-            server_optimizer_kind=v["server.optimizer"],
-            server_learning_rate=v["server.learning-rate"],
-            server_momentum=v["server.momentum"],
+            server_optimizer=ServerOptimizer(  # validates its fields, naming the keys
+                kind=v["server.optimizer"],
+                learning_rate=v["server.learning-rate"],
+                momentum=v["server.momentum"],
+            ),
             eval_file=eval_file,
             out_dir=Path(v["out-dir"]).expanduser(),
             tracking_uri=v["tracking-uri"],
@@ -221,13 +211,6 @@ class RunSettings:
                 proximal_mu=self.proximal_mu,
             )
         return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
-
-    def server_optimizer(self) -> ServerOptimizer:
-        return ServerOptimizer(
-            kind=self.server_optimizer_kind,
-            learning_rate=self.server_learning_rate,
-            momentum=self.server_momentum,
-        )
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites; raises ConfigError for bad optimiser settings."""
@@ -257,7 +240,10 @@ class RunSettings:
 
     def as_params(self) -> dict[str, str]:
         """Flat string params for MLflow."""
-        params = {k: str(v) for k, v in self.fingerprint().items() if k != "spec"}
-        for f in fields(self.spec):
-            params[f"spec.{f.name}"] = str(getattr(self.spec, f.name))
+        nested = {"spec": self.spec, "server": self.server_optimizer}
+        skip = {"spec", "server_optimizer"}
+        params = {k: str(v) for k, v in self.fingerprint().items() if k not in skip}
+        for prefix, obj in nested.items():
+            for f in fields(obj):
+                params[f"{prefix}.{f.name}"] = str(getattr(obj, f.name))
         return params

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clients.task.errors import ConfigError
+
 KINDS = ("sgd", "adam")
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
 TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
@@ -54,12 +56,13 @@ class ServerOptimizer:
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
+        # Messages name the run-config keys these come from (server.*).
         if self.kind not in KINDS:
-            raise ValueError(f"server optimizer must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"server.optimizer={self.kind!r} must be one of {', '.join(KINDS)}")
         if not self.learning_rate > 0:
-            raise ValueError(f"server learning rate must be > 0, got {self.learning_rate!r}")
+            raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be > 0")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"server momentum must be in [0, 1), got {self.momentum!r}")
+            raise ConfigError(f"server.momentum={self.momentum!r} must be in [0, 1)")
 
     @property
     def is_identity(self) -> bool:

@@ -137,7 +137,7 @@ def _fedrs_scale(
     loaded: LoadedModel, examples: Sequence[Example], plan: TrainPlan
 ) -> torch.Tensor | None:
     """Per-label logit scale (1 for labels in the site's data, alpha for the others)."""
-    if plan.fedrs_alpha >= 1.0 or plan.spec.task != "sequence-classification":
+    if plan.fedrs_alpha >= 1.0:  # TrainPlan allows < 1 for classification only
         return None
     index = {label: i for i, label in enumerate(plan.spec.labels)}
     scale = torch.full((len(index),), plan.fedrs_alpha, device=loaded.device)

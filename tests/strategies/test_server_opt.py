@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from clients.task.errors import ConfigError
 from strategies.server_opt import BETA2, TAU, ServerOptimizer
 
 vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
@@ -87,5 +88,5 @@ def test_adam_moves_a_diluted_tensor_as_far_as_a_strong_one() -> None:
     [("sgd", 0.0, 0.0), ("sgd", -1.0, 0.0), ("sgd", 1.0, 1.0), ("sgd", 1.0, -0.1), ("yogi", 1, 0)],
 )
 def test_bad_hyperparameters_are_refused(kind: str, lr: float, momentum: float) -> None:
-    with pytest.raises(ValueError, match="server"):
+    with pytest.raises(ConfigError, match="server"):
         ServerOptimizer(kind=kind, learning_rate=lr, momentum=momentum)

@@ -1,0 +1,192 @@
+"""The release artifact: a standard PEFT directory plus ``provenance.json``.
+
+A release directory holds the files of the trained adapter (``adapter_config.json``,
+``adapter_model.safetensors``, fedlora's ``fedlora_task.json``, peft's model card), a
+``provenance.json`` that says what the adapter is and how it was made, and, once signed,
+``model.sig``. `PeftModel.from_pretrained(base, DIR)` loads it with stock peft.
+
+    release = build_release(Path("fedlora-out"), Path("release"), release_number=3)
+    provenance = read_provenance(Path("release"))
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from registry.errors import RegistryError
+
+PROVENANCE_FILE = "provenance.json"
+SIGNATURE_FILE = "model.sig"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TASK_FILE = "fedlora_task.json"
+PROVENANCE_SCHEMA = "fedlora.provenance/v1"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an adapter is and how it was made; written once, then covered by the signature."""
+
+    model_name: str
+    release: int
+    created_at: str
+    fedlora_version: str
+    base_model: str
+    base_digest: str
+    task: str
+    labels: list[str]
+    lora: dict[str, Any]
+    adapter_digest: str
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    schema: str = PROVENANCE_SCHEMA
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Provenance:
+        if data.get("schema") != PROVENANCE_SCHEMA:
+            raise RegistryError(
+                f"{PROVENANCE_FILE}: schema={data.get('schema')!r}, expected {PROVENANCE_SCHEMA!r}"
+            )
+        known = set(cls.__dataclass_fields__)
+        missing = sorted(k for k in known if k not in data)
+        if missing:
+            raise RegistryError(f"{PROVENANCE_FILE}: missing field {missing[0]!r}")
+        return cls(**{k: data[k] for k in known})
+
+    def epsilon(self) -> float | None:
+        """The largest ε over all guarantees, or None when no DP was used."""
+        values = [
+            float(g["epsilon"])
+            for g in self.privacy.values()
+            if isinstance(g, dict) and g.get("epsilon") is not None
+        ]
+        for guarantee in self.privacy.values():
+            sites = guarantee.get("sites") if isinstance(guarantee, dict) else None
+            if isinstance(sites, dict):
+                values += [float(s["epsilon"]) for s in sites.values() if "epsilon" in s]
+        return max(values) if values else None
+
+    def headline_metric(self) -> tuple[str, float] | None:
+        for name in ("accuracy", "central_accuracy", "federated_accuracy"):
+            if self.metrics.get(name) is not None:
+                return name, float(self.metrics[name])
+        return None
+
+
+def fedlora_version() -> str:
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def adapter_digest(directory: Path) -> str:
+    """SHA-256 over the adapter's config and weights (names and contents)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = directory / name
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{what}: {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{what}: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{what}: {path} holds {type(data).__name__}, expected an object")
+    return data
+
+
+def _adapter_dir(source: Path) -> Path:
+    """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself."""
+    candidate = source / "adapter" if (source / "adapter").is_dir() else source
+    for name in ADAPTER_FILES:
+        if not (candidate / name).is_file():
+            raise RegistryError(f"{source} is not a training output or PEFT directory: no {name}")
+    return candidate
+
+
+def _training_summary(source: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any]]:
+    """(training, final metrics, privacy) from ``OUT/metrics.json`` if there is one."""
+    path = source / "metrics.json"
+    if not path.is_file():
+        return {}, {}, {}
+    summary = _read_json(path, "metrics.json")
+    rounds = [r for r in summary.get("rounds", []) if isinstance(r, dict)]
+    sites = sorted({s for r in rounds for s in r.get("site_ids", [])})
+    final = summary.get("final") or {}
+    metrics = {
+        k: float(v)
+        for k, v in final.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
+    }
+    training = {
+        "mlflow_run_id": summary.get("mlflow_run_id"),
+        "rounds": len([r for r in rounds if not r.get("skipped")]),
+        "sites": len(sites),
+    }
+    return training, metrics, dict(summary.get("privacy") or {})
+
+
+def build_release(
+    source: Path,
+    out: Path,
+    *,
+    model_name: str,
+    release: int,
+    now: dt.datetime | None = None,
+) -> Provenance:
+    """Copy the adapter of ``source`` into ``out`` and write its provenance.
+
+    ``source`` is a training output (``adapter/`` + ``metrics.json``) or a bare PEFT
+    directory. ``out`` must not exist; the caller signs it afterwards.
+    """
+    adapter = _adapter_dir(source)
+    task = _read_json(adapter / TASK_FILE, "adapter task file")
+    lora = _read_json(adapter / "adapter_config.json", "adapter config")
+    training, metrics, privacy = _training_summary(source)
+    if out.exists():
+        raise RegistryError(f"{out} already exists")
+    shutil.copytree(adapter, out)
+    for leftover in (PROVENANCE_FILE, SIGNATURE_FILE):
+        (out / leftover).unlink(missing_ok=True)
+    provenance = Provenance(
+        model_name=model_name,
+        release=release,
+        created_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+        fedlora_version=fedlora_version(),
+        base_model=str(task.get("base_model", "")),
+        base_digest=str(task.get("base_digest", "")),
+        task=str(task.get("task", "")),
+        labels=list(task.get("labels", [])),
+        lora={
+            k: lora.get(k)
+            for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules")
+        }
+        | {"modules_to_save": lora.get("modules_to_save")},
+        adapter_digest=adapter_digest(out),
+        training=training,
+        metrics=metrics,
+        privacy=privacy,
+    )
+    (out / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
+    return provenance
+
+
+def read_provenance(directory: Path) -> Provenance:
+    return Provenance.from_dict(_read_json(directory / PROVENANCE_FILE, "provenance"))

@@ -1,0 +1,279 @@
+"""``fedlora keys`` and ``fedlora registry``: key pairs and the signed MLflow registry.
+
+`server.cli` finds `keys_group` and `registry_group` through the ``fedlora.commands``
+entry points. The registry is ``--registry URI`` or ``MLFLOW_TRACKING_URI``; MLflow's
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` carry credentials. A key's
+passphrase is read from the environment variable named by ``--passphrase-env``
+(``FEDLORA_KEY_PASSPHRASE`` by default), never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from registry.errors import RegistryError
+from registry.keys import TrustStore, generate_keypair, key_id, load_public_key
+from registry.lifecycle import (
+    CANDIDATE,
+    PRODUCTION,
+    SigningKey,
+    promote,
+    publish,
+    revoke,
+    rollback,
+)
+from registry.mlflow_store import TAG, MlflowStore, default_uri
+from registry.policy import Policy
+
+out = Console()
+PASSPHRASE_ENV = "FEDLORA_KEY_PASSPHRASE"
+
+
+def _passphrase(args: argparse.Namespace) -> str | None:
+    value = os.environ.get(args.passphrase_env)
+    if args.passphrase_env != PASSPHRASE_ENV and value is None:
+        raise RegistryError(f"--passphrase-env {args.passphrase_env}: that variable is not set")
+    return value or None
+
+
+def _key_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--key", required=required, metavar="PEM", help="private signing key (EC P-256 PEM)"
+    )
+    parser.add_argument(
+        "--passphrase-env",
+        default=PASSPHRASE_ENV,
+        metavar="VAR",
+        help=f"environment variable holding the key's passphrase (default {PASSPHRASE_ENV})",
+    )
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
+    )
+
+
+def _store(args: argparse.Namespace) -> MlflowStore:
+    return MlflowStore(args.registry or default_uri())
+
+
+def _signing_key(args: argparse.Namespace) -> SigningKey:
+    return SigningKey(Path(args.key), _passphrase(args))
+
+
+def keys_group(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="signing keys")
+    commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    gen = commands.add_parser(
+        "generate",
+        help="create an EC P-256 signing key pair",
+        description="Write DIR/signing-key.pem (mode 0600, encrypted when the passphrase "
+        "variable is set) and DIR/signing-key.pub. Copy the .pub into every trust store.",
+    )
+    gen.add_argument("--out", required=True, metavar="DIR")
+    gen.add_argument(
+        "--passphrase-env",
+        default=PASSPHRASE_ENV,
+        metavar="VAR",
+        help=f"encrypt with the passphrase in this variable (default {PASSPHRASE_ENV})",
+    )
+    gen.set_defaults(func=cmd_keys_generate)
+    ident = commands.add_parser("id", help="print the key id (SHA-256 of the DER public key)")
+    ident.add_argument("public_key", metavar="PUB")
+    ident.set_defaults(func=cmd_keys_id)
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    pair = generate_keypair(Path(args.out), passphrase=_passphrase(args))
+    out.print(f"private key  {pair.private_path} (mode 0600)")
+    out.print(f"public key   {pair.public_path}")
+    out.print(f"key id       {pair.key_id}")
+    return 0
+
+
+def cmd_keys_id(args: argparse.Namespace) -> int:
+    out.print(key_id(load_public_key(Path(args.public_key))))
+    return 0
+
+
+def registry_group(sub: argparse._SubParsersAction) -> None:
+    reg = sub.add_parser("registry", help="signed, versioned adapters in MLflow")
+    commands = reg.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+
+    pub = commands.add_parser(
+        "publish",
+        help="sign and publish a trained adapter as a new model version",
+        description="DIR is a training output (adapter/ + metrics.json), a PEFT directory, "
+        "or a release already signed by a trusted key. Signs, uploads, creates the model "
+        "version and moves the alias (default: candidate); publishing the same adapter "
+        "again returns the existing version.",
+    )
+    pub.add_argument("source", metavar="DIR")
+    pub.add_argument("--model", required=True, metavar="NAME")
+    pub.add_argument("--alias", default=CANDIDATE)
+    pub.add_argument("--trust", metavar="DIR", help="trust store, to accept a signed DIR")
+    _key_args(pub)
+    _registry_arg(pub)
+    pub.set_defaults(func=cmd_publish)
+
+    ls = commands.add_parser("list", help="registered models and their aliases")
+    _registry_arg(ls)
+    ls.set_defaults(func=cmd_list)
+
+    show = commands.add_parser("show", help="versions of a model with their signed facts")
+    show.add_argument("model", metavar="NAME")
+    _registry_arg(show)
+    show.set_defaults(func=cmd_show)
+
+    pro = commands.add_parser(
+        "promote",
+        help="move an alias to a version if every policy gate passes",
+        description="Verifies the version's signature against --trust, checks revocation "
+        "and the gates of --policy (min-metric, max-epsilon, require-dp), then moves the "
+        "alias in MLflow and in the signed release index.",
+    )
+    pro.add_argument("model", metavar="NAME")
+    pro.add_argument("--version", required=True)
+    pro.add_argument("--alias", default=PRODUCTION)
+    pro.add_argument("--trust", required=True, metavar="DIR")
+    pro.add_argument("--policy", metavar="TOML", help="gates file (see README)")
+    _key_args(pro)
+    _registry_arg(pro)
+    pro.set_defaults(func=cmd_promote)
+
+    back = commands.add_parser(
+        "rollback", help="move an alias back to its previous release (a signed event)"
+    )
+    back.add_argument("model", metavar="NAME")
+    back.add_argument("--alias", default=PRODUCTION)
+    _key_args(back)
+    _registry_arg(back)
+    back.set_defaults(func=cmd_rollback)
+
+    rev = commands.add_parser(
+        "revoke", help="add signing keys or releases to the signed revocation list"
+    )
+    rev.add_argument("--key-id", action="append", default=[], metavar="KID")
+    rev.add_argument("--digest", action="append", default=[], metavar="DIGEST")
+    rev.add_argument("--model", metavar="NAME", help="with --version: revoke that release")
+    rev.add_argument("--version", metavar="V")
+    _key_args(rev)
+    _registry_arg(rev)
+    rev.set_defaults(func=cmd_revoke)
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    trust = TrustStore.load(Path(args.trust)) if args.trust else None
+    result = publish(
+        _store(args),
+        Path(args.source),
+        model=args.model,
+        key=_signing_key(args),
+        trust=trust,
+        alias=args.alias,
+    )
+    what = "published" if result.created else "already published"
+    out.print(
+        f"{what}: {result.model} version {result.version} (release {result.release}, "
+        f"digest {result.digest[:16]}, key {result.key_id[:16]})"
+        + (f", alias {args.alias!r}" if result.created else "")
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    models = store.call("list models", lambda: store.client.search_registered_models())
+    table = Table("model", "aliases", "latest version")
+    for m in sorted(models, key=lambda m: m.name):
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted((m.aliases or {}).items()))
+        latest = max((int(v.version) for v in m.latest_versions or []), default=0)
+        table.add_row(m.name, aliases or "-", str(latest or "-"))
+    out.print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    model = store.registered(args.model)
+    if model is None:
+        raise RegistryError(f"no registered model {args.model!r} at {store.uri}")
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    table = Table("version", "release", "aliases", "digest", "key id", "ε", "metric", "revoked")
+    for v in store.versions(args.model):
+        tags = v.tags
+        metric = next(
+            (f"{k[len(TAG) + 7 :]}={x}" for k, x in tags.items() if k.startswith(f"{TAG}metric.")),
+            "-",
+        )
+        table.add_row(
+            str(v.version),
+            tags.get(f"{TAG}release", "?"),
+            ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
+            tags.get(f"{TAG}digest", "")[:16],
+            tags.get(f"{TAG}key_id", "")[:16],
+            tags.get(f"{TAG}epsilon", "?"),
+            metric,
+            tags.get(f"{TAG}revoked", "-"),
+        )
+    out.print(table)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    entry = promote(
+        _store(args),
+        model=args.model,
+        version=str(args.version),
+        key=_signing_key(args),
+        trust=TrustStore.load(Path(args.trust)),
+        policy=Policy.load(Path(args.policy) if args.policy else None),
+        alias=args.alias,
+    )
+    out.print(f"{args.model}@{args.alias} → version {entry.version} (release {entry.release})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    entry = rollback(_store(args), model=args.model, key=_signing_key(args), alias=args.alias)
+    out.print(
+        f"{args.model}@{args.alias} rolled back to version {entry.version} "
+        f"(release {entry.release})"
+    )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    store = _store(args)
+    digests = set(args.digest)
+    if args.version is not None or args.model is not None:
+        if not (args.version and args.model):
+            raise RegistryError("--model and --version go together")
+        mv = store.call(
+            f"look up {args.model} version {args.version}",
+            lambda: store.client.get_model_version(args.model, str(args.version)),
+        )
+        digest = mv.tags.get(f"{TAG}digest")
+        if not digest:
+            raise RegistryError(f"{args.model} version {args.version} has no {TAG}digest tag")
+        digests.add(digest)
+    keys, releases = revoke(
+        store, key=_signing_key(args), key_ids=set(args.key_id), digests=digests
+    )
+    if args.version is not None:
+        store.call(
+            "tag revoked version",
+            lambda: store.client.set_model_version_tag(
+                args.model, str(args.version), f"{TAG}revoked", "true"
+            ),
+        )
+    out.print(f"revocation list: {len(keys)} key(s), {len(releases)} release(s)")
+    return 0

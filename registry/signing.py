@@ -1,0 +1,125 @@
+"""Sign and verify release directories in the OpenSSF model-signing format.
+
+The signature is ``DIR/model.sig``: a Sigstore bundle (key-based, EC P-256) whose in-toto
+statement lists the SHA-256 of every other file in the directory. The stock command
+``model_signing verify key DIR --signature DIR/model.sig --public_key KEY.pub`` accepts it.
+A file added, removed or changed after signing fails verification.
+
+    sign_release(Path("release"), private_key=Path("keys/signing-key.pem"))
+    verified = verify_release(Path("release"), TrustStore.load(Path("trust")))
+    verified.key_id, verified.digest
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model_signing import hashing, signing, verifying
+
+from registry.artifact import SIGNATURE_FILE, Provenance, read_provenance
+from registry.errors import RegistryError, VerificationError
+from registry.keys import TrustStore, key_id, load_private_key, signature_hint
+
+
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A release directory whose every file matched a signature by a trusted key."""
+
+    directory: Path
+    key_id: str
+    digest: str
+    provenance: Provenance
+
+
+def _hashing_config() -> hashing.Config:
+    # Only the signature itself is left out; git files are covered like any other file.
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
+
+
+def sign_release(directory: Path, *, private_key: Path, passphrase: str | None = None) -> str:
+    """Sign every file of ``directory`` into ``directory/model.sig``; return the key id."""
+    key = load_private_key(private_key, passphrase=passphrase)  # clear errors first
+    signature = directory / SIGNATURE_FILE
+    signature.unlink(missing_ok=True)
+    config = signing.Config().use_elliptic_key_signer(
+        # model-signing hands the password to cryptography, which wants bytes.
+        private_key=private_key,
+        password=passphrase.encode() if passphrase else None,  # type: ignore[arg-type]
+    )
+    config.set_hashing_config(_hashing_config()).sign(directory, signature)
+    return key_id(key.public_key())
+
+
+def _statement(signature: Path) -> tuple[str, dict[str, Any]]:
+    """(public key hint, in-toto statement) of a bundle, before any trust decision."""
+    try:
+        bundle = json.loads(signature.read_text(encoding="utf-8"))
+        hint = bundle["verificationMaterial"]["publicKey"]["hint"]
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VerificationError("signature", f"{signature} is not a key-based bundle") from exc
+    return str(hint), statement
+
+
+def manifest_digest(statement: dict[str, Any]) -> str:
+    """SHA-256 over the sorted (file name, file digest) pairs of a signed statement.
+
+    Unlike the statement's subject digest, this also binds the file names; it does not
+    depend on the signature bytes, so re-signing the same files keeps the digest.
+    """
+    resources = statement.get("predicate", {}).get("resources", [])
+    pairs = sorted((str(r["name"]), str(r["digest"])) for r in resources)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
+    """Verify ``directory`` against the trust store; raise `VerificationError` otherwise.
+
+    Revocation, freshness and base-model checks need the registry's index and the local
+    base model; they are the caller's next steps (see `registry.freshness`).
+    """
+    signature = directory / SIGNATURE_FILE
+    if not signature.is_file():
+        raise VerificationError("unsigned", f"{directory} has no {SIGNATURE_FILE}")
+    hint, statement = _statement(signature)
+    kid = trust.by_hint(hint)
+    if kid is None:
+        raise VerificationError(
+            "untrusted-key", f"{directory} is signed by a key not in {trust.directory}"
+        )
+    config = verifying.Config().use_elliptic_key_verifier(public_key=trust.paths[kid])
+    try:
+        config.set_hashing_config(_hashing_config()).verify(directory, signature)
+    except ValueError as exc:
+        raise VerificationError("signature", f"{directory}: {exc}") from exc
+    except Exception as exc:  # malformed bundles raise from deep inside sigstore/protobuf
+        raise VerificationError("signature", f"{directory}: {type(exc).__name__}: {exc}") from exc
+    try:
+        provenance = read_provenance(directory)
+    except RegistryError as exc:
+        raise VerificationError("signature", f"signed but unreadable provenance: {exc}") from exc
+    return VerifiedRelease(directory, kid, manifest_digest(statement), provenance)
+
+
+def signed_key_id(directory: Path, trust: TrustStore) -> str | None:
+    """The trusted key id a directory claims to be signed by (unverified), if any."""
+    signature = directory / SIGNATURE_FILE
+    if not signature.is_file():
+        return None
+    hint, _ = _statement(signature)
+    return trust.by_hint(hint)
+
+
+__all__ = [
+    "VerifiedRelease",
+    "manifest_digest",
+    "sign_release",
+    "signature_hint",
+    "signed_key_id",
+    "verify_release",
+]

@@ -30,7 +30,7 @@ from registry.lifecycle import (
 from registry.mlflow_store import TAG, MlflowStore, default_uri
 from registry.policy import Policy
 
-out = Console()
+out = Console(soft_wrap=True)
 PASSPHRASE_ENV = "FEDLORA_KEY_PASSPHRASE"
 
 

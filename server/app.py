@@ -32,6 +32,10 @@ from clients.task.model import (
     trainable_state,
 )
 from clients.task.train import evaluate
+from registry.errors import KeyFileError
+from registry.keys import load_private_key
+from registry.lifecycle import PublishResult, SigningKey, publish
+from registry.mlflow_store import MlflowStore
 from server.checkpoint import CheckpointStore, write_atomic
 from server.loop import Evaluator, RoundRecord, run_rounds
 from server.settings import RunSettings
@@ -48,6 +52,7 @@ class TrainingResult:
     run_id: str
     tracking_uri: str
     history: list[dict[str, Any]]
+    published: PublishResult | None = None
 
 
 def _check_resume(settings: RunSettings, store: CheckpointStore):
@@ -97,6 +102,11 @@ def run_training(
     )
     store = CheckpointStore(settings.out_dir / "checkpoint")
     resume_from = _check_resume(settings, store)
+    if settings.publish is not None:
+        try:  # a wrong passphrase is found now, not after hours of training
+            load_private_key(settings.publish.signing_key, passphrase=settings.publish.passphrase)
+        except KeyFileError as exc:
+            raise ConfigError(f"registry.signing-key: {exc}") from exc
     loaded = build_model(settings.spec)
     initial = trainable_state(loaded.model)
 
@@ -138,6 +148,19 @@ def run_training(
         tracker.finish("FAILED")
         raise
     tracker.finish()
+    published = None
+    if settings.publish is not None:
+        # The registry is the run's tracking store; the run is finished and its outputs are
+        # in place, so a publish failure loses nothing: `fedlora registry publish OUT` redoes it.
+        p = settings.publish
+        published = publish(
+            MlflowStore(uri),
+            settings.out_dir,
+            model=p.model_name,
+            key=SigningKey(p.signing_key, p.passphrase),
+            alias=p.alias,
+        )
+        log.info("published %s version %s as %r", p.model_name, published.version, p.alias)
     return TrainingResult(
         out_dir=settings.out_dir,
         adapter_dir=adapter_dir,
@@ -145,6 +168,7 @@ def run_training(
         run_id=run_id,
         tracking_uri=uri,
         history=history,
+        published=published,
     )
 
 

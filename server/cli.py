@@ -24,7 +24,8 @@ from rich.table import Table
 from clients.task.data import SUFFIXES, labels_in, load_examples
 from clients.task.errors import ConfigError, FedloraError
 
-console = Console(stderr=True)
+# soft_wrap: a one-line error stays one line in logs, whatever the terminal width
+console = Console(stderr=True, soft_wrap=True)
 EXIT_ERROR = 2
 
 
@@ -67,6 +68,8 @@ def build_train_config(
     config["out-dir"] = str(out)
     config["resume"] = resume
     if eval_file is not None:
+        if not eval_file.is_file():
+            raise ConfigError(f"--eval {str(eval_file)!r} does not exist")
         config["eval-file"] = str(eval_file)
     if task is not None:
         config["task"] = task

@@ -8,6 +8,7 @@ or mistyped key is refused with the closest known key suggested.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -57,7 +58,40 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
+    "registry.model-name": (str, "", "publish the final adapter as this registered model"),
+    "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
+    "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),
+    "registry.alias": (str, "candidate", "alias the published version gets"),
 }
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    """Where and how the final adapter is published when ``registry.model-name`` is set."""
+
+    model_name: str
+    signing_key: Path
+    passphrase_env: str
+    alias: str
+
+    @classmethod
+    def from_values(cls, v: Mapping[str, Any]) -> PublishSettings | None:
+        if not v["registry.model-name"]:
+            return None
+        if not v["registry.signing-key"]:
+            raise ConfigError(
+                f"registry.model-name={v['registry.model-name']!r} needs registry.signing-key"
+            )
+        key = Path(v["registry.signing-key"]).expanduser()
+        if not key.is_file():
+            raise ConfigError(f"registry.signing-key={v['registry.signing-key']!r} does not exist")
+        if not v["registry.alias"]:
+            raise ConfigError("registry.alias='' must name an alias")
+        return cls(v["registry.model-name"], key, v["registry.passphrase-env"], v["registry.alias"])
+
+    @property
+    def passphrase(self) -> str | None:
+        return os.environ.get(self.passphrase_env) or None
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -123,6 +157,7 @@ class RunSettings:
     tracking_uri: str
     experiment: str
     resume: bool
+    publish: PublishSettings | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -201,6 +236,7 @@ class RunSettings:
             tracking_uri=v["tracking-uri"],
             experiment=v["experiment"],
             resume=v["resume"],
+            publish=PublishSettings.from_values(v),
         )
 
     def strategy(self) -> FedAvg:
@@ -229,7 +265,7 @@ class RunSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
-        skip = {"resume", "tracking_uri", "out_dir", "round_timeout"}
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:

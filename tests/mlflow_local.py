@@ -56,6 +56,7 @@ class MlflowServer:
                 f"admin_password = {ADMIN[1]}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                 "grant_default_workspace_access = true\n"
+                "auth_cache_ttl_seconds = 60\n"
             )
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "fedlora-tests-only"

@@ -99,6 +99,35 @@ def test_a_crashing_site_does_not_fail_the_run(tiny_llama: Path, tmp_path: Path)
         assert "needs a non-empty 'text'" in row["failures"][0]["reason"]
 
 
+@pytest.mark.timeout(300)
+def test_a_run_with_registry_model_name_publishes_a_verified_release(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from registry.keys import TrustStore, generate_keypair
+    from registry.mlflow_store import MlflowStore
+    from registry.pull import pull
+
+    pair = generate_keypair(tmp_path / "keys")
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "k.pub").write_bytes(pair.public_path.read_bytes())
+    out = tmp_path / "out"
+    settings = _lm_settings(
+        tiny_llama, out, **{"num-server-rounds": 1, "registry.model-name": "lm",
+                            "registry.signing-key": str(pair.private_path)}
+    )  # fmt: skip
+
+    result = simulate(settings, _lm_sites(tmp_path / "sites"))
+
+    assert result.published is not None and result.published.version == "1"
+    release = pull(
+        MlflowStore(result.tracking_uri), model="lm", alias="candidate",
+        trust=TrustStore.load(tmp_path / "trust"), out=tmp_path / "pulled",
+        state=tmp_path / "state",
+    )  # fmt: skip
+    assert release.provenance.training["mlflow_run_id"] == result.run_id
+    assert release.provenance.training == {"mlflow_run_id": result.run_id, "rounds": 1, "sites": 3}
+
+
 def _cls_sites(root: Path) -> Path:
     from server.demo_data import generate
 
@@ -157,10 +186,17 @@ def test_cli_trains_minilm_classifier(tmp_path: Path) -> None:
     [
         (["--set", "lora.rank=4"], "unknown config key 'lora.rank'; did you mean 'lora.r'?"),
         (["--set", "base-model=/no/model"], "base-model='/no/model': no such directory"),
-        (["--eval", "/no/eval.jsonl"], "eval-file='/no/eval.jsonl' does not exist"),
+        (["--eval", "/no/eval.jsonl"], "--eval '/no/eval.jsonl' does not exist"),
+        (["--set", "registry.model-name=m"], "registry.model-name='m' needs registry.signing-key"),
+        (
+            ["--set", "registry.model-name=m", "--set", "registry.signing-key=/no/key.pem"],
+            "registry.signing-key='/no/key.pem' does not exist",
+        ),
     ],
 )
-def test_bad_config_fails_before_writing(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_config_fails_before_writing(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from server.cli import main
 
     data = _cls_sites(tmp_path / "data")
@@ -169,6 +205,7 @@ def test_bad_config_fails_before_writing(tmp_path: Path, args: list[str], messag
         ["train", "--sites", str(data / "sites"), "--rounds", "1", "--out", str(out), *args]
     )
     assert code == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 

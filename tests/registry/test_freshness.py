@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from registry.errors import RegistryError, VerificationError
+from registry.freshness import AliasEntry, IndexClient, IndexRepository
+from registry.keys import KeyPair, TrustStore, generate_keypair, load_private_key
+from tests.registry.conftest import PASSPHRASE
+
+
+class FileStore:
+    """The registry's role for these tests: hold bytes by name, trust nothing."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def fetch(self, name: str) -> bytes | None:
+        return self.files.get(name)
+
+
+def _entry(release: int, digest: str) -> AliasEntry:
+    return AliasEntry(release=release, version=str(release), digest=digest, key_id="k")
+
+
+@pytest.fixture
+def publisher(keypair: KeyPair):
+    return load_private_key(keypair.private_path, passphrase=PASSPHRASE)
+
+
+def _publish(store: FileStore, key, release: int, digest: str, **expiry) -> None:
+    repo = IndexRepository.load(store.fetch, key) or IndexRepository.create(
+        key, expiry={k: dt.timedelta(seconds=v) for k, v in expiry.items()}
+    )
+    repo.set_alias("intents", "production", _entry(release, digest))
+    store.files.update(repo.files())
+
+
+def test_a_client_follows_new_releases(publisher, trust: TrustStore, tmp_path: Path) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+    assert client.alias("intents", "production").digest == "d1"
+
+    _publish(store, publisher, 2, "d2")
+    client.refresh()
+
+    assert client.alias("intents", "production").digest == "d2"
+
+
+def test_replayed_older_metadata_is_refused_even_after_a_restart(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    old = dict(store.files)
+    _publish(store, publisher, 2, "d2")
+    IndexClient(store.fetch, tmp_path / "cache", trust).refresh()
+
+    store.files = old  # whoever can write the registry puts back the older, signed files
+    restarted = IndexClient(store.fetch, tmp_path / "cache", trust)
+
+    with pytest.raises(VerificationError) as err:
+        restarted.refresh()
+    assert err.value.reason == "stale"
+
+
+def test_expired_metadata_is_refused(publisher, trust: TrustStore, tmp_path: Path) -> None:
+    store = FileStore()
+    repo = IndexRepository.create(publisher, expiry={"timestamp": dt.timedelta(seconds=-1)})
+    store.files.update(repo.files())
+
+    with pytest.raises(VerificationError) as err:
+        IndexClient(store.fetch, tmp_path / "cache", trust).refresh()
+    assert err.value.reason == "expired"
+
+
+def test_an_index_rooted_in_a_foreign_key_is_refused(trust: TrustStore, tmp_path: Path) -> None:
+    stranger = generate_keypair(tmp_path / "stranger")
+    store = FileStore()
+    _publish(store, load_private_key(stranger.private_path), 1, "d1")
+
+    with pytest.raises(VerificationError) as err:
+        IndexClient(store.fetch, tmp_path / "cache", trust).refresh()
+    assert err.value.reason == "untrusted-key"
+
+
+def test_a_key_not_in_the_root_cannot_change_the_index(publisher, tmp_path: Path) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    stranger = load_private_key(generate_keypair(tmp_path / "s").private_path)
+    with pytest.raises(RegistryError, match="may not sign the release index"):
+        IndexRepository.load(store.fetch, stranger)
+
+
+def test_check_gives_each_refusal_its_own_reason(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    repo = IndexRepository.create(publisher)
+    repo.set_alias("intents", "production", _entry(2, "d2"))
+    repo.revoke(keys={"bad-key"}, releases={"d0"})
+    store.files.update(repo.files())
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+    cases = {
+        "revoked-key": dict(key="bad-key", digest="d2", alias="production"),
+        "revoked-release": dict(key="k", digest="d0", alias="production"),
+        "stale": dict(key="k", digest="d1", alias="production"),
+        "index": dict(key="k", digest="d2", alias="staging"),
+    }
+    for reason, args in cases.items():
+        with pytest.raises(VerificationError) as err:
+            client.check(model="intents", release=1, **args)
+        assert err.value.reason == reason
+    client.check(model="intents", release=2, key="k", digest="d2", alias="production")
+
+
+def test_alias_history_is_kept_for_rollback() -> None:
+    first, second, third = _entry(1, "d1"), _entry(2, "d2"), _entry(3, "d3")
+    history = first.succeeding(second).succeeding(third)
+    assert history.digest == "d3"
+    assert [p["digest"] for p in history.previous] == ["d1", "d2"]

@@ -1,0 +1,213 @@
+"""Publish, promote, roll back, revoke and pull against MLflow's embedded SQLite store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from registry.errors import (
+    KeyFileError,
+    PromotionRefused,
+    RegistryError,
+    RegistryUnavailable,
+    VerificationError,
+)
+from registry.keys import KeyPair, TrustStore, generate_keypair
+from registry.lifecycle import SigningKey, promote, publish, revoke, rollback
+from registry.mlflow_store import MlflowStore
+from registry.policy import Policy
+from registry.pull import LocalPolicy, pull
+from tests.integration.flower_local import free_port
+from tests.registry.conftest import PASSPHRASE
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MlflowStore:
+    return MlflowStore(f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}")
+
+
+@pytest.fixture
+def key(keypair: KeyPair) -> SigningKey:
+    return SigningKey(keypair.private_path, PASSPHRASE)
+
+
+def _pull(store: MlflowStore, trust: TrustStore, tmp_path: Path, alias: str = "production", **kw):
+    return pull(
+        store, model="intents", alias=alias, trust=trust,
+        out=tmp_path / "serving" / "intents", state=tmp_path / "edge-state", **kw,
+    )  # fmt: skip
+
+
+def _state(store: MlflowStore) -> tuple[list[str], dict[str, str]]:
+    model = store.registered("intents")
+    versions = [str(v.version) for v in store.versions("intents")] if model else []
+    return versions, {a: str(v) for a, v in (model.aliases if model else {}).items()}
+
+
+def test_publish_is_idempotent_and_promote_rollback_move_the_alias(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
+) -> None:
+    first = publish(store, outputs[0], model="intents", key=key)
+    again = publish(store, outputs[0], model="intents", key=key)
+    second = publish(store, outputs[1], model="intents", key=key)
+
+    assert (first.created, again.created, second.created) == (True, False, True)
+    assert again.version == first.version
+    assert _state(store) == (["1", "2"], {"candidate": "2"})
+    tags = store.client.get_model_version("intents", "2").tags
+    assert tags["fedlora.digest"] == second.digest and tags["fedlora.release"] == "2"
+    assert tags["fedlora.metric.accuracy"] == "0.9"
+
+    promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy())
+    promote(store, model="intents", version="2", key=key, trust=trust, policy=Policy())
+    assert _pull(store, trust, tmp_path).digest == second.digest
+
+    back = rollback(store, model="intents", key=key)
+
+    assert back.version == "1" and back.event == "rollback"
+    assert _state(store)[1]["production"] == "1"
+    assert _pull(store, trust, tmp_path).digest == first.digest  # a signed rollback is fresh
+
+
+def test_a_refused_promotion_changes_nothing(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path]
+) -> None:
+    publish(store, outputs[0], model="intents", key=key)
+    before = _state(store)
+
+    with pytest.raises(PromotionRefused) as err:
+        promote(store, model="intents", version="1", key=key, trust=trust,
+                policy=Policy(min_metric=0.8))  # fmt: skip
+
+    assert err.value.gate == "min-metric"
+    assert _state(store) == before
+
+
+def test_an_untrusted_signer_is_refused_promotion(
+    store: MlflowStore, key: SigningKey, outputs: list[Path], tmp_path: Path, make_trust
+) -> None:
+    publish(store, outputs[0], model="intents", key=key)
+    other = make_trust("other-trust", generate_keypair(tmp_path / "other-key"))
+    with pytest.raises(PromotionRefused) as err:
+        promote(store, model="intents", version="1", key=key, trust=other, policy=Policy())
+    assert err.value.gate == "signer"
+
+
+def test_registry_side_attacks_are_refused_at_pull(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
+) -> None:
+    v1 = publish(store, outputs[0], model="intents", key=key)
+    v2 = publish(store, outputs[1], model="intents", key=key)
+    promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy())
+    promote(store, model="intents", version="2", key=key, trust=trust, policy=Policy())
+    served = _pull(store, trust, tmp_path)
+    assert served.digest == v2.digest
+
+    # An account with EDIT on the model moves production back to the older, signed release.
+    store.client.set_registered_model_alias("intents", "production", v1.version)
+    with pytest.raises(VerificationError) as err:
+        _pull(store, trust, tmp_path)
+    assert err.value.reason == "stale"
+    store.client.set_registered_model_alias("intents", "production", v2.version)
+
+    # ... or rewrites bytes in the artifact store.
+    source = store.client.get_model_version("intents", v2.version).source
+    weights = Path(source.removeprefix("file://")) / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(VerificationError) as err:
+        _pull(store, trust, tmp_path)
+    assert err.value.reason == "signature"
+    weights.write_bytes(original)
+
+    # The last verified release stays where it was through all of this.
+    assert (tmp_path / "serving" / "intents" / "adapter_model.safetensors").read_bytes() == (
+        original
+    )
+
+
+def test_revoked_releases_and_keys_are_refused(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path,
+    keypair: KeyPair,
+) -> None:  # fmt: skip
+    v1 = publish(store, outputs[0], model="intents", key=key)
+    promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy())
+    revoke(store, key=key, digests={v1.digest})
+    with pytest.raises(VerificationError) as err:
+        _pull(store, trust, tmp_path)
+    assert err.value.reason == "revoked-release"
+    with pytest.raises(PromotionRefused, match="revoked"):
+        promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy())
+    with pytest.raises(RegistryError, match="refusing to revoke the key that signs"):
+        revoke(store, key=key, key_ids={keypair.key_id})
+
+
+def test_local_policy_refuses_a_foreign_base_or_too_much_epsilon(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
+) -> None:
+    summary = json.loads((outputs[0] / "metrics.json").read_text())
+    summary["privacy"] = {"client-level": {"epsilon": 12.0, "delta": 1e-5}}
+    (outputs[0] / "metrics.json").write_text(json.dumps(summary))
+    publish(store, outputs[0], model="intents", key=key)
+
+    with pytest.raises(VerificationError) as err:
+        _pull(store, trust, tmp_path, alias="candidate",
+              policy=LocalPolicy(base_digest="sha256:" + "0" * 64))  # fmt: skip
+    assert err.value.reason == "base-mismatch"
+    with pytest.raises(VerificationError) as err:
+        _pull(store, trust, tmp_path, alias="candidate", policy=LocalPolicy(max_epsilon=8.0))
+    assert err.value.reason == "policy"
+    assert not (tmp_path / "serving").exists()
+
+
+def test_failures_leave_no_version_and_no_alias_change(
+    store: MlflowStore, key: SigningKey, outputs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(store, outputs[0], model="intents", key=key)
+    before = _state(store)
+
+    with pytest.raises(KeyFileError, match="wrong passphrase"):
+        publish(store, outputs[1], model="intents", key=SigningKey(key.path, "wrong"))
+    assert _state(store) == before
+
+    # A fake, because the embedded store cannot be made to fail an upload on cue (tests run
+    # as root, so file permissions do not stop it): the index upload fails after the model
+    # version and the alias were created, so both must be undone.
+    def broken_upload(files: dict[str, bytes]) -> None:
+        raise RegistryUnavailable("connection reset while uploading targets.json")
+
+    monkeypatch.setattr(store, "upload_index", broken_upload)
+    with pytest.raises(RegistryUnavailable):
+        publish(store, outputs[1], model="intents", key=key)
+    assert _state(store) == before
+
+
+def test_an_unreachable_registry_is_a_clear_error() -> None:
+    with pytest.raises(RegistryUnavailable, match="is unreachable"):
+        MlflowStore(f"http://127.0.0.1:{free_port()}")
+
+
+def test_stock_mlflow_download_loads_with_stock_peft(
+    store: MlflowStore, key: SigningKey, outputs: list[Path], tmp_path: Path, tiny_llama: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import mlflow.artifacts
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    publish(store, outputs[0], model="intents", key=key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)  # how a stock user points MLflow
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/intents@candidate", dst_path=str(tmp_path / "dl")
+    )
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)
+
+    model = PeftModel.from_pretrained(base, local)
+
+    assert any("lora_B" in name for name, _ in model.named_parameters())
+    shutil.rmtree(tmp_path / "dl")

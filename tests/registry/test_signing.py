@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from registry.artifact import SIGNATURE_FILE, build_release
+from registry.errors import VerificationError
+from registry.keys import KeyPair, TrustStore, generate_keypair
+from registry.signing import sign_release, verify_release
+from tests.registry.conftest import PASSPHRASE
+
+MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
+
+
+@pytest.fixture
+def release(outputs: list[Path], tmp_path: Path, keypair: KeyPair) -> Path:
+    directory = tmp_path / "release"
+    build_release(outputs[0], directory, model_name="intents", release=1)
+    sign_release(directory, private_key=keypair.private_path, passphrase=PASSPHRASE)
+    return directory
+
+
+def test_a_signed_release_verifies_with_its_key(
+    release: Path, trust: TrustStore, keypair: KeyPair
+) -> None:
+    verified = verify_release(release, trust)
+
+    assert verified.key_id == keypair.key_id
+    assert verified.provenance.model_name == "intents"
+    assert len(verified.digest) == 64
+
+
+def test_the_digest_names_the_files_not_the_signature(
+    release: Path, trust: TrustStore, keypair: KeyPair
+) -> None:
+    first = verify_release(release, trust).digest
+    sign_release(release, private_key=keypair.private_path, passphrase=PASSPHRASE)
+    assert verify_release(release, trust).digest == first  # ECDSA bytes differ, digest not
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_changing_any_single_byte_of_any_file_fails_verification(
+    release: Path, trust: TrustStore, data: st.DataObject
+) -> None:
+    files = sorted(p.name for p in release.iterdir() if p.name != SIGNATURE_FILE)
+    name = data.draw(st.sampled_from(files), label="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "release"
+        shutil.copytree(release, copy)
+        blob = bytearray((copy / name).read_bytes())
+        at = data.draw(st.integers(0, len(blob) - 1), label="offset")
+        flip = data.draw(st.integers(1, 255), label="xor")
+        blob[at] ^= flip
+        (copy / name).write_bytes(bytes(blob))
+
+        with pytest.raises(VerificationError) as err:
+            verify_release(copy, trust)
+        assert err.value.reason == "signature"
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "garbage-signature"])
+def test_added_removed_files_and_a_broken_signature_fail(
+    release: Path, trust: TrustStore, change: str
+) -> None:
+    if change == "add":
+        (release / ".gitattributes").write_text("* binary\n")  # covered like any file
+    elif change == "remove":
+        (release / "README.md").unlink()
+    else:
+        (release / SIGNATURE_FILE).write_text('{"not": "a bundle"}')
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, trust)
+    assert err.value.reason == "signature"
+
+
+def test_unsigned_and_untrusted_releases_fail_with_their_own_reason(
+    release: Path, tmp_path: Path, make_trust
+) -> None:
+    stranger = generate_keypair(tmp_path / "stranger")
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, make_trust("other", stranger))
+    assert err.value.reason == "untrusted-key"
+
+    (release / SIGNATURE_FILE).unlink()
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, make_trust("other2", stranger))
+    assert err.value.reason == "unsigned"
+
+
+def test_the_stock_model_signing_cli_verifies_our_signature(
+    release: Path, keypair: KeyPair
+) -> None:
+    cmd = [
+        MODEL_SIGNING, "verify", "key", str(release),
+        "--signature", str(release / SIGNATURE_FILE),
+        "--public_key", str(keypair.public_path),
+    ]  # fmt: skip
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+    (release / "provenance.json").write_text("{}")
+    bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert bad.returncode != 0

@@ -94,9 +94,10 @@ def adapter_digest(directory: Path) -> str:
     """SHA-256 over the adapter's config and weights (names and contents)."""
     h = hashlib.sha256()
     for name in ADAPTER_FILES:
-        path = directory / name
+        with (directory / name).open("rb") as fh:
+            file_hash = hashlib.file_digest(fh, "sha256").digest()
         h.update(name.encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(file_hash)
     return h.hexdigest()
 
 

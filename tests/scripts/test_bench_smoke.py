@@ -123,3 +123,22 @@ def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
     assert results["scale"]["intents"] == 150 and results["scale"]["passes"] == 1
     assert sum(results["scale"]["site_rows"]) == results["scale"]["train_rows"] == 450
     assert results["settings"]["server_momentum"] == 0.5
+
+
+@pytest.mark.timeout(120)
+def test_bench_signing_writes_results_with_every_key(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = ROOT / "scripts" / "bench_signing.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--sizes-mb", "1", "2", "--repeats", "1",
+         "--publish-mb", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "signing.json").read_text())
+    assert [r["size_mb"] for r in result["sizes"]] == [1, 2]
+    for row in result["sizes"]:
+        assert row["bytes"] >= row["size_mb"] << 20
+        for key in ("sha256sum_MBps", "sign_MBps", "verify_MBps", "stock_verify_MBps"):
+            assert row[key] > 0
+    assert (out / "signing.png").stat().st_size > 0

@@ -310,6 +310,7 @@ class IndexClient:
         self._cache = cache
         self._trust = trust
         self._updater: Updater | None = None
+        self._offline: Targets | None = None
 
     def _make_updater(self) -> Updater:
         self._cache.mkdir(parents=True, exist_ok=True)
@@ -344,11 +345,28 @@ class IndexClient:
         except tuf_errors.DownloadError as exc:
             raise RegistryUnavailable(f"cannot fetch the release index: {exc}") from exc
         self._updater = updater
+        self._offline = None
+
+    def load_cached(self) -> None:
+        """Use the last metadata this client verified, without the registry (offline).
+
+        Signatures are checked again against the cached root; expiry is not, because an
+        offline node knowingly serves its last verified state (and reports ``degraded``).
+        """
+        try:
+            root = Metadata[Root].from_file(str(self._cache / "root.json"))
+            targets = Metadata[Targets].from_file(str(self._cache / "targets.json"))
+            root.signed.verify_delegate(Targets.type, targets.signed_bytes, targets.signatures)
+        except (OSError, tuf_errors.RepositoryError, ValueError) as exc:
+            raise VerificationError("index", f"no usable cached release index: {exc}") from exc
+        self._offline = targets.signed
 
     def _target(self, path: str) -> TargetFile | None:
-        if self._updater is None:
-            raise RegistryError("IndexClient.refresh() has not succeeded yet")
-        return self._updater.get_targetinfo(path)
+        if self._updater is not None:
+            return self._updater.get_targetinfo(path)
+        if self._offline is not None:
+            return self._offline.targets.get(path)
+        raise RegistryError("IndexClient.refresh() has not succeeded yet")
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
         target = self._target(_alias_path(model, alias))

@@ -1,0 +1,154 @@
+"""``fedlora edge serve|pull|verify``: the operator's commands on an edge machine.
+
+`server.cli` finds `edge_group` through the ``fedlora.commands`` entry points. The registry
+is ``--registry URI`` or ``MLFLOW_TRACKING_URI`` with read-only credentials in
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``; the admin token of
+``POST /v1/refresh`` comes from ``FEDLORA_EDGE_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from clients.edge.settings import TOKEN_ENV, EdgeSettings, ModelRef
+from clients.task.errors import ConfigError
+from clients.task.model import DEFAULT_BASE
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+EXIT_REFUSED = 1
+DEFAULT_CACHE = Path("~/.cache/fedlora/edge")
+
+
+def edge_group(sub: argparse._SubParsersAction) -> None:
+    edge = sub.add_parser("edge", help="edge inference node: serve, pull, verify")
+    commands = edge.add_subparsers(dest="edge_command", required=True, metavar="EDGE_COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve verified adapters over HTTP and follow their aliases",
+        description="Load the base once, pull each --model's alias, verify it (signature, "
+        "revocation, freshness, base digest, --max-epsilon), serve it, and swap in new "
+        f"releases without dropping requests. POST /v1/refresh needs ${TOKEN_ENV}.",
+    )
+    serve.add_argument("--model", action="append", required=True, metavar="NAME[@ALIAS]",
+                       help="model to serve (alias default: production); repeatable")  # fmt: skip
+    serve.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
+    serve.add_argument("--base", default=DEFAULT_BASE, metavar="PATH", help="base model")
+    serve.add_argument("--quantization", default="none", choices=("none", "4bit"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--poll-seconds", type=float, default=30.0)
+    serve.add_argument("--cache", default=str(DEFAULT_CACHE), metavar="DIR")
+    serve.add_argument("--registry", metavar="URI", help="default: $MLFLOW_TRACKING_URI")
+    serve.add_argument("--max-epsilon", type=float, help="refuse releases with a larger ε")
+    serve.add_argument("--max-loaded", type=int, default=4, help="previous releases kept loaded")
+    serve.set_defaults(func=cmd_serve)
+
+    pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
+    pull.add_argument("ref", metavar="NAME@ALIAS")
+    pull.add_argument("--trust", required=True, metavar="DIR")
+    pull.add_argument("--out", required=True, metavar="DIR")
+    pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
+    pull.add_argument("--max-epsilon", type=float)
+    pull.add_argument(
+        "--state",
+        default="~/.cache/fedlora/pull",
+        metavar="DIR",
+        help="keeps the last verified release index (replay protection)",
+    )
+    pull.add_argument("--registry", metavar="URI")
+    pull.set_defaults(func=cmd_pull)
+
+    verify = commands.add_parser("verify", help="verify a release directory offline")
+    verify.add_argument("directory", metavar="DIR")
+    verify.add_argument("--trust", required=True, metavar="DIR")
+    verify.add_argument("--base", metavar="PATH", help="also check the base-model digest")
+    verify.set_defaults(func=cmd_verify)
+
+
+def _registry_uri(value: str | None) -> str:
+    from registry.mlflow_store import default_uri
+
+    return value or default_uri()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from clients.edge.app import create_app
+    from clients.edge.node import EdgeNode
+
+    settings = EdgeSettings(
+        models=tuple(ModelRef.parse(m) for m in args.model),
+        trust=Path(args.trust),
+        cache=Path(args.cache).expanduser(),
+        registry_uri=_registry_uri(args.registry),
+        base=args.base,
+        quantization=args.quantization,
+        host=args.host,
+        port=args.port,
+        poll_seconds=args.poll_seconds,
+        max_epsilon=args.max_epsilon,
+        admin_token=EdgeSettings.token_from_env(),
+        max_loaded=args.max_loaded,
+    )
+    node = EdgeNode(settings)
+    node.start()
+    for name, model in node.health()["models"].items():
+        err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
+                  + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
+    err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
+    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from clients.task.model import base_digest
+    from registry.keys import TrustStore
+    from registry.mlflow_store import MlflowStore
+    from registry.pull import LocalPolicy, pull
+
+    ref = ModelRef.parse(args.ref)
+    release = pull(
+        MlflowStore(_registry_uri(args.registry)),
+        model=ref.name,
+        alias=ref.alias,
+        trust=TrustStore.load(Path(args.trust)),
+        out=Path(args.out),
+        state=Path(args.state).expanduser(),
+        policy=LocalPolicy(
+            base_digest=base_digest(args.base) if args.base else None,
+            max_epsilon=args.max_epsilon,
+        ),
+    )
+    prov = release.provenance
+    out.print(f"{ref}: release {prov.release} verified (digest {release.digest[:16]}, "
+              f"key {release.key_id[:16]}) → {args.out}")  # fmt: skip
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from clients.task.model import base_digest
+    from registry.errors import VerificationError
+    from registry.keys import TrustStore
+    from registry.pull import LocalPolicy
+    from registry.signing import verify_release
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ConfigError(f"{str(directory)!r} is not a directory")
+    try:
+        verified = verify_release(directory, TrustStore.load(Path(args.trust)))
+        if args.base:
+            LocalPolicy(base_digest=base_digest(args.base)).check(verified)
+    except VerificationError as exc:
+        err.print(f"[red]refused ({exc.reason}):[/red] {exc.detail}", highlight=False)
+        return EXIT_REFUSED
+    prov = verified.provenance
+    out.print(f"verified: {prov.model_name} release {prov.release}, digest {verified.digest}, "
+              f"key {verified.key_id}, ε {prov.epsilon()}")  # fmt: skip
+    return 0

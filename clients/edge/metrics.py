@@ -1,0 +1,43 @@
+"""Prometheus metrics of one edge node, on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "fedlora_edge_requests",
+            "HTTP requests by endpoint, model and status code",
+            ["endpoint", "model", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "fedlora_edge_request_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.swaps = Counter(
+            "fedlora_edge_swaps", "Adapter swaps by model", ["model"], registry=self.registry
+        )
+        self.verification_failures = Counter(
+            "fedlora_edge_verification_failures",
+            "Releases refused, by model and reason",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.registry_errors = Counter(
+            "fedlora_edge_registry_errors",
+            "Refreshes that could not reach the registry",
+            registry=self.registry,
+        )
+        self.active_release = Gauge(
+            "fedlora_edge_active_release",
+            "Release number served, by model (0: none)",
+            ["model"],
+            registry=self.registry,
+        )

@@ -1,0 +1,269 @@
+"""The edge node: keep each model's adapter current, verified, and swappable.
+
+For each model the node holds an ``active`` release (answers new requests) and the
+``previous`` one (kept loaded for instant rollback). A refresh resolves the alias in
+MLflow, refreshes the release index (TUF), downloads into a staging folder, verifies,
+installs into the cache, loads with PEFT, then swaps with one assignment: requests that
+already hold the old release finish on it. Any failure keeps the current release serving
+and is counted by reason.
+
+    node = EdgeNode(settings)
+    node.start()                    # registry, or the verified cache when it is down
+    node.slot("intents").active.predict(["hello"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from clients.edge.metrics import EdgeMetrics
+from clients.edge.runtime import LoadedRelease, Runtime
+from clients.edge.settings import EdgeSettings, ModelRef
+from clients.task.errors import FedloraError
+from registry.errors import RegistryUnavailable, VerificationError
+from registry.freshness import IndexClient
+from registry.keys import TrustStore
+from registry.mlflow_store import MlflowStore, staging
+from registry.pull import LocalPolicy, check_release, install
+from registry.signing import verify_release
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSlot:
+    ref: ModelRef
+    active: LoadedRelease | None = None
+    previous: LoadedRelease | None = None
+    source: str = "none"  # registry | cache | none
+    last_error: str | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    def status(self) -> str:
+        if self.active is None:
+            return "unavailable"
+        return "ok" if self.source == "registry" and self.last_error is None else "degraded"
+
+
+class EdgeNode:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        *,
+        runtime: Runtime | None = None,
+        metrics: EdgeMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.trust = TrustStore.load(settings.trust)
+        self.runtime = runtime or Runtime(base=settings.base, quantization=settings.quantization)
+        self.metrics = metrics or EdgeMetrics()
+        self.policy = LocalPolicy(
+            base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon
+        )
+        self.slots = {ref.name: ModelSlot(ref) for ref in settings.models}
+        self._refresh_lock = threading.Lock()  # one refresh at a time; serving never waits
+        self._store: MlflowStore | None = None
+        self.settings.cache.mkdir(parents=True, exist_ok=True)
+        self.index = IndexClient(self._fetch_index, settings.cache / "tuf", self.trust)
+
+    # registry access ---------------------------------------------------------------
+
+    def _registry(self) -> MlflowStore:
+        if self._store is None:
+            self._store = MlflowStore(self.settings.registry_uri)
+        else:
+            self._store._check_reachable()
+        return self._store
+
+    def _fetch_index(self, name: str) -> bytes | None:
+        return self._registry().fetch_index_file(name)
+
+    # lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every model: from the registry, else from the verified cache."""
+        for slot in self.slots.values():
+            self.refresh(slot.ref.name)  # records, never raises, a registry or check failure
+            if slot.active is None:
+                self._load_cached(slot)
+
+    def refresh_all(self) -> dict[str, bool]:
+        return {name: self.refresh(name) for name in self.slots}
+
+    def refresh(self, name: str) -> bool:
+        """Bring one model up to its alias; True if a new release was swapped in."""
+        slot = self.slots[name]
+        with self._refresh_lock:
+            try:
+                return self._refresh(slot)
+            except RegistryUnavailable as exc:
+                self.metrics.registry_errors.inc()
+                slot.last_error = f"registry unreachable: {exc}"
+                log.warning("%s: %s", slot.ref, slot.last_error)
+                return False
+            except VerificationError as exc:
+                self.metrics.verification_failures.labels(name, exc.reason).inc()
+                slot.last_error = f"refused: {exc}"
+                log.warning("%s: %s", slot.ref, slot.last_error)
+                return False
+            except FedloraError as exc:
+                slot.last_error = str(exc)
+                log.warning("%s: %s", slot.ref, exc)
+                return False
+
+    def _refresh(self, slot: ModelSlot) -> bool:
+        store = self._registry()
+        version = store.alias_version(slot.ref.name, slot.ref.alias)
+        self.index.refresh()
+        self._drop_revoked(slot)
+        if version is None:
+            raise VerificationError("index", f"the registry has no alias {slot.ref}")
+        if slot.active is not None and slot.active.version == str(version):
+            slot.source, slot.last_error = "registry", None
+            return False
+        with staging("fedlora-edge-") as tmp:
+            directory = store.download_version(slot.ref.name, str(version), tmp)
+            verified = verify_release(directory, self.trust)
+            check_release(
+                verified, self.index, model=slot.ref.name, alias=slot.ref.alias, policy=self.policy
+            )
+            home = self._install(slot.ref.name, directory, verified.digest)
+        # From here on the files are the cached copy that was just verified.
+        release = self.runtime.load(slot.ref.name, str(version), replace(verified, directory=home))
+        self._swap(slot, release, source="registry")
+        return True
+
+    def _drop_revoked(self, slot: ModelSlot) -> None:
+        """Stop serving a release the fresh index revokes; fall back to a clean previous."""
+        keys, digests = self.index.revocations()
+
+        def revoked(r: LoadedRelease | None) -> bool:
+            return r is not None and (r.verified.digest in digests or r.verified.key_id in keys)
+
+        if revoked(slot.previous):
+            slot.previous = None
+        if revoked(slot.active):
+            assert slot.active is not None
+            self.metrics.verification_failures.labels(slot.ref.name, "revoked-release").inc()
+            log.warning("%s: active release %s is revoked", slot.ref, slot.active.version)
+            slot.active, slot.previous = slot.previous, None
+            self._publish_state(slot)
+
+    def _swap(self, slot: ModelSlot, release: LoadedRelease, *, source: str) -> None:
+        slot.previous, slot.active = slot.active, release  # new requests see `release`
+        slot.source, slot.last_error = source, None
+        self.metrics.swaps.labels(slot.ref.name).inc()
+        self._publish_state(slot)
+        self._evict()
+        log.info("%s: serving version %s (%s)", slot.ref, release.version, source)
+
+    def _publish_state(self, slot: ModelSlot) -> None:
+        release = slot.active.verified.provenance.release if slot.active else 0
+        self.metrics.active_release.labels(slot.ref.name).set(release)
+        if slot.active is not None:
+            self._write_state(slot)
+
+    def _evict(self) -> None:
+        """Keep at most ``max_loaded`` previous releases in memory (least recently used go)."""
+        held = [s for s in self.slots.values() if s.previous is not None]
+        held.sort(key=lambda s: s.last_used)
+        while len(held) > self.settings.max_loaded:
+            held.pop(0).previous = None
+
+    # cache -------------------------------------------------------------------------
+
+    def _install(self, model: str, directory: Path, digest: str) -> Path:
+        home = self.settings.cache / "releases" / model / digest
+        if not home.exists():
+            install(directory, home)
+        return home
+
+    def _state_path(self) -> Path:
+        return self.settings.cache / "state.json"
+
+    def _write_state(self, slot: ModelSlot) -> None:
+        assert slot.active is not None
+        path = self._state_path()
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        state[slot.ref.name] = {
+            "alias": slot.ref.alias,
+            "version": slot.active.version,
+            "digest": slot.active.verified.digest,
+        }
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            json.dump(state, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+    def _load_cached(self, slot: ModelSlot) -> None:
+        """Serve the last verified release of ``slot`` after re-verifying it offline."""
+        path = self._state_path()
+        entry = json.loads(path.read_text()).get(slot.ref.name) if path.is_file() else None
+        if not entry or entry.get("alias") != slot.ref.alias:
+            slot.last_error = slot.last_error or "no verified release cached"
+            return
+        home = self.settings.cache / "releases" / slot.ref.name / entry["digest"]
+        try:
+            self.index.load_cached()
+            verified = verify_release(home, self.trust)
+            check_release(
+                verified, self.index, model=slot.ref.name, alias=slot.ref.alias, policy=self.policy
+            )
+        except VerificationError as exc:
+            self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
+            slot.last_error = f"cached release refused: {exc}"
+            return
+        release = self.runtime.load(slot.ref.name, entry["version"], verified)
+        self._swap(slot, release, source="cache")
+        slot.last_error = "registry unreachable; serving the cached release"
+
+    # queries -----------------------------------------------------------------------
+
+    def slot(self, name: str | None) -> ModelSlot:
+        if name is None:
+            if len(self.slots) != 1:
+                raise KeyError("several models are served; name one in 'model'")
+            name = next(iter(self.slots))
+        slot = self.slots[name]
+        slot.last_used = time.monotonic()
+        return slot
+
+    def health(self) -> dict[str, Any]:
+        models = {
+            name: {
+                "status": s.status(),
+                "alias": s.ref.alias,
+                "source": s.source,
+                "version": s.active.version if s.active else None,
+                "reason": s.last_error,
+            }
+            for name, s in self.slots.items()
+        }
+        states = {m["status"] for m in models.values()}
+        overall = (
+            "ok"
+            if states == {"ok"}
+            else "unavailable"
+            if states == {"unavailable"}
+            else ("degraded")
+        )
+        return {"status": overall, "models": models}
+
+    def adapters(self) -> dict[str, Any]:
+        return {
+            name: {
+                "alias": s.ref.alias,
+                "active": s.active.summary() if s.active else None,
+                "previous": s.previous.summary() if s.previous else None,
+            }
+            for name, s in self.slots.items()
+        }

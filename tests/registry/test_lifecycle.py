@@ -20,8 +20,8 @@ from registry.lifecycle import SigningKey, promote, publish, revoke, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.pull import LocalPolicy, pull
+from tests.conftest import PASSPHRASE
 from tests.integration.flower_local import free_port
-from tests.registry.conftest import PASSPHRASE
 
 pytestmark = pytest.mark.integration
 

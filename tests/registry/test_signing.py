@@ -14,7 +14,7 @@ from registry.artifact import SIGNATURE_FILE, build_release
 from registry.errors import VerificationError
 from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.signing import sign_release, verify_release
-from tests.registry.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 

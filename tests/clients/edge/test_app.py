@@ -1,0 +1,189 @@
+"""The edge node's HTTP API in process (FastAPI's TestClient) over a real node and registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clients.edge.app import create_app
+from clients.edge.node import EdgeNode
+from clients.edge.settings import EdgeSettings, ModelRef
+from clients.task.errors import ConfigError
+from registry.keys import TrustStore
+from registry.lifecycle import SigningKey, promote, publish
+from registry.mlflow_store import MlflowStore
+from registry.policy import Policy
+from tests.conftest import PASSPHRASE
+
+pytestmark = pytest.mark.integration
+TOKEN = "admin-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def client(
+    training_outputs: list[Path], tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TestClient:
+    from registry.keys import generate_keypair
+
+    root = tmp_path_factory.mktemp("edge-app")
+    pair = generate_keypair(root / "keys", passphrase=PASSPHRASE)
+    (root / "trust").mkdir()
+    (root / "trust" / "k.pub").write_bytes(pair.public_path.read_bytes())
+    store = MlflowStore(f"sqlite:///{root / 'mlflow.db'}")
+    key = SigningKey(pair.private_path, PASSPHRASE)
+    publish(store, training_outputs[0], model="intents", key=key)
+    promote(
+        store, model="intents", version="1", key=key,
+        trust=TrustStore.load(root / "trust"), policy=Policy(),
+    )  # fmt: skip
+    node = EdgeNode(
+        EdgeSettings(
+            models=(ModelRef("intents"), ModelRef("absent")),
+            trust=root / "trust",
+            cache=root / "cache",
+            registry_uri=store.uri,
+            base=str(tiny_llama),
+            admin_token=TOKEN,
+            max_items=8,
+            max_text_chars=200,
+        )
+    )
+    node.start()
+    return TestClient(create_app(node, poll=False))
+
+
+def test_predict_answers_with_the_verified_release(client: TestClient) -> None:
+    response = client.post("/v1/predict", json={"model": "intents", "texts": ["hi", "bye now"]})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["version"] == "1"
+    for row in body["predictions"]:
+        assert row["label"] in ("greet", "bye")
+        assert sum(row["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_health_and_adapters_describe_what_is_served(client: TestClient) -> None:
+    health = client.get("/healthz")
+    adapters = client.get("/v1/adapters").json()
+
+    assert health.status_code == 200 and health.json()["status"] == "degraded"  # 'absent'
+    assert health.json()["models"]["absent"]["status"] == "unavailable"
+    active = adapters["intents"]["active"]
+    assert active["version"] == "1" and len(active["digest"]) == 64
+    assert {"key_id", "epsilon", "provenance"} <= set(active)
+    assert adapters["absent"]["active"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": "intents", "texts": []}, 422, "at least one text"),
+        ({"model": "intents", "texts": ["ok", "  "]}, 422, "texts[1] is empty"),
+        ({"model": "intents", "texts": ["x"] * 9}, 413, "texts has 9 items; at most 8"),
+        ({"model": "intents", "texts": ["x" * 201]}, 413, "201 characters; at most 200"),
+        ({"model": "intents", "texts": "hi"}, 422, "valid list"),
+        ({"model": "intents", "texts": [1]}, 422, "valid string"),
+        ({"model": "intents", "texts": ["hi"], "extra": 1}, 422, "Extra inputs"),
+        ({"model": "nope", "texts": ["hi"]}, 404, "unknown model 'nope'"),
+        ({"texts": ["hi"]}, 422, "several models are served"),
+        ({"model": "absent", "texts": ["hi"]}, 503, "no verified release of absent@production"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(
+    client: TestClient, body: dict, status: int, message: str
+) -> None:
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == status
+    assert message in json.dumps(response.json())
+
+
+def test_generate_on_a_classifier_and_refresh_without_token_are_refused(
+    client: TestClient,
+) -> None:
+    wrong = client.post("/v1/generate", json={"model": "intents", "prompt": "hi"})
+    assert wrong.status_code == 400 and "use /v1/predict" in wrong.json()["detail"]
+    assert client.post("/v1/refresh").status_code == 401
+    ok = client.post("/v1/refresh", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["swapped"] == {"intents": False, "absent": False}
+
+
+def test_metrics_count_requests_in_prometheus_format(client: TestClient) -> None:
+    client.post("/v1/predict", json={"model": "intents", "texts": ["hi"]})
+    text = client.get("/metrics").text
+    assert 'fedlora_edge_requests_total{endpoint="/v1/predict",model="intents",status="200"}' in (
+        text
+    )
+    assert "fedlora_edge_request_seconds_bucket" in text
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+BODIES = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {"texts": st.lists(st.text(max_size=300), max_size=10)},
+        optional={"model": st.sampled_from(["intents", "absent", "", "x"]) | JSON},
+    ),
+    st.fixed_dictionaries(
+        {"prompt": st.text(max_size=50)},
+        optional={"max_new_tokens": st.integers(-5, 10_000) | JSON, "model": JSON},
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/predict", "/v1/generate", "/v1/refresh"]), body=BODIES)
+def test_fuzzed_json_never_gets_a_5xx_except_a_missing_release(
+    client: TestClient, path: str, body: object
+) -> None:
+    response = client.post(path, json=body)
+    if response.status_code == 503:  # the one model with nothing verified: a stated reason
+        assert "no verified release of absent" in response.json()["detail"]
+        return
+    assert response.status_code < 500, response.text
+
+
+@settings(max_examples=20, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_fuzzed_raw_bytes_never_get_a_5xx(client: TestClient, raw: bytes) -> None:
+    response = client.post("/v1/predict", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code < 500
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": ()}, "--model is required"),
+        ({"models": (ModelRef("a"), ModelRef("a", "x"))}, "lists a model twice"),
+        ({"port": 0}, "--port 0 is not a TCP port"),
+        ({"poll_seconds": 0.0}, "--poll-seconds 0.0 must be > 0"),
+        ({"quantization": "8bit"}, "--quantization '8bit'"),
+        ({"max_items": 0}, "--max-items 0 must be ≥ 1"),
+    ],
+)
+def test_edge_settings_name_the_bad_flag(tmp_path: Path, change: dict, message: str) -> None:
+    base = dict(models=(ModelRef("m"),), trust=tmp_path, cache=tmp_path, registry_uri="x")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        EdgeSettings(**(base | change))
+
+
+def test_model_ref_parsing() -> None:
+    assert ModelRef.parse("intents") == ModelRef("intents", "production")
+    assert ModelRef.parse("intents@candidate") == ModelRef("intents", "candidate")
+    with pytest.raises(ConfigError, match="NAME or NAME@ALIAS"):
+        ModelRef.parse("intents@")

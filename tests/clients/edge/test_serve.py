@@ -1,0 +1,218 @@
+"""A real ``fedlora edge serve`` (uvicorn) against a real ``mlflow server`` on 127.0.0.1:
+swap under load, registry-side attacks, registry outage and an offline restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+from registry.artifact import build_release
+from registry.freshness import AliasEntry
+from registry.keys import KeyPair, TrustStore, generate_keypair
+from registry.lifecycle import (
+    PublishResult,
+    SigningKey,
+    _index,
+    _move_alias,
+    promote,
+    publish,
+    revoke,
+)
+from registry.mlflow_store import MlflowStore
+from registry.policy import Policy
+from registry.signing import sign_release
+from tests.conftest import PASSPHRASE, _training_output
+from tests.integration.flower_local import free_port
+from tests.mlflow_local import MlflowServer
+from tests.tiny_models import make_tiny_llama
+
+pytestmark = pytest.mark.integration
+FEDLORA = str(Path(sys.executable).parent / "fedlora")
+TOKEN = "edge-admin-token"
+
+
+@contextmanager
+def edge_node(
+    *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
+) -> Iterator[str]:
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, FEDLORA_EDGE_TOKEN=TOKEN)
+    cmd = [FEDLORA, "edge", "serve", "--model", "intents", "--trust", str(trust),
+           "--base", str(base), "--port", str(port), "--poll-seconds", str(poll),
+           "--cache", str(cache)]  # fmt: skip
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                httpx.get(f"{url}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "edge node did not start"
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def _active(url: str) -> str | None:
+    active = httpx.get(f"{url}/v1/adapters", timeout=10).json()["intents"]["active"]
+    return active["version"] if active else None
+
+
+def _refusals(url: str, reason: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("fedlora_edge_verification_failures_total") and (
+            f'reason="{reason}"' in line
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _predict(url: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", json={"texts": ["hello", "see you"]}, timeout=30)
+
+
+@pytest.mark.timeout(900)
+def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    node_log = tmp_path / "edge.log"
+    with MlflowServer(tmp_path / "mlflow") as server:
+        store = MlflowStore(server.uri)
+        client = MlflowClient(server.uri, registry_uri=server.uri)
+
+        def release(source: Path) -> PublishResult:
+            done = publish(store, source, model="intents", key=key)
+            promote(store, model="intents", version=done.version, key=key, trust=trust,
+                    policy=Policy())  # fmt: skip
+            return done
+
+        v1 = release(outputs[0]).version
+        node = edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                         cache=tmp_path / "cache", log=node_log)  # fmt: skip
+        with node as url:
+            _wait("v1 served", lambda: _active(url) == v1)
+
+            # 1. A new release while a client sends a steady stream: no request fails.
+            statuses: list[int] = []
+            served: set[str] = set()
+            stop = threading.Event()
+
+            def stream() -> None:
+                while not stop.is_set():
+                    r = _predict(url)
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        served.add(r.json()["version"])
+
+            thread = threading.Thread(target=stream)
+            thread.start()
+            time.sleep(1)
+            started = time.monotonic()
+            v2 = release(outputs[1]).version
+            _wait("v2 served", lambda: _active(url) == v2)
+            swap_seconds = time.monotonic() - started
+            time.sleep(1)
+            stop.set()
+            thread.join()
+            assert statuses and set(statuses) == {200}, statuses
+            assert served == {v1, v2}
+            assert swap_seconds < 30
+
+            # 2. Replay: an account with EDIT on the model moves production back to v1.
+            client.set_registered_model_alias("intents", "production", v1)
+            _wait("stale refusal", lambda: _refusals(url, "stale") >= 1)
+            assert _active(url) == v2 and _predict(url).json()["version"] == v2
+            client.set_registered_model_alias("intents", "production", v2)
+
+            # 3. A release signed by a key outside the trust store, aliased by hand.
+            stranger = generate_keypair(tmp_path / "stranger")
+            forged = tmp_path / "forged"
+            build_release(outputs[2], forged, model_name="intents", release=99)
+            sign_release(forged, private_key=stranger.private_path)
+            run_id = store.upload_release(forged, model="intents", release=99)
+            source = f"{client.get_run(run_id).info.artifact_uri}/release"
+            mv = client.create_model_version("intents", source, run_id=run_id)
+            client.set_registered_model_alias("intents", "production", str(mv.version))
+            _wait("untrusted-key refusal", lambda: _refusals(url, "untrusted-key") >= 1)
+            assert _active(url) == v2
+            client.set_registered_model_alias("intents", "production", v2)
+
+            # 4. A properly promoted release whose bytes are changed in the artifact store.
+            published = publish(store, outputs[2], model="intents", key=key)
+            source = client.get_model_version("intents", published.version).source
+            stored = tmp_path / "mlflow" / "artifacts" / source.split("mlflow-artifacts:/", 1)[1]
+            weights = stored / "adapter_model.safetensors"
+            good = weights.read_bytes()
+            weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+            index = _index(store, key, create=False)
+            entry = AliasEntry(
+                release=published.release, version=published.version,
+                digest=published.digest, key_id=published.key_id,
+            )  # fmt: skip
+            _move_alias(store, index, model="intents", alias="production", entry=entry)
+            _wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
+            assert _active(url) == v2
+            weights.write_bytes(good)  # repaired: the node takes it on the next poll
+            v3 = published.version
+            _wait("v3 served", lambda: _active(url) == v3)
+
+            # 5. A promoted release that is then revoked: never served (or dropped at once).
+            v4 = release(outputs[3])
+            revoke(store, key=key, digests={v4.digest})
+            _wait("revoked refusal", lambda: _refusals(url, "revoked-release") >= 1)
+            _wait("back on v3", lambda: _active(url) == v3)
+
+            # 6. A release trained on another base model.
+            other_base = make_tiny_llama(tmp_path / "other-base", seed=7)
+            foreign = _training_output(other_base, tmp_path / "foreign", seed=5, accuracy=0.99)
+            release(foreign)
+            _wait("base-mismatch refusal", lambda: _refusals(url, "base-mismatch") >= 1)
+            assert _predict(url).json()["version"] == v3
+
+            # 7. The registry goes away: the node keeps serving and says so.
+            server.stop()
+            _wait("degraded", lambda: httpx.get(f"{url}/healthz").json()["status"] == "degraded")
+            assert _predict(url).status_code == 200
+
+        # 8. Restart with the registry still down: the re-verified cache is served.
+        with edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                       cache=tmp_path / "cache", log=node_log) as url:  # fmt: skip
+            health = httpx.get(f"{url}/healthz").json()
+            assert health["status"] == "degraded", health
+            assert health["models"]["intents"]["source"] == "cache"
+            assert _predict(url).json()["version"] == v3
+
+        # 9. Nothing verified and no registry: 503 with the reason, never an unverified model.
+        with edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                       cache=tmp_path / "empty-cache", log=node_log) as url:  # fmt: skip
+            assert httpx.get(f"{url}/healthz").status_code == 503
+            refused = _predict(url)
+            assert refused.status_code == 503
+            assert "no verified release" in refused.json()["detail"]

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from clients.task.errors import FedloraError
 from server.demo_data import generate
+
+DEMO_MODEL = "demo-intents"
+# The demo key is unencrypted; this variable is never set, so a passphrase the user keeps
+# in FEDLORA_KEY_PASSPHRASE for real keys is not applied to it.
+DEMO_PASSPHRASE_ENV = "FEDLORA_DEMO_KEY_PASSPHRASE_UNUSED"
 
 
 def plot_history(history: list[dict], path: Path) -> None:
@@ -31,13 +46,80 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _http(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return dict(json.loads(response.read()))
+
+
+def ask_edge_node(
+    *, registry: str, trust: Path, cache: Path, text: str, log: Path
+) -> dict[str, Any]:
+    """Start ``fedlora edge serve`` on the production alias, ask one prediction, stop it.
+
+    The node is its own process, as on an edge machine: it pulls and verifies the release
+    from the demo's registry before it answers.
+    """
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server.cli", "edge", "serve", "--model",
+           f"{DEMO_MODEL}@production", "--trust", str(trust), "--cache", str(cache),
+           "--registry", registry, "--port", str(port), "--poll-seconds", "3600"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as fh:
+        node = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if node.poll() is not None:
+                raise FedloraError(f"the edge node exited; see {log}")
+            try:
+                health = _http(f"{url}/healthz")
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise FedloraError(f"the edge node did not start in 300 s; see {log}") from None
+                time.sleep(0.5)
+        answer = _http(f"{url}/v1/predict", {"texts": [text]})
+        return {"url": url, "health": health["status"], **answer}
+    finally:
+        node.terminate()
+        try:
+            node.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node.kill()
+
+
+def _demo_keys(out: Path) -> tuple[Path, Path]:
+    """A fresh, unencrypted demo signing key and a trust store holding its public key."""
+    from registry.keys import generate_keypair
+
+    for name in ("keys", "trust", "edge-cache"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    pair = generate_keypair(out / "keys")
+    (out / "trust").mkdir()
+    shutil.copy(pair.public_path, out / "trust" / "demo.pub")
+    return pair.private_path, out / "trust"
+
+
 def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> int:
+    from registry.keys import TrustStore
+    from registry.lifecycle import SigningKey, promote
+    from registry.mlflow_store import MlflowStore
+    from registry.policy import Policy
     from server.cli import _round_table, run_train
 
     console = Console()
     if (out / "run").exists():  # the demo owns OUT: a re-run starts over, it never resumes
         console.print(f"replacing the previous demo output in {out}")
         shutil.rmtree(out / "run")
+    signing_key, trust = _demo_keys(out)
     data_dir = out / "data"
     site_paths, eval_path, labels = generate(data_dir, sites=sites, seed=seed)
     console.print(
@@ -49,7 +131,14 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
         rounds=rounds,
         out=out / "run",
         eval_file=eval_path,
-        overrides={"seed": seed, "learning-rate": 0.01, "local-epochs": 2},
+        overrides={
+            "seed": seed,
+            "learning-rate": 0.01,
+            "local-epochs": 2,
+            "registry.model-name": DEMO_MODEL,
+            "registry.signing-key": str(signing_key),
+            "registry.passphrase-env": DEMO_PASSPHRASE_ENV,
+        },
     )
     plot = out / "metrics.png"
     plot_history(result.history, plot)
@@ -61,4 +150,34 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     console.print(f"adapter: {result.adapter_dir}")
     console.print(f"plot:    {plot}")
     console.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
+
+    assert result.published is not None
+    store = MlflowStore(result.tracking_uri)
+    promote(
+        store,
+        model=DEMO_MODEL,
+        version=result.published.version,
+        key=SigningKey(signing_key),
+        trust=TrustStore.load(trust),
+        policy=Policy(min_metric=1 / len(labels)),  # better than chance, or it is not shipped
+    )
+    console.print(
+        f"registry: {DEMO_MODEL} version {result.published.version} signed "
+        f"(key {result.published.key_id[:12]}) and promoted to production"
+    )
+    text = json.loads(eval_path.read_text(encoding="utf-8").splitlines()[0])["text"]
+    console.print("edge:    starting a local edge node on the production alias …")
+    answer = ask_edge_node(
+        registry=result.tracking_uri,
+        trust=trust,
+        cache=out / "edge-cache",
+        text=text,
+        log=out / "edge.log",
+    )
+    top = answer["predictions"][0]
+    console.print(
+        f"edge:    {answer['url']} ({answer['health']}) served version {answer['version']}: "
+        f"{text!r} → {top['label']} ({top['scores'][top['label']]:.2f})",
+        soft_wrap=True,
+    )
     return 0

@@ -305,3 +305,8 @@ def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     # 8 intents: chance is 0.125; the held-out phrasing template is unseen by every site.
     assert metrics["final"]["accuracy"] > 0.5, metrics["final"]
     assert "final accuracy" in done.stdout
+    # The run ends with a signed, promoted release answered by a separate edge node process.
+    assert "promoted to production" in done.stdout
+    edge = [line for line in done.stdout.splitlines() if "served version 1" in line]
+    assert edge and "(ok)" in edge[0], done.stdout[-2000:]
+    assert (out / "edge-cache" / "state.json").is_file()

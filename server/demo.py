@@ -163,7 +163,8 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     )
     console.print(
         f"registry: {DEMO_MODEL} version {result.published.version} signed "
-        f"(key {result.published.key_id[:12]}) and promoted to production"
+        f"(key {result.published.key_id[:12]}) and promoted to production",
+        soft_wrap=True,
     )
     text = json.loads(eval_path.read_text(encoding="utf-8").splitlines()[0])["text"]
     console.print("edge:    starting a local edge node on the production alias …")

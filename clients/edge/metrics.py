@@ -30,6 +30,13 @@ class EdgeMetrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.swap_seconds = Histogram(
+            "fedlora_edge_swap_seconds",
+            "Time of each stage of taking a new release: download, verify, load, total",
+            ["stage"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
         self.registry_errors = Counter(
             "fedlora_edge_registry_errors",
             "Refreshes that could not reach the registry",

@@ -128,16 +128,25 @@ class EdgeNode:
         if slot.active is not None and slot.active.version == str(version):
             slot.source, slot.last_error = "registry", None
             return False
+        stages = self.metrics.swap_seconds
+        start = time.perf_counter()
         with staging("fedlora-edge-") as tmp:
             directory = store.download_version(slot.ref.name, str(version), tmp)
+            downloaded = time.perf_counter()
             verified = verify_release(directory, self.trust)
             check_release(
                 verified, self.index, model=slot.ref.name, alias=slot.ref.alias, policy=self.policy
             )
             home = self._install(slot.ref.name, directory, verified.digest)
+            checked = time.perf_counter()
         # From here on the files are the cached copy that was just verified.
         release = self.runtime.load(slot.ref.name, str(version), replace(verified, directory=home))
         self._swap(slot, release, source="registry")
+        done = time.perf_counter()
+        stages.labels("download").observe(downloaded - start)
+        stages.labels("verify").observe(checked - downloaded)
+        stages.labels("load").observe(done - checked)
+        stages.labels("total").observe(done - start)
         return True
 
     def _drop_revoked(self, slot: ModelSlot) -> None:

@@ -285,7 +285,7 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
     assert metrics["mlflow_run_id"] == json.loads(state.read_text())["run_id"]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     """`fedlora demo` as a user runs it (fewer rounds): adapter, plot, MLflow, above chance."""
     out = tmp_path / "demo"
@@ -295,7 +295,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=360,
+        timeout=540,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,6 +14,7 @@ from clients.edge.app import create_app
 from clients.edge.node import EdgeNode
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import ConfigError
+from clients.task.model import ModelSpec, build_model, save_adapter
 from registry.keys import TrustStore
 from registry.lifecycle import SigningKey, promote, publish
 from registry.mlflow_store import MlflowStore
@@ -36,14 +37,18 @@ def client(
     (root / "trust" / "k.pub").write_bytes(pair.public_path.read_bytes())
     store = MlflowStore(f"sqlite:///{root / 'mlflow.db'}")
     key = SigningKey(pair.private_path, PASSPHRASE)
-    publish(store, training_outputs[0], model="intents", key=key)
-    promote(
-        store, model="intents", version="1", key=key,
-        trust=TrustStore.load(root / "trust"), policy=Policy(),
-    )  # fmt: skip
+    lm = root / "lm-train"
+    spec = ModelSpec(base=str(tiny_llama), task="causal-lm", lora_r=4)
+    save_adapter(build_model(spec), lm / "adapter")
+    for model, source in (("intents", training_outputs[0]), ("lm", lm)):
+        publish(store, source, model=model, key=key)
+        promote(
+            store, model=model, version="1", key=key,
+            trust=TrustStore.load(root / "trust"), policy=Policy(),
+        )  # fmt: skip
     node = EdgeNode(
         EdgeSettings(
-            models=(ModelRef("intents"), ModelRef("absent")),
+            models=(ModelRef("intents"), ModelRef("lm"), ModelRef("absent")),
             trust=root / "trust",
             cache=root / "cache",
             registry_uri=store.uri,
@@ -103,14 +108,25 @@ def test_bad_requests_get_a_clear_4xx(
     assert message in json.dumps(response.json())
 
 
-def test_generate_on_a_classifier_and_refresh_without_token_are_refused(
-    client: TestClient,
-) -> None:
+def test_one_node_serves_several_models_each_on_its_endpoint(client: TestClient) -> None:
+    text = client.post("/v1/generate", json={"model": "lm", "prompt": "hello", "max_new_tokens": 3})
+    assert text.status_code == 200 and isinstance(text.json()["text"], str)
+    too_long = client.post("/v1/generate", json={"model": "lm", "prompt": "hi",
+                                                 "max_new_tokens": 10_000})  # fmt: skip
+    assert too_long.status_code == 422 and "must be in 1..64" in too_long.json()["detail"]
     wrong = client.post("/v1/generate", json={"model": "intents", "prompt": "hi"})
     assert wrong.status_code == 400 and "use /v1/predict" in wrong.json()["detail"]
+    wrong = client.post("/v1/predict", json={"model": "lm", "texts": ["hi"]})
+    assert wrong.status_code == 400 and "use /v1/generate" in wrong.json()["detail"]
+
+
+def test_refresh_needs_the_admin_token(client: TestClient) -> None:
     assert client.post("/v1/refresh").status_code == 401
+    bad = client.post("/v1/refresh", headers={"Authorization": "Bearer guess"})
+    assert bad.status_code == 401
     ok = client.post("/v1/refresh", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert ok.status_code == 200 and ok.json()["swapped"] == {"intents": False, "absent": False}
+    assert ok.status_code == 200
+    assert ok.json()["swapped"] == {"intents": False, "lm": False, "absent": False}
 
 
 def test_metrics_count_requests_in_prometheus_format(client: TestClient) -> None:

@@ -47,7 +47,7 @@ class PublishResult:
     created: bool  # False when the same release was already published
 
 
-def _index(store: MlflowStore, key: SigningKey, *, create: bool) -> IndexRepository:
+def load_index(store: MlflowStore, key: SigningKey, *, create: bool) -> IndexRepository:
     private = load_private_key(key.path, passphrase=key.passphrase)
     found = IndexRepository.load(store.fetch_index_file, private)
     if found is not None:
@@ -99,7 +99,7 @@ def publish(
     alias: str = CANDIDATE,
 ) -> PublishResult:
     """Sign (unless already signed by a trusted key), upload, version, alias, index."""
-    index = _index(store, key, create=True)  # wrong passphrase or foreign key: stop here
+    index = load_index(store, key, create=True)  # wrong passphrase or foreign key: stop here
     versions = store.versions(model) if store.registered(model) is not None else []
     with staging("fedlora-publish-") as tmp:
         release_dir = tmp / "release"
@@ -153,9 +153,9 @@ def publish(
         release=release, version=str(mv.version), digest=verified.digest, key_id=verified.key_id
     )
     try:
-        _move_alias(store, index, model=model, alias=alias, entry=entry)
+        move_alias(store, index, model=model, alias=alias, entry=entry)
     except BaseException:
-        store._quietly(lambda: store.client.delete_model_version(model, str(mv.version)))
+        store.quietly(lambda: store.client.delete_model_version(model, str(mv.version)))
         raise
     return PublishResult(model, str(mv.version), release, verified.digest, verified.key_id, True)
 
@@ -188,7 +188,7 @@ def _existing(model: str, version: Any) -> PublishResult:
     )
 
 
-def _move_alias(
+def move_alias(
     store: MlflowStore,
     index: IndexRepository,
     *,
@@ -210,9 +210,9 @@ def _move_alias(
         store.upload_index(index.files())
     except BaseException:
         if before is None:
-            store._quietly(lambda: store.client.delete_registered_model_alias(model, alias))
+            store.quietly(lambda: store.client.delete_registered_model_alias(model, alias))
         else:
-            store._quietly(lambda: store.client.set_registered_model_alias(model, alias, before))
+            store.quietly(lambda: store.client.set_registered_model_alias(model, alias, before))
         raise
 
 
@@ -235,7 +235,7 @@ def promote(
     alias: str = PRODUCTION,
 ) -> AliasEntry:
     """Move ``alias`` to ``version`` if every gate passes; the gate that fails is named."""
-    index = _index(store, key, create=False)
+    index = load_index(store, key, create=False)
     with staging("fedlora-promote-") as tmp:
         try:
             verified = verify_version(store, model=model, version=version, trust=trust, into=tmp)
@@ -255,7 +255,7 @@ def promote(
         key_id=verified.key_id,
         event="promote",
     )
-    _move_alias(store, index, model=model, alias=alias, entry=entry)
+    move_alias(store, index, model=model, alias=alias, entry=entry)
     return entry
 
 
@@ -263,7 +263,7 @@ def rollback(
     store: MlflowStore, *, model: str, key: SigningKey, alias: str = PRODUCTION
 ) -> AliasEntry:
     """Point ``alias`` back at its previous release, as a signed ``rollback`` event."""
-    index = _index(store, key, create=False)
+    index = load_index(store, key, create=False)
     current = index.alias(model, alias)
     if current is None or not current.previous:
         raise RegistryError(f"{model}@{alias} has no previous release to roll back to")
@@ -276,7 +276,7 @@ def rollback(
     else:
         raise RegistryError(f"every earlier release of {model}@{alias} is revoked")
     entry = AliasEntry(**(target | {"event": "rollback", "previous": history}))
-    _move_alias(store, index, model=model, alias=alias, entry=entry, replace_history=True)
+    move_alias(store, index, model=model, alias=alias, entry=entry, replace_history=True)
     return entry
 
 
@@ -290,7 +290,7 @@ def revoke(
     """Add keys and release digests to the signed revocation list; return the whole list."""
     if not key_ids and not digests:
         raise RegistryError("nothing to revoke: give --key-id, --digest or --version")
-    index = _index(store, key, create=False)
+    index = load_index(store, key, create=False)
     own = key_id(load_private_key(key.path, passphrase=key.passphrase).public_key())
     if own in key_ids:
         raise RegistryError("refusing to revoke the key that signs this revocation")

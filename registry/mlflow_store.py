@@ -72,12 +72,12 @@ class MlflowStore:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self._check_reachable()
+        self.check_reachable()
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None
         self._index_run: str | None = None
 
-    def _check_reachable(self) -> None:
+    def check_reachable(self) -> None:
         if not self.uri.startswith(("http://", "https://")):
             return
         try:
@@ -210,7 +210,7 @@ class MlflowStore:
                 lambda: self.client.log_artifacts(run_id, str(directory), RELEASE_DIR),
             )
         except RegistryError:
-            self._quietly(lambda: self.client.set_terminated(run_id, status="FAILED"))
+            self.quietly(lambda: self.client.set_terminated(run_id, status="FAILED"))
             raise
         self.call("close the release run", lambda: self.client.set_terminated(run_id))
         return run_id
@@ -258,7 +258,7 @@ class MlflowStore:
         return Path(path)
 
     @staticmethod
-    def _quietly(fn: Callable[[], object]) -> None:
+    def quietly(fn: Callable[[], object]) -> None:
         try:
             fn()
         except Exception as exc:  # cleanup after a failure; the first error is what matters

@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 from clients.edge.settings import TOKEN_ENV, EdgeSettings, ModelRef
+from clients.task.choices import DEFAULT_BASE
 from clients.task.errors import ConfigError
-from clients.task.model import DEFAULT_BASE
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -79,7 +79,7 @@ class EdgeNode:
         if self._store is None:
             self._store = MlflowStore(self.settings.registry_uri)
         else:
-            self._store._check_reachable()
+            self._store.check_reachable()
         return self._store
 
     def _fetch_index(self, name: str) -> bytes | None:

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.task.choices import DEFAULT_BASE, QUANTIZATIONS
 from clients.task.errors import ConfigError
-from clients.task.model import DEFAULT_BASE, QUANTIZATIONS
 
 DEFAULT_ALIAS = "production"
 TOKEN_ENV = "FEDLORA_EDGE_TOKEN"

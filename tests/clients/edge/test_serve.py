@@ -22,8 +22,8 @@ from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.lifecycle import (
     PublishResult,
     SigningKey,
-    _index,
-    _move_alias,
+    load_index,
+    move_alias,
     promote,
     publish,
     revoke,
@@ -171,12 +171,12 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             weights = stored / "adapter_model.safetensors"
             good = weights.read_bytes()
             weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
-            index = _index(store, key, create=False)
+            index = load_index(store, key, create=False)
             entry = AliasEntry(
                 release=published.release, version=published.version,
                 digest=published.digest, key_id=published.key_id,
             )  # fmt: skip
-            _move_alias(store, index, model="intents", alias="production", entry=entry)
+            move_alias(store, index, model="intents", alias="production", entry=entry)
             _wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
             assert _active(url) == v2
             weights.write_bytes(good)  # repaired: the node takes it on the next poll

@@ -128,6 +128,18 @@ class EdgeNode:
         if slot.active is not None and slot.active.version == str(version):
             slot.source, slot.last_error = "registry", None
             return False
+        previous = slot.previous
+        if previous is not None and previous.version == str(version):
+            # A rollback to the release still loaded: the index must agree, then swap back.
+            check_release(
+                previous.verified,
+                self.index,
+                model=slot.ref.name,
+                alias=slot.ref.alias,
+                policy=self.policy,
+            )
+            self._swap(slot, previous, source="registry")
+            return True
         stages = self.metrics.swap_seconds
         start = time.perf_counter()
         with staging("fedlora-edge-") as tmp:

@@ -164,7 +164,10 @@ def run_secure_round(
 ) -> SecureRound:
     """Run SecAgg+ over ``nodes`` and return the unmasked weighted mean update."""
     names = list(state)
-    config = dict(plan) | {NAMES_KEY: json.dumps(names), MAX_WEIGHT_KEY: settings.max_weight}
+    # Under client-level DP every site reports weight 1: a max weight of 1 keeps Flower's
+    # weight scaling at 1 and so the full quantization precision.
+    max_weight = 1 if plan.get("uniform_weight") else settings.max_weight
+    config = dict(plan) | {NAMES_KEY: json.dumps(names), MAX_WEIGHT_KEY: max_weight}
     parameters = ndarrays_to_parameters([np.asarray(state[n]) for n in names])
     counting = _CountingGrid(grid)
     relay = _Relay(counting, nodes, FitIns(parameters=parameters, config=config))  # type: ignore[arg-type]
@@ -182,7 +185,7 @@ def run_secure_round(
     workflow = SecAggPlusWorkflow(
         num_shares=settings.num_shares,
         reconstruction_threshold=settings.reconstruction_threshold,
-        max_weight=float(settings.max_weight),
+        max_weight=float(max_weight),
         clipping_range=settings.clipping_range,
         quantization_range=settings.quantization_range,
         timeout=timeout,

@@ -18,7 +18,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from clients.task.errors import ConfigError
-from strategies.secagg import PRG, SecAggSettings
+from strategies.secagg import PRGS, SecAggSettings
 
 ACCOUNTANT = "rdp"
 
@@ -126,6 +126,6 @@ def privacy_summary(
             "clipping-range": secagg.clipping_range,
             "quantization-range": secagg.quantization_range,
             "max-weight": secagg.max_weight,
-            "prg": PRG,
+            "prg": PRGS[secagg.prg],
         }
     return out

@@ -17,6 +17,7 @@ the round as failed (the global adapter stays as it was).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,7 +43,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, SecAggSettings
+from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, PRG_KEY, SecAggSettings, mask_generator
+
+# The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
+FLOWER_WORKFLOW = importlib.import_module(
+    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +173,11 @@ def run_secure_round(
     # Under client-level DP every site reports weight 1: a max weight of 1 keeps Flower's
     # weight scaling at 1 and so the full quantization precision.
     max_weight = 1 if plan.get("uniform_weight") else settings.max_weight
-    config = dict(plan) | {NAMES_KEY: json.dumps(names), MAX_WEIGHT_KEY: max_weight}
+    config = dict(plan) | {
+        NAMES_KEY: json.dumps(names),
+        MAX_WEIGHT_KEY: max_weight,
+        PRG_KEY: settings.prg,
+    }
     parameters = ndarrays_to_parameters([np.asarray(state[n]) for n in names])
     counting = _CountingGrid(grid)
     relay = _Relay(counting, nodes, FitIns(parameters=parameters, config=config))  # type: ignore[arg-type]
@@ -190,7 +200,8 @@ def run_secure_round(
         quantization_range=settings.quantization_range,
         timeout=timeout,
     )
-    workflow(counting, context)  # type: ignore[arg-type]
+    with mask_generator(FLOWER_WORKFLOW, settings.prg):
+        workflow(counting, context)  # type: ignore[arg-type]
 
     outcome = SecureRound(
         mean_update=None,

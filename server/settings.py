@@ -70,6 +70,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "secagg.clipping-range": (float, 0.0, "SecAgg+: coordinate bound; 0 is the site clip norm"),
     "secagg.quantization-range": (int, 2**22, "SecAgg+: integer levels per coordinate"),
     "secagg.max-weight": (int, 10_000, "SecAgg+: largest example count a site may report"),
+    "secagg.prg": (str, "aes-ctr", "SecAgg+ mask generator: aes-ctr, or flower (MT19937)"),
     "site-dp.noise-multiplier": (float, 0.0, "DP-SGD at sites: noise multiplier; 0 is off"),
     "site-dp.max-grad-norm": (float, 1.0, "DP-SGD at sites: per-example gradient L2 bound"),
     "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
@@ -176,6 +177,7 @@ def _secagg(v: Mapping[str, Any], site_clip: float) -> SecAggSettings | None:
         clipping_range=clipping_range,
         quantization_range=v["secagg.quantization-range"],
         max_weight=v["secagg.max-weight"],
+        prg=v["secagg.prg"],
     )
     # The fewest sites a round can sample: every round must give each site a full
     # neighbourhood of num-shares sites.

@@ -12,7 +12,15 @@ site-side clip norm never clips a coordinate.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from clients.task.errors import ConfigError
 
@@ -21,8 +29,12 @@ MODULUS_RANGE = 2**32  # Flower's default mask modulus; must stay below 2**32
 # the tensors in the legacy (ordered, unnamed) parameter list, and the largest weight.
 NAMES_KEY = "secagg-tensor-names"
 MAX_WEIGHT_KEY = "secagg-max-weight"
-# What Flower 1.41's SecAgg+ expands mask seeds with (README, "Security").
-PRG = "numpy-mt19937-32bit-seed"
+PRG_KEY = "secagg-prg"
+# Mask generators, by `secagg.prg` value: what each expands a mask seed with.
+PRGS = {
+    "aes-ctr": "aes-256-ctr",  # fedlora's: the full key, hashed to an AES-256 key, in CTR mode
+    "flower": "numpy-mt19937-32bit-seed",  # Flower 1.41's own (README, "Security")
+}
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,11 @@ class SecAggSettings:
     clipping_range: float = 1.0
     quantization_range: int = 2**22
     max_weight: int = 10_000
+    prg: str = "aes-ctr"
 
     def __post_init__(self) -> None:
+        if self.prg not in PRGS:
+            raise ConfigError(f"secagg.prg={self.prg!r} must be one of {', '.join(PRGS)}")
         if self.num_shares < 3 or self.num_shares % 2 == 0:
             raise ConfigError(f"secagg.num-shares={self.num_shares!r} must be odd and >= 3")
         if not 2 <= self.reconstruction_threshold < self.num_shares:
@@ -93,3 +108,46 @@ class SecAggSettings:
         rounding = len(weights) * level / sum(scaled)
         weight_rel = 1 / (2 * self.quantization_range * min(scaled))
         return rounding + 2 * self.clipping_range * weight_rel
+
+
+def aes_ctr_masks(
+    seed: bytes, num_range: int, dimensions_list: Sequence[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Mask arrays uniform in ``[0, num_range)`` from a cryptographic generator.
+
+    A drop-in for Flower's ``pseudo_rand_gen(seed, num_range, dimensions_list)``: the
+    whole seed (a pairwise ECDH-derived key or a site's 32-byte private seed) is hashed to
+    an AES-256 key whose CTR keystream gives one little-endian uint32 per element; each
+    key masks one vector per round, so the fixed nonce is never reused with a key.
+    ``num_range`` is a power of two no larger than 2**32, so the reduction stays uniform.
+    """
+    if num_range > 2**32 or num_range & (num_range - 1):
+        raise ValueError(f"num_range={num_range} must be a power of two <= 2**32")
+    key = hashlib.sha256(b"fedlora-secagg-mask\x00" + seed).digest()
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    sizes = [math.prod(d) for d in dimensions_list]
+    stream = np.frombuffer(encryptor.update(bytes(4 * sum(sizes))), dtype="<u4")
+    values = stream.astype(np.int64) % num_range
+    out, start = [], 0
+    for dims, size in zip(dimensions_list, sizes, strict=True):
+        out.append(values[start : start + size].reshape(dims))
+        start += size
+    return out
+
+
+@contextlib.contextmanager
+def mask_generator(flower_module: ModuleType, prg: str) -> Iterator[None]:
+    """Make a Flower SecAgg+ module expand masks with ``prg`` for the duration.
+
+    Flower's site mod and server workflow call a module-level ``pseudo_rand_gen``; it is
+    not a parameter of either, so the function is swapped in the module and restored.
+    """
+    if prg == "flower":
+        yield
+        return
+    original = flower_module.pseudo_rand_gen
+    flower_module.pseudo_rand_gen = aes_ctr_masks
+    try:
+        yield
+    finally:
+        flower_module.pseudo_rand_gen = original

@@ -10,6 +10,7 @@ hold (tests/clients/site/test_mods.py pins it).
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from flwr.app import Context, Message, MessageType
@@ -19,15 +20,31 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from clients.site.wire import read_request, replace_update, reply_update
 from strategies.dp import clip_update
+from strategies.secagg import PRG_KEY, PRGS, mask_generator
 
 log = logging.getLogger(__name__)
+# The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
+FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's `secaggplus_mod` for rounds the server runs with SecAgg+; plain otherwise."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
+    """Flower's `secaggplus_mod` for rounds the server runs with SecAgg+; plain otherwise.
+
+    The masking stage carries the round's config, which names the mask generator
+    (``secagg.prg``); the other stages expand no masks.
+    """
+    records = msg.content.config_records
+    if RECORD_KEY_CONFIGS not in records:
+        return call_next(msg, ctxt)
+    prg = (
+        str(records["fitins.config"].get(PRG_KEY, "flower"))
+        if "fitins.config" in records
+        else "flower"
+    )
+    if prg not in PRGS:
+        raise ValueError(f"unknown SecAgg+ mask generator {prg!r}")
+    with mask_generator(FLOWER_MOD, prg):
         return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
 
 
 def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

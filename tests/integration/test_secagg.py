@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ def _train(message: Message, context: Context) -> Message:
     )
 
 
-def _run(crash_plans: list[list[int]]) -> list[tuple[SecureRound, dict[int, int]]]:
+def _run(crash_plans: list[list[int]], settings: list[SecAggSettings]) -> list[SecureRound]:
     """One simulation; a secure round per plan, the plan's partitions crashing."""
     results: list[Any] = []
     server = ServerApp()
@@ -70,10 +71,11 @@ def _run(crash_plans: list[list[int]]) -> list[tuple[SecureRound, dict[int, int]
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         nodes = wait_for_sites(grid, SITES, timeout=60.0)
-        for server_round, crash in enumerate(crash_plans, start=1):
+        rounds = enumerate(zip(crash_plans, settings, strict=True), start=1)
+        for server_round, (crash, round_settings) in rounds:
             outcome = run_secure_round(
                 grid,
-                SETTINGS,
+                round_settings,
                 nodes=nodes,
                 state=STATE,
                 plan={"crash": json.dumps(crash), "clip_norm": 100.0},
@@ -96,7 +98,10 @@ def _run(crash_plans: list[list[int]]) -> list[tuple[SecureRound, dict[int, int]
 
 @pytest.mark.timeout(300)
 def test_secure_mean_matches_plain_mean_and_survives_dropouts() -> None:
-    full, one_dropped, too_many = _run([[], [4], [1, 2]])
+    flower_prg = replace(SETTINGS, prg="flower")
+    full, one_dropped, too_many, flower = _run(
+        [[], [4], [1, 2], []], [SETTINGS, SETTINGS, SETTINGS, flower_prg]
+    )
 
     # All five sites: the secure mean is the weighted mean within the stated bound.
     weights = [site_weight(p) for p in range(SITES)]
@@ -121,3 +126,9 @@ def test_secure_mean_matches_plain_mean_and_survives_dropouts() -> None:
     # Two neighbours drop: site 1's neighbourhood {0, 1, 2} keeps one share, < threshold.
     assert too_many.mean_update is None
     assert len(too_many.failures) == 2
+
+    # Flower's own mask generator gives the same mean (to the bound) as fedlora's AES-CTR.
+    assert flower.mean_update is not None and full.mean_update is not None
+    bound = SETTINGS.error_bound([float(w) for w in weights])
+    for name in exact:
+        assert np.max(np.abs(flower.mean_update[name] - full.mean_update[name])) <= 2 * bound

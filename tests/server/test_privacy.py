@@ -74,5 +74,5 @@ def test_summary_has_one_entry_per_guarantee() -> None:
         "accountant": "rdp",
     }
     assert out["secure-aggregation"]["enabled"] is True
-    assert out["secure-aggregation"]["prg"] == "numpy-mt19937-32bit-seed"
+    assert out["secure-aggregation"]["prg"] == "aes-256-ctr"
     assert privacy_summary(history=[{}], clip_norm=None, secagg=None) == {}

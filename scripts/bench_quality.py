@@ -119,7 +119,7 @@ def run_federated(
     progress: Progress,
 ) -> dict[str, Any]:
     """Federated FFA-LoRA in a Flower simulation; central test accuracy every round."""
-    from server.settings import RunSettings
+    from server.settings import RunSettings, parse_overrides
     from server.simulation import SimSite, simulate
 
     settings = RunSettings.from_config(
@@ -145,6 +145,7 @@ def run_federated(
             "eval-file": str(test_path),
             "out-dir": str(work / "federated"),
         }
+        | parse_overrides(args.set)
     )
     bar = progress.add_task("federated rounds", total=scale.rounds, status="starting Ray")
 
@@ -170,6 +171,9 @@ def run_federated(
         "failed",
         "bytes_up",
         "bytes_down",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
     )
     history = [{k: row[k] for k in keep} for row in result.history]
     return {
@@ -394,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra run config of the federated run (e.g. dp.clip-norm=0.5), repeatable",
+    )
+    p.add_argument(
         "--rescore",
         type=Path,
         default=None,
@@ -474,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "learning_rate": args.learning_rate,
             "batch_size": args.batch_size,
             "site_batch_size": args.site_batch_size or args.batch_size,
+            "extra_run_config": args.set,
             "max_length": args.max_length,
             "lora_r": args.lora_r,
             "aggregation": args.aggregation,

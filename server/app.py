@@ -38,6 +38,7 @@ from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
 from server.checkpoint import CheckpointStore, write_atomic
 from server.loop import Evaluator, RoundRecord, run_rounds
+from server.privacy import privacy_summary
 from server.settings import RunSettings
 from server.tracking import Tracker, resolve_tracking_uri
 
@@ -126,7 +127,7 @@ def run_training(
             return result.loss, result.accuracy
 
     try:
-        state, history = run_rounds(
+        state, history, stopped = run_rounds(
             grid,
             settings,
             initial_state=initial,
@@ -140,7 +141,18 @@ def run_training(
         adapter_dir = _publish_adapter(loaded, settings.out_dir)
         metrics_path = settings.out_dir / "metrics.json"
         final = history[-1] if history else {}
-        summary = {"rounds": history, "final": final, "mlflow_run_id": run_id}
+        privacy = privacy_summary(
+            history=history,
+            clip_norm=settings.client_dp.clip_norm if settings.client_dp else None,
+            secagg=settings.secagg,
+        )
+        summary = {
+            "rounds": history,
+            "final": final,
+            "mlflow_run_id": run_id,
+            "privacy": privacy,
+            "stopped": stopped,
+        }
         write_atomic(metrics_path, (json.dumps(summary, indent=2) + "\n").encode())
         tracker.log_artifacts(adapter_dir, "adapter")
         tracker.client.log_artifact(run_id, str(metrics_path))

@@ -7,6 +7,13 @@ centrally on a held-out file), track, checkpoint. A site that crashes or sends a
 update is logged and left out; the round fails only when fewer than ``min-fit-clients``
 valid updates remain, and then ``on-round-failure`` decides whether the run stops or the
 round is skipped with the global adapter unchanged.
+
+With ``secagg.enabled`` the round's training runs as Flower's SecAgg+ protocol
+(server/secagg.py): the server sees only the weighted mean of the sites' updates, so it
+cannot validate single updates; the sites clip their own (clients/site/mods.py). With
+client-level DP (``dp.clip-norm``) the server adds Gaussian noise to the mean of the
+clipped updates (strategies/dp.py) and charges the round to an RDP accountant
+(server/privacy.py); ``dp.max-epsilon`` stops the run before a round that would pass it.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from clients.task.errors import RoundFailed
+from clients.task.errors import BudgetRefused, RoundFailed
 from server.checkpoint import Checkpoint, CheckpointStore
+from server.privacy import PrivacyLedger, solve_noise_multiplier
+from server.secagg import run_secure_round
 from server.settings import RunSettings
 from server.tracking import Tracker
-from strategies.fedavg import SiteUpdate
+from strategies.dp import ClientLevelDP, DifferentiallyPrivate
+from strategies.fedavg import RoundOutcome, SiteUpdate
 from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,17 @@ class RoundRecord:
     failures: list[dict[str, str]] = field(default_factory=list)
     skipped: bool = False
     max_site_train_seconds: float = 0.0
+    # Client-level DP: the (ε, δ) spent after this round and the mechanism's parameters.
+    epsilon: float | None = None
+    delta: float | None = None
+    guarantee: str | None = None
+    noise_multiplier: float | None = None
+    sampling_rate: float | None = None
+    # Sites that refused the round to stay within their own privacy budget.
+    refused: int = 0
+    refusals: list[dict[str, str]] = field(default_factory=list)
+    # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
+    site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""
@@ -111,6 +132,91 @@ def _decode(reply: Message) -> SiteUpdate:
     )
 
 
+def _plain_round(
+    grid: Grid,
+    record: RoundRecord,
+    sampled: list[int],
+    global_record: ArrayRecord,
+    plan: dict[str, Any],
+    timeout: float,
+) -> list[SiteUpdate]:
+    """Send the global adapter to the sampled sites and decode their replies."""
+    record.bytes_down = global_record.count_bytes() * len(sampled)
+    replies = grid.send_and_receive(
+        _messages(sampled, global_record, plan, MessageType.TRAIN), timeout=timeout
+    )
+    updates: list[SiteUpdate] = []
+    for reply in replies:
+        site = _site_id(reply)
+        if reply.has_error():
+            log.warning("round %d: site %s failed: %s", record.round, site, reply.error.reason)
+            record.failures.append({"site": site, "reason": reply.error.reason})
+            continue
+        if "refusal" in reply.content.config_records:
+            reason = str(reply.content.config_records["refusal"].get("reason", ""))
+            log.warning("round %d: site %s refused: %s", record.round, site, reason)
+            record.refusals.append({"site": site, "reason": reason})
+            continue
+        record.bytes_up += sum(r.count_bytes() for r in reply.content.array_records.values())
+        try:
+            updates.append(_decode(reply))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("round %d: site %s sent a malformed reply: %s", record.round, site, exc)
+            record.rejections.append({"site": site, "check": "format", "detail": str(exc)})
+    for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
+        record.failures.append({"site": f"node-{node}", "reason": "no reply before timeout"})
+    return updates
+
+
+def _secure_round(
+    grid: Grid,
+    settings: RunSettings,
+    record: RoundRecord,
+    sampled: list[int],
+    state: dict[str, np.ndarray],
+    plan: dict[str, Any],
+    dp: ClientLevelDP | None,
+    rng: np.random.Generator,
+) -> RoundOutcome:
+    """One SecAgg+ round; raises RoundFailed if it cannot complete."""
+    assert settings.secagg is not None
+    why = settings.secagg.check_sites(len(sampled))
+    if why:
+        raise RoundFailed(f"round {record.round}: SecAgg+ cannot run: {why}")
+    secure = run_secure_round(
+        grid,
+        settings.secagg,
+        nodes=sampled,
+        state=state,
+        plan=plan,
+        server_round=record.round,
+        timeout=settings.round_timeout,
+    )
+    record.bytes_up, record.bytes_down = secure.bytes_up, secure.bytes_down
+    # Under SecAgg+ a budget refusal arrives as the site's error (a dropout).
+    for failure in secure.failures:
+        refused = BudgetRefused.MARK in failure["reason"]
+        (record.refusals if refused else record.failures).append(failure)
+    if secure.mean_update is None or len(secure.sites) < settings.min_fit_clients:
+        raise RoundFailed(
+            f"round {record.round}: SecAgg+ aggregated {len(secure.sites)} site(s) "
+            f"(reconstruction threshold {settings.secagg.reconstruction_threshold}, "
+            f"min-fit-clients {settings.min_fit_clients})"
+        )
+    if not all(np.all(np.isfinite(v)) for v in secure.mean_update.values()):
+        raise RoundFailed(f"round {record.round}: the secure aggregate is not finite")
+    mean = {k: (state[k].astype(np.float64) + secure.mean_update[k]) for k in state}
+    if dp is not None:
+        new = dp.privatize_mean(state, mean, num_updates=len(secure.sites), rng=rng)
+    else:
+        new = {k: mean[k].astype(state[k].dtype) for k in state}
+    accepted = [
+        SiteUpdate(site=site, state={}, num_examples=int(m.get("num-examples", w)), metrics=m)
+        for site, w, m in secure.sites
+    ]
+    return RoundOutcome(state=new, accepted=accepted, rejected=[])
+
+
 def _weighted(values: list[tuple[float, int]]) -> float | None:
     total = sum(n for _, n in values)
     return sum(v * n for v, n in values) / total if total else None
@@ -144,8 +250,13 @@ def run_rounds(
     evaluator: Evaluator | None = None,
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Run the remaining rounds and return the final global state and the history."""
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], str | None]:
+    """Run the remaining rounds.
+
+    Returns:
+        The final global state, the history (one dict per round) and, if the privacy
+        budget stopped the run early, why.
+    """
     strategy = settings.strategy()
     optimizer = settings.server_optimizer
     state = resume_from.state if resume_from else initial_state
@@ -158,39 +269,43 @@ def run_rounds(
         rng.random()
 
     wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
+    dp, ledger = _client_dp(grid, settings, history)
+    # Server-side DP noise: seeded from the OS, never from the run, so no site can predict it.
+    noise_rng = np.random.default_rng()
+    stopped: str | None = None
     for server_round in range(first, settings.rounds + 1):
         started = time.perf_counter()
         record = RoundRecord(round=server_round)
         nodes = sorted(grid.get_node_ids())
         k = max(settings.min_fit_clients, round(settings.fraction_train * len(nodes)))
         sampled = sorted(random.Random(rng.random()).sample(nodes, min(k, len(nodes))))
+        sampling_rate = len(sampled) / len(nodes)
+        if dp is not None and ledger is not None and settings.client_dp is not None:
+            limit = settings.client_dp.max_epsilon
+            after = ledger.epsilon_after(
+                noise_multiplier=dp.noise_multiplier, sampling_rate=sampling_rate
+            )
+            if limit > 0 and after > limit:
+                stopped = (
+                    f"stopped before round {server_round}: client-level ε would reach "
+                    f"{after:.4g} > dp.max-epsilon={limit}"
+                )
+                log.warning(stopped)
+                break
         plan = settings.plan(server_round).to_config() | strategy.client_config()
-        global_record = to_record(state)
-        record.bytes_down = global_record.count_bytes() * len(sampled)
         log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, len(sampled))
-        replies = grid.send_and_receive(
-            _messages(sampled, global_record, plan, MessageType.TRAIN),
-            timeout=settings.round_timeout,
-        )
-
-        updates: list[SiteUpdate] = []
-        for reply in replies:
-            site = _site_id(reply)
-            if reply.has_error():
-                log.warning("round %d: site %s failed: %s", server_round, site, reply.error.reason)
-                record.failures.append({"site": site, "reason": reply.error.reason})
-                continue
-            record.bytes_up += sum(r.count_bytes() for r in reply.content.array_records.values())
-            try:
-                updates.append(_decode(reply))
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("round %d: site %s sent a malformed reply: %s", server_round, site, exc)
-                record.rejections.append({"site": site, "check": "format", "detail": str(exc)})
-        for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
-            record.failures.append({"site": f"node-{node}", "reason": "no reply before timeout"})
 
         try:
-            outcome = strategy.aggregate(server_round, state, updates)
+            if settings.secagg is not None:
+                outcome = _secure_round(grid, settings, record, sampled, state, plan, dp, noise_rng)
+            else:
+                updates = _plain_round(
+                    grid, record, sampled, to_record(state), plan, settings.round_timeout
+                )
+                wrapped = (
+                    DifferentiallyPrivate(strategy, dp, noise_rng) if dp is not None else strategy
+                )
+                outcome = wrapped.aggregate(server_round, state, updates)
         except RoundFailed as exc:
             if settings.on_round_failure == "stop":
                 raise
@@ -211,8 +326,27 @@ def run_rounds(
             record.max_site_train_seconds = max(
                 (u.metrics.get("train-seconds", 0.0) for u in outcome.accepted), default=0.0
             )
+            record.site_privacy = {
+                u.site: {
+                    "epsilon": u.metrics["site-epsilon"],
+                    "delta": u.metrics["site-delta"],
+                    "noise-multiplier": u.metrics["site-noise-multiplier"],
+                    "max-grad-norm": u.metrics["site-max-grad-norm"],
+                }
+                for u in outcome.accepted
+                if "site-epsilon" in u.metrics
+            }
+            if dp is not None and ledger is not None:
+                ledger.step(noise_multiplier=dp.noise_multiplier, sampling_rate=sampling_rate)
+        if dp is not None and ledger is not None:
+            record.epsilon = ledger.epsilon
+            record.delta = ledger.delta
+            record.guarantee = "client-level"
+            record.noise_multiplier = dp.noise_multiplier
+            record.sampling_rate = None if record.skipped else sampling_rate
         record.rejected = len(record.rejections)
         record.failed = len(record.failures)
+        record.refused = len(record.refusals)
 
         final_record = to_record(state)
         if settings.fraction_evaluate > 0:
@@ -241,4 +375,33 @@ def run_rounds(
         )
         if on_round:
             on_round(record)
-    return state, history
+    return state, history, stopped
+
+
+def _client_dp(
+    grid: Grid, settings: RunSettings, history: list[dict[str, Any]]
+) -> tuple[ClientLevelDP | None, PrivacyLedger | None]:
+    """The DP mechanism of this run (solving z for a target ε) and its ledger so far."""
+    cfg = settings.client_dp
+    if cfg is None:
+        return None, None
+    z = cfg.noise_multiplier
+    if cfg.target_epsilon > 0:
+        # Planned sampling rate: the share of the sites connected now a round samples.
+        n = len(grid.get_node_ids())
+        k = min(n, max(settings.min_fit_clients, round(settings.fraction_train * n)))
+        z = solve_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            delta=cfg.delta,
+            sampling_rate=k / n,
+            rounds=settings.rounds,
+        )
+        log.info("client-level DP: noise multiplier %.4g for ε=%s", z, cfg.target_epsilon)
+    released = [
+        (float(row["noise_multiplier"]), float(row["sampling_rate"]))
+        for row in history
+        if row.get("sampling_rate") is not None
+    ]
+    return ClientLevelDP(clip_norm=cfg.clip_norm, noise_multiplier=z), PrivacyLedger.replay(
+        cfg.delta, released
+    )

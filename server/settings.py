@@ -15,10 +15,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from strategies.fedavg import FedAvg, FedProx
+from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
 
 ON_ROUND_FAILURE = ("stop", "skip")
@@ -62,6 +64,21 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
     "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),
     "registry.alias": (str, "candidate", "alias the published version gets"),
+    "dp.clip-norm": (float, 0.0, "client-level DP: L2 bound C of a site's update; 0 is off"),
+    "dp.noise-multiplier": (float, 0.0, "client-level DP: z, noise std z·C on the sum"),
+    "dp.target-epsilon": (float, 0.0, "client-level DP: solve z for this ε after all rounds"),
+    "dp.delta": (float, 1e-5, "client-level DP: δ of the reported (ε, δ)"),
+    "dp.max-epsilon": (float, 0.0, "client-level DP: stop before a round past this ε; 0 off"),
+    "secagg.enabled": (bool, False, "SecAgg+: the server sees only the sum of updates"),
+    "secagg.num-shares": (int, 3, "SecAgg+: shares per secret (odd, <= sampled sites)"),
+    "secagg.reconstruction-threshold": (int, 2, "SecAgg+: shares to unmask a dropped site"),
+    "secagg.clipping-range": (float, 0.0, "SecAgg+: coordinate bound; 0 is the site clip norm"),
+    "secagg.quantization-range": (int, 2**22, "SecAgg+: integer levels per coordinate"),
+    "secagg.max-weight": (int, 10_000, "SecAgg+: largest example count a site may report"),
+    "secagg.prg": (str, "aes-ctr", "SecAgg+ mask generator: aes-ctr, or flower (MT19937)"),
+    "site-dp.noise-multiplier": (float, 0.0, "DP-SGD at sites: noise multiplier; 0 is off"),
+    "site-dp.max-grad-norm": (float, 1.0, "DP-SGD at sites: per-example gradient L2 bound"),
+    "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
 }
 
 
@@ -132,6 +149,82 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ClientDPSettings:
+    """Client-level central DP (DP-FedAvg); fields named after the ``dp.*`` keys.
+
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set (> 0); with a
+    target, the round loop solves ``z`` once the number of connected sites is known.
+    """
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0:
+            raise ConfigError(f"dp.clip-norm={self.clip_norm!r} must be > 0")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"dp.noise-multiplier={self.noise_multiplier!r} must be >= 0")
+        if self.target_epsilon < 0:
+            raise ConfigError(f"dp.target-epsilon={self.target_epsilon!r} must be >= 0")
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ConfigError(
+                f"dp.clip-norm={self.clip_norm!r} needs exactly one of dp.noise-multiplier "
+                f"(got {self.noise_multiplier!r}) and dp.target-epsilon "
+                f"(got {self.target_epsilon!r}) > 0"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"dp.delta={self.delta!r} must be in (0, 1)")
+        if self.max_epsilon < 0:
+            raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be >= 0")
+
+
+def _client_dp(v: Mapping[str, Any]) -> ClientDPSettings | None:
+    if v["dp.clip-norm"] == 0.0:
+        for key in ("dp.noise-multiplier", "dp.target-epsilon", "dp.max-epsilon"):
+            if v[key] != 0.0:
+                raise ConfigError(f"{key}={v[key]!r} needs dp.clip-norm > 0")
+        return None
+    return ClientDPSettings(
+        clip_norm=v["dp.clip-norm"],
+        noise_multiplier=v["dp.noise-multiplier"],
+        target_epsilon=v["dp.target-epsilon"],
+        delta=v["dp.delta"],
+        max_epsilon=v["dp.max-epsilon"],
+    )
+
+
+def _secagg(v: Mapping[str, Any], site_clip: float) -> SecAggSettings | None:
+    if not v["secagg.enabled"]:
+        return None
+    clipping_range = v["secagg.clipping-range"] or site_clip
+    if clipping_range < site_clip:
+        raise ConfigError(
+            f"secagg.clipping-range={clipping_range!r} does not cover the sites' clip norm "
+            f"{site_clip!r} (dp.clip-norm, else update.max-norm)"
+        )
+    settings = SecAggSettings(
+        num_shares=v["secagg.num-shares"],
+        reconstruction_threshold=v["secagg.reconstruction-threshold"],
+        clipping_range=clipping_range,
+        quantization_range=v["secagg.quantization-range"],
+        max_weight=v["secagg.max-weight"],
+        prg=v["secagg.prg"],
+    )
+    # The fewest sites a round can sample: every round must give each site a full
+    # neighbourhood of num-shares sites.
+    fewest = max(v["min-fit-clients"], round(v["fraction-train"] * v["min-available-clients"]))
+    if settings.num_shares > fewest:
+        raise ConfigError(
+            f"secagg.num-shares={settings.num_shares!r} exceeds the {fewest} site(s) a round "
+            "may sample (min-fit-clients, fraction-train x min-available-clients)"
+        )
+    return settings
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """The validated settings of one training run."""
 
@@ -158,6 +251,19 @@ class RunSettings:
     experiment: str
     resume: bool
     publish: PublishSettings | None = None
+    client_dp: ClientDPSettings | None = None
+    secagg: SecAggSettings | None = None
+    site_dp_noise_multiplier: float = 0.0
+    site_dp_max_grad_norm: float = 1.0
+    site_dp_delta: float = 1e-5
+
+    @property
+    def site_clip_norm(self) -> float:
+        """L2 bound each site applies to its update: C under DP; the server's update
+        bound under SecAgg+, where the server cannot check it; 0 (none) otherwise."""
+        if self.client_dp is not None:
+            return self.client_dp.clip_norm
+        return self.max_norm if self.secagg is not None else 0.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
@@ -197,6 +303,24 @@ class RunSettings:
         eval_file = Path(v["eval-file"]).expanduser() if v["eval-file"] else None
         if eval_file is not None and not eval_file.is_file():
             raise ConfigError(f"eval-file={v['eval-file']!r} does not exist")
+        client_dp = _client_dp(v)
+        if v["site-dp.noise-multiplier"] != 0.0:
+            SampleDP(  # validates, naming the site-dp.* key
+                noise_multiplier=v["site-dp.noise-multiplier"],
+                max_grad_norm=v["site-dp.max-grad-norm"],
+                delta=v["site-dp.delta"],
+            )
+            if v["proximal-mu"] > 0:
+                raise ConfigError(
+                    f"proximal-mu={v['proximal-mu']!r} cannot be combined with "
+                    "site-dp.noise-multiplier (DP-SGD would drop the proximal gradient)"
+                )
+        secagg = _secagg(v, client_dp.clip_norm if client_dp else v["update.max-norm"])
+        if client_dp is not None and client_dp.clip_norm > v["update.max-norm"]:
+            raise ConfigError(
+                f"dp.clip-norm={client_dp.clip_norm!r} exceeds "
+                f"update.max-norm={v['update.max-norm']!r}; the server would reject clipped updates"
+            )
         spec = ModelSpec(
             base=v["base-model"],
             task=v["task"],
@@ -237,9 +361,15 @@ class RunSettings:
             experiment=v["experiment"],
             resume=v["resume"],
             publish=PublishSettings.from_values(v),
+            client_dp=client_dp,
+            secagg=secagg,
+            site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
+            site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
+            site_dp_delta=v["site-dp.delta"],
         )
 
     def strategy(self) -> FedAvg:
+        """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""
         if self.proximal_mu > 0:
             return FedProx(
                 max_norm=self.max_norm,
@@ -261,6 +391,11 @@ class RunSettings:
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
             fedrs_alpha=self.fedrs_alpha,
+            clip_norm=self.site_clip_norm,
+            uniform_weight=self.client_dp is not None,
+            site_dp_noise_multiplier=self.site_dp_noise_multiplier,
+            site_dp_max_grad_norm=self.site_dp_max_grad_norm,
+            site_dp_delta=self.site_dp_delta,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -276,8 +411,12 @@ class RunSettings:
 
     def as_params(self) -> dict[str, str]:
         """Flat string params for MLflow."""
-        nested = {"spec": self.spec, "server": self.server_optimizer}
-        skip = {"spec", "server_optimizer"}
+        nested: dict[str, Any] = {"spec": self.spec, "server": self.server_optimizer}
+        if self.client_dp is not None:
+            nested["dp"] = self.client_dp
+        if self.secagg is not None:
+            nested["secagg"] = self.secagg
+        skip = {"spec", "server_optimizer", "client_dp", "secagg"}
         params = {k: str(v) for k, v in self.fingerprint().items() if k not in skip}
         for prefix, obj in nested.items():
             for f in fields(obj):

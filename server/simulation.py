@@ -10,9 +10,10 @@ import importlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -27,8 +28,15 @@ CLIENT_APP = "clients.site.app:app"  # same reference as [tool.flwr.app.componen
 
 @dataclass(frozen=True)
 class SimSite:
+    """A simulated site; ``node_config`` adds SuperNode node-config keys (e.g. max-epsilon).
+
+    Without a ``state-dir`` a simulated site keeps its state (the privacy ledger) in
+    ``OUT/site-state/SITE``.
+    """
+
     site_id: str
     data_path: Path
+    node_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class _HideRunSimulationDeprecation(logging.Filter):
@@ -70,7 +78,15 @@ def simulate(
     # of the user's terminal (fedlora's own errors are logged, not warned).
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     os.environ[SIM_SITES_ENV] = json.dumps(
-        [{"data-path": str(s.data_path.resolve()), "site-id": s.site_id} for s in sites]
+        [
+            {
+                "data-path": str(s.data_path.resolve()),
+                "site-id": s.site_id,
+                "state-dir": str((settings.out_dir / "site-state" / s.site_id).resolve()),
+                **s.node_config,
+            }
+            for s in sites
+        ]
     )
     outcome: dict[str, object] = {}
     server_app = ServerApp()

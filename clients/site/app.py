@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import random
 from dataclasses import replace
 
@@ -16,9 +17,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.site.ledger import SiteLedger
+from clients.site.mods import TRAIN_MODS
 from clients.site.settings import SiteSettings
+from clients.site.wire import is_secure, plan_config, read_request, train_reply
 from clients.task.data import Example, load_examples
-from clients.task.errors import ModelError
+from clients.task.errors import BudgetRefused, ModelError
 from clients.task.model import (
     LoadedModel,
     ModelSpec,
@@ -30,7 +34,6 @@ from clients.task.model import (
 )
 from clients.task.plan import TrainPlan
 from clients.task.train import evaluate, train_local
-from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -57,9 +60,12 @@ def _data(
     return [examples[i] for i in order[n_eval:]], held
 
 
-def _prepare(message: Message, context: Context) -> tuple[SiteSettings, TrainPlan, LoadedModel]:
+def _prepare(
+    message: Message, context: Context
+) -> tuple[SiteSettings, TrainPlan, LoadedModel, dict]:
     site = SiteSettings.from_node_config(context.node_config)
-    plan = TrainPlan.from_config(dict(message.content.config_records["config"]))
+    reference, config = read_request(message)
+    plan = TrainPlan.from_config(plan_config(config))
     spec = plan.spec
     if site.base_model:
         spec = replace(spec, base=site.base_model)
@@ -70,20 +76,103 @@ def _prepare(message: Message, context: Context) -> tuple[SiteSettings, TrainPla
             f"the run expects {plan.base_digest}"
         )
     loaded = _model(spec, site.torch_device)
-    load_trainable_state(loaded.model, from_record(message.content.array_records["arrays"]))
-    return site, plan, loaded
+    load_trainable_state(loaded.model, reference)
+    return site, plan, loaded, reference
 
 
-@app.train()
+def _charge_budget(
+    site: SiteSettings, plan: TrainPlan, *, run: str, num_train: int
+) -> dict[str, float]:
+    """Refuse a round past the site's budget, else charge it to the ledger *before* training.
+
+    Returns:
+        The sample-level privacy metrics to report (empty without DP-SGD).
+
+    Raises:
+        BudgetRefused: With the reason, if the round would pass ``max-epsilon`` or the run
+            has no DP-SGD while the site has a budget.
+    """
+    dp = plan.sample_dp()
+    if dp is None:
+        if site.max_epsilon is not None:
+            raise BudgetRefused(
+                f"site {site.site_id} has max-epsilon={site.max_epsilon} and the run does "
+                "not train with sample-level DP (site-dp.noise-multiplier=0)"
+            )
+        return {}
+    steps = plan.local_steps or plan.local_epochs * math.ceil(num_train / plan.batch_size)
+    rate = min(1.0, plan.batch_size / num_train)
+    if site.state_dir is None:
+        log.warning("site %s: no state-dir, so DP-SGD rounds are not recorded", site.site_id)
+        from clients.task.dpsgd import site_epsilon
+
+        run_eps = site_epsilon([(dp.noise_multiplier, rate, steps)], delta=dp.delta)
+    else:
+        ledger = SiteLedger.load(site.state_dir)
+        run_eps, total = ledger.epsilon_after(
+            run,
+            noise_multiplier=dp.noise_multiplier,
+            sampling_rate=rate,
+            steps=steps,
+            delta=dp.delta,
+        )
+        if site.max_epsilon is not None and total > site.max_epsilon:
+            raise BudgetRefused(
+                f"site {site.site_id} refuses round {plan.server_round}: its total ε would "
+                f"reach {total:.4g} > max-epsilon={site.max_epsilon} "
+                f"(spent {ledger.total_epsilon:.4g})"
+            )
+        ledger.max_epsilon = site.max_epsilon
+        ledger.charge(
+            run,
+            plan.server_round,
+            noise_multiplier=dp.noise_multiplier,
+            sampling_rate=rate,
+            steps=steps,
+            delta=dp.delta,
+        )
+    return {
+        "site-epsilon": run_eps,
+        "site-delta": dp.delta,
+        "site-noise-multiplier": dp.noise_multiplier,
+        "site-max-grad-norm": dp.max_grad_norm,
+    }
+
+
+def _refusal(message: Message, site: SiteSettings, exc: BudgetRefused) -> Message:
+    """A plain round's refusal: a reply with the reason instead of an update.
+
+    A secure round cannot carry one (SecAgg+ expects an update), so there the refusal
+    is raised and reaches the server as the site's error, which counts as a dropout.
+    """
+    if is_secure(message):
+        raise exc
+    log.warning("%s", exc)
+    content = RecordDict(
+        {
+            "refusal": ConfigRecord({"reason": str(exc)}),
+            "site": ConfigRecord({"site-id": site.site_id}),
+        }
+    )
+    return Message(content, reply_to=message)
+
+
+@app.train(mods=list(TRAIN_MODS))
 def train(message: Message, context: Context) -> Message:
-    site, plan, loaded = _prepare(message, context)
+    site, plan, loaded, reference = _prepare(message, context)
     train_examples, _ = _data(site, plan.spec.task, plan.spec.labels)
+    try:
+        privacy = _charge_budget(site, plan, run=str(context.run_id), num_train=len(train_examples))
+    except BudgetRefused as exc:
+        return _refusal(message, site, exc)
     # A generator per (run seed, round, site): reproducible, different across sites.
     seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
     generator = torch.Generator().manual_seed(
         int.from_bytes(hashlib.sha256(seed_src).digest()[:8], "big") >> 1
     )
-    result = train_local(loaded, train_examples, plan=plan, generator=generator)
+    result = train_local(
+        loaded, train_examples, plan=plan, generator=generator, dp=plan.sample_dp()
+    )
     log.info(
         "site %s round %d: %d steps, loss %.4f, %.1fs",
         site.site_id,
@@ -92,26 +181,25 @@ def train(message: Message, context: Context) -> Message:
         result.loss,
         result.seconds,
     )
-    content = RecordDict(
-        {
-            "arrays": to_record(trainable_state(loaded.model)),
-            "metrics": MetricRecord(
-                {
-                    "num-examples": result.num_examples,
-                    "train-loss": result.loss,
-                    "train-seconds": result.seconds,
-                    "steps": result.steps,
-                }
-            ),
-            "site": ConfigRecord({"site-id": site.site_id}),
-        }
+    return train_reply(
+        message,
+        local=trainable_state(loaded.model),
+        reference=reference,
+        metrics={
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-seconds": result.seconds,
+            "steps": result.steps,
+            **privacy,
+        },
+        site_id=site.site_id,
+        weight=1 if plan.uniform_weight else result.num_examples,
     )
-    return Message(content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
-    site, plan, loaded = _prepare(message, context)
+    site, plan, loaded, _ = _prepare(message, context)
     _, held_out = _data(site, plan.spec.task, plan.spec.labels)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
     content = RecordDict(

@@ -1,4 +1,4 @@
-"""Site-side subcommands: ``fedlora site check`` and ``fedlora data split``.
+"""Site-side subcommands: ``fedlora site check``, ``fedlora site budget``, ``fedlora data split``.
 
 ``server.cli`` finds `site_group` and `data_group` through the ``fedlora.commands`` entry
 points; each adds its parser and sets ``func``, which returns the exit code. Both commands
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from clients.site.ledger import LEDGER_FILE
 from clients.task.data import TASKS, DataReport, scan_file
 from clients.task.errors import ConfigError
 
@@ -57,6 +58,22 @@ def site_group(sub: argparse._SubParsersAction) -> None:
     label_set.add_argument("--labels-file", metavar="FILE", help="the label set, one per line")
     check.add_argument("--json", action="store_true", help="print a machine-readable report")
     check.set_defaults(func=cmd_site_check)
+
+    budget = commands.add_parser(
+        "budget",
+        help="show the site's spent and remaining privacy budget",
+        description="Read the site's privacy ledger (STATE/privacy-ledger.json) and show the "
+        "sample-level ε spent per run and in total, and what remains of max-epsilon.",
+    )
+    budget.add_argument("--state", required=True, metavar="DIR", help="the site's state-dir")
+    budget.add_argument(
+        "--max-epsilon",
+        type=float,
+        metavar="EPS",
+        help="the budget to compare with (default: the one the site last trained under)",
+    )
+    budget.add_argument("--json", action="store_true", help="print a machine-readable report")
+    budget.set_defaults(func=cmd_site_budget)
 
 
 def data_group(sub: argparse._SubParsersAction) -> None:
@@ -181,6 +198,69 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
             out.print(Text(problem), soft_wrap=True)
     else:
         out.print(Text("valid", style="bold green"))
+
+
+# --- site budget ------------------------------------------------------------------------
+
+
+def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
+    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
+
+    Raises:
+        ConfigError: If the directory or its ledger is missing or unreadable.
+    """
+    if not state.is_dir():
+        raise ConfigError(f"--state {str(state)!r} is not a directory")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
+    try:
+        ledger = json.loads(path.read_text())
+        runs = {
+            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
+            for run, e in ledger["runs"].items()
+        }
+        spent = float(ledger["total_epsilon"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
+    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
+    return {
+        "ledger": str(path),
+        "spent_epsilon": spent,
+        "spent_delta": sum(r["delta"] for r in runs.values()),
+        "max_epsilon": budget,
+        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
+        "runs": runs,
+    }
+
+
+def cmd_site_budget(args: argparse.Namespace) -> int:
+    report = budget_report(Path(args.state), args.max_epsilon)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    table = Table(title=Text(f"privacy budget: {report['ledger']}"))
+    table.add_column("run")
+    table.add_column("rounds", justify="right")
+    table.add_column("ε", justify="right")
+    table.add_column("δ", justify="right")
+    for run, entry in report["runs"].items():
+        table.add_row(
+            run, str(len(entry["rounds"])), f"{entry['epsilon']:.4g}", f"{entry['delta']:g}"
+        )
+    out = Console()
+    out.print(table)
+    out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))
+    if report["max_epsilon"] is None:
+        out.print(Text("no max-epsilon known; pass --max-epsilon to see what remains"))
+    else:
+        out.print(
+            Text(
+                f"max-epsilon {report['max_epsilon']:g}, remaining ε "
+                f"{report['remaining_epsilon']:.4g}"
+            )
+        )
+    return EXIT_OK
 
 
 # --- data split -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ KEYS = {
     "eval-fraction": "share of local rows held out for federated evaluation (default 0.1)",
     "base-model": "local copy of the base model; its digest must match the run's",
     "device": "auto, cpu or cuda (default auto)",
+    "state-dir": "the site's own state (privacy ledger); required with max-epsilon",
+    "max-epsilon": "the site's total sample-level ε budget; refuses runs without DP-SGD",
 }
 FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,8 +38,15 @@ class SiteSettings:
     eval_fraction: float = 0.1
     base_model: str | None = None
     device: str = "auto"
+    state_dir: Path | None = None
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_epsilon is not None:
+            if not self.max_epsilon > 0:
+                raise ConfigError(f"max-epsilon={self.max_epsilon!r} must be > 0")
+            if self.state_dir is None:
+                raise ConfigError("max-epsilon needs state-dir (where the ledger is kept)")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval-fraction={self.eval_fraction!r} must be in [0, 1)")
         if self.device not in DEVICES:
@@ -66,12 +75,20 @@ class SiteSettings:
         eval_fraction = config.get("eval-fraction", 0.1)
         if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
             raise ConfigError(f"eval-fraction={eval_fraction!r} must be a number")
+        max_epsilon = config.get("max-epsilon")
+        if max_epsilon is not None and (
+            isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float)
+        ):
+            raise ConfigError(f"max-epsilon={max_epsilon!r} must be a number")
+        state_dir = config.get("state-dir")
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
             eval_fraction=float(eval_fraction),
             base_model=str(config["base-model"]) if config.get("base-model") else None,
             device=str(config.get("device", "auto")),
+            state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
+            max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
         )
 
 

@@ -32,3 +32,13 @@ class UpdateRejected(FedloraError):
 
 class RoundFailed(FedloraError):
     """Too few valid updates arrived to aggregate a round."""
+
+
+class BudgetRefused(FedloraError):
+    """A site refuses a round that would pass its privacy budget (clients/site/ledger.py)."""
+
+    MARK = "privacy budget:"  # how the server recognises a refusal among failures
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{self.MARK} {detail}")
+        self.detail = detail

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
 
@@ -29,6 +30,14 @@ class TrainPlan:
     max_length: int = 64
     proximal_mu: float = 0.0
     fedrs_alpha: float = 1.0
+    # The site clips its update (local - global) to this L2 norm before it leaves; 0 is off.
+    clip_norm: float = 0.0
+    # Under client-level DP every site weighs the same (the sensitivity bound needs it).
+    uniform_weight: bool = False
+    # Sample-level DP-SGD at the site (clients/task/dpsgd.py); noise multiplier 0 is off.
+    site_dp_noise_multiplier: float = 0.0
+    site_dp_max_grad_norm: float = 1.0
+    site_dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -48,11 +57,31 @@ class TrainPlan:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
+        if self.site_dp_noise_multiplier > 0:
+            self.sample_dp()  # validates the site-dp fields
+            if self.proximal_mu > 0:
+                raise ConfigError(
+                    f"proximal-mu={self.proximal_mu!r} cannot be combined with "
+                    "site-dp.noise-multiplier: DP-SGD clips per-example gradients and would "
+                    "drop the proximal term's"
+                )
+        if self.clip_norm < 0:
+            raise ConfigError(f"clip-norm={self.clip_norm!r} must be >= 0")
         if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "
                 f"not task={self.spec.task!r}"
             )
+
+    def sample_dp(self) -> SampleDP | None:
+        """The DP-SGD settings of the round, or None without sample-level DP."""
+        if self.site_dp_noise_multiplier <= 0:
+            return None
+        return SampleDP(
+            noise_multiplier=self.site_dp_noise_multiplier,
+            max_grad_norm=self.site_dp_max_grad_norm,
+            delta=self.site_dp_delta,
+        )
 
     def to_config(self) -> dict[str, Any]:
         """Flatten to the scalar and list values a Flower ConfigRecord accepts."""

@@ -13,6 +13,7 @@ tokens for causal LM).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from clients.task.data import Example
+from clients.task.dpsgd import SampleDP, private
 from clients.task.model import LoadedModel
 from clients.task.plan import TrainPlan
 
@@ -80,6 +82,7 @@ def train_local(
     plan: TrainPlan,
     generator: torch.Generator,
     on_step: Callable[[int, int], None] | None = None,
+    dp: SampleDP | None = None,
 ) -> TrainResult:
     """Train the trainable tensors on local examples.
 
@@ -89,6 +92,7 @@ def train_local(
         plan: Epochs or steps, batch size, learning rate, proximal mu.
         generator: Source of the shuffling order (injected for reproducibility).
         on_step: Called with (step, total_steps) after each optimiser step.
+        dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py).
     """
     import time
 
@@ -102,28 +106,33 @@ def train_local(
     model.train()
     started = time.perf_counter()
     step, losses = 0, []
-    while step < total:
-        for idx in _batches(len(examples), plan.batch_size, generator):
-            inputs = encode(loaded, [examples[i] for i in idx], max_length=plan.max_length)
-            inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-            if logit_scale is None:
-                loss = model(**inputs).loss
-            else:
-                labels = inputs.pop("labels")
-                logits = model(**inputs).logits * logit_scale  # (batch, labels)
-                loss = torch.nn.functional.cross_entropy(logits, labels)
-            if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * plan.proximal_mu * prox
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if on_step:
-                on_step(step, total)
-            if step >= total:
-                break
+    with (
+        private(model, optimizer, dp=dp, batch_size=plan.batch_size, generator=generator)
+        if dp is not None
+        else contextlib.nullcontext((model, optimizer))
+    ) as (forward, opt):
+        while step < total:
+            for idx in _batches(len(examples), plan.batch_size, generator):
+                inputs = encode(loaded, [examples[i] for i in idx], max_length=plan.max_length)
+                inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+                if logit_scale is None:
+                    loss = forward(**inputs).loss
+                else:
+                    labels = inputs.pop("labels")
+                    logits = forward(**inputs).logits * logit_scale  # (batch, labels)
+                    loss = torch.nn.functional.cross_entropy(logits, labels)
+                if anchor:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    loss = loss + 0.5 * plan.proximal_mu * prox
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+                if on_step:
+                    on_step(step, total)
+                if step >= total:
+                    break
     model.eval()
     return TrainResult(
         loss=float(np.mean(losses)) if losses else float("nan"),

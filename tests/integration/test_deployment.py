@@ -125,6 +125,54 @@ def test_three_sites_two_rounds_on_deployment_engine(
     history = client.get_metric_history(metrics["mlflow_run_id"], "accuracy")
     assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1))
     assert client.get_run(metrics["mlflow_run_id"]).info.status == "FINISHED"
+    assert metrics["privacy"] == {}
+
+
+@pytest.mark.timeout(420, method="signal")
+def test_secagg_with_client_dp_on_deployment_engine(
+    federation: LocalFederation, demo_data: DemoData, tmp_path: Path
+) -> None:
+    """One SecAgg+ round (four exchanges) with client-level DP across real SuperNodes.
+
+    The protocol's per-site state lives in each SuperNode's run context between the
+    ClientApp processes Flower starts for every message.
+    """
+    out = tmp_path / "out"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_log = federation.log_path("flwr-run")
+    try:
+        result = flwr_run(
+            APP_DIR,
+            federation,
+            {
+                "num-server-rounds": 1,
+                "out-dir": str(out),
+                "tracking-uri": tracking_uri,
+                "labels": ",".join(demo_data.labels),
+                "min-fit-clients": SITES,
+                "min-available-clients": SITES,
+                "local-steps": 2,
+                "fraction-evaluate": 0.0,
+                "secagg.enabled": True,
+                "dp.clip-norm": 1.0,
+                "dp.noise-multiplier": 0.3,
+            },
+            timeout=RUN_TIMEOUT,
+            log_path=run_log,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish within {RUN_TIMEOUT:.0f}s; see {run_log}")
+    output = _tail(result.stdout + result.stderr)
+    run = federation.run_info(run_id_of(result))
+    assert run["status"] == "finished:completed", f"{run}\n{output}"
+    metrics = json.loads((out / "metrics.json").read_text())
+    (row,) = metrics["rounds"]
+    assert row["sites"] == SITES and not row["skipped"]
+    assert sorted(row["site_ids"]) == ["site-1", "site-2", "site-3"]
+    assert row["epsilon"] > 0 and row["guarantee"] == "client-level"
+    assert set(metrics["privacy"]) == {"client-level", "secure-aggregation"}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "epsilon")] == [1]
 
 
 def _tail(text: str, lines: int = 80) -> str:

@@ -142,3 +142,24 @@ def test_bench_signing_writes_results_with_every_key(tmp_path: Path) -> None:
         for key in ("sha256sum_MBps", "sign_MBps", "verify_MBps", "stock_verify_MBps"):
             assert row[key] > 0
     assert (out / "signing.png").stat().st_size > 0
+
+
+# About 30 s: Ray, three synthetic sites, one SecAgg+ round, two MiniLM steps.
+@pytest.mark.timeout(240)
+def test_bench_privacy_quick_writes_results(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_privacy.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: off target
+    results = json.loads((out / "bench_privacy.json").read_text())
+    assert (out / "bench_privacy.png").stat().st_size > 0
+    (row,) = results["secagg"]
+    assert row["sites"] == 3 and row["secagg_seconds"] > 0 and row["secagg_bytes_ratio"] > 1
+    assert results["dpsgd"]["dpsgd_step_seconds"] > 0
+    assert {"machine", "targets", "on_target", "total_wall_seconds"} <= set(results)

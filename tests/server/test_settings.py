@@ -73,3 +73,53 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     b = RunSettings.from_config({**OK, "out-dir": "y", "resume": True})
     c = RunSettings.from_config({**OK, "learning-rate": 0.1})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-clients": 3}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"dp.noise-multiplier": 1.0}, "dp.noise-multiplier=1.0 needs dp.clip-norm > 0"),
+        ({"dp.clip-norm": 0.5}, "needs exactly one of dp.noise-multiplier"),
+        (
+            {"dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0, "dp.target-epsilon": 8.0},
+            "needs exactly one of dp.noise-multiplier",
+        ),
+        ({"dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0, "dp.delta": 1.0}, "dp.delta=1.0"),
+        ({"dp.clip-norm": -1.0, "dp.noise-multiplier": 1.0}, "dp.clip-norm=-1.0 must be > 0"),
+        (
+            {"dp.clip-norm": 5.0, "dp.noise-multiplier": 1.0, "update.max-norm": 1.0},
+            "dp.clip-norm=5.0 exceeds update.max-norm=1.0",
+        ),
+        ({**SECURE, "secagg.num-shares": 4}, "secagg.num-shares=4 must be odd"),
+        ({**SECURE, "secagg.num-shares": 5}, "secagg.num-shares=5 exceeds the 3 site"),
+        ({**SECURE, "secagg.reconstruction-threshold": 3}, "secagg.reconstruction-threshold=3"),
+        ({**SECURE, "secagg.quantization-range": 1}, "secagg.quantization-range=1"),
+        (
+            {
+                **SECURE,
+                "dp.clip-norm": 2.0,
+                "dp.noise-multiplier": 1.0,
+                "secagg.clipping-range": 1.0,
+            },
+            "secagg.clipping-range=1.0 does not cover the sites' clip norm 2.0",
+        ),
+        ({**SECURE, "secagg.clipping-range": 8.0}, "does not cover the sites' clip norm 1000.0"),
+        ({**OK, "secagg.enabled": True}, "secagg.num-shares=3 exceeds the 2 site"),
+    ],
+)
+def test_bad_privacy_config_names_the_key(config: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        RunSettings.from_config({**OK, **config})
+
+
+def test_privacy_settings_reach_the_round_plan() -> None:
+    plain = RunSettings.from_config(OK)
+    assert plain.plan(1).clip_norm == 0.0 and not plain.plan(1).uniform_weight
+    dp = RunSettings.from_config({**OK, "dp.clip-norm": 0.5, "dp.target-epsilon": 8.0})
+    assert dp.plan(1).clip_norm == 0.5 and dp.plan(1).uniform_weight
+    secure = RunSettings.from_config({**SECURE, "update.max-norm": 3.0})
+    assert secure.secagg is not None and secure.secagg.clipping_range == 3.0
+    assert secure.plan(1).clip_norm == 3.0  # sites bound what the server cannot check

@@ -1,0 +1,68 @@
+"""Client-side mods of the site's training function, and their order.
+
+A mod wraps the training function (Flower's middleware): it sees the request on the way
+in and the reply on the way out. ``TRAIN_MODS[0]`` is the outermost, so on the way out
+the reply passes `clip_mod` first and the SecAgg+ masking last. The order is security
+relevant: clipping after masking would clip random-looking integers and leave the real
+update unbounded, so the DP sensitivity bound and the SecAgg+ clipping range would not
+hold (tests/clients/site/test_mods.py pins it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from flwr.app import Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod  # Flower 1.41: legacy path only
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from clients.site.wire import read_request, replace_update, reply_update
+from strategies.dp import clip_update
+from strategies.secagg import PRG_KEY, PRGS, mask_generator
+
+log = logging.getLogger(__name__)
+# The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
+FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+
+
+def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for rounds the server runs with SecAgg+; plain otherwise.
+
+    The masking stage carries the round's config, which names the mask generator
+    (``secagg.prg``); the other stages expand no masks.
+    """
+    records = msg.content.config_records
+    if RECORD_KEY_CONFIGS not in records:
+        return call_next(msg, ctxt)
+    prg = (
+        str(records["fitins.config"].get(PRG_KEY, "flower"))
+        if "fitins.config" in records
+        else "flower"
+    )
+    if prg not in PRGS:
+        raise ValueError(f"unknown SecAgg+ mask generator {prg!r}")
+    with mask_generator(FLOWER_MOD, prg):
+        return secaggplus_mod(msg, ctxt, call_next)
+
+
+def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the reply's update (``local - global``) to the plan's ``clip_norm`` (L2)."""
+    reply = call_next(msg, ctxt)
+    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+        return reply
+    _, config = read_request(msg)
+    clip_norm = float(config.get("clip_norm", 0.0))  # type: ignore[arg-type]
+    if clip_norm <= 0 or not reply.content.array_records:
+        return reply
+    _, update = reply_update(msg, reply)
+    clipped, norm = clip_update(update, clip_norm=clip_norm)
+    if norm > clip_norm:
+        log.info("update norm %.4g clipped to %.4g", norm, clip_norm)
+    replace_update(msg, reply, clipped)
+    return reply
+
+
+# Outermost first: masking wraps clipping, so an update is clipped before it is masked.
+TRAIN_MODS = (secagg_mod, clip_mod)

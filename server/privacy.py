@@ -1,0 +1,131 @@
+"""Privacy accounting of client-level DP across rounds, on Opacus' RDP accountant.
+
+Each round that releases a noisy aggregate is one step of the subsampled Gaussian
+mechanism with noise multiplier ``z`` and sampling rate ``q = sampled / connected`` sites
+(Mironov et al. 2019, "Rényi Differential Privacy of the Sampled Gaussian Mechanism").
+The analysis assumes Poisson sampling; fedlora samples a fixed number of sites without
+replacement, the usual approximation (also Flower's). A skipped round releases nothing
+and is not charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from clients.task.errors import ConfigError
+from strategies.secagg import PRGS, SecAggSettings
+
+ACCOUNTANT = "rdp"
+
+
+def solve_noise_multiplier(
+    *, target_epsilon: float, delta: float, sampling_rate: float, rounds: int
+) -> float:
+    """The smallest ``z`` (to Opacus' tolerance) whose ε after ``rounds`` is ≤ the target.
+
+    Raises:
+        ConfigError: If no noise multiplier reaches the target.
+    """
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sampling_rate,
+                steps=rounds,
+                accountant=ACCOUNTANT,
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"dp.target-epsilon={target_epsilon!r} is unreachable with dp.delta={delta!r}, "
+            f"sampling rate {sampling_rate:.3g} and {rounds} round(s): {exc}"
+        ) from exc
+
+
+@dataclass
+class PrivacyLedger:
+    """The (z, q) of every released round and the (ε, δ) they add up to."""
+
+    delta: float
+
+    def __post_init__(self) -> None:
+        self._accountant = RDPAccountant()
+
+    @classmethod
+    def replay(cls, delta: float, steps: Iterable[tuple[float, float]]) -> PrivacyLedger:
+        """Rebuild the ledger from earlier rounds' (noise multiplier, sampling rate)."""
+        ledger = cls(delta)
+        for z, q in steps:
+            ledger.step(noise_multiplier=z, sampling_rate=q)
+        return ledger
+
+    def step(self, *, noise_multiplier: float, sampling_rate: float) -> None:
+        self._accountant.step(noise_multiplier=noise_multiplier, sample_rate=sampling_rate)
+
+    @property
+    def epsilon(self) -> float:
+        return (
+            float(self._accountant.get_epsilon(delta=self.delta))
+            if self._accountant.history
+            else 0.0
+        )
+
+    def epsilon_after(self, *, noise_multiplier: float, sampling_rate: float) -> float:
+        """ε if one more round with (z, q) were released; the ledger is unchanged."""
+        trial = PrivacyLedger.replay(self.delta, self.steps())
+        trial.step(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
+        return trial.epsilon
+
+    def steps(self) -> list[tuple[float, float]]:
+        return [(z, q) for z, q, n in self._accountant.history for _ in range(n)]
+
+
+def privacy_summary(
+    *,
+    history: list[Mapping[str, Any]],
+    clip_norm: float | None,
+    secagg: SecAggSettings | None,
+) -> dict[str, Any]:
+    """The ``privacy`` object of metrics.json: one entry per guarantee in effect.
+
+    ``{}`` when the run used no privacy mechanism. The registry copies it verbatim into
+    the adapter's provenance.
+    """
+    out: dict[str, Any] = {}
+    released = [r for r in history if r.get("sampling_rate") is not None]
+    accounted = [r for r in history if r.get("guarantee") == "client-level"]
+    if clip_norm is not None and accounted:
+        last = accounted[-1]
+        rates = sorted({float(r["sampling_rate"]) for r in released})
+        out["client-level"] = {
+            "epsilon": last["epsilon"],
+            "delta": last["delta"],
+            "noise-multiplier": last["noise_multiplier"],
+            "clip-norm": clip_norm,
+            # The largest rate used: ε was accounted round by round with the actual one.
+            "sampling-rate": rates[-1] if rates else None,
+            "rounds": len(released),
+            "accountant": ACCOUNTANT,
+        }
+    sites: dict[str, Any] = {}
+    for row in history:  # a site's latest figures: its ε for the whole run so far
+        sites.update(row.get("site_privacy") or {})
+    if sites:
+        out["sample-level"] = {"sites": sites, "accountant": ACCOUNTANT}
+    if secagg is not None:
+        out["secure-aggregation"] = {
+            "enabled": True,
+            "num-shares": secagg.num_shares,
+            "reconstruction-threshold": secagg.reconstruction_threshold,
+            "clipping-range": secagg.clipping_range,
+            "quantization-range": secagg.quantization_range,
+            "max-weight": secagg.max_weight,
+            "prg": PRGS[secagg.prg],
+        }
+    return out

@@ -1,0 +1,221 @@
+"""One training round under SecAgg+, through Flower 1.41's `SecAggPlusWorkflow`.
+
+In Flower 1.41 SecAgg+ exists only in the legacy workflow path: the workflow takes a
+`LegacyContext` whose legacy `Strategy` chooses the sites (``configure_fit``) and
+receives the unmasked aggregate (``aggregate_fit``). fedlora's round loop has already
+sampled the sites, so `_Relay` hands the workflow exactly those sites with the round's
+FitIns, and keeps what the workflow gives back: the weighted mean of the sites' updates
+(``local - global``; sites report weight 1 under client-level DP, their example count
+otherwise) and the sites' metrics. The workflow's four stages (setup, share keys,
+collect masked vectors, unmask) run on the same `Grid` as plain rounds; `_CountingGrid`
+counts their bytes and records the sites whose replies failed.
+
+If too few sites remain at any stage the workflow halts without calling
+``aggregate_fit``; `run_secure_round` then returns no aggregate and the round loop treats
+the round as failed (the global adapter stays as it was).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    bytes_to_ndarray,
+    ndarrays_to_parameters,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, PRG_KEY, SecAggSettings, mask_generator
+
+# The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
+FLOWER_WORKFLOW = importlib.import_module(
+    "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SecureRound:
+    """What a SecAgg+ round revealed to the server.
+
+    Attributes:
+        mean_update: The weighted mean of the sites' updates, or None if the round failed.
+        sites: (site id, weight, metrics) of every site whose masked update was summed.
+        failures: One ``{"site", "reason"}`` per site that failed or dropped out.
+        bytes_up, bytes_down: Bytes of every reply and request over all four stages.
+    """
+
+    mean_update: dict[str, np.ndarray] | None
+    sites: list[tuple[str, int, dict[str, float]]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def _message_bytes(message: Message) -> int:
+    content = message.content
+    records: Iterable[Any] = [
+        *content.array_records.values(),
+        *content.config_records.values(),
+        *content.metric_records.values(),
+    ]
+    return sum(_record_bytes(r) for r in records)
+
+
+def _record_bytes(record: Any) -> int:
+    try:
+        return int(record.count_bytes())
+    except IndexError:  # Flower 1.41's ConfigRecord.count_bytes fails on an empty list
+        return int(ConfigRecord({k: v for k, v in record.items() if v != []}).count_bytes())
+
+
+class _CountingGrid:
+    """A Grid that counts the bytes it moves and remembers failed replies."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.failed: dict[int, str] = {}
+        self.silent: set[int] = set()
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        self.bytes_down += sum(_message_bytes(m) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        self.silent |= {m.metadata.dst_node_id for m in messages} - answered
+        for reply in replies:
+            if reply.has_error():
+                self.failed.setdefault(reply.metadata.src_node_id, reply.error.reason)
+            else:
+                self.bytes_up += _message_bytes(reply)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class _Relay(Strategy):
+    """The legacy strategy the workflow needs: fixed sites in, the aggregate out."""
+
+    def __init__(self, grid: Grid, nodes: Sequence[int], fitins: FitIns) -> None:
+        self._proxies = [GridClientProxy(node_id=n, grid=grid, run_id=0) for n in nodes]
+        self._fitins = fitins
+        self.aggregate: Parameters | None = None
+        self.results: list[FitRes] = []
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(proxy, self._fitins) for proxy in self._proxies]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = [res for _, res in results]
+        if self.results:
+            self.aggregate = self.results[0].parameters  # the workflow's unmasked mean
+        return self.aggregate, {}
+
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def _proxy_failures(grid: _CountingGrid, sampled: Sequence[int]) -> list[dict[str, str]]:
+    out = [{"site": f"node-{n}", "reason": r} for n, r in sorted(grid.failed.items())]
+    out += [
+        {"site": f"node-{n}", "reason": "no reply before timeout"}
+        for n in sorted(grid.silent - set(grid.failed))
+        if n in sampled
+    ]
+    return out
+
+
+def run_secure_round(
+    grid: Grid,
+    settings: SecAggSettings,
+    *,
+    nodes: Sequence[int],
+    state: Mapping[str, np.ndarray],
+    plan: Mapping[str, Any],
+    server_round: int,
+    timeout: float,
+) -> SecureRound:
+    """Run SecAgg+ over ``nodes`` and return the unmasked weighted mean update."""
+    names = list(state)
+    # Under client-level DP every site reports weight 1: a max weight of 1 keeps Flower's
+    # weight scaling at 1 and so the full quantization precision.
+    max_weight = 1 if plan.get("uniform_weight") else settings.max_weight
+    config = dict(plan) | {
+        NAMES_KEY: json.dumps(names),
+        MAX_WEIGHT_KEY: max_weight,
+        PRG_KEY: settings.prg,
+    }
+    parameters = ndarrays_to_parameters([np.asarray(state[n]) for n in names])
+    counting = _CountingGrid(grid)
+    relay = _Relay(counting, nodes, FitIns(parameters=parameters, config=config))  # type: ignore[arg-type]
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        strategy=relay,
+        client_manager=SimpleClientManager(),
+    )
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: server_round}
+    )
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        parameters, keep_input=True
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
+        max_weight=float(max_weight),
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        timeout=timeout,
+    )
+    with mask_generator(FLOWER_WORKFLOW, settings.prg):
+        workflow(counting, context)  # type: ignore[arg-type]
+
+    outcome = SecureRound(
+        mean_update=None,
+        failures=_proxy_failures(counting, nodes),
+        bytes_up=counting.bytes_up,
+        bytes_down=counting.bytes_down,
+    )
+    if relay.aggregate is None:
+        return outcome
+    arrays = [bytes_to_ndarray(t) for t in relay.aggregate.tensors]
+    outcome.mean_update = {n: a.astype(np.float64) for n, a in zip(names, arrays, strict=True)}
+    for res in relay.results:
+        metrics = dict(res.metrics)
+        site = str(metrics.pop("site-id", "?"))
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        outcome.sites.append((site, int(res.num_examples), numeric))
+    return outcome

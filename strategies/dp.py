@@ -1,0 +1,131 @@
+"""Client-level central differential privacy: clipping and Gaussian noise (DP-FedAvg).
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+Models"): every site clips its update ``delta = local - global`` to L2 norm ``C`` before
+it leaves the site (clients/site/mods.py), so one site changes the *sum* of updates by at
+most ``C``; the server adds ``N(0, (z·C)²)`` to that sum and divides by the number of
+updates ``m``, i.e. noise of std ``z·C/m`` on the uniform mean. Sites are weighted
+uniformly: an example-count weight would let one site move the mean by more than ``C/m``
+and break the sensitivity bound.
+
+Pure numpy; the accountant that turns ``(z, sampling rate, rounds)`` into ``(ε, δ)`` lives
+in server/privacy.py (it uses Opacus' RDP analysis).
+
+Usage::
+
+    clipped, norm = clip_update(delta, clip_norm=1.0)                      # at the site
+    dp = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.1)
+    outcome = DifferentiallyPrivate(FedAvg(), dp, rng).aggregate(r, ref, updates)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clients.task.errors import ConfigError
+from strategies.aggregate import weighted_average
+from strategies.fedavg import FedAvg, RoundOutcome, SiteUpdate
+
+
+def global_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over all tensors together, in float64."""
+    return float(
+        np.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64))) for t in tensors.values()))
+    )
+
+
+def clip_update(
+    delta: Mapping[str, np.ndarray], *, clip_norm: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """Scale ``delta`` so its global L2 norm is at most ``clip_norm``.
+
+    Returns:
+        The clipped tensors (input dtypes) and the norm before clipping.
+    """
+    norm = global_norm(delta)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    clipped = {k: (v.astype(np.float64) * scale).astype(v.dtype) for k, v in delta.items()}
+    return clipped, norm
+
+
+def add_gaussian_noise(
+    tensors: Mapping[str, np.ndarray], *, std: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Add i.i.d. ``N(0, std²)`` to every coordinate (drawn in float64)."""
+    return {
+        k: (v.astype(np.float64) + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
+        for k, v in tensors.items()
+    }
+
+
+@dataclass(frozen=True)
+class ClientLevelDP:
+    """The parameters of the Gaussian mechanism on the sum of clipped site updates.
+
+    Attributes:
+        clip_norm: ``C``, the L2 bound every site applies to its update.
+        noise_multiplier: ``z``; the noise on the sum has std ``z·C``.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        if not self.clip_norm > 0:
+            raise ConfigError(f"dp.clip-norm={self.clip_norm!r} must be > 0")
+        if not self.noise_multiplier >= 0:
+            raise ConfigError(f"dp.noise-multiplier={self.noise_multiplier!r} must be >= 0")
+
+    def mean_noise_std(self, num_updates: int) -> float:
+        """Std of the noise on the uniform mean of ``num_updates`` clipped updates."""
+        return self.noise_multiplier * self.clip_norm / num_updates
+
+    def privatize_mean(
+        self,
+        reference: Mapping[str, np.ndarray],
+        mean: Mapping[str, np.ndarray],
+        *,
+        num_updates: int,
+        rng: np.random.Generator,
+    ) -> dict[str, np.ndarray]:
+        """Add the mechanism's noise to the mean update and return the new global state."""
+        delta = {k: mean[k].astype(np.float64) - reference[k].astype(np.float64) for k in reference}
+        noisy = add_gaussian_noise(delta, std=self.mean_noise_std(num_updates), rng=rng)
+        return {
+            k: (reference[k].astype(np.float64) + noisy[k]).astype(reference[k].dtype)
+            for k in reference
+        }
+
+
+@dataclass(frozen=True)
+class DifferentiallyPrivate:
+    """Wraps a strategy: its validation, then a uniform mean of the clipped updates plus noise.
+
+    The sites clip; the server only checks (through the inner strategy's norm check)
+    and adds noise. ``rng`` must be unpredictable to the sites in production
+    (`np.random.default_rng()` seeds from the OS).
+    """
+
+    inner: FedAvg
+    dp: ClientLevelDP
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+    def client_config(self) -> dict[str, float]:
+        return self.inner.client_config()
+
+    def aggregate(
+        self, server_round: int, reference: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
+    ) -> RoundOutcome:
+        """Validate through the inner strategy, then average uniformly and add noise.
+
+        Raises:
+            RoundFailed: From the inner strategy.
+        """
+        outcome = self.inner.aggregate(server_round, reference, updates)
+        m = len(outcome.accepted)
+        mean = weighted_average([u.state for u in outcome.accepted], [1.0] * m)
+        state = self.dp.privatize_mean(reference, mean, num_updates=m, rng=self.rng)
+        return RoundOutcome(state=state, accepted=outcome.accepted, rejected=outcome.rejected)

@@ -1,0 +1,69 @@
+"""The site's training mods: clipping runs on the reply before SecAgg+ masks it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.client.mod.utils import make_ffn
+
+from clients.site.mods import TRAIN_MODS, clip_mod, secagg_mod
+from clients.site.wire import read_request, train_reply
+from strategies.dp import global_norm
+from strategies.records import from_record, to_record
+
+
+def test_masking_wraps_clipping() -> None:
+    # mods[0] is outermost: the reply passes clip_mod before secagg_mod masks it.
+    assert (secagg_mod, clip_mod) == TRAIN_MODS
+
+
+def _request(clip_norm: float) -> Message:
+    content = RecordDict(
+        {
+            "arrays": to_record({"w": np.zeros(4, np.float32)}),
+            "config": ConfigRecord({"clip_norm": clip_norm}),
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(metadata=metadata, content=content)
+
+
+def _train(message: Message, context: Context) -> Message:
+    reference, _ = read_request(message)
+    local = {"w": reference["w"] + np.array([3.0, 4.0, 0.0, 0.0], np.float32)}
+    return train_reply(message, local=local, reference=reference, metrics={}, site_id="s", weight=1)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_plain_round_reply_is_clipped_by_the_mod_chain() -> None:
+    # Arrange: the update (3, 4, 0, 0) has norm 5; the plan says clip to 1.
+    chain = make_ffn(_train, list(TRAIN_MODS))
+    request = _request(1.0)
+    # Act
+    reply = chain(request, _context())
+    # Assert
+    update = from_record(reply.content.array_records["arrays"])
+    assert abs(global_norm(update) - 1.0) < 1e-6
+    np.testing.assert_allclose(update["w"], [0.6, 0.8, 0.0, 0.0], rtol=1e-6)
+
+
+def test_no_clip_norm_leaves_the_reply_alone() -> None:
+    reply = make_ffn(_train, list(TRAIN_MODS))(_request(0.0), _context())
+    np.testing.assert_allclose(
+        from_record(reply.content.array_records["arrays"])["w"], [3.0, 4.0, 0.0, 0.0]
+    )

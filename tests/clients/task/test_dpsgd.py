@@ -1,0 +1,73 @@
+"""DP-SGD on a tiny LoRA Llama: the zero-noise guard and the site accountant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from clients.task.data import Example
+from clients.task.dpsgd import SampleDP, site_epsilon
+from clients.task.errors import ConfigError
+from clients.task.model import ModelSpec, base_digest, build_model, trainable_state
+from clients.task.plan import TrainPlan
+from clients.task.train import train_local
+
+EXAMPLES = [Example(text=f"site text number {i} is here {i}") for i in range(8)]
+
+
+def _train(spec: ModelSpec, dp: SampleDP | None, aggregation: str) -> dict[str, np.ndarray]:
+    spec = ModelSpec(**{**spec.__dict__, "aggregation": aggregation})
+    loaded = build_model(spec)
+    plan = TrainPlan(
+        spec=spec,
+        base_digest=base_digest(spec.base),
+        local_steps=4,  # two epochs of full batches: every batch has the expected size
+        batch_size=4,
+        learning_rate=0.01,
+        max_length=16,
+    )
+    train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator().manual_seed(0), dp=dp)
+    # The cached model must come back without Opacus' hooks or attributes.
+    assert not any(hasattr(p, "grad_sample") for p in loaded.model.parameters())
+    return trainable_state(loaded.model)
+
+
+@pytest.mark.parametrize("aggregation", ["ffa", "lora"])
+def test_zero_noise_huge_clip_is_plain_training(tiny_llama: Path, aggregation: str) -> None:
+    # Upstream reported Opacus silently corrupting PEFT updates; this pins that it does not.
+    spec = ModelSpec(base=str(tiny_llama), task="causal-lm", lora_r=4)
+    plain = _train(spec, None, aggregation)
+    private = _train(spec, SampleDP(noise_multiplier=0.0, max_grad_norm=1e6), aggregation)
+    assert plain.keys() == private.keys()
+    moved = [k for k in plain if "lora_B" in k]
+    assert moved and all(np.any(plain[k]) for k in moved)  # training did move B
+    for name in plain:
+        np.testing.assert_allclose(private[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_noise_changes_the_update(tiny_llama: Path) -> None:
+    spec = ModelSpec(base=str(tiny_llama), task="causal-lm", lora_r=4)
+    plain = _train(spec, None, "ffa")
+    noisy = _train(spec, SampleDP(noise_multiplier=1.0, max_grad_norm=0.1), "ffa")
+    assert any(not np.allclose(plain[k], noisy[k]) for k in plain)
+
+
+def test_site_epsilon_matches_opacus_analysis() -> None:
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    rdp = np.add(
+        compute_rdp(q=0.1, noise_multiplier=1.0, steps=20, orders=orders),
+        compute_rdp(q=0.2, noise_multiplier=1.5, steps=5, orders=orders),
+    )
+    expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+    got = site_epsilon([(1.0, 0.1, 20), (1.5, 0.2, 5)], delta=1e-5)
+    assert got == pytest.approx(expected)
+    assert site_epsilon([], delta=1e-5) == 0.0
+
+
+def test_bad_dp_sgd_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"site-dp\.max-grad-norm=0"):
+        SampleDP(noise_multiplier=1.0, max_grad_norm=0)

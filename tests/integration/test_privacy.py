@@ -1,0 +1,116 @@
+"""Privacy mechanisms end to end on Flower's Simulation Engine with a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.numpy import load_file
+
+from server.simulation import simulate
+from tests.integration.test_simulation import _assert_run_recorded, _lm_settings, _lm_sites
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(300)
+def test_max_epsilon_stops_the_run_before_the_round_that_would_pass_it(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # z=0.5 with every site sampled: ε(δ=1e-5) is 10.7 after one round, 16.5 after two.
+    out = tmp_path / "out"
+    settings = _lm_settings(
+        tiny_llama,
+        out,
+        **{
+            "num-server-rounds": 3,
+            "dp.clip-norm": 0.5,
+            "dp.noise-multiplier": 0.5,
+            "dp.max-epsilon": 12.0,
+            "fraction-evaluate": 0.0,
+        },
+    )
+    simulate(settings, _lm_sites(tmp_path / "sites"))
+    metrics = _assert_run_recorded(out, rounds=1)
+    row = metrics["rounds"][0]
+    assert row["guarantee"] == "client-level" and row["delta"] == 1e-5
+    assert 10 < row["epsilon"] < 12
+    assert "before round 2" in metrics["stopped"]
+    assert metrics["privacy"]["client-level"]["epsilon"] == row["epsilon"]
+    assert metrics["privacy"]["client-level"]["rounds"] == 1
+    assert "secure-aggregation" not in metrics["privacy"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_secagg_round_below_threshold_is_skipped_and_adapter_unchanged(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # Two of three sites fail after key sharing: one live site < threshold 2.
+    sites = _lm_sites(tmp_path / "sites")
+    for site in sites[1:]:
+        site.data_path.write_text('{"text": ""}\n')  # the site's own loader refuses it
+    out = tmp_path / "out"
+    settings = _lm_settings(
+        tiny_llama,
+        out,
+        **{
+            "num-server-rounds": 1,
+            "secagg.enabled": True,
+            "update.max-norm": 4.0,
+            "min-fit-clients": 3,
+            "on-round-failure": "skip",
+            "fraction-evaluate": 0.0,
+        },
+    )
+    simulate(settings, sites)
+    metrics = _assert_run_recorded(out, rounds=1)
+    row = metrics["rounds"][0]
+    assert row["skipped"] and row["sites"] == 0 and row["failed"] == 2
+    assert all("needs a non-empty 'text'" in f["reason"] for f in row["failures"])
+    assert metrics["privacy"]["secure-aggregation"]["clipping-range"] == 4.0
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(not np.any(v) for k, v in tensors.items() if "lora_B" in k)  # still the init
+    assert json.loads((out / "metrics.json").read_text())["stopped"] is None
+
+
+@pytest.mark.timeout(300)
+def test_site_over_its_budget_refuses_and_the_round_goes_on(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # One DP-SGD round (sigma 1, 2 steps at rate 4/16) costs about 2.3 ε at each site;
+    # site-2's budget of 1 is too small, so it refuses with the reason and keeps its data.
+    sites = _lm_sites(tmp_path / "sites")
+    sites[2] = replace(sites[2], node_config={"max-epsilon": 1.0})
+    out = tmp_path / "out"
+    settings = _lm_settings(
+        tiny_llama,
+        out,
+        **{
+            "num-server-rounds": 1,
+            "site-dp.noise-multiplier": 1.0,
+            "site-dp.max-grad-norm": 1.0,
+            "fraction-evaluate": 0.0,
+        },
+    )
+    simulate(settings, sites)
+    metrics = _assert_run_recorded(out, rounds=1)
+    row = metrics["rounds"][0]
+    assert row["sites"] == 2 and row["refused"] == 1 and row["failed"] == 0
+    assert row["refusals"][0]["site"] == "site-2"
+    assert "max-epsilon=1.0" in row["refusals"][0]["reason"]
+    sample = metrics["privacy"]["sample-level"]["sites"]
+    assert sorted(sample) == ["site-0", "site-1"]
+    assert sample["site-0"]["noise-multiplier"] == 1.0 and sample["site-0"]["epsilon"] > 1.0
+    # The ledger of a site that trained holds the round; the refusing site spent nothing.
+    ledger = json.loads((out / "site-state" / "site-0" / "privacy-ledger.json").read_text())
+    assert ledger["total_epsilon"] == pytest.approx(sample["site-0"]["epsilon"])
+    assert not (out / "site-state" / "site-2" / "privacy-ledger.json").exists()
+    refused = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_metric_history(
+        metrics["mlflow_run_id"], "refused"
+    )
+    assert [m.value for m in refused] == [1.0]

@@ -1,0 +1,78 @@
+"""Client-level accounting: ε per round equals Opacus' RDP analysis called directly."""
+
+from __future__ import annotations
+
+import pytest
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from clients.task.errors import ConfigError
+from server.privacy import PrivacyLedger, privacy_summary, solve_noise_multiplier
+from strategies.secagg import SecAggSettings
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def _independent_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+    rdp = compute_rdp(q=q, noise_multiplier=z, steps=rounds, orders=ORDERS)
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@pytest.mark.parametrize(("z", "q"), [(1.1, 0.3), (0.8, 1.0), (2.0, 0.1)])
+def test_epsilon_per_round_matches_independent_recomputation(z: float, q: float) -> None:
+    ledger = PrivacyLedger(delta=1e-5)
+    for rounds in range(1, 6):
+        ledger.step(noise_multiplier=z, sampling_rate=q)
+        assert ledger.epsilon == pytest.approx(_independent_epsilon(z, q, rounds, 1e-5), rel=1e-9)
+
+
+def test_epsilon_after_does_not_charge_and_replay_restores() -> None:
+    ledger = PrivacyLedger(delta=1e-5)
+    ledger.step(noise_multiplier=1.0, sampling_rate=0.5)
+    before = ledger.epsilon
+    after = ledger.epsilon_after(noise_multiplier=1.0, sampling_rate=0.5)
+    assert ledger.epsilon == before < after
+    assert PrivacyLedger.replay(1e-5, [(1.0, 0.5), (1.0, 0.5)]).epsilon == pytest.approx(after)
+
+
+@pytest.mark.parametrize(("target", "q", "rounds"), [(8.0, 1.0, 5), (1.0, 0.3, 20)])
+def test_solved_noise_never_overshoots_the_target(target: float, q: float, rounds: int) -> None:
+    z = solve_noise_multiplier(target_epsilon=target, delta=1e-5, sampling_rate=q, rounds=rounds)
+    assert _independent_epsilon(z, q, rounds, 1e-5) <= target
+
+
+def test_unreachable_target_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"dp\.target-epsilon=1e-09 is unreachable"):
+        solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, rounds=10)
+
+
+def test_summary_has_one_entry_per_guarantee() -> None:
+    history = [
+        {
+            "epsilon": 1.0,
+            "delta": 1e-5,
+            "guarantee": "client-level",
+            "noise_multiplier": 1.2,
+            "sampling_rate": 0.5,
+        },
+        {
+            "epsilon": 1.0,
+            "delta": 1e-5,
+            "guarantee": "client-level",
+            "noise_multiplier": 1.2,
+            "sampling_rate": None,
+        },  # a skipped round: nothing released
+    ]
+    out = privacy_summary(history=history, clip_norm=0.5, secagg=SecAggSettings())
+    assert out["client-level"] == {
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "noise-multiplier": 1.2,
+        "clip-norm": 0.5,
+        "sampling-rate": 0.5,
+        "rounds": 1,
+        "accountant": "rdp",
+    }
+    assert out["secure-aggregation"]["enabled"] is True
+    assert out["secure-aggregation"]["prg"] == "aes-256-ctr"
+    assert privacy_summary(history=[{}], clip_norm=None, secagg=None) == {}

@@ -22,6 +22,7 @@ from registry.lifecycle import (
     CANDIDATE,
     PRODUCTION,
     SigningKey,
+    add_signer,
     promote,
     publish,
     revoke,
@@ -156,6 +157,18 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     _registry_arg(back)
     back.set_defaults(func=cmd_rollback)
 
+    signer = commands.add_parser(
+        "add-signer",
+        help="let another key publish and sign the release index (key rotation)",
+        description="Adds PUB to the release index's root as a signer (a new root version, "
+        "signed by --key). Consumers follow it; put PUB in their trust stores too. Revoking "
+        "a key with `revoke --key-id` removes it again.",
+    )
+    signer.add_argument("--new-key", required=True, metavar="PUB", help="public key to add")
+    _key_args(signer)
+    _registry_arg(signer)
+    signer.set_defaults(func=cmd_add_signer)
+
     rev = commands.add_parser(
         "revoke", help="add signing keys or releases to the signed revocation list"
     )
@@ -248,6 +261,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         f"{args.model}@{args.alias} rolled back to version {entry.version} "
         f"(release {entry.release})"
     )
+    return 0
+
+
+def cmd_add_signer(args: argparse.Namespace) -> int:
+    kid = add_signer(_store(args), key=_signing_key(args), public_key=Path(args.new_key))
+    out.print(f"key {kid} may now sign releases and the release index")
     return 0
 
 

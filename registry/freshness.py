@@ -216,8 +216,38 @@ class IndexRepository:
         self.targets.targets[REVOCATIONS_TARGET] = _target(REVOCATIONS_TARGET, custom)
         self._changed.add(Targets.type)
 
+    def signers(self) -> set[str]:
+        """Key ids that may sign the index (the root role's keys)."""
+        return set(self._roles[Root.type].signed.roles[Root.type].keyids)
+
+    def add_signer(self, public_key: ec.EllipticCurvePublicKey) -> str:
+        """Let another key sign the index (key rotation); a new root version records it."""
+        kid = key_id(public_key)
+        key = SSlibKey.from_crypto(public_key, keyid=kid)
+        root = self._roles[Root.type].signed
+        for role in TOP_LEVEL:
+            root.add_key(key, role)
+        self._changed.add(Root.type)
+        return kid
+
+    def remove_signer(self, kid: str) -> bool:
+        """Take a key's right to sign the index away (a revoked key must not keep it)."""
+        root = self._roles[Root.type].signed
+        if kid not in root.keys:
+            return False
+        if kid == self._signer.public_key.keyid:
+            raise RegistryError("refusing to remove the key that signs this change")
+        for role in TOP_LEVEL:
+            if kid in root.roles[role].keyids:
+                root.revoke_key(kid, role)
+        self._changed.add(Root.type)
+        return True
+
     def _resign(self, *, bump: bool = True) -> None:
         now = _now()
+        if Root.type in self._changed:
+            # Roles signed under the old root are signed again under the new one.
+            self._changed |= set(TOP_LEVEL)
         if Targets.type in self._changed:
             self._changed |= {Snapshot.type, Timestamp.type}
         for role in TOP_LEVEL:
@@ -316,7 +346,9 @@ class IndexClient:
         self._cache.mkdir(parents=True, exist_ok=True)
         bootstrap: bytes | None = None
         if not (self._cache / "root.json").is_file():
-            data = self._fetch("1.root.json")
+            # The newest root, accepted only if trusted keys hold it: a consumer whose trust
+            # store has only a rotated-in key can start after the rotation.
+            data = self._fetch("root.json")
             if data is None:
                 raise VerificationError("index", "the registry holds no release index")
             _trusted_root(data, self._trust)

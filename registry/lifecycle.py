@@ -20,7 +20,7 @@ from typing import Any
 from registry.artifact import SIGNATURE_FILE, adapter_digest, build_release
 from registry.errors import PromotionRefused, RegistryError, VerificationError
 from registry.freshness import AliasEntry, IndexRepository
-from registry.keys import TrustStore, key_id, load_private_key, public_pem
+from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
 from registry.policy import Policy
 from registry.signing import VerifiedRelease, sign_release, verify_release
@@ -295,5 +295,15 @@ def revoke(
     if own in key_ids:
         raise RegistryError("refusing to revoke the key that signs this revocation")
     index.revoke(keys=set(key_ids), releases=set(digests))
+    for kid in key_ids:  # a revoked key also loses the right to sign the index
+        index.remove_signer(kid)
     store.upload_index(index.files())
     return index.revocations()
+
+
+def add_signer(store: MlflowStore, *, key: SigningKey, public_key: Path) -> str:
+    """Let another key publish (rotation); signed by a current signer, a new root version."""
+    index = load_index(store, key, create=False)
+    kid = index.add_signer(load_public_key(public_key))
+    store.upload_index(index.files())
+    return kid

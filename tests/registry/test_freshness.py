@@ -7,7 +7,13 @@ import pytest
 
 from registry.errors import RegistryError, VerificationError
 from registry.freshness import AliasEntry, IndexClient, IndexRepository
-from registry.keys import KeyPair, TrustStore, generate_keypair, load_private_key
+from registry.keys import (
+    KeyPair,
+    TrustStore,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+)
 from tests.conftest import PASSPHRASE
 
 
@@ -124,3 +130,30 @@ def test_alias_history_is_kept_for_rollback() -> None:
     history = first.succeeding(second).succeeding(third)
     assert history.digest == "d3"
     assert [p["digest"] for p in history.previous] == ["d1", "d2"]
+
+
+def test_keys_rotate_through_signed_root_versions(
+    publisher, trust: TrustStore, keypair: KeyPair, tmp_path: Path, make_trust
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)  # trusts the old key only
+    client.refresh()
+    new = generate_keypair(tmp_path / "new")
+    new_key = load_private_key(new.private_path)
+
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.add_signer(load_public_key(new.public_path))
+    store.files.update(repo.files())
+    _publish(store, new_key, 2, "d2")  # the rotated-in key signs the index now
+    repo = IndexRepository.load(store.fetch, new_key)
+    repo.remove_signer(keypair.key_id)  # ... and retires the old one
+    store.files.update(repo.files())
+
+    client.refresh()
+    assert client.alias("intents", "production").digest == "d2"
+    with pytest.raises(RegistryError, match="may not sign the release index"):
+        IndexRepository.load(store.fetch, publisher)
+    newcomer = IndexClient(store.fetch, tmp_path / "cache2", make_trust("new-trust", new))
+    newcomer.refresh()  # starts from the newest root, which the new key holds
+    assert newcomer.alias("intents", "production").digest == "d2"

@@ -16,7 +16,7 @@ from registry.errors import (
     VerificationError,
 )
 from registry.keys import KeyPair, TrustStore, generate_keypair
-from registry.lifecycle import SigningKey, promote, publish, revoke, rollback
+from registry.lifecycle import SigningKey, add_signer, promote, publish, revoke, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.pull import LocalPolicy, pull
@@ -145,6 +145,14 @@ def test_revoked_releases_and_keys_are_refused(
         promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy())
     with pytest.raises(RegistryError, match="refusing to revoke the key that signs"):
         revoke(store, key=key, key_ids={keypair.key_id})
+
+    # A second publisher is let in (rotation), then revoked: it loses the index as well.
+    other = generate_keypair(tmp_path / "second")
+    add_signer(store, key=key, public_key=other.public_path)
+    publish(store, outputs[1], model="intents", key=SigningKey(other.private_path))
+    revoke(store, key=key, key_ids={other.key_id})
+    with pytest.raises(RegistryError, match="may not sign the release index"):
+        publish(store, outputs[2], model="intents", key=SigningKey(other.private_path))
 
 
 def test_local_policy_refuses_a_foreign_base_or_too_much_epsilon(

@@ -66,6 +66,19 @@ def test_publisher_writes_edge_reads_and_strangers_get_clear_errors(
         assert "refused user 'edge' (permission denied)" in refused.stderr
         assert _versions(server.uri) == 1
 
+        # The operator's one-shots, as an edge account: pull a verified copy, verify it again.
+        pulled = tmp_path / "pulled"
+        pull_cli = _fedlora(["edge", "pull", "intents@candidate", "--trust", str(trust.directory),
+                             "--out", str(pulled), "--state", str(tmp_path / "cli-state")],
+                            uri=server.uri, user=EDGE, cwd=tmp_path)  # fmt: skip
+        assert pull_cli.returncode == 0, pull_cli.stderr
+        assert "release 1 verified" in pull_cli.stdout
+        verify = ["edge", "verify", str(pulled), "--trust", str(trust.directory)]
+        assert _fedlora(verify, uri=server.uri, user=None, cwd=tmp_path).returncode == 0
+        (pulled / "adapter_config.json").write_text("{}")
+        refused = _fedlora(verify, uri=server.uri, user=None, cwd=tmp_path)
+        assert refused.returncode == 1 and "refused (signature)" in refused.stderr
+
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", EDGE[0])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", EDGE[1])
         store = MlflowStore(server.uri)

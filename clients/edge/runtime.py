@@ -134,6 +134,7 @@ class Runtime:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
             )
+            kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
         tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if task == "sequence-classification":
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -32,6 +32,8 @@ MAX_WEIGHT_KEY = "secagg-max-weight"
 PRG_KEY = "secagg-prg"
 # Set by the server in a secure round's config: it accepts masked vectors as uint32.
 COMPACT_KEY = "secagg-compact"
+# Every entry a secure round's config carries beside the round plan.
+SECURE_CONFIG_KEYS = (NAMES_KEY, MAX_WEIGHT_KEY, PRG_KEY, COMPACT_KEY)
 # Mask generators, by `secagg.prg` value: what each expands a mask seed with.
 PRGS = {
     "aes-ctr": "aes-256-ctr",  # fedlora's: the full key, hashed to an AES-256 key, in CTR mode

@@ -33,6 +33,7 @@ from flwr.common import (
     bytes_to_ndarray,
     ndarrays_to_parameters,
 )
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -43,7 +44,15 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, PRG_KEY, SecAggSettings, mask_generator
+from strategies.secagg import (
+    COMPACT_KEY,
+    MAX_WEIGHT_KEY,
+    NAMES_KEY,
+    PRG_KEY,
+    SecAggSettings,
+    expand_masked,
+    mask_generator,
+)
 
 # The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
 FLOWER_WORKFLOW = importlib.import_module(
@@ -109,8 +118,12 @@ class _CountingGrid:
         for reply in replies:
             if reply.has_error():
                 self.failed.setdefault(reply.metadata.src_node_id, reply.error.reason)
-            else:
-                self.bytes_up += _message_bytes(reply)
+                continue
+            self.bytes_up += _message_bytes(reply)  # as it travelled: masks as uint32
+            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is not None and Key.MASKED_PARAMETERS in configs:
+                masked = configs[Key.MASKED_PARAMETERS]
+                configs[Key.MASKED_PARAMETERS] = expand_masked(masked)  # type: ignore[arg-type]
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -177,6 +190,7 @@ def run_secure_round(
         NAMES_KEY: json.dumps(names),
         MAX_WEIGHT_KEY: max_weight,
         PRG_KEY: settings.prg,
+        COMPACT_KEY: True,
     }
     parameters = ndarrays_to_parameters([np.asarray(state[n]) for n in names])
     counting = _CountingGrid(grid)

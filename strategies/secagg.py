@@ -30,6 +30,10 @@ MODULUS_RANGE = 2**32  # Flower's default mask modulus; must stay below 2**32
 NAMES_KEY = "secagg-tensor-names"
 MAX_WEIGHT_KEY = "secagg-max-weight"
 PRG_KEY = "secagg-prg"
+# Set by the server in a secure round's config: it accepts masked vectors as uint32.
+COMPACT_KEY = "secagg-compact"
+# Every entry a secure round's config carries beside the round plan.
+SECURE_CONFIG_KEYS = (NAMES_KEY, MAX_WEIGHT_KEY, PRG_KEY, COMPACT_KEY)
 # Mask generators, by `secagg.prg` value: what each expands a mask seed with.
 PRGS = {
     "aes-ctr": "aes-256-ctr",  # fedlora's: the full key, hashed to an AES-256 key, in CTR mode
@@ -151,3 +155,32 @@ def mask_generator(flower_module: ModuleType, prg: str) -> Iterator[None]:
         yield
     finally:
         flower_module.pseudo_rand_gen = original
+
+
+def compact_masked(blobs: Sequence[bytes]) -> list[bytes]:
+    """Re-encode masked vectors (int64, values in ``[0, 2**32)``) as uint32: half the bytes.
+
+    Flower's `secaggplus_mod` ships masked vectors as int64 although every entry is
+    reduced modulo at most 2**32; the server expands them back (`expand_masked`) before
+    the workflow sums them, so the protocol is unchanged.
+    """
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    out = []
+    for blob in blobs:
+        arr = bytes_to_ndarray(blob)
+        if arr.dtype != np.int64 or (arr.size and (arr.min() < 0 or arr.max() >= 2**32)):
+            raise ValueError("a masked vector is not int64 in [0, 2**32)")
+        out.append(ndarray_to_bytes(arr.astype(np.uint32)))
+    return out
+
+
+def expand_masked(blobs: Sequence[bytes]) -> list[bytes]:
+    """Undo `compact_masked` (int64 again); int64 vectors pass unchanged."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    out = []
+    for blob in blobs:
+        arr = bytes_to_ndarray(blob)
+        out.append(ndarray_to_bytes(arr.astype(np.int64)) if arr.dtype == np.uint32 else blob)
+    return out

@@ -16,11 +16,11 @@ import logging
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod  # Flower 1.41: legacy path only
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from clients.site.wire import read_request, replace_update, reply_update
 from strategies.dp import clip_update
-from strategies.secagg import PRG_KEY, PRGS, mask_generator
+from strategies.secagg import COMPACT_KEY, PRG_KEY, PRGS, compact_masked, mask_generator
 
 log = logging.getLogger(__name__)
 # The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
@@ -44,7 +44,13 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     if prg not in PRGS:
         raise ValueError(f"unknown SecAgg+ mask generator {prg!r}")
     with mask_generator(FLOWER_MOD, prg):
-        return secaggplus_mod(msg, ctxt, call_next)
+        reply = secaggplus_mod(msg, ctxt, call_next)
+    compact = "fitins.config" in records and bool(records["fitins.config"].get(COMPACT_KEY))
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+    if compact and configs is not None and Key.MASKED_PARAMETERS in configs:
+        masked = configs[Key.MASKED_PARAMETERS]
+        configs[Key.MASKED_PARAMETERS] = compact_masked(masked)  # type: ignore[arg-type]
+    return reply
 
 
 def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

@@ -24,7 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from clients.task.errors import ConfigError
 from strategies.records import from_record, to_record
-from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, PRG_KEY
+from strategies.secagg import MAX_WEIGHT_KEY, NAMES_KEY, SECURE_CONFIG_KEYS
 
 SECURE_IN = "fitins.parameters"
 SECURE_OUT = "fitres.parameters"
@@ -53,7 +53,7 @@ def read_request(message: Message) -> tuple[dict[str, np.ndarray], dict[str, Any
 
 def plan_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The round-plan part of a request's config."""
-    return {k: v for k, v in config.items() if k not in (NAMES_KEY, MAX_WEIGHT_KEY, PRG_KEY)}
+    return {k: v for k, v in config.items() if k not in SECURE_CONFIG_KEYS}
 
 
 def train_reply(

@@ -18,35 +18,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(300)
-def test_max_epsilon_stops_the_run_before_the_round_that_would_pass_it(
-    tiny_llama: Path, tmp_path: Path
-) -> None:
-    # z=0.5 with every site sampled: ε(δ=1e-5) is 10.7 after one round, 16.5 after two.
-    out = tmp_path / "out"
-    settings = _lm_settings(
-        tiny_llama,
-        out,
-        **{
-            "num-server-rounds": 3,
-            "dp.clip-norm": 0.5,
-            "dp.noise-multiplier": 0.5,
-            "dp.max-epsilon": 12.0,
-            "fraction-evaluate": 0.0,
-        },
-    )
-    simulate(settings, _lm_sites(tmp_path / "sites"))
-    metrics = _assert_run_recorded(out, rounds=1)
-    row = metrics["rounds"][0]
-    assert row["guarantee"] == "client-level" and row["delta"] == 1e-5
-    assert 10 < row["epsilon"] < 12
-    assert "before round 2" in metrics["stopped"]
-    assert metrics["privacy"]["client-level"]["epsilon"] == row["epsilon"]
-    assert metrics["privacy"]["client-level"]["rounds"] == 1
-    assert "secure-aggregation" not in metrics["privacy"]
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-
-
-@pytest.mark.timeout(300)
 def test_secagg_round_below_threshold_is_skipped_and_adapter_unchanged(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -79,11 +50,16 @@ def test_secagg_round_below_threshold_is_skipped_and_adapter_unchanged(
 
 
 @pytest.mark.timeout(300)
-def test_site_over_its_budget_refuses_and_the_round_goes_on(
+def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
     tiny_llama: Path, tmp_path: Path
 ) -> None:
-    # One DP-SGD round (sigma 1, 2 steps at rate 4/16) costs about 2.3 ε at each site;
-    # site-2's budget of 1 is too small, so it refuses with the reason and keeps its data.
+    """Both DP layers in one run (one simulation start keeps CI short).
+
+    Sample level: one DP-SGD round (sigma 1, 2 steps at rate 4/16) costs about 2.3 ε at
+    each site; site-2's budget of 1 is too small, so it refuses with the reason.
+    Client level: z=0.5 with every site sampled gives ε(δ=1e-5) of 10.7 after one round
+    and 16.5 after two, so dp.max-epsilon=12 stops the run before round 2.
+    """
     sites = _lm_sites(tmp_path / "sites")
     sites[2] = replace(sites[2], node_config={"max-epsilon": 1.0})
     out = tmp_path / "out"
@@ -91,15 +67,29 @@ def test_site_over_its_budget_refuses_and_the_round_goes_on(
         tiny_llama,
         out,
         **{
-            "num-server-rounds": 1,
+            "num-server-rounds": 3,
             "site-dp.noise-multiplier": 1.0,
             "site-dp.max-grad-norm": 1.0,
+            "dp.clip-norm": 0.5,
+            "dp.noise-multiplier": 0.5,
+            "dp.max-epsilon": 12.0,
             "fraction-evaluate": 0.0,
         },
     )
     simulate(settings, sites)
     metrics = _assert_run_recorded(out, rounds=1)
     row = metrics["rounds"][0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Client level: accounted with the sampled rate (a refusing site was sampled too).
+    assert row["guarantee"] == "client-level" and row["delta"] == 1e-5
+    assert row["sampling_rate"] == 1.0 and 10 < row["epsilon"] < 12
+    assert "before round 2" in metrics["stopped"]
+    client = metrics["privacy"]["client-level"]
+    assert client["epsilon"] == row["epsilon"] and client["rounds"] == 1
+    assert "secure-aggregation" not in metrics["privacy"]
+
+    # Sample level: the refusal is recorded and the round goes on with the other sites.
     assert row["sites"] == 2 and row["refused"] == 1 and row["failed"] == 0
     assert row["refusals"][0]["site"] == "site-2"
     assert "max-epsilon=1.0" in row["refusals"][0]["reason"]

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from clients.task.errors import ConfigError
-from strategies.secagg import SecAggSettings, aes_ctr_masks, mask_generator
+from strategies.secagg import (
+    SecAggSettings,
+    aes_ctr_masks,
+    compact_masked,
+    expand_masked,
+    mask_generator,
+)
 
 
 def test_error_bound_by_hand() -> None:
@@ -82,3 +88,18 @@ def test_mask_generator_swaps_and_restores() -> None:
     assert module.pseudo_rand_gen is original
     with mask_generator(module, "flower"):  # type: ignore[arg-type]
         assert module.pseudo_rand_gen is original
+
+
+def test_masked_vectors_travel_as_uint32_and_come_back_exact() -> None:
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    masked = [np.array([0, 1, 2**32 - 1], np.int64), np.arange(12, dtype=np.int64).reshape(3, 4)]
+    blobs = [ndarray_to_bytes(a) for a in masked]
+    compact = compact_masked(blobs)
+    assert sum(map(len, compact)) < sum(map(len, blobs))
+    back = [bytes_to_ndarray(b) for b in expand_masked(compact)]
+    assert all(
+        a.dtype == np.int64 and np.array_equal(a, b) for a, b in zip(masked, back, strict=True)
+    )
+    with pytest.raises(ValueError, match="not int64 in"):
+        compact_masked([ndarray_to_bytes(np.array([-1], np.int64))])

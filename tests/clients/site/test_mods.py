@@ -67,3 +67,15 @@ def test_no_clip_norm_leaves_the_reply_alone() -> None:
     np.testing.assert_allclose(
         from_record(reply.content.array_records["arrays"])["w"], [3.0, 4.0, 0.0, 0.0]
     )
+
+
+def test_a_secure_request_config_still_parses_as_the_round_plan() -> None:
+    # Every entry server/secagg.py adds beside the plan must be stripped before parsing.
+    from clients.site.wire import plan_config
+    from clients.task.model import ModelSpec
+    from clients.task.plan import TrainPlan
+    from strategies.secagg import SECURE_CONFIG_KEYS
+
+    plan = TrainPlan(spec=ModelSpec(base="b", task="causal-lm"), base_digest="d")
+    config = plan.to_config() | dict.fromkeys(SECURE_CONFIG_KEYS, "x")
+    assert TrainPlan.from_config(plan_config(config)) == plan

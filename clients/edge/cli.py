@@ -46,6 +46,9 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--registry", metavar="URI", help="default: $MLFLOW_TRACKING_URI")
     serve.add_argument("--max-epsilon", type=float, help="refuse releases with a larger ε")
     serve.add_argument("--max-loaded", type=int, default=4, help="previous releases kept loaded")
+    serve.add_argument(
+        "--threads", type=int, default=0, help="inference threads (0: half the cores)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
@@ -95,6 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_epsilon=args.max_epsilon,
         admin_token=EdgeSettings.token_from_env(),
         max_loaded=args.max_loaded,
+        threads=args.threads,
     )
     node = EdgeNode(settings)
     node.start()

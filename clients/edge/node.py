@@ -62,7 +62,12 @@ class EdgeNode:
     ) -> None:
         self.settings = settings
         self.trust = TrustStore.load(settings.trust)
-        self.runtime = runtime or Runtime(base=settings.base, quantization=settings.quantization)
+        if runtime is None:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+            runtime = Runtime(base=settings.base, quantization=settings.quantization)
+        self.runtime = runtime
         self.metrics = metrics or EdgeMetrics()
         self.policy = LocalPolicy(
             base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon

@@ -48,6 +48,7 @@ class EdgeSettings:
     max_text_chars: int = 4000
     max_new_tokens: int = 64
     max_loaded: int = 4  # releases held in memory beyond each model's active one
+    threads: int = 0  # torch threads for inference; 0: half the cores (see `torch_threads`)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -70,6 +71,14 @@ class EdgeSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be ≥ 1")
         if self.max_loaded < 0:
             raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
+        if self.threads < 0:
+            raise ConfigError(f"--threads {self.threads} must be ≥ 0 (0: half the cores)")
+
+    @property
+    def torch_threads(self) -> int:
+        """Inference threads. Half the cores by default: the other half keeps the HTTP loop
+        and a swap's verify-and-load from stalling requests (measured in bench_edge.py)."""
+        return self.threads or max(1, (os.cpu_count() or 2) // 2)
 
     @staticmethod
     def token_from_env() -> str | None:

@@ -6,8 +6,10 @@ promoted in turn. Measured:
 
 * swap: for each promotion, ``POST /v1/refresh`` makes the node take it at once; the node's
   own histogram splits the time into download, verify (signature, index, policy, cache
-  install) and load (PEFT) stages; plus the wall time from promotion to the first request
-  answered by the new release,
+  install) and load (PEFT) stages (only swaps that load a release count: promotions
+  alternate between two releases, so after two swaps the other one is still loaded as
+  ``previous`` and swaps back without a load); plus the wall time from promotion to the
+  first request answered by the new release,
 * latency of ``/v1/predict`` (one text) from one sequential client: steady state, and during
   a window of swaps; failed requests in both,
 * node overhead: median node latency vs a direct peft forward (tokenize + forward) on the
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             steady = client.rows
 
             console.print(f"{args.swaps} swaps under load …")
+            at_start = _metric_sums(url)  # the node's first load (base from disk) is not a swap
             client = Client(url)
             client.start()
             time.sleep(1.0)
@@ -207,6 +210,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                       if any(a - 0.5 <= row[0] <= b + 0.5 for a, b in windows)]  # fmt: skip
             all_swap_rows = client.rows
             stages = _metric_sums(url)
+            fresh_loads = int(stages.get("total", (0.0, 0.0))[1] - at_start.get("total", (0, 0))[1])
         finally:
             node.terminate()
             node.wait(timeout=30)
@@ -216,11 +220,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     direct = direct_forward_seconds(release_dir, repeats=max(30, args.requests // 4))
     steady_lat = [r[1] for r in steady]
     during_lat = [r[1] for r in during] or [float("nan")]
-    mean = {k: s / c for k, (s, c) in stages.items() if c}
+    deltas = {
+        k: (total - at_start.get(k, (0.0, 0.0))[0], n - at_start.get(k, (0.0, 0.0))[1])
+        for k, (total, n) in stages.items()
+    }
+    mean = {k: s / c for k, (s, c) in deltas.items() if c}
     node_median = statistics.median(steady_lat)
     return {
         "adapter_bytes": adapter_bytes,
         "swaps": args.swaps,
+        # swaps back to the release still loaded as `previous` need no download or load
+        "swaps_with_fresh_load": fresh_loads,
         "swap_stage_mean_s": mean,
         "verify_plus_load_s": mean.get("verify", 0) + mean.get("load", 0),
         "promotion_to_first_answer_s": first_answer,

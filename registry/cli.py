@@ -25,6 +25,7 @@ from registry.lifecycle import (
     add_signer,
     promote,
     publish,
+    renew,
     revoke,
     rollback,
 )
@@ -169,6 +170,17 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     _registry_arg(signer)
     signer.set_defaults(func=cmd_add_signer)
 
+    ren = commands.add_parser(
+        "renew",
+        help="re-sign the release index with fresh expiry dates (run at least weekly)",
+        description="Consumers refuse index metadata older than its expiry (timestamp: 7 "
+        "days), so a registry that publishes nothing for a week must be renewed, e.g. "
+        "from cron.",
+    )
+    _key_args(ren)
+    _registry_arg(ren)
+    ren.set_defaults(func=cmd_renew)
+
     rev = commands.add_parser(
         "revoke", help="add signing keys or releases to the signed revocation list"
     )
@@ -261,6 +273,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         f"{args.model}@{args.alias} rolled back to version {entry.version} "
         f"(release {entry.release})"
     )
+    return 0
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    version = renew(_store(args), key=_signing_key(args))
+    out.print(f"release index renewed (timestamp version {version})")
     return 0
 
 

@@ -216,6 +216,18 @@ class IndexRepository:
         self.targets.targets[REVOCATIONS_TARGET] = _target(REVOCATIONS_TARGET, custom)
         self._changed.add(Targets.type)
 
+    def renew(self) -> None:
+        """Re-sign targets, snapshot and timestamp with fresh expiry dates (new versions).
+
+        Consumers refuse metadata past its expiry, so a registry that publishes nothing for
+        longer than the timestamp's lifetime (7 days) must be renewed on a schedule.
+        """
+        self._changed |= {Targets.type, Snapshot.type, Timestamp.type}
+
+    @property
+    def timestamp_version(self) -> int:
+        return int(self._roles[Timestamp.type].signed.version)
+
     def signers(self) -> set[str]:
         """Key ids that may sign the index (the root role's keys)."""
         return set(self._roles[Root.type].signed.roles[Root.type].keyids)

@@ -307,3 +307,11 @@ def add_signer(store: MlflowStore, *, key: SigningKey, public_key: Path) -> str:
     kid = index.add_signer(load_public_key(public_key))
     store.upload_index(index.files())
     return kid
+
+
+def renew(store: MlflowStore, *, key: SigningKey) -> int:
+    """Renew the release index's expiry dates; return the new timestamp version."""
+    index = load_index(store, key, create=False)
+    index.renew()
+    store.upload_index(index.files())
+    return index.timestamp_version

@@ -157,3 +157,22 @@ def test_keys_rotate_through_signed_root_versions(
     newcomer = IndexClient(store.fetch, tmp_path / "cache2", make_trust("new-trust", new))
     newcomer.refresh()  # starts from the newest root, which the new key holds
     assert newcomer.alias("intents", "production").digest == "d2"
+
+
+def test_renewing_an_expired_index_makes_it_acceptable_again(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    repo = IndexRepository.create(publisher, expiry={"timestamp": dt.timedelta(seconds=-1)})
+    repo.set_alias("intents", "production", _entry(1, "d1"))
+    store.files.update(repo.files())
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    with pytest.raises(VerificationError):
+        client.refresh()
+
+    renewed = IndexRepository.load(store.fetch, publisher)  # default lifetimes
+    renewed.renew()
+    store.files.update(renewed.files())
+
+    client.refresh()
+    assert client.alias("intents", "production").digest == "d1"

@@ -113,7 +113,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _adapter_dir(source: Path) -> Path:
+def adapter_dir(source: Path) -> Path:
     """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself."""
     candidate = source / "adapter" if (source / "adapter").is_dir() else source
     for name in ADAPTER_FILES:
@@ -157,7 +157,7 @@ def build_release(
     ``source`` is a training output (``adapter/`` + ``metrics.json``) or a bare PEFT
     directory. ``out`` must not exist; the caller signs it afterwards.
     """
-    adapter = _adapter_dir(source)
+    adapter = adapter_dir(source)
     task = _read_json(adapter / TASK_FILE, "adapter task file")
     lora = _read_json(adapter / "adapter_config.json", "adapter config")
     training, metrics, privacy = _training_summary(source)

@@ -101,6 +101,24 @@ def _target(path: str, custom: dict[str, Any]) -> TargetFile:
     )
 
 
+def _entry(target: TargetFile | None) -> AliasEntry | None:
+    return AliasEntry(**target.custom) if target else None
+
+
+def _revocations(target: TargetFile | None) -> tuple[set[str], set[str]]:
+    custom = target.custom if target else {}
+    return set(custom.get("keys", [])), set(custom.get("releases", []))
+
+
+def check_not_revoked(revocations: tuple[set[str], set[str]], *, key: str, digest: str) -> None:
+    """Raise `VerificationError` if the signing key or the release digest is revoked."""
+    revoked_keys, revoked_releases = revocations
+    if key in revoked_keys:
+        raise VerificationError("revoked-key", f"signing key {key[:16]} is revoked")
+    if digest in revoked_releases:
+        raise VerificationError("revoked-release", f"release {digest[:16]} is revoked")
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -186,21 +204,10 @@ class IndexRepository:
         return self._roles[Targets.type].signed
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
-        target = self.targets.targets.get(_alias_path(model, alias))
-        return AliasEntry(**target.custom) if target else None
-
-    def aliases(self, model: str) -> dict[str, AliasEntry]:
-        prefix = f"models/{model}/aliases/"
-        return {
-            path[len(prefix) :]: AliasEntry(**t.custom)
-            for path, t in self.targets.targets.items()
-            if path.startswith(prefix)
-        }
+        return _entry(self.targets.targets.get(_alias_path(model, alias)))
 
     def revocations(self) -> tuple[set[str], set[str]]:
-        target = self.targets.targets.get(REVOCATIONS_TARGET)
-        custom = target.custom if target else {}
-        return set(custom.get("keys", [])), set(custom.get("releases", []))
+        return _revocations(self.targets.targets.get(REVOCATIONS_TARGET))
 
     def set_alias(self, model: str, alias: str, entry: AliasEntry) -> None:
         path = _alias_path(model, alias)
@@ -227,10 +234,6 @@ class IndexRepository:
     @property
     def timestamp_version(self) -> int:
         return int(self._roles[Timestamp.type].signed.version)
-
-    def signers(self) -> set[str]:
-        """Key ids that may sign the index (the root role's keys)."""
-        return set(self._roles[Root.type].signed.roles[Root.type].keyids)
 
     def add_signer(self, public_key: ec.EllipticCurvePublicKey) -> str:
         """Let another key sign the index (key rotation); a new root version records it."""
@@ -413,21 +416,14 @@ class IndexClient:
         raise RegistryError("IndexClient.refresh() has not succeeded yet")
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
-        target = self._target(_alias_path(model, alias))
-        return AliasEntry(**target.custom) if target else None
+        return _entry(self._target(_alias_path(model, alias)))
 
     def revocations(self) -> tuple[set[str], set[str]]:
-        target = self._target(REVOCATIONS_TARGET)
-        custom = target.custom if target else {}
-        return set(custom.get("keys", [])), set(custom.get("releases", []))
+        return _revocations(self._target(REVOCATIONS_TARGET))
 
     def check(self, *, model: str, alias: str | None, key: str, digest: str, release: int) -> None:
         """Refuse a verified release that is revoked or is not what ``alias`` points to."""
-        revoked_keys, revoked_releases = self.revocations()
-        if key in revoked_keys:
-            raise VerificationError("revoked-key", f"signing key {key[:16]} is revoked")
-        if digest in revoked_releases:
-            raise VerificationError("revoked-release", f"release {digest[:16]} is revoked")
+        check_not_revoked(self.revocations(), key=key, digest=digest)
         if alias is None:
             return
         entry = self.alias(model, alias)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.artifact import SIGNATURE_FILE, adapter_digest, build_release
+from registry.artifact import SIGNATURE_FILE, adapter_digest, adapter_dir, build_release
 from registry.errors import PromotionRefused, RegistryError, VerificationError
-from registry.freshness import AliasEntry, IndexRepository
+from registry.freshness import AliasEntry, IndexRepository, check_not_revoked
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
 from registry.policy import Policy
@@ -113,11 +113,8 @@ def publish(
                     f"{source} is a release of {verified.provenance.model_name!r}, not {model!r}"
                 )
         else:
-            if source.is_dir() and (source / "adapter").is_dir():
-                digest_dir = source / "adapter"
-            else:
-                digest_dir = source
-            known = _find(versions, f"{TAG}adapter_digest", _safe_adapter_digest(digest_dir))
+            adapter = adapter_dir(source)  # names the missing file of a non-adapter
+            known = _find(versions, f"{TAG}adapter_digest", adapter_digest(adapter))
             if known is not None:
                 return _existing(model, known)
             build_release(source, release_dir, model_name=model, release=_next_release(versions))
@@ -126,11 +123,7 @@ def publish(
         known = _find(versions, f"{TAG}digest", verified.digest)
         if known is not None:
             return _existing(model, known)
-        revoked_keys, revoked_releases = index.revocations()
-        if verified.key_id in revoked_keys:
-            raise VerificationError("revoked-key", f"signing key {verified.key_id[:16]} is revoked")
-        if verified.digest in revoked_releases:
-            raise VerificationError("revoked-release", f"release {verified.digest[:16]} is revoked")
+        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
 
         release = verified.provenance.release
         run_id = store.upload_release(release_dir, model=model, release=release)
@@ -160,16 +153,7 @@ def publish(
     return PublishResult(model, str(mv.version), release, verified.digest, verified.key_id, True)
 
 
-def _safe_adapter_digest(directory: Path) -> str | None:
-    try:
-        return adapter_digest(directory)
-    except OSError:
-        return None  # build_release names the missing file
-
-
-def _find(versions: list[Any], tag: str, value: str | None) -> Any | None:
-    if value is None:
-        return None
+def _find(versions: list[Any], tag: str, value: str) -> Any | None:
     for v in versions:
         if v.tags.get(tag) == value:
             return v
@@ -242,11 +226,10 @@ def promote(
         except VerificationError as exc:
             gate = "signer" if exc.reason in ("untrusted-key", "unsigned") else "signature"
             raise PromotionRefused(gate, exc.detail) from exc
-    revoked_keys, revoked_releases = index.revocations()
-    if verified.key_id in revoked_keys:
-        raise PromotionRefused("revocation", f"signing key {verified.key_id[:16]} is revoked")
-    if verified.digest in revoked_releases:
-        raise PromotionRefused("revocation", f"release {verified.digest[:16]} is revoked")
+    try:
+        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
+    except VerificationError as exc:
+        raise PromotionRefused("revocation", exc.detail) from exc
     policy.check(verified.provenance)
     entry = AliasEntry(
         release=verified.provenance.release,

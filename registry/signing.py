@@ -23,7 +23,7 @@ from model_signing import hashing, signing, verifying
 
 from registry.artifact import SIGNATURE_FILE, Provenance, read_provenance
 from registry.errors import RegistryError, VerificationError
-from registry.keys import TrustStore, key_id, load_private_key, signature_hint
+from registry.keys import TrustStore, key_id, load_private_key
 
 
 @dataclass(frozen=True)
@@ -106,20 +106,9 @@ def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
     return VerifiedRelease(directory, kid, manifest_digest(statement), provenance)
 
 
-def signed_key_id(directory: Path, trust: TrustStore) -> str | None:
-    """The trusted key id a directory claims to be signed by (unverified), if any."""
-    signature = directory / SIGNATURE_FILE
-    if not signature.is_file():
-        return None
-    hint, _ = _statement(signature)
-    return trust.by_hint(hint)
-
-
 __all__ = [
     "VerifiedRelease",
     "manifest_digest",
     "sign_release",
-    "signature_hint",
-    "signed_key_id",
     "verify_release",
 ]

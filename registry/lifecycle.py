@@ -17,18 +17,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from registry.accept import AcceptedRelease, accept
 from registry.artifact import SIGNATURE_FILE, adapter_digest, adapter_dir, build_release
 from registry.errors import PromotionRefused, RegistryError, VerificationError
-from registry.freshness import AliasEntry, IndexRepository, check_not_revoked
+from registry.index import AliasEntry
+from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
 from registry.policy import Policy
-from registry.signing import VerifiedRelease, sign_release, verify_release
+from registry.signing import sign_release
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
+# The promotion gate named when `accept` refuses a release for this reason.
+GATE_OF_REASON = {
+    "unsigned": "signer",
+    "untrusted-key": "signer",
+    "signature": "signature",
+    "index": "model",
+    "revoked-key": "revocation",
+    "revoked-release": "revocation",
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
     return TrustStore.load(tmp / "trust")
 
 
-def _tags(verified: VerifiedRelease) -> dict[str, str]:
+def _tags(verified: AcceptedRelease) -> dict[str, str]:
     prov = verified.provenance
     eps = prov.epsilon()
     tags = {
@@ -107,11 +118,6 @@ def publish(
             if trust is None:
                 raise RegistryError(f"{source} is already signed; pass --trust to verify it")
             shutil.copytree(source, release_dir)
-            verified = verify_release(release_dir, trust)
-            if verified.provenance.model_name != model:
-                raise RegistryError(
-                    f"{source} is a release of {verified.provenance.model_name!r}, not {model!r}"
-                )
         else:
             adapter = adapter_dir(source)  # names the missing file of a non-adapter
             known = _find(versions, f"{TAG}adapter_digest", adapter_digest(adapter))
@@ -119,11 +125,11 @@ def publish(
                 return _existing(model, known)
             build_release(source, release_dir, model_name=model, release=_next_release(versions))
             sign_release(release_dir, private_key=key.path, passphrase=key.passphrase)
-            verified = verify_release(release_dir, _own_trust(key, tmp))
+            trust = _own_trust(key, tmp)
+        verified = accept(release_dir, trust=trust, model=model, index=index, alias=None)
         known = _find(versions, f"{TAG}digest", verified.digest)
         if known is not None:
             return _existing(model, known)
-        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
 
         release = verified.provenance.release
         run_id = store.upload_release(release_dir, model=model, release=release)
@@ -200,14 +206,6 @@ def move_alias(
         raise
 
 
-def verify_version(
-    store: MlflowStore, *, model: str, version: str, trust: TrustStore, into: Path
-) -> VerifiedRelease:
-    """Download a version into ``into`` and verify it (signature and trusted signer)."""
-    directory = store.download_version(model, version, into)
-    return verify_release(directory, trust)
-
-
 def promote(
     store: MlflowStore,
     *,
@@ -221,16 +219,14 @@ def promote(
     """Move ``alias`` to ``version`` if every gate passes; the gate that fails is named."""
     index = load_index(store, key, create=False)
     with staging("fedlora-promote-") as tmp:
+        directory = store.download_version(model, version, tmp)
         try:
-            verified = verify_version(store, model=model, version=version, trust=trust, into=tmp)
+            # No alias check: moving the alias is what a promotion does.
+            verified = accept(
+                directory, trust=trust, model=model, index=index, alias=None, policy=policy
+            )
         except VerificationError as exc:
-            gate = "signer" if exc.reason in ("untrusted-key", "unsigned") else "signature"
-            raise PromotionRefused(gate, exc.detail) from exc
-    try:
-        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
-    except VerificationError as exc:
-        raise PromotionRefused("revocation", exc.detail) from exc
-    policy.check(verified.provenance)
+            raise PromotionRefused(GATE_OF_REASON.get(exc.reason, exc.reason), exc.detail) from exc
     entry = AliasEntry(
         release=verified.provenance.release,
         version=str(version),

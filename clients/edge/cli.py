@@ -114,7 +114,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from clients.task.model import base_digest
     from registry.keys import TrustStore
     from registry.mlflow_store import MlflowStore
-    from registry.pull import LocalPolicy, pull
+    from registry.policy import LocalPolicy
+    from registry.pull import pull
 
     ref = ModelRef.parse(args.ref)
     release = pull(
@@ -137,18 +138,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from clients.task.model import base_digest
+    from registry.accept import accept
     from registry.errors import VerificationError
     from registry.keys import TrustStore
-    from registry.pull import LocalPolicy
-    from registry.signing import verify_release
 
     directory = Path(args.directory)
     if not directory.is_dir():
         raise ConfigError(f"{str(directory)!r} is not a directory")
     try:
-        verified = verify_release(directory, TrustStore.load(Path(args.trust)))
-        if args.base:
-            LocalPolicy(base_digest=base_digest(args.base)).check(verified)
+        # Offline: no index, so neither revocation nor alias freshness can be checked.
+        verified = accept(
+            directory,
+            trust=TrustStore.load(Path(args.trust)),
+            model=None,
+            index=None,
+            alias=None,
+            base_digest=base_digest(args.base) if args.base else None,
+        )
     except VerificationError as exc:
         err.print(f"[red]refused ({exc.reason}):[/red] {exc.detail}", highlight=False)
         return EXIT_REFUSED

@@ -76,13 +76,13 @@ def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
     return TrustStore.load(tmp / "trust")
 
 
-def _tags(verified: AcceptedRelease) -> dict[str, str]:
-    prov = verified.provenance
+def _tags(accepted: AcceptedRelease) -> dict[str, str]:
+    prov = accepted.provenance
     eps = prov.epsilon()
     tags = {
-        f"{TAG}digest": verified.digest,
+        f"{TAG}digest": accepted.digest,
         f"{TAG}adapter_digest": prov.adapter_digest,
-        f"{TAG}key_id": verified.key_id,
+        f"{TAG}key_id": accepted.key_id,
         f"{TAG}release": str(prov.release),
         f"{TAG}epsilon": "none" if eps is None else f"{eps:.6g}",
         f"{TAG}base_digest": prov.base_digest,
@@ -118,6 +118,7 @@ def publish(
             if trust is None:
                 raise RegistryError(f"{source} is already signed; pass --trust to verify it")
             shutil.copytree(source, release_dir)
+            signers = trust
         else:
             adapter = adapter_dir(source)  # names the missing file of a non-adapter
             known = _find(versions, f"{TAG}adapter_digest", adapter_digest(adapter))
@@ -125,13 +126,13 @@ def publish(
                 return _existing(model, known)
             build_release(source, release_dir, model_name=model, release=_next_release(versions))
             sign_release(release_dir, private_key=key.path, passphrase=key.passphrase)
-            trust = _own_trust(key, tmp)
-        verified = accept(release_dir, trust=trust, model=model, index=index, alias=None)
-        known = _find(versions, f"{TAG}digest", verified.digest)
+            signers = _own_trust(key, tmp)
+        accepted = accept(release_dir, trust=signers, model=model, index=index, alias=None)
+        known = _find(versions, f"{TAG}digest", accepted.digest)
         if known is not None:
             return _existing(model, known)
 
-        release = verified.provenance.release
+        release = accepted.provenance.release
         run_id = store.upload_release(release_dir, model=model, release=release)
     if store.registered(model) is None:
         store.call("create model", lambda: store.client.create_registered_model(model))
@@ -144,19 +145,19 @@ def publish(
             model,
             f"{artifact_uri}/release",
             run_id=run_id,
-            tags=_tags(verified),
+            tags=_tags(accepted),
             await_creation_for=0,
         ),
     )
     entry = AliasEntry(
-        release=release, version=str(mv.version), digest=verified.digest, key_id=verified.key_id
+        release=release, version=str(mv.version), digest=accepted.digest, key_id=accepted.key_id
     )
     try:
         move_alias(store, index, model=model, alias=alias, entry=entry)
     except BaseException:
         store.quietly(lambda: store.client.delete_model_version(model, str(mv.version)))
         raise
-    return PublishResult(model, str(mv.version), release, verified.digest, verified.key_id, True)
+    return PublishResult(model, str(mv.version), release, accepted.digest, accepted.key_id, True)
 
 
 def _find(versions: list[Any], tag: str, value: str) -> Any | None:
@@ -222,16 +223,16 @@ def promote(
         directory = store.download_version(model, version, tmp)
         try:
             # No alias check: moving the alias is what a promotion does.
-            verified = accept(
+            accepted = accept(
                 directory, trust=trust, model=model, index=index, alias=None, policy=policy
             )
         except VerificationError as exc:
             raise PromotionRefused(GATE_OF_REASON.get(exc.reason, exc.reason), exc.detail) from exc
     entry = AliasEntry(
-        release=verified.provenance.release,
+        release=accepted.provenance.release,
         version=str(version),
-        digest=verified.digest,
-        key_id=verified.key_id,
+        digest=accepted.digest,
+        key_id=accepted.key_id,
         event="promote",
     )
     move_alias(store, index, model=model, alias=alias, entry=entry)

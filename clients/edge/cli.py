@@ -147,7 +147,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise ConfigError(f"{str(directory)!r} is not a directory")
     try:
         # Offline: no index, so neither revocation nor alias freshness can be checked.
-        verified = accept(
+        accepted = accept(
             directory,
             trust=TrustStore.load(Path(args.trust)),
             model=None,
@@ -158,7 +158,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except VerificationError as exc:
         err.print(f"[red]refused ({exc.reason}):[/red] {exc.detail}", highlight=False)
         return EXIT_REFUSED
-    prov = verified.provenance
-    out.print(f"verified: {prov.model_name} release {prov.release}, digest {verified.digest}, "
-              f"key {verified.key_id}, ε {prov.epsilon()}")  # fmt: skip
+    prov = accepted.provenance
+    out.print(f"verified: {prov.model_name} release {prov.release}, digest {accepted.digest}, "
+              f"key {accepted.key_id}, ε {prov.epsilon()}")  # fmt: skip
     return 0

@@ -2,7 +2,7 @@
 
 `VerificationError.reason` is a short, stable token (``signature``, ``untrusted-key``,
 ``revoked-key``, ``revoked-release``, ``stale``, ``expired``, ``base-mismatch``,
-``policy``, ``unsigned``, ``index``) so an edge node can count refusals by reason.
+``policy``, ``unsigned``, ``index``, ``unloadable``) so an edge node can count refusals by reason.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ REASONS = (
     "index",
     "base-mismatch",
     "policy",
+    # signed, but the loaded model would not use exactly the tensors of its files
+    "unloadable",
 )
 
 

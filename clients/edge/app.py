@@ -107,7 +107,7 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
     )
-    app.state.refresher = refresher
+    app.state.node, app.state.refresher = node, refresher
     settings = node.settings
     # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts
     max_body = settings.max_items * settings.max_text_chars * 4 + 65536

@@ -49,6 +49,20 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--threads", type=int, default=0, help="inference threads (0: half the cores)"
     )
+    serve.add_argument("--max-items", type=int, default=64,
+                       help="texts or prompts per request (default: 64)")  # fmt: skip
+    serve.add_argument("--max-text-chars", type=int, default=4000,
+                       help="characters per text or prompt (default: 4000)")  # fmt: skip
+    serve.add_argument("--max-new-tokens", type=int, default=64,
+                       help="largest max_tokens a request may ask for (default: 64)")  # fmt: skip
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="texts or prompts per forward (default: 32)")  # fmt: skip
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting per base; more get 503 + Retry-After "
+                       "(default: 256)")  # fmt: skip
+    serve.add_argument("--batch-wait-ms", type=float, default=2.0,
+                       help="how long a batch may wait for more requests while others "
+                       "wait (default: 2)")  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
@@ -99,6 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_token=EdgeSettings.token_from_env(),
         max_loaded=args.max_loaded,
         threads=args.threads,
+        max_items=args.max_items,
+        max_text_chars=args.max_text_chars,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms,
     )
     node = EdgeNode(settings)
     node.start()

@@ -78,6 +78,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFull)
     async def busy(request: Request, exc: QueueFull) -> Response:
+        request.app.state.node.metrics.queue_full.inc()
         headers = {"Retry-After": str(int(exc.retry_after_s))}
         if openai_path(request):
             return openai_error(503, str(exc), headers=headers, kind="overloaded_error")

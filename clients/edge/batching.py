@@ -67,10 +67,12 @@ class Batcher:
         max_queue: int,
         max_wait_s: float,
         name: str,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_rows < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"max_rows={max_rows}, max_queue={max_queue}, max_wait_s={max_wait_s}")
         self._run_batch = run_batch
+        self._on_batch = on_batch  # called with each batch's row count (metrics)
         self.max_rows = max_rows
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
@@ -171,6 +173,8 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             started = time.perf_counter()
+            if self._on_batch is not None:
+                self._on_batch(sum(job.rows for job in batch))
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
             try:
                 if live:

@@ -65,6 +65,7 @@ class EdgeNode:
     ) -> None:
         self.settings = settings
         self.trust = TrustStore.load(settings.trust)
+        self.metrics = metrics or EdgeMetrics()
         if runtime is None:
             import torch
 
@@ -77,10 +78,10 @@ class EdgeNode:
                     max_rows=settings.max_batch,
                     max_queue=settings.max_queue,
                     max_wait_s=settings.batch_wait_ms / 1000,
+                    on_batch=self.metrics.batch_rows.observe,
                 ),
             )
         self.runtime = runtime
-        self.metrics = metrics or EdgeMetrics()
         self.policy = LocalPolicy(
             base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon
         )

@@ -61,6 +61,7 @@ class Batching:
     max_rows: int = 32
     max_queue: int = 256
     max_wait_s: float = 0.002
+    on_batch: Callable[[int], None] | None = None  # rows of each batch, for metrics
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class SharedBase:
             max_queue=batching.max_queue,
             max_wait_s=batching.max_wait_s,
             name=f"{task}-{num_labels}",
+            on_batch=batching.on_batch,
         )
 
     # adapters -------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class SharedBase:
         from peft import get_peft_model
 
         name = next(self._names)
-        config = copy.copy(config)
+        config = copy.deepcopy(config)  # peft extends modules_to_save in place
         config.base_model_name_or_path = self._base.name_or_path  # the base it is added to
         if self.model is None:
             self.model = get_peft_model(self._base, config, adapter_name=name)

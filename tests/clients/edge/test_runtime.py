@@ -324,3 +324,30 @@ def test_texts_are_truncated_before_the_tokenizer_sees_their_full_length(
                     return_tensors="pt")  # fmt: skip
     assert torch.equal(encoded["input_ids"], full["input_ids"])
     runtime.close()
+
+
+@pytest.mark.integration
+def test_retired_adapters_beyond_the_spares_are_deleted_and_the_rest_still_answer(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    releases = [
+        runtime.load("m", str(i + 1), signed(trained(tiny_llama, tmp_path / f"t{i}", seed=i),
+                                             tmp_path / f"r{i}", keypair=keypair, trust=trust,
+                                             release=i + 1))
+        for i in range(6)
+    ]  # fmt: skip
+    base = releases[0].base
+    kept = releases[-1]
+    expected = kept.predict(["hello there"])
+
+    for release in releases[:-1]:
+        release.retire()
+    base.batcher.call(lambda: None)  # deletions run on the batcher's thread
+
+    assert set(base.model.peft_config) == {kept.slot.name} | {
+        s.name for s in base._spares[kept.slot.shape]
+    }
+    assert len(base._spares[kept.slot.shape]) == SPARES
+    assert kept.predict(["hello there"]) == expected
+    runtime.close()

@@ -98,7 +98,11 @@ def refusing(site_id: str, reason: str) -> Site:
 
 
 class FakeGrid:
-    """An in-memory Grid: node id -> site behaviour; records which nodes each round asked."""
+    """An in-memory Grid (node id -> site behaviour) that records whom each round asked.
+
+    A pure unit seam: no SuperLink, no ClientApp processes, no timeouts; the real Flower
+    path stays covered by tests/integration (test_simulation, test_privacy, test_secagg).
+    """
 
     def __init__(self, sites: dict[int, Site]) -> None:
         self.sites = sites

@@ -118,7 +118,7 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
     app.include_router(openai_routes(node))
 
     @app.post("/v1/predict")
-    async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+    async def predict(body: PredictRequest, request: Request) -> Response:
         """Classify texts with the model's active release: label and scores per text."""
         check_texts(body.texts, node)
         slot = find_slot(node, body.model)
@@ -126,12 +126,14 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         release, future = await submit_to(
             slot, "sequence-classification", lambda r: r.submit_predict(body.texts)
         )
-        return {
+        predictions = await asyncio.wrap_future(future)
+        # Plain JSON types already: answered as they are, without FastAPI's re-encoding.
+        return SafeJSONResponse({
             "model": slot.ref.name,
             "version": release.version,
             "digest": release.verified.digest,
-            "predictions": await asyncio.wrap_future(future),
-        }
+            "predictions": predictions,
+        })  # fmt: skip
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:

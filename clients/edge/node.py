@@ -3,10 +3,13 @@
 For each model the node holds an ``active`` release (answers new requests) and the
 ``previous`` one (kept loaded for instant rollback). A refresh resolves the alias in
 MLflow, refreshes the release index (TUF), downloads into a staging folder, accepts it
-(`registry.accept`), installs into the cache, loads with PEFT, then swaps with one
-assignment: requests that already hold the old release finish on it. Any failure keeps
-the current release serving and is counted by reason. With the registry down at start,
-the node accepts its cached release against the cached index instead.
+(`registry.accept`), installs into the cache, loads its verified tensors as an adapter on
+the shared base (`clients.edge.runtime`), then swaps with one assignment: requests that
+already hold the old release finish on it, and a release that leaves both places is
+retired (its adapter is freed after its last request). Any failure keeps the current
+release serving and is counted by reason. With the registry down at start, the node
+accepts its cached release against the cached index instead; corrupt local state
+degrades the node, it never stops it.
 
     node = EdgeNode(settings)
     node.start()                    # registry, or the verified cache when it is down
@@ -181,11 +184,12 @@ class EdgeNode:
             checked = time.perf_counter()
         # From here on the files are the cached copy of those just accepted.
         release = self.runtime.load(slot.ref.name, str(version), replace(accepted, directory=home))
-        self._swap(slot, release, source="registry")
+        loaded = time.perf_counter()
+        self._swap(slot, release, source="registry")  # serving it from here; then bookkeeping
         done = time.perf_counter()
         stages.labels("download").observe(downloaded - start)
         stages.labels("verify").observe(checked - downloaded)
-        stages.labels("load").observe(done - checked)
+        stages.labels("load").observe(loaded - checked)
         stages.labels("total").observe(done - start)
         return True
 

@@ -170,7 +170,10 @@ def openai_routes(node: EdgeNode) -> APIRouter:
         release = slot.active
         if release is None:
             return None
-        created = datetime.fromisoformat(release.verified.provenance.created_at).timestamp()
+        try:
+            created = datetime.fromisoformat(release.verified.provenance.created_at).timestamp()
+        except ValueError:
+            created = 0.0
         return {"id": str(slot.ref), "object": "model", "created": int(created),
                 "owned_by": "fedlora", "task": release.task, "version": release.version,
                 "digest": release.verified.digest}  # fmt: skip

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from clients.edge.node import EdgeNode
 from clients.edge.settings import EdgeSettings, ModelRef
@@ -15,10 +16,12 @@ from registry.keys import KeyPair, TrustStore
 from registry.lifecycle import SigningKey, promote, publish, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
+from tests.clients.edge.test_runtime import LABELS, stock_scores
 from tests.conftest import PASSPHRASE
 from tests.integration.flower_local import free_port
 
 pytestmark = pytest.mark.integration
+TEXTS = ["hello there", "see you later"]
 
 
 def test_rollback_swaps_back_to_the_loaded_previous_release_without_reloading(
@@ -114,12 +117,18 @@ def test_a_cached_copy_changed_on_disk_is_never_served(
     shutil.copytree(outputs[2] / "adapter", planted)
     promote(store, model="intents", version=v2.version, key=key, trust=trust, policy=Policy())
 
-    assert node.refresh("intents") is False
+    node.refresh("intents")
 
-    slot = node.slots["intents"]
-    assert slot.active is not None and slot.active.version == v1
-    assert _refusals(node, "signature") == 1
-    assert node.health()["status"] == "degraded"
+    served = node.slots["intents"].active
+    assert served is not None
+    if served.version == v2.version:  # a node that replaced the planted copy: genuine v2
+        answer = torch.tensor([[row["scores"][label] for label in LABELS]
+                               for row in served.predict(TEXTS)])  # fmt: skip
+        genuine = stock_scores(tiny_llama, outputs[1] / "adapter", TEXTS)
+        torch.testing.assert_close(answer, genuine, atol=1e-4, rtol=0)
+    else:  # a node that found the planted copy: refused, still on v1
+        assert served.version == v1 and _refusals(node, "signature") == 1
+        assert node.health()["status"] == "degraded"
 
 
 def _truncate(path: Path) -> None:

@@ -280,3 +280,23 @@ def test_a_chunked_100_mb_body_is_cut_off_at_the_limit(served: dict) -> None:
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert _rss(served["pid"]) - before < 32 * 2**20
     assert httpx.get(f"{served['url']}/healthz", timeout=10).status_code == 200
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(client: openai.OpenAI) -> None:
+    def next_request_after(*, close: bool) -> float:
+        stream = client.completions.create(model="lm", prompt="hello world", max_tokens=64,
+                                           temperature=0, stream=True)  # fmt: skip
+        next(iter(stream))
+        if close:  # the connection goes away: the node cancels the row
+            stream.close()
+        start = time.perf_counter()
+        client.completions.create(model="lm", prompt="hi", max_tokens=1)
+        waited = time.perf_counter() - start
+        stream.close()
+        time.sleep(1)
+        return waited
+
+    left_open = next_request_after(close=False)  # behind 63 more tokens for nobody
+    closed = next_request_after(close=True)
+
+    assert closed < left_open / 3, (closed, left_open)

@@ -424,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rescore is not None:
         return rescore(args.rescore)
-    from server.cli import progress_bars, quiet_libraries
+    from server.console import progress_bars, quiet_libraries
 
     quiet_libraries()
     from clients.task.data import Example, write_jsonl

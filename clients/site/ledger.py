@@ -138,6 +138,37 @@ class SiteLedger:
         write_durably(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
+def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
+    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
+
+    Raises:
+        ConfigError: If the directory or its ledger is missing or unreadable.
+    """
+    if not state.is_dir():
+        raise ConfigError(f"--state {str(state)!r} is not a directory")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
+    try:
+        ledger = json.loads(path.read_text())
+        runs = {
+            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
+            for run, e in ledger["runs"].items()
+        }
+        spent = float(ledger["total_epsilon"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
+    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
+    return {
+        "ledger": str(path),
+        "spent_epsilon": spent,
+        "spent_delta": sum(r["delta"] for r in runs.values()),
+        "max_epsilon": budget,
+        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
+        "runs": runs,
+    }
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)

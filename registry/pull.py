@@ -3,7 +3,8 @@
 resolve alias (MLflow, untrusted) -> download into a staging folder -> signature by a
 trusted key -> release index refreshed with python-tuf: not revoked, and the alias really
 points at this release (no replay of an older one) -> local policy (base-model digest,
-maximum ε) -> move into place with one rename. Nothing unverified is ever left at ``out``.
+maximum ε) -> swap into place (`clients.task.files.swap_directory`). Nothing unverified is
+ever left at ``out``.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -11,11 +12,10 @@ maximum ε) -> move into place with one rename. Nothing unverified is ever left 
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.task.files import swap_directory
 from registry.errors import RegistryError, VerificationError
 from registry.freshness import IndexClient
 from registry.keys import TrustStore
@@ -68,27 +68,6 @@ def check_release(
     policy.check(verified)
 
 
-def install(directory: Path, out: Path) -> None:
-    """Replace ``out`` with ``directory`` by renames on one file system."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.incoming"
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(directory, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def pull(
     store: MlflowStore,
     *,
@@ -109,5 +88,5 @@ def pull(
         directory = store.download_version(model, version, tmp)
         verified = verify_release(directory, trust)
         check_release(verified, index, model=model, alias=alias, policy=policy or LocalPolicy())
-        install(directory, out)
+        swap_directory(directory, out)
     return VerifiedRelease(out, verified.key_id, verified.digest, verified.provenance)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,11 +26,12 @@ from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
+from clients.task.files import swap_directory, write_atomic
 from registry.errors import RegistryUnavailable, VerificationError
 from registry.freshness import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
-from registry.pull import LocalPolicy, check_release, install
+from registry.pull import LocalPolicy, check_release
 from registry.signing import verify_release
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class EdgeNode:
     def _install(self, model: str, directory: Path, digest: str) -> Path:
         home = self.settings.cache / "releases" / model / digest
         if not home.exists():
-            install(directory, home)
+            swap_directory(directory, home)
         return home
 
     def _state_path(self) -> Path:
@@ -223,12 +223,7 @@ class EdgeNode:
             "version": slot.active.version,
             "digest": slot.active.verified.digest,
         }
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(state, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        write_atomic(path, json.dumps(state, indent=2).encode())
 
     def _load_cached(self, slot: ModelSlot) -> None:
         """Serve the last verified release of ``slot`` after re-verifying it offline."""

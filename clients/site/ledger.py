@@ -8,9 +8,9 @@ SIGKILL anywhere in the round leaves the round already counted: the ledger can o
 a round whose update never left the site, but can never under-count one that did, so a
 restarted site never exceeds its budget.
 
-The file (``STATE/privacy-ledger.json``) is replaced atomically: written to a temporary
-file, fsynced, renamed over the old one, and the directory fsynced, so a kill at any
-point leaves either the old or the new ledger, never a torn one.
+The file (``STATE/privacy-ledger.json``) is replaced with `write_atomic` (temporary file,
+fsync, rename, fsync of the directory), so a kill at any point leaves either the old or
+the new ledger, never a torn one.
 
 A run's ε is accounted with RDP over all its DP-SGD steps (Opacus); runs compose by
 adding their ε (and δ), which is conservative.
@@ -19,13 +19,12 @@ adding their ε (and δ), which is conservative.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.files import write_atomic
 
 LEDGER_FILE = "privacy-ledger.json"
 VERSION = 1
@@ -135,7 +134,7 @@ class SiteLedger:
         }
 
     def save(self) -> None:
-        write_durably(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
 def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
@@ -167,23 +166,3 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
         "runs": runs,
     }
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

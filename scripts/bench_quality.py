@@ -119,7 +119,8 @@ def run_federated(
     progress: Progress,
 ) -> dict[str, Any]:
     """Federated FFA-LoRA in a Flower simulation; central test accuracy every round."""
-    from server.settings import RunSettings, parse_overrides
+    from server.run_config import parse_overrides
+    from server.settings import RunSettings
     from server.simulation import SimSite, simulate
 
     settings = RunSettings.from_config(

@@ -25,7 +25,7 @@ TASKS = ("sequence-classification", "causal-lm")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.settings import parse_overrides
+    from server.run_config import parse_overrides
     from server.train import run_train
 
     result = run_train(

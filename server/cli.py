@@ -17,11 +17,11 @@ from pathlib import Path
 
 from rich.console import Console
 
+from clients.task.data import TASKS
 from clients.task.errors import FedloraError
 from server.console import console, quiet_libraries, round_table
 
 EXIT_ERROR = 2
-TASKS = ("sequence-classification", "causal-lm")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from clients.task.plan import TrainPlan
 from server.run_config import read_config, split_list
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
+from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
 
@@ -192,7 +193,11 @@ class RunSettings:
             )
         if self.secagg is not None:
             # Every round must give each site a full neighbourhood of num-shares sites.
-            fewest = self.sample_size(self.min_available_clients)
+            fewest = sample_size(
+                self.min_available_clients,
+                fraction=self.fraction_train,
+                minimum=self.min_fit_clients,
+            )
             if self.secagg.num_shares > fewest:
                 raise ConfigError(
                     f"secagg.num-shares={self.secagg.num_shares!r} exceeds the {fewest} "
@@ -219,11 +224,6 @@ class RunSettings:
         if self.client_dp is not None:
             return self.client_dp.clip_norm
         return self.max_norm if self.secagg is not None else 0.0
-
-    def sample_size(self, available: int) -> int:
-        """How many of ``available`` connected sites a round samples."""
-        wanted = max(self.min_fit_clients, round(self.fraction_train * available))
-        return min(available, wanted)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:

@@ -155,20 +155,3 @@ def test_settings_built_directly_check_the_same_cross_field_rules() -> None:
         replace(ok, max_norm=0.25)
     with pytest.raises(ConfigError, match=r"dp\.clip-norm=-1\.0 must be > 0"):
         replace(ok.client_dp, clip_norm=-1.0)  # the mechanism's own bound, checked once
-
-
-@pytest.mark.parametrize(
-    ("fraction", "min_fit", "available", "sampled"),
-    [
-        (1.0, 2, 5, 5),  # everyone
-        (0.5, 2, 5, 2),  # round(2.5) is 2 (banker's rounding), at least min-fit 2
-        (0.5, 2, 7, 4),  # round(3.5) is 4
-        (0.1, 3, 10, 3),  # round(1.0) is 1, raised to min-fit 3
-        (0.1, 3, 2, 2),  # min-fit 3 but only 2 connected: all of them
-    ],
-)
-def test_sample_size_by_hand(fraction: float, min_fit: int, available: int, sampled: int) -> None:
-    settings = RunSettings.from_config(
-        {**OK, "fraction-train": fraction, "min-fit-clients": min_fit, "min-available-clients": 3}
-    )
-    assert settings.sample_size(available) == sampled

@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -70,8 +69,8 @@ from registry.lifecycle import SigningKey, promote, publish  # noqa: E402
 from registry.mlflow_store import MlflowStore  # noqa: E402
 from registry.policy import Policy  # noqa: E402
 from registry.signing import sign_release  # noqa: E402
-from tests.integration.flower_local import free_port  # noqa: E402
-from tests.mlflow_local import MlflowServer  # noqa: E402
+from server.harness.edge import EdgeNodeProcess  # noqa: E402
+from server.harness.mlflow_server import MlflowServer  # noqa: E402
 from tests.tiny_models import make_tiny_llama  # noqa: E402
 
 console = Console(stderr=True)
@@ -170,46 +169,24 @@ def memory(work: Path, pair: KeyPair, trust: TrustStore, counts: Sequence[int]) 
 def edge_node(
     work: Path, uri: str, models: Sequence[str], *, base: str, name: str
 ) -> Iterator[str]:
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, FEDLORA_EDGE_TOKEN=TOKEN)
-    cmd = [
-        str(Path(sys.executable).parent / "fedlora"),
-        "edge",
-        "serve",
-        "--trust",
-        str(work / "trust"),
-        "--port",
-        str(port),
-        "--poll-seconds",
-        "3600",
-        "--cache",
-        str(work / f"cache-{name}"),
-        "--base",
-        base,
-    ]
-    for model in models:
-        cmd += ["--model", model]
-    log_path = work / f"edge-{name}.log"
-    with log_path.open("wb") as log:
-        node = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    """A ``fedlora edge serve`` process, once it serves every model (health ``ok``)."""
+    node = EdgeNodeProcess(
+        models=list(models),
+        trust=work / "trust",
+        cache=work / f"cache-{name}",
+        log_path=work / f"edge-{name}.log",
+        registry=uri,
+        base=base,
+        poll_seconds=3600,
+        env={"FEDLORA_EDGE_TOKEN": TOKEN},
+    )
+    with node:
         deadline = time.monotonic() + 300
-        while True:
-            if node.poll() is not None:
-                raise RuntimeError(log_path.read_text()[-3000:])
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).json()["status"] == "ok":
-                    break
-            except (httpx.TransportError, ValueError):
-                pass
+        while httpx.get(f"{node.url}/healthz", timeout=10).json()["status"] != "ok":
             if time.monotonic() > deadline:
-                raise RuntimeError(f"edge node did not start: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"edge node not ok: {node.log_path.read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url
-    finally:
-        node.terminate()
-        node.wait(timeout=30)
+        yield node.url
 
 
 def _stage_sums(url: str) -> dict[str, float]:

@@ -16,9 +16,9 @@ from registry.keys import KeyPair, TrustStore
 from registry.lifecycle import SigningKey, promote, publish, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
+from server.harness.process import free_port
 from tests.clients.edge.test_runtime import LABELS, stock_scores
 from tests.conftest import PASSPHRASE
-from tests.integration.flower_local import free_port
 
 pytestmark = pytest.mark.integration
 TEXTS = ["hello there", "see you later"]

@@ -5,12 +5,9 @@ bounded loopback load test (64 concurrent clients, a refresh storm, a 100 MB chu
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,12 +23,11 @@ from registry.keys import TrustStore, generate_keypair
 from registry.lifecycle import SigningKey, promote, publish
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
+from server.harness.edge import EdgeNodeProcess
 from tests.clients.edge.test_runtime import trained
 from tests.conftest import PASSPHRASE
-from tests.integration.flower_local import free_port
 
 pytestmark = pytest.mark.integration
-FEDLORA = str(Path(sys.executable).parent / "fedlora")
 TOKEN = "openai-test-token"
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|>"
 MAX_ITEMS, MAX_CHARS = 16, 2000
@@ -61,34 +57,24 @@ def served(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     for model, source in sources.items():
         version = publish(store, source, model=model, key=key).version
         promote(store, model=model, version=version, key=key, trust=trust, policy=Policy())
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=store.uri, FEDLORA_EDGE_TOKEN=TOKEN)
-    log = root / "edge.log"
-    cmd = [FEDLORA, "edge", "serve", "--model", "lm", "--model", "intents",
-           "--trust", str(root / "trust"), "--base", str(base), "--port", str(port),
-           "--poll-seconds", "3600", "--cache", str(root / "cache"),
-           "--max-items", str(MAX_ITEMS), "--max-text-chars", str(MAX_CHARS)]  # fmt: skip
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    node = EdgeNodeProcess(
+        models=["lm", "intents"],
+        trust=root / "trust",
+        cache=root / "cache",
+        log_path=root / "edge.log",
+        registry=store.uri,
+        base=base,
+        poll_seconds=3600,
+        env={"FEDLORA_EDGE_TOKEN": TOKEN},
+        options=["--max-items", str(MAX_ITEMS), "--max-text-chars", str(MAX_CHARS)],
+    )
+    with node:
         deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).json()["status"] == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
+        while httpx.get(f"{node.url}/healthz", timeout=10).json()["status"] != "ok":
+            assert time.monotonic() < deadline, node.log_path.read_text()[-3000:]
             time.sleep(0.5)
-        yield {"url": url, "pid": proc.pid, "base": base, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        assert node.process is not None
+        yield {"url": node.url, "pid": node.process.popen.pid, "base": base}
 
 
 @pytest.fixture

@@ -30,9 +30,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from clients.task.errors import BudgetRefused, RoundFailed
+from clients.task.plan import NO_EVALUATION
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.privacy import PrivacyLedger, solve_noise_multiplier
 from server.secagg import run_secure_round
+from server.selection import BestRound
 from server.settings import RunSettings
 from server.tracking import Tracker
 from strategies.dp import ClientLevelDP, DifferentiallyPrivate
@@ -41,6 +43,8 @@ from strategies.records import from_record, to_record
 
 log = logging.getLogger(__name__)
 
+# MLflow tag naming what the run's `accuracy`/`loss` metrics were measured on.
+HEADLINE_TAG = "fedlora.headline"
 # Central evaluation: global state -> (loss, accuracy)
 Evaluator = Callable[[Mapping[str, np.ndarray]], tuple[float, float]]
 
@@ -79,6 +83,11 @@ class RoundRecord:
     refusals: list[dict[str, str]] = field(default_factory=list)
     # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What `accuracy`/`loss` were measured on (`headline_source`), how many sites sent a
+    # federated evaluation, and the sites that hold no rows out (with their reason).
+    headline: str = ""
+    evaluated_sites: int = 0
+    unevaluated: list[dict[str, str]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""
@@ -88,6 +97,15 @@ class RoundRecord:
                 out[key] = float(value)
         out["skipped"] = float(self.skipped)
         return out
+
+
+def headline_source(*, central: bool, evaluated_sites: int) -> str:
+    """Name the data behind a round's headline accuracy (metrics.json and MLflow)."""
+    if central:
+        return "central held-out file (eval-file)"
+    if evaluated_sites:
+        return f"federated mean over {evaluated_sites} site(s) with held-out rows"
+    return "none: no eval-file and no site holds rows out"
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -165,7 +183,9 @@ def _plain_round(
             record.rejections.append({"site": site, "check": "format", "detail": str(exc)})
     for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
         record.failures.append({"site": f"node-{node}", "reason": "no reply before timeout"})
-    return updates
+    # Replies arrive in whatever order the sites finish; the float sums of the aggregate
+    # must not depend on it, or two identical runs would differ in the last bits.
+    return sorted(updates, key=lambda u: u.site)
 
 
 def _secure_round(
@@ -223,20 +243,34 @@ def _weighted(values: list[tuple[float, int]]) -> float | None:
 
 
 def _federated_evaluate(
-    grid: Grid, nodes: list[int], record: ArrayRecord, config: dict[str, Any], timeout: float
+    grid: Grid,
+    nodes: list[int],
+    state: ArrayRecord,
+    config: dict[str, Any],
+    timeout: float,
+    record: RoundRecord,
 ) -> tuple[float | None, float | None]:
+    """Example-weighted mean loss and accuracy over the sites that hold rows out.
+
+    Sites without held-out rows say so and are listed in ``record.unevaluated``.
+    """
     replies = grid.send_and_receive(
-        _messages(nodes, record, config, MessageType.EVALUATE), timeout=timeout
+        _messages(nodes, state, config, MessageType.EVALUATE), timeout=timeout
     )
     losses, accs = [], []
     for reply in replies:
         if reply.has_error() or "metrics" not in reply.content.metric_records:
+            continue
+        site = reply.content.config_records.get("site")
+        if site is not None and NO_EVALUATION in site:
+            record.unevaluated.append({"site": _site_id(reply), "reason": str(site[NO_EVALUATION])})
             continue
         m = reply.content.metric_records["metrics"]
         n = int(m.get("num-examples", 0))  # type: ignore[arg-type]
         if n > 0 and np.isfinite(m.get("loss", np.nan)):  # type: ignore[arg-type]
             losses.append((float(m["loss"]), n))  # type: ignore[arg-type]
             accs.append((float(m["accuracy"]), n))  # type: ignore[arg-type]
+    record.evaluated_sites = len(accs)
     return _weighted(losses), _weighted(accs)
 
 
@@ -250,13 +284,22 @@ def run_rounds(
     evaluator: Evaluator | None = None,
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    best: BestRound | None = None,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
+
+    Args:
+        best: Kept up to date with the best round on the central held-out file (and
+            checkpointed with it); restored from `resume_from` when resuming.
 
     Returns:
         The final global state, the history (one dict per round) and, if the privacy
         budget stopped the run early, why.
     """
+    best = best if best is not None else BestRound()
+    if resume_from is not None and resume_from.best_round:
+        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
+        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
     strategy = settings.strategy()
     optimizer = settings.server_optimizer
     state = resume_from.state if resume_from else initial_state
@@ -352,17 +395,24 @@ def run_rounds(
         if settings.fraction_evaluate > 0:
             n_eval = max(1, round(settings.fraction_evaluate * len(nodes)))
             record.federated_loss, record.federated_accuracy = _federated_evaluate(
-                grid, nodes[:n_eval], final_record, plan, settings.round_timeout
+                grid, nodes[:n_eval], final_record, plan, settings.round_timeout, record
             )
         if evaluator is not None:
             record.central_loss, record.central_accuracy = evaluator(state)
-        # The headline numbers: central evaluation when there is a held-out file.
+            if not record.skipped:
+                best.observe(server_round, record.central_accuracy, state)
+        # The headline numbers: central evaluation when there is a held-out file, else the
+        # mean over the sites that hold rows out; `headline` says which.
         record.loss = record.central_loss if evaluator else record.federated_loss
         record.accuracy = record.central_accuracy if evaluator else record.federated_accuracy
+        record.headline = headline_source(
+            central=evaluator is not None, evaluated_sites=record.evaluated_sites
+        )
         record.seconds = time.perf_counter() - started
 
         history.append(asdict(record))
         tracker.log_round(server_round, record.metrics())
+        tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
             Checkpoint(
                 completed_round=server_round,
@@ -371,6 +421,9 @@ def run_rounds(
                 run_id=tracker.run_id,
                 fingerprint=settings.fingerprint(),
                 server_state=server_state,
+                best_round=best.round,
+                best_accuracy=best.accuracy if best.round else None,
+                best_state=best.state,
             )
         )
         if on_round:

@@ -19,6 +19,7 @@ from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
+from server.selection import chosen_round
 from strategies.fedavg import FedAvg, FedProx
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
@@ -41,6 +42,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "max-length": (int, 64, "tokens per example"),
     "proximal-mu": (float, 0.0, "FedProx mu; 0 is plain FedAvg"),
     "fedrs.alpha": (float, 1.0, "FedRS: scale of absent labels' logits at sites; 1 is off"),
+    "fedlc.tau": (float, 0.0, "FedLC: logit calibration τ·n_c^(-1/4) at sites; 0 is off"),
     "fraction-train": (float, 1.0, "fraction of connected sites sampled per round"),
     "fraction-evaluate": (float, 1.0, "fraction of sites asked to evaluate; 0 disables"),
     "min-fit-clients": (int, 2, "fewest valid updates a round needs"),
@@ -52,6 +54,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "tracking-uri": (str, "", "MLflow tracking URI; default MLFLOW_TRACKING_URI or SQLite"),
     "experiment": (str, "fedlora", "MLflow experiment name"),
     "resume": (bool, False, "continue from out-dir/checkpoint"),
+    "adapter.keep": (str, "best", "OUT/adapter: best round on eval-file, or last (selection.py)"),
     "lora.r": (int, 8, "LoRA rank"),
     "lora.alpha": (int, 16, "LoRA alpha"),
     "lora.dropout": (float, 0.0, "LoRA dropout"),
@@ -237,6 +240,7 @@ class RunSettings:
     max_length: int
     proximal_mu: float
     fedrs_alpha: float
+    fedlc_tau: float
     fraction_train: float
     fraction_evaluate: float
     min_fit_clients: int
@@ -256,6 +260,7 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    keep_adapter: str = "best"
 
     @property
     def site_clip_norm(self) -> float:
@@ -300,6 +305,7 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={v['on-round-failure']!r} must be stop or skip")
         if not v["update.max-norm"] > 0:
             raise ConfigError(f"update.max-norm={v['update.max-norm']!r} must be > 0")
+        chosen_round(rule=v["adapter.keep"], best_round=0, last_round=0)  # validates the rule
         eval_file = Path(v["eval-file"]).expanduser() if v["eval-file"] else None
         if eval_file is not None and not eval_file.is_file():
             raise ConfigError(f"eval-file={v['eval-file']!r} does not exist")
@@ -343,6 +349,7 @@ class RunSettings:
             max_length=v["max-length"],
             proximal_mu=v["proximal-mu"],
             fedrs_alpha=v["fedrs.alpha"],
+            fedlc_tau=v["fedlc.tau"],
             fraction_train=v["fraction-train"],
             fraction_evaluate=v["fraction-evaluate"],
             min_fit_clients=v["min-fit-clients"],
@@ -366,6 +373,7 @@ class RunSettings:
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            keep_adapter=v["adapter.keep"],
         )
 
     def strategy(self) -> FedAvg:
@@ -391,6 +399,7 @@ class RunSettings:
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
             fedrs_alpha=self.fedrs_alpha,
+            fedlc_tau=self.fedlc_tau,
             clip_norm=self.site_clip_norm,
             uniform_weight=self.client_dp is not None,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,

@@ -32,7 +32,7 @@ from clients.task.model import (
     quiet_transformers,
     trainable_state,
 )
-from clients.task.plan import TrainPlan
+from clients.task.plan import NO_EVALUATION, TrainPlan
 from clients.task.train import evaluate, train_local
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,16 @@ def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
 def _data(
     site: SiteSettings, task: str, labels: tuple[str, ...]
 ) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples; the split is fixed per site id."""
+    """(train, held-out) examples; the split is fixed per site id.
+
+    A site too small to hold a row out at its ``eval-fraction`` (9 rows at 10%) trains on
+    everything and has no held-out rows: it reports no evaluation rather than an accuracy
+    on its own training rows.
+    """
     examples = load_examples(site.data_path, task=task, labels=labels or None)
     order = list(range(len(examples)))
     random.Random(site.site_id).shuffle(order)
     n_eval = int(len(examples) * site.eval_fraction)
-    if n_eval == 0 or n_eval == len(examples):
-        return examples, examples
     held = [examples[i] for i in order[:n_eval]]
     return [examples[i] for i in order[n_eval:]], held
 
@@ -200,7 +203,22 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
     site, plan, loaded, _ = _prepare(message, context)
-    _, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    train_examples, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    if not held_out:
+        # No number at all beats a number measured on training rows (it would pass gates).
+        reason = (
+            f"site {site.site_id} has no held-out rows ({len(train_examples)} rows, "
+            f"eval-fraction {site.eval_fraction}): no evaluation"
+        )
+        log.info("%s", reason)
+        metrics = MetricRecord({"num-examples": 0})
+        content = RecordDict(
+            {
+                "metrics": metrics,
+                "site": ConfigRecord({"site-id": site.site_id, NO_EVALUATION: reason}),
+            }
+        )
+        return Message(content, reply_to=message)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
     content = RecordDict(
         {

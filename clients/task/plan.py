@@ -30,6 +30,8 @@ class TrainPlan:
     max_length: int = 64
     proximal_mu: float = 0.0
     fedrs_alpha: float = 1.0
+    # FedLC logit calibration strength τ (clients/task/train.py); 0 is off.
+    fedlc_tau: float = 0.0
     # The site clips its update (local - global) to this L2 norm before it leaves; 0 is off.
     clip_norm: float = 0.0
     # Under client-level DP every site weighs the same (the sensitivity bound needs it).
@@ -57,6 +59,8 @@ class TrainPlan:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
+        if not self.fedlc_tau >= 0:
+            raise ConfigError(f"fedlc.tau={self.fedlc_tau!r} must be >= 0")
         if self.site_dp_noise_multiplier > 0:
             self.sample_dp()  # validates the site-dp fields
             if self.proximal_mu > 0:
@@ -67,6 +71,11 @@ class TrainPlan:
                 )
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm!r} must be >= 0")
+        if self.fedlc_tau > 0 and self.spec.task != "sequence-classification":
+            raise ConfigError(
+                f"fedlc.tau={self.fedlc_tau!r} applies to sequence-classification only, "
+                f"not task={self.spec.task!r}"
+            )
         if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "
@@ -129,3 +138,8 @@ class TrainPlan:
 # site id) in this environment variable as a JSON list indexed by partition id. The data
 # path thus still comes from the site's own process, never from a server message.
 SIM_SITES_ENV = "FEDLORA_SIM_SITES"
+
+# A site with no held-out rows answers an evaluation request with this key in its ``site``
+# record (the reason as its value) and ``num-examples`` 0, instead of a number measured on
+# its training rows; the server counts it as not evaluated.
+NO_EVALUATION = "no-evaluation"

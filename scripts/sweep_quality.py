@@ -142,18 +142,22 @@ def run_federated(
                 )
             )
         outcome = strategy.aggregate(server_round, state, updates)
-        state, server_state = optimizer.step(state, outcome.state, server_state)
+        state, server_state = optimizer.step(
+            state, outcome.state, server_state, spread=outcome.spread
+        )
+        eta = float(server_state["eta"][0]) if "eta" in server_state else None
         history.append(
             {
                 "round": server_round,
                 "val": _accuracy(loaded, state, val, settings.max_length),
                 "test": _accuracy(loaded, state, test, settings.max_length),
                 "train_loss": statistics.fmean(u.metrics["train-loss"] for u in updates),
+                "eta": eta,
             }
         )
         print(
             f"    round {server_round}: val {history[-1]['val']:.3f} "
-            f"test {history[-1]['test']:.3f} loss {history[-1]['train_loss']:.3f}",
+            f"test {history[-1]['test']:.3f} loss {history[-1]['train_loss']:.3f} eta {eta}",
             file=sys.stderr,
         )
     return {"history": history, "seconds": time.perf_counter() - started}
@@ -195,6 +199,7 @@ def run_centralized(
                 "test": _accuracy(loaded, state, test, plan.max_length),
             }
         )
+        print(f"    epoch {len(history)}: val {history[-1]['val']:.3f}", file=sys.stderr)
         loaded.model.train()
 
     started = time.perf_counter()

@@ -355,7 +355,9 @@ def run_rounds(
             log.warning("%s; skipping the round (on-round-failure=skip)", exc)
             record.skipped = True
         else:
-            state, server_state = optimizer.step(state, outcome.state, server_state)
+            state, server_state = optimizer.step(
+                state, outcome.state, server_state, spread=outcome.spread
+            )
             record.rejections += [asdict(r) for r in outcome.rejected]
             record.site_ids = [u.site for u in outcome.accepted]
             record.sites = len(outcome.accepted)

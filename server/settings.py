@@ -322,6 +322,17 @@ class RunSettings:
                     "site-dp.noise-multiplier (DP-SGD would drop the proximal gradient)"
                 )
         secagg = _secagg(v, client_dp.clip_norm if client_dp else v["update.max-norm"])
+        server_optimizer = ServerOptimizer(  # validates its fields, naming the keys
+            kind=v["server.optimizer"],
+            learning_rate=v["server.learning-rate"],
+            momentum=v["server.momentum"],
+        )
+        if secagg is not None and server_optimizer.needs_spread:
+            raise ConfigError(
+                f"server.optimizer={server_optimizer.kind!r} cannot be combined with "
+                "secagg.enabled=true: its step size needs each site's update norm, and "
+                "SecAgg+ shows the server only the sum of the updates"
+            )
         if client_dp is not None and client_dp.clip_norm > v["update.max-norm"]:
             raise ConfigError(
                 f"dp.clip-norm={client_dp.clip_norm!r} exceeds "
@@ -357,11 +368,7 @@ class RunSettings:
             round_timeout=v["round-timeout"],
             on_round_failure=v["on-round-failure"],
             max_norm=v["update.max-norm"],
-            server_optimizer=ServerOptimizer(  # validates its fields, naming the keys
-                kind=v["server.optimizer"],
-                learning_rate=v["server.learning-rate"],
-                momentum=v["server.momentum"],
-            ),
+            server_optimizer=server_optimizer,
             eval_file=eval_file,
             out_dir=Path(v["out-dir"]).expanduser(),
             tracking_uri=v["tracking-uri"],

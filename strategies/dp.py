@@ -128,4 +128,6 @@ class DifferentiallyPrivate:
         m = len(outcome.accepted)
         mean = weighted_average([u.state for u in outcome.accepted], [1.0] * m)
         state = self.dp.privatize_mean(reference, mean, num_updates=m, rng=self.rng)
-        return RoundOutcome(state=state, accepted=outcome.accepted, rejected=outcome.rejected)
+        return RoundOutcome(
+            state=state, accepted=outcome.accepted, rejected=outcome.rejected, spread=outcome.spread
+        )

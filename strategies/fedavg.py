@@ -17,6 +17,7 @@ import numpy as np
 
 from clients.task.errors import RoundFailed, UpdateRejected
 from strategies.aggregate import weighted_average
+from strategies.fedexp import weighted_spread
 from strategies.validation import validate_update
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class RoundOutcome:
     state: dict[str, np.ndarray]
     accepted: list[SiteUpdate]
     rejected: list[Rejection]
+    # Σ w_i ‖update_i - global‖² over the accepted updates (weights summing to 1), for
+    # FedExP's step size; None where the server does not see single updates.
+    spread: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,10 @@ class FedAvg:
         """
         accepted: list[SiteUpdate] = []
         rejected: list[Rejection] = []
+        norms: list[float] = []
         for update in updates:
             try:
-                validate_update(
+                norm = validate_update(
                     update.state,
                     reference=reference,
                     num_examples=update.num_examples,
@@ -93,16 +98,16 @@ class FedAvg:
                 rejected.append(Rejection(update.site, exc.check, exc.detail))
                 continue
             accepted.append(update)
+            norms.append(norm)
         if len(accepted) < self.min_fit_clients:
             raise RoundFailed(
                 f"round {server_round}: {len(accepted)} valid update(s), "
                 f"min-fit-clients={self.min_fit_clients}"
             )
-        state = weighted_average(
-            [u.state for u in accepted],
-            [int(u.num_examples) for u in accepted],  # type: ignore[call-overload]
-        )
-        return RoundOutcome(state=state, accepted=accepted, rejected=rejected)
+        weights = [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
+        state = weighted_average([u.state for u in accepted], weights)
+        spread = weighted_spread([n * n for n in norms], weights)
+        return RoundOutcome(state=state, accepted=accepted, rejected=rejected, spread=spread)
 
 
 @dataclass(frozen=True)

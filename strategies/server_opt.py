@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.task.errors import ConfigError
+from strategies.fedexp import extrapolation
 
-KINDS = ("sgd", "adam")
+KINDS = ("sgd", "adam", "fedexp")
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
 TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
 
@@ -68,19 +69,32 @@ class ServerOptimizer:
     def is_identity(self) -> bool:
         return self.kind == "sgd" and self.learning_rate == 1.0 and self.momentum == 0.0
 
+    @property
+    def needs_spread(self) -> bool:
+        """True if a step needs the single updates' norms, not only their sum."""
+        return self.kind == "fedexp"
+
     def step(
         self,
         current: Mapping[str, np.ndarray],
         average: Mapping[str, np.ndarray],
         state: Mapping[str, np.ndarray],
+        *,
+        spread: float | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Return (new global tensors, new optimiser state).
 
         ``state`` is empty before the first step and holds ``m::NAME`` (and, for adam,
-        ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty.
+        ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty. ``spread``
+        (``Σ w_i ‖Δ_i‖²``, strategies/fedexp.py) is required by ``fedexp``.
+
+        Raises:
+            ValueError: If ``fedexp`` gets no spread.
         """
         if self.is_identity:
             return dict(average), {}
+        if self.kind == "fedexp":
+            return self._fedexp_step(current, average, state, spread)
         new_tensors: dict[str, np.ndarray] = {}
         new_state: dict[str, np.ndarray] = {}
         beta1 = self.momentum
@@ -102,4 +116,28 @@ class ServerOptimizer:
             if self.kind == "adam" or beta1 > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
             new_tensors[name] = (base + self.learning_rate * step).astype(avg.dtype)
+        return new_tensors, new_state
+
+    def _fedexp_step(
+        self,
+        current: Mapping[str, np.ndarray],
+        average: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+        spread: float | None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """FedExP: ``global + learning_rate · η_t · m`` with heavy-ball ``m`` on ``η_t·Δ``."""
+        if spread is None:
+            raise ValueError("server.optimizer='fedexp' needs the single updates' norms")
+        delta = {k: average[k].astype(np.float64) - current[k].astype(np.float64) for k in average}
+        mean_sq = float(sum(np.sum(d * d) for d in delta.values()))
+        eta = extrapolation(spread=spread, mean_sq_norm=mean_sq)
+        new_tensors: dict[str, np.ndarray] = {}
+        new_state: dict[str, np.ndarray] = {"eta": np.asarray([eta], np.float32)}
+        for name, d in delta.items():
+            m_prev = state.get(f"m::{name}")
+            m = eta * d if m_prev is None else self.momentum * m_prev + eta * d
+            if self.momentum > 0:
+                new_state[f"m::{name}"] = m.astype(np.float32)
+            base = current[name].astype(np.float64)
+            new_tensors[name] = (base + self.learning_rate * m).astype(average[name].dtype)
         return new_tensors, new_state

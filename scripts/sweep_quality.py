@@ -143,7 +143,11 @@ def run_federated(
             )
         outcome = strategy.aggregate(server_round, state, updates)
         state, server_state = optimizer.step(
-            state, outcome.state, server_state, spread=outcome.spread
+            state,
+            outcome.state,
+            server_state,
+            spread=outcome.spread,
+            num_updates=len(outcome.accepted),
         )
         eta = float(server_state["eta"][0]) if "eta" in server_state else None
         history.append(

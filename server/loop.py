@@ -356,7 +356,11 @@ def run_rounds(
             record.skipped = True
         else:
             state, server_state = optimizer.step(
-                state, outcome.state, server_state, spread=outcome.spread
+                state,
+                outcome.state,
+                server_state,
+                spread=outcome.spread,
+                num_updates=len(outcome.accepted),
             )
             record.rejections += [asdict(r) for r in outcome.rejected]
             record.site_ids = [u.site for u in outcome.accepted]

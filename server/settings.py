@@ -63,6 +63,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
+    "server.aggregate": (str, "mean", "mean (FedAvg) or sum of the sites' updates"),
     "registry.model-name": (str, "", "publish the final adapter as this registered model"),
     "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
     "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),
@@ -326,6 +327,7 @@ class RunSettings:
             kind=v["server.optimizer"],
             learning_rate=v["server.learning-rate"],
             momentum=v["server.momentum"],
+            aggregate=v["server.aggregate"],
         )
         if secagg is not None and server_optimizer.needs_spread:
             raise ConfigError(
@@ -385,13 +387,23 @@ class RunSettings:
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""
+        weighting = "uniform" if self.uniform_weight else "examples"
         if self.proximal_mu > 0:
             return FedProx(
                 max_norm=self.max_norm,
                 min_fit_clients=self.min_fit_clients,
+                weighting=weighting,
                 proximal_mu=self.proximal_mu,
             )
-        return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
+        return FedAvg(
+            max_norm=self.max_norm, min_fit_clients=self.min_fit_clients, weighting=weighting
+        )
+
+    @property
+    def uniform_weight(self) -> bool:
+        """Every site's update weighs the same: under client-level DP (the sensitivity
+        bound needs it) and when the server sums the updates (``server.aggregate``)."""
+        return self.client_dp is not None or self.server_optimizer.aggregate == "sum"
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites; raises ConfigError for bad optimiser settings."""
@@ -408,7 +420,7 @@ class RunSettings:
             fedrs_alpha=self.fedrs_alpha,
             fedlc_tau=self.fedlc_tau,
             clip_norm=self.site_clip_norm,
-            uniform_weight=self.client_dp is not None,
+            uniform_weight=self.uniform_weight,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,

@@ -63,6 +63,10 @@ class FedAvg:
 
     max_norm: float = 1000.0
     min_fit_clients: int = 1
+    # "examples": weight each update by its site's example count (McMahan et al. 2017);
+    # "uniform": every accepted update weighs the same (client-level DP, `server.aggregate
+    # = "sum"`, where the server optimiser scales the uniform mean back to the sum).
+    weighting: str = "examples"
 
     def client_config(self) -> dict[str, float]:
         """Extra plan fields this strategy asks sites to train with."""
@@ -104,7 +108,11 @@ class FedAvg:
                 f"round {server_round}: {len(accepted)} valid update(s), "
                 f"min-fit-clients={self.min_fit_clients}"
             )
-        weights = [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
+        weights = (
+            [1] * len(accepted)
+            if self.weighting == "uniform"
+            else [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
+        )
         state = weighted_average([u.state for u in accepted], weights)
         spread = weighted_spread([n * n for n in norms], weights)
         return RoundOutcome(state=state, accepted=accepted, rejected=rejected, spread=spread)

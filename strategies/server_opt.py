@@ -37,6 +37,9 @@ from clients.task.errors import ConfigError
 from strategies.fedexp import extrapolation
 
 KINDS = ("sgd", "adam", "fedexp")
+# What the pseudo-gradient is: the (example-weighted) mean of the sites' updates, or their
+# sum (the uniform mean times the number of updates).
+AGGREGATES = ("mean", "sum")
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
 TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
 
@@ -55,11 +58,16 @@ class ServerOptimizer:
     kind: str = "sgd"
     learning_rate: float = 1.0
     momentum: float = 0.0
+    aggregate: str = "mean"
 
     def __post_init__(self) -> None:
         # Messages name the run-config keys these come from (server.*).
         if self.kind not in KINDS:
             raise ConfigError(f"server.optimizer={self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(
+                f"server.aggregate={self.aggregate!r} must be one of {', '.join(AGGREGATES)}"
+            )
         if not self.learning_rate > 0:
             raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be > 0")
         if not 0.0 <= self.momentum < 1.0:
@@ -67,7 +75,12 @@ class ServerOptimizer:
 
     @property
     def is_identity(self) -> bool:
-        return self.kind == "sgd" and self.learning_rate == 1.0 and self.momentum == 0.0
+        return (
+            self.kind == "sgd"
+            and self.learning_rate == 1.0
+            and self.momentum == 0.0
+            and self.aggregate == "mean"
+        )
 
     @property
     def needs_spread(self) -> bool:
@@ -81,18 +94,23 @@ class ServerOptimizer:
         state: Mapping[str, np.ndarray],
         *,
         spread: float | None = None,
+        num_updates: int = 1,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Return (new global tensors, new optimiser state).
 
         ``state`` is empty before the first step and holds ``m::NAME`` (and, for adam,
         ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty. ``spread``
-        (``Σ w_i ‖Δ_i‖²``, strategies/fedexp.py) is required by ``fedexp``.
+        (``Σ w_i ‖Δ_i‖²``, strategies/fedexp.py) is required by ``fedexp``. With
+        ``aggregate="sum"``, ``average`` must be the uniform mean of ``num_updates``
+        updates; the pseudo-gradient is then their sum.
 
         Raises:
             ValueError: If ``fedexp`` gets no spread.
         """
         if self.is_identity:
             return dict(average), {}
+        if self.aggregate == "sum":
+            average = _summed(current, average, num_updates)
         if self.kind == "fedexp":
             return self._fedexp_step(current, average, state, spread)
         new_tensors: dict[str, np.ndarray] = {}
@@ -115,7 +133,7 @@ class ServerOptimizer:
                 step = m / (np.sqrt(v) + TAU)
             if self.kind == "adam" or beta1 > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
-            new_tensors[name] = (base + self.learning_rate * step).astype(avg.dtype)
+            new_tensors[name] = (base + self.learning_rate * step).astype(current[name].dtype)
         return new_tensors, new_state
 
     def _fedexp_step(
@@ -139,5 +157,21 @@ class ServerOptimizer:
             if self.momentum > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
             base = current[name].astype(np.float64)
-            new_tensors[name] = (base + self.learning_rate * m).astype(average[name].dtype)
+            new_tensors[name] = (base + self.learning_rate * m).astype(current[name].dtype)
         return new_tensors, new_state
+
+
+def _summed(
+    current: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], num_updates: int
+) -> dict[str, np.ndarray]:
+    """``current + n · (mean - current)``: the point the sum of ``n`` updates reaches.
+
+    Kept in float64: the optimiser steps from it in float64 and casts once at the end.
+    """
+    if num_updates < 1:
+        raise ValueError(f"num_updates={num_updates!r} must be >= 1")
+    return {
+        k: current[k].astype(np.float64)
+        + num_updates * (mean[k].astype(np.float64) - current[k].astype(np.float64))
+        for k in mean
+    }

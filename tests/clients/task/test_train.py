@@ -70,3 +70,33 @@ def test_dropout_masks_come_from_the_generator(loaded) -> None:
     a, b = _train(loaded, seed=7), _train(loaded, seed=8)
 
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fedlc_shift_is_tau_over_the_fourth_root_of_the_counts() -> None:
+    from types import SimpleNamespace
+
+    from clients.task.train import _fedlc_shift
+
+    spec = ModelSpec(labels=("a", "b", "c"))
+    plan = TrainPlan(spec=spec, base_digest="sha256:x", fedlc_tau=2.0)
+    examples = [Example(text="x", label="a")] * 16 + [Example(text="y", label="b")]
+
+    shift = _fedlc_shift(SimpleNamespace(device=torch.device("cpu")), examples, plan)
+
+    # 2·16^(-1/4) = 1, 2·1^(-1/4) = 2, and no example of "c": out of the site's softmax.
+    assert shift is not None
+    np.testing.assert_allclose(shift[:2].numpy(), [1.0, 2.0])
+    assert torch.isinf(shift[2])
+
+
+def test_fedlc_with_an_absent_label_still_trains_to_finite_tensors(loaded) -> None:
+    plan = TrainPlan(
+        spec=loaded.spec, base_digest=base_digest(loaded.spec.base), batch_size=4, fedlc_tau=1.0
+    )
+    load_trainable_state(loaded.model, _initial(loaded))
+    only_two = [e for e in EXAMPLES if e.label != "thank"]
+
+    result = train_local(loaded, only_two, plan=plan, generator=torch.Generator().manual_seed(0))
+
+    assert np.isfinite(result.loss)
+    assert all(np.all(np.isfinite(v)) for v in trainable_state(loaded.model).values())

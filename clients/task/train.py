@@ -107,8 +107,10 @@ def train_local(
     model.train()
     started = time.perf_counter()
     step, losses = 0, []
+    # Drawn in both modes, so DP-SGD and plain training shuffle the same batches.
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with (
-        _seeded_dropout(generator, loaded.device) if dp is None else contextlib.nullcontext(),
+        _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
         private(model, optimizer, dp=dp, batch_size=plan.batch_size, generator=generator)
         if dp is not None
         else contextlib.nullcontext((model, optimizer)) as (forward, opt),
@@ -149,15 +151,14 @@ def train_local(
 
 
 @contextlib.contextmanager
-def _seeded_dropout(generator: torch.Generator, device: torch.device) -> Iterator[None]:
-    """Draw dropout masks from a seed taken from `generator`, then restore torch's RNG.
+def _seeded_dropout(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw dropout masks from `seed` (taken from the run's generator), then restore torch's RNG.
 
     Dropout samples from torch's global generator, which nothing seeds: without this, two
     runs with the same data, seed and settings train different adapters. Under DP-SGD it
     is not used, so nothing derived from the run seed can reach the global generator from
     which privacy noise might be drawn.
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

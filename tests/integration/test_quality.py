@@ -65,7 +65,7 @@ def _run(setup: tuple[Path, list[SimSite], Path], out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_same_data_seed_and_settings_give_bit_identical_adapters(
     setup: tuple[Path, list[SimSite], Path], tmp_path: Path
 ) -> None:

@@ -63,7 +63,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
-    "server.aggregate": (str, "mean", "mean (FedAvg) or sum of the sites' updates"),
+    "server.aggregate": (str, "mean", "mean (FedAvg), sum, or sum-head of the sites' updates"),
     "registry.model-name": (str, "", "publish the final adapter as this registered model"),
     "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
     "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),
@@ -403,7 +403,7 @@ class RunSettings:
     def uniform_weight(self) -> bool:
         """Every site's update weighs the same: under client-level DP (the sensitivity
         bound needs it) and when the server sums the updates (``server.aggregate``)."""
-        return self.client_dp is not None or self.server_optimizer.aggregate == "sum"
+        return self.client_dp is not None or self.server_optimizer.aggregate != "mean"
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites; raises ConfigError for bad optimiser settings."""

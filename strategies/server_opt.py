@@ -37,9 +37,12 @@ from clients.task.errors import ConfigError
 from strategies.fedexp import extrapolation
 
 KINDS = ("sgd", "adam", "fedexp")
-# What the pseudo-gradient is: the (example-weighted) mean of the sites' updates, or their
-# sum (the uniform mean times the number of updates).
-AGGREGATES = ("mean", "sum")
+# What the pseudo-gradient is: the (example-weighted) mean of the sites' updates; their
+# sum (the uniform mean times the number of updates); or the sum for the classification
+# head and the uniform mean for the rest ("sum-head").
+AGGREGATES = ("mean", "sum", "sum-head")
+# PEFT stores fully trained modules (the classification head) under this name part.
+HEAD_MARK = "modules_to_save"
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
 TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
 
@@ -109,8 +112,8 @@ class ServerOptimizer:
         """
         if self.is_identity:
             return dict(average), {}
-        if self.aggregate == "sum":
-            average = _summed(current, average, num_updates)
+        if self.aggregate != "mean":
+            average = _summed(current, average, num_updates, only_head=self.aggregate == "sum-head")
         if self.kind == "fedexp":
             return self._fedexp_step(current, average, state, spread)
         new_tensors: dict[str, np.ndarray] = {}
@@ -162,16 +165,23 @@ class ServerOptimizer:
 
 
 def _summed(
-    current: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray], num_updates: int
+    current: Mapping[str, np.ndarray],
+    mean: Mapping[str, np.ndarray],
+    num_updates: int,
+    *,
+    only_head: bool,
 ) -> dict[str, np.ndarray]:
     """``current + n · (mean - current)``: the point the sum of ``n`` updates reaches.
 
-    Kept in float64: the optimiser steps from it in float64 and casts once at the end.
+    With `only_head`, only the classification head's tensors (`HEAD_MARK`) are summed and
+    the others keep the mean. Kept in float64: the optimiser steps from it in float64 and
+    casts once at the end.
     """
     if num_updates < 1:
         raise ValueError(f"num_updates={num_updates!r} must be >= 1")
-    return {
-        k: current[k].astype(np.float64)
-        + num_updates * (mean[k].astype(np.float64) - current[k].astype(np.float64))
-        for k in mean
-    }
+    out: dict[str, np.ndarray] = {}
+    for k in mean:
+        scale = num_updates if (HEAD_MARK in k or not only_head) else 1
+        base = current[k].astype(np.float64)
+        out[k] = base + scale * (mean[k].astype(np.float64) - base)
+    return out

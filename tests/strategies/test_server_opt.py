@@ -117,3 +117,19 @@ def test_sum_is_not_the_identity_and_bad_aggregate_is_refused() -> None:
     assert not ServerOptimizer(aggregate="sum").is_identity
     with pytest.raises(ConfigError, match=r"server\.aggregate='max'"):
         ServerOptimizer(aggregate="max")
+
+
+def test_sum_head_sums_only_the_classification_head() -> None:
+    # Two sites: the head row moves +1 at one site and 0 at the other (FedLC leaves the
+    # rows of labels a site lacks untouched), LoRA B moves +1 and +3. Uniform mean: head
+    # +0.5, B +2. sum-head: head 2 · 0.5 = +1 (the site that has the label, undiluted),
+    # B stays at the mean +2.
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    lora = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight"
+    current = {head: np.zeros(1, np.float32), lora: np.zeros(1, np.float32)}
+    mean = {head: np.array([0.5], np.float32), lora: np.array([2.0], np.float32)}
+
+    new, _ = ServerOptimizer(aggregate="sum-head").step(current, mean, {}, num_updates=2)
+
+    np.testing.assert_allclose(new[head], [1.0])
+    np.testing.assert_allclose(new[lora], [2.0])

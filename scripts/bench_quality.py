@@ -156,8 +156,9 @@ def load_data(
             held = test_rows or max(1, len(rows) // 5)
             test, rows = rows[:held], rows[held:]
         val, pool = rows[:val_rows], rows[val_rows:]
-    if max_labels:
-        keep = set(rng.sample(sorted({r["label"] for r in pool}), max_labels))
+    pool_labels = sorted({r["label"] for r in pool})
+    if 0 < max_labels < len(pool_labels):
+        keep = set(rng.sample(pool_labels, max_labels))
         pool, val, test = ([r for r in part if r["label"] in keep] for part in (pool, val, test))
     train = _cap(per_label_sample(pool, per_label, rng), train_rows, rng)
     labels = {r["label"] for r in train}

@@ -30,7 +30,8 @@ class TrainPlan:
     max_length: int = 64
     proximal_mu: float = 0.0
     fedrs_alpha: float = 1.0
-    # FedLC logit calibration strength τ (clients/task/train.py); 0 is off.
+    # FedLC logit calibration strength τ (clients/task/train.py); 0 is off. It shapes the
+    # classifier's softmax, so a causal-LM run ignores it.
     fedlc_tau: float = 0.0
     # The site clips its update (local - global) to this L2 norm before it leaves; 0 is off.
     clip_norm: float = 0.0
@@ -71,11 +72,6 @@ class TrainPlan:
                 )
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm!r} must be >= 0")
-        if self.fedlc_tau > 0 and self.spec.task != "sequence-classification":
-            raise ConfigError(
-                f"fedlc.tau={self.fedlc_tau!r} applies to sequence-classification only, "
-                f"not task={self.spec.task!r}"
-            )
         if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "

@@ -189,7 +189,7 @@ def _fedlc_shift(
     example of (``n_c = 0``) gets an infinite shift, i.e. it leaves the site's softmax, as
     in the paper's code. Only the local loss changes; evaluation uses the plain logits.
     """
-    if plan.fedlc_tau <= 0:
+    if plan.fedlc_tau <= 0 or plan.spec.task != "sequence-classification":
         return None
     index = {label: i for i, label in enumerate(plan.spec.labels)}
     counts = torch.zeros(len(index), device=loaded.device)

@@ -17,18 +17,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from registry.accept import AcceptedRelease, accept
 from registry.artifact import SIGNATURE_FILE, adapter_digest, adapter_dir, build_release
 from registry.errors import PromotionRefused, RegistryError, VerificationError
-from registry.freshness import AliasEntry, IndexRepository, check_not_revoked
+from registry.index import AliasEntry
+from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
 from registry.policy import Policy
-from registry.signing import VerifiedRelease, sign_release, verify_release
+from registry.signing import sign_release
 
 log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
+# The promotion gate named when `accept` refuses a release for this reason.
+GATE_OF_REASON = {
+    "unsigned": "signer",
+    "untrusted-key": "signer",
+    "signature": "signature",
+    "index": "model",
+    "revoked-key": "revocation",
+    "revoked-release": "revocation",
+}
 
 
 @dataclass(frozen=True)
@@ -65,13 +76,13 @@ def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
     return TrustStore.load(tmp / "trust")
 
 
-def _tags(verified: VerifiedRelease) -> dict[str, str]:
-    prov = verified.provenance
+def _tags(accepted: AcceptedRelease) -> dict[str, str]:
+    prov = accepted.provenance
     eps = prov.epsilon()
     tags = {
-        f"{TAG}digest": verified.digest,
+        f"{TAG}digest": accepted.digest,
         f"{TAG}adapter_digest": prov.adapter_digest,
-        f"{TAG}key_id": verified.key_id,
+        f"{TAG}key_id": accepted.key_id,
         f"{TAG}release": str(prov.release),
         f"{TAG}epsilon": "none" if eps is None else f"{eps:.6g}",
         f"{TAG}base_digest": prov.base_digest,
@@ -107,11 +118,7 @@ def publish(
             if trust is None:
                 raise RegistryError(f"{source} is already signed; pass --trust to verify it")
             shutil.copytree(source, release_dir)
-            verified = verify_release(release_dir, trust)
-            if verified.provenance.model_name != model:
-                raise RegistryError(
-                    f"{source} is a release of {verified.provenance.model_name!r}, not {model!r}"
-                )
+            signers = trust
         else:
             adapter = adapter_dir(source)  # names the missing file of a non-adapter
             known = _find(versions, f"{TAG}adapter_digest", adapter_digest(adapter))
@@ -119,13 +126,13 @@ def publish(
                 return _existing(model, known)
             build_release(source, release_dir, model_name=model, release=_next_release(versions))
             sign_release(release_dir, private_key=key.path, passphrase=key.passphrase)
-            verified = verify_release(release_dir, _own_trust(key, tmp))
-        known = _find(versions, f"{TAG}digest", verified.digest)
+            signers = _own_trust(key, tmp)
+        accepted = accept(release_dir, trust=signers, model=model, index=index, alias=None)
+        known = _find(versions, f"{TAG}digest", accepted.digest)
         if known is not None:
             return _existing(model, known)
-        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
 
-        release = verified.provenance.release
+        release = accepted.provenance.release
         run_id = store.upload_release(release_dir, model=model, release=release)
     if store.registered(model) is None:
         store.call("create model", lambda: store.client.create_registered_model(model))
@@ -138,19 +145,19 @@ def publish(
             model,
             f"{artifact_uri}/release",
             run_id=run_id,
-            tags=_tags(verified),
+            tags=_tags(accepted),
             await_creation_for=0,
         ),
     )
     entry = AliasEntry(
-        release=release, version=str(mv.version), digest=verified.digest, key_id=verified.key_id
+        release=release, version=str(mv.version), digest=accepted.digest, key_id=accepted.key_id
     )
     try:
         move_alias(store, index, model=model, alias=alias, entry=entry)
     except BaseException:
         store.quietly(lambda: store.client.delete_model_version(model, str(mv.version)))
         raise
-    return PublishResult(model, str(mv.version), release, verified.digest, verified.key_id, True)
+    return PublishResult(model, str(mv.version), release, accepted.digest, accepted.key_id, True)
 
 
 def _find(versions: list[Any], tag: str, value: str) -> Any | None:
@@ -200,14 +207,6 @@ def move_alias(
         raise
 
 
-def verify_version(
-    store: MlflowStore, *, model: str, version: str, trust: TrustStore, into: Path
-) -> VerifiedRelease:
-    """Download a version into ``into`` and verify it (signature and trusted signer)."""
-    directory = store.download_version(model, version, into)
-    return verify_release(directory, trust)
-
-
 def promote(
     store: MlflowStore,
     *,
@@ -221,21 +220,19 @@ def promote(
     """Move ``alias`` to ``version`` if every gate passes; the gate that fails is named."""
     index = load_index(store, key, create=False)
     with staging("fedlora-promote-") as tmp:
+        directory = store.download_version(model, version, tmp)
         try:
-            verified = verify_version(store, model=model, version=version, trust=trust, into=tmp)
+            # No alias check: moving the alias is what a promotion does.
+            accepted = accept(
+                directory, trust=trust, model=model, index=index, alias=None, policy=policy
+            )
         except VerificationError as exc:
-            gate = "signer" if exc.reason in ("untrusted-key", "unsigned") else "signature"
-            raise PromotionRefused(gate, exc.detail) from exc
-    try:
-        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
-    except VerificationError as exc:
-        raise PromotionRefused("revocation", exc.detail) from exc
-    policy.check(verified.provenance)
+            raise PromotionRefused(GATE_OF_REASON.get(exc.reason, exc.reason), exc.detail) from exc
     entry = AliasEntry(
-        release=verified.provenance.release,
+        release=accepted.provenance.release,
         version=str(version),
-        digest=verified.digest,
-        key_id=verified.key_id,
+        digest=accepted.digest,
+        key_id=accepted.key_id,
         event="promote",
     )
     move_alias(store, index, model=model, alias=alias, entry=entry)

@@ -3,7 +3,7 @@
 MLflow indexes releases; it is never trusted (see ../shared/DESIGN.md). Every release's
 files are uploaded as the artifacts of a dedicated MLflow run in the ``fedlora-registry``
 experiment before its model version is created, and the release index (TUF metadata, see
-`registry.freshness`) lives as the artifacts of one more run there, tagged
+`registry.index`) lives as the artifacts of one more run there, tagged
 ``fedlora.kind=release-index``.
 
 Credentials come from MLflow's own environment variables (``MLFLOW_TRACKING_URI``,

@@ -1,4 +1,8 @@
-"""Promotion gates, read from a TOML policy file.
+"""What a release must satisfy beyond a valid signature: promotion gates and local policy.
+
+Both are step 6 of `registry.accept.accept` (the `ReleasePolicy` protocol there): a
+publisher promotes with the gates of a TOML policy file (`Policy`), a consumer loads with
+its own limits (`LocalPolicy`). The promotion gates, read from the policy file:
 
     [gates]
     metric = "accuracy"     # provenance metric the next gate reads
@@ -16,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry.artifact import Provenance
-from registry.errors import PromotionRefused, RegistryError
+from registry.errors import PromotionRefused, RegistryError, VerificationError
 
 KEYS = {"metric", "min-metric", "max-epsilon", "require-dp"}
 
 
 @dataclass(frozen=True)
 class Policy:
+    """The publisher's promotion gates; a failed gate raises `PromotionRefused`."""
+
     metric: str = "accuracy"
     min_metric: float | None = None
     max_epsilon: float | None = None
@@ -85,4 +91,26 @@ class Policy:
         if self.max_epsilon is not None and epsilon is not None and epsilon > self.max_epsilon:
             raise PromotionRefused(
                 "max-epsilon", f"ε={epsilon:.4g} > max-epsilon={self.max_epsilon:.4g}"
+            )
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """What one consumer (edge node, ``fedlora edge pull``) accepts on top of the index.
+
+    ``base_digest`` is the base model this consumer has; `registry.accept.accept` compares
+    it (step 5) before it calls `check` (step 6), so a release for another base is refused
+    as ``base-mismatch`` whatever its ε.
+    """
+
+    base_digest: str | None = None
+    max_epsilon: float | None = None
+
+    def check(self, provenance: Provenance) -> None:
+        """Raise `VerificationError` (``policy``) for a release with a larger ε than allowed."""
+        eps = provenance.epsilon()
+        if self.max_epsilon is not None and eps is not None and eps > self.max_epsilon:
+            raise VerificationError(
+                "policy",
+                f"release {provenance.release} has ε={eps:.4g} > max-epsilon={self.max_epsilon}",
             )

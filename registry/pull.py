@@ -1,9 +1,9 @@
-"""Fetch a release for an alias and accept it only if it verifies, end to end.
+"""Fetch a release for an alias and install it only once `registry.accept` accepted it.
 
-resolve alias (MLflow, untrusted) -> download into a staging folder -> signature by a
-trusted key -> release index refreshed with python-tuf: not revoked, and the alias really
-points at this release (no replay of an older one) -> local policy (base-model digest,
-maximum ε) -> move into place with one rename. Nothing unverified is ever left at ``out``.
+resolve alias (MLflow, untrusted) -> refresh the release index (python-tuf) -> download
+into a staging folder -> `accept` (signature, model, revocation, alias freshness, base
+digest, local policy) -> move into place with one rename. Nothing unaccepted is ever left
+at ``out``.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -13,59 +13,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-from registry.errors import RegistryError, VerificationError
-from registry.freshness import IndexClient
+from registry.accept import AcceptedRelease, accept
+from registry.errors import RegistryError
+from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
-from registry.signing import VerifiedRelease, verify_release
-
-
-@dataclass(frozen=True)
-class LocalPolicy:
-    """What this consumer accepts on top of a valid signature and a fresh index."""
-
-    base_digest: str | None = None
-    max_epsilon: float | None = None
-
-    def check(self, verified: VerifiedRelease) -> None:
-        prov = verified.provenance
-        if self.base_digest is not None and prov.base_digest != self.base_digest:
-            raise VerificationError(
-                "base-mismatch",
-                f"release {prov.release} was trained on base {prov.base_digest[:16]}, "
-                f"this node has {self.base_digest[:16]}",
-            )
-        eps = prov.epsilon()
-        if self.max_epsilon is not None and eps is not None and eps > self.max_epsilon:
-            raise VerificationError(
-                "policy", f"release {prov.release} has ε={eps:.4g} > max-epsilon={self.max_epsilon}"
-            )
-
-
-def check_release(
-    verified: VerifiedRelease,
-    index: IndexClient,
-    *,
-    model: str,
-    alias: str | None,
-    policy: LocalPolicy,
-) -> None:
-    """Every check after the signature: revocation, alias freshness, local policy."""
-    if verified.provenance.model_name != model:
-        raise VerificationError(
-            "index", f"release is of model {verified.provenance.model_name!r}, not {model!r}"
-        )
-    index.check(
-        model=model,
-        alias=alias,
-        key=verified.key_id,
-        digest=verified.digest,
-        release=verified.provenance.release,
-    )
-    policy.check(verified)
+from registry.policy import LocalPolicy
 
 
 def install(directory: Path, out: Path) -> None:
@@ -98,8 +54,9 @@ def pull(
     out: Path,
     state: Path,
     policy: LocalPolicy | None = None,
-) -> VerifiedRelease:
-    """Download ``model@alias``, verify it, and install it at ``out``."""
+) -> AcceptedRelease:
+    """Download ``model@alias``, accept it, and install it at ``out``."""
+    policy = policy or LocalPolicy()
     version = store.alias_version(model, alias)
     if version is None:
         raise RegistryError(f"{store.uri} has no alias {model}@{alias}")
@@ -107,7 +64,15 @@ def pull(
     index.refresh()
     with staging("fedlora-pull-") as tmp:
         directory = store.download_version(model, version, tmp)
-        verified = verify_release(directory, trust)
-        check_release(verified, index, model=model, alias=alias, policy=policy or LocalPolicy())
+        accepted = accept(
+            directory,
+            trust=trust,
+            model=model,
+            index=index,
+            alias=alias,
+            base_digest=policy.base_digest,
+            policy=policy,
+        )
         install(directory, out)
-    return VerifiedRelease(out, verified.key_id, verified.digest, verified.provenance)
+    # The installed files are a copy of the accepted ones.
+    return replace(accepted, directory=out)

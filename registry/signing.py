@@ -28,7 +28,10 @@ from registry.keys import TrustStore, key_id, load_private_key
 
 @dataclass(frozen=True)
 class VerifiedRelease:
-    """A release directory whose every file matched a signature by a trusted key."""
+    """A release directory whose every file matched a signature by a trusted key.
+
+    Only step 1 of `registry.accept.accept`; nothing loads this type.
+    """
 
     directory: Path
     key_id: str
@@ -80,8 +83,8 @@ def manifest_digest(statement: dict[str, Any]) -> str:
 def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
     """Verify ``directory`` against the trust store; raise `VerificationError` otherwise.
 
-    Revocation, freshness and base-model checks need the registry's index and the local
-    base model; they are the caller's next steps (see `registry.freshness`).
+    This is step 1 of `registry.accept.accept`, which runs the remaining checks (model,
+    revocation, alias freshness, base model, local policy) in their fixed order.
     """
     signature = directory / SIGNATURE_FILE
     if not signature.is_file():

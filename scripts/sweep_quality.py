@@ -107,7 +107,7 @@ def run_federated(
     from clients.task.model import load_trainable_state, trainable_state
     from clients.task.plan import TrainPlan
     from clients.task.train import train_local
-    from strategies.fedavg import SiteUpdate
+    from strategies.strategy import SiteUpdate
 
     settings = _settings(overrides, labels=labels, rounds=rounds, sites=len(sites))
     loaded = _model(settings.spec)

@@ -114,7 +114,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from clients.task.model import base_digest
     from registry.keys import TrustStore
     from registry.mlflow_store import MlflowStore
-    from registry.pull import LocalPolicy, pull
+    from registry.policy import LocalPolicy
+    from registry.pull import pull
 
     ref = ModelRef.parse(args.ref)
     release = pull(
@@ -137,22 +138,27 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from clients.task.model import base_digest
+    from registry.accept import accept
     from registry.errors import VerificationError
     from registry.keys import TrustStore
-    from registry.pull import LocalPolicy
-    from registry.signing import verify_release
 
     directory = Path(args.directory)
     if not directory.is_dir():
         raise ConfigError(f"{str(directory)!r} is not a directory")
     try:
-        verified = verify_release(directory, TrustStore.load(Path(args.trust)))
-        if args.base:
-            LocalPolicy(base_digest=base_digest(args.base)).check(verified)
+        # Offline: no index, so neither revocation nor alias freshness can be checked.
+        accepted = accept(
+            directory,
+            trust=TrustStore.load(Path(args.trust)),
+            model=None,
+            index=None,
+            alias=None,
+            base_digest=base_digest(args.base) if args.base else None,
+        )
     except VerificationError as exc:
         err.print(f"[red]refused ({exc.reason}):[/red] {exc.detail}", highlight=False)
         return EXIT_REFUSED
-    prov = verified.provenance
-    out.print(f"verified: {prov.model_name} release {prov.release}, digest {verified.digest}, "
-              f"key {verified.key_id}, ε {prov.epsilon()}")  # fmt: skip
+    prov = accepted.provenance
+    out.print(f"verified: {prov.model_name} release {prov.release}, digest {accepted.digest}, "
+              f"key {accepted.key_id}, ε {prov.epsilon()}")  # fmt: skip
     return 0

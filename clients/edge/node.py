@@ -2,10 +2,11 @@
 
 For each model the node holds an ``active`` release (answers new requests) and the
 ``previous`` one (kept loaded for instant rollback). A refresh resolves the alias in
-MLflow, refreshes the release index (TUF), downloads into a staging folder, verifies,
-installs into the cache, loads with PEFT, then swaps with one assignment: requests that
-already hold the old release finish on it. Any failure keeps the current release serving
-and is counted by reason.
+MLflow, refreshes the release index (TUF), downloads into a staging folder, accepts it
+(`registry.accept`), installs into the cache, loads with PEFT, then swaps with one
+assignment: requests that already hold the old release finish on it. Any failure keeps
+the current release serving and is counted by reason. With the registry down at start,
+the node accepts its cached release against the cached index instead.
 
     node = EdgeNode(settings)
     node.start()                    # registry, or the verified cache when it is down
@@ -27,12 +28,13 @@ from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
+from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
-from registry.freshness import IndexClient
+from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
-from registry.pull import LocalPolicy, check_release, install
-from registry.signing import verify_release
+from registry.policy import LocalPolicy
+from registry.pull import install
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,18 @@ class EdgeNode:
     def _fetch_index(self, name: str) -> bytes | None:
         return self._registry().fetch_index_file(name)
 
+    def _accept(self, slot: ModelSlot, directory: Path, *, alias: str | None) -> AcceptedRelease:
+        """`registry.accept` with this node's trust store, index, base and policy."""
+        return accept(
+            directory,
+            trust=self.trust,
+            model=slot.ref.name,
+            index=self.index,
+            alias=alias,
+            base_digest=self.policy.base_digest,
+            policy=self.policy,
+        )
+
     # lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
@@ -135,14 +149,9 @@ class EdgeNode:
             return False
         previous = slot.previous
         if previous is not None and previous.version == str(version):
-            # A rollback to the release still loaded: the index must agree, then swap back.
-            check_release(
-                previous.verified,
-                self.index,
-                model=slot.ref.name,
-                alias=slot.ref.alias,
-                policy=self.policy,
-            )
+            # A rollback to the release still loaded: its cached files must pass again and
+            # the index must agree, then the loaded model is swapped back in.
+            self._accept(slot, previous.verified.directory, alias=slot.ref.alias)
             self._swap(slot, previous, source="registry")
             return True
         stages = self.metrics.swap_seconds
@@ -150,14 +159,11 @@ class EdgeNode:
         with staging("fedlora-edge-") as tmp:
             directory = store.download_version(slot.ref.name, str(version), tmp)
             downloaded = time.perf_counter()
-            verified = verify_release(directory, self.trust)
-            check_release(
-                verified, self.index, model=slot.ref.name, alias=slot.ref.alias, policy=self.policy
-            )
-            home = self._install(slot.ref.name, directory, verified.digest)
+            accepted = self._accept(slot, directory, alias=slot.ref.alias)
+            home = self._install(slot.ref.name, directory, accepted.digest)
             checked = time.perf_counter()
-        # From here on the files are the cached copy that was just verified.
-        release = self.runtime.load(slot.ref.name, str(version), replace(verified, directory=home))
+        # From here on the files are the cached copy of those just accepted.
+        release = self.runtime.load(slot.ref.name, str(version), replace(accepted, directory=home))
         self._swap(slot, release, source="registry")
         done = time.perf_counter()
         stages.labels("download").observe(downloaded - start)
@@ -231,7 +237,7 @@ class EdgeNode:
         tmp.replace(path)
 
     def _load_cached(self, slot: ModelSlot) -> None:
-        """Serve the last verified release of ``slot`` after re-verifying it offline."""
+        """Serve the last accepted release of ``slot`` after accepting it again offline."""
         path = self._state_path()
         entry = json.loads(path.read_text()).get(slot.ref.name) if path.is_file() else None
         if not entry or entry.get("alias") != slot.ref.alias:
@@ -240,15 +246,14 @@ class EdgeNode:
         home = self.settings.cache / "releases" / slot.ref.name / entry["digest"]
         try:
             self.index.load_cached()
-            verified = verify_release(home, self.trust)
             # No alias check: this is the release the node last served, possibly on purpose
-            # instead of a newer one it refused; signature, revocation and policy still hold.
-            check_release(verified, self.index, model=slot.ref.name, alias=None, policy=self.policy)
+            # instead of a newer one it refused; every other step still holds.
+            accepted = self._accept(slot, home, alias=None)
         except VerificationError as exc:
             self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
             slot.last_error = f"cached release refused: {exc}"
             return
-        release = self.runtime.load(slot.ref.name, entry["version"], verified)
+        release = self.runtime.load(slot.ref.name, entry["version"], accepted)
         self._swap(slot, release, source="cache")
         slot.last_error = "registry unreachable; serving the cached release"
 

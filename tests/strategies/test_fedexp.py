@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from clients.task.errors import ConfigError
-from strategies.fedavg import FedAvg, SiteUpdate
+from strategies.fedavg import FedAvg
 from strategies.fedexp import EPSILON, extrapolation, weighted_spread
 from strategies.server_opt import ServerOptimizer
+from strategies.strategy import SiteUpdate
 
 
 def test_orthogonal_updates_extrapolate_by_about_half_the_site_count() -> None:

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from clients.task.errors import ConfigError
-from strategies.fedavg import FedAvg, SiteUpdate
+from strategies.fedavg import FedAvg
 from strategies.server_opt import BETA2, TAU, ServerOptimizer
+from strategies.strategy import SiteUpdate
 
 vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
 

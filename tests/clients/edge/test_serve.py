@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from registry.artifact import build_release
-from registry.freshness import AliasEntry
+from registry.index import AliasEntry
 from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.lifecycle import (
     PublishResult,

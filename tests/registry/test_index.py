@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from registry.errors import RegistryError, VerificationError
-from registry.freshness import AliasEntry, IndexClient, IndexRepository
+from registry.index import AliasEntry, check_alias, check_not_revoked
+from registry.index_consumer import IndexClient
+from registry.index_publisher import IndexRepository
 from registry.keys import (
     KeyPair,
     TrustStore,
@@ -14,26 +16,11 @@ from registry.keys import (
     load_private_key,
     load_public_key,
 )
-from tests.conftest import PASSPHRASE
-
-
-class FileStore:
-    """The registry's role for these tests: hold bytes by name, trust nothing."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    def fetch(self, name: str) -> bytes | None:
-        return self.files.get(name)
+from tests.registry.conftest import FileStore
 
 
 def _entry(release: int, digest: str) -> AliasEntry:
     return AliasEntry(release=release, version=str(release), digest=digest, key_id="k")
-
-
-@pytest.fixture
-def publisher(keypair: KeyPair):
-    return load_private_key(keypair.private_path, passphrase=PASSPHRASE)
 
 
 def _publish(store: FileStore, key, release: int, digest: str, **expiry) -> None:
@@ -112,17 +99,24 @@ def test_check_gives_each_refusal_its_own_reason(
     store.files.update(repo.files())
     client = IndexClient(store.fetch, tmp_path / "cache", trust)
     client.refresh()
-    cases = {
-        "revoked-key": dict(key="bad-key", digest="d2", alias="production"),
-        "revoked-release": dict(key="k", digest="d0", alias="production"),
-        "stale": dict(key="k", digest="d1", alias="production"),
-        "index": dict(key="k", digest="d2", alias="staging"),
+    revocation_cases = {
+        "revoked-key": dict(key="bad-key", digest="d2"),
+        "revoked-release": dict(key="k", digest="d0"),
     }
-    for reason, args in cases.items():
+    alias_cases = {
+        "stale": dict(digest="d1", alias="production"),
+        "index": dict(digest="d2", alias="staging"),
+    }
+    for reason, args in revocation_cases.items():
         with pytest.raises(VerificationError) as err:
-            client.check(model="intents", release=1, **args)
+            check_not_revoked(client.revocations(), **args)
         assert err.value.reason == reason
-    client.check(model="intents", release=2, key="k", digest="d2", alias="production")
+    for reason, args in alias_cases.items():
+        with pytest.raises(VerificationError) as err:
+            check_alias(client, model="intents", release=1, **args)
+        assert err.value.reason == reason
+    check_not_revoked(client.revocations(), key="k", digest="d2")
+    check_alias(client, model="intents", release=2, digest="d2", alias="production")
 
 
 def test_alias_history_is_kept_for_rollback() -> None:

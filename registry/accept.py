@@ -1,0 +1,110 @@
+"""Accept a release: the one place that decides whether a release directory may be loaded.
+
+Like model-signing's `Verifier.verify`, the order is code, not a convention each caller
+repeats. `accept` runs these steps and stops at the first that fails, raising
+`VerificationError` with the step's reason:
+
+1. signature: every file matches ``model.sig``, made by a key in the local trust store
+   (``unsigned``, ``untrusted-key``, ``signature``);
+2. model name: the signed provenance names the model asked for (``index``);
+3. revocation: the release index revokes neither the signing key nor the release
+   (``revoked-key``, ``revoked-release``);
+4. alias freshness: the signed index points the alias at exactly this release, so an
+   older release aliased again is refused (``index``, ``stale``);
+5. base digest: the release was trained on this consumer's base model (``base-mismatch``);
+6. local policy: the caller's own rules, e.g. a maximum ε (``policy``) or the promotion
+   gates (`PromotionRefused`).
+
+It returns an `AcceptedRelease`, the only type `clients.edge.runtime.Runtime.load` takes.
+The callers differ only in the arguments, never in the order:
+
+    caller                               index                         alias
+    edge node refresh, edge pull         refreshed `IndexClient`       the alias served
+    edge node restart, registry down     `IndexClient.load_cached()`   None (last served)
+    publish, promote                     `IndexRepository`             None (it moves)
+    fedlora edge verify (offline)        None                          None
+
+    accepted = accept(Path("release"), trust=trust, model="intents", index=client,
+                      alias="production", base_digest=runtime.base_digest,
+                      policy=LocalPolicy(max_epsilon=8.0))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from registry.artifact import Provenance
+from registry.errors import RegistryError, VerificationError
+from registry.index import ReleaseIndex, check_alias, check_not_revoked
+from registry.keys import TrustStore
+from registry.signing import verify_release
+
+
+@dataclass(frozen=True)
+class AcceptedRelease:
+    """A release directory that passed every step of `accept` its caller asked for."""
+
+    directory: Path
+    key_id: str
+    digest: str  # manifest digest (`registry.signing.manifest_digest`)
+    provenance: Provenance
+
+
+class ReleasePolicy(Protocol):
+    """Step 6 of `accept`: the caller's own rules over a release's signed provenance."""
+
+    def check(self, provenance: Provenance) -> None:
+        """Raise (`VerificationError` or `PromotionRefused`) if the release is not wanted."""
+        ...
+
+
+def accept(
+    directory: Path,
+    *,
+    trust: TrustStore,
+    model: str | None,
+    index: ReleaseIndex | None,
+    alias: str | None,
+    base_digest: str | None = None,
+    policy: ReleasePolicy | None = None,
+) -> AcceptedRelease:
+    """Run the fixed order of checks on ``directory``; return it as an `AcceptedRelease`.
+
+    Args:
+        directory: the release (a PEFT directory with ``provenance.json`` and ``model.sig``).
+        trust: the local trust store; the only keys whose signatures count.
+        model: the model the release must be of; None only to verify a directory offline
+            without knowing what it is meant to be.
+        index: the release index for revocation and alias freshness; None only offline,
+            where neither can be known.
+        alias: the alias the index must point at this release; None when the release is
+            not being taken as an alias's current value (a restart from the cache, a
+            promotion that is about to move the alias).
+        base_digest: the digest of the base model the release will be loaded on.
+        policy: the caller's rules, checked last.
+
+    Raises:
+        VerificationError: the first step that fails, by reason (see the module docstring).
+        RegistryError: an alias without an index or a model to check it against.
+    """
+    if alias is not None and (index is None or model is None):
+        raise RegistryError(f"alias {alias!r} can only be checked with a model and an index")
+    verified = verify_release(directory, trust)
+    prov = verified.provenance
+    if model is not None and prov.model_name != model:
+        raise VerificationError("index", f"release is of model {prov.model_name!r}, not {model!r}")
+    if index is not None:
+        check_not_revoked(index.revocations(), key=verified.key_id, digest=verified.digest)
+    if index is not None and model is not None and alias is not None:
+        check_alias(index, model=model, alias=alias, digest=verified.digest, release=prov.release)
+    if base_digest is not None and prov.base_digest != base_digest:
+        raise VerificationError(
+            "base-mismatch",
+            f"release {prov.release} was trained on base {prov.base_digest[:16]}, "
+            f"this node has {base_digest[:16]}",
+        )
+    if policy is not None:
+        policy.check(prov)
+    return AcceptedRelease(verified.directory, verified.key_id, verified.digest, prov)

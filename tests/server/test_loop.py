@@ -157,6 +157,8 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         "round-timeout": 5.0,
         "fraction-evaluate": 0.0,
         "update.max-norm": 10.0,
+        # FedAvg's example-weighted mean: what these tests work out by hand.
+        "server.aggregate": "mean",
         "out-dir": str(tmp_path / "out"),
     }
     return RunSettings.from_config(config | extra)

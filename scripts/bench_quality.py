@@ -517,12 +517,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rescore is not None:
         return rescore(args.rescore)
-    from server.cli import progress_bars, quiet_libraries
+    from server.console import progress_bars, quiet_libraries
 
     quiet_libraries()
     from clients.site.split import SplitSpec, split_rows
     from clients.task.data import Example, write_jsonl
-    from server.settings import parse_overrides
+    from server.run_config import parse_overrides
 
     started = time.perf_counter()
     data = load_data(

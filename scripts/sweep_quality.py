@@ -219,7 +219,7 @@ def run_centralized(
 
 def parse_config(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:key=value,key=value`` -> (NAME, overrides); values are TOML."""
-    from server.settings import parse_overrides
+    from server.run_config import parse_overrides
 
     name, _, rest = text.partition(":")
     pairs = [p for p in rest.split(",") if p.strip()]
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from clients.site.split import SplitSpec, split_rows
-    from server.cli import quiet_libraries
+    from server.console import quiet_libraries
 
     quiet_libraries()
     if args.threads:

@@ -69,6 +69,7 @@ def test_fedexp_is_refused_with_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match=r"server\.optimizer.*secagg\.enabled"):
         RunSettings.from_config(
             {
+                "labels": "a,b",
                 "server.optimizer": "fedexp",
                 "secagg.enabled": True,
                 "min-fit-clients": 3,

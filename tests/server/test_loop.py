@@ -434,3 +434,34 @@ def test_the_best_round_on_the_central_file_is_kept_and_checkpointed(tmp_path: P
     saved = CheckpointStore(tmp_path / "checkpoint").load()
     assert saved is not None and saved.best_round == 2
     np.testing.assert_allclose(saved.best_state["head"], 0.2, rtol=1e-6)
+
+
+class ReversedGrid(FakeGrid):
+    """Answers in the reverse of the order it was asked: sites finishing in another order."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        return list(reversed(super().send_and_receive(messages, timeout=timeout)))
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path: Path) -> None:
+    # Arrange: the same three sites, their replies arriving in two orders; float sums
+    # taken in another order would differ in the last bits.
+    def sites() -> dict[int, Site]:
+        return {
+            # Found by search: summed in reverse, the float32 mean differs in the last bit.
+            1: honest("site-a", delta=0.8009724020957947, examples=7),
+            2: honest("site-b", delta=0.2439102828502655, examples=3),
+            3: honest("site-c", delta=0.061253711581230164, examples=11),
+        }
+
+    settings = _settings(tmp_path / "x", **{"min-fit-clients": 3, "min-available-clients": 3})
+
+    # Act
+    first, *_ = _run(tmp_path / "one", FakeGrid(sites()), settings)
+    second, *_ = _run(tmp_path / "two", ReversedGrid(sites()), settings)
+
+    # Assert: bit for bit the same tensors.
+    for name in first:
+        assert first[name].tobytes() == second[name].tobytes(), name

@@ -23,8 +23,10 @@ def _entry(release: int, digest: str) -> AliasEntry:
     return AliasEntry(release=release, version=str(release), digest=digest, key_id="k")
 
 
-def _publish(store: FileStore, key, release: int, digest: str, **expiry) -> None:
-    repo = IndexRepository.load(store.fetch, key) or IndexRepository.create(
+def _publish(
+    store: FileStore, key, release: int, digest: str, trusted=frozenset(), **expiry
+) -> None:
+    repo = IndexRepository.load(store.fetch, key, trusted=trusted) or IndexRepository.create(
         key, expiry={k: dt.timedelta(seconds=v) for k, v in expiry.items()}
     )
     repo.set_alias("intents", "production", _entry(release, digest))
@@ -139,8 +141,9 @@ def test_keys_rotate_through_signed_root_versions(
     repo = IndexRepository.load(store.fetch, publisher)
     repo.add_signer(load_public_key(new.public_path))
     store.files.update(repo.files())
-    _publish(store, new_key, 2, "d2")  # the rotated-in key signs the index now
-    repo = IndexRepository.load(store.fetch, new_key)
+    # The rotated-in key signs the index now, starting from the root the old key signed.
+    _publish(store, new_key, 2, "d2", trusted=frozenset({keypair.key_id}))
+    repo = IndexRepository.load(store.fetch, new_key, trusted=frozenset({keypair.key_id}))
     repo.remove_signer(keypair.key_id)  # ... and retires the old one
     store.files.update(repo.files())
 

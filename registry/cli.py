@@ -149,7 +149,11 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     _registry_arg(ls)
     ls.set_defaults(func=cmd_list)
 
-    show = commands.add_parser("show", help="versions of a model with their signed facts")
+    show = commands.add_parser(
+        "show",
+        help="versions of a model with their tags (unsigned, for people; publish, promote and "
+        "revoke decide from the signed index)",
+    )
     show.add_argument("model", metavar="NAME")
     _registry_arg(show)
     show.set_defaults(func=cmd_show)

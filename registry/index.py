@@ -63,12 +63,6 @@ MAX_LENGTH = {
 }
 
 
-def max_length(name: str) -> int:
-    """The length limit of a metadata file name (``timestamp.json``, ``3.root.json``)."""
-    role = name.removesuffix(".json").rsplit(".", 1)[-1]
-    return MAX_LENGTH.get(role, _LIMITS.targets_max_length)
-
-
 @dataclass(frozen=True)
 class AliasEntry:
     """What an alias must resolve to, as signed into the targets metadata."""

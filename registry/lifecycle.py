@@ -215,11 +215,10 @@ def publish(
             done = next((r for r in records if r.digest == accepted.digest), None)
             if done is not None:
                 return _existing(model, done)
-            found = _unfinished(
+            ready = _unfinished(
                 store, index, model=model, trust=trust, tmp=tmp, digest=accepted.digest,
                 allowed=_sizes(tmp / "release"),
-            )  # fmt: skip
-            ready = found or _Release(accepted, _sizes(tmp / "release"))
+            ) or _Release(accepted, _sizes(tmp / "release"))  # fmt: skip
         else:
             adapter = adapter_dir(source)  # names a missing, linked or foreign file
             wanted = adapter_digest(adapter)
@@ -236,8 +235,9 @@ def publish(
             if found is None:
                 build_release(source, tmp / "release", model_name=model, release=number)
                 sign_release(tmp / "release", private_key=key.path, passphrase=key.passphrase)
-                accepted = accept(tmp / "release", trust=own, model=model, index=index, alias=None)
-            ready = found or _Release(accepted, _sizes(tmp / "release"))
+                signed = accept(tmp / "release", trust=own, model=model, index=index, alias=None)
+                found = _Release(signed, _sizes(tmp / "release"))
+            ready = found
         accepted = ready.accepted
         release = accepted.provenance.release
         taken = index.release(model, release)

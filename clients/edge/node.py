@@ -92,8 +92,8 @@ class EdgeNode:
             self._store.check_reachable()
         return self._store
 
-    def _fetch_index(self, name: str) -> bytes | None:
-        return self._registry().fetch_index_file(name)
+    def _fetch_index(self, name: str, max_length: int) -> bytes | None:
+        return self._registry().fetch_index_file(name, max_length)
 
     def _accept(
         self, slot: ModelSlot, directory: Path, *, alias: str | None, digest: str | None = None

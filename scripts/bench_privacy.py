@@ -59,7 +59,7 @@ def _client_app():
     from flwr.clientapp import ClientApp
 
     from clients.site.mods import TRAIN_MODS
-    from clients.site.wire import read_request, train_reply
+    from strategies.protocol import NUM_EXAMPLES, read_request, train_reply
 
     app = ClientApp()
 
@@ -72,7 +72,7 @@ def _client_app():
             message,
             local={k: reference[k] + delta[k] for k in reference},
             reference=reference,
-            metrics={"num-examples": 100},
+            metrics={NUM_EXAMPLES: 100},
             site_id=f"site-{partition}",
             weight=100,
         )
@@ -86,19 +86,16 @@ def _state(params: int) -> dict[str, np.ndarray]:
 
 
 def _plain_round(grid, nodes: list[int], state: dict[str, np.ndarray]) -> int:
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import MessageType
 
     from strategies.aggregate import weighted_average
-    from strategies.records import from_record, to_record
+    from strategies.protocol import array_bytes, decode_train, requests, to_record
 
-    content = RecordDict({"arrays": to_record(state), "config": ConfigRecord({})})
-    messages = [
-        Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes
-    ]
+    messages = requests(nodes, to_record(state), {}, kind=MessageType.TRAIN)
     replies = list(grid.send_and_receive(messages, timeout=600))
-    states = [from_record(r.content.array_records["arrays"]) for r in replies]
+    states = [decode_train(r).state for r in replies]  # type: ignore[union-attr]
     weighted_average(states, [100] * len(states))
-    return sum(r.content.array_records["arrays"].count_bytes() for r in replies)
+    return sum(array_bytes(r) for r in replies)
 
 
 def bench_secagg(sites: int, sizes: Sequence[int], rounds: int) -> list[dict[str, Any]]:

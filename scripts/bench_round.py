@@ -76,11 +76,13 @@ class Exchange:
     sent: Any = None
 
     def train_seconds(self) -> list[float]:
+        from strategies.protocol import METRICS, TRAIN_SECONDS
+
         out = []
         for reply in self.replies:
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
+            if reply.has_error() or METRICS not in reply.content.metric_records:
                 continue
-            value = reply.content.metric_records["metrics"].get("train-seconds")
+            value = reply.content.metric_records[METRICS].get(TRAIN_SECONDS)
             if isinstance(value, int | float):
                 out.append(float(value))
         return out

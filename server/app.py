@@ -37,8 +37,9 @@ from registry.keys import load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
 from server.checkpoint import CheckpointStore, write_atomic
-from server.loop import Evaluator, RoundRecord, run_rounds
+from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
+from server.record import RoundRecord
 from server.settings import RunSettings
 from server.tracking import Tracker, resolve_tracking_uri
 

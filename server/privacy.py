@@ -5,22 +5,31 @@ mechanism with noise multiplier ``z`` and sampling rate ``q = sampled / connecte
 (Mironov et al. 2019, "Rényi Differential Privacy of the Sampled Gaussian Mechanism").
 The analysis assumes Poisson sampling; fedlora samples a fixed number of sites without
 replacement, the usual approximation (also Flower's). A skipped round releases nothing
-and is not charged.
+and is not charged. `ClientPrivacy` ties a run's mechanism to its ledger: it wraps the
+run's strategy in `DifferentiallyPrivate` and says when ``dp.max-epsilon`` stops the run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from clients.task.errors import ConfigError
+from strategies.dp import ClientLevelDP, DifferentiallyPrivate
 from strategies.secagg import PRGS, SecAggSettings
+from strategies.strategy import Strategy
+
+if TYPE_CHECKING:
+    from server.settings import ClientDPSettings
 
 ACCOUNTANT = "rdp"
+log = logging.getLogger(__name__)
 
 
 def solve_noise_multiplier(
@@ -84,6 +93,75 @@ class PrivacyLedger:
 
     def steps(self) -> list[tuple[float, float]]:
         return [(z, q) for z, q, n in self._accountant.history for _ in range(n)]
+
+
+@dataclass
+class ClientPrivacy:
+    """Client-level DP of one run: the mechanism, the ledger so far and the ε limit."""
+
+    mechanism: ClientLevelDP
+    ledger: PrivacyLedger
+    max_epsilon: float = 0.0
+
+    @classmethod
+    def start(
+        cls,
+        settings: ClientDPSettings,
+        *,
+        planned_rate: float,
+        rounds: int,
+        history: Iterable[Mapping[str, Any]],
+    ) -> ClientPrivacy:
+        """The run's mechanism (``z`` solved for ``dp.target-epsilon`` at the planned
+        sampling rate) and a ledger replaying the rounds ``history`` released.
+
+        Raises:
+            ConfigError: If the target ε is unreachable.
+        """
+        z = settings.noise_multiplier
+        if settings.target_epsilon > 0:
+            z = solve_noise_multiplier(
+                target_epsilon=settings.target_epsilon,
+                delta=settings.delta,
+                sampling_rate=planned_rate,
+                rounds=rounds,
+            )
+            log.info("client-level DP: noise multiplier %.4g for ε=%s", z, settings.target_epsilon)
+        released = [
+            (float(row["noise_multiplier"]), float(row["sampling_rate"]))
+            for row in history
+            if row.get("sampling_rate") is not None
+        ]
+        return cls(
+            mechanism=ClientLevelDP(clip_norm=settings.clip_norm, noise_multiplier=z),
+            ledger=PrivacyLedger.replay(settings.delta, released),
+            max_epsilon=settings.max_epsilon,
+        )
+
+    def wrap(self, strategy: Strategy) -> Strategy:
+        """The run's strategy with the mechanism's noise on every aggregate."""
+        # Server-side DP noise: seeded from the OS, never from the run, so no site can predict it.
+        return DifferentiallyPrivate(strategy, self.mechanism, np.random.default_rng())
+
+    def stop_reason(self, server_round: int, sampling_rate: float) -> str | None:
+        """Why the run must stop before this round (ε would pass the limit), or None."""
+        if self.max_epsilon <= 0:
+            return None
+        after = self.ledger.epsilon_after(
+            noise_multiplier=self.mechanism.noise_multiplier, sampling_rate=sampling_rate
+        )
+        if after > self.max_epsilon:
+            return (
+                f"stopped before round {server_round}: client-level ε would reach "
+                f"{after:.4g} > dp.max-epsilon={self.max_epsilon}"
+            )
+        return None
+
+    def charge(self, sampling_rate: float) -> None:
+        """Account one released round."""
+        self.ledger.step(
+            noise_multiplier=self.mechanism.noise_multiplier, sampling_rate=sampling_rate
+        )
 
 
 def privacy_summary(

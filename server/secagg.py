@@ -18,7 +18,6 @@ the round as failed (the global adapter stays as it was).
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +25,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common import (
-    FitIns,
-    FitRes,
-    Parameters,
-    bytes_to_ndarray,
-    ndarrays_to_parameters,
-)
+from flwr.common import FitIns, FitRes, Parameters, bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
@@ -44,15 +37,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from strategies.secagg import (
-    COMPACT_KEY,
-    MAX_WEIGHT_KEY,
-    NAMES_KEY,
-    PRG_KEY,
-    SecAggSettings,
-    expand_masked,
-    mask_generator,
-)
+from strategies.protocol import NO_REPLY, decode_secure_train, node_name, secure_fitins
+from strategies.secagg import SecAggSettings, expand_masked, mask_generator
 
 # The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
 FLOWER_WORKFLOW = importlib.import_module(
@@ -162,9 +148,9 @@ class _Relay(Strategy):
 
 
 def _proxy_failures(grid: _CountingGrid, sampled: Sequence[int]) -> list[dict[str, str]]:
-    out = [{"site": f"node-{n}", "reason": r} for n, r in sorted(grid.failed.items())]
+    out = [{"site": node_name(n), "reason": r} for n, r in sorted(grid.failed.items())]
     out += [
-        {"site": f"node-{n}", "reason": "no reply before timeout"}
+        {"site": node_name(n), "reason": NO_REPLY}
         for n in sorted(grid.silent - set(grid.failed))
         if n in sampled
     ]
@@ -186,15 +172,9 @@ def run_secure_round(
     # Under client-level DP every site reports weight 1: a max weight of 1 keeps Flower's
     # weight scaling at 1 and so the full quantization precision.
     max_weight = 1 if plan.get("uniform_weight") else settings.max_weight
-    config = dict(plan) | {
-        NAMES_KEY: json.dumps(names),
-        MAX_WEIGHT_KEY: max_weight,
-        PRG_KEY: settings.prg,
-        COMPACT_KEY: True,
-    }
-    parameters = ndarrays_to_parameters([np.asarray(state[n]) for n in names])
+    fitins = secure_fitins(state, plan, max_weight=max_weight, prg=settings.prg)
     counting = _CountingGrid(grid)
-    relay = _Relay(counting, nodes, FitIns(parameters=parameters, config=config))  # type: ignore[arg-type]
+    relay = _Relay(counting, nodes, fitins)  # type: ignore[arg-type]
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         strategy=relay,
@@ -204,7 +184,7 @@ def run_secure_round(
         {WorkflowKey.CURRENT_ROUND: server_round}
     )
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        parameters, keep_input=True
+        fitins.parameters, keep_input=True
     )
     workflow = SecAggPlusWorkflow(
         num_shares=settings.num_shares,
@@ -227,9 +207,5 @@ def run_secure_round(
         return outcome
     arrays = [bytes_to_ndarray(t) for t in relay.aggregate.tensors]
     outcome.mean_update = {n: a.astype(np.float64) for n, a in zip(names, arrays, strict=True)}
-    for res in relay.results:
-        metrics = dict(res.metrics)
-        site = str(metrics.pop("site-id", "?"))
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        outcome.sites.append((site, int(res.num_examples), numeric))
+    outcome.sites = [decode_secure_train(res) for res in relay.results]
     return outcome

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.task.plan import SIM_SITES_ENV
 from server.app import TrainingResult, run_training
-from server.loop import RoundRecord
+from server.record import RoundRecord
 from server.settings import RunSettings
 
 CLIENT_APP = "clients.site.app:app"  # same reference as [tool.flwr.app.components]

@@ -8,6 +8,10 @@ updates ``m``, i.e. noise of std ``z·C/m`` on the uniform mean. Sites are weigh
 uniformly: an example-count weight would let one site move the mean by more than ``C/m``
 and break the sensitivity bound.
 
+`DifferentiallyPrivate` is the one place the mechanism meets aggregation: it wraps any
+`Strategy`, in plain rounds (the server sees each clipped update) and in SecAgg+ rounds
+(it sees only their mean, which under DP is uniform because every site reports weight 1).
+
 Pure numpy; the accountant that turns ``(z, sampling rate, rounds)`` into ``(ε, δ)`` lives
 in server/privacy.py (it uses Opacus' RDP analysis).
 
@@ -16,6 +20,7 @@ Usage::
     clipped, norm = clip_update(delta, clip_norm=1.0)                      # at the site
     dp = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.1)
     outcome = DifferentiallyPrivate(FedAvg(), dp, rng).aggregate(r, ref, updates)
+    outcome = DifferentiallyPrivate(FedAvg(), dp, rng).aggregate_mean(r, ref, mean)
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from clients.task.errors import ConfigError
 from strategies.aggregate import weighted_average
-from strategies.fedavg import FedAvg, RoundOutcome, SiteUpdate
+from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, State, Strategy
 
 
 def global_norm(tensors: Mapping[str, np.ndarray]) -> float:
@@ -102,14 +107,15 @@ class ClientLevelDP:
 
 @dataclass(frozen=True)
 class DifferentiallyPrivate:
-    """Wraps a strategy: its validation, then a uniform mean of the clipped updates plus noise.
+    """Wraps a strategy: its judgement of the round, then the mean plus Gaussian noise.
 
     The sites clip; the server only checks (through the inner strategy's norm check)
-    and adds noise. ``rng`` must be unpredictable to the sites in production
+    and adds noise of std ``z·C/m`` to the uniform mean of the ``m`` accepted updates.
+    ``rng`` must be unpredictable to the sites in production
     (`np.random.default_rng()` seeds from the OS).
     """
 
-    inner: FedAvg
+    inner: Strategy
     dp: ClientLevelDP
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
 
@@ -117,9 +123,9 @@ class DifferentiallyPrivate:
         return self.inner.client_config()
 
     def aggregate(
-        self, server_round: int, reference: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
+        self, server_round: int, reference: State, updates: Sequence[SiteUpdate]
     ) -> RoundOutcome:
-        """Validate through the inner strategy, then average uniformly and add noise.
+        """Judge through the inner strategy, then average uniformly and add noise.
 
         Raises:
             RoundFailed: From the inner strategy.
@@ -127,5 +133,22 @@ class DifferentiallyPrivate:
         outcome = self.inner.aggregate(server_round, reference, updates)
         m = len(outcome.accepted)
         mean = weighted_average([u.state for u in outcome.accepted], [1.0] * m)
-        state = self.dp.privatize_mean(reference, mean, num_updates=m, rng=self.rng)
+        return self._privatize(reference, mean, outcome)
+
+    def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
+        """Judge through the inner strategy, then add noise to the (uniform) secure mean.
+
+        Raises:
+            RoundFailed: From the inner strategy.
+        """
+        outcome = self.inner.aggregate_mean(server_round, reference, mean)
+        averaged = {k: ref.astype(np.float64) + mean.delta[k] for k, ref in reference.items()}
+        return self._privatize(reference, averaged, outcome)
+
+    def _privatize(
+        self, reference: State, mean: Mapping[str, np.ndarray], outcome: RoundOutcome
+    ) -> RoundOutcome:
+        state = self.dp.privatize_mean(
+            reference, mean, num_updates=len(outcome.accepted), rng=self.rng
+        )
         return RoundOutcome(state=state, accepted=outcome.accepted, rejected=outcome.rejected)

@@ -1,51 +1,32 @@
 """FedAvg over validated adapter updates, with FedProx as a client-side variant.
 
-The server loop hands `FedAvg.aggregate` the global state it sent and the decoded site
-updates; the strategy rejects updates that fail `validate_update`, refuses the round if
-fewer than `min_fit_clients` remain, and returns the example-weighted average. With
-FFA-LoRA (only B and the head travel) that average is exactly the average of the sites'
-B·A products, since A is shared.
+FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data"): the new global tensors are the example-weighted average of the
+sites' local tensors. In a plain round `FedAvg.aggregate` rejects updates that fail
+`validate_update`, refuses the round if fewer than `min_fit_clients` remain, and returns
+the weighted average. Under SecAgg+ the sites weighted and clipped their own updates and
+the server learns only their mean, so `FedAvg.aggregate_mean` can check just how many
+sites contributed and that the mean is finite. With FFA-LoRA (only B and the head travel)
+the average is exactly the average of the sites' B·A products, since A is shared.
+
+FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks") aggregates
+like FedAvg; its sites add a proximal term to their local loss.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from clients.task.errors import RoundFailed, UpdateRejected
 from strategies.aggregate import weighted_average
+from strategies.errors import RoundFailed, UpdateRejected
+from strategies.strategy import MeanUpdate, Rejection, RoundOutcome, SiteUpdate, State
 from strategies.validation import validate_update
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SiteUpdate:
-    """One site's reply to a training round."""
-
-    site: str
-    state: Mapping[str, np.ndarray]
-    num_examples: object
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Why one site's update was left out of a round."""
-
-    site: str
-    check: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    state: dict[str, np.ndarray]
-    accepted: list[SiteUpdate]
-    rejected: list[Rejection]
 
 
 @dataclass(frozen=True)
@@ -65,7 +46,7 @@ class FedAvg:
         return {}
 
     def aggregate(
-        self, server_round: int, reference: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate]
+        self, server_round: int, reference: State, updates: Sequence[SiteUpdate]
     ) -> RoundOutcome:
         """Validate updates and average the accepted ones.
 
@@ -93,16 +74,34 @@ class FedAvg:
                 rejected.append(Rejection(update.site, exc.check, exc.detail))
                 continue
             accepted.append(update)
-        if len(accepted) < self.min_fit_clients:
-            raise RoundFailed(
-                f"round {server_round}: {len(accepted)} valid update(s), "
-                f"min-fit-clients={self.min_fit_clients}"
-            )
+        self._require(server_round, len(accepted), "valid update(s)")
         state = weighted_average(
             [u.state for u in accepted],
             [int(u.num_examples) for u in accepted],  # type: ignore[call-overload]
         )
         return RoundOutcome(state=state, accepted=accepted, rejected=rejected)
+
+    def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
+        """The global state plus the secure mean update, in the global tensors' dtypes.
+
+        Raises:
+            RoundFailed: If fewer than `min_fit_clients` sites contributed or the mean
+                holds a non-finite value.
+        """
+        self._require(server_round, len(mean.sites), "site(s) in the secure aggregate")
+        if not all(np.all(np.isfinite(v)) for v in mean.delta.values()):
+            raise RoundFailed(f"round {server_round}: the secure aggregate is not finite")
+        state = {
+            k: (ref.astype(np.float64) + mean.delta[k]).astype(ref.dtype)
+            for k, ref in reference.items()
+        }
+        return RoundOutcome(state=state, accepted=list(mean.sites), rejected=[])
+
+    def _require(self, server_round: int, count: int, what: str) -> None:
+        if count < self.min_fit_clients:
+            raise RoundFailed(
+                f"round {server_round}: {count} {what}, min-fit-clients={self.min_fit_clients}"
+            )
 
 
 @dataclass(frozen=True)

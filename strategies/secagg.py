@@ -7,7 +7,8 @@ quantize it stochastically to integers in ``[0, quantization_range)``, add pairw
 private masks modulo 2³² and send the result; the server learns only the sum and divides
 by the summed weights. Sites in fedlora send their clipped update (``local - global``),
 whose coordinates are bounded by its L2 norm, so a clipping range no smaller than the
-site-side clip norm never clips a coordinate.
+site-side clip norm never clips a coordinate. What a secure request and its reply carry
+is part of the wire contract (strategies/protocol.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from clients.task.errors import ConfigError
 
 MODULUS_RANGE = 2**32  # Flower's default mask modulus; must stay below 2**32
-# Config entries a secure training request carries beside the round plan: the names of
-# the tensors in the legacy (ordered, unnamed) parameter list, and the largest weight.
-NAMES_KEY = "secagg-tensor-names"
-MAX_WEIGHT_KEY = "secagg-max-weight"
-PRG_KEY = "secagg-prg"
-# Set by the server in a secure round's config: it accepts masked vectors as uint32.
-COMPACT_KEY = "secagg-compact"
-# Every entry a secure round's config carries beside the round plan.
-SECURE_CONFIG_KEYS = (NAMES_KEY, MAX_WEIGHT_KEY, PRG_KEY, COMPACT_KEY)
 # Mask generators, by `secagg.prg` value: what each expands a mask seed with.
 PRGS = {
     "aes-ctr": "aes-256-ctr",  # fedlora's: the full key, hashed to an AES-256 key, in CTR mode

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from clients.task.errors import UpdateRejected
+from strategies.errors import UpdateRejected
 
 CHECKS = ("keys", "dtype", "shape", "finite", "norm", "num-examples")
 

@@ -14,13 +14,12 @@ import random
 from dataclasses import replace
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.site.ledger import SiteLedger
 from clients.site.mods import TRAIN_MODS
 from clients.site.settings import SiteSettings
-from clients.site.wire import is_secure, plan_config, read_request, train_reply
 from clients.task.data import Example, load_examples
 from clients.task.errors import BudgetRefused, ModelError
 from clients.task.model import (
@@ -34,6 +33,15 @@ from clients.task.model import (
 )
 from clients.task.plan import TrainPlan
 from clients.task.train import evaluate, train_local
+from strategies.protocol import (
+    SitePrivacy,
+    evaluate_reply,
+    plan_config,
+    read_request,
+    refusal_reply,
+    train_metrics,
+    train_reply,
+)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -82,11 +90,11 @@ def _prepare(
 
 def _charge_budget(
     site: SiteSettings, plan: TrainPlan, *, run: str, num_train: int
-) -> dict[str, float]:
+) -> SitePrivacy | None:
     """Refuse a round past the site's budget, else charge it to the ledger *before* training.
 
     Returns:
-        The sample-level privacy metrics to report (empty without DP-SGD).
+        The sample-level privacy to report (None without DP-SGD).
 
     Raises:
         BudgetRefused: With the reason, if the round would pass ``max-epsilon`` or the run
@@ -99,7 +107,7 @@ def _charge_budget(
                 f"site {site.site_id} has max-epsilon={site.max_epsilon} and the run does "
                 "not train with sample-level DP (site-dp.noise-multiplier=0)"
             )
-        return {}
+        return None
     steps = plan.local_steps or plan.local_epochs * math.ceil(num_train / plan.batch_size)
     rate = min(1.0, plan.batch_size / num_train)
     if site.state_dir is None:
@@ -131,30 +139,12 @@ def _charge_budget(
             steps=steps,
             delta=dp.delta,
         )
-    return {
-        "site-epsilon": run_eps,
-        "site-delta": dp.delta,
-        "site-noise-multiplier": dp.noise_multiplier,
-        "site-max-grad-norm": dp.max_grad_norm,
-    }
-
-
-def _refusal(message: Message, site: SiteSettings, exc: BudgetRefused) -> Message:
-    """A plain round's refusal: a reply with the reason instead of an update.
-
-    A secure round cannot carry one (SecAgg+ expects an update), so there the refusal
-    is raised and reaches the server as the site's error, which counts as a dropout.
-    """
-    if is_secure(message):
-        raise exc
-    log.warning("%s", exc)
-    content = RecordDict(
-        {
-            "refusal": ConfigRecord({"reason": str(exc)}),
-            "site": ConfigRecord({"site-id": site.site_id}),
-        }
+    return SitePrivacy(
+        epsilon=run_eps,
+        delta=dp.delta,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
     )
-    return Message(content, reply_to=message)
 
 
 @app.train(mods=list(TRAIN_MODS))
@@ -164,7 +154,8 @@ def train(message: Message, context: Context) -> Message:
     try:
         privacy = _charge_budget(site, plan, run=str(context.run_id), num_train=len(train_examples))
     except BudgetRefused as exc:
-        return _refusal(message, site, exc)
+        log.warning("%s", exc)
+        return refusal_reply(message, site_id=site.site_id, reason=exc.detail)
     # A generator per (run seed, round, site): reproducible, different across sites.
     seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
     generator = torch.Generator().manual_seed(
@@ -185,13 +176,13 @@ def train(message: Message, context: Context) -> Message:
         message,
         local=trainable_state(loaded.model),
         reference=reference,
-        metrics={
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "train-seconds": result.seconds,
-            "steps": result.steps,
-            **privacy,
-        },
+        metrics=train_metrics(
+            num_examples=result.num_examples,
+            loss=result.loss,
+            seconds=result.seconds,
+            steps=result.steps,
+            privacy=privacy,
+        ),
         site_id=site.site_id,
         weight=1 if plan.uniform_weight else result.num_examples,
     )
@@ -202,16 +193,10 @@ def evaluate_global(message: Message, context: Context) -> Message:
     site, plan, loaded, _ = _prepare(message, context)
     _, held_out = _data(site, plan.spec.task, plan.spec.labels)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
-    content = RecordDict(
-        {
-            "metrics": MetricRecord(
-                {
-                    "num-examples": result.num_examples,
-                    "loss": result.loss,
-                    "accuracy": result.accuracy,
-                }
-            ),
-            "site": ConfigRecord({"site-id": site.site_id}),
-        }
+    return evaluate_reply(
+        message,
+        site_id=site.site_id,
+        num_examples=result.num_examples,
+        loss=result.loss,
+        accuracy=result.accuracy,
     )
-    return Message(content, reply_to=message)

@@ -18,9 +18,10 @@ from flwr.client.mod import secaggplus_mod  # Flower 1.41: legacy path only
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from clients.site.wire import read_request, replace_update, reply_update
+from clients.site.wire import replace_update, reply_update
 from strategies.dp import clip_update
-from strategies.secagg import COMPACT_KEY, PRG_KEY, PRGS, compact_masked, mask_generator
+from strategies.protocol import COMPACT_KEY, PRG_KEY, SECURE_CONFIG, read_request
+from strategies.secagg import PRGS, compact_masked, mask_generator
 
 log = logging.getLogger(__name__)
 # The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
@@ -36,16 +37,13 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     records = msg.content.config_records
     if RECORD_KEY_CONFIGS not in records:
         return call_next(msg, ctxt)
-    prg = (
-        str(records["fitins.config"].get(PRG_KEY, "flower"))
-        if "fitins.config" in records
-        else "flower"
-    )
+    secure = records.get(SECURE_CONFIG)
+    prg = str(secure.get(PRG_KEY, "flower")) if secure is not None else "flower"
     if prg not in PRGS:
         raise ValueError(f"unknown SecAgg+ mask generator {prg!r}")
     with mask_generator(FLOWER_MOD, prg):
         reply = secaggplus_mod(msg, ctxt, call_next)
-    compact = "fitins.config" in records and bool(records["fitins.config"].get(COMPACT_KEY))
+    compact = secure is not None and bool(secure.get(COMPACT_KEY))
     configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
     if compact and configs is not None and Key.MASKED_PARAMETERS in configs:
         masked = configs[Key.MASKED_PARAMETERS]

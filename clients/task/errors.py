@@ -21,24 +21,13 @@ class ModelError(FedloraError):
     """The base model or an adapter cannot be found, loaded or applied."""
 
 
-class UpdateRejected(FedloraError):
-    """A site's update failed a server-side check (see strategies.validation)."""
-
-    def __init__(self, check: str, detail: str) -> None:
-        super().__init__(f"{check}: {detail}")
-        self.check = check
-        self.detail = detail
-
-
-class RoundFailed(FedloraError):
-    """Too few valid updates arrived to aggregate a round."""
-
-
 class BudgetRefused(FedloraError):
-    """A site refuses a round that would pass its privacy budget (clients/site/ledger.py)."""
+    """A site refuses a round that would pass its privacy budget (clients/site/ledger.py).
 
-    MARK = "privacy budget:"  # how the server recognises a refusal among failures
+    The site answers the round with a refusal (strategies/protocol.py), which the server
+    tells apart from a failure.
+    """
 
     def __init__(self, detail: str) -> None:
-        super().__init__(f"{self.MARK} {detail}")
+        super().__init__(detail)
         self.detail = detail

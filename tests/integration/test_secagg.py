@@ -20,10 +20,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients.site.mods import TRAIN_MODS
-from clients.site.wire import read_request, train_reply
 from server.loop import wait_for_sites
 from server.secagg import SecureRound, run_secure_round
 from strategies.aggregate import weighted_average
+from strategies.protocol import NUM_EXAMPLES, read_request, train_reply
 from strategies.secagg import SecAggSettings
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def _train(message: Message, context: Context) -> Message:
         message,
         local=local,
         reference=reference,
-        metrics={"num-examples": site_weight(partition)},
+        metrics={NUM_EXAMPLES: site_weight(partition)},
         site_id=f"site-{partition}",
         weight=site_weight(partition),
     )

@@ -16,7 +16,8 @@ from strategies.dp import (
     clip_update,
     global_norm,
 )
-from strategies.fedavg import FedAvg, SiteUpdate
+from strategies.fedavg import FedAvg
+from strategies.strategy import MeanUpdate, SiteUpdate
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -89,3 +90,31 @@ def test_wrapper_averages_uniformly_and_adds_no_noise_at_z0() -> None:
 def test_bad_mechanism_is_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ClientLevelDP(**kwargs)
+
+
+def test_secure_rounds_go_through_the_same_wrapper_and_noise() -> None:
+    # Arrange: four sites' secure mean update is 0; z=1.5, C=0.2 -> std z·C/4 = 0.075.
+    reference = {"w": np.zeros(200_000, np.float64)}
+    sites = [SiteUpdate(f"s{i}", {}, 1) for i in range(4)]
+    mean = MeanUpdate(delta={"w": np.zeros(200_000)}, sites=sites)
+    strategy = DifferentiallyPrivate(
+        FedAvg(max_norm=1.0, min_fit_clients=2),
+        ClientLevelDP(clip_norm=0.2, noise_multiplier=1.5),
+        np.random.default_rng(0),
+    )
+    # Act
+    outcome = strategy.aggregate_mean(1, reference, mean)
+    # Assert: the same mechanism as plain rounds, over the four contributors.
+    assert np.std(outcome.state["w"]) == pytest.approx(0.075, rel=0.008)
+    assert [u.site for u in outcome.accepted] == ["s0", "s1", "s2", "s3"]
+
+
+def test_secure_round_without_noise_is_the_inner_strategys_mean() -> None:
+    reference = {"w": np.array([1.0, 1.0], np.float32)}
+    mean = MeanUpdate(delta={"w": np.array([0.25, -0.5])}, sites=[SiteUpdate("a", {}, 1)] * 2)
+    inner = FedAvg(min_fit_clients=2)
+    wrapped = DifferentiallyPrivate(inner, ClientLevelDP(clip_norm=1.0, noise_multiplier=0.0))
+    np.testing.assert_array_equal(
+        wrapped.aggregate_mean(1, reference, mean).state["w"],
+        inner.aggregate_mean(1, reference, mean).state["w"],
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clients.task.errors import RoundFailed, UpdateRejected
-from strategies.fedavg import FedAvg, FedProx, SiteUpdate
+from strategies.errors import RoundFailed, UpdateRejected
+from strategies.fedavg import FedAvg, FedProx
+from strategies.strategy import SiteUpdate
 from strategies.validation import update_norm, validate_update
 
 REF = {

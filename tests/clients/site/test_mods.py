@@ -9,9 +9,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from flwr.client.mod.utils import make_ffn
 
 from clients.site.mods import TRAIN_MODS, clip_mod, secagg_mod
-from clients.site.wire import read_request, train_reply
 from strategies.dp import global_norm
-from strategies.records import from_record, to_record
+from strategies.protocol import from_record, read_request, to_record, train_reply
 
 
 def test_masking_wraps_clipping() -> None:
@@ -71,10 +70,9 @@ def test_no_clip_norm_leaves_the_reply_alone() -> None:
 
 def test_a_secure_request_config_still_parses_as_the_round_plan() -> None:
     # Every entry server/secagg.py adds beside the plan must be stripped before parsing.
-    from clients.site.wire import plan_config
     from clients.task.model import ModelSpec
     from clients.task.plan import TrainPlan
-    from strategies.secagg import SECURE_CONFIG_KEYS
+    from strategies.protocol import SECURE_CONFIG_KEYS, plan_config
 
     plan = TrainPlan(spec=ModelSpec(base="b", task="causal-lm"), base_digest="d")
     config = plan.to_config() | dict.fromkeys(SECURE_CONFIG_KEYS, "x")

@@ -1,0 +1,149 @@
+"""What one round did: a row of metrics.json and the round's MLflow metrics.
+
+The round loop (server/loop.py) fills a `RoundRecord` as the round goes: sites that
+failed, refused or sent a rejected update, what the strategy accepted, the client-level
+privacy spent, the evaluations, and `RoundRecord.finish` closes the row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from server.privacy import ClientPrivacy
+from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS, SitePrivacy
+from strategies.strategy import RoundOutcome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """What one round did; a row of metrics.json."""
+
+    round: int
+    loss: float | None = None
+    accuracy: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    sites: int = 0
+    rejected: int = 0
+    failed: int = 0
+    train_loss: float | None = None
+    federated_loss: float | None = None
+    federated_accuracy: float | None = None
+    central_loss: float | None = None
+    central_accuracy: float | None = None
+    site_ids: list[str] = field(default_factory=list)
+    rejections: list[dict[str, str]] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: bool = False
+    max_site_train_seconds: float = 0.0
+    # Client-level DP: the (ε, δ) spent after this round and the mechanism's parameters.
+    epsilon: float | None = None
+    delta: float | None = None
+    guarantee: str | None = None
+    noise_multiplier: float | None = None
+    sampling_rate: float | None = None
+    # Sites that refused the round to stay within their own privacy budget.
+    refused: int = 0
+    refusals: list[dict[str, str]] = field(default_factory=list)
+    # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
+    site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._started = time.perf_counter()  # not a field: no column of its own
+
+    def failed_site(self, site: str, reason: str) -> None:
+        """A sampled site crashed, timed out or dropped out."""
+        log.warning("round %d: site %s failed: %s", self.round, site, reason)
+        self.failures.append({"site": site, "reason": reason})
+
+    def refused_site(self, site: str, reason: str) -> None:
+        """A sampled site refused the round to stay within its privacy budget."""
+        log.warning("round %d: site %s refused: %s", self.round, site, reason)
+        self.refusals.append({"site": site, "reason": reason})
+
+    def rejected_update(self, site: str, check: str, detail: str) -> None:
+        """A site's reply could not be used (the strategy's own rejections come in
+        `accepted`)."""
+        log.warning(
+            "round %d: rejected reply from site %s (%s): %s", self.round, site, check, detail
+        )
+        self.rejections.append({"site": site, "check": check, "detail": detail})
+
+    def accepted(self, outcome: RoundOutcome) -> None:
+        """What the strategy did with the round's updates."""
+        self.rejections += [asdict(r) for r in outcome.rejected]
+        self.site_ids = [u.site for u in outcome.accepted]
+        self.sites = len(outcome.accepted)
+        self.train_loss = weighted_mean(
+            [
+                (u.metrics[TRAIN_LOSS], int(u.num_examples))  # type: ignore[call-overload]
+                for u in outcome.accepted
+                if TRAIN_LOSS in u.metrics
+            ]
+        )
+        self.max_site_train_seconds = max(
+            (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
+        )
+        claims = {u.site: SitePrivacy.from_metrics(u.metrics) for u in outcome.accepted}
+        self.site_privacy = {
+            site: {
+                "epsilon": p.epsilon,
+                "delta": p.delta,
+                "noise-multiplier": p.noise_multiplier,
+                "max-grad-norm": p.max_grad_norm,
+            }
+            for site, p in claims.items()
+            if p is not None
+        }
+
+    def privacy(self, privacy: ClientPrivacy, sampling_rate: float) -> None:
+        """The client-level (ε, δ) spent so far; a skipped round released nothing."""
+        self.epsilon = privacy.ledger.epsilon
+        self.delta = privacy.ledger.delta
+        self.guarantee = "client-level"
+        self.noise_multiplier = privacy.mechanism.noise_multiplier
+        self.sampling_rate = None if self.skipped else sampling_rate
+
+    def evaluated(
+        self,
+        *,
+        federated: tuple[float | None, float | None] | None,
+        central: tuple[float, float] | None,
+    ) -> None:
+        """(loss, accuracy) on the sites' held-out rows and on the central file."""
+        if federated is not None:
+            self.federated_loss, self.federated_accuracy = federated
+        if central is not None:
+            self.central_loss, self.central_accuracy = central
+        # The headline numbers: central evaluation when there is a held-out file.
+        self.loss = self.central_loss if central is not None else self.federated_loss
+        self.accuracy = self.central_accuracy if central is not None else self.federated_accuracy
+
+    def finish(self) -> dict[str, Any]:
+        """Count, time and close the round; returns its metrics.json row."""
+        self.rejected = len(self.rejections)
+        self.failed = len(self.failures)
+        self.refused = len(self.refusals)
+        self.seconds = time.perf_counter() - self._started
+        return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """Numeric fields for MLflow."""
+        out: dict[str, float] = {}
+        for key, value in asdict(self).items():
+            if key != "round" and isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = float(value)
+        out["skipped"] = float(self.skipped)
+        return out
+
+
+def weighted_mean(values: list[tuple[float, int]]) -> float | None:
+    """The weighted mean of (value, weight) pairs, or None without weight."""
+    total = sum(n for _, n in values)
+    return sum(v * n for v, n in values) / total if total else None

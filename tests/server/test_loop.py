@@ -1,0 +1,368 @@
+"""The round loop (server/loop.py) driven by an in-memory Grid, in milliseconds.
+
+`FakeGrid` is a pure unit seam: it implements only what the loop calls on a Grid
+(``get_node_ids`` and ``send_and_receive``) and answers each request with a site
+behaviour whose reply is built by the wire contract's site-side functions
+(strategies/protocol.py), so the loop decodes exactly what a real site sends. The real
+Flower path (SuperLink, SuperNodes, ClientApp processes, SecAgg+) stays covered by
+tests/integration. Checkpoints go to a real `CheckpointStore` in tmp_path; MLflow is
+replaced by a tracker double that keeps the logged rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message, MessageType
+from flwr.common.constant import ErrorCode
+
+from server.checkpoint import CheckpointStore
+from server.loop import run_rounds
+from server.settings import RunSettings
+from strategies.errors import RoundFailed
+from strategies.protocol import (
+    NO_REPLY,
+    evaluate_reply,
+    read_request,
+    refusal_reply,
+    to_record,
+    train_metrics,
+    train_reply,
+)
+from tests.flower_task import server_app_task
+
+pytestmark = pytest.mark.usefixtures(server_app_task.__name__)
+
+STATE = {"layer.lora_B": np.zeros((2, 3), np.float32), "head": np.zeros(3, np.float32)}
+Site = Callable[[Message], Message | None]
+
+
+def honest(
+    site_id: str, *, delta: float, examples: int, loss: float = 0.5, accuracy: float = 0.75
+) -> Site:
+    """A site that adds ``delta`` to every coordinate and evaluates to (loss, accuracy)."""
+
+    def reply(message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return evaluate_reply(
+                message, site_id=site_id, num_examples=examples, loss=loss, accuracy=accuracy
+            )
+        return sending(site_id, lambda ref: {k: v + np.float32(delta) for k, v in ref.items()},
+                       examples=examples, loss=loss)(message)  # fmt: skip
+
+    return reply
+
+
+def sending(
+    site_id: str,
+    local: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    *,
+    examples: int = 10,
+    loss: float = 0.5,
+) -> Site:
+    """A site that replies with ``local(global tensors)`` as its trained tensors."""
+
+    def reply(message: Message) -> Message:
+        reference, _ = read_request(message)
+        metrics = train_metrics(
+            num_examples=examples, loss=loss, seconds=0.01, steps=1, privacy=None
+        )
+        return train_reply(
+            message,
+            local=local(reference),
+            reference=reference,
+            metrics=metrics,
+            site_id=site_id,
+            weight=examples,
+        )
+
+    return reply
+
+
+def crashing(reason: str) -> Site:
+    return lambda message: Message(
+        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message
+    )
+
+
+def silent(message: Message) -> None:
+    return None
+
+
+def refusing(site_id: str, reason: str) -> Site:
+    return lambda message: refusal_reply(message, site_id=site_id, reason=reason)
+
+
+class FakeGrid:
+    """An in-memory Grid (node id -> site behaviour) that records whom each round asked.
+
+    A pure unit seam: no SuperLink, no ClientApp processes, no timeouts; the real Flower
+    path stays covered by tests/integration (test_simulation, test_privacy, test_secagg).
+    """
+
+    def __init__(self, sites: dict[int, Site]) -> None:
+        self.sites = sites
+        self.trained: dict[int, list[int]] = {}  # round -> nodes asked to train
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if message.metadata.message_type == MessageType.TRAIN:
+                _, config = read_request(message)
+                self.trained.setdefault(int(config["server_round"]), []).append(node)
+            reply = self.sites[node](message)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+class Tracker:
+    """Keeps what the loop logs to MLflow."""
+
+    run_id = "run-1"
+
+    def __init__(self) -> None:
+        self.rounds: list[tuple[int, dict[str, float]]] = []
+
+    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        self.rounds.append((server_round, metrics))
+
+
+def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
+    base = tmp_path / "base"  # the plan names the base model by its weights' digest
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights")
+    config = {
+        "task": "causal-lm",
+        "base-model": str(base),
+        "num-server-rounds": 1,
+        "min-fit-clients": 2,
+        "min-available-clients": 2,
+        "round-timeout": 5.0,
+        "fraction-evaluate": 0.0,
+        "update.max-norm": 10.0,
+        "out-dir": str(tmp_path / "out"),
+    }
+    return RunSettings.from_config(config | extra)
+
+
+def _run(
+    tmp_path: Path, grid: FakeGrid, settings: RunSettings, **kwargs: Any
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]], str | None, Tracker]:
+    tracker = Tracker()
+    state, history, stopped = run_rounds(
+        grid,  # type: ignore[arg-type]
+        settings,
+        initial_state=STATE,
+        tracker=tracker,  # type: ignore[arg-type]
+        checkpoints=CheckpointStore(tmp_path / "checkpoint"),
+        **kwargs,
+    )
+    return state, history, stopped, tracker
+
+
+def test_a_round_averages_by_example_count_and_records_both_evaluations(tmp_path: Path) -> None:
+    # Arrange: 10 examples moving +0.1 and 30 moving +0.5 average to +0.4; federated
+    # evaluation weighs (1.0, 0.5) and (2.0, 0.9) by 10 and 30: loss 1.75, accuracy 0.8.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, loss=1.0, accuracy=0.5),
+            2: honest("site-b", delta=0.5, examples=30, loss=2.0, accuracy=0.9),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0})
+    # Act
+    state, history, stopped, tracker = _run(
+        tmp_path, grid, settings, evaluator=lambda state: (0.25, 0.875)
+    )
+    # Assert
+    for value in state.values():
+        np.testing.assert_allclose(value, 0.4, rtol=1e-6)
+    (row,) = history
+    assert row["sites"] == 2 and row["site_ids"] == ["site-a", "site-b"]
+    assert row["train_loss"] == pytest.approx(1.75)
+    assert row["federated_loss"] == pytest.approx(1.75)
+    assert row["federated_accuracy"] == pytest.approx(0.8)
+    assert (row["loss"], row["accuracy"]) == (0.25, 0.875)  # the central file is the headline
+    # Both ways the same tensors travel: the global ones down, the local ones up.
+    assert row["bytes_up"] == row["bytes_down"] == 2 * to_record(STATE).count_bytes()
+    assert row["failed"] == row["rejected"] == row["refused"] == 0 and stopped is None
+    assert [r for r, _ in tracker.rounds] == [1] and tracker.rounds[0][1]["sites"] == 2.0
+    saved = CheckpointStore(tmp_path / "checkpoint").load()
+    assert saved is not None and saved.completed_round == 1 and saved.history == history
+    np.testing.assert_array_equal(saved.state["head"], state["head"])
+
+
+def test_rejected_updates_are_left_out_with_the_failed_check(tmp_path: Path) -> None:
+    # Arrange: NaN, a wrong shape and a norm of 3·100 = 300 > update.max-norm = 10.
+    def nan(ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.full_like(v, np.nan) for k, v in ref.items()}
+
+    def reshaped(ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.reshape(-1) for k, v in ref.items()}
+
+    def huge(ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v + np.float32(100.0) for k, v in ref.items()}
+
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.2, examples=10),
+            2: sending("nan", nan, examples=10**6),
+            3: sending("reshaped", reshaped),
+            4: sending("huge", huge),
+            5: honest("site-e", delta=0.6, examples=30),
+        }
+    )
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, _settings(tmp_path))
+    # Assert: only the honest sites count: (10·0.2 + 30·0.6) / 40 = 0.5.
+    (row,) = history
+    assert {(r["site"], r["check"]) for r in row["rejections"]} == {
+        ("nan", "finite"),
+        ("reshaped", "shape"),
+        ("huge", "norm"),
+    }
+    assert row["rejected"] == 3 and row["site_ids"] == ["site-a", "site-e"]
+    np.testing.assert_allclose(state["head"], 0.5, rtol=1e-6)
+
+
+def test_failed_sites_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.2, examples=10),
+            2: honest("site-b", delta=0.4, examples=10),
+            3: crashing("<class 'RuntimeError'>:<'out of memory'>"),
+            4: silent,
+        }
+    )
+    state, history, _, _ = _run(tmp_path, grid, _settings(tmp_path))
+    (row,) = history
+    assert row["sites"] == 2 and row["failed"] == 2
+    assert row["failures"] == [
+        {"site": "node-3", "reason": "<class 'RuntimeError'>:<'out of memory'>"},
+        {"site": "node-4", "reason": NO_REPLY},
+    ]
+    np.testing.assert_allclose(state["head"], 0.3, rtol=1e-6)
+
+
+def _one_valid_site() -> FakeGrid:
+    return FakeGrid(
+        {
+            1: honest("site-a", delta=0.2, examples=10),
+            2: crashing("boom"),
+            3: sending("nan", lambda ref: {k: v * np.nan for k, v in ref.items()}),
+        }
+    )
+
+
+def test_a_round_with_too_few_valid_updates_stops_the_run(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, **{"on-round-failure": "stop"})
+    with pytest.raises(RoundFailed, match="1 valid update"):
+        _run(tmp_path, _one_valid_site(), settings)
+    assert CheckpointStore(tmp_path / "checkpoint").load() is None
+
+
+def test_a_round_with_too_few_valid_updates_is_skipped_on_request(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, **{"on-round-failure": "skip", "num-server-rounds": 2})
+    state, history, stopped, tracker = _run(tmp_path, _one_valid_site(), settings)
+    # The global adapter is unchanged; each round is still recorded and checkpointed.
+    for name, value in state.items():
+        np.testing.assert_array_equal(value, STATE[name])
+    assert [(r["round"], r["skipped"], r["sites"]) for r in history] == [(1, True, 0), (2, True, 0)]
+    assert all(r["failed"] == 1 and r["failures"][0]["reason"] == "boom" for r in history)
+    assert [m["skipped"] for _, m in tracker.rounds] == [1.0, 1.0] and stopped is None
+    saved = CheckpointStore(tmp_path / "checkpoint").load()
+    assert saved is not None and saved.completed_round == 2
+
+
+def test_a_budget_refusal_is_counted_apart_from_failures(tmp_path: Path) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.2, examples=10),
+            2: honest("site-b", delta=0.2, examples=10),
+            3: refusing("site-c", "ε would reach 3.1 > max-epsilon=1.0"),
+        }
+    )
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path))
+    (row,) = history
+    assert (row["sites"], row["refused"], row["failed"]) == (2, 1, 0)
+    assert row["refusals"] == [
+        {"site": "site-c", "reason": "privacy budget: ε would reach 3.1 > max-epsilon=1.0"}
+    ]
+
+
+def test_client_level_epsilon_stops_the_run_before_it_passes_max_epsilon(tmp_path: Path) -> None:
+    # z = 0.5 with every site sampled: ε(δ=1e-5) is 10.7 after one round and 16.5 after two
+    # (tests/integration/test_privacy.py), so max-epsilon 12 allows exactly one round.
+    grid = FakeGrid({n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2, 3)})
+    settings = _settings(
+        tmp_path,
+        **{
+            "num-server-rounds": 3,
+            "dp.clip-norm": 0.5,
+            "dp.noise-multiplier": 0.5,
+            "dp.max-epsilon": 12.0,
+        },
+    )
+    state, history, stopped, _ = _run(tmp_path, grid, settings)
+    (row,) = history
+    assert stopped is not None and "before round 2" in stopped and "dp.max-epsilon=12" in stopped
+    assert row["guarantee"] == "client-level" and row["sampling_rate"] == 1.0
+    assert 10 < row["epsilon"] < 12 and row["noise_multiplier"] == 0.5
+    assert sorted(grid.trained) == [1]  # round 2 was never sent
+    # The noise (std z·C/3 ≈ 0.083) moved the state off the sites' common +0.01.
+    assert not np.allclose(state["layer.lora_B"], 0.01, atol=1e-4)
+
+
+def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: Path) -> None:
+    # Arrange: 3 of 6 sites a round, FedAvgM so the optimiser state must resume too.
+    def sites() -> FakeGrid:
+        return FakeGrid(
+            {n: honest(f"site-{n}", delta=0.1 * n, examples=10 * n) for n in range(1, 7)}
+        )
+
+    extra = {
+        "num-server-rounds": 4,
+        "fraction-train": 0.5,
+        "seed": 7,
+        "server.momentum": 0.9,
+        "min-available-clients": 6,
+    }
+    whole = sites()
+    state, history, _, _ = _run(tmp_path / "whole", whole, _settings(tmp_path / "whole", **extra))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_2(record: Any) -> None:
+        if record.round == 2:
+            raise Killed
+
+    first, second = sites(), sites()
+    settings = _settings(tmp_path / "resumed", **extra)
+    # Act: killed after round 2's checkpoint, then resumed from it.
+    with pytest.raises(Killed):
+        _run(tmp_path / "resumed", first, settings, on_round=kill_after_round_2)
+    checkpoint = CheckpointStore(tmp_path / "resumed" / "checkpoint").load()
+    assert checkpoint is not None and checkpoint.completed_round == 2
+    resumed, resumed_history, _, _ = _run(
+        tmp_path / "resumed", second, settings, resume_from=checkpoint
+    )
+    # Assert
+    assert len({tuple(nodes) for nodes in whole.trained.values()}) > 1  # sampling varies
+    assert {**first.trained, **second.trained} == whole.trained
+    assert sorted(second.trained) == [3, 4]
+    assert [r["site_ids"] for r in resumed_history] == [r["site_ids"] for r in history]
+    for name, value in state.items():
+        np.testing.assert_array_equal(resumed[name], value)

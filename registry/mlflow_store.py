@@ -10,7 +10,8 @@ Reading is guarded against whoever can write the registry: a release is read onl
 this registry's own artifact store (an ``mlflow-artifacts:/`` or ``runs:/`` source; a
 ``file:`` source only inside the embedded store's artifact folder), and its listing is
 checked against the files and sizes the signed index records before any byte is
-downloaded; an index file is refused unread when it is longer than python-tuf's limit.
+downloaded. Every download stops at its limit: a release file's recorded size, an index
+file's python-tuf limit (checked on the announced length before the body is read).
 
 Credentials come from MLflow's own environment variables (``MLFLOW_TRACKING_URI``,
 ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``).
@@ -83,6 +84,7 @@ class MlflowStore:
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None
         self._index_run: str | None = None
+        self._index_repo: Any = None
 
     def check_reachable(self) -> None:
         if not self.uri.startswith(("http://", "https://")):
@@ -160,24 +162,19 @@ class MlflowStore:
         """One metadata file of the release index, or None if it does not exist.
 
         Raises:
-            VerificationError: ``fetch`` when the registry lists the file as longer than
-                ``max_length``; nothing of it is downloaded then.
+            VerificationError: ``fetch`` when the file is longer than ``max_length``
+                (python-tuf's limit for it); the download stops there.
         """
         run = self.index_run(create=False)
         if run is None:
             return None
-        listing = self.call(
-            "list the release index", lambda: self.client.list_artifacts(run, INDEX_DIR)
-        )
-        sizes = {PurePosixPath(f.path).name: f.file_size for f in listing if not f.is_dir}
-        if name not in sizes:
-            return None
-        _check_size(f"release index file {name}", sizes[name], max_length)
-        run_uri = self.call("look up the release index run", lambda: self._run_uri(run))
-        repo = self._repository(f"{run_uri.rstrip('/')}/{INDEX_DIR}")
+        if self._index_repo is None:
+            run_uri = self.call("look up the release index run", lambda: self._run_uri(run))
+            self._index_repo = self._repository(f"{run_uri.rstrip('/')}/{INDEX_DIR}")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
-            self._download_capped(repo, name, path, max_length)
+            if not self._download_capped(self._index_repo, name, path, max_length):
+                return None
             return path.read_bytes()
 
     def upload_index(self, files: dict[str, bytes]) -> None:
@@ -283,7 +280,8 @@ class MlflowStore:
             _check_size(f"{where}: {name}", info.file_size, allowed[name])
         for info in listing:
             name = PurePosixPath(info.path).name
-            self._download_capped(repo, name, dst / name, allowed[name])
+            if not self._download_capped(repo, name, dst / name, allowed[name]):
+                raise RegistryError(f"{where}: {name} vanished while it was downloaded")
         return dst
 
     def _run_uri(self, run_id: str) -> str:
@@ -328,29 +326,42 @@ class MlflowStore:
             lambda: get_artifact_repository(artifact_uri=artifact_uri, tracking_uri=self.uri),
         )
 
-    def _download_capped(self, repo: Any, name: str, dst: Path, limit: int) -> None:
-        """Download one file, stopping as soon as it passes ``limit`` bytes."""
+    def _download_capped(self, repo: Any, name: str, dst: Path, limit: int) -> bool:
+        """Download one file to ``dst``, never more than ``limit`` bytes; False if absent."""
         from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
         if isinstance(repo, HttpArtifactRepository):
             from mlflow.utils.credentials import get_default_host_creds
             from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
-            def stream() -> None:
+            def stream() -> bool:
                 creds = get_default_host_creds(repo.artifact_uri)
                 with http_request(creds, f"/{name}", "GET", stream=True) as resp:
+                    if resp.status_code == 404:
+                        return False
                     augmented_raise_for_status(resp)
+                    announced = resp.headers.get("Content-Length")
+                    if announced is not None:
+                        _check_size(name, int(announced), limit)
                     received = 0
                     with dst.open("wb") as fh:
                         for chunk in resp.iter_content(chunk_size=1 << 20):
                             received += len(chunk)
                             _check_size(f"{name} (while downloading)", received, limit)
                             fh.write(chunk)
+                return True
 
-            self.call(f"download {name}", stream)
-        else:  # this machine's own embedded store: a local copy
-            self.call(f"download {name}", lambda: repo.download_artifacts(name, str(dst.parent)))
+            return self.call(f"download {name}", stream)
+        if isinstance(repo, LocalArtifactRepository):  # an embedded store on this machine
+            local = Path(repo.artifact_dir) / name
+            if not local.is_file():
+                return False
+            _check_size(name, local.stat().st_size, limit)
+            self.call(f"copy {name}", lambda: repo.download_artifacts(name, str(dst.parent)))
             _check_size(name, dst.stat().st_size, limit)
+            return True
+        raise RegistryError(f"{self.uri}: unsupported artifact store {repo.artifact_uri}")
 
     @staticmethod
     def quietly(fn: Callable[[], object]) -> None:

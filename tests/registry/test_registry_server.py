@@ -96,24 +96,24 @@ def test_publisher_writes_edge_reads_and_strangers_get_clear_errors(
 
 @pytest.fixture
 def downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the artifact files this process downloads: HTTP GETs of artifact files and
-    local artifact copies. A spy only: every call goes on to the real implementation."""
+    """Names of the artifact files whose bytes this process reads: HTTP bodies of artifact
+    files and local artifact copies. A spy only: every call goes on to the real code."""
     import requests
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
     seen: list[str] = []
-    request, copy = requests.Session.request, LocalArtifactRepository._download_file
+    read, copy = requests.Response.iter_content, LocalArtifactRepository._download_file
 
-    def spy_request(self, method, url, *args, **kwargs):
-        if method == "GET" and "/mlflow-artifacts/artifacts/" in url and not kwargs.get("params"):
-            seen.append(url.rsplit("/", 1)[-1])
-        return request(self, method, url, *args, **kwargs)
+    def spy_read(self, *args, **kwargs):
+        if "/mlflow-artifacts/artifacts/" in self.url:
+            seen.append(self.url.rsplit("/", 1)[-1])
+        return read(self, *args, **kwargs)
 
     def spy_copy(self, remote_file_path, local_path):
         seen.append(Path(remote_file_path).name)
         return copy(self, remote_file_path, local_path)
 
-    monkeypatch.setattr(requests.Session, "request", spy_request)
+    monkeypatch.setattr(requests.Response, "iter_content", spy_read)
     monkeypatch.setattr(LocalArtifactRepository, "_download_file", spy_copy)
     return seen
 

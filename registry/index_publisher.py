@@ -24,8 +24,6 @@ would sign it again, nor make it start a new, empty one.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 
+from clients.task.files import write_atomic
 from registry.errors import RegistryError, VerificationError
 from registry.index import (
     EXPIRY,
@@ -194,9 +193,8 @@ class IndexRepository:
         """Keep the current metadata as the last this publisher saw (no-op without state)."""
         if self._state is None:
             return
-        self._state.mkdir(parents=True, exist_ok=True)
         for role in TOP_LEVEL:
-            _write_atomic(self._state / f"{role}.json", self._roles[role].to_bytes())
+            write_atomic(self._state / f"{role}.json", self._roles[role].to_bytes())
 
     @property
     def targets(self) -> Targets:
@@ -370,16 +368,3 @@ def _read_state(state: Path | None) -> dict[str, Metadata[Any]]:
         if path.is_file():
             seen[role] = _metadata(path.read_bytes(), role)
     return seen
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -3,8 +3,9 @@
 refresh the release index (python-tuf) -> the alias's entry and its release record
 (signed) -> download that record's MLflow version into a staging folder, only the files
 and sizes the record names -> `accept` (signature, model, revocation, alias freshness,
-base digest, local policy) -> move into place with one rename. MLflow's own aliases are
-never read: MLflow only holds the files. Nothing unaccepted is ever left at ``out``.
+base digest, local policy) -> swap into place (`clients.task.files.swap_directory`).
+MLflow's own aliases are never read: MLflow only holds the files. Nothing unaccepted is
+ever left at ``out``.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -12,11 +13,10 @@ never read: MLflow only holds the files. Nothing unaccepted is ever left at ``ou
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
 from registry.errors import VerificationError
 from registry.index import ReleaseIndex, ReleaseRecord
@@ -24,27 +24,6 @@ from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
-
-
-def install(directory: Path, out: Path) -> None:
-    """Replace ``out`` with ``directory`` by renames on one file system."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.incoming"
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(directory, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRecord:
@@ -68,7 +47,9 @@ def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRe
 
 
 def download(store: MlflowStore, record: ReleaseRecord, *, model: str, dst: Path) -> Path:
-    """The files of a recorded release, checked against the record before download."""
+    """The files of a recorded release in a new folder ``dst``, checked against the record
+    before download."""
+    dst.mkdir()
     return store.download_release(model, record.version, dst, allowed=record.files)
 
 
@@ -88,7 +69,7 @@ def pull(
     index.refresh()
     record = aliased_release(index, model=model, alias=alias)
     with staging("fedlora-pull-") as tmp:
-        directory = download(store, record, model=model, dst=tmp)
+        directory = download(store, record, model=model, dst=tmp / "release")
         accepted = accept(
             directory,
             trust=trust,
@@ -98,6 +79,6 @@ def pull(
             base_digest=policy.base_digest,
             policy=policy,
         )
-        install(directory, out)
-    # The installed files are a copy of the accepted ones.
+        swap_directory(directory, out)
+    # The installed files are the accepted ones, moved (or copied) into place.
     return replace(accepted, directory=out)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -31,13 +30,14 @@ from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
+from clients.task.files import swap_directory, write_atomic
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
-from registry.pull import aliased_release, download, install
+from registry.pull import aliased_release, download
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class EdgeNode:
         stages = self.metrics.swap_seconds
         start = time.perf_counter()
         with staging("fedlora-edge-", under=self.settings.cache / "staging") as tmp:
-            directory = download(store, record, model=slot.ref.name, dst=tmp)
+            directory = download(store, record, model=slot.ref.name, dst=tmp / "release")
             downloaded = time.perf_counter()
             accepted = self._accept(slot, directory, alias=slot.ref.alias)
             home = self._install(slot.ref.name, directory, accepted.digest)
@@ -227,7 +227,7 @@ class EdgeNode:
         it was accepted, or hold another release's files.
         """
         home = self.settings.cache / "releases" / model / digest
-        install(directory, home)
+        swap_directory(directory, home)
         return home
 
     def _state_path(self) -> Path:
@@ -242,12 +242,7 @@ class EdgeNode:
             "version": slot.active.version,
             "digest": slot.active.verified.digest,
         }
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(state, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        write_atomic(path, json.dumps(state, indent=2).encode())
 
     def _load_cached(self, slot: ModelSlot) -> None:
         """Serve the last accepted release of ``slot`` after accepting it again offline."""

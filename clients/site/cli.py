@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from clients.site.ledger import LEDGER_FILE
+from clients.site.ledger import budget_report
 from clients.task.data import TASKS, DataReport, scan_file
 from clients.task.errors import ConfigError
 
@@ -96,13 +96,21 @@ def data_group(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration, > 0")
     how.add_argument("--by", metavar="COLUMN", help="column whose values stay together")
     split.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    split.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet draws")
-    split.add_argument("--label-column", default="label", help="label column (default: label)")
+    split.add_argument(
+        "--seed", type=int, default=0, help="seed of the Dirichlet draws (default: %(default)s)"
+    )
+    split.add_argument(
+        "--label-column", default="label", help="label column (default: %(default)s)"
+    )
     split.add_argument(
         "--force", action="store_true", help="replace OUT if it holds an earlier split"
     )
     split.add_argument(
-        "--min-per-site", type=int, default=1, metavar="K", help="fewest rows a site may get"
+        "--min-per-site",
+        type=int,
+        default=1,
+        metavar="K",
+        help="fewest rows a site may get (default: %(default)s)",
     )
     split.set_defaults(func=cmd_data_split)
 
@@ -201,37 +209,6 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
 
 
 # --- site budget ------------------------------------------------------------------------
-
-
-def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
-    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
-
-    Raises:
-        ConfigError: If the directory or its ledger is missing or unreadable.
-    """
-    if not state.is_dir():
-        raise ConfigError(f"--state {str(state)!r} is not a directory")
-    path = state / LEDGER_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
-    try:
-        ledger = json.loads(path.read_text())
-        runs = {
-            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
-            for run, e in ledger["runs"].items()
-        }
-        spent = float(ledger["total_epsilon"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
-    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
-    return {
-        "ledger": str(path),
-        "spent_epsilon": spent,
-        "spent_delta": sum(r["delta"] for r in runs.values()),
-        "max_epsilon": budget,
-        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
-        "runs": runs,
-    }
 
 
 def cmd_site_budget(args: argparse.Namespace) -> int:

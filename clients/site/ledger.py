@@ -8,9 +8,9 @@ SIGKILL anywhere in the round leaves the round already counted: the ledger can o
 a round whose update never left the site, but can never under-count one that did, so a
 restarted site never exceeds its budget.
 
-The file (``STATE/privacy-ledger.json``) is replaced atomically: written to a temporary
-file, fsynced, renamed over the old one, and the directory fsynced, so a kill at any
-point leaves either the old or the new ledger, never a torn one.
+The file (``STATE/privacy-ledger.json``) is replaced with `write_atomic` (temporary file,
+fsync, rename, fsync of the directory), so a kill at any point leaves either the old or
+the new ledger, never a torn one.
 
 A run's ε is accounted with RDP over all its DP-SGD steps (Opacus); runs compose by
 adding their ε (and δ), which is conservative.
@@ -19,13 +19,12 @@ adding their ε (and δ), which is conservative.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.files import write_atomic
 
 LEDGER_FILE = "privacy-ledger.json"
 VERSION = 1
@@ -135,24 +134,35 @@ class SiteLedger:
         }
 
     def save(self) -> None:
-        write_durably(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
+    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
+
+    Raises:
+        ConfigError: If the directory or its ledger is missing or unreadable.
+    """
+    if not state.is_dir():
+        raise ConfigError(f"--state {str(state)!r} is not a directory")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        ledger = json.loads(path.read_text())
+        runs = {
+            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
+            for run, e in ledger["runs"].items()
+        }
+        spent = float(ledger["total_epsilon"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
+    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
+    return {
+        "ledger": str(path),
+        "spent_epsilon": spent,
+        "spent_delta": sum(r["delta"] for r in runs.values()),
+        "max_epsilon": budget,
+        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
+        "runs": runs,
+    }

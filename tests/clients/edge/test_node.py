@@ -14,8 +14,8 @@ from registry.lifecycle import SigningKey, promote, publish, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.signing import verify_release
+from server.harness.process import free_port
 from tests.conftest import PASSPHRASE
-from tests.integration.flower_local import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.site.cli import budget_report
-from clients.site.ledger import LEDGER_FILE, SiteLedger
+from clients.site.ledger import LEDGER_FILE, SiteLedger, budget_report
 from clients.task.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -134,7 +134,7 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
     if current != loaded:
         raise IndexRace(
             "the release index changed while this command ran (another publisher?); "
-            "nothing was written: run the command again"
+            "the index was not written: run the command again"
         )
     files = index.files()
     store.upload_index(files)
@@ -329,7 +329,7 @@ def _unfinished(
             store.download_release(model, str(mv.version), folder, allowed=allowed)
             accepted = accept(folder, trust=trust, model=model, index=index, alias=None,
                               digest=digest)  # fmt: skip
-        except (VerificationError, RegistryError) as exc:
+        except RegistryError as exc:  # VerificationError included
             log.warning("%s version %s is not an unfinished publish of this release: %s",
                         model, mv.version, exc)  # fmt: skip
             continue

@@ -1,15 +1,18 @@
 """The edge node: keep each model's adapter current, verified, and swappable.
 
 For each model the node holds an ``active`` release (answers new requests) and the
-``previous`` one (kept loaded for instant rollback). A refresh resolves the alias in
-MLflow, refreshes the release index (TUF), downloads into a staging folder, accepts it
-(`registry.accept`), installs into the cache, loads its verified tensors as an adapter on
-the shared base (`clients.edge.runtime`), then swaps with one assignment: requests that
-already hold the old release finish on it, and a release that leaves both places is
-retired (its adapter is freed after its last request). Any failure keeps the current
-release serving and is counted by reason. With the registry down at start, the node
-accepts its cached release against the cached index instead; corrupt local state
-degrades the node, it never stops it.
+``previous`` one (kept loaded for instant rollback). A refresh refreshes the release
+index (TUF) and takes the release it names for the alias (MLflow's own aliases are never
+read), downloads that release's recorded files into a staging folder in the cache,
+accepts it (`registry.accept`), installs it into the cache under its digest, loads its
+verified tensors as an adapter on the shared base (`clients.edge.runtime`), then swaps
+with one assignment: requests that already hold the old release finish on it, and a
+release that leaves both places is retired (its adapter is freed after its last request).
+Any failure keeps the current release serving, reports ``degraded`` with the reason and
+is counted by reason. A cache folder is accepted again, bound to the digest it is named
+after, every time it is loaded from; with the registry down at start, the node accepts
+its cached release against the cached index instead. Corrupt local state degrades the
+node, it never stops it.
 
     node = EdgeNode(settings)
     node.start()                    # registry, or the verified cache when it is down
@@ -38,6 +41,7 @@ from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
+from registry.pull import aliased_release, download
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +106,12 @@ class EdgeNode:
             self._store.check_reachable()
         return self._store
 
-    def _fetch_index(self, name: str) -> bytes | None:
-        return self._registry().fetch_index_file(name)
+    def _fetch_index(self, name: str, max_length: int) -> bytes | None:
+        return self._registry().fetch_index_file(name, max_length)
 
-    def _accept(self, slot: ModelSlot, directory: Path, *, alias: str | None) -> AcceptedRelease:
+    def _accept(
+        self, slot: ModelSlot, directory: Path, *, alias: str | None, digest: str | None = None
+    ) -> AcceptedRelease:
         """`registry.accept` with this node's trust store, index, base and policy."""
         return accept(
             directory,
@@ -115,6 +121,7 @@ class EdgeNode:
             alias=alias,
             base_digest=self.policy.base_digest,
             policy=self.policy,
+            digest=digest,
         )
 
     # lifecycle ---------------------------------------------------------------------
@@ -158,31 +165,34 @@ class EdgeNode:
 
     def _refresh(self, slot: ModelSlot) -> bool:
         store = self._registry()
-        version = store.alias_version(slot.ref.name, slot.ref.alias)
         self.index.refresh()
         self._drop_revoked(slot)
-        if version is None:
-            raise VerificationError("index", f"the registry has no alias {slot.ref}")
-        if slot.active is not None and slot.active.version == str(version):
+        # What the signed index names for the alias; MLflow only says where its files are.
+        record = aliased_release(self.index, model=slot.ref.name, alias=slot.ref.alias)
+        if slot.active is not None and slot.active.verified.digest == record.digest:
             slot.source, slot.last_error = "registry", None
             return False
         previous = slot.previous
-        if previous is not None and previous.version == str(version):
-            # A rollback to the release still loaded: its cached files must pass again and
-            # the index must agree, then the loaded model is swapped back in.
-            self._accept(slot, previous.verified.directory, alias=slot.ref.alias)
+        if previous is not None and previous.verified.digest == record.digest:
+            # A rollback to the release still loaded: its cached files must pass again, as
+            # the release they are named after, and the index must agree; then swap back.
+            self._accept(
+                slot, previous.verified.directory, alias=slot.ref.alias, digest=record.digest
+            )
             self._swap(slot, previous, source="registry")
             return True
         stages = self.metrics.swap_seconds
         start = time.perf_counter()
-        with staging("fedlora-edge-") as tmp:
-            directory = store.download_version(slot.ref.name, str(version), tmp)
+        with staging("fedlora-edge-", under=self.settings.cache / "staging") as tmp:
+            directory = download(store, record, model=slot.ref.name, dst=tmp / "release")
             downloaded = time.perf_counter()
             accepted = self._accept(slot, directory, alias=slot.ref.alias)
             home = self._install(slot.ref.name, directory, accepted.digest)
             checked = time.perf_counter()
         # From here on the files are the cached copy of those just accepted.
-        release = self.runtime.load(slot.ref.name, str(version), replace(accepted, directory=home))
+        release = self.runtime.load(
+            slot.ref.name, record.version, replace(accepted, directory=home)
+        )
         loaded = time.perf_counter()
         self._swap(slot, release, source="registry")  # serving it from here; then bookkeeping
         done = time.perf_counter()
@@ -245,9 +255,13 @@ class EdgeNode:
     # cache -------------------------------------------------------------------------
 
     def _install(self, model: str, directory: Path, digest: str) -> Path:
+        """Put just-accepted files in the cache under their digest, replacing what is there.
+
+        A folder already there is never trusted as it is: it may have been changed since
+        it was accepted, or hold another release's files.
+        """
         home = self.settings.cache / "releases" / model / digest
-        if not home.exists():
-            swap_directory(directory, home)
+        swap_directory(directory, home)
         return home
 
     def _state_path(self) -> Path:
@@ -307,7 +321,8 @@ class EdgeNode:
             return
         home = self.settings.cache / "releases" / slot.ref.name / digest
         try:
-            accepted = self._accept(slot, home, alias=alias)
+            # The folder must hold the release it is named after.
+            accepted = self._accept(slot, home, alias=alias, digest=digest)
             release = self.runtime.load(slot.ref.name, version, accepted)
         except VerificationError as exc:
             self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()

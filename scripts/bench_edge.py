@@ -185,7 +185,9 @@ def edge_node(
         while httpx.get(f"{node.url}/healthz", timeout=10).json()["status"] != "ok":
             if time.monotonic() > deadline:
                 raise RuntimeError(f"edge node not ok: {node.log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+            # e.g. a registry call that timed out on a busy machine: ask again at once
+            httpx.post(f"{node.url}/v1/refresh", timeout=300,
+                       headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
         yield node.url
 
 
@@ -633,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (work / "trust").mkdir()
         shutil.copy(pair.public_path, work / "trust" / "k.pub")
         trust = TrustStore.load(work / "trust")
-        key = SigningKey(pair.private_path)
+        key = SigningKey(pair.private_path, state=work / "publisher")  # not under ~
         console.print(f"memory: {counts} releases on one MiniLM …")
         result: dict[str, Any] = {"memory": memory(work, pair, trust, counts)}
         with MlflowServer(work / "mlflow") as server:

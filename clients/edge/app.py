@@ -34,7 +34,7 @@ from clients.edge.guards import (
 )
 from clients.edge.hybrid import HybridRouter, summary
 from clients.edge.node import EdgeNode
-from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes
+from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes, served_headers
 from clients.edge.refresher import Refresher
 from clients.edge.routing import check_texts, find_slot, submit_to
 from clients.edge.runtime import PromptTooLong
@@ -127,7 +127,7 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
     app.add_middleware(RequestMetrics, metrics=node.metrics)
     app.add_middleware(BodyLimit, max_bytes=max_body)  # outermost: before anything reads
     _handlers(app)
-    app.include_router(openai_routes(node))
+    app.include_router(openai_routes(node, router))
 
     @app.post("/v1/predict")
     async def predict(
@@ -157,7 +157,7 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
         )
         served_by, reason = summary(predictions)
         # Plain JSON types already: answered as they are, without FastAPI's re-encoding.
-        return SafeJSONResponse({
+        return SafeJSONResponse(headers=served_headers(served_by, reason), content={
             "model": slot.ref.name,
             "version": release.version,
             "digest": release.verified.digest,

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from clients.edge.breaker import CircuitBreaker
 from clients.edge.budget import BurstBudget
 from clients.edge.metrics import EdgeMetrics
-from clients.edge.residency import ResidencyPolicy, Verdict
+from clients.edge.residency import LOCAL_ONLY, ResidencyPolicy, Verdict
 from clients.edge.settings import EdgeSettings
 from clients.edge.upstream import Upstream, UpstreamError, child_traceparent
 
@@ -121,46 +122,118 @@ class HybridRouter:
         escalate = sorted(verdicts)
         if not escalate:
             return answers
-        if not self.breaker.allow():
-            self._mark(answers, escalate, LOCAL, "upstream-unavailable")
+        sent = [verdicts[i].text or "" for i in escalate]
+        remote, reason = await self._call(
+            lambda parent: self.upstream.predict(  # type: ignore[union-attr]
+                model=self.upstream_name(model),
+                texts=sent,
+                traceparent=parent,
+                tracestate=tracestate,
+            ),
+            api_key=api_key,
+            traceparent=traceparent,
+        )
+        if remote is None:
+            self._mark(answers, escalate, LOCAL, reason)
             return answers
+        for i, prediction in zip(escalate, remote, strict=True):
+            redacted = {"redacted": list(verdicts[i].rules)} if verdicts[i].redacted else {}
+            answers[i] = prediction | redacted
+        self._mark(answers, escalate, UPSTREAM, reason)
+        return answers
+
+    def upstream_name(self, model: str) -> str:
+        """The upstream's name of a local model: the policy's ``upstream_model``, else
+        ``--upstream-model``, else the same name."""
+        assert self.upstream is not None
+        return self.policy.upstream_models.get(model) or self.upstream.model or model
+
+    async def _call(
+        self,
+        call: Callable[[str], Awaitable[Any]],
+        *,
+        api_key: str | None,
+        traceparent: str | None,
+    ) -> tuple[Any, str]:
+        """Breaker, then budget, then the call under the deadline: ``(answer, reason)``
+        with ``answer`` None when the local answer stands."""
+        if not self.breaker.allow():
+            return None, "upstream-unavailable"
         assert self.budget is not None
         refused = await asyncio.to_thread(self.budget.spend, api_key)
         if refused is not None:
             self.breaker.cancel()
             self.metrics.budget_refusals.labels(refused).inc()
-            self._mark(answers, escalate, LOCAL, "over-budget")
-            return answers
-        sent = [verdicts[i].text or "" for i in escalate]
+            return None, "over-budget"
         started = time.perf_counter()
         try:
             # The deadline holds for the whole call; httpx's timeout is per read.
-            remote = await asyncio.wait_for(
-                self.upstream.predict(
-                    model=model,
-                    texts=sent,
-                    traceparent=child_traceparent(traceparent),
-                    tracestate=tracestate,
-                ),
-                self.timeout_s,
-            )
+            answer = await asyncio.wait_for(call(child_traceparent(traceparent)), self.timeout_s)
         except (UpstreamError, TimeoutError) as exc:
             kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
             self.metrics.upstream_seconds.labels("error").observe(time.perf_counter() - started)
             self.metrics.upstream_errors.labels(kind).inc()
             self.breaker.record(success=False)
-            self._mark(answers, escalate, LOCAL, "upstream-unavailable")
-            return answers
+            return None, "upstream-unavailable"
         finally:
             self.metrics.breaker_open.set(self.breaker.state != "closed")
         self.metrics.upstream_seconds.labels("ok").observe(time.perf_counter() - started)
         self.breaker.record(success=True)
         self.metrics.breaker_open.set(0)
-        for i, prediction in zip(escalate, remote, strict=True):
-            redacted = {"redacted": list(verdicts[i].rules)} if verdicts[i].redacted else {}
-            answers[i] = prediction | redacted
-        self._mark(answers, escalate, UPSTREAM, "low-confidence")
-        return answers
+        return answer, "low-confidence"
+
+    async def route_generation(
+        self,
+        *,
+        model: str,
+        path: str,
+        texts: list[str],
+        body: Callable[[list[str]], dict[str, Any]],
+        stream: bool,
+        residency: str | None,
+        api_key: str | None,
+        traceparent: str | None,
+        tracestate: str | None = None,
+    ) -> tuple[dict[str, Any] | None, str]:
+        """Send a generation request upstream if the policy marks its model for it.
+
+        ``texts`` are the request's prompt or message contents and ``body(texts)`` the
+        OpenAI-compatible request with them in place (redacted ones, when a rule says so).
+
+        Returns:
+            The upstream's answer, or None to answer locally, and the reason.
+        """
+        if self.upstream is None:
+            reason = "no-upstream"
+        elif residency == LOCAL_ONLY:
+            reason = LOCAL_ONLY
+        elif model not in self.policy.generation:
+            reason = "policy-model"
+        elif stream:
+            reason = "stream-local"  # streamed answers are generated here
+        else:
+            verdicts = [self.policy.check(model=model, text=t, residency=residency) for t in texts]
+            refused = next((v for v in verdicts if not v.allowed), None)
+            if refused is None:
+                sent = body([v.text or "" for v in verdicts]) | {"model": self.upstream_name(model)}
+                upstream = self.upstream
+                answer, reason = await self._call(
+                    lambda parent: upstream.complete(
+                        path, sent, traceparent=parent, tracestate=tracestate
+                    ),
+                    api_key=api_key,
+                    traceparent=traceparent,
+                )
+                if answer is not None:
+                    reason = "policy-generation"
+                    self.metrics.routed.labels(UPSTREAM, reason).inc()
+                    return answer, reason
+            else:
+                reason = refused.reason
+                for rule in refused.rules:
+                    self.metrics.policy_blocks.labels(rule).inc()
+        self.metrics.routed.labels(LOCAL, reason).inc()
+        return None, reason
 
     def health(self) -> dict[str, Any]:
         """The routing part of ``/healthz``."""

@@ -11,6 +11,12 @@ local (fail closed)::
     [models.intents]            # a model not listed here never leaves
     may_leave = true
 
+    [models.assistant]          # a causal LM: its generation requests go upstream
+    may_leave = true
+    generation = "upstream"     # default "local"
+    upstream_model = "assistant-large"  # its name upstream (default: --upstream-model,
+                                        # else the same name)
+
     [budget]                    # escalations allowed (clients.edge.budget)
     per_key_per_minute = 30
     per_key_per_day = 1000
@@ -55,6 +61,8 @@ DEFAULT_BUDGET = {
 }
 TOP_KEYS = ("models", "budget", "rule")
 RULE_KEYS = ("name", "pattern", "action", "replacement", "ignore_case")
+MODEL_KEYS = ("may_leave", "generation", "upstream_model")
+GENERATION = ("local", "upstream")
 MAX_BUDGET = 10**9
 
 
@@ -100,6 +108,8 @@ class ResidencyPolicy:
 
     models: frozenset[str] = frozenset()
     rules: tuple[Rule, ...] = ()
+    generation: frozenset[str] = frozenset()  # models whose generation requests go upstream
+    upstream_models: dict[str, str] = field(default_factory=dict)  # local -> upstream name
     budget: BudgetLimits = field(default_factory=BudgetLimits)
     source: str = "default: nothing leaves"
     digest: str | None = None
@@ -152,6 +162,8 @@ class ResidencyPolicy:
             "source": self.source,
             "sha256": self.digest,
             "models": sorted(self.models),
+            "generation_upstream": sorted(self.generation),
+            "upstream_models": dict(sorted(self.upstream_models.items())),
             "rules": [{"name": r.name, "action": r.action} for r in self.rules],
             "budget": vars(self.budget),
         }
@@ -197,33 +209,60 @@ class _Parser:
                     f"unknown key; expected one of {list(TOP_KEYS)}",
                     line=self.line_of(key) or self.line_of("", key),
                 )
+        models, generation, names = self.models(data.get("models", {}))
         return ResidencyPolicy(
-            models=self.models(data.get("models", {})),
+            models=models,
+            generation=generation,
+            upstream_models=names,
             rules=self.rules(data.get("rule", [])),
             budget=self.budget(data.get("budget", {})),
             source=str(self.path),
             digest=digest,
         )
 
-    def models(self, table: Any) -> frozenset[str]:
+    def models(self, table: Any) -> tuple[frozenset[str], frozenset[str], dict[str, str]]:
+        """The models that may leave, those whose generation requests go upstream, and
+        the upstream's name for each model that names one."""
         if not isinstance(table, dict):
             raise self.fail("models", table, "must be a table of [models.NAME]", line=0)
-        allowed = set()
+        allowed, generation, names = set(), set(), {}
         for name, entry in table.items():
             where = f"models.{name}"
             if not isinstance(entry, dict):
                 raise self.fail(where, entry, "must be a table", line=self.line_of("models", name))
             for key, value in entry.items():
                 line = self.line_of(where, key)
-                if key != "may_leave":
+                if key not in MODEL_KEYS:
                     raise self.fail(
-                        f"{where}.{key}", value, "unknown key; expected may_leave", line=line
+                        f"{where}.{key}",
+                        value,
+                        f"unknown key; expected one of {list(MODEL_KEYS)}",
+                        line=line,
                     )
-                if not isinstance(value, bool):
+                if key == "may_leave" and not isinstance(value, bool):
                     raise self.fail(f"{where}.{key}", value, "must be true or false", line=line)
-                if value:
-                    allowed.add(name)
-        return frozenset(allowed)
+                if key == "generation" and value not in GENERATION:
+                    raise self.fail(
+                        f"{where}.{key}", value, f"must be one of {list(GENERATION)}", line=line
+                    )
+                if key == "upstream_model":
+                    if not isinstance(value, str) or not 0 < len(value) <= 256:
+                        raise self.fail(
+                            f"{where}.{key}", value, "must be 1..256 characters", line=line
+                        )
+                    names[name] = value
+            if entry.get("may_leave", False):
+                allowed.add(name)
+            if entry.get("generation") == "upstream":
+                if name not in allowed:
+                    raise self.fail(
+                        f"{where}.generation",
+                        "upstream",
+                        "needs may_leave = true",
+                        line=self.line_of(where, "generation"),
+                    )
+                generation.add(name)
+        return frozenset(allowed), frozenset(generation), names
 
     def budget(self, table: Any) -> BudgetLimits:
         if not isinstance(table, dict):

@@ -78,13 +78,21 @@ class Upstream:
     async def predict(
         self, *, model: str, texts: list[str], traceparent: str, tracestate: str | None
     ) -> list[dict[str, Any]]:
-        """Classify ``texts`` upstream with its model (``--upstream-model``, else ``model``)."""
+        """Classify ``texts`` upstream with the upstream's ``model``."""
+        body = {"model": model, "texts": texts}
+        answer = await self._post(
+            "/v1/predict", body, traceparent=traceparent, tracestate=tracestate
+        )
+        return _predictions(answer, len(texts))
+
+    async def _post(
+        self, path: str, body: dict[str, Any], *, traceparent: str, tracestate: str | None
+    ) -> Any:
         headers = {"traceparent": traceparent}
         if tracestate and len(tracestate) <= MAX_TRACESTATE and tracestate.isascii():
             headers["tracestate"] = tracestate
-        body = {"model": self.model or model, "texts": texts}
         try:
-            response = await self._client.post(f"{self.url}/v1/predict", json=body, headers=headers)
+            response = await self._client.post(f"{self.url}{path}", json=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"no answer within {self.timeout_s} s") from exc
         except httpx.HTTPError as exc:
@@ -92,10 +100,19 @@ class Upstream:
         if response.status_code != 200:
             raise UpstreamError("status", f"HTTP {response.status_code}")
         try:
-            answer = response.json()
+            return response.json()
         except ValueError:
             raise UpstreamError("answer", "not JSON") from None
-        return _predictions(answer, len(texts))
+
+    async def complete(
+        self, path: str, body: dict[str, Any], *, traceparent: str, tracestate: str | None
+    ) -> dict[str, Any]:
+        """An OpenAI-compatible, non-streamed ``/v1/completions`` or
+        ``/v1/chat/completions`` upstream; ``body`` names the upstream's model."""
+        answer = await self._post(path, body, traceparent=traceparent, tracestate=tracestate)
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            raise UpstreamError("answer", "no choices")
+        return answer
 
     async def close(self) -> None:
         await self._client.aclose()

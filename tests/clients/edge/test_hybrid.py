@@ -88,6 +88,25 @@ def test_over_budget_keeps_it_local_and_frees_the_breaker_probe(tmp_path: Path) 
     assert router.metrics.registry.get_sample_value("fedlora_edge_budget_refusals_total", labels)
 
 
+def _generate(router: HybridRouter, texts: list[str], **kw: Any) -> tuple[Any, str]:
+    args = {"model": "lm", "path": "/v1/completions", "stream": False, "residency": None,
+            "api_key": "k", "traceparent": None} | kw  # fmt: skip
+    return asyncio.run(router.route_generation(texts=texts, body=lambda t: {"prompt": t}, **args))
+
+
+def test_generation_goes_upstream_only_where_the_policy_marks_it(tmp_path: Path) -> None:
+    router = _router(tmp_path)
+    router.breaker.record(success=False)  # open: what the policy lets go stops there
+
+    assert _generate(_router(tmp_path, upstream=False), ["hi"]) == (None, "no-upstream")
+    assert _generate(router, ["hi"], model="intents") == (None, "policy-model")
+    assert _generate(router, ["hi"], residency="local-only") == (None, "local-only")
+    assert _generate(router, ["hi"], stream=True) == (None, "stream-local")
+    assert _generate(router, ["hi", "x@y.org"]) == (None, "policy-blocked")
+    assert _generate(router, ["hi"]) == (None, "upstream-unavailable")
+    assert router.upstream_name("lm") == "lm-cloud" and router.upstream_name("intents") == "cloud"
+
+
 def test_the_summary_of_a_response() -> None:
     one = [{"served_by": "upstream", "reason": "low-confidence"}]
     two = [*one, {"served_by": "local", "reason": "confident"}]

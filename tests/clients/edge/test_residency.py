@@ -53,6 +53,13 @@ def test_a_policy_file_is_read_whole(tmp_path: Path) -> None:
     assert policy.describe()["rules"][1] == {"name": "account", "action": "redact"}
 
 
+def test_generation_routing_and_upstream_names(tmp_path: Path) -> None:
+    policy = ResidencyPolicy.load(Path(__file__).with_name("policy_example.toml"))
+
+    assert policy.generation == {"lm"} and policy.models == {"intents", "lm"}
+    assert policy.upstream_models == {"lm": "lm-cloud"}
+
+
 def test_verdicts_for_every_outcome(tmp_path: Path) -> None:
     policy = _load(tmp_path, POLICY)
 
@@ -128,6 +135,12 @@ action = "block"
          "[[rule]]\nname = \"a\"\npattern = \"y\"\naction = \"block\"\n",
          "policy.toml:6: rule[1].name = 'a': is used by an earlier rule"),
         ("residency = \"eu\"\n", "policy.toml:1: residency = 'eu': unknown key"),
+        ("[models.m]\nmay_leave = true\ngeneration = \"cloud\"\n",
+         "policy.toml:3: models.m.generation = 'cloud': must be one of ['local', 'upstream']"),
+        ("[models.m]\ngeneration = \"upstream\"\n",
+         "policy.toml:2: models.m.generation = 'upstream': needs may_leave = true"),
+        ("[models.m]\nupstream_model = \"\"\n",
+         "policy.toml:2: models.m.upstream_model = '': must be 1..256 characters"),
         ("[models.m\n", "policy.toml: not valid TOML"),
     ],
 )  # fmt: skip

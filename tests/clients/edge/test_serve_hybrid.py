@@ -1,7 +1,8 @@
 """Hybrid routing between two real ``fedlora edge serve`` processes on 127.0.0.1.
 
-The upstream node serves ``cloud`` (another adapter on the same tiny base, standing in for
-the cloud model); the hybrid node serves ``intents`` and ``private`` and escalates to it
+The upstream node serves ``cloud`` and ``lm-cloud`` (other adapters on the same tiny base,
+standing in for the cloud models); the hybrid node serves ``intents``, ``private`` and the
+causal LM ``lm`` (whose generation the policy sends upstream) and escalates to it
 through a recording proxy (`server.harness.capture`, a process of its own), which is what
 the upstream really received and which can turn slow or failing on request. ``P = 1``
 escalates every answer, so each test decides what reaches the upstream by policy alone.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,9 +59,12 @@ def nodes(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     trust = TrustStore.load(root / "trust")
     key = SigningKey(pair.private_path, PASSPHRASE)
     store = MlflowStore(f"sqlite:///{root / 'mlflow.db'}")
-    for model, seed in (("intents", 4), ("private", 5), ("cloud", 6)):
-        version = publish(store, trained(tiny_llama, root / model, seed=seed), model=model,
-                          key=key).version  # fmt: skip
+    for model, seed, task in (("intents", 4, "sequence-classification"),
+                              ("private", 5, "sequence-classification"),
+                              ("cloud", 6, "sequence-classification"),
+                              ("lm", 7, "causal-lm"), ("lm-cloud", 8, "causal-lm")):  # fmt: skip
+        source = trained(tiny_llama, root / model, seed=seed, task=task)
+        version = publish(store, source, model=model, key=key).version
         promote(store, model=model, version=version, key=key, trust=trust, policy=Policy())
 
     def node(name: str, models: list[str], options: list[str] = ()) -> EdgeNodeProcess:
@@ -74,12 +79,12 @@ def nodes(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         EXAMPLE.read_text().replace("per_key_per_day = 100000", "per_key_per_day = 2")
         .replace("global_per_day = 100000", "global_per_day = 3")
     )  # fmt: skip
-    upstream = node("upstream", ["cloud"]).start()
+    upstream = node("upstream", ["cloud", "lm-cloud"]).start()
     proxy = CaptureProxy(target=upstream.url, log_path=root / "capture.log").start()
     routing = ["--upstream", proxy.url, "--upstream-model", "cloud", "--escalate-below", "1"]
     hybrid_options = [*routing, "--policy", str(EXAMPLE), "--upstream-timeout-s", "1",
                       "--breaker-failures", "2", "--breaker-backoff-s", "1"]  # fmt: skip
-    hybrid = node("hybrid", ["intents", "private"], hybrid_options)
+    hybrid = node("hybrid", ["intents", "private", "lm"], hybrid_options)
     budgeted = node("budgeted", ["intents"], [*routing, "--policy", str(budget_policy)])
     try:
         hybrid.start()
@@ -250,3 +255,38 @@ def test_a_slow_or_failing_upstream_opens_the_breaker_and_it_recovers(nodes: dic
         assert _metric(hybrid.url, "fedlora_edge_upstream_errors_total", kind=kind) >= 1
     assert _metric(hybrid.url, "fedlora_edge_routed_total", served_by="local",
                    reason="upstream-unavailable") >= 4  # fmt: skip
+
+
+def test_generation_the_policy_marks_goes_upstream_through_the_openai_api(nodes: dict) -> None:
+    proxy, hybrid, upstream = nodes["proxy"], nodes["hybrid"], nodes["upstream"]
+    client = openai.OpenAI(base_url=f"{hybrid.url}/v1", api_key="client-key", max_retries=0)
+    direct = openai.OpenAI(base_url=f"{upstream.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "call 12345678 please"}]
+    proxy.clear()
+
+    answer = client.chat.completions.create(model="lm", messages=messages, max_tokens=6,
+                                            temperature=0)  # fmt: skip
+    redacted = [{"role": "user", "content": "call [account] please"}]
+    cloud = direct.chat.completions.create(model="lm-cloud", messages=redacted, max_tokens=6,
+                                           temperature=0)  # fmt: skip
+    blocked = client.completions.create(model="lm", prompt="mail ann@example.org", max_tokens=4)
+    local = client.completions.create(model="lm", prompt="hello", max_tokens=4,
+                                      extra_body={"residency": "local-only"})  # fmt: skip
+    streamed = client.completions.with_raw_response.create(model="lm", prompt="hello",
+                                                           max_tokens=4, stream=True)  # fmt: skip
+
+    extra = answer.model_extra or {}
+    assert (extra["served_by"], extra["reason"]) == ("upstream", "policy-generation")
+    assert answer.choices[0].message.content == cloud.choices[0].message.content
+    (seen,) = proxy.requests()  # only the first: the others stayed local
+    sent = json.loads(seen["body"])
+    assert seen["path"] == "/v1/chat/completions" and sent["model"] == "lm-cloud"
+    assert sent["messages"] == redacted
+    assert seen["headers"]["traceparent"].startswith("00-")
+    assert seen["headers"]["authorization"] == f"Bearer {NODE_KEY}"
+    assert (blocked.model_extra or {})["reason"] == "policy-blocked"
+    assert (local.model_extra or {})["served_by"] == "local"
+    assert (local.model_extra or {})["reason"] == "local-only"
+    assert streamed.headers["x-fedlora-served-by"] == "local"
+    assert streamed.headers["x-fedlora-reason"] == "stream-local"
+    assert "".join(c.choices[0].text for c in streamed.parse() if c.choices)

@@ -468,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, default, what in (
         ("--intents", 20, "CLINC150 intents (a seeded random subset)"),
-        ("--local-per-label", 8, "training rows per intent of the local adapter"),
+        ("--local-per-label", 12, "training rows per intent of the local adapter"),
         ("--upstream-per-label", 30, "training rows per intent of the upstream adapter"),
         ("--local-epochs", 6, "epochs of the local adapter"),
-        ("--upstream-epochs", 4, "epochs of the upstream adapter"),
+        ("--upstream-epochs", 3, "epochs of the upstream adapter"),
         ("--val-per-label", 10, "validation rows per intent (P is chosen on them)"),
         ("--test-per-label", 15, "test rows per intent (reported)"),
         ("--threads", 2, "torch threads for training"),

@@ -122,8 +122,8 @@ def test_a_low_confidence_answer_comes_from_the_upstream_with_the_trace(nodes: d
     proxy.clear()
 
     answer = _predict(hybrid.url, ["book a table for two"])
-    direct = httpx.post(f"{upstream.url}/v1/predict", timeout=30,
-                        json={"texts": ["book a table for two"]}).json()  # fmt: skip
+    ask = {"model": "cloud", "texts": ["book a table for two"]}
+    direct = httpx.post(f"{upstream.url}/v1/predict", json=ask, timeout=30).json()
 
     assert (answer["served_by"], answer["reason"]) == ("upstream", "low-confidence")
     prediction = answer["predictions"][0]

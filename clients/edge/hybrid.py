@@ -20,6 +20,9 @@ upstream answered      upstream    ``low-confidence``
 =====================  ==========  ==============================================
 
 One request's escalated texts go upstream in one call, which takes one unit of budget.
+A generation request (`route_generation`) has no score: it goes upstream, with reason
+``policy-generation``, when the policy marks its model ``generation = "upstream"`` and it
+is not streamed; the same checks then apply from "client: local-only" down.
 
     router = HybridRouter.from_settings(settings, metrics)
     predictions = await router.route(model="intents", texts=texts, predictions=local,

@@ -61,9 +61,13 @@ def site_group(sub: argparse._SubParsersAction) -> None:
 
     budget = commands.add_parser(
         "budget",
-        help="show the site's spent and remaining privacy budget",
+        help="show the site's spent and remaining privacy budget, or re-initialise it",
         description="Read the site's privacy ledger (STATE/privacy-ledger.json) and show the "
-        "sample-level ε spent per run and in total, and what remains of max-epsilon.",
+        "sample-level ε spent per run and in total, and what remains of max-epsilon. "
+        "With --reset, write a new ledger instead: a site with max-epsilon refuses to "
+        "train until its ledger exists, so this is how a new site starts and how a lost "
+        "ledger is replaced; the reset, its reason and what the old ledger held are "
+        "recorded in the new one.",
     )
     budget.add_argument("--state", required=True, metavar="DIR", help="the site's state-dir")
     budget.add_argument(
@@ -73,6 +77,19 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         help="the budget to compare with (default: the one the site last trained under)",
     )
     budget.add_argument("--json", action="store_true", help="print a machine-readable report")
+    budget.add_argument(
+        "--reset",
+        action="store_true",
+        help="re-initialise the ledger (needs --reason; default: only show it)",
+    )
+    budget.add_argument("--reason", default="", help="why the ledger is reset (recorded)")
+    budget.add_argument(
+        "--spent",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="ε already spent that the new ledger starts from (default 0)",
+    )
     budget.set_defaults(func=cmd_site_budget)
 
 
@@ -213,7 +230,10 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         raise ConfigError(f"--state {str(state)!r} is not a directory")
     path = state / LEDGER_FILE
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
+        raise ConfigError(
+            f"{path} does not exist: this site has not trained with DP-SGD (a site with "
+            "max-epsilon needs one: fedlora site budget --state DIR --reset --reason ...)"
+        )
     try:
         ledger = json.loads(path.read_text())
         runs = {
@@ -221,6 +241,7 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
             for run, e in ledger["runs"].items()
         }
         spent = float(ledger["total_epsilon"])
+        resets = list(ledger.get("resets", []))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
     budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
@@ -231,10 +252,17 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         "max_epsilon": budget,
         "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
         "runs": runs,
+        "resets": resets,
     }
 
 
 def cmd_site_budget(args: argparse.Namespace) -> int:
+    if args.reset:
+        from clients.site.ledger import SiteLedger
+
+        SiteLedger.reset(Path(args.state), reason=args.reason, spent=args.spent)
+    elif args.reason or args.spent:
+        raise ConfigError("--reason and --spent go with --reset")
     report = budget_report(Path(args.state), args.max_epsilon)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -250,6 +278,14 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
         )
     out = Console()
     out.print(table)
+    for reset in report["resets"]:
+        before = reset.get("previous", {})
+        out.print(
+            Text(
+                f"reset {reset.get('at')}: {reset.get('reason')!r} (ledger was "
+                f"{before.get('state')}; opening ε {reset.get('opening_epsilon', 0.0):g})"
+            )
+        )
     out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))
     if report["max_epsilon"] is None:
         out.print(Text("no max-epsilon known; pass --max-epsilon to see what remains"))

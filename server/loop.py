@@ -265,6 +265,9 @@ def _secure_mean(
         SiteUpdate(site, {}, num_examples=int(m.get(NUM_EXAMPLES, w)), metrics=m)
         for site, w, m in secure.sites
     ]
+    why = secagg.check_mean(secure.mean_update, [w for _, w, _ in secure.sites])
+    if why:
+        raise RoundFailed(f"round {record.round}: {why}")
     return MeanUpdate(delta=secure.mean_update, sites=sites)
 
 

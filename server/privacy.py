@@ -16,11 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from clients.task.errors import ConfigError
+from clients.task.secure_random import SecureRandom
 from strategies.dp import ClientLevelDP, DifferentiallyPrivate
 from strategies.secagg import PRGS, SecAggSettings
 from strategies.strategy import Strategy
@@ -139,9 +139,9 @@ class ClientPrivacy:
         )
 
     def wrap(self, strategy: Strategy) -> Strategy:
-        """The run's strategy with the mechanism's noise on every aggregate."""
-        # Server-side DP noise: seeded from the OS, never from the run, so no site can predict it.
-        return DifferentiallyPrivate(strategy, self.mechanism, np.random.default_rng())
+        """The run's strategy with the mechanism's clipping and noise on every aggregate."""
+        # Server-side DP noise from the OS CSPRNG, never from the run: no site can predict it.
+        return DifferentiallyPrivate(strategy, self.mechanism, SecureRandom())
 
     def stop_reason(self, server_round: int, sampling_rate: float) -> str | None:
         """Why the run must stop before this round (ε would pass the limit), or None."""

@@ -325,6 +325,27 @@ def test_client_level_epsilon_stops_the_run_before_it_passes_max_epsilon(tmp_pat
     assert not np.allclose(state["layer.lora_B"], 0.01, atol=1e-4)
 
 
+def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(
+    tmp_path: Path,
+) -> None:
+    # Arrange: C = 0.5. Two sites move every one of the 9 coordinates by +0.01 (norm 0.03);
+    # a third skips its clip mod and moves them by 3.0: norm 9, under update.max-norm 10.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.01, examples=10),
+            2: honest("site-b", delta=0.01, examples=10),
+            3: sending("greedy", lambda ref: {k: v + np.float32(3.0) for k, v in ref.items()}),
+        }
+    )
+    settings = _settings(tmp_path, **{"dp.clip-norm": 0.5, "dp.noise-multiplier": 0.01})
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the greedy site counts as a norm of C: the mean moves by at most
+    # (0.03 + 0.03 + 0.5) / 3 ≈ 0.19, plus noise of std 0.01·0.5/3 per coordinate.
+    moved = np.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
+    assert moved < 0.2 and history[0]["site_ids"] == ["site-a", "site-b", "greedy"]
+
+
 def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: Path) -> None:
     # Arrange: 3 of 6 sites a round, FedAvgM so the optimiser state must resume too.
     def sites() -> FakeGrid:

@@ -86,7 +86,8 @@ def run_rounds(
     first = resume_from.completed_round + 1 if resume_from else 1
     connected = wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
     privacy = _client_privacy(settings, len(connected), history)
-    strategy = privacy.wrap(settings.strategy()) if privacy else settings.strategy()
+    strategy = settings.bounded(settings.strategy())
+    strategy = privacy.wrap(strategy) if privacy else strategy
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
         # Sample: seeded by the run and the round, so a resumed run asks what the original would.

@@ -19,11 +19,14 @@ from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
+from strategies.bounded import BoundedInfluence
 from strategies.fedavg import FedAvg, FedProx
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
+from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
+ROBUST_MODES = ("auto", "bounded", "off")
 
 # key: (type, default, help)
 KEYS: dict[str, tuple[type, Any, str]] = {
@@ -57,6 +60,15 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "robust.mode": (
+        str,
+        "auto",
+        "bound each site's weight and update norm by the round's median (strategies/"
+        "bounded.py): bounded, off, or auto (bounded in plain rounds; SecAgg+ rounds rely "
+        "on secagg.max-weight and secagg.clipping-range)",
+    ),
+    "robust.max-weight-ratio": (float, 2.0, "cap on a site's weight, x the median; 0 off"),
+    "robust.max-norm-ratio": (float, 1.0, "cap on a site's update norm, x the median; 0 off"),
     "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
@@ -196,6 +208,23 @@ def _client_dp(v: Mapping[str, Any]) -> ClientDPSettings | None:
     )
 
 
+def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
+    mode = v["robust.mode"]
+    if mode not in ROBUST_MODES:
+        raise ConfigError(f"robust.mode={mode!r} must be one of {', '.join(ROBUST_MODES)}")
+    if mode == "bounded" and secure:
+        raise ConfigError(
+            "robust.mode='bounded' needs single updates and cannot apply with "
+            "secagg.enabled=true (SecAgg+ reveals only the sum); use robust.mode='auto', "
+            "which relies on secagg.max-weight and secagg.clipping-range there"
+        )
+    ratios = (v["robust.max-weight-ratio"], v["robust.max-norm-ratio"])
+    BoundedInfluence(FedAvg(), max_weight_ratio=ratios[0], max_norm_ratio=ratios[1])  # validates
+    if mode == "off" or (mode == "auto" and secure) or ratios == (0.0, 0.0):
+        return None
+    return ratios
+
+
 def _secagg(v: Mapping[str, Any], site_clip: float) -> SecAggSettings | None:
     if not v["secagg.enabled"]:
         return None
@@ -256,6 +285,8 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
+    robust: tuple[float, float] | None = None
 
     @property
     def site_clip_norm(self) -> float:
@@ -316,6 +347,7 @@ class RunSettings:
                     "site-dp.noise-multiplier (DP-SGD would drop the proximal gradient)"
                 )
         secagg = _secagg(v, client_dp.clip_norm if client_dp else v["update.max-norm"])
+        robust = _robust(v, secure=secagg is not None)
         if client_dp is not None and client_dp.clip_norm > v["update.max-norm"]:
             raise ConfigError(
                 f"dp.clip-norm={client_dp.clip_norm!r} exceeds "
@@ -366,7 +398,15 @@ class RunSettings:
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            robust=robust,
         )
+
+    def bounded(self, strategy: Strategy) -> Strategy:
+        """``strategy`` wrapped in `BoundedInfluence` when ``robust.*`` asks for it."""
+        if self.robust is None:
+            return strategy
+        weight_ratio, norm_ratio = self.robust
+        return BoundedInfluence(strategy, max_weight_ratio=weight_ratio, max_norm_ratio=norm_ratio)
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""

@@ -153,6 +153,8 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         "fraction-evaluate": 0.0,
         "update.max-norm": 10.0,
         "out-dir": str(tmp_path / "out"),
+        # FedAvg's own arithmetic; the tests of bounded influence set robust.mode.
+        "robust.mode": "off",
     }
     return RunSettings.from_config(config | extra)
 
@@ -344,6 +346,32 @@ def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(
     # (0.03 + 0.03 + 0.5) / 3 ≈ 0.19, plus noise of std 0.01·0.5/3 per coordinate.
     moved = np.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
     assert moved < 0.2 and history[0]["site_ids"] == ["site-a", "site-b", "greedy"]
+
+
+def test_a_site_claiming_every_example_and_a_huge_update_does_not_become_the_model(
+    tmp_path: Path,
+) -> None:
+    # Arrange (the case the issue reports, share 0.99999 before): two sites move all 9
+    # coordinates by +0.1 (norm 0.3) with 10 and 20 examples; a third claims the largest
+    # count accepted (10^7) and moves them by -3.3 (norm 9.9, under update.max-norm 10).
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.1, examples=20),
+            3: sending(
+                "hostile",
+                lambda ref: {k: v - np.float32(3.3) for k, v in ref.items()},
+                examples=10**7,
+            ),
+        }
+    )
+    # Act: the default robust.mode (auto: bounded in plain rounds).
+    state, _, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"robust.mode": "auto"}))
+    # Assert: weight min(10^7, 2·20) = 40 and norm clipped to the median 0.3 (-0.1 a
+    # coordinate): (10·0.1 + 20·0.1 - 40·0.1) / 70 = -1/70, a share of 40/70 of the
+    # contributions, under twice the fair share of one site in three.
+    for value in state.values():
+        np.testing.assert_allclose(value, -1 / 70, rtol=1e-5)
 
 
 def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: Path) -> None:

@@ -17,6 +17,12 @@ wrapped in `DifferentiallyPrivate`, which adds Gaussian noise to the mean of the
 updates in both kinds of round, and each round is charged to an RDP accountant
 (server/privacy.py); ``dp.max-epsilon`` stops the run before a round that would pass it.
 
+Nothing a reply says is taken on trust. Its site id is bound to the Flower node that sent
+it (server/identity.py); its metrics are checked against what the plan allowed the site
+to do (strategies/validation.py) before they reach the record, the headline or a gate;
+the sample-level ε of sites that train with DP-SGD is the server's own account of the
+plan it sent (server/privacy.py), not the sites' claims.
+
 The loop uses only ``get_node_ids`` and ``send_and_receive`` of the Grid, and speaks to
 the sites through the wire contract (strategies/protocol.py).
 """
@@ -24,25 +30,30 @@ the sites through the wire contract (strategies/protocol.py).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from flwr.app import MessageType
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from server.checkpoint import Checkpoint, CheckpointStore
-from server.privacy import ClientPrivacy
+from server.identity import IdentityRejected, PinnedIdentities, SiteIdentities
+from server.privacy import ClientPrivacy, SampleLevelAccounts
 from server.record import RoundRecord, weighted_mean
 from server.secagg import run_secure_round
 from server.settings import RunSettings
 from server.tracking import Tracker
-from strategies.errors import RoundFailed
+from strategies.bounded import cap_weights
+from strategies.errors import RoundFailed, UpdateRejected
 from strategies.protocol import (
     NO_REPLY,
-    NUM_EXAMPLES,
+    SITE_DELTA,
+    SITE_MAX_GRAD_NORM,
+    SITE_NOISE_MULTIPLIER,
+    EvaluateReply,
     Refusal,
     array_bytes,
     decode_evaluate,
@@ -55,6 +66,7 @@ from strategies.protocol import (
 )
 from strategies.sampling import sample_sites, sample_size
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, Strategy
+from strategies.validation import MAX_EXAMPLES, validate_evaluation, validate_train_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +85,13 @@ def run_rounds(
     evaluator: Evaluator | None = None,
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    identities: SiteIdentities | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
+
+    Args:
+        identities: How replies are bound to sites; default: each node pinned to the
+            first site id it claims in this run (`PinnedIdentities`).
 
     Returns:
         The final global state, the history (one dict per round) and, if the privacy
@@ -88,6 +105,7 @@ def run_rounds(
     privacy = _client_privacy(settings, len(connected), history)
     strategy = settings.bounded(settings.strategy())
     strategy = privacy.wrap(strategy) if privacy else strategy
+    sites = _Sites(identities or PinnedIdentities(), settings, history)
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
         # Sample: seeded by the run and the round, so a resumed run asks what the original would.
@@ -101,10 +119,11 @@ def run_rounds(
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.
-        plan = settings.plan(server_round).to_config() | strategy.client_config()
+        sites.plan = settings.plan(server_round)
+        plan = sites.plan.to_config() | strategy.client_config()
         log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, k)
         try:
-            outcome = _train(grid, settings, strategy, record, sampled, state, plan)
+            outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
         except RoundFailed as exc:
             if settings.on_round_failure == "stop":
                 raise
@@ -113,13 +132,14 @@ def run_rounds(
         else:
             state, server_state = settings.server_optimizer.step(state, outcome.state, server_state)
             record.accepted(outcome)
+            record.site_privacy = sites.trained(outcome.accepted)
             if privacy:
                 privacy.charge(rate)
         if privacy:
             record.privacy(privacy, rate)
         # Evaluate, record, checkpoint.
         record.evaluated(
-            federated=_federated_evaluate(grid, settings, nodes, state, plan),
+            federated=_federated_evaluate(grid, settings, nodes, state, plan, record, sites),
             central=evaluator(state) if evaluator else None,
         )
         history.append(record.finish())
@@ -166,6 +186,82 @@ def _client_privacy(
     )
 
 
+class _Sites:
+    """What the server holds about the sites of this run, and how it judges their replies.
+
+    Binds each reply's site id to its node, checks its metrics against the round's plan,
+    and keeps what the sites trained on: the example counts (which bound their
+    evaluation counts) and the sample-level ε the plan gave each (server/privacy.py).
+    """
+
+    def __init__(
+        self, identities: SiteIdentities, settings: RunSettings, history: list[dict[str, Any]]
+    ) -> None:
+        self.identities = identities
+        self.settings = settings
+        self.plan = settings.plan(1)
+        self.examples: dict[str, int] = {}
+        self.accounts = (
+            SampleLevelAccounts.replay(settings.site_dp_delta, history)
+            if settings.site_dp_noise_multiplier > 0
+            else None
+        )
+
+    def train_update(self, reply: Message) -> SiteUpdate | Refusal:
+        """A plain train reply, its site bound to its node and its metrics checked.
+
+        Raises:
+            IdentityRejected: If the node may not speak for the site it names.
+            UpdateRejected: For a malformed reply or a metric out of range.
+        """
+        site = self.identities.bind(reply.metadata.src_node_id, sender(reply))
+        try:
+            decoded = decode_train(reply)
+        except ValueError as exc:
+            raise UpdateRejected("format", str(exc)) from exc
+        if isinstance(decoded, Refusal):
+            return Refusal(site, decoded.reason)
+        return replace(decoded, site=site, metrics=self.checked_metrics(decoded))
+
+    def checked_metrics(self, update: SiteUpdate) -> dict[str, float]:
+        """The update's metrics, validated against the plan (strategies/validation.py).
+
+        Raises:
+            UpdateRejected: With check ``metrics``.
+        """
+        n = update.num_examples
+        valid_count = isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_EXAMPLES
+        dp = self.plan.sample_dp()
+        return validate_train_metrics(
+            update.metrics,
+            max_steps=self.plan.steps_for(n) if valid_count else None,  # type: ignore[arg-type]
+            max_seconds=self.settings.round_timeout,
+            sample_dp=None
+            if dp is None
+            else {
+                SITE_NOISE_MULTIPLIER: dp.noise_multiplier,
+                SITE_MAX_GRAD_NORM: dp.max_grad_norm,
+                SITE_DELTA: dp.delta,
+            },
+        )
+
+    def trained(self, accepted: list[SiteUpdate]) -> dict[str, dict[str, float]]:
+        """Note the accepted sites' example counts; return their sample-level accounts."""
+        for update in accepted:
+            self.examples[update.site] = int(update.num_examples)  # type: ignore[call-overload]
+        if self.accounts is None:
+            return {}
+        return {
+            u.site: self.accounts.charge(
+                u.site,
+                noise_multiplier=self.plan.site_dp_noise_multiplier,
+                num_examples=int(u.num_examples),  # type: ignore[call-overload]
+                plan=self.plan,
+            )
+            for u in accepted
+        }
+
+
 def _train(
     grid: Grid,
     settings: RunSettings,
@@ -174,6 +270,7 @@ def _train(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    sites: _Sites,
 ) -> RoundOutcome:
     """Send the round to the sampled sites; the strategy aggregates what comes back.
 
@@ -181,9 +278,9 @@ def _train(
         RoundFailed: If the round cannot be aggregated.
     """
     if settings.secagg is None:
-        updates = _plain_updates(grid, record, sampled, state, plan, settings.round_timeout)
+        updates = _plain_updates(grid, record, sampled, state, plan, settings.round_timeout, sites)
         return strategy.aggregate(record.round, state, updates)
-    mean = _secure_mean(grid, settings, record, sampled, state, plan)
+    mean = _secure_mean(grid, settings, record, sampled, state, plan, sites)
     return strategy.aggregate_mean(record.round, state, mean)
 
 
@@ -194,8 +291,9 @@ def _plain_updates(
     state: Tensors,
     plan: dict[str, Any],
     timeout: float,
+    sites: _Sites,
 ) -> list[SiteUpdate]:
-    """Send the global adapter to the sampled sites and decode their replies."""
+    """Send the global adapter to the sampled sites and judge their replies."""
     arrays = to_record(state)
     record.bytes_down = arrays.count_bytes() * len(sampled)
     replies = list(
@@ -205,22 +303,25 @@ def _plain_updates(
     )
     updates: list[SiteUpdate] = []
     for reply in replies:
-        site = sender(reply)
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            record.failed_site(site, reply.error.reason)
+            record.failed_site(sites.identities.name(node), reply.error.reason)
             continue
         record.bytes_up += array_bytes(reply)
         try:
-            decoded = decode_train(reply)
-        except ValueError as exc:
-            record.rejected_update(site, "format", str(exc))
+            judged = sites.train_update(reply)
+        except IdentityRejected as exc:
+            record.rejected_update(node_name(node), "identity", str(exc))
             continue
-        if isinstance(decoded, Refusal):
-            record.refused_site(decoded.site, decoded.reason)
+        except UpdateRejected as exc:
+            record.rejected_update(sites.identities.name(node), exc.check, exc.detail)
+            continue
+        if isinstance(judged, Refusal):
+            record.refused_site(judged.site, judged.reason)
         else:
-            updates.append(decoded)
+            updates.append(judged)
     for node in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
-        record.failed_site(node_name(node), NO_REPLY)
+        record.failed_site(sites.identities.name(node), NO_REPLY)
     return updates
 
 
@@ -231,8 +332,13 @@ def _secure_mean(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    sites: _Sites,
 ) -> MeanUpdate:
     """One SecAgg+ round's mean update and who contributed to it.
+
+    A contributor's masked update is in the sum whatever it claims, so a claim the
+    server refuses costs the site its name (it is named by its node) or its metrics,
+    never the round.
 
     Raises:
         RoundFailed: If SecAgg+ cannot run on the sample or could not unmask a sum.
@@ -262,35 +368,68 @@ def _secure_mean(
             f"(reconstruction threshold {secagg.reconstruction_threshold}, "
             f"min-fit-clients {settings.min_fit_clients})"
         )
-    sites = [
-        SiteUpdate(site, {}, num_examples=int(m.get(NUM_EXAMPLES, w)), metrics=m)
-        for site, w, m in secure.sites
-    ]
-    why = secagg.check_mean(secure.mean_update, [w for _, w, _ in secure.sites])
+    why = secagg.check_mean(secure.mean_update, [w for _, _, w, _ in secure.sites])
     if why:
         raise RoundFailed(f"round {record.round}: {why}")
-    return MeanUpdate(delta=secure.mean_update, sites=sites)
+    contributors = []
+    for node, claimed, weight, metrics in secure.sites:
+        try:
+            site = sites.identities.bind(node, claimed)
+        except IdentityRejected as exc:
+            site = sites.identities.name(node)
+            record.rejected_update(site, "identity", f"{exc}; named by its node")
+        update = SiteUpdate(site, {}, num_examples=weight, metrics=metrics)
+        try:
+            checked = sites.checked_metrics(update)
+        except UpdateRejected as exc:
+            checked = {}
+            record.rejected_update(site, exc.check, f"{exc.detail}; metrics dropped")
+        contributors.append(replace(update, metrics=checked))
+    return MeanUpdate(delta=secure.mean_update, sites=contributors)
 
 
 def _federated_evaluate(
-    grid: Grid, settings: RunSettings, nodes: list[int], state: Tensors, plan: dict[str, Any]
+    grid: Grid,
+    settings: RunSettings,
+    nodes: list[int],
+    state: Tensors,
+    plan: dict[str, Any],
+    record: RoundRecord,
+    sites: _Sites,
 ) -> tuple[float | None, float | None] | None:
-    """Example-weighted (loss, accuracy) of the global adapter on sites' held-out rows."""
+    """Weighted (loss, accuracy) of the global adapter on sites' held-out rows.
+
+    Each reply is bound to its node and checked (counts no larger than what the site
+    trained on, loss finite, accuracy in [0, 1]); with bounded influence the counts are
+    capped like training weights, so no site's claim becomes the headline.
+    """
     if settings.fraction_evaluate <= 0:
         return None
     k = sample_size(len(nodes), fraction=settings.fraction_evaluate, minimum=1)
     messages = requests(nodes[:k], to_record(state), plan, kind=MessageType.EVALUATE)
-    results = []
+    results: list[EvaluateReply] = []
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         if reply.has_error():
             continue
+        node = reply.metadata.src_node_id
         try:
+            site = sites.identities.bind(node, sender(reply))
             result = decode_evaluate(reply)
-        except ValueError:
+            if result.num_examples == 0:
+                continue  # the site holds no rows out: nothing evaluated
+            validate_evaluation(result, trained_on=sites.examples.get(site))
+        except IdentityRejected as exc:
+            record.rejected_update(node_name(node), "identity", f"evaluation: {exc}")
             continue
-        if result.num_examples > 0 and math.isfinite(result.loss):
-            results.append(result)
+        except (ValueError, UpdateRejected) as exc:
+            record.rejected_update(sites.identities.name(node), "evaluation", str(exc))
+            continue
+        results.append(result)
+    if not results:
+        return None, None
+    ratio = settings.robust[0] if settings.robust else 0.0
+    weights = cap_weights([r.num_examples for r in results], ratio=ratio)
     return (
-        weighted_mean([(r.loss, r.num_examples) for r in results]),
-        weighted_mean([(r.accuracy, r.num_examples) for r in results]),
+        weighted_mean([(r.loss, w) for r, w in zip(results, weights, strict=True)]),
+        weighted_mean([(r.accuracy, w) for r, w in zip(results, weights, strict=True)]),
     )

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.privacy import ClientPrivacy
-from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS, SitePrivacy
+from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS
 from strategies.strategy import RoundOutcome
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,12 @@ class RoundRecord:
     # Sites that refused the round to stay within their own privacy budget.
     refused: int = 0
     refusals: list[dict[str, str]] = field(default_factory=list)
-    # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
+    # Sample-level DP: per site, the (ε, δ) the server accounts for its DP-SGD this run
+    # (server/privacy.py) and this round's parameters; never a site's own claim.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Each accepted site's share of the round's movement as aggregated (strategies/
+    # aggregate.py); 1/n each for alike sites.
+    shares: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._started = time.perf_counter()  # not a field: no column of its own
@@ -90,17 +94,7 @@ class RoundRecord:
         self.max_site_train_seconds = max(
             (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
         )
-        claims = {u.site: SitePrivacy.from_metrics(u.metrics) for u in outcome.accepted}
-        self.site_privacy = {
-            site: {
-                "epsilon": p.epsilon,
-                "delta": p.delta,
-                "noise-multiplier": p.noise_multiplier,
-                "max-grad-norm": p.max_grad_norm,
-            }
-            for site, p in claims.items()
-            if p is not None
-        }
+        self.shares = dict(outcome.shares)
 
     def privacy(self, privacy: ClientPrivacy, sampling_rate: float) -> None:
         """The client-level (ε, δ) spent so far; a skipped round released nothing."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from clients.task.errors import ConfigError
-from strategies.aggregate import weighted_average
+from strategies.aggregate import contribution_shares, weighted_average
 from strategies.dp import global_norm
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, State, Strategy
 
@@ -151,8 +151,14 @@ class BoundedInfluence:
                 for k, ref in reference.items()
             }
             bounded.append(replace(update, state=state))
-        state = weighted_average([u.state for u in bounded], weights)
-        return RoundOutcome(state=state, accepted=bounded, rejected=outcome.rejected)
+        states = [u.state for u in bounded]
+        shares = contribution_shares(states, weights, reference=reference)
+        return RoundOutcome(
+            state=weighted_average(states, weights),
+            accepted=bounded,
+            rejected=outcome.rejected,
+            shares={u.site: share for u, share in zip(bounded, shares, strict=True)},
+        )
 
     def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
         """Refused: a secure round reveals no single update to bound.

@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from clients.task.errors import ConfigError
 from clients.task.secure_random import SecureRandom
-from strategies.aggregate import weighted_average
+from strategies.aggregate import contribution_shares, weighted_average
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, State, Strategy
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,13 @@ class DifferentiallyPrivate:
         """
         outcome = self.inner.aggregate(server_round, reference, updates)
         clipped = [self._clipped(server_round, reference, u) for u in outcome.accepted]
-        mean = weighted_average(clipped, [1.0] * len(clipped))
-        return self._privatize(reference, mean, outcome)
+        uniform = [1.0] * len(clipped)
+        shares = contribution_shares(clipped, uniform, reference=reference)
+        outcome = replace(
+            outcome,
+            shares={u.site: s for u, s in zip(outcome.accepted, shares, strict=True)},
+        )
+        return self._privatize(reference, weighted_average(clipped, uniform), outcome)
 
     def _clipped(self, server_round: int, reference: State, update: SiteUpdate) -> State:
         """The site's local tensors with ``local - global`` clipped to ``C`` (float64)."""
@@ -197,4 +202,4 @@ class DifferentiallyPrivate:
         state = self.dp.privatize_mean(
             reference, mean, num_updates=len(outcome.accepted), rng=self.rng
         )
-        return RoundOutcome(state=state, accepted=outcome.accepted, rejected=outcome.rejected)
+        return replace(outcome, state=state)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.aggregate import weighted_average
+from strategies.aggregate import contribution_shares, weighted_average
 from strategies.errors import RoundFailed, UpdateRejected
 from strategies.strategy import MeanUpdate, Rejection, RoundOutcome, SiteUpdate, State
 from strategies.validation import validate_update
@@ -75,11 +75,15 @@ class FedAvg:
                 continue
             accepted.append(update)
         self._require(server_round, len(accepted), "valid update(s)")
-        state = weighted_average(
-            [u.state for u in accepted],
-            [int(u.num_examples) for u in accepted],  # type: ignore[call-overload]
+        weights = [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
+        states = [u.state for u in accepted]
+        shares = contribution_shares(states, weights, reference=reference)
+        return RoundOutcome(
+            state=weighted_average(states, weights),
+            accepted=accepted,
+            rejected=rejected,
+            shares={u.site: share for u, share in zip(accepted, shares, strict=True)},
         )
-        return RoundOutcome(state=state, accepted=accepted, rejected=rejected)
 
     def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
         """The global state plus the secure mean update, in the global tensors' dtypes.

@@ -79,11 +79,17 @@ class Rejection:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """The aggregate of one round and the sites it used."""
+    """The aggregate of one round and the sites it used.
+
+    ``shares`` gives each accepted site's share of the round's movement as aggregated,
+    ``p_i·‖Δ_i‖ / Σ_j p_j·‖Δ_j‖`` with ``p`` the normalised weights the strategy used
+    (`strategies.aggregate.contribution_shares`); empty when single updates are unseen.
+    """
 
     state: dict[str, np.ndarray]
     accepted: list[SiteUpdate]
     rejected: list[Rejection]
+    shares: dict[str, float] = field(default_factory=dict)
 
 
 class Strategy(Protocol):

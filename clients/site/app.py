@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import random
 from dataclasses import replace
 
@@ -125,7 +124,7 @@ def _charge_budget(
             f"site {site.site_id}: δ={site.delta} is not below 1/n for its {num_train} "
             "training rows (such a δ allows releasing a row outright)"
         )
-    steps = plan.local_steps or plan.local_epochs * math.ceil(num_train / plan.batch_size)
+    steps = plan.steps_for(num_train)
     rate = min(1.0, plan.batch_size / num_train)
     try:
         if site.state_dir is None:

@@ -8,6 +8,7 @@ run seed, the round and the site id, and it writes the round plan.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,14 @@ def _plan(tiny_llama: Path, **extra: Any) -> TrainPlan:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _initial(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The global tensors of round 1 (the seeded init), built once."""
+    return trainable_state(build_model(spec).model)
+
+
 def _train(plan: TrainPlan, node_config: dict[str, Any], run_id: int = 7) -> Message:
-    state = trainable_state(build_model(plan.spec).model)
+    state = _initial(plan.spec)
     (request,) = requests([1], to_record(state), plan.to_config(), kind=MessageType.TRAIN)
     context = Context(
         run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config={}

@@ -222,3 +222,13 @@ def test_two_clientapp_processes_on_one_state_dir_lose_no_charge(tmp_path: Path)
         "run-a": list(range(1, rounds + 1)),
         "run-b": list(range(1, rounds + 1)),
     }
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0, "8"])
+def test_a_site_budget_that_is_not_a_positive_number_is_refused(value: object) -> None:
+    from clients.site.settings import SiteSettings
+
+    with pytest.raises(ConfigError, match="max-epsilon="):
+        SiteSettings.from_node_config(
+            {"data-path": "x.jsonl", "state-dir": "s", "max-epsilon": value}
+        )

@@ -78,7 +78,7 @@ def keys_group(sub: argparse._SubParsersAction) -> None:
         description="Write DIR/signing-key.pem (mode 0600, encrypted when the passphrase "
         "variable is set) and DIR/signing-key.pub. Copy the .pub into every trust store.",
     )
-    gen.add_argument("--out", required=True, metavar="DIR")
+    gen.add_argument("--out", required=True, metavar="DIR", help="directory for the key pair")
     gen.add_argument(
         "--passphrase-env",
         default=PASSPHRASE_ENV,
@@ -87,7 +87,7 @@ def keys_group(sub: argparse._SubParsersAction) -> None:
     )
     gen.set_defaults(func=cmd_keys_generate)
     ident = commands.add_parser("id", help="print the key id (SHA-256 of the DER public key)")
-    ident.add_argument("public_key", metavar="PUB")
+    ident.add_argument("public_key", metavar="PUB", help="a public key (PEM)")
     ident.set_defaults(func=cmd_keys_id)
 
 
@@ -116,9 +116,11 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "version and moves the alias (default: candidate); publishing the same adapter "
         "again returns the existing version.",
     )
-    pub.add_argument("source", metavar="DIR")
-    pub.add_argument("--model", required=True, metavar="NAME")
-    pub.add_argument("--alias", default=CANDIDATE)
+    pub.add_argument("source", metavar="DIR", help="training output, PEFT or release directory")
+    pub.add_argument("--model", required=True, metavar="NAME", help="registered model name")
+    pub.add_argument(
+        "--alias", default=CANDIDATE, help="alias the new version gets (default: %(default)s)"
+    )
     pub.add_argument("--trust", metavar="DIR", help="trust store, to accept a signed DIR")
     _key_args(pub)
     _registry_arg(pub)
@@ -129,7 +131,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cmd_list)
 
     show = commands.add_parser("show", help="versions of a model with their signed facts")
-    show.add_argument("model", metavar="NAME")
+    show.add_argument("model", metavar="NAME", help="registered model name")
     _registry_arg(show)
     show.set_defaults(func=cmd_show)
 
@@ -140,11 +142,11 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "and the gates of --policy (min-metric, max-epsilon, require-dp), then moves the "
         "alias in MLflow and in the signed release index.",
     )
-    pro.add_argument("model", metavar="NAME")
-    pro.add_argument("--version", required=True)
-    pro.add_argument("--alias", default=PRODUCTION)
-    pro.add_argument("--trust", required=True, metavar="DIR")
-    pro.add_argument("--policy", metavar="TOML", help="gates file (see README)")
+    pro.add_argument("model", metavar="NAME", help="registered model name")
+    pro.add_argument("--version", required=True, help="the model version to promote")
+    pro.add_argument("--alias", default=PRODUCTION, help="alias to move (default: %(default)s)")
+    pro.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
+    pro.add_argument("--policy", metavar="TOML", help="gates file, see README (default: no gates)")
     _key_args(pro)
     _registry_arg(pro)
     pro.set_defaults(func=cmd_promote)
@@ -152,8 +154,10 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     back = commands.add_parser(
         "rollback", help="move an alias back to its previous release (a signed event)"
     )
-    back.add_argument("model", metavar="NAME")
-    back.add_argument("--alias", default=PRODUCTION)
+    back.add_argument("model", metavar="NAME", help="registered model name")
+    back.add_argument(
+        "--alias", default=PRODUCTION, help="alias to move back (default: %(default)s)"
+    )
     _key_args(back)
     _registry_arg(back)
     back.set_defaults(func=cmd_rollback)
@@ -184,10 +188,18 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     rev = commands.add_parser(
         "revoke", help="add signing keys or releases to the signed revocation list"
     )
-    rev.add_argument("--key-id", action="append", default=[], metavar="KID")
-    rev.add_argument("--digest", action="append", default=[], metavar="DIGEST")
+    rev.add_argument(
+        "--key-id", action="append", default=[], metavar="KID", help="key id to revoke (repeatable)"
+    )
+    rev.add_argument(
+        "--digest",
+        action="append",
+        default=[],
+        metavar="DIGEST",
+        help="release digest to revoke (repeatable)",
+    )
     rev.add_argument("--model", metavar="NAME", help="with --version: revoke that release")
-    rev.add_argument("--version", metavar="V")
+    rev.add_argument("--version", metavar="V", help="with --model: the version to revoke")
     _key_args(rev)
     _registry_arg(rev)
     rev.set_defaults(func=cmd_revoke)

@@ -2,8 +2,8 @@
 
 resolve alias (MLflow, untrusted) -> refresh the release index (python-tuf) -> download
 into a staging folder -> `accept` (signature, model, revocation, alias freshness, base
-digest, local policy) -> move into place with one rename. Nothing unaccepted is ever left
-at ``out``.
+digest, local policy) -> swap into place (`clients.task.files.swap_directory`). Nothing
+unaccepted is ever left at ``out``.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -11,38 +11,16 @@ at ``out``.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
+from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryError
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
-
-
-def install(directory: Path, out: Path) -> None:
-    """Replace ``out`` with ``directory`` by renames on one file system."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.incoming"
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(directory, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def pull(
@@ -73,6 +51,6 @@ def pull(
             base_digest=policy.base_digest,
             policy=policy,
         )
-        install(directory, out)
-    # The installed files are a copy of the accepted ones.
+        swap_directory(directory, out)
+    # The installed files are the accepted ones, moved (or copied) into place.
     return replace(accepted, directory=out)

@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +50,8 @@ from registry.keys import TrustStore, generate_keypair  # noqa: E402
 from registry.lifecycle import SigningKey, promote, publish  # noqa: E402
 from registry.mlflow_store import MlflowStore  # noqa: E402
 from registry.policy import Policy  # noqa: E402
-from tests.integration.flower_local import free_port  # noqa: E402
-from tests.mlflow_local import MlflowServer  # noqa: E402
+from server.harness.edge import EdgeNodeProcess  # noqa: E402
+from server.harness.mlflow_server import MlflowServer  # noqa: E402
 
 console = Console(stderr=True)
 LABELS = ("book_flight", "cancel", "greeting", "weather", "transfer", "balance", "alarm", "music")
@@ -148,28 +147,17 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         store = MlflowStore(server.uri)
         versions = [publish(store, o, model="bench", key=key).version for o in outputs]
         promote(store, model="bench", version=versions[0], key=key, trust=trust, policy=Policy())
-        port = free_port()
-        env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, FEDLORA_EDGE_TOKEN=TOKEN)
-        log = (work / "edge.log").open("wb")
-        node = subprocess.Popen(
-            [str(Path(sys.executable).parent / "fedlora"), "edge", "serve", "--model", "bench",
-             "--trust", str(work / "trust"), "--port", str(port), "--poll-seconds", "3600",
-             "--cache", str(work / "cache")],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if node.poll() is not None:
-                    raise RuntimeError((work / "edge.log").read_text()[-2000:])
-                try:
-                    httpx.get(f"{url}/healthz", timeout=2)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("edge node did not start") from None
-                    time.sleep(0.5)
+        node = EdgeNodeProcess(
+            models=["bench"],
+            trust=work / "trust",
+            cache=work / "cache",
+            log_path=work / "edge.log",
+            registry=server.uri,
+            poll_seconds=3600,
+            env={"MLFLOW_TRACKING_URI": server.uri, "FEDLORA_EDGE_TOKEN": TOKEN},
+        )
+        with node:
+            url = node.url
             for _ in range(10):  # warm up
                 httpx.post(f"{url}/v1/predict", json={"texts": [TEXT]}, timeout=30)
 
@@ -211,10 +199,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             all_swap_rows = client.rows
             stages = _metric_sums(url)
             fresh_loads = int(stages.get("total", (0.0, 0.0))[1] - at_start.get("total", (0, 0))[1])
-        finally:
-            node.terminate()
-            node.wait(timeout=30)
-            log.close()
     release_dir = next((work / "cache" / "releases" / "bench").iterdir())
     adapter_bytes = sum(p.stat().st_size for p in release_dir.iterdir())
     direct = direct_forward_seconds(release_dir, repeats=max(30, args.requests // 4))

@@ -119,7 +119,8 @@ def run_federated(
     progress: Progress,
 ) -> dict[str, Any]:
     """Federated FFA-LoRA in a Flower simulation; central test accuracy every round."""
-    from server.settings import RunSettings, parse_overrides
+    from server.run_config import parse_overrides
+    from server.settings import RunSettings
     from server.simulation import SimSite, simulate
 
     settings = RunSettings.from_config(
@@ -424,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rescore is not None:
         return rescore(args.rescore)
-    from server.cli import progress_bars, quiet_libraries
+    from server.console import progress_bars, quiet_libraries
 
     quiet_libraries()
     from clients.task.data import Example, write_jsonl

@@ -35,7 +35,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -49,7 +48,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.console import Console
@@ -57,7 +55,6 @@ from rich.progress import Progress
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO / "tests" / "integration" / "flower_local.py"
 TARGET_OVERHEAD = 0.10  # overhead at most 10% of the round
 TARGET_BYTES_RATIO = 1.05  # upload at most 5% above the raw tensor bytes
 console = Console(stderr=True)
@@ -198,23 +195,7 @@ def run_simulation(
     }
 
 
-def load_harness() -> tuple[ModuleType | None, str]:
-    """Import tests/integration/flower_local.py by path; (None, why) when it cannot be."""
-    if not HARNESS.is_file():
-        return None, f"{HARNESS.relative_to(REPO)} does not exist"
-    try:
-        spec = importlib.util.spec_from_file_location("fedlora_flower_local", HARNESS)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-        spec.loader.exec_module(module)
-    except Exception as exc:  # a half-written helper must not stop the simulation numbers
-        return None, f"importing {HARNESS.relative_to(REPO)} failed: {exc!r}"
-    return module, ""
-
-
 def run_deployment(
-    harness: ModuleType,
     args: argparse.Namespace,
     sites: Sequence[Path],
     labels: Sequence[str],
@@ -224,15 +205,18 @@ def run_deployment(
     """One run on a local SuperLink and one SuperNode process per site, via ``flwr run``.
 
     Raises:
-        RuntimeError: If the federation does not start or the run does not complete.
+        HarnessError: If the federation does not start.
+        RuntimeError: If the run does not complete.
     """
     out = work / f"deploy-{len(sites)}"
     rounds = args.deployment_rounds
     bar = progress.add_task(
         f"deployment, {len(sites)} sites", total=rounds, status="starting SuperLink and SuperNodes"
     )
+    from server.harness.flower import LocalFederation, flwr_run, run_id_of
+
     started = time.perf_counter()
-    federation = harness.LocalFederation(
+    federation = LocalFederation(
         work / f"federation-{len(sites)}",
         [{"data-path": str(p), "site-id": p.stem} for p in sites],
         # Processes share the machine's cores: one thread each avoids oversubscription.
@@ -243,7 +227,7 @@ def run_deployment(
         startup = time.perf_counter() - started
         progress.update(bar, status=f"running (startup {startup:.0f}s)")
         try:
-            result = harness.flwr_run(
+            result = flwr_run(
                 REPO,
                 federation,
                 _run_config(args, len(sites), labels, out, rounds),
@@ -252,7 +236,7 @@ def run_deployment(
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"flwr run took over {args.deployment_timeout:.0f}s") from exc
-        status = federation.run_info(harness.run_id_of(result)).get("status")
+        status = federation.run_info(run_id_of(result)).get("status")
         if (
             result.returncode != 0
             or status != "finished:completed"
@@ -504,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every configuration, write ``bench_round[-TAG].json`` and ``.png``; 0 if on target."""
     args = build_parser().parse_args(argv)
-    from server.cli import progress_bars, quiet_libraries
+    from server.console import progress_bars, quiet_libraries
 
     quiet_libraries()
     from server.demo_data import generate
@@ -574,15 +558,12 @@ def _deployment(
     """Deployment Engine runs keyed by site count, or "not measured: <why>"."""
     if not args.deployment_sites:
         return "not measured: skipped (--deployment-sites '')"
-    harness, why = load_harness()
-    if harness is None:
-        return f"not measured: {why}"
     out: dict[str, Any] = {}
     # Every SuperNode is its own process set here: all sites train at once, sharing cores.
     cores = os.cpu_count() or 1
     for n in args.deployment_sites:
         try:
-            run = run_deployment(harness, args, site_paths[:n], labels, work, progress)
+            run = run_deployment(args, site_paths[:n], labels, work, progress)
         except Exception as exc:  # report why and keep the other numbers
             out[str(n)] = f"not measured: {n}-site run failed: {exc}"[:4000]
             continue

@@ -135,7 +135,7 @@ def bench_publish(size_mb: int, *, work: Path, repeats: int) -> dict[str, Any]:
     """Publish distinct adapters of ``size_mb`` to a real local mlflow server."""
     from registry.lifecycle import SigningKey, publish
     from registry.mlflow_store import MlflowStore
-    from tests.mlflow_local import MlflowServer
+    from server.harness.mlflow_server import MlflowServer
 
     keys = generate_keypair(work / "pkeys")
     times: list[float] = []

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.task.data import load_examples
 from clients.task.errors import ConfigError
+from clients.task.files import swap_directory, write_atomic
 from clients.task.model import (
     base_digest,
     build_model,
@@ -36,7 +37,7 @@ from registry.errors import KeyFileError
 from registry.keys import load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
-from server.checkpoint import CheckpointStore, write_atomic
+from server.checkpoint import CheckpointStore
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
@@ -186,19 +187,12 @@ def run_training(
 
 
 def _publish_adapter(loaded, out_dir: Path) -> Path:
-    """Save the adapter beside its final place, then swap it in with renames."""
+    """Save the adapter beside its final place, then swap it in."""
     final = out_dir / "adapter"
     staging = out_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(loaded, staging)
-    if final.exists():
-        old = out_dir / ".adapter.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)
+    swap_directory(staging, final)
     return final
 
 

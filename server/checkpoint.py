@@ -8,8 +8,8 @@ checkpoint, never a mix.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +17,10 @@ from typing import Any
 import numpy as np
 
 from clients.task.errors import ConfigError
+from clients.task.files import write_atomic
 
 # The server optimiser's state shares the round's npz (one atomic file) under this prefix.
 SERVER_STATE_PREFIX = "server-state::"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -51,14 +42,11 @@ class CheckpointStore:
     def save(self, checkpoint: Checkpoint) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"round-{checkpoint.completed_round}.npz"
-        tensors = self.directory / name
-        tmp = tensors.with_name(f".{name}.tmp.npz")
         arrays = dict(checkpoint.state)
         arrays.update({SERVER_STATE_PREFIX + k: v for k, v in checkpoint.server_state.items()})
-        np.savez(tmp, **arrays)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, tensors)
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        write_atomic(self.directory / name, npz.getvalue())
         meta = {
             "completed_round": checkpoint.completed_round,
             "tensors": name,

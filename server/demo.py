@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +12,10 @@ from typing import Any
 from rich.console import Console
 
 from clients.task.errors import FedloraError
+from server.console import round_table
 from server.demo_data import generate
+from server.harness.edge import EdgeNodeProcess
+from server.train import run_train
 
 DEMO_MODEL = "demo-intents"
 # The demo key is unencrypted; this variable is never set, so a passphrase the user keeps
@@ -46,17 +44,14 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _http(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def _http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return dict(json.loads(response.read()))
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(response.status), dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:  # /healthz answers 503 with the reasons
+        return int(exc.code), dict(json.loads(exc.read() or b"{}"))
 
 
 def ask_edge_node(
@@ -66,34 +61,24 @@ def ask_edge_node(
 
     The node is its own process, as on an edge machine: it pulls and verifies the release
     from the demo's registry before it answers.
+
+    Raises:
+        FedloraError: If the node does not start, or has nothing verified to serve.
     """
-    port = _free_port()
-    cmd = [sys.executable, "-m", "server.cli", "edge", "serve", "--model",
-           f"{DEMO_MODEL}@production", "--trust", str(trust), "--cache", str(cache),
-           "--registry", registry, "--port", str(port), "--poll-seconds", "3600"]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as fh:
-        node = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if node.poll() is not None:
-                raise FedloraError(f"the edge node exited; see {log}")
-            try:
-                health = _http(f"{url}/healthz")
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise FedloraError(f"the edge node did not start in 300 s; see {log}") from None
-                time.sleep(0.5)
-        answer = _http(f"{url}/v1/predict", {"texts": [text]})
-        return {"url": url, "health": health["status"], **answer}
-    finally:
-        node.terminate()
-        try:
-            node.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node.kill()
+    node = EdgeNodeProcess(
+        models=[f"{DEMO_MODEL}@production"],
+        trust=trust,
+        cache=cache,
+        log_path=log,
+        registry=registry,
+        poll_seconds=3600,
+    )
+    with node:
+        status, health = _http(f"{node.url}/healthz")
+        if status != 200:
+            raise FedloraError(f"the edge node serves nothing ({health}); see {log}")
+        _, answer = _http(f"{node.url}/v1/predict", {"texts": [text]})
+        return {"url": node.url, "health": health["status"], **answer}
 
 
 def _demo_keys(out: Path) -> tuple[Path, Path]:
@@ -113,7 +98,6 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     from registry.lifecycle import SigningKey, promote
     from registry.mlflow_store import MlflowStore
     from registry.policy import Policy
-    from server.cli import _round_table, run_train
 
     console = Console()
     if (out / "run").exists():  # the demo owns OUT: a re-run starts over, it never resumes
@@ -142,7 +126,7 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
     )
     plot = out / "metrics.png"
     plot_history(result.history, plot)
-    console.print(_round_table(result.history))
+    console.print(round_table(result.history))
     final = result.history[-1]
     console.print(
         f"final accuracy {final['accuracy']:.3f} on {eval_path.name} (chance {1 / len(labels):.3f})"

@@ -37,38 +37,75 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", action="append", required=True, metavar="NAME[@ALIAS]",
                        help="model to serve (alias default: production); repeatable")  # fmt: skip
     serve.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
-    serve.add_argument("--base", default=DEFAULT_BASE, metavar="PATH", help="base model")
-    serve.add_argument("--quantization", default="none", choices=("none", "4bit"))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--poll-seconds", type=float, default=30.0)
-    serve.add_argument("--cache", default=str(DEFAULT_CACHE), metavar="DIR")
-    serve.add_argument("--registry", metavar="URI", help="default: $MLFLOW_TRACKING_URI")
-    serve.add_argument("--max-epsilon", type=float, help="refuse releases with a larger ε")
-    serve.add_argument("--max-loaded", type=int, default=4, help="previous releases kept loaded")
     serve.add_argument(
-        "--threads", type=int, default=0, help="inference threads (0: half the cores)"
+        "--base", default=DEFAULT_BASE, metavar="PATH", help="base model (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "4bit"),
+        help="load the base in 4-bit NF4 or not (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument("--port", type=int, default=8080, help="HTTP port (default: %(default)s)")
+    serve.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=30.0,
+        help="seconds between checks of each alias (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--cache",
+        default=str(DEFAULT_CACHE),
+        metavar="DIR",
+        help="verified releases and the node's state (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--registry", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
+    )
+    serve.add_argument(
+        "--max-epsilon", type=float, help="refuse releases with a larger ε (default: no limit)"
+    )
+    serve.add_argument(
+        "--max-loaded",
+        type=int,
+        default=4,
+        help="previous releases kept loaded (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="inference threads, 0 is half the cores (default: %(default)s)",
     )
     serve.set_defaults(func=cmd_serve)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
-    pull.add_argument("ref", metavar="NAME@ALIAS")
-    pull.add_argument("--trust", required=True, metavar="DIR")
-    pull.add_argument("--out", required=True, metavar="DIR")
+    pull.add_argument("ref", metavar="NAME@ALIAS", help="the model and alias to pull")
+    pull.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
+    pull.add_argument(
+        "--out", required=True, metavar="DIR", help="where the verified PEFT directory goes"
+    )
     pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
-    pull.add_argument("--max-epsilon", type=float)
+    pull.add_argument(
+        "--max-epsilon", type=float, help="refuse a release with a larger ε (default: no limit)"
+    )
     pull.add_argument(
         "--state",
         default="~/.cache/fedlora/pull",
         metavar="DIR",
-        help="keeps the last verified release index (replay protection)",
+        help="keeps the last verified release index, for replay protection (default: %(default)s)",
     )
-    pull.add_argument("--registry", metavar="URI")
+    pull.add_argument(
+        "--registry", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
+    )
     pull.set_defaults(func=cmd_pull)
 
     verify = commands.add_parser("verify", help="verify a release directory offline")
-    verify.add_argument("directory", metavar="DIR")
-    verify.add_argument("--trust", required=True, metavar="DIR")
+    verify.add_argument("directory", metavar="DIR", help="the release directory")
+    verify.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
     verify.add_argument("--base", metavar="PATH", help="also check the base-model digest")
     verify.set_defaults(func=cmd_verify)
 

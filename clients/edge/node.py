@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,13 +27,13 @@ from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
+from clients.task.files import swap_directory, write_atomic
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
-from registry.pull import install
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class EdgeNode:
     def _install(self, model: str, directory: Path, digest: str) -> Path:
         home = self.settings.cache / "releases" / model / digest
         if not home.exists():
-            install(directory, home)
+            swap_directory(directory, home)
         return home
 
     def _state_path(self) -> Path:
@@ -229,12 +228,7 @@ class EdgeNode:
             "version": slot.active.version,
             "digest": slot.active.verified.digest,
         }
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(state, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        write_atomic(path, json.dumps(state, indent=2).encode())
 
     def _load_cached(self, slot: ModelSlot) -> None:
         """Serve the last accepted release of ``slot`` after accepting it again offline."""

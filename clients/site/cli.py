@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from clients.site.ledger import LEDGER_FILE
+from clients.site.ledger import budget_report
 from clients.task.data import TASKS, DataReport, scan_file
 from clients.task.errors import ConfigError
 
@@ -82,13 +82,13 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="re-initialise the ledger (needs --reason; default: only show it)",
     )
-    budget.add_argument("--reason", default="", help="why the ledger is reset (recorded)")
+    budget.add_argument("--reason", help="why the ledger is reset (recorded; needed by --reset)")
     budget.add_argument(
         "--spent",
         type=float,
         default=0.0,
         metavar="EPS",
-        help="ε already spent that the new ledger starts from (default 0)",
+        help="ε already spent that the new ledger starts from (default %(default)s)",
     )
     budget.set_defaults(func=cmd_site_budget)
 
@@ -113,13 +113,21 @@ def data_group(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--alpha", type=float, metavar="A", help="Dirichlet concentration, > 0")
     how.add_argument("--by", metavar="COLUMN", help="column whose values stay together")
     split.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    split.add_argument("--seed", type=int, default=0, help="seed of the Dirichlet draws")
-    split.add_argument("--label-column", default="label", help="label column (default: label)")
+    split.add_argument(
+        "--seed", type=int, default=0, help="seed of the Dirichlet draws (default: %(default)s)"
+    )
+    split.add_argument(
+        "--label-column", default="label", help="label column (default: %(default)s)"
+    )
     split.add_argument(
         "--force", action="store_true", help="replace OUT if it holds an earlier split"
     )
     split.add_argument(
-        "--min-per-site", type=int, default=1, metavar="K", help="fewest rows a site may get"
+        "--min-per-site",
+        type=int,
+        default=1,
+        metavar="K",
+        help="fewest rows a site may get (default: %(default)s)",
     )
     split.set_defaults(func=cmd_data_split)
 
@@ -220,48 +228,12 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
 # --- site budget ------------------------------------------------------------------------
 
 
-def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
-    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
-
-    Raises:
-        ConfigError: If the directory or its ledger is missing or unreadable.
-    """
-    if not state.is_dir():
-        raise ConfigError(f"--state {str(state)!r} is not a directory")
-    path = state / LEDGER_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} does not exist: this site has not trained with DP-SGD (a site with "
-            "max-epsilon needs one: fedlora site budget --state DIR --reset --reason ...)"
-        )
-    try:
-        ledger = json.loads(path.read_text())
-        runs = {
-            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
-            for run, e in ledger["runs"].items()
-        }
-        spent = float(ledger["total_epsilon"])
-        resets = list(ledger.get("resets", []))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
-    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
-    return {
-        "ledger": str(path),
-        "spent_epsilon": spent,
-        "spent_delta": sum(r["delta"] for r in runs.values()),
-        "max_epsilon": budget,
-        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
-        "runs": runs,
-        "resets": resets,
-    }
-
-
 def cmd_site_budget(args: argparse.Namespace) -> int:
     if args.reset:
         from clients.site.ledger import SiteLedger
 
-        SiteLedger.reset(Path(args.state), reason=args.reason, spent=args.spent)
-    elif args.reason or args.spent:
+        SiteLedger.reset(Path(args.state), reason=args.reason or "", spent=args.spent)
+    elif args.reason is not None or args.spent:
         raise ConfigError("--reason and --spent go with --reset")
     report = budget_report(Path(args.state), args.max_epsilon)
     if args.json:

@@ -23,9 +23,9 @@ Three properties keep the total honest:
   (`check_epsilon`): ε is finite and never negative, δ stays the run's, and the total
   never goes down.
 
-The file (``STATE/privacy-ledger.json``) is replaced atomically: written to a temporary
-file, fsynced, renamed over the old one, and the directory fsynced, so a kill at any
-point leaves either the old or the new ledger, never a torn one.
+The file (``STATE/privacy-ledger.json``) is replaced with `write_atomic` (temporary file,
+fsync, rename, fsync of the directory), so a kill at any point leaves either the old or
+the new ledger, never a torn one.
 
 A run's ε is accounted with RDP over all its DP-SGD steps (Opacus); runs compose by
 adding their ε (and δ), which is conservative. What the ledger cannot see: a copy of an
@@ -41,13 +41,13 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.files import write_atomic
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -285,7 +285,7 @@ class SiteLedger:
         }
 
     def save(self) -> None:
-        write_durably(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -300,21 +300,37 @@ def _lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
+    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
+
+    Raises:
+        ConfigError: If the directory or its ledger is missing or unreadable.
+    """
+    if not state.is_dir():
+        raise ConfigError(f"--state {str(state)!r} is not a directory")
+    path = state / LEDGER_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} does not exist: this site has not trained with DP-SGD (a site with "
+            "max-epsilon needs one: fedlora site budget --state DIR --reset --reason ...)"
+        )
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        ledger = json.loads(path.read_text())
+        runs = {
+            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
+            for run, e in ledger["runs"].items()
+        }
+        spent = float(ledger["total_epsilon"])
+        resets = list(ledger.get("resets", []))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
+    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
+    return {
+        "ledger": str(path),
+        "spent_epsilon": spent,
+        "spent_delta": sum(r["delta"] for r in runs.values()),
+        "max_epsilon": budget,
+        "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
+        "runs": runs,
+        "resets": resets,
+    }

@@ -32,6 +32,7 @@ import numpy as np
 
 from clients.task import data
 from clients.task.errors import ConfigError, DataError
+from clients.task.files import swap_directory
 
 # A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
 # near-feasible split succeeds while an impossible one (tiny alpha, few rows) still fails fast.
@@ -225,7 +226,7 @@ def _first_small(parts: Sequence[Sequence[int]], minimum: int) -> int | None:
 
 
 def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool) -> list[Path]:
-    """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then a rename.
+    """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then swapped in.
 
     With `force`, an existing `out` holding only an earlier split's ``site-*.jsonl`` files is
     replaced whole, so no stale site from a split into more sites is left behind.
@@ -245,13 +246,7 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
             with path.open("w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
             paths.append(out / path.name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.replace(old / out.name)
-            tmp.replace(out)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(out)
+        swap_directory(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

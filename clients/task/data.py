@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.task.errors import DataError
+from clients.task.files import write_atomic
 
 TASKS = ("sequence-classification", "causal-lm")
 SUFFIXES = (".jsonl", ".csv")
@@ -203,9 +204,6 @@ def labels_in(paths: Sequence[str | Path]) -> list[str]:
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    """Write rows as JSONL via a temporary file and a rename, so readers never see half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    """Write rows as JSONL with `write_atomic`, so readers never see half a file."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomic(path, text.encode("utf-8"))

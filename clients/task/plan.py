@@ -58,8 +58,12 @@ class TrainPlan:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
-        if self.site_dp_noise_multiplier > 0:
-            self.sample_dp()  # validates the site-dp fields
+        if self.site_dp_noise_multiplier != 0:  # a negative one is refused, not read as off
+            SampleDP(  # validates the site-dp fields
+                noise_multiplier=self.site_dp_noise_multiplier,
+                max_grad_norm=self.site_dp_max_grad_norm,
+                delta=self.site_dp_delta,
+            )
             if self.proximal_mu > 0:
                 raise ConfigError(
                     f"proximal-mu={self.proximal_mu!r} cannot be combined with "

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
 from server.demo_data import generate
-from tests.integration.flower_local import LocalFederation, flwr_run, run_id_of
+from server.harness.flower import LocalFederation, flwr_run, run_id_of
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from registry.lifecycle import SigningKey, add_signer, promote, publish, revoke,
 from registry.mlflow_store import MlflowStore
 from registry.policy import LocalPolicy, Policy
 from registry.pull import pull
+from server.harness.process import free_port
 from tests.conftest import PASSPHRASE, record_client_dp
-from tests.integration.flower_local import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from registry.errors import RegistryUnavailable
 from registry.keys import KeyPair, TrustStore
 from registry.mlflow_store import MlflowStore
 from registry.pull import pull
+from server.harness.mlflow_server import MlflowServer
 from tests.conftest import PASSPHRASE
-from tests.mlflow_local import MlflowServer
 
 pytestmark = pytest.mark.integration
 FEDLORA = str(Path(sys.executable).parent / "fedlora")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from clients.task.errors import ConfigError
-from server.settings import KEYS, RunSettings, parse_overrides
+from server.run_config import KEYS, parse_overrides
+from server.settings import RunSettings
 from strategies.fedavg import FedAvg, FedProx
 
 OK = {"labels": "a,b"}
@@ -143,3 +145,33 @@ def test_privacy_settings_reach_the_round_plan() -> None:
     secure = RunSettings.from_config({**SECURE, "update.max-norm": 3.0})
     assert secure.secagg is not None and secure.secagg.clipping_range == 3.0
     assert secure.plan(1).clip_norm == 3.0  # sites bound what the server cannot check
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"batch-size": 0}, "batch-size=0 must be >= 1"),  # a plan field, refused at build
+        ({"local-epochs": 0, "local-steps": 0}, "one of them must be >= 1"),
+        ({"site-dp.noise-multiplier": -1.0}, "site-dp.noise-multiplier=-1.0 must be >= 0"),
+        (
+            {"site-dp.noise-multiplier": 1.0, "proximal-mu": 0.1},
+            "proximal-mu=0.1 cannot be combined with site-dp.noise-multiplier",
+        ),
+        ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
+    ],
+)
+def test_site_side_fields_are_refused_when_the_settings_are_built(
+    config: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_config({**OK, **config})
+
+
+def test_settings_built_directly_check_the_same_cross_field_rules() -> None:
+    ok = RunSettings.from_config({**OK, "dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0})
+    with pytest.raises(ConfigError, match="min-available-clients=2 must be >= min-fit-clients=3"):
+        replace(ok, min_fit_clients=3)
+    with pytest.raises(ConfigError, match=r"dp\.clip-norm=0\.5 exceeds update\.max-norm=0\.25"):
+        replace(ok, max_norm=0.25)
+    with pytest.raises(ConfigError, match=r"dp\.clip-norm=-1\.0 must be > 0"):
+        replace(ok.client_dp, clip_norm=-1.0)  # the mechanism's own bound, checked once

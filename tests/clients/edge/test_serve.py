@@ -3,9 +3,6 @@ swap under load, registry-side attacks, registry outage and an offline restart."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,13 +28,12 @@ from registry.lifecycle import (
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.signing import sign_release
+from server.harness.edge import EdgeNodeProcess
+from server.harness.mlflow_server import MlflowServer
 from tests.conftest import PASSPHRASE, _training_output
-from tests.integration.flower_local import free_port
-from tests.mlflow_local import MlflowServer
 from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.integration
-FEDLORA = str(Path(sys.executable).parent / "fedlora")
 TOKEN = "edge-admin-token"
 
 
@@ -45,31 +41,19 @@ TOKEN = "edge-admin-token"
 def edge_node(
     *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
 ) -> Iterator[str]:
-    port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, FEDLORA_EDGE_TOKEN=TOKEN)
-    cmd = [FEDLORA, "edge", "serve", "--model", "intents", "--trust", str(trust),
-           "--base", str(base), "--port", str(port), "--poll-seconds", str(poll),
-           "--cache", str(cache)]  # fmt: skip
-    with log.open("ab") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "edge node did not start"
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    node = EdgeNodeProcess(
+        models=["intents"],
+        trust=trust,
+        cache=cache,
+        log_path=log,
+        registry=uri,
+        base=base,
+        poll_seconds=poll,
+        env={"MLFLOW_TRACKING_URI": uri, "FEDLORA_EDGE_TOKEN": TOKEN},
+        startup_timeout=180,
+    )
+    with node:
+        yield node.url
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float = 60) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.site.cli import budget_report
-from clients.site.ledger import LEDGER_FILE, LedgerMissing, SiteLedger
+from clients.site.ledger import LEDGER_FILE, LedgerMissing, SiteLedger, budget_report
 from clients.task.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]

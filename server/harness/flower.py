@@ -1,4 +1,4 @@
-"""A real Flower Deployment Engine on localhost, for integration tests.
+"""A Flower Deployment Engine on localhost: one SuperLink, one SuperNode per site, ``flwr run``.
 
 `LocalFederation` starts one ``flower-superlink`` and one ``flower-supernode`` per site as
 separate OS processes, exactly as an operator would on separate machines, and points the
@@ -15,46 +15,45 @@ Notes on Flower 1.41 that shape this module:
   9094); ``--clientappio-api-address`` is refused. Each SuperNode needs its own port.
 * Processes find ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` on
   ``PATH``, so the virtualenv's ``bin`` must be on it.
-* The SuperLink runs ``uv sync`` for the app's dependencies unless told not to; the test
+* The SuperLink runs ``uv sync`` for the app's dependencies unless told not to; the
   machine has everything installed and may be offline, so that is disabled.
+
+Usage::
+
+    nodes = [{"data-path": "site-1.jsonl", "site-id": "site-1"}, ...]
+    with LocalFederation(work, nodes) as federation:
+        result = flwr_run(app_dir, federation, {"num-server-rounds": 2}, timeout=600)
+        status = federation.run_info(run_id_of(result))["status"]
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import psutil  # a dependency of peft, so always installed with fedlora
+from server.harness.process import (
+    LOCALHOST,
+    HarnessError,
+    ManagedProcess,
+    free_port,
+    port_open,
+    stop_processes,
+)
 
-LOCALHOST = "127.0.0.1"
 DEFAULT_CONNECTION = "local-deploy"
-# Where the Flower executables live: beside the interpreter running the tests.
+# Where the Flower executables live: beside the running interpreter, in its virtualenv.
 VENV_BIN = Path(sys.executable).parent
+RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 ConfigValue = str | int | float | bool
-
-
-def free_port(host: str = LOCALHOST) -> int:
-    """Return a TCP port that is free on `host` right now.
-
-    The port is released before it is used, so another process could take it in
-    between; on a test machine that race is rare enough, and startup fails loudly.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def toml_value(value: ConfigValue) -> str:
@@ -83,106 +82,6 @@ def config_arg(config: Mapping[str, ConfigValue]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in config.items())
 
 
-def wait_for_port(
-    port: int, *, timeout: float, process: ManagedProcess, host: str = LOCALHOST
-) -> None:
-    """Block until something accepts TCP connections on `port`.
-
-    Raises:
-        RuntimeError: If `process` exits first or the port stays closed for `timeout` s.
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not process.alive:
-            raise RuntimeError(f"{process.name} exited with code {process.popen.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{process.name} did not open {host}:{port} within {timeout:.0f}s")
-
-
-@dataclass
-class ManagedProcess:
-    """A long-running child process whose stdout and stderr go to a log file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @classmethod
-    def start(
-        cls, name: str, args: Sequence[str], *, env: Mapping[str, str], log_path: Path
-    ) -> ManagedProcess:
-        """Start `args` with its output appended to `log_path`."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as log_file:
-            popen = subprocess.Popen(
-                list(args),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=dict(env),
-                # Own process group, so Ctrl-C in the terminal running pytest is not
-                # delivered to it directly: `stop` decides the shutdown order.
-                start_new_session=True,
-            )
-        return cls(name=name, popen=popen, log_path=log_path)
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, lines: int = 60) -> str:
-        """The last `lines` lines of the log, for failure reports."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(cannot read {self.log_path}: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def tree(self) -> list[psutil.Process]:
-        """This process and all its descendants now running (empty once it has exited).
-
-        SuperLink and SuperNode start SuperExec helpers, which start ServerApp and
-        ClientApp processes, some in sessions of their own; only while the parent lives
-        can they be traced to it.
-        """
-        if self.popen.poll() is not None:
-            return []  # reaped: its pid may already belong to someone else
-        try:
-            root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the process and its descendants; kill what outlives `timeout`."""
-        stop_processes([self], timeout)
-
-
-def stop_processes(processes: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
-    """SIGTERM every process tree, in the given order; SIGKILL what outlives `timeout`.
-
-    All trees are signalled before any is waited for, so shutdown takes the slowest
-    process's time rather than the sum.
-    """
-    trees = [proc for process in processes for proc in process.tree()]
-    for proc in trees:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-    _, survivors = psutil.wait_procs(trees, timeout=timeout)
-    for proc in survivors:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(survivors, timeout=5.0)
-    for process in processes:
-        # Reap our direct children, so they do not linger as zombies.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.popen.wait(timeout=5.0)
-
-
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a Flower process whose state lives under `flwr_home`.
 
@@ -196,7 +95,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
             "FLWR_HOME": str(flwr_home),
             # Processes spawn `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name.
             "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            # No calls home from a test: telemetry and the PyPI update check.
+            # No calls home: telemetry and the PyPI update check.
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
@@ -215,10 +114,12 @@ class LocalFederation:
 
     Args:
         workdir: Holds logs, the SuperLink database and each process's ``FLWR_HOME``.
-        node_configs: One ``--node-config`` mapping per SuperNode.
+        node_configs: One ``--node-config`` mapping per SuperNode; its ``site-id``, when
+            present, names the process and its log.
         connection: Name of the SuperLink connection written to the CLI's config.toml.
         site_env: Extra environment of the SuperNodes (and so of their ClientApps).
-        startup_timeout: Seconds to wait for ports to open and SuperNodes to register.
+        startup_timeout: Seconds to wait for each port to open and for the SuperNodes to
+            register.
     """
 
     def __init__(
@@ -256,13 +157,17 @@ class LocalFederation:
         """Start the SuperLink, then the SuperNodes; return when all SuperNodes are online.
 
         Raises:
-            RuntimeError: If a process dies or is not ready in time; the message holds
+            HarnessError: If a process dies or is not ready in time; the message holds
                 the tail of every log. All processes are stopped first.
         """
         try:
             self._write_cli_config()
             superlink = self._start_superlink()
-            wait_for_port(self.port, timeout=self.startup_timeout, process=superlink)
+            superlink.wait_ready(
+                lambda: port_open(self.port),
+                timeout=self.startup_timeout,
+                what=f"listening on {self.address}",
+            )
             for index, node_config in enumerate(self.node_configs, start=1):
                 self._start_supernode(index, node_config)
             self.wait_for_nodes(len(self.node_configs))
@@ -270,7 +175,7 @@ class LocalFederation:
             report = self.log_tails()
             self.stop()
             if isinstance(exc, Exception):
-                raise RuntimeError(f"local federation failed to start: {exc}\n{report}") from exc
+                raise HarnessError(f"local federation failed to start: {exc}\n{report}") from exc
             raise
         return self
 
@@ -323,7 +228,11 @@ class LocalFederation:
             str(runtime_port),
         ]
         process = self._spawn(name, args, flower_env(self.home(name), self.site_env))
-        wait_for_port(runtime_port, timeout=self.startup_timeout, process=process)
+        process.wait_ready(
+            lambda: port_open(runtime_port),
+            timeout=self.startup_timeout,
+            what=f"listening on {LOCALHOST}:{runtime_port}",
+        )
         return process
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> ManagedProcess:
@@ -355,22 +264,28 @@ class LocalFederation:
         """Block until `count` SuperNodes are online, so a run need not wait for them.
 
         Raises:
-            RuntimeError: If a process exits or fewer are online after `startup_timeout`.
+            HarnessError: If a process exits or fewer are online after `startup_timeout`.
         """
         deadline = time.monotonic() + self.startup_timeout
         while True:
             dead = [p.name for p in self.processes if not p.alive]
             if dead:
-                raise RuntimeError(f"process(es) exited during startup: {', '.join(dead)}")
+                raise HarnessError(f"process(es) exited during startup: {', '.join(dead)}")
             online = self.online_nodes()
             if online >= count:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {online} of {count} SuperNodes online")
+                raise HarnessError(
+                    f"only {online} of {count} SuperNodes online after {self.startup_timeout:.0f} s"
+                )
             time.sleep(1.0)
 
     def run_info(self, run_id: int) -> dict[str, Any]:
-        """The SuperLink's record of one run (``flwr ls --run-id``), e.g. its ``status``."""
+        """The SuperLink's record of one run (``flwr ls --run-id``), e.g. its ``status``.
+
+        Raises:
+            LookupError: If the SuperLink does not know the run.
+        """
         result = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
         runs = json.loads(result.stdout).get("runs", [])
         if not runs:
@@ -402,9 +317,6 @@ class LocalFederation:
         self.stop()
 
 
-RUN_ID = re.compile(r"Successfully started run (\d+)")
-
-
 def flwr_run(
     app_dir: Path,
     federation: LocalFederation,
@@ -417,7 +329,7 @@ def flwr_run(
 
     ``flwr run`` builds a FAB from `app_dir` (honouring its .gitignore), sends it to the
     SuperLink and, with ``--stream``, returns once the run has finished. Its exit code is
-    0 even when the ServerApp failed: check `run_id`'s status with
+    0 even when the ServerApp failed: check `run_id_of`'s status with
     `LocalFederation.run_info`.
 
     Args:

@@ -1,0 +1,155 @@
+"""Files and directories that readers never see half-written.
+
+`write_atomic` replaces one file: the data goes to a temporary file in the same directory,
+is fsynced, renamed over the target, and the directory is fsynced. A POSIX rename within
+a directory replaces the target atomically; the first fsync makes the data durable
+before the rename can be, the second makes the rename itself durable. So a crash or
+SIGKILL at any point leaves the old or the new file, never a torn one.
+
+`swap_directory` installs a whole directory at a path by two renames (the target aside,
+the new directory in) after fsyncing every file of the new one. A failure between the
+renames puts the old directory back; a kill between them leaves the old directory
+beside the target, and the next call on that target puts it back first. Leftovers of an
+interrupted call (a temporary file of a dead writer, a half-copied directory, the old
+directory of a finished swap) are removed by the next call on the same target.
+
+Usage::
+
+    write_atomic(state_dir / "ledger.json", json.dumps(ledger).encode())
+    swap_directory(staging / "adapter", out_dir / "adapter")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it, a new file) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
+
+    The temporary file is ``.<name>.<pid>.<random>.tmp`` beside ``path``: the same
+    directory, so the rename never crosses a file system; the writer's pid, so the next
+    call can tell a dead writer's leftover from a live writer's file and remove it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX
+    )
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+{re.escape(TMP_SUFFIX)}")
+    for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        match = pattern.fullmatch(leftover.name)
+        if match and not _alive(int(match.group(1))):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def swap_directory(new: Path, target: Path) -> None:
+    """Install directory ``new`` at ``target``; readers see the old or the new one, whole.
+
+    ``new`` is renamed into place when it is on ``target``'s file system; otherwise it is
+    first copied beside ``target`` (a rename cannot cross file systems) and stays where
+    it is. An existing ``target`` is replaced and removed.
+
+    Raises:
+        OSError: If a step fails; ``target`` then still holds the old directory (or
+            nothing, if there was none).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    aside, incoming = _aside(target), _incoming(target)
+    recover_directory(target)
+    if _same_file_system(new, target.parent):
+        staged = new
+    else:
+        shutil.copytree(new, incoming)
+        staged = incoming
+    _fsync_tree(staged)
+    if os.path.lexists(target):
+        os.rename(target, aside)
+        try:
+            os.rename(staged, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+    else:
+        os.rename(staged, target)
+    fsync_directory(target.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_directory(target: Path) -> None:
+    """Undo what an interrupted `swap_directory` on ``target`` left behind.
+
+    A kill between its two renames left the old directory aside and no ``target``: it
+    is put back. A kill after them left the old directory aside, and a kill while copying
+    left a partial copy: both are removed.
+    """
+    aside, incoming = _aside(target), _incoming(target)
+    if aside.exists():
+        if os.path.lexists(target):
+            shutil.rmtree(aside)
+        else:
+            os.rename(aside, target)
+            fsync_directory(target.parent)
+    if incoming.exists():
+        shutil.rmtree(incoming)
+
+
+def _same_file_system(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def _aside(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
+def _incoming(target: Path) -> Path:
+    return target.parent / f".{target.name}.incoming"
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under ``directory``, children before parents."""
+    for root, _dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            with open(Path(root) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_directory(Path(root))

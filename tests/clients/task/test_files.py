@@ -1,0 +1,163 @@
+"""The atomic file writer and the directory swap, including crashes between their steps.
+
+A crash between two system calls cannot be caused on purpose in a test, so those tests
+make ``os.replace``, ``os.rename`` or ``os.fsync`` raise at the step in question (the
+failure we cannot otherwise cause) or lay out on disk what a SIGKILL at that step
+leaves, and then check that readers see the old or the new content, never a mix.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clients.task import files
+from clients.task.files import recover_directory, swap_directory, write_atomic
+
+OLD = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"old weights"}
+NEW = {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": b"new weights!"}
+
+
+def _tree(directory: Path, content: dict[str, bytes]) -> Path:
+    directory.mkdir(parents=True)
+    for name, data in content.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def _content(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p != path)
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
+class Boom(Exception):
+    """Stands for a crash at one step."""
+
+
+def _fail_on_call(monkeypatch: pytest.MonkeyPatch, name: str, call: int) -> None:
+    """Make ``os.<name>`` raise on its ``call``-th use (1-based) and work otherwise."""
+    real = getattr(os, name)
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Boom(f"os.{name} call {call}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, flaky)
+
+
+# --- write_atomic ---------------------------------------------------------------------
+
+
+def test_write_atomic_creates_and_replaces_and_leaves_nothing_else(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "state.json"
+    write_atomic(path, b"one")
+    write_atomic(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert _siblings(path) == []
+
+
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_a_crash_inside_write_atomic_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    path = tmp_path / "ledger.json"
+    write_atomic(path, b'{"total": 1.0}')
+    _fail_on_call(monkeypatch, step, 1)
+    with pytest.raises(Boom):
+        write_atomic(path, b'{"total": 2.0, "runs": {}}')
+    assert path.read_bytes() == b'{"total": 1.0}'
+    assert _siblings(path) == []  # the temporary file went with the failure
+
+
+def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    dead = tmp_path / f".state.json.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    live = tmp_path / f".state.json.{os.getppid()}.def456{files.TMP_SUFFIX}"
+    other = tmp_path / f".other.json.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    for leftover in (dead, live, other):
+        leftover.write_bytes(b"half")
+    write_atomic(path, b"whole")
+    assert path.read_bytes() == b"whole"
+    assert not dead.exists() and live.exists() and other.exists()
+
+
+# --- swap_directory ---------------------------------------------------------------------
+
+
+def test_swap_installs_a_new_directory_and_replaces_an_old_one(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "adapter"
+    swap_directory(_tree(tmp_path / "out" / ".a.tmp", OLD), target)
+    assert _content(target) == OLD
+    staged = _tree(tmp_path / "out" / ".b.tmp", NEW)
+    swap_directory(staged, target)
+    assert _content(target) == NEW
+    assert not staged.exists()  # same file system: renamed, not copied
+    assert _siblings(target) == []
+
+
+def test_swap_from_another_file_system_copies_beside_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tmp_path is one file system; the check that tells them apart is made to say no.
+    target = _tree(tmp_path / "out" / "adapter", OLD)
+    source = _tree(tmp_path / "download" / "release", NEW)
+    monkeypatch.setattr(files, "_same_file_system", lambda a, b: False)
+    swap_directory(source, target)
+    assert _content(target) == NEW and _content(source) == NEW
+    assert _siblings(target) == []
+
+
+@pytest.mark.parametrize(
+    ("step", "call"),
+    [
+        ("fsync", 1),  # fsyncing the new files
+        ("rename", 1),  # moving the old directory aside
+        ("rename", 2),  # moving the new directory in
+    ],
+)
+def test_a_failure_inside_the_swap_keeps_the_old_directory_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, call: int
+) -> None:
+    target = _tree(tmp_path / "adapter", OLD)
+    staged = _tree(tmp_path / ".adapter.tmp", NEW)
+    _fail_on_call(monkeypatch, step, call)
+    with pytest.raises(Boom):
+        swap_directory(staged, target)
+    assert _content(target) == OLD
+
+
+def test_a_kill_between_the_renames_is_undone_by_the_next_call(tmp_path: Path) -> None:
+    # What a SIGKILL after "old aside" and before "new in" leaves: no target, the old
+    # directory aside, the staged one unused.
+    target = tmp_path / "adapter"
+    _tree(tmp_path / ".adapter.old", OLD)
+    recover_directory(target)
+    assert _content(target) == OLD
+    assert _siblings(target) == []
+
+
+def test_leftovers_of_a_finished_or_half_copied_swap_go_on_the_next_call(
+    tmp_path: Path,
+) -> None:
+    target = _tree(tmp_path / "adapter", OLD)
+    _tree(tmp_path / ".adapter.old", {"stale": b"from the swap before"})
+    _tree(tmp_path / ".adapter.incoming", {"adapter_config.json": b"{"})  # half a copy
+    swap_directory(_tree(tmp_path / "next", NEW), target)
+    assert _content(target) == NEW
+    assert _siblings(target) == []

@@ -1,0 +1,64 @@
+"""The ``fedlora`` parser tree: every option of every subcommand explains itself."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+import pytest
+
+from server.cli import build_parser
+
+# The entry points of pyproject.toml add site, data, keys, registry and edge.
+COMMANDS = {"train", "demo", "site", "data", "keys", "registry", "edge"}
+
+
+def _walk(
+    parser: argparse.ArgumentParser, path: str
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _walk(child, f"{path} {name}")
+
+
+def _arguments() -> list[tuple[str, argparse.Action]]:
+    out = []
+    for path, parser in _walk(build_parser(), "fedlora"):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            out.append((f"{path} {name}", action))
+    return out
+
+
+ARGUMENTS = _arguments()
+
+
+def test_the_walk_reaches_every_command_and_entry_point_command() -> None:
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(top.choices) == COMMANDS
+    assert any(path.startswith("fedlora edge serve --port") for path, _ in ARGUMENTS)
+    assert any(path.startswith("fedlora registry promote --alias") for path, _ in ARGUMENTS)
+
+
+@pytest.mark.parametrize(("path", "action"), ARGUMENTS, ids=[p for p, _ in ARGUMENTS])
+def test_every_argument_has_help_that_states_its_default(
+    path: str, action: argparse.Action
+) -> None:
+    assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, path
+    default = action.default
+    if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+        return
+    # Either argparse fills it in, or the text says "default" and names the value.
+    states = "%(default)s" in action.help or (
+        "default" in action.help and str(default) in action.help
+    )
+    assert states, f"{path}: help {action.help!r} does not state the default {default!r}"
+
+
+def test_every_help_page_renders() -> None:
+    for path, parser in _walk(build_parser(), "fedlora"):
+        assert parser.format_help(), path  # a stray % in a help text would raise here

@@ -1,0 +1,40 @@
+"""The run-config keys: defaults filled in, values typed, unknown keys refused with a hint."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.task.errors import ConfigError
+from server.run_config import KEYS, coerce, read_config, split_list
+
+
+def test_read_config_fills_every_default_and_types_the_given_values() -> None:
+    values = read_config({"learning-rate": 1, "labels": "a,b"})
+    assert set(values) == set(KEYS)
+    assert values["learning-rate"] == 1.0 and isinstance(values["learning-rate"], float)
+    assert values["labels"] == "a,b"
+    assert values["num-server-rounds"] == KEYS["num-server-rounds"][1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("batch-size", 16.0, "batch-size=16.0 must be an integer"),
+        ("batch-size", True, "batch-size=True must be an integer"),
+        ("resume", 1, "resume=1 must be true or false"),
+        ("task", 3, "task=3 must be a string"),
+    ],
+)
+def test_coerce_names_the_key_and_value(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        coerce(key, value)
+
+
+def test_an_unknown_key_without_a_close_one_gets_no_hint() -> None:
+    with pytest.raises(ConfigError, match=r"^unknown config key 'zzz'$"):
+        read_config({"zzz": 1})
+
+
+def test_split_list_drops_blanks() -> None:
+    assert split_list(" a, b,,c ,") == ("a", "b", "c")
+    assert split_list("") == ()

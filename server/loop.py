@@ -50,6 +50,7 @@ from strategies.bounded import cap_weights
 from strategies.errors import RoundFailed, UpdateRejected
 from strategies.protocol import (
     NO_REPLY,
+    NUM_EXAMPLES,
     SITE_DELTA,
     SITE_MAX_GRAD_NORM,
     SITE_NOISE_MULTIPLIER,
@@ -378,7 +379,12 @@ def _secure_mean(
         except IdentityRejected as exc:
             site = sites.identities.name(node)
             record.rejected_update(site, "identity", f"{exc}; named by its node")
-        update = SiteUpdate(site, {}, num_examples=weight, metrics=metrics)
+        # The weight is 1 under client-level DP; the site's claimed count is a metric.
+        count = metrics.get(NUM_EXAMPLES, weight)
+        if not (isinstance(count, int | float) and 0 < count <= MAX_EXAMPLES and count % 1 == 0):
+            record.rejected_update(site, "num-examples", f"num-examples={count!r}; weight used")
+            count = weight
+        update = SiteUpdate(site, {}, num_examples=int(count), metrics=metrics)
         try:
             checked = sites.checked_metrics(update)
         except UpdateRejected as exc:

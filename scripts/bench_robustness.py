@@ -133,22 +133,27 @@ def run(
 
 
 def verdict(results: dict[str, Any]) -> dict[str, Any]:
-    """The two targets, checked."""
+    """The two targets, checked (None where a run they need was not run)."""
     runs = results["runs"]
-    share = runs["bounded-attacked"]["max_hostile_share_x_fair"]
-    drop = runs["fedavg-honest"]["final_accuracy"] - runs["bounded-honest"]["final_accuracy"]
+
+    def of(name: str, key: str) -> Any:
+        return runs[name][key] if name in runs else None
+
+    share = of("bounded-attacked", "max_hostile_share_x_fair")
+    honest = (of("fedavg-honest", "final_accuracy"), of("bounded-honest", "final_accuracy"))
+    change = honest[1] - honest[0] if None not in honest else None
     return {
         "bounded_attacked_max_share_x_fair": share,
-        "fedavg_attacked_max_share_x_fair": runs["fedavg-attacked"]["max_hostile_share_x_fair"],
+        "fedavg_attacked_max_share_x_fair": of("fedavg-attacked", "max_hostile_share_x_fair"),
         "share_target_x_fair": SHARE_TARGET,
-        "share_on_target": share <= SHARE_TARGET,
-        "honest_accuracy_fedavg": runs["fedavg-honest"]["final_accuracy"],
-        "honest_accuracy_bounded": runs["bounded-honest"]["final_accuracy"],
-        "honest_accuracy_change": -drop,
+        "share_on_target": share is not None and share <= SHARE_TARGET,
+        "honest_accuracy_fedavg": honest[0],
+        "honest_accuracy_bounded": honest[1],
+        "honest_accuracy_change": change,
         "accuracy_tolerance": ACCURACY_TOLERANCE,
-        "accuracy_on_target": abs(drop) <= ACCURACY_TOLERANCE,
-        "attacked_accuracy_fedavg": runs["fedavg-attacked"]["final_accuracy"],
-        "attacked_accuracy_bounded": runs["bounded-attacked"]["final_accuracy"],
+        "accuracy_on_target": change is not None and abs(change) <= ACCURACY_TOLERANCE,
+        "attacked_accuracy_fedavg": of("fedavg-attacked", "final_accuracy"),
+        "attacked_accuracy_bounded": of("bounded-attacked", "final_accuracy"),
     }
 
 
@@ -168,6 +173,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     }
     fig, (share_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name in ("fedavg-attacked", "bounded-attacked"):
+        if name not in runs:
+            continue
         color, marker, line = styles[name]
         rows = runs[name]["rounds"]
         share_ax.plot(
@@ -188,6 +195,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     )
     share_ax.legend(fontsize=8)
     for name, (color, marker, line) in styles.items():
+        if name not in runs:
+            continue
         rows = runs[name]["rounds"]
         acc_ax.plot(
             [r["round"] for r in rows],
@@ -201,7 +210,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     acc_ax.legend(fontsize=8)
     for ax in (share_ax, acc_ax):
         ax.grid(alpha=0.3)
-        ax.set_xticks([r["round"] for r in runs["fedavg-honest"]["rounds"]])
+        ax.set_xticks([r["round"] for r in next(iter(runs.values()))["rounds"]])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -247,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--norm", type=float, default=999.0, help="the hostile update's L2 norm (< max-norm)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="comma-separated subset of the four runs (the targets need all four)",
+    )
     return p
 
 
@@ -254,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the four simulations, write ``bench_robustness[-TAG].json`` and ``.png``; 0 if
     both targets hold."""
     args = build_parser().parse_args(argv)
+    names = [n for n in args.runs.split(",") if n]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        console.print(f"error: --runs {unknown} not among {', '.join(RUNS)}")
+        return 2
     from server.console import quiet_libraries
     from server.demo_data import generate
 
@@ -283,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {},
     }
     try:
-        for name in RUNS:
+        for name in names:
             console.print(f"[bold]{name}[/bold]")
             results["runs"][name] = run(
                 name,
@@ -305,12 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(results, json_path.with_suffix(".png"))
     v = results["verdict"]
     console.print(
-        f"hostile share: bounded {v['bounded_attacked_max_share_x_fair']:.2f}× fair "
-        f"(FedAvg {v['fedavg_attacked_max_share_x_fair']:.2f}×; target ≤ {SHARE_TARGET}×); "
-        f"honest accuracy: FedAvg {v['honest_accuracy_fedavg']:.3f}, bounded "
-        f"{v['honest_accuracy_bounded']:.3f} (target within {ACCURACY_TOLERANCE}); "
-        f"attacked accuracy: FedAvg {v['attacked_accuracy_fedavg']:.3f}, bounded "
-        f"{v['attacked_accuracy_bounded']:.3f}; {results['total_wall_seconds']:.0f}s; {json_path}"
+        f"hostile share × fair: bounded {v['bounded_attacked_max_share_x_fair']}, FedAvg "
+        f"{v['fedavg_attacked_max_share_x_fair']} (target ≤ {SHARE_TARGET}); honest "
+        f"accuracy: FedAvg {v['honest_accuracy_fedavg']}, bounded "
+        f"{v['honest_accuracy_bounded']} (target within {ACCURACY_TOLERANCE}); attacked "
+        f"accuracy: FedAvg {v['attacked_accuracy_fedavg']}, bounded "
+        f"{v['attacked_accuracy_bounded']}; {results['total_wall_seconds']:.0f}s; {json_path}"
     )
     return 0 if v["share_on_target"] and v["accuracy_on_target"] else 1
 

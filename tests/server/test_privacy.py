@@ -94,3 +94,15 @@ def test_dp_max_epsilon_stops_the_run_on_an_epsilon_it_cannot_compare(after: flo
     )
     reason = privacy.stop_reason(3, 0.5)
     assert reason is not None and "before round 3" in reason
+
+
+def test_server_noise_comes_from_the_os_csprng() -> None:
+    from clients.task.secure_random import SecureRandom
+    from server.privacy import ClientPrivacy
+    from strategies.dp import ClientLevelDP, DifferentiallyPrivate
+    from strategies.fedavg import FedAvg
+
+    privacy = ClientPrivacy(ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0), PrivacyLedger(1e-5))
+    wrapped = privacy.wrap(FedAvg())
+    assert isinstance(wrapped, DifferentiallyPrivate) and isinstance(wrapped.rng, SecureRandom)
+    assert isinstance(DifferentiallyPrivate(FedAvg(), privacy.mechanism).rng, SecureRandom)

@@ -36,29 +36,26 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.identity import IdentityRejected, PinnedIdentities, SiteIdentities
-from server.privacy import ClientPrivacy, SampleLevelAccounts
+from server.privacy import ClientPrivacy
 from server.record import RoundRecord, weighted_mean
 from server.secagg import run_secure_round
 from server.settings import RunSettings
+from server.sites import RunSites
 from server.tracking import Tracker
 from strategies.bounded import cap_weights
 from strategies.errors import RoundFailed, UpdateRejected
 from strategies.protocol import (
     NO_REPLY,
     NUM_EXAMPLES,
-    SITE_DELTA,
-    SITE_MAX_GRAD_NORM,
-    SITE_NOISE_MULTIPLIER,
     EvaluateReply,
     Refusal,
     array_bytes,
     decode_evaluate,
-    decode_train,
     is_refusal,
     node_name,
     requests,
@@ -67,7 +64,7 @@ from strategies.protocol import (
 )
 from strategies.sampling import sample_sites, sample_size
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, Strategy
-from strategies.validation import MAX_EXAMPLES, validate_evaluation, validate_train_metrics
+from strategies.validation import MAX_EXAMPLES, validate_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +103,7 @@ def run_rounds(
     privacy = _client_privacy(settings, len(connected), history)
     strategy = settings.bounded(settings.strategy())
     strategy = privacy.wrap(strategy) if privacy else strategy
-    sites = _Sites(identities or PinnedIdentities(), settings, history)
+    sites = RunSites(identities or PinnedIdentities(), settings, history, plan=settings.plan(first))
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
         # Sample: seeded by the run and the round, so a resumed run asks what the original would.
@@ -120,8 +117,9 @@ def run_rounds(
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.
-        sites.plan = settings.plan(server_round)
-        plan = sites.plan.to_config() | strategy.client_config()
+        round_plan = settings.plan(server_round)
+        sites.start_round(round_plan)
+        plan = round_plan.to_config() | strategy.client_config()
         log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, k)
         try:
             outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
@@ -187,82 +185,6 @@ def _client_privacy(
     )
 
 
-class _Sites:
-    """What the server holds about the sites of this run, and how it judges their replies.
-
-    Binds each reply's site id to its node, checks its metrics against the round's plan,
-    and keeps what the sites trained on: the example counts (which bound their
-    evaluation counts) and the sample-level ε the plan gave each (server/privacy.py).
-    """
-
-    def __init__(
-        self, identities: SiteIdentities, settings: RunSettings, history: list[dict[str, Any]]
-    ) -> None:
-        self.identities = identities
-        self.settings = settings
-        self.plan = settings.plan(1)
-        self.examples: dict[str, int] = {}
-        self.accounts = (
-            SampleLevelAccounts.replay(settings.site_dp_delta, history)
-            if settings.site_dp_noise_multiplier > 0
-            else None
-        )
-
-    def train_update(self, reply: Message) -> SiteUpdate | Refusal:
-        """A plain train reply, its site bound to its node and its metrics checked.
-
-        Raises:
-            IdentityRejected: If the node may not speak for the site it names.
-            UpdateRejected: For a malformed reply or a metric out of range.
-        """
-        site = self.identities.bind(reply.metadata.src_node_id, sender(reply))
-        try:
-            decoded = decode_train(reply)
-        except ValueError as exc:
-            raise UpdateRejected("format", str(exc)) from exc
-        if isinstance(decoded, Refusal):
-            return Refusal(site, decoded.reason)
-        return replace(decoded, site=site, metrics=self.checked_metrics(decoded))
-
-    def checked_metrics(self, update: SiteUpdate) -> dict[str, float]:
-        """The update's metrics, validated against the plan (strategies/validation.py).
-
-        Raises:
-            UpdateRejected: With check ``metrics``.
-        """
-        n = update.num_examples
-        valid_count = isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_EXAMPLES
-        dp = self.plan.sample_dp()
-        return validate_train_metrics(
-            update.metrics,
-            max_steps=self.plan.steps_for(n) if valid_count else None,  # type: ignore[arg-type]
-            max_seconds=self.settings.round_timeout,
-            sample_dp=None
-            if dp is None
-            else {
-                SITE_NOISE_MULTIPLIER: dp.noise_multiplier,
-                SITE_MAX_GRAD_NORM: dp.max_grad_norm,
-                SITE_DELTA: dp.delta,
-            },
-        )
-
-    def trained(self, accepted: list[SiteUpdate]) -> dict[str, dict[str, float]]:
-        """Note the accepted sites' example counts; return their sample-level accounts."""
-        for update in accepted:
-            self.examples[update.site] = int(update.num_examples)  # type: ignore[call-overload]
-        if self.accounts is None:
-            return {}
-        return {
-            u.site: self.accounts.charge(
-                u.site,
-                noise_multiplier=self.plan.site_dp_noise_multiplier,
-                num_examples=int(u.num_examples),  # type: ignore[call-overload]
-                plan=self.plan,
-            )
-            for u in accepted
-        }
-
-
 def _train(
     grid: Grid,
     settings: RunSettings,
@@ -271,7 +193,7 @@ def _train(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
-    sites: _Sites,
+    sites: RunSites,
 ) -> RoundOutcome:
     """Send the round to the sampled sites; the strategy aggregates what comes back.
 
@@ -292,7 +214,7 @@ def _plain_updates(
     state: Tensors,
     plan: dict[str, Any],
     timeout: float,
-    sites: _Sites,
+    sites: RunSites,
 ) -> list[SiteUpdate]:
     """Send the global adapter to the sampled sites and judge their replies."""
     arrays = to_record(state)
@@ -333,7 +255,7 @@ def _secure_mean(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
-    sites: _Sites,
+    sites: RunSites,
 ) -> MeanUpdate:
     """One SecAgg+ round's mean update and who contributed to it.
 
@@ -401,7 +323,7 @@ def _federated_evaluate(
     state: Tensors,
     plan: dict[str, Any],
     record: RoundRecord,
-    sites: _Sites,
+    sites: RunSites,
 ) -> tuple[float | None, float | None] | None:
     """Weighted (loss, accuracy) of the global adapter on sites' held-out rows.
 

@@ -51,6 +51,15 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "robust.mode": (
+        str,
+        "auto",
+        "bound each site's weight and update norm by the round's median (strategies/"
+        "bounded.py): bounded, off, or auto (bounded in plain rounds; SecAgg+ rounds rely "
+        "on secagg.max-weight and secagg.clipping-range)",
+    ),
+    "robust.max-weight-ratio": (float, 2.0, "cap on a site's weight, x the median; 0 off"),
+    "robust.max-norm-ratio": (float, 1.0, "cap on a site's update norm, x the median; 0 off"),
     "server.optimizer": (str, "sgd", "sgd (FedAvg/FedAvgM), adam (FedAdam) or fedexp (FedExP)"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),

@@ -20,13 +20,16 @@ from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from server.run_config import read_config, split_list
 from server.selection import chosen_round
+from strategies.bounded import BoundedInfluence
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
 from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
+from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
+ROBUST_MODES = ("auto", "bounded", "off")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,24 @@ class ClientDPSettings:
         )
 
 
+def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
+    """The ``robust.*`` keys as (max weight ratio, max norm ratio); None when off."""
+    mode = v["robust.mode"]
+    if mode not in ROBUST_MODES:
+        raise ConfigError(f"robust.mode={mode!r} must be one of {', '.join(ROBUST_MODES)}")
+    if mode == "bounded" and secure:
+        raise ConfigError(
+            "robust.mode='bounded' needs single updates and cannot apply with "
+            "secagg.enabled=true (SecAgg+ reveals only the sum); use robust.mode='auto', "
+            "which relies on secagg.max-weight and secagg.clipping-range there"
+        )
+    ratios = (v["robust.max-weight-ratio"], v["robust.max-norm-ratio"])
+    BoundedInfluence(FedAvg(), max_weight_ratio=ratios[0], max_norm_ratio=ratios[1])  # validates
+    if mode == "off" or (mode == "auto" and secure) or ratios == (0.0, 0.0):
+        return None
+    return ratios
+
+
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
     """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
     if not v["secagg.enabled"]:
@@ -158,6 +179,8 @@ class RunSettings:
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
     keep_adapter: str = "best"
+    # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
+    robust: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -226,6 +249,10 @@ class RunSettings:
                 f"dp.clip-norm={self.client_dp.clip_norm!r} exceeds "
                 f"update.max-norm={self.max_norm!r}; the server would reject clipped updates"
             )
+        if self.robust is not None and self.secagg is not None:
+            raise ConfigError(
+                "robust.* bounds need single updates and cannot apply with secagg.enabled=true"
+            )
 
     @property
     def site_clip_norm(self) -> float:
@@ -244,8 +271,9 @@ class RunSettings:
         """
         v = read_config(config)
         client_dp = ClientDPSettings.from_values(v)
-        # What the sites clip to under SecAgg+ (`site_clip_norm`), the default clipping range.
-        site_clip = client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
+        secagg = _secagg(
+            v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
+        )
         return cls(
             rounds=v["num-server-rounds"],
             spec=ModelSpec(
@@ -288,12 +316,20 @@ class RunSettings:
             resume=v["resume"],
             publish=PublishSettings.from_values(v),
             client_dp=client_dp,
-            secagg=_secagg(v, site_clip=site_clip),
+            secagg=secagg,
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             keep_adapter=v["adapter.keep"],
+            robust=_robust(v, secure=secagg is not None),
         )
+
+    def bounded(self, strategy: Strategy) -> Strategy:
+        """``strategy`` wrapped in `BoundedInfluence` when ``robust.*`` asks for it."""
+        if self.robust is None:
+            return strategy
+        weight_ratio, norm_ratio = self.robust
+        return BoundedInfluence(strategy, max_weight_ratio=weight_ratio, max_norm_ratio=norm_ratio)
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""

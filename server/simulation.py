@@ -62,8 +62,13 @@ def simulate(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     cpus_per_site: float = 1.0,
+    client_app: str = CLIENT_APP,
 ) -> TrainingResult:
     """Run a training run with one simulated SuperNode per site.
+
+    Args:
+        client_app: The ClientApp's component reference (tests and benchmarks put
+            hostile sites in with one that wraps fedlora's).
 
     Raises:
         FedloraError: Whatever the run raised (bad config, failed round, ...).
@@ -100,7 +105,7 @@ def simulate(
 
     run_simulation(
         server_app=server_app,
-        client_app=load_component(CLIENT_APP),
+        client_app=load_component(client_app),
         num_supernodes=len(sites),
         backend_config={
             "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import random
 from dataclasses import replace
 
@@ -17,11 +16,12 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.site.ledger import SiteLedger
+from clients.site.ledger import SiteLedger, check_epsilon
 from clients.site.mods import TRAIN_MODS
 from clients.site.settings import SiteSettings
 from clients.task.data import Example, load_examples
-from clients.task.errors import BudgetRefused, ModelError
+from clients.task.dpsgd import site_epsilon
+from clients.task.errors import BudgetRefused, ConfigError, ModelError
 from clients.task.model import (
     LoadedModel,
     ModelSpec,
@@ -32,6 +32,7 @@ from clients.task.model import (
     trainable_state,
 )
 from clients.task.plan import TrainPlan
+from clients.task.secure_random import os_seed
 from clients.task.train import evaluate, train_local
 from strategies.protocol import (
     SitePrivacy,
@@ -95,14 +96,19 @@ def _prepare(
 def _charge_budget(
     site: SiteSettings, plan: TrainPlan, *, run: str, num_train: int
 ) -> SitePrivacy | None:
-    """Refuse a round past the site's budget, else charge it to the ledger *before* training.
+    """Refuse a round outside the site's privacy terms, else charge it *before* training.
+
+    The terms are the site admin's (clients/site/settings.py), never the plan's: the
+    plan's δ must be the site's, δ must be below ``1/num_train``, and with a budget the
+    ledger must exist and the round's total ε stay within ``max-epsilon``. Check and
+    charge run under the ledger's lock, so concurrent ClientApp processes of one site
+    cannot both spend the same remaining budget.
 
     Returns:
-        The sample-level privacy to report (None without DP-SGD).
+        The sample-level privacy the site states in its reply (None without DP-SGD).
 
     Raises:
-        BudgetRefused: With the reason, if the round would pass ``max-epsilon`` or the run
-            has no DP-SGD while the site has a budget.
+        BudgetRefused: With the reason.
     """
     dp = plan.sample_dp()
     if dp is None:
@@ -112,42 +118,74 @@ def _charge_budget(
                 "not train with sample-level DP (site-dp.noise-multiplier=0)"
             )
         return None
-    steps = plan.local_steps or plan.local_epochs * math.ceil(num_train / plan.batch_size)
+    if dp.delta != site.delta:
+        raise BudgetRefused(
+            f"site {site.site_id} states its ε at δ={site.delta} (node config delta); "
+            f"the plan asks site-dp.delta={dp.delta}"
+        )
+    if not site.delta < 1 / num_train:
+        raise BudgetRefused(
+            f"site {site.site_id}: δ={site.delta} is not below 1/n for its {num_train} "
+            "training rows (such a δ allows releasing a row outright)"
+        )
+    steps = plan.steps_for(num_train)
     rate = min(1.0, plan.batch_size / num_train)
-    if site.state_dir is None:
-        log.warning("site %s: no state-dir, so DP-SGD rounds are not recorded", site.site_id)
-        from clients.task.dpsgd import site_epsilon
-
-        run_eps = site_epsilon([(dp.noise_multiplier, rate, steps)], delta=dp.delta)
-    else:
-        ledger = SiteLedger.load(site.state_dir)
-        run_eps, total = ledger.epsilon_after(
-            run,
-            noise_multiplier=dp.noise_multiplier,
-            sampling_rate=rate,
-            steps=steps,
-            delta=dp.delta,
-        )
-        if site.max_epsilon is not None and total > site.max_epsilon:
-            raise BudgetRefused(
-                f"site {site.site_id} refuses round {plan.server_round}: its total ε would "
-                f"reach {total:.4g} > max-epsilon={site.max_epsilon} "
-                f"(spent {ledger.total_epsilon:.4g})"
+    try:
+        if site.state_dir is None:
+            log.warning("site %s: no state-dir, so DP-SGD rounds are not recorded", site.site_id)
+            run_eps = check_epsilon(
+                site_epsilon([(dp.noise_multiplier, rate, steps)], delta=dp.delta),
+                what=f"site {site.site_id}",
             )
-        ledger.max_epsilon = site.max_epsilon
-        ledger.charge(
-            run,
-            plan.server_round,
-            noise_multiplier=dp.noise_multiplier,
-            sampling_rate=rate,
-            steps=steps,
-            delta=dp.delta,
-        )
+        else:
+            budgeted = site.max_epsilon is not None
+            with SiteLedger.locked(site.state_dir, required=budgeted) as ledger:
+                run_eps, total = ledger.epsilon_after(
+                    run,
+                    noise_multiplier=dp.noise_multiplier,
+                    sampling_rate=rate,
+                    steps=steps,
+                    delta=dp.delta,
+                )
+                if site.max_epsilon is not None and not total <= site.max_epsilon:
+                    raise BudgetRefused(
+                        f"site {site.site_id} refuses round {plan.server_round}: its total ε "
+                        f"would reach {total:.4g} > max-epsilon={site.max_epsilon} "
+                        f"(spent {ledger.total_epsilon:.4g})"
+                    )
+                ledger.max_epsilon = site.max_epsilon
+                ledger.charge(
+                    run,
+                    plan.server_round,
+                    noise_multiplier=dp.noise_multiplier,
+                    sampling_rate=rate,
+                    steps=steps,
+                    delta=dp.delta,
+                )
+    except ConfigError as exc:  # missing or unreadable ledger, an invalid ε
+        why = f"site {site.site_id} refuses round {plan.server_round}: {exc}"
+        raise BudgetRefused(why) from exc
     return SitePrivacy(
         epsilon=run_eps,
         delta=dp.delta,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
+    )
+
+
+def _order(plan: TrainPlan, site: SiteSettings) -> torch.Generator:
+    """The generator of this round's batch order.
+
+    Without DP-SGD it is seeded by (run seed, round, site): reproducible, different
+    across sites. With DP-SGD it is seeded from the OS CSPRNG: the sampling rate in the
+    site's ε assumes nobody else knows which rows a step used, and the server knows
+    the run seed, the round and the site id.
+    """
+    if plan.sample_dp() is not None:
+        return torch.Generator().manual_seed(os_seed())
+    seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
+    return torch.Generator().manual_seed(
+        int.from_bytes(hashlib.sha256(seed_src).digest()[:8], "big") >> 1
     )
 
 
@@ -160,13 +198,8 @@ def train(message: Message, context: Context) -> Message:
     except BudgetRefused as exc:
         log.warning("%s", exc)
         return refusal_reply(message, site_id=site.site_id, reason=exc.detail)
-    # A generator per (run seed, round, site): reproducible, different across sites.
-    seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
-    generator = torch.Generator().manual_seed(
-        int.from_bytes(hashlib.sha256(seed_src).digest()[:8], "big") >> 1
-    )
     result = train_local(
-        loaded, train_examples, plan=plan, generator=generator, dp=plan.sample_dp()
+        loaded, train_examples, plan=plan, generator=_order(plan, site), dp=plan.sample_dp()
     )
     log.info(
         "site %s round %d: %d steps, loss %.4f, %.1fs",

@@ -61,9 +61,13 @@ def site_group(sub: argparse._SubParsersAction) -> None:
 
     budget = commands.add_parser(
         "budget",
-        help="show the site's spent and remaining privacy budget",
+        help="show the site's spent and remaining privacy budget, or re-initialise it",
         description="Read the site's privacy ledger (STATE/privacy-ledger.json) and show the "
-        "sample-level ε spent per run and in total, and what remains of max-epsilon.",
+        "sample-level ε spent per run and in total, and what remains of max-epsilon. "
+        "With --reset, write a new ledger instead: a site with max-epsilon refuses to "
+        "train until its ledger exists, so this is how a new site starts and how a lost "
+        "ledger is replaced; the reset, its reason and what the old ledger held are "
+        "recorded in the new one.",
     )
     budget.add_argument("--state", required=True, metavar="DIR", help="the site's state-dir")
     budget.add_argument(
@@ -73,6 +77,19 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         help="the budget to compare with (default: the one the site last trained under)",
     )
     budget.add_argument("--json", action="store_true", help="print a machine-readable report")
+    budget.add_argument(
+        "--reset",
+        action="store_true",
+        help="re-initialise the ledger (needs --reason; default: only show it)",
+    )
+    budget.add_argument("--reason", help="why the ledger is reset (recorded; needed by --reset)")
+    budget.add_argument(
+        "--spent",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="ε already spent that the new ledger starts from (default %(default)s)",
+    )
     budget.set_defaults(func=cmd_site_budget)
 
 
@@ -212,6 +229,12 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
 
 
 def cmd_site_budget(args: argparse.Namespace) -> int:
+    if args.reset:
+        from clients.site.ledger import SiteLedger
+
+        SiteLedger.reset(Path(args.state), reason=args.reason or "", spent=args.spent)
+    elif args.reason is not None or args.spent:
+        raise ConfigError("--reason and --spent go with --reset")
     report = budget_report(Path(args.state), args.max_epsilon)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -227,6 +250,14 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
         )
     out = Console()
     out.print(table)
+    for reset in report["resets"]:
+        before = reset.get("previous", {})
+        out.print(
+            Text(
+                f"reset {reset.get('at')}: {reset.get('reason')!r} (ledger was "
+                f"{before.get('state')}; opening ε {reset.get('opening_epsilon', 0.0):g})"
+            )
+        )
     out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))
     if report["max_epsilon"] is None:
         out.print(Text("no max-epsilon known; pass --max-epsilon to see what remains"))

@@ -8,6 +8,7 @@ every field, so a site never trains on a plan it has not checked.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -81,6 +82,10 @@ class TrainPlan:
                 f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "
                 f"not task={self.spec.task!r}"
             )
+
+    def steps_for(self, num_examples: int) -> int:
+        """Local optimiser steps a site with ``num_examples`` training rows takes."""
+        return self.local_steps or self.local_epochs * math.ceil(num_examples / self.batch_size)
 
     def sample_dp(self) -> SampleDP | None:
         """The DP-SGD settings of the round, or None without sample-level DP."""

@@ -90,9 +90,11 @@ def train_local(
         loaded: The model with the global adapter already loaded.
         examples: The site's training examples.
         plan: Epochs or steps, batch size, learning rate, proximal mu.
-        generator: Source of the shuffling order (injected for reproducibility).
+        generator: Source of the shuffling order (injected for reproducibility; under
+            DP-SGD the caller seeds it from the OS, see clients/site/app.py).
         on_step: Called with (step, total_steps) after each optimiser step.
-        dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py).
+        dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py);
+            its noise is always drawn from the OS CSPRNG, whatever ``generator`` is.
     """
     import time
 
@@ -111,7 +113,7 @@ def train_local(
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with (
         _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
-        private(model, optimizer, dp=dp, batch_size=plan.batch_size, generator=generator)
+        private(model, optimizer, dp=dp, batch_size=plan.batch_size)
         if dp is not None
         else contextlib.nullcontext((model, optimizer)) as (forward, opt),
     ):

@@ -64,19 +64,30 @@ def sending(
     *,
     examples: int = 10,
     loss: float = 0.5,
+    metrics: dict[str, float] | None = None,
+    evaluation: tuple[int, float, float] | None = None,
 ) -> Site:
-    """A site that replies with ``local(global tensors)`` as its trained tensors."""
+    """A site that replies with ``local(global tensors)`` as its trained tensors.
+
+    ``metrics`` replace or add train-reply metrics; ``evaluation`` is its
+    (count, loss, accuracy) claim when asked to evaluate.
+    """
 
     def reply(message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            count, eval_loss, accuracy = evaluation or (examples, loss, 0.5)
+            return evaluate_reply(
+                message, site_id=site_id, num_examples=count, loss=eval_loss, accuracy=accuracy
+            )
         reference, _ = read_request(message)
-        metrics = train_metrics(
+        claimed = train_metrics(
             num_examples=examples, loss=loss, seconds=0.01, steps=1, privacy=None
-        )
+        ) | (metrics or {})
         return train_reply(
             message,
             local=local(reference),
             reference=reference,
-            metrics=metrics,
+            metrics=claimed,
             site_id=site_id,
             weight=examples,
         )
@@ -160,6 +171,8 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         # FedAvg's example-weighted mean: what these tests work out by hand.
         "server.aggregate": "mean",
         "out-dir": str(tmp_path / "out"),
+        # FedAvg's own arithmetic; the tests of bounded influence set robust.mode.
+        "robust.mode": "off",
     }
     return RunSettings.from_config(config | extra)
 
@@ -332,6 +345,53 @@ def test_client_level_epsilon_stops_the_run_before_it_passes_max_epsilon(tmp_pat
     assert not np.allclose(state["layer.lora_B"], 0.01, atol=1e-4)
 
 
+def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(
+    tmp_path: Path,
+) -> None:
+    # Arrange: C = 0.5. Two sites move every one of the 9 coordinates by +0.01 (norm 0.03);
+    # a third skips its clip mod and moves them by 3.0: norm 9, under update.max-norm 10.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.01, examples=10),
+            2: honest("site-b", delta=0.01, examples=10),
+            3: sending("greedy", lambda ref: {k: v + np.float32(3.0) for k, v in ref.items()}),
+        }
+    )
+    settings = _settings(tmp_path, **{"dp.clip-norm": 0.5, "dp.noise-multiplier": 0.01})
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the greedy site counts as a norm of C: the mean moves by at most
+    # (0.03 + 0.03 + 0.5) / 3 ≈ 0.19, plus noise of std 0.01·0.5/3 per coordinate.
+    moved = np.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
+    assert moved < 0.2 and history[0]["site_ids"] == ["greedy", "site-a", "site-b"]  # by name
+
+
+def test_a_site_claiming_every_example_and_a_huge_update_does_not_become_the_model(
+    tmp_path: Path,
+) -> None:
+    # Arrange (the case the issue reports, share 0.99999 before): two sites move all 9
+    # coordinates by +0.1 (norm 0.3) with 10 and 20 examples; a third claims the largest
+    # count accepted (10^7) and moves them by -3.3 (norm 9.9, under update.max-norm 10).
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.1, examples=20),
+            3: sending(
+                "hostile",
+                lambda ref: {k: v - np.float32(3.3) for k, v in ref.items()},
+                examples=10**7,
+            ),
+        }
+    )
+    # Act: the default robust.mode (auto: bounded in plain rounds).
+    state, _, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"robust.mode": "auto"}))
+    # Assert: weight min(10^7, 2·20) = 40 and norm clipped to the median 0.3 (-0.1 a
+    # coordinate): (10·0.1 + 20·0.1 - 40·0.1) / 70 = -1/70, a share of 40/70 of the
+    # contributions, under twice the fair share of one site in three.
+    for value in state.values():
+        np.testing.assert_allclose(value, -1 / 70, rtol=1e-5)
+
+
 def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: Path) -> None:
     # Arrange: 3 of 6 sites a round, FedAvgM so the optimiser state must resume too.
     def sites() -> FakeGrid:
@@ -465,3 +525,143 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path: 
     # Assert: bit for bit the same tensors.
     for name in first:
         assert first[name].tobytes() == second[name].tobytes(), name
+
+
+def _plus(delta: float) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    return lambda ref: {k: v + np.float32(delta) for k, v in ref.items()}
+
+
+def test_a_node_cannot_speak_for_a_site_another_node_speaks_for(tmp_path: Path) -> None:
+    # Arrange: node 3 names itself site-a, which node 1 already is, and sends +9.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.3, examples=10),
+            3: sending("site-a", _plus(0.9), examples=10),
+        }
+    )
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"num-server-rounds": 2}))
+    # Assert: refused every round, with the reason; only the real site-a counts.
+    for row in history:
+        assert row["site_ids"] == ["site-a", "site-b"]
+        (rejection,) = row["rejections"]
+        assert (rejection["site"], rejection["check"]) == ("node-3", "identity")
+        assert "which node 1 speaks for" in rejection["detail"]
+    np.testing.assert_allclose(state["head"], 0.4, rtol=1e-5)  # two rounds of +0.2
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "detail"),
+    [
+        ({"train-loss": NAN}, "train-loss=nan is outside"),
+        ({"train-loss": -1.0}, "train-loss=-1.0 is outside"),
+        ({"train-seconds": float("inf")}, "train-seconds=inf is outside"),
+        ({"steps": 10**9}, "steps=1000000000.0 is outside [0, 1]"),  # the plan allows 1 step
+        ({"steps": 0.5}, "steps=0.5 is not an integer"),
+    ],
+)
+def test_a_reply_with_an_impossible_metric_is_rejected(
+    tmp_path: Path, metrics: dict[str, float], detail: str
+) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.1, examples=10),
+            3: sending("liar", _plus(0.1), metrics=metrics),
+        }
+    )
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"local-steps": 1}))
+    (row,) = history
+    (rejection,) = row["rejections"]
+    assert (rejection["site"], rejection["check"]) == ("liar", "metrics")
+    assert detail in rejection["detail"]
+    assert row["site_ids"] == ["site-a", "site-b"] and row["train_loss"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        (10**12, 0.01, 1.0),  # more rows than any site may report
+        (11, 0.01, 1.0),  # more rows than it trained on (10)
+        (10, NAN, 1.0),
+        (10, 0.01, 1.5),  # an accuracy above 1
+        (10, 0.01, NAN),
+    ],
+)
+def test_an_evaluation_claim_out_of_range_never_reaches_the_headline(
+    tmp_path: Path, claim: tuple[int, float, float]
+) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, accuracy=0.5),
+            2: honest("site-b", delta=0.1, examples=10, accuracy=0.7),
+            3: sending("boaster", _plus(0.1), examples=10, evaluation=claim),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0})
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    (row,) = history
+    assert row["federated_accuracy"] == pytest.approx(0.6) == row["accuracy"]
+    assert [(r["site"], r["check"]) for r in row["rejections"]] == [("boaster", "evaluation")]
+
+
+def test_an_in_range_evaluation_claim_weighs_at_most_twice_the_median(tmp_path: Path) -> None:
+    # Arrange: two sites evaluate 0.5 and 0.7 on 10 rows; a third trained on 10^6 rows
+    # and claims 1.0 on all of them (within what it trained on).
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, accuracy=0.5),
+            2: honest("site-b", delta=0.1, examples=10, accuracy=0.7),
+            3: sending("boaster", _plus(0.1), examples=10**6, evaluation=(10**6, 0.01, 1.0)),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0, "robust.mode": "auto"})
+    # Act
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: its count is capped at 2 × the median 10: (5 + 7 + 20) / 40 = 0.8.
+    assert history[0]["federated_accuracy"] == pytest.approx(0.8)
+
+
+SITE_DP = {"site-dp.noise-multiplier": 1.0, "site-dp.max-grad-norm": 1.0, "local-steps": 2}
+
+
+def _claiming(epsilon: float, **claims: float) -> dict[str, float]:
+    return {
+        "site-epsilon": epsilon,
+        "site-delta": 1e-5,
+        "site-noise-multiplier": 1.0,
+        "site-max-grad-norm": 1.0,
+    } | claims
+
+
+def test_sample_level_epsilon_is_the_servers_account_never_a_sites_claim(tmp_path: Path) -> None:
+    # Arrange: every site claims a tiny ε; site-c claims the plan's DP-SGD parameters
+    # wrongly, site-d states NaN ε.
+    grid = FakeGrid(
+        {
+            1: sending("site-a", _plus(0.1), examples=16, metrics=_claiming(0.01)),
+            2: sending("site-b", _plus(0.1), examples=64, metrics=_claiming(0.01)),
+            3: sending("site-c", _plus(0.1), metrics=_claiming(0.01, **{"site-delta": 0.5})),
+            4: sending("site-d", _plus(0.1), metrics=_claiming(NAN)),
+        }
+    )
+    settings = _settings(tmp_path, **SITE_DP, **{"batch-size": 4, "num-server-rounds": 2})
+    # Act
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the server's RDP account of 2 steps a round at rate 4/16 and 4/64.
+    from clients.task.dpsgd import site_epsilon
+
+    last = history[-1]["site_privacy"]
+    assert sorted(last) == ["site-a", "site-b"]
+    assert last["site-a"]["epsilon"] == pytest.approx(
+        site_epsilon([(1.0, 0.25, 2), (1.0, 0.25, 2)], delta=1e-5)
+    )
+    assert last["site-b"]["epsilon"] == pytest.approx(site_epsilon([(1.0, 1 / 16, 4)], delta=1e-5))
+    assert {(r["site"], r["check"]) for r in history[0]["rejections"]} == {
+        ("site-c", "metrics"),
+        ("site-d", "metrics"),
+    }

@@ -255,3 +255,20 @@ def test_split_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert code == 2
     assert "no.jsonl'doesnotexist" in _squeezed(capsys.readouterr().err)
+
+
+def test_site_budget_reset_initialises_and_records_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    assert main(["site", "budget", "--state", str(state), "--reset"]) == 2
+    assert "needs --reason" in capsys.readouterr().err
+    args = ["site", "budget", "--state", str(state), "--reset", "--reason", "disk replaced"]
+    assert main([*args, "--spent", "2.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spent_epsilon"] == 2.5 and report["runs"] == {}
+    assert [(r["reason"], r["previous"]["state"]) for r in report["resets"]] == [
+        ("disk replaced", "missing")
+    ]
+    assert main(["site", "budget", "--state", str(state)]) == 0
+    assert "disk replaced" in capsys.readouterr().out

@@ -137,6 +137,9 @@ def publish(
     if store.registered(model) is None:
         store.call("create model", lambda: store.client.create_registered_model(model))
     artifact_uri = store.call("look up run", lambda: store.client.get_run(run_id).info.artifact_uri)
+    # The version's files are the signed release; its run is the one that trained it.
+    trained = accepted.provenance.training.get("mlflow_run_id")
+    linked = store.link_training_run(trained, release=f"release-{release}")
     mv = store.call(
         "create model version",
         # The files are already uploaded, so the version is READY at once; MLflow's default
@@ -144,9 +147,10 @@ def publish(
         lambda: store.client.create_model_version(
             model,
             f"{artifact_uri}/release",
-            run_id=run_id,
+            run_id=linked[0] if linked else run_id,
             tags=_tags(accepted),
             await_creation_for=0,
+            model_id=linked[1] if linked else None,
         ),
     )
     entry = AliasEntry(

@@ -43,6 +43,7 @@ from strategies.errors import RoundFailed
 from strategies.protocol import (
     NO_REPLY,
     NUM_EXAMPLES,
+    EvaluateReply,
     Refusal,
     array_bytes,
     decode_evaluate,
@@ -117,12 +118,14 @@ def run_rounds(
         if privacy:
             record.privacy(privacy, rate)
         # Evaluate, record, checkpoint.
+        federated, site_evals = _federated_evaluate(grid, settings, nodes, state, plan)
         record.evaluated(
-            federated=_federated_evaluate(grid, settings, nodes, state, plan),
+            federated=federated,
             central=evaluator(state) if evaluator else None,
+            sites=site_evals,
         )
         history.append(record.finish())
-        tracker.log_round(server_round, record.metrics())
+        tracker.log_round(server_round, record.metrics(), sites=record.site_metrics())
         checkpoints.save(
             Checkpoint(
                 completed_round=server_round,
@@ -270,10 +273,11 @@ def _secure_mean(
 
 def _federated_evaluate(
     grid: Grid, settings: RunSettings, nodes: list[int], state: Tensors, plan: dict[str, Any]
-) -> tuple[float | None, float | None] | None:
-    """Example-weighted (loss, accuracy) of the global adapter on sites' held-out rows."""
+) -> tuple[tuple[float | None, float | None] | None, list[EvaluateReply]]:
+    """Example-weighted (loss, accuracy) of the global adapter on sites' held-out rows,
+    and each site's evaluation."""
     if settings.fraction_evaluate <= 0:
-        return None
+        return None, []
     k = sample_size(len(nodes), fraction=settings.fraction_evaluate, minimum=1)
     messages = requests(nodes[:k], to_record(state), plan, kind=MessageType.EVALUATE)
     results = []
@@ -289,4 +293,4 @@ def _federated_evaluate(
     return (
         weighted_mean([(r.loss, r.num_examples) for r in results]),
         weighted_mean([(r.accuracy, r.num_examples) for r in results]),
-    )
+    ), results

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.privacy import ClientPrivacy
-from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS, SitePrivacy
+from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS, EvaluateReply, SitePrivacy
 from strategies.strategy import RoundOutcome
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class RoundRecord:
     refusals: list[dict[str, str]] = field(default_factory=list)
     # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per site: what its accepted update says (examples, train-loss, train-seconds) and its
+    # evaluation of the new global adapter on its held-out rows (accuracy, loss, examples).
+    site_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_eval: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._started = time.perf_counter()  # not a field: no column of its own
@@ -90,6 +95,13 @@ class RoundRecord:
         self.max_site_train_seconds = max(
             (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
         )
+        self.site_train = {
+            u.site: {
+                "examples": float(u.num_examples),  # type: ignore[arg-type]
+                **{k: float(u.metrics[k]) for k in (TRAIN_LOSS, TRAIN_SECONDS) if k in u.metrics},
+            }
+            for u in outcome.accepted
+        }
         claims = {u.site: SitePrivacy.from_metrics(u.metrics) for u in outcome.accepted}
         self.site_privacy = {
             site: {
@@ -115,8 +127,14 @@ class RoundRecord:
         *,
         federated: tuple[float | None, float | None] | None,
         central: tuple[float, float] | None,
+        sites: Sequence[EvaluateReply] = (),
     ) -> None:
-        """(loss, accuracy) on the sites' held-out rows and on the central file."""
+        """(loss, accuracy) on the sites' held-out rows and on the central file; each
+        site's own evaluation."""
+        self.site_eval = {
+            r.site: {"accuracy": r.accuracy, "loss": r.loss, "eval-examples": r.num_examples}
+            for r in sites
+        }
         if federated is not None:
             self.federated_loss, self.federated_accuracy = federated
         if central is not None:
@@ -132,6 +150,14 @@ class RoundRecord:
         self.refused = len(self.refusals)
         self.seconds = time.perf_counter() - self._started
         return asdict(self)
+
+    def site_metrics(self) -> dict[str, dict[str, float]]:
+        """Per site, its numbers of the round (training and evaluation), for MLflow."""
+        out: dict[str, dict[str, float]] = {}
+        for per_site in (self.site_train, self.site_eval):
+            for site, values in per_site.items():
+                out.setdefault(site, {}).update(values)
+        return out
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""

@@ -53,7 +53,7 @@ def build_train_config(
     task_name = config.get("task", "sequence-classification")
     if task_name == "sequence-classification" and not config.get("labels"):
         files = [*sites, *([eval_file] if eval_file else [])]
-        config["labels"] = ",".join(labels_in(files))
+        config["labels"] = labels_in(files)  # a list: a label may hold commas
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config

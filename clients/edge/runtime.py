@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from clients.task.errors import ModelError
-from clients.task.model import base_digest, resolve_base
+from clients.task.model import base_digest, quantization_config, resolve_base
 from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,7 @@ class Runtime:
 
         kwargs: dict[str, Any] = {}
         if self.quantization == "4bit":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
+            kwargs["quantization_config"] = quantization_config(task)  # heads stay full
             kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
         tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         if task == "sequence-classification":

@@ -2,7 +2,7 @@
 
 Bad requests get a 4xx that says what is wrong and the process stays up; 503 means no
 verified release is loaded for the model, with the reason. The OpenAPI schema is at
-``/openapi.json`` and the docs at ``/docs``.
+``/openapi.json`` and the docs at ``/docs``, whose files the node serves itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from clients.edge.docs import serve_docs
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.runtime import LoadedRelease
 
@@ -91,7 +92,10 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         title="fedlora edge node",
         description="Serves verified, signed LoRA adapters; see GET /v1/adapters.",
         lifespan=lifespan,
+        docs_url=None,  # served from the node's own files, not a CDN (clients/edge/docs.py)
+        redoc_url=None,
     )
+    serve_docs(app)
     max_body = node.settings.max_items * node.settings.max_text_chars * 4 + 65536
 
     @app.middleware("http")

@@ -153,6 +153,8 @@ def publish(
             model_id=linked[1] if linked else None,
         ),
     )
+    if linked:
+        store.record_version(linked[1], model=model, version=str(mv.version))
     entry = AliasEntry(
         release=release, version=str(mv.version), digest=accepted.digest, key_id=accepted.key_id
     )

@@ -264,6 +264,20 @@ class MlflowStore:
             return None
         return training_run, logged.model_id
 
+    def record_version(self, model_id: str, *, model: str, version: str) -> None:
+        """Name the model version on its logged model (MLflow's ``mlflow.modelVersions``
+        tag, as ``mlflow.register_model`` sets it), so the training run's model shows it."""
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        def tag() -> None:
+            found = self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+            value = [*json.loads(found or "[]"), {"name": model, "version": version}]
+            self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(value)})
+
+        self.quietly(tag)
+
     def versions(self, model: str) -> list[Any]:
         found = self.call(
             f"list versions of {model!r}",

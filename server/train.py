@@ -68,8 +68,11 @@ def run_train(
     task: str | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    verbose: bool = False,
 ):
     """Validate everything, then run a local simulation with a progress bar.
+
+    ``verbose`` forwards the simulated sites' output and Flower's debug log.
 
     Returns:
         The simulation's `TrainingResult` (adapter, metrics, MLflow run, history).
@@ -104,5 +107,7 @@ def run_train(
                 status=f"acc {acc}, {record.sites} sites, {record.rejected} rejected",
             )
 
-        result = simulate(settings, [SimSite(p.stem, p) for p in sites], on_round=on_round)
+        result = simulate(
+            settings, [SimSite(p.stem, p) for p in sites], on_round=on_round, verbose=verbose
+        )
     return result

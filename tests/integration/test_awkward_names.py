@@ -80,7 +80,8 @@ def test_labels_survive_check_config_training_mlflow_provenance_and_the_edge(
     arg = next(line for line in printed.splitlines() if "--run-config" in line)
     (word,) = shlex.split(arg.split("--run-config", 1)[1])
     overrides = parse_config_args([word])
-    line = next(line.strip() for line in printed.splitlines() if line.strip().startswith("labels"))
+    lines = [line.strip() for line in printed.splitlines()]
+    line = next(line for line in lines if line.startswith("labels = "))
     assert parse_label_set(tomllib.loads(line)["labels"]) == tuple(sorted(LABELS))
 
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -43,6 +43,7 @@ def test_four_bit_trains_federated_and_serves_at_the_edge(
     settings = RunSettings.from_config(
         {
             "task": task,
+            "labels": ["book", "cancel"] if task == "sequence-classification" else "",
             "base-model": str(base),
             "quantization": "4bit",
             "num-server-rounds": 1,

@@ -239,6 +239,9 @@ def main(grid: Grid, context: Context) -> None:
     flwr_log = logging.getLogger("flwr")
     if not any(isinstance(f, OneLineRefusal) for f in flwr_log.filters):
         flwr_log.addFilter(OneLineRefusal())
+    # Flower prints its records with its own handler; opacus gives the root logger a second
+    # one when it is imported (logging.basicConfig), so Flower's lines would show twice.
+    flwr_log.propagate = False
     config = dict(context.run_config)
     values = read_config(config)
     if values["task"] == "sequence-classification" and not parse_label_set(values["labels"]):

@@ -17,7 +17,7 @@ from clients.task.errors import DataError
 from clients.task.model import LoadedModel, ModelSpec, build_model, quiet_transformers
 from clients.task.plan import TrainPlan
 from clients.task.text import unencodable
-from clients.task.train import evaluate, train_local
+from clients.task.train import encode, evaluate, train_local
 
 CLS = "sequence-classification"
 
@@ -152,6 +152,46 @@ def _trains_and_evaluates(loaded: LoadedModel, path: Path, *, labels: tuple | No
     return True
 
 
+@pytest.fixture(scope="module")
+def tokenizers(tiny_bert: Path, tiny_llama: Path) -> list[LoadedModel]:
+    """The models' tokenizers alone: `encode` is where a text meets the tokenizer."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    specs = [
+        ModelSpec(base=str(tiny_bert), labels=("a", "b")),
+        ModelSpec(base=str(tiny_llama), task="causal-lm"),
+    ]
+    return [
+        LoadedModel(spec, None, AutoTokenizer.from_pretrained(spec.base), torch.device("cpu"))
+        for spec in specs
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=any_text)
+def test_what_site_check_accepts_the_tokenizers_encode(
+    tokenizers: list[LoadedModel], tmp_path_factory, text: str
+) -> None:
+    """The fast half of the equivalence below, over many more texts: every row site check
+    accepts goes through the tokenizer as training and evaluation call it."""
+    path = tmp_path_factory.mktemp("encode") / "site.jsonl"
+    for loaded in tokenizers:
+        rows = (
+            [{"text": text, "label": "a"}]
+            if loaded.spec.task == "sequence-classification"
+            else [{"prompt": text, "response": " ok"}, {"text": text}]
+        )
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        report = scan_file(path, task=loaded.spec.task, labels=loaded.spec.labels or None)
+        if report.examples:
+            encode(loaded, report.examples, max_length=16)
+        for problem in report.problems:
+            assert problem.startswith("site.jsonl:"), problem
+            assert not text.strip() or unencodable(text), problem
+
+
+@pytest.mark.integration  # trains a step per example: about half a minute
 @settings(max_examples=60, deadline=None)
 @given(text=any_text)
 def test_site_check_accepts_a_text_iff_training_and_evaluation_do(

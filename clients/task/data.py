@@ -186,7 +186,8 @@ def _csv_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object
     delimiter = _delimiter(line)
     reader = csv.reader((text for text, _ in lines[first:]), delimiter=delimiter)
     columns = _columns(next(reader))
-    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    # Unnamed columns (trailing separators, as spreadsheets write them) are left out.
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
     if repeated:
         yield first + 1, BadRow(f"the header names column(s) {repeated} more than once")
         return
@@ -214,7 +215,7 @@ def _csv_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object
             why = f"{'more' if more else 'fewer'} cells than the header"
             yield start, BadRow(f"{why} ({len(cells)}, not {len(columns)}){hint}")
         else:
-            yield start, dict(zip(columns, cells, strict=True))
+            yield start, {c: v for c, v in zip(columns, cells, strict=True) if c}
 
 
 def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:

@@ -240,6 +240,7 @@ ROWS_JSONL = '{"text": "hello", "label": "greet"}\r\n{"text": "bye, now", "label
         ("tabs.csv", b"text\tlabel\nhello\tgreet\nbye, now\tleave\n"),
         ("upper.csv", b'Text , LABEL\nhello,greet\n"bye, now",leave\n'),
         ("old-mac.csv", b'text,label\rhello,greet\r"bye, now",leave\r'),
+        ("trailing-columns.csv", b'text,label,,\nhello,greet,,\n"bye, now",leave,,\n'),
         ("empty-rows.csv", b'text,label\r\nhello,greet\r\n,\r\n"bye, now",leave\r\n,\r\n'),
         (
             "unicode-text.csv",

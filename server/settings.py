@@ -20,6 +20,7 @@ from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from server.run_config import KEYS, param_value, read_config, split_list
+from server.selection import chosen_round
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
 from strategies.sampling import sample_size
@@ -137,6 +138,7 @@ class RunSettings:
     max_length: int
     proximal_mu: float
     fedrs_alpha: float
+    fedlc_tau: float
     fraction_train: float
     fraction_evaluate: float
     min_fit_clients: int
@@ -156,6 +158,7 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    keep_adapter: str = "best"
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -177,6 +180,7 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={self.on_round_failure!r} must be stop or skip")
         if not self.max_norm > 0:
             raise ConfigError(f"update.max-norm={self.max_norm!r} must be > 0")
+        chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.eval_file is not None and not self.eval_file.is_file():
             raise ConfigError(f"eval-file={str(self.eval_file)!r} does not exist")
         # The sites' fields and their combinations (local-epochs or local-steps, site-dp.*,
@@ -207,6 +211,12 @@ class RunSettings:
                 )
 
     def _check_privacy(self) -> None:
+        if self.secagg is not None and self.server_optimizer.needs_spread:
+            raise ConfigError(
+                f"server.optimizer={self.server_optimizer.kind!r} cannot be combined with "
+                "secagg.enabled=true: its step size needs each site's update norm, and "
+                "SecAgg+ shows the server only the sum of the updates"
+            )
         if self.secagg is not None and self.secagg.clipping_range < self.site_clip_norm:
             raise ConfigError(
                 f"secagg.clipping-range={self.secagg.clipping_range!r} does not cover the "
@@ -258,6 +268,7 @@ class RunSettings:
             max_length=v["max-length"],
             proximal_mu=v["proximal-mu"],
             fedrs_alpha=v["fedrs.alpha"],
+            fedlc_tau=v["fedlc.tau"],
             fraction_train=v["fraction-train"],
             fraction_evaluate=v["fraction-evaluate"],
             min_fit_clients=v["min-fit-clients"],
@@ -269,6 +280,7 @@ class RunSettings:
                 kind=v["server.optimizer"],
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
+                aggregate=v["server.aggregate"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
             out_dir=Path(v["out-dir"]).expanduser(),
@@ -281,17 +293,28 @@ class RunSettings:
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            keep_adapter=v["adapter.keep"],
         )
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""
+        weighting = "uniform" if self.uniform_weight else "examples"
         if self.proximal_mu > 0:
             return FedProx(
                 max_norm=self.max_norm,
                 min_fit_clients=self.min_fit_clients,
+                weighting=weighting,
                 proximal_mu=self.proximal_mu,
             )
-        return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
+        return FedAvg(
+            max_norm=self.max_norm, min_fit_clients=self.min_fit_clients, weighting=weighting
+        )
+
+    @property
+    def uniform_weight(self) -> bool:
+        """Every site's update weighs the same: under client-level DP (the sensitivity
+        bound needs it) and when the server sums updates (``server.aggregate``)."""
+        return self.client_dp is not None or self.server_optimizer.aggregate != "mean"
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites, with the base model's digest."""
@@ -309,8 +332,9 @@ class RunSettings:
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
             fedrs_alpha=self.fedrs_alpha,
+            fedlc_tau=self.fedlc_tau,
             clip_norm=self.site_clip_norm,
-            uniform_weight=self.client_dp is not None,
+            uniform_weight=self.uniform_weight,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
@@ -356,6 +380,7 @@ class RunSettings:
             "max-length": self.max_length,
             "proximal-mu": self.proximal_mu,
             "fedrs.alpha": self.fedrs_alpha,
+            "fedlc.tau": self.fedlc_tau,
             "fraction-train": self.fraction_train,
             "fraction-evaluate": self.fraction_evaluate,
             "min-fit-clients": self.min_fit_clients,
@@ -367,6 +392,7 @@ class RunSettings:
             "tracking-uri": self.tracking_uri,
             "experiment": self.experiment,
             "resume": self.resume,
+            "adapter.keep": self.keep_adapter,
             "lora.r": spec.lora_r,
             "lora.alpha": spec.lora_alpha,
             "lora.dropout": spec.lora_dropout,
@@ -375,6 +401,7 @@ class RunSettings:
             "server.optimizer": opt.kind,
             "server.learning-rate": opt.learning_rate,
             "server.momentum": opt.momentum,
+            "server.aggregate": opt.aggregate,
             "registry.model-name": pub.model_name if pub else "",
             "registry.signing-key": str(pub.signing_key) if pub else "",
             "registry.passphrase-env": pub.passphrase_env

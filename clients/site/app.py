@@ -36,6 +36,7 @@ from clients.task.train import evaluate, train_local
 from strategies.protocol import (
     SitePrivacy,
     evaluate_reply,
+    no_evaluation_reply,
     plan_config,
     read_request,
     refusal_reply,
@@ -57,13 +58,16 @@ def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
 def _data(
     site: SiteSettings, task: str, labels: tuple[str, ...]
 ) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples; the split is fixed per site id."""
+    """(train, held-out) examples; the split is fixed per site id.
+
+    A site too small to hold a row out at its ``eval-fraction`` (9 rows at 10%) trains on
+    everything and has no held-out rows: it reports no evaluation rather than an accuracy
+    on its own training rows.
+    """
     examples = load_examples(site.data_path, task=task, labels=labels or None)
     order = list(range(len(examples)))
     random.Random(site.site_id).shuffle(order)
     n_eval = int(len(examples) * site.eval_fraction)
-    if n_eval == 0 or n_eval == len(examples):
-        return examples, examples
     held = [examples[i] for i in order[:n_eval]]
     return [examples[i] for i in order[n_eval:]], held
 
@@ -191,7 +195,15 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(message: Message, context: Context) -> Message:
     site, plan, loaded, _ = _prepare(message, context)
-    _, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    train_examples, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    if not held_out:
+        # No number at all beats a number measured on training rows (it would pass gates).
+        reason = (
+            f"site {site.site_id} has no held-out rows ({len(train_examples)} rows, "
+            f"eval-fraction {site.eval_fraction}): no evaluation"
+        )
+        log.info("%s", reason)
+        return no_evaluation_reply(message, site_id=site.site_id, reason=reason)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
     return evaluate_reply(
         message,

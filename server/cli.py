@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task=args.task,
         overrides=parse_overrides(args.set or []),
         resume=args.resume,
+        verbose=args.verbose,
     )
     out = Console()
     out.print(round_table(result.history))
@@ -48,7 +49,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
-    return run_demo(out=Path(args.out), sites=args.sites, rounds=args.rounds, seed=args.seed)
+    return run_demo(
+        out=Path(args.out),
+        sites=args.sites,
+        rounds=args.rounds,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
+
+
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' logs and warnings (Flower, Ray, MLflow; default: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint (default: off)"
     )
+    _verbose_arg(train)
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="synthetic multi-site demo on the packaged MiniLM")
@@ -97,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the data and the run (default: %(default)s)"
     )
+    _verbose_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
     for entry in sorted(entry_points(group="fedlora.commands"), key=lambda e: e.name):
@@ -107,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    quiet_libraries()
+    quiet_libraries(verbose=getattr(args, "verbose", False))
     try:
         return int(args.func(args) or 0)
     except FedloraError as exc:

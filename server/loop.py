@@ -161,7 +161,7 @@ def run_rounds(
         if evaluator is not None and not record.skipped:
             best.observe(server_round, record.central_accuracy, state)
         history.append(record.finish())
-        tracker.log_round(server_round, record.metrics())
+        tracker.log_round(server_round, record.metrics(), sites=record.site_metrics())
         tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
             Checkpoint(

@@ -61,6 +61,10 @@ class RoundRecord:
     # Sample-level DP: per site, the (ε, δ) the server accounts for its DP-SGD this run
     # (server/privacy.py) and this round's parameters; never a site's own claim.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per site: what its accepted update says (examples, train-loss, train-seconds) and its
+    # evaluation of the new global adapter on its held-out rows (accuracy, loss, examples).
+    site_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     # What `accuracy`/`loss` were measured on (`headline_source`), how many sites sent a
     # federated evaluation, and the sites that hold no rows out (with their reason).
     headline: str = ""
@@ -107,6 +111,13 @@ class RoundRecord:
             (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
         )
         self.shares = dict(outcome.shares)
+        self.site_train = {
+            u.site: {
+                "examples": float(u.num_examples),  # type: ignore[arg-type]
+                **{k: float(u.metrics[k]) for k in (TRAIN_LOSS, TRAIN_SECONDS) if k in u.metrics},
+            }
+            for u in outcome.accepted
+        }
 
     def privacy(self, privacy: ClientPrivacy, sampling_rate: float) -> None:
         """The client-level (ε, δ) spent so far; a skipped round released nothing."""
@@ -138,6 +149,10 @@ class RoundRecord:
                 if isinstance(r, NoEvaluation)
             ]
             self.evaluated_sites = len(results)
+            self.site_eval = {
+                r.site: {"accuracy": r.accuracy, "loss": r.loss, "eval-examples": r.num_examples}
+                for r in results
+            }
             weights = (
                 cap_weights([r.num_examples for r in results], ratio=max_weight_ratio)
                 if results
@@ -166,6 +181,14 @@ class RoundRecord:
         self.refused = len(self.refusals)
         self.seconds = time.perf_counter() - self._started
         return asdict(self)
+
+    def site_metrics(self) -> dict[str, dict[str, float]]:
+        """Per site, its numbers of the round (training and evaluation), for MLflow."""
+        out: dict[str, dict[str, float]] = {}
+        for per_site in (self.site_train, self.site_eval):
+            for site, values in per_site.items():
+                out.setdefault(site, {}).update(values)
+        return out
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,11 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SITE_ID = "site-id"  # in the "site" record; in a FitRes' metrics under SecAgg+
+# What a site id may be, on both sides (the site refuses to start with another, the server
+# rejects a reply claiming one): printable, no whitespace or control characters, short,
+# since it ends up in logs, metric names and file names.
+SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}")
+SITE_ID_RULE = "1-64 characters of letters, digits and ._:@+- starting with a letter or digit"
 REFUSAL = "refusal"
 REASON = "reason"
 # An evaluate reply from a site that holds no rows out: no number instead of one measured

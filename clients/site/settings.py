@@ -22,6 +22,7 @@ from typing import Any
 
 from clients.task.errors import ConfigError
 from clients.task.plan import SIM_SITES_ENV
+from strategies.protocol import SITE_ID_PATTERN, SITE_ID_RULE
 
 # key: help
 KEYS = {
@@ -51,6 +52,12 @@ class SiteSettings:
     delta: float = DEFAULT_DELTA
 
     def __post_init__(self) -> None:
+        if not SITE_ID_PATTERN.fullmatch(self.site_id):
+            # Checked here too, so a site admin learns it at start, not from the server.
+            raise ConfigError(
+                f"site-id={self.site_id[:80]!r} (the data file's stem unless set) must be "
+                f"{SITE_ID_RULE}; set site-id in the node config"
+            )
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta={self.delta!r} must be in (0, 1)")
         if self.max_epsilon is not None:

@@ -145,10 +145,17 @@ class Tracker:
 
     def __init__(self) -> None:
         self.rounds: list[tuple[int, dict[str, float]]] = []
+        self.sites: list[tuple[int, dict[str, dict[str, float]]]] = []
         self.tags: dict[str, str] = {}
 
-    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+    def log_round(
+        self,
+        server_round: int,
+        metrics: dict[str, float],
+        sites: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         self.rounds.append((server_round, metrics))
+        self.sites.append((server_round, dict(sites or {})))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
@@ -222,6 +229,26 @@ def test_a_round_averages_by_example_count_and_records_both_evaluations(tmp_path
     saved = CheckpointStore(tmp_path / "checkpoint").load()
     assert saved is not None and saved.completed_round == 1 and saved.history == history
     np.testing.assert_array_equal(saved.state["head"], state["head"])
+
+
+def test_each_site_s_training_and_evaluation_are_recorded_per_round(tmp_path: Path) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site.a:1@x+y", delta=0.1, examples=10, loss=1.0, accuracy=0.5),
+            2: honest("site-b", delta=0.5, examples=30, loss=2.0, accuracy=0.9),
+        }
+    )
+
+    _, history, _, tracker = _run(tmp_path, grid, _settings(tmp_path, **{"fraction-evaluate": 1.0}))
+
+    (row,) = history
+    a = {"examples": 10.0, "train-loss": 1.0, "train-seconds": 0.01}
+    b = a | {"examples": 30.0, "train-loss": 2.0}
+    assert row["site_train"] == {"site.a:1@x+y": a, "site-b": b}
+    assert row["site_eval"]["site-b"] == {"accuracy": 0.9, "loss": 2.0, "eval-examples": 30}
+    ((logged_round, sites),) = tracker.sites
+    assert logged_round == 1
+    assert sites["site.a:1@x+y"] == a | {"accuracy": 0.5, "loss": 1.0, "eval-examples": 10}
 
 
 def test_rejected_updates_are_left_out_with_the_failed_check(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ from flwr.serverapp import Grid
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.privacy import ClientPrivacy
 from server.record import RoundRecord, weighted_mean
+from server.roster import NotOnRoster, Roster
 from server.secagg import run_secure_round
 from server.settings import RunSettings
 from server.tracking import Tracker
@@ -73,8 +75,13 @@ def run_rounds(
     evaluator: Evaluator | None = None,
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    roster: Roster | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
+
+    Args:
+        roster: The enrolled sites (server/roster.py); only they are sampled and asked to
+            evaluate, and their replies are named by it. None: every connected node.
 
     Returns:
         The final global state, the history (one dict per round) and, if the privacy
@@ -84,26 +91,36 @@ def run_rounds(
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
     first = resume_from.completed_round + 1 if resume_from else 1
-    connected = wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
+    connected = wait_for_sites(
+        grid, settings.min_available_clients, settings.round_timeout, roster=roster
+    )
     privacy = _client_privacy(settings, len(connected), history)
     strategy = privacy.wrap(settings.strategy()) if privacy else settings.strategy()
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
         # Sample: seeded by the run and the round, so a resumed run asks what the original would.
-        nodes = sorted(grid.get_node_ids())
+        nodes = members(grid, roster)
         k = sample_size(
             len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients
         )
         sampled = sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
+        record.sampled = len(sampled)
         rate = len(sampled) / len(nodes)
         if privacy and (stopped := privacy.stop_reason(server_round, rate)):
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.
         plan = settings.plan(server_round).to_config() | strategy.client_config()
-        log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, k)
+        log.info(
+            "round %d/%d: training on %d of %d site(s): %s",
+            server_round,
+            settings.rounds,
+            k,
+            len(nodes),
+            ", ".join(roster.name(n) if roster else node_name(n) for n in sampled),
+        )
         try:
-            outcome = _train(grid, settings, strategy, record, sampled, state, plan)
+            outcome = _train(grid, settings, strategy, record, sampled, state, plan, roster)
         except RoundFailed as exc:
             if settings.on_round_failure == "stop":
                 raise
@@ -138,16 +155,25 @@ def run_rounds(
     return state, history, None
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """The connected nodes, sorted, once at least ``minimum`` are there."""
+def members(grid: Grid, roster: Roster | None) -> list[int]:
+    """The connected nodes that may be asked to work, sorted: the roster's, or all."""
+    nodes = grid.get_node_ids()
+    return roster.members(nodes) if roster is not None else sorted(nodes)
+
+
+def wait_for_sites(
+    grid: Grid, minimum: int, timeout: float, *, roster: Roster | None = None
+) -> list[int]:
+    """The connected member nodes, sorted, once at least ``minimum`` are there."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = members(grid, roster)
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() > deadline:
+            on = " enrolled" if roster is not None else ""
             raise RoundFailed(
-                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, "
+                f"only {len(nodes)}{on} site(s) connected after {timeout:.0f}s, "
                 f"min-available-clients={minimum}"
             )
         time.sleep(1.0)
@@ -173,6 +199,7 @@ def _train(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    roster: Roster | None = None,
 ) -> RoundOutcome:
     """Send the round to the sampled sites; the strategy aggregates what comes back.
 
@@ -180,7 +207,9 @@ def _train(
         RoundFailed: If the round cannot be aggregated.
     """
     if settings.secagg is None:
-        updates = _plain_updates(grid, record, sampled, state, plan, settings.round_timeout)
+        updates = _plain_updates(
+            grid, record, sampled, state, plan, settings.round_timeout, roster=roster
+        )
         return strategy.aggregate(record.round, state, updates)
     mean = _secure_mean(grid, settings, record, sampled, state, plan)
     return strategy.aggregate_mean(record.round, state, mean)
@@ -193,8 +222,14 @@ def _plain_updates(
     state: Tensors,
     plan: dict[str, Any],
     timeout: float,
+    *,
+    roster: Roster | None = None,
 ) -> list[SiteUpdate]:
-    """Send the global adapter to the sampled sites and decode their replies."""
+    """Send the global adapter to the sampled sites and decode their replies.
+
+    With a roster a reply is named by its node's enrolment, and one that claims another
+    site's id is rejected (check ``identity``).
+    """
     arrays = to_record(state)
     record.bytes_down = arrays.count_bytes() * len(sampled)
     replies = list(
@@ -204,10 +239,18 @@ def _plain_updates(
     )
     updates: list[SiteUpdate] = []
     for reply in replies:
+        node = reply.metadata.src_node_id
         site = sender(reply)
+        if roster is not None:
+            try:
+                site = roster.bind(node, "" if reply.has_error() else site)
+            except NotOnRoster as exc:
+                record.rejected_update(roster.name(node), "identity", str(exc))
+                continue
         if reply.has_error():
             record.failed_site(site, reply.error.reason)
             continue
+        record.replies += 1
         record.bytes_up += array_bytes(reply)
         try:
             decoded = decode_train(reply)
@@ -215,11 +258,11 @@ def _plain_updates(
             record.rejected_update(site, "format", str(exc))
             continue
         if isinstance(decoded, Refusal):
-            record.refused_site(decoded.site, decoded.reason)
+            record.refused_site(site, decoded.reason)
         else:
-            updates.append(decoded)
+            updates.append(replace(decoded, site=site))
     for node in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
-        record.failed_site(node_name(node), NO_REPLY)
+        record.failed_site(roster.name(node) if roster else node_name(node), NO_REPLY)
     return updates
 
 
@@ -251,6 +294,7 @@ def _secure_mean(
         timeout=settings.round_timeout,
     )
     record.bytes_up, record.bytes_down = secure.bytes_up, secure.bytes_down
+    record.replies = len(secure.sites)
     # Under SecAgg+ a budget refusal arrives as the site's error (a dropout).
     for failure in secure.failures:
         note = record.refused_site if is_refusal(failure["reason"]) else record.failed_site

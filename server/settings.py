@@ -155,6 +155,8 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # The enrolled sites (server/roster.py); None: every connected node is a site.
+    roster: Path | None = None
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -280,6 +282,7 @@ class RunSettings:
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            roster=Path(v["roster"]).expanduser() if v["roster"] else None,
         )
 
     def strategy(self) -> FedAvg:
@@ -317,7 +320,8 @@ class RunSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
-        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish"}
+        # A roster may change between a run and its resume (a site revoked meanwhile).
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.task.choices import SIM_SITES_ENV
 from clients.task.errors import ConfigError
-from clients.task.plan import SIM_SITES_ENV
 
 # key: help
 KEYS = {
@@ -26,6 +26,7 @@ KEYS = {
     "device": "auto, cpu or cuda (default auto)",
     "state-dir": "the site's own state (privacy ledger); required with max-epsilon",
     "max-epsilon": "the site's total sample-level ε budget; refuses runs without DP-SGD",
+    "worker-socket": "the site's warm worker (fedlora site worker --socket); default: none",
 }
 FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,6 +41,7 @@ class SiteSettings:
     device: str = "auto"
     state_dir: Path | None = None
     max_epsilon: float | None = None
+    worker_socket: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_epsilon is not None:
@@ -81,6 +83,7 @@ class SiteSettings:
         ):
             raise ConfigError(f"max-epsilon={max_epsilon!r} must be a number")
         state_dir = config.get("state-dir")
+        worker = config.get("worker-socket")
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
@@ -89,6 +92,7 @@ class SiteSettings:
             device=str(config.get("device", "auto")),
             state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
             max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
+            worker_socket=Path(str(worker)).expanduser() if worker else None,
         )
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -106,6 +107,26 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def write_cli_connection(
+    home: Path, name: str, *, address: str, root_certificates: Path | None
+) -> None:
+    """The ``flwr`` CLI's ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
+
+    Flower 1.41's CLI reads named connections from there; written before any ``flwr``
+    call so Flower does not create its default one. ``root_certificates=None`` writes an
+    ``insecure = true`` connection (no TLS).
+    """
+    tls = (
+        f'root-certificates = "{root_certificates}"\n'
+        if root_certificates is not None
+        else "insecure = true\n"
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}'
+    )
+
+
 class LocalFederation:
     """One SuperLink and N SuperNodes on localhost, plus a ``flwr`` CLI connection to them.
 
@@ -120,6 +141,12 @@ class LocalFederation:
         site_env: Extra environment of the SuperNodes (and so of their ClientApps).
         startup_timeout: Seconds to wait for each port to open and for the SuperNodes to
             register.
+        secure: TLS on every API and SuperNode authentication, as ``fedlora federation``
+            sets them up (server/federation.py): a CA and SuperLink certificate, one key
+            pair per site registered with the SuperLink, and the run's roster
+            (`roster_path`). False: ``--insecure`` everywhere and no roster.
+        workers: Start a warm site worker (``fedlora site worker``) beside each SuperNode
+            and name its socket in the node config, so ClientApps hand work to it.
     """
 
     def __init__(
@@ -130,14 +157,20 @@ class LocalFederation:
         connection: str = DEFAULT_CONNECTION,
         site_env: Mapping[str, str] | None = None,
         startup_timeout: float = 90.0,
+        secure: bool = False,
+        workers: bool = False,
     ) -> None:
         self.workdir = workdir
+        self.secure = secure
+        self.workers = workers
+        self.federation: Any = None  # server.federation.Federation when secure
         self.node_configs = list(node_configs)
         self.connection = connection
         self.site_env = dict(site_env or {})
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.processes: list[ManagedProcess] = []
+        self.superlink: ManagedProcess | None = None
         self.cli_env = flower_env(self.home("cli"))
 
     @property
@@ -146,6 +179,11 @@ class LocalFederation:
         return f"{LOCALHOST}:{self.port}"
 
     control_address = address
+
+    @property
+    def roster_path(self) -> Path | None:
+        """The run's roster (secure federations only): pass it as run config ``roster``."""
+        return self.federation.roster_path if self.federation is not None else None
 
     def home(self, name: str) -> Path:
         return self.workdir / "flwr-home" / name
@@ -162,14 +200,9 @@ class LocalFederation:
         """
         try:
             self._write_cli_config()
-            superlink = self._start_superlink()
-            superlink.wait_ready(
-                lambda: port_open(self.port),
-                timeout=self.startup_timeout,
-                what=f"listening on {self.address}",
-            )
+            self.start_superlink()
             for index, node_config in enumerate(self.node_configs, start=1):
-                self._start_supernode(index, node_config)
+                self._start_site(index, node_config)
             self.wait_for_nodes(len(self.node_configs))
         except BaseException as exc:
             report = self.log_tails()
@@ -180,43 +213,97 @@ class LocalFederation:
         return self
 
     def _write_cli_config(self) -> None:
-        # Flower 1.41's CLI reads named SuperLink connections from $FLWR_HOME/config.toml;
-        # written before any `flwr` call so Flower does not create its default one.
-        path = self.home("cli") / "config.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "[superlink]\n"
-            f'default = "{self.connection}"\n\n'
-            f"[superlink.{self.connection}]\n"
-            f'address = "{self.address}"\n'
-            "insecure = true\n"
+        if not self.secure:
+            write_cli_connection(
+                self.home("cli"), self.connection, address=self.address, root_certificates=None
+            )
+            return
+        from server.federation import init_federation  # it builds on this module
+
+        self.federation = init_federation(
+            self.workdir / "federation",
+            address=self.address,
+            sans=[LOCALHOST, "localhost"],
+            connection=self.connection,
         )
+        self.cli_env = flower_env(self.federation.cli_home)
 
-    def _start_superlink(self) -> ManagedProcess:
-        state = self.workdir / "superlink"
-        state.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(VENV_BIN / "flower-superlink"),
-            "--insecure",
-            "--host",
-            LOCALHOST,
-            "--port",
-            str(self.port),
-            # Runs, nodes and messages in a file, not memory: inspectable after a failure.
-            "--database",
-            str(state / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
-        return self._spawn("superlink", args, flower_env(self.home("superlink")))
+    @property
+    def database(self) -> Path:
+        # Runs, nodes and messages in a file, not memory: inspectable after a failure and
+        # what a restarted SuperLink resumes from.
+        return self.workdir / "superlink" / "state.db"
 
-    def _start_supernode(
-        self, index: int, node_config: Mapping[str, ConfigValue]
-    ) -> ManagedProcess:
+    def start_superlink(self) -> ManagedProcess:
+        """Start (or restart, on the same database) the SuperLink; return once it listens."""
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        if self.federation is not None:
+            args = self.federation.superlink_command(
+                host=LOCALHOST, port=self.port, database=str(self.database)
+            )
+        else:
+            args = [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.database),
+                "--disable-runtime-dependency-installation",
+            ]
+        args[0] = str(VENV_BIN / args[0])
+        superlink = self._spawn("superlink", args, flower_env(self.home("superlink")))
+        self.superlink = superlink
+        superlink.wait_ready(
+            lambda: port_open(self.port),
+            timeout=self.startup_timeout,
+            what=f"listening on {self.address}",
+        )
+        return superlink
+
+    def worker_socket(self, name: str) -> Path:
+        """Where site `name`'s warm worker listens: a 0700 directory of its own."""
+        return self.workdir / "workers" / name / "worker.sock"
+
+    def _start_site(self, index: int, node_config: Mapping[str, ConfigValue]) -> None:
         name = str(node_config.get("site-id") or f"supernode-{index}")
+        config = dict(node_config)
+        if self.workers:
+            socket_path = self.worker_socket(name)
+            worker = self._spawn(
+                f"{name}-worker",
+                [str(VENV_BIN / "fedlora"), "site", "worker", "--socket", str(socket_path)],
+                flower_env(self.home(name), self.site_env),
+            )
+            worker.wait_ready(
+                socket_path.exists, timeout=self.startup_timeout, what=f"listening on {socket_path}"
+            )
+            config["worker-socket"] = str(socket_path)
+        key = None
+        if self.federation is not None:
+            self.federation.enroll(name)
+            key = self.federation.site_dir(name) / "node.key"
+        self.start_supernode(name, config, key=key)
+
+    def start_supernode(
+        self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None = None
+    ) -> ManagedProcess:
+        """Start one SuperNode; with `key`, it authenticates with that private key over TLS.
+
+        A secure federation's SuperNodes dial with TLS whether or not they have a key;
+        the SuperLink refuses those whose key is not registered.
+        """
         runtime_port = free_port()
+        if self.federation is not None:
+            tls = ["--root-certificates", str(self.federation.ca_cert)]
+            tls += ["--auth-supernode-private-key", str(key)] if key is not None else []
+        else:
+            tls = ["--insecure"]
         args = [
             str(VENV_BIN / "flower-supernode"),
-            "--insecure",
+            *tls,
             "--superlink",
             self.address,
             "--node-config",
@@ -234,6 +321,12 @@ class LocalFederation:
             what=f"listening on {LOCALHOST}:{runtime_port}",
         )
         return process
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` to the process group of process `name` (a failure drill)."""
+        for process in self.processes:
+            if process.name == name and process.alive:
+                os.killpg(process.popen.pid, signum)
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> ManagedProcess:
         process = ManagedProcess.start(name, args, env=env, log_path=self.log_path(name))

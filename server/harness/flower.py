@@ -34,8 +34,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -417,6 +418,7 @@ def flwr_run(
     *,
     timeout: float,
     log_path: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Submit the Flower app in `app_dir` and stream its logs until the run ends.
 
@@ -432,11 +434,13 @@ def flwr_run(
         timeout: Seconds before the CLI is killed (the run itself goes on until the
             federation is stopped).
         log_path: Where to also write the CLI's output.
+        on_line: Called with every output line as it arrives (live progress).
 
     Raises:
         subprocess.TimeoutExpired: After `timeout`, with the output so far.
     """
     args = [
+        str(VENV_BIN / "flwr"),
         "run",
         str(app_dir),
         federation.connection,
@@ -444,17 +448,47 @@ def flwr_run(
         "--run-config",
         config_arg(run_config),
     ]
+    lines: list[str] = []
+    process = subprocess.Popen(
+        args,
+        env=federation.cli_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        result = federation.flwr(*args, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
+        returncode = process.wait(timeout=timeout)
+    except BaseException as exc:  # a timeout, or Ctrl-C: the CLI must not outlive us
+        process.kill()
+        process.wait()
+        reader.join(timeout=5.0)
         if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text(_text(exc.stdout) + _text(exc.stderr))
+            _write_log(log_path, "".join(lines))
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(args, timeout, output="".join(lines)) from None
         raise
+    reader.join(timeout=10.0)
+    output = "".join(lines)
     if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(result.stdout + result.stderr)
-    return result
+        _write_log(log_path, output)
+    return subprocess.CompletedProcess(args, returncode, stdout=output, stderr="")
+
+
+def _write_log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
@@ -467,9 +501,3 @@ def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
     if match is None:
         raise LookupError("flwr run printed no run id")
     return int(match.group(1))
-
-
-def _text(data: str | bytes | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data

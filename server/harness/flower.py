@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import psutil
 
 from server.harness.process import (
     LOCALHOST,
@@ -324,9 +327,17 @@ class LocalFederation:
         return process
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
-        """Send `signum` to the process group of process `name` (a failure drill)."""
+        """Send `signum` to process `name`, its descendants and its group (failure drills).
+
+        SIGKILL is a crash of that machine's process; SIGSTOP freezes it (SIGCONT thaws).
+        """
         for process in self.processes:
-            if process.name == name and process.alive:
+            if process.name != name or not process.alive:
+                continue
+            for proc in process.tree():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.popen.pid, signum)
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> ManagedProcess:

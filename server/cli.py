@@ -132,6 +132,7 @@ def cmd_federation_local(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         overrides=parse_overrides(args.set or []),
         workers=not args.cold,
+        worker_pool=args.worker_pool,
         on_line=show,
     )
     out = Console()
@@ -225,6 +226,13 @@ def _federation_group(sub: argparse._SubParsersAction) -> None:
         "--cold",
         action="store_true",
         help="no warm site workers: every message loads the model anew (default: warm)",
+    )
+    local.add_argument(
+        "--worker-pool",
+        type=int,
+        metavar="N",
+        help="N warm workers shared by the sites, to fit many sites on one machine "
+        "(default: one per site)",
     )
     local.add_argument(
         "--set",

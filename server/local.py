@@ -53,6 +53,7 @@ def run_local(
     insecure: bool = False,
     overrides: dict[str, Any] | None = None,
     workers: bool = True,
+    worker_pool: int | None = None,
     on_line: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
     startup_timeout: float = 300.0,
@@ -95,6 +96,7 @@ def run_local(
         startup_timeout=startup_timeout,
         secure=not insecure,
         workers=workers,
+        worker_pool=worker_pool,
     )
     with federation:
         if federation.roster_path is not None:

@@ -70,7 +70,8 @@ def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
     return build_model(spec, device=device)
 
 
-@functools.lru_cache(maxsize=4)
+# A worker may serve several sites of one machine (a rehearsal's pool): keep each one's data.
+@functools.lru_cache(maxsize=64)
 def _data(
     site: SiteSettings, task: str, labels: tuple[str, ...]
 ) -> tuple[list[Example], list[Example]]:

@@ -151,6 +151,10 @@ class LocalFederation:
             (`roster_path`). False: ``--insecure`` everywhere and no roster.
         workers: Start a warm site worker (``fedlora site worker``) beside each SuperNode
             and name its socket in the node config, so ClientApps hand work to it.
+        worker_pool: With `workers`, this many workers shared round-robin by the sites
+            instead of one each: on one small machine 20 workers would each hold torch
+            and the model (about 0.5 GB) while only as many sites as cores train at once.
+            Across machines every site runs its own. None: one per site.
     """
 
     def __init__(
@@ -163,10 +167,12 @@ class LocalFederation:
         startup_timeout: float = 90.0,
         secure: bool = False,
         workers: bool = False,
+        worker_pool: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.secure = secure
         self.workers = workers
+        self.worker_pool = worker_pool
         self.federation: Any = None  # server.federation.Federation when secure
         self.node_configs = list(node_configs)
         self.connection = connection
@@ -277,15 +283,21 @@ class LocalFederation:
         name = str(node_config.get("site-id") or f"supernode-{index}")
         config = dict(node_config)
         if self.workers:
-            socket_path = self.worker_socket(name)
-            worker = self._spawn(
-                f"{name}-worker",
-                [str(VENV_BIN / "fedlora"), "site", "worker", "--socket", str(socket_path)],
-                flower_env(self.home(name), self.site_env),
-            )
-            worker.wait_ready(
-                socket_path.exists, timeout=self.startup_timeout, what=f"listening on {socket_path}"
-            )
+            owner = name
+            if self.worker_pool:
+                owner = f"pool-{(index - 1) % self.worker_pool + 1}"
+            socket_path = self.worker_socket(owner)
+            if not socket_path.exists():
+                worker = self._spawn(
+                    f"{owner}-worker",
+                    [str(VENV_BIN / "fedlora"), "site", "worker", "--socket", str(socket_path)],
+                    flower_env(self.home(owner), self.site_env),
+                )
+                worker.wait_ready(
+                    socket_path.exists,
+                    timeout=self.startup_timeout,
+                    what=f"listening on {socket_path}",
+                )
             config["worker-socket"] = str(socket_path)
         key = None
         if self.federation is not None:

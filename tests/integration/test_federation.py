@@ -320,7 +320,12 @@ def test_drill_secagg_site_killed_after_key_sharing(
         labels,
         fed,
         base,
-        **{"secagg.enabled": True, "update.max-norm": 1.0, "round-timeout": 60.0},
+        **{
+            "secagg.enabled": True,
+            "update.max-norm": 1.0,
+            "round-timeout": 120.0,
+            "min-available-clients": 3,  # SecAgg+ needs num-shares (3) sites sampled
+        },
     )
     done: list[bool] = []
 

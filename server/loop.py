@@ -51,6 +51,8 @@ from strategies.protocol import (
     decode_train,
     is_refusal,
     node_name,
+    origin,
+    origins,
     requests,
     sender,
     to_record,
@@ -211,7 +213,7 @@ def _train(
             grid, record, sampled, state, plan, settings.round_timeout, roster=roster
         )
         return strategy.aggregate(record.round, state, updates)
-    mean = _secure_mean(grid, settings, record, sampled, state, plan)
+    mean = _secure_mean(grid, settings, record, sampled, state, plan, roster)
     return strategy.aggregate_mean(record.round, state, mean)
 
 
@@ -232,24 +234,22 @@ def _plain_updates(
     """
     arrays = to_record(state)
     record.bytes_down = arrays.count_bytes() * len(sampled)
-    replies = list(
-        grid.send_and_receive(
-            requests(sampled, arrays, plan, kind=MessageType.TRAIN), timeout=timeout
-        )
-    )
+    messages = requests(sampled, arrays, plan, kind=MessageType.TRAIN)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = origins(messages)
     updates: list[SiteUpdate] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = origin(reply, sent)
+        if reply.has_error():
+            record.failed_site(roster.name(node) if roster else node_name(node), reply.error.reason)
+            continue
         site = sender(reply)
         if roster is not None:
             try:
-                site = roster.bind(node, "" if reply.has_error() else site)
+                site = roster.bind(node, site)
             except NotOnRoster as exc:
                 record.rejected_update(roster.name(node), "identity", str(exc))
                 continue
-        if reply.has_error():
-            record.failed_site(site, reply.error.reason)
-            continue
         record.replies += 1
         record.bytes_up += array_bytes(reply)
         try:
@@ -261,7 +261,7 @@ def _plain_updates(
             record.refused_site(site, decoded.reason)
         else:
             updates.append(replace(decoded, site=site))
-    for node in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
+    for node in sorted(set(sampled) - {origin(r, sent) for r in replies}):
         record.failed_site(roster.name(node) if roster else node_name(node), NO_REPLY)
     return updates
 
@@ -273,6 +273,7 @@ def _secure_mean(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    roster: Roster | None = None,
 ) -> MeanUpdate:
     """One SecAgg+ round's mean update and who contributed to it.
 
@@ -298,7 +299,7 @@ def _secure_mean(
     # Under SecAgg+ a budget refusal arrives as the site's error (a dropout).
     for failure in secure.failures:
         note = record.refused_site if is_refusal(failure["reason"]) else record.failed_site
-        note(failure["site"], failure["reason"])
+        note(_named(failure["site"], roster), failure["reason"])
     if secure.mean_update is None:
         raise RoundFailed(
             f"round {record.round}: SecAgg+ aggregated {len(secure.sites)} site(s) "
@@ -310,6 +311,13 @@ def _secure_mean(
         for site, w, m in secure.sites
     ]
     return MeanUpdate(delta=secure.mean_update, sites=sites)
+
+
+def _named(name: str, roster: Roster | None) -> str:
+    """A ``node-N`` name as the roster's site id, if the node is enrolled."""
+    if roster is not None and name.startswith("node-") and name[5:].isdigit():
+        return roster.name(int(name[5:]))
+    return name
 
 
 def _federated_evaluate(

@@ -117,6 +117,8 @@ class FakeGrid:
     ) -> list[Message]:
         replies = []
         for message in messages:
+            # As Flower's grid does when it pushes a message: its id is its object id.
+            message.metadata.__dict__["_message_id"] = message.object_id
             node = message.metadata.dst_node_id
             if message.metadata.message_type == MessageType.TRAIN:
                 _, config = read_request(message)
@@ -421,3 +423,29 @@ def test_a_roster_rejects_a_reply_that_claims_another_sites_id(tmp_path: Path) -
     assert [(r["site"], r["check"]) for r in row["rejections"]] == [("site-b", "identity")]
     for value in state.values():
         np.testing.assert_allclose(value, 0.3, rtol=1e-6)
+
+
+def test_an_error_the_superlink_makes_for_an_unreachable_site_names_that_site(
+    tmp_path: Path,
+) -> None:
+    """The SuperLink answers for a node it cannot reach with an error sent from node 1."""
+
+    def unreachable(message: Message) -> Message:
+        reply = crashing("node unavailable")(message)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as flwr's linkstate makes it
+        return reply
+
+    grid = FakeGrid(
+        {
+            11: honest("site-a", delta=0.1, examples=10),
+            22: honest("site-b", delta=0.3, examples=10),
+            33: unreachable,
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=11, public_key="k1")
+    roster = roster.enrol("site-b", node_id=22, public_key="k2")
+    roster = roster.enrol("site-c", node_id=33, public_key="k3")
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path), roster=roster)
+    (row,) = history
+    assert row["failures"] == [{"site": "site-c", "reason": "node unavailable"}]
+    assert row["rejections"] == [] and row["site_ids"] == ["site-a", "site-b"]

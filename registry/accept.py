@@ -5,7 +5,9 @@ repeats. `accept` runs these steps and stops at the first that fails, raising
 `VerificationError` with the step's reason:
 
 1. signature: every file matches ``model.sig``, made by a key in the local trust store
-   (``unsigned``, ``untrusted-key``, ``signature``);
+   (``unsigned``, ``untrusted-key``, ``signature``), and, when the caller knows which
+   release it must be (a cache entry named by its digest), it is that one
+   (``wrong-release``);
 2. model name: the signed provenance names the model asked for (``index``);
 3. revocation: the release index revokes neither the signing key nor the release
    (``revoked-key``, ``revoked-release``);
@@ -18,11 +20,13 @@ repeats. `accept` runs these steps and stops at the first that fails, raising
 It returns an `AcceptedRelease`, the only type `clients.edge.runtime.Runtime.load` takes.
 The callers differ only in the arguments, never in the order:
 
-    caller                               index                         alias
-    edge node refresh, edge pull         refreshed `IndexClient`       the alias served
-    edge node restart, registry down     `IndexClient.load_cached()`   None (last served)
-    publish, promote                     `IndexRepository`             None (it moves)
-    fedlora edge verify (offline)        None                          None
+    caller                               index                         alias         digest
+    edge node refresh, edge pull         refreshed `IndexClient`       alias served  -
+    edge node, a release from its cache  refreshed `IndexClient`       alias served  folder
+    edge node restart, registry down     `IndexClient.load_cached()`   None          folder
+    publish                              `IndexRepository`             None          -
+    promote                              `IndexRepository`             None          record
+    fedlora edge verify (offline)        None                          None          -
 
     accepted = accept(Path("release"), trust=trust, model="intents", index=client,
                       alias="production", base_digest=runtime.base_digest,
@@ -69,6 +73,7 @@ def accept(
     alias: str | None,
     base_digest: str | None = None,
     policy: ReleasePolicy | None = None,
+    digest: str | None = None,
 ) -> AcceptedRelease:
     """Run the fixed order of checks on ``directory``; return it as an `AcceptedRelease`.
 
@@ -84,6 +89,9 @@ def accept(
             promotion that is about to move the alias).
         base_digest: the digest of the base model the release will be loaded on.
         policy: the caller's rules, checked last.
+        digest: the manifest digest the release must have, when the caller knows which
+            release it must be: a cache folder is bound to the digest it is named after,
+            a promoted version to the digest its signed release record names.
 
     Raises:
         VerificationError: the first step that fails, by reason (see the module docstring).
@@ -93,6 +101,12 @@ def accept(
         raise RegistryError(f"alias {alias!r} can only be checked with a model and an index")
     verified = verify_release(directory, trust)
     prov = verified.provenance
+    if digest is not None and verified.digest != digest:
+        raise VerificationError(
+            "wrong-release",
+            f"{directory} holds release {prov.release} ({verified.digest[:16]}), "
+            f"expected {digest[:16]}",
+        )
     if model is not None and prov.model_name != model:
         raise VerificationError("index", f"release is of model {prov.model_name!r}, not {model!r}")
     if index is not None:

@@ -1,9 +1,15 @@
 """The release artifact: a standard PEFT directory plus ``provenance.json``.
 
 A release directory holds the files of the trained adapter (``adapter_config.json``,
-``adapter_model.safetensors``, fedlora's ``fedlora_task.json``, peft's model card), a
-``provenance.json`` that says what the adapter is and how it was made, and, once signed,
-``model.sig``. `PeftModel.from_pretrained(base, DIR)` loads it with stock peft.
+``adapter_model.safetensors``, fedlora's ``fedlora_task.json`` with the task and label
+order, peft's model card ``README.md``), a ``provenance.json`` that says what the adapter
+is and how it was made, and, once signed, ``model.sig``: `RELEASE_FILES`, nothing else.
+`PeftModel.from_pretrained(base, DIR)` loads it with stock peft.
+
+Everything signed is copied from a folder by `copy_release_files`, which takes only those
+names and refuses a symbolic link, a folder or any other file by name: a link in the
+folder given to ``registry publish`` must not get, say, the publisher's private key
+signed and uploaded.
 
     release = build_release(Path("fedlora-out"), Path("release"), release_number=3)
     provenance = read_provenance(Path("release"))
@@ -14,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
+import stat
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,6 +34,9 @@ PROVENANCE_FILE = "provenance.json"
 SIGNATURE_FILE = "model.sig"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TASK_FILE = "fedlora_task.json"
+MODEL_CARD = "README.md"  # peft's save_pretrained writes it
+# Every file a signed release may hold; the edge downloads nothing else.
+RELEASE_FILES = (*ADAPTER_FILES, TASK_FILE, MODEL_CARD, PROVENANCE_FILE, SIGNATURE_FILE)
 PROVENANCE_SCHEMA = "fedlora.provenance/v1"
 
 
@@ -101,7 +112,50 @@ def adapter_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
+def release_files(directory: Path) -> list[str]:
+    """The names in ``directory``, refused unless each is a plain release file (no link).
+
+    Raises:
+        RegistryError: naming the first link, folder or file that is not in `RELEASE_FILES`.
+    """
+    names = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        path = Path(directory) / entry.name
+        if entry.is_symlink():
+            raise RegistryError(f"{path} is a symbolic link; a release takes only plain files")
+        if not entry.is_file(follow_symlinks=False):
+            raise RegistryError(f"{path} is not a plain file; a release takes only plain files")
+        if entry.name not in RELEASE_FILES:
+            raise RegistryError(
+                f"{path} is not a file of an adapter release (allowed: {', '.join(RELEASE_FILES)})"
+            )
+        names.append(entry.name)
+    return names
+
+
+def copy_release_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Copy the release files of ``src`` into a new folder ``dst``, never through a link.
+
+    Each file is opened with ``O_NOFOLLOW`` and checked to be a regular file, so a link
+    swapped in after the listing is refused too.
+    """
+    names = [n for n in release_files(src) if n not in skip]
+    dst.mkdir()
+    for name in names:
+        try:
+            fd = os.open(src / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise RegistryError(f"cannot read {src / name}: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise RegistryError(f"{src / name} is not a plain file")
+            with (dst / name).open("wb") as out:
+                shutil.copyfileobj(fh, out)
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if path.is_symlink():
+        raise RegistryError(f"{what}: {path} is a symbolic link; only plain files are read")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -114,11 +168,20 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def adapter_dir(source: Path) -> Path:
-    """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself."""
-    candidate = source / "adapter" if (source / "adapter").is_dir() else source
+    """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself.
+
+    Raises:
+        RegistryError: a missing adapter file, or a link or a file that is not part of a
+            release (`release_files`).
+    """
+    inner = source / "adapter"
+    if inner.is_symlink():
+        raise RegistryError(f"{inner} is a symbolic link; a release takes only plain files")
+    candidate = inner if inner.is_dir() else source
     for name in ADAPTER_FILES:
         if not (candidate / name).is_file():
             raise RegistryError(f"{source} is not a training output or PEFT directory: no {name}")
+    release_files(candidate)
     return candidate
 
 
@@ -163,9 +226,7 @@ def build_release(
     training, metrics, privacy = _training_summary(source)
     if out.exists():
         raise RegistryError(f"{out} already exists")
-    shutil.copytree(adapter, out)
-    for leftover in (PROVENANCE_FILE, SIGNATURE_FILE):
-        (out / leftover).unlink(missing_ok=True)
+    copy_release_files(adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE))
     provenance = Provenance(
         model_name=model_name,
         release=release,

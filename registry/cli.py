@@ -20,6 +20,7 @@ from registry.errors import RegistryError
 from registry.keys import TrustStore, generate_keypair, key_id, load_public_key
 from registry.lifecycle import (
     CANDIDATE,
+    DEFAULT_STATE,
     PRODUCTION,
     SigningKey,
     add_signer,
@@ -53,6 +54,12 @@ def _key_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None
         metavar="VAR",
         help=f"environment variable holding the key's passphrase (default {PASSPHRASE_ENV})",
     )
+    parser.add_argument(
+        "--state",
+        metavar="DIR",
+        help="where this publisher keeps the last release index it saw, to refuse an older "
+        f"one (default: a folder per registry and key under {DEFAULT_STATE})",
+    )
 
 
 def _registry_arg(parser: argparse.ArgumentParser) -> None:
@@ -61,12 +68,26 @@ def _registry_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _index_trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        metavar="DIR",
+        help="trust store whose keys may vouch for an index root this publisher has not seen "
+        "(needed once by a key added with add-signer; default: none)",
+    )
+
+
+def _trust(args: argparse.Namespace) -> TrustStore | None:
+    return TrustStore.load(Path(args.trust)) if args.trust else None
+
+
 def _store(args: argparse.Namespace) -> MlflowStore:
     return MlflowStore(args.registry or default_uri())
 
 
 def _signing_key(args: argparse.Namespace) -> SigningKey:
-    return SigningKey(Path(args.key), _passphrase(args))
+    state = Path(args.state).expanduser() if getattr(args, "state", None) else None
+    return SigningKey(Path(args.key), _passphrase(args), state)
 
 
 def keys_group(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +142,12 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     pub.add_argument(
         "--alias", default=CANDIDATE, help="alias the new version gets (default: %(default)s)"
     )
-    pub.add_argument("--trust", metavar="DIR", help="trust store, to accept a signed DIR")
+    pub.add_argument(
+        "--trust",
+        metavar="DIR",
+        help="trust store: to accept a signed DIR, and whose keys may vouch for an index root "
+        "this publisher has not seen (default: none)",
+    )
     _key_args(pub)
     _registry_arg(pub)
     pub.set_defaults(func=cmd_publish)
@@ -130,7 +156,11 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     _registry_arg(ls)
     ls.set_defaults(func=cmd_list)
 
-    show = commands.add_parser("show", help="versions of a model with their signed facts")
+    show = commands.add_parser(
+        "show",
+        help="versions of a model with their tags (unsigned, for people; publish, promote and "
+        "revoke decide from the signed index)",
+    )
     show.add_argument("model", metavar="NAME", help="registered model name")
     _registry_arg(show)
     show.set_defaults(func=cmd_show)
@@ -158,6 +188,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     back.add_argument(
         "--alias", default=PRODUCTION, help="alias to move back (default: %(default)s)"
     )
+    _index_trust_arg(back)
     _key_args(back)
     _registry_arg(back)
     back.set_defaults(func=cmd_rollback)
@@ -170,6 +201,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "a key with `revoke --key-id` removes it again.",
     )
     signer.add_argument("--new-key", required=True, metavar="PUB", help="public key to add")
+    _index_trust_arg(signer)
     _key_args(signer)
     _registry_arg(signer)
     signer.set_defaults(func=cmd_add_signer)
@@ -181,6 +213,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "days), so a registry that publishes nothing for a week must be renewed, e.g. "
         "from cron.",
     )
+    _index_trust_arg(ren)
     _key_args(ren)
     _registry_arg(ren)
     ren.set_defaults(func=cmd_renew)
@@ -199,14 +232,19 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         help="release digest to revoke (repeatable)",
     )
     rev.add_argument("--model", metavar="NAME", help="with --version: revoke that release")
-    rev.add_argument("--version", metavar="V", help="with --model: the version to revoke")
+    rev.add_argument(
+        "--version",
+        metavar="V",
+        help="with --model: the release the signed index records for this version",
+    )
+    _index_trust_arg(rev)
     _key_args(rev)
     _registry_arg(rev)
     rev.set_defaults(func=cmd_revoke)
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    trust = TrustStore.load(Path(args.trust)) if args.trust else None
+    trust = _trust(args)
     result = publish(
         _store(args),
         Path(args.source),
@@ -280,7 +318,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    entry = rollback(_store(args), model=args.model, key=_signing_key(args), alias=args.alias)
+    entry = rollback(
+        _store(args),
+        model=args.model,
+        key=_signing_key(args),
+        alias=args.alias,
+        trust=_trust(args),
+    )
     out.print(
         f"{args.model}@{args.alias} rolled back to version {entry.version} "
         f"(release {entry.release})"
@@ -289,33 +333,33 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    version = renew(_store(args), key=_signing_key(args))
+    version = renew(_store(args), key=_signing_key(args), trust=_trust(args))
     out.print(f"release index renewed (timestamp version {version})")
     return 0
 
 
 def cmd_add_signer(args: argparse.Namespace) -> int:
-    kid = add_signer(_store(args), key=_signing_key(args), public_key=Path(args.new_key))
+    kid = add_signer(
+        _store(args), key=_signing_key(args), public_key=Path(args.new_key), trust=_trust(args)
+    )
     out.print(f"key {kid} may now sign releases and the release index")
     return 0
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     store = _store(args)
-    digests = set(args.digest)
+    versions: set[tuple[str, str]] = set()
     if args.version is not None or args.model is not None:
         if not (args.version and args.model):
             raise RegistryError("--model and --version go together")
-        mv = store.call(
-            f"look up {args.model} version {args.version}",
-            lambda: store.client.get_model_version(args.model, str(args.version)),
-        )
-        digest = mv.tags.get(f"{TAG}digest")
-        if not digest:
-            raise RegistryError(f"{args.model} version {args.version} has no {TAG}digest tag")
-        digests.add(digest)
+        versions.add((args.model, str(args.version)))
     keys, releases = revoke(
-        store, key=_signing_key(args), key_ids=set(args.key_id), digests=digests
+        store,
+        key=_signing_key(args),
+        key_ids=set(args.key_id),
+        digests=set(args.digest),
+        versions=versions,
+        trust=_trust(args),
     )
     if args.version is not None:
         store.call(

@@ -1,8 +1,9 @@
 """Errors of the model lifecycle: keys, signatures, freshness, the MLflow registry.
 
 `VerificationError.reason` is a short, stable token (``signature``, ``untrusted-key``,
-``revoked-key``, ``revoked-release``, ``stale``, ``expired``, ``base-mismatch``,
-``policy``, ``unsigned``, ``index``) so an edge node can count refusals by reason.
+``wrong-release``, ``revoked-key``, ``revoked-release``, ``stale``, ``expired``,
+``base-mismatch``, ``policy``, ``unsigned``, ``index``, ``fetch``) so an edge node can
+count refusals by reason.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ REASONS = (
     "unsigned",
     "signature",
     "untrusted-key",
+    "wrong-release",  # validly signed, but not the release it was expected to be
     "revoked-key",
     "revoked-release",
     "stale",
@@ -20,6 +22,7 @@ REASONS = (
     "index",
     "base-mismatch",
     "policy",
+    "fetch",  # refused before download: a source, file or size the release cannot have
 )
 
 

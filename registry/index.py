@@ -4,12 +4,14 @@ A validly signed release can still be the wrong one: whoever can edit the MLflow
 can move ``production`` back to an old version (a rollback attack) or keep serving stale
 metadata (a freeze attack). fedlora keeps a TUF repository (The Update Framework, via
 python-tuf) beside the registry: its targets metadata maps every ``MODEL/ALIAS`` to the
-release number and manifest digest it must resolve to, and lists revoked keys and
-releases. Publishers change it with every publish, promote, rollback and revoke
-(`registry.index_publisher`); a consumer refreshes it with python-tuf's client, which
-refuses metadata that is unsigned, older than what it has already seen, or expired
-(`registry.index_consumer`). This module holds what both sides share: the targets they
-read and write, and the two questions `registry.accept` asks of either side.
+release number and manifest digest it must resolve to, records every published release
+(`ReleaseRecord`: its MLflow version, digest and the exact size of every file), and lists
+revoked keys and releases. Publishers change it with every publish, promote, rollback and
+revoke (`registry.index_publisher`) and decide from it alone, never from MLflow's tags;
+a consumer refreshes it with python-tuf's client, which refuses metadata that is
+unsigned, older than what it has already seen, or expired (`registry.index_consumer`),
+and fetches only the files a record names. This module holds what both sides share: the
+targets they read and write, and the questions `registry.accept` asks of either side.
 
     repo = IndexRepository.load(fetch, signer_key)          # publisher
     repo.set_alias("intents", "production", entry); repo.files()
@@ -26,12 +28,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from tuf.api.metadata import Root, Snapshot, TargetFile, Targets, Timestamp
+from cryptography.hazmat.primitives import serialization
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.ngclient import UpdaterConfig
 
 from registry.errors import VerificationError
+from registry.keys import key_id
 
-# name -> bytes, or None when the file does not exist (a 404)
-Fetch = Callable[[str], bytes | None]
+# (name, max_length) -> bytes, or None when the file does not exist (a 404). A file the
+# registry lists as longer than max_length is refused before it is downloaded
+# (`VerificationError` ``fetch``).
+Fetch = Callable[[str, int], bytes | None]
 # (revoked key ids, revoked release digests)
 Revocations = tuple[set[str], set[str]]
 
@@ -45,6 +53,14 @@ EXPIRY = {
     Timestamp.type: dt.timedelta(days=7),
 }
 TOP_LEVEL = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+# python-tuf's own length limits for metadata files, used by publishers and consumers alike.
+_LIMITS = UpdaterConfig()
+MAX_LENGTH = {
+    Root.type: _LIMITS.root_max_length,
+    Targets.type: _LIMITS.targets_max_length,
+    Snapshot.type: _LIMITS.snapshot_max_length,
+    Timestamp.type: _LIMITS.timestamp_max_length,
+}
 
 
 @dataclass(frozen=True)
@@ -69,16 +85,47 @@ class AliasEntry:
         return AliasEntry(**(entry.as_custom() | {"previous": [*self.previous, me]}))
 
 
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One published release as signed into the targets metadata.
+
+    Everything a publisher decides (the next release number, whether a release is already
+    published, which digest ``revoke --version`` means, which version ``promote`` may take)
+    and everything a consumer fetches (which MLflow version, which files, how large) comes
+    from these records, never from MLflow's tags.
+    """
+
+    release: int
+    version: str  # the MLflow model version that holds the files
+    digest: str  # manifest digest (`registry.signing.manifest_digest`)
+    key_id: str
+    adapter_digest: str
+    files: dict[str, int]  # every file of the release, model.sig included -> size in bytes
+
+    def as_custom(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class ReleaseIndex(Protocol):
-    """What `registry.accept` asks of an index, publisher's or consumer's side alike."""
+    """What `registry.accept` and the fetchers ask of an index, either side alike."""
 
     def alias(self, model: str, alias: str) -> AliasEntry | None: ...
+
+    def release(self, model: str, release: int) -> ReleaseRecord | None: ...
 
     def revocations(self) -> Revocations: ...
 
 
 def alias_path(model: str, alias: str) -> str:
     return f"models/{model}/aliases/{alias}"
+
+
+def release_path(model: str, release: int) -> str:
+    return f"models/{model}/releases/{release}"
+
+
+def release_record(target: TargetFile | None) -> ReleaseRecord | None:
+    return ReleaseRecord(**target.custom) if target else None
 
 
 def target_file(path: str, custom: dict[str, Any]) -> TargetFile:
@@ -126,6 +173,39 @@ def check_alias(index: ReleaseIndex, *, model: str, alias: str, digest: str, rel
             f"{model}@{alias} must be release {entry.release} ({entry.digest[:16]}), "
             f"the registry offered release {release} ({digest[:16]})",
         )
+
+
+def check_trusted_root(data: bytes, trusted: set[str]) -> Metadata[Root]:
+    """A root accepted without an earlier one: valid signatures of ``trusted`` keys alone
+    must meet its root threshold.
+
+    Counting the keys a root merely lists would let a root that names a trusted key beside
+    a key of the attacker's, threshold 1, pass on the attacker's signature alone.
+
+    Raises:
+        VerificationError: ``index`` for a malformed root, ``untrusted-key`` otherwise.
+    """
+    try:
+        root_md = Metadata[Root].from_bytes(data)
+        root = root_md.signed
+        result = root.get_verification_result(Root.type, root_md.signed_bytes, root_md.signatures)
+    except (tuf_errors.RepositoryError, ValueError, KeyError, TypeError) as exc:
+        raise VerificationError("index", f"release index root is malformed: {exc}") from exc
+    by_trusted = [kid for kid in result.signed if kid in trusted]
+    for kid in by_trusted:
+        pem = root.keys[kid].keyval.get("public", "")
+        if _key_id_of_pem(pem) != kid:
+            raise VerificationError("index", f"root key {kid[:16]} does not match its key id")
+    if len(by_trusted) < root.roles[Root.type].threshold:
+        raise VerificationError(
+            "untrusted-key", "the release index root is not signed by keys in the trust store"
+        )
+    return root_md
+
+
+def _key_id_of_pem(pem: str) -> str:
+    key = serialization.load_pem_public_key(pem.encode())
+    return key_id(key)  # type: ignore[arg-type]
 
 
 def utc_now() -> dt.datetime:

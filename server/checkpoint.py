@@ -21,6 +21,8 @@ from clients.task.files import write_atomic
 
 # The server optimiser's state shares the round's npz (one atomic file) under this prefix.
 SERVER_STATE_PREFIX = "server-state::"
+# So does the best round's adapter (server/selection.py), under this one.
+BEST_STATE_PREFIX = "best-state::"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class Checkpoint:
     run_id: str | None
     fingerprint: dict[str, Any]
     server_state: dict[str, np.ndarray] = field(default_factory=dict)
+    # The best round so far on the central held-out file and its tensors (0: none yet).
+    best_round: int = 0
+    best_accuracy: float | None = None
+    best_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -44,6 +50,7 @@ class CheckpointStore:
         name = f"round-{checkpoint.completed_round}.npz"
         arrays = dict(checkpoint.state)
         arrays.update({SERVER_STATE_PREFIX + k: v for k, v in checkpoint.server_state.items()})
+        arrays.update({BEST_STATE_PREFIX + k: v for k, v in checkpoint.best_state.items()})
         npz = io.BytesIO()
         np.savez(npz, **arrays)
         write_atomic(self.directory / name, npz.getvalue())
@@ -53,6 +60,8 @@ class CheckpointStore:
             "run_id": checkpoint.run_id,
             "fingerprint": checkpoint.fingerprint,
             "history": checkpoint.history,
+            "best_round": checkpoint.best_round,
+            "best_accuracy": checkpoint.best_accuracy,
         }
         write_atomic(self.directory / "state.json", json.dumps(meta, indent=1).encode())
         for old in self.directory.glob("round-*.npz"):
@@ -70,13 +79,19 @@ class CheckpointStore:
                 arrays = {k: npz[k] for k in npz.files}
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
-        n = len(SERVER_STATE_PREFIX)
-        state = {k: v for k, v in arrays.items() if not k.startswith(SERVER_STATE_PREFIX)}
-        server_state = {k[n:]: v for k, v in arrays.items() if k.startswith(SERVER_STATE_PREFIX)}
+        prefixes = (SERVER_STATE_PREFIX, BEST_STATE_PREFIX)
+        state = {k: v for k, v in arrays.items() if not k.startswith(prefixes)}
+
+        def under(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+
         return Checkpoint(
             completed_round=int(meta["completed_round"]),
             state=state,
-            server_state=server_state,
+            server_state=under(SERVER_STATE_PREFIX),
+            best_round=int(meta.get("best_round") or 0),
+            best_accuracy=meta.get("best_accuracy"),
+            best_state=under(BEST_STATE_PREFIX),
             history=list(meta["history"]),
             run_id=meta.get("run_id"),
             fingerprint=dict(meta["fingerprint"]),

@@ -36,15 +36,18 @@ from flwr.serverapp import Grid
 
 from server.checkpoint import Checkpoint, CheckpointStore
 from server.privacy import ClientPrivacy
-from server.record import RoundRecord, weighted_mean
+from server.record import RoundRecord
 from server.roster import NotOnRoster, Roster
 from server.secagg import run_secure_round
+from server.selection import BestRound
 from server.settings import RunSettings
 from server.tracking import Tracker
 from strategies.errors import RoundFailed
 from strategies.protocol import (
     NO_REPLY,
     NUM_EXAMPLES,
+    EvaluateReply,
+    NoEvaluation,
     Refusal,
     array_bytes,
     decode_evaluate,
@@ -62,6 +65,8 @@ from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, Strategy
 
 log = logging.getLogger(__name__)
 
+# MLflow tag naming what the run's `accuracy`/`loss` metrics were measured on.
+HEADLINE_TAG = "fedlora.headline"
 # Central evaluation: global state -> (loss, accuracy)
 Evaluator = Callable[[Mapping[str, np.ndarray]], tuple[float, float]]
 Tensors = dict[str, np.ndarray]  # adapter tensors by parameter name
@@ -77,11 +82,14 @@ def run_rounds(
     evaluator: Evaluator | None = None,
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    best: BestRound | None = None,
     roster: Roster | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
 
     Args:
+        best: Kept up to date with the best round on the central held-out file (and
+            checkpointed with it); restored from `resume_from` when resuming.
         roster: The enrolled sites (server/roster.py); only they are sampled and asked to
             evaluate, and their replies are named by it. None: every connected node.
 
@@ -89,6 +97,10 @@ def run_rounds(
         The final global state, the history (one dict per round) and, if the privacy
         budget stopped the run early, why.
     """
+    best = best if best is not None else BestRound()
+    if resume_from is not None and resume_from.best_round:
+        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
+        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
     state = resume_from.state if resume_from else initial_state
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
@@ -129,7 +141,13 @@ def run_rounds(
             log.warning("%s; skipping the round (on-round-failure=skip)", exc)
             record.skipped = True
         else:
-            state, server_state = settings.server_optimizer.step(state, outcome.state, server_state)
+            state, server_state = settings.server_optimizer.step(
+                state,
+                outcome.state,
+                server_state,
+                spread=outcome.spread,
+                num_updates=len(outcome.accepted),
+            )
             record.accepted(outcome)
             if privacy:
                 privacy.charge(rate)
@@ -140,8 +158,11 @@ def run_rounds(
             federated=_federated_evaluate(grid, settings, nodes, state, plan),
             central=evaluator(state) if evaluator else None,
         )
+        if evaluator is not None and not record.skipped:
+            best.observe(server_round, record.central_accuracy, state)
         history.append(record.finish())
         tracker.log_round(server_round, record.metrics())
+        tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
             Checkpoint(
                 completed_round=server_round,
@@ -150,6 +171,9 @@ def run_rounds(
                 run_id=tracker.run_id,
                 fingerprint=settings.fingerprint(),
                 server_state=server_state,
+                best_round=best.round,
+                best_accuracy=best.accuracy if best.round else None,
+                best_state=best.state,
             )
         )
         if on_round:
@@ -263,7 +287,9 @@ def _plain_updates(
             updates.append(replace(decoded, site=site))
     for node in sorted(set(sampled) - {origin(r, sent) for r in replies}):
         record.failed_site(roster.name(node) if roster else node_name(node), NO_REPLY)
-    return updates
+    # Replies arrive in whatever order the sites finish; the float sums of the aggregate
+    # must not depend on it, or two identical runs would differ in the last bits.
+    return sorted(updates, key=lambda u: u.site)
 
 
 def _secure_mean(
@@ -322,13 +348,14 @@ def _named(name: str, roster: Roster | None) -> str:
 
 def _federated_evaluate(
     grid: Grid, settings: RunSettings, nodes: list[int], state: Tensors, plan: dict[str, Any]
-) -> tuple[float | None, float | None] | None:
-    """Example-weighted (loss, accuracy) of the global adapter on sites' held-out rows."""
+) -> list[EvaluateReply | NoEvaluation] | None:
+    """The sites' evaluations of the global adapter on their held-out rows, and the sites
+    that hold none out."""
     if settings.fraction_evaluate <= 0:
         return None
     k = sample_size(len(nodes), fraction=settings.fraction_evaluate, minimum=1)
     messages = requests(nodes[:k], to_record(state), plan, kind=MessageType.EVALUATE)
-    results = []
+    results: list[EvaluateReply | NoEvaluation] = []
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         if reply.has_error():
             continue
@@ -336,9 +363,8 @@ def _federated_evaluate(
             result = decode_evaluate(reply)
         except ValueError:
             continue
-        if result.num_examples > 0 and math.isfinite(result.loss):
+        if isinstance(result, NoEvaluation) or (
+            result.num_examples > 0 and math.isfinite(result.loss)
+        ):
             results.append(result)
-    return (
-        weighted_mean([(r.loss, r.num_examples) for r in results]),
-        weighted_mean([(r.accuracy, r.num_examples) for r in results]),
-    )
+    return sorted(results, key=lambda r: r.site)

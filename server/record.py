@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.privacy import ClientPrivacy
-from strategies.protocol import TRAIN_LOSS, TRAIN_SECONDS, SitePrivacy
+from strategies.protocol import (
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    EvaluateReply,
+    NoEvaluation,
+    SitePrivacy,
+)
 from strategies.strategy import RoundOutcome
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,11 @@ class RoundRecord:
     refusals: list[dict[str, str]] = field(default_factory=list)
     # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What `accuracy`/`loss` were measured on (`headline_source`), how many sites sent a
+    # federated evaluation, and the sites that hold no rows out (with their reason).
+    headline: str = ""
+    evaluated_sites: int = 0
+    unevaluated: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._started = time.perf_counter()  # not a field: no column of its own
@@ -115,17 +127,30 @@ class RoundRecord:
     def evaluated(
         self,
         *,
-        federated: tuple[float | None, float | None] | None,
+        federated: Sequence[EvaluateReply | NoEvaluation] | None,
         central: tuple[float, float] | None,
     ) -> None:
-        """(loss, accuracy) on the sites' held-out rows and on the central file."""
+        """The sites' evaluations on their held-out rows and (loss, accuracy) on the
+        central file; sites without held-out rows are listed, not counted."""
         if federated is not None:
-            self.federated_loss, self.federated_accuracy = federated
+            results = [r for r in federated if isinstance(r, EvaluateReply)]
+            self.unevaluated = [
+                {"site": r.site, "reason": r.reason}
+                for r in federated
+                if isinstance(r, NoEvaluation)
+            ]
+            self.evaluated_sites = len(results)
+            self.federated_loss = weighted_mean([(r.loss, r.num_examples) for r in results])
+            self.federated_accuracy = weighted_mean([(r.accuracy, r.num_examples) for r in results])
         if central is not None:
             self.central_loss, self.central_accuracy = central
-        # The headline numbers: central evaluation when there is a held-out file.
+        # The headline numbers: central evaluation when there is a held-out file, else the
+        # mean over the sites that hold rows out; `headline` says which.
         self.loss = self.central_loss if central is not None else self.federated_loss
         self.accuracy = self.central_accuracy if central is not None else self.federated_accuracy
+        self.headline = headline_source(
+            central=central is not None, evaluated_sites=self.evaluated_sites
+        )
 
     def finish(self) -> dict[str, Any]:
         """Count, time and close the round; returns its metrics.json row."""
@@ -160,6 +185,15 @@ class RoundRecord:
                 out[key] = float(value)
         out["skipped"] = float(self.skipped)
         return out
+
+
+def headline_source(*, central: bool, evaluated_sites: int) -> str:
+    """Name the data behind a round's headline accuracy (metrics.json and MLflow)."""
+    if central:
+        return "central held-out file (eval-file)"
+    if evaluated_sites:
+        return f"federated mean over {evaluated_sites} site(s) with held-out rows"
+    return "none: no eval-file and no site holds rows out"
 
 
 def weighted_mean(values: list[tuple[float, int]]) -> float | None:

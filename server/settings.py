@@ -19,6 +19,7 @@ from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from server.run_config import read_config, split_list
+from server.selection import chosen_round
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
 from strategies.sampling import sample_size
@@ -136,6 +137,7 @@ class RunSettings:
     max_length: int
     proximal_mu: float
     fedrs_alpha: float
+    fedlc_tau: float
     fraction_train: float
     fraction_evaluate: float
     min_fit_clients: int
@@ -157,6 +159,7 @@ class RunSettings:
     site_dp_delta: float = 1e-5
     # The enrolled sites (server/roster.py); None: every connected node is a site.
     roster: Path | None = None
+    keep_adapter: str = "best"
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -178,6 +181,7 @@ class RunSettings:
             raise ConfigError(f"on-round-failure={self.on_round_failure!r} must be stop or skip")
         if not self.max_norm > 0:
             raise ConfigError(f"update.max-norm={self.max_norm!r} must be > 0")
+        chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.eval_file is not None and not self.eval_file.is_file():
             raise ConfigError(f"eval-file={str(self.eval_file)!r} does not exist")
         # The sites' fields and their combinations (local-epochs or local-steps, site-dp.*,
@@ -208,6 +212,12 @@ class RunSettings:
                 )
 
     def _check_privacy(self) -> None:
+        if self.secagg is not None and self.server_optimizer.needs_spread:
+            raise ConfigError(
+                f"server.optimizer={self.server_optimizer.kind!r} cannot be combined with "
+                "secagg.enabled=true: its step size needs each site's update norm, and "
+                "SecAgg+ shows the server only the sum of the updates"
+            )
         if self.secagg is not None and self.secagg.clipping_range < self.site_clip_norm:
             raise ConfigError(
                 f"secagg.clipping-range={self.secagg.clipping_range!r} does not cover the "
@@ -259,6 +269,7 @@ class RunSettings:
             max_length=v["max-length"],
             proximal_mu=v["proximal-mu"],
             fedrs_alpha=v["fedrs.alpha"],
+            fedlc_tau=v["fedlc.tau"],
             fraction_train=v["fraction-train"],
             fraction_evaluate=v["fraction-evaluate"],
             min_fit_clients=v["min-fit-clients"],
@@ -270,6 +281,7 @@ class RunSettings:
                 kind=v["server.optimizer"],
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
+                aggregate=v["server.aggregate"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
             out_dir=Path(v["out-dir"]).expanduser(),
@@ -283,17 +295,28 @@ class RunSettings:
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
+            keep_adapter=v["adapter.keep"],
         )
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""
+        weighting = "uniform" if self.uniform_weight else "examples"
         if self.proximal_mu > 0:
             return FedProx(
                 max_norm=self.max_norm,
                 min_fit_clients=self.min_fit_clients,
+                weighting=weighting,
                 proximal_mu=self.proximal_mu,
             )
-        return FedAvg(max_norm=self.max_norm, min_fit_clients=self.min_fit_clients)
+        return FedAvg(
+            max_norm=self.max_norm, min_fit_clients=self.min_fit_clients, weighting=weighting
+        )
+
+    @property
+    def uniform_weight(self) -> bool:
+        """Every site's update weighs the same: under client-level DP (the sensitivity
+        bound needs it) and when the server sums updates (``server.aggregate``)."""
+        return self.client_dp is not None or self.server_optimizer.aggregate != "mean"
 
     def plan(self, server_round: int) -> TrainPlan:
         """The round plan sent to sites, with the base model's digest."""
@@ -311,8 +334,9 @@ class RunSettings:
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
             fedrs_alpha=self.fedrs_alpha,
+            fedlc_tau=self.fedlc_tau,
             clip_norm=self.site_clip_norm,
-            uniform_weight=self.client_dp is not None,
+            uniform_weight=self.uniform_weight,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,

@@ -75,6 +75,12 @@ class Tracker:
         ]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) string tags of the run, e.g. what the headline metric is."""
+        assert self.run_id is not None
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         assert self.run_id is not None
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)

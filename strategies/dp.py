@@ -151,4 +151,6 @@ class DifferentiallyPrivate:
         state = self.dp.privatize_mean(
             reference, mean, num_updates=len(outcome.accepted), rng=self.rng
         )
-        return RoundOutcome(state=state, accepted=outcome.accepted, rejected=outcome.rejected)
+        return RoundOutcome(
+            state=state, accepted=outcome.accepted, rejected=outcome.rejected, spread=outcome.spread
+        )

@@ -23,6 +23,7 @@ import numpy as np
 
 from strategies.aggregate import weighted_average
 from strategies.errors import RoundFailed, UpdateRejected
+from strategies.fedexp import weighted_spread
 from strategies.strategy import MeanUpdate, Rejection, RoundOutcome, SiteUpdate, State
 from strategies.validation import validate_update
 
@@ -40,6 +41,10 @@ class FedAvg:
 
     max_norm: float = 1000.0
     min_fit_clients: int = 1
+    # "examples": weight each update by its site's example count (McMahan et al. 2017);
+    # "uniform": every accepted update weighs the same (client-level DP, and
+    # `server.aggregate` sum modes, where the server optimiser scales the mean to a sum).
+    weighting: str = "examples"
 
     def client_config(self) -> dict[str, float]:
         """Extra plan fields this strategy asks sites to train with."""
@@ -55,9 +60,10 @@ class FedAvg:
         """
         accepted: list[SiteUpdate] = []
         rejected: list[Rejection] = []
+        norms: list[float] = []
         for update in updates:
             try:
-                validate_update(
+                norm = validate_update(
                     update.state,
                     reference=reference,
                     num_examples=update.num_examples,
@@ -74,12 +80,16 @@ class FedAvg:
                 rejected.append(Rejection(update.site, exc.check, exc.detail))
                 continue
             accepted.append(update)
+            norms.append(norm)
         self._require(server_round, len(accepted), "valid update(s)")
-        state = weighted_average(
-            [u.state for u in accepted],
-            [int(u.num_examples) for u in accepted],  # type: ignore[call-overload]
+        weights = (
+            [1] * len(accepted)
+            if self.weighting == "uniform"
+            else [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
         )
-        return RoundOutcome(state=state, accepted=accepted, rejected=rejected)
+        state = weighted_average([u.state for u in accepted], weights)
+        spread = weighted_spread([n * n for n in norms], weights)
+        return RoundOutcome(state=state, accepted=accepted, rejected=rejected, spread=spread)
 
     def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
         """The global state plus the secure mean update, in the global tensors' dtypes.

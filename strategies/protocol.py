@@ -6,6 +6,7 @@ Plain rounds speak fedlora's records::
     train     {"arrays": local tensors, "metrics": TRAIN_METRICS, "site": {"site-id"}}
     refusal   {"refusal": {"reason"}, "site": {"site-id"}}
     evaluate  {"metrics": {NUM_EXAMPLES, LOSS, ACCURACY}, "site": {"site-id"}}
+    none      {"no-evaluation": {"reason"}, "site": {"site-id"}}  (no held-out rows)
 
 Secure rounds (SecAgg+) go through Flower 1.41's legacy workflow, which speaks
 FitIns/FitRes: ``fitins.parameters`` (an ordered list of ``.npy`` tensors) and
@@ -18,8 +19,9 @@ cannot carry a refusal record (SecAgg+ expects an update), so there a refusing s
 error, which `is_refusal` tells apart from a failure.
 
 Site side: `read_request`, `plan_config`, `train_metrics`, `train_reply`,
-`evaluate_reply`, `refusal_reply`. Server side: `requests`, `secure_fitins`, `sender`,
-`decode_train`, `decode_evaluate`, `decode_secure_train`, `is_refusal`.
+`evaluate_reply`, `no_evaluation_reply`, `refusal_reply`. Server side: `requests`,
+`secure_fitins`, `sender`, `decode_train`, `decode_evaluate`, `decode_secure_train`,
+`is_refusal`.
 tests/strategies/test_protocol.py pins every shape with a site-to-server round trip.
 """
 
@@ -55,6 +57,9 @@ SITE = "site"
 SITE_ID = "site-id"  # in the "site" record; in a FitRes' metrics under SecAgg+
 REFUSAL = "refusal"
 REASON = "reason"
+# An evaluate reply from a site that holds no rows out: no number instead of one measured
+# on its training rows.
+NO_EVALUATION = "no-evaluation"
 # Records of a secure request and its reply, as Flower's legacy compat layer names them.
 SECURE_IN = "fitins.parameters"
 SECURE_CONFIG = "fitins.config"
@@ -111,6 +116,14 @@ class EvaluateReply:
     num_examples: int
     loss: float
     accuracy: float
+
+
+@dataclass(frozen=True)
+class NoEvaluation:
+    """A site that has no held-out rows to evaluate on, and why."""
+
+    site: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -236,12 +249,16 @@ def decode_train(reply: Message) -> SiteUpdate | Refusal:
     )
 
 
-def decode_evaluate(reply: Message) -> EvaluateReply:
-    """A plain evaluate reply (not an error).
+def decode_evaluate(reply: Message) -> EvaluateReply | NoEvaluation:
+    """A plain evaluate reply (not an error), or the site's word that it has no held-out rows.
 
     Raises:
         ValueError: If the reply lacks its metrics or they are not numbers.
     """
+    if NO_EVALUATION in reply.content.config_records:
+        return NoEvaluation(
+            site=sender(reply), reason=str(reply.content.config_records[NO_EVALUATION][REASON])
+        )
     if METRICS not in reply.content.metric_records:
         raise ValueError(f"reply lacks {METRICS!r}")
     m = reply.content.metric_records[METRICS]
@@ -366,6 +383,12 @@ def evaluate_reply(
     """Reply to an evaluation request."""
     metrics = MetricRecord({NUM_EXAMPLES: num_examples, LOSS: loss, ACCURACY: accuracy})
     return Message(RecordDict({METRICS: metrics, SITE: _site(site_id)}), reply_to=message)
+
+
+def no_evaluation_reply(message: Message, *, site_id: str, reason: str) -> Message:
+    """Answer an evaluation request without a number: the site holds no rows out."""
+    content = RecordDict({NO_EVALUATION: ConfigRecord({REASON: reason}), SITE: _site(site_id)})
+    return Message(content, reply_to=message)
 
 
 def refusal_reply(message: Message, *, site_id: str, reason: str) -> Message:

@@ -34,8 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from clients.task.errors import ConfigError
+from strategies.fedexp import extrapolation
 
-KINDS = ("sgd", "adam")
+KINDS = ("sgd", "adam", "fedexp")
+# What the pseudo-gradient is: the (example-weighted) mean of the sites' updates; their
+# sum (the uniform mean times the number of updates); or the sum for the classification
+# head and the uniform mean for the rest ("sum-head").
+AGGREGATES = ("mean", "sum", "sum-head")
+# PEFT stores fully trained modules (the classification head) under this name part.
+HEAD_MARK = "modules_to_save"
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
 TAU = 1e-3  # FedAdam's adaptivity floor (Reddi et al. 2021)
 
@@ -54,11 +61,16 @@ class ServerOptimizer:
     kind: str = "sgd"
     learning_rate: float = 1.0
     momentum: float = 0.0
+    aggregate: str = "mean"
 
     def __post_init__(self) -> None:
         # Messages name the run-config keys these come from (server.*).
         if self.kind not in KINDS:
             raise ConfigError(f"server.optimizer={self.kind!r} must be one of {', '.join(KINDS)}")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(
+                f"server.aggregate={self.aggregate!r} must be one of {', '.join(AGGREGATES)}"
+            )
         if not self.learning_rate > 0:
             raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be > 0")
         if not 0.0 <= self.momentum < 1.0:
@@ -66,21 +78,44 @@ class ServerOptimizer:
 
     @property
     def is_identity(self) -> bool:
-        return self.kind == "sgd" and self.learning_rate == 1.0 and self.momentum == 0.0
+        return (
+            self.kind == "sgd"
+            and self.learning_rate == 1.0
+            and self.momentum == 0.0
+            and self.aggregate == "mean"
+        )
+
+    @property
+    def needs_spread(self) -> bool:
+        """True if a step needs the single updates' norms, not only their sum."""
+        return self.kind == "fedexp"
 
     def step(
         self,
         current: Mapping[str, np.ndarray],
         average: Mapping[str, np.ndarray],
         state: Mapping[str, np.ndarray],
+        *,
+        spread: float | None = None,
+        num_updates: int = 1,
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Return (new global tensors, new optimiser state).
 
         ``state`` is empty before the first step and holds ``m::NAME`` (and, for adam,
-        ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty.
+        ``v::NAME``) float32 tensors afterwards; plain FedAvg keeps it empty. ``spread``
+        (``Σ w_i ‖Δ_i‖²``, strategies/fedexp.py) is required by ``fedexp``. With
+        ``aggregate="sum"``, ``average`` must be the uniform mean of ``num_updates``
+        updates; the pseudo-gradient is then their sum.
+
+        Raises:
+            ValueError: If ``fedexp`` gets no spread.
         """
         if self.is_identity:
             return dict(average), {}
+        if self.aggregate != "mean":
+            average = _summed(current, average, num_updates, only_head=self.aggregate == "sum-head")
+        if self.kind == "fedexp":
+            return self._fedexp_step(current, average, state, spread)
         new_tensors: dict[str, np.ndarray] = {}
         new_state: dict[str, np.ndarray] = {}
         beta1 = self.momentum
@@ -101,5 +136,52 @@ class ServerOptimizer:
                 step = m / (np.sqrt(v) + TAU)
             if self.kind == "adam" or beta1 > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
-            new_tensors[name] = (base + self.learning_rate * step).astype(avg.dtype)
+            new_tensors[name] = (base + self.learning_rate * step).astype(current[name].dtype)
         return new_tensors, new_state
+
+    def _fedexp_step(
+        self,
+        current: Mapping[str, np.ndarray],
+        average: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+        spread: float | None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """FedExP: ``global + learning_rate · η_t · m`` with heavy-ball ``m`` on ``η_t·Δ``."""
+        if spread is None:
+            raise ValueError("server.optimizer='fedexp' needs the single updates' norms")
+        delta = {k: average[k].astype(np.float64) - current[k].astype(np.float64) for k in average}
+        mean_sq = float(sum(np.sum(d * d) for d in delta.values()))
+        eta = extrapolation(spread=spread, mean_sq_norm=mean_sq)
+        new_tensors: dict[str, np.ndarray] = {}
+        new_state: dict[str, np.ndarray] = {"eta": np.asarray([eta], np.float32)}
+        for name, d in delta.items():
+            m_prev = state.get(f"m::{name}")
+            m = eta * d if m_prev is None else self.momentum * m_prev + eta * d
+            if self.momentum > 0:
+                new_state[f"m::{name}"] = m.astype(np.float32)
+            base = current[name].astype(np.float64)
+            new_tensors[name] = (base + self.learning_rate * m).astype(current[name].dtype)
+        return new_tensors, new_state
+
+
+def _summed(
+    current: Mapping[str, np.ndarray],
+    mean: Mapping[str, np.ndarray],
+    num_updates: int,
+    *,
+    only_head: bool,
+) -> dict[str, np.ndarray]:
+    """``current + n · (mean - current)``: the point the sum of ``n`` updates reaches.
+
+    With `only_head`, only the classification head's tensors (`HEAD_MARK`) are summed and
+    the others keep the mean. Kept in float64: the optimiser steps from it in float64 and
+    casts once at the end.
+    """
+    if num_updates < 1:
+        raise ValueError(f"num_updates={num_updates!r} must be >= 1")
+    out: dict[str, np.ndarray] = {}
+    for k in mean:
+        scale = num_updates if (HEAD_MARK in k or not only_head) else 1
+        base = current[k].astype(np.float64)
+        out[k] = base + scale * (mean[k].astype(np.float64) - base)
+    return out

@@ -84,6 +84,9 @@ class RoundOutcome:
     state: dict[str, np.ndarray]
     accepted: list[SiteUpdate]
     rejected: list[Rejection]
+    # Σ w_i ‖update_i - global‖² over the accepted updates (weights summing to 1), for
+    # FedExP's step size (strategies/fedexp.py); None where the server sees no single update.
+    spread: float | None = None
 
 
 class Strategy(Protocol):

@@ -1,12 +1,15 @@
 """The edge node: keep each model's adapter current, verified, and swappable.
 
 For each model the node holds an ``active`` release (answers new requests) and the
-``previous`` one (kept loaded for instant rollback). A refresh resolves the alias in
-MLflow, refreshes the release index (TUF), downloads into a staging folder, accepts it
-(`registry.accept`), installs into the cache, loads with PEFT, then swaps with one
-assignment: requests that already hold the old release finish on it. Any failure keeps
-the current release serving and is counted by reason. With the registry down at start,
-the node accepts its cached release against the cached index instead.
+``previous`` one (kept loaded for instant rollback). A refresh refreshes the release
+index (TUF) and takes the release it names for the alias (MLflow's own aliases are never
+read), downloads that release's recorded files into a staging folder in the cache,
+accepts it (`registry.accept`), installs it into the cache under its digest, loads with
+PEFT, then swaps with one assignment: requests that already hold the old release finish
+on it. Any failure keeps the current release serving, reports ``degraded`` with the
+reason and is counted by reason. A cache folder is accepted again, bound to the digest it
+is named after, every time it is loaded from; with the registry down at start, the node
+accepts its cached release against the cached index instead.
 
     node = EdgeNode(settings)
     node.start()                    # registry, or the verified cache when it is down
@@ -34,6 +37,7 @@ from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
+from registry.pull import aliased_release, download
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,12 @@ class EdgeNode:
             self._store.check_reachable()
         return self._store
 
-    def _fetch_index(self, name: str) -> bytes | None:
-        return self._registry().fetch_index_file(name)
+    def _fetch_index(self, name: str, max_length: int) -> bytes | None:
+        return self._registry().fetch_index_file(name, max_length)
 
-    def _accept(self, slot: ModelSlot, directory: Path, *, alias: str | None) -> AcceptedRelease:
+    def _accept(
+        self, slot: ModelSlot, directory: Path, *, alias: str | None, digest: str | None = None
+    ) -> AcceptedRelease:
         """`registry.accept` with this node's trust store, index, base and policy."""
         return accept(
             directory,
@@ -101,6 +107,7 @@ class EdgeNode:
             alias=alias,
             base_digest=self.policy.base_digest,
             policy=self.policy,
+            digest=digest,
         )
 
     # lifecycle ---------------------------------------------------------------------
@@ -138,31 +145,34 @@ class EdgeNode:
 
     def _refresh(self, slot: ModelSlot) -> bool:
         store = self._registry()
-        version = store.alias_version(slot.ref.name, slot.ref.alias)
         self.index.refresh()
         self._drop_revoked(slot)
-        if version is None:
-            raise VerificationError("index", f"the registry has no alias {slot.ref}")
-        if slot.active is not None and slot.active.version == str(version):
+        # What the signed index names for the alias; MLflow only says where its files are.
+        record = aliased_release(self.index, model=slot.ref.name, alias=slot.ref.alias)
+        if slot.active is not None and slot.active.verified.digest == record.digest:
             slot.source, slot.last_error = "registry", None
             return False
         previous = slot.previous
-        if previous is not None and previous.version == str(version):
-            # A rollback to the release still loaded: its cached files must pass again and
-            # the index must agree, then the loaded model is swapped back in.
-            self._accept(slot, previous.verified.directory, alias=slot.ref.alias)
+        if previous is not None and previous.verified.digest == record.digest:
+            # A rollback to the release still loaded: its cached files must pass again, as
+            # the release they are named after, and the index must agree; then swap back.
+            self._accept(
+                slot, previous.verified.directory, alias=slot.ref.alias, digest=record.digest
+            )
             self._swap(slot, previous, source="registry")
             return True
         stages = self.metrics.swap_seconds
         start = time.perf_counter()
-        with staging("fedlora-edge-") as tmp:
-            directory = store.download_version(slot.ref.name, str(version), tmp)
+        with staging("fedlora-edge-", under=self.settings.cache / "staging") as tmp:
+            directory = download(store, record, model=slot.ref.name, dst=tmp / "release")
             downloaded = time.perf_counter()
             accepted = self._accept(slot, directory, alias=slot.ref.alias)
             home = self._install(slot.ref.name, directory, accepted.digest)
             checked = time.perf_counter()
         # From here on the files are the cached copy of those just accepted.
-        release = self.runtime.load(slot.ref.name, str(version), replace(accepted, directory=home))
+        release = self.runtime.load(
+            slot.ref.name, record.version, replace(accepted, directory=home)
+        )
         self._swap(slot, release, source="registry")
         done = time.perf_counter()
         stages.labels("download").observe(downloaded - start)
@@ -211,9 +221,13 @@ class EdgeNode:
     # cache -------------------------------------------------------------------------
 
     def _install(self, model: str, directory: Path, digest: str) -> Path:
+        """Put just-accepted files in the cache under their digest, replacing what is there.
+
+        A folder already there is never trusted as it is: it may have been changed since
+        it was accepted, or hold another release's files.
+        """
         home = self.settings.cache / "releases" / model / digest
-        if not home.exists():
-            swap_directory(directory, home)
+        swap_directory(directory, home)
         return home
 
     def _state_path(self) -> Path:
@@ -241,8 +255,9 @@ class EdgeNode:
         try:
             self.index.load_cached()
             # No alias check: this is the release the node last served, possibly on purpose
-            # instead of a newer one it refused; every other step still holds.
-            accepted = self._accept(slot, home, alias=None)
+            # instead of a newer one it refused; every other step still holds, and the folder
+            # must hold the release it is named after.
+            accepted = self._accept(slot, home, alias=None, digest=entry["digest"])
         except VerificationError as exc:
             self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
             slot.last_error = f"cached release refused: {exc}"

@@ -19,6 +19,7 @@ from clients.site.settings import SiteSettings
 from clients.site.worker import WorkerAbsent, call
 from strategies.protocol import (
     evaluate_reply,
+    no_evaluation_reply,
     read_request,
     refusal_reply,
     train_reply,
@@ -50,6 +51,8 @@ def _job(kind: str, message: Message, context: Context, site: SiteSettings):
             return {"refusal": done.reason}, {}
         return {"metrics": done.metrics, "weight": done.weight}, done.local
     result = work.evaluate_global(site, reference, config)
+    if isinstance(result, work.NoEvaluation):
+        return {"no-evaluation": result.reason}, {}
     return {
         "num-examples": result.num_examples,
         "loss": result.loss,
@@ -78,6 +81,8 @@ def train(message: Message, context: Context) -> Message:
 def evaluate_global(message: Message, context: Context) -> Message:
     site = SiteSettings.from_node_config(context.node_config)
     answer, _ = _job("evaluate", message, context, site)
+    if "no-evaluation" in answer:
+        return no_evaluation_reply(message, site_id=site.site_id, reason=answer["no-evaluation"])
     return evaluate_reply(
         message,
         site_id=site.site_id,

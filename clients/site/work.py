@@ -64,6 +64,13 @@ class Evaluated:
     accuracy: float
 
 
+@dataclass(frozen=True)
+class NoEvaluation:
+    """The site has no held-out rows: no number beats one measured on training rows."""
+
+    reason: str
+
+
 @functools.lru_cache(maxsize=1)
 def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
     quiet_transformers()
@@ -75,13 +82,16 @@ def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
 def _data(
     site: SiteSettings, task: str, labels: tuple[str, ...]
 ) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples; the split is fixed per site id."""
+    """(train, held-out) examples; the split is fixed per site id.
+
+    A site too small to hold a row out at its ``eval-fraction`` (9 rows at 10%) trains on
+    everything and has no held-out rows: it reports no evaluation rather than an accuracy
+    on its own training rows.
+    """
     examples = load_examples(site.data_path, task=task, labels=labels or None)
     order = list(range(len(examples)))
     random.Random(site.site_id).shuffle(order)
     n_eval = int(len(examples) * site.eval_fraction)
-    if n_eval == 0 or n_eval == len(examples):
-        return examples, examples
     held = [examples[i] for i in order[:n_eval]]
     return [examples[i] for i in order[n_eval:]], held
 
@@ -211,9 +221,16 @@ def train(
 
 def evaluate_global(
     site: SiteSettings, reference: Mapping[str, np.ndarray], config: Mapping[str, Any]
-) -> Evaluated:
+) -> Evaluated | NoEvaluation:
     """Evaluate the global adapter on the site's held-out rows."""
     plan, loaded = _prepare(site, reference, config)
-    _, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    train_examples, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    if not held_out:
+        reason = (
+            f"site {site.site_id} has no held-out rows ({len(train_examples)} rows, "
+            f"eval-fraction {site.eval_fraction}): no evaluation"
+        )
+        log.info("%s", reason)
+        return NoEvaluation(reason)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
     return Evaluated(result.num_examples, result.loss, result.accuracy)

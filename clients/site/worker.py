@@ -178,6 +178,8 @@ def _handle(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
             return encode({"metrics": done.metrics, "weight": done.weight}, done.local)
         if header["kind"] == "evaluate":
             result = work.evaluate_global(site, tensors, header["config"])
+            if isinstance(result, work.NoEvaluation):
+                return encode({"no-evaluation": result.reason})
             return encode(
                 {
                     "num-examples": result.num_examples,

@@ -30,6 +30,9 @@ class TrainPlan:
     max_length: int = 64
     proximal_mu: float = 0.0
     fedrs_alpha: float = 1.0
+    # FedLC logit calibration strength τ (clients/task/train.py); 0 is off. It shapes the
+    # classifier's softmax, so a causal-LM run ignores it.
+    fedlc_tau: float = 0.0
     # The site clips its update (local - global) to this L2 norm before it leaves; 0 is off.
     clip_norm: float = 0.0
     # Under client-level DP every site weighs the same (the sensitivity bound needs it).
@@ -57,6 +60,8 @@ class TrainPlan:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
+        if not self.fedlc_tau >= 0:
+            raise ConfigError(f"fedlc.tau={self.fedlc_tau!r} must be >= 0")
         if self.site_dp_noise_multiplier != 0:  # a negative one is refused, not read as off
             SampleDP(  # validates the site-dp fields
                 noise_multiplier=self.site_dp_noise_multiplier,

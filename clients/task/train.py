@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,25 +101,33 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
     logit_scale = _fedrs_scale(loaded, examples, plan)
+    logit_shift = _fedlc_shift(loaded, examples, plan)
     steps_per_epoch = math.ceil(len(examples) / plan.batch_size)
     total = plan.local_steps or plan.local_epochs * steps_per_epoch
     model.train()
     started = time.perf_counter()
     step, losses = 0, []
+    # Drawn in both modes, so DP-SGD and plain training shuffle the same batches.
+    dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with (
+        _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
         private(model, optimizer, dp=dp, batch_size=plan.batch_size, generator=generator)
         if dp is not None
-        else contextlib.nullcontext((model, optimizer))
-    ) as (forward, opt):
+        else contextlib.nullcontext((model, optimizer)) as (forward, opt),
+    ):
         while step < total:
             for idx in _batches(len(examples), plan.batch_size, generator):
                 inputs = encode(loaded, [examples[i] for i in idx], max_length=plan.max_length)
                 inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-                if logit_scale is None:
+                if logit_scale is None and logit_shift is None:
                     loss = forward(**inputs).loss
                 else:
                     labels = inputs.pop("labels")
-                    logits = forward(**inputs).logits * logit_scale  # (batch, labels)
+                    logits = forward(**inputs).logits  # (batch, labels)
+                    if logit_scale is not None:
+                        logits = logits * logit_scale
+                    if logit_shift is not None:
+                        logits = logits - logit_shift
                     loss = torch.nn.functional.cross_entropy(logits, labels)
                 if anchor:
                     prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
@@ -142,6 +150,21 @@ def train_local(
     )
 
 
+@contextlib.contextmanager
+def _seeded_dropout(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw dropout masks from `seed` (taken from the run's generator), then restore torch's RNG.
+
+    Dropout samples from torch's global generator, which nothing seeds: without this, two
+    runs with the same data, seed and settings train different adapters. Under DP-SGD it
+    is not used, so nothing derived from the run seed can reach the global generator from
+    which privacy noise might be drawn.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def _fedrs_scale(
     loaded: LoadedModel, examples: Sequence[Example], plan: TrainPlan
 ) -> torch.Tensor | None:
@@ -152,6 +175,29 @@ def _fedrs_scale(
     scale = torch.full((len(index),), plan.fedrs_alpha, device=loaded.device)
     scale[[index[e.label] for e in examples if e.label in index]] = 1.0
     return scale
+
+
+def _fedlc_shift(
+    loaded: LoadedModel, examples: Sequence[Example], plan: TrainPlan
+) -> torch.Tensor | None:
+    """FedLC's per-label logit calibration ``τ · n_c^(-1/4)`` for the site's label counts.
+
+    FedLC (Zhang et al. 2022, "Federated Learning with Label Distribution Skew via Logits
+    Calibration") trains on ``f_c(x) - τ · n_c^(-1/4)``, where ``n_c`` counts the site's
+    examples of label c: a pairwise label margin that pushes the site's rare labels up
+    and keeps its frequent ones from dominating the shared head. A label the site has no
+    example of (``n_c = 0``) gets an infinite shift, i.e. it leaves the site's softmax, as
+    in the paper's code. Only the local loss changes; evaluation uses the plain logits.
+    """
+    if plan.fedlc_tau <= 0 or plan.spec.task != "sequence-classification":
+        return None
+    index = {label: i for i, label in enumerate(plan.spec.labels)}
+    counts = torch.zeros(len(index), device=loaded.device)
+    for example in examples:
+        if example.label in index:
+            counts[index[example.label]] += 1
+    # (labels,); inf where the site has no example, which cross-entropy treats as exp(-inf) = 0
+    return plan.fedlc_tau * counts.pow(-0.25)
 
 
 @torch.no_grad()

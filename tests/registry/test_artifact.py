@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from registry.artifact import Provenance, build_release, read_provenance
 from registry.errors import RegistryError
+from registry.keys import KeyPair
 
 
 def test_provenance_records_training_base_and_lora(outputs: list[Path], tmp_path: Path) -> None:
@@ -45,3 +47,69 @@ def test_not_an_adapter_is_refused(tmp_path: Path) -> None:
 def test_provenance_of_another_schema_is_refused() -> None:
     with pytest.raises(RegistryError, match="schema=None"):
         Provenance.from_dict({"model_name": "m"})
+
+
+def _link_to_key(adapter: Path, keys: Path) -> str:
+    (adapter / "notes.txt").symlink_to(keys / "signing-key.pem")
+    return "notes.txt"
+
+
+def _weights_as_link(adapter: Path, keys: Path) -> str:
+    weights = adapter / "adapter_model.safetensors"
+    (keys / "weights").write_bytes(weights.read_bytes())
+    weights.unlink()
+    weights.symlink_to(keys / "weights")
+    return "adapter_model.safetensors"
+
+
+def _foreign_file(adapter: Path, keys: Path) -> str:
+    (adapter / "id_ed25519").write_text("not a release file")
+    return "id_ed25519"
+
+
+def _folder(adapter: Path, keys: Path) -> str:
+    (adapter / "checkpoints").mkdir()
+    return "checkpoints"
+
+
+def _adapter_folder_as_link(adapter: Path, keys: Path) -> str:
+    moved = keys / "adapter"
+    adapter.rename(moved)
+    adapter.symlink_to(moved)
+    return "adapter"
+
+
+def _metrics_as_link(adapter: Path, keys: Path) -> str:
+    metrics = adapter.parent / "metrics.json"
+    elsewhere = keys / "elsewhere.json"  # valid JSON, so only the link itself can refuse it
+    elsewhere.write_bytes(metrics.read_bytes())
+    metrics.unlink()
+    metrics.symlink_to(elsewhere)
+    return "metrics.json"
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [_link_to_key, _weights_as_link, _foreign_file, _folder, _adapter_folder_as_link,
+     _metrics_as_link],
+)  # fmt: skip
+def test_a_release_takes_only_release_files_and_never_follows_a_link(
+    outputs: list[Path], tmp_path: Path, keypair: KeyPair, plant
+) -> None:
+    name = plant(outputs[0] / "adapter", keypair.private_path.parent)
+
+    with pytest.raises(RegistryError, match=re.escape(name)):
+        build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_signed_release_folder_is_copied_without_links(tmp_path: Path, keypair: KeyPair) -> None:
+    from registry.artifact import copy_release_files
+
+    (tmp_path / "signed").mkdir()
+    (tmp_path / "signed" / "model.sig").write_text("{}")
+    (tmp_path / "signed" / "provenance.json").symlink_to(keypair.private_path)
+
+    with pytest.raises(RegistryError, match=r"provenance\.json is a symbolic link"):
+        copy_release_files(tmp_path / "signed", tmp_path / "copy")

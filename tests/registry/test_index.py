@@ -23,8 +23,10 @@ def _entry(release: int, digest: str) -> AliasEntry:
     return AliasEntry(release=release, version=str(release), digest=digest, key_id="k")
 
 
-def _publish(store: FileStore, key, release: int, digest: str, **expiry) -> None:
-    repo = IndexRepository.load(store.fetch, key) or IndexRepository.create(
+def _publish(
+    store: FileStore, key, release: int, digest: str, trusted=frozenset(), **expiry
+) -> None:
+    repo = IndexRepository.load(store.fetch, key, trusted=trusted) or IndexRepository.create(
         key, expiry={k: dt.timedelta(seconds=v) for k, v in expiry.items()}
     )
     repo.set_alias("intents", "production", _entry(release, digest))
@@ -139,8 +141,9 @@ def test_keys_rotate_through_signed_root_versions(
     repo = IndexRepository.load(store.fetch, publisher)
     repo.add_signer(load_public_key(new.public_path))
     store.files.update(repo.files())
-    _publish(store, new_key, 2, "d2")  # the rotated-in key signs the index now
-    repo = IndexRepository.load(store.fetch, new_key)
+    # The rotated-in key signs the index now, starting from the root the old key signed.
+    _publish(store, new_key, 2, "d2", trusted=frozenset({keypair.key_id}))
+    repo = IndexRepository.load(store.fetch, new_key, trusted=frozenset({keypair.key_id}))
     repo.remove_signer(keypair.key_id)  # ... and retires the old one
     store.files.update(repo.files())
 
@@ -170,3 +173,60 @@ def test_renewing_an_expired_index_makes_it_acceptable_again(
 
     client.refresh()
     assert client.alias("intents", "production").digest == "d1"
+
+
+def _forged_index(publisher, stranger, store: FileStore) -> None:
+    """The registry's index as a stranger rewrites it: a root that lists the publisher's key
+    beside the stranger's (threshold 1), and roles signed by the stranger alone."""
+    from tuf.api.metadata import Metadata, Root
+
+    _publish(store, publisher, 1, "d1")
+    signer = IndexRepository.signer_for(stranger)
+    root = Metadata[Root].from_bytes(store.files["root.json"])
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        root.signed.add_key(signer.public_key, role)
+    root.sign(signer, append=False)
+    store.files["root.json"] = store.files["1.root.json"] = root.to_bytes()
+    repo = IndexRepository({"root": root, **_roles(store)}, signer)
+    repo.set_alias("intents", "production", _entry(99, "forged"))
+    files = repo.files()
+    store.files.update({k: v for k, v in files.items() if "root" not in k})
+
+
+def _roles(store: FileStore) -> dict:
+    from tuf.api.metadata import Metadata
+
+    return {r: Metadata.from_bytes(store.files[f"{r}.json"]) for r in ("targets", "snapshot",
+                                                                       "timestamp")}  # fmt: skip
+
+
+def test_a_first_root_must_be_signed_by_a_trusted_key_not_merely_list_one(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    stranger = load_private_key(generate_keypair(tmp_path / "stranger").private_path)
+    _forged_index(publisher, stranger, store)
+
+    with pytest.raises(VerificationError) as err:
+        IndexClient(store.fetch, tmp_path / "fresh-cache", trust).refresh()
+    assert err.value.reason == "untrusted-key"
+    with pytest.raises(VerificationError) as err:  # a publisher would sign the forgery again
+        IndexRepository.load(store.fetch, publisher)
+    assert err.value.reason == "untrusted-key"
+
+
+@pytest.mark.parametrize("name", ["timestamp.json", "2.root.json"])
+def test_an_index_file_over_its_length_limit_is_refused(
+    publisher, trust: TrustStore, tmp_path: Path, name: str
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+
+    store.files[name] = b" " * 600_000  # over python-tuf's limits (16 KiB, 512 KB)
+    with pytest.raises(VerificationError) as err:
+        client.refresh()
+
+    assert err.value.reason == "fetch"
+    assert name in str(err.value)

@@ -98,6 +98,12 @@ def test_an_untrusted_signer_is_refused_promotion(
     assert err.value.gate == "signer"
 
 
+def _files_of(store: MlflowStore, version: str) -> Path:
+    """Where the embedded store keeps a version's files (what a registry account can edit)."""
+    source = store.client.get_model_version("intents", version).source
+    return Path(source.removeprefix("file://"))
+
+
 def test_registry_side_attacks_are_refused_at_pull(
     store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
 ) -> None:
@@ -108,16 +114,27 @@ def test_registry_side_attacks_are_refused_at_pull(
     served = _pull(store, trust, tmp_path)
     assert served.digest == v2.digest
 
-    # An account with EDIT on the model moves production back to the older, signed release.
+    # An account with EDIT on the model moves production back to the older, signed release:
+    # consumers follow the signed index, so nothing changes.
     store.client.set_registered_model_alias("intents", "production", v1.version)
+    assert _pull(store, trust, tmp_path).digest == v2.digest
+    store.client.set_registered_model_alias("intents", "production", v2.version)
+
+    # ... or puts the older release's signed files where the index says v2's files are.
+    old, current = _files_of(store, v1.version), _files_of(store, v2.version)
+    sizes = {f.name: f.stat().st_size for f in current.iterdir()}
+    assert {f.name: f.stat().st_size for f in old.iterdir()} == sizes  # only digests differ
+    kept = {f.name: f.read_bytes() for f in current.iterdir()}
+    for f in old.iterdir():
+        shutil.copy(f, current / f.name)
     with pytest.raises(VerificationError) as err:
         _pull(store, trust, tmp_path)
     assert err.value.reason == "stale"
-    store.client.set_registered_model_alias("intents", "production", v2.version)
+    for name, data in kept.items():
+        (current / name).write_bytes(data)
 
     # ... or rewrites bytes in the artifact store.
-    source = store.client.get_model_version("intents", v2.version).source
-    weights = Path(source.removeprefix("file://")) / "adapter_model.safetensors"
+    weights = current / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(VerificationError) as err:
@@ -149,7 +166,8 @@ def test_revoked_releases_and_keys_are_refused(
     # A second publisher is let in (rotation), then revoked: it loses the index as well.
     other = generate_keypair(tmp_path / "second")
     add_signer(store, key=key, public_key=other.public_path)
-    publish(store, outputs[1], model="intents", key=SigningKey(other.private_path))
+    # Its first use starts from the root the first key signed, so it trusts that key once.
+    publish(store, outputs[1], model="intents", key=SigningKey(other.private_path), trust=trust)
     revoke(store, key=key, key_ids={other.key_id})
     with pytest.raises(RegistryError, match="may not sign the release index"):
         publish(store, outputs[2], model="intents", key=SigningKey(other.private_path))

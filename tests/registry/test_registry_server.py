@@ -92,3 +92,103 @@ def test_publisher_writes_edge_reads_and_strangers_get_clear_errors(
     with pytest.raises(RegistryUnavailable, match="is unreachable"):
         MlflowStore(server.uri)
     shutil.rmtree(tmp_path / "mlflow", ignore_errors=True)
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the artifact files whose bytes this process reads: HTTP bodies of artifact
+    files and local artifact copies. A spy only: every call goes on to the real code."""
+    import requests
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    seen: list[str] = []
+    read, copy = requests.Response.iter_content, LocalArtifactRepository._download_file
+
+    def spy_read(self, *args, **kwargs):
+        if "/mlflow-artifacts/artifacts/" in self.url:
+            seen.append(self.url.rsplit("/", 1)[-1])
+        return read(self, *args, **kwargs)
+
+    def spy_copy(self, remote_file_path, local_path):
+        seen.append(Path(remote_file_path).name)
+        return copy(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(requests.Response, "iter_content", spy_read)
+    monkeypatch.setattr(LocalArtifactRepository, "_download_file", spy_copy)
+    return seen
+
+
+def test_fetching_refuses_foreign_sources_files_and_sizes_before_downloading(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore,
+    downloads: list[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import sqlite3
+
+    from registry.errors import VerificationError
+    from registry.lifecycle import SigningKey, publish
+
+    padding = tmp_path / "padding.bin"
+    with padding.open("wb") as fh:
+        fh.truncate(20 << 20)  # 20 MiB of zeros: its size is what counts, not its content
+    with MlflowServer(tmp_path / "mlflow") as server:
+        store = MlflowStore(server.uri)
+        monkeypatch.setenv("HOME", str(tmp_path))  # the publisher's state stays in the test
+        key = SigningKey(keypair.private_path, PASSPHRASE)
+        done = publish(store, outputs[0], model="intents", key=key)
+        mv = store.client.get_model_version("intents", done.version)
+
+        def refused(name: str) -> str:
+            downloads.clear()
+            with pytest.raises(VerificationError) as err:
+                pull(store, model="intents", alias="candidate", trust=trust,
+                     out=tmp_path / "serving", state=tmp_path / "edge-state")  # fmt: skip
+            assert err.value.reason == "fetch", err.value
+            assert name not in downloads, downloads
+            return str(err.value)
+
+        # 1. The version's source rewritten (a write to MLflow's database) to a local folder.
+        secret = tmp_path / "secret"
+        secret.mkdir()
+        (secret / "secret.txt").write_text("the edge machine's own files")
+        db = sqlite3.connect(tmp_path / "mlflow" / "mlflow.db")
+        with db:
+            db.execute("UPDATE model_versions SET source = ? WHERE name = 'intents'",
+                       (secret.as_uri(),))  # fmt: skip
+        assert "file://" in refused("secret.txt")
+        with db:
+            db.execute("UPDATE model_versions SET source = ? WHERE name = 'intents'",
+                       (mv.source,))  # fmt: skip
+        db.close()
+
+        # 2. A file added to the release.
+        store.client.log_artifact(mv.run_id, str(padding), "release")
+        assert "'padding.bin', which is not a file of this release" in refused("padding.bin")
+        # MLflow has no call to delete one artifact file: remove it in the artifact store.
+        stored = tmp_path / "mlflow" / "artifacts" / mv.source.split("mlflow-artifacts:/", 1)[1]
+        (stored / "padding.bin").unlink()
+
+        # 3. A release file grown in place.
+        weights = stored / "adapter_model.safetensors"
+        original = weights.read_bytes()
+        weights.write_bytes(original + bytes(20 << 20))
+        assert "over its limit" in refused("adapter_model.safetensors")
+        weights.write_bytes(original)
+        assert (
+            pull(
+                store,
+                model="intents",
+                alias="candidate",
+                trust=trust,
+                out=tmp_path / "serving",
+                state=tmp_path / "edge-state",
+            ).digest
+            == done.digest
+        )
+
+        # 4. Index metadata grown past python-tuf's limit for it (16 KiB for the timestamp).
+        index_run = store.index_run(create=False)
+        big = tmp_path / "big" / "timestamp.json"
+        big.parent.mkdir()
+        big.write_bytes(b" " * (1 << 20))
+        store.client.log_artifact(index_run, str(big), "tuf")
+        assert "timestamp.json" in refused("timestamp.json")

@@ -52,3 +52,20 @@ def test_server_optimizer_state_round_trips_beside_the_state(tmp_path: Path) -> 
     store.save(_ckpt(2))  # a plain FedAvg checkpoint carries no optimiser state
     loaded = store.load()
     assert loaded is not None and loaded.server_state == {}
+
+
+def test_best_round_and_its_tensors_round_trip_apart_from_the_state(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    ckpt = _ckpt(3)
+    best = {"w": np.array([7.0, 8.0, 9.0], np.float32)}
+    store.save(
+        Checkpoint(**{**ckpt.__dict__, "best_round": 2, "best_accuracy": 0.75, "best_state": best})
+    )
+
+    loaded = store.load()
+
+    assert loaded is not None
+    assert (loaded.best_round, loaded.best_accuracy) == (2, 0.75)
+    assert set(loaded.state) == {"w"} and set(loaded.best_state) == {"w"}
+    np.testing.assert_array_equal(loaded.state["w"], [3, 3, 3])
+    np.testing.assert_array_equal(loaded.best_state["w"], best["w"])

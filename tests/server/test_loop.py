@@ -28,6 +28,7 @@ from strategies.errors import RoundFailed
 from strategies.protocol import (
     NO_REPLY,
     evaluate_reply,
+    no_evaluation_reply,
     read_request,
     refusal_reply,
     to_record,
@@ -136,9 +137,13 @@ class Tracker:
 
     def __init__(self) -> None:
         self.rounds: list[tuple[int, dict[str, float]]] = []
+        self.tags: dict[str, str] = {}
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         self.rounds.append((server_round, metrics))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
 
 
 def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
@@ -155,6 +160,8 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         "round-timeout": 5.0,
         "fraction-evaluate": 0.0,
         "update.max-norm": 10.0,
+        # FedAvg's example-weighted mean: what these tests work out by hand.
+        "server.aggregate": "mean",
         "out-dir": str(tmp_path / "out"),
     }
     return RunSettings.from_config(config | extra)
@@ -449,3 +456,95 @@ def test_an_error_the_superlink_makes_for_an_unreachable_site_names_that_site(
     (row,) = history
     assert row["failures"] == [{"site": "site-c", "reason": "node unavailable"}]
     assert row["rejections"] == [] and row["site_ids"] == ["site-a", "site-b"]
+
+
+def without_held_out_rows(site_id: str, *, delta: float, examples: int) -> Site:
+    """A site too small to hold rows out: it trains, and declines to evaluate."""
+    trains = honest(site_id, delta=delta, examples=examples)
+
+    def reply(message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return no_evaluation_reply(message, site_id=site_id, reason="no held-out rows")
+        return trains(message)
+
+    return reply
+
+
+def test_without_an_eval_file_the_headline_is_the_mean_over_sites_that_hold_rows_out(
+    tmp_path: Path,
+) -> None:
+    # Arrange: site-c trains but holds no rows out; it must not weigh in the headline.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, loss=1.0, accuracy=0.5),
+            2: honest("site-b", delta=0.5, examples=30, loss=2.0, accuracy=0.9),
+            3: without_held_out_rows("site-c", delta=0.3, examples=9),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0})
+
+    # Act
+    _, history, _, tracker = _run(tmp_path, grid, settings)
+
+    # Assert: (0.5·10 + 0.9·30) / 40 = 0.8 over the two sites that evaluate.
+    (row,) = history
+    assert row["sites"] == 3 and row["evaluated_sites"] == 2
+    assert row["accuracy"] == row["federated_accuracy"] == pytest.approx(0.8)
+    assert row["unevaluated"] == [{"site": "site-c", "reason": "no held-out rows"}]
+    assert row["headline"] == "federated mean over 2 site(s) with held-out rows"
+    assert tracker.tags["fedlora.headline"] == row["headline"]
+
+
+def test_the_best_round_on_the_central_file_is_kept_and_checkpointed(tmp_path: Path) -> None:
+    from server.selection import BestRound
+
+    # Arrange: central accuracy 0.6, 0.9, 0.7 over three rounds.
+    grid = FakeGrid({1: honest("site-a", delta=0.1, examples=10)})
+    settings = _settings(tmp_path, **{"num-server-rounds": 3, "min-fit-clients": 1,
+                                      "min-available-clients": 1})  # fmt: skip
+    scores = iter([0.6, 0.9, 0.7])
+    best = BestRound()
+
+    # Act
+    state, _, _, _ = _run(
+        tmp_path, grid, settings, evaluator=lambda state: (0.0, next(scores)), best=best
+    )
+
+    # Assert: round 2's tensors (+0.2), not the last (+0.3).
+    assert (best.round, best.accuracy) == (2, 0.9)
+    np.testing.assert_allclose(best.state["head"], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(state["head"], 0.3, rtol=1e-6)
+    saved = CheckpointStore(tmp_path / "checkpoint").load()
+    assert saved is not None and saved.best_round == 2
+    np.testing.assert_allclose(saved.best_state["head"], 0.2, rtol=1e-6)
+
+
+class ReversedGrid(FakeGrid):
+    """Answers in the reverse of the order it was asked: sites finishing in another order."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        return list(reversed(super().send_and_receive(messages, timeout=timeout)))
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path: Path) -> None:
+    # Arrange: the same three sites, their replies arriving in two orders; float sums
+    # taken in another order would differ in the last bits.
+    def sites() -> dict[int, Site]:
+        return {
+            # Found by search: summed in reverse, the float32 mean differs in the last bit.
+            1: honest("site-a", delta=0.8009724020957947, examples=7),
+            2: honest("site-b", delta=0.2439102828502655, examples=3),
+            3: honest("site-c", delta=0.061253711581230164, examples=11),
+        }
+
+    settings = _settings(tmp_path / "x", **{"min-fit-clients": 3, "min-available-clients": 3})
+
+    # Act
+    first, *_ = _run(tmp_path / "one", FakeGrid(sites()), settings)
+    second, *_ = _run(tmp_path / "two", ReversedGrid(sites()), settings)
+
+    # Assert: bit for bit the same tensors.
+    for name in first:
+        assert first[name].tobytes() == second[name].tobytes(), name

@@ -118,8 +118,10 @@ def test_bad_privacy_config_names_the_key(config: dict, message: str) -> None:
 
 
 def test_privacy_settings_reach_the_round_plan() -> None:
-    plain = RunSettings.from_config(OK)
+    plain = RunSettings.from_config({**OK, "server.aggregate": "mean"})
     assert plain.plan(1).clip_norm == 0.0 and not plain.plan(1).uniform_weight
+    # The default sums the head's updates, so every site weighs the same.
+    assert RunSettings.from_config(OK).plan(1).uniform_weight
     dp = RunSettings.from_config({**OK, "dp.clip-norm": 0.5, "dp.target-epsilon": 8.0})
     assert dp.plan(1).clip_norm == 0.5 and dp.plan(1).uniform_weight
     secure = RunSettings.from_config({**SECURE, "update.max-norm": 3.0})

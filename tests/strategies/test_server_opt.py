@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from clients.task.errors import ConfigError
+from strategies.fedavg import FedAvg
 from strategies.server_opt import BETA2, TAU, ServerOptimizer
+from strategies.strategy import SiteUpdate
 
 vectors = arrays(np.float32, 5, elements=st.floats(-10, 10, width=32))
 
@@ -90,3 +92,45 @@ def test_adam_moves_a_diluted_tensor_as_far_as_a_strong_one() -> None:
 def test_bad_hyperparameters_are_refused(kind: str, lr: float, momentum: float) -> None:
     with pytest.raises(ConfigError, match="server"):
         ServerOptimizer(kind=kind, learning_rate=lr, momentum=momentum)
+
+
+def test_sum_moves_by_the_sum_of_the_updates() -> None:
+    # Three sites move w from 1 by +1, +2 and +6: uniform mean 1 + 3 = 4, sum of the
+    # updates 9, so the new w is 1 + 9 = 10 (and FedAvgM's momentum then works on sums).
+    current = {"w": np.array([1.0], np.float32)}
+    updates = [{"w": np.array([v], np.float32)} for v in (2.0, 3.0, 7.0)]
+    outcome = FedAvg(weighting="uniform").aggregate(
+        1, current, [SiteUpdate(s, u, n) for s, u, n in zip("abc", updates, (1, 5, 9), strict=True)]
+    )
+    np.testing.assert_allclose(outcome.state["w"], [4.0])  # uniform, not by example counts
+
+    new, state = ServerOptimizer(aggregate="sum").step(current, outcome.state, {}, num_updates=3)
+
+    np.testing.assert_allclose(new["w"], [10.0])
+    assert new["w"].dtype == np.float32 and state == {}
+    with_momentum = ServerOptimizer(aggregate="sum", momentum=0.5)
+    w1, s1 = with_momentum.step(current, outcome.state, {}, num_updates=3)
+    w2, _ = with_momentum.step(w1, {"w": w1["w"] + 3}, s1, num_updates=3)  # sum +9 again
+    np.testing.assert_allclose(w2["w"], [10.0 + 9 + 0.5 * 9])
+
+
+def test_sum_is_not_the_identity_and_bad_aggregate_is_refused() -> None:
+    assert not ServerOptimizer(aggregate="sum").is_identity
+    with pytest.raises(ConfigError, match=r"server\.aggregate='max'"):
+        ServerOptimizer(aggregate="max")
+
+
+def test_sum_head_sums_only_the_classification_head() -> None:
+    # Two sites: the head row moves +1 at one site and 0 at the other (FedLC leaves the
+    # rows of labels a site lacks untouched), LoRA B moves +1 and +3. Uniform mean: head
+    # +0.5, B +2. sum-head: head 2 · 0.5 = +1 (the site that has the label, undiluted),
+    # B stays at the mean +2.
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    lora = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight"
+    current = {head: np.zeros(1, np.float32), lora: np.zeros(1, np.float32)}
+    mean = {head: np.array([0.5], np.float32), lora: np.array([2.0], np.float32)}
+
+    new, _ = ServerOptimizer(aggregate="sum-head").step(current, mean, {}, num_updates=2)
+
+    np.testing.assert_allclose(new[head], [1.0])
+    np.testing.assert_allclose(new[lora], [2.0])

@@ -3,6 +3,7 @@ swap under load, registry-side attacks, registry outage and an offline restart."
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,6 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from registry.artifact import build_release
 from registry.index import AliasEntry
 from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.lifecycle import (
@@ -35,6 +35,7 @@ from tests.tiny_models import make_tiny_llama
 
 pytestmark = pytest.mark.integration
 TOKEN = "edge-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @contextmanager
@@ -129,40 +130,43 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             assert served == {v1, v2}
             assert swap_seconds < 30
 
-            # 2. Replay: an account with EDIT on the model moves production back to v1.
+            # 2. Replay: an account with EDIT on the model moves production back to v1. The
+            # node follows the signed index, so it stays on v2 and healthy.
             client.set_registered_model_alias("intents", "production", v1)
-            _wait("stale refusal", lambda: _refusals(url, "stale") >= 1)
+            refreshed = httpx.post(f"{url}/v1/refresh", headers=ADMIN, timeout=60)
+            assert refreshed.status_code == 200, refreshed.text
             assert _active(url) == v2 and _predict(url).json()["version"] == v2
+            assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
             client.set_registered_model_alias("intents", "production", v2)
 
-            # 3. A release signed by a key outside the trust store, aliased by hand.
-            stranger = generate_keypair(tmp_path / "stranger")
-            forged = tmp_path / "forged"
-            build_release(outputs[2], forged, model_name="intents", release=99)
-            sign_release(forged, private_key=stranger.private_path)
-            run_id = store.upload_release(forged, model="intents", release=99)
-            source = f"{client.get_run(run_id).info.artifact_uri}/release"
-            mv = client.create_model_version("intents", source, run_id=run_id)
-            client.set_registered_model_alias("intents", "production", str(mv.version))
-            _wait("untrusted-key refusal", lambda: _refusals(url, "untrusted-key") >= 1)
-            assert _active(url) == v2
-            client.set_registered_model_alias("intents", "production", v2)
-
-            # 4. A properly promoted release whose bytes are changed in the artifact store.
+            # 3. The next release, signed into the index, whose signature in the artifact
+            # store is replaced by one over the same files by a key outside the trust store.
             published = publish(store, outputs[2], model="intents", key=key)
             source = client.get_model_version("intents", published.version).source
             stored = tmp_path / "mlflow" / "artifacts" / source.split("mlflow-artifacts:/", 1)[1]
-            weights = stored / "adapter_model.safetensors"
-            good = weights.read_bytes()
-            weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+            signature = (stored / "model.sig").read_bytes()
+            stranger = generate_keypair(tmp_path / "stranger")
+            forged = tmp_path / "forged"
+            shutil.copytree(stored, forged)
+            sign_release(forged, private_key=stranger.private_path)
+            shutil.copy(forged / "model.sig", stored / "model.sig")
             index = load_index(store, key, create=False)
             entry = AliasEntry(
                 release=published.release, version=published.version,
                 digest=published.digest, key_id=published.key_id,
             )  # fmt: skip
             move_alias(store, index, model="intents", alias="production", entry=entry)
+            _wait("untrusted-key refusal", lambda: _refusals(url, "untrusted-key") >= 1)
+            assert _active(url) == v2
+
+            # 4. ... then its weights changed, with its own signature back in place.
+            weights = stored / "adapter_model.safetensors"
+            good = weights.read_bytes()
+            weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+            (stored / "model.sig").write_bytes(signature)
             _wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
             assert _active(url) == v2
+            assert httpx.get(f"{url}/healthz").json()["status"] == "degraded"
             weights.write_bytes(good)  # repaired: the node takes it on the next poll
             v3 = published.version
             _wait("v3 served", lambda: _active(url) == v3)

@@ -1,0 +1,102 @@
+"""Reproducibility of local training on a tiny in-code BERT with dropout on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clients.task.data import Example
+from clients.task.model import (
+    ModelSpec,
+    base_digest,
+    build_model,
+    load_trainable_state,
+    quiet_transformers,
+    trainable_state,
+)
+from clients.task.plan import TrainPlan
+from clients.task.train import train_local
+from tests.tiny_models import make_tiny_bert
+
+quiet_transformers()
+
+EXAMPLES = [
+    Example(text=f"{word} number {i}", label=label)
+    for i in range(4)
+    for word, label in (("hello", "greet"), ("goodbye", "bye"), ("thanks", "thank"))
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory):
+    base = make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.3)
+    spec = ModelSpec(base=str(base), labels=("greet", "bye", "thank"), lora_r=4)
+    return build_model(spec, device="cpu")
+
+
+def _train(loaded, *, seed: int) -> dict[str, np.ndarray]:
+    plan = TrainPlan(spec=loaded.spec, base_digest=base_digest(loaded.spec.base), batch_size=4)
+    load_trainable_state(loaded.model, _initial(loaded))
+    train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator().manual_seed(seed))
+    return trainable_state(loaded.model)
+
+
+def _initial(loaded) -> dict[str, np.ndarray]:
+    if not hasattr(loaded, "_initial"):
+        loaded._initial = trainable_state(loaded.model)
+    return loaded._initial
+
+
+def test_same_generator_seed_gives_a_bit_identical_adapter_despite_dropout(loaded) -> None:
+    # Arrange: something else draws from torch's global generator between the two runs,
+    # as other work in a site process would.
+    first = _train(loaded, seed=7)
+    torch.rand(1000)
+    rng_before = torch.get_rng_state()
+
+    # Act
+    second = _train(loaded, seed=7)
+
+    # Assert: the same adapter, and the global generator left as it was found.
+    assert first.keys() == second.keys()
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_dropout_masks_come_from_the_generator(loaded) -> None:
+    # With dropout on, another seed changes the masks (and the order), hence the adapter.
+    a, b = _train(loaded, seed=7), _train(loaded, seed=8)
+
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fedlc_shift_is_tau_over_the_fourth_root_of_the_counts() -> None:
+    from types import SimpleNamespace
+
+    from clients.task.train import _fedlc_shift
+
+    spec = ModelSpec(labels=("a", "b", "c"))
+    plan = TrainPlan(spec=spec, base_digest="sha256:x", fedlc_tau=2.0)
+    examples = [Example(text="x", label="a")] * 16 + [Example(text="y", label="b")]
+
+    shift = _fedlc_shift(SimpleNamespace(device=torch.device("cpu")), examples, plan)
+
+    # 2·16^(-1/4) = 1, 2·1^(-1/4) = 2, and no example of "c": out of the site's softmax.
+    assert shift is not None
+    np.testing.assert_allclose(shift[:2].numpy(), [1.0, 2.0])
+    assert torch.isinf(shift[2])
+
+
+def test_fedlc_with_an_absent_label_still_trains_to_finite_tensors(loaded) -> None:
+    plan = TrainPlan(
+        spec=loaded.spec, base_digest=base_digest(loaded.spec.base), batch_size=4, fedlc_tau=1.0
+    )
+    load_trainable_state(loaded.model, _initial(loaded))
+    only_two = [e for e in EXAMPLES if e.label != "thank"]
+
+    result = train_local(loaded, only_two, plan=plan, generator=torch.Generator().manual_seed(0))
+
+    assert np.isfinite(result.loss)
+    assert all(np.all(np.isfinite(v)) for v in trainable_state(loaded.model).values())

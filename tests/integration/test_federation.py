@@ -364,11 +364,12 @@ def _assert_close(
 def _fedavg_of(
     paths: list[Path], site_ids: list[str], config: dict, *, rounds: int, clip: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """What FedAvg of these sites gives: their own code, run here on the same inputs.
+    """What the run's aggregation makes of these sites' updates, recomputed here.
 
-    Each round every site trains from the global state (the site code's generator is
-    seeded by run seed, round and site id); the new global state is the example-weighted
-    mean, of the updates clipped to ``clip`` when the sites clip (SecAgg+).
+    Each round every site trains from the global state with its own code (seeded by run
+    seed, round and site id); the run's strategy aggregates the replies and the server
+    optimiser steps, as in server/loop.py. With ``clip`` (SecAgg+) the sites' updates are
+    clipped and the strategy gets their example-weighted mean, as the secure sum gives it.
     """
     # One thread, as the sites train (OMP_NUM_THREADS=1): the same float reductions.
     threads = torch.get_num_threads()
@@ -386,26 +387,46 @@ def _replay(
     from clients.site.work import Trained, train
     from clients.task.model import build_model, trainable_state
     from strategies.dp import clip_update
+    from strategies.protocol import NUM_EXAMPLES
+    from strategies.strategy import MeanUpdate, SiteUpdate
 
     settings = RunSettings.from_config({k: v for k, v in config.items() if k != "roster"})
+    strategy = settings.strategy()
     state = trainable_state(build_model(settings.spec).model)
+    server_state: dict = {}
     for server_round in range(1, rounds + 1):
-        plan = settings.plan(server_round).to_config() | settings.strategy().client_config()
+        plan = settings.plan(server_round).to_config() | strategy.client_config()
+        updates: list[SiteUpdate] = []
         total: dict[str, np.ndarray] = {}
         weight = 0
         for path, site_id in zip(paths, site_ids, strict=True):
             site = SiteSettings.from_node_config({"data-path": str(path), "site-id": site_id})
             done = train(site, state, plan, run="replay")
             assert isinstance(done, Trained)
-            update = {
+            metrics = {k: float(v) for k, v in done.metrics.items() if k != NUM_EXAMPLES}
+            n = int(done.metrics[NUM_EXAMPLES])
+            updates.append(SiteUpdate(site_id, done.local, num_examples=n, metrics=metrics))
+            delta = {
                 k: v.astype(np.float64) - state[k].astype(np.float64) for k, v in done.local.items()
             }
-            if clip > 0:
-                update, _ = clip_update(update, clip_norm=clip)
-            for k, v in update.items():
+            delta, _ = clip_update(delta, clip_norm=clip) if clip > 0 else (delta, 0.0)
+            for k, v in delta.items():
                 total[k] = total.get(k, 0.0) + v * done.weight
             weight += done.weight
-        state = {k: (state[k] + total[k] / weight).astype(state[k].dtype) for k in state}
+        if clip > 0:
+            mean = {k: v / weight for k, v in total.items()}
+            sites = [SiteUpdate(u.site, {}, num_examples=u.num_examples, metrics=u.metrics)
+                     for u in updates]  # fmt: skip
+            outcome = strategy.aggregate_mean(server_round, state, MeanUpdate(mean, sites))
+        else:
+            outcome = strategy.aggregate(server_round, state, updates)
+        state, server_state = settings.server_optimizer.step(
+            state,
+            outcome.state,
+            server_state,
+            spread=outcome.spread,
+            num_updates=len(outcome.accepted),
+        )
     return state
 
 

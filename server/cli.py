@@ -112,6 +112,7 @@ def cmd_federation_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_local(args: argparse.Namespace) -> int:
+    import os
     import signal
 
     from server.local import progress_line, run_local
@@ -132,7 +133,7 @@ def cmd_federation_local(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         overrides=parse_overrides(args.set or []),
         workers=not args.cold,
-        worker_pool=args.worker_pool,
+        worker_pool=(os.cpu_count() or 1) if args.worker_pool is None else args.worker_pool or None,
         on_line=show,
     )
     out = Console()
@@ -231,8 +232,8 @@ def _federation_group(sub: argparse._SubParsersAction) -> None:
         "--worker-pool",
         type=int,
         metavar="N",
-        help="N warm workers shared by the sites, to fit many sites on one machine "
-        "(default: one per site)",
+        help="N warm workers shared by the sites, so at most N load a model or train at "
+        "once on this machine; 0: one per site (default: the number of CPU cores)",
     )
     local.add_argument(
         "--set",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from flwr.app import Context
@@ -42,6 +43,7 @@ from server.checkpoint import CheckpointStore
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
+from server.roster import Roster
 from server.run_config import read_config, to_toml
 from server.selection import BestRound, chosen_round
 from server.settings import RunSettings
@@ -106,6 +108,7 @@ def run_training(
         if settings.eval_file
         else None
     )
+    roster = Roster.load(settings.roster) if settings.roster else None
     store = CheckpointStore(settings.out_dir / "checkpoint")
     resume_from = _check_resume(settings, store)
     if settings.publish is not None:
@@ -126,7 +129,7 @@ def run_training(
         run_name=run_name(settings.spec.base),
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
-    log.info("MLflow run %s at %s", run_id, uri)
+    log.info("MLflow run %s at %s", run_id, redact_uri(uri))
 
     evaluator: Evaluator | None = None
     if eval_examples is not None:
@@ -147,6 +150,7 @@ def run_training(
             evaluator=evaluator,
             resume_from=resume_from,
             on_round=on_round,
+            roster=roster,
             best=best,
         )
         last_round = int(history[-1]["round"]) if history else 0
@@ -269,6 +273,31 @@ class OneLineRefusal(logging.Filter):
         return True
 
 
+def _log_to_stream() -> None:
+    """Send fedlora's INFO lines to stderr, which ``flwr run --stream`` shows the user.
+
+    Flower mirrors the ServerApp process's stdout and stderr to the run's log stream; a
+    handler made here, after that, writes to the mirror. Library chatter stays quiet.
+    """
+    logger = logging.getLogger("server")
+    if not any(getattr(h, "_fedlora_stream", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedlora: %(message)s"))
+        handler._fedlora_stream = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI without a password in it (``http://user:secret@host`` → ``user:***``)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: the run config comes from pyproject + overrides."""
@@ -278,10 +307,15 @@ def main(grid: Grid, context: Context) -> None:
     # Flower prints its records with its own handler; opacus gives the root logger a second
     # one when it is imported (logging.basicConfig), so Flower's lines would show twice.
     flwr_log.propagate = False
+    _log_to_stream()
     config = dict(context.run_config)
     values = read_config(config)
     if values["task"] == "sequence-classification" and not parse_label_set(values["labels"]):
         raise ConfigError(DEPLOYMENT_LABELS)
     settings = RunSettings.from_config(config)
-    result = run_training(grid, settings)
-    log.info("adapter written to %s; MLflow run %s", result.adapter_dir, result.run_id)
+    result = run_training(
+        grid, settings, on_round=lambda record: log.info(record.summary(settings.rounds))
+    )
+    log.info("adapter: %s", result.adapter_dir)
+    log.info("metrics: %s", result.metrics_path)
+    log.info("MLflow run %s at %s", result.run_id, redact_uri(result.tracking_uri))

@@ -36,6 +36,8 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    sampled: int = 0  # sites asked to train
+    replies: int = 0  # of those, replies that arrived without an error
     sites: int = 0
     rejected: int = 0
     failed: int = 0
@@ -189,6 +191,23 @@ class RoundRecord:
             for site, values in per_site.items():
                 out.setdefault(site, {}).update(values)
         return out
+
+    def summary(self, rounds: int) -> str:
+        """One line for the operator's log (``flwr run --stream``) after `finish`."""
+        parts = [
+            f"round {self.round}/{rounds} {'skipped' if self.skipped else 'done'} "
+            f"in {self.seconds:.1f}s: {self.sampled} sampled, {self.replies} replied, "
+            f"{self.sites} accepted, {self.rejected} rejected, {self.failed} failed, "
+            f"{self.refused} refused"
+        ]
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.4f}")
+        if self.epsilon is not None:
+            parts.append(f"ε {self.epsilon:.4g} (δ {self.delta:g})")
+        trouble = [f"{r['site']}: {r.get('reason') or r.get('detail')}" for r in self.failures]
+        trouble += [f"{r['site']}: {r.get('check')}" for r in self.rejections]
+        line = ", ".join(parts)
+        return f"{line}; {'; '.join(trouble)}" if trouble else line
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""

@@ -51,6 +51,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "tracking-uri": (str, "", "MLflow tracking URI; default MLFLOW_TRACKING_URI or SQLite"),
     "experiment": (str, "fedlora", "MLflow experiment name"),
     "resume": (bool, False, "continue from out-dir/checkpoint"),
+    "roster": (str, "", "enrolled sites (roster.json): only they get work; empty: all nodes"),
     "adapter.keep": (str, "best", "OUT/adapter: best round on eval-file, or last (selection.py)"),
     "lora.r": (int, 8, "LoRA rank"),
     "lora.alpha": (int, 16, "LoRA alpha"),

@@ -179,6 +179,8 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # The enrolled sites (server/roster.py); None: every connected node is a site.
+    roster: Path | None = None
     keep_adapter: str = "best"
     # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
     robust: tuple[float, float] | None = None
@@ -321,6 +323,7 @@ class RunSettings:
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=_robust(v, secure=secagg is not None),
         )
@@ -378,7 +381,8 @@ class RunSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
-        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish"}
+        # A roster may change between a run and its resume (a site revoked meanwhile).
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:
@@ -428,6 +432,7 @@ class RunSettings:
             "tracking-uri": self.tracking_uri,
             "experiment": self.experiment,
             "resume": self.resume,
+            "roster": str(self.roster) if self.roster else "",
             "adapter.keep": self.keep_adapter,
             "lora.r": spec.lora_r,
             "lora.alpha": spec.lora_alpha,

@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.task.plan import SIM_SITES_ENV
+from clients.task.choices import SIM_SITES_ENV
 from server.app import TrainingResult, run_training
 from server.record import RoundRecord
 from server.settings import RunSettings

@@ -201,6 +201,20 @@ def secure_fitins(
     return FitIns(parameters=parameters, config=config)
 
 
+def origins(requests_sent: Iterable[Message]) -> dict[str, int]:
+    """Message id → destination node of requests, once ``send_and_receive`` has sent them."""
+    return {m.metadata.message_id or m.object_id: m.metadata.dst_node_id for m in requests_sent}
+
+
+def origin(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply speaks for.
+
+    Usually its sender; but when a node cannot be reached the SuperLink itself answers
+    with an error whose sender is the SuperLink (node 1), naming the request it answers.
+    """
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def sender(reply: Message) -> str:
     """The site id a reply names, else the name of the node it came from."""
     records = reply.content.config_records if not reply.has_error() else {}

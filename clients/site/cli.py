@@ -115,6 +115,35 @@ def site_group(sub: argparse._SubParsersAction) -> None:
     )
     budget.set_defaults(func=cmd_site_budget)
 
+    worker = commands.add_parser(
+        "worker",
+        help="run the site's warm worker (keeps model and data loaded between rounds)",
+        description="Serve the site's training and evaluation on a Unix socket that only this "
+        "user can open (its directory is made 0700, the socket 0600, and each peer's uid is "
+        "checked). Name the socket in the SuperNode's node config as worker-socket=PATH; "
+        "ClientApps then hand their work to this process instead of loading torch and the "
+        "model for every message. Runs until interrupted.",
+    )
+    worker.add_argument(
+        "--socket", required=True, metavar="PATH", help="the socket to create (no default)"
+    )
+    worker.set_defaults(func=cmd_site_worker)
+
+
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    import contextlib
+    import logging
+    import signal
+
+    from clients.site.worker import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # SIGTERM (a service manager's stop) ends the loop like Ctrl-C, so the socket is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(Path(args.socket).expanduser())
+    return EXIT_OK
+
 
 def data_group(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data preparation tools")

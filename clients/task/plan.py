@@ -139,10 +139,3 @@ class TrainPlan:
             return cls(spec=spec, **plan_kwargs)
         except TypeError as exc:
             raise ConfigError(f"round plan is malformed: {exc}") from exc
-
-
-# In local simulation every site runs on this machine and Flower gives each simulated
-# SuperNode only a partition id; the launcher puts the per-site node configs (data path,
-# site id) in this environment variable as a JSON list indexed by partition id. The data
-# path thus still comes from the site's own process, never from a server message.
-SIM_SITES_ENV = "FEDLORA_SIM_SITES"

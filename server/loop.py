@@ -106,10 +106,7 @@ def run_rounds(
         The final global state, the history (one dict per round) and, if the privacy
         budget stopped the run early, why.
     """
-    best = best if best is not None else BestRound()
-    if resume_from is not None and resume_from.best_round:
-        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
-        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    best = _resumed_best(best if best is not None else BestRound(), resume_from)
     state = resume_from.state if resume_from else initial_state
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
@@ -128,14 +125,8 @@ def run_rounds(
     )
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
-        # Sample: seeded by the run and the round, so a resumed run asks what the original would.
-        nodes = members(grid, roster)
-        k = sample_size(
-            len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients
-        )
-        sampled = sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
-        record.sampled = len(sampled)
-        rate = len(sampled) / len(nodes)
+        nodes, sampled = _sample(grid, settings, roster, server_round)
+        record.sampled, rate = len(sampled), len(sampled) / len(nodes)
         if privacy and (stopped := privacy.stop_reason(server_round, rate)):
             log.warning(stopped)
             return state, history, stopped
@@ -144,13 +135,9 @@ def run_rounds(
         sites.start_round(round_plan)
         plan = round_plan.to_config() | strategy.client_config()
         log.info(
-            "round %d/%d: training on %d of %d site(s): %s",
-            server_round,
-            settings.rounds,
-            k,
-            len(nodes),
-            ", ".join(sites.identities.name(n) for n in sampled),
-        )
+            "round %d/%d: training on %d of %d site(s): %s", server_round, settings.rounds,
+            len(sampled), len(nodes), ", ".join(sites.identities.name(n) for n in sampled),
+        )  # fmt: skip
         try:
             outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
         except RoundFailed as exc:
@@ -184,21 +171,54 @@ def run_rounds(
         tracker.log_round(server_round, record.metrics(), sites=record.site_metrics())
         tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
-            Checkpoint(
-                completed_round=server_round,
-                state=state,
-                history=history,
-                run_id=tracker.run_id,
-                fingerprint=settings.fingerprint(),
-                server_state=server_state,
-                best_round=best.round,
-                best_accuracy=best.accuracy if best.round else None,
-                best_state=best.state,
-            )
+            _checkpoint(settings, tracker, server_round, state, server_state, history, best)
         )
         if on_round:
             on_round(record)
     return state, history, None
+
+
+def _resumed_best(best: BestRound, resume_from: Checkpoint | None) -> BestRound:
+    """``best`` as the checkpoint left it (unchanged for a fresh run)."""
+    if resume_from is not None and resume_from.best_round:
+        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
+        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    return best
+
+
+def _sample(
+    grid: Grid, settings: RunSettings, roster: Roster | None, server_round: int
+) -> tuple[list[int], list[int]]:
+    """(the nodes that may work, the round's sample of them).
+
+    Seeded by the run and the round, so a resumed run asks what the original would.
+    """
+    nodes = members(grid, roster)
+    k = sample_size(len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients)
+    return nodes, sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
+
+
+def _checkpoint(
+    settings: RunSettings,
+    tracker: Tracker,
+    server_round: int,
+    state: Tensors,
+    server_state: Mapping[str, Any],
+    history: list[dict[str, Any]],
+    best: BestRound,
+) -> Checkpoint:
+    """What a resumed run needs after ``server_round``."""
+    return Checkpoint(
+        completed_round=server_round,
+        state=state,
+        history=history,
+        run_id=tracker.run_id,
+        fingerprint=settings.fingerprint(),
+        server_state=dict(server_state),
+        best_round=best.round,
+        best_accuracy=best.accuracy if best.round else None,
+        best_state=best.state,
+    )
 
 
 def members(grid: Grid, roster: Roster | None) -> list[int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from clients.task.errors import FedloraError
-from strategies.protocol import SITE_ID_PATTERN, SITE_ID_RULE, node_name
+from strategies.protocol import SITE_ID_RULE, node_name, valid_site_id
 
 NODE_NAME = re.compile(r"node-\d+")
 
@@ -63,7 +63,7 @@ class PinnedIdentities:
         own = node_name(node_id)
         if not claimed:
             claimed = own
-        if not SITE_ID_PATTERN.fullmatch(claimed):
+        if not valid_site_id(claimed):
             raise IdentityRejected(
                 f"node {node_id} claims site id {claimed[:80]!r}: not {SITE_ID_RULE}"
             )

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +56,16 @@ METRICS = "metrics"
 SITE = "site"
 SITE_ID = "site-id"  # in the "site" record; in a FitRes' metrics under SecAgg+
 # What a site id may be, on both sides (the site refuses to start with another, the server
-# rejects a reply claiming one): printable, no whitespace or control characters, short,
-# since it ends up in logs, metric names and file names.
-SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}")
-SITE_ID_RULE = "1-64 characters of letters, digits and ._:@+- starting with a letter or digit"
+# rejects a reply claiming one). It ends up in log lines, MLflow tags, file names (a
+# simulated site's state folder) and command lines, so: short, printable (no line breaks
+# or control characters to forge a log line with), no path separator, starting with a
+# letter or digit (not an option, not a hidden or parent folder) and not ending in a space.
+SITE_ID_RULE = (
+    "1-64 printable characters without / or \\, starting with a letter or digit and not "
+    "ending in whitespace"
+)
+
+
 REFUSAL = "refusal"
 REASON = "reason"
 # An evaluate reply from a site that holds no rows out: no number instead of one measured
@@ -96,6 +101,18 @@ ACCURACY = "accuracy"
 REFUSAL_MARK = "privacy budget:"
 # The failure the server records for a sampled site that sent nothing back.
 NO_REPLY = "no reply before timeout"
+
+
+def valid_site_id(value: str) -> bool:
+    """Whether ``value`` follows `SITE_ID_RULE` (``"Ward 7, Oslo"`` does; ``"../x"`` not)."""
+    return (
+        0 < len(value) <= 64
+        and value.isprintable()
+        and value[0].isalnum()
+        and not value[-1].isspace()
+        and "/" not in value
+        and "\\" not in value
+    )
 
 
 class SiteRefused(FedloraError):

@@ -22,7 +22,7 @@ from typing import Any
 
 from clients.task.choices import SIM_SITES_ENV
 from clients.task.errors import ConfigError
-from strategies.protocol import SITE_ID_PATTERN, SITE_ID_RULE
+from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 # key: help
 KEYS = {
@@ -54,7 +54,7 @@ class SiteSettings:
     worker_socket: Path | None = None
 
     def __post_init__(self) -> None:
-        if not SITE_ID_PATTERN.fullmatch(self.site_id):
+        if not valid_site_id(self.site_id):
             # Checked here too, so a site admin learns it at start, not from the server.
             raise ConfigError(
                 f"site-id={self.site_id[:80]!r} (the data file's stem unless set) must be "

@@ -129,7 +129,7 @@ def test_a_site_with_a_budget_refuses_without_its_ledger_until_reset(
 @pytest.mark.parametrize(
     ("config", "shown"),
     [
-        ({"data-path": "ward 7.jsonl"}, "'ward 7'"),  # the stem, when no site-id is set
+        ({"data-path": ".ward 7.jsonl"}, "'.ward 7'"),  # the stem, when no site-id is set
         ({"data-path": "x.jsonl", "site-id": "a\nb"}, "'a\\nb'"),
         ({"data-path": "x.jsonl", "site-id": "-lead"}, "'-lead'"),
         ({"data-path": "x.jsonl", "site-id": "s" * 65}, "'ssss"),
@@ -145,4 +145,6 @@ def test_a_site_id_the_server_would_reject_stops_the_site_at_start(
     with pytest.raises(ConfigError, match="set site-id in the node config") as caught:
         SiteSettings.from_node_config(config)
     assert f"site-id={shown}" in str(caught.value)
-    assert SiteSettings.from_node_config({"data-path": "x.jsonl", "site-id": "a.b:1@c+d-e"})
+    assert SiteSettings.from_node_config({"data-path": "Ward 7, Oslo.jsonl"}).site_id == (
+        "Ward 7, Oslo"
+    )

@@ -137,7 +137,13 @@ def cmd_site_worker(args: argparse.Namespace) -> int:
 
     from clients.site.worker import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # A service's log: fedlora's own INFO lines (per round: examples, steps, loss, ε charged)
+    # with their time. The CLI has already set up the root handler (server/console.py), so
+    # basicConfig would do nothing; library chatter stays filtered unless --verbose.
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     # SIGTERM (a service manager's stop) ends the loop like Ctrl-C, so the socket is removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):

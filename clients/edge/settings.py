@@ -14,7 +14,7 @@ DEFAULT_ALIAS = "production"
 TOKEN_ENV = "FEDLORA_EDGE_TOKEN"
 UPSTREAM_KEY_ENV = "FEDLORA_UPSTREAM_KEY"
 # Chosen with scripts/bench_hybrid.py on CLINC150 (README, "Hybrid routing").
-DEFAULT_ESCALATE_BELOW = 0.5
+DEFAULT_ESCALATE_BELOW = 0.6
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_hybrid import SWEEP, default_data  # noqa: E402
 
+from clients.edge.settings import DEFAULT_ESCALATE_BELOW  # noqa: E402
+
 
 # About 2 minutes on 2 shared cores: two small trainings, a registry and two edge nodes.
 @pytest.mark.timeout(900)
@@ -33,7 +35,8 @@ def test_bench_hybrid_reports_the_curve_and_the_goal(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "hybrid.json").read_text())
     assert (tmp_path / "hybrid.png").stat().st_size > 0
     assert [pt["p"] for pt in result["sweep"]] == SWEEP
-    assert result["chosen_p"] in SWEEP
+    assert result["chosen_p"] == DEFAULT_ESCALATE_BELOW  # the node's default
+    assert result["validation"]["p"] in SWEEP
     assert result["setup"]["test_rows"] == 8 * 4
     hybrid, local = result["measured"]["hybrid"], result["measured"]["local_only"]
     assert 0 <= hybrid["escalated"] <= 1 and set(hybrid["reasons"]) <= {

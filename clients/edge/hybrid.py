@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,8 +217,11 @@ class HybridRouter:
         else:
             verdicts = [self.policy.check(model=model, text=t, residency=residency) for t in texts]
             refused = next((v for v in verdicts if not v.allowed), None)
-            if refused is None:
-                sent = body([v.text or "" for v in verdicts]) | {"model": self.upstream_name(model)}
+            sent = body([v.text or "" for v in verdicts]) | {"model": self.upstream_name(model)}
+            # Fail closed on every other string that would travel (stop strings, user,
+            # message names): none may match any rule.
+            stray = sorted({r for text in _strings(sent) for r in self.policy.matching(text)})
+            if refused is None and not stray:
                 upstream = self.upstream
                 answer, reason = await self._call(
                     lambda parent: upstream.complete(
@@ -232,8 +235,8 @@ class HybridRouter:
                     self.metrics.routed.labels(UPSTREAM, reason).inc()
                     return answer, reason
             else:
-                reason = refused.reason
-                for rule in refused.rules:
+                reason = refused.reason if refused is not None else "policy-blocked"
+                for rule in refused.rules if refused is not None else stray:
                     self.metrics.policy_blocks.labels(rule).inc()
         self.metrics.routed.labels(LOCAL, reason).inc()
         return None, reason
@@ -253,6 +256,19 @@ class HybridRouter:
             await self.upstream.close()
         if self.budget is not None:
             self.budget.close()
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def summary(predictions: list[dict[str, Any]]) -> tuple[str, str]:

@@ -151,10 +151,14 @@ class ResidencyPolicy:
                     redacted.append(rule.name)
         # The text as sent must match no rule at all: a replacement, or text joined around
         # it, could form a new match.
-        still = tuple(r.name for r in self.rules if r.pattern.search(sent))
+        still = self.matching(sent)
         if still:
             return Verdict(False, "policy-blocked", rules=still)
         return Verdict(True, "allowed", text=sent, rules=tuple(redacted))
+
+    def matching(self, text: str) -> tuple[str, ...]:
+        """The rules, block or redact, that match anywhere in ``text``."""
+        return tuple(r.name for r in self.rules if r.pattern.search(text))
 
     def describe(self) -> dict[str, Any]:
         """What ``/healthz`` shows: the file, its digest, the models and rules."""

@@ -103,6 +103,12 @@ def test_generation_goes_upstream_only_where_the_policy_marks_it(tmp_path: Path)
     assert _generate(router, ["hi"], residency="local-only") == (None, "local-only")
     assert _generate(router, ["hi"], stream=True) == (None, "stream-local")
     assert _generate(router, ["hi", "x@y.org"]) == (None, "policy-blocked")
+    # Strings beside the prompt travel too: a rule matching one keeps the request local.
+    stop = asyncio.run(router.route_generation(
+        model="lm", path="/v1/completions", texts=["hi"], stream=False, residency=None,
+        api_key="k", traceparent=None, body=lambda t: {"prompt": t, "stop": ["12345678"]},
+    ))  # fmt: skip
+    assert stop == (None, "policy-blocked")
     assert _generate(router, ["hi"]) == (None, "upstream-unavailable")
     assert router.upstream_name("lm") == "lm-cloud" and router.upstream_name("intents") == "cloud"
 

@@ -176,6 +176,7 @@ class RunSettings:
     client_dp: ClientDPSettings | None = None
     secagg: SecAggSettings | None = None
     site_dp_noise_multiplier: float = 0.0
+    site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
     keep_adapter: str = "best"
@@ -318,6 +319,7 @@ class RunSettings:
             client_dp=client_dp,
             secagg=secagg,
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
+            site_dp_target_epsilon=v["site-dp.target-epsilon"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             keep_adapter=v["adapter.keep"],
@@ -371,8 +373,10 @@ class RunSettings:
             clip_norm=self.site_clip_norm,
             uniform_weight=self.uniform_weight,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,
+            site_dp_target_epsilon=self.site_dp_target_epsilon,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
+            planned_rounds=self.rounds,
         )
 
     def fingerprint(self) -> dict[str, Any]:

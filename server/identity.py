@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from clients.task.errors import FedloraError
-from strategies.protocol import node_name
+from strategies.protocol import SITE_ID_RULE, node_name, valid_site_id
 
-# Printable, no whitespace or control characters, short: it ends up in logs and metrics.
-SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,63}")
 NODE_NAME = re.compile(r"node-\d+")
 
 
@@ -65,10 +63,9 @@ class PinnedIdentities:
         own = node_name(node_id)
         if not claimed:
             claimed = own
-        if not SITE_ID.fullmatch(claimed):
+        if not valid_site_id(claimed):
             raise IdentityRejected(
-                f"node {node_id} claims site id {claimed[:80]!r}: not 1-64 characters of "
-                "letters, digits and ._:@+-"
+                f"node {node_id} claims site id {claimed[:80]!r}: not {SITE_ID_RULE}"
             )
         if NODE_NAME.fullmatch(claimed) and claimed != own:
             raise IdentityRejected(f"node {node_id} claims {claimed!r}, another node's name")

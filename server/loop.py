@@ -43,6 +43,7 @@ from server.checkpoint import Checkpoint, CheckpointStore
 from server.identity import IdentityRejected, PinnedIdentities, SiteIdentities
 from server.privacy import ClientPrivacy
 from server.record import RoundRecord
+from server.roster import Roster
 from server.secagg import run_secure_round
 from server.selection import BestRound
 from server.settings import RunSettings
@@ -58,7 +59,8 @@ from strategies.protocol import (
     array_bytes,
     decode_evaluate,
     is_refusal,
-    node_name,
+    origin,
+    origins,
     requests,
     sender,
     to_record,
@@ -88,41 +90,43 @@ def run_rounds(
     on_round: Callable[[RoundRecord], None] | None = None,
     best: BestRound | None = None,
     identities: SiteIdentities | None = None,
+    roster: Roster | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
 
     Args:
         best: Kept up to date with the best round on the central held-out file (and
             checkpointed with it); restored from `resume_from` when resuming.
-        identities: How replies are bound to sites; default: each node pinned to the
-            first site id it claims in this run (`PinnedIdentities`).
+        identities: How replies are bound to sites; default: the roster, else each node
+            pinned to the first site id it claims in this run (`PinnedIdentities`).
+        roster: The enrolled sites (server/roster.py); only they are sampled and asked to
+            evaluate, and their replies are named by it. None: every connected node.
 
     Returns:
         The final global state, the history (one dict per round) and, if the privacy
         budget stopped the run early, why.
     """
-    best = best if best is not None else BestRound()
-    if resume_from is not None and resume_from.best_round:
-        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
-        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    best = _resumed_best(best if best is not None else BestRound(), resume_from)
     state = resume_from.state if resume_from else initial_state
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
     first = resume_from.completed_round + 1 if resume_from else 1
-    connected = wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
+    connected = wait_for_sites(
+        grid, settings.min_available_clients, settings.round_timeout, roster=roster
+    )
     privacy = _client_privacy(settings, len(connected), history)
     strategy = settings.bounded(settings.strategy())
     strategy = privacy.wrap(strategy) if privacy else strategy
-    sites = RunSites(identities or PinnedIdentities(), settings, history, plan=settings.plan(first))
+    sites = RunSites(
+        identities or (roster if roster is not None else PinnedIdentities()),
+        settings,
+        history,
+        plan=settings.plan(first),
+    )
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
-        # Sample: seeded by the run and the round, so a resumed run asks what the original would.
-        nodes = sorted(grid.get_node_ids())
-        k = sample_size(
-            len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients
-        )
-        sampled = sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
-        rate = len(sampled) / len(nodes)
+        nodes, sampled = _sample(grid, settings, roster, server_round)
+        record.sampled, rate = len(sampled), len(sampled) / len(nodes)
         if privacy and (stopped := privacy.stop_reason(server_round, rate)):
             log.warning(stopped)
             return state, history, stopped
@@ -130,7 +134,10 @@ def run_rounds(
         round_plan = settings.plan(server_round)
         sites.start_round(round_plan)
         plan = round_plan.to_config() | strategy.client_config()
-        log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, k)
+        log.info(
+            "round %d/%d: training on %d of %d site(s): %s", server_round, settings.rounds,
+            len(sampled), len(nodes), ", ".join(sites.identities.name(n) for n in sampled),
+        )  # fmt: skip
         try:
             outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
         except RoundFailed as exc:
@@ -161,36 +168,78 @@ def run_rounds(
         if evaluator is not None and not record.skipped:
             best.observe(server_round, record.central_accuracy, state)
         history.append(record.finish())
-        tracker.log_round(server_round, record.metrics())
+        tracker.log_round(server_round, record.metrics(), sites=record.site_metrics())
         tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
-            Checkpoint(
-                completed_round=server_round,
-                state=state,
-                history=history,
-                run_id=tracker.run_id,
-                fingerprint=settings.fingerprint(),
-                server_state=server_state,
-                best_round=best.round,
-                best_accuracy=best.accuracy if best.round else None,
-                best_state=best.state,
-            )
+            _checkpoint(settings, tracker, server_round, state, server_state, history, best)
         )
         if on_round:
             on_round(record)
     return state, history, None
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """The connected nodes, sorted, once at least ``minimum`` are there."""
+def _resumed_best(best: BestRound, resume_from: Checkpoint | None) -> BestRound:
+    """``best`` as the checkpoint left it (unchanged for a fresh run)."""
+    if resume_from is not None and resume_from.best_round:
+        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
+        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    return best
+
+
+def _sample(
+    grid: Grid, settings: RunSettings, roster: Roster | None, server_round: int
+) -> tuple[list[int], list[int]]:
+    """(the nodes that may work, the round's sample of them).
+
+    Seeded by the run and the round, so a resumed run asks what the original would.
+    """
+    nodes = members(grid, roster)
+    k = sample_size(len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients)
+    return nodes, sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
+
+
+def _checkpoint(
+    settings: RunSettings,
+    tracker: Tracker,
+    server_round: int,
+    state: Tensors,
+    server_state: Mapping[str, Any],
+    history: list[dict[str, Any]],
+    best: BestRound,
+) -> Checkpoint:
+    """What a resumed run needs after ``server_round``."""
+    return Checkpoint(
+        completed_round=server_round,
+        state=state,
+        history=history,
+        run_id=tracker.run_id,
+        fingerprint=settings.fingerprint(),
+        server_state=dict(server_state),
+        best_round=best.round,
+        best_accuracy=best.accuracy if best.round else None,
+        best_state=best.state,
+    )
+
+
+def members(grid: Grid, roster: Roster | None) -> list[int]:
+    """The connected nodes that may be asked to work, sorted: the roster's, or all."""
+    nodes = grid.get_node_ids()
+    return roster.members(nodes) if roster is not None else sorted(nodes)
+
+
+def wait_for_sites(
+    grid: Grid, minimum: int, timeout: float, *, roster: Roster | None = None
+) -> list[int]:
+    """The connected member nodes, sorted, once at least ``minimum`` are there."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = members(grid, roster)
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() > deadline:
+            on = " enrolled" if roster is not None else ""
             raise RoundFailed(
-                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, "
+                f"only {len(nodes)}{on} site(s) connected after {timeout:.0f}s, "
                 f"min-available-clients={minimum}"
             )
         time.sleep(1.0)
@@ -239,25 +288,29 @@ def _plain_updates(
     timeout: float,
     sites: RunSites,
 ) -> list[SiteUpdate]:
-    """Send the global adapter to the sampled sites and judge their replies."""
+    """Send the global adapter to the sampled sites and judge their replies.
+
+    A reply is named by `RunSites.identities` (the roster's enrolment, or the site id its
+    node claimed first in this run); one that claims another site's id is rejected
+    (check ``identity``).
+    """
     arrays = to_record(state)
     record.bytes_down = arrays.count_bytes() * len(sampled)
-    replies = list(
-        grid.send_and_receive(
-            requests(sampled, arrays, plan, kind=MessageType.TRAIN), timeout=timeout
-        )
-    )
+    messages = requests(sampled, arrays, plan, kind=MessageType.TRAIN)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = origins(messages)
     updates: list[SiteUpdate] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = origin(reply, sent)
         if reply.has_error():
             record.failed_site(sites.identities.name(node), reply.error.reason)
             continue
+        record.replies += 1
         record.bytes_up += array_bytes(reply)
         try:
             judged = sites.train_update(reply)
         except IdentityRejected as exc:
-            record.rejected_update(node_name(node), "identity", str(exc))
+            record.rejected_update(sites.identities.name(node), "identity", str(exc))
             continue
         except UpdateRejected as exc:
             record.rejected_update(sites.identities.name(node), exc.check, exc.detail)
@@ -266,7 +319,7 @@ def _plain_updates(
             record.refused_site(judged.site, judged.reason)
         else:
             updates.append(judged)
-    for node in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
+    for node in sorted(set(sampled) - {origin(r, sent) for r in replies}):
         record.failed_site(sites.identities.name(node), NO_REPLY)
     # Replies arrive in whatever order the sites finish; the float sums of the aggregate
     # must not depend on it, or two identical runs would differ in the last bits.
@@ -306,10 +359,11 @@ def _secure_mean(
         timeout=settings.round_timeout,
     )
     record.bytes_up, record.bytes_down = secure.bytes_up, secure.bytes_down
+    record.replies = len(secure.sites)
     # Under SecAgg+ a budget refusal arrives as the site's error (a dropout).
     for failure in secure.failures:
         note = record.refused_site if is_refusal(failure["reason"]) else record.failed_site
-        note(failure["site"], failure["reason"])
+        note(_named(failure["site"], sites.identities), failure["reason"])
     if secure.mean_update is None:
         raise RoundFailed(
             f"round {record.round}: SecAgg+ aggregated {len(secure.sites)} site(s) "
@@ -339,6 +393,13 @@ def _secure_mean(
             record.rejected_update(site, exc.check, f"{exc.detail}; metrics dropped")
         contributors.append(replace(update, metrics=checked))
     return MeanUpdate(delta=secure.mean_update, sites=contributors)
+
+
+def _named(name: str, identities: SiteIdentities) -> str:
+    """A ``node-N`` name as the site id its node is known by (roster or earlier claim)."""
+    if name.startswith("node-") and name[5:].isdigit():
+        return identities.name(int(name[5:]))
+    return name
 
 
 def _federated_evaluate(
@@ -374,7 +435,7 @@ def _federated_evaluate(
                     continue  # nothing evaluated
                 validate_evaluation(result, trained_on=sites.examples.get(site))
         except IdentityRejected as exc:
-            record.rejected_update(node_name(node), "identity", f"evaluation: {exc}")
+            record.rejected_update(sites.identities.name(node), "identity", f"evaluation: {exc}")
             continue
         except (ValueError, UpdateRejected) as exc:
             record.rejected_update(sites.identities.name(node), "evaluation", str(exc))

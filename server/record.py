@@ -36,6 +36,8 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    sampled: int = 0  # sites asked to train
+    replies: int = 0  # of those, replies that arrived without an error
     sites: int = 0
     rejected: int = 0
     failed: int = 0
@@ -61,6 +63,10 @@ class RoundRecord:
     # Sample-level DP: per site, the (ε, δ) the server accounts for its DP-SGD this run
     # (server/privacy.py) and this round's parameters; never a site's own claim.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per site: what its accepted update says (examples, train-loss, train-seconds) and its
+    # evaluation of the new global adapter on its held-out rows (accuracy, loss, examples).
+    site_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     # What `accuracy`/`loss` were measured on (`headline_source`), how many sites sent a
     # federated evaluation, and the sites that hold no rows out (with their reason).
     headline: str = ""
@@ -107,6 +113,13 @@ class RoundRecord:
             (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
         )
         self.shares = dict(outcome.shares)
+        self.site_train = {
+            u.site: {
+                "examples": float(u.num_examples),  # type: ignore[arg-type]
+                **{k: float(u.metrics[k]) for k in (TRAIN_LOSS, TRAIN_SECONDS) if k in u.metrics},
+            }
+            for u in outcome.accepted
+        }
 
     def privacy(self, privacy: ClientPrivacy, sampling_rate: float) -> None:
         """The client-level (ε, δ) spent so far; a skipped round released nothing."""
@@ -138,6 +151,10 @@ class RoundRecord:
                 if isinstance(r, NoEvaluation)
             ]
             self.evaluated_sites = len(results)
+            self.site_eval = {
+                r.site: {"accuracy": r.accuracy, "loss": r.loss, "eval-examples": r.num_examples}
+                for r in results
+            }
             weights = (
                 cap_weights([r.num_examples for r in results], ratio=max_weight_ratio)
                 if results
@@ -166,6 +183,31 @@ class RoundRecord:
         self.refused = len(self.refusals)
         self.seconds = time.perf_counter() - self._started
         return asdict(self)
+
+    def site_metrics(self) -> dict[str, dict[str, float]]:
+        """Per site, its numbers of the round (training and evaluation), for MLflow."""
+        out: dict[str, dict[str, float]] = {}
+        for per_site in (self.site_train, self.site_eval):
+            for site, values in per_site.items():
+                out.setdefault(site, {}).update(values)
+        return out
+
+    def summary(self, rounds: int) -> str:
+        """One line for the operator's log (``flwr run --stream``) after `finish`."""
+        parts = [
+            f"round {self.round}/{rounds} {'skipped' if self.skipped else 'done'} "
+            f"in {self.seconds:.1f}s: {self.sampled} sampled, {self.replies} replied, "
+            f"{self.sites} accepted, {self.rejected} rejected, {self.failed} failed, "
+            f"{self.refused} refused"
+        ]
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.4f}")
+        if self.epsilon is not None:
+            parts.append(f"ε {self.epsilon:.4g} (δ {self.delta:g})")
+        trouble = [f"{r['site']}: {r.get('reason') or r.get('detail')}" for r in self.failures]
+        trouble += [f"{r['site']}: {r.get('check')}" for r in self.rejections]
+        line = ", ".join(parts)
+        return f"{line}; {'; '.join(trouble)}" if trouble else line
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""

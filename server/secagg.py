@@ -37,7 +37,14 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from strategies.protocol import NO_REPLY, decode_secure_train, node_name, secure_fitins
+from strategies.protocol import (
+    NO_REPLY,
+    decode_secure_train,
+    node_name,
+    origin,
+    origins,
+    secure_fitins,
+)
 from strategies.secagg import SecAggSettings, expand_masked, mask_generator
 
 # The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
@@ -100,11 +107,12 @@ class _CountingGrid:
         messages = list(messages)
         self.bytes_down += sum(_message_bytes(m) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        sent = origins(messages)
+        answered = {origin(r, sent) for r in replies}
         self.silent |= {m.metadata.dst_node_id for m in messages} - answered
         for reply in replies:
             if reply.has_error():
-                self.failed.setdefault(reply.metadata.src_node_id, reply.error.reason)
+                self.failed.setdefault(origin(reply, sent), reply.error.reason)
                 continue
             self.bytes_up += _message_bytes(reply)  # as it travelled: masks as uint32
             configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
-from server.run_config import read_config, split_list
+from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
 from strategies.bounded import BoundedInfluence
 from strategies.dp import ClientLevelDP
@@ -179,6 +180,8 @@ class RunSettings:
     site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # The enrolled sites (server/roster.py); None: every connected node is a site.
+    roster: Path | None = None
     keep_adapter: str = "best"
     # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
     robust: tuple[float, float] | None = None
@@ -280,7 +283,7 @@ class RunSettings:
             spec=ModelSpec(
                 base=v["base-model"],
                 task=v["task"],
-                labels=split_list(v["labels"]),
+                labels=parse_label_set(v["labels"]),
                 lora_r=v["lora.r"],
                 lora_alpha=v["lora.alpha"],
                 lora_dropout=v["lora.dropout"],
@@ -322,6 +325,7 @@ class RunSettings:
             site_dp_target_epsilon=v["site-dp.target-epsilon"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=_robust(v, secure=secagg is not None),
         )
@@ -381,7 +385,8 @@ class RunSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
-        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish"}
+        # A roster may change between a run and its resume (a site revoked meanwhile).
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:
@@ -390,16 +395,100 @@ class RunSettings:
             out[f.name] = str(value) if not isinstance(value, int | float | str) else value
         return out
 
+    def to_config(self) -> dict[str, Any]:
+        """The run config these settings stand for, every key of `KEYS` as users type it.
+
+        The inverse of `from_config` (tests/server/test_settings.py round-trips it): what
+        MLflow records as the run's params and as its ``run-config.toml``.
+        """
+        spec, opt, dp, sa, pub = (
+            self.spec,
+            self.server_optimizer,
+            self.client_dp,
+            self.secagg,
+            self.publish,
+        )
+        default = {key: value for key, (_, value, _) in KEYS.items()}
+        return {
+            "num-server-rounds": self.rounds,
+            "task": spec.task,
+            "labels": format_label_set(spec.labels) if spec.labels else "",
+            "base-model": spec.base,
+            "quantization": spec.quantization,
+            "aggregation": spec.aggregation,
+            "seed": spec.seed,
+            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
+            "batch-size": self.batch_size,
+            "learning-rate": self.learning_rate,
+            "max-length": self.max_length,
+            "proximal-mu": self.proximal_mu,
+            "fedrs.alpha": self.fedrs_alpha,
+            "fedlc.tau": self.fedlc_tau,
+            "fraction-train": self.fraction_train,
+            "fraction-evaluate": self.fraction_evaluate,
+            "min-fit-clients": self.min_fit_clients,
+            "min-available-clients": self.min_available_clients,
+            "round-timeout": self.round_timeout,
+            "on-round-failure": self.on_round_failure,
+            "eval-file": str(self.eval_file) if self.eval_file else "",
+            "out-dir": str(self.out_dir),
+            "tracking-uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "resume": self.resume,
+            "roster": str(self.roster) if self.roster else "",
+            "adapter.keep": self.keep_adapter,
+            "lora.r": spec.lora_r,
+            "lora.alpha": spec.lora_alpha,
+            "lora.dropout": spec.lora_dropout,
+            "lora.target-modules": ",".join(spec.target_modules),
+            "update.max-norm": self.max_norm,
+            "server.optimizer": opt.kind,
+            "server.learning-rate": opt.learning_rate,
+            "server.momentum": opt.momentum,
+            "server.aggregate": opt.aggregate,
+            "registry.model-name": pub.model_name if pub else "",
+            "registry.signing-key": str(pub.signing_key) if pub else "",
+            "registry.passphrase-env": pub.passphrase_env
+            if pub
+            else default["registry.passphrase-env"],
+            "registry.alias": pub.alias if pub else default["registry.alias"],
+            "dp.clip-norm": dp.clip_norm if dp else 0.0,
+            "dp.noise-multiplier": dp.noise_multiplier if dp else 0.0,
+            "dp.target-epsilon": dp.target_epsilon if dp else 0.0,
+            "dp.delta": dp.delta if dp else default["dp.delta"],
+            "dp.max-epsilon": dp.max_epsilon if dp else 0.0,
+            "secagg.enabled": sa is not None,
+            "secagg.num-shares": sa.num_shares if sa else default["secagg.num-shares"],
+            "secagg.reconstruction-threshold": sa.reconstruction_threshold
+            if sa
+            else default["secagg.reconstruction-threshold"],
+            "secagg.clipping-range": sa.clipping_range if sa else 0.0,
+            "secagg.quantization-range": sa.quantization_range
+            if sa
+            else default["secagg.quantization-range"],
+            "secagg.max-weight": sa.max_weight if sa else default["secagg.max-weight"],
+            "secagg.prg": sa.prg if sa else default["secagg.prg"],
+            "site-dp.noise-multiplier": self.site_dp_noise_multiplier,
+            "site-dp.target-epsilon": self.site_dp_target_epsilon,
+            "site-dp.max-grad-norm": self.site_dp_max_grad_norm,
+            "site-dp.delta": self.site_dp_delta,
+            # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
+            "robust.mode": "auto" if self.robust is not None or sa is not None else "off",
+            "robust.max-weight-ratio": self.robust[0]
+            if self.robust
+            else default["robust.max-weight-ratio"],
+            "robust.max-norm-ratio": self.robust[1]
+            if self.robust
+            else default["robust.max-norm-ratio"],
+        }
+
     def as_params(self) -> dict[str, str]:
-        """Flat string params for MLflow."""
-        nested: dict[str, Any] = {"spec": self.spec, "server": self.server_optimizer}
-        if self.client_dp is not None:
-            nested["dp"] = self.client_dp
-        if self.secagg is not None:
-            nested["secagg"] = self.secagg
-        skip = {"spec", "server_optimizer", "client_dp", "secagg"}
-        params = {k: str(v) for k, v in self.fingerprint().items() if k not in skip}
-        for prefix, obj in nested.items():
-            for f in fields(obj):
-                params[f"{prefix}.{f.name}"] = str(getattr(obj, f.name))
-        return params
+        """MLflow params: the run-config keys users type (``batch-size``), valued as typed.
+
+        ``tracking-uri`` is left out: the run lives in that store, and a URI may carry
+        credentials.
+        """
+        config = self.to_config()
+        config.pop("tracking-uri")
+        return {key: param_value(value) for key, value in config.items()}

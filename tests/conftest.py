@@ -118,3 +118,12 @@ def make_trust(tmp_path: Path) -> Callable[..., TrustStore]:
         return TrustStore.load(directory)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT whose classifier head is ``classifier`` (with a bias), as in MiniLM;
+    hidden 64, so it also runs in 4-bit on CPU."""
+    from tests.tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=64)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.task.choices import SIM_SITES_ENV
 from clients.task.errors import ConfigError
-from clients.task.plan import SIM_SITES_ENV
+from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 # key: help
 KEYS = {
@@ -33,6 +34,7 @@ KEYS = {
     "state-dir": "the site's own state (privacy ledger); required with max-epsilon",
     "max-epsilon": "the site's total sample-level ε budget; refuses runs without DP-SGD",
     "delta": "δ of the site's (ε, δ); refuses a plan with another site-dp.delta (default 1e-5)",
+    "worker-socket": "the site's warm worker (fedlora site worker --socket); default: none",
 }
 DEFAULT_DELTA = 1e-5
 FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
@@ -49,8 +51,15 @@ class SiteSettings:
     state_dir: Path | None = None
     max_epsilon: float | None = None
     delta: float = DEFAULT_DELTA
+    worker_socket: Path | None = None
 
     def __post_init__(self) -> None:
+        if not valid_site_id(self.site_id):
+            # Checked here too, so a site admin learns it at start, not from the server.
+            raise ConfigError(
+                f"site-id={self.site_id[:80]!r} (the data file's stem unless set) must be "
+                f"{SITE_ID_RULE}; set site-id in the node config"
+            )
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta={self.delta!r} must be in (0, 1)")
         if self.max_epsilon is not None:
@@ -95,6 +104,7 @@ class SiteSettings:
             if value is not None and not numeric:
                 raise ConfigError(f"{key}={value!r} must be a number")
         state_dir = config.get("state-dir")
+        worker = config.get("worker-socket")
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
@@ -104,6 +114,7 @@ class SiteSettings:
             state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
             max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
             delta=float(delta),  # type: ignore[arg-type]
+            worker_socket=Path(str(worker)).expanduser() if worker else None,
         )
 
 

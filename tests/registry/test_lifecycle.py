@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -234,3 +235,30 @@ def test_stock_mlflow_download_loads_with_stock_peft(
 
     assert any("lora_B" in name for name, _ in model.named_parameters())
     shutil.rmtree(tmp_path / "dl")
+
+
+def test_a_version_links_to_its_training_run_and_the_index_run_is_finished(
+    store: MlflowStore, key: SigningKey, outputs: list[Path]
+) -> None:
+    """As MLflow's own log_model does: the release is a logged model of the run that
+    trained it, and the version's run is that run; a run from another store is not linked."""
+    client = store.client
+    training = client.create_run(client.create_experiment("fedlora")).info.run_id
+    client.set_terminated(training)
+    summary = json.loads((outputs[0] / "metrics.json").read_text())
+    (outputs[0] / "metrics.json").write_text(json.dumps(summary | {"mlflow_run_id": training}))
+
+    linked = publish(store, outputs[0], model="intents", key=key)
+    unlinked = publish(store, outputs[1], model="intents", key=key)  # run-2: not in this store
+
+    first, second = (client.get_model_version("intents", v.version) for v in (linked, unlinked))
+    assert first.run_id == training
+    (output,) = client.get_run(training).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == training
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "intents", "version": "1"}]
+    assert second.run_id != training and client.get_run(second.run_id).info.run_name == (
+        "intents-release-2"
+    )
+    index_run = client.get_run(store.index_run(create=False))
+    assert index_run.info.status == "FINISHED"

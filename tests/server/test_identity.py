@@ -23,12 +23,19 @@ def test_a_node_keeps_the_first_site_id_it_claims_and_no_other_node_gets_it() ->
     ("claim", "reason"),
     [
         ("node-4", "another node's name"),
-        ("a" * 65, "not 1-64 characters"),
-        ("site a", "not 1-64 characters"),
-        ("site\nb", "not 1-64 characters"),
-        ("-site", "not 1-64 characters"),
+        ("a" * 65, "not 1-64 printable characters"),
+        ("site a ", "not 1-64 printable characters"),  # a trailing space
+        ("site\nb", "not 1-64 printable characters"),  # a forged log line
+        ("-site", "not 1-64 printable characters"),  # an option
+        ("../site", "not 1-64 printable characters"),
+        ("site/a", "not 1-64 printable characters"),
     ],
 )
 def test_a_claim_that_could_pass_for_something_else_is_refused(claim: str, reason: str) -> None:
     with pytest.raises(IdentityRejected, match=reason):
         PinnedIdentities().bind(3, claim)
+
+
+@pytest.mark.parametrize("claim", ["Ward 7, Oslo", 'site 0, "quoted"', "hôpital-a", "a.b:1@c+d"])
+def test_a_readable_site_id_with_spaces_and_punctuation_is_kept(claim: str) -> None:
+    assert PinnedIdentities().bind(3, claim) == claim

@@ -22,6 +22,7 @@ from flwr.common.constant import ErrorCode
 
 from server.checkpoint import CheckpointStore
 from server.loop import run_rounds
+from server.roster import Roster
 from server.settings import RunSettings
 from strategies.errors import RoundFailed
 from strategies.protocol import (
@@ -128,6 +129,8 @@ class FakeGrid:
     ) -> list[Message]:
         replies = []
         for message in messages:
+            # As Flower's grid does when it pushes a message: its id is its object id.
+            message.metadata.__dict__["_message_id"] = message.object_id
             node = message.metadata.dst_node_id
             if message.metadata.message_type == MessageType.TRAIN:
                 _, config = read_request(message)
@@ -145,10 +148,17 @@ class Tracker:
 
     def __init__(self) -> None:
         self.rounds: list[tuple[int, dict[str, float]]] = []
+        self.sites: list[tuple[int, dict[str, dict[str, float]]]] = []
         self.tags: dict[str, str] = {}
 
-    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+    def log_round(
+        self,
+        server_round: int,
+        metrics: dict[str, float],
+        sites: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         self.rounds.append((server_round, metrics))
+        self.sites.append((server_round, dict(sites or {})))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
@@ -222,6 +232,26 @@ def test_a_round_averages_by_example_count_and_records_both_evaluations(tmp_path
     saved = CheckpointStore(tmp_path / "checkpoint").load()
     assert saved is not None and saved.completed_round == 1 and saved.history == history
     np.testing.assert_array_equal(saved.state["head"], state["head"])
+
+
+def test_each_site_s_training_and_evaluation_are_recorded_per_round(tmp_path: Path) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site.a:1@x+y", delta=0.1, examples=10, loss=1.0, accuracy=0.5),
+            2: honest("site-b", delta=0.5, examples=30, loss=2.0, accuracy=0.9),
+        }
+    )
+
+    _, history, _, tracker = _run(tmp_path, grid, _settings(tmp_path, **{"fraction-evaluate": 1.0}))
+
+    (row,) = history
+    a = {"examples": 10.0, "train-loss": 1.0, "train-seconds": 0.01}
+    b = a | {"examples": 30.0, "train-loss": 2.0}
+    assert row["site_train"] == {"site.a:1@x+y": a, "site-b": b}
+    assert row["site_eval"]["site-b"] == {"accuracy": 0.9, "loss": 2.0, "eval-examples": 30}
+    ((logged_round, sites),) = tracker.sites
+    assert logged_round == 1
+    assert sites["site.a:1@x+y"] == a | {"accuracy": 0.5, "loss": 1.0, "eval-examples": 10}
 
 
 def test_rejected_updates_are_left_out_with_the_failed_check(tmp_path: Path) -> None:
@@ -433,6 +463,86 @@ def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: 
     assert [r["site_ids"] for r in resumed_history] == [r["site_ids"] for r in history]
     for name, value in state.items():
         np.testing.assert_array_equal(resumed[name], value)
+
+
+def test_a_roster_keeps_unenrolled_nodes_out_of_training_and_evaluation(
+    tmp_path: Path,
+) -> None:
+    """A node someone registered outside the roster is never asked to train or evaluate."""
+    # Arrange: nodes 1 and 2 are enrolled; node 3 is connected but not on the roster.
+    asked: list[int] = []
+
+    def rogue(message: Message) -> Message:
+        asked.append(message.metadata.dst_node_id)
+        return honest("site-a", delta=100.0, examples=1000)(message)
+
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.3, examples=10),
+            3: rogue,
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=1, public_key="k1")
+    roster = roster.enrol("site-b", node_id=2, public_key="k2")
+    settings = _settings(tmp_path, **{"num-server-rounds": 2, "fraction-evaluate": 1.0})
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings, roster=roster)
+    # Assert
+    assert asked == []
+    assert grid.trained == {1: [1, 2], 2: [1, 2]}
+    for value in state.values():
+        np.testing.assert_allclose(value, 0.4, rtol=1e-6)  # 2 rounds of mean(+0.1, +0.3)
+    assert all(r["sampled"] == 2 and r["site_ids"] == ["site-a", "site-b"] for r in history)
+
+
+def test_a_roster_rejects_a_reply_that_claims_another_sites_id(tmp_path: Path) -> None:
+    # Arrange: node 2 is enrolled as site-b but claims to be site-a.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-a", delta=0.3, examples=10),
+            3: honest("site-c", delta=0.5, examples=10),
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=1, public_key="k1")
+    roster = roster.enrol("site-b", node_id=2, public_key="k2")
+    roster = roster.enrol("site-c", node_id=3, public_key="k3")
+    settings = _settings(tmp_path)
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings, roster=roster)
+    # Assert: site-b's reply is rejected for its identity; the round averages the others.
+    (row,) = history
+    assert row["site_ids"] == ["site-a", "site-c"]
+    assert [(r["site"], r["check"]) for r in row["rejections"]] == [("site-b", "identity")]
+    for value in state.values():
+        np.testing.assert_allclose(value, 0.3, rtol=1e-6)
+
+
+def test_an_error_the_superlink_makes_for_an_unreachable_site_names_that_site(
+    tmp_path: Path,
+) -> None:
+    """The SuperLink answers for a node it cannot reach with an error sent from node 1."""
+
+    def unreachable(message: Message) -> Message:
+        reply = crashing("node unavailable")(message)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as flwr's linkstate makes it
+        return reply
+
+    grid = FakeGrid(
+        {
+            11: honest("site-a", delta=0.1, examples=10),
+            22: honest("site-b", delta=0.3, examples=10),
+            33: unreachable,
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=11, public_key="k1")
+    roster = roster.enrol("site-b", node_id=22, public_key="k2")
+    roster = roster.enrol("site-c", node_id=33, public_key="k3")
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path), roster=roster)
+    (row,) = history
+    assert row["failures"] == [{"site": "site-c", "reason": "node unavailable"}]
+    assert row["rejections"] == [] and row["site_ids"] == ["site-a", "site-b"]
 
 
 def without_held_out_rows(site_id: str, *, delta: float, examples: int) -> Site:

@@ -19,6 +19,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 
 from clients.site.app import app
 from clients.site.ledger import LEDGER_FILE, SiteLedger
+from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest, build_model, trainable_state
 from clients.task.plan import TrainPlan
 from strategies.protocol import REFUSAL, decode_train, from_record, requests, to_record
@@ -125,6 +126,30 @@ def test_a_site_with_a_budget_refuses_without_its_ledger_until_reset(
     assert ledger.resets[0]["previous"] == {"state": "missing"}
 
 
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [
+        ({"data-path": ".ward 7.jsonl"}, "'.ward 7'"),  # the stem, when no site-id is set
+        ({"data-path": "x.jsonl", "site-id": "a\nb"}, "'a\\nb'"),
+        ({"data-path": "x.jsonl", "site-id": "-lead"}, "'-lead'"),
+        ({"data-path": "x.jsonl", "site-id": "s" * 65}, "'ssss"),
+    ],
+)
+def test_a_site_id_the_server_would_reject_stops_the_site_at_start(
+    config: dict[str, str], shown: str
+) -> None:
+    """The server rejects replies claiming such an id (server/identity.py); the site says
+    so when it starts instead of training rounds that are thrown away."""
+    from clients.site.settings import SiteSettings
+
+    with pytest.raises(ConfigError, match="set site-id in the node config") as caught:
+        SiteSettings.from_node_config(config)
+    assert f"site-id={shown}" in str(caught.value)
+    assert SiteSettings.from_node_config({"data-path": "Ward 7, Oslo.jsonl"}).site_id == (
+        "Ward 7, Oslo"
+    )
+
+
 def test_under_a_target_the_site_states_the_noise_it_solved_for_its_own_rows(
     tiny_llama: Path, site_config: dict[str, Any]
 ) -> None:
@@ -157,8 +182,8 @@ def _target_round(server_round: int, *, planned: int, target: float = 8.0) -> Tr
 
 
 def test_a_site_never_overshoots_its_target_over_the_run(tmp_path: Path) -> None:
-    from clients.site.app import _charge_budget
     from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
     from clients.task.errors import BudgetRefused
 
     site = SiteSettings(data_path=tmp_path / "x", site_id="s", state_dir=tmp_path / "state")
@@ -179,8 +204,8 @@ def test_a_site_never_overshoots_its_target_over_the_run(tmp_path: Path) -> None
 
 
 def test_an_unreachable_target_is_a_refusal_naming_the_key(tmp_path: Path) -> None:
-    from clients.site.app import _charge_budget
     from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
     from clients.task.errors import BudgetRefused
 
     site = SiteSettings(data_path=tmp_path / "x", site_id="s", state_dir=tmp_path / "state")

@@ -111,7 +111,7 @@ def test_budget_report(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from clients.site.app import _charge_budget
+from clients.site.work import _charge_budget
 from clients.site.settings import SiteSettings
 from clients.task.model import ModelSpec
 from clients.task.plan import TrainPlan
@@ -129,8 +129,8 @@ time.sleep(600)
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_kill_9_mid_round_loses_no_entry_and_never_exceeds_budget(tmp_path: Path) -> None:
-    from clients.site.app import _charge_budget
     from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
     from clients.task.errors import BudgetRefused
     from clients.task.model import ModelSpec
     from clients.task.plan import TrainPlan
@@ -178,7 +178,7 @@ def test_kill_9_mid_round_loses_no_entry_and_never_exceeds_budget(tmp_path: Path
 CONCURRENT = """
 import sys, time
 from pathlib import Path
-from clients.site.app import _charge_budget
+from clients.site.work import _charge_budget
 from clients.site.settings import SiteSettings
 from clients.task.model import ModelSpec
 from clients.task.plan import TrainPlan

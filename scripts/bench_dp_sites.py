@@ -16,7 +16,7 @@ wrapped as the round loop wraps it (`RunSettings.bounded`, `ClientPrivacy.wrap`:
 `DifferentiallyPrivate` with OS-CSPRNG noise and the RDP accountant of server/privacy.py,
 charged every round), the sites' `train_local` with the round plan they would receive
 (with ``site-dp.*`` the site's own DP-SGD, noise multiplier solved by
-`TrainPlan.sample_dp` exactly as clients/site/app.py solves it), each site's update
+`TrainPlan.sample_dp` exactly as clients/site/work.py solves it), each site's update
 clipped to the plan's ``clip_norm`` as the site's clip mod does, and the server optimiser.
 Data loading and the site helpers are scripts/sweep_quality.py's.
 
@@ -199,6 +199,44 @@ def run(
     return out
 
 
+def grad_norms(data: Any, *, rows: int) -> dict[str, Any]:
+    """Per-example gradient L2 norms at the seeded init, per trainable tensor and in all,
+    with Opacus' per-sample gradients (what DP-SGD clips to ``site-dp.max-grad-norm``)."""
+    import numpy as np
+    from opacus import GradSampleModule
+
+    from clients.task.model import _seeded_init
+    from clients.task.train import encode
+
+    settings = sq._settings({}, labels=data.labels, rounds=1, sites=2)
+    loaded = sq._model(settings.spec)
+    _seeded_init(loaded.model, seed=settings.spec.seed)
+    examples = sq._examples(data.train[:rows])
+    loaded.model.train()  # Opacus records activations in training mode only
+    wrapped = GradSampleModule(loaded.model, batch_first=True, loss_reduction="mean")
+    try:
+        inputs = encode(loaded, examples, max_length=settings.max_length)
+        wrapped(**inputs).loss.backward()
+        per_tensor, total, dims = {}, np.zeros(len(examples)), 0
+        for name, p in loaded.model.named_parameters():
+            if p.requires_grad and getattr(p, "grad_sample", None) is not None:
+                sq_norms = p.grad_sample.reshape(len(examples), -1).pow(2).sum(1).numpy()
+                per_tensor[name] = float(np.median(np.sqrt(sq_norms)))
+                total += sq_norms
+                dims += p.numel()
+    finally:
+        wrapped.cleanup()
+        loaded.model.zero_grad(set_to_none=True)
+    norms = np.sqrt(total)
+    return {
+        "rows": len(examples),
+        "trainable_coordinates": dims,
+        "median": float(np.median(norms)),
+        "p10_p90": [float(np.quantile(norms, 0.1)), float(np.quantile(norms, 0.9))],
+        "median_per_tensor": per_tensor,
+    }
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Ratio (DP / non-private, best round) against sites, with both accuracies."""
     import matplotlib
@@ -279,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads (0: torch's default; 2 threads on 2 shared cores ran 4x slower)",
     )
+    p.add_argument(
+        "--grad-norms",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="only measure per-example gradient norms at the init on ROWS rows and print them",
+    )
     p.add_argument("--quick", action="store_true", help="smoke scale: 2 and 4 sites, 1 round")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="results directory")
     p.add_argument("--tag", default="", help="suffix of the output names")
@@ -315,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
     )
     labels = data.labels
+    if args.grad_norms:
+        print(json.dumps(grad_norms(data, rows=args.grad_norms), indent=2))
+        return 0
     test = sq._examples(data.test)
     counts = [int(s) for s in args.sites.split(",")]
     overrides = parse_overrides(args.set) | {"seed": args.seed}

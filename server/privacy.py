@@ -11,9 +11,12 @@ run's strategy in `DifferentiallyPrivate` and says when ``dp.max-epsilon`` stops
 Sample-level DP (DP-SGD) runs at the sites, where the server cannot watch it. Its ε in
 the run's record is the server's own figure (`SampleLevelAccounts`): what the round plan
 the server sent (noise multiplier, steps, batch size) gives with the example count each
-site claimed, never a number copied from a reply. It holds only if the site trained as
-planned, so the summary marks it ``verified: false`` and no promotion gate or policy
-counts it as DP (registry/artifact.py).
+site claimed, never a number copied from a reply. Under ``site-dp.target-epsilon`` the
+noise multiplier is the one the server solves for the site's claimed count, exactly as
+the site does (`TrainPlan.sample_dp`); the site must state at least that much
+(server/sites.py), so the recorded ε is the largest any accepted site's DP-SGD gives.
+It holds only if the site trained as planned, so the summary marks it ``verified: false``
+and no promotion gate or policy counts it as DP (registry/artifact.py).
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class SampleLevelAccounts:
 
     def charge(self, site: str, *, noise_multiplier: float, num_examples: int, plan: TrainPlan):
         """Account one round the site trained in; return its record entry."""
-        rate = min(1.0, plan.batch_size / num_examples)
+        rate = plan.sampling_rate(num_examples)
         steps = plan.steps_for(num_examples)
         self.steps.setdefault(site, []).append((noise_multiplier, rate, steps))
         accountant = RDPAccountant()

@@ -88,6 +88,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "secagg.max-weight": (int, 10_000, "SecAgg+: largest example count a site may report"),
     "secagg.prg": (str, "aes-ctr", "SecAgg+ mask generator: aes-ctr, or flower (MT19937)"),
     "site-dp.noise-multiplier": (float, 0.0, "DP-SGD at sites: noise multiplier; 0 is off"),
+    "site-dp.target-epsilon": (
+        float,
+        0.0,
+        "DP-SGD at sites: each site solves its noise multiplier for this ε over the planned "
+        "rounds (its own sampling rate and δ); 0 is off",
+    ),
     "site-dp.max-grad-norm": (float, 1.0, "DP-SGD at sites: per-example gradient L2 bound"),
     "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
 }

@@ -177,6 +177,7 @@ class RunSettings:
     client_dp: ClientDPSettings | None = None
     secagg: SecAggSettings | None = None
     site_dp_noise_multiplier: float = 0.0
+    site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
     # The enrolled sites (server/roster.py); None: every connected node is a site.
@@ -321,6 +322,7 @@ class RunSettings:
             client_dp=client_dp,
             secagg=secagg,
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
+            site_dp_target_epsilon=v["site-dp.target-epsilon"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
@@ -375,8 +377,10 @@ class RunSettings:
             clip_norm=self.site_clip_norm,
             uniform_weight=self.uniform_weight,
             site_dp_noise_multiplier=self.site_dp_noise_multiplier,
+            site_dp_target_epsilon=self.site_dp_target_epsilon,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
+            planned_rounds=self.rounds,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -466,6 +470,7 @@ class RunSettings:
             "secagg.max-weight": sa.max_weight if sa else default["secagg.max-weight"],
             "secagg.prg": sa.prg if sa else default["secagg.prg"],
             "site-dp.noise-multiplier": self.site_dp_noise_multiplier,
+            "site-dp.target-epsilon": self.site_dp_target_epsilon,
             "site-dp.max-grad-norm": self.site_dp_max_grad_norm,
             "site-dp.delta": self.site_dp_delta,
             # Bounded influence: "auto" stands for both plain "bounded" and secure "off".

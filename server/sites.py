@@ -15,6 +15,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from clients.task.dpsgd import SampleDP
+from clients.task.errors import ConfigError
 from clients.task.plan import TrainPlan
 from server.identity import SiteIdentities
 from server.privacy import SampleLevelAccounts
@@ -52,7 +54,7 @@ class RunSites:
         self.examples: dict[str, int] = {}
         self.accounts = (
             SampleLevelAccounts.replay(settings.site_dp_delta, history)
-            if settings.site_dp_noise_multiplier > 0
+            if plan.sample_level
             else None
         )
 
@@ -79,12 +81,24 @@ class RunSites:
     def checked_metrics(self, update: SiteUpdate) -> dict[str, float]:
         """The update's metrics, validated against the plan (strategies/validation.py).
 
+        Under ``site-dp.target-epsilon`` the server solves the noise multiplier the target
+        requires at the site's claimed example count, as the site does, and the site must
+        state at least that much: a site claiming fewer rows gets a larger sampling rate
+        and needs more noise, not less.
+
         Raises:
             UpdateRejected: With check ``metrics``.
         """
         n = update.num_examples
         valid_count = isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_EXAMPLES
-        dp = self.plan.sample_dp()
+        solved = self.plan.site_dp_target_epsilon > 0
+        if solved and not valid_count:
+            raise UpdateRejected(
+                "metrics", f"num-examples={n!r}: the site's DP-SGD noise cannot be checked"
+            )
+        # A fixed noise multiplier does not depend on the count (an invalid one is the
+        # strategy's to reject).
+        dp = self._sample_dp(n if solved else 1) if self.plan.sample_level else None  # type: ignore[arg-type]
         return validate_train_metrics(
             update.metrics,
             max_steps=self.plan.steps_for(n) if valid_count else None,  # type: ignore[arg-type]
@@ -96,7 +110,21 @@ class RunSites:
                 SITE_MAX_GRAD_NORM: dp.max_grad_norm,
                 SITE_DELTA: dp.delta,
             },
+            min_noise_multiplier=dp.noise_multiplier if dp is not None and solved else None,
         )
+
+    def _sample_dp(self, num_examples: int) -> SampleDP:
+        """The plan's DP-SGD at a site with this many rows (a target ε solved for it).
+
+        Raises:
+            UpdateRejected: If the target is unreachable at that count.
+        """
+        try:
+            dp = self.plan.sample_dp(num_examples)
+        except ConfigError as exc:
+            raise UpdateRejected("metrics", f"num-examples={num_examples}: {exc}") from exc
+        assert dp is not None  # plan.sample_level
+        return dp
 
     def trained(self, accepted: list[SiteUpdate]) -> dict[str, dict[str, float]]:
         """Note the accepted sites' example counts; return their sample-level accounts."""
@@ -104,10 +132,13 @@ class RunSites:
             self.examples[update.site] = int(update.num_examples)  # type: ignore[call-overload]
         if self.accounts is None:
             return {}
+        # The server's own noise multiplier for the site (under a target: the one the
+        # target requires at its count, the least the site may have used), never the
+        # site's statement.
         return {
             u.site: self.accounts.charge(
                 u.site,
-                noise_multiplier=self.plan.site_dp_noise_multiplier,
+                noise_multiplier=self._sample_dp(int(u.num_examples)).noise_multiplier,  # type: ignore[call-overload]
                 num_examples=int(u.num_examples),  # type: ignore[call-overload]
                 plan=self.plan,
             )

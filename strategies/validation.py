@@ -106,6 +106,7 @@ def validate_train_metrics(
     max_steps: int | None,
     max_seconds: float,
     sample_dp: Mapping[str, float] | None,
+    min_noise_multiplier: float | None = None,
 ) -> dict[str, float]:
     """The train reply's metrics this module knows, each checked; others are dropped.
 
@@ -117,6 +118,10 @@ def validate_train_metrics(
         sample_dp: The plan's DP-SGD parameters by metric name (`SAMPLE_DP_CLAIMS`), or
             None without DP-SGD. A site must state exactly these; its ε claim is checked
             but never used (the server accounts ε itself, server/privacy.py).
+        min_noise_multiplier: Under ``site-dp.target-epsilon``, the noise multiplier the
+            target requires at this site's claimed example count (the server solves it
+            as the site does). The site's stated noise multiplier must then be at least
+            this instead of equal to ``sample_dp``'s: more noise is allowed, less never.
 
     Raises:
         UpdateRejected: With check ``metrics``.
@@ -134,6 +139,15 @@ def validate_train_metrics(
     if sample_dp is None:
         return out
     for name in SAMPLE_DP_CLAIMS:
+        if name == SITE_NOISE_MULTIPLIER and min_noise_multiplier is not None:
+            stated = _in_range(name, metrics.get(name), 0.0, math.inf)
+            if not stated >= min_noise_multiplier:
+                raise UpdateRejected(
+                    "metrics",
+                    f"{name}={stated!r} is below the {min_noise_multiplier!r} that the plan's "
+                    "site-dp.target-epsilon requires at the site's example count",
+                )
+            continue
         if metrics.get(name) != sample_dp[name]:
             raise UpdateRejected(
                 "metrics",

@@ -22,7 +22,7 @@ import torch
 from clients.site.ledger import SiteLedger, check_epsilon
 from clients.site.settings import SiteSettings
 from clients.task.data import Example, load_examples
-from clients.task.dpsgd import site_epsilon
+from clients.task.dpsgd import SampleDP, site_epsilon
 from clients.task.errors import BudgetRefused, ConfigError, ModelError
 from clients.task.model import (
     LoadedModel,
@@ -40,6 +40,9 @@ from strategies.protocol import SitePrivacy, plan_config, train_metrics
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
+# A run's ε summed by RDP over the planned rounds equals the solved ε up to float
+# rounding of the sum; a relative hair over the target is that rounding, not a new step.
+TARGET_SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def _prepare(
 
 def _charge_budget(
     site: SiteSettings, plan: TrainPlan, *, run: str, num_train: int
-) -> SitePrivacy | None:
+) -> tuple[SampleDP | None, SitePrivacy | None]:
     """Refuse a round outside the site's privacy terms, else charge it *before* training.
 
     The terms are the site admin's (clients/site/settings.py), never the plan's: the
@@ -126,33 +129,47 @@ def _charge_budget(
     charge run under the ledger's lock, so concurrent ClientApp processes of one site
     cannot both spend the same remaining budget.
 
+    With ``site-dp.target-epsilon`` the site solves its noise multiplier for the planned
+    run (`TrainPlan.sample_dp`), refuses a round past the planned ones, and, with a
+    ledger, refuses a round that would take the run's ε past the target: a plan that
+    changes its rounds or batch size mid-run cannot make the site overshoot.
+
     Returns:
-        The sample-level privacy the site states in its reply (None without DP-SGD).
+        The DP-SGD settings to train with and the sample-level privacy the site states in
+        its reply (both None without DP-SGD).
 
     Raises:
         BudgetRefused: With the reason.
     """
-    dp = plan.sample_dp()
-    if dp is None:
+    if not plan.sample_level:
         if site.max_epsilon is not None:
             raise BudgetRefused(
                 f"site {site.site_id} has max-epsilon={site.max_epsilon} and the run does "
-                "not train with sample-level DP (site-dp.noise-multiplier=0)"
+                "not train with sample-level DP (site-dp.noise-multiplier and "
+                "site-dp.target-epsilon are 0)"
             )
-        return None
-    if dp.delta != site.delta:
+        return None, None
+    if plan.site_dp_delta != site.delta:
         raise BudgetRefused(
             f"site {site.site_id} states its ε at δ={site.delta} (node config delta); "
-            f"the plan asks site-dp.delta={dp.delta}"
+            f"the plan asks site-dp.delta={plan.site_dp_delta}"
         )
     if not site.delta < 1 / num_train:
         raise BudgetRefused(
             f"site {site.site_id}: δ={site.delta} is not below 1/n for its {num_train} "
             "training rows (such a δ allows releasing a row outright)"
         )
+    target = plan.site_dp_target_epsilon
+    if target > 0 and plan.server_round > plan.planned_rounds:
+        raise BudgetRefused(
+            f"site {site.site_id} refuses round {plan.server_round}: its noise multiplier "
+            f"is solved for site-dp.target-epsilon={target} over {plan.planned_rounds} round(s)"
+        )
     steps = plan.steps_for(num_train)
-    rate = min(1.0, plan.batch_size / num_train)
+    rate = plan.sampling_rate(num_train)
     try:
+        dp = plan.sample_dp(num_train)
+        assert dp is not None  # plan.sample_level
         if site.state_dir is None:
             log.warning("site %s: no state-dir, so DP-SGD rounds are not recorded", site.site_id)
             run_eps = check_epsilon(
@@ -175,6 +192,12 @@ def _charge_budget(
                         f"would reach {total:.4g} > max-epsilon={site.max_epsilon} "
                         f"(spent {ledger.total_epsilon:.4g})"
                     )
+                # RDP sums exactly: as planned, the last round lands on the solved ε.
+                if target > 0 and not run_eps <= target * (1 + TARGET_SLACK):
+                    raise BudgetRefused(
+                        f"site {site.site_id} refuses round {plan.server_round}: this run's "
+                        f"ε would reach {run_eps:.4g} > site-dp.target-epsilon={target}"
+                    )
                 ledger.max_epsilon = site.max_epsilon
                 ledger.charge(
                     run,
@@ -184,15 +207,16 @@ def _charge_budget(
                     steps=steps,
                     delta=dp.delta,
                 )
-    except ConfigError as exc:  # missing or unreadable ledger, an invalid ε
+    except ConfigError as exc:  # missing or unreadable ledger, an invalid or unreachable ε
         why = f"site {site.site_id} refuses round {plan.server_round}: {exc}"
         raise BudgetRefused(why) from exc
-    return SitePrivacy(
+    privacy = SitePrivacy(
         epsilon=run_eps,
         delta=dp.delta,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
     )
+    return dp, privacy
 
 
 def _order(plan: TrainPlan, site: SiteSettings) -> torch.Generator:
@@ -203,7 +227,7 @@ def _order(plan: TrainPlan, site: SiteSettings) -> torch.Generator:
     site's ε assumes nobody else knows which rows a step used, and the server knows
     the run seed, the round and the site id.
     """
-    if plan.sample_dp() is not None:
+    if plan.sample_level:
         return torch.Generator().manual_seed(os_seed())
     seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
     return torch.Generator().manual_seed(
@@ -222,13 +246,11 @@ def train(
     plan, loaded = _prepare(site, reference, config)
     train_examples, _ = _data(site, plan.spec.task, plan.spec.labels)
     try:
-        privacy = _charge_budget(site, plan, run=run, num_train=len(train_examples))
+        dp, privacy = _charge_budget(site, plan, run=run, num_train=len(train_examples))
     except BudgetRefused as exc:
         log.warning("%s", exc)
         return Refused(exc.detail)
-    result = train_local(
-        loaded, train_examples, plan=plan, generator=_order(plan, site), dp=plan.sample_dp()
-    )
+    result = train_local(loaded, train_examples, plan=plan, generator=_order(plan, site), dp=dp)
     log.info(
         "site %s round %d: %d examples, %d steps, loss %.4f, %.1fs, ε charged %s",
         site.site_id,

@@ -8,7 +8,10 @@ gradients of the trainable tensors are clipped to ``max_grad_norm``, summed, noi
 optimizer, so the rest of the training loop is unchanged.
 
 Each local step is one step of the sampled Gaussian mechanism with sampling rate
-``batch_size / n``; `site_epsilon` accounts a run's steps with Opacus' RDP accountant.
+``batch_size / n``; `site_epsilon` accounts a run's steps with Opacus' RDP accountant, and
+`solve_noise_multiplier` finds the smallest noise multiplier whose ε over a planned number
+of steps stays at or below a target (Opacus' `get_noise_multiplier`, which bisects from
+above, so the result never overshoots).
 Batches are shuffled fixed-size slices rather than Poisson samples, the usual
 approximation of the analysis.
 
@@ -21,12 +24,14 @@ and noise it could regenerate protects nothing (that module says why Opacus'
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
@@ -61,6 +66,38 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     if not accountant.history:
         return 0.0
     return float(accountant.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=256)
+def solve_noise_multiplier(
+    *, target_epsilon: float, delta: float, sampling_rate: float, steps: int
+) -> float:
+    """The smallest noise multiplier (to Opacus' tolerance) whose RDP ε after ``steps``
+    steps at ``sampling_rate`` is at most ``target_epsilon`` at ``delta``.
+
+    A site calls it with its own sampling rate (``batch_size / n``), its own δ and the
+    steps of the whole planned run; the server calls it with the same inputs to check
+    the noise multiplier a site states (server/sites.py). Pure and cached: the same
+    inputs give the same ``z`` at both ends.
+
+    Raises:
+        ConfigError: Naming ``site-dp.target-epsilon`` if no noise multiplier reaches it.
+    """
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sampling_rate,
+                steps=steps,
+                accountant="rdp",
+            )
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"site-dp.target-epsilon={target_epsilon!r} is unreachable with δ={delta!r}, "
+            f"sampling rate {sampling_rate:.3g} and {steps} DP-SGD step(s): {exc}"
+        ) from exc
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from clients.task.dpsgd import SampleDP
+from clients.task.dpsgd import SampleDP, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
 from clients.task.text import short
@@ -38,10 +38,14 @@ class TrainPlan:
     clip_norm: float = 0.0
     # Under client-level DP every site weighs the same (the sensitivity bound needs it).
     uniform_weight: bool = False
-    # Sample-level DP-SGD at the site (clients/task/dpsgd.py); noise multiplier 0 is off.
+    # Sample-level DP-SGD at the site (clients/task/dpsgd.py): a fixed noise multiplier,
+    # or a target ε each site solves its own noise multiplier for; both 0 is off.
     site_dp_noise_multiplier: float = 0.0
+    site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # Rounds of the whole run (num-server-rounds): what a target ε is solved over.
+    planned_rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1 and self.local_steps < 1:
@@ -63,18 +67,9 @@ class TrainPlan:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
         if not self.fedlc_tau >= 0:
             raise ConfigError(f"fedlc.tau={self.fedlc_tau!r} must be >= 0")
-        if self.site_dp_noise_multiplier != 0:  # a negative one is refused, not read as off
-            SampleDP(  # validates the site-dp fields
-                noise_multiplier=self.site_dp_noise_multiplier,
-                max_grad_norm=self.site_dp_max_grad_norm,
-                delta=self.site_dp_delta,
-            )
-            if self.proximal_mu > 0:
-                raise ConfigError(
-                    f"proximal-mu={self.proximal_mu!r} cannot be combined with "
-                    "site-dp.noise-multiplier: DP-SGD clips per-example gradients and would "
-                    "drop the proximal term's"
-                )
+        if self.planned_rounds < 1:
+            raise ConfigError(f"planned_rounds={self.planned_rounds!r} must be >= 1")
+        self._check_sample_dp()
         if self.clip_norm < 0:
             raise ConfigError(f"clip-norm={self.clip_norm!r} must be >= 0")
         if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
@@ -83,18 +78,65 @@ class TrainPlan:
                 f"not task={self.spec.task!r}"
             )
 
+    def _check_sample_dp(self) -> None:
+        z, target = self.site_dp_noise_multiplier, self.site_dp_target_epsilon
+        if not target >= 0:  # NaN too
+            raise ConfigError(f"site-dp.target-epsilon={target!r} must be >= 0")
+        if z > 0 and target > 0:
+            raise ConfigError(
+                f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "
+                "set one of them (a target ε makes each site solve its noise multiplier)"
+            )
+        if z == 0 and target == 0:  # a negative noise multiplier is refused, not read as off
+            return
+        SampleDP(  # validates the site-dp fields
+            noise_multiplier=z,
+            max_grad_norm=self.site_dp_max_grad_norm,
+            delta=self.site_dp_delta,
+        )
+        if self.proximal_mu > 0:
+            key = "site-dp.noise-multiplier" if z > 0 else "site-dp.target-epsilon"
+            raise ConfigError(
+                f"proximal-mu={self.proximal_mu!r} cannot be combined with {key}: DP-SGD "
+                "clips per-example gradients and would drop the proximal term's"
+            )
+
     def steps_for(self, num_examples: int) -> int:
         """Local optimiser steps a site with ``num_examples`` training rows takes."""
         return self.local_steps or self.local_epochs * math.ceil(num_examples / self.batch_size)
 
-    def sample_dp(self) -> SampleDP | None:
-        """The DP-SGD settings of the round, or None without sample-level DP."""
-        if self.site_dp_noise_multiplier <= 0:
+    def sampling_rate(self, num_examples: int) -> float:
+        """DP-SGD's sampling rate at a site with ``num_examples`` training rows."""
+        return min(1.0, self.batch_size / num_examples)
+
+    @property
+    def sample_level(self) -> bool:
+        """True if sites train with DP-SGD this round."""
+        return self.site_dp_noise_multiplier > 0 or self.site_dp_target_epsilon > 0
+
+    def sample_dp(self, num_examples: int) -> SampleDP | None:
+        """The DP-SGD settings of a site with ``num_examples`` training rows, or None.
+
+        With ``site-dp.target-epsilon`` the noise multiplier is the smallest one whose ε
+        over the whole planned run (``planned_rounds`` x this round's steps, at the site's
+        sampling rate and the plan's δ, which every site checks is its own) stays at or
+        below the target: it depends on the site's row count, so each site solves its own.
+
+        Raises:
+            ConfigError: If the target ε is unreachable for this site.
+        """
+        if not self.sample_level:
             return None
+        z = self.site_dp_noise_multiplier
+        if self.site_dp_target_epsilon > 0:
+            z = solve_noise_multiplier(
+                target_epsilon=self.site_dp_target_epsilon,
+                delta=self.site_dp_delta,
+                sampling_rate=self.sampling_rate(num_examples),
+                steps=self.planned_rounds * self.steps_for(num_examples),
+            )
         return SampleDP(
-            noise_multiplier=self.site_dp_noise_multiplier,
-            max_grad_norm=self.site_dp_max_grad_norm,
-            delta=self.site_dp_delta,
+            noise_multiplier=z, max_grad_norm=self.site_dp_max_grad_norm, delta=self.site_dp_delta
         )
 
     def to_config(self) -> dict[str, Any]:

@@ -108,3 +108,32 @@ def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
         metrics["mlflow_run_id"], "refused"
     )
     assert [m.value for m in refused] == [1.0]
+
+
+@pytest.mark.timeout(300)
+def test_under_a_site_target_every_site_solves_its_noise_and_ends_at_the_target(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Each site (16 rows, 1 held out: 15 training rows; 2 steps of batch 4 a round)
+    solves z for ε = 4 over the 2 planned rounds; the server accepts it and accounts ε at
+    the z it solves for the same count, which ends just under the target."""
+    from clients.task.dpsgd import solve_noise_multiplier
+
+    sites = _lm_sites(tmp_path / "sites")
+    out = tmp_path / "out"
+    settings = _lm_settings(
+        tiny_llama,
+        out,
+        **{"num-server-rounds": 2, "site-dp.target-epsilon": 4.0, "fraction-evaluate": 0.0},
+    )
+    simulate(settings, sites)
+    metrics = _assert_run_recorded(out, rounds=2)
+    assert all(not row["rejections"] and row["refused"] == 0 for row in metrics["rounds"])
+    z = solve_noise_multiplier(target_epsilon=4.0, delta=1e-5, sampling_rate=4 / 15, steps=4)
+    sample = metrics["privacy"]["sample-level"]["sites"]
+    assert sorted(sample) == ["site-0", "site-1", "site-2"]
+    for site, entry in sample.items():
+        assert entry["noise-multiplier"] == z
+        assert 3.989 <= entry["epsilon"] <= 4.0
+        ledger = SiteLedger.load(out / "site-state" / site)
+        assert ledger.total_epsilon == pytest.approx(entry["epsilon"])

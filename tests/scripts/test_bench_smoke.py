@@ -215,3 +215,59 @@ def test_bench_robustness_writes_results_with_every_key(tmp_path: Path) -> None:
     assert verdict["fedavg_attacked_max_share_x_fair"] > 2.9
     assert verdict["bounded_attacked_max_share_x_fair"] <= 1.5 + 1e-9
     assert verdict["share_on_target"] and verdict["accuracy_on_target"] is False
+
+
+# About 15 s on 2 shared cores: two site counts, two runs each, one round of MiniLM.
+@pytest.mark.timeout(300)
+def test_bench_dp_sites_quick_writes_the_curve(tmp_path: Path) -> None:
+    # A labelled file of our own (4 labels, each with its own words), so the smoke test
+    # needs no downloaded data set.
+    words = {
+        "alpha": "red apple",
+        "beta": "blue ocean",
+        "gamma": "green forest",
+        "delta": "gold sun",
+    }
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"the {w} number {i}", "label": label}) + "\n"
+            for label, w in words.items()
+            for i in range(50)
+        )
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_dp_sites.py"),
+            "--quick",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: below the 0.90 target
+    results = json.loads((out / "bench_dp_sites.json").read_text())
+    assert (out / "bench_dp_sites.png").stat().st_size > 0
+    assert [r["sites"] for r in results["rows"]] == [2, 4]
+    assert results["dp_label"] == "dp.clip-norm=0.5 dp.target-epsilon=8"
+    assert results["scale"]["train_rows"] == 80 and results["scale"]["labels"] == 4
+    for row in results["rows"]:
+        assert row["ratio_best"] == pytest.approx(
+            row["dp"]["best_accuracy"] / row["non_private"]["best_accuracy"]
+        )
+        # The same total rows at every site count; the accountant stopped at the target.
+        assert row["site_train_rows"] <= results["scale"]["train_rows"]
+        client = row["dp"]["client_level"]
+        assert 7.9 <= client["epsilon"] <= 8.0 and client["clip_norm"] == 0.5
+        assert client["noise_std_on_mean"] == pytest.approx(
+            client["noise_multiplier"] * 0.5 / row["sites"]
+        )
+        assert "client_level" not in row["non_private"]

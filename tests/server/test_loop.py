@@ -775,3 +775,56 @@ def test_sample_level_epsilon_is_the_servers_account_never_a_sites_claim(tmp_pat
         ("site-c", "metrics"),
         ("site-d", "metrics"),
     }
+
+
+def test_under_a_site_target_a_site_may_not_state_less_noise_than_the_target_needs(
+    tmp_path: Path,
+) -> None:
+    from clients.task.dpsgd import site_epsilon, solve_noise_multiplier
+
+    # Arrange: 2 rounds of 2 steps at batch 4; the target needs z16 at 16 rows and z64 at
+    # 64. site-a and site-b state exactly that, site-c more noise than needed, site-d
+    # 1% less than its count needs, site-e the noise of a larger site than it claims.
+    def needed(rows: int) -> float:
+        return solve_noise_multiplier(
+            target_epsilon=8.0, delta=1e-5, sampling_rate=4 / rows, steps=2 * 2
+        )
+
+    def stating(z: float) -> dict[str, float]:
+        return _claiming(1.0, **{"site-noise-multiplier": z})
+
+    grid = FakeGrid(
+        {
+            1: sending("site-a", _plus(0.1), examples=16, metrics=stating(needed(16))),
+            2: sending("site-b", _plus(0.1), examples=64, metrics=stating(needed(64))),
+            3: sending("site-c", _plus(0.1), examples=16, metrics=stating(2 * needed(16))),
+            4: sending("site-d", _plus(0.1), examples=16, metrics=stating(0.99 * needed(16))),
+            5: sending("site-e", _plus(0.1), examples=16, metrics=stating(needed(64))),
+        }
+    )
+    settings = _settings(
+        tmp_path,
+        **{
+            "site-dp.target-epsilon": 8.0,
+            "local-steps": 2,
+            "batch-size": 4,
+            "num-server-rounds": 2,
+        },
+    )
+    # Act
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the under-noised claims are rejected every round; the record is the server's
+    # own account at the noise the target needs, which never passes the target.
+    for row in history:
+        assert {(r["site"], r["check"]) for r in row["rejections"]} == {
+            ("site-d", "metrics"),
+            ("site-e", "metrics"),
+        }
+        assert "site-dp.target-epsilon requires" in row["rejections"][0]["detail"]
+    last = history[-1]["site_privacy"]
+    assert sorted(last) == ["site-a", "site-b", "site-c"]
+    for site, rows in (("site-a", 16), ("site-b", 64), ("site-c", 16)):
+        assert last[site]["noise-multiplier"] == needed(rows)
+        expected = site_epsilon([(needed(rows), 4 / rows, 4)], delta=1e-5)
+        assert last[site]["epsilon"] == pytest.approx(expected)
+        assert 7.98 <= last[site]["epsilon"] <= 8.0

@@ -159,6 +159,16 @@ def test_privacy_settings_reach_the_round_plan() -> None:
             {"site-dp.noise-multiplier": 1.0, "proximal-mu": 0.1},
             "proximal-mu=0.1 cannot be combined with site-dp.noise-multiplier",
         ),
+        ({"site-dp.target-epsilon": -8.0}, "site-dp.target-epsilon=-8.0 must be >= 0"),
+        (
+            {"site-dp.noise-multiplier": 1.0, "site-dp.target-epsilon": 8.0},
+            "site-dp.noise-multiplier=1.0 and site-dp.target-epsilon=8.0: set one of them",
+        ),
+        (
+            {"site-dp.target-epsilon": 8.0, "proximal-mu": 0.1},
+            "proximal-mu=0.1 cannot be combined with site-dp.target-epsilon",
+        ),
+        ({"site-dp.target-epsilon": 8.0, "site-dp.delta": 2.0}, "site-dp.delta=2.0 must be in"),
         ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
     ],
 )
@@ -167,6 +177,16 @@ def test_site_side_fields_are_refused_when_the_settings_are_built(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         RunSettings.from_config({**OK, **config})
+
+
+def test_a_site_dp_target_reaches_the_plan_with_the_planned_rounds() -> None:
+    settings = RunSettings.from_config(
+        {**OK, "site-dp.target-epsilon": 8.0, "num-server-rounds": 7}
+    )
+    plan = settings.plan(3)
+    assert plan.site_dp_target_epsilon == 8.0 and plan.site_dp_noise_multiplier == 0.0
+    assert plan.planned_rounds == 7 and plan.sample_level
+    assert not RunSettings.from_config(OK).plan(1).sample_level
 
 
 def test_settings_built_directly_check_the_same_cross_field_rules() -> None:

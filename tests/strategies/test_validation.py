@@ -80,3 +80,28 @@ def test_round_fails_below_min_fit_clients() -> None:
 def test_fedprox_asks_sites_for_the_proximal_term() -> None:
     assert FedProx(proximal_mu=0.1).client_config() == {"proximal_mu": 0.1}
     assert FedAvg().client_config() == {}
+
+
+def test_a_noise_floor_accepts_more_noise_and_refuses_less() -> None:
+    from strategies.validation import validate_train_metrics
+
+    plan = {"site-noise-multiplier": 1.0, "site-max-grad-norm": 1.0, "site-delta": 1e-5}
+    stated = {"site-epsilon": 3.0, "site-max-grad-norm": 1.0, "site-delta": 1e-5}
+
+    def check(z: object, floor: float | None) -> None:
+        validate_train_metrics(
+            stated | {"site-noise-multiplier": z},  # type: ignore[dict-item]
+            max_steps=1,
+            max_seconds=10.0,
+            sample_dp=plan,
+            min_noise_multiplier=floor,
+        )
+
+    check(1.0, None)
+    check(1.0, 1.0)
+    check(1.7, 1.0)  # more noise than the target needs: the site's own choice
+    with pytest.raises(UpdateRejected, match=r"is not the plan's 1\.0"):
+        check(1.7, None)  # a fixed noise multiplier must be stated exactly
+    for bad in (0.999, float("nan"), -1.0, "1.0"):
+        with pytest.raises(UpdateRejected):
+            check(bad, 1.0)

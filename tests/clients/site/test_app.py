@@ -148,3 +148,67 @@ def test_a_site_id_the_server_would_reject_stops_the_site_at_start(
     assert SiteSettings.from_node_config({"data-path": "Ward 7, Oslo.jsonl"}).site_id == (
         "Ward 7, Oslo"
     )
+
+
+def test_under_a_target_the_site_states_the_noise_it_solved_for_its_own_rows(
+    tiny_llama: Path, site_config: dict[str, Any]
+) -> None:
+    from clients.task.dpsgd import solve_noise_multiplier
+    from strategies.protocol import SitePrivacy
+
+    # Arrange: 16 rows, 1 held out: 15 train rows, batch 4, 2 steps a round, 3 rounds.
+    plan = _plan(tiny_llama, site_dp_target_epsilon=8.0, planned_rounds=3)
+    # Act
+    update = decode_train(_train(plan, site_config))
+    # Assert
+    stated = SitePrivacy.from_metrics(update.metrics)  # type: ignore[union-attr]
+    assert stated is not None
+    assert stated.noise_multiplier == solve_noise_multiplier(
+        target_epsilon=8.0, delta=1e-5, sampling_rate=4 / 15, steps=3 * 2
+    )
+    assert 0 < stated.epsilon < 8.0  # one of three planned rounds spent
+
+
+def _target_round(server_round: int, *, planned: int, target: float = 8.0) -> TrainPlan:
+    return TrainPlan(
+        spec=ModelSpec(base="b", task="causal-lm"),
+        base_digest="d",
+        server_round=server_round,
+        local_steps=8,
+        batch_size=4,
+        site_dp_target_epsilon=target,
+        planned_rounds=planned,
+    )
+
+
+def test_a_site_never_overshoots_its_target_over_the_run(tmp_path: Path) -> None:
+    from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
+    from clients.task.errors import BudgetRefused
+
+    site = SiteSettings(data_path=tmp_path / "x", site_id="s", state_dir=tmp_path / "state")
+    # The planned three rounds spend the target, the last one up to the solver's tolerance.
+    for server_round in (1, 2, 3):
+        _, privacy = _charge_budget(
+            site, _target_round(server_round, planned=3), run="r", num_train=16
+        )
+    assert privacy is not None and 7.989 <= privacy.epsilon <= 8.0
+    assert SiteLedger.load(tmp_path / "state").runs["r"].epsilon <= 8.0
+    # A fourth round is refused whether the plan admits it is past the plan or not (a
+    # plan that now says 6 rounds would be solved with less noise per round).
+    with pytest.raises(BudgetRefused, match=r"solved for site-dp\.target-epsilon=8\.0 over 3"):
+        _charge_budget(site, _target_round(4, planned=3), run="r", num_train=16)
+    with pytest.raises(BudgetRefused, match=r"ε would reach .* > site-dp.target-epsilon=8.0"):
+        _charge_budget(site, _target_round(4, planned=6), run="r", num_train=16)
+    assert SiteLedger.load(tmp_path / "state").runs["r"].rounds == [1, 2, 3]
+
+
+def test_an_unreachable_target_is_a_refusal_naming_the_key(tmp_path: Path) -> None:
+    from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
+    from clients.task.errors import BudgetRefused
+
+    site = SiteSettings(data_path=tmp_path / "x", site_id="s", state_dir=tmp_path / "state")
+    with pytest.raises(BudgetRefused, match=r"site-dp\.target-epsilon=1e-09 is unreachable"):
+        _charge_budget(site, _target_round(1, planned=3, target=1e-9), run="r", num_train=16)
+    assert not (tmp_path / "state" / LEDGER_FILE).exists()

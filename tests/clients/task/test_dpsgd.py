@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.task.data import Example
-from clients.task.dpsgd import SampleDP, site_epsilon
+from clients.task.dpsgd import SampleDP, site_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, base_digest, build_model, trainable_state
 from clients.task.plan import TrainPlan
@@ -71,3 +73,25 @@ def test_site_epsilon_matches_opacus_analysis() -> None:
 def test_bad_dp_sgd_settings_are_named() -> None:
     with pytest.raises(ConfigError, match=r"site-dp\.max-grad-norm=0"):
         SampleDP(noise_multiplier=1.0, max_grad_norm=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    target=st.floats(0.5, 20.0),
+    rows=st.integers(20, 5000),
+    batch=st.sampled_from([4, 16, 64]),
+    steps=st.integers(1, 400),
+)
+def test_the_solved_noise_multiplier_never_overshoots_the_target(
+    target: float, rows: int, batch: int, steps: int
+) -> None:
+    rate = min(1.0, batch / rows)
+    z = solve_noise_multiplier(target_epsilon=target, delta=1e-5, sampling_rate=rate, steps=steps)
+    reached = site_epsilon([(z, rate, steps)], delta=1e-5)
+    # Never over, and within Opacus' bisection tolerance (0.01) of it: not needlessly noisy.
+    assert target - 0.011 <= reached <= target
+
+
+def test_an_unreachable_site_target_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"site-dp\.target-epsilon=1e-09 is unreachable"):
+        solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, steps=10)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
 from clients.task.plan import TrainPlan
@@ -42,3 +43,26 @@ def test_bad_plan_is_refused_by_the_site(change: dict, message: str) -> None:
     config = TrainPlan(spec=ModelSpec(labels=("a", "b")), base_digest="d").to_config() | change
     with pytest.raises(ConfigError, match=message):
         TrainPlan.from_config(config)
+
+
+def test_under_a_target_each_site_solves_its_noise_for_the_whole_planned_run() -> None:
+    from clients.task.dpsgd import site_epsilon
+
+    plan = TrainPlan(
+        spec=ModelSpec(task="causal-lm"),
+        base_digest="d",
+        batch_size=4,
+        site_dp_target_epsilon=8.0,
+        planned_rounds=5,
+    )
+    small, large = plan.sample_dp(16), plan.sample_dp(400)
+    assert small is not None and large is not None
+    # Rate 4/16 for 4 steps a round vs 4/400 for 100: each lands just under 8 over 5 rounds.
+    for dp, rate, steps in ((small, 0.25, 4), (large, 0.01, 100)):
+        assert 7.98 <= site_epsilon([(dp.noise_multiplier, rate, 5 * steps)], delta=1e-5) <= 8.0
+    assert small.noise_multiplier != large.noise_multiplier
+    fixed = TrainPlan(
+        spec=ModelSpec(task="causal-lm"), base_digest="d", site_dp_noise_multiplier=1.3
+    )
+    assert fixed.sample_dp(16) == fixed.sample_dp(400) == SampleDP(1.3, 1.0)
+    assert TrainPlan(spec=ModelSpec(task="causal-lm"), base_digest="d").sample_dp(16) is None

@@ -2,8 +2,8 @@
 
 `VerificationError.reason` is a short, stable token (``signature``, ``untrusted-key``,
 ``wrong-release``, ``revoked-key``, ``revoked-release``, ``stale``, ``expired``,
-``base-mismatch``, ``policy``, ``unsigned``, ``index``, ``fetch``) so an edge node can
-count refusals by reason.
+``base-mismatch``, ``policy``, ``unsigned``, ``index``, ``fetch``, ``unloadable``) so an
+edge node can count refusals by reason.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ REASONS = (
     "base-mismatch",
     "policy",
     "fetch",  # refused before download: a source, file or size the release cannot have
+    # signed, but the loaded model would not use exactly the tensors of its files
+    "unloadable",
 )
 
 

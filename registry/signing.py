@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,21 @@ def manifest_digest(statement: dict[str, Any]) -> str:
     depend on the signature bytes, so re-signing the same files keeps the digest.
     """
     resources = statement.get("predicate", {}).get("resources", [])
-    pairs = sorted((str(r["name"]), str(r["digest"])) for r in resources)
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    return _pairs_digest((str(r["name"]), str(r["digest"])) for r in resources)
+
+
+def files_digest(files: Mapping[str, bytes]) -> str:
+    """`manifest_digest` of files held in memory: {path relative to the release: bytes}.
+
+    A consumer that read a release's files once compares this with the digest `accept`
+    returned, so what it loads are exactly the bytes whose signature was checked
+    (model-signing's default file serialization: SHA-256 of each file, POSIX names).
+    """
+    return _pairs_digest((name, hashlib.sha256(data).hexdigest()) for name, data in files.items())
+
+
+def _pairs_digest(pairs: Iterable[tuple[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()
 
 
 def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
@@ -111,6 +125,7 @@ def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
 
 __all__ = [
     "VerifiedRelease",
+    "files_digest",
     "manifest_digest",
     "sign_release",
     "verify_release",

@@ -1,150 +1,164 @@
-"""The HTTP API of an edge node (FastAPI): predict, generate, health, adapters, metrics.
+"""The HTTP API of an edge node (FastAPI): predict, generate, the OpenAI-compatible
+endpoints, health, adapters, metrics and refresh.
 
-Bad requests get a 4xx that says what is wrong and the process stays up; 503 means no
-verified release is loaded for the model, with the reason. The OpenAPI schema is at
-``/openapi.json`` and the docs at ``/docs``.
+Requests are queued to their base's micro-batcher and awaited without holding a thread;
+a full queue answers 503 with ``Retry-After``. Bad requests get a 4xx that says what is
+wrong and the process stays up; 503 also means no verified release is loaded for the
+model, with the reason. The OpenAPI schema is at ``/openapi.json``; ``/docs`` is FastAPI's
+Swagger UI, whose script and style sheet come from a public CDN (blank offline).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clients.edge.node import EdgeNode, ModelSlot
-from clients.edge.runtime import LoadedRelease
+from clients.edge.batching import QueueFull
+from clients.edge.generation import Sampling
+from clients.edge.guards import (
+    BodyLimit,
+    RequestMetrics,
+    SafeJSONResponse,
+    Text,
+    validation_detail,
+)
+from clients.edge.node import EdgeNode
+from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes
+from clients.edge.refresher import Refresher
+from clients.edge.routing import check_texts, find_slot, submit_to
+from clients.edge.runtime import PromptTooLong
 
 log = logging.getLogger(__name__)
+REFRESH_TIMEOUT_S = 300
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="model name; optional when one is served")
-    texts: list[str] = Field(..., description="texts to classify")
+    model: Text | None = Field(None, description="model name; optional when one is served")
+    texts: list[Text] = Field(..., description="texts to classify")
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
-    prompt: str
+    model: Text | None = None
+    prompt: Text
     max_new_tokens: int = Field(32, description="bounded by the node's --max-new-tokens")
 
 
-def _active(node: EdgeNode, name: str | None) -> tuple[ModelSlot, LoadedRelease]:
-    try:
-        slot = node.slot(name)
-    except KeyError as exc:
-        known = sorted(node.slots)
-        detail = exc.args[0] if name is None else f"unknown model {name!r}; served: {known}"
-        raise HTTPException(404 if name else 422, detail) from None
-    release = slot.active  # read once: a swap during this request does not affect it
-    if release is None:
-        raise HTTPException(503, f"no verified release of {slot.ref}: {slot.last_error}")
-    return slot, release
+def _handlers(app: FastAPI) -> None:
+    def openai_path(request: Request) -> bool:
+        return request.url.path in OPENAI_PATHS or request.url.path.startswith("/v1/models/")
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        detail = validation_detail(list(exc.errors()))
+        if openai_path(request):
+            first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+            where = ".".join(str(p) for p in first["loc"] if p != "body")
+            return openai_error(422, f"{where}: {first['msg']}", param=where or None)
+        return SafeJSONResponse({"detail": detail}, status_code=422)
 
-def _check_texts(texts: list[str], node: EdgeNode) -> None:
-    limits = node.settings
-    if not texts:
-        raise HTTPException(422, "texts must hold at least one text")
-    if len(texts) > limits.max_items:
-        raise HTTPException(413, f"texts has {len(texts)} items; at most {limits.max_items}")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            raise HTTPException(422, f"texts[{i}] is empty")
-        if len(text) > limits.max_text_chars:
-            raise HTTPException(
-                413, f"texts[{i}] has {len(text)} characters; at most {limits.max_text_chars}"
-            )
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if openai_path(request):
+            return openai_error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return SafeJSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, exc: QueueFull) -> Response:
+        request.app.state.node.metrics.queue_full.inc()
+        headers = {"Retry-After": str(int(exc.retry_after_s))}
+        if openai_path(request):
+            return openai_error(503, str(exc), headers=headers, kind="overloaded_error")
+        return SafeJSONResponse({"detail": str(exc)}, 503, headers=headers)
+
+    @app.exception_handler(PromptTooLong)
+    async def too_long(request: Request, exc: PromptTooLong) -> Response:
+        if openai_path(request):
+            return openai_error(400, str(exc), param="prompt", code="context_length_exceeded")
+        return SafeJSONResponse({"detail": str(exc)}, 400)
 
 
 def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
-    stop = threading.Event()
-
-    def poller() -> None:
-        while not stop.wait(node.settings.poll_seconds):
-            try:
-                node.refresh_all()
-            except Exception:  # the poller must outlive any one bad refresh
-                log.exception("refresh failed")
+    refresher = Refresher(
+        node.refresh_all, poll_seconds=node.settings.poll_seconds if poll else None
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        thread = threading.Thread(target=poller, name="fedlora-edge-poller", daemon=True)
-        if poll:
-            thread.start()
+        refresher.start()
         yield
-        stop.set()
+        refresher.stop()
 
     app = FastAPI(
         title="fedlora edge node",
         description="Serves verified, signed LoRA adapters; see GET /v1/adapters.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
-    max_body = node.settings.max_items * node.settings.max_text_chars * 4 + 65536
-
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body:
-            return JSONResponse({"detail": f"body of {size} bytes; at most {max_body}"}, 413)
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path
-        if endpoint.startswith("/v1/") or endpoint in ("/healthz",):
-            model = getattr(request.state, "model", "-")
-            node.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-            node.metrics.requests.labels(endpoint, model, str(response.status_code)).inc()
-        return response
+    app.state.node, app.state.refresher = node, refresher
+    settings = node.settings
+    # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts
+    max_body = settings.max_items * settings.max_text_chars * 4 + 65536
+    app.add_middleware(RequestMetrics, metrics=node.metrics)
+    app.add_middleware(BodyLimit, max_bytes=max_body)  # outermost: before anything reads
+    _handlers(app)
+    app.include_router(openai_routes(node))
 
     @app.post("/v1/predict")
-    def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
+    async def predict(body: PredictRequest, request: Request) -> Response:
         """Classify texts with the model's active release: label and scores per text."""
-        _check_texts(body.texts, node)
-        slot, release = _active(node, body.model)
+        check_texts(body.texts, node)
+        slot = find_slot(node, body.model)
         request.state.model = slot.ref.name
-        if release.task != "sequence-classification":
-            raise HTTPException(400, f"model {slot.ref.name!r} is {release.task}; use /v1/generate")
-        return {
+        release, future = await submit_to(
+            slot, "sequence-classification", lambda r: r.submit_predict(body.texts)
+        )
+        predictions = await asyncio.wrap_future(future)
+        # Plain JSON types already: answered as they are, without FastAPI's re-encoding.
+        return SafeJSONResponse({
             "model": slot.ref.name,
             "version": release.version,
             "digest": release.verified.digest,
-            "predictions": release.predict(body.texts),
-        }
+            "predictions": predictions,
+        })  # fmt: skip
 
     @app.post("/v1/generate")
-    def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
+    async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         """Continue a prompt with a causal-LM release (greedy, bounded length)."""
-        _check_texts([body.prompt], node)
-        limit = node.settings.max_new_tokens
+        check_texts([body.prompt], node)
+        limit = settings.max_new_tokens
         if not 1 <= body.max_new_tokens <= limit:
             raise HTTPException(422, f"max_new_tokens={body.max_new_tokens} must be in 1..{limit}")
-        slot, release = _active(node, body.model)
+        slot = find_slot(node, body.model)
         request.state.model = slot.ref.name
-        if release.task != "causal-lm":
-            raise HTTPException(400, f"model {slot.ref.name!r} is {release.task}; use /v1/predict")
-        text = release.generate(body.prompt, max_new_tokens=body.max_new_tokens)
-        return {"model": slot.ref.name, "version": release.version, "text": text}
+        sampling = Sampling(max_tokens=body.max_new_tokens)
+        release, future = await submit_to(
+            slot, "causal-lm", lambda r: r.submit_generate([body.prompt], sampling)[0]
+        )
+        completions = await asyncio.wrap_future(future)
+        return {"model": slot.ref.name, "version": release.version, "text": completions[0].text}
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
+    def healthz() -> Response:
         """ok: every model serves its registry alias; degraded: serving, but stale or
         offline; unavailable: nothing verified to serve (503)."""
         health = node.health()
-        return JSONResponse(health, status_code=503 if health["status"] == "unavailable" else 200)
+        return SafeJSONResponse(
+            health, status_code=503 if health["status"] == "unavailable" else 200
+        )
 
     @app.get("/v1/adapters")
     def adapters() -> dict[str, Any]:
@@ -156,15 +170,22 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/refresh")
-    def refresh(authorization: str | None = Header(None)) -> dict[str, Any]:
-        """Check the registry now (admin token as ``Authorization: Bearer TOKEN``)."""
-        token = node.settings.admin_token
+    async def refresh(authorization: str | None = Header(None)) -> dict[str, Any]:
+        """Check the registry now (admin token as ``Authorization: Bearer TOKEN``).
+
+        Concurrent calls share one refresh; it runs on the node's refresh thread."""
+        token = settings.admin_token
         if token is None:
             raise HTTPException(403, "refresh is disabled: start the node with FEDLORA_EDGE_TOKEN")
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong admin token")
-        swapped = node.refresh_all()
+        try:
+            swapped = await asyncio.wait_for(
+                asyncio.wrap_future(refresher.request()), REFRESH_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise HTTPException(504, "the refresh is still running; see /healthz") from None
         return {"swapped": swapped, "health": node.health()}
 
     return app

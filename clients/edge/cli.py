@@ -80,6 +80,20 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="inference threads, 0 is half the cores (default: %(default)s)",
     )
+    for flag, default, what in (
+        ("--max-items", 64, "texts or prompts per request"),
+        ("--max-text-chars", 4000, "characters per text or prompt"),
+        ("--max-new-tokens", 64, "largest max_tokens a request may ask for"),
+        ("--max-batch", 32, "texts or prompts per batched forward"),
+        ("--max-queue", 256, "requests waiting per base; more get 503 with Retry-After"),
+    ):
+        serve.add_argument(flag, type=int, default=default, help=f"{what} (default: %(default)s)")
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a batch may wait for more requests while others wait (default: %(default)s)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
@@ -136,6 +150,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_token=EdgeSettings.token_from_env(),
         max_loaded=args.max_loaded,
         threads=args.threads,
+        max_items=args.max_items,
+        max_text_chars=args.max_text_chars,
+        max_new_tokens=args.max_new_tokens,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms,
     )
     node = EdgeNode(settings)
     node.start()

@@ -42,6 +42,17 @@ class EdgeMetrics:
             "Refreshes that could not reach the registry",
             registry=self.registry,
         )
+        self.batch_rows = Histogram(
+            "fedlora_edge_batch_rows",
+            "Texts or prompts per batched forward (or generate)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.queue_full = Counter(
+            "fedlora_edge_queue_full",
+            "Requests refused with 503 because their base's queue was full",
+            registry=self.registry,
+        )
         self.active_release = Gauge(
             "fedlora_edge_active_release",
             "Release number served, by model (0: none)",

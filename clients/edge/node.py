@@ -4,12 +4,15 @@ For each model the node holds an ``active`` release (answers new requests) and t
 ``previous`` one (kept loaded for instant rollback). A refresh refreshes the release
 index (TUF) and takes the release it names for the alias (MLflow's own aliases are never
 read), downloads that release's recorded files into a staging folder in the cache,
-accepts it (`registry.accept`), installs it into the cache under its digest, loads with
-PEFT, then swaps with one assignment: requests that already hold the old release finish
-on it. Any failure keeps the current release serving, reports ``degraded`` with the
-reason and is counted by reason. A cache folder is accepted again, bound to the digest it
-is named after, every time it is loaded from; with the registry down at start, the node
-accepts its cached release against the cached index instead.
+accepts it (`registry.accept`), installs it into the cache under its digest, loads its
+verified tensors as an adapter on the shared base (`clients.edge.runtime`), then swaps
+with one assignment: requests that already hold the old release finish on it, and a
+release that leaves both places is retired (its adapter is freed after its last request).
+Any failure keeps the current release serving, reports ``degraded`` with the reason and
+is counted by reason. A cache folder is accepted again, bound to the digest it is named
+after, every time it is loaded from; with the registry down at start, the node accepts
+its cached release against the cached index instead. Corrupt local state degrades the
+node, it never stops it.
 
     node = EdgeNode(settings)
     node.start()                    # registry, or the verified cache when it is down
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.edge.metrics import EdgeMetrics
-from clients.edge.runtime import LoadedRelease, Runtime
+from clients.edge.runtime import Batching, LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
 from clients.task.files import swap_directory, write_atomic
@@ -67,13 +71,23 @@ class EdgeNode:
     ) -> None:
         self.settings = settings
         self.trust = TrustStore.load(settings.trust)
+        self.metrics = metrics or EdgeMetrics()
         if runtime is None:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-            runtime = Runtime(base=settings.base, quantization=settings.quantization)
+            runtime = Runtime(
+                base=settings.base,
+                quantization=settings.quantization,
+                max_new_tokens=settings.max_new_tokens,
+                batching=Batching(
+                    max_rows=settings.max_batch,
+                    max_queue=settings.max_queue,
+                    max_wait_s=settings.batch_wait_ms / 1000,
+                    on_batch=self.metrics.batch_rows.observe,
+                ),
+            )
         self.runtime = runtime
-        self.metrics = metrics or EdgeMetrics()
         self.policy = LocalPolicy(
             base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon
         )
@@ -115,9 +129,15 @@ class EdgeNode:
     def start(self) -> None:
         """Load every model: from the registry, else from the verified cache."""
         for slot in self.slots.values():
-            self.refresh(slot.ref.name)  # records, never raises, a registry or check failure
-            if slot.active is None:
-                self._load_cached(slot)
+            # Neither a failed check nor corrupt local state may keep the node from starting:
+            # it serves what it can verify and reports the rest as degraded, with the reason.
+            try:
+                self.refresh(slot.ref.name)  # records a registry or check failure itself
+                if slot.active is None:
+                    self._load_cached(slot)
+            except Exception as exc:
+                log.exception("%s: could not load", slot.ref)
+                slot.last_error = f"could not load: {type(exc).__name__}: {exc}"
 
     def refresh_all(self) -> dict[str, bool]:
         return {name: self.refresh(name) for name in self.slots}
@@ -173,11 +193,12 @@ class EdgeNode:
         release = self.runtime.load(
             slot.ref.name, record.version, replace(accepted, directory=home)
         )
-        self._swap(slot, release, source="registry")
+        loaded = time.perf_counter()
+        self._swap(slot, release, source="registry")  # serving it from here; then bookkeeping
         done = time.perf_counter()
         stages.labels("download").observe(downloaded - start)
         stages.labels("verify").observe(checked - downloaded)
-        stages.labels("load").observe(done - checked)
+        stages.labels("load").observe(loaded - checked)
         stages.labels("total").observe(done - start)
         return True
 
@@ -189,16 +210,23 @@ class EdgeNode:
             return r is not None and (r.verified.digest in digests or r.verified.key_id in keys)
 
         if revoked(slot.previous):
+            assert slot.previous is not None
+            slot.previous.retire()
             slot.previous = None
         if revoked(slot.active):
             assert slot.active is not None
             self.metrics.verification_failures.labels(slot.ref.name, "revoked-release").inc()
             log.warning("%s: active release %s is revoked", slot.ref, slot.active.version)
+            dropped = slot.active
             slot.active, slot.previous = slot.previous, None
+            dropped.retire()  # requests already holding it finish; no new one gets it
             self._publish_state(slot)
 
     def _swap(self, slot: ModelSlot, release: LoadedRelease, *, source: str) -> None:
+        dropped = slot.previous
         slot.previous, slot.active = slot.active, release  # new requests see `release`
+        if dropped is not None and dropped is not release:
+            dropped.retire()  # its adapter is freed once the requests holding it finish
         slot.source, slot.last_error = source, None
         self.metrics.swaps.labels(slot.ref.name).inc()
         self._publish_state(slot)
@@ -209,14 +237,20 @@ class EdgeNode:
         release = slot.active.verified.provenance.release if slot.active else 0
         self.metrics.active_release.labels(slot.ref.name).set(release)
         if slot.active is not None:
-            self._write_state(slot)
+            try:
+                self._write_state(slot)
+            except OSError as exc:  # the cache is a convenience; serving goes on without it
+                log.warning("could not record the served release: %s", exc)
 
     def _evict(self) -> None:
         """Keep at most ``max_loaded`` previous releases in memory (least recently used go)."""
         held = [s for s in self.slots.values() if s.previous is not None]
         held.sort(key=lambda s: s.last_used)
         while len(held) > self.settings.max_loaded:
-            held.pop(0).previous = None
+            evicted = held.pop(0)
+            assert evicted.previous is not None
+            evicted.previous.retire()
+            evicted.previous = None
 
     # cache -------------------------------------------------------------------------
 
@@ -233,10 +267,20 @@ class EdgeNode:
     def _state_path(self) -> Path:
         return self.settings.cache / "state.json"
 
+    def _read_state(self) -> dict[str, Any]:
+        """The node's last served releases; a corrupt or truncated file reads as empty."""
+        path = self._state_path()
+        try:
+            state = json.loads(path.read_bytes()) if path.exists() else {}
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable (%s); starting from the registry alone", path, exc)
+            return {}
+        return state if isinstance(state, dict) else {}
+
     def _write_state(self, slot: ModelSlot) -> None:
         assert slot.active is not None
         path = self._state_path()
-        state = json.loads(path.read_text()) if path.is_file() else {}
+        state = self._read_state()
         state[slot.ref.name] = {
             "alias": slot.ref.alias,
             "version": slot.active.version,
@@ -245,24 +289,48 @@ class EdgeNode:
         write_atomic(path, json.dumps(state, indent=2).encode())
 
     def _load_cached(self, slot: ModelSlot) -> None:
-        """Serve the last accepted release of ``slot`` after accepting it again offline."""
-        path = self._state_path()
-        entry = json.loads(path.read_text()).get(slot.ref.name) if path.is_file() else None
-        if not entry or entry.get("alias") != slot.ref.alias:
-            slot.last_error = slot.last_error or "no verified release cached"
-            return
-        home = self.settings.cache / "releases" / slot.ref.name / entry["digest"]
+        """Serve the last accepted release of ``slot`` after accepting it again offline.
+
+        That is the release ``state.json`` names; if that file is missing or corrupt, the
+        one the cached (signed) index names for the alias. Every check of `accept` holds.
+        """
         try:
             self.index.load_cached()
-            # No alias check: this is the release the node last served, possibly on purpose
-            # instead of a newer one it refused; every other step still holds, and the folder
-            # must hold the release it is named after.
-            accepted = self._accept(slot, home, alias=None, digest=entry["digest"])
         except VerificationError as exc:
             self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
             slot.last_error = f"cached release refused: {exc}"
             return
-        release = self.runtime.load(slot.ref.name, entry["version"], accepted)
+        entry = self._read_state().get(slot.ref.name)
+        fields = ("alias", "version", "digest")
+        if (
+            isinstance(entry, dict)
+            and all(isinstance(entry.get(k), str) for k in fields)
+            and (entry["alias"] == slot.ref.alias)
+        ):
+            # No alias check: this is the release the node last served, possibly on purpose
+            # instead of a newer one it refused; every other step still holds.
+            version, digest, alias = entry["version"], entry["digest"], None
+        else:
+            indexed = self.index.alias(slot.ref.name, slot.ref.alias)
+            if indexed is None:
+                slot.last_error = slot.last_error or "no verified release cached"
+                return
+            version, digest, alias = indexed.version, indexed.digest, slot.ref.alias
+        if not re.fullmatch("[0-9a-f]{64}", digest):
+            slot.last_error = f"cached state names no release digest ({digest[:80]!r})"
+            return
+        home = self.settings.cache / "releases" / slot.ref.name / digest
+        try:
+            # The folder must hold the release it is named after.
+            accepted = self._accept(slot, home, alias=alias, digest=digest)
+            release = self.runtime.load(slot.ref.name, version, accepted)
+        except VerificationError as exc:
+            self.metrics.verification_failures.labels(slot.ref.name, exc.reason).inc()
+            slot.last_error = f"cached release refused: {exc}"
+            return
+        except FedloraError as exc:  # e.g. a cache folder that is not a release at all
+            slot.last_error = f"cached release unusable: {exc}"
+            return
         self._swap(slot, release, source="cache")
         slot.last_error = "registry unreachable; serving the cached release"
 

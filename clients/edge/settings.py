@@ -48,6 +48,9 @@ class EdgeSettings:
     max_text_chars: int = 4000
     max_new_tokens: int = 64
     max_loaded: int = 4  # releases held in memory beyond each model's active one
+    max_batch: int = 32  # texts or prompts per forward
+    max_queue: int = 256  # requests waiting per base; more get 503 + Retry-After
+    batch_wait_ms: float = 2.0  # how long a batch may wait for more requests under load
     threads: int = 0  # torch threads for inference; 0: half the cores (see `torch_threads`)
 
     def __post_init__(self) -> None:
@@ -66,9 +69,11 @@ class EdgeSettings:
             raise ConfigError(f"--poll-seconds {self.poll_seconds} must be > 0")
         if self.max_epsilon is not None and not self.max_epsilon > 0:
             raise ConfigError(f"--max-epsilon {self.max_epsilon} must be > 0")
-        for name in ("max_items", "max_text_chars", "max_new_tokens"):
+        for name in ("max_items", "max_text_chars", "max_new_tokens", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be ≥ 1")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ConfigError(f"--batch-wait-ms {self.batch_wait_ms} must be in 0..1000")
         if self.max_loaded < 0:
             raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
         if self.threads < 0:

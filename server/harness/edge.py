@@ -42,6 +42,7 @@ class EdgeNodeProcess:
         env: Variables set on top of this process's environment (e.g. the admin token).
         port: The port it serves on (a free one by default).
         startup_timeout: Seconds to wait until it answers HTTP.
+        options: More ``fedlora edge serve`` options, e.g. ``["--max-items", "16"]``.
     """
 
     models: Sequence[str]
@@ -54,6 +55,7 @@ class EdgeNodeProcess:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     startup_timeout: float = READY_SECONDS
+    options: Sequence[str] = ()
     process: ManagedProcess | None = None
 
     @property
@@ -71,7 +73,7 @@ class EdgeNodeProcess:
             cmd += ["--registry", self.registry]
         if self.base is not None:
             cmd += ["--base", str(self.base)]
-        return cmd
+        return cmd + list(self.options)
 
     def start(self) -> EdgeNodeProcess:
         """Start the node and return once its HTTP server answers.

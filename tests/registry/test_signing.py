@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from registry.artifact import SIGNATURE_FILE, build_release
 from registry.errors import VerificationError
 from registry.keys import KeyPair, TrustStore, generate_keypair
-from registry.signing import sign_release, verify_release
+from registry.signing import files_digest, sign_release, verify_release
 from tests.conftest import PASSPHRASE
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
@@ -43,6 +43,20 @@ def test_the_digest_names_the_files_not_the_signature(
     first = verify_release(release, trust).digest
     sign_release(release, private_key=keypair.private_path, passphrase=PASSPHRASE)
     assert verify_release(release, trust).digest == first  # ECDSA bytes differ, digest not
+
+
+def test_the_digest_of_the_files_in_memory_is_the_signed_manifest_digest(
+    release: Path, trust: TrustStore
+) -> None:
+    files = {
+        p.relative_to(release).as_posix(): p.read_bytes()
+        for p in release.rglob("*")
+        if p.is_file() and p.name != SIGNATURE_FILE
+    }
+
+    assert files_digest(files) == verify_release(release, trust).digest
+    files["adapter_config.json"] += b" "
+    assert files_digest(files) != verify_release(release, trust).digest
 
 
 @settings(

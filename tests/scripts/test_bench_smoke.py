@@ -94,14 +94,20 @@ def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
             str(CLINC150),
             "--sites",
             "3",
-            "--per-intent",
+            "--max-labels",
+            "0",
+            "--per-label",
             "3",
-            "--test-per-intent",
+            "--train-rows",
+            "0",
+            "--test-per-label",
             "1",
+            "--test-rows",
+            "0",
             "--rounds",
             "1",
-            "--server-momentum",
-            "0.5",
+            "--set",
+            "server.momentum=0.5",
             "--out",
             str(out),
         ],
@@ -120,9 +126,10 @@ def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
         comparison["federated_best"] / comparison["centralized_best"]
     )
     assert comparison["on_target"] == (comparison["ratio"] >= 0.97)
-    assert results["scale"]["intents"] == 150 and results["scale"]["passes"] == 1
+    assert results["scale"]["labels"] == 150 and results["scale"]["passes"] == 1
     assert sum(results["scale"]["site_rows"]) == results["scale"]["train_rows"] == 450
-    assert results["settings"]["server_momentum"] == 0.5
+    assert results["settings"]["federated_overrides"] == ["server.momentum=0.5"]
+    assert float(results["settings"]["federated"]["server.momentum"]) == 0.5
 
 
 @pytest.mark.timeout(120)

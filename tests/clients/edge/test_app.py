@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,104 @@ def test_model_ref_parsing() -> None:
     assert ModelRef.parse("intents@candidate") == ModelRef("intents", "candidate")
     with pytest.raises(ConfigError, match="NAME or NAME@ALIAS"):
         ModelRef.parse("intents@")
+
+
+def test_a_chunked_body_past_the_limit_is_refused(client: TestClient) -> None:
+    # In process the test client buffers the body; test_serve.py sends one to a real
+    # node and checks that it stops reading at the limit.
+    chunks = (b"x" * 65536 for _ in range(100))  # no Content-Length: chunked
+
+    response = client.post("/v1/predict", content=chunks,
+                           headers={"content-type": "application/json"})  # fmt: skip
+
+    assert response.status_code == 413 and "more than" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        ('{"model": "intents", "texts": ["ok \\ud800"]}', 422, "lone surrogate"),
+        ('{"model": "\\udfff", "texts": ["ok"]}', 422, "lone surrogate"),
+        ('{"model": "intents", "texts": ["ok"], "\\ud800": 1}', 422, "unicode"),
+        ('{"model": "intents", "texts": [NaN]}', 422, "valid string"),
+        ('{"model": "intents", "texts": ["ok"], "x": Infinity}', 422, "Extra inputs"),
+        ('{"model": "intents", "texts": ' + "1" * 5000 + "}", 400, "parsing the body"),
+        ('{"model": "intents", "texts": 1e400}', 422, "valid list"),
+        ('{"texts": ' + "[" * 20_000 + "]" * 20_000 + "}", 400, "parsing the body"),
+    ],
+)
+def test_requests_that_cannot_be_encoded_get_a_4xx(
+    client: TestClient, raw: str, status: int, message: str
+) -> None:
+    response = client.post("/v1/predict", content=raw.encode(),
+                           headers={"content-type": "application/json"})  # fmt: skip
+
+    assert response.status_code == status, response.text
+    assert message in response.text
+    response.content.decode("ascii")  # always encodable, whatever the client sent
+
+
+def test_client_chosen_paths_and_models_never_become_metric_labels(client: TestClient) -> None:
+    for i in range(30):
+        client.get(f"/v1/probe-{i}")
+        client.post("/v1/predict", json={"model": f"probe-{i}", "texts": ["hi"]})
+
+    text = client.get("/metrics").text
+
+    assert "probe-" not in text
+    assert 'endpoint="unmatched"' in text
+
+
+def test_a_full_queue_answers_503_with_retry_after(client: TestClient) -> None:
+    release = client.app.state.node.slots["intents"].active  # type: ignore[attr-defined]
+    batcher = release.base.batcher
+    gate = threading.Event()
+    batcher.call(gate.wait, wait=False)
+    fillers = []
+    try:
+        while batcher.waiting < batcher.max_queue:  # what many slow clients would queue
+            fillers.append(release.submit_predict(["filler"]))
+        response = client.post("/v1/predict", json={"model": "intents", "texts": ["hi"]})
+        chat = client.post("/v1/completions", json={"model": "lm", "prompt": "hi"})
+    finally:
+        gate.set()
+
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert chat.status_code in (200, 503)  # another base: its own queue
+    assert all(f.result(timeout=120)[0]["label"] in ("greet", "bye") for f in fillers)
+
+
+OPENAI_BODIES = st.one_of(
+    BODIES,
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["lm", "lm@production", "lm@x", "intents", "absent"]) | JSON},
+        optional={
+            "prompt": st.text(max_size=40) | st.lists(st.text(max_size=20), max_size=3) | JSON,
+            "messages": st.lists(
+                st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                       "content": st.text(max_size=20) | JSON}),
+                max_size=3,
+            ) | JSON,
+            "max_tokens": st.integers(-2, 100) | JSON,
+            "temperature": st.floats() | JSON,
+            "top_p": st.floats() | JSON,
+            "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=6) | JSON,
+            "stream": st.booleans() | JSON,
+            "n": st.integers(0, 3),
+        },
+    ),
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=OPENAI_BODIES)
+def test_fuzzed_openai_requests_never_get_a_5xx_except_a_missing_release(
+    client: TestClient, path: str, body: object
+) -> None:
+    response = client.post(path, json=body)
+    if response.status_code == 503:
+        assert "no verified release of absent" in response.json()["error"]["message"]
+        return
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) >= {"message", "type"}

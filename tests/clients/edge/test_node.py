@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from clients.edge.node import EdgeNode
 from clients.edge.settings import EdgeSettings, ModelRef
@@ -15,9 +18,11 @@ from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.signing import verify_release
 from server.harness.process import free_port
+from tests.clients.edge.test_runtime import LABELS, stock_scores
 from tests.conftest import PASSPHRASE
 
 pytestmark = pytest.mark.integration
+TEXTS = ["hello there", "see you later"]
 
 
 def test_rollback_swaps_back_to_the_loaded_previous_release_without_reloading(
@@ -76,6 +81,125 @@ def _released(store: MlflowStore, key: SigningKey, trust: TrustStore, sources: l
         promote(store, model="intents", version=done[-1].version, key=key, trust=trust,
                 policy=Policy())  # fmt: skip
     return done
+
+
+def _refusals(node: EdgeNode, reason: str) -> float:
+    value = node.metrics.registry.get_sample_value(
+        "fedlora_edge_verification_failures_total", {"model": "intents", "reason": reason}
+    )
+    return value or 0.0
+
+
+def test_a_signed_release_whose_tensors_the_model_would_not_use_is_refused(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    v1 = publish(store, outputs[0], model="intents", key=key).version
+    promote(store, model="intents", version=v1, key=key, trust=trust, policy=Policy())
+    node = _node(tmp_path, store.uri, trust, tiny_llama)
+    node.start()
+    # Signed as it is: the config targets modules the weights were never trained for, so
+    # PEFT would load the release and silently drop every LoRA tensor of the file.
+    config = outputs[1] / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"target_modules": ["k_proj"]}))
+    v2 = publish(store, outputs[1], model="intents", key=key).version
+    promote(store, model="intents", version=v2, key=key, trust=trust, policy=Policy())
+
+    assert node.refresh("intents") is False
+
+    slot = node.slots["intents"]
+    assert slot.active is not None and slot.active.version == v1
+    assert node.health()["status"] == "degraded"
+    assert "unloadable" in (slot.last_error or "") and "would not use" in (slot.last_error or "")
+    assert _refusals(node, "unloadable") == 1
+
+
+def test_a_cached_copy_changed_on_disk_is_never_served(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    v1 = publish(store, outputs[0], model="intents", key=key).version
+    promote(store, model="intents", version=v1, key=key, trust=trust, policy=Policy())
+    node = _node(tmp_path, store.uri, trust, tiny_llama)
+    node.start()
+    v2 = publish(store, outputs[1], model="intents", key=key)
+    # Someone with write access to the cache plants v2's folder with other weights.
+    planted = tmp_path / "cache" / "releases" / "intents" / v2.digest
+    shutil.copytree(outputs[2] / "adapter", planted)
+    promote(store, model="intents", version=v2.version, key=key, trust=trust, policy=Policy())
+
+    node.refresh("intents")
+
+    served = node.slots["intents"].active
+    assert served is not None
+    if served.version == v2.version:  # a node that replaced the planted copy: genuine v2
+        answer = torch.tensor([[row["scores"][label] for label in LABELS]
+                               for row in served.predict(TEXTS)])  # fmt: skip
+        genuine = stock_scores(tiny_llama, outputs[1] / "adapter", TEXTS)
+        torch.testing.assert_close(answer, genuine, atol=1e-4, rtol=0)
+    else:  # a node that found the planted copy: refused, still on v1
+        assert served.version == v1 and _refusals(node, "signature") == 1
+        assert node.health()["status"] == "degraded"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _state(cache: Path) -> Path:
+    return cache / "state.json"
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    # what breaks -> (how, what the node then serves: the version or the reason)
+    "state truncated": (lambda c: _truncate(_state(c)), "1"),
+    "state of wrong types": (lambda c: _state(c).write_text('{"intents": {"digest": 7}}'), "1"),
+    "state a directory": (lambda c: (_state(c).unlink(), _state(c).mkdir()), "1"),
+    "state names a path": (
+        lambda c: _state(c).write_text(
+            json.dumps({"intents": {"alias": "production", "version": "1", "digest": "../../x"}})
+        ),
+        "names no release digest",
+    ),
+    "index truncated": (lambda c: _truncate(c / "tuf" / "targets.json"), "index"),
+    "release truncated": (
+        lambda c: _truncate(
+            next((c / "releases" / "intents").iterdir()) / "adapter_model.safetensors"
+        ),
+        "signature",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(CORRUPTIONS))
+def test_corrupt_local_state_never_keeps_the_node_from_starting(
+    broken: str,
+    tmp_path: Path,
+    outputs: list[Path],
+    keypair: KeyPair,
+    trust: TrustStore,
+    tiny_llama: Path,
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    version = publish(store, outputs[0], model="intents", key=key).version
+    promote(store, model="intents", version=version, key=key, trust=trust, policy=Policy())
+    cache = tmp_path / "cache"
+    _node(tmp_path, store.uri, trust, tiny_llama).start()  # fills the cache
+    corrupt, expected = CORRUPTIONS[broken]
+    corrupt(cache)
+    offline = f"http://127.0.0.1:{free_port()}"  # the registry is down
+
+    node = _node(tmp_path, offline, trust, tiny_llama)
+    node.start()  # never raises
+
+    health = node.health()["models"]["intents"]
+    if expected.isdigit():  # falls back to what it can verify: the index's alias entry
+        assert health["version"] == expected and health["status"] == "degraded", health
+    else:
+        assert health["status"] == "unavailable" and expected in health["reason"], health
 
 
 def test_a_node_serves_what_the_signed_index_names_not_the_mlflow_alias(

@@ -1,38 +1,108 @@
+"""The runtime: one base, releases as adapters on it, per-request routing, verified bytes."""
+
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from clients.edge.runtime import Runtime
-from registry.accept import AcceptedRelease
+from clients.edge.generation import Sampling
+from clients.edge.runtime import SPARES, ReleaseRetired, Runtime
+from clients.task.model import ModelSpec, build_model, save_adapter
+from registry.accept import AcceptedRelease, accept
 from registry.artifact import build_release, read_provenance
-from registry.signing import VerifiedRelease
+from registry.errors import VerificationError
+from registry.keys import KeyPair, TrustStore
+from registry.signing import VerifiedRelease, sign_release
+from tests.conftest import PASSPHRASE
+
+LABELS = ("greet", "bye")
+
+
+def trained(base: Path, out: Path, *, seed: int, task: str = "sequence-classification") -> Path:
+    """A training output whose LoRA B matrices are not zero, so every adapter matters."""
+    spec = ModelSpec(base=str(base), task=task, labels=LABELS if task != "causal-lm" else (),
+                     lora_r=4, seed=seed)  # fmt: skip
+    loaded = build_model(spec)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    save_adapter(loaded, out / "adapter")
+    return out
+
+
+def signed(
+    source: Path,
+    directory: Path,
+    *,
+    keypair: KeyPair,
+    trust: TrustStore,
+    release: int = 1,
+    edit: Callable[[Path], None] | None = None,
+) -> AcceptedRelease:
+    """Build, (edit,) sign and accept a release of model ``m`` offline."""
+    build_release(source, directory, model_name="m", release=release)
+    if edit is not None:
+        edit(directory)
+    sign_release(directory, private_key=keypair.private_path, passphrase=PASSPHRASE)
+    return accept(directory, trust=trust, model="m", index=None, alias=None)
+
+
+def stock_scores(base: Path, release: Path, texts: list[str]) -> torch.Tensor:
+    """What stock peft answers for one release on its own fresh base."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft = PeftModel.from_pretrained(model, str(release)).eval()
+    with torch.inference_mode():
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        return torch.softmax(peft(**inputs).logits, dim=-1)
+
+
+@pytest.fixture
+def two_releases(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> list[AcceptedRelease]:
+    return [
+        signed(
+            trained(tiny_llama, tmp_path / f"t{i}", seed=i),
+            tmp_path / f"r{i}",
+            keypair=keypair,
+            trust=trust,
+            release=i + 1,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_each_release_gets_its_own_model_on_the_shared_base(
-    tiny_llama: Path, training_outputs: list[Path], tmp_path: Path, quantization: str
+def test_releases_are_adapters_on_one_shared_base(
+    tiny_llama: Path, two_releases: list[AcceptedRelease], tmp_path: Path, quantization: str
 ) -> None:
     runtime = Runtime(base=str(tiny_llama), quantization=quantization)
-    releases = []
-    for i, source in enumerate(training_outputs[:2]):
-        build_release(source, tmp_path / f"r{i}", model_name="m", release=i + 1)
-        # Built by hand: this test is about loading, `accept` has its own tests.
-        accepted = AcceptedRelease(
-            tmp_path / f"r{i}", "k", f"d{i}", read_provenance(tmp_path / f"r{i}")
-        )
-        releases.append(runtime.load("m", str(i + 1), accepted))
+    releases = [runtime.load("m", str(i + 1), a) for i, a in enumerate(two_releases)]
 
     a, b = (r.predict(["hello there"])[0]["scores"] for r in releases)
 
-    assert releases[0].model is not releases[1].model
+    assert releases[0].base is releases[1].base  # one base in memory, not one per release
+    assert releases[0].slot.name != releases[1].slot.name
     assert a != b  # different adapters, different answers: nothing shared but the base
-    layer = releases[0].model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    peft = releases[0].base.model
+    layer = peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(layer).__name__ == ("Linear4bit" if quantization == "4bit" else "Linear")
     with pytest.raises(TypeError, match="VerifiedRelease"):
         runtime.load("m", "3", tmp_path / "r0")  # type: ignore[arg-type]
+    runtime.close()
 
 
 @pytest.mark.parametrize("kind", ["path", "signature-only"])
@@ -52,3 +122,232 @@ def test_load_takes_only_an_accepted_release(
         runtime.load("m", "1", given)  # type: ignore[arg-type]
 
     assert type(given).__name__ in str(err.value)
+
+
+@pytest.mark.integration
+def test_one_batch_routes_each_row_to_its_release_and_head(
+    tiny_llama: Path, two_releases: list[AcceptedRelease]
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    one, two = (runtime.load("m", str(i + 1), a) for i, a in enumerate(two_releases))
+    base = one.base
+    forwards: list[int] = []
+    handle = base.model.register_forward_hook(lambda m, a, kw: forwards.append(1))
+    texts = ["hello there", "see you later"]
+    # Hold the batcher so both requests are waiting when it next takes a batch.
+    gate = threading.Event()
+    base.batcher.call(gate.wait, wait=False)
+    futures = [one.submit_predict(texts), two.submit_predict(texts)]
+    gate.set()
+    answers = [f.result(timeout=60) for f in futures]
+    handle.remove()
+
+    assert len(forwards) == 1  # both releases answered by one forward
+    for release, answer in zip(two_releases, answers, strict=True):
+        expected = stock_scores(tiny_llama, release.directory, texts)
+        got = torch.tensor([[row["scores"][label] for label in LABELS] for row in answer])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert answers[0] != answers[1]  # different heads and LoRA weights in one batch
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_a_swap_reuses_a_spare_slot_and_frees_the_old_one_after_its_requests(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    sources = [trained(tiny_llama, tmp_path / f"t{i}", seed=i) for i in range(3)]
+    first = runtime.load("m", "1", signed(sources[0], tmp_path / "r0", keypair=keypair,
+                                          trust=trust))  # fmt: skip
+    base = first.base
+    base.batcher.call(lambda: None)  # the spares are made on the batcher's thread
+    adapters_before = set(base.model.peft_config)
+    assert len(adapters_before) == 1 + SPARES
+    second = runtime.load("m", "2", signed(sources[1], tmp_path / "r1", keypair=keypair,
+                                           trust=trust, release=2))  # fmt: skip
+
+    # A swap only copied tensors into a spare: PEFT added no adapter.
+    assert set(base.model.peft_config) == adapters_before
+    assert second.slot.name in adapters_before - {first.slot.name}
+
+    gate = threading.Event()
+    base.batcher.call(gate.wait, wait=False)
+    queued = first.submit_predict(["still on the old release"])
+    first.retire()  # the node stopped serving it while a request holds it
+    with pytest.raises(ReleaseRetired):
+        first.submit_predict(["too late"])
+    assert first.slot not in base._spares[first.slot.shape]  # still held
+    gate.set()
+    assert queued.result(timeout=60)[0]["label"] in LABELS
+    base.batcher.call(lambda: None)
+    assert first.slot in base._spares[first.slot.shape]  # freed after its last request
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_load_refuses_bytes_changed_after_they_were_verified(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    accepted = signed(trained(tiny_llama, tmp_path / "t", seed=1), tmp_path / "r",
+                      keypair=keypair, trust=trust)  # fmt: skip
+    weights = accepted.directory / "adapter_model.safetensors"
+    other = trained(tiny_llama, tmp_path / "t2", seed=2) / "adapter" / weights.name
+    weights.write_bytes(other.read_bytes())  # swapped between accept and load
+
+    with pytest.raises(VerificationError) as err:
+        Runtime(base=str(tiny_llama)).load("m", "1", accepted)
+
+    assert err.value.reason == "signature"
+    assert "differ from those verified" in str(err.value)
+
+
+def _retarget(directory: Path) -> None:
+    """The signed config names modules the weights were not trained for."""
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["target_modules"] = ["k_proj"]  # the tensors are for q_proj and v_proj
+    path.write_text(json.dumps(config))
+
+
+def _dora(directory: Path) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"use_dora": True}))
+
+
+def _bias(directory: Path) -> None:
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"bias": "all"}))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_retarget, "tensors the model would not use"),
+        (_dora, "use_dora=True is not servable"),
+        (_bias, "bias='all' is not servable"),
+    ],
+)
+def test_a_signed_release_the_model_would_not_use_as_signed_is_refused(
+    tiny_llama: Path,
+    tmp_path: Path,
+    keypair: KeyPair,
+    trust: TrustStore,
+    edit: Callable[[Path], None],
+    message: str,
+) -> None:
+    accepted = signed(trained(tiny_llama, tmp_path / "t", seed=1), tmp_path / "r",
+                      keypair=keypair, trust=trust, edit=edit)  # fmt: skip
+    runtime = Runtime(base=str(tiny_llama))
+
+    with pytest.raises(VerificationError) as err:
+        runtime.load("m", "1", accepted)
+
+    assert err.value.reason == "unloadable"
+    assert message in str(err.value)
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_mixed_generation_batch_matches_each_release_alone(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runtime = Runtime(base=str(tiny_llama))
+    accepted = [
+        signed(
+            trained(tiny_llama, tmp_path / f"t{i}", seed=i, task="causal-lm"),
+            tmp_path / f"r{i}",
+            keypair=keypair,
+            trust=trust,
+            release=i + 1,
+        )
+        for i in range(2)
+    ]
+    releases = [runtime.load("m", str(i + 1), a) for i, a in enumerate(accepted)]
+    gate = threading.Event()
+    releases[0].base.batcher.call(gate.wait, wait=False)
+    streamed: list[str] = []
+    sampling = Sampling(max_tokens=6)
+    futures = [
+        releases[0].submit_generate(["hello world"], sampling, lambda i, t: streamed.append(t))[0],
+        releases[1].submit_generate(["hello world"], sampling)[0],
+    ]
+    gate.set()
+    texts = [f.result(timeout=120)[0] for f in futures]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    for release, got in zip(accepted, texts, strict=True):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                          str(release.directory)).eval()  # fmt: skip
+        inputs = tokenizer("hello world", return_tensors="pt")
+        inputs.pop("token_type_ids", None)
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        assert got.text == tokenizer.decode(new, skip_special_tokens=True)
+        assert got.completion_tokens == len(new) and got.finish_reason == "length"
+    assert "".join(streamed) == texts[0].text
+    assert texts[0].text != texts[1].text
+    runtime.close()
+
+
+def test_texts_are_truncated_before_the_tokenizer_sees_their_full_length(
+    tiny_llama: Path,
+) -> None:
+    from clients.edge.runtime import CHARS_PER_TOKEN, SharedBase
+
+    class Spy:
+        """Records the longest text the tokenizer was given (a unit seam)."""
+
+        def __init__(self, tokenizer: object) -> None:
+            self.tokenizer, self.longest = tokenizer, 0
+
+        def __call__(self, texts: list[str], **kwargs: object) -> object:
+            self.longest = max(self.longest, *map(len, texts))
+            return self.tokenizer(texts, **kwargs)  # type: ignore[operator]
+
+    runtime = Runtime(base=str(tiny_llama), max_length=32)
+    base: SharedBase = runtime.shared_base("sequence-classification", 2)
+    original = base.tokenizer
+    base.tokenizer = Spy(original)
+    huge = "book a table for two " * 50_000  # about a million characters
+    spaced = "a" + " " * 5_000 + "b c d"  # a prefix of 16 characters per token is too short
+
+    encoded = base._encode([huge, spaced])
+
+    assert base.tokenizer.longest <= 4 * 32 * CHARS_PER_TOKEN * 4
+    full = original([huge, spaced], padding=True, truncation=True, max_length=32,
+                    return_tensors="pt")  # fmt: skip
+    assert torch.equal(encoded["input_ids"], full["input_ids"])
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_retired_adapters_beyond_the_spares_are_deleted_and_the_rest_still_answer(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    releases = [
+        runtime.load("m", str(i + 1), signed(trained(tiny_llama, tmp_path / f"t{i}", seed=i),
+                                             tmp_path / f"r{i}", keypair=keypair, trust=trust,
+                                             release=i + 1))
+        for i in range(6)
+    ]  # fmt: skip
+    base = releases[0].base
+    kept = releases[-1]
+    expected = kept.predict(["hello there"])
+
+    for release in releases[:-1]:
+        release.retire()
+    base.batcher.call(lambda: None)  # deletions run on the batcher's thread
+
+    assert set(base.model.peft_config) == {kept.slot.name} | {
+        s.name for s in base._spares[kept.slot.shape]
+    }
+    assert len(base._spares[kept.slot.shape]) == SPARES
+    assert kept.predict(["hello there"]) == expected
+    runtime.close()

@@ -1,0 +1,150 @@
+"""The edge node's HTTP guards: body limits, encodable text, safe errors, bounded metrics.
+
+* `BodyLimit` reads a request body, declared or chunked, up to a byte limit and answers
+  413 past it, before any JSON parsing or application code sees the request.
+* `Text` is a string that is valid Unicode: JSON can carry lone surrogates (``"\\ud800"``),
+  which Python accepts but tokenizers and UTF-8 encoders do not, so they are refused (422).
+* `SafeJSONResponse` writes ASCII-only JSON, so no answer (an error that repeats a
+  client's key, say) can fail to encode; `validation_detail` never repeats client values.
+* `RequestMetrics` labels requests by the route's template, never the client's path, and
+  by model only once the handler matched a model the node serves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
+from starlette.responses import JSONResponse
+
+from clients.edge.metrics import EdgeMetrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode at character {exc.start} (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: encodable whatever strings it holds; NaN refused."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+        ).encode()
+
+
+def validation_detail(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic's errors without the client's values (``input``, ``ctx``): where and what."""
+    return [
+        {
+            "loc": [part if isinstance(part, int) else str(part)[:64] for part in e.get("loc", ())],
+            "msg": str(e.get("msg", "invalid")),
+            "type": str(e.get("type", "value_error")),
+        }
+        for e in errors[:16]
+    ]
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware: read at most ``max_bytes`` of any request body, else answer 413.
+
+    The body is buffered (it is small by construction) and handed on in one piece, so the
+    limit holds for ``Transfer-Encoding: chunked`` bodies as well as declared ones.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _answer(send, 400, "Content-Length is not a number")
+                return
+            if int(declared) > self.max_bytes:
+                await _answer(send, 413, f"body of {int(declared)} bytes; at most {self.max_bytes}")
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _answer(send, 413, f"body of more than {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, handed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the client to leave
+
+        await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """ASGI middleware: count and time requests by route template, model and status."""
+
+    def __init__(self, app: ASGIApp, *, metrics: EdgeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            route = scope.get("route")
+            endpoint = str(getattr(route, "path", "unmatched"))
+            if endpoint != "/metrics":
+                model = str((scope.get("state") or {}).get("model", "-"))
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+                self.metrics.requests.labels(endpoint, model, str(status)).inc()

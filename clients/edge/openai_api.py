@@ -1,0 +1,306 @@
+"""OpenAI-compatible endpoints for causal-LM releases, the convention of vLLM, LoRAX and TGI.
+
+``GET /v1/models`` lists each served ``name@alias``; ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (the base's chat template when it has one) answer with
+``max_tokens``, ``temperature``, ``top_p`` and ``stop``, whole or streamed as server-sent
+events (``data: {chunk}`` lines ending with ``data: [DONE]``). A request names its model
+as ``name`` or ``name@alias``; errors have OpenAI's shape, ``{"error": {"message", ...}}``.
+Options the node does not implement (``n`` > 1, ``logprobs``, penalties, ``seed``) are
+refused, never silently ignored.
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
+    client.completions.create(model="lm@production", prompt="Hello", max_tokens=8)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from clients.edge.generation import Completion, Sampling
+from clients.edge.guards import SafeJSONResponse, Text
+from clients.edge.node import EdgeNode, ModelSlot
+from clients.edge.routing import submit_to
+from clients.edge.runtime import LoadedRelease
+
+OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return SafeJSONResponse(body, status_code=status, headers=headers)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Text = Field(..., max_length=256, description="NAME or NAME@ALIAS (GET /v1/models)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Text | list[Text] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1")
+    user: Text | None = Field(None, max_length=256)
+
+
+class CompletionRequest(_Common):
+    prompt: Text | list[Text]
+    max_tokens: int | None = Field(16, ge=1, description="bounded by --max-new-tokens")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+    name: Text | None = Field(None, max_length=64)
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content
+        )  # fmt: skip
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="bounded by --max-new-tokens")
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise HTTPException(
+            422, f"stop: at most {MAX_STOPS} strings of 1..{MAX_STOP_CHARS} characters", None
+        )
+    return tuple(stops)
+
+
+def _sampling(body: _Common, max_tokens: int | None, *, limit: int) -> Sampling:
+    tokens = limit if max_tokens is None else max_tokens
+    if not 1 <= tokens <= limit:
+        raise HTTPException(422, f"max_tokens={tokens} must be in 1..{limit}")
+    return Sampling(
+        max_tokens=tokens, temperature=body.temperature, top_p=body.top_p, stop=_stops(body.stop)
+    )
+
+
+def _usage(completions: list[Completion]) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in completions)
+    completion = sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}  # fmt: skip
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True)
+    return f"data: {text}\n\n"
+
+
+class _Stream:
+    """Generated text from the batcher's thread to the event loop, then out as SSE."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+
+    def on_text(self, index: int, text: str) -> None:  # the batcher's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, text))
+
+    def follow(self, future: Future[Any]) -> None:
+        future.add_done_callback(
+            lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        )
+
+
+def openai_routes(node: EdgeNode) -> APIRouter:
+    router = APIRouter()
+    settings = node.settings
+
+    def resolve(model: str, request: Request) -> ModelSlot:
+        name, _, alias = model.partition("@")
+        slot = node.slots.get(name)
+        if slot is None or (alias and alias != slot.ref.alias):
+            raise HTTPException(404, f"model {model!r} is not served; GET /v1/models lists them")
+        request.state.model = slot.ref.name
+        return node.slot(name)
+
+    def check_prompt(text: str, what: str) -> None:
+        if len(text) > settings.max_text_chars:
+            raise HTTPException(413, f"{what} has {len(text)} characters; at most "
+                                f"{settings.max_text_chars}")  # fmt: skip
+
+    def card(slot: ModelSlot) -> dict[str, Any] | None:
+        release = slot.active
+        if release is None:
+            return None
+        try:
+            created = datetime.fromisoformat(release.verified.provenance.created_at).timestamp()
+        except ValueError:
+            created = 0.0
+        return {"id": str(slot.ref), "object": "model", "created": int(created),
+                "owned_by": "fedlora", "task": release.task, "version": release.version,
+                "digest": release.verified.digest}  # fmt: skip
+
+    @router.get("/v1/models")
+    def models() -> dict[str, Any]:
+        """Every ``name@alias`` with a verified release, whatever its task."""
+        cards = [c for slot in node.slots.values() if (c := card(slot)) is not None]
+        return {"object": "list", "data": cards}
+
+    @router.get("/v1/models/{model}")
+    def model_card(model: str) -> dict[str, Any]:
+        name, _, alias = model.partition("@")
+        slot = node.slots.get(name)
+        found = card(slot) if slot is not None and alias in ("", slot.ref.alias) else None
+        if found is None:
+            raise HTTPException(404, f"model {model!r} is not served")
+        return found
+
+    async def respond(
+        slot: ModelSlot,
+        prompts: list[str | list[dict[str, str]]],
+        sampling: Sampling,
+        body: _Common,
+        shape: Callable[[str, int, str | None, bool], dict[str, Any]],
+        whole: Callable[[list[Completion]], list[dict[str, Any]]],
+        kind: str,
+    ) -> Response:
+        """Queue, then answer whole or as a stream; ``shape`` builds one choice of a chunk."""
+        rid, created, name = f"{kind}-{secrets.token_hex(12)}", int(time.time()), str(slot.ref)
+        head = {"id": rid, "created": created, "model": name}
+        if not body.stream:
+            release, future = await submit_to(
+                slot, "causal-lm", lambda r: r.submit_generate(prompts, sampling)[0]
+            )
+            completions: list[Completion] = await asyncio.wrap_future(future)
+            answer = {
+                "object": "chat.completion" if kind == "chatcmpl" else "text_completion",
+                "choices": whole(completions),
+                "usage": _usage(completions),
+                "system_fingerprint": release.verified.digest[:16],
+            }
+            return SafeJSONResponse(head | answer)
+        stream = _Stream()
+        cancel: Callable[[], None] = lambda: None  # noqa: E731
+        chunk_object = "chat.completion.chunk" if kind == "chatcmpl" else "text_completion"
+
+        def submit(release: LoadedRelease) -> Future[list[Completion]]:
+            nonlocal cancel
+            future, cancel = release.submit_generate(prompts, sampling, stream.on_text)
+            return future
+
+        release, future = await submit_to(slot, "causal-lm", submit)
+        stream.follow(future)
+        first = await stream.queue.get()
+        if first is None and future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]  # before any byte: a real status
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return _sse(head | {"object": chunk_object, "choices": choices} | extra)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                item = first
+                started = False
+                while item is not None:
+                    index, text = item
+                    yield chunk([shape(text, index, None, not started)])
+                    started = True
+                    item = await stream.queue.get()
+                error = future.exception()
+                if error is not None:
+                    yield _sse({"error": {"message": str(error), "type": "server_error"}})
+                    return
+                completions = future.result()
+                yield chunk([shape("", i, c.finish_reason, not started)
+                             for i, c in enumerate(completions)])  # fmt: skip
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield chunk([], usage=_usage(completions))
+                yield _sse("[DONE]")
+            finally:
+                cancel()  # a client that left stops its rows; no-op once they finished
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Continue one prompt (or a list of up to --max-items) with a causal-LM release."""
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not 1 <= len(prompts) <= settings.max_items:
+            raise HTTPException(422, f"prompt: 1..{settings.max_items} prompts, not {len(prompts)}")
+        for i, prompt in enumerate(prompts):
+            check_prompt(prompt, f"prompt[{i}]")
+        slot = resolve(body.model, request)
+        sampling = _sampling(body, body.max_tokens, limit=settings.max_new_tokens)
+
+        def shape(text: str, index: int, finish: str | None, _: bool) -> dict[str, Any]:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+        def whole(done: list[Completion]) -> list[dict[str, Any]]:
+            return [shape(c.text, i, c.finish_reason, True) for i, c in enumerate(done)]
+
+        return await respond(slot, list(prompts), sampling, body, shape, whole, "cmpl")
+
+    @router.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        """Answer a conversation, rendered with the base's chat template when it has one."""
+        if len(body.messages) > settings.max_items:
+            raise HTTPException(422, f"messages: at most {settings.max_items}")
+        messages = [m.as_template_input() for m in body.messages]
+        check_prompt("".join(m["content"] for m in messages), "messages")
+        slot = resolve(body.model, request)
+        tokens = body.max_completion_tokens or body.max_tokens
+        sampling = _sampling(body, tokens, limit=settings.max_new_tokens)
+
+        def shape(text: str, index: int, finish: str | None, first: bool) -> dict[str, Any]:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {"index": index, "delta": delta if text or first else {},
+                    "logprobs": None, "finish_reason": finish}  # fmt: skip
+
+        def whole(done: list[Completion]) -> list[dict[str, Any]]:
+            return [{"index": i, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": None, "finish_reason": c.finish_reason}
+                    for i, c in enumerate(done)]  # fmt: skip
+
+        return await respond(slot, [messages], sampling, body, shape, whole, "chatcmpl")
+
+    return router

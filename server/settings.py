@@ -280,6 +280,7 @@ class RunSettings:
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
                 aggregate=v["server.aggregate"],
+                lora_scale=v["server.lora-scale"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
             out_dir=Path(v["out-dir"]).expanduser(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -38,6 +39,10 @@ MODEL_CARD = "README.md"  # peft's save_pretrained writes it
 # Every file a signed release may hold; the edge downloads nothing else.
 RELEASE_FILES = (*ADAPTER_FILES, TASK_FILE, MODEL_CARD, PROVENANCE_FILE, SIGNATURE_FILE)
 PROVENANCE_SCHEMA = "fedlora.provenance/v1"
+# The privacy guarantees whose mechanism the server ran, and so can vouch for: clipping
+# and noise of client-level DP. Sample-level DP (DP-SGD) runs at the sites: its ε is the
+# server's account of its plan, which no gate may take as proof of privacy.
+SERVER_GUARANTEES = ("client-level",)
 
 
 @dataclass(frozen=True)
@@ -75,23 +80,51 @@ class Provenance:
         return cls(**{k: data[k] for k in known})
 
     def epsilon(self) -> float | None:
-        """The largest ε over all guarantees, or None when no DP was used."""
-        values = [
-            float(g["epsilon"])
-            for g in self.privacy.values()
-            if isinstance(g, dict) and g.get("epsilon") is not None
-        ]
-        for guarantee in self.privacy.values():
-            sites = guarantee.get("sites") if isinstance(guarantee, dict) else None
-            if isinstance(sites, dict):
-                values += [float(s["epsilon"]) for s in sites.values() if "epsilon" in s]
-        return max(values) if values else None
+        """The largest ε over all guarantees, or None when no DP was used.
+
+        Site-reported guarantees count here: a larger ε only makes a limit stricter.
+        NaN if a guarantee's ε is missing or not a finite number ≥ 0, so every limit
+        fails closed.
+        """
+        values: list[float] = []
+        for name, guarantee in self.privacy.items():
+            if name == "sample-level":
+                sites = guarantee.get("sites") if isinstance(guarantee, dict) else None
+                if not isinstance(sites, dict) or not sites:
+                    values.append(math.nan)
+                else:
+                    values += [_epsilon(entry) for entry in sites.values()]
+            elif name in SERVER_GUARANTEES or (
+                isinstance(guarantee, dict) and "epsilon" in guarantee
+            ):
+                values.append(_epsilon(guarantee))
+        return _largest(values)
+
+    def verified_epsilon(self) -> float | None:
+        """ε of the guarantees the server's own mechanism gives (`SERVER_GUARANTEES`),
+        or None when there are none; NaN if one is malformed."""
+        return _largest([_epsilon(g) for n, g in self.privacy.items() if n in SERVER_GUARANTEES])
 
     def headline_metric(self) -> tuple[str, float] | None:
         for name in ("accuracy", "central_accuracy", "federated_accuracy"):
             if self.metrics.get(name) is not None:
                 return name, float(self.metrics[name])
         return None
+
+
+def _epsilon(entry: object) -> float:
+    """A guarantee's ε, NaN unless it states one that is a finite number ≥ 0."""
+    value = entry.get("epsilon") if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value) if math.isfinite(value) and value >= 0 else math.nan
+
+
+def _largest(values: list[float]) -> float | None:
+    """The largest value, NaN if any is NaN (max() would depend on the order), None if none."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values) if values else None
 
 
 def fedlora_version() -> str:
@@ -204,7 +237,74 @@ def _training_summary(source: Path) -> tuple[dict[str, Any], dict[str, float], d
         "rounds": len([r for r in rounds if not r.get("skipped")]),
         "sites": len(sites),
     }
-    return training, metrics, dict(summary.get("privacy") or {})
+    privacy = dict(summary.get("privacy") or {})
+    check_privacy_record(privacy, rounds)
+    return training, metrics, privacy
+
+
+def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+    """Refuse a privacy summary that is not what the per-round record adds up to.
+
+    The summary is what provenance (and so every gate) reads; the rounds are what the
+    server accounted as it went. Each client-level round's (noise multiplier, sampling
+    rate) and each site's per-round DP-SGD steps are replayed through Opacus' RDP
+    accountant (as server/privacy.py accounted them) and must give the summary's ε.
+
+    Raises:
+        RegistryError: Naming the guarantee and both numbers.
+    """
+    from opacus.accountants import RDPAccountant  # publisher only: edge nodes never call this
+
+    def replayed(steps: list[tuple[float, float, int]], delta: float) -> float:
+        accountant = RDPAccountant()
+        accountant.history = steps
+        return float(accountant.get_epsilon(delta=delta)) if steps else 0.0
+
+    def same(a: object, b: float) -> bool:
+        return isinstance(a, int | float) and math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
+
+    try:
+        accounted = [r for r in rounds if r.get("guarantee") == "client-level"]
+        client = privacy.get("client-level")
+        if (client is None) != (not accounted):
+            raise RegistryError(
+                "metrics.json: the privacy summary and the rounds disagree on client-level DP "
+                f"(summary: {'yes' if client else 'no'}, accounted rounds: {len(accounted)})"
+            )
+        if client is not None:
+            released = [r for r in accounted if r.get("sampling_rate") is not None]
+            steps = [(float(r["noise_multiplier"]), float(r["sampling_rate"]), 1) for r in released]
+            epsilon = replayed(steps, float(client["delta"]))
+            if not (same(client["epsilon"], epsilon) and same(accounted[-1]["epsilon"], epsilon)):
+                raise RegistryError(
+                    f"metrics.json: client-level ε={client['epsilon']!r} in the summary, "
+                    f"{accounted[-1]['epsilon']!r} in the last round, but its "
+                    f"{len(released)} released round(s) add up to {epsilon!r}"
+                )
+        sample = privacy.get("sample-level")
+        per_site: dict[str, list[dict[str, Any]]] = {}
+        for row in rounds:
+            for site, entry in (row.get("site_privacy") or {}).items():
+                per_site.setdefault(site, []).append(entry)
+        claimed = (sample or {}).get("sites", {})
+        if set(claimed) != set(per_site):
+            raise RegistryError(
+                f"metrics.json: sample-level sites {sorted(claimed)} in the summary, "
+                f"{sorted(per_site)} in the rounds"
+            )
+        for site, entries in per_site.items():
+            steps = [
+                (float(e["noise-multiplier"]), float(e["sampling-rate"]), int(e["steps"]))
+                for e in entries
+            ]
+            epsilon = replayed(steps, float(entries[-1]["delta"]))
+            if not same(claimed[site]["epsilon"], epsilon):
+                raise RegistryError(
+                    f"metrics.json: sample-level ε={claimed[site]['epsilon']!r} of site "
+                    f"{site!r}, but its {len(entries)} round(s) add up to {epsilon!r}"
+                )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RegistryError(f"metrics.json: unreadable privacy record ({exc!r})") from exc
 
 
 def build_release(

@@ -10,11 +10,13 @@ passphrase is read from the environment variable named by ``--passphrase-env``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from registry.errors import RegistryError
 from registry.keys import TrustStore, generate_keypair, key_id, load_public_key
@@ -35,6 +37,12 @@ from registry.policy import Policy
 
 out = Console(soft_wrap=True)
 PASSPHRASE_ENV = "FEDLORA_KEY_PASSPHRASE"
+
+
+def say(line: str) -> None:
+    """Print one line as it is: names from the registry are text, never rich markup, and a
+    line is never cut to the terminal's width."""
+    out.print(Text(line), soft_wrap=True)
 
 
 def _passphrase(args: argparse.Namespace) -> str | None:
@@ -114,14 +122,14 @@ def keys_group(sub: argparse._SubParsersAction) -> None:
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     pair = generate_keypair(Path(args.out), passphrase=_passphrase(args))
-    out.print(f"private key  {pair.private_path} (mode 0600)")
-    out.print(f"public key   {pair.public_path}")
-    out.print(f"key id       {pair.key_id}")
+    say(f"private key  {pair.private_path} (mode 0600)")
+    say(f"public key   {pair.public_path}")
+    say(f"key id       {pair.key_id}")
     return 0
 
 
 def cmd_keys_id(args: argparse.Namespace) -> int:
-    out.print(key_id(load_public_key(Path(args.public_key))))
+    say(key_id(load_public_key(Path(args.public_key))))
     return 0
 
 
@@ -162,6 +170,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "revoke decide from the signed index)",
     )
     show.add_argument("model", metavar="NAME", help="registered model name")
+    show.add_argument("--json", action="store_true", help="print JSON (default: text)")
     _registry_arg(show)
     show.set_defaults(func=cmd_show)
 
@@ -254,7 +263,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         alias=args.alias,
     )
     what = "published" if result.created else "already published"
-    out.print(
+    say(
         f"{what}: {result.model} version {result.version} (release {result.release}, "
         f"digest {result.digest[:16]}, key {result.key_id[:16]})"
         + (f", alias {args.alias!r}" if result.created else "")
@@ -265,13 +274,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     store = _store(args)
     models = store.call("list models", lambda: store.client.search_registered_models())
-    table = Table("model", "aliases", "latest version")
     for m in sorted(models, key=lambda m: m.name):
         aliases = ", ".join(f"{a}→{v}" for a, v in sorted((m.aliases or {}).items()))
         latest = max((int(v.version) for v in m.latest_versions or []), default=0)
-        table.add_row(m.name, aliases or "-", str(latest or "-"))
-    out.print(table)
+        say(f"{m.name}  latest version {latest or '-'}  aliases {aliases or '-'}")
     return 0
+
+
+def version_facts(version: Any, aliases: list[str]) -> dict[str, Any]:
+    """What ``registry show`` says about one model version, from its signed-fact tags."""
+    tags = version.tags
+    metrics = {k.removeprefix(f"{TAG}metric."): v for k, v in tags.items() if ".metric." in k}
+    return {
+        "version": str(version.version),
+        "release": tags.get(f"{TAG}release", "?"),
+        "aliases": sorted(aliases),
+        "digest": tags.get(f"{TAG}digest", ""),
+        "key_id": tags.get(f"{TAG}key_id", ""),
+        "epsilon": tags.get(f"{TAG}epsilon", "?"),
+        "metrics": metrics,
+        "revoked": tags.get(f"{TAG}revoked", "false") == "true",
+        "training_run": version.run_id,
+    }
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -282,24 +306,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
-    table = Table("version", "release", "aliases", "digest", "key id", "ε", "metric", "revoked")
-    for v in store.versions(args.model):
-        tags = v.tags
-        metric = next(
-            (f"{k[len(TAG) + 7 :]}={x}" for k, x in tags.items() if k.startswith(f"{TAG}metric.")),
-            "-",
-        )
-        table.add_row(
-            str(v.version),
-            tags.get(f"{TAG}release", "?"),
-            ", ".join(sorted(aliases.get(str(v.version), []))) or "-",
-            tags.get(f"{TAG}digest", "")[:16],
-            tags.get(f"{TAG}key_id", "")[:16],
-            tags.get(f"{TAG}epsilon", "?"),
-            metric,
-            tags.get(f"{TAG}revoked", "-"),
-        )
-    out.print(table)
+    facts = [version_facts(v, aliases.get(str(v.version), [])) for v in store.versions(args.model)]
+    if args.json:
+        print(json.dumps({"model": args.model, "versions": facts}, indent=2))
+        return 0
+    # One block per version, every value whole: a table would cut them to the terminal.
+    for f in facts:
+        say(f"{args.model} version {f['version']} (release {f['release']})")
+        metric = ", ".join(f"{k}={v}" for k, v in f["metrics"].items()) or "-"
+        for name, value in (
+            ("aliases", ", ".join(f["aliases"]) or "-"),
+            ("digest", f["digest"] or "-"),
+            ("key id", f["key_id"] or "-"),
+            ("ε", f["epsilon"]),
+            ("metric", metric),
+            ("revoked", "yes" if f["revoked"] else "no"),
+            ("run", f["training_run"] or "-"),
+        ):
+            say(f"  {name:<8} {value}")
     return 0
 
 
@@ -313,7 +337,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         policy=Policy.load(Path(args.policy) if args.policy else None),
         alias=args.alias,
     )
-    out.print(f"{args.model}@{args.alias} → version {entry.version} (release {entry.release})")
+    say(f"{args.model}@{args.alias} → version {entry.version} (release {entry.release})")
     return 0
 
 
@@ -325,7 +349,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         alias=args.alias,
         trust=_trust(args),
     )
-    out.print(
+    say(
         f"{args.model}@{args.alias} rolled back to version {entry.version} "
         f"(release {entry.release})"
     )
@@ -334,7 +358,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     version = renew(_store(args), key=_signing_key(args), trust=_trust(args))
-    out.print(f"release index renewed (timestamp version {version})")
+    say(f"release index renewed (timestamp version {version})")
     return 0
 
 
@@ -342,7 +366,7 @@ def cmd_add_signer(args: argparse.Namespace) -> int:
     kid = add_signer(
         _store(args), key=_signing_key(args), public_key=Path(args.new_key), trust=_trust(args)
     )
-    out.print(f"key {kid} may now sign releases and the release index")
+    say(f"key {kid} may now sign releases and the release index")
     return 0
 
 
@@ -368,5 +392,5 @@ def cmd_revoke(args: argparse.Namespace) -> int:
                 args.model, str(args.version), f"{TAG}revoked", "true"
             ),
         )
-    out.print(f"revocation list: {len(keys)} key(s), {len(releases)} release(s)")
+    say(f"revocation list: {len(keys)} key(s), {len(releases)} release(s)")
     return 0

@@ -281,6 +281,9 @@ def _create_version(
     if store.registered(model) is None:
         store.call("create model", lambda: store.client.create_registered_model(model))
     artifact_uri = store.call("look up run", lambda: store.client.get_run(run_id).info.artifact_uri)
+    # The version's files are the signed release; its run is the one that trained it.
+    trained = accepted.provenance.training.get("mlflow_run_id")
+    linked = store.link_training_run(trained, release=f"release-{accepted.provenance.release}")
     mv = store.call(
         "create model version",
         # The files are already uploaded, so the version is READY at once; MLflow's default
@@ -288,11 +291,14 @@ def _create_version(
         lambda: store.client.create_model_version(
             model,
             f"{artifact_uri}/release",
-            run_id=run_id,
+            run_id=linked[0] if linked else run_id,
             tags=_tags(accepted),
             await_creation_for=0,
+            model_id=linked[1] if linked else None,
         ),
     )
+    if linked:
+        store.record_version(linked[1], model=model, version=str(mv.version))
     return str(mv.version)
 
 

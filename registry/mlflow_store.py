@@ -67,6 +67,19 @@ def _denied(exc: Exception) -> bool:
     )
 
 
+def name_filter(model: str) -> str:
+    """An MLflow search filter that matches the model named ``model`` (and maybe others).
+
+    MLflow's filter strings take a quoted value verbatim, with no escape for the quote:
+    a name holding ``'`` (or a backslash, which some SQL stores read as an escape) is
+    matched with ``LIKE`` and ``_`` in place of those characters, so the callers keep only
+    exact matches of the results.
+    """
+    if "'" not in model and "\\" not in model:
+        return f"name = '{model}'"
+    return "name LIKE '" + model.replace("'", "_").replace("\\", "_") + "'"
+
+
 class MlflowStore:
     """Thin wrapper over `MlflowClient` with fedlora's error messages."""
 
@@ -146,6 +159,8 @@ class MlflowStore:
             )
             if runs:
                 self._index_run = runs[0].info.run_id
+                if create and runs[0].info.status == "RUNNING":  # made by an older fedlora
+                    self.quietly(lambda: self.client.set_terminated(runs[0].info.run_id))
             elif create:
                 run = self.call(
                     "create the release index",
@@ -154,6 +169,12 @@ class MlflowStore:
                     ),
                 )
                 self._index_run = run.info.run_id
+                # The run only holds the index's files, which are logged to it later on:
+                # it is finished at once rather than showing as running forever.
+                self.call(
+                    "close the release index run",
+                    lambda: self.client.set_terminated(run.info.run_id),
+                )
         return self._index_run
 
     # release index files -------------------------------------------------------------
@@ -222,12 +243,54 @@ class MlflowStore:
         self.call("close the release run", lambda: self.client.set_terminated(run_id))
         return run_id
 
+    def link_training_run(
+        self, training_run: str | None, *, release: str
+    ) -> tuple[str, str] | None:
+        """Record a release as a logged model of the run that trained it, as MLflow's own
+        ``log_model`` does, so its model version points at that run (``run_id``,
+        ``model_id``). Returns (run id, model id), or None when the run is not in this
+        store or may not be written by this account; the version then points at its
+        release run.
+        """
+        if not training_run:
+            return None
+        from mlflow.entities import LoggedModelOutput
+
+        try:
+            run = self.client.get_run(training_run)
+            logged = self.client.create_logged_model(
+                run.info.experiment_id,
+                name=release,
+                source_run_id=training_run,
+                tags={f"{TAG}kind": "release"},
+            )
+            self.client.log_outputs(training_run, [LoggedModelOutput(logged.model_id, step=0)])
+            self.client.finalize_logged_model(logged.model_id, "READY")
+        except Exception as exc:  # another store's run, or no right to write it: no link
+            log.info("release not linked to training run %s: %s", training_run, exc)
+            return None
+        return training_run, logged.model_id
+
+    def record_version(self, model_id: str, *, model: str, version: str) -> None:
+        """Name the model version on its logged model (MLflow's ``mlflow.modelVersions``
+        tag, as ``mlflow.register_model`` sets it), so the training run's model shows it."""
+        import json
+
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        def tag() -> None:
+            found = self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+            value = [*json.loads(found or "[]"), {"name": model, "version": version}]
+            self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(value)})
+
+        self.quietly(tag)
+
     def versions(self, model: str) -> list[Any]:
         found = self.call(
             f"list versions of {model!r}",
-            lambda: self.client.search_model_versions(f"name = '{model}'"),
+            lambda: self.client.search_model_versions(name_filter(model)),
         )
-        return sorted(found, key=lambda v: int(v.version))
+        return sorted((v for v in found if v.name == model), key=lambda v: int(v.version))
 
     def registered(self, model: str) -> Any | None:
         from mlflow.exceptions import MlflowException

@@ -11,10 +11,18 @@ its own limits (`LocalPolicy`). The promotion gates, read from the policy file:
     require-dp = false      # refuse a release trained without differential privacy
 
 The signer gate is always on: a release must be signed by a key in the trust store.
+
+Every gate fails closed: a metric or ε that is missing where a gate needs it, NaN,
+infinite or negative refuses the release (a NaN compares false both ways, so each check
+is written as "refuse unless the value passes"). ``require-dp`` counts only DP whose
+mechanism the server ran (client-level); the sites' own DP-SGD is reported in
+provenance but cannot satisfy it. ``max-epsilon`` reads the largest ε of all guarantees
+and passes a release without DP (``require-dp`` is the gate for that).
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +31,10 @@ from registry.artifact import Provenance
 from registry.errors import PromotionRefused, RegistryError, VerificationError
 
 KEYS = {"metric", "min-metric", "max-epsilon", "require-dp"}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -35,9 +47,11 @@ class Policy:
     require_dp: bool = False
 
     def __post_init__(self) -> None:
-        if self.min_metric is not None and not self.min_metric >= 0.0:
+        if self.min_metric is not None and not (_finite(self.min_metric) and self.min_metric >= 0):
             raise RegistryError(f"policy gates.min-metric={self.min_metric!r} must be ≥ 0")
-        if self.max_epsilon is not None and not self.max_epsilon > 0:
+        if self.max_epsilon is not None and not (
+            _finite(self.max_epsilon) and self.max_epsilon > 0
+        ):
             raise RegistryError(f"policy gates.max-epsilon={self.max_epsilon!r} must be > 0")
 
     @classmethod
@@ -81,16 +95,23 @@ class Policy:
                 raise PromotionRefused(
                     "min-metric", f"the release has no metric {self.metric!r} in its provenance"
                 )
-            if value < self.min_metric:
+            if not (_finite(value) and value >= self.min_metric):
                 raise PromotionRefused(
-                    "min-metric", f"{self.metric}={value:.4g} < min-metric={self.min_metric:.4g}"
+                    "min-metric",
+                    f"{self.metric}={value!r} is not >= min-metric={self.min_metric:.4g}",
+                )
+        if self.require_dp:
+            verified = provenance.verified_epsilon()
+            if verified is None or not _finite(verified):
+                raise PromotionRefused(
+                    "require-dp",
+                    f"the release has no DP the server ran (client-level ε={verified!r}); "
+                    "the sites' own DP-SGD cannot be verified by the server",
                 )
         epsilon = provenance.epsilon()
-        if self.require_dp and epsilon is None:
-            raise PromotionRefused("require-dp", "the release was trained without DP")
-        if self.max_epsilon is not None and epsilon is not None and epsilon > self.max_epsilon:
+        if self.max_epsilon is not None and epsilon is not None and not epsilon <= self.max_epsilon:
             raise PromotionRefused(
-                "max-epsilon", f"ε={epsilon:.4g} > max-epsilon={self.max_epsilon:.4g}"
+                "max-epsilon", f"ε={epsilon!r} is not <= max-epsilon={self.max_epsilon:.4g}"
             )
 
 
@@ -107,10 +128,12 @@ class LocalPolicy:
     max_epsilon: float | None = None
 
     def check(self, provenance: Provenance) -> None:
-        """Raise `VerificationError` (``policy``) for a release with a larger ε than allowed."""
+        """Raise `VerificationError` (``policy``) for a release with a larger ε than allowed
+        (or an ε that is NaN, infinite or negative: fails closed)."""
         eps = provenance.epsilon()
-        if self.max_epsilon is not None and eps is not None and eps > self.max_epsilon:
+        if self.max_epsilon is not None and eps is not None and not eps <= self.max_epsilon:
             raise VerificationError(
                 "policy",
-                f"release {provenance.release} has ε={eps:.4g} > max-epsilon={self.max_epsilon}",
+                f"release {provenance.release} has ε={eps!r}, "
+                f"not <= max-epsilon={self.max_epsilon}",
             )

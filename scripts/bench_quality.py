@@ -176,11 +176,11 @@ def load_data(
 def site_training_rows(path: Path, site_id: str, labels: tuple[str, ...]) -> list[Any]:
     """The examples a simulated site trains on: its file minus its held-out share.
 
-    Uses the site ClientApp's own split (`clients.site.app._data`, default eval-fraction),
+    Uses the site ClientApp's own split (`clients.site.work._data`, default eval-fraction),
     so the centralized baseline sees exactly the rows the federation trains on.
     """
-    from clients.site.app import _data
     from clients.site.settings import SiteSettings
+    from clients.site.work import _data
 
     train, _ = _data(
         SiteSettings(data_path=path, site_id=site_id), "sequence-classification", labels

@@ -29,7 +29,12 @@ reply as Flower ships it (all deflated objects of the Message, array chunks incl
 Usage::
 
     python scripts/bench_round.py                                  # 3 and 10 sites + deployment
+    python scripts/bench_round.py --sites 3,10,20 --deployment-sites 3,10,20 [--secagg]
     python scripts/bench_round.py --sites 2 --rounds 1 --local-steps 1 --deployment-sites ""
+
+Deployment runs are secure (TLS, SuperNode authentication, roster; ``--insecure`` drops
+them) and run once with warm site workers and once cold (``--workers``). The cold-start
+share is round 1's extra time over the steady round, as a share of round 1.
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ def wire_bytes(message: Any) -> int:
 def _run_config(
     args: argparse.Namespace, sites: int, labels: Sequence[str], out: Path, rounds: int
 ) -> dict[str, Any]:
-    return {
+    secure = {"secagg.enabled": True} if getattr(args, "secagg", False) else {}
+    return secure | {
         "num-server-rounds": rounds,
         "labels": ",".join(labels),
         "local-steps": args.local_steps,
@@ -201,38 +207,52 @@ def run_deployment(
     labels: Sequence[str],
     work: Path,
     progress: Progress,
+    *,
+    warm: bool = True,
 ) -> dict[str, Any]:
     """One run on a local SuperLink and one SuperNode process per site, via ``flwr run``.
+
+    Secure (TLS, SuperNode authentication, roster) unless ``--insecure``; with ``warm``
+    every site has a warm worker (clients/site/worker.py), else every message starts a
+    ClientApp that loads torch and the model itself (cold).
 
     Raises:
         HarnessError: If the federation does not start.
         RuntimeError: If the run does not complete.
     """
-    out = work / f"deploy-{len(sites)}"
+    kind = "warm" if warm else "cold"
+    out = work / f"deploy-{len(sites)}-{kind}"
     rounds = args.deployment_rounds
     bar = progress.add_task(
-        f"deployment, {len(sites)} sites", total=rounds, status="starting SuperLink and SuperNodes"
+        f"deployment, {len(sites)} sites, {kind}",
+        total=rounds,
+        status="starting SuperLink and SuperNodes",
     )
     from server.harness.flower import LocalFederation, flwr_run, run_id_of
 
     started = time.perf_counter()
     federation = LocalFederation(
-        work / f"federation-{len(sites)}",
+        work / f"federation-{len(sites)}-{kind}",
         [{"data-path": str(p), "site-id": p.stem} for p in sites],
         # Processes share the machine's cores: one thread each avoids oversubscription.
         site_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        startup_timeout=180.0,
+        startup_timeout=600.0,
+        secure=not args.insecure,
+        workers=warm,
     )
     with federation:
         startup = time.perf_counter() - started
         progress.update(bar, status=f"running (startup {startup:.0f}s)")
         try:
+            config = _run_config(args, len(sites), labels, out, rounds)
+            if federation.roster_path is not None:
+                config["roster"] = str(federation.roster_path)
             result = flwr_run(
                 REPO,
                 federation,
-                _run_config(args, len(sites), labels, out, rounds),
+                config,
                 timeout=args.deployment_timeout,
-                log_path=work / f"flwr-run-{len(sites)}.log",
+                log_path=work / f"flwr-run-{len(sites)}-{kind}.log",
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"flwr run took over {args.deployment_timeout:.0f}s") from exc
@@ -390,6 +410,16 @@ def _measured(results: dict[str, Any], *, sim: str, deploy: str) -> list[tuple[s
     return configs
 
 
+def cold_start_share(config: dict[str, Any]) -> float | None:
+    """Round 1's extra time over the steady round, as a share of round 1 (the cold start)."""
+    rounds = config["rounds"]
+    steady = config["summary"]["round_seconds"]
+    if not rounds or steady is None or not rounds[0]["cold"]:
+        return None
+    first = rounds[0]["round_seconds"]
+    return max(0.0, first - steady) / first if first else None
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Stacked bars per configuration: slowest site's training vs overhead (definition A)."""
     import matplotlib
@@ -421,11 +451,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def print_table(results: dict[str, Any]) -> None:
     table = Table(title="per-round overhead (median of rounds ≥ 2)")
-    for col in ("config", "round s", "max train s", "A", "B", "bytes ratio"):
+    for col in ("config", "round s", "max train s", "A", "B", "bytes ratio", "cold start"):
         table.add_column(col, justify="right")
     configs = _measured(results, sim="simulation", deploy="deployment")
     for name, c in configs:
         s = c["summary"]
+        cold = cold_start_share(c)
         table.add_row(
             name,
             f"{s['round_seconds']:.2f}",
@@ -433,6 +464,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"{s['overhead_a_fraction']:.1%}",
             f"{s['overhead_b_fraction']:.1%}",
             f"{s['bytes_ratio']:.4f}",
+            "-" if cold is None else f"{cold:.0%}",
         )
     console.print(table)
 
@@ -476,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="site counts to run on the Deployment Engine ('' to skip)",
     )
     p.add_argument("--deployment-rounds", type=int, default=3)
+    p.add_argument(
+        "--workers",
+        default="warm,cold",
+        help="site workers under the Deployment Engine: warm, cold or both (comma-separated)",
+    )
+    p.add_argument("--secagg", action="store_true", help="every run with SecAgg+")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="deployment without TLS, node authentication and roster",
+    )
     p.add_argument(
         "--deployment-timeout",
         type=float,
@@ -561,13 +604,19 @@ def _deployment(
     out: dict[str, Any] = {}
     # Every SuperNode is its own process set here: all sites train at once, sharing cores.
     cores = os.cpu_count() or 1
+    kinds = [k.strip() for k in args.workers.split(",") if k.strip()]
     for n in args.deployment_sites:
-        try:
-            run = run_deployment(args, site_paths[:n], labels, work, progress)
-        except Exception as exc:  # report why and keep the other numbers
-            out[str(n)] = f"not measured: {n}-site run failed: {exc}"[:4000]
-            continue
-        out[str(n)] = analyse(run, sites=n, parallelism=min(n, cores), raw_bytes=raw["raw_bytes"])
+        for kind in kinds:
+            key = f"{n} {kind}"
+            try:
+                run = run_deployment(
+                    args, site_paths[:n], labels, work, progress, warm=kind == "warm"
+                )
+            except Exception as exc:  # report why and keep the other numbers
+                out[key] = f"not measured: {n}-site {kind} run failed: {exc}"[:4000]
+                continue
+            out[key] = analyse(run, sites=n, parallelism=min(n, cores), raw_bytes=raw["raw_bytes"])
+            out[key]["cold_start_share"] = cold_start_share(out[key])
     return out
 
 

@@ -283,7 +283,7 @@ def run_federated(
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
     state = trainable_state(loaded.model)
     init = {k: v.astype("float64") for k, v in state.items()}
-    strategy = settings.strategy()
+    strategy = settings.bounded(settings.strategy())  # robust.* as the round loop applies it
     optimizer = settings.server_optimizer
     server_state: dict[str, Any] = {}
     history = []

@@ -16,14 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.task.data import load_examples
-from clients.task.errors import ConfigError
+from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import swap_directory, write_atomic
+from clients.task.labels import parse_label_set, run_config_arg
 from clients.task.model import (
     base_digest,
     build_model,
@@ -41,9 +43,11 @@ from server.checkpoint import CheckpointStore
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
+from server.roster import Roster
+from server.run_config import read_config, to_toml
 from server.selection import BestRound, chosen_round
 from server.settings import RunSettings
-from server.tracking import Tracker, resolve_tracking_uri
+from server.tracking import Tracker, resolve_tracking_uri, run_name
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ def run_training(
         if settings.eval_file
         else None
     )
+    roster = Roster.load(settings.roster) if settings.roster else None
     store = CheckpointStore(settings.out_dir / "checkpoint")
     resume_from = _check_resume(settings, store)
     if settings.publish is not None:
@@ -117,9 +122,14 @@ def run_training(
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
-    params = settings.as_params() | {"base_digest": digest}
-    run_id = tracker.start(params=params, run_id=resume_from.run_id if resume_from else None)
-    log.info("MLflow run %s at %s", run_id, uri)
+    params = settings.as_params() | {"base-model-digest": digest}
+    run_id = tracker.start(
+        params=params,
+        run_id=resume_from.run_id if resume_from else None,
+        run_name=run_name(settings.spec.base),
+        config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
+    )
+    log.info("MLflow run %s at %s", run_id, redact_uri(uri))
 
     evaluator: Evaluator | None = None
     if eval_examples is not None:
@@ -140,6 +150,7 @@ def run_training(
             evaluator=evaluator,
             resume_from=resume_from,
             on_round=on_round,
+            roster=roster,
             best=best,
         )
         last_round = int(history[-1]["round"]) if history else 0
@@ -234,10 +245,77 @@ def _publish_adapter(loaded, out_dir: Path, *, name: str = "adapter") -> Path:
 
 app = ServerApp()
 
+# Under ``flwr run`` the ServerApp sees no site's files, so the label set cannot come from
+# them as it does in ``fedlora train``.
+DEPLOYMENT_LABELS = (
+    "labels is required under flwr run: the server never sees the sites' files; run "
+    "`fedlora site check --data FILE --task sequence-classification` at each site, which "
+    "prints the labels line, and pass the union of the sites' labels, e.g. --run-config "
+    + run_config_arg(["a", "b"])
+)
+
+
+class OneLineRefusal(logging.Filter):
+    """Log a run refused by fedlora as its one-line reason, not a traceback.
+
+    Flower 1.41 logs any exception of a ServerApp with its traceback
+    (flwr/superlink/runtime/run_serverapp.py), and ``flwr run --stream`` shows it, while
+    the run is marked failed with the exception's text as its details. A `FedloraError`
+    is a refusal whose message says everything (field, value, what to do), so its record
+    on the ``flwr`` logger keeps only that line, marked FAILED.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FedloraError):
+            record.msg, record.args = "fedlora run FAILED: %s", (error,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _log_to_stream() -> None:
+    """Send fedlora's INFO lines to stderr, which ``flwr run --stream`` shows the user.
+
+    Flower mirrors the ServerApp process's stdout and stderr to the run's log stream; a
+    handler made here, after that, writes to the mirror. Library chatter stays quiet.
+    """
+    logger = logging.getLogger("server")
+    if not any(getattr(h, "_fedlora_stream", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("fedlora: %(message)s"))
+        handler._fedlora_stream = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI without a password in it (``http://user:secret@host`` → ``user:***``)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}{port}"))
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point under ``flwr run``: the run config comes from pyproject + overrides."""
-    settings = RunSettings.from_config(dict(context.run_config))
-    result = run_training(grid, settings)
-    log.info("adapter written to %s; MLflow run %s", result.adapter_dir, result.run_id)
+    flwr_log = logging.getLogger("flwr")
+    if not any(isinstance(f, OneLineRefusal) for f in flwr_log.filters):
+        flwr_log.addFilter(OneLineRefusal())
+    # Flower prints its records with its own handler; opacus gives the root logger a second
+    # one when it is imported (logging.basicConfig), so Flower's lines would show twice.
+    flwr_log.propagate = False
+    _log_to_stream()
+    config = dict(context.run_config)
+    values = read_config(config)
+    if values["task"] == "sequence-classification" and not parse_label_set(values["labels"]):
+        raise ConfigError(DEPLOYMENT_LABELS)
+    settings = RunSettings.from_config(config)
+    result = run_training(
+        grid, settings, on_round=lambda record: log.info(record.summary(settings.rounds))
+    )
+    log.info("adapter: %s", result.adapter_dir)
+    log.info("metrics: %s", result.metrics_path)
+    log.info("MLflow run %s at %s", result.run_id, redact_uri(result.tracking_uri))

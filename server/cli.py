@@ -36,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task=args.task,
         overrides=parse_overrides(args.set or []),
         resume=args.resume,
+        verbose=args.verbose,
     )
     out = Console()
     out.print(round_table(result.history))
@@ -48,7 +49,214 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
-    return run_demo(out=Path(args.out), sites=args.sites, rounds=args.rounds, seed=args.seed)
+    return run_demo(
+        out=Path(args.out),
+        sites=args.sites,
+        rounds=args.rounds,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
+
+
+def _verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' logs and warnings (Flower, Ray, MLflow; default: off)",
+    )
+
+
+def cmd_federation_init(args: argparse.Namespace) -> int:
+    from server.federation import init_federation, shell
+
+    fed = init_federation(Path(args.dir), address=args.address, sans=args.san or [])
+    out = Console()
+    out.print(
+        f"federation in {fed.directory} (CA, SuperLink certificate for {', '.join(fed.sans)})"
+    )
+    out.print(f"keep {fed.ca_key} offline; sites need only {fed.ca_cert}")
+    out.print("start the SuperLink (TLS and SuperNode authentication):")
+    out.print(f"  {shell(fed.superlink_command())}", soft_wrap=True, highlight=False)
+    out.print(f"then enroll each site: fedlora federation enroll SITE --federation {fed.directory}")
+    return 0
+
+
+def cmd_federation_enroll(args: argparse.Namespace) -> int:
+    from server.federation import Federation, shell
+
+    fed = Federation.load(Path(args.federation))
+    entry = fed.enroll(args.site, public_key=Path(args.public_key) if args.public_key else None)
+    site_dir = fed.site_dir(args.site)
+    out = Console()
+    out.print(f"site {args.site} enrolled as node {entry.node_id} (key {entry.public_key})")
+    key = "node.key" if args.public_key is None else "YOUR-PRIVATE-KEY"
+    if args.public_key is None:
+        out.print(f"give the site {site_dir / 'node.key'} (0600, secret) and {fed.ca_cert}")
+    command = fed.supernode_command(args.site, key_path=key, ca_path="ca.pem")
+    out.print("on the site:", highlight=False)
+    out.print(f"  {shell(command)}", soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_federation_sites(args: argparse.Namespace) -> int:
+    import json
+
+    from server.federation import Federation
+
+    rows = Federation.load(Path(args.federation)).sites()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="sites")
+    for col in ("site", "node id", "key", "status"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["site"] or "-", str(row["node-id"]), row["public-key"], row["status"])
+    Console().print(table)
+    return 0
+
+
+def cmd_federation_revoke(args: argparse.Namespace) -> int:
+    from server.federation import Federation
+
+    node = Federation.load(Path(args.federation)).revoke(args.site)
+    Console().print(f"site {args.site} revoked: node {node} unregistered and off the roster")
+    return 0
+
+
+def cmd_federation_local(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from server.local import progress_line, run_local
+    from server.run_config import parse_overrides
+
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def show(line: str) -> None:
+        shown = progress_line(line)
+        if shown is not None:
+            console.print(shown, highlight=False, markup=False)
+
+    result = run_local(
+        sites_dir=Path(args.sites),
+        rounds=args.rounds,
+        out=Path(args.out),
+        insecure=args.insecure,
+        overrides=parse_overrides(args.set or []),
+        workers=not args.cold,
+        worker_pool=(os.cpu_count() or 1) if args.worker_pool is None else args.worker_pool or None,
+        on_line=show,
+    )
+    out = Console()
+    out.print(round_table(result.history))
+    security = "TLS + SuperNode authentication + roster" if result.secure else "INSECURE"
+    out.print(f"deployment: {security}; Flower run {result.flower_run_id}")
+    out.print(f"adapter: {result.adapter_dir}")
+    out.print(f"metrics: {result.metrics_path}")
+    out.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
+    return 0
+
+
+def _federation_group(sub: argparse._SubParsersAction) -> None:
+    fed = sub.add_parser(
+        "federation", help="PKI, enrolment and a local rehearsal of a Flower deployment"
+    )
+    commands = fed.add_subparsers(dest="federation_command", required=True, metavar="COMMAND")
+    default_dir = "fedlora-federation"
+
+    init = commands.add_parser(
+        "init",
+        help="make the federation's CA and SuperLink certificate; print the SuperLink command",
+    )
+    init.add_argument("dir", metavar="DIR", help="directory to create (mode 0700)")
+    init.add_argument(
+        "--address",
+        required=True,
+        metavar="HOST:PORT",
+        help="where sites reach the SuperLink (no default); HOST goes into the certificate",
+    )
+    init.add_argument(
+        "--san",
+        action="append",
+        metavar="NAME",
+        help="another host name or IP address of the SuperLink (repeatable; default: none)",
+    )
+    init.set_defaults(func=cmd_federation_init)
+
+    def federation_dir(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--federation",
+            default=default_dir,
+            metavar="DIR",
+            help="the federation directory (default: %(default)s)",
+        )
+
+    enroll = commands.add_parser(
+        "enroll", help="register a site's key with the SuperLink and put it on the roster"
+    )
+    enroll.add_argument("site", metavar="SITE-ID", help="the site's id in the run's records")
+    federation_dir(enroll)
+    enroll.add_argument(
+        "--public-key",
+        metavar="FILE",
+        help="the site's own OpenSSH EC public key (default: make a key pair here)",
+    )
+    enroll.set_defaults(func=cmd_federation_enroll)
+
+    sites = commands.add_parser(
+        "sites", help="list enrolled sites and every node the SuperLink knows"
+    )
+    federation_dir(sites)
+    sites.add_argument("--json", action="store_true", help="machine-readable (default: a table)")
+    sites.set_defaults(func=cmd_federation_sites)
+
+    revoke = commands.add_parser(
+        "revoke", help="unregister a site's node and take it off the roster"
+    )
+    revoke.add_argument("site", metavar="SITE-ID", help="the site to revoke")
+    federation_dir(revoke)
+    revoke.set_defaults(func=cmd_federation_revoke)
+
+    local = commands.add_parser(
+        "local",
+        help="run a real SuperLink and one SuperNode per site file on 127.0.0.1",
+        description="Rehearse a deployment: a real flower-superlink and one flower-supernode "
+        "(plus a warm site worker) per site file, TLS and SuperNode authentication by "
+        "default, the app submitted with flwr run. Writes OUT/adapter, OUT/metrics.json and "
+        "an MLflow run like `fedlora train`; stops every process it started.",
+    )
+    local.add_argument("--sites", required=True, metavar="DIR", help="one data file per site")
+    local.add_argument("--rounds", type=int, required=True, help="training rounds")
+    local.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    local.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS, no SuperNode authentication, no roster: a trusted rehearsal only "
+        "(default: secure)",
+    )
+    local.add_argument(
+        "--cold",
+        action="store_true",
+        help="no warm site workers: every message loads the model anew (default: warm)",
+    )
+    local.add_argument(
+        "--worker-pool",
+        type=int,
+        metavar="N",
+        help="N warm workers shared by the sites, so at most N load a model or train at "
+        "once on this machine; 0: one per site (default: the number of CPU cores)",
+    )
+    local.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a run config key (repeatable; keys in README)",
+    )
+    local.set_defaults(func=cmd_federation_local)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint (default: off)"
     )
+    _verbose_arg(train)
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="synthetic multi-site demo on the packaged MiniLM")
@@ -97,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the data and the run (default: %(default)s)"
     )
+    _verbose_arg(demo)
     demo.set_defaults(func=cmd_demo)
+
+    _federation_group(sub)
 
     for entry in sorted(entry_points(group="fedlora.commands"), key=lambda e: e.name):
         entry.load()(sub)
@@ -107,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    quiet_libraries()
+    quiet_libraries(verbose=getattr(args, "verbose", False))
     try:
         return int(args.func(args) or 0)
     except FedloraError as exc:

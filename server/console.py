@@ -21,12 +21,61 @@ from rich.table import Table
 console = Console(stderr=True, soft_wrap=True)
 
 
-def quiet_libraries() -> None:
-    """Keep Ray, Flower, MLflow and deprecation chatter out of the user's terminal."""
+# fedlora's own packages: their warnings (a site that failed, a refused update) are for the
+# user; every other library's records are shown only with --verbose.
+OWN_LOGGERS = ("server", "clients", "strategies", "registry")
+
+
+class _OwnRecords(logging.Filter):
+    """Pass fedlora's records, and other libraries' errors that are not Flower's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name.split(".", 1)[0]
+        return name in OWN_LOGGERS or (record.levelno >= logging.ERROR and name != "flwr")
+
+
+class _Quiet(logging.Filter):
+    """Drop a library's records below a level, whatever level the library set itself."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+def quiet_libraries(*, verbose: bool = False) -> None:
+    """Keep Ray, Flower, MLflow, SQLAlchemy and deprecation chatter out of the terminal.
+
+    Called once by the CLI before any library is imported. Without ``verbose``, only
+    fedlora's own warnings and errors are logged (to stderr), and library warnings
+    (``warnings.warn``) go to the log, where they are dropped. Filters, not levels, do it:
+    Flower sets its logger to DEBUG when it is imported and re-enables deprecation
+    warnings; opacus configures the root logger on import, which a root handler set
+    here first prevents.
+    """
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    for name in ("flwr", "ray", "mlflow", "alembic", "httpx", "urllib3"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "fedlora", False)]:
+        root.removeHandler(old)
+    handler.fedlora = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(True)
+    flwr = logging.getLogger("flwr")
+    for old in [f for f in flwr.filters if isinstance(f, _Quiet)]:
+        flwr.removeFilter(old)
+    if verbose:
+        return
+    handler.addFilter(_OwnRecords())
+    # Flower logs to its own console handler too; only its errors reach the user.
+    flwr.addFilter(_Quiet(logging.ERROR))
+    for name in ("ray", "mlflow", "alembic", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

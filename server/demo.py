@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import urllib.error
 import urllib.request
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from clients.task.errors import FedloraError
 from server.console import round_table
@@ -23,25 +25,73 @@ DEMO_MODEL = "demo-intents"
 DEMO_PASSPHRASE_ENV = "FEDLORA_DEMO_KEY_PASSPHRASE_UNUSED"
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """Accuracy and loss per round, side by side, as a PNG."""
+def plot_history(
+    history: list[dict], path: Path, *, chance: float, kept: dict[str, Any] | None = None
+) -> None:
+    """`history_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = history_figure(history, chance=chance, kept=kept)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def history_figure(history: list[dict], *, chance: float, kept: dict[str, Any] | None = None):
+    """Accuracy (global and per site) and loss per round, side by side.
+
+    The accuracy panel marks chance (1 / number of labels) and the round whose adapter
+    the run kept as ``OUT/adapter``: metrics.json's ``adapter`` (the run's keep rule),
+    else the last round, with the best round marked when it is another one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_acc.plot(rounds, [r["accuracy"] for r in history], marker="o")
-    ax_acc.set(xlabel="round", ylabel="accuracy (held-out)", ylim=(0, 1), title="accuracy")
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    sites = sorted({site for r in history for site in r.get("site_eval", {})})
+    for site in sites:
+        points = [
+            (r["round"], r["site_eval"][site]["accuracy"])
+            for r in history
+            if site in r.get("site_eval", {})
+        ]
+        ax_acc.plot(*zip(*points, strict=True), lw=0.8, alpha=0.5, marker=".", label=site)
+    accuracy = [r["accuracy"] for r in history]
+    ax_acc.plot(rounds, accuracy, marker="o", lw=2, color="black", label="global (held-out)")
+    ax_acc.axhline(chance, ls="--", color="grey", label=f"chance ({chance:.3f})")
+    kept_round = (kept or {}).get("round") or rounds[-1]
+    valid = [(a, r) for r, a in zip(rounds, accuracy, strict=True) if a is not None]
+    best_round = max(valid)[1] if valid else kept_round
+    rule = (kept or {}).get("rule", "last round")
+    kept_acc = accuracy[rounds.index(kept_round)]
+    ax_acc.scatter([kept_round], [kept_acc], s=160, facecolors="none", edgecolors="tab:green",
+                   lw=2, zorder=5, label=f"kept adapter: round {kept_round} ({rule})")  # fmt: skip
+    if best_round != kept_round:
+        best_acc = accuracy[rounds.index(best_round)]
+        ax_acc.scatter([best_round], [best_acc], marker="*", s=140, color="tab:orange",
+                       zorder=5, label=f"best round: {best_round}")  # fmt: skip
+    ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    ax_acc.legend(fontsize=7, loc="lower right")
     ax_loss.plot(rounds, [r["loss"] for r in history], marker="o", color="tab:red")
-    ax_loss.set(xlabel="round", ylabel="loss", title="loss")
+    ax_loss.set(xlabel="round", ylabel="loss (held-out)", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.set_xticks(rounds)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def next_steps(*, out: Path, tracking_uri: str) -> list[str]:
+    """The three commands a demo user runs next: look, serve, train on their own data."""
+    return [
+        f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}",
+        f"fedlora edge serve --model {DEMO_MODEL}@production --trust {shlex.quote(str(out))}"
+        f"/trust --registry {shlex.quote(tracking_uri)} --port 8080",
+        f"fedlora train --sites {shlex.quote(str(out))}/data --rounds 5 --out my-run "
+        f"--eval {shlex.quote(str(out))}/data/eval.jsonl",
+    ]
 
 
 def _http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
@@ -93,7 +143,9 @@ def _demo_keys(out: Path) -> tuple[Path, Path]:
     return pair.private_path, out / "trust"
 
 
-def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> int:
+def run_demo(
+    *, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0, verbose: bool = False
+) -> int:
     from registry.keys import TrustStore
     from registry.lifecycle import SigningKey, promote
     from registry.mlflow_store import MlflowStore
@@ -123,11 +175,13 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
             "registry.signing-key": str(signing_key),
             "registry.passphrase-env": DEMO_PASSPHRASE_ENV,
         },
+        verbose=verbose,
     )
+    summary = json.loads(result.metrics_path.read_text(encoding="utf-8"))
     plot = out / "metrics.png"
-    plot_history(result.history, plot)
+    plot_history(result.history, plot, chance=1 / len(labels), kept=summary.get("adapter"))
     console.print(round_table(result.history))
-    final = result.history[-1]
+    final = summary.get("final") or result.history[-1]
     console.print(
         f"final accuracy {final['accuracy']:.3f} on {eval_path.name} (chance {1 / len(labels):.3f})"
     )
@@ -165,4 +219,7 @@ def run_demo(*, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0) -> in
         f"{text!r} → {top['label']} ({top['scores'][top['label']]:.2f})",
         soft_wrap=True,
     )
+    console.print("\n[bold]Next[/bold]: look at the run, serve the release, train on your data:")
+    for command in next_steps(out=out, tracking_uri=result.tracking_uri):
+        console.print(Text(f"  {command}"), soft_wrap=True)
     return 0

@@ -17,6 +17,12 @@ wrapped in `DifferentiallyPrivate`, which adds Gaussian noise to the mean of the
 updates in both kinds of round, and each round is charged to an RDP accountant
 (server/privacy.py); ``dp.max-epsilon`` stops the run before a round that would pass it.
 
+Nothing a reply says is taken on trust. Its site id is bound to the Flower node that sent
+it (server/identity.py); its metrics are checked against what the plan allowed the site
+to do (strategies/validation.py) before they reach the record, the headline or a gate;
+the sample-level ε of sites that train with DP-SGD is the server's own account of the
+plan it sent (server/privacy.py), not the sites' claims.
+
 The loop uses only ``get_node_ids`` and ``send_and_receive`` of the Grid, and speaks to
 the sites through the wire contract (strategies/protocol.py).
 """
@@ -24,9 +30,9 @@ the sites through the wire contract (strategies/protocol.py).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,13 +40,16 @@ from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from server.checkpoint import Checkpoint, CheckpointStore
+from server.identity import IdentityRejected, PinnedIdentities, SiteIdentities
 from server.privacy import ClientPrivacy
 from server.record import RoundRecord
+from server.roster import Roster
 from server.secagg import run_secure_round
 from server.selection import BestRound
 from server.settings import RunSettings
+from server.sites import RunSites
 from server.tracking import Tracker
-from strategies.errors import RoundFailed
+from strategies.errors import RoundFailed, UpdateRejected
 from strategies.protocol import (
     NO_REPLY,
     NUM_EXAMPLES,
@@ -49,15 +58,16 @@ from strategies.protocol import (
     Refusal,
     array_bytes,
     decode_evaluate,
-    decode_train,
     is_refusal,
-    node_name,
+    origin,
+    origins,
     requests,
     sender,
     to_record,
 )
 from strategies.sampling import sample_sites, sample_size
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, Strategy
+from strategies.validation import MAX_EXAMPLES, validate_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -79,45 +89,57 @@ def run_rounds(
     resume_from: Checkpoint | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     best: BestRound | None = None,
+    identities: SiteIdentities | None = None,
+    roster: Roster | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
     """Run the remaining rounds.
 
     Args:
         best: Kept up to date with the best round on the central held-out file (and
             checkpointed with it); restored from `resume_from` when resuming.
+        identities: How replies are bound to sites; default: the roster, else each node
+            pinned to the first site id it claims in this run (`PinnedIdentities`).
+        roster: The enrolled sites (server/roster.py); only they are sampled and asked to
+            evaluate, and their replies are named by it. None: every connected node.
 
     Returns:
         The final global state, the history (one dict per round) and, if the privacy
         budget stopped the run early, why.
     """
-    best = best if best is not None else BestRound()
-    if resume_from is not None and resume_from.best_round:
-        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
-        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    best = _resumed_best(best if best is not None else BestRound(), resume_from)
     state = resume_from.state if resume_from else initial_state
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
     first = resume_from.completed_round + 1 if resume_from else 1
-    connected = wait_for_sites(grid, settings.min_available_clients, settings.round_timeout)
+    connected = wait_for_sites(
+        grid, settings.min_available_clients, settings.round_timeout, roster=roster
+    )
     privacy = _client_privacy(settings, len(connected), history)
-    strategy = privacy.wrap(settings.strategy()) if privacy else settings.strategy()
+    strategy = settings.bounded(settings.strategy())
+    strategy = privacy.wrap(strategy) if privacy else strategy
+    sites = RunSites(
+        identities or (roster if roster is not None else PinnedIdentities()),
+        settings,
+        history,
+        plan=settings.plan(first),
+    )
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
-        # Sample: seeded by the run and the round, so a resumed run asks what the original would.
-        nodes = sorted(grid.get_node_ids())
-        k = sample_size(
-            len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients
-        )
-        sampled = sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
-        rate = len(sampled) / len(nodes)
+        nodes, sampled = _sample(grid, settings, roster, server_round)
+        record.sampled, rate = len(sampled), len(sampled) / len(nodes)
         if privacy and (stopped := privacy.stop_reason(server_round, rate)):
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.
-        plan = settings.plan(server_round).to_config() | strategy.client_config()
-        log.info("round %d/%d: training on %d site(s)", server_round, settings.rounds, k)
+        round_plan = settings.plan(server_round)
+        sites.start_round(round_plan)
+        plan = round_plan.to_config() | strategy.client_config()
+        log.info(
+            "round %d/%d: training on %d of %d site(s): %s", server_round, settings.rounds,
+            len(sampled), len(nodes), ", ".join(sites.identities.name(n) for n in sampled),
+        )  # fmt: skip
         try:
-            outcome = _train(grid, settings, strategy, record, sampled, state, plan)
+            outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
         except RoundFailed as exc:
             if settings.on_round_failure == "stop":
                 raise
@@ -132,48 +154,92 @@ def run_rounds(
                 num_updates=len(outcome.accepted),
             )
             record.accepted(outcome)
+            record.site_privacy = sites.trained(outcome.accepted)
             if privacy:
                 privacy.charge(rate)
         if privacy:
             record.privacy(privacy, rate)
         # Evaluate, record, checkpoint.
         record.evaluated(
-            federated=_federated_evaluate(grid, settings, nodes, state, plan),
+            federated=_federated_evaluate(grid, settings, nodes, state, plan, record, sites),
             central=evaluator(state) if evaluator else None,
+            max_weight_ratio=settings.robust[0] if settings.robust else 0.0,
         )
         if evaluator is not None and not record.skipped:
             best.observe(server_round, record.central_accuracy, state)
         history.append(record.finish())
-        tracker.log_round(server_round, record.metrics())
+        tracker.log_round(server_round, record.metrics(), sites=record.site_metrics())
         tracker.set_tags({HEADLINE_TAG: record.headline})
         checkpoints.save(
-            Checkpoint(
-                completed_round=server_round,
-                state=state,
-                history=history,
-                run_id=tracker.run_id,
-                fingerprint=settings.fingerprint(),
-                server_state=server_state,
-                best_round=best.round,
-                best_accuracy=best.accuracy if best.round else None,
-                best_state=best.state,
-            )
+            _checkpoint(settings, tracker, server_round, state, server_state, history, best)
         )
         if on_round:
             on_round(record)
     return state, history, None
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """The connected nodes, sorted, once at least ``minimum`` are there."""
+def _resumed_best(best: BestRound, resume_from: Checkpoint | None) -> BestRound:
+    """``best`` as the checkpoint left it (unchanged for a fresh run)."""
+    if resume_from is not None and resume_from.best_round:
+        best.round, best.state = resume_from.best_round, dict(resume_from.best_state)
+        best.accuracy = float(resume_from.best_accuracy or float("-inf"))
+    return best
+
+
+def _sample(
+    grid: Grid, settings: RunSettings, roster: Roster | None, server_round: int
+) -> tuple[list[int], list[int]]:
+    """(the nodes that may work, the round's sample of them).
+
+    Seeded by the run and the round, so a resumed run asks what the original would.
+    """
+    nodes = members(grid, roster)
+    k = sample_size(len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients)
+    return nodes, sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
+
+
+def _checkpoint(
+    settings: RunSettings,
+    tracker: Tracker,
+    server_round: int,
+    state: Tensors,
+    server_state: Mapping[str, Any],
+    history: list[dict[str, Any]],
+    best: BestRound,
+) -> Checkpoint:
+    """What a resumed run needs after ``server_round``."""
+    return Checkpoint(
+        completed_round=server_round,
+        state=state,
+        history=history,
+        run_id=tracker.run_id,
+        fingerprint=settings.fingerprint(),
+        server_state=dict(server_state),
+        best_round=best.round,
+        best_accuracy=best.accuracy if best.round else None,
+        best_state=best.state,
+    )
+
+
+def members(grid: Grid, roster: Roster | None) -> list[int]:
+    """The connected nodes that may be asked to work, sorted: the roster's, or all."""
+    nodes = grid.get_node_ids()
+    return roster.members(nodes) if roster is not None else sorted(nodes)
+
+
+def wait_for_sites(
+    grid: Grid, minimum: int, timeout: float, *, roster: Roster | None = None
+) -> list[int]:
+    """The connected member nodes, sorted, once at least ``minimum`` are there."""
     deadline = time.monotonic() + timeout
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = members(grid, roster)
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() > deadline:
+            on = " enrolled" if roster is not None else ""
             raise RoundFailed(
-                f"only {len(nodes)} site(s) connected after {timeout:.0f}s, "
+                f"only {len(nodes)}{on} site(s) connected after {timeout:.0f}s, "
                 f"min-available-clients={minimum}"
             )
         time.sleep(1.0)
@@ -199,6 +265,7 @@ def _train(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    sites: RunSites,
 ) -> RoundOutcome:
     """Send the round to the sampled sites; the strategy aggregates what comes back.
 
@@ -206,9 +273,9 @@ def _train(
         RoundFailed: If the round cannot be aggregated.
     """
     if settings.secagg is None:
-        updates = _plain_updates(grid, record, sampled, state, plan, settings.round_timeout)
+        updates = _plain_updates(grid, record, sampled, state, plan, settings.round_timeout, sites)
         return strategy.aggregate(record.round, state, updates)
-    mean = _secure_mean(grid, settings, record, sampled, state, plan)
+    mean = _secure_mean(grid, settings, record, sampled, state, plan, sites)
     return strategy.aggregate_mean(record.round, state, mean)
 
 
@@ -219,33 +286,41 @@ def _plain_updates(
     state: Tensors,
     plan: dict[str, Any],
     timeout: float,
+    sites: RunSites,
 ) -> list[SiteUpdate]:
-    """Send the global adapter to the sampled sites and decode their replies."""
+    """Send the global adapter to the sampled sites and judge their replies.
+
+    A reply is named by `RunSites.identities` (the roster's enrolment, or the site id its
+    node claimed first in this run); one that claims another site's id is rejected
+    (check ``identity``).
+    """
     arrays = to_record(state)
     record.bytes_down = arrays.count_bytes() * len(sampled)
-    replies = list(
-        grid.send_and_receive(
-            requests(sampled, arrays, plan, kind=MessageType.TRAIN), timeout=timeout
-        )
-    )
+    messages = requests(sampled, arrays, plan, kind=MessageType.TRAIN)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = origins(messages)
     updates: list[SiteUpdate] = []
     for reply in replies:
-        site = sender(reply)
+        node = origin(reply, sent)
         if reply.has_error():
-            record.failed_site(site, reply.error.reason)
+            record.failed_site(sites.identities.name(node), reply.error.reason)
             continue
+        record.replies += 1
         record.bytes_up += array_bytes(reply)
         try:
-            decoded = decode_train(reply)
-        except ValueError as exc:
-            record.rejected_update(site, "format", str(exc))
+            judged = sites.train_update(reply)
+        except IdentityRejected as exc:
+            record.rejected_update(sites.identities.name(node), "identity", str(exc))
             continue
-        if isinstance(decoded, Refusal):
-            record.refused_site(decoded.site, decoded.reason)
+        except UpdateRejected as exc:
+            record.rejected_update(sites.identities.name(node), exc.check, exc.detail)
+            continue
+        if isinstance(judged, Refusal):
+            record.refused_site(judged.site, judged.reason)
         else:
-            updates.append(decoded)
-    for node in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
-        record.failed_site(node_name(node), NO_REPLY)
+            updates.append(judged)
+    for node in sorted(set(sampled) - {origin(r, sent) for r in replies}):
+        record.failed_site(sites.identities.name(node), NO_REPLY)
     # Replies arrive in whatever order the sites finish; the float sums of the aggregate
     # must not depend on it, or two identical runs would differ in the last bits.
     return sorted(updates, key=lambda u: u.site)
@@ -258,8 +333,13 @@ def _secure_mean(
     sampled: list[int],
     state: Tensors,
     plan: dict[str, Any],
+    sites: RunSites,
 ) -> MeanUpdate:
     """One SecAgg+ round's mean update and who contributed to it.
+
+    A contributor's masked update is in the sum whatever it claims, so a claim the
+    server refuses costs the site its name (it is named by its node) or its metrics,
+    never the round.
 
     Raises:
         RoundFailed: If SecAgg+ cannot run on the sample or could not unmask a sum.
@@ -279,28 +359,65 @@ def _secure_mean(
         timeout=settings.round_timeout,
     )
     record.bytes_up, record.bytes_down = secure.bytes_up, secure.bytes_down
+    record.replies = len(secure.sites)
     # Under SecAgg+ a budget refusal arrives as the site's error (a dropout).
     for failure in secure.failures:
         note = record.refused_site if is_refusal(failure["reason"]) else record.failed_site
-        note(failure["site"], failure["reason"])
+        note(_named(failure["site"], sites.identities), failure["reason"])
     if secure.mean_update is None:
         raise RoundFailed(
             f"round {record.round}: SecAgg+ aggregated {len(secure.sites)} site(s) "
             f"(reconstruction threshold {secagg.reconstruction_threshold}, "
             f"min-fit-clients {settings.min_fit_clients})"
         )
-    sites = [
-        SiteUpdate(site, {}, num_examples=int(m.get(NUM_EXAMPLES, w)), metrics=m)
-        for site, w, m in secure.sites
-    ]
-    return MeanUpdate(delta=secure.mean_update, sites=sites)
+    why = secagg.check_mean(secure.mean_update, [w for _, _, w, _ in secure.sites])
+    if why:
+        raise RoundFailed(f"round {record.round}: {why}")
+    contributors = []
+    for node, claimed, weight, metrics in secure.sites:
+        try:
+            site = sites.identities.bind(node, claimed)
+        except IdentityRejected as exc:
+            site = sites.identities.name(node)
+            record.rejected_update(site, "identity", f"{exc}; named by its node")
+        # The weight is 1 under client-level DP; the site's claimed count is a metric.
+        count = metrics.get(NUM_EXAMPLES, weight)
+        if not (isinstance(count, int | float) and 0 < count <= MAX_EXAMPLES and count % 1 == 0):
+            record.rejected_update(site, "num-examples", f"num-examples={count!r}; weight used")
+            count = weight
+        update = SiteUpdate(site, {}, num_examples=int(count), metrics=metrics)
+        try:
+            checked = sites.checked_metrics(update)
+        except UpdateRejected as exc:
+            checked = {}
+            record.rejected_update(site, exc.check, f"{exc.detail}; metrics dropped")
+        contributors.append(replace(update, metrics=checked))
+    return MeanUpdate(delta=secure.mean_update, sites=contributors)
+
+
+def _named(name: str, identities: SiteIdentities) -> str:
+    """A ``node-N`` name as the site id its node is known by (roster or earlier claim)."""
+    if name.startswith("node-") and name[5:].isdigit():
+        return identities.name(int(name[5:]))
+    return name
 
 
 def _federated_evaluate(
-    grid: Grid, settings: RunSettings, nodes: list[int], state: Tensors, plan: dict[str, Any]
+    grid: Grid,
+    settings: RunSettings,
+    nodes: list[int],
+    state: Tensors,
+    plan: dict[str, Any],
+    record: RoundRecord,
+    sites: RunSites,
 ) -> list[EvaluateReply | NoEvaluation] | None:
     """The sites' evaluations of the global adapter on their held-out rows, and the sites
-    that hold none out."""
+    that hold none out.
+
+    Each reply is bound to its node and checked (counts no larger than what the site
+    trained on, loss finite, accuracy in [0, 1]); `RoundRecord.evaluated` caps the counts
+    like training weights under bounded influence, so no site's claim becomes the headline.
+    """
     if settings.fraction_evaluate <= 0:
         return None
     k = sample_size(len(nodes), fraction=settings.fraction_evaluate, minimum=1)
@@ -309,12 +426,19 @@ def _federated_evaluate(
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         if reply.has_error():
             continue
+        node = reply.metadata.src_node_id
         try:
+            site = sites.identities.bind(node, sender(reply))
             result = decode_evaluate(reply)
-        except ValueError:
+            if isinstance(result, EvaluateReply):
+                if result.num_examples == 0:
+                    continue  # nothing evaluated
+                validate_evaluation(result, trained_on=sites.examples.get(site))
+        except IdentityRejected as exc:
+            record.rejected_update(sites.identities.name(node), "identity", f"evaluation: {exc}")
             continue
-        if isinstance(result, NoEvaluation) or (
-            result.num_examples > 0 and math.isfinite(result.loss)
-        ):
-            results.append(result)
+        except (ValueError, UpdateRejected) as exc:
+            record.rejected_update(sites.identities.name(node), "evaluation", str(exc))
+            continue
+        results.append(result)
     return sorted(results, key=lambda r: r.site)

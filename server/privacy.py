@@ -7,20 +7,28 @@ The analysis assumes Poisson sampling; fedlora samples a fixed number of sites w
 replacement, the usual approximation (also Flower's). A skipped round releases nothing
 and is not charged. `ClientPrivacy` ties a run's mechanism to its ledger: it wraps the
 run's strategy in `DifferentiallyPrivate` and says when ``dp.max-epsilon`` stops the run.
+
+Sample-level DP (DP-SGD) runs at the sites, where the server cannot watch it. Its ε in
+the run's record is the server's own figure (`SampleLevelAccounts`): what the round plan
+the server sent (noise multiplier, steps, batch size) gives with the example count each
+site claimed, never a number copied from a reply. It holds only if the site trained as
+planned, so the summary marks it ``verified: false`` and no promotion gate or policy
+counts it as DP (registry/artifact.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from clients.task.errors import ConfigError
+from clients.task.plan import TrainPlan
+from clients.task.secure_random import SecureRandom
 from strategies.dp import ClientLevelDP, DifferentiallyPrivate
 from strategies.secagg import PRGS, SecAggSettings
 from strategies.strategy import Strategy
@@ -139,18 +147,21 @@ class ClientPrivacy:
         )
 
     def wrap(self, strategy: Strategy) -> Strategy:
-        """The run's strategy with the mechanism's noise on every aggregate."""
-        # Server-side DP noise: seeded from the OS, never from the run, so no site can predict it.
-        return DifferentiallyPrivate(strategy, self.mechanism, np.random.default_rng())
+        """The run's strategy with the mechanism's clipping and noise on every aggregate."""
+        # Server-side DP noise from the OS CSPRNG, never from the run: no site can predict it.
+        return DifferentiallyPrivate(strategy, self.mechanism, SecureRandom())
 
     def stop_reason(self, server_round: int, sampling_rate: float) -> str | None:
-        """Why the run must stop before this round (ε would pass the limit), or None."""
+        """Why the run must stop before this round (ε would pass the limit), or None.
+
+        Fails closed: an ε that is NaN (not comparable) stops the run too.
+        """
         if self.max_epsilon <= 0:
             return None
         after = self.ledger.epsilon_after(
             noise_multiplier=self.mechanism.noise_multiplier, sampling_rate=sampling_rate
         )
-        if after > self.max_epsilon:
+        if not after <= self.max_epsilon:
             return (
                 f"stopped before round {server_round}: client-level ε would reach "
                 f"{after:.4g} > dp.max-epsilon={self.max_epsilon}"
@@ -162,6 +173,45 @@ class ClientPrivacy:
         self.ledger.step(
             noise_multiplier=self.mechanism.noise_multiplier, sampling_rate=sampling_rate
         )
+
+
+@dataclass
+class SampleLevelAccounts:
+    """Per site, the DP-SGD steps the plan gave it this run, and the ε they add up to."""
+
+    delta: float
+    steps: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
+
+    @classmethod
+    def replay(cls, delta: float, history: Iterable[Mapping[str, Any]]) -> SampleLevelAccounts:
+        """Rebuild from the rounds' records (a resumed run)."""
+        accounts = cls(delta)
+        for row in history:
+            for site, entry in (row.get("site_privacy") or {}).items():
+                accounts.steps.setdefault(site, []).append(
+                    (
+                        float(entry["noise-multiplier"]),
+                        float(entry["sampling-rate"]),
+                        int(entry["steps"]),
+                    )
+                )
+        return accounts
+
+    def charge(self, site: str, *, noise_multiplier: float, num_examples: int, plan: TrainPlan):
+        """Account one round the site trained in; return its record entry."""
+        rate = min(1.0, plan.batch_size / num_examples)
+        steps = plan.steps_for(num_examples)
+        self.steps.setdefault(site, []).append((noise_multiplier, rate, steps))
+        accountant = RDPAccountant()
+        accountant.history = list(self.steps[site])
+        return {
+            "epsilon": float(accountant.get_epsilon(delta=self.delta)),
+            "delta": self.delta,
+            "noise-multiplier": noise_multiplier,
+            "max-grad-norm": plan.site_dp_max_grad_norm,
+            "sampling-rate": rate,
+            "steps": steps,
+        }
 
 
 def privacy_summary(
@@ -195,7 +245,13 @@ def privacy_summary(
     for row in history:  # a site's latest figures: its ε for the whole run so far
         sites.update(row.get("site_privacy") or {})
     if sites:
-        out["sample-level"] = {"sites": sites, "accountant": ACCOUNTANT}
+        out["sample-level"] = {
+            "sites": sites,
+            "accountant": ACCOUNTANT,
+            # DP-SGD ran at the sites; the server computed ε from its plan and the sites'
+            # claimed example counts and cannot check that a site really added the noise.
+            "verified": False,
+        }
     if secagg is not None:
         out["secure-aggregation"] = {
             "enabled": True,

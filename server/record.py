@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.privacy import ClientPrivacy
+from strategies.bounded import cap_weights
 from strategies.protocol import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     EvaluateReply,
     NoEvaluation,
-    SitePrivacy,
 )
 from strategies.strategy import RoundOutcome
 
@@ -36,6 +36,8 @@ class RoundRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
+    sampled: int = 0  # sites asked to train
+    replies: int = 0  # of those, replies that arrived without an error
     sites: int = 0
     rejected: int = 0
     failed: int = 0
@@ -58,13 +60,21 @@ class RoundRecord:
     # Sites that refused the round to stay within their own privacy budget.
     refused: int = 0
     refusals: list[dict[str, str]] = field(default_factory=list)
-    # Sample-level DP: per site, its (ε, δ) for this run and its DP-SGD parameters.
+    # Sample-level DP: per site, the (ε, δ) the server accounts for its DP-SGD this run
+    # (server/privacy.py) and this round's parameters; never a site's own claim.
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per site: what its accepted update says (examples, train-loss, train-seconds) and its
+    # evaluation of the new global adapter on its held-out rows (accuracy, loss, examples).
+    site_train: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_eval: dict[str, dict[str, float]] = field(default_factory=dict)
     # What `accuracy`/`loss` were measured on (`headline_source`), how many sites sent a
     # federated evaluation, and the sites that hold no rows out (with their reason).
     headline: str = ""
     evaluated_sites: int = 0
     unevaluated: list[dict[str, str]] = field(default_factory=list)
+    # Each accepted site's share of the round's movement as aggregated (strategies/
+    # aggregate.py); 1/n each for alike sites.
+    shares: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._started = time.perf_counter()  # not a field: no column of its own
@@ -102,16 +112,13 @@ class RoundRecord:
         self.max_site_train_seconds = max(
             (u.metrics.get(TRAIN_SECONDS, 0.0) for u in outcome.accepted), default=0.0
         )
-        claims = {u.site: SitePrivacy.from_metrics(u.metrics) for u in outcome.accepted}
-        self.site_privacy = {
-            site: {
-                "epsilon": p.epsilon,
-                "delta": p.delta,
-                "noise-multiplier": p.noise_multiplier,
-                "max-grad-norm": p.max_grad_norm,
+        self.shares = dict(outcome.shares)
+        self.site_train = {
+            u.site: {
+                "examples": float(u.num_examples),  # type: ignore[arg-type]
+                **{k: float(u.metrics[k]) for k in (TRAIN_LOSS, TRAIN_SECONDS) if k in u.metrics},
             }
-            for site, p in claims.items()
-            if p is not None
+            for u in outcome.accepted
         }
 
     def privacy(self, privacy: ClientPrivacy, sampling_rate: float) -> None:
@@ -127,9 +134,15 @@ class RoundRecord:
         *,
         federated: Sequence[EvaluateReply | NoEvaluation] | None,
         central: tuple[float, float] | None,
+        max_weight_ratio: float = 0.0,
     ) -> None:
         """The sites' evaluations on their held-out rows and (loss, accuracy) on the
-        central file; sites without held-out rows are listed, not counted."""
+        central file; sites without held-out rows are listed, not counted.
+
+        With ``max_weight_ratio`` > 0 (bounded influence, strategies/bounded.py) each site's
+        example count weighs at most that multiple of the median count, like its training
+        weight, so no single site's claim decides the federated headline.
+        """
         if federated is not None:
             results = [r for r in federated if isinstance(r, EvaluateReply)]
             self.unevaluated = [
@@ -138,8 +151,21 @@ class RoundRecord:
                 if isinstance(r, NoEvaluation)
             ]
             self.evaluated_sites = len(results)
-            self.federated_loss = weighted_mean([(r.loss, r.num_examples) for r in results])
-            self.federated_accuracy = weighted_mean([(r.accuracy, r.num_examples) for r in results])
+            self.site_eval = {
+                r.site: {"accuracy": r.accuracy, "loss": r.loss, "eval-examples": r.num_examples}
+                for r in results
+            }
+            weights = (
+                cap_weights([r.num_examples for r in results], ratio=max_weight_ratio)
+                if results
+                else []
+            )
+            self.federated_loss = weighted_mean(
+                [(r.loss, w) for r, w in zip(results, weights, strict=True)]
+            )
+            self.federated_accuracy = weighted_mean(
+                [(r.accuracy, w) for r, w in zip(results, weights, strict=True)]
+            )
         if central is not None:
             self.central_loss, self.central_accuracy = central
         # The headline numbers: central evaluation when there is a held-out file, else the
@@ -157,6 +183,31 @@ class RoundRecord:
         self.refused = len(self.refusals)
         self.seconds = time.perf_counter() - self._started
         return asdict(self)
+
+    def site_metrics(self) -> dict[str, dict[str, float]]:
+        """Per site, its numbers of the round (training and evaluation), for MLflow."""
+        out: dict[str, dict[str, float]] = {}
+        for per_site in (self.site_train, self.site_eval):
+            for site, values in per_site.items():
+                out.setdefault(site, {}).update(values)
+        return out
+
+    def summary(self, rounds: int) -> str:
+        """One line for the operator's log (``flwr run --stream``) after `finish`."""
+        parts = [
+            f"round {self.round}/{rounds} {'skipped' if self.skipped else 'done'} "
+            f"in {self.seconds:.1f}s: {self.sampled} sampled, {self.replies} replied, "
+            f"{self.sites} accepted, {self.rejected} rejected, {self.failed} failed, "
+            f"{self.refused} refused"
+        ]
+        if self.accuracy is not None:
+            parts.append(f"accuracy {self.accuracy:.4f}")
+        if self.epsilon is not None:
+            parts.append(f"ε {self.epsilon:.4g} (δ {self.delta:g})")
+        trouble = [f"{r['site']}: {r.get('reason') or r.get('detail')}" for r in self.failures]
+        trouble += [f"{r['site']}: {r.get('check')}" for r in self.rejections]
+        line = ", ".join(parts)
+        return f"{line}; {'; '.join(trouble)}" if trouble else line
 
     def metrics(self) -> dict[str, float]:
         """Numeric fields for MLflow."""
@@ -177,7 +228,7 @@ def headline_source(*, central: bool, evaluated_sites: int) -> str:
     return "none: no eval-file and no site holds rows out"
 
 
-def weighted_mean(values: list[tuple[float, int]]) -> float | None:
+def weighted_mean(values: list[tuple[float, float]]) -> float | None:
     """The weighted mean of (value, weight) pairs, or None without weight."""
     total = sum(n for _, n in values)
     return sum(v * n for v, n in values) / total if total else None

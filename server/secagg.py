@@ -37,7 +37,14 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from strategies.protocol import NO_REPLY, decode_secure_train, node_name, secure_fitins
+from strategies.protocol import (
+    NO_REPLY,
+    decode_secure_train,
+    node_name,
+    origin,
+    origins,
+    secure_fitins,
+)
 from strategies.secagg import SecAggSettings, expand_masked, mask_generator
 
 # The module whose `pseudo_rand_gen` the workflow calls (the package re-exports the class).
@@ -54,13 +61,14 @@ class SecureRound:
 
     Attributes:
         mean_update: The weighted mean of the sites' updates, or None if the round failed.
-        sites: (site id, weight, metrics) of every site whose masked update was summed.
+        sites: (node id, claimed site id, weight, metrics) of every site whose masked
+            update was summed.
         failures: One ``{"site", "reason"}`` per site that failed or dropped out.
         bytes_up, bytes_down: Bytes of every reply and request over all four stages.
     """
 
     mean_update: dict[str, np.ndarray] | None
-    sites: list[tuple[str, int, dict[str, float]]] = field(default_factory=list)
+    sites: list[tuple[int, str, int, dict[str, float]]] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -99,11 +107,12 @@ class _CountingGrid:
         messages = list(messages)
         self.bytes_down += sum(_message_bytes(m) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = {r.metadata.src_node_id for r in replies}
+        sent = origins(messages)
+        answered = {origin(r, sent) for r in replies}
         self.silent |= {m.metadata.dst_node_id for m in messages} - answered
         for reply in replies:
             if reply.has_error():
-                self.failed.setdefault(reply.metadata.src_node_id, reply.error.reason)
+                self.failed.setdefault(origin(reply, sent), reply.error.reason)
                 continue
             self.bytes_up += _message_bytes(reply)  # as it travelled: masks as uint32
             configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -123,15 +132,15 @@ class _Relay(Strategy):
         self._proxies = [GridClientProxy(node_id=n, grid=grid, run_id=0) for n in nodes]
         self._fitins = fitins
         self.aggregate: Parameters | None = None
-        self.results: list[FitRes] = []
+        self.results: list[tuple[int, FitRes]] = []  # (node id, reply)
 
     def configure_fit(self, server_round, parameters, client_manager):
         return [(proxy, self._fitins) for proxy in self._proxies]
 
     def aggregate_fit(self, server_round, results, failures):
-        self.results = [res for _, res in results]
+        self.results = [(proxy.node_id, res) for proxy, res in results]
         if self.results:
-            self.aggregate = self.results[0].parameters  # the workflow's unmasked mean
+            self.aggregate = self.results[0][1].parameters  # the workflow's unmasked mean
         return self.aggregate, {}
 
     def initialize_parameters(self, client_manager: Any) -> None:
@@ -207,5 +216,5 @@ def run_secure_round(
         return outcome
     arrays = [bytes_to_ndarray(t) for t in relay.aggregate.tensors]
     outcome.mean_update = {n: a.astype(np.float64) for n, a in zip(names, arrays, strict=True)}
-    outcome.sites = [decode_secure_train(res) for res in relay.results]
+    outcome.sites = [(node, *decode_secure_train(res)) for node, res in relay.results]
     return outcome

@@ -16,17 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
-from server.run_config import read_config, split_list
+from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
+from strategies.bounded import BoundedInfluence
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
 from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import ServerOptimizer
+from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
+ROBUST_MODES = ("auto", "bounded", "off")
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,24 @@ class ClientDPSettings:
         )
 
 
+def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
+    """The ``robust.*`` keys as (max weight ratio, max norm ratio); None when off."""
+    mode = v["robust.mode"]
+    if mode not in ROBUST_MODES:
+        raise ConfigError(f"robust.mode={mode!r} must be one of {', '.join(ROBUST_MODES)}")
+    if mode == "bounded" and secure:
+        raise ConfigError(
+            "robust.mode='bounded' needs single updates and cannot apply with "
+            "secagg.enabled=true (SecAgg+ reveals only the sum); use robust.mode='auto', "
+            "which relies on secagg.max-weight and secagg.clipping-range there"
+        )
+    ratios = (v["robust.max-weight-ratio"], v["robust.max-norm-ratio"])
+    BoundedInfluence(FedAvg(), max_weight_ratio=ratios[0], max_norm_ratio=ratios[1])  # validates
+    if mode == "off" or (mode == "auto" and secure) or ratios == (0.0, 0.0):
+        return None
+    return ratios
+
+
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
     """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
     if not v["secagg.enabled"]:
@@ -157,7 +179,11 @@ class RunSettings:
     site_dp_noise_multiplier: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # The enrolled sites (server/roster.py); None: every connected node is a site.
+    roster: Path | None = None
     keep_adapter: str = "best"
+    # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
+    robust: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -226,6 +252,10 @@ class RunSettings:
                 f"dp.clip-norm={self.client_dp.clip_norm!r} exceeds "
                 f"update.max-norm={self.max_norm!r}; the server would reject clipped updates"
             )
+        if self.robust is not None and self.secagg is not None:
+            raise ConfigError(
+                "robust.* bounds need single updates and cannot apply with secagg.enabled=true"
+            )
 
     @property
     def site_clip_norm(self) -> float:
@@ -244,14 +274,15 @@ class RunSettings:
         """
         v = read_config(config)
         client_dp = ClientDPSettings.from_values(v)
-        # What the sites clip to under SecAgg+ (`site_clip_norm`), the default clipping range.
-        site_clip = client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
+        secagg = _secagg(
+            v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
+        )
         return cls(
             rounds=v["num-server-rounds"],
             spec=ModelSpec(
                 base=v["base-model"],
                 task=v["task"],
-                labels=split_list(v["labels"]),
+                labels=parse_label_set(v["labels"]),
                 lora_r=v["lora.r"],
                 lora_alpha=v["lora.alpha"],
                 lora_dropout=v["lora.dropout"],
@@ -289,12 +320,21 @@ class RunSettings:
             resume=v["resume"],
             publish=PublishSettings.from_values(v),
             client_dp=client_dp,
-            secagg=_secagg(v, site_clip=site_clip),
+            secagg=secagg,
             site_dp_noise_multiplier=v["site-dp.noise-multiplier"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
+            robust=_robust(v, secure=secagg is not None),
         )
+
+    def bounded(self, strategy: Strategy) -> Strategy:
+        """``strategy`` wrapped in `BoundedInfluence` when ``robust.*`` asks for it."""
+        if self.robust is None:
+            return strategy
+        weight_ratio, norm_ratio = self.robust
+        return BoundedInfluence(strategy, max_weight_ratio=weight_ratio, max_norm_ratio=norm_ratio)
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""
@@ -342,7 +382,8 @@ class RunSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
-        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish"}
+        # A roster may change between a run and its resume (a site revoked meanwhile).
+        skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:
@@ -351,16 +392,100 @@ class RunSettings:
             out[f.name] = str(value) if not isinstance(value, int | float | str) else value
         return out
 
+    def to_config(self) -> dict[str, Any]:
+        """The run config these settings stand for, every key of `KEYS` as users type it.
+
+        The inverse of `from_config` (tests/server/test_settings.py round-trips it): what
+        MLflow records as the run's params and as its ``run-config.toml``.
+        """
+        spec, opt, dp, sa, pub = (
+            self.spec,
+            self.server_optimizer,
+            self.client_dp,
+            self.secagg,
+            self.publish,
+        )
+        default = {key: value for key, (_, value, _) in KEYS.items()}
+        return {
+            "num-server-rounds": self.rounds,
+            "task": spec.task,
+            "labels": format_label_set(spec.labels) if spec.labels else "",
+            "base-model": spec.base,
+            "quantization": spec.quantization,
+            "aggregation": spec.aggregation,
+            "seed": spec.seed,
+            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
+            "batch-size": self.batch_size,
+            "learning-rate": self.learning_rate,
+            "max-length": self.max_length,
+            "proximal-mu": self.proximal_mu,
+            "fedrs.alpha": self.fedrs_alpha,
+            "fedlc.tau": self.fedlc_tau,
+            "fraction-train": self.fraction_train,
+            "fraction-evaluate": self.fraction_evaluate,
+            "min-fit-clients": self.min_fit_clients,
+            "min-available-clients": self.min_available_clients,
+            "round-timeout": self.round_timeout,
+            "on-round-failure": self.on_round_failure,
+            "eval-file": str(self.eval_file) if self.eval_file else "",
+            "out-dir": str(self.out_dir),
+            "tracking-uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "resume": self.resume,
+            "roster": str(self.roster) if self.roster else "",
+            "adapter.keep": self.keep_adapter,
+            "lora.r": spec.lora_r,
+            "lora.alpha": spec.lora_alpha,
+            "lora.dropout": spec.lora_dropout,
+            "lora.target-modules": ",".join(spec.target_modules),
+            "update.max-norm": self.max_norm,
+            "server.optimizer": opt.kind,
+            "server.learning-rate": opt.learning_rate,
+            "server.momentum": opt.momentum,
+            "server.aggregate": opt.aggregate,
+            "server.lora-scale": opt.lora_scale,
+            "registry.model-name": pub.model_name if pub else "",
+            "registry.signing-key": str(pub.signing_key) if pub else "",
+            "registry.passphrase-env": pub.passphrase_env
+            if pub
+            else default["registry.passphrase-env"],
+            "registry.alias": pub.alias if pub else default["registry.alias"],
+            "dp.clip-norm": dp.clip_norm if dp else 0.0,
+            "dp.noise-multiplier": dp.noise_multiplier if dp else 0.0,
+            "dp.target-epsilon": dp.target_epsilon if dp else 0.0,
+            "dp.delta": dp.delta if dp else default["dp.delta"],
+            "dp.max-epsilon": dp.max_epsilon if dp else 0.0,
+            "secagg.enabled": sa is not None,
+            "secagg.num-shares": sa.num_shares if sa else default["secagg.num-shares"],
+            "secagg.reconstruction-threshold": sa.reconstruction_threshold
+            if sa
+            else default["secagg.reconstruction-threshold"],
+            "secagg.clipping-range": sa.clipping_range if sa else 0.0,
+            "secagg.quantization-range": sa.quantization_range
+            if sa
+            else default["secagg.quantization-range"],
+            "secagg.max-weight": sa.max_weight if sa else default["secagg.max-weight"],
+            "secagg.prg": sa.prg if sa else default["secagg.prg"],
+            "site-dp.noise-multiplier": self.site_dp_noise_multiplier,
+            "site-dp.max-grad-norm": self.site_dp_max_grad_norm,
+            "site-dp.delta": self.site_dp_delta,
+            # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
+            "robust.mode": "auto" if self.robust is not None or sa is not None else "off",
+            "robust.max-weight-ratio": self.robust[0]
+            if self.robust
+            else default["robust.max-weight-ratio"],
+            "robust.max-norm-ratio": self.robust[1]
+            if self.robust
+            else default["robust.max-norm-ratio"],
+        }
+
     def as_params(self) -> dict[str, str]:
-        """Flat string params for MLflow."""
-        nested: dict[str, Any] = {"spec": self.spec, "server": self.server_optimizer}
-        if self.client_dp is not None:
-            nested["dp"] = self.client_dp
-        if self.secagg is not None:
-            nested["secagg"] = self.secagg
-        skip = {"spec", "server_optimizer", "client_dp", "secagg"}
-        params = {k: str(v) for k, v in self.fingerprint().items() if k not in skip}
-        for prefix, obj in nested.items():
-            for f in fields(obj):
-                params[f"{prefix}.{f.name}"] = str(getattr(obj, f.name))
-        return params
+        """MLflow params: the run-config keys users type (``batch-size``), valued as typed.
+
+        ``tracking-uri`` is left out: the run lives in that store, and a URI may carry
+        credentials.
+        """
+        config = self.to_config()
+        config.pop("tracking-uri")
+        return {key: param_value(value) for key, value in config.items()}

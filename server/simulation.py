@@ -18,7 +18,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clients.task.plan import SIM_SITES_ENV
+from clients.task.choices import SIM_SITES_ENV
 from server.app import TrainingResult, run_training
 from server.record import RoundRecord
 from server.settings import RunSettings
@@ -62,8 +62,18 @@ def simulate(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     cpus_per_site: float = 1.0,
+    client_app: str = CLIENT_APP,
+    verbose: bool = False,
 ) -> TrainingResult:
     """Run a training run with one simulated SuperNode per site.
+
+    With ``verbose``, the sites' own output (Ray actors' stdout and stderr) is forwarded
+    to this process and Flower logs at DEBUG; otherwise a site's failure reaches the run
+    only as its error reply, recorded by the round loop.
+
+    Args:
+        client_app: The ClientApp's component reference (tests and benchmarks put
+            hostile sites in with one that wraps fedlora's).
 
     Raises:
         FedloraError: Whatever the run raised (bad config, failed round, ...).
@@ -100,12 +110,13 @@ def simulate(
 
     run_simulation(
         server_app=server_app,
-        client_app=load_component(CLIENT_APP),
+        client_app=load_component(client_app),
         num_supernodes=len(sites),
         backend_config={
             "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": True},
+            "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose},
         },
+        verbose_logging=verbose,
     )
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

@@ -7,8 +7,11 @@ a SQLite store in the output directory.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +19,11 @@ from pathlib import Path
 from clients.task.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+CONFIG_ARTIFACT = "run-config.toml"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+MAX_TAG_CHARS = 8000  # and on a tag value
+BATCH_METRICS = 1000  # most metrics one log_batch call takes
 
 
 def resolve_tracking_uri(configured: str, out_dir: Path) -> str:
@@ -49,23 +57,50 @@ class Tracker:
         except Exception as exc:
             raise ConfigError(f"tracking-uri={uri!r}: MLflow is unreachable: {exc}") from exc
         self.run_id: str | None = None
+        self._site_keys: set[str] = set()
 
-    def start(self, *, params: Mapping[str, str], run_id: str | None = None) -> str:
-        """Start a new run, or reopen `run_id` when resuming."""
+    def start(
+        self,
+        *,
+        params: Mapping[str, str],
+        run_id: str | None = None,
+        run_name: str | None = None,
+        config_toml: str | None = None,
+    ) -> str:
+        """Start a new run, or reopen `run_id` when resuming.
+
+        ``config_toml`` (the whole run config, `server.run_config.to_toml`) is kept as the
+        run's ``run-config.toml``: ``flwr run . --run-config run-config.toml`` repeats it,
+        and it holds values longer than MLflow's param limit.
+        """
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return run_id
-        run = self.client.create_run(self.experiment_id, tags={"fedlora.kind": "training"})
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={"fedlora.kind": "training"}
+        )
         self.run_id = run.info.run_id
         self.client.log_batch(
             self.run_id,
             params=[_param(k, v) for k, v in params.items()],
         )
+        if config_toml is not None:
+            self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
         return self.run_id
 
-    def log_round(self, server_round: int, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
+    def log_round(
+        self,
+        server_round: int,
+        metrics: Mapping[str, float],
+        sites: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        """The round's metrics, and each site's as ``site/<site>/<name>`` (`site_key`).
+
+        A site id may hold characters MLflow refuses in a metric name; the run's tags
+        ``fedlora.site.<key>`` map each metric key back to the site id it stands for.
+        """
+        from mlflow.entities import Metric, RunTag
 
         assert self.run_id is not None
         now = int(time.time() * 1000)
@@ -73,7 +108,22 @@ class Tracker:
             Metric(key=k, value=float(v), timestamp=now, step=server_round)
             for k, v in metrics.items()
         ]
-        self.client.log_batch(self.run_id, metrics=batch)
+        tags = []
+        for site, values in (sites or {}).items():
+            key = site_key(site)
+            if key not in self._site_keys:
+                self._site_keys.add(key)
+                tags.append(RunTag(f"fedlora.site.{key}", site[:MAX_TAG_CHARS]))
+            batch += [
+                Metric(key=f"site/{key}/{name}", value=float(v), timestamp=now, step=server_round)
+                for name, v in values.items()
+                if v is not None
+            ]
+        for start in range(0, len(batch), BATCH_METRICS):  # MLflow's limit per log_batch
+            self.client.log_batch(
+                self.run_id, metrics=batch[start : start + BATCH_METRICS], tags=tags
+            )
+            tags = []
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) string tags of the run, e.g. what the headline metric is."""
@@ -93,4 +143,31 @@ class Tracker:
 def _param(key: str, value: str):
     from mlflow.entities import Param
 
-    return Param(key, value[:6000])  # MLflow's limit on a param value
+    if len(value) > MAX_PARAM_CHARS:  # the whole value is in run-config.toml
+        value = value[: MAX_PARAM_CHARS - 40] + f" … (cut; see {CONFIG_ARTIFACT})"
+    return Param(key, value)
+
+
+def site_key(site: str) -> str:
+    """``site`` as one segment of an MLflow metric name, unique per site id.
+
+    MLflow allows letters, digits, ``_ - . /`` and spaces (and ``:`` off Windows), and no
+    segment that a path would resolve away (``.``, ``..``, an empty one). An id that
+    already fits is used as it is; any other gets its other characters replaced by ``_``
+    and 8 hex digits of its SHA-256 appended, so two ids do not share a key.
+    """
+    fits = (
+        re.fullmatch(r"[\w.\- ]{1,100}", site) is not None
+        and site not in (".", "..")
+        and site == site.strip()
+    )
+    if fits:
+        return site
+    cleaned = re.sub(r"[^\w.\-]", "_", site)[:80].strip(".") or "site"
+    return f"{cleaned}-{hashlib.sha256(site.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+def run_name(model: str, when: datetime.datetime | None = None) -> str:
+    """A training run's MLflow name: the model's name and the UTC start time."""
+    stamp = (when or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%d-%H%M%S")
+    return f"{Path(model).name or model}-{stamp}"

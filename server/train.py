@@ -53,7 +53,7 @@ def build_train_config(
     task_name = config.get("task", "sequence-classification")
     if task_name == "sequence-classification" and not config.get("labels"):
         files = [*sites, *([eval_file] if eval_file else [])]
-        config["labels"] = ",".join(labels_in(files))
+        config["labels"] = labels_in(files)  # a list: a label may hold commas
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config
@@ -68,8 +68,11 @@ def run_train(
     task: str | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    verbose: bool = False,
 ):
     """Validate everything, then run a local simulation with a progress bar.
+
+    ``verbose`` forwards the simulated sites' output and Flower's debug log.
 
     Returns:
         The simulation's `TrainingResult` (adapter, metrics, MLflow run, history).
@@ -104,5 +107,7 @@ def run_train(
                 status=f"acc {acc}, {record.sites} sites, {record.rejected} rejected",
             )
 
-        result = simulate(settings, [SimSite(p.stem, p) for p in sites], on_round=on_round)
+        result = simulate(
+            settings, [SimSite(p.stem, p) for p in sites], on_round=on_round, verbose=verbose
+        )
     return result

@@ -33,3 +33,32 @@ def weighted_average(
             acc += wi * update[name].astype(np.float64)
         out[name] = acc.astype(first.dtype)
     return out
+
+
+def contribution_shares(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    *,
+    reference: Mapping[str, np.ndarray],
+) -> list[float]:
+    """Each update's share ``p_i·‖Δ_i‖ / Σ_j p_j·‖Δ_j‖`` of a weighted average's movement.
+
+    ``Δ_i = update_i - reference`` and ``p`` the normalised weights: with alike sites each
+    holds ``1/n``; a site that claims a large weight or sends a large update holds more.
+    All zeros when nothing moved.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    norms = np.array(
+        [
+            np.sqrt(
+                sum(
+                    float(np.sum(np.square(u[k].astype(np.float64) - ref.astype(np.float64))))
+                    for k, ref in reference.items()
+                )
+            )
+            for u in updates
+        ]
+    )
+    moved = w * norms
+    total = float(moved.sum())
+    return [float(m / total) if total > 0 else 0.0 for m in moved]

@@ -9,8 +9,24 @@ uniformly: an example-count weight would let one site move the mean by more than
 and break the sensitivity bound.
 
 `DifferentiallyPrivate` is the one place the mechanism meets aggregation: it wraps any
-`Strategy`, in plain rounds (the server sees each clipped update) and in SecAgg+ rounds
-(it sees only their mean, which under DP is uniform because every site reports weight 1).
+`Strategy`, in plain rounds (the server sees each update) and in SecAgg+ rounds (it sees
+only their mean, which under DP is uniform because every site reports weight 1).
+
+The sensitivity bound ``C`` must hold for what is averaged, not for what honest sites
+send: in a plain round the server clips every accepted update to ``C`` itself before the
+mean, so a site that skipped its clip mod moves the mean by at most ``C/m`` like any
+other. In a secure round the server cannot see single updates. There each site's own
+clip mod bounds its update before masking (the mod order is pinned in
+clients/site/mods.py), which is all an honest site's privacy needs: its own contribution
+is what the noise hides. A site that bypasses its mod is bounded only by what SecAgg+
+itself bounds: every honest coordinate lies within ``±clipping_range`` and so does every
+coordinate of their weighted mean, and the server refuses a secure mean outside that
+range (`strategies.secagg.SecAggSettings.check_mean`), so such a site can push a
+coordinate of the mean at most to ``±clipping_range`` (``C`` under DP) rather than by
+``C/m`` in L2 (README, "Security").
+
+The noise is secret: `SecureRandom` (the OS CSPRNG) by default; tests may inject a seeded
+numpy `Generator`.
 
 Pure numpy; the accountant that turns ``(z, sampling rate, rounds)`` into ``(ε, δ)`` lives
 in server/privacy.py (it uses Opacus' RDP analysis).
@@ -25,14 +41,19 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
 from clients.task.errors import ConfigError
-from strategies.aggregate import weighted_average
+from clients.task.secure_random import SecureRandom
+from strategies.aggregate import contribution_shares, weighted_average
 from strategies.strategy import MeanUpdate, RoundOutcome, SiteUpdate, State, Strategy
+
+log = logging.getLogger(__name__)
 
 
 def global_norm(tensors: Mapping[str, np.ndarray]) -> float:
@@ -56,8 +77,14 @@ def clip_update(
     return clipped, norm
 
 
+class NormalSource(Protocol):
+    """What the mechanism needs of a generator: numpy's ``Generator.normal``."""
+
+    def normal(self, loc: float, scale: float, size: tuple[int, ...]) -> np.ndarray: ...
+
+
 def add_gaussian_noise(
-    tensors: Mapping[str, np.ndarray], *, std: float, rng: np.random.Generator
+    tensors: Mapping[str, np.ndarray], *, std: float, rng: NormalSource
 ) -> dict[str, np.ndarray]:
     """Add i.i.d. ``N(0, std²)`` to every coordinate (drawn in float64)."""
     return {
@@ -94,7 +121,7 @@ class ClientLevelDP:
         mean: Mapping[str, np.ndarray],
         *,
         num_updates: int,
-        rng: np.random.Generator,
+        rng: NormalSource,
     ) -> dict[str, np.ndarray]:
         """Add the mechanism's noise to the mean update and return the new global state."""
         delta = {k: mean[k].astype(np.float64) - reference[k].astype(np.float64) for k in reference}
@@ -107,17 +134,16 @@ class ClientLevelDP:
 
 @dataclass(frozen=True)
 class DifferentiallyPrivate:
-    """Wraps a strategy: its judgement of the round, then the mean plus Gaussian noise.
+    """Wraps a strategy: its judgement of the round, then the clipped mean plus noise.
 
-    The sites clip; the server only checks (through the inner strategy's norm check)
-    and adds noise of std ``z·C/m`` to the uniform mean of the ``m`` accepted updates.
-    ``rng`` must be unpredictable to the sites in production
-    (`np.random.default_rng()` seeds from the OS).
+    In a plain round the inner strategy judges the updates, the server clips each
+    accepted one to ``C`` and adds noise of std ``z·C/m`` to their uniform mean. ``rng``
+    must be unpredictable to every other party: the OS CSPRNG unless a test injects one.
     """
 
     inner: Strategy
     dp: ClientLevelDP
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    rng: NormalSource = field(default_factory=SecureRandom)
 
     def client_config(self) -> dict[str, float]:
         return self.inner.client_config()
@@ -125,15 +151,40 @@ class DifferentiallyPrivate:
     def aggregate(
         self, server_round: int, reference: State, updates: Sequence[SiteUpdate]
     ) -> RoundOutcome:
-        """Judge through the inner strategy, then average uniformly and add noise.
+        """Judge through the inner strategy, clip each accepted update to ``C``, then
+        average uniformly and add noise.
 
         Raises:
             RoundFailed: From the inner strategy.
         """
         outcome = self.inner.aggregate(server_round, reference, updates)
-        m = len(outcome.accepted)
-        mean = weighted_average([u.state for u in outcome.accepted], [1.0] * m)
-        return self._privatize(reference, mean, outcome)
+        clipped = [self._clipped(server_round, reference, u) for u in outcome.accepted]
+        uniform = [1.0] * len(clipped)
+        shares = contribution_shares(clipped, uniform, reference=reference)
+        outcome = replace(
+            outcome,
+            shares={u.site: s for u, s in zip(outcome.accepted, shares, strict=True)},
+        )
+        return self._privatize(reference, weighted_average(clipped, uniform), outcome)
+
+    def _clipped(self, server_round: int, reference: State, update: SiteUpdate) -> State:
+        """The site's local tensors with ``local - global`` clipped to ``C`` (float64)."""
+        delta = {
+            k: update.state[k].astype(np.float64) - ref.astype(np.float64)
+            for k, ref in reference.items()
+        }
+        clipped, norm = clip_update(delta, clip_norm=self.dp.clip_norm)
+        # Honest sites clipped already; float32 rounding of local = global + delta
+        # leaves their norm within a hair of C.
+        if norm > self.dp.clip_norm * (1 + 1e-3):
+            log.warning(
+                "round %d: site %s sent an update of norm %.4g > dp.clip-norm=%s; clipped",
+                server_round,
+                update.site,
+                norm,
+                self.dp.clip_norm,
+            )
+        return {k: ref.astype(np.float64) + clipped[k] for k, ref in reference.items()}
 
     def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
         """Judge through the inner strategy, then add noise to the (uniform) secure mean.
@@ -151,6 +202,4 @@ class DifferentiallyPrivate:
         state = self.dp.privatize_mean(
             reference, mean, num_updates=len(outcome.accepted), rng=self.rng
         )
-        return RoundOutcome(
-            state=state, accepted=outcome.accepted, rejected=outcome.rejected, spread=outcome.spread
-        )
+        return replace(outcome, state=state)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.aggregate import weighted_average
+from strategies.aggregate import contribution_shares, weighted_average
 from strategies.errors import RoundFailed, UpdateRejected
 from strategies.fedexp import weighted_spread
 from strategies.strategy import MeanUpdate, Rejection, RoundOutcome, SiteUpdate, State
@@ -87,9 +87,15 @@ class FedAvg:
             if self.weighting == "uniform"
             else [int(u.num_examples) for u in accepted]  # type: ignore[call-overload]
         )
-        state = weighted_average([u.state for u in accepted], weights)
-        spread = weighted_spread([n * n for n in norms], weights)
-        return RoundOutcome(state=state, accepted=accepted, rejected=rejected, spread=spread)
+        states = [u.state for u in accepted]
+        shares = contribution_shares(states, weights, reference=reference)
+        return RoundOutcome(
+            state=weighted_average(states, weights),
+            accepted=accepted,
+            rejected=rejected,
+            spread=weighted_spread([n * n for n in norms], weights),
+            shares={u.site: share for u, share in zip(accepted, shares, strict=True)},
+        )
 
     def aggregate_mean(self, server_round: int, reference: State, mean: MeanUpdate) -> RoundOutcome:
         """The global state plus the secure mean update, in the global tensors' dtypes.

@@ -55,6 +55,17 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 SITE_ID = "site-id"  # in the "site" record; in a FitRes' metrics under SecAgg+
+# What a site id may be, on both sides (the site refuses to start with another, the server
+# rejects a reply claiming one). It ends up in log lines, MLflow tags, file names (a
+# simulated site's state folder) and command lines, so: short, printable (no line breaks
+# or control characters to forge a log line with), no path separator, starting with a
+# letter or digit (not an option, not a hidden or parent folder) and not ending in a space.
+SITE_ID_RULE = (
+    "1-64 printable characters without / or \\, starting with a letter or digit and not "
+    "ending in whitespace"
+)
+
+
 REFUSAL = "refusal"
 REASON = "reason"
 # An evaluate reply from a site that holds no rows out: no number instead of one measured
@@ -90,6 +101,18 @@ ACCURACY = "accuracy"
 REFUSAL_MARK = "privacy budget:"
 # The failure the server records for a sampled site that sent nothing back.
 NO_REPLY = "no reply before timeout"
+
+
+def valid_site_id(value: str) -> bool:
+    """Whether ``value`` follows `SITE_ID_RULE` (``"Ward 7, Oslo"`` does; ``"../x"`` not)."""
+    return (
+        0 < len(value) <= 64
+        and value.isprintable()
+        and value[0].isalnum()
+        and not value[-1].isspace()
+        and "/" not in value
+        and "\\" not in value
+    )
 
 
 class SiteRefused(FedloraError):
@@ -193,6 +216,20 @@ def secure_fitins(
         tensor_type="numpy.ndarray",
     )
     return FitIns(parameters=parameters, config=config)
+
+
+def origins(requests_sent: Iterable[Message]) -> dict[str, int]:
+    """Message id → destination node of requests, once ``send_and_receive`` has sent them."""
+    return {m.metadata.message_id or m.object_id: m.metadata.dst_node_id for m in requests_sent}
+
+
+def origin(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply speaks for.
+
+    Usually its sender; but when a node cannot be reached the SuperLink itself answers
+    with an error whose sender is the SuperLink (node 1), naming the request it answers.
+    """
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def sender(reply: Message) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -86,6 +86,25 @@ class SecAggSettings:
             return (
                 f"{sampled} sampled sites would overflow the 2^32 modulus with "
                 f"secagg.quantization-range={self.quantization_range}"
+            )
+        return None
+
+    def check_mean(self, delta: Mapping[str, np.ndarray], weights: Sequence[float]) -> str | None:
+        """Why a secure mean update cannot come from sites that ran the protocol, or None.
+
+        Each honest site scales its update by ``w / max_weight ≤ 1`` and clips every
+        coordinate to ``±clipping_range`` before masking, so every coordinate of the
+        weighted mean lies within ``±clipping_range`` (plus `error_bound`). A site that
+        bypasses its mod can add any value modulo the field, to its update and to the
+        weight slot the server divides by; a mean outside that range shows it did.
+        """
+        bound = self.clipping_range + self.error_bound([max(float(w), 1.0) for w in weights])
+        largest = max((float(np.max(np.abs(v), initial=0.0)) for v in delta.values()), default=0.0)
+        if not largest <= bound:  # NaN fails too
+            return (
+                f"a coordinate of the secure mean is {largest:.4g}, outside "
+                f"±secagg.clipping-range={self.clipping_range} (+ rounding "
+                f"{bound - self.clipping_range:.2g}): a site did not follow the protocol"
             )
         return None
 

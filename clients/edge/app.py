@@ -4,8 +4,8 @@ endpoints, health, adapters, metrics and refresh.
 Requests are queued to their base's micro-batcher and awaited without holding a thread;
 a full queue answers 503 with ``Retry-After``. Bad requests get a 4xx that says what is
 wrong and the process stays up; 503 also means no verified release is loaded for the
-model, with the reason. The OpenAPI schema is at ``/openapi.json``; ``/docs`` is FastAPI's
-Swagger UI, whose script and style sheet come from a public CDN (blank offline).
+model, with the reason. The OpenAPI schema is at ``/openapi.json`` and the docs at
+``/docs``, whose files the node serves itself (clients/edge/docs.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clients.edge.batching import QueueFull
+from clients.edge.docs import serve_docs
 from clients.edge.generation import Sampling
 from clients.edge.guards import (
     BodyLimit,
@@ -107,7 +108,10 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         description="Serves verified, signed LoRA adapters; see GET /v1/adapters.",
         lifespan=lifespan,
         default_response_class=SafeJSONResponse,
+        docs_url=None,  # served from the node's own files, not a CDN (clients/edge/docs.py)
+        redoc_url=None,
     )
+    serve_docs(app)
     app.state.node, app.state.refresher = node, refresher
     settings = node.settings
     # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts

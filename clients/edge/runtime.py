@@ -35,7 +35,7 @@ from clients.edge.adapters import AdapterSlot, bind, check_servable, read_releas
 from clients.edge.batching import Batcher, Job
 from clients.edge.generation import Completion, Row, Sampling, run_generate
 from clients.task.errors import FedloraError, ModelError
-from clients.task.model import base_digest, resolve_base
+from clients.task.model import base_digest, quantization_config, resolve_base
 from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,7 @@ class SharedBase:
 
         kwargs: dict[str, Any] = {}
         if quantization == "4bit":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
+            kwargs["quantization_config"] = quantization_config(task)  # heads stay full
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "sequence-classification":

@@ -20,8 +20,12 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> ModelRef:
-        name, _, alias = text.partition("@")
-        if not name or (_ and not alias) or "/" in name:
+        """``NAME`` or ``NAME@ALIAS``; split at the last ``@``, since a model name may hold
+        one and an MLflow alias may not (a name with ``@`` needs its alias spelt out)."""
+        name, at, alias = text.rpartition("@")
+        if not at:
+            name, alias = text, ""
+        if not name or (at and not alias) or "/" in name:
             raise ConfigError(f"--model {text!r} must be NAME or NAME@ALIAS")
         return cls(name, alias or DEFAULT_ALIAS)
 

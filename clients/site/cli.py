@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,10 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.site.ledger import budget_report
+from clients.task.choices import DEFAULT_BASE
 from clients.task.data import TASKS, DataReport, scan_file
 from clients.task.errors import ConfigError
+from clients.task.labels import format_label_set, parse_label_set, run_config_arg, run_config_line
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the data has problems; usage errors exit 2 through server.cli
@@ -54,16 +55,42 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         "--task", required=True, metavar="{" + ",".join(TASKS) + "}", help="the run's task"
     )
     label_set = check.add_mutually_exclusive_group()
-    label_set.add_argument("--labels", help="the run's label set, comma-separated")
-    label_set.add_argument("--labels-file", metavar="FILE", help="the label set, one per line")
+    label_set.add_argument(
+        "--labels",
+        help='the run\'s label set, as in the run config: a TOML array (\'["a", "b, c"]\') '
+        "or comma-separated (default: any label)",
+    )
+    label_set.add_argument(
+        "--labels-file",
+        metavar="FILE",
+        help="the label set, one label per line, exactly as written (default: any label)",
+    )
+    check.add_argument(
+        "--base-model",
+        default=DEFAULT_BASE,
+        metavar="MODEL",
+        help="causal-lm: the run's base model, whose tokenizer counts the rows whose prompt "
+        "fills --max-length (default: %(default)s)",
+    )
+    check.add_argument(
+        "--max-length",
+        type=int,
+        default=64,
+        metavar="TOKENS",
+        help="causal-lm: the run's max-length (default: %(default)s)",
+    )
     check.add_argument("--json", action="store_true", help="print a machine-readable report")
     check.set_defaults(func=cmd_site_check)
 
     budget = commands.add_parser(
         "budget",
-        help="show the site's spent and remaining privacy budget",
+        help="show the site's spent and remaining privacy budget, or re-initialise it",
         description="Read the site's privacy ledger (STATE/privacy-ledger.json) and show the "
-        "sample-level ε spent per run and in total, and what remains of max-epsilon.",
+        "sample-level ε spent per run and in total, and what remains of max-epsilon. "
+        "With --reset, write a new ledger instead: a site with max-epsilon refuses to "
+        "train until its ledger exists, so this is how a new site starts and how a lost "
+        "ledger is replaced; the reset, its reason and what the old ledger held are "
+        "recorded in the new one.",
     )
     budget.add_argument("--state", required=True, metavar="DIR", help="the site's state-dir")
     budget.add_argument(
@@ -73,7 +100,55 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         help="the budget to compare with (default: the one the site last trained under)",
     )
     budget.add_argument("--json", action="store_true", help="print a machine-readable report")
+    budget.add_argument(
+        "--reset",
+        action="store_true",
+        help="re-initialise the ledger (needs --reason; default: only show it)",
+    )
+    budget.add_argument("--reason", help="why the ledger is reset (recorded; needed by --reset)")
+    budget.add_argument(
+        "--spent",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="ε already spent that the new ledger starts from (default %(default)s)",
+    )
     budget.set_defaults(func=cmd_site_budget)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the site's warm worker (keeps model and data loaded between rounds)",
+        description="Serve the site's training and evaluation on a Unix socket that only this "
+        "user can open (its directory is made 0700, the socket 0600, and each peer's uid is "
+        "checked). Name the socket in the SuperNode's node config as worker-socket=PATH; "
+        "ClientApps then hand their work to this process instead of loading torch and the "
+        "model for every message. Runs until interrupted.",
+    )
+    worker.add_argument(
+        "--socket", required=True, metavar="PATH", help="the socket to create (no default)"
+    )
+    worker.set_defaults(func=cmd_site_worker)
+
+
+def cmd_site_worker(args: argparse.Namespace) -> int:
+    import contextlib
+    import logging
+    import signal
+
+    from clients.site.worker import serve
+
+    # A service's log: fedlora's own INFO lines (per round: examples, steps, loss, ε charged)
+    # with their time. The CLI has already set up the root handler (server/console.py), so
+    # basicConfig would do nothing; library chatter stays filtered unless --verbose.
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    # SIGTERM (a service manager's stop) ends the loop like Ctrl-C, so the socket is removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(Path(args.socket).expanduser())
+    return EXIT_OK
 
 
 def data_group(sub: argparse._SubParsersAction) -> None:
@@ -119,10 +194,12 @@ def data_group(sub: argparse._SubParsersAction) -> None:
 
 
 def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None:
-    """The label set from ``--labels a,b`` or ``--labels-file`` (one a line); None if neither.
+    """The label set from ``--labels`` (the run config's forms) or ``--labels-file`` (one
+    label a line, exactly as written; blank lines skipped); None if neither.
 
     Raises:
-        ConfigError: If the file is missing, or the set is empty or has duplicates.
+        ConfigError: If the file is missing, or the set is empty, malformed or has
+            duplicates.
     """
     if labels is None and labels_file is None:
         return None
@@ -130,24 +207,23 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None
         path = Path(labels_file)
         if not path.is_file():
             raise ConfigError(f"--labels-file {labels_file!r} does not exist")
-        found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        found = parse_label_set([line for line in lines if line.strip()], key="--labels-file")
         flag = "--labels-file"
     else:
         assert labels is not None
-        found = [part.strip() for part in labels.split(",")]
+        found = parse_label_set(labels, key="--labels")
         flag = "--labels"
-    found = [label for label in found if label]
     if not found:
         raise ConfigError(f"{flag} gives no labels")
-    duplicates = sorted(label for label, n in Counter(found).items() if n > 1)
-    if duplicates:
-        raise ConfigError(f"{flag} has duplicates: {', '.join(duplicates)}")
-    return found
+    return list(found)
 
 
-def report_json(report: DataReport, labels: list[str] | None) -> dict[str, Any]:
+def report_json(
+    report: DataReport, labels: list[str] | None, truncated: list[int] | None = None
+) -> dict[str, Any]:
     """The report as plain data, for ``--json``."""
-    return {
+    out = {
         "path": str(report.path),
         "task": report.task,
         "valid": not report.problems,
@@ -156,6 +232,20 @@ def report_json(report: DataReport, labels: list[str] | None) -> dict[str, Any]:
         "length_chars": report.length_stats,
         "problems": list(report.problems),
     }
+    if truncated is not None:
+        out["truncated_rows"] = truncated
+    if report.task == "sequence-classification" and (run_labels := _run_labels(report, labels)):
+        out["run_config"] = {
+            "labels": format_label_set(run_labels),
+            "line": run_config_line(run_labels),
+            "flwr_run_config": run_config_arg(run_labels),
+        }
+    return out
+
+
+def _run_labels(report: DataReport, labels: list[str] | None) -> list[str]:
+    """The label set to put in the run config: the one given, else this file's labels."""
+    return list(labels) if labels is not None else list(report.label_counts)
 
 
 def _label_counts(report: DataReport, labels: list[str] | None) -> dict[str, int]:
@@ -172,11 +262,53 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     if labels is not None and args.task != "sequence-classification":
         raise ConfigError("--labels and --labels-file apply to sequence-classification only")
     report = scan_file(Path(args.data), task=args.task, labels=labels)
+    truncated = None
+    if args.task == "causal-lm" and report.examples:
+        truncated = truncated_lines(report, base=args.base_model, max_length=args.max_length)
+        if len(truncated) == len(report.examples):
+            report.problems.append(
+                f"{report.path.name}: every row's prompt fills max-length={args.max_length} "
+                "tokens; training would have nothing to learn"
+            )
     if args.json:
-        print(json.dumps(report_json(report, labels), indent=2, ensure_ascii=False))
+        # ASCII JSON: a label may hold characters (lone surrogates aside) a terminal mangles.
+        print(json.dumps(report_json(report, labels, truncated), indent=2))
     else:
         _print_report(Console(), report, labels)
+        if truncated:
+            _print_truncated(Console(), truncated, args.max_length)
     return EXIT_INVALID if report.problems else EXIT_OK
+
+
+def truncated_lines(report: DataReport, *, base: str, max_length: int) -> list[int]:
+    """Lines of prompt/response rows whose prompt fills ``max_length`` tokens of the base
+    model's tokenizer: training skips them (clients/task/train.py, `response_tokens`)."""
+    from transformers import AutoTokenizer
+
+    from clients.task.model import quiet_transformers, resolve_base
+    from clients.task.train import response_tokens
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+    return [
+        line
+        for line, example in zip(report.lines, report.examples, strict=True)
+        if response_tokens(tokenizer, example, max_length=max_length) == 0
+    ]
+
+
+def _print_truncated(out: Console, lines: list[int], max_length: int) -> None:
+    n = len(lines)
+    shown = ", ".join(map(str, lines[:20])) + (" …" if n > 20 else "")
+    out.print(
+        Text(
+            f"{n} row{'s' if n != 1 else ''} whose prompt fills max-length={max_length} "
+            f"tokens (lines {shown}): training skips them; shorten the prompts or raise "
+            "max-length",
+            style="yellow",
+        ),
+        soft_wrap=True,
+    )
 
 
 def _print_report(out: Console, report: DataReport, labels: list[str] | None) -> None:
@@ -199,6 +331,15 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
             table.add_row(Text(label), str(n))
         out.print(table)
 
+    if report.task == "sequence-classification" and (run_labels := _run_labels(report, labels)):
+        # Printed whole (soft_wrap), so the lines can be pasted as they are.
+        whose = "the run's" if labels is not None else "this file's"
+        out.print(
+            Text(f"label set for the run config ({whose} labels; the run needs every site's):")
+        )
+        out.print(Text(f"  {run_config_line(run_labels)}"), soft_wrap=True)
+        out.print(Text(f"  flwr run … --run-config {run_config_arg(run_labels)}"), soft_wrap=True)
+
     if report.problems:
         n = len(report.problems)
         out.print(Text(f"{n} problem{'s' if n != 1 else ''}:", style="bold red"))
@@ -212,6 +353,12 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
 
 
 def cmd_site_budget(args: argparse.Namespace) -> int:
+    if args.reset:
+        from clients.site.ledger import SiteLedger
+
+        SiteLedger.reset(Path(args.state), reason=args.reason or "", spent=args.spent)
+    elif args.reason is not None or args.spent:
+        raise ConfigError("--reason and --spent go with --reset")
     report = budget_report(Path(args.state), args.max_epsilon)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -227,6 +374,14 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
         )
     out = Console()
     out.print(table)
+    for reset in report["resets"]:
+        before = reset.get("previous", {})
+        out.print(
+            Text(
+                f"reset {reset.get('at')}: {reset.get('reason')!r} (ledger was "
+                f"{before.get('state')}; opening ε {reset.get('opening_epsilon', 0.0):g})"
+            )
+        )
     out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))
     if report["max_epsilon"] is None:
         out.print(Text("no max-epsilon known; pass --max-epsilon to see what remains"))

@@ -1,24 +1,47 @@
 """The site's privacy-budget ledger: sample-level ε spent per run and in total.
 
 The site, not the server, enforces its budget. Before it trains a DP-SGD round it asks
-`SiteLedger.check` what the round would bring the total to and refuses if that passes the
-site's ``max-epsilon``; otherwise it *charges the round first* (`SiteLedger.charge`) and
-only then trains. Charging before training, rather than before sending, means a crash or
-SIGKILL anywhere in the round leaves the round already counted: the ledger can over-count
-a round whose update never left the site, but can never under-count one that did, so a
-restarted site never exceeds its budget.
+`SiteLedger.epsilon_after` what the round would bring the total to and refuses if that
+passes the site's ``max-epsilon``; otherwise it *charges the round first*
+(`SiteLedger.charge`) and only then trains. Charging before training, rather than before
+sending, means a crash or SIGKILL anywhere in the round leaves the round already counted:
+the ledger can over-count a round whose update never left the site, but can never
+under-count one that did, so a restarted site never exceeds its budget.
+
+Three properties keep the total honest:
+
+- **One writer at a time.** Flower starts a fresh ClientApp process per message, and two
+  SuperNodes may share a state directory, so check-and-charge runs under an exclusive
+  lock on ``STATE/privacy-ledger.lock`` (`SiteLedger.locked`, ``flock``): a second
+  process waits and then sees the first one's charge.
+- **No silent restart.** A site with a budget never creates its ledger by itself: a
+  missing ledger is refused (`LedgerMissing`) until the site admin runs
+  ``fedlora site budget --state DIR --reset --reason "..."`` (`SiteLedger.reset`), which
+  writes a new ledger that records the reset, its reason and what was there before. So a
+  deleted or lost ledger is noticed, not read as "nothing spent".
+- **Only valid charges.** A round's parameters and the ε they yield are checked
+  (`check_epsilon`): ε is finite and never negative, δ stays the run's, and the total
+  never goes down.
 
 The file (``STATE/privacy-ledger.json``) is replaced with `write_atomic` (temporary file,
 fsync, rename, fsync of the directory), so a kill at any point leaves either the old or
 the new ledger, never a torn one.
 
 A run's ε is accounted with RDP over all its DP-SGD steps (Opacus); runs compose by
-adding their ε (and δ), which is conservative.
+adding their ε (and δ), which is conservative. What the ledger cannot see: a copy of an
+older ledger put back in place (a rollback of the file) reads as a valid ledger; keep
+the state directory where only the site's user can write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import fcntl
 import json
+import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +50,36 @@ from clients.task.errors import ConfigError
 from clients.task.files import write_atomic
 
 LEDGER_FILE = "privacy-ledger.json"
-VERSION = 1
+LOCK_FILE = "privacy-ledger.lock"
+VERSION = 2
+RESET_COMMAND = 'fedlora site budget --state {state} --reset --reason "..."'
+
+
+class LedgerMissing(ConfigError):
+    """A site with a budget has no ledger: lost, deleted, or never initialised."""
+
+
+def check_epsilon(value: float, *, what: str) -> float:
+    """``value`` if it is a valid ε (finite, ≥ 0).
+
+    Raises:
+        ConfigError: Naming ``what`` and the value otherwise; an accountant outside its
+            range (e.g. a δ near 1 turns RDP's conversion negative) must not lower a total.
+    """
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{what}: ε={value!r} is not a finite number >= 0; nothing charged")
+    return value
+
+
+def _check_round(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float):
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ConfigError(f"ledger: noise multiplier {noise_multiplier!r} must be > 0")
+    if not 0 < sampling_rate <= 1:
+        raise ConfigError(f"ledger: sampling rate {sampling_rate!r} must be in (0, 1]")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"ledger: steps {steps!r} must be an integer >= 1")
+    if not 0 < delta < 1:
+        raise ConfigError(f"ledger: δ={delta!r} must be in (0, 1)")
 
 
 @dataclass
@@ -37,12 +89,17 @@ class RunEntry:
     delta: float
     steps: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
+    _cache: tuple[Any, float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def epsilon(self) -> float:
-        from clients.task.dpsgd import site_epsilon  # torch/opacus: not for `site budget`
+        """The run's ε by RDP, recomputed only when its steps or δ changed."""
+        key = (self.delta, tuple(self.steps))
+        if self._cache is None or self._cache[0] != key:
+            from clients.task.dpsgd import site_epsilon  # torch/opacus: not for `site budget`
 
-        return site_epsilon(self.steps, delta=self.delta)
+            self._cache = (key, site_epsilon(self.steps, delta=self.delta))
+        return self._cache[1]
 
 
 @dataclass
@@ -53,17 +110,40 @@ class SiteLedger:
     runs: dict[str, RunEntry] = field(default_factory=dict)
     # The site's budget when it last charged a round (node config max-epsilon), for display.
     max_epsilon: float | None = None
+    # ε the admin declared spent when the ledger was (re)initialised.
+    opening_epsilon: float = 0.0
+    # Every re-initialisation: when, why, and what the ledger held before.
+    resets: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, state_dir: Path) -> SiteLedger:
-        """Read the ledger in ``state_dir`` (an empty ledger if there is none yet).
+    @contextlib.contextmanager
+    def locked(cls, state_dir: Path, *, required: bool = False) -> Iterator[SiteLedger]:
+        """Load the ledger under the state directory's exclusive lock, held until exit.
 
         Raises:
+            LedgerMissing: If ``required`` and there is no ledger.
+            ConfigError: If the ledger is unreadable.
+        """
+        with _lock(Path(state_dir)):
+            yield cls.load(state_dir, required=required)
+
+    @classmethod
+    def load(cls, state_dir: Path, *, required: bool = False) -> SiteLedger:
+        """Read the ledger in ``state_dir``; without one, an empty ledger unless ``required``.
+
+        Raises:
+            LedgerMissing: If ``required`` and there is no ledger.
             ConfigError: If the file exists but cannot be read; a site must not train on
                 a budget it cannot read.
         """
         path = Path(state_dir) / LEDGER_FILE
         if not path.exists():
+            if required:
+                raise LedgerMissing(
+                    f"privacy ledger {path} is missing: the site has a budget and will not "
+                    "train until its admin re-initialises the ledger with "
+                    + RESET_COMMAND.format(state=state_dir)
+                )
             return cls(path)
         try:
             raw = json.loads(path.read_text())
@@ -75,14 +155,59 @@ class SiteLedger:
                 )
                 for run, e in raw["runs"].items()
             }
+            opening = check_epsilon(float(raw.get("opening_epsilon", 0.0)), what=str(path))
+            resets = list(raw.get("resets", []))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"privacy ledger {path} is unreadable: {exc}") from exc
+            raise ConfigError(
+                f"privacy ledger {path} is unreadable: {exc}; fix it or re-initialise it with "
+                + RESET_COMMAND.format(state=state_dir)
+            ) from exc
         budget = raw.get("max_epsilon")
-        return cls(path, runs, float(budget) if budget is not None else None)
+        return cls(path, runs, float(budget) if budget is not None else None, opening, resets)
+
+    @classmethod
+    def reset(
+        cls,
+        state_dir: Path,
+        *,
+        reason: str,
+        spent: float = 0.0,
+        now: dt.datetime | None = None,
+    ) -> SiteLedger:
+        """Write a new ledger whose total starts at ``spent``, recording why and what was there.
+
+        Earlier resets are kept when the old ledger can be read.
+
+        Raises:
+            ConfigError: Without a reason, or for an invalid ``spent``.
+        """
+        if not reason.strip():
+            raise ConfigError("a ledger reset needs --reason (it is recorded in the ledger)")
+        check_epsilon(spent, what="--spent")
+        with _lock(Path(state_dir)):
+            path = Path(state_dir) / LEDGER_FILE
+            previous: dict[str, Any] = {"state": "missing"}
+            history: list[dict[str, Any]] = []
+            if path.exists():
+                try:  # read as JSON: a reset must work on a ledger that no longer parses
+                    raw = json.loads(path.read_text())
+                    previous = {
+                        "state": "present",
+                        "total_epsilon": raw["total_epsilon"],
+                        "runs": sorted(raw["runs"]),
+                    }
+                    history = [r for r in raw.get("resets", []) if isinstance(r, dict)]
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    previous = {"state": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
+            at = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
+            entry = {"at": at, "reason": reason, "opening_epsilon": spent, "previous": previous}
+            ledger = cls(path, opening_epsilon=spent, resets=[*history, entry])
+            ledger.save()
+            return ledger
 
     @property
     def total_epsilon(self) -> float:
-        return sum(e.epsilon for e in self.runs.values())
+        return self.opening_epsilon + sum(e.epsilon for e in self.runs.values())
 
     @property
     def total_delta(self) -> float:
@@ -91,13 +216,29 @@ class SiteLedger:
     def epsilon_after(
         self, run: str, *, noise_multiplier: float, sampling_rate: float, steps: int, delta: float
     ) -> tuple[float, float]:
-        """(this run's ε, the total ε) if the round were charged; the ledger is unchanged."""
+        """(this run's ε, the total ε) if the round were charged; the ledger is unchanged.
+
+        Raises:
+            ConfigError: For invalid round parameters, a δ other than the run's, or an ε
+                that is not finite, negative or would lower the total.
+        """
+        _check_round(
+            noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps, delta=delta
+        )
         entry = self.runs.get(run, RunEntry(delta=delta))
+        if entry.delta != delta:
+            raise ConfigError(
+                f"ledger: run {run} was charged with δ={entry.delta}, this round asks δ={delta}"
+            )
         trial = RunEntry(
             delta=delta, steps=[*entry.steps, (noise_multiplier, sampling_rate, steps)]
         )
-        others = sum(e.epsilon for r, e in self.runs.items() if r != run)
-        return trial.epsilon, others + trial.epsilon
+        run_eps = check_epsilon(trial.epsilon, what=f"ledger: run {run} with δ={delta}")
+        before = self.total_epsilon
+        total = before - (entry.epsilon if run in self.runs else 0.0) + run_eps
+        if total < before:
+            raise ConfigError(f"ledger: the round would lower the total ε from {before} to {total}")
+        return run_eps, total
 
     def charge(
         self,
@@ -109,19 +250,29 @@ class SiteLedger:
         steps: int,
         delta: float,
     ) -> float:
-        """Record the round and persist the ledger atomically; return the run's new ε."""
+        """Record the round and persist the ledger atomically; return the run's new ε.
+
+        Raises:
+            ConfigError: As `epsilon_after`; nothing is recorded then.
+        """
+        run_eps, _ = self.epsilon_after(
+            run, noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps,
+            delta=delta,
+        )  # fmt: skip
         entry = self.runs.setdefault(run, RunEntry(delta=delta))
         entry.steps.append((noise_multiplier, sampling_rate, steps))
         entry.rounds.append(server_round)
         self.save()
-        return entry.epsilon
+        return run_eps
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": VERSION,
             "max_epsilon": self.max_epsilon,
+            "opening_epsilon": self.opening_epsilon,
             "total_epsilon": self.total_epsilon,
             "total_delta": self.total_delta,
+            "resets": self.resets,
             "runs": {
                 run: {
                     "delta": e.delta,
@@ -137,6 +288,18 @@ class SiteLedger:
         write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
+@contextlib.contextmanager
+def _lock(state_dir: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the state directory's lock file (never deleted)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
     """Spent and remaining budget from the ledger file (read as JSON: no torch here).
 
@@ -147,7 +310,10 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         raise ConfigError(f"--state {str(state)!r} is not a directory")
     path = state / LEDGER_FILE
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: this site has not trained with DP-SGD")
+        raise ConfigError(
+            f"{path} does not exist: this site has not trained with DP-SGD (a site with "
+            "max-epsilon needs one: fedlora site budget --state DIR --reset --reason ...)"
+        )
     try:
         ledger = json.loads(path.read_text())
         runs = {
@@ -155,6 +321,7 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
             for run, e in ledger["runs"].items()
         }
         spent = float(ledger["total_epsilon"])
+        resets = list(ledger.get("resets", []))
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
     budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
@@ -165,4 +332,5 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         "max_epsilon": budget,
         "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
         "runs": runs,
+        "resets": resets,
     }

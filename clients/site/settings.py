@@ -3,19 +3,26 @@
 A site admin starts ``flower-supernode --node-config "data-path='/data/site.jsonl'
 site-id='hospital-a'"``; the data path is the site's own and never comes from the server.
 In local simulation the node config is looked up by partition id in `SIM_SITES_ENV`.
+
+Everything that bounds the site's privacy is here, in the admin's hands, never in the
+run config the server sends: the budget (``max-epsilon``), the δ every (ε, δ) of the
+site is stated at (``delta``; a round plan asking for another δ is refused), and the
+ledger's place (``state-dir``). The accountant is fixed in the site's code (RDP).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clients.task.choices import SIM_SITES_ENV
 from clients.task.errors import ConfigError
-from clients.task.plan import SIM_SITES_ENV
+from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 # key: help
 KEYS = {
@@ -26,7 +33,10 @@ KEYS = {
     "device": "auto, cpu or cuda (default auto)",
     "state-dir": "the site's own state (privacy ledger); required with max-epsilon",
     "max-epsilon": "the site's total sample-level ε budget; refuses runs without DP-SGD",
+    "delta": "δ of the site's (ε, δ); refuses a plan with another site-dp.delta (default 1e-5)",
+    "worker-socket": "the site's warm worker (fedlora site worker --socket); default: none",
 }
+DEFAULT_DELTA = 1e-5
 FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -40,15 +50,27 @@ class SiteSettings:
     device: str = "auto"
     state_dir: Path | None = None
     max_epsilon: float | None = None
+    delta: float = DEFAULT_DELTA
+    worker_socket: Path | None = None
 
     def __post_init__(self) -> None:
+        if not valid_site_id(self.site_id):
+            # Checked here too, so a site admin learns it at start, not from the server.
+            raise ConfigError(
+                f"site-id={self.site_id[:80]!r} (the data file's stem unless set) must be "
+                f"{SITE_ID_RULE}; set site-id in the node config"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta={self.delta!r} must be in (0, 1)")
         if self.max_epsilon is not None:
-            if not self.max_epsilon > 0:
+            if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
                 raise ConfigError(f"max-epsilon={self.max_epsilon!r} must be > 0")
             if self.state_dir is None:
                 raise ConfigError("max-epsilon needs state-dir (where the ledger is kept)")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval-fraction={self.eval_fraction!r} must be in [0, 1)")
+        # At most half held out: an honest site then never evaluates on more rows than it
+        # trains on, which is the bound the server holds evaluation counts to.
+        if not 0.0 <= self.eval_fraction <= 0.5:
+            raise ConfigError(f"eval-fraction={self.eval_fraction!r} must be in [0, 0.5]")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} must be one of {', '.join(DEVICES)}")
 
@@ -76,11 +98,13 @@ class SiteSettings:
         if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
             raise ConfigError(f"eval-fraction={eval_fraction!r} must be a number")
         max_epsilon = config.get("max-epsilon")
-        if max_epsilon is not None and (
-            isinstance(max_epsilon, bool) or not isinstance(max_epsilon, int | float)
-        ):
-            raise ConfigError(f"max-epsilon={max_epsilon!r} must be a number")
+        delta = config.get("delta", DEFAULT_DELTA)
+        for key, value in (("max-epsilon", max_epsilon), ("delta", delta)):
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if value is not None and not numeric:
+                raise ConfigError(f"{key}={value!r} must be a number")
         state_dir = config.get("state-dir")
+        worker = config.get("worker-socket")
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
@@ -89,6 +113,8 @@ class SiteSettings:
             device=str(config.get("device", "auto")),
             state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
             max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
+            delta=float(delta),  # type: ignore[arg-type]
+            worker_socket=Path(str(worker)).expanduser() if worker else None,
         )
 
 

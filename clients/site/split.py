@@ -93,12 +93,12 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     rows = []
     for lineno, row in data.read_rows(path, what="source file"):
-        if isinstance(row, str):  # a JSON line that did not parse, with the reason
-            raise DataError(f"{path.name}:{lineno}: {row}")
+        if isinstance(row, data.Header):
+            continue
+        if isinstance(row, data.BadRow):  # a line that could not be read, with the reason
+            raise DataError(f"{path.name}:{lineno}: {row.reason}")
         if not isinstance(row, dict):
             raise DataError(f"{path.name}:{lineno}: row must be an object")
-        if None in row:  # DictReader files surplus cells under the key None
-            raise DataError(f"{path.name}:{lineno}: more cells than the header")
         rows.append(row)
     if not rows:
         raise DataError(f"source file {str(path)!r} has no rows")

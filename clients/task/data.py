@@ -13,7 +13,9 @@ returns the examples or raises `DataError` naming the first problem and how many
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import statistics
 from collections import Counter
@@ -23,6 +25,8 @@ from pathlib import Path
 
 from clients.task.errors import DataError
 from clients.task.files import write_atomic
+from clients.task.labels import check_label
+from clients.task.text import short, unencodable
 
 TASKS = ("sequence-classification", "causal-lm")
 SUFFIXES = (".jsonl", ".csv")
@@ -49,6 +53,7 @@ class DataReport:
     task: str
     examples: list[Example] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # the line of each example
 
     @property
     def label_counts(self) -> dict[str, int]:
@@ -73,44 +78,167 @@ def check_task(task: str) -> str:
     return task
 
 
-def _rows(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed row) pairs; a row that does not parse is yielded as str."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield lineno, f"invalid JSON ({exc.msg})"
-    else:
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:
-                return
-            for row in reader:
-                # DictReader counts physical lines; +0 keeps the header as line 1.
-                yield reader.line_num, row
+@dataclass(frozen=True)
+class BadRow:
+    """A row (or line) that could not be read, and why; `read_rows` yields it in place."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Header:
+    """The columns a CSV file's first line names (as `read_rows` keys its rows)."""
+
+    columns: tuple[str, ...]
+
+
+# Fields fedlora reads; a CSV header may spell them in another case (``Text``, ``LABEL``).
+FIELDS = ("text", "label", "prompt", "response")
+# Spreadsheet programs write CSV with the list separator of the user's locale.
+DELIMITERS = (",", ";", "\t", "|")
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_SAVE_UTF8 = 'save the file as UTF-8 (in Excel: "CSV UTF-8")'
+
+
+def _physical_lines(raw: bytes) -> tuple[list[tuple[str, str | None]], str | None]:
+    """The file's lines (with their endings), each decoded, with why it could not be.
+
+    A UTF-8 or UTF-16 byte-order mark is honoured and dropped. Lines split on \\n, \\r\\n
+    and \\r (old Mac spreadsheets), never on Unicode separators a JSON string may hold.
+    Returns (lines, None), or ([], why) when a UTF-16 file does not decode.
+    """
+    encoding = "utf-8"
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            raw, encoding = raw[len(bom) :], name
+            break
+    head = raw[:1024]
+    if encoding == "utf-8" and head.count(0) * 4 >= len(head) > 0:
+        # ASCII text saved as UTF-16 without its byte-order mark: every other byte is NUL.
+        return [], f"looks like UTF-16 text without a byte-order mark (NUL bytes); {_SAVE_UTF8}"
+    if encoding != "utf-8":
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            return [], f"is not valid UTF-16 text ({exc.reason} at byte {exc.start})"
+        return [(line, None) for line in io.StringIO(text, newline="")], None
+    lines: list[tuple[str, str | None]] = []
+    for chunk in raw.splitlines(keepends=True):
+        try:
+            lines.append((chunk.decode("utf-8"), None))
+        except UnicodeDecodeError as exc:
+            byte = chunk[exc.start]
+            why = f"is not UTF-8 text (byte 0x{byte:02X} at column {exc.start + 1}); "
+            lines.append((chunk.decode("utf-8", errors="replace"), why + _SAVE_UTF8))
+    return lines, None
+
+
+def _json_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object]]:
+    for lineno, (line, undecodable) in enumerate(lines, start=1):
+        if undecodable:
+            yield lineno, BadRow(f"the line {undecodable}")
+            continue
+        if not line.strip():
+            continue
+        yield lineno, _json_row(line)
+
+
+def _json_row(line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        hint = " (NUL bytes: a UTF-16 file without its byte-order mark?)" if "\x00" in line else ""
+        return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno}){hint}")
+    except RecursionError:
+        return BadRow("invalid JSON (nested too deeply)")
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        return BadRow(f"invalid JSON ({exc})")
+
+
+def _delimiter(header: str) -> str:
+    """The separator that splits the header line into the most columns (ties: comma)."""
+    counts = {d: len(next(csv.reader([header], delimiter=d), [])) for d in DELIMITERS}
+    return max(DELIMITERS, key=lambda d: (counts[d], d == ","))
+
+
+def _columns(cells: list[str]) -> tuple[str, ...]:
+    """Header cells as keys: trimmed, and fedlora's fields in lower case."""
+    out = []
+    for cell in cells:
+        name = cell.strip()
+        out.append(name.lower() if name.lower() in FIELDS else name)
+    return tuple(out)
+
+
+def _csv_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object]]:
+    """Header first, then (first line of the record, row dict or BadRow)."""
+    first = next((i for i, (line, _) in enumerate(lines) if line.strip()), None)
+    if first is None:
+        return
+    line, undecodable = lines[first]
+    if undecodable:
+        yield first + 1, BadRow(f"the header line {undecodable}")
+        return
+    delimiter = _delimiter(line)
+    reader = csv.reader((text for text, _ in lines[first:]), delimiter=delimiter)
+    columns = _columns(next(reader))
+    # Unnamed columns (trailing separators, as spreadsheets write them) are left out.
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        yield first + 1, BadRow(f"the header names column(s) {repeated} more than once")
+        return
+    yield first + 1, Header(columns)
+    done = 1  # physical lines the reader has consumed
+    while True:
+        start = first + done + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            done = reader.line_num
+            yield start, BadRow(f"unreadable CSV ({exc})")
+            continue
+        done = reader.line_num
+        why = next((w for _, w in lines[start - 1 : first + done] if w), None)
+        if why:
+            yield start, BadRow(f"the line {why}")
+        elif not any(cell.strip() for cell in cells):
+            continue  # a blank line, or a row of empty cells as spreadsheets write them
+        elif len(cells) != len(columns):
+            more = len(cells) > len(columns)
+            hint = " (a separator inside an unquoted text? quote the cell)" if more else ""
+            why = f"{'more' if more else 'fewer'} cells than the header"
+            yield start, BadRow(f"{why} ({len(cells)}, not {len(columns)}){hint}")
+        else:
+            yield start, {c: v for c, v in zip(columns, cells, strict=True) if c}
 
 
 def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
-    """(line number, row) pairs of a JSONL or CSV file; an unparsable JSON line is a str.
+    """(line number, row) pairs of a JSONL or CSV file.
+
+    A row is whatever the JSON line holds (`scan_file` checks that it is an object), or a
+    dict keyed by the CSV header's columns; a line that cannot be read is a `BadRow`
+    naming the cause. A CSV file yields its `Header` first. Spreadsheet exports are read
+    as they come: a UTF-8 or UTF-16 byte-order mark, ``;``, tab or ``|`` separators,
+    CRLF or CR line ends, rows of empty cells, and field names in another case.
 
     Raises:
-        DataError: Naming `what` and the path if the file is missing, has another suffix,
-            is not UTF-8 or is not valid CSV.
+        DataError: Naming `what` and the path if the file is missing or has another suffix.
     """
     if not path.is_file():
         raise DataError(f"{what} {str(path)!r} does not exist")
     if path.suffix not in SUFFIXES:
         raise DataError(f"{what} {str(path)!r} must end in .jsonl or .csv")
-    try:
-        yield from _rows(path)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason})") from exc
-    except csv.Error as exc:
-        raise DataError(f"{what} {str(path)!r} is not valid CSV ({exc})") from exc
+    lines, why = _physical_lines(path.read_bytes())
+    if why:
+        yield 1, BadRow(f"the file {why}")
+        return
+    yield from (_json_rows(lines) if path.suffix == ".jsonl" else _csv_rows(lines))
 
 
 def _field(row: dict, name: str) -> str | None:
@@ -118,27 +246,43 @@ def _field(row: dict, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"field {name!r} must be a string, got {type(value).__name__} {value!r}")
+        kind = type(value).__name__
+        raise TypeError(f"field {name!r} must be a string, got {kind} {short(value)}")
+    if problem := unencodable(value):
+        raise ValueError(f"field {name!r} {problem}")
     return value
+
+
+def _label(row: dict, labels: Sequence[str] | None) -> str:
+    value = row.get("label")
+    if value is None or value == "":
+        raise ValueError("field 'label' is missing or empty")
+    try:
+        label = check_label(value)
+    except ValueError as exc:
+        raise ValueError(f"field 'label' {exc}") from None
+    if labels is not None and label not in labels:
+        hint = ""
+        if "," in label or label != label.strip():
+            hint = (
+                "; a label with commas or edge spaces needs the run's labels as a TOML "
+                "array (`fedlora site check` prints the line)"
+            )
+        raise ValueError(f"label {short(label)} is not in the run's label set{hint}")
+    return label
 
 
 def _parse_row(row: object, *, task: str, labels: Sequence[str] | None) -> Example:
     """Turn one parsed row into an Example or raise ValueError/TypeError saying why."""
-    if isinstance(row, str):
-        raise ValueError(row)
+    if isinstance(row, BadRow):
+        raise ValueError(row.reason)
     if not isinstance(row, dict):
         raise TypeError(f"row must be an object, got {type(row).__name__}")
     text, prompt, response = _field(row, "text"), _field(row, "prompt"), _field(row, "response")
     if task == "sequence-classification":
         if not text or not text.strip():
-            raise ValueError(f"field 'text' is missing or empty ({text!r})")
-        label = row.get("label")
-        if label is None or label == "":
-            raise ValueError("field 'label' is missing or empty")
-        label = str(label)
-        if labels is not None and label not in labels:
-            raise ValueError(f"label {label!r} is not in the run's label set")
-        example = Example(text=text, label=label)
+            raise ValueError(f"field 'text' is missing or empty ({short(text)})")
+        example = Example(text=text, label=_label(row, labels))
     else:
         if prompt is not None or response is not None:
             if not prompt or not response:
@@ -151,6 +295,25 @@ def _parse_row(row: object, *, task: str, labels: Sequence[str] | None) -> Examp
     if len(example.text) > MAX_TEXT_CHARS:
         raise ValueError(f"text has {len(example.text)} characters (max {MAX_TEXT_CHARS})")
     return example
+
+
+def _header_problem(columns: tuple[str, ...], task: str) -> str | None:
+    """Why a CSV header cannot serve ``task`` (named once, not as a problem per row)."""
+    if task == "sequence-classification":
+        missing = [c for c in ("text", "label") if c not in columns]
+        example = "text,label"
+    elif "text" in columns or {"prompt", "response"} <= set(columns):
+        missing = []
+    else:
+        missing = ["text"] if "prompt" not in columns else ["response"]
+        example = "text  (or prompt,response)"
+    if not missing:
+        return None
+    names = ", ".join(repr(c) for c in missing)
+    return (
+        f"the header has no {names} column (it names {list(columns)}); the first line of a "
+        f"CSV file names the columns, e.g. {example}"
+    )
 
 
 def scan_file(path: str | Path, *, task: str, labels: Sequence[str] | None = None) -> DataReport:
@@ -168,10 +331,17 @@ def scan_file(path: str | Path, *, task: str, labels: Sequence[str] | None = Non
     check_task(task)
     report = DataReport(path=path, task=task)
     for lineno, row in read_rows(path, what="data file"):
+        if isinstance(row, Header):
+            if problem := _header_problem(row.columns, task):
+                report.problems.append(f"{path.name}:{lineno}: {problem}")
+                return report
+            continue
         try:
             report.examples.append(_parse_row(row, task=task, labels=labels))
         except (ValueError, TypeError) as exc:
             report.problems.append(f"{path.name}:{lineno}: {exc}")
+        else:
+            report.lines.append(lineno)
     if not report.examples and not report.problems:
         report.problems.append(f"{path.name}: the file has no examples")
     return report

@@ -11,6 +11,11 @@ Each local step is one step of the sampled Gaussian mechanism with sampling rate
 ``batch_size / n``; `site_epsilon` accounts a run's steps with Opacus' RDP accountant.
 Batches are shuffled fixed-size slices rather than Poisson samples, the usual
 approximation of the analysis.
+
+The noise is drawn from `clients.task.secure_random.SecureRandom` (the OS CSPRNG), never
+from a generator the caller passes: the server knows every run seed, round and site id,
+and noise it could regenerate protects nothing (that module says why Opacus'
+``secure_mode`` cannot be used with torch 2.13).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from clients.task.errors import ConfigError
+from clients.task.secure_random import SecureRandom
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,29 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     return float(accountant.get_epsilon(delta=delta))
 
 
+class SecureNoiseDPOptimizer(DPOptimizer):
+    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`.
+
+    Only `DPOptimizer.add_noise` changes: clipping, scaling and stepping stay Opacus'.
+    The noise is drawn in float64 and added in the parameter's dtype and device.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        self.noise_source = SecureRandom()  # a fresh key for every DP-SGD run
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            grad = p.summed_grad
+            if std > 0:
+                noise = self.noise_source.normal(0.0, std, size=tuple(grad.shape))
+                grad = grad + torch.from_numpy(noise).to(device=grad.device, dtype=grad.dtype)
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 @contextlib.contextmanager
 def private(
     model: torch.nn.Module,
@@ -63,20 +93,19 @@ def private(
     *,
     dp: SampleDP,
     batch_size: int,
-    generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.nn.Module, torch.optim.Optimizer]]:
     """Yield (per-example-gradient model, DP optimizer); remove Opacus' hooks after.
 
     The model is the one cached across rounds, so the hooks must not outlive training.
+    The optimizer's noise is secret by construction (`SecureNoiseDPOptimizer`).
     """
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(
+    dp_optimizer = SecureNoiseDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=batch_size,
         loss_reduction="mean",
-        generator=generator,
     )
     try:
         yield wrapped, dp_optimizer

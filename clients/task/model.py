@@ -31,11 +31,17 @@ import torch
 from clients.task.choices import AGGREGATIONS, DEFAULT_BASE, QUANTIZATIONS
 from clients.task.data import check_task
 from clients.task.errors import ConfigError, ModelError
+from clients.task.labels import check_label
+from clients.task.text import short
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 TASK_FILE = "fedlora_task.json"
+# Classifier heads that peft trains as ``modules_to_save`` for a sequence-classification
+# adapter (peft's PeftModelForSequenceClassification: BERT-style ``classifier``, Llama-style
+# ``score``).
+HEAD_MODULES = ("classifier", "score")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,13 @@ class ModelSpec:
             )
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"labels={list(self.labels)!r} has duplicates")
+        for label in self.labels:
+            try:
+                if not isinstance(label, str):
+                    raise ValueError(f"must be a string, got {type(label).__name__}")
+                check_label(label)
+            except ValueError as exc:
+                raise ConfigError(f"labels: label {short(label)} {exc}") from None
         if self.lora_r < 1:
             raise ConfigError(f"lora.r={self.lora_r!r} must be >= 1")
         if self.lora_alpha <= 0:
@@ -160,7 +173,19 @@ def _seeded_init(model: torch.nn.Module, *, seed: int) -> None:
             param.copy_(values.to(param.dtype))
 
 
-def _quantization_config() -> Any:
+def quantization_config(task: str) -> Any:
+    """QLoRA's 4-bit NF4 settings (Dettmers et al. 2023) for loading a base for ``task``.
+
+    A classifier's head is trained and travels (peft's ``modules_to_save``), so it stays
+    in full precision: transformers keeps only the output embeddings and the last
+    parameter's module out of 4-bit by default, which for BERT is ``classifier.bias``,
+    not ``classifier``, and bitsandbytes then fails in the head's backward pass. Naming
+    the heads replaces that default, which for a classifier holds nothing else to keep
+    (no output embeddings); a causal LM keeps the default (``lm_head``, tied weights).
+
+    Raises:
+        ModelError: If bitsandbytes cannot run here.
+    """
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -171,7 +196,22 @@ def _quantization_config() -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_use_double_quant=False,
+        llm_int8_skip_modules=list(HEAD_MODULES) if task == "sequence-classification" else None,
     )
+
+
+def check_full_precision_heads(model: torch.nn.Module, *, base: str) -> None:
+    """Refuse a model whose trainable head (``modules_to_save``) was loaded in 4-bit.
+
+    Raises:
+        ModelError: Naming the quantized module.
+    """
+    for name, module in model.named_modules():
+        if "modules_to_save" in name and "4bit" in type(module).__name__:
+            raise ModelError(
+                f"base-model={base!r}: the trainable head {name!r} was loaded in 4-bit "
+                f"({type(module).__name__}); it must stay in full precision"
+            )
 
 
 def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
@@ -195,7 +235,7 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs: dict[str, Any] = {}
     if spec.quantization == "4bit":
-        kwargs["quantization_config"] = _quantization_config()
+        kwargs["quantization_config"] = quantization_config(spec.task)
         kwargs["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -232,6 +272,7 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
         peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelError(f"lora.target-modules={list(spec.target_modules)!r}: {exc}") from exc
+    check_full_precision_heads(peft_model, base=spec.base)
     if spec.aggregation == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:

@@ -7,13 +7,14 @@ every field, so a site never trains on a plan it has not checked.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from clients.task.dpsgd import SampleDP
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
+from clients.task.text import short
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class TrainPlan:
                 f"not task={self.spec.task!r}"
             )
 
+    def steps_for(self, num_examples: int) -> int:
+        """Local optimiser steps a site with ``num_examples`` training rows takes."""
+        return self.local_steps or self.local_epochs * math.ceil(num_examples / self.batch_size)
+
     def sample_dp(self) -> SampleDP | None:
         """The DP-SGD settings of the round, or None without sample-level DP."""
         if self.site_dp_noise_multiplier <= 0:
@@ -95,9 +100,10 @@ class TrainPlan:
     def to_config(self) -> dict[str, Any]:
         """Flatten to the scalar and list values a Flower ConfigRecord accepts."""
         out: dict[str, Any] = {f"spec.{k}": v for k, v in asdict(self.spec).items()}
-        # Lists travel as JSON strings: a Flower ConfigRecord cannot type an empty list.
-        out["spec.labels"] = json.dumps(list(self.spec.labels))
-        out["spec.target_modules"] = json.dumps(list(self.spec.target_modules))
+        # Lists travel as lists of strings, each label exactly as it is (Flower 1.41's
+        # ConfigRecord carries list[str], empty lists included).
+        out["spec.labels"] = list(self.spec.labels)
+        out["spec.target_modules"] = list(self.spec.target_modules)
         for f in fields(self):
             if f.name != "spec":
                 out[f.name] = getattr(self, f.name)
@@ -118,10 +124,12 @@ class TrainPlan:
             else:
                 plan_kwargs[key] = value
         for key in ("labels", "target_modules"):
-            try:
-                spec_kwargs[key] = tuple(json.loads(spec_kwargs.get(key, "[]")))
-            except (TypeError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"round plan field spec.{key} is not a JSON list") from exc
+            value = spec_kwargs.get(key, [])
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    f"round plan field spec.{key} is not a list of strings: {short(value)}"
+                )
+            spec_kwargs[key] = tuple(value)
         known = {f.name for f in fields(cls)} - {"spec"}
         unknown = sorted(set(plan_kwargs) - known)
         if unknown:
@@ -131,10 +139,3 @@ class TrainPlan:
             return cls(spec=spec, **plan_kwargs)
         except TypeError as exc:
             raise ConfigError(f"round plan is malformed: {exc}") from exc
-
-
-# In local simulation every site runs on this machine and Flower gives each simulated
-# SuperNode only a partition id; the launcher puts the per-site node configs (data path,
-# site id) in this environment variable as a JSON list indexed by partition id. The data
-# path thus still comes from the site's own process, never from a server message.
-SIM_SITES_ENV = "FEDLORA_SIM_SITES"

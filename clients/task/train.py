@@ -14,6 +14,7 @@ tokens for causal LM).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ import torch
 
 from clients.task.data import Example
 from clients.task.dpsgd import SampleDP, private
+from clients.task.errors import DataError
 from clients.task.model import LoadedModel
 from clients.task.plan import TrainPlan
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
 
@@ -63,13 +66,54 @@ def encode(
     for row, example in enumerate(examples):
         if example.prompt is not None:
             # Loss on the response only: mask the prompt's tokens.
-            n_prompt = len(tok(example.prompt, truncation=True, max_length=max_length)["input_ids"])
-            # The tokenizer may append a closing special token to the prompt alone.
-            if tok.sep_token_id is not None or tok.eos_token_id is not None:
-                n_prompt = max(n_prompt - 1, 0)
-            labels[row, :n_prompt] = IGNORE_INDEX
+            labels[row, : _prompt_tokens(tok, example.prompt, max_length)] = IGNORE_INDEX
     batch["labels"] = labels
     return dict(batch)
+
+
+def _prompt_tokens(tok, prompt: str, max_length: int) -> int:
+    """Leading tokens of a prompt/response row that belong to the prompt."""
+    ids = tok(prompt, truncation=True, max_length=max_length)["input_ids"]
+    # The tokenizer may close the prompt alone with special tokens ([SEP], </s>) that the
+    # whole row has only after its response.
+    special = set(tok.all_special_ids)
+    while ids and ids[-1] in special:
+        ids = ids[:-1]
+    return len(ids)
+
+
+def response_tokens(tokenizer, example: Example, *, max_length: int) -> int | None:
+    """Response tokens of a prompt/response row left after truncation to ``max_length``.
+
+    None for a row without a prompt. 0 means the prompt fills ``max_length``: the row
+    would train on the closing special token only, so training and evaluation skip it
+    (`without_truncated`) and ``fedlora site check`` counts it.
+    """
+    if example.prompt is None:
+        return None
+    ids = tokenizer(example.text, truncation=True, max_length=max_length)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    response = ids[_prompt_tokens(tokenizer, example.prompt, max_length) :]
+    return sum(1 for t in response if t not in special)
+
+
+def without_truncated(
+    loaded: LoadedModel, examples: Sequence[Example], *, max_length: int
+) -> list[Example]:
+    """The examples minus prompt/response rows whose response truncation cuts away whole;
+    the count skipped is logged."""
+    if loaded.spec.task != "causal-lm":
+        return list(examples)
+    kept = [e for e in examples if response_tokens(loaded.tokenizer, e, max_length=max_length) != 0]
+    if len(kept) < len(examples):
+        log.warning(
+            "skipping %d of %d rows whose prompt fills max-length=%d tokens (no response "
+            "token left to learn)",
+            len(examples) - len(kept),
+            len(examples),
+            max_length,
+        )
+    return kept
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -93,14 +137,21 @@ def train_local(
         loaded: The model with the global adapter already loaded.
         examples: The site's training examples.
         plan: Epochs or steps, batch size, learning rate, proximal mu.
-        generator: Source of the shuffling order (injected for reproducibility).
+        generator: Source of the shuffling order (injected for reproducibility; under
+            DP-SGD the caller seeds it from the OS, see clients/site/app.py).
         on_step: Called with (step, total_steps) after each optimiser step.
-        dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py).
+        dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py);
+            its noise is always drawn from the OS CSPRNG, whatever ``generator`` is.
         optimizer_state: An AdamW ``state_dict`` from this site's previous round, to
             continue its moments instead of starting them at zero.
     """
     import time
 
+    examples = without_truncated(loaded, examples, max_length=plan.max_length)
+    if not examples:
+        raise DataError(
+            f"every row's prompt fills max-length={plan.max_length} tokens; nothing to train on"
+        )
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
@@ -118,7 +169,7 @@ def train_local(
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with (
         _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
-        private(model, optimizer, dp=dp, batch_size=plan.batch_size, generator=generator)
+        private(model, optimizer, dp=dp, batch_size=plan.batch_size)
         if dp is not None
         else contextlib.nullcontext((model, optimizer)) as (forward, opt),
     ):
@@ -213,6 +264,7 @@ def evaluate(
     loaded: LoadedModel, examples: Sequence[Example], *, batch_size: int = 32, max_length: int = 64
 ) -> EvalResult:
     """Mean loss and accuracy of the current adapter on examples."""
+    examples = without_truncated(loaded, examples, max_length=max_length)
     model = loaded.model
     model.eval()
     total_loss, weight, correct, counted = 0.0, 0, 0, 0

@@ -28,16 +28,21 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import psutil
 
 from server.harness.process import (
     LOCALHOST,
@@ -106,6 +111,26 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def write_cli_connection(
+    home: Path, name: str, *, address: str, root_certificates: Path | None
+) -> None:
+    """The ``flwr`` CLI's ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
+
+    Flower 1.41's CLI reads named connections from there; written before any ``flwr``
+    call so Flower does not create its default one. ``root_certificates=None`` writes an
+    ``insecure = true`` connection (no TLS).
+    """
+    tls = (
+        f'root-certificates = "{root_certificates}"\n'
+        if root_certificates is not None
+        else "insecure = true\n"
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}'
+    )
+
+
 class LocalFederation:
     """One SuperLink and N SuperNodes on localhost, plus a ``flwr`` CLI connection to them.
 
@@ -120,6 +145,16 @@ class LocalFederation:
         site_env: Extra environment of the SuperNodes (and so of their ClientApps).
         startup_timeout: Seconds to wait for each port to open and for the SuperNodes to
             register.
+        secure: TLS on every API and SuperNode authentication, as ``fedlora federation``
+            sets them up (server/federation.py): a CA and SuperLink certificate, one key
+            pair per site registered with the SuperLink, and the run's roster
+            (`roster_path`). False: ``--insecure`` everywhere and no roster.
+        workers: Start a warm site worker (``fedlora site worker``) beside each SuperNode
+            and name its socket in the node config, so ClientApps hand work to it.
+        worker_pool: With `workers`, this many workers shared round-robin by the sites
+            instead of one each: on one small machine 20 workers would each hold torch
+            and the model (about 0.5 GB) while only as many sites as cores train at once.
+            Across machines every site runs its own. None: one per site.
     """
 
     def __init__(
@@ -130,14 +165,22 @@ class LocalFederation:
         connection: str = DEFAULT_CONNECTION,
         site_env: Mapping[str, str] | None = None,
         startup_timeout: float = 90.0,
+        secure: bool = False,
+        workers: bool = False,
+        worker_pool: int | None = None,
     ) -> None:
         self.workdir = workdir
+        self.secure = secure
+        self.workers = workers
+        self.worker_pool = worker_pool
+        self.federation: Any = None  # server.federation.Federation when secure
         self.node_configs = list(node_configs)
         self.connection = connection
         self.site_env = dict(site_env or {})
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.processes: list[ManagedProcess] = []
+        self.superlink: ManagedProcess | None = None
         self.cli_env = flower_env(self.home("cli"))
 
     @property
@@ -146,6 +189,11 @@ class LocalFederation:
         return f"{LOCALHOST}:{self.port}"
 
     control_address = address
+
+    @property
+    def roster_path(self) -> Path | None:
+        """The run's roster (secure federations only): pass it as run config ``roster``."""
+        return self.federation.roster_path if self.federation is not None else None
 
     def home(self, name: str) -> Path:
         return self.workdir / "flwr-home" / name
@@ -162,14 +210,9 @@ class LocalFederation:
         """
         try:
             self._write_cli_config()
-            superlink = self._start_superlink()
-            superlink.wait_ready(
-                lambda: port_open(self.port),
-                timeout=self.startup_timeout,
-                what=f"listening on {self.address}",
-            )
+            self.start_superlink()
             for index, node_config in enumerate(self.node_configs, start=1):
-                self._start_supernode(index, node_config)
+                self._start_site(index, node_config)
             self.wait_for_nodes(len(self.node_configs))
         except BaseException as exc:
             report = self.log_tails()
@@ -180,43 +223,105 @@ class LocalFederation:
         return self
 
     def _write_cli_config(self) -> None:
-        # Flower 1.41's CLI reads named SuperLink connections from $FLWR_HOME/config.toml;
-        # written before any `flwr` call so Flower does not create its default one.
-        path = self.home("cli") / "config.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "[superlink]\n"
-            f'default = "{self.connection}"\n\n'
-            f"[superlink.{self.connection}]\n"
-            f'address = "{self.address}"\n'
-            "insecure = true\n"
+        if not self.secure:
+            write_cli_connection(
+                self.home("cli"), self.connection, address=self.address, root_certificates=None
+            )
+            return
+        from server.federation import init_federation  # it builds on this module
+
+        self.federation = init_federation(
+            self.workdir / "federation",
+            address=self.address,
+            sans=[LOCALHOST, "localhost"],
+            connection=self.connection,
         )
+        self.cli_env = flower_env(self.federation.cli_home)
 
-    def _start_superlink(self) -> ManagedProcess:
-        state = self.workdir / "superlink"
-        state.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(VENV_BIN / "flower-superlink"),
-            "--insecure",
-            "--host",
-            LOCALHOST,
-            "--port",
-            str(self.port),
-            # Runs, nodes and messages in a file, not memory: inspectable after a failure.
-            "--database",
-            str(state / "state.db"),
-            "--disable-runtime-dependency-installation",
-        ]
-        return self._spawn("superlink", args, flower_env(self.home("superlink")))
+    @property
+    def database(self) -> Path:
+        # Runs, nodes and messages in a file, not memory: inspectable after a failure and
+        # what a restarted SuperLink resumes from.
+        return self.workdir / "superlink" / "state.db"
 
-    def _start_supernode(
-        self, index: int, node_config: Mapping[str, ConfigValue]
-    ) -> ManagedProcess:
+    def start_superlink(self) -> ManagedProcess:
+        """Start (or restart, on the same database) the SuperLink; return once it listens."""
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        # A restart replaces the SuperLink that died (its log is appended to, not lost).
+        self.processes = [p for p in self.processes if p.name != "superlink" or p.alive]
+        if self.federation is not None:
+            args = self.federation.superlink_command(
+                host=LOCALHOST, port=self.port, database=str(self.database)
+            )
+        else:
+            args = [
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                LOCALHOST,
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.database),
+                "--disable-runtime-dependency-installation",
+            ]
+        args[0] = str(VENV_BIN / args[0])
+        superlink = self._spawn("superlink", args, flower_env(self.home("superlink")))
+        self.superlink = superlink
+        superlink.wait_ready(
+            lambda: port_open(self.port),
+            timeout=self.startup_timeout,
+            what=f"listening on {self.address}",
+        )
+        return superlink
+
+    def worker_socket(self, name: str) -> Path:
+        """Where site `name`'s warm worker listens: a 0700 directory of its own."""
+        return self.workdir / "workers" / name / "worker.sock"
+
+    def _start_site(self, index: int, node_config: Mapping[str, ConfigValue]) -> None:
         name = str(node_config.get("site-id") or f"supernode-{index}")
+        config = dict(node_config)
+        if self.workers:
+            owner = name
+            if self.worker_pool:
+                owner = f"pool-{(index - 1) % self.worker_pool + 1}"
+            socket_path = self.worker_socket(owner)
+            if not socket_path.exists():
+                worker = self._spawn(
+                    f"{owner}-worker",
+                    [str(VENV_BIN / "fedlora"), "site", "worker", "--socket", str(socket_path)],
+                    flower_env(self.home(owner), self.site_env),
+                )
+                worker.wait_ready(
+                    socket_path.exists,
+                    timeout=self.startup_timeout,
+                    what=f"listening on {socket_path}",
+                )
+            config["worker-socket"] = str(socket_path)
+        key = None
+        if self.federation is not None:
+            self.federation.enroll(name)
+            key = self.federation.site_dir(name) / "node.key"
+        self.start_supernode(name, config, key=key)
+
+    def start_supernode(
+        self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None = None
+    ) -> ManagedProcess:
+        """Start one SuperNode; with `key`, it authenticates with that private key over TLS.
+
+        A secure federation's SuperNodes dial with TLS whether or not they have a key;
+        the SuperLink refuses those whose key is not registered.
+        """
         runtime_port = free_port()
+        if self.federation is not None:
+            tls = ["--root-certificates", str(self.federation.ca_cert)]
+            tls += ["--auth-supernode-private-key", str(key)] if key is not None else []
+        else:
+            tls = ["--insecure"]
         args = [
             str(VENV_BIN / "flower-supernode"),
-            "--insecure",
+            *tls,
             "--superlink",
             self.address,
             "--node-config",
@@ -234,6 +339,20 @@ class LocalFederation:
             what=f"listening on {LOCALHOST}:{runtime_port}",
         )
         return process
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` to process `name`, its descendants and its group (failure drills).
+
+        SIGKILL is a crash of that machine's process; SIGSTOP freezes it (SIGCONT thaws).
+        """
+        for process in self.processes:
+            if process.name != name or not process.alive:
+                continue
+            for proc in process.tree():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signum)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.popen.pid, signum)
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> ManagedProcess:
         process = ManagedProcess.start(name, args, env=env, log_path=self.log_path(name))
@@ -324,6 +443,7 @@ def flwr_run(
     *,
     timeout: float,
     log_path: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Submit the Flower app in `app_dir` and stream its logs until the run ends.
 
@@ -339,11 +459,13 @@ def flwr_run(
         timeout: Seconds before the CLI is killed (the run itself goes on until the
             federation is stopped).
         log_path: Where to also write the CLI's output.
+        on_line: Called with every output line as it arrives (live progress).
 
     Raises:
         subprocess.TimeoutExpired: After `timeout`, with the output so far.
     """
     args = [
+        str(VENV_BIN / "flwr"),
         "run",
         str(app_dir),
         federation.connection,
@@ -351,17 +473,47 @@ def flwr_run(
         "--run-config",
         config_arg(run_config),
     ]
+    lines: list[str] = []
+    process = subprocess.Popen(
+        args,
+        env=federation.cli_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        result = federation.flwr(*args, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
+        returncode = process.wait(timeout=timeout)
+    except BaseException as exc:  # a timeout, or Ctrl-C: the CLI must not outlive us
+        process.kill()
+        process.wait()
+        reader.join(timeout=5.0)
         if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text(_text(exc.stdout) + _text(exc.stderr))
+            _write_log(log_path, "".join(lines))
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(args, timeout, output="".join(lines)) from None
         raise
+    reader.join(timeout=10.0)
+    output = "".join(lines)
     if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(result.stdout + result.stderr)
-    return result
+        _write_log(log_path, output)
+    return subprocess.CompletedProcess(args, returncode, stdout=output, stderr="")
+
+
+def _write_log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
@@ -374,9 +526,3 @@ def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
     if match is None:
         raise LookupError("flwr run printed no run id")
     return int(match.group(1))
-
-
-def _text(data: str | bytes | None) -> str:
-    if data is None:
-        return ""
-    return data.decode(errors="replace") if isinstance(data, bytes) else data

@@ -175,5 +175,30 @@ def test_secagg_with_client_dp_on_deployment_engine(
     assert [m.step for m in client.get_metric_history(metrics["mlflow_run_id"], "epsilon")] == [1]
 
 
+@pytest.mark.timeout(420, method="signal")
+def test_a_run_refused_by_fedlora_reads_as_one_line_and_fails(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    """No labels under flwr run: one line saying what to do, not a ServerApp traceback
+    (twice), and a run marked failed. Flower 1.41's `flwr run` still exits 0 (README)."""
+    run_log = federation.log_path("flwr-run-no-labels")
+
+    result = flwr_run(
+        APP_DIR,
+        federation,
+        {"num-server-rounds": 1, "out-dir": str(tmp_path / "out")},
+        timeout=RUN_TIMEOUT,
+        log_path=run_log,
+    )
+
+    output = result.stdout + result.stderr
+    assert output.count("fedlora run FAILED: labels is required under flwr run") == 1, output
+    assert "fedlora site check" in output and "Traceback" not in output, output
+    run = federation.run_info(run_id_of(result))
+    assert run["status"] == "finished:failed", run
+    assert result.returncode == 0  # Flower does not read the run's status back
+    assert not (tmp_path / "out").exists()
+
+
 def _tail(text: str, lines: int = 80) -> str:
     return "\n".join(text.splitlines()[-lines:])

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
+from clients.site.ledger import SiteLedger
 from server.simulation import simulate
 from tests.integration.test_simulation import _assert_run_recorded, _lm_settings, _lm_sites
 
@@ -61,8 +62,11 @@ def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
     and 16.5 after two, so dp.max-epsilon=12 stops the run before round 2.
     """
     sites = _lm_sites(tmp_path / "sites")
-    sites[2] = replace(sites[2], node_config={"max-epsilon": 1.0})
     out = tmp_path / "out"
+    # A site with a budget trains only on a ledger its admin initialised.
+    site_2_state = out / "site-state" / "site-2"
+    SiteLedger.reset(site_2_state, reason="new site")
+    sites[2] = replace(sites[2], node_config={"max-epsilon": 1.0})
     settings = _lm_settings(
         tiny_llama,
         out,
@@ -99,7 +103,7 @@ def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
     # The ledger of a site that trained holds the round; the refusing site spent nothing.
     ledger = json.loads((out / "site-state" / "site-0" / "privacy-ledger.json").read_text())
     assert ledger["total_epsilon"] == pytest.approx(sample["site-0"]["epsilon"])
-    assert not (out / "site-state" / "site-2" / "privacy-ledger.json").exists()
+    assert SiteLedger.load(site_2_state, required=True).total_epsilon == 0.0
     refused = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_metric_history(
         metrics["mlflow_run_id"], "refused"
     )

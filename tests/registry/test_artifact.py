@@ -9,6 +9,7 @@ import pytest
 from registry.artifact import Provenance, build_release, read_provenance
 from registry.errors import RegistryError
 from registry.keys import KeyPair
+from tests.conftest import record_client_dp
 
 
 def test_provenance_records_training_base_and_lora(outputs: list[Path], tmp_path: Path) -> None:
@@ -28,14 +29,14 @@ def test_provenance_records_training_base_and_lora(outputs: list[Path], tmp_path
 
 
 def test_privacy_block_is_copied_verbatim(outputs: list[Path], tmp_path: Path) -> None:
+    epsilon = record_client_dp(outputs[0])
     summary = json.loads((outputs[0] / "metrics.json").read_text())
-    summary["privacy"] = {"client-level": {"epsilon": 7.5, "delta": 1e-5, "clip-norm": 1.0}}
-    (outputs[0] / "metrics.json").write_text(json.dumps(summary))
 
     prov = build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
 
+    assert prov.privacy == summary["privacy"]
     assert prov.privacy["client-level"]["clip-norm"] == 1.0
-    assert prov.epsilon() == 7.5
+    assert prov.epsilon() == epsilon == prov.verified_epsilon()
 
 
 def test_not_an_adapter_is_refused(tmp_path: Path) -> None:
@@ -47,6 +48,52 @@ def test_not_an_adapter_is_refused(tmp_path: Path) -> None:
 def test_provenance_of_another_schema_is_refused() -> None:
     with pytest.raises(RegistryError, match="schema=None"):
         Provenance.from_dict({"model_name": "m"})
+
+
+def _edit(out: Path, change) -> None:  # type: ignore[no-untyped-def]
+    summary = json.loads((out / "metrics.json").read_text())
+    change(summary)
+    (out / "metrics.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize(
+    ("private", "change", "message"),
+    [
+        # A non-private run whose summary says it was private.
+        (
+            False,
+            lambda s: s.update(privacy={"client-level": {"epsilon": 0.5, "delta": 1e-5}}),
+            "disagree on client-level DP",
+        ),
+        # A private run whose summary ε was lowered, or whose last round's ε was.
+        (True, lambda s: s["privacy"]["client-level"].update(epsilon=1.0), "add up to"),
+        (True, lambda s: s["rounds"][-1].update(epsilon=1.0), "add up to"),
+        # A round's noise raised after the fact: the rounds no longer add up to the ε.
+        (True, lambda s: s["rounds"][0].update(noise_multiplier=50.0), "add up to"),
+        # Sample-level DP claimed for a site that has no round of it.
+        (
+            True,
+            lambda s: s["privacy"].update(
+                {"sample-level": {"sites": {"site-a": {"epsilon": 0.1}}}}
+            ),
+            "sample-level sites",
+        ),
+        (True, lambda s: s["rounds"][0].update(noise_multiplier="x"), "unreadable privacy"),
+    ],
+)
+def test_privacy_that_is_not_what_the_rounds_add_up_to_is_refused(
+    outputs: list[Path],
+    tmp_path: Path,
+    private: bool,
+    change,
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    if private:
+        record_client_dp(outputs[0])
+    _edit(outputs[0], change)
+    with pytest.raises(RegistryError, match=message):
+        build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+    assert not (tmp_path / "r").exists()
 
 
 def _link_to_key(adapter: Path, keys: Path) -> str:

@@ -21,7 +21,7 @@ from registry.mlflow_store import MlflowStore
 from registry.policy import LocalPolicy, Policy
 from registry.pull import pull
 from server.harness.process import free_port
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, record_client_dp
 
 pytestmark = pytest.mark.integration
 
@@ -176,9 +176,7 @@ def test_revoked_releases_and_keys_are_refused(
 def test_local_policy_refuses_a_foreign_base_or_too_much_epsilon(
     store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
 ) -> None:
-    summary = json.loads((outputs[0] / "metrics.json").read_text())
-    summary["privacy"] = {"client-level": {"epsilon": 12.0, "delta": 1e-5}}
-    (outputs[0] / "metrics.json").write_text(json.dumps(summary))
+    assert record_client_dp(outputs[0]) > 8.0
     publish(store, outputs[0], model="intents", key=key)
 
     with pytest.raises(VerificationError) as err:
@@ -237,3 +235,30 @@ def test_stock_mlflow_download_loads_with_stock_peft(
 
     assert any("lora_B" in name for name, _ in model.named_parameters())
     shutil.rmtree(tmp_path / "dl")
+
+
+def test_a_version_links_to_its_training_run_and_the_index_run_is_finished(
+    store: MlflowStore, key: SigningKey, outputs: list[Path]
+) -> None:
+    """As MLflow's own log_model does: the release is a logged model of the run that
+    trained it, and the version's run is that run; a run from another store is not linked."""
+    client = store.client
+    training = client.create_run(client.create_experiment("fedlora")).info.run_id
+    client.set_terminated(training)
+    summary = json.loads((outputs[0] / "metrics.json").read_text())
+    (outputs[0] / "metrics.json").write_text(json.dumps(summary | {"mlflow_run_id": training}))
+
+    linked = publish(store, outputs[0], model="intents", key=key)
+    unlinked = publish(store, outputs[1], model="intents", key=key)  # run-2: not in this store
+
+    first, second = (client.get_model_version("intents", v.version) for v in (linked, unlinked))
+    assert first.run_id == training
+    (output,) = client.get_run(training).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == training
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "intents", "version": "1"}]
+    assert second.run_id != training and client.get_run(second.run_id).info.run_name == (
+        "intents-release-2"
+    )
+    index_run = client.get_run(store.index_run(create=False))
+    assert index_run.info.status == "FINISHED"

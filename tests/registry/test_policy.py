@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from registry.artifact import Provenance
-from registry.errors import PromotionRefused, RegistryError
-from registry.policy import Policy
+from registry.errors import PromotionRefused, RegistryError, VerificationError
+from registry.policy import LocalPolicy, Policy
 
 
 def _provenance(*, accuracy: float | None = 0.9, privacy: dict | None = None) -> Provenance:
@@ -54,4 +54,76 @@ def test_policy_file_is_validated(tmp_path: Path) -> None:
         Policy.load(path)
     path.write_text('[gates]\nmin-metric = "high"\n')
     with pytest.raises(RegistryError, match=r"gates\.min-metric='high' must be a number"):
+        Policy.load(path)
+
+
+NAN, INF = float("nan"), float("inf")
+# A value that is NaN, infinite, negative, missing or not a number: every gate refuses.
+BROKEN = [NAN, INF, -INF, -1.0, "missing", "0.1"]
+
+
+def _broken_guarantee(value: object) -> dict:
+    return {} if value == "missing" else {"epsilon": value}
+
+
+@pytest.mark.parametrize("value", BROKEN)
+def test_min_metric_fails_closed(value: object) -> None:
+    provenance = _provenance(accuracy=None if value == "missing" else value)  # type: ignore[arg-type]
+    with pytest.raises(PromotionRefused) as err:
+        Policy(min_metric=0.5).check(provenance)
+    assert err.value.gate == "min-metric"
+
+
+@pytest.mark.parametrize("where", ["client-level", "site"])
+@pytest.mark.parametrize("value", BROKEN)
+def test_max_epsilon_fails_closed(value: object, where: str) -> None:
+    entry = _broken_guarantee(value)
+    privacy = (
+        {"client-level": entry}
+        if where == "client-level"
+        else {"sample-level": {"sites": {"a": {"epsilon": 1.0}, "b": entry}}}
+    )
+    with pytest.raises(PromotionRefused) as err:
+        Policy(max_epsilon=8.0).check(_provenance(privacy=privacy))
+    assert err.value.gate == "max-epsilon"
+    with pytest.raises(VerificationError) as refused:
+        LocalPolicy(max_epsilon=8.0).check(_provenance(privacy=privacy))
+    assert refused.value.reason == "policy"
+
+
+@pytest.mark.parametrize("value", BROKEN)
+def test_require_dp_fails_closed(value: object) -> None:
+    provenance = _provenance(privacy={"client-level": _broken_guarantee(value)})
+    with pytest.raises(PromotionRefused) as err:
+        Policy(require_dp=True).check(provenance)
+    assert err.value.gate == "require-dp"
+
+
+def test_site_reported_dp_never_satisfies_require_dp() -> None:
+    # DP-SGD runs at the sites, which the server cannot watch: a release with only
+    # sample-level DP (however small its ε) is not "trained with DP" for the gate.
+    small = {"sample-level": {"sites": {"a": {"epsilon": 0.1}}, "verified": False}}
+    with pytest.raises(PromotionRefused) as err:
+        Policy(require_dp=True).check(_provenance(privacy=small))
+    assert err.value.gate == "require-dp"
+    Policy(require_dp=True, max_epsilon=8.0).check(_provenance(privacy={**small, **CLIENT_DP}))
+
+
+def test_epsilon_is_nan_whatever_the_order_of_guarantees() -> None:
+    # max() over [nan, 2.0] and [2.0, nan] differ; a NaN anywhere must win.
+    for privacy in (
+        {"client-level": {"epsilon": NAN}, "sample-level": {"sites": {"a": {"epsilon": 2.0}}}},
+        {"sample-level": {"sites": {"a": {"epsilon": 2.0}}}, "client-level": {"epsilon": NAN}},
+    ):
+        epsilon = _provenance(privacy=privacy).epsilon()
+        assert epsilon is not None and epsilon != epsilon
+
+
+@pytest.mark.parametrize(("key", "value"), [("min-metric", "nan"), ("max-epsilon", "inf")])
+def test_a_policy_file_with_a_non_finite_bound_is_refused(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[gates]\n{key} = {value}\n")
+    with pytest.raises(RegistryError, match=f"gates.{key}="):
         Policy.load(path)

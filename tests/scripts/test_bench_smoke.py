@@ -170,3 +170,48 @@ def test_bench_privacy_quick_writes_results(tmp_path: Path) -> None:
     assert row["sites"] == 3 and row["secagg_seconds"] > 0 and row["secagg_bytes_ratio"] > 1
     assert results["dpsgd"]["dpsgd_step_seconds"] > 0
     assert {"machine", "targets", "on_target", "total_wall_seconds"} <= set(results)
+
+
+# Two Flower simulations of 3 sites, one round, one step each: a few minutes on 2 cores.
+@pytest.mark.timeout(600)
+def test_bench_robustness_writes_results_with_every_key(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_robustness.py"),
+            "--sites",
+            "3",
+            "--per-site",
+            "16",
+            "--eval-size",
+            "16",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "--runs",
+            "fedavg-attacked,bounded-attacked",
+            "--out",
+            str(out),
+            "--tag",
+            "smoke",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=580,
+        check=False,
+    )
+
+    # Exit 1: the honest runs, which the accuracy target needs, were not run.
+    assert done.returncode == 1, done.stderr[-3000:]
+    results = json.loads((out / "bench_robustness-smoke.json").read_text())
+    assert (out / "bench_robustness-smoke.png").stat().st_size > 0
+    assert set(results["runs"]) == {"fedavg-attacked", "bounded-attacked"}
+    verdict = results["verdict"]
+    # FedAvg gives the 10^7-row claim nearly everything; bounded influence at most 2 / (n+1).
+    assert verdict["fedavg_attacked_max_share_x_fair"] > 2.9
+    assert verdict["bounded_attacked_max_share_x_fair"] <= 1.5 + 1e-9
+    assert verdict["share_on_target"] and verdict["accuracy_on_target"] is False

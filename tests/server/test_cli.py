@@ -10,7 +10,7 @@ import pytest
 from server.cli import build_parser
 
 # The entry points of pyproject.toml add site, data, keys, registry and edge.
-COMMANDS = {"train", "demo", "site", "data", "keys", "registry", "edge"}
+COMMANDS = {"train", "demo", "site", "data", "keys", "registry", "edge", "federation"}
 
 
 def _walk(

@@ -22,6 +22,7 @@ from flwr.common.constant import ErrorCode
 
 from server.checkpoint import CheckpointStore
 from server.loop import run_rounds
+from server.roster import Roster
 from server.settings import RunSettings
 from strategies.errors import RoundFailed
 from strategies.protocol import (
@@ -64,19 +65,30 @@ def sending(
     *,
     examples: int = 10,
     loss: float = 0.5,
+    metrics: dict[str, float] | None = None,
+    evaluation: tuple[int, float, float] | None = None,
 ) -> Site:
-    """A site that replies with ``local(global tensors)`` as its trained tensors."""
+    """A site that replies with ``local(global tensors)`` as its trained tensors.
+
+    ``metrics`` replace or add train-reply metrics; ``evaluation`` is its
+    (count, loss, accuracy) claim when asked to evaluate.
+    """
 
     def reply(message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            count, eval_loss, accuracy = evaluation or (examples, loss, 0.5)
+            return evaluate_reply(
+                message, site_id=site_id, num_examples=count, loss=eval_loss, accuracy=accuracy
+            )
         reference, _ = read_request(message)
-        metrics = train_metrics(
+        claimed = train_metrics(
             num_examples=examples, loss=loss, seconds=0.01, steps=1, privacy=None
-        )
+        ) | (metrics or {})
         return train_reply(
             message,
             local=local(reference),
             reference=reference,
-            metrics=metrics,
+            metrics=claimed,
             site_id=site_id,
             weight=examples,
         )
@@ -117,6 +129,8 @@ class FakeGrid:
     ) -> list[Message]:
         replies = []
         for message in messages:
+            # As Flower's grid does when it pushes a message: its id is its object id.
+            message.metadata.__dict__["_message_id"] = message.object_id
             node = message.metadata.dst_node_id
             if message.metadata.message_type == MessageType.TRAIN:
                 _, config = read_request(message)
@@ -134,10 +148,17 @@ class Tracker:
 
     def __init__(self) -> None:
         self.rounds: list[tuple[int, dict[str, float]]] = []
+        self.sites: list[tuple[int, dict[str, dict[str, float]]]] = []
         self.tags: dict[str, str] = {}
 
-    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+    def log_round(
+        self,
+        server_round: int,
+        metrics: dict[str, float],
+        sites: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         self.rounds.append((server_round, metrics))
+        self.sites.append((server_round, dict(sites or {})))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
@@ -160,6 +181,8 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         # FedAvg's example-weighted mean: what these tests work out by hand.
         "server.aggregate": "mean",
         "out-dir": str(tmp_path / "out"),
+        # FedAvg's own arithmetic; the tests of bounded influence set robust.mode.
+        "robust.mode": "off",
     }
     return RunSettings.from_config(config | extra)
 
@@ -209,6 +232,26 @@ def test_a_round_averages_by_example_count_and_records_both_evaluations(tmp_path
     saved = CheckpointStore(tmp_path / "checkpoint").load()
     assert saved is not None and saved.completed_round == 1 and saved.history == history
     np.testing.assert_array_equal(saved.state["head"], state["head"])
+
+
+def test_each_site_s_training_and_evaluation_are_recorded_per_round(tmp_path: Path) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site.a:1@x+y", delta=0.1, examples=10, loss=1.0, accuracy=0.5),
+            2: honest("site-b", delta=0.5, examples=30, loss=2.0, accuracy=0.9),
+        }
+    )
+
+    _, history, _, tracker = _run(tmp_path, grid, _settings(tmp_path, **{"fraction-evaluate": 1.0}))
+
+    (row,) = history
+    a = {"examples": 10.0, "train-loss": 1.0, "train-seconds": 0.01}
+    b = a | {"examples": 30.0, "train-loss": 2.0}
+    assert row["site_train"] == {"site.a:1@x+y": a, "site-b": b}
+    assert row["site_eval"]["site-b"] == {"accuracy": 0.9, "loss": 2.0, "eval-examples": 30}
+    ((logged_round, sites),) = tracker.sites
+    assert logged_round == 1
+    assert sites["site.a:1@x+y"] == a | {"accuracy": 0.5, "loss": 1.0, "eval-examples": 10}
 
 
 def test_rejected_updates_are_left_out_with_the_failed_check(tmp_path: Path) -> None:
@@ -332,6 +375,53 @@ def test_client_level_epsilon_stops_the_run_before_it_passes_max_epsilon(tmp_pat
     assert not np.allclose(state["layer.lora_B"], 0.01, atol=1e-4)
 
 
+def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(
+    tmp_path: Path,
+) -> None:
+    # Arrange: C = 0.5. Two sites move every one of the 9 coordinates by +0.01 (norm 0.03);
+    # a third skips its clip mod and moves them by 3.0: norm 9, under update.max-norm 10.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.01, examples=10),
+            2: honest("site-b", delta=0.01, examples=10),
+            3: sending("greedy", lambda ref: {k: v + np.float32(3.0) for k, v in ref.items()}),
+        }
+    )
+    settings = _settings(tmp_path, **{"dp.clip-norm": 0.5, "dp.noise-multiplier": 0.01})
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the greedy site counts as a norm of C: the mean moves by at most
+    # (0.03 + 0.03 + 0.5) / 3 ≈ 0.19, plus noise of std 0.01·0.5/3 per coordinate.
+    moved = np.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in state.values()))
+    assert moved < 0.2 and history[0]["site_ids"] == ["greedy", "site-a", "site-b"]  # by name
+
+
+def test_a_site_claiming_every_example_and_a_huge_update_does_not_become_the_model(
+    tmp_path: Path,
+) -> None:
+    # Arrange (the case the issue reports, share 0.99999 before): two sites move all 9
+    # coordinates by +0.1 (norm 0.3) with 10 and 20 examples; a third claims the largest
+    # count accepted (10^7) and moves them by -3.3 (norm 9.9, under update.max-norm 10).
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.1, examples=20),
+            3: sending(
+                "hostile",
+                lambda ref: {k: v - np.float32(3.3) for k, v in ref.items()},
+                examples=10**7,
+            ),
+        }
+    )
+    # Act: the default robust.mode (auto: bounded in plain rounds).
+    state, _, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"robust.mode": "auto"}))
+    # Assert: weight min(10^7, 2·20) = 40 and norm clipped to the median 0.3 (-0.1 a
+    # coordinate): (10·0.1 + 20·0.1 - 40·0.1) / 70 = -1/70, a share of 40/70 of the
+    # contributions, under twice the fair share of one site in three.
+    for value in state.values():
+        np.testing.assert_allclose(value, -1 / 70, rtol=1e-5)
+
+
 def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: Path) -> None:
     # Arrange: 3 of 6 sites a round, FedAvgM so the optimiser state must resume too.
     def sites() -> FakeGrid:
@@ -373,6 +463,86 @@ def test_a_resumed_run_samples_the_sites_an_uninterrupted_run_samples(tmp_path: 
     assert [r["site_ids"] for r in resumed_history] == [r["site_ids"] for r in history]
     for name, value in state.items():
         np.testing.assert_array_equal(resumed[name], value)
+
+
+def test_a_roster_keeps_unenrolled_nodes_out_of_training_and_evaluation(
+    tmp_path: Path,
+) -> None:
+    """A node someone registered outside the roster is never asked to train or evaluate."""
+    # Arrange: nodes 1 and 2 are enrolled; node 3 is connected but not on the roster.
+    asked: list[int] = []
+
+    def rogue(message: Message) -> Message:
+        asked.append(message.metadata.dst_node_id)
+        return honest("site-a", delta=100.0, examples=1000)(message)
+
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.3, examples=10),
+            3: rogue,
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=1, public_key="k1")
+    roster = roster.enrol("site-b", node_id=2, public_key="k2")
+    settings = _settings(tmp_path, **{"num-server-rounds": 2, "fraction-evaluate": 1.0})
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings, roster=roster)
+    # Assert
+    assert asked == []
+    assert grid.trained == {1: [1, 2], 2: [1, 2]}
+    for value in state.values():
+        np.testing.assert_allclose(value, 0.4, rtol=1e-6)  # 2 rounds of mean(+0.1, +0.3)
+    assert all(r["sampled"] == 2 and r["site_ids"] == ["site-a", "site-b"] for r in history)
+
+
+def test_a_roster_rejects_a_reply_that_claims_another_sites_id(tmp_path: Path) -> None:
+    # Arrange: node 2 is enrolled as site-b but claims to be site-a.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-a", delta=0.3, examples=10),
+            3: honest("site-c", delta=0.5, examples=10),
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=1, public_key="k1")
+    roster = roster.enrol("site-b", node_id=2, public_key="k2")
+    roster = roster.enrol("site-c", node_id=3, public_key="k3")
+    settings = _settings(tmp_path)
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, settings, roster=roster)
+    # Assert: site-b's reply is rejected for its identity; the round averages the others.
+    (row,) = history
+    assert row["site_ids"] == ["site-a", "site-c"]
+    assert [(r["site"], r["check"]) for r in row["rejections"]] == [("site-b", "identity")]
+    for value in state.values():
+        np.testing.assert_allclose(value, 0.3, rtol=1e-6)
+
+
+def test_an_error_the_superlink_makes_for_an_unreachable_site_names_that_site(
+    tmp_path: Path,
+) -> None:
+    """The SuperLink answers for a node it cannot reach with an error sent from node 1."""
+
+    def unreachable(message: Message) -> Message:
+        reply = crashing("node unavailable")(message)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as flwr's linkstate makes it
+        return reply
+
+    grid = FakeGrid(
+        {
+            11: honest("site-a", delta=0.1, examples=10),
+            22: honest("site-b", delta=0.3, examples=10),
+            33: unreachable,
+        }
+    )
+    roster = Roster().enrol("site-a", node_id=11, public_key="k1")
+    roster = roster.enrol("site-b", node_id=22, public_key="k2")
+    roster = roster.enrol("site-c", node_id=33, public_key="k3")
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path), roster=roster)
+    (row,) = history
+    assert row["failures"] == [{"site": "site-c", "reason": "node unavailable"}]
+    assert row["rejections"] == [] and row["site_ids"] == ["site-a", "site-b"]
 
 
 def without_held_out_rows(site_id: str, *, delta: float, examples: int) -> Site:
@@ -465,3 +635,143 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path: 
     # Assert: bit for bit the same tensors.
     for name in first:
         assert first[name].tobytes() == second[name].tobytes(), name
+
+
+def _plus(delta: float) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    return lambda ref: {k: v + np.float32(delta) for k, v in ref.items()}
+
+
+def test_a_node_cannot_speak_for_a_site_another_node_speaks_for(tmp_path: Path) -> None:
+    # Arrange: node 3 names itself site-a, which node 1 already is, and sends +9.
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.3, examples=10),
+            3: sending("site-a", _plus(0.9), examples=10),
+        }
+    )
+    # Act
+    state, history, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"num-server-rounds": 2}))
+    # Assert: refused every round, with the reason; only the real site-a counts.
+    for row in history:
+        assert row["site_ids"] == ["site-a", "site-b"]
+        (rejection,) = row["rejections"]
+        assert (rejection["site"], rejection["check"]) == ("node-3", "identity")
+        assert "which node 1 speaks for" in rejection["detail"]
+    np.testing.assert_allclose(state["head"], 0.4, rtol=1e-5)  # two rounds of +0.2
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "detail"),
+    [
+        ({"train-loss": NAN}, "train-loss=nan is outside"),
+        ({"train-loss": -1.0}, "train-loss=-1.0 is outside"),
+        ({"train-seconds": float("inf")}, "train-seconds=inf is outside"),
+        ({"steps": 10**9}, "steps=1000000000.0 is outside [0, 1]"),  # the plan allows 1 step
+        ({"steps": 0.5}, "steps=0.5 is not an integer"),
+    ],
+)
+def test_a_reply_with_an_impossible_metric_is_rejected(
+    tmp_path: Path, metrics: dict[str, float], detail: str
+) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10),
+            2: honest("site-b", delta=0.1, examples=10),
+            3: sending("liar", _plus(0.1), metrics=metrics),
+        }
+    )
+    _, history, _, _ = _run(tmp_path, grid, _settings(tmp_path, **{"local-steps": 1}))
+    (row,) = history
+    (rejection,) = row["rejections"]
+    assert (rejection["site"], rejection["check"]) == ("liar", "metrics")
+    assert detail in rejection["detail"]
+    assert row["site_ids"] == ["site-a", "site-b"] and row["train_loss"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        (10**12, 0.01, 1.0),  # more rows than any site may report
+        (11, 0.01, 1.0),  # more rows than it trained on (10)
+        (10, NAN, 1.0),
+        (10, 0.01, 1.5),  # an accuracy above 1
+        (10, 0.01, NAN),
+    ],
+)
+def test_an_evaluation_claim_out_of_range_never_reaches_the_headline(
+    tmp_path: Path, claim: tuple[int, float, float]
+) -> None:
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, accuracy=0.5),
+            2: honest("site-b", delta=0.1, examples=10, accuracy=0.7),
+            3: sending("boaster", _plus(0.1), examples=10, evaluation=claim),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0})
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    (row,) = history
+    assert row["federated_accuracy"] == pytest.approx(0.6) == row["accuracy"]
+    assert [(r["site"], r["check"]) for r in row["rejections"]] == [("boaster", "evaluation")]
+
+
+def test_an_in_range_evaluation_claim_weighs_at_most_twice_the_median(tmp_path: Path) -> None:
+    # Arrange: two sites evaluate 0.5 and 0.7 on 10 rows; a third trained on 10^6 rows
+    # and claims 1.0 on all of them (within what it trained on).
+    grid = FakeGrid(
+        {
+            1: honest("site-a", delta=0.1, examples=10, accuracy=0.5),
+            2: honest("site-b", delta=0.1, examples=10, accuracy=0.7),
+            3: sending("boaster", _plus(0.1), examples=10**6, evaluation=(10**6, 0.01, 1.0)),
+        }
+    )
+    settings = _settings(tmp_path, **{"fraction-evaluate": 1.0, "robust.mode": "auto"})
+    # Act
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: its count is capped at 2 × the median 10: (5 + 7 + 20) / 40 = 0.8.
+    assert history[0]["federated_accuracy"] == pytest.approx(0.8)
+
+
+SITE_DP = {"site-dp.noise-multiplier": 1.0, "site-dp.max-grad-norm": 1.0, "local-steps": 2}
+
+
+def _claiming(epsilon: float, **claims: float) -> dict[str, float]:
+    return {
+        "site-epsilon": epsilon,
+        "site-delta": 1e-5,
+        "site-noise-multiplier": 1.0,
+        "site-max-grad-norm": 1.0,
+    } | claims
+
+
+def test_sample_level_epsilon_is_the_servers_account_never_a_sites_claim(tmp_path: Path) -> None:
+    # Arrange: every site claims a tiny ε; site-c claims the plan's DP-SGD parameters
+    # wrongly, site-d states NaN ε.
+    grid = FakeGrid(
+        {
+            1: sending("site-a", _plus(0.1), examples=16, metrics=_claiming(0.01)),
+            2: sending("site-b", _plus(0.1), examples=64, metrics=_claiming(0.01)),
+            3: sending("site-c", _plus(0.1), metrics=_claiming(0.01, **{"site-delta": 0.5})),
+            4: sending("site-d", _plus(0.1), metrics=_claiming(NAN)),
+        }
+    )
+    settings = _settings(tmp_path, **SITE_DP, **{"batch-size": 4, "num-server-rounds": 2})
+    # Act
+    _, history, _, _ = _run(tmp_path, grid, settings)
+    # Assert: the server's RDP account of 2 steps a round at rate 4/16 and 4/64.
+    from clients.task.dpsgd import site_epsilon
+
+    last = history[-1]["site_privacy"]
+    assert sorted(last) == ["site-a", "site-b"]
+    assert last["site-a"]["epsilon"] == pytest.approx(
+        site_epsilon([(1.0, 0.25, 2), (1.0, 0.25, 2)], delta=1e-5)
+    )
+    assert last["site-b"]["epsilon"] == pytest.approx(site_epsilon([(1.0, 1 / 16, 4)], delta=1e-5))
+    assert {(r["site"], r["check"]) for r in history[0]["rejections"]} == {
+        ("site-c", "metrics"),
+        ("site-d", "metrics"),
+    }

@@ -76,3 +76,33 @@ def test_summary_has_one_entry_per_guarantee() -> None:
     assert out["secure-aggregation"]["enabled"] is True
     assert out["secure-aggregation"]["prg"] == "aes-256-ctr"
     assert privacy_summary(history=[{}], clip_norm=None, secagg=None) == {}
+
+
+@pytest.mark.parametrize("after", [float("nan"), float("inf")])
+def test_dp_max_epsilon_stops_the_run_on_an_epsilon_it_cannot_compare(after: float) -> None:
+    # A stub ledger: Opacus does not return NaN for valid parameters, but an accountant
+    # that ever did must stop the run, not let it through (NaN > limit is False).
+    from server.privacy import ClientPrivacy
+    from strategies.dp import ClientLevelDP
+
+    class Ledger(PrivacyLedger):
+        def epsilon_after(self, *, noise_multiplier: float, sampling_rate: float) -> float:
+            return after
+
+    privacy = ClientPrivacy(
+        ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0), Ledger(delta=1e-5), max_epsilon=8.0
+    )
+    reason = privacy.stop_reason(3, 0.5)
+    assert reason is not None and "before round 3" in reason
+
+
+def test_server_noise_comes_from_the_os_csprng() -> None:
+    from clients.task.secure_random import SecureRandom
+    from server.privacy import ClientPrivacy
+    from strategies.dp import ClientLevelDP, DifferentiallyPrivate
+    from strategies.fedavg import FedAvg
+
+    privacy = ClientPrivacy(ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0), PrivacyLedger(1e-5))
+    wrapped = privacy.wrap(FedAvg())
+    assert isinstance(wrapped, DifferentiallyPrivate) and isinstance(wrapped.rng, SecureRandom)
+    assert isinstance(DifferentiallyPrivate(FedAvg(), privacy.mechanism).rng, SecureRandom)

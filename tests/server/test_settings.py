@@ -70,6 +70,26 @@ def test_strategy_follows_proximal_mu() -> None:
     assert isinstance(prox, FedProx) and prox.proximal_mu == 0.1
 
 
+def test_bounded_influence_is_on_in_plain_rounds_and_refused_with_secagg() -> None:
+    from strategies.bounded import BoundedInfluence
+
+    plain = RunSettings.from_config(OK)
+    assert plain.robust == (2.0, 1.0)
+    assert isinstance(plain.bounded(plain.strategy()), BoundedInfluence)
+    off = RunSettings.from_config({**OK, "robust.mode": "off"})
+    assert off.robust is None and type(off.bounded(off.strategy())) is FedAvg
+    secure = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-clients": 3}
+    assert RunSettings.from_config(secure).robust is None  # auto: SecAgg+'s own bounds
+    with pytest.raises(ConfigError, match=r"robust\.mode='bounded'.*secagg\.enabled=true"):
+        RunSettings.from_config({**secure, "robust.mode": "bounded"})
+    with pytest.raises(
+        ConfigError, match=r"robust\.max-weight-ratio=0\.5 must be 0 \(off\) or >= 1"
+    ):
+        RunSettings.from_config({**OK, "robust.max-weight-ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"robust\.mode='on' must be one of auto, bounded, off"):
+        RunSettings.from_config({**OK, "robust.mode": "on"})
+
+
 def test_fingerprint_ignores_bookkeeping_only() -> None:
     a = RunSettings.from_config({**OK, "out-dir": "x", "round-timeout": 5.0})
     b = RunSettings.from_config({**OK, "out-dir": "y", "resume": True})

@@ -82,3 +82,14 @@ def test_plain_lora_average_is_not_exact() -> None:
 def test_bad_arguments(updates: list, weights: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         weighted_average(updates, weights)
+
+
+def test_contribution_shares_by_hand() -> None:
+    from strategies.aggregate import contribution_shares
+
+    ref = {"w": np.zeros(2, np.float32)}
+    a = {"w": np.array([1.0, 0.0], np.float32)}  # norm 1
+    b = {"w": np.array([0.0, -3.0], np.float32)}  # norm 3
+    assert contribution_shares([a, b], [1, 1], reference=ref) == pytest.approx([0.25, 0.75])
+    assert contribution_shares([a, b], [3, 1], reference=ref) == pytest.approx([0.5, 0.5])
+    assert contribution_shares([ref, ref], [1, 1], reference=ref) == [0.0, 0.0]

@@ -103,3 +103,16 @@ def test_masked_vectors_travel_as_uint32_and_come_back_exact() -> None:
     )
     with pytest.raises(ValueError, match="not int64 in"):
         compact_masked([ndarray_to_bytes(np.array([-1], np.int64))])
+
+
+def test_a_secure_mean_outside_the_clipping_range_is_refused() -> None:
+    # Honest sites clip every coordinate to ±1 before masking, so their weighted mean
+    # stays within ±1 (+ rounding); a site that adds to its masked vector (or to the
+    # weight slot the server divides by) pushes the mean outside, or to NaN.
+    settings = SecAggSettings(clipping_range=1.0)
+    weights = [10.0, 20.0, 30.0]
+    assert settings.check_mean({"w": np.array([1.0, -1.0, 0.3])}, weights) is None
+    assert "outside ±secagg.clipping-range=1.0" in str(
+        settings.check_mean({"w": np.array([0.2, -1.01])}, weights)
+    )
+    assert settings.check_mean({"w": np.array([np.nan])}, weights) is not None

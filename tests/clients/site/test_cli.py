@@ -255,3 +255,47 @@ def test_split_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert code == 2
     assert "no.jsonl'doesnotexist" in _squeezed(capsys.readouterr().err)
+
+
+def test_site_budget_reset_initialises_and_records_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    assert main(["site", "budget", "--state", str(state), "--reset"]) == 2
+    assert "needs --reason" in capsys.readouterr().err
+    args = ["site", "budget", "--state", str(state), "--reset", "--reason", "disk replaced"]
+    assert main([*args, "--spent", "2.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spent_epsilon"] == 2.5 and report["runs"] == {}
+    assert [(r["reason"], r["previous"]["state"]) for r in report["resets"]] == [
+        ("disk replaced", "missing")
+    ]
+    assert main(["site", "budget", "--state", str(state)]) == 0
+    assert "disk replaced" in capsys.readouterr().out
+
+
+def test_check_prints_the_label_set_as_the_run_config_line_to_paste(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under flwr run the server sees no file: site check is where the label set comes from."""
+    import shlex
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    labels = ["billing, refunds", "it's", 'say "hi"']
+    path = _jsonl(tmp_path / "s.jsonl", [{"text": f"row {i}", "label": lab}
+                                         for i, lab in enumerate(labels)])  # fmt: skip
+
+    assert main(["site", "check", "--data", str(path), "--task", CLS]) == 0
+
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    pyproject = next(line for line in lines if line.startswith("labels = "))
+    expected = '["billing, refunds", "it\\u0027s", "say \\"hi\\""]'
+    assert tomllib.loads(pyproject)["labels"] == expected
+    flwr = next(line for line in lines if line.startswith("flwr run"))
+    (word,) = shlex.split(flwr.split("--run-config ", 1)[1])
+    assert parse_config_args([word])["labels"] == tomllib.loads(pyproject)["labels"]
+    assert main(["site", "check", "--data", str(path), "--task", CLS, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["run_config"]["line"] == pyproject

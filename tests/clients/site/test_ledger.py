@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from clients.site.ledger import LEDGER_FILE, SiteLedger, budget_report
+from clients.site.ledger import LEDGER_FILE, LedgerMissing, SiteLedger, budget_report
 from clients.task.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -44,6 +45,55 @@ def test_unreadable_ledger_is_refused(tmp_path: Path) -> None:
         SiteLedger.load(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"delta": 0.9}, "is not a finite number >= 0"),  # RDP's conversion turns negative
+        ({"delta": 1.0}, "must be in"),
+        ({"noise_multiplier": float("nan")}, "noise multiplier nan"),
+        ({"noise_multiplier": 0.0}, "noise multiplier 0.0"),
+        ({"sampling_rate": 0.0}, "sampling rate 0.0"),
+        ({"steps": 0}, "steps 0"),
+    ],
+)
+def test_a_charge_that_would_not_be_a_valid_epsilon_is_refused(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    ledger = SiteLedger.load(tmp_path)
+    ledger.charge("run-a", 1, **ROUND)
+    spent = ledger.total_epsilon
+    with pytest.raises(ConfigError, match=message):
+        ledger.charge("run-b", 1, **(ROUND | change))
+    assert SiteLedger.load(tmp_path).total_epsilon == spent == ledger.total_epsilon
+
+
+def test_a_run_keeps_its_delta(tmp_path: Path) -> None:
+    ledger = SiteLedger.load(tmp_path)
+    ledger.charge("run-a", 1, **ROUND)
+    with pytest.raises(ConfigError, match=r"charged with δ=1e-05, this round asks δ=0\.001"):
+        ledger.charge("run-a", 2, **(ROUND | {"delta": 1e-3}))
+
+
+def test_reset_records_why_and_what_was_there(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs --reason"):
+        SiteLedger.reset(tmp_path, reason=" ")
+    with pytest.raises(LedgerMissing, match="--reset"):
+        SiteLedger.load(tmp_path, required=True)
+    first = SiteLedger.reset(tmp_path, reason="new site")
+    eps = first.charge("run-a", 1, **ROUND)
+    SiteLedger.reset(tmp_path, reason="new data set", spent=1.5)
+    ledger = SiteLedger.load(tmp_path, required=True)
+    assert ledger.total_epsilon == 1.5 and not ledger.runs
+    assert [r["reason"] for r in ledger.resets] == ["new site", "new data set"]
+    assert ledger.resets[0]["previous"] == {"state": "missing"}
+    previous = ledger.resets[1]["previous"]
+    assert previous["state"] == "present" and previous["runs"] == ["run-a"]
+    assert previous["total_epsilon"] == pytest.approx(eps)
+    (tmp_path / LEDGER_FILE).write_text("{torn")
+    SiteLedger.reset(tmp_path, reason="disk error")
+    assert SiteLedger.load(tmp_path).resets[-1]["previous"]["state"] == "unreadable"
+
+
 def test_budget_report(tmp_path: Path) -> None:
     ledger = SiteLedger.load(tmp_path)
     ledger.max_epsilon = 10.0
@@ -61,7 +111,7 @@ def test_budget_report(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
-from clients.site.app import _charge_budget
+from clients.site.work import _charge_budget
 from clients.site.settings import SiteSettings
 from clients.task.model import ModelSpec
 from clients.task.plan import TrainPlan
@@ -79,13 +129,14 @@ time.sleep(600)
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_kill_9_mid_round_loses_no_entry_and_never_exceeds_budget(tmp_path: Path) -> None:
-    from clients.site.app import _charge_budget
     from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
     from clients.task.errors import BudgetRefused
     from clients.task.model import ModelSpec
     from clients.task.plan import TrainPlan
 
     budget = 20.0
+    SiteLedger.reset(tmp_path, reason="new site")  # a site with a budget starts here
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(tmp_path), str(budget), "1"],
         cwd=ROOT,
@@ -120,3 +171,63 @@ def test_kill_9_mid_round_loses_no_entry_and_never_exceeds_budget(tmp_path: Path
     assert final.total_epsilon <= budget
     assert final.runs["run-1"].rounds == list(range(1, refused_at))
     assert json.loads((tmp_path / LEDGER_FILE).read_text())["max_epsilon"] == budget
+
+
+# A ClientApp process of one site: wait for the start signal, then charge ROUNDS rounds
+# exactly as the ClientApp does (no budget, so no refusal ever stops it).
+CONCURRENT = """
+import sys, time
+from pathlib import Path
+from clients.site.work import _charge_budget
+from clients.site.settings import SiteSettings
+from clients.task.model import ModelSpec
+from clients.task.plan import TrainPlan
+state, run, go, rounds = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+site = SiteSettings(data_path=Path("x"), site_id="s", state_dir=state)
+spec = ModelSpec(base="b", task="causal-lm")
+(go.parent / run).touch()  # imported and ready
+while not go.exists():
+    time.sleep(0.005)
+for server_round in range(1, rounds + 1):
+    plan = TrainPlan(spec=spec, base_digest="d", server_round=server_round, local_steps=8,
+                     batch_size=4, site_dp_noise_multiplier=1.0)
+    _charge_budget(site, plan, run=run, num_train=16)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_two_clientapp_processes_on_one_state_dir_lose_no_charge(tmp_path: Path) -> None:
+    # Arrange: two site processes (Flower starts one per message) share a state dir.
+    rounds, go = 12, tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(tmp_path / "state"), run, str(go), str(rounds)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for run in ("run-a", "run-b")
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / run).exists() for run in ("run-a", "run-b")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    # Act: both start charging at once.
+    go.touch()
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    # Assert: every round of both processes is in the ledger.
+    ledger = SiteLedger.load(tmp_path / "state")
+    assert {run: e.rounds for run, e in ledger.runs.items()} == {
+        "run-a": list(range(1, rounds + 1)),
+        "run-b": list(range(1, rounds + 1)),
+    }
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0, "8"])
+def test_a_site_budget_that_is_not_a_positive_number_is_refused(value: object) -> None:
+    from clients.site.settings import SiteSettings
+
+    with pytest.raises(ConfigError, match="max-epsilon="):
+        SiteSettings.from_node_config(
+            {"data-path": "x.jsonl", "state-dir": "s", "max-epsilon": value}
+        )

@@ -132,6 +132,36 @@ def test_four_bit_qlora_builds_and_trains_on_cpu(lm_spec: ModelSpec, tiny_llama:
     assert any(not np.array_equal(before[k], v) for k, v in trainable_state(loaded.model).items())
 
 
+@pytest.mark.integration  # 4-bit loading on CPU takes seconds
+def test_four_bit_sequence_classification_keeps_its_head_in_full_precision(
+    tiny_bert: Path,
+) -> None:
+    """The default task in 4-bit: the head (peft's modules_to_save) must not be quantized.
+
+    transformers' default skip list holds the last parameter's module, which for BERT is
+    ``classifier.bias``; the head was quantized and bitsandbytes failed in its backward
+    pass with a bare AssertionError.
+    """
+    spec = ModelSpec(base=str(tiny_bert), labels=("a", "b"), lora_r=2, quantization="4bit")
+    loaded = build_model(spec, device="cpu")
+    kinds = {name: type(m).__name__ for name, m in loaded.model.named_modules()}
+    assert "Linear4bit" in kinds.values()  # the body is quantized
+    heads = {name: kind for name, kind in kinds.items() if name.endswith("classifier")}
+    assert heads and all("4bit" not in kind for kind in heads.values()), heads
+    assert all("4bit" not in kind for name, kind in kinds.items() if "modules_to_save" in name), (
+        kinds
+    )
+    plan = TrainPlan(spec=spec, base_digest="d", local_steps=2, batch_size=2, learning_rate=1e-2)
+    examples = [Example(text="hello there", label="a"), Example(text="bye now", label="b")]
+    before = trainable_state(loaded.model)
+
+    train_local(loaded, examples, plan=plan, generator=torch.Generator().manual_seed(0))
+
+    after = trainable_state(loaded.model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if "classifier" in k)
+    assert evaluate(loaded, examples).num_examples == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -141,6 +171,8 @@ def test_four_bit_qlora_builds_and_trains_on_cpu(lm_spec: ModelSpec, tiny_llama:
         ({"labels": ("a", "b"), "aggregation": "median"}, "aggregation='median'"),
         ({"labels": ("a", "b"), "quantization": "8bit"}, "quantization='8bit'"),
         ({"task": "qa"}, "task='qa'"),
+        ({"labels": ("a", "\ud800")}, "lone surrogate"),
+        ({"labels": ("a", " ")}, "is empty"),
     ],
 )
 def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:

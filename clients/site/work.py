@@ -1,0 +1,269 @@
+"""A site's work on one request: train or evaluate the global adapter on local data.
+
+The same functions run inside the ClientApp process (when the site has no warm worker)
+and inside the site's warm worker (clients/site/worker.py), which keeps the base model,
+the tokenizer and the data loaded between rounds: the model and the data are cached per
+process, keyed by what determines them. Only tensors and numbers come out.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.site.ledger import SiteLedger, check_epsilon
+from clients.site.settings import SiteSettings
+from clients.task.data import Example, load_examples
+from clients.task.dpsgd import site_epsilon
+from clients.task.errors import BudgetRefused, ConfigError, ModelError
+from clients.task.model import (
+    LoadedModel,
+    ModelSpec,
+    base_digest,
+    build_model,
+    load_trainable_state,
+    quiet_transformers,
+    trainable_state,
+)
+from clients.task.plan import TrainPlan
+from clients.task.secure_random import os_seed
+from clients.task.train import evaluate, train_local
+from strategies.protocol import SitePrivacy, plan_config, train_metrics
+
+log = logging.getLogger(__name__)
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A training request's outcome: the local tensors, the reply's metrics and weight."""
+
+    local: Tensors
+    metrics: dict[str, int | float]
+    weight: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The site refused the round to stay within its privacy budget."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class NoEvaluation:
+    """The site has no held-out rows: no number beats one measured on training rows."""
+
+    reason: str
+
+
+@functools.lru_cache(maxsize=1)
+def _model(spec: ModelSpec, device: str | None) -> LoadedModel:
+    quiet_transformers()
+    return build_model(spec, device=device)
+
+
+# A worker may serve several sites of one machine (a rehearsal's pool): keep each one's data.
+@functools.lru_cache(maxsize=64)
+def _data(
+    site: SiteSettings, task: str, labels: tuple[str, ...]
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples; the split is fixed per site id.
+
+    A site too small to hold a row out at its ``eval-fraction`` (9 rows at 10%) trains on
+    everything and has no held-out rows: it reports no evaluation rather than an accuracy
+    on its own training rows.
+    """
+    examples = load_examples(site.data_path, task=task, labels=labels or None)
+    order = list(range(len(examples)))
+    random.Random(site.site_id).shuffle(order)
+    n_eval = int(len(examples) * site.eval_fraction)
+    held = [examples[i] for i in order[:n_eval]]
+    return [examples[i] for i in order[n_eval:]], held
+
+
+def _prepare(
+    site: SiteSettings, reference: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> tuple[TrainPlan, LoadedModel]:
+    plan = TrainPlan.from_config(plan_config(config))
+    spec = plan.spec
+    if site.base_model:
+        spec = replace(spec, base=site.base_model)
+    digest = base_digest(spec.base)
+    if digest != plan.base_digest:
+        raise ModelError(
+            f"site {site.site_id}: base model {spec.base!r} has digest {digest}, "
+            f"the run expects {plan.base_digest}"
+        )
+    loaded = _model(spec, site.torch_device)
+    load_trainable_state(loaded.model, dict(reference))
+    return plan, loaded
+
+
+def _charge_budget(
+    site: SiteSettings, plan: TrainPlan, *, run: str, num_train: int
+) -> SitePrivacy | None:
+    """Refuse a round outside the site's privacy terms, else charge it *before* training.
+
+    The terms are the site admin's (clients/site/settings.py), never the plan's: the
+    plan's δ must be the site's, δ must be below ``1/num_train``, and with a budget the
+    ledger must exist and the round's total ε stay within ``max-epsilon``. Check and
+    charge run under the ledger's lock, so concurrent ClientApp processes of one site
+    cannot both spend the same remaining budget.
+
+    Returns:
+        The sample-level privacy the site states in its reply (None without DP-SGD).
+
+    Raises:
+        BudgetRefused: With the reason.
+    """
+    dp = plan.sample_dp()
+    if dp is None:
+        if site.max_epsilon is not None:
+            raise BudgetRefused(
+                f"site {site.site_id} has max-epsilon={site.max_epsilon} and the run does "
+                "not train with sample-level DP (site-dp.noise-multiplier=0)"
+            )
+        return None
+    if dp.delta != site.delta:
+        raise BudgetRefused(
+            f"site {site.site_id} states its ε at δ={site.delta} (node config delta); "
+            f"the plan asks site-dp.delta={dp.delta}"
+        )
+    if not site.delta < 1 / num_train:
+        raise BudgetRefused(
+            f"site {site.site_id}: δ={site.delta} is not below 1/n for its {num_train} "
+            "training rows (such a δ allows releasing a row outright)"
+        )
+    steps = plan.steps_for(num_train)
+    rate = min(1.0, plan.batch_size / num_train)
+    try:
+        if site.state_dir is None:
+            log.warning("site %s: no state-dir, so DP-SGD rounds are not recorded", site.site_id)
+            run_eps = check_epsilon(
+                site_epsilon([(dp.noise_multiplier, rate, steps)], delta=dp.delta),
+                what=f"site {site.site_id}",
+            )
+        else:
+            budgeted = site.max_epsilon is not None
+            with SiteLedger.locked(site.state_dir, required=budgeted) as ledger:
+                run_eps, total = ledger.epsilon_after(
+                    run,
+                    noise_multiplier=dp.noise_multiplier,
+                    sampling_rate=rate,
+                    steps=steps,
+                    delta=dp.delta,
+                )
+                if site.max_epsilon is not None and not total <= site.max_epsilon:
+                    raise BudgetRefused(
+                        f"site {site.site_id} refuses round {plan.server_round}: its total ε "
+                        f"would reach {total:.4g} > max-epsilon={site.max_epsilon} "
+                        f"(spent {ledger.total_epsilon:.4g})"
+                    )
+                ledger.max_epsilon = site.max_epsilon
+                ledger.charge(
+                    run,
+                    plan.server_round,
+                    noise_multiplier=dp.noise_multiplier,
+                    sampling_rate=rate,
+                    steps=steps,
+                    delta=dp.delta,
+                )
+    except ConfigError as exc:  # missing or unreadable ledger, an invalid ε
+        why = f"site {site.site_id} refuses round {plan.server_round}: {exc}"
+        raise BudgetRefused(why) from exc
+    return SitePrivacy(
+        epsilon=run_eps,
+        delta=dp.delta,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+    )
+
+
+def _order(plan: TrainPlan, site: SiteSettings) -> torch.Generator:
+    """The generator of this round's batch order.
+
+    Without DP-SGD it is seeded by (run seed, round, site): reproducible, different
+    across sites. With DP-SGD it is seeded from the OS CSPRNG: the sampling rate in the
+    site's ε assumes nobody else knows which rows a step used, and the server knows
+    the run seed, the round and the site id.
+    """
+    if plan.sample_dp() is not None:
+        return torch.Generator().manual_seed(os_seed())
+    seed_src = f"{plan.spec.seed}:{plan.server_round}:{site.site_id}".encode()
+    return torch.Generator().manual_seed(
+        int.from_bytes(hashlib.sha256(seed_src).digest()[:8], "big") >> 1
+    )
+
+
+def train(
+    site: SiteSettings,
+    reference: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    *,
+    run: str,
+) -> Trained | Refused:
+    """Train the global adapter (``reference``) for one round under the request's plan."""
+    plan, loaded = _prepare(site, reference, config)
+    train_examples, _ = _data(site, plan.spec.task, plan.spec.labels)
+    try:
+        privacy = _charge_budget(site, plan, run=run, num_train=len(train_examples))
+    except BudgetRefused as exc:
+        log.warning("%s", exc)
+        return Refused(exc.detail)
+    result = train_local(
+        loaded, train_examples, plan=plan, generator=_order(plan, site), dp=plan.sample_dp()
+    )
+    log.info(
+        "site %s round %d: %d examples, %d steps, loss %.4f, %.1fs, ε charged %s",
+        site.site_id,
+        plan.server_round,
+        result.num_examples,
+        result.steps,
+        result.loss,
+        result.seconds,
+        "none (no DP-SGD)" if privacy is None else f"{privacy.epsilon:.4g} this run",
+    )
+    return Trained(
+        local=trainable_state(loaded.model),
+        metrics=train_metrics(
+            num_examples=result.num_examples,
+            loss=result.loss,
+            seconds=result.seconds,
+            steps=result.steps,
+            privacy=privacy,
+        ),
+        weight=1 if plan.uniform_weight else result.num_examples,
+    )
+
+
+def evaluate_global(
+    site: SiteSettings, reference: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> Evaluated | NoEvaluation:
+    """Evaluate the global adapter on the site's held-out rows."""
+    plan, loaded = _prepare(site, reference, config)
+    train_examples, held_out = _data(site, plan.spec.task, plan.spec.labels)
+    if not held_out:
+        reason = (
+            f"site {site.site_id} has no held-out rows ({len(train_examples)} rows, "
+            f"eval-fraction {site.eval_fraction}): no evaluation"
+        )
+        log.info("%s", reason)
+        return NoEvaluation(reason)
+    result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
+    return Evaluated(result.num_examples, result.loss, result.accuracy)

@@ -1,0 +1,344 @@
+"""A federation's directory: its CA, the SuperLink's certificate, site keys and the roster.
+
+``fedlora federation init DIR`` makes the directory (mode 0700) with the CA, the
+SuperLink's TLS certificate for the names and addresses sites reach it by, and a ``flwr``
+CLI connection that trusts the CA. ``enroll`` makes a site's EC P-384 key pair (or takes
+a public key the site made itself), registers the public key with the SuperLink through
+Flower's Control API (``flwr supernode register``) and writes the node id it got into
+``roster.json`` (server/roster.py), which the ServerApp reads (run config ``roster``).
+``sites`` lists the roster beside what the SuperLink reports, including registered
+nodes that are *not* on the roster; ``revoke`` unregisters a site's node and takes it
+off the roster.
+
+Layout::
+
+    DIR/federation.json       address sites dial, SANs, connection name
+    DIR/ca.pem, ca.key        the federation's CA (ca.key 0600; keep it offline)
+    DIR/superlink.pem, .key   the SuperLink's TLS certificate and key (0600)
+    DIR/roster.json           enrolled sites: site id -> node id, key fingerprint
+    DIR/flwr-home/config.toml the ``flwr`` CLI's connection (TLS, trusts ca.pem)
+    DIR/sites/SITE/node.key   a site's private key (0600), when enroll made it
+    DIR/sites/SITE/node.pub   its public key (OpenSSH)
+
+Nothing here prints or logs a private key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clients.task.errors import ConfigError, FedloraError
+from clients.task.files import write_atomic
+from server import pki
+from server.harness.flower import VENV_BIN, flower_env, write_cli_connection
+from server.roster import Enrolment, Roster
+
+CONNECTION = "fedlora"
+DEFAULT_PORT = 9092
+# The same rule as site ids in metrics and logs: printable, no spaces, short.
+SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class FederationError(FedloraError):
+    """A federation command failed (the SuperLink refused or could not be reached)."""
+
+
+def check_site_id(site_id: str) -> str:
+    """Raises ConfigError unless ``site_id`` is 1-64 of letters, digits and ``._-``."""
+    if not (0 < len(site_id) <= 64) or not set(site_id) <= SITE_ID_CHARS or site_id[0] in ".-":
+        raise ConfigError(
+            f"site id {site_id!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(not starting with '.' or '-')"
+        )
+    return site_id
+
+
+@dataclass(frozen=True)
+class Federation:
+    """An initialised federation directory."""
+
+    directory: Path
+    address: str  # host:port the SuperNodes and the CLI dial
+    sans: tuple[str, ...]
+    connection: str = CONNECTION
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca.key"
+
+    @property
+    def superlink_cert(self) -> Path:
+        return self.directory / "superlink.pem"
+
+    @property
+    def superlink_key(self) -> Path:
+        return self.directory / "superlink.key"
+
+    @property
+    def roster_path(self) -> Path:
+        return self.directory / "roster.json"
+
+    @property
+    def cli_home(self) -> Path:
+        return self.directory / "flwr-home"
+
+    def site_dir(self, site_id: str) -> Path:
+        return self.directory / "sites" / check_site_id(site_id)
+
+    # ------------------------------------------------------------------ load
+
+    @classmethod
+    def load(cls, directory: Path) -> Federation:
+        """Read a directory made by `init_federation`.
+
+        Raises:
+            ConfigError: If it is not one.
+        """
+        meta = directory / "federation.json"
+        try:
+            data = json.loads(meta.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"{directory} is not a federation directory (no federation.json); "
+                "run `fedlora federation init` first"
+            ) from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{meta}: {exc}") from exc
+        return cls(
+            directory=directory,
+            address=str(data["address"]),
+            sans=tuple(data.get("sans", ())),
+            connection=str(data.get("connection", CONNECTION)),
+        )
+
+    def roster(self) -> Roster:
+        return Roster.load(self.roster_path) if self.roster_path.exists() else Roster()
+
+    # ------------------------------------------------------------------ commands to print
+
+    def superlink_command(
+        self, *, host: str = "0.0.0.0", port: int | None = None, database: str = "superlink.db"
+    ) -> list[str]:
+        """The ``flower-superlink`` command: TLS on every API and SuperNode authentication."""
+        return [
+            "flower-superlink",
+            "--ssl-ca-certfile",
+            str(self.ca_cert),
+            "--ssl-certfile",
+            str(self.superlink_cert),
+            "--ssl-keyfile",
+            str(self.superlink_key),
+            "--enable-supernode-auth",
+            "--host",
+            host,
+            "--port",
+            str(port or int(self.address.rsplit(":", 1)[1])),
+            "--database",
+            database,
+            "--disable-runtime-dependency-installation",
+        ]
+
+    def supernode_command(self, site_id: str, *, key_path: str, ca_path: str) -> list[str]:
+        """The site's ``flower-supernode`` command (paths as they are on the site)."""
+        return [
+            "flower-supernode",
+            "--superlink",
+            self.address,
+            "--root-certificates",
+            ca_path,
+            "--auth-supernode-private-key",
+            key_path,
+            "--node-config",
+            f"data-path='/data/{site_id}.jsonl' site-id='{site_id}' "
+            f"state-dir='/var/lib/fedlora/{site_id}'",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9094",
+        ]
+
+    # ------------------------------------------------------------------ the Control API
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Run a ``flwr`` command with ``--format json`` against this federation's SuperLink.
+
+        Raises:
+            FederationError: If it fails; the message holds Flower's own words.
+        """
+        try:
+            result = subprocess.run(
+                [str(VENV_BIN / "flwr"), *args, self.connection, "--format", "json"],
+                env=flower_env(self.cli_home),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FederationError(
+                f"`flwr {' '.join(args[:2])}` got no answer from {self.address} in {timeout:.0f}s"
+            ) from exc
+        try:
+            data = json.loads(result.stdout[result.stdout.find("{") :])
+        except json.JSONDecodeError:
+            data = {}
+        if result.returncode != 0 or not data.get("success", False):
+            detail = data.get("error-message") or (result.stderr or result.stdout).strip()[-400:]
+            raise FederationError(
+                f"`flwr {' '.join(args[:2])}` against {self.address} failed: {detail}"
+            )
+        return data
+
+    def enroll(self, site_id: str, *, public_key: Path | None = None) -> Enrolment:
+        """Register a site's public key with the SuperLink and put it on the roster.
+
+        Args:
+            site_id: The site's id in the run's records.
+            public_key: The site's OpenSSH public key, if the site made its own key pair;
+                otherwise one is made in ``sites/SITE/`` (private key 0600).
+
+        Raises:
+            ConfigError: If the site is enrolled already or the key is unreadable.
+            FederationError: If the SuperLink refuses the registration.
+        """
+        roster = self.roster()
+        if site_id in roster.sites:
+            raise ConfigError(
+                f"site {site_id!r} is enrolled already (node {roster.sites[site_id].node_id}); "
+                "revoke it first to enroll a new key"
+            )
+        site_dir = self.site_dir(site_id)
+        pub_path = site_dir / "node.pub"
+        if public_key is None:
+            key = pki.make_node_key()
+            pki.write_private_key(site_dir / "node.key", key, openssh=True)
+            pki.write_public(pub_path, pki.node_public_openssh(key.public_key()))
+        else:
+            try:
+                data = public_key.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"--public-key {public_key}: {exc}") from exc
+            if not data.startswith(b"ecdsa-sha2-nistp"):
+                raise ConfigError(
+                    f"--public-key {public_key} is not an OpenSSH NIST EC public key "
+                    "(ecdsa-sha2-nistp384 ...), which Flower's node authentication needs"
+                )
+            pki.write_public(pub_path, data)
+        answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
+        node_id = int(answer["node-id"])
+        roster = roster.enrol(
+            site_id, node_id=node_id, public_key=pki.fingerprint(pub_path.read_bytes())
+        )
+        roster.save(self.roster_path)
+        return roster.sites[site_id]
+
+    def revoke(self, site_id: str) -> int:
+        """Unregister a site's node at the SuperLink and take it off the roster.
+
+        The roster changes first: even if the SuperLink cannot be reached, the ServerApp
+        gives the site no more work from the next run (or resume) on.
+
+        Returns:
+            The node id that was revoked.
+
+        Raises:
+            ConfigError: If the site is not enrolled.
+            FederationError: If the SuperLink refuses (the roster is changed regardless).
+        """
+        roster = self.roster()
+        revoked = roster.revoke(site_id)
+        revoked.save(self.roster_path)
+        node_id = roster.sites[site_id].node_id
+        self.flwr("supernode", "unregister", str(node_id))
+        return node_id
+
+    def sites(self) -> list[dict[str, Any]]:
+        """The roster beside the SuperLink's nodes: enrolled sites, then nodes not enrolled.
+
+        Raises:
+            FederationError: If the SuperLink cannot be asked.
+        """
+        nodes = {int(n["node-id"]): n for n in self.flwr("supernode", "ls").get("nodes", [])}
+        roster = self.roster()
+        rows = []
+        for site, entry in sorted(roster.sites.items()):
+            node = nodes.pop(entry.node_id, None)
+            rows.append(
+                {
+                    "site": site,
+                    "node-id": entry.node_id,
+                    "public-key": entry.public_key,
+                    "status": node.get("status", "?") if node else "not registered",
+                }
+            )
+        for node_id, node in sorted(nodes.items()):
+            rows.append(
+                {
+                    "site": None,
+                    "node-id": node_id,
+                    "public-key": "",
+                    "status": f"{node.get('status', '?')}, NOT ON THE ROSTER (gets no work)",
+                }
+            )
+        return rows
+
+
+def init_federation(
+    directory: Path, *, address: str, sans: list[str], connection: str = CONNECTION
+) -> Federation:
+    """Make a federation directory: CA, SuperLink certificate, CLI connection, empty roster.
+
+    Args:
+        directory: Created with mode 0700; must not hold a federation already.
+        address: ``host:port`` that sites and the CLI dial (the host must be in ``sans``).
+        sans: Host names and IP addresses the SuperLink's certificate is valid for.
+
+    Raises:
+        ConfigError: For an existing federation, a bad address or SAN.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--address {address!r} must be HOST:PORT")
+    host = host.strip("[]")
+    if host not in sans:
+        sans = [host, *sans]
+    if (directory / "ca.key").exists() or (directory / "federation.json").exists():
+        raise ConfigError(f"{directory} holds a federation already; refusing to replace its CA")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    ca = pki.make_ca("fedlora federation CA")
+    fed = Federation(directory=directory, address=address, sans=tuple(sans), connection=connection)
+    pki.write_private_key(fed.ca_key, ca.key)
+    pki.write_public(fed.ca_cert, pki.certificate_pem(ca.certificate))
+    cert, key = pki.make_server_certificate(ca, sans=list(sans))
+    pki.write_private_key(fed.superlink_key, key)
+    pki.write_public(fed.superlink_cert, pki.certificate_pem(cert))
+    write_cli_connection(
+        fed.cli_home, fed.connection, address=address, root_certificates=fed.ca_cert
+    )
+    Roster().save(fed.roster_path)
+    meta = {"address": address, "sans": list(sans), "connection": fed.connection}
+    write_atomic(directory / "federation.json", (json.dumps(meta, indent=2) + "\n").encode())
+    return fed
+
+
+def shell(command: list[str]) -> str:
+    """A command as one copy-pasteable shell line."""
+    return " ".join(shlex.quote(part) for part in command)
+
+
+def private_key_mode_ok(path: Path) -> bool:
+    """Whether a key file is readable by its owner only."""
+    return (os.stat(path).st_mode & 0o077) == 0

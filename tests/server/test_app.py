@@ -1,0 +1,46 @@
+"""The ServerApp under ``flwr run``: a refused run reads as one line, not a traceback."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shlex
+from types import SimpleNamespace
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from clients.task.errors import ConfigError
+from clients.task.labels import parse_label_set
+from server.app import DEPLOYMENT_LABELS, OneLineRefusal, main
+
+
+def test_a_classification_run_without_labels_says_how_to_get_them() -> None:
+    with pytest.raises(ConfigError) as refused:
+        main(None, SimpleNamespace(run_config={"task": "sequence-classification"}))  # type: ignore[arg-type]
+
+    assert str(refused.value) == DEPLOYMENT_LABELS
+    assert "fedlora site check" in DEPLOYMENT_LABELS
+    # The example it gives is a valid --run-config argument.
+    (word,) = shlex.split(DEPLOYMENT_LABELS.rsplit("--run-config ", 1)[1])
+    assert parse_label_set(parse_config_args([word])["labels"]) == ("a", "b")
+
+
+def test_flower_s_log_of_a_refused_run_is_one_line() -> None:
+    """Flower logs a ServerApp's exception with exc_info; a FedloraError stays one line."""
+    logger = logging.getLogger("tests.flwr-like")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.addFilter(OneLineRefusal())
+    try:
+        for error in (ConfigError(DEPLOYMENT_LABELS), RuntimeError("a bug")):
+            try:
+                raise error
+            except Exception as exc:
+                logger.error("%s raised an exception", "ServerApp", exc_info=exc)
+    finally:
+        logger.removeHandler(handler)
+    refused, bug = stream.getvalue().split("ServerApp raised an exception", 1)
+    assert refused == f"fedlora run FAILED: {DEPLOYMENT_LABELS}\n"
+    assert "Traceback" in bug  # anything else keeps its traceback

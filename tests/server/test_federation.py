@@ -1,0 +1,68 @@
+"""``fedlora federation init``'s directory and commands (enrolment against a real SuperLink
+is in tests/integration/test_federation.py), the progress lines and the URI redaction."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from clients.task.errors import ConfigError
+from server.app import redact_uri
+from server.federation import Federation, check_site_id, init_federation
+from server.local import progress_line
+from server.record import RoundRecord
+
+
+def test_init_makes_a_private_directory_with_0600_keys_and_a_tls_cli_connection(
+    tmp_path: Path,
+) -> None:
+    fed = init_federation(tmp_path / "fed", address="link.example.org:9092", sans=["10.0.0.5"])
+    assert stat.S_IMODE(fed.directory.stat().st_mode) == 0o700
+    for key in (fed.ca_key, fed.superlink_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(fed.superlink_cert.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    cli = (fed.cli_home / "config.toml").read_text()
+    assert 'address = "link.example.org:9092"' in cli and str(fed.ca_cert) in cli
+    assert "insecure" not in cli
+    assert Federation.load(fed.directory) == fed
+    command = fed.superlink_command()
+    assert "--enable-supernode-auth" in command and "--insecure" not in command
+    assert command[command.index("--port") + 1] == "9092"
+    with pytest.raises(ConfigError, match="holds a federation already"):
+        init_federation(fed.directory, address="link.example.org:9092", sans=[])
+
+
+def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must be HOST:PORT"):
+        init_federation(tmp_path / "fed", address="link.example.org", sans=[])
+    with pytest.raises(ConfigError, match=r"site id '\.\./x'"):
+        check_site_id("../x")
+    assert check_site_id("hospital-a.eu_1") == "hospital-a.eu_1"
+
+
+def test_the_round_summary_says_what_happened() -> None:
+    record = RoundRecord(round=2, sampled=3, replies=2, sites=2, accuracy=0.8125, epsilon=1.5)
+    record.delta = 1e-5
+    record.failed_site("site-3", "no reply before timeout")
+    record.finish()
+    line = record.summary(5)
+    assert line.startswith("round 2/5 done in ")
+    assert "3 sampled, 2 replied, 2 accepted, 0 rejected, 1 failed, 0 refused" in line
+    assert "accuracy 0.8125" in line and "ε 1.5 (δ 1e-05)" in line
+    assert line.endswith("site-3: no reply before timeout")
+
+
+def test_progress_shows_fedloras_lines_and_problems_only() -> None:
+    assert progress_line("INFO : fedlora: round 1/3: training on 3") == "round 1/3: training on 3"
+    assert progress_line("INFO :      [ROUND 1]") is None
+    assert progress_line("ERROR : ServerApp raised") == "ERROR : ServerApp raised"
+
+
+def test_a_password_in_a_tracking_uri_is_never_shown() -> None:
+    assert redact_uri("http://pub:s3cret@registry:5000") == "http://pub:***@registry:5000"
+    assert redact_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"

@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,166 @@ def _accuracy(loaded: Any, state: dict, examples: list[Any], max_length: int) ->
     return evaluate(loaded, examples, batch_size=64, max_length=max_length).accuracy
 
 
+HEAD_MARK = "modules_to_save"  # PEFT's name part of the classification head's tensors
+
+
+def _norms(state: dict, init: dict) -> dict[str, float]:
+    """L2 distance from the initial adapter, of the LoRA tensors and of the head."""
+    import numpy as np
+
+    def dist(head: bool) -> float:
+        return float(
+            np.sqrt(
+                sum(
+                    float(np.sum((state[k].astype(np.float64) - init[k]) ** 2))
+                    for k in state
+                    if (HEAD_MARK in k) == head
+                )
+            )
+        )
+
+    return {"b_norm": dist(False), "head_norm": dist(True)}
+
+
+def _per_label(loaded: Any, state: dict, examples: list[Any], max_length: int) -> dict:
+    """label -> [correct, total] on `examples` (the final round's diagnosis)."""
+    import torch
+
+    from clients.task.model import load_trainable_state
+    from clients.task.train import encode
+
+    load_trainable_state(loaded.model, state)
+    loaded.model.eval()
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with torch.no_grad():
+        for start in range(0, len(examples), 64):
+            chunk = examples[start : start + 64]
+            inputs = encode(loaded, chunk, max_length=max_length)
+            pred = loaded.model(**inputs).logits.argmax(-1)
+            for example, ok in zip(chunk, (pred == inputs["labels"]).tolist(), strict=True):
+                out[example.label][0] += int(ok)
+                out[example.label][1] += 1
+    return dict(out)
+
+
+def probe(
+    loaded: Any,
+    state: dict,
+    *,
+    union: list[Any],
+    val: list[Any],
+    max_length: int,
+    epochs: Sequence[int] = (5, 50),
+    learning_rate: float = 5e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How good are the LoRA features of `state`, apart from its head?
+
+    A linear probe: the body (base + the state's LoRA tensors) is frozen, its pooled
+    features computed once, and a freshly initialised head (the run's seeded init) is
+    trained on the union with AdamW at the run's lr and batch size; validation accuracy
+    after each of `epochs`. Also the accuracy of the state's own head on those features.
+    """
+    import torch
+
+    from clients.task.model import _seeded_init, load_trainable_state
+    from clients.task.train import encode
+
+    load_trainable_state(loaded.model, state)
+    model = loaded.model.eval()
+    inner = model.base_model.model  # BertForSequenceClassification
+
+    def features(examples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        with torch.no_grad():
+            for start in range(0, len(examples), 64):
+                inputs = encode(loaded, examples[start : start + 64], max_length=max_length)
+                labels.append(inputs.pop("labels"))
+                feats.append(inner.bert(**inputs).pooler_output)  # (batch, hidden)
+        return torch.cat(feats), torch.cat(labels)
+
+    xtr, ytr = features(union)
+    xva, yva = features(val)
+    head = inner.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        own = float((head(xva).argmax(-1) == yva).float().mean())
+    saved = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    _seeded_init(model, seed=seed)  # the run's initial head (and B, reloaded below)
+    linear = torch.nn.Linear(xtr.shape[1], len(loaded.spec.labels))
+    linear.load_state_dict({k: v.detach().clone() for k, v in head.state_dict().items()})
+    head.load_state_dict(saved)
+    load_trainable_state(loaded.model, state)
+    opt = torch.optim.AdamW(linear.parameters(), lr=learning_rate, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    out = {"own_head": own}
+    for epoch in range(1, max(epochs) + 1):
+        for idx in torch.randperm(len(ytr), generator=gen).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(linear(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch in epochs:
+            with torch.no_grad():
+                out[f"probe_{epoch}"] = float((linear(xva).argmax(-1) == yva).float().mean())
+    return out
+
+
+# Experimental knobs the simulator understands before they are run-config keys
+# (``--config 'NAME:sim.lora-lr=3'``); removed from the overrides before RunSettings.
+SIM_KEYS: dict[str, Any] = {
+    "sim.keep-optimizer": False,  # sites keep their AdamW state across rounds
+    "sim.lora-lr": 1.0,  # server lr on the LoRA tensors' pseudo-gradient (head unchanged)
+    "sim.lora-weighting": "",  # "examples" or "uniform": the LoRA mean's weights
+    "sim.lora-adam": 0.0,  # > 0: FedAdam (this η) on the LoRA tensors only
+    "sim.lora-adam-tau": 1e-3,
+    "sim.lora-adam-beta1": 0.9,
+    "sim.lora-yogi": False,  # Yogi's second moment in the LoRA FedAdam
+}
+
+
+def _lora_step(
+    state: dict,
+    new: dict,
+    updates: list[Any],
+    sim: dict[str, Any],
+    moments: dict[str, Any],
+) -> dict:
+    """The LoRA tensors' server step of the experimental knobs (head: `new` as given)."""
+    import numpy as np
+
+    if sim["sim.lora-weighting"]:
+        w = np.array(
+            [u.num_examples if sim["sim.lora-weighting"] == "examples" else 1 for u in updates],
+            dtype=np.float64,
+        )
+        w = w / w.sum()
+    out = dict(new)
+    for k in state:
+        if HEAD_MARK in k:
+            continue
+        old = state[k].astype(np.float64)
+        if sim["sim.lora-weighting"]:
+            mean = sum(wi * u.state[k].astype(np.float64) for wi, u in zip(w, updates, strict=True))
+        else:
+            mean = new[k].astype(np.float64)
+        delta = mean - old
+        if sim["sim.lora-adam"] > 0:
+            b1 = sim["sim.lora-adam-beta1"]
+            m = b1 * moments.get("m" + k, 0.0) + (1 - b1) * delta
+            v_prev = moments.get("v" + k, np.zeros_like(delta))
+            if sim["sim.lora-yogi"]:
+                v = v_prev - (1 - 0.99) * delta**2 * np.sign(v_prev - delta**2)
+            else:
+                v = 0.99 * v_prev + (1 - 0.99) * delta**2
+            moments["m" + k], moments["v" + k] = m, v
+            step = sim["sim.lora-adam"] * m / (np.sqrt(v) + sim["sim.lora-adam-tau"])
+        else:
+            step = sim["sim.lora-lr"] * delta
+        out[k] = (old + step).astype(state[k].dtype)
+    return out
+
+
 def run_federated(
     overrides: dict[str, Any],
     *,
@@ -109,12 +269,20 @@ def run_federated(
     from clients.task.train import train_local
     from strategies.strategy import SiteUpdate
 
+    sim = SIM_KEYS | {k: v for k, v in overrides.items() if k in SIM_KEYS}
+    overrides = {k: v for k, v in overrides.items() if k not in SIM_KEYS}
+    experimental = sim != SIM_KEYS and any(
+        sim[k] != SIM_KEYS[k] for k in SIM_KEYS if k != "sim.keep-optimizer"
+    )
     settings = _settings(overrides, labels=labels, rounds=rounds, sites=len(sites))
     loaded = _model(settings.spec)
     from clients.task.model import _seeded_init
 
+    site_optimizers: dict[str, Any] = {}
+    moments: dict[str, Any] = {}
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
     state = trainable_state(loaded.model)
+    init = {k: v.astype("float64") for k, v in state.items()}
     strategy = settings.bounded(settings.strategy())  # robust.* as the round loop applies it
     optimizer = settings.server_optimizer
     server_state: dict[str, Any] = {}
@@ -132,7 +300,10 @@ def run_federated(
                 examples,
                 plan=plan,
                 generator=_generator(settings.spec.seed, server_round, site),
+                optimizer_state=site_optimizers.get(site),
             )
+            if sim["sim.keep-optimizer"]:
+                site_optimizers[site] = result.optimizer_state
             updates.append(
                 SiteUpdate(
                     site=site,
@@ -142,13 +313,14 @@ def run_federated(
                 )
             )
         outcome = strategy.aggregate(server_round, state, updates)
-        state, server_state = optimizer.step(
+        new, server_state = optimizer.step(
             state,
             outcome.state,
             server_state,
             spread=outcome.spread,
             num_updates=len(outcome.accepted),
         )
+        state = _lora_step(state, new, updates, sim, moments) if experimental else new
         eta = float(server_state["eta"][0]) if "eta" in server_state else None
         history.append(
             {
@@ -158,13 +330,14 @@ def run_federated(
                 "train_loss": statistics.fmean(u.metrics["train-loss"] for u in updates),
                 "eta": eta,
             }
+            | _norms(state, init)
         )
         print(
             f"    round {server_round}: val {history[-1]['val']:.3f} "
             f"test {history[-1]['test']:.3f} loss {history[-1]['train_loss']:.3f} eta {eta}",
             file=sys.stderr,
         )
-    return {"history": history, "seconds": time.perf_counter() - started}
+    return {"history": history, "seconds": time.perf_counter() - started, "state": state}
 
 
 def run_centralized(
@@ -186,6 +359,7 @@ def run_centralized(
     settings = _settings(overrides, labels=labels, rounds=1, sites=2)
     loaded = _model(settings.spec)
     _seeded_init(loaded.model, seed=settings.spec.seed)
+    init = {k: v.astype("float64") for k, v in trainable_state(loaded.model).items()}
     plan = TrainPlan.from_config(
         settings.plan(1).to_config() | {"local_epochs": passes, "local_steps": 0}
     )
@@ -202,6 +376,7 @@ def run_centralized(
                 "val": _accuracy(loaded, state, val, plan.max_length),
                 "test": _accuracy(loaded, state, test, plan.max_length),
             }
+            | _norms(state, init)
         )
         print(f"    epoch {len(history)}: val {history[-1]['val']:.3f}", file=sys.stderr)
         loaded.model.train()
@@ -214,7 +389,47 @@ def run_centralized(
         generator=torch.Generator().manual_seed(settings.spec.seed),
         on_step=on_step,
     )
-    return {"history": history, "seconds": time.perf_counter() - started}
+    return {
+        "history": history,
+        "seconds": time.perf_counter() - started,
+        "state": trainable_state(loaded.model),
+    }
+
+
+def finish(
+    row: dict[str, Any],
+    overrides: dict[str, Any],
+    *,
+    save_dir: Path | None,
+    diagnose: bool,
+    labels: Sequence[str],
+    union: list[Any],
+    val: list[Any],
+) -> dict[str, Any]:
+    """Take the final tensors out of a run's row: save them, diagnose them."""
+    state = row.pop("state")
+    if save_dir is not None:
+        import numpy as np
+
+        save_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(save_dir / f"{row['data']}-{row['seed']}-{row['config']}.npz", **state)
+    if diagnose:
+        plain = {k: v for k, v in overrides.items() if k not in SIM_KEYS}
+        settings = _settings(plain, labels=labels, rounds=1, sites=2)
+        loaded = _model(settings.spec)
+        row["per_label"] = _per_label(loaded, state, val, settings.max_length)
+        row["probe"] = probe(
+            loaded,
+            state,
+            union=union,
+            val=val,
+            max_length=settings.max_length,
+            learning_rate=settings.learning_rate,
+            batch_size=settings.batch_size,
+            seed=row["seed"],
+        )
+        print(f"    probe {row['probe']}", file=sys.stderr)
+    return row
 
 
 def parse_config(text: str) -> tuple[str, dict[str, Any]]:
@@ -289,6 +504,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="data-set name suffix in the results")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--summary", type=Path, default=None, help="print a results file's table")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also record per-label val accuracy and a linear probe of each run's features",
+    )
+    p.add_argument(
+        "--save-states", type=Path, default=None, help="directory for each run's final tensors"
+    )
     args = p.parse_args(argv)
     if args.summary:
         summary(args.summary)
@@ -347,6 +570,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "labels": len(labels),
             "train_rows": len(union),
         }
+        if args.diagnose:
+            holders: dict[str, set[str]] = defaultdict(set)
+            for site, ex in sites:
+                for e in ex:
+                    holders[e.label].add(site)
+            common["label_sites"] = {k: len(v) for k, v in sorted(holders.items())}
+            common["label_count"] = dict(sorted(Counter(e.label for e in union).items()))
+
+        keep = {
+            "save_dir": args.save_states,
+            "diagnose": args.diagnose,
+            "labels": labels,
+            "union": union,
+            "val": val,
+        }
         for text in args.central:
             cname, overrides = parse_config(text)
             print(f"  centralized {cname} {overrides}", file=sys.stderr)
@@ -360,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 passes=args.rounds,
             )
             row = common | {"config": f"central-{cname}", "overrides": overrides} | result
+            row = finish(row, overrides | {"seed": seed}, **keep)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"    best val {max(h['val'] for h in result['history']):.3f}", file=sys.stderr)
@@ -376,6 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds=args.rounds,
             )
             row = common | {"config": cname, "overrides": overrides} | result
+            row = finish(row, overrides | {"seed": seed}, **keep)
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
     return 0

@@ -71,6 +71,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
     "server.aggregate": (str, "sum-head", "mean (FedAvg), sum, or sum-head of the updates"),
+    "server.lora-scale": (float, 1.0, "server step of the LoRA tensors (not the head) x this"),
     "registry.model-name": (str, "", "publish the final adapter as this registered model"),
     "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),
     "registry.passphrase-env": (str, "FEDLORA_KEY_PASSPHRASE", "variable holding its passphrase"),

@@ -312,6 +312,7 @@ class RunSettings:
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
                 aggregate=v["server.aggregate"],
+                lora_scale=v["server.lora-scale"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
             out_dir=Path(v["out-dir"]).expanduser(),
@@ -447,6 +448,7 @@ class RunSettings:
             "server.learning-rate": opt.learning_rate,
             "server.momentum": opt.momentum,
             "server.aggregate": opt.aggregate,
+            "server.lora-scale": opt.lora_scale,
             "registry.model-name": pub.model_name if pub else "",
             "registry.signing-key": str(pub.signing_key) if pub else "",
             "registry.passphrase-env": pub.passphrase_env

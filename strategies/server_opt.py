@@ -21,7 +21,15 @@ label-skewed sites, where each round's average moves only a little:
   sites hold, whose averaged change is diluted by every other site) move as fast as the
   rest.
 
-``sgd`` with ``learning_rate=1, momentum=0`` is plain FedAvg and returns the average
+``lora_scale`` multiplies the step of the LoRA tensors (everything but the classification
+head, `HEAD_MARK`) by a server learning rate of their own. A round's mean of the sites'
+LoRA updates moves the adapter by about one site's local steps while the round consumed
+every site's data; a server step size above 1 on that pseudo-gradient (Reddi et al. 2021,
+eta_g; Malinovsky et al. 2023, "Server-Side Stepsizes and Sampling Without Replacement
+Provably Help in Federated Optimization") recovers part of that, and a separate one
+leaves the head, which ``sum-head`` already scales by the number of sites, as it is.
+
+``sgd`` with ``learning_rate=1, momentum=0, lora_scale=1`` is plain FedAvg and returns the average
 unchanged, keeping no state. Both steps are elementwise functions of the averaged
 update, so they only need what secure aggregation reveals (the sum).
 """
@@ -56,12 +64,16 @@ class ServerOptimizer:
         learning_rate: Server step size (eta_g); ``sgd`` with 1.0 and no momentum is FedAvg.
         momentum: Heavy-ball coefficient for ``sgd``, first-moment decay (beta1) for
             ``adam``; in [0, 1).
+        aggregate: What the pseudo-gradient is (`AGGREGATES`).
+        lora_scale: Multiplies ``learning_rate`` for every tensor but the
+            classification head (the LoRA tensors); 1.0 steps them like the head.
     """
 
     kind: str = "sgd"
     learning_rate: float = 1.0
     momentum: float = 0.0
     aggregate: str = "mean"
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # Messages name the run-config keys these come from (server.*).
@@ -75,6 +87,8 @@ class ServerOptimizer:
             raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be > 0")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"server.momentum={self.momentum!r} must be in [0, 1)")
+        if not self.lora_scale > 0:
+            raise ConfigError(f"server.lora-scale={self.lora_scale!r} must be > 0")
 
     @property
     def is_identity(self) -> bool:
@@ -83,7 +97,12 @@ class ServerOptimizer:
             and self.learning_rate == 1.0
             and self.momentum == 0.0
             and self.aggregate == "mean"
+            and self.lora_scale == 1.0
         )
+
+    def rate(self, name: str) -> float:
+        """The server learning rate of tensor `name`: ``lora_scale`` times more off the head."""
+        return self.learning_rate * (1.0 if HEAD_MARK in name else self.lora_scale)
 
     @property
     def needs_spread(self) -> bool:
@@ -136,7 +155,7 @@ class ServerOptimizer:
                 step = m / (np.sqrt(v) + TAU)
             if self.kind == "adam" or beta1 > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
-            new_tensors[name] = (base + self.learning_rate * step).astype(current[name].dtype)
+            new_tensors[name] = (base + self.rate(name) * step).astype(current[name].dtype)
         return new_tensors, new_state
 
     def _fedexp_step(
@@ -160,7 +179,7 @@ class ServerOptimizer:
             if self.momentum > 0:
                 new_state[f"m::{name}"] = m.astype(np.float32)
             base = current[name].astype(np.float64)
-            new_tensors[name] = (base + self.learning_rate * m).astype(current[name].dtype)
+            new_tensors[name] = (base + self.rate(name) * m).astype(current[name].dtype)
         return new_tensors, new_state
 
 

@@ -38,6 +38,8 @@ class TrainResult:
     steps: int
     num_examples: int
     seconds: float
+    # The AdamW state after training (moments, step counts), for a site that keeps it.
+    optimizer_state: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def train_local(
     generator: torch.Generator,
     on_step: Callable[[int, int], None] | None = None,
     dp: SampleDP | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train the trainable tensors on local examples.
 
@@ -139,6 +142,8 @@ def train_local(
         on_step: Called with (step, total_steps) after each optimiser step.
         dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py);
             its noise is always drawn from the OS CSPRNG, whatever ``generator`` is.
+        optimizer_state: An AdamW ``state_dict`` from this site's previous round, to
+            continue its moments instead of starting them at zero.
     """
     import time
 
@@ -151,6 +156,8 @@ def train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     logit_scale = _fedrs_scale(loaded, examples, plan)
     logit_shift = _fedlc_shift(loaded, examples, plan)
     steps_per_epoch = math.ceil(len(examples) / plan.batch_size)
@@ -198,6 +205,7 @@ def train_local(
         steps=step,
         num_examples=len(examples),
         seconds=time.perf_counter() - started,
+        optimizer_state=optimizer.state_dict(),
     )
 
 

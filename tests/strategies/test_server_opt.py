@@ -134,3 +134,27 @@ def test_sum_head_sums_only_the_classification_head() -> None:
 
     np.testing.assert_allclose(new[head], [1.0])
     np.testing.assert_allclose(new[lora], [2.0])
+
+
+def test_lora_scale_steps_the_lora_tensors_further_and_leaves_the_head() -> None:
+    # sum-head over two sites with lora_scale 3: the head moves by the sum of its updates
+    # (2 · 0.5 = +1, as without the scale); B by 3 × its mean update (+2) = +6.
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    lora = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight"
+    current = {head: np.zeros(1, np.float32), lora: np.ones(1, np.float32)}
+    mean = {head: np.array([0.5], np.float32), lora: np.array([3.0], np.float32)}
+    opt = ServerOptimizer(aggregate="sum-head", lora_scale=3.0)
+
+    new, _ = opt.step(current, mean, {}, num_updates=2)
+
+    np.testing.assert_allclose(new[head], [1.0])
+    np.testing.assert_allclose(new[lora], [1.0 + 3 * 2.0])
+    assert not ServerOptimizer(lora_scale=2.0).is_identity
+    # With momentum the scale multiplies the whole heavy-ball step, as the server lr does.
+    w1, s1 = ServerOptimizer(momentum=0.5, lora_scale=2.0).step(
+        {lora: np.zeros(1, np.float32)}, {lora: np.ones(1, np.float32)}, {}
+    )
+    w2, _ = ServerOptimizer(momentum=0.5, lora_scale=2.0).step(w1, {lora: w1[lora] + 1}, s1)
+    np.testing.assert_allclose(w2[lora], [2.0 + 2.0 * 1.5])
+    with pytest.raises(ConfigError, match=r"server\.lora-scale=0\.0"):
+        ServerOptimizer(lora_scale=0.0)

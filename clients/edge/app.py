@@ -15,7 +15,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +33,9 @@ from clients.edge.guards import (
     Text,
     validation_detail,
 )
+from clients.edge.hybrid import HybridRouter, summary
 from clients.edge.node import EdgeNode
-from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes
+from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes, served_headers
 from clients.edge.refresher import Refresher
 from clients.edge.routing import check_texts, find_slot, submit_to
 from clients.edge.runtime import PromptTooLong
@@ -48,6 +49,9 @@ class PredictRequest(BaseModel):
 
     model: Text | None = Field(None, description="model name; optional when one is served")
     texts: list[Text] = Field(..., description="texts to classify")
+    residency: Literal["local-only", "any"] | None = Field(
+        None, description="local-only: never sent upstream, whatever the node's policy allows"
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -92,16 +96,24 @@ def _handlers(app: FastAPI) -> None:
         return SafeJSONResponse({"detail": str(exc)}, 400)
 
 
-def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
+def _bearer(authorization: str | None) -> str | None:
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    return given or None
+
+
+def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None = None) -> FastAPI:
+    """The node's app; ``router`` escalates classifications (default: from its settings)."""
     refresher = Refresher(
         node.refresh_all, poll_seconds=node.settings.poll_seconds if poll else None
     )
+    router = router or HybridRouter.from_settings(node.settings, node.metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         refresher.start()
         yield
         refresher.stop()
+        await router.close()
 
     app = FastAPI(
         title="fedlora edge node",
@@ -112,30 +124,49 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         redoc_url=None,
     )
     serve_docs(app)
-    app.state.node, app.state.refresher = node, refresher
+    app.state.node, app.state.refresher, app.state.router = node, refresher, router
     settings = node.settings
     # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts
     max_body = settings.max_items * settings.max_text_chars * 4 + 65536
     app.add_middleware(RequestMetrics, metrics=node.metrics)
     app.add_middleware(BodyLimit, max_bytes=max_body)  # outermost: before anything reads
     _handlers(app)
-    app.include_router(openai_routes(node))
+    app.include_router(openai_routes(node, router))
 
     @app.post("/v1/predict")
-    async def predict(body: PredictRequest, request: Request) -> Response:
-        """Classify texts with the model's active release: label and scores per text."""
+    async def predict(
+        body: PredictRequest, request: Request, authorization: str | None = Header(None)
+    ) -> Response:
+        """Classify texts with the model's active release: label and scores per text.
+
+        With ``--upstream``, a text whose top score is below ``--escalate-below`` may be
+        answered upstream (`clients.edge.hybrid`); ``served_by`` and ``reason`` say who
+        answered and why, for the response and for each prediction. The bearer token is
+        the client's API key for the burst budget; it never travels upstream."""
         check_texts(body.texts, node)
         slot = find_slot(node, body.model)
         request.state.model = slot.ref.name
         release, future = await submit_to(
             slot, "sequence-classification", lambda r: r.submit_predict(body.texts)
         )
-        predictions = await asyncio.wrap_future(future)
+        local = await asyncio.wrap_future(future)
+        predictions = await router.route(
+            model=slot.ref.name,
+            texts=body.texts,
+            predictions=local,
+            residency=body.residency,
+            api_key=_bearer(authorization),
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
+        )
+        served_by, reason = summary(predictions)
         # Plain JSON types already: answered as they are, without FastAPI's re-encoding.
-        return SafeJSONResponse({
+        return SafeJSONResponse(headers=served_headers(served_by, reason), content={
             "model": slot.ref.name,
             "version": release.version,
             "digest": release.verified.digest,
+            "served_by": served_by,
+            "reason": reason,
             "predictions": predictions,
         })  # fmt: skip
 
@@ -158,8 +189,9 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
     @app.get("/healthz")
     def healthz() -> Response:
         """ok: every model serves its registry alias; degraded: serving, but stale or
-        offline; unavailable: nothing verified to serve (503)."""
-        health = node.health()
+        offline; unavailable: nothing verified to serve (503). ``routing``: the upstream,
+        the residency policy in force and the circuit breaker's state."""
+        health = node.health() | {"routing": router.health()}
         return SafeJSONResponse(
             health, status_code=503 if health["status"] == "unavailable" else 200
         )
@@ -181,7 +213,7 @@ def create_app(node: EdgeNode, *, poll: bool = True) -> FastAPI:
         token = settings.admin_token
         if token is None:
             raise HTTPException(403, "refresh is disabled: start the node with FEDLORA_EDGE_TOKEN")
-        given = (authorization or "").removeprefix("Bearer ").strip()
+        given = _bearer(authorization) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong admin token")
         try:

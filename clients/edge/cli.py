@@ -13,7 +13,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from clients.edge.settings import TOKEN_ENV, EdgeSettings, ModelRef
+from clients.edge.settings import (
+    DEFAULT_ESCALATE_BELOW,
+    TOKEN_ENV,
+    UPSTREAM_KEY_ENV,
+    EdgeSettings,
+    ModelRef,
+)
 from clients.task.choices import DEFAULT_BASE
 from clients.task.errors import ConfigError
 
@@ -94,6 +100,53 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         default=2.0,
         help="how long a batch may wait for more requests while others wait (default: %(default)s)",
     )
+    routing = serve.add_argument_group(
+        "hybrid routing",
+        "Escalate low-confidence classifications to an upstream fedlora node where the "
+        f"residency policy allows and the burst budget remains; its key comes from "
+        f"${UPSTREAM_KEY_ENV}. Without --policy nothing leaves.",
+    )
+    routing.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="base URL of the upstream node, e.g. https://cloud:8080 "
+        "(default: none, everything is answered here)",
+    )
+    routing.add_argument(
+        "--upstream-model",
+        metavar="NAME",
+        help="model to ask upstream (default: the local model's name)",
+    )
+    routing.add_argument(
+        "--escalate-below",
+        type=float,
+        default=DEFAULT_ESCALATE_BELOW,
+        metavar="P",
+        help="escalate answers whose top score is below P "
+        "(default: %(default)s, chosen with scripts/bench_hybrid.py)",
+    )
+    routing.add_argument(
+        "--policy", metavar="FILE", help="residency policy (TOML; default: nothing leaves the node)"
+    )
+    routing.add_argument(
+        "--upstream-timeout-s",
+        type=float,
+        default=2.0,
+        help="deadline of each upstream call (default: %(default)s)",
+    )
+    routing.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=3,
+        help="upstream failures in a row that open the circuit breaker (default: %(default)s)",
+    )
+    routing.add_argument(
+        "--breaker-backoff-s",
+        type=float,
+        default=5.0,
+        help="first back-off of an open breaker; doubles while the upstream "
+        "stays down, up to 300 s (default: %(default)s)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
@@ -135,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from clients.edge.app import create_app
     from clients.edge.node import EdgeNode
+    from clients.edge.residency import ResidencyPolicy
 
     settings = EdgeSettings(
         models=tuple(ModelRef.parse(m) for m in args.model),
@@ -156,12 +210,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,
+        upstream=args.upstream,
+        upstream_model=args.upstream_model,
+        escalate_below=args.escalate_below,
+        policy=Path(args.policy) if args.policy else None,
+        upstream_timeout_s=args.upstream_timeout_s,
+        breaker_failures=args.breaker_failures,
+        breaker_backoff_s=args.breaker_backoff_s,
+        upstream_key=EdgeSettings.upstream_key_from_env(),
     )
+    router_policy = ResidencyPolicy.load(settings.policy) if settings.policy else None
     node = EdgeNode(settings)
     node.start()
     for name, model in node.health()["models"].items():
         err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
                   + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
+    if settings.upstream:
+        err.print(
+            f"escalating below {settings.escalate_below} to {settings.upstream}; policy: "
+            + (router_policy.source if router_policy else "none, nothing leaves")
+        )
     err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
     uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning")
     return 0

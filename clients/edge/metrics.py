@@ -59,3 +59,41 @@ class EdgeMetrics:
             ["model"],
             registry=self.registry,
         )
+        # Hybrid routing (clients.edge.hybrid); every label value comes from a fixed set
+        # or the operator's policy file, never from a client.
+        self.routed = Counter(
+            "fedlora_edge_routed",
+            "Classifications by who served them and why (escalations by reason)",
+            ["served_by", "reason"],
+            registry=self.registry,
+        )
+        self.policy_blocks = Counter(
+            "fedlora_edge_policy_blocks",
+            "Texts kept local by a residency content rule, by rule",
+            ["rule"],
+            registry=self.registry,
+        )
+        self.budget_refusals = Counter(
+            "fedlora_edge_budget_refusals",
+            "Escalations refused by the burst budget, by ceiling (key or global)",
+            ["scope"],
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "fedlora_edge_upstream_seconds",
+            "Upstream call latency by outcome (ok or error)",
+            ["outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "fedlora_edge_upstream_errors",
+            "Failed upstream calls by kind (timeout, connect, status, answer)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.breaker_open = Gauge(
+            "fedlora_edge_upstream_breaker_open",
+            "1 while the upstream circuit breaker is open or half-open",
+            registry=self.registry,
+        )

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clients.edge.generation import Completion, Sampling
 from clients.edge.guards import SafeJSONResponse, Text
+from clients.edge.hybrid import LOCAL, UPSTREAM, HybridRouter
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.routing import submit_to
 from clients.edge.runtime import LoadedRelease
@@ -69,6 +70,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1")
     user: Text | None = Field(None, max_length=256)
+    residency: Literal["local-only", "any"] | None = Field(
+        None, description="fedlora: local-only is never sent upstream (not sent on either)"
+    )
 
 
 class CompletionRequest(_Common):
@@ -149,7 +153,14 @@ class _Stream:
         )
 
 
-def openai_routes(node: EdgeNode) -> APIRouter:
+def served_headers(served_by: str, reason: str) -> dict[str, str]:
+    """Who answered and why, also for streamed answers (whose body has no room for it)."""
+    return {"X-Fedlora-Served-By": served_by, "X-Fedlora-Reason": reason}
+
+
+def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
+    """The OpenAI-compatible routes; a model the residency policy marks with
+    ``generation = "upstream"`` is answered upstream when allowed (`HybridRouter`)."""
     router = APIRouter()
     settings = node.settings
 
@@ -193,6 +204,32 @@ def openai_routes(node: EdgeNode) -> APIRouter:
             raise HTTPException(404, f"model {model!r} is not served")
         return found
 
+    async def escalate(
+        request: Request,
+        slot: ModelSlot,
+        body: _Common,
+        texts: list[str],
+        rewrite: Callable[[dict[str, Any], list[str]], dict[str, Any]],
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The upstream's answer when the policy sends this request there, and the reason."""
+        sent = body.model_dump(exclude_unset=True, exclude={"residency"})
+
+        def build(redacted: list[str]) -> dict[str, Any]:
+            return rewrite(sent, redacted)
+
+        authorization = request.headers.get("authorization") or ""
+        return await hybrid.route_generation(
+            model=slot.ref.name,
+            path=request.url.path,
+            texts=texts,
+            body=build,
+            stream=body.stream,
+            residency=body.residency,
+            api_key=authorization.removeprefix("Bearer ").strip() or None,
+            traceparent=request.headers.get("traceparent"),
+            tracestate=request.headers.get("tracestate"),
+        )
+
     async def respond(
         slot: ModelSlot,
         prompts: list[str | list[dict[str, str]]],
@@ -201,10 +238,19 @@ def openai_routes(node: EdgeNode) -> APIRouter:
         shape: Callable[[str, int, str | None, bool], dict[str, Any]],
         whole: Callable[[list[Completion]], list[dict[str, Any]]],
         kind: str,
+        routed: tuple[dict[str, Any] | None, str],
     ) -> Response:
-        """Queue, then answer whole or as a stream; ``shape`` builds one choice of a chunk."""
+        """Queue, then answer whole or as a stream; ``shape`` builds one choice of a chunk.
+
+        ``routed`` is `escalate`'s answer: an upstream answer is returned as it is, marked.
+        """
+        remote, reason = routed
+        if remote is not None:
+            served = {"served_by": UPSTREAM, "reason": reason}
+            return SafeJSONResponse(remote | served, headers=served_headers(UPSTREAM, reason))
         rid, created, name = f"{kind}-{secrets.token_hex(12)}", int(time.time()), str(slot.ref)
         head = {"id": rid, "created": created, "model": name}
+        headers = served_headers(LOCAL, reason)
         if not body.stream:
             release, future = await submit_to(
                 slot, "causal-lm", lambda r: r.submit_generate(prompts, sampling)[0]
@@ -215,8 +261,10 @@ def openai_routes(node: EdgeNode) -> APIRouter:
                 "choices": whole(completions),
                 "usage": _usage(completions),
                 "system_fingerprint": release.verified.digest[:16],
+                "served_by": LOCAL,
+                "reason": reason,
             }
-            return SafeJSONResponse(head | answer)
+            return SafeJSONResponse(head | answer, headers=headers)
         stream = _Stream()
         cancel: Callable[[], None] = lambda: None  # noqa: E731
         chunk_object = "chat.completion.chunk" if kind == "chatcmpl" else "text_completion"
@@ -258,7 +306,9 @@ def openai_routes(node: EdgeNode) -> APIRouter:
                 cancel()  # a client that left stops its rows; no-op once they finished
 
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"} | headers,
         )
 
     @router.post("/v1/completions")
@@ -278,7 +328,11 @@ def openai_routes(node: EdgeNode) -> APIRouter:
         def whole(done: list[Completion]) -> list[dict[str, Any]]:
             return [shape(c.text, i, c.finish_reason, True) for i, c in enumerate(done)]
 
-        return await respond(slot, list(prompts), sampling, body, shape, whole, "cmpl")
+        def rewrite(sent: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+            return sent | {"prompt": texts[0] if isinstance(body.prompt, str) else texts}
+
+        routed = await escalate(request, slot, body, list(prompts), rewrite)
+        return await respond(slot, list(prompts), sampling, body, shape, whole, "cmpl", routed)
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -301,6 +355,12 @@ def openai_routes(node: EdgeNode) -> APIRouter:
                      "logprobs": None, "finish_reason": c.finish_reason}
                     for i, c in enumerate(done)]  # fmt: skip
 
-        return await respond(slot, [messages], sampling, body, shape, whole, "chatcmpl")
+        def rewrite(sent: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+            rewritten = [{"role": m.role, "content": text} | ({"name": m.name} if m.name else {})
+                         for m, text in zip(body.messages, texts, strict=True)]  # fmt: skip
+            return sent | {"messages": rewritten}
+
+        routed = await escalate(request, slot, body, [m["content"] for m in messages], rewrite)
+        return await respond(slot, [messages], sampling, body, shape, whole, "chatcmpl", routed)
 
     return router

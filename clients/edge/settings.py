@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from clients.task.choices import DEFAULT_BASE, QUANTIZATIONS
 from clients.task.errors import ConfigError
 
 DEFAULT_ALIAS = "production"
 TOKEN_ENV = "FEDLORA_EDGE_TOKEN"
+UPSTREAM_KEY_ENV = "FEDLORA_UPSTREAM_KEY"
+# Chosen with scripts/bench_hybrid.py on CLINC150 (README, "Hybrid routing").
+DEFAULT_ESCALATE_BELOW = 0.6
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,15 @@ class EdgeSettings:
     max_queue: int = 256  # requests waiting per base; more get 503 + Retry-After
     batch_wait_ms: float = 2.0  # how long a batch may wait for more requests under load
     threads: int = 0  # torch threads for inference; 0: half the cores (see `torch_threads`)
+    # Hybrid routing (clients.edge.hybrid): nothing leaves without an upstream and a policy.
+    upstream: str | None = None
+    upstream_model: str | None = None
+    escalate_below: float = DEFAULT_ESCALATE_BELOW
+    policy: Path | None = None
+    upstream_timeout_s: float = 2.0
+    breaker_failures: int = 3
+    breaker_backoff_s: float = 5.0
+    upstream_key: str | None = field(default=None, repr=False)  # $FEDLORA_UPSTREAM_KEY
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -82,6 +95,32 @@ class EdgeSettings:
             raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads} must be ≥ 0 (0: half the cores)")
+        self._check_routing()
+
+    def _check_routing(self) -> None:
+        if self.upstream is not None:
+            url = urlsplit(self.upstream)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError(f"--upstream {self.upstream!r} must be an http(s):// URL")
+            if url.username or url.password or url.query or url.fragment:
+                raise ConfigError(
+                    f"--upstream {self.upstream!r}: no credentials, query or "
+                    "fragment in the URL (the key goes in $FEDLORA_UPSTREAM_KEY)"
+                )
+        elif self.policy is not None or self.upstream_model is not None:
+            raise ConfigError("--policy and --upstream-model need --upstream")
+        if self.upstream_model is not None and not 0 < len(self.upstream_model) <= 256:
+            raise ConfigError(f"--upstream-model {self.upstream_model!r} must be 1..256 characters")
+        if not 0 < self.escalate_below <= 1:
+            raise ConfigError(f"--escalate-below {self.escalate_below} must be in (0, 1]")
+        if self.policy is not None and not self.policy.is_file():
+            raise ConfigError(f"--policy {str(self.policy)!r} is not a file")
+        if not 0 < self.upstream_timeout_s <= 60:
+            raise ConfigError(f"--upstream-timeout-s {self.upstream_timeout_s} must be in (0, 60]")
+        if self.breaker_failures < 1:
+            raise ConfigError(f"--breaker-failures {self.breaker_failures} must be ≥ 1")
+        if not 0 < self.breaker_backoff_s <= 300:
+            raise ConfigError(f"--breaker-backoff-s {self.breaker_backoff_s} must be in (0, 300]")
 
     @property
     def torch_threads(self) -> int:
@@ -92,3 +131,7 @@ class EdgeSettings:
     @staticmethod
     def token_from_env() -> str | None:
         return os.environ.get(TOKEN_ENV) or None
+
+    @staticmethod
+    def upstream_key_from_env() -> str | None:
+        return os.environ.get(UPSTREAM_KEY_ENV) or None

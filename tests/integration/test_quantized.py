@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from clients.edge.runtime import Runtime
-from registry.accept import AcceptedRelease
-from registry.artifact import build_release, read_provenance
+from registry.accept import accept
+from registry.artifact import build_release
+from registry.keys import KeyPair, TrustStore
+from registry.signing import sign_release
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
+from tests.conftest import PASSPHRASE
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +40,12 @@ def _sites(root: Path, task: str) -> list[SimSite]:
 )
 @pytest.mark.timeout(600)
 def test_four_bit_trains_federated_and_serves_at_the_edge(
-    task: str, base_fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+    task: str,
+    base_fixture: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    keypair: KeyPair,
+    trust: TrustStore,
 ) -> None:
     base = request.getfixturevalue(base_fixture)
     settings = RunSettings.from_config(
@@ -63,14 +71,15 @@ def test_four_bit_trains_federated_and_serves_at_the_edge(
     # The edge loads the trained release on a 4-bit base and answers with it.
     directory = tmp_path / "release"
     build_release(result.out_dir, directory, model_name="m", release=1)
-    accepted = AcceptedRelease(directory, "k", "d", read_provenance(directory))
+    sign_release(directory, private_key=keypair.private_path, passphrase=PASSPHRASE)
+    accepted = accept(directory, trust=trust, model="m", index=None, alias=None)
     release = Runtime(base=str(base), quantization="4bit").load("m", "1", accepted)
-    kinds = {type(m).__name__ for m in release.model.modules()}
+    kinds = {type(m).__name__ for m in release.base.model.modules()}
     assert "Linear4bit" in kinds
     if task == "sequence-classification":
         (prediction,) = release.predict(["please book a table"])
         assert prediction["label"] in ("book", "cancel")
-        head = [m for n, m in release.model.named_modules() if n.endswith("classifier")]
+        head = [m for n, m in release.base.model.named_modules() if n.endswith("classifier")]
         assert head and all("4bit" not in type(m).__name__ for m in head)
     else:
         assert isinstance(release.generate("Q1: colour? ", max_new_tokens=2), str)

@@ -21,6 +21,7 @@ from typing import Any
 
 from clients.task.data import load_examples
 from clients.task.errors import FedloraError
+from server.federation import check_site_id
 from server.harness.flower import LocalFederation, flwr_run, run_id_of
 from server.settings import RunSettings
 from server.tracking import resolve_tracking_uri
@@ -78,6 +79,8 @@ def run_local(
     settings = RunSettings.from_config(config)
     for path in sites:  # a bad site file is refused before anything starts
         load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
+        if not insecure:  # each site is enrolled under its id, by enrolment's rule
+            check_site_id(path.stem)
     config["tracking-uri"] = resolve_tracking_uri(settings.tracking_uri, out)
     out.mkdir(parents=True, exist_ok=True)
     nodes = [

@@ -59,6 +59,7 @@ from strategies.protocol import (
     array_bytes,
     decode_evaluate,
     is_refusal,
+    node_name,
     origin,
     origins,
     requests,
@@ -373,6 +374,18 @@ def _secure_mean(
     why = secagg.check_mean(secure.mean_update, [w for _, _, w, _ in secure.sites])
     if why:
         raise RoundFailed(f"round {record.round}: {why}")
+    # Flower's mod scales a site's update by weight / max-weight without clamping, and the
+    # sum's divisor takes the same weight: one site reporting more than the plan's max
+    # weight (1 when sites weigh alike) shrinks everyone else's share of the mean.
+    limit = 1 if plan.get("uniform_weight") else secagg.max_weight
+    why_limit = "sites weigh alike" if plan.get("uniform_weight") else "secagg.max-weight"
+    for node, claimed, weight, _ in secure.sites:
+        if not 0 < weight <= limit:
+            raise RoundFailed(
+                f"round {record.round}: {node_name(node)} ({claimed[:80]!r}) reported SecAgg+ "
+                f"weight {weight}, outside 1..{limit} ({why_limit}): the secure mean is not "
+                "the sites' mean"
+            )
     contributors = []
     for node, claimed, weight, metrics in secure.sites:
         try:

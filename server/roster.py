@@ -34,7 +34,7 @@ from typing import Any
 from clients.task.errors import ConfigError
 from clients.task.files import write_atomic
 from server.identity import IdentityRejected
-from strategies.protocol import node_name
+from strategies.protocol import SITE_ID_RULE, node_name, valid_site_id
 
 
 class NotOnRoster(IdentityRejected):
@@ -147,6 +147,10 @@ class Roster:
             raise ConfigError(f"{source}: 'sites' must be an object")
         out: dict[str, Enrolment] = {}
         for site, entry in sites.items():
+            if not valid_site_id(site):  # no site could ever claim it
+                raise ConfigError(
+                    f"{source}: site {site!r} is not a valid site id ({SITE_ID_RULE})"
+                )
             node = entry.get("node-id") if isinstance(entry, dict) else None
             if isinstance(node, bool) or not isinstance(node, int):
                 raise ConfigError(f"{source}: site {site!r} has node-id={node!r}, not an integer")
@@ -169,7 +173,7 @@ class Roster:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"roster={str(path)!r} does not exist") from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"roster={str(path)!r} is not readable JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"roster={str(path)!r} must hold a JSON object")

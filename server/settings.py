@@ -26,7 +26,7 @@ from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
 from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
-from strategies.server_opt import ServerOptimizer
+from strategies.server_opt import HEAD_MARK, ServerOptimizer
 from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
@@ -336,7 +336,11 @@ class RunSettings:
         if self.robust is None:
             return strategy
         weight_ratio, norm_ratio = self.robust
-        return BoundedInfluence(strategy, max_weight_ratio=weight_ratio, max_norm_ratio=norm_ratio)
+        # Under sum-head the step counts the head n times: it is bounded on its own.
+        summed = HEAD_MARK if self.server_optimizer.aggregate == "sum-head" else None
+        return BoundedInfluence(
+            strategy, max_weight_ratio=weight_ratio, max_norm_ratio=norm_ratio, summed=summed
+        )
 
     def strategy(self) -> FedAvg:
         """The plain strategy; the round loop wraps it in `DifferentiallyPrivate` under DP."""

@@ -13,19 +13,39 @@ from typing import Any
 from clients.task.data import SUFFIXES, labels_in, load_examples
 from clients.task.errors import ConfigError
 from server.console import progress_bars
+from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 
 def site_files(sites_dir: Path) -> list[Path]:
     """One site per *.jsonl / *.csv file in a directory, sorted by name.
 
+    A file's stem is its site's id, so it must be a valid one, and no two files may give
+    the same id (``a.jsonl`` and ``a.csv``; nor ``A.csv`` and ``a.csv``, one state folder
+    on a case-insensitive file system): refused here, before anything starts, rather
+    than by the site at its first round or by the server as two nodes claiming one id.
+
     Raises:
-        ConfigError: If `sites_dir` is not a directory or holds no site file.
+        ConfigError: If `sites_dir` is not a directory, holds no site file, or two site
+            files (or one file's stem) do not make distinct valid site ids.
     """
     if not sites_dir.is_dir():
         raise ConfigError(f"--sites {str(sites_dir)!r} is not a directory")
     files = sorted(p for p in sites_dir.iterdir() if p.suffix in SUFFIXES and p.is_file())
     if not files:
         raise ConfigError(f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files")
+    seen: dict[str, Path] = {}
+    for path in files:
+        if not valid_site_id(path.stem):
+            raise ConfigError(
+                f"site file {str(path)!r}: its name without the suffix is the site id, which "
+                f"must be {SITE_ID_RULE}"
+            )
+        other = seen.setdefault(path.stem.casefold(), path)
+        if other is not path:
+            raise ConfigError(
+                f"site files {other.name!r} and {path.name!r} in {str(sites_dir)!r} would both "
+                f"be site {path.stem!r}; rename one"
+            )
     return files
 
 

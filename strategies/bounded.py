@@ -12,6 +12,14 @@ rather than a number fixed in advance:
   the round's median update norm (norm bounding, Sun et al. 2019, "Can You Really
   Backdoor Federated Learning?", with the round's median in place of a fixed bound).
 
+When the server *sums* some tensors instead of averaging them (``server.aggregate =
+"sum-head"`` sums the classification head, strategies/server_opt.py), a site's step is
+``Δ_rest / n + Δ_head``: bounding only the whole update's norm would let a site put its
+whole allowance into the head, where it counts ``n`` times, and carry about half the step
+whatever ``n``. With ``summed`` set, the summed tensors and the others are therefore
+bounded on their own, each by the round's median for that part, and the recorded shares
+count the summed part as the step does.
+
 The median is the lower median, so a hostile minority cannot move it: with ``n`` sites of
 which fewer than half are hostile, it is an honest site's value (for ``n = 2`` the
 smaller of the two). With honest sites alike, a single site's contribution
@@ -88,11 +96,15 @@ class BoundedInfluence:
         inner: The strategy that judges the updates (validation, rejection).
         max_weight_ratio: Cap on a weight, as a multiple of the median weight; 0 is off.
         max_norm_ratio: Cap on an update norm, as a multiple of the median; 0 is off.
+        summed: A name part of the tensors the server step sums rather than averages
+            (``HEAD_MARK`` under ``server.aggregate="sum-head"``); they and the others
+            are norm-bounded separately. None bounds the whole update at once.
     """
 
     inner: Strategy
     max_weight_ratio: float = 2.0
     max_norm_ratio: float = 1.0
+    summed: str | None = None
 
     def __post_init__(self) -> None:
         for key, value in (
@@ -131,8 +143,11 @@ class BoundedInfluence:
             }
             for u in accepted
         ]
-        norms = [global_norm(d) for d in deltas]
-        bound = norm_bound(norms, ratio=self.max_norm_ratio)
+        parts = _parts(reference, summed=self.summed)
+        norms = [[global_norm({k: d[k] for k in part}) for part in parts] for d in deltas]
+        bounds = [
+            norm_bound([n[p] for n in norms], ratio=self.max_norm_ratio) for p in range(len(parts))
+        ]
         bounded: list[SiteUpdate] = []
         for update, delta, norm, weight, asked in zip(
             accepted, deltas, norms, weights, raw, strict=True
@@ -142,26 +157,33 @@ class BoundedInfluence:
                     "round %d: site %s weight %s capped at %.4g (robust.max-weight-ratio)",
                     server_round, update.site, update.num_examples, weight,
                 )  # fmt: skip
-            if norm <= bound:
+            if all(x <= b for x, b in zip(norm, bounds, strict=True)):
                 bounded.append(update)  # unchanged, bit for bit
                 continue
             log.info(
-                "round %d: site %s update norm %.4g clipped to %.4g (robust.max-norm-ratio)",
-                server_round, update.site, norm, bound,
+                "round %d: site %s update norm %s clipped to %s (robust.max-norm-ratio)",
+                server_round, update.site, _fmt(norm), _fmt(bounds),
             )  # fmt: skip
-            scale = bound / norm
-            state = {
-                k: (ref.astype(np.float64) + delta[k] * scale).astype(ref.dtype)
-                for k, ref in reference.items()
-            }
+            state = {k: update.state[k] for k in reference}
+            for part, x, b in zip(parts, norm, bounds, strict=True):
+                scale = b / x if x > b else 1.0
+                for k in part:
+                    ref = reference[k]
+                    state[k] = (ref.astype(np.float64) + delta[k] * scale).astype(ref.dtype)
             bounded.append(replace(update, state=state))
         states = [u.state for u in bounded]
-        shares = contribution_shares(states, weights, reference=reference)
+        clipped = [
+            [min(x, b) for x, b in zip(norm, bounds, strict=True)] for norm in norms
+        ]  # per part, after bounding
+        if self.summed is None:
+            shares = contribution_shares(states, weights, reference=reference)
+        else:  # the summed part moves the step len(accepted) times its mean
+            shares = _step_shares(clipped, weights, summed_scale=float(len(bounded)))
         return RoundOutcome(
             state=weighted_average(states, weights),
             accepted=bounded,
             rejected=outcome.rejected,
-            spread=weighted_spread([min(n, bound) ** 2 for n in norms], weights),
+            spread=weighted_spread([sum(x * x for x in c) for c in clipped], weights),
             shares={u.site: share for u, share in zip(bounded, shares, strict=True)},
         )
 
@@ -176,3 +198,34 @@ class BoundedInfluence:
             "cannot apply with secagg.enabled=true (SecAgg+ reveals only the sum); "
             "set both to 0 to rely on secagg.max-weight and secagg.clipping-range"
         )
+
+
+def _parts(reference: State, *, summed: str | None) -> list[list[str]]:
+    """The tensor names bounded together: all at once, or (the others, the summed ones)."""
+    if summed is None:
+        return [list(reference)]
+    # An empty part (no summed tensors in this model) has norm 0 for every site: no bound.
+    return [[k for k in reference if summed not in k], [k for k in reference if summed in k]]
+
+
+def _step_shares(
+    norms: Sequence[Sequence[float]], weights: Sequence[float], *, summed_scale: float
+) -> list[float]:
+    """Each site's share ``‖c_i‖ / Σ_j ‖c_j‖`` of a step that sums the last part.
+
+    ``c_i = p_i · (Δ_rest_i, summed_scale · Δ_summed_i)`` with ``p`` the normalised
+    weights, from the per-part norms (the parts are disjoint, so their norms add in
+    squares); the summed part is the last.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    p = w / w.sum() if w.sum() > 0 else w
+    moved = []
+    for pi, parts in zip(p, norms, strict=True):
+        scales = [1.0] * (len(parts) - 1) + [summed_scale]
+        moved.append(pi * np.sqrt(sum((s * x) ** 2 for s, x in zip(scales, parts, strict=True))))
+    total = float(sum(moved))
+    return [float(m / total) if total > 0 else 0.0 for m in moved]
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "/".join(f"{v:.4g}" for v in values)

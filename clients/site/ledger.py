@@ -148,22 +148,26 @@ class SiteLedger:
         try:
             raw = json.loads(path.read_text())
             runs = {
-                run: RunEntry(
+                str(run): RunEntry(
                     delta=float(e["delta"]),
                     steps=[(float(z), float(q), int(n)) for z, q, n in e["steps"]],
                     rounds=[int(r) for r in e["rounds"]],
                 )
                 for run, e in raw["runs"].items()
             }
+            for entry in runs.values():  # what a charge would have refused, refused on load
+                for z, q, n in entry.steps:
+                    _check_round(noise_multiplier=z, sampling_rate=q, steps=n, delta=entry.delta)
             opening = check_epsilon(float(raw.get("opening_epsilon", 0.0)), what=str(path))
             resets = list(raw.get("resets", []))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            budget = raw.get("max_epsilon")
+            budget = float(budget) if budget is not None else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
             raise ConfigError(
                 f"privacy ledger {path} is unreadable: {exc}; fix it or re-initialise it with "
                 + RESET_COMMAND.format(state=state_dir)
             ) from exc
-        budget = raw.get("max_epsilon")
-        return cls(path, runs, float(budget) if budget is not None else None, opening, resets)
+        return cls(path, runs, budget, opening, resets)
 
     @classmethod
     def reset(
@@ -207,7 +211,16 @@ class SiteLedger:
 
     @property
     def total_epsilon(self) -> float:
-        return self.opening_epsilon + sum(e.epsilon for e in self.runs.values())
+        """Opening ε plus every run's; a run whose ε is negative or NaN (e.g. one charged
+        with a δ near 1 before δ was the site's) raises instead of lowering the total.
+
+        Raises:
+            ConfigError: Naming the run.
+        """
+        runs = (
+            check_epsilon(e.epsilon, what=f"{self.path}: run {r}") for r, e in self.runs.items()
+        )
+        return self.opening_epsilon + sum(runs)
 
     @property
     def total_delta(self) -> float:

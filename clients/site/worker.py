@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct(">Q")  # the JSON header's length, then the header, then tensor bytes
 MAX_HEADER = 16 << 20
 NUMERIC_KINDS = set("biuf")  # bool, int, uint, float: never object arrays
+# sockaddr_un.sun_path holds 108 bytes on Linux, the terminating NUL included.
+MAX_SOCKET_PATH = 107
 
 
 class WorkerError(FedloraError):
@@ -112,6 +114,16 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
+def check_socket_path(socket_path: Path) -> None:
+    """Raises WorkerError if ``socket_path`` is too long for a Unix socket address."""
+    size = len(os.fsencode(socket_path))
+    if size > MAX_SOCKET_PATH:
+        raise WorkerError(
+            f"worker-socket {str(socket_path)!r} is {size} bytes; a Unix socket path holds at "
+            f"most {MAX_SOCKET_PATH}: choose a shorter one (e.g. under /run)"
+        )
+
+
 def check_private_dir(directory: Path) -> None:
     """Raises WorkerError unless ``directory`` is ours and closed to group and others."""
     try:
@@ -142,6 +154,7 @@ def call(
         WorkerError: If the channel is not private, the worker is another user's, the
             connection breaks mid-job, or the worker reports an error.
     """
+    check_socket_path(socket_path)
     check_private_dir(socket_path.parent)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -200,6 +213,7 @@ def bind_private(socket_path: Path) -> socket.socket:
         WorkerError: If the directory exists but is not private, or a live worker
             already listens there.
     """
+    check_socket_path(socket_path)
     directory = socket_path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_private_dir(directory)

@@ -391,7 +391,7 @@ def _replay(
     from strategies.strategy import MeanUpdate, SiteUpdate
 
     settings = RunSettings.from_config({k: v for k, v in config.items() if k != "roster"})
-    strategy = settings.strategy()
+    strategy = settings.bounded(settings.strategy())  # robust.* as server/loop.py applies it
     state = trainable_state(build_model(settings.spec).model)
     server_state: dict = {}
     for server_round in range(1, rounds + 1):

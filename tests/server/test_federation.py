@@ -66,3 +66,22 @@ def test_progress_shows_fedloras_lines_and_problems_only() -> None:
 def test_a_password_in_a_tracking_uri_is_never_shown() -> None:
     assert redact_uri("http://pub:s3cret@registry:5000") == "http://pub:***@registry:5000"
     assert redact_uri("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+
+
+def test_federation_local_refuses_a_site_it_cannot_enrol_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    # Arrange: "Ward 7" is a valid site id for training, not for enrolment (letters,
+    # digits, '.', '_', '-'); the secure rehearsal enrols every site.
+    from server.local import run_local
+
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    for name in ("Ward 7", "b"):
+        (sites / f"{name}.jsonl").write_text(
+            '{"text": "hello", "label": "x"}\n{"text": "bye", "label": "y"}\n' * 4
+        )
+    # Act / Assert: refused with enrolment's rule, and no federation folder was made.
+    with pytest.raises(ConfigError, match="site id 'Ward 7' must be 1-64 letters"):
+        run_local(sites_dir=sites, rounds=1, out=tmp_path / "out")
+    assert not (tmp_path / "out" / "federation").exists()

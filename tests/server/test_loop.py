@@ -828,3 +828,44 @@ def test_under_a_site_target_a_site_may_not_state_less_noise_than_the_target_nee
         expected = site_epsilon([(needed(rows), 4 / rows, 4)], delta=1e-5)
         assert last[site]["epsilon"] == pytest.approx(expected)
         assert 7.98 <= last[site]["epsilon"] <= 8.0
+
+
+@pytest.mark.parametrize(("weight", "fails"), [(1, False), (10_000, True), (0, True)])
+def test_a_secure_round_with_a_site_weight_above_the_plans_max_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weight: int, fails: bool
+) -> None:
+    # Arrange: SecAgg+ under uniform weights (the summing default aggregates) tells sites a
+    # max weight of 1. Flower's secaggplus_mod scales an update by weight / max-weight
+    # without clamping and the sum's divisor takes the same weight, so a site reporting
+    # 10^4 shrinks every other site's share to about 10^-4. The masked protocol itself is
+    # stubbed (a pure unit seam: this checks what the loop does with what it reveals; the
+    # real protocol is in tests/integration/test_secagg.py).
+    import server.loop as loop
+    from server.secagg import SecureRound
+
+    sites = {n: honest(f"site-{n}", delta=0.1, examples=10) for n in (1, 2, 3)}
+    revealed = SecureRound(
+        mean_update={k: np.zeros_like(v) for k, v in STATE.items()},
+        sites=[(1, "site-1", 1, {}), (2, "site-2", 1, {}), (3, "site-3", weight, {})],
+    )
+    monkeypatch.setattr(loop, "run_secure_round", lambda *a, **k: revealed)
+    settings = _settings(
+        tmp_path,
+        **{
+            "secagg.enabled": True,
+            "server.aggregate": "sum",
+            "min-fit-clients": 3,
+            "min-available-clients": 3,
+            "on-round-failure": "stop",
+        },
+    )
+    assert settings.uniform_weight
+    # Act / Assert
+    if fails:
+        with pytest.raises(
+            RoundFailed, match=rf"node-3 \('site-3'\) reported SecAgg\+ weight {weight}"
+        ):
+            _run(tmp_path, FakeGrid(sites), settings)
+    else:
+        _, history, _, _ = _run(tmp_path, FakeGrid(sites), settings)
+        assert len(history) == 1

@@ -58,3 +58,13 @@ def test_the_file_round_trips_and_bad_files_are_refused_by_name(tmp_path: Path) 
         Roster.load(path)
     with pytest.raises(ConfigError, match="does not exist"):
         Roster.load(tmp_path / "missing.json")
+
+
+def test_a_roster_that_is_not_text_or_names_an_impossible_site_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "roster.json"
+    path.write_bytes(b"\xff\xfe{}")  # e.g. a file saved as UTF-16
+    with pytest.raises(ConfigError, match="is not readable JSON"):
+        Roster.load(path)
+    path.write_text(json.dumps({"sites": {"../site-a": {"node-id": 1}}}))
+    with pytest.raises(ConfigError, match=r"site '\.\./site-a' is not a valid site id"):
+        Roster.load(path)

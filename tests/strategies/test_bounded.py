@@ -88,3 +88,43 @@ def test_a_secure_round_is_refused_naming_both_settings() -> None:
 def test_a_ratio_below_one_is_refused(ratio: float) -> None:
     with pytest.raises(ConfigError, match=r"robust\.max-norm-ratio="):
         BoundedInfluence(FedAvg(), max_norm_ratio=ratio)
+
+
+def test_a_site_cannot_put_its_whole_norm_into_a_summed_head() -> None:
+    # Arrange: the default run (server.aggregate = "sum-head", uniform weights): the step is
+    # the mean of the LoRA updates plus the *sum* of the head updates. Nine honest sites move
+    # the LoRA tensor by 0.99 and the head by 0.1 (norm ~1); the hostile site moves only the
+    # head, by 1 (norm 1: within the median norm, so a whole-update bound passes it).
+    from server.settings import RunSettings
+    from strategies.server_opt import HEAD_MARK
+    from tests.server.test_settings import OK
+
+    settings = RunSettings.from_config(OK)
+    assert settings.server_optimizer.aggregate == "sum-head"  # the default this test is about
+    lora, head = "layer.lora_B.default.weight", f"classifier.{HEAD_MARK}.default.weight"
+    ref = {lora: np.zeros(2, np.float32), head: np.zeros(2, np.float32)}
+    n = 10
+    honest = [
+        SiteUpdate(
+            f"s{i}",
+            {lora: np.array([0.99, 0], np.float32), head: np.array([0, 0.1], np.float32)},
+            5,
+        )
+        for i in range(n - 1)
+    ]
+    hostile = SiteUpdate(
+        "hostile", {lora: np.zeros(2, np.float32), head: np.array([1.0, 0], np.float32)}, 5
+    )
+    strategy = settings.bounded(settings.strategy())
+    # Act
+    outcome = strategy.aggregate(1, ref, [*honest, hostile])
+    step, _ = settings.server_optimizer.step(ref, outcome.state, {}, num_updates=n)
+    # Assert: the hostile head is clipped to the honest head norm (0.1), so the hostile
+    # site moves the step by at most its part of it: within twice the fair share 1/n, and
+    # the recorded share says so (the step sums the head: n × the mean head).
+    np.testing.assert_allclose(step[head], [0.1, 0.9], rtol=1e-5)
+    contribution = 0.1  # its clipped head, counted once in the sum
+    honest_contribution = np.hypot(0.99 / n, 0.1)
+    share = contribution / (contribution + (n - 1) * honest_contribution)
+    assert share <= 2 / n
+    assert outcome.shares["hostile"] == pytest.approx(share, rel=1e-5)

@@ -45,6 +45,40 @@ def test_unreadable_ledger_is_refused(tmp_path: Path) -> None:
         SiteLedger.load(tmp_path)
 
 
+def _entry(**fields: object) -> dict:
+    return {"delta": 1e-5, "steps": [[1.0, 0.25, 8]], "rounds": [1]} | fields
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"runs": []},  # not an object
+        {"runs": {"r": _entry(delta="nan")}},
+        {"runs": {"r": _entry(steps=[[-1.0, 0.25, 8]])}},  # negative noise
+        {"runs": {"r": _entry(steps=[[1.0, 2.0, 8]])}},  # sampling rate above 1
+        {"runs": {"r": _entry(steps=[[1.0, 0.25, 0]])}},
+        {"runs": {"r": _entry()}, "max_epsilon": "eight"},
+        {"runs": {"r": _entry()}, "max_epsilon": [8]},
+    ],
+)
+def test_a_corrupt_ledger_is_refused_naming_the_file(tmp_path: Path, document: dict) -> None:
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=f"{LEDGER_FILE} is unreadable.*--reset"):
+        SiteLedger.load(tmp_path, required=True)
+
+
+def test_a_stored_run_with_a_negative_epsilon_never_lowers_the_total(tmp_path: Path) -> None:
+    # Arrange: a run charged with δ = 0.9 (a plan could ask it before δ was the site's) has
+    # a negative RDP ε; it must not make room for more rounds.
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"runs": {"old": _entry(delta=0.9)}}))
+    ledger = SiteLedger.load(tmp_path, required=True)
+    # Act / Assert
+    with pytest.raises(ConfigError, match="run old: ε=-"):
+        ledger.total_epsilon  # noqa: B018
+    with pytest.raises(ConfigError, match="run old"):
+        ledger.charge("new", 1, **ROUND)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

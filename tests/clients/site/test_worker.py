@@ -104,3 +104,12 @@ def test_the_peer_uid_is_ours_and_a_failed_job_comes_back_as_an_error(tmp_path: 
     finally:
         served.join(timeout=10)
     assert not served.is_alive() and not path.exists()
+
+
+def test_a_socket_path_too_long_for_a_unix_address_is_refused_by_name(tmp_path: Path) -> None:
+    # A long --out folder (federation local puts sockets under it) or node-config path
+    # must give the reason, not a bare "AF_UNIX path too long".
+    path = tmp_path / ("x" * 100) / "worker.sock"
+    for act in (lambda: worker.bind_private(path), lambda: call(path, {"kind": "train"}, {})):
+        with pytest.raises(WorkerError, match=r"worker-socket '.*worker\.sock' is \d+ bytes"):
+            act()

@@ -21,6 +21,7 @@ from typing import Any
 
 from clients.task.data import load_examples
 from clients.task.errors import FedloraError
+from clients.task.labels import format_label_set
 from server.federation import check_site_id
 from server.harness.flower import LocalFederation, flwr_run, run_id_of
 from server.settings import RunSettings
@@ -77,6 +78,10 @@ def run_local(
         resume=False,
     )
     settings = RunSettings.from_config(config)
+    if isinstance(config.get("labels"), list | tuple):
+        # Flower's run config holds flat values only: the label set travels as the TOML
+        # array string users type (`fedlora site check` prints it), not as a list.
+        config["labels"] = format_label_set(config["labels"])
     for path in sites:  # a bad site file is refused before anything starts
         load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
         if not insecure:  # each site is enrolled under its id, by enrolment's rule

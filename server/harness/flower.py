@@ -71,6 +71,8 @@ def toml_value(value: ConfigValue) -> str:
         ValueError: For a string holding both quote characters, which Flower's
             key=value splitter cannot carry.
     """
+    if not isinstance(value, str | int | float | bool):
+        raise TypeError(f"cannot pass {value!r} as a Flower config value (not a scalar)")
     if isinstance(value, bool):  # before int: bool is an int subclass
         return "true" if value else "false"
     if isinstance(value, int | float):

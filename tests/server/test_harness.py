@@ -103,3 +103,18 @@ def test_config_arg_joins_pairs_and_refuses_both_quotes() -> None:
     assert config_arg({"data-path": "/d/s.jsonl", "n": 2}) == "data-path='/d/s.jsonl' n=2"
     with pytest.raises(ValueError, match="cannot pass"):
         toml_value('it\'s "quoted"')
+
+
+def test_a_list_is_refused_and_a_label_set_travels_as_its_toml_array_string() -> None:
+    """A Python list rendered with quotes inside was cut by Flower's key=value splitter
+    (labels='[' reached the ServerApp); `federation local` passes the array string."""
+    from flwr.common.config import parse_config_args
+
+    from clients.task.labels import format_label_set, parse_label_set
+
+    with pytest.raises(TypeError, match="not a scalar"):
+        toml_value(["a", "b"])  # type: ignore[arg-type]
+    labels = ["billing, refunds", "it's", 'say "hi"']
+    arg = config_arg({"labels": format_label_set(labels), "num-server-rounds": 2})
+    parsed = parse_config_args([arg])
+    assert list(parse_label_set(parsed["labels"])) == labels and parsed["num-server-rounds"] == 2

@@ -386,6 +386,9 @@ def _secure_mean(
                 f"weight {weight}, outside 1..{limit} ({why_limit}): the secure mean is not "
                 "the sites' mean"
             )
+    forged = secure.weight_forgery()
+    if forged:
+        raise RoundFailed(f"round {record.round}: {forged}")
     contributors = []
     for node, claimed, weight, metrics in secure.sites:
         try:

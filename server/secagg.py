@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -65,6 +67,10 @@ class SecureRound:
             update was summed.
         failures: One ``{"site", "reason"}`` per site that failed or dropped out.
         bytes_up, bytes_down: Bytes of every reply and request over all four stages.
+        weight_total: The sum of the quantized weights the unmasked vector carries (its
+            first slot), or None if nothing was unmasked.
+        weight_range: What one site's quantized weight is at the plan's max weight.
+        max_weight: The plan's max weight (1 when sites weigh alike).
     """
 
     mean_update: dict[str, np.ndarray] | None
@@ -72,6 +78,29 @@ class SecureRound:
     failures: list[dict[str, str]] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    weight_total: int | None = None
+    weight_range: int = 0
+    max_weight: float = 1.0
+
+    def weight_forgery(self) -> str | None:
+        """Why the unmasked weight total is not what the sites reported, or None.
+
+        Flower's workflow divides the unmasked sum by the weight total it finds in the
+        vector's first slot; a site whose mod was modified can put another weight there
+        than the one in its reply and so shrink or inflate everyone else's share unseen.
+        Each honest mod puts ``round(weight / max_weight · quantization_range)`` there
+        (flwr secaggplus_mod), so the total must be the sum of that over the reported
+        weights.
+        """
+        if self.weight_total is None:
+            return None
+        expected = sum(round(w / self.max_weight * self.weight_range) for _, _, w, _ in self.sites)
+        if self.weight_total == expected:
+            return None
+        return (
+            f"the unmasked weight total is {self.weight_total}, not the {expected} the "
+            f"{len(self.sites)} site(s) reported: a site's masked weight slot was forged"
+        )
 
 
 def _message_bytes(message: Message) -> int:
@@ -166,6 +195,28 @@ def _proxy_failures(grid: _CountingGrid, sampled: Sequence[int]) -> list[dict[st
     return out
 
 
+@contextmanager
+def _weight_totals(flower_module: ModuleType) -> Iterator[list[int]]:
+    """Record the weight total the workflow extracts from each unmasked vector.
+
+    The workflow calls a module-level ``factor_extract`` on the unmasked sum; like
+    `mask_generator`, the function is swapped in the module for the duration.
+    """
+    seen: list[int] = []
+    original = flower_module.factor_extract
+
+    def recording(parameters: list[np.ndarray]) -> tuple[int, list[np.ndarray]]:
+        total, rest = original(parameters)
+        seen.append(int(total))
+        return total, rest
+
+    flower_module.factor_extract = recording
+    try:
+        yield seen
+    finally:
+        flower_module.factor_extract = original
+
+
 def run_secure_round(
     grid: Grid,
     settings: SecAggSettings,
@@ -203,7 +254,7 @@ def run_secure_round(
         quantization_range=settings.quantization_range,
         timeout=timeout,
     )
-    with mask_generator(FLOWER_WORKFLOW, settings.prg):
+    with mask_generator(FLOWER_WORKFLOW, settings.prg), _weight_totals(FLOWER_WORKFLOW) as seen:
         workflow(counting, context)  # type: ignore[arg-type]
 
     outcome = SecureRound(
@@ -211,6 +262,9 @@ def run_secure_round(
         failures=_proxy_failures(counting, nodes),
         bytes_up=counting.bytes_up,
         bytes_down=counting.bytes_down,
+        weight_total=seen[-1] if seen else None,
+        weight_range=settings.quantization_range,
+        max_weight=float(max_weight),
     )
     if relay.aggregate is None:
         return outcome

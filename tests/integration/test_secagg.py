@@ -112,6 +112,9 @@ def test_secure_mean_matches_plain_mean_and_survives_dropouts() -> None:
         assert np.max(np.abs(full.mean_update[name] - value)) <= bound, name
     assert sorted(s for _, s, _, _ in full.sites) == [f"site-{p}" for p in range(SITES)]
     assert full.bytes_up > 0 and full.failures == []
+    # The unmasked weight slot holds what the honest mods put there, and is checked.
+    assert full.weight_total is not None and full.weight_forgery() is None
+    assert one_dropped.weight_total is not None and one_dropped.weight_forgery() is None
 
     # One site drops after key sharing: every neighbourhood keeps >= 2 live sites.
     alive = range(SITES - 1)

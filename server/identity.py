@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,10 +55,16 @@ class SiteIdentities(Protocol):
 
 @dataclass
 class PinnedIdentities:
-    """Trust on first use, for one run: node ↔ site id, both ways, never changed."""
+    """Trust on first use, for one run: node ↔ site id, both ways, never changed.
+
+    Two ids that differ only in case or Unicode compatibility form (``Site-A``,
+    ``ｓｉｔｅ-a``) are one site: a second node claiming such a look-alike of a pinned id
+    is rejected like a claim of the id itself. Cross-script homoglyphs (a Cyrillic ``а``)
+    are not folded.
+    """
 
     by_node: dict[int, str] = field(default_factory=dict)
-    by_site: dict[str, int] = field(default_factory=dict)
+    by_site: dict[str, int] = field(default_factory=dict)  # keyed by `_folded` id
 
     def bind(self, node_id: int, claimed: str) -> str:
         own = node_name(node_id)
@@ -75,14 +82,20 @@ class PinnedIdentities:
                 f"node {node_id} spoke for site {pinned!r} earlier in this run and now "
                 f"claims {claimed!r}"
             )
-        owner = self.by_site.get(claimed)
+        owner = self.by_site.get(_folded(claimed))
         if owner is not None and owner != node_id:
             raise IdentityRejected(
                 f"node {node_id} claims site {claimed!r}, which node {owner} speaks for"
+                + ("" if self.by_node[owner] == claimed else f" as {self.by_node[owner]!r}")
             )
         self.by_node[node_id] = claimed
-        self.by_site[claimed] = node_id
+        self.by_site[_folded(claimed)] = node_id
         return claimed
 
     def name(self, node_id: int) -> str:
         return self.by_node.get(node_id, node_name(node_id))
+
+
+def _folded(site_id: str) -> str:
+    """``site_id`` in NFKC, case-folded: the form two look-alike ids share."""
+    return unicodedata.normalize("NFKC", site_id).casefold()

@@ -39,3 +39,11 @@ def test_a_claim_that_could_pass_for_something_else_is_refused(claim: str, reaso
 @pytest.mark.parametrize("claim", ["Ward 7, Oslo", 'site 0, "quoted"', "hôpital-a", "a.b:1@c+d"])
 def test_a_readable_site_id_with_spaces_and_punctuation_is_kept(claim: str) -> None:
     assert PinnedIdentities().bind(3, claim) == claim
+
+
+@pytest.mark.parametrize("look_alike", ["Site-A", "SITE-A", "ｓｉｔｅ-ａ"])
+def test_a_look_alike_of_a_pinned_id_is_that_site(look_alike: str) -> None:
+    ids = PinnedIdentities()
+    assert ids.bind(1, "site-a") == "site-a"
+    with pytest.raises(IdentityRejected, match="which node 1 speaks for as 'site-a'"):
+        ids.bind(2, look_alike)

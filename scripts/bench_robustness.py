@@ -151,7 +151,9 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         "honest_accuracy_bounded": honest[1],
         "honest_accuracy_change": change,
         "accuracy_tolerance": ACCURACY_TOLERANCE,
-        "accuracy_on_target": change is not None and abs(change) <= ACCURACY_TOLERANCE,
+        # The target guards against the defence costing honest runs accuracy: a loss of
+        # more than a point misses it; a gain is reported (``honest_accuracy_change``).
+        "accuracy_on_target": change is not None and change >= -ACCURACY_TOLERANCE,
         "attacked_accuracy_fedavg": of("fedavg-attacked", "final_accuracy"),
         "attacked_accuracy_bounded": of("bounded-attacked", "final_accuracy"),
     }
@@ -327,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"hostile share × fair: bounded {v['bounded_attacked_max_share_x_fair']}, FedAvg "
         f"{v['fedavg_attacked_max_share_x_fair']} (target ≤ {SHARE_TARGET}); honest "
         f"accuracy: FedAvg {v['honest_accuracy_fedavg']}, bounded "
-        f"{v['honest_accuracy_bounded']} (target within {ACCURACY_TOLERANCE}); attacked "
+        f"{v['honest_accuracy_bounded']} (target: at most {ACCURACY_TOLERANCE} lower); attacked "
         f"accuracy: FedAvg {v['attacked_accuracy_fedavg']}, bounded "
         f"{v['attacked_accuracy_bounded']}; {results['total_wall_seconds']:.0f}s; {json_path}"
     )

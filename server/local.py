@@ -19,14 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.task.data import load_examples
 from clients.task.errors import FedloraError
-from clients.task.labels import format_label_set
 from server.federation import check_site_id
 from server.harness.flower import LocalFederation, flwr_run, run_id_of
-from server.settings import RunSettings
 from server.tracking import resolve_tracking_uri
-from server.train import build_train_config, site_files
+from server.train import checked_run
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: this repository's root
 
@@ -67,9 +64,8 @@ def run_local(
             federation that does not start, or a run that does not complete.
     """
     out = out.resolve()  # the ServerApp runs in another working directory
-    sites = [p.resolve() for p in site_files(sites_dir)]
-    config = build_train_config(
-        sites=sites,
+    sites, config, settings = checked_run(
+        sites_dir=sites_dir,
         rounds=rounds,
         out=out,
         eval_file=None,
@@ -77,14 +73,9 @@ def run_local(
         overrides=overrides or {},
         resume=False,
     )
-    settings = RunSettings.from_config(config)
-    if isinstance(config.get("labels"), list | tuple):
-        # Flower's run config holds flat values only: the label set travels as the TOML
-        # array string users type (`fedlora site check` prints it), not as a list.
-        config["labels"] = format_label_set(config["labels"])
-    for path in sites:  # a bad site file is refused before anything starts
-        load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
-        if not insecure:  # each site is enrolled under its id, by enrolment's rule
+    sites = [p.resolve() for p in sites]
+    if not insecure:  # each site is enrolled under its id, by enrolment's rule
+        for path in sites:
             check_site_id(path.stem)
     config["tracking-uri"] = resolve_tracking_uri(settings.tracking_uri, out)
     out.mkdir(parents=True, exist_ok=True)

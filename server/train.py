@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients.task.data import SUFFIXES, labels_in, load_examples
 from clients.task.errors import ConfigError
+from clients.task.labels import format_label_set
 from server.console import progress_bars
 from strategies.protocol import SITE_ID_RULE, valid_site_id
+
+if TYPE_CHECKING:
+    from server.settings import RunSettings
 
 
 def site_files(sites_dir: Path) -> list[Path]:
@@ -71,12 +75,52 @@ def build_train_config(
     if task is not None:
         config["task"] = task
     task_name = config.get("task", "sequence-classification")
-    if task_name == "sequence-classification" and not config.get("labels"):
-        files = [*sites, *([eval_file] if eval_file else [])]
-        config["labels"] = labels_in(files)  # a list: a label may hold commas
+    labels = config.get("labels")
+    if task_name == "sequence-classification" and not labels:
+        labels = labels_in([*sites, *([eval_file] if eval_file else [])])
+    if isinstance(labels, list | tuple):
+        # A run config holds flat values (Flower's too): the label set travels as the TOML
+        # array string users type (`fedlora site check` prints it); a label may hold commas.
+        config["labels"] = format_label_set(labels)
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config
+
+
+def checked_run(
+    *,
+    sites_dir: Path,
+    rounds: int,
+    out: Path,
+    eval_file: Path | None,
+    task: str | None,
+    overrides: dict[str, Any],
+    resume: bool,
+) -> tuple[list[Path], dict[str, Any], RunSettings]:
+    """The site files, the run config and its settings, every site file read against them.
+
+    What `fedlora train` and `fedlora federation local` check before they write or start
+    anything.
+
+    Raises:
+        FedloraError: For a bad site file or run config.
+    """
+    from server.settings import RunSettings
+
+    sites = site_files(sites_dir)
+    config = build_train_config(
+        sites=sites,
+        rounds=rounds,
+        out=out,
+        eval_file=eval_file,
+        task=task,
+        overrides=overrides,
+        resume=resume,
+    )
+    settings = RunSettings.from_config(config)
+    for path in sites:
+        load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
+    return sites, config, settings
 
 
 def run_train(
@@ -100,12 +144,10 @@ def run_train(
     Raises:
         FedloraError: For a bad site file or run config, before anything is written.
     """
-    from server.settings import RunSettings
     from server.simulation import SimSite, simulate
 
-    sites = site_files(sites_dir)
-    config = build_train_config(
-        sites=sites,
+    sites, _, settings = checked_run(
+        sites_dir=sites_dir,
         rounds=rounds,
         out=out,
         eval_file=eval_file,
@@ -113,9 +155,6 @@ def run_train(
         overrides=overrides or {},
         resume=resume,
     )
-    settings = RunSettings.from_config(config)
-    for path in sites:  # a bad site file is refused before anything is written
-        load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
     with progress_bars() as progress:
         bar = progress.add_task("federated rounds", total=settings.rounds, status="starting")
 

@@ -28,12 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from server.harness.process import LOCALHOST, ManagedProcess, free_port, http_status
+from server.harness.process import LOCALHOST, ManagedProcess, Service, free_port, http_status
 
 RECORDED_HEADERS = ("traceparent", "tracestate", "authorization")
 
@@ -129,7 +128,7 @@ def serve(port: int, target: str) -> None:
 
 
 @dataclass
-class CaptureProxy:
+class CaptureProxy(Service):
     """The proxy as a child process on localhost (see the module docstring)."""
 
     target: str
@@ -167,17 +166,6 @@ class CaptureProxy:
     def mode(self, *, delay_s: float = 0.0, status: int | None = None) -> None:
         body = {"delay_s": delay_s, "status": status}
         httpx.post(f"{self.url}/_capture/mode", json=body, timeout=10).raise_for_status()
-
-    def __enter__(self) -> CaptureProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

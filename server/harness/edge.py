@@ -19,16 +19,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
-from server.harness.process import LOCALHOST, ManagedProcess, free_port, http_status
+from server.harness.process import LOCALHOST, ManagedProcess, Service, free_port, http_status
 
 # Loading the base model and verifying a release take a while on a busy machine.
 READY_SECONDS = 300.0
 
 
 @dataclass
-class EdgeNodeProcess:
+class EdgeNodeProcess(Service):
     """One edge node on localhost.
 
     Attributes:
@@ -102,14 +101,3 @@ class EdgeNodeProcess:
         """Stop the node; safe to call more than once."""
         if self.process is not None:
             self.process.stop(timeout)
-
-    def __enter__(self) -> EdgeNodeProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

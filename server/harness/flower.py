@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psutil
@@ -48,6 +47,7 @@ from server.harness.process import (
     LOCALHOST,
     HarnessError,
     ManagedProcess,
+    Service,
     free_port,
     port_open,
     stop_processes,
@@ -133,7 +133,7 @@ def write_cli_connection(
     )
 
 
-class LocalFederation:
+class LocalFederation(Service):
     """One SuperLink and N SuperNodes on localhost, plus a ``flwr`` CLI connection to them.
 
     Use as a context manager, or call `start` and `stop` (e.g. from a fixture finalizer).
@@ -425,17 +425,6 @@ class LocalFederation:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every process; SuperNodes are signalled before the SuperLink they poll."""
         stop_processes(list(reversed(self.processes)), timeout)
-
-    def __enter__(self) -> LocalFederation:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def flwr_run(

@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
-from server.harness.process import LOCALHOST, ManagedProcess, free_port, http_status
+from server.harness.process import LOCALHOST, ManagedProcess, Service, free_port, http_status
 
 READY_SECONDS = 90.0
 CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -32,7 +31,7 @@ def _admin() -> tuple[str, str]:
 
 
 @dataclass
-class MlflowServer:
+class MlflowServer(Service):
     """One ``mlflow server`` process whose database, artifacts and log live under `root`.
 
     Attributes:
@@ -115,17 +114,6 @@ class MlflowServer:
         """Stop the server and everything it started; safe to call more than once."""
         if self.process is not None:
             self.process.stop(timeout)
-
-    def __enter__(self) -> MlflowServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import psutil
 
@@ -65,6 +66,31 @@ def http_status(url: str) -> int | None:
         return int(exc.code)
     except (urllib.error.URLError, OSError):
         return None
+
+
+class Service:
+    """Something the harness starts and stops: ``with`` starts it and always stops it.
+
+    Subclasses give ``start`` (returning the started object) and ``stop`` (safe to call
+    more than once).
+    """
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 @dataclass

@@ -34,7 +34,11 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "seed": (int, 0, "seed of the shared adapter init and of the site sampling"),
     "local-epochs": (int, 1, "local epochs per round"),
     "local-steps": (int, 0, "local optimiser steps per round; overrides epochs when > 0"),
-    "batch-size": (int, 16, "local batch size"),
+    "batch-size": (
+        int,
+        4,
+        "local batch size; small, so a site takes many steps per round (README, quality)",
+    ),
     "learning-rate": (float, 5e-3, "AdamW learning rate at sites"),
     "max-length": (int, 64, "tokens per example"),
     "proximal-mu": (float, 0.0, "FedProx mu; 0 is plain FedAvg"),

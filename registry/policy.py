@@ -16,8 +16,9 @@ Every gate fails closed: a metric or ε that is missing where a gate needs it, N
 infinite or negative refuses the release (a NaN compares false both ways, so each check
 is written as "refuse unless the value passes"). ``require-dp`` counts only DP whose
 mechanism the server ran (client-level); the sites' own DP-SGD is reported in
-provenance but cannot satisfy it. ``max-epsilon`` reads the largest ε of all guarantees
-and passes a release without DP (``require-dp`` is the gate for that).
+provenance but cannot satisfy it. ``max-epsilon`` reads the largest ε of all guarantees;
+a release without DP has no finite ε, so it is refused too (its ε is unbounded, and a
+missing value fails every gate).
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ class Policy:
                     "the sites' own DP-SGD cannot be verified by the server",
                 )
         epsilon = provenance.epsilon()
-        if self.max_epsilon is not None and epsilon is not None and not epsilon <= self.max_epsilon:
+        if self.max_epsilon is not None and (epsilon is None or not epsilon <= self.max_epsilon):
+            shown = "unbounded (trained without DP)" if epsilon is None else repr(epsilon)
             raise PromotionRefused(
-                "max-epsilon", f"ε={epsilon!r} is not <= max-epsilon={self.max_epsilon:.4g}"
+                "max-epsilon", f"ε={shown} is not <= max-epsilon={self.max_epsilon:.4g}"
             )
 
 
@@ -129,11 +131,12 @@ class LocalPolicy:
 
     def check(self, provenance: Provenance) -> None:
         """Raise `VerificationError` (``policy``) for a release with a larger ε than allowed
-        (or an ε that is NaN, infinite or negative: fails closed)."""
+        (or an ε that is NaN, infinite, negative or missing: fails closed)."""
         eps = provenance.epsilon()
-        if self.max_epsilon is not None and eps is not None and not eps <= self.max_epsilon:
+        if self.max_epsilon is not None and (eps is None or not eps <= self.max_epsilon):
+            shown = "unbounded (trained without DP)" if eps is None else repr(eps)
             raise VerificationError(
                 "policy",
-                f"release {provenance.release} has ε={eps!r}, "
+                f"release {provenance.release} has ε={shown}, "
                 f"not <= max-epsilon={self.max_epsilon}",
             )

@@ -72,7 +72,9 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         "--registry", metavar="URI", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"
     )
     serve.add_argument(
-        "--max-epsilon", type=float, help="refuse releases with a larger ε (default: no limit)"
+        "--max-epsilon",
+        type=float,
+        help="refuse releases with a larger ε, or without DP (default: no limit)",
     )
     serve.add_argument(
         "--max-loaded",
@@ -157,7 +159,9 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
     pull.add_argument(
-        "--max-epsilon", type=float, help="refuse a release with a larger ε (default: no limit)"
+        "--max-epsilon",
+        type=float,
+        help="refuse a release with a larger ε, or without DP (default: no limit)",
     )
     pull.add_argument(
         "--state",
@@ -231,7 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             + (router_policy.source if router_policy else "none, nothing leaves")
         )
     err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning")
+    # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
+    # never uses the client's address) and no access log: per-request work off the path.
+    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning",
+                proxy_headers=False, access_log=False)  # fmt: skip
     return 0
 
 

@@ -107,7 +107,9 @@ class EdgeNode:
         return self._store
 
     def _fetch_index(self, name: str, max_length: int) -> bytes | None:
-        return self._registry().fetch_index_file(name, max_length)
+        # The refresh asking for it checked the registry is reachable a moment ago.
+        store = self._store if self._store is not None else self._registry()
+        return store.fetch_index_file(name, max_length)
 
     def _accept(
         self, slot: ModelSlot, directory: Path, *, alias: str | None, digest: str | None = None

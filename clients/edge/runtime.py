@@ -134,12 +134,17 @@ class SharedBase:
         self._names = (f"slot{i}" for i in itertools.count())
         self._spares: dict[str, list[AdapterSlot]] = {}
         self._spares_lock = threading.Lock()
-        # Adapter routing: every LoRA layer and modules_to_save wrapper gets the batch's
+        # Adapter routing: every LoRA layer and modules_to_save wrapper gets a mixed batch's
         # adapter names through a hook registered once, instead of PEFT registering and
         # removing hooks on every module per call (2 ms of a 25 ms MiniLM forward here).
-        # Safe because only the batcher's thread ever runs the model.
+        # A batch whose rows all name one adapter skips PEFT's mixed-batch path (row
+        # indexing in every layer, 0.8 ms of a 10 ms MiniLM forward): its adapter becomes
+        # the layers' active one, switched only when it differs from the last batch's.
+        # Both are safe because only the batcher's thread ever runs or changes the model.
         self._route: list[str] | None = None
         self._hooks: list[Any] = []
+        self._routed: list[Any] = []  # the hooked modules
+        self._active: str | None = None  # adapter the routed modules have active
         self.batcher = Batcher(
             self._run,
             max_rows=batching.max_rows,
@@ -218,11 +223,24 @@ class SharedBase:
                 kwargs["adapter_names"] = self._route
             return args, kwargs
 
-        self._hooks = [
-            module.register_forward_pre_hook(route, with_kwargs=True)
+        self._routed = [
+            module
             for module in self.model.modules()
             if isinstance(module, LoraLayer | AuxiliaryTrainingWrapper)
         ]
+        self._hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in self._routed]
+        self._active = None  # adding or deleting an adapter may change the active one
+
+    def _select(self, names: list[str]) -> None:
+        """Route the next forward's rows: one adapter made active, or PEFT's mixed batch."""
+        if len(set(names)) > 1:
+            self._route = names
+            return
+        self._route = None
+        if self._active != names[0]:
+            for module in self._routed:  # PEFT's per-layer API, as PeftModel.set_adapter
+                module.set_adapter(names[0], inference_mode=True)
+            self._active = names[0]
 
     # inference (on the batcher's thread) ----------------------------------------------
 
@@ -239,7 +257,7 @@ class SharedBase:
         for start in range(0, len(rows), self.batcher.max_rows):
             chunk = rows[start : start + self.batcher.max_rows]
             inputs = self._encode([text for _, text in chunk]).to(self.device)
-            self._route = [job.payload.release.slot.name for job, _ in chunk]
+            self._select([job.payload.release.slot.name for job, _ in chunk])
             try:
                 logits = self.model(**inputs).logits  # (rows, labels)
             finally:
@@ -307,7 +325,7 @@ class SharedBase:
         rows = [(job, row) for job, job_rows in live for row in job_rows]
         for start in range(0, len(rows), self.batcher.max_rows):
             chunk = rows[start : start + self.batcher.max_rows]
-            self._route = [job.payload.release.slot.name for job, _ in chunk]
+            self._select([job.payload.release.slot.name for job, _ in chunk])
             try:
                 run_generate(self.model, self.tokenizer, [r for _, r in chunk], device=self.device)
             finally:

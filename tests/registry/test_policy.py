@@ -32,7 +32,7 @@ SITE_DP = {"sample-level": {"sites": {"a": {"epsilon": 2.0}, "b": {"epsilon": 9.
         (Policy(max_epsilon=9.0), _provenance(privacy=SITE_DP), "max-epsilon"),
         (Policy(require_dp=True), _provenance(), "require-dp"),
         (Policy(min_metric=0.5, max_epsilon=8.0), _provenance(privacy=CLIENT_DP), None),
-        (Policy(max_epsilon=1.0), _provenance(), None),  # no DP: only require-dp refuses
+        (Policy(max_epsilon=1.0), _provenance(), "max-epsilon"),  # no DP: ε is unbounded
     ],
 )
 def test_gates(policy: Policy, provenance: Provenance, gate: str | None) -> None:

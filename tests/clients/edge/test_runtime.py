@@ -152,6 +152,37 @@ def test_one_batch_routes_each_row_to_its_release_and_head(
 
 
 @pytest.mark.integration
+def test_one_release_batches_switch_the_active_adapter_and_match_stock_peft(
+    tiny_llama: Path, two_releases: list[AcceptedRelease]
+) -> None:
+    # A batch of one release skips PEFT's mixed-batch path; switching back and forth, and
+    # mixing again, must still give every request exactly its own release's answer.
+    runtime = Runtime(base=str(tiny_llama))
+    one, two = (runtime.load("m", str(i + 1), a) for i, a in enumerate(two_releases))
+    base = one.base
+    routes: list[list[str] | None] = []
+    handle = base.model.register_forward_pre_hook(lambda m, a: routes.append(base._route))
+    texts = ["hello there", "see you later"]
+    expected = [stock_scores(tiny_llama, r.directory, texts) for r in two_releases]
+    for release, want in ((one, 0), (two, 1), (one, 0), (two, 1)):
+        answer = release.predict(texts)
+        got = torch.tensor([[row["scores"][label] for label in LABELS] for row in answer])
+        torch.testing.assert_close(got, expected[want], atol=1e-4, rtol=0)
+    gate = threading.Event()
+    base.batcher.call(gate.wait, wait=False)
+    futures = [one.submit_predict(texts), two.submit_predict(texts)]
+    gate.set()
+    for future, want in zip(futures, expected, strict=True):
+        got = torch.tensor([[row["scores"][lab] for lab in LABELS] for row in future.result()])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    handle.remove()
+
+    assert routes[:4] == [None] * 4  # one release per batch: no per-row routing
+    assert routes[4] == [one.slot.name] * 2 + [two.slot.name] * 2  # the mixed batch
+    runtime.close()
+
+
+@pytest.mark.integration
 def test_a_swap_reuses_a_spare_slot_and_frees_the_old_one_after_its_requests(
     tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
 ) -> None:

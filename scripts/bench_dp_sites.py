@@ -26,7 +26,8 @@ labels, 1,500 training rows at every site count (2 to 14 rows per site at 200 si
 
 With ``--dp-set site-dp.target-epsilon=8`` the same loop measures sample-level DP-SGD
 at every site against the non-private run (``--sites 10`` for the quality benchmark's
-scale).
+scale); the DP run then trains with the ``site-dp.batch-size``, ``site-dp.learning-rate``
+and ``site-dp.trainable`` defaults, which replace the non-private ones under site DP.
 
 Usage::
 
@@ -195,6 +196,16 @@ def run(
             "delta": settings.site_dp_delta,
             "noise_multiplier_range": [min(zs), max(zs)],
             "max_grad_norm": settings.site_dp_max_grad_norm,
+            # What the sites trained with: under site DP the site-dp.* keys replace
+            # batch-size and learning-rate in the round plan.
+            "batch_size": settings.site_dp_batch_size,
+            "learning_rate": settings.site_dp_learning_rate,
+            "trainable": settings.site_dp_trainable,
+            "sampling_rate_range": [
+                min(s[0][1] for s in site_steps.values()),
+                max(s[0][1] for s in site_steps.values()),
+            ],
+            "steps_per_round": sorted({s[0][2] for s in site_steps.values()}),
         }
     return out
 

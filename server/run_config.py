@@ -100,6 +100,23 @@ KEYS: dict[str, tuple[type, Any, str]] = {
         "rounds (its own sampling rate and δ); 0 is off",
     ),
     "site-dp.max-grad-norm": (float, 1.0, "DP-SGD at sites: per-example gradient L2 bound"),
+    "site-dp.batch-size": (
+        int,
+        512,
+        "DP-SGD at sites: the batch size, in place of batch-size when site DP is on; a site "
+        "with fewer rows trains on all of them each step (sampling rate 1)",
+    ),
+    "site-dp.learning-rate": (
+        float,
+        0.05,
+        "DP-SGD at sites: the AdamW learning rate, in place of learning-rate when site DP is on",
+    ),
+    "site-dp.trainable": (
+        str,
+        "all",
+        "DP-SGD at sites: the tensors sites train, all (LoRA and head) or head (the "
+        "classifier head only; the LoRA tensors stay as received)",
+    ),
     "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
 }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from clients.task.choices import SITE_DP_TRAINABLE
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
@@ -180,6 +181,10 @@ class RunSettings:
     site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # Under site DP these replace batch-size and learning-rate in the round plan.
+    site_dp_batch_size: int = 512
+    site_dp_learning_rate: float = 0.05
+    site_dp_trainable: str = "all"
     # The enrolled sites (server/roster.py); None: every connected node is a site.
     roster: Path | None = None
     keep_adapter: str = "best"
@@ -207,6 +212,15 @@ class RunSettings:
         if not self.max_norm > 0:
             raise ConfigError(f"update.max-norm={self.max_norm!r} must be > 0")
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
+        if self.site_dp_batch_size < 1:
+            raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")
+        if not self.site_dp_learning_rate > 0:
+            raise ConfigError(f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be > 0")
+        if self.site_dp_trainable not in SITE_DP_TRAINABLE:
+            raise ConfigError(
+                f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
+                f"{', '.join(SITE_DP_TRAINABLE)}"
+            )
         if self.eval_file is not None and not self.eval_file.is_file():
             raise ConfigError(f"eval-file={str(self.eval_file)!r} does not exist")
         # The sites' fields and their combinations (local-epochs or local-steps, site-dp.*,
@@ -326,6 +340,9 @@ class RunSettings:
             site_dp_target_epsilon=v["site-dp.target-epsilon"],
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
+            site_dp_batch_size=v["site-dp.batch-size"],
+            site_dp_learning_rate=v["site-dp.learning-rate"],
+            site_dp_trainable=v["site-dp.trainable"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=_robust(v, secure=secagg is not None),
@@ -366,15 +383,26 @@ class RunSettings:
         """The round plan sent to sites, with the base model's digest."""
         return self._plan(server_round=server_round, digest=base_digest(self.spec.base))
 
+    @property
+    def site_dp(self) -> bool:
+        """Sites train with sample-level DP-SGD (``site-dp.noise-multiplier`` or
+        ``site-dp.target-epsilon`` set)."""
+        return self.site_dp_noise_multiplier > 0 or self.site_dp_target_epsilon > 0
+
     def _plan(self, *, server_round: int, digest: str) -> TrainPlan:
+        # Under site DP the plan carries the site-dp.* batch size, learning rate and
+        # trainable tensors (README "Quality under DP" says why they differ); the sites'
+        # sampling rate and steps, hence every ε the sites and the server account, follow
+        # from the plan, so both ends solve and check the same noise multiplier.
+        dp = self.site_dp
         return TrainPlan(
             spec=self.spec,
             base_digest=digest,
             server_round=server_round,
             local_epochs=self.local_epochs,
             local_steps=self.local_steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
+            batch_size=self.site_dp_batch_size if dp else self.batch_size,
+            learning_rate=self.site_dp_learning_rate if dp else self.learning_rate,
             max_length=self.max_length,
             proximal_mu=self.proximal_mu,
             fedrs_alpha=self.fedrs_alpha,
@@ -385,6 +413,7 @@ class RunSettings:
             site_dp_target_epsilon=self.site_dp_target_epsilon,
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
+            site_dp_trainable=self.site_dp_trainable if dp else "all",
             planned_rounds=self.rounds,
         )
 
@@ -479,6 +508,9 @@ class RunSettings:
             "site-dp.target-epsilon": self.site_dp_target_epsilon,
             "site-dp.max-grad-norm": self.site_dp_max_grad_norm,
             "site-dp.delta": self.site_dp_delta,
+            "site-dp.batch-size": self.site_dp_batch_size,
+            "site-dp.learning-rate": self.site_dp_learning_rate,
+            "site-dp.trainable": self.site_dp_trainable,
             # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
             "robust.mode": "auto" if self.robust is not None or sa is not None else "off",
             "robust.max-weight-ratio": self.robust[0]

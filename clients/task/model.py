@@ -283,6 +283,11 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
     return LoadedModel(spec=spec, model=peft_model, tokenizer=tokenizer, device=dev)
 
 
+def is_head_tensor(name: str) -> bool:
+    """True for a tensor of the trained classifier head (peft's ``modules_to_save`` copy)."""
+    return "modules_to_save" in name.split(".")
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The tensors that train and travel, as float32 numpy arrays keyed by parameter name."""
     return {

@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from clients.task.choices import SITE_DP_TRAINABLE
 from clients.task.dpsgd import SampleDP, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
@@ -44,6 +45,9 @@ class TrainPlan:
     site_dp_target_epsilon: float = 0.0
     site_dp_max_grad_norm: float = 1.0
     site_dp_delta: float = 1e-5
+    # What DP-SGD trains (clients/task/choices.py): all trainable tensors, or the
+    # classifier head alone (the LoRA tensors then stay as received).
+    site_dp_trainable: str = "all"
     # Rounds of the whole run (num-server-rounds): what a target ε is solved over.
     planned_rounds: int = 1
 
@@ -87,7 +91,22 @@ class TrainPlan:
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "
                 "set one of them (a target ε makes each site solve its noise multiplier)"
             )
+        if self.site_dp_trainable not in SITE_DP_TRAINABLE:
+            raise ConfigError(
+                f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
+                f"{', '.join(SITE_DP_TRAINABLE)}"
+            )
+        if self.site_dp_trainable != "all" and self.spec.task != "sequence-classification":
+            raise ConfigError(
+                f"site-dp.trainable={self.site_dp_trainable!r} applies to "
+                f"sequence-classification only, not task={self.spec.task!r}"
+            )
         if z == 0 and target == 0:  # a negative noise multiplier is refused, not read as off
+            if self.site_dp_trainable != "all":
+                raise ConfigError(
+                    f"site-dp.trainable={self.site_dp_trainable!r} needs sample-level DP "
+                    "(site-dp.noise-multiplier or site-dp.target-epsilon)"
+                )
             return
         SampleDP(  # validates the site-dp fields
             noise_multiplier=z,

@@ -25,7 +25,7 @@ import torch
 from clients.task.data import Example
 from clients.task.dpsgd import SampleDP, private
 from clients.task.errors import DataError
-from clients.task.model import LoadedModel
+from clients.task.model import LoadedModel, is_head_tensor
 from clients.task.plan import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,61 @@ def train_local(
         optimizer_state: An AdamW ``state_dict`` from this site's previous round, to
             continue its moments instead of starting them at zero.
     """
-    import time
-
     examples = without_truncated(loaded, examples, max_length=plan.max_length)
     if not examples:
         raise DataError(
             f"every row's prompt fills max-length={plan.max_length} tokens; nothing to train on"
         )
+    model = loaded.model
+    with _dp_frozen(model, frozen=dp is not None and plan.site_dp_trainable == "head"):
+        return _train(
+            loaded,
+            examples,
+            plan=plan,
+            generator=generator,
+            on_step=on_step,
+            dp=dp,
+            optimizer_state=optimizer_state,
+        )
+
+
+@contextlib.contextmanager
+def _dp_frozen(model: torch.nn.Module, *, frozen: bool) -> Iterator[None]:
+    """Under ``site-dp.trainable = head``, freeze every trainable tensor but the head's
+    for the duration of training (the cached model gets them back after).
+
+    DP linear probing (Tramèr and Boneh 2021, "Differentially Private Learning Needs
+    Better Features (or Much More Data)"): with few rows per site, DP-SGD's noise on
+    every trainable coordinate drowns the LoRA matrices, whose per-example gradients are
+    a small share of the clipped norm (README "Quality under DP"); training the head
+    alone spends the privacy budget where the signal is. Frozen tensors get no
+    per-example gradients from Opacus and leave the site unchanged.
+    """
+    if not frozen:
+        yield
+        return
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not is_head_tensor(n)]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _train(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    *,
+    plan: TrainPlan,
+    generator: torch.Generator,
+    on_step: Callable[[int, int], None] | None,
+    dp: SampleDP | None,
+    optimizer_state: dict | None,
+) -> TrainResult:
+    import time
+
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
@@ -169,7 +217,9 @@ def train_local(
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with (
         _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
-        private(model, optimizer, dp=dp, batch_size=plan.batch_size)
+        # A batch is never larger than the site's rows: Opacus divides the noised sum by
+        # this expected size, which is then the size of every full-batch step.
+        private(model, optimizer, dp=dp, batch_size=min(plan.batch_size, len(examples)))
         if dp is not None
         else contextlib.nullcontext((model, optimizer)) as (forward, opt),
     ):

@@ -74,6 +74,8 @@ def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
             "num-server-rounds": 3,
             "site-dp.noise-multiplier": 1.0,
             "site-dp.max-grad-norm": 1.0,
+            "site-dp.batch-size": 4,  # under site DP these replace batch-size, learning-rate
+            "site-dp.learning-rate": 0.01,
             "dp.clip-norm": 0.5,
             "dp.noise-multiplier": 0.5,
             "dp.max-epsilon": 12.0,
@@ -124,7 +126,13 @@ def test_under_a_site_target_every_site_solves_its_noise_and_ends_at_the_target(
     settings = _lm_settings(
         tiny_llama,
         out,
-        **{"num-server-rounds": 2, "site-dp.target-epsilon": 4.0, "fraction-evaluate": 0.0},
+        **{
+            "num-server-rounds": 2,
+            "site-dp.target-epsilon": 4.0,
+            "site-dp.batch-size": 4,
+            "site-dp.learning-rate": 0.01,
+            "fraction-evaluate": 0.0,
+        },
     )
     simulate(settings, sites)
     metrics = _assert_run_recorded(out, rounds=2)

@@ -759,7 +759,7 @@ def test_sample_level_epsilon_is_the_servers_account_never_a_sites_claim(tmp_pat
             4: sending("site-d", _plus(0.1), metrics=_claiming(NAN)),
         }
     )
-    settings = _settings(tmp_path, **SITE_DP, **{"batch-size": 4, "num-server-rounds": 2})
+    settings = _settings(tmp_path, **SITE_DP, **{"site-dp.batch-size": 4, "num-server-rounds": 2})
     # Act
     _, history, _, _ = _run(tmp_path, grid, settings)
     # Assert: the server's RDP account of 2 steps a round at rate 4/16 and 4/64.
@@ -807,7 +807,7 @@ def test_under_a_site_target_a_site_may_not_state_less_noise_than_the_target_nee
         **{
             "site-dp.target-epsilon": 8.0,
             "local-steps": 2,
-            "batch-size": 4,
+            "site-dp.batch-size": 4,  # under site DP it replaces batch-size
             "num-server-rounds": 2,
         },
     )

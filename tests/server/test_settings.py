@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clients.task.dpsgd import site_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from server.run_config import KEYS, parse_overrides
 from server.settings import RunSettings
@@ -170,6 +171,13 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ),
         ({"site-dp.target-epsilon": 8.0, "site-dp.delta": 2.0}, "site-dp.delta=2.0 must be in"),
         ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
+        ({"site-dp.batch-size": 0}, "site-dp.batch-size=0 must be >= 1"),
+        ({"site-dp.learning-rate": 0.0}, "site-dp.learning-rate=0.0 must be > 0"),
+        ({"site-dp.trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
+        (
+            {"site-dp.target-epsilon": 8.0, "site-dp.trainable": "head", "task": "causal-lm"},
+            "site-dp.trainable='head' applies to sequence-classification only",
+        ),
     ],
 )
 def test_site_side_fields_are_refused_when_the_settings_are_built(
@@ -187,6 +195,47 @@ def test_a_site_dp_target_reaches_the_plan_with_the_planned_rounds() -> None:
     assert plan.site_dp_target_epsilon == 8.0 and plan.site_dp_noise_multiplier == 0.0
     assert plan.planned_rounds == 7 and plan.sample_level
     assert not RunSettings.from_config(OK).plan(1).sample_level
+
+
+def test_site_dp_keys_replace_batch_size_and_learning_rate_only_under_site_dp() -> None:
+    custom = {
+        "batch-size": 8,
+        "learning-rate": 0.001,
+        "site-dp.batch-size": 300,
+        "site-dp.learning-rate": 0.2,
+        "site-dp.trainable": "head",
+    }
+    # Without site DP the plan is exactly what it was before the site-dp.* keys existed.
+    plain = RunSettings.from_config({**OK, **custom}).plan(1)
+    assert (plain.batch_size, plain.learning_rate, plain.site_dp_trainable) == (8, 0.001, "all")
+    assert plain == RunSettings.from_config({**OK, "batch-size": 8, "learning-rate": 0.001}).plan(1)
+    for dp in ({"site-dp.target-epsilon": 8.0}, {"site-dp.noise-multiplier": 1.0}):
+        plan = RunSettings.from_config({**OK, **custom, **dp}).plan(1)
+        assert (plan.batch_size, plan.learning_rate, plan.site_dp_trainable) == (300, 0.2, "head")
+    # The defaults under site DP, as KEYS states them.
+    plan = RunSettings.from_config({**OK, "site-dp.target-epsilon": 8.0}).plan(1)
+    assert plan.batch_size == KEYS["site-dp.batch-size"][1]
+    assert plan.learning_rate == KEYS["site-dp.learning-rate"][1]
+    assert plan.site_dp_trainable == KEYS["site-dp.trainable"][1]
+
+
+def test_a_site_with_fewer_rows_than_the_dp_batch_is_accounted_at_sampling_rate_one() -> None:
+    # Full-batch DP-SGD (Li et al. 2022; De et al. 2022): the site and the server derive the
+    # sampling rate and steps from the same plan, so both solve the same noise multiplier,
+    # and the run's ε by Opacus' RDP accountant stays at or below the target.
+    settings = RunSettings.from_config(
+        {**OK, "site-dp.target-epsilon": 8.0, "site-dp.batch-size": 512, "num-server-rounds": 5}
+    )
+    plan = settings.plan(2)
+    assert plan.sampling_rate(180) == 1.0 and plan.steps_for(180) == 1
+    dp = plan.sample_dp(180)
+    assert dp is not None
+    assert dp.noise_multiplier == solve_noise_multiplier(
+        target_epsilon=8.0, delta=1e-5, sampling_rate=1.0, steps=5
+    )
+    assert 7.9 < site_epsilon([(dp.noise_multiplier, 1.0, 5)], delta=1e-5) <= 8.0
+    # A larger site samples batches of 512 (rate < 1) and takes more steps per epoch.
+    assert plan.sampling_rate(1024) == 0.5 and plan.steps_for(1024) == 2
 
 
 def test_settings_built_directly_check_the_same_cross_field_rules() -> None:

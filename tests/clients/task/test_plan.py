@@ -37,6 +37,8 @@ def test_plan_round_trips_through_a_flat_config() -> None:
         ({"spec.labels": "not json"}, "spec.labels is not a list of strings"),
         ({"spec.labels": "a,b"}, "spec.labels is not a list of strings"),
         ({"spec.labels": ["a", 3]}, "spec.labels is not a list of strings"),
+        ({"site_dp_trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
+        ({"site_dp_trainable": "head"}, "site-dp.trainable='head' needs sample-level DP"),
     ],
 )
 def test_bad_plan_is_refused_by_the_site(change: dict, message: str) -> None:

@@ -452,26 +452,30 @@ class MlflowStore:
         once; anything else (an auth plugin, SigV4, Databricks, workspaces) stays with MLflow.
         """
         if self._plain_http is None:
-            import httpx
-            from mlflow.tracking.request_header.registry import resolve_request_headers
-            from mlflow.utils.credentials import get_default_host_creds
-            from mlflow.utils.workspace_context import get_request_workspace
-
-            creds = get_default_host_creds(self.uri)
-            special = (creds.auth, creds.aws_sigv4, creds.use_databricks_sdk,
-                       creds.workspace_id, get_request_workspace())  # fmt: skip
-            self._plain_http = not any(special)
-            if self._plain_http:
-                headers = dict(resolve_request_headers())
-                if creds.token:
-                    headers["Authorization"] = f"Bearer {creds.token}"
-                login = creds.username and creds.password
-                basic = (creds.username, creds.password) if login else None
-                verify: Any = creds.server_cert_path or not creds.ignore_tls_verification
-                timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))
-                self._http = httpx.Client(headers=headers, auth=basic, verify=verify,
-                                          cert=creds.client_cert_path, timeout=timeout)  # fmt: skip
+            self._http = self.call("open the artifact client", self._new_artifact_client)
+            self._plain_http = self._http is not None
         return self._http
+
+    def _new_artifact_client(self) -> Any:
+        import httpx
+        from mlflow.tracking.request_header.registry import resolve_request_headers
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.workspace_context import get_request_workspace
+
+        creds = get_default_host_creds(self.uri)
+        special = (creds.auth, creds.aws_sigv4, creds.use_databricks_sdk,
+                   creds.workspace_id, get_request_workspace())  # fmt: skip
+        if any(special):
+            return None
+        headers = dict(resolve_request_headers())
+        if creds.token:
+            headers["Authorization"] = f"Bearer {creds.token}"
+        login = creds.username and creds.password
+        basic = (creds.username, creds.password) if login else None
+        verify: Any = creds.server_cert_path or not creds.ignore_tls_verification
+        timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))
+        return httpx.Client(headers=headers, auth=basic, verify=verify,
+                            cert=creds.client_cert_path, timeout=timeout)  # fmt: skip
 
     @staticmethod
     def quietly(fn: Callable[[], object]) -> None:

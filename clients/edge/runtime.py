@@ -238,8 +238,13 @@ class SharedBase:
             return
         self._route = None
         if self._active != names[0]:
-            for module in self._routed:  # PEFT's per-layer API, as PeftModel.set_adapter
-                module.set_adapter(names[0], inference_mode=True)
+            self._active = None  # a switch that stops half-way must not be trusted later
+            try:
+                for module in self._routed:  # PEFT's per-layer API, as PeftModel.set_adapter
+                    module.set_adapter(names[0], inference_mode=True)
+            except Exception:  # e.g. a layer without this adapter (other modules_to_save)
+                self._route = names  # per-row routing, which falls back per layer
+                return
             self._active = names[0]
 
     # inference (on the batcher's thread) ----------------------------------------------

@@ -35,7 +35,7 @@ from clients.task.model import (
 )
 from clients.task.plan import TrainPlan
 from clients.task.secure_random import os_seed
-from clients.task.train import evaluate, train_local
+from clients.task.train import evaluate, train_local, without_truncated
 from strategies.protocol import SitePrivacy, plan_config, train_metrics
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ def train(
     """Train the global adapter (``reference``) for one round under the request's plan."""
     plan, loaded = _prepare(site, reference, config)
     train_examples, _ = _data(site, plan.spec.task, plan.spec.labels)
+    # Charged for the rows DP-SGD will sample from, as the server accounts them.
+    train_examples = without_truncated(loaded, train_examples, max_length=plan.max_length)
     try:
         dp, privacy = _charge_budget(site, plan, run=run, num_train=len(train_examples))
     except BudgetRefused as exc:

@@ -183,6 +183,37 @@ def test_one_release_batches_switch_the_active_adapter_and_match_stock_peft(
 
 
 @pytest.mark.integration
+def test_a_switch_that_fails_half_way_routes_per_row_and_claims_no_active_adapter(
+    tiny_llama: Path, two_releases: list[AcceptedRelease], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A layer refusing the switch (in the field: a release whose modules_to_save another
+    # lacks) is caused here by patching the last routed layer: the earlier layers have
+    # already switched, so the batch must fall back to per-row routing and no later batch
+    # may trust the half-done switch.
+    runtime = Runtime(base=str(tiny_llama))
+    one, two = (runtime.load("m", str(i + 1), a) for i, a in enumerate(two_releases))
+    base = one.base
+    texts = ["hello there"]
+    expected = [stock_scores(tiny_llama, r.directory, texts) for r in two_releases]
+    one.predict(texts)  # `one` is active
+
+    def refuse(*_: object, **__: object) -> None:
+        raise ValueError("adapter not found")
+
+    monkeypatch.setattr(base._routed[-1], "set_adapter", refuse)
+    for _ in range(2):
+        answer = two.predict(texts)
+        got = torch.tensor([[row["scores"][label] for label in LABELS] for row in answer])
+        torch.testing.assert_close(got, expected[1], atol=1e-4, rtol=0)
+        assert base._active is None
+    monkeypatch.undo()
+    answer = one.predict(texts)
+    got = torch.tensor([[row["scores"][label] for label in LABELS] for row in answer])
+    torch.testing.assert_close(got, expected[0], atol=1e-4, rtol=0)
+    runtime.close()
+
+
+@pytest.mark.integration
 def test_a_swap_reuses_a_spare_slot_and_frees_the_old_one_after_its_requests(
     tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
 ) -> None:

@@ -9,6 +9,7 @@ together. Every message names the run-config key and the value.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -214,8 +215,10 @@ class RunSettings:
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.site_dp_batch_size < 1:
             raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")
-        if not self.site_dp_learning_rate > 0:
-            raise ConfigError(f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be > 0")
+        if not 0 < self.site_dp_learning_rate < math.inf:
+            raise ConfigError(
+                f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be finite and > 0"
+            )
         if self.site_dp_trainable not in SITE_DP_TRAINABLE:
             raise ConfigError(
                 f"site-dp.trainable={self.site_dp_trainable!r} must be one of "

@@ -61,8 +61,8 @@ class TrainPlan:
             raise ConfigError(f"local-steps={self.local_steps!r} must be >= 0")
         if self.batch_size < 1:
             raise ConfigError(f"batch-size={self.batch_size!r} must be >= 1")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning-rate={self.learning_rate!r} must be > 0")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(f"learning-rate={self.learning_rate!r} must be finite and > 0")
         if self.max_length < 8:
             raise ConfigError(f"max-length={self.max_length!r} must be >= 8")
         if self.proximal_mu < 0:

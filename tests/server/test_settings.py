@@ -172,7 +172,9 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ({"site-dp.target-epsilon": 8.0, "site-dp.delta": 2.0}, "site-dp.delta=2.0 must be in"),
         ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
         ({"site-dp.batch-size": 0}, "site-dp.batch-size=0 must be >= 1"),
-        ({"site-dp.learning-rate": 0.0}, "site-dp.learning-rate=0.0 must be > 0"),
+        ({"site-dp.learning-rate": 0.0}, "site-dp.learning-rate=0.0 must be finite and > 0"),
+        ({"site-dp.learning-rate": float("inf")}, "site-dp.learning-rate=inf must be finite"),
+        ({"learning-rate": float("inf")}, "learning-rate=inf must be finite"),
         ({"site-dp.trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
         (
             {"site-dp.target-epsilon": 8.0, "site-dp.trainable": "head", "task": "causal-lm"},

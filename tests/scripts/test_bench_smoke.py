@@ -82,8 +82,30 @@ def test_bench_round_writes_results_with_every_key(tmp_path: Path) -> None:
 CLINC150 = ROOT.parent / "shared" / "data" / "clinc150"
 
 
+def _clinc150_dir(tmp_path: Path) -> Path:
+    """CLINC150 when this checkout sits beside it, else a CLINC150-shaped stand-in.
+
+    The stand-in has the file layout and label count (150) of the real set with generated
+    sentences, so the bench's plumbing is tested on any checkout (a worktree elsewhere, a
+    CI runner without the shared data) instead of being skipped.
+    """
+    if (CLINC150 / "data_full.json").is_file():
+        return CLINC150
+    words = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+    splits: dict[str, list[list[str]]] = {"train": [], "val": [], "test": []}
+    for label in range(150):
+        for split, count in (("train", 4), ("val", 1), ("test", 2)):
+            for i in range(count):
+                text = f"please {words[label % 8]} {words[label // 8 % 8]} {label} {split} {i}"
+                splits[split].append([text, f"intent_{label:03d}"])
+    splits["oos_train"] = [["out of scope", "oos"]]
+    stand_in = tmp_path / "clinc150"
+    stand_in.mkdir()
+    (stand_in / "data_full.json").write_text(json.dumps(splits), encoding="utf-8")
+    return stand_in
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not (CLINC150 / "data_full.json").is_file(), reason="CLINC150 not present")
 def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = subprocess.run(
@@ -91,7 +113,7 @@ def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
             sys.executable,
             str(ROOT / "scripts" / "bench_quality.py"),
             "--data-dir",
-            str(CLINC150),
+            str(_clinc150_dir(tmp_path)),
             "--sites",
             "3",
             "--max-labels",

@@ -98,8 +98,6 @@ class MlflowStore:
         self._experiment_id: str | None = None
         self._index_run: str | None = None
         self._index_repo: Any = None
-        self._http: Any = None  # httpx.Client for artifact bytes, once the first is fetched
-        self._plain_http: bool | None = None  # None: not decided yet
 
     def check_reachable(self) -> None:
         if not self.uri.startswith(("http://", "https://")):
@@ -405,16 +403,7 @@ class MlflowStore:
             from mlflow.utils.credentials import get_default_host_creds
             from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
 
-            url = f"{repo.artifact_uri.rstrip('/')}/{urllib.parse.quote(name)}"
-            client = self._artifact_client()
-
             def stream() -> bool:
-                if client is not None:
-                    with client.stream("GET", url) as resp:
-                        if resp.status_code == 404:
-                            return False
-                        resp.raise_for_status()
-                        return self._write_capped(resp, resp.iter_bytes(1 << 20), name, dst, limit)
                 creds = get_default_host_creds(repo.artifact_uri)
                 with http_request(creds, f"/{name}", "GET", stream=True) as resp:
                     if resp.status_code == 404:
@@ -445,42 +434,6 @@ class MlflowStore:
                 _check_size(f"{name} (while downloading)", received, limit)
                 fh.write(chunk)
         return True
-
-    def _artifact_client(self) -> Any:
-        """One keep-alive httpx client for artifact bytes, or None to use MLflow's own path.
-
-        MLflow's ``http_request`` resolves its request-header plugins (Databricks context
-        probes that retry failing imports) and the proxy environment on every call: about
-        2 ms of CPU per file on the reference machine, most of an edge node's refresh,
-        taken from inference on the same cores. The plain cases (no auth, basic auth, a
-        bearer token, TLS settings) go through one persistent client that resolves them
-        once; anything else (an auth plugin, SigV4, Databricks, workspaces) stays with MLflow.
-        """
-        if self._plain_http is None:
-            self._http = self.call("open the artifact client", self._new_artifact_client)
-            self._plain_http = self._http is not None
-        return self._http
-
-    def _new_artifact_client(self) -> Any:
-        import httpx
-        from mlflow.tracking.request_header.registry import resolve_request_headers
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.workspace_context import get_request_workspace
-
-        creds = get_default_host_creds(self.uri)
-        special = (creds.auth, creds.aws_sigv4, creds.use_databricks_sdk,
-                   creds.workspace_id, get_request_workspace())  # fmt: skip
-        if any(special):
-            return None
-        headers = dict(resolve_request_headers())
-        if creds.token:
-            headers["Authorization"] = f"Bearer {creds.token}"
-        login = creds.username and creds.password
-        basic = (creds.username, creds.password) if login else None
-        verify: Any = creds.server_cert_path or not creds.ignore_tls_verification
-        timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"))
-        return httpx.Client(headers=headers, auth=basic, verify=verify,
-                            cert=creds.client_cert_path, timeout=timeout)  # fmt: skip
 
     @staticmethod
     def quietly(fn: Callable[[], object]) -> None:

@@ -193,7 +193,12 @@ class MlflowStore:
             return None
         if self._index_repo is None:
             run_uri = self.call("look up the release index run", lambda: self._run_uri(run))
-            self._index_repo = self._repository(f"{run_uri.rstrip('/')}/{INDEX_DIR}")
+            # Only this registry's artifact store, as for a release's files: a run whose
+            # location names another host would get the node's credentials.
+            location = self._release_location(
+                f"{run_uri.rstrip('/')}/{INDEX_DIR}", "the release index run"
+            )
+            self._index_repo = self._repository(location)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             if not self._download_capped(self._index_repo, name, path, max_length):

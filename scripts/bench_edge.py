@@ -191,6 +191,30 @@ def edge_node(
         yield node.url
 
 
+def _node_memory(url: str) -> dict[str, float]:
+    """PSS (MB) of the node process listening on ``url`` and of its child processes (the
+    refresh worker, its fork server, multiprocessing's resource tracker)."""
+    port = int(url.rsplit(":", 1)[1])
+    [node] = [
+        p
+        for p in psutil.process_iter()
+        if any(c.laddr.port == port and c.status == "LISTEN" for c in _connections(p))
+    ]
+    children = node.children(recursive=True)
+    return {
+        "node_pss_mb": node.memory_full_info().pss / MB,
+        "children_pss_mb": sum(c.memory_full_info().pss for c in children) / MB,
+        "children": len(children),
+    }
+
+
+def _connections(process: psutil.Process) -> list[Any]:
+    try:
+        return process.net_connections(kind="tcp")
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return []
+
+
 def _stage_sums(url: str) -> dict[str, float]:
     """stage -> sum of fedlora_edge_swap_seconds (the node's own timing)."""
     sums: dict[str, float] = {}
@@ -266,6 +290,9 @@ def _concurrent_rate(url: str, clients: int, seconds: float) -> tuple[float, int
     return sum(r[2] == 200 for r in rows) / (end - start), sum(r[2] != 200 for r in rows)
 
 
+SETTLE_S = 0.6  # > the 0.5 s margins of the "during swaps" window
+
+
 def _swaps(
     url: str,
     store: MlflowStore,
@@ -276,19 +303,27 @@ def _swaps(
 ) -> list[dict[str, float]]:
     swaps = []
     for version in versions:
-        promote(store, model=model, version=version, key=key, trust=trust, policy=Policy())
+        # The operator's promotion and this script's /metrics scrapes are kept out of the
+        # "during" window (promoted - 0.5 s ... refreshed + 0.5 s): in a deployment the
+        # registry runs elsewhere, and on these shared cores its CPU would be charged to
+        # the node's swap. The window holds the node's whole refresh, from the request on.
         before = _stage_sums(url)
+        promoting = time.perf_counter()
+        promote(store, model=model, version=version, key=key, trust=trust, policy=Policy())
+        time.sleep(SETTLE_S)
         promoted = time.perf_counter()
         r = httpx.post(
             f"{url}/v1/refresh", timeout=300, headers={"Authorization": f"Bearer {TOKEN}"}
         )
         r.raise_for_status()
         refreshed = time.perf_counter()
+        time.sleep(SETTLE_S)
         after = _stage_sums(url)
         stage = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         swaps.append(
             {
                 "version": float(version),
+                "promoting": promoting,
                 "promoted": promoted,
                 "refreshed": refreshed,
                 "download_s": stage.get("download", 0.0),
@@ -392,22 +427,25 @@ def classifier(
             time.sleep(args.gap)
         client.stop.set()
         client.join()
+        memory = _node_memory(url)
         batches = [ln for ln in httpx.get(f"{url}/metrics").text.splitlines()
                    if ln.startswith("fedlora_edge_batch_rows_")]  # fmt: skip
 
-    def near(t: float, swaps: list[dict[str, float]], before: float, after: float) -> bool:
-        return any(s["promoted"] - before <= t <= s["refreshed"] + after for s in swaps)
+    def near(t: float, swaps: list[dict[str, float]], start: str, before: float) -> bool:
+        return any(s[start] - before <= t <= s["refreshed"] + before for s in swaps)
 
-    # Steady: the same client, the same minutes, away from any swap; during: in a window.
+    # Steady: the same client, the same minutes, away from any promotion or swap (and the
+    # scrapes around them); during: within 0.5 s of a refresh.
     rows = client.rows
-    steady = [r for r in rows if not near(r[0], small_swaps + large_swaps, 0.5, 1.0)]
-    during = [r for r in rows if near(r[0], small_swaps, 0.5, 0.5)]
+    steady = [r for r in rows if not near(r[0], small_swaps + large_swaps, "promoting", 1.0)]
+    during = [r for r in rows if near(r[0], small_swaps, "promoted", 0.5)]
     steady_lat = [r[1] for r in steady]
     during_lat = [r[1] for r in during] or [float("nan")]
     node_median, direct_median = statistics.median(node_lat), statistics.median(direct_lat)
     ratios = sorted(many[0] / one[0] for one, many in rates)
     return {
         "adapter_bytes": sizes,
+        "memory_after_swaps": memory,
         "swap_small": {
             "verify_plus_load_s": [s["verify_plus_load_s"] for s in small_swaps],
             "stages": small_swaps,
@@ -440,6 +478,12 @@ def classifier(
         "direct_forward_median_s": direct_median,
         "node_vs_direct": node_median / direct_median,
         "latencies": {"steady": steady_lat, "during_swaps": [r[1] for r in during]},
+        # Where each "during" request started, from the refresh request of its swap (s):
+        # which part of a swap slows requests, if any.
+        "during_swaps_offsets_s": [
+            r[0] - min((s["promoted"] for s in small_swaps), key=lambda p: abs(r[0] - p))
+            for r in during
+        ],
     }
 
 
@@ -673,6 +717,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"tiny causal LM via /v1/completions: {lm['one_client_tokens_per_s']:.0f} tokens/s "
         f"(1 client), {lm['sixteen_clients_tokens_per_s']:.0f} tokens/s (16 clients), "
         f"time to first token p50 {lm['time_to_first_token_p50_s'] * 1000:.0f} ms"
+    )
+    pss = result["classifier"]["memory_after_swaps"]
+    Console().print(
+        f"memory after the swaps (PSS): node {pss['node_pss_mb']:.0f} MB, its "
+        f"{pss['children']} child processes (refresh worker, fork server, resource "
+        f"tracker) {pss['children_pss_mb']:.0f} MB"
     )
     console.print(f"wrote {args.out / 'edge.json'} and {args.out / 'edge.png'}")
     return 0 if all(ok for *_, ok in rows) else 1

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
-from clients.task.errors import ConfigError
+from clients.task import dpsgd
 from clients.task.plan import TrainPlan
 from clients.task.secure_random import SecureRandom
 from strategies.dp import ClientLevelDP, DifferentiallyPrivate
@@ -46,26 +45,20 @@ log = logging.getLogger(__name__)
 def solve_noise_multiplier(
     *, target_epsilon: float, delta: float, sampling_rate: float, rounds: int
 ) -> float:
-    """The smallest ``z`` (to Opacus' tolerance) whose ε after ``rounds`` is ≤ the target.
+    """The smallest ``z`` (to Opacus' tolerance) whose ε after ``rounds`` is ≤ the target:
+    `clients.task.dpsgd.solve_noise_multiplier` with one step per round.
 
     Raises:
-        ConfigError: If no noise multiplier reaches the target.
+        ConfigError: Naming ``dp.target-epsilon`` if no noise multiplier reaches it.
     """
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sampling_rate,
-                steps=rounds,
-                accountant=ACCOUNTANT,
-            )
-        )
-    except ValueError as exc:
-        raise ConfigError(
-            f"dp.target-epsilon={target_epsilon!r} is unreachable with dp.delta={delta!r}, "
-            f"sampling rate {sampling_rate:.3g} and {rounds} round(s): {exc}"
-        ) from exc
+    return dpsgd.solve_noise_multiplier(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sampling_rate=sampling_rate,
+        steps=rounds,
+        setting="dp.target-epsilon",
+        step_name="round",
+    )
 
 
 @dataclass

@@ -113,6 +113,7 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
         refresher.start()
         yield
         refresher.stop()
+        node.close()  # the refresh worker process
         await router.close()
 
     app = FastAPI(

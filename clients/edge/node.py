@@ -4,8 +4,10 @@ For each model the node holds an ``active`` release (answers new requests) and t
 ``previous`` one (kept loaded for instant rollback). A refresh refreshes the release
 index (TUF) and takes the release it names for the alias (MLflow's own aliases are never
 read), downloads that release's recorded files into a staging folder in the cache,
-accepts it (`registry.accept`), installs it into the cache under its digest, loads its
-verified tensors as an adapter on the shared base (`clients.edge.runtime`), then swaps
+accepts it (`registry.accept`) and installs it into the cache under its digest — all of
+that in the node's refresh worker process (`clients.edge.fetcher`), so it never holds the
+GIL a forward needs — then loads the accepted tensors as an adapter on the shared base
+(`clients.edge.runtime`) in the serving process and swaps
 with one assignment: requests that already hold the old release finish on it, and a
 release that leaves both places is retired (its adapter is freed after its last request).
 Any failure keeps the current release serving, reports ``degraded`` with the reason and
@@ -26,22 +28,21 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients.edge.fetcher import Held, RegistryWorker
 from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import Batching, LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
 from clients.task.errors import FedloraError
-from clients.task.files import swap_directory, write_atomic
+from clients.task.files import write_atomic
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
-from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
-from registry.pull import aliased_release, download
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +94,23 @@ class EdgeNode:
         )
         self.slots = {ref.name: ModelSlot(ref) for ref in settings.models}
         self._refresh_lock = threading.Lock()  # one refresh at a time; serving never waits
-        self._store: MlflowStore | None = None
         self.settings.cache.mkdir(parents=True, exist_ok=True)
-        self.index = IndexClient(self._fetch_index, settings.cache / "tuf", self.trust)
+        self.index = IndexClient(self._no_fetch, settings.cache / "tuf", self.trust)
+        self.worker = RegistryWorker(
+            registry_uri=settings.registry_uri,
+            trust=settings.trust,
+            cache=settings.cache,
+            base_digest=self.policy.base_digest,
+            max_epsilon=settings.max_epsilon,
+        )
 
     # registry access ---------------------------------------------------------------
 
-    def _registry(self) -> MlflowStore:
-        if self._store is None:
-            self._store = MlflowStore(self.settings.registry_uri)
-        else:
-            self._store.check_reachable()
-        return self._store
-
-    def _fetch_index(self, name: str, max_length: int) -> bytes | None:
-        # The refresh asking for it checked the registry is reachable a moment ago.
-        store = self._store if self._store is not None else self._registry()
-        return store.fetch_index_file(name, max_length)
+    @staticmethod
+    def _no_fetch(name: str, max_length: int) -> bytes | None:
+        # This process reads the cached index only (at start, when the registry is down);
+        # every fetch from the registry runs in the refresh worker.
+        raise RegistryUnavailable(f"the serving process does not fetch {name}")
 
     def _accept(
         self, slot: ModelSlot, directory: Path, *, alias: str | None, digest: str | None = None
@@ -141,6 +142,10 @@ class EdgeNode:
                 log.exception("%s: could not load", slot.ref)
                 slot.last_error = f"could not load: {type(exc).__name__}: {exc}"
 
+    def close(self) -> None:
+        """Stop the refresh worker process (a later refresh starts a new one)."""
+        self.worker.close()
+
     def refresh_all(self) -> dict[str, bool]:
         return {name: self.refresh(name) for name in self.slots}
 
@@ -166,47 +171,47 @@ class EdgeNode:
                 return False
 
     def _refresh(self, slot: ModelSlot) -> bool:
-        store = self._registry()
-        self.index.refresh()
-        self._drop_revoked(slot)
+        def held(release: LoadedRelease | None) -> Held | None:
+            if release is None:
+                return None
+            v = release.verified
+            return Held(digest=v.digest, key_id=v.key_id, directory=v.directory)
+
+        start = time.perf_counter()
+        prepared = self.worker.prepare(
+            slot.ref.name, slot.ref.alias, active=held(slot.active), previous=held(slot.previous)
+        )
+        if prepared.revoked_keys is not None and prepared.revoked_digests is not None:
+            self._drop_revoked(slot, prepared.revoked_keys, prepared.revoked_digests)
+        prepared.raise_for_error()
         # What the signed index names for the alias; MLflow only says where its files are.
-        record = aliased_release(self.index, model=slot.ref.name, alias=slot.ref.alias)
+        record, accepted = prepared.record, prepared.accepted
+        assert record is not None
         if slot.active is not None and slot.active.verified.digest == record.digest:
             slot.source, slot.last_error = "registry", None
             return False
+        if accepted is None:  # the worker found the alias on a release it did not fetch
+            raise FedloraError(f"{slot.ref}: the refresh worker fetched no release to load")
         previous = slot.previous
         if previous is not None and previous.verified.digest == record.digest:
-            # A rollback to the release still loaded: its cached files must pass again, as
-            # the release they are named after, and the index must agree; then swap back.
-            self._accept(
-                slot, previous.verified.directory, alias=slot.ref.alias, digest=record.digest
-            )
+            # A rollback to the release still loaded, whose cached files passed again.
             self._swap(slot, previous, source="registry")
             return True
-        stages = self.metrics.swap_seconds
-        start = time.perf_counter()
-        with staging("fedlora-edge-", under=self.settings.cache / "staging") as tmp:
-            directory = download(store, record, model=slot.ref.name, dst=tmp / "release")
-            downloaded = time.perf_counter()
-            accepted = self._accept(slot, directory, alias=slot.ref.alias)
-            home = self._install(slot.ref.name, directory, accepted.digest)
-            checked = time.perf_counter()
-        # From here on the files are the cached copy of those just accepted.
-        release = self.runtime.load(
-            slot.ref.name, record.version, replace(accepted, directory=home)
-        )
+        checked = time.perf_counter()
+        # The files are the cached copy of those just accepted.
+        release = self.runtime.load(slot.ref.name, record.version, accepted)
         loaded = time.perf_counter()
         self._swap(slot, release, source="registry")  # serving it from here; then bookkeeping
         done = time.perf_counter()
-        stages.labels("download").observe(downloaded - start)
-        stages.labels("verify").observe(checked - downloaded)
+        stages = self.metrics.swap_seconds
+        stages.labels("download").observe(prepared.download_s)
+        stages.labels("verify").observe(prepared.verify_s)
         stages.labels("load").observe(loaded - checked)
         stages.labels("total").observe(done - start)
         return True
 
-    def _drop_revoked(self, slot: ModelSlot) -> None:
+    def _drop_revoked(self, slot: ModelSlot, keys: frozenset[str], digests: frozenset[str]) -> None:
         """Stop serving a release the fresh index revokes; fall back to a clean previous."""
-        keys, digests = self.index.revocations()
 
         def revoked(r: LoadedRelease | None) -> bool:
             return r is not None and (r.verified.digest in digests or r.verified.key_id in keys)
@@ -255,16 +260,6 @@ class EdgeNode:
             evicted.previous = None
 
     # cache -------------------------------------------------------------------------
-
-    def _install(self, model: str, directory: Path, digest: str) -> Path:
-        """Put just-accepted files in the cache under their digest, replacing what is there.
-
-        A folder already there is never trusted as it is: it may have been changed since
-        it was accepted, or hold another release's files.
-        """
-        home = self.settings.cache / "releases" / model / digest
-        swap_directory(directory, home)
-        return home
 
     def _state_path(self) -> Path:
         return self.settings.cache / "state.json"

@@ -70,18 +70,30 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
 
 @functools.lru_cache(maxsize=256)
 def solve_noise_multiplier(
-    *, target_epsilon: float, delta: float, sampling_rate: float, steps: int
+    *,
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    setting: str = "site-dp.target-epsilon",
+    step_name: str = "DP-SGD step",
 ) -> float:
     """The smallest noise multiplier (to Opacus' tolerance) whose RDP ε after ``steps``
     steps at ``sampling_rate`` is at most ``target_epsilon`` at ``delta``.
 
-    A site calls it with its own sampling rate (``batch_size / n``), its own δ and the
-    steps of the whole planned run; the server calls it with the same inputs to check
-    the noise multiplier a site states (server/sites.py). Pure and cached: the same
-    inputs give the same ``z`` at both ends.
+    The one solver of both guarantees. A site calls it with its own sampling rate
+    (``batch_size / n``), its own δ and the DP-SGD steps of the whole planned run; the
+    server calls it with the same inputs to check the noise multiplier a site states
+    (server/sites.py), and for client-level DP with the planned client sampling rate and
+    rounds as steps (`server.privacy`). Pure and cached: the same inputs give the same
+    ``z`` at both ends.
+
+    Args:
+        setting: The key named when the target is unreachable.
+        step_name: What one step is, in that message ("round" for client-level DP).
 
     Raises:
-        ConfigError: Naming ``site-dp.target-epsilon`` if no noise multiplier reaches it.
+        ConfigError: Naming ``setting`` if no noise multiplier reaches the target.
     """
     try:
         return float(
@@ -95,8 +107,8 @@ def solve_noise_multiplier(
         )
     except ValueError as exc:
         raise ConfigError(
-            f"site-dp.target-epsilon={target_epsilon!r} is unreachable with δ={delta!r}, "
-            f"sampling rate {sampling_rate:.3g} and {steps} DP-SGD step(s): {exc}"
+            f"{setting}={target_epsilon!r} is unreachable with δ={delta!r}, "
+            f"sampling rate {sampling_rate:.3g} and {steps} {step_name}(s): {exc}"
         ) from exc
 
 

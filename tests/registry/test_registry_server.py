@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,23 @@ def test_fetching_refuses_foreign_sources_files_and_sizes_before_downloading(
         big.write_bytes(b" " * (1 << 20))
         store.client.log_artifact(index_run, str(big), "tuf")
         assert "timestamp.json" in refused("timestamp.json")
+
+        # 5. The index run's artifact location rewritten (a write to MLflow's database) to
+        #    another host: no byte is asked of it, and no credential is sent there.
+        with socket.socket() as foreign:
+            foreign.bind(("127.0.0.1", 0))
+            foreign.listen()
+            foreign.setblocking(False)
+            elsewhere = f"http://127.0.0.1:{foreign.getsockname()[1]}/stolen"
+            db = sqlite3.connect(tmp_path / "mlflow" / "mlflow.db")
+            with db:
+                db.execute("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?",
+                           (elsewhere, index_run))  # fmt: skip
+            db.close()
+            downloads.clear()
+            with pytest.raises(VerificationError) as err:
+                pull(MlflowStore(server.uri), model="intents", alias="candidate", trust=trust,
+                     out=tmp_path / "serving", state=tmp_path / "edge-state")  # fmt: skip
+            assert err.value.reason == "fetch" and elsewhere in str(err.value), err.value
+            with pytest.raises(BlockingIOError):
+                foreign.accept()  # nobody connected

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from clients.edge.app import create_app
@@ -168,7 +169,11 @@ BODIES = st.one_of(
 def test_fuzzed_json_never_gets_a_5xx_except_a_missing_release(
     client: TestClient, path: str, body: object
 ) -> None:
-    response = client.post(path, json=body)
+    # Encoded here: NaN and ±Infinity are what a hostile client may send (Python's json
+    # reads them), and the test client's encoder would refuse them before the node sees them.
+    response = client.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     if response.status_code == 503:  # the one model with nothing verified: a stated reason
         assert "no verified release of absent" in response.json()["detail"]
         return
@@ -295,10 +300,16 @@ OPENAI_BODIES = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=OPENAI_BODIES)
+@example(path="/v1/completions", body={"model": "lm", "prompt": "x", "temperature": math.nan})
+@example(path="/v1/chat/completions", body={"model": "lm", "messages": [], "top_p": math.inf})
 def test_fuzzed_openai_requests_never_get_a_5xx_except_a_missing_release(
     client: TestClient, path: str, body: object
 ) -> None:
-    response = client.post(path, json=body)
+    # Encoded here: NaN and ±Infinity are what a hostile client may send (Python's json
+    # reads them), and the test client's encoder would refuse them before the node sees them.
+    response = client.post(
+        path, content=json.dumps(body), headers={"content-type": "application/json"}
+    )
     if response.status_code == 503:
         assert "no verified release of absent" in response.json()["error"]["message"]
         return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -270,3 +272,58 @@ def test_a_cache_folder_holding_another_release_is_refused_at_restart(
     assert slot.active is None
     assert "wrong-release" in str(slot.last_error)
     assert offline.health()["models"]["intents"]["status"] == "unavailable"
+
+
+def test_refresh_work_runs_in_a_lower_priority_child_with_the_nodes_environment(
+    tmp_path: Path,
+    outputs: list[Path],
+    keypair: KeyPair,
+    trust: TrustStore,
+    tiny_llama: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    _released(store, key, trust, outputs[:1])
+    node = _node(tmp_path, store.uri, trust, tiny_llama)
+    try:
+        node.start()  # the fork server runs from here on, with the environment of now
+        assert node.slots["intents"].active is not None
+        # A credential set later must still reach the next worker, as it would a spawned one.
+        monkeypatch.setenv("FEDLORA_TEST_MARK", "node-environment")
+        node.close()
+        assert node.refresh("intents") is False  # a new worker; nothing new to load
+        pool = node.worker._executor()  # the worker's own process, asked directly
+        child = pool.submit(os.getpid).result()
+        assert child != os.getpid()
+        nice = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()
+        assert nice >= os.getpriority(os.PRIO_PROCESS, 0) + 1
+        assert pool.submit(os.getenv, "FEDLORA_TEST_MARK").result() == "node-environment"
+    finally:
+        node.close()
+
+
+def test_a_killed_refresh_worker_fails_one_refresh_and_the_next_one_works(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    v1, v2 = _released(store, key, trust, outputs[:2])
+    node = _node(tmp_path, store.uri, trust, tiny_llama)
+    try:
+        node.start()
+        assert node.slots["intents"].active.version == v2.version
+        rollback(store, model="intents", key=key)  # production: v2 -> v1
+        # The child dies (as under the OOM killer); a real SIGKILL, no fake.
+        os.kill(node.worker._executor().submit(os.getpid).result(), signal.SIGKILL)
+
+        assert node.refresh("intents") is False
+
+        slot = node.slots["intents"]
+        assert slot.active.version == v2.version  # still serving
+        assert node.health()["status"] == "degraded"
+        assert "refresh worker process stopped" in (slot.last_error or "")
+        assert node.refresh("intents") is True  # a new child
+        assert slot.active.version == v1.version and slot.last_error is None
+    finally:
+        node.close()

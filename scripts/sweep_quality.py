@@ -209,6 +209,9 @@ SIM_KEYS: dict[str, Any] = {
     "sim.lora-adam-tau": 1e-3,
     "sim.lora-adam-beta1": 0.9,
     "sim.lora-yogi": False,  # Yogi's second moment in the LoRA FedAdam
+    "sim.lora-momentum": 0.0,  # > 0: heavy-ball momentum (FedAvgM) on the LoRA tensors only
+    # SCAFFOLD control variates on the local steps: "" off, "all" or "body" (not the head)
+    "sim.scaffold": "",
 }
 
 
@@ -248,10 +251,57 @@ def _lora_step(
                 v = 0.99 * v_prev + (1 - 0.99) * delta**2
             moments["m" + k], moments["v" + k] = m, v
             step = sim["sim.lora-adam"] * m / (np.sqrt(v) + sim["sim.lora-adam-tau"])
+        elif sim["sim.lora-momentum"] > 0:
+            m = sim["sim.lora-momentum"] * moments.get("m" + k, 0.0) + delta
+            moments["m" + k] = m
+            step = sim["sim.lora-lr"] * m
         else:
             step = sim["sim.lora-lr"] * delta
         out[k] = (old + step).astype(state[k].dtype)
     return out
+
+
+def _scaffold_hook(loaded: Any, controls: dict, site: str, lr: float, sim: dict[str, Any]):
+    """SCAFFOLD's drift correction (Karimireddy et al. 2020), on the local optimiser's steps.
+
+    SCAFFOLD steps ``y <- y - lr (g - c_i + c)``. The sites train with AdamW, whose step is
+    ``lr * direction``: the correction is applied to the parameters after each step,
+    ``y <- y - lr (c - c_i)``, with c and c_i in the same direction units (option II below).
+    """
+    import torch
+
+    if not sim["sim.scaffold"] or not controls["server"]:
+        return None
+    c, ci = controls["server"], controls.get(site, {})
+    params = {n: p for n, p in loaded.model.named_parameters() if p.requires_grad}
+    corr = {
+        n: torch.from_numpy((lr * (c[n] - ci.get(n, 0.0))).astype("float32"))
+        for n in params
+        if sim["sim.scaffold"] == "all" or HEAD_MARK not in n
+    }
+
+    def hook(step: int, total: int) -> None:
+        with torch.no_grad():
+            for n, t in corr.items():
+                params[n].sub_(t)
+
+    return hook
+
+
+def _scaffold_update(
+    controls: dict, control_sum: dict, site: str, start: dict, local: dict, k_lr: float
+) -> None:
+    """Option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``; adds ``c_i+ - c_i`` to the sum."""
+    c, ci = controls["server"], controls.get(site, {})
+    new = {}
+    for n in start:
+        new[n] = (
+            ci.get(n, 0.0)
+            - c.get(n, 0.0)
+            + (start[n].astype("float64") - local[n].astype("float64")) / k_lr
+        )
+        control_sum[n] = control_sum.get(n, 0.0) + new[n] - ci.get(n, 0.0)
+    controls[site] = new
 
 
 def run_federated(
@@ -280,6 +330,7 @@ def run_federated(
 
     site_optimizers: dict[str, Any] = {}
     moments: dict[str, Any] = {}
+    controls: dict[str, dict[str, Any]] = {"server": {}}  # SCAFFOLD: c and each c_i
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
     state = trainable_state(loaded.model)
     init = {k: v.astype("float64") for k, v in state.items()}
@@ -293,25 +344,35 @@ def run_federated(
             settings.plan(server_round).to_config() | strategy.client_config()
         )
         updates = []
+        control_sum: dict[str, Any] = {}
         for site, examples in sites:
             load_trainable_state(loaded.model, state)
+            hook = _scaffold_hook(loaded, controls, site, plan.learning_rate, sim)
             result = train_local(
                 loaded,
                 examples,
                 plan=plan,
                 generator=_generator(settings.spec.seed, server_round, site),
                 optimizer_state=site_optimizers.get(site),
+                on_step=hook,
             )
             if sim["sim.keep-optimizer"]:
                 site_optimizers[site] = result.optimizer_state
+            local = trainable_state(loaded.model)
+            if sim["sim.scaffold"]:
+                _scaffold_update(
+                    controls, control_sum, site, state, local, result.steps * plan.learning_rate
+                )
             updates.append(
                 SiteUpdate(
                     site=site,
-                    state=trainable_state(loaded.model),
+                    state=local,
                     num_examples=result.num_examples,
                     metrics={"train-loss": result.loss},
                 )
             )
+        for k, d in control_sum.items():  # c <- c + (1/N) sum_i (c_i+ - c_i)
+            controls["server"][k] = controls["server"].get(k, 0.0) + d / len(sites)
         outcome = strategy.aggregate(server_round, state, updates)
         new, server_state = optimizer.step(
             state,

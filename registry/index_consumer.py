@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from securesystemslib.exceptions import StorageError
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
@@ -137,7 +138,8 @@ class IndexClient:
             root = Metadata[Root].from_file(str(self._cache / "root.json"))
             targets = Metadata[Targets].from_file(str(self._cache / "targets.json"))
             root.signed.verify_delegate(Targets.type, targets.signed_bytes, targets.signatures)
-        except (OSError, tuf_errors.RepositoryError, ValueError) as exc:
+        # securesystemslib reports a missing or unreadable file as its own StorageError.
+        except (OSError, StorageError, tuf_errors.RepositoryError, ValueError) as exc:
             raise VerificationError("index", f"no usable cached release index: {exc}") from exc
         self._offline = targets.signed
 

@@ -439,6 +439,8 @@ def classifier(
     rows = client.rows
     steady = [r for r in rows if not near(r[0], small_swaps + large_swaps, "promoting", 1.0)]
     during = [r for r in rows if near(r[0], small_swaps, "promoted", 0.5)]
+    # The 10 MB swaps too (no target of their own): the most load work in the node.
+    during_large_lat = [r[1] for r in rows if near(r[0], large_swaps, "promoted", 0.5)]
     steady_lat = [r[1] for r in steady]
     during_lat = [r[1] for r in during] or [float("nan")]
     node_median, direct_median = statistics.median(node_lat), statistics.median(direct_lat)
@@ -466,6 +468,11 @@ def classifier(
             "p50_s": _percentile(during_lat, 0.5),
             "p99_s": _percentile(during_lat, 0.99),
         },
+        "during_large_swaps": {
+            "requests": len(during_large_lat),
+            "p50_s": _percentile(during_large_lat or [math.nan], 0.5),
+            "p99_s": _percentile(during_large_lat or [math.nan], 0.99),
+        },
         "failed": {"count": sum(r[2] != 200 for r in rows), "requests": len(rows)},
         "throughput": {
             "one_client_rps": [one[0] for one, _ in rates],
@@ -478,6 +485,9 @@ def classifier(
         "direct_forward_median_s": direct_median,
         "node_vs_direct": node_median / direct_median,
         "latencies": {"steady": steady_lat, "during_swaps": [r[1] for r in during]},
+        # Every request of the swap phase, (start, seconds, status), on the clock of the
+        # swaps' "promoting" / "promoted" / "refreshed" marks: any window can be recomputed.
+        "swap_phase_requests": [[r[0], r[1], r[2]] for r in rows],
         # Where each "during" request started, from the refresh request of its swap (s):
         # which part of a swap slows requests, if any.
         "during_swaps_offsets_s": [
@@ -717,6 +727,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"tiny causal LM via /v1/completions: {lm['one_client_tokens_per_s']:.0f} tokens/s "
         f"(1 client), {lm['sixteen_clients_tokens_per_s']:.0f} tokens/s (16 clients), "
         f"time to first token p50 {lm['time_to_first_token_p50_s'] * 1000:.0f} ms"
+    )
+    cl = result["classifier"]
+    Console().print(
+        f"p99 (requests): steady {cl['steady']['p99_s'] * 1000:.1f} ms "
+        f"({cl['steady']['requests']}), during ≤ 1 MB swaps "
+        f"{cl['during_swaps']['p99_s'] * 1000:.1f} ms ({cl['during_swaps']['requests']}), "
+        f"during 10 MB swaps {cl['during_large_swaps']['p99_s'] * 1000:.1f} ms "
+        f"({cl['during_large_swaps']['requests']})"
     )
     pss = result["classifier"]["memory_after_swaps"]
     Console().print(

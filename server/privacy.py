@@ -57,6 +57,7 @@ def solve_noise_multiplier(
         sampling_rate=sampling_rate,
         steps=rounds,
         setting="dp.target-epsilon",
+        delta_setting="dp.delta",
         step_name="round",
     )
 

@@ -63,6 +63,13 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         help="seconds between checks of each alias (default: %(default)s)",
     )
     serve.add_argument(
+        "--refresh-timeout-s",
+        type=float,
+        default=600.0,
+        help="longest one refresh (index, download, verification) may take before its "
+        "worker process is stopped and the refresh fails (default: %(default)s)",
+    )
+    serve.add_argument(
         "--cache",
         default=str(DEFAULT_CACHE),
         metavar="DIR",
@@ -204,6 +211,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         poll_seconds=args.poll_seconds,
+        refresh_timeout_s=args.refresh_timeout_s,
         max_epsilon=args.max_epsilon,
         admin_token=EdgeSettings.token_from_env(),
         max_loaded=args.max_loaded,

@@ -13,7 +13,15 @@ whose folder is the cache copy the child installed.
 
 The child is the node's own code with the node's own trust store and cache, not a new
 party: the trust chain is the one `registry.accept` documents, and the node loads the
-files from the folder they were accepted in, as it does in-process.
+files from the folder they were accepted in (`clients.edge.runtime` re-reads and re-hashes
+them against the accepted digest, so a folder changed in between is refused).
+
+Two things to know when embedding `EdgeNode` in a script of one's own: as with any
+multiprocessing start method but fork, the worker imports the script's main module, so
+it needs an ``if __name__ == "__main__":`` guard; and the worker takes the process
+environment as it is when the worker starts (registry credentials from environment
+variables that change later reach it after `RegistryWorker.close`, or after a failed
+refresh; credentials files are read on every use).
 
     worker = RegistryWorker(registry_uri=uri, trust=trust_dir, cache=cache, base_digest=d)
     prepared = worker.prepare("intents", "production", active=held, previous=None)
@@ -23,9 +31,12 @@ files from the folder they were accepted in, as it does in-process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -64,7 +75,7 @@ class Held:
 class Refusal:
     """An error of the child, carried as data (exception pickling loses fields)."""
 
-    kind: str  # unavailable | verification | fedlora
+    kind: str  # unavailable | verification | fedlora (any other error: its type and text)
     message: str
     reason: str = ""  # VerificationError.reason
     detail: str = ""
@@ -168,16 +179,23 @@ def _child_state() -> _Child:
             index=None,  # type: ignore[arg-type]  # set below: it calls back into the child
         )
         child.index = IndexClient(child.fetch_index, cache / "tuf", trust_store)
+        # A worker killed mid-download (timeout, node stopped) leaves its staging folder;
+        # this node's worker is the only writer there, so what is left is garbage.
+        for stale in (cache / "staging").glob("fedlora-edge-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         _child = child
     return _child
 
 
-def _refusal(exc: FedloraError) -> Refusal:
+def _refusal(exc: Exception) -> Refusal:
     if isinstance(exc, RegistryUnavailable):
         return Refusal("unavailable", str(exc))
     if isinstance(exc, VerificationError):
         return Refusal("verification", str(exc), reason=exc.reason, detail=exc.detail)
-    return Refusal("fedlora", str(exc))
+    if isinstance(exc, FedloraError):
+        return Refusal("fedlora", str(exc))
+    log.error("refresh failed", exc_info=exc)  # a bug or the machine: the traceback matters
+    return Refusal("fedlora", f"refresh failed: {type(exc).__name__}: {exc}")
 
 
 def _prepare(model: str, alias: str, active: Held | None, previous: Held | None) -> Prepared:
@@ -186,7 +204,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
         child = _child_state()
         store = child.registry()
         child.index.refresh()
-    except FedloraError as exc:
+    except Exception as exc:  # all of it back as data: nothing else crosses to the node
         return Prepared(error=_refusal(exc))
     keys, digests = child.index.revocations()
     found = Prepared(revoked_keys=frozenset(keys), revoked_digests=frozenset(digests))
@@ -238,7 +256,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
             download_s=downloaded - start,
             verify_s=time.perf_counter() - downloaded,
         )
-    except FedloraError as exc:
+    except Exception as exc:  # e.g. a full disk: the revocations must reach the node anyway
         return replace(found, error=_refusal(exc))
 
 
@@ -248,9 +266,10 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
 class RegistryWorker:
     """One child process that does the registry side of every refresh of one node.
 
-    Started on first use; a child that dies (killed, out of memory) fails that refresh
-    with a `FedloraError` and is replaced on the next one. Calls are serialised by the
-    node's refresh lock; this class adds its own for `close`.
+    Started on first use; a child that dies (killed, out of memory) or overruns
+    ``timeout_s`` fails that refresh with a `FedloraError` (the overrunning one is killed)
+    and is replaced on the next one. Calls are serialised by the node's refresh lock;
+    this class adds its own for `close`.
 
     Args:
         registry_uri: The MLflow tracking URI.
@@ -259,6 +278,7 @@ class RegistryWorker:
             writes under it while the node serves.
         base_digest: The digest of the base the node serves (`LocalPolicy`).
         max_epsilon: The node's ε limit (`LocalPolicy`), or None.
+        timeout_s: The longest one `prepare` may take (seconds).
     """
 
     def __init__(
@@ -269,9 +289,13 @@ class RegistryWorker:
         cache: Path,
         base_digest: str | None,
         max_epsilon: float | None = None,
+        timeout_s: float = 600.0,
     ) -> None:
         self._args = (registry_uri, trust, cache, base_digest, max_epsilon)
+        self._timeout_s = timeout_s
         self._pool: ProcessPoolExecutor | None = None
+        self._pid: int | None = None
+        self._busy = False
         self._lock = threading.Lock()
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -282,12 +306,14 @@ class RegistryWorker:
                 # process (its threads, its model).
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload([__name__, "mlflow"])
-                self._pool = ProcessPoolExecutor(
+                pool = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=context,
                     initializer=_start_child,
                     initargs=(self._args, dict(os.environ)),
                 )
+                self._pool = pool
+                self._pid = pool.submit(os.getpid).result(timeout=self._timeout_s)
             return self._pool
 
     def prepare(
@@ -296,22 +322,45 @@ class RegistryWorker:
         """Refresh the index and fetch what ``model@alias`` needs, in the child.
 
         Raises:
+            RegistryUnavailable: The work took longer than ``timeout_s``; the child was
+                killed (the next call starts a new one).
             FedloraError: The child process stopped (the next call starts a new one).
         """
         pool = self._executor()
+        self._busy = True
         try:
-            return pool.submit(_prepare, model, alias, active, previous).result()
+            return pool.submit(_prepare, model, alias, active, previous).result(
+                timeout=self._timeout_s
+            )
+        except TimeoutError:
+            self._stop(pool, kill=True)
+            raise RegistryUnavailable(
+                f"refreshing {model}@{alias} took longer than {self._timeout_s:g} s "
+                "(--refresh-timeout-s); its worker was stopped"
+            ) from None
         except BrokenProcessPool as exc:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._stop(pool, kill=False)
             raise FedloraError(
                 f"the refresh worker process stopped ({exc}); the next refresh starts another"
             ) from exc
+        finally:
+            self._busy = False
+
+    def _stop(self, pool: ProcessPoolExecutor, *, kill: bool) -> None:
+        with self._lock:
+            pid = self._pid
+            if self._pool is pool:
+                self._pool, self._pid = None, None
+        if kill and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=kill, cancel_futures=True)  # after a kill the manager sees it die
 
     def close(self) -> None:
+        """Stop the worker; one stuck in a refresh is killed rather than waited for."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool = self._pool
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            self._stop(pool, kill=self._busy)
+            if not self._busy:
+                pool.shutdown(wait=True, cancel_futures=True)

@@ -102,6 +102,7 @@ class EdgeNode:
             cache=settings.cache,
             base_digest=self.policy.base_digest,
             max_epsilon=settings.max_epsilon,
+            timeout_s=settings.refresh_timeout_s,
         )
 
     # registry access ---------------------------------------------------------------
@@ -169,6 +170,10 @@ class EdgeNode:
                 slot.last_error = str(exc)
                 log.warning("%s: %s", slot.ref, exc)
                 return False
+            except Exception as exc:  # one model's bug must not stop the others' refreshes
+                log.exception("%s: refresh failed", slot.ref)
+                slot.last_error = f"refresh failed: {type(exc).__name__}: {exc}"
+                return False
 
     def _refresh(self, slot: ModelSlot) -> bool:
         def held(release: LoadedRelease | None) -> Held | None:
@@ -178,11 +183,21 @@ class EdgeNode:
             return Held(digest=v.digest, key_id=v.key_id, directory=v.directory)
 
         start = time.perf_counter()
-        prepared = self.worker.prepare(
-            slot.ref.name, slot.ref.alias, active=held(slot.active), previous=held(slot.previous)
-        )
+        try:
+            prepared = self.worker.prepare(
+                slot.ref.name,
+                slot.ref.alias,
+                active=held(slot.active),
+                previous=held(slot.previous),
+            )
+        except FedloraError:
+            # The worker died or overran: what it may have verified of a fresh index is
+            # on disk; revocations there must still take effect.
+            self._revoke_from_cache()
+            raise
         if prepared.revoked_keys is not None and prepared.revoked_digests is not None:
-            self._drop_revoked(slot, prepared.revoked_keys, prepared.revoked_digests)
+            for each in self.slots.values():  # revocations are global, not per alias
+                self._drop_revoked(each, prepared.revoked_keys, prepared.revoked_digests)
         prepared.raise_for_error()
         # What the signed index names for the alias; MLflow only says where its files are.
         record, accepted = prepared.record, prepared.accepted
@@ -209,6 +224,17 @@ class EdgeNode:
         stages.labels("load").observe(loaded - checked)
         stages.labels("total").observe(done - start)
         return True
+
+    def _revoke_from_cache(self) -> None:
+        """Apply the revocations of the verified index in the cache to every model."""
+        try:
+            self.index.load_cached()
+            keys, digests = self.index.revocations()
+        except FedloraError as exc:  # no verified index cached: nothing known to revoke
+            log.warning("cached release index unreadable: %s", exc)
+            return
+        for slot in self.slots.values():
+            self._drop_revoked(slot, frozenset(keys), frozenset(digests))
 
     def _drop_revoked(self, slot: ModelSlot, keys: frozenset[str], digests: frozenset[str]) -> None:
         """Stop serving a release the fresh index revokes; fall back to a clean previous."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class EdgeSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     poll_seconds: float = 30.0
+    refresh_timeout_s: float = 600.0  # one refresh's registry work; its worker is then killed
     max_epsilon: float | None = None
     admin_token: str | None = None
     max_items: int = 64  # texts per request
@@ -84,6 +86,8 @@ class EdgeSettings:
             raise ConfigError(f"--port {self.port} is not a TCP port")
         if not self.poll_seconds > 0:
             raise ConfigError(f"--poll-seconds {self.poll_seconds} must be > 0")
+        if not 0 < self.refresh_timeout_s < math.inf:
+            raise ConfigError(f"--refresh-timeout-s {self.refresh_timeout_s} must be > 0")
         if self.max_epsilon is not None and not self.max_epsilon > 0:
             raise ConfigError(f"--max-epsilon {self.max_epsilon} must be > 0")
         for name in ("max_items", "max_text_chars", "max_new_tokens", "max_batch", "max_queue"):

@@ -76,6 +76,7 @@ def solve_noise_multiplier(
     sampling_rate: float,
     steps: int,
     setting: str = "site-dp.target-epsilon",
+    delta_setting: str = "site-dp.delta",
     step_name: str = "DP-SGD step",
 ) -> float:
     """The smallest noise multiplier (to Opacus' tolerance) whose RDP ε after ``steps``
@@ -90,6 +91,7 @@ def solve_noise_multiplier(
 
     Args:
         setting: The key named when the target is unreachable.
+        delta_setting: The key of δ, named in that message.
         step_name: What one step is, in that message ("round" for client-level DP).
 
     Raises:
@@ -107,7 +109,7 @@ def solve_noise_multiplier(
         )
     except ValueError as exc:
         raise ConfigError(
-            f"{setting}={target_epsilon!r} is unreachable with δ={delta!r}, "
+            f"{setting}={target_epsilon!r} is unreachable with {delta_setting}={delta!r}, "
             f"sampling rate {sampling_rate:.3g} and {steps} {step_name}(s): {exc}"
         ) from exc
 

@@ -42,7 +42,8 @@ def test_solved_noise_never_overshoots_the_target(target: float, q: float, round
 
 
 def test_unreachable_target_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"dp\.target-epsilon=1e-09 is unreachable"):
+    unreachable = r"dp\.target-epsilon=1e-09 is unreachable with dp\.delta="
+    with pytest.raises(ConfigError, match=unreachable):
         solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, rounds=10)
 
 

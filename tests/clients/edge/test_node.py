@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import torch
 from clients.edge.node import EdgeNode
 from clients.edge.settings import EdgeSettings, ModelRef
 from registry.keys import KeyPair, TrustStore
-from registry.lifecycle import SigningKey, promote, publish, rollback
+from registry.lifecycle import SigningKey, promote, publish, revoke, rollback
 from registry.mlflow_store import MlflowStore
 from registry.policy import Policy
 from registry.signing import verify_release
@@ -325,5 +329,79 @@ def test_a_killed_refresh_worker_fails_one_refresh_and_the_next_one_works(
         assert "refresh worker process stopped" in (slot.last_error or "")
         assert node.refresh("intents") is True  # a new child
         assert slot.active.version == v1.version and slot.last_error is None
+    finally:
+        node.close()
+
+
+def test_a_registry_that_never_finishes_an_answer_fails_the_refresh_at_the_timeout(
+    tmp_path: Path, trust: TrustStore, tiny_llama: Path
+) -> None:
+    # A fake registry, for a failure a real one cannot be made to show: it answers the
+    # health check, then trickles one header line every second and never ends the answer
+    # (no read timeout fires on it).
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if b"GET /health" in request:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(1.0):
+                conn.sendall(b"X-Slow: a\r\n")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    node = _node(tmp_path, uri, trust, tiny_llama, refresh_timeout_s=4.0)
+    try:
+        start = time.monotonic()
+        assert node.refresh("intents") is False
+        took = time.monotonic() - start
+        assert node.health()["models"]["intents"]["status"] == "unavailable"
+        assert "--refresh-timeout-s" in (node.slots["intents"].last_error or "")
+        assert took < 60  # the worker start plus 4 s, not forever
+        closing = time.monotonic()
+        node.close()
+        assert time.monotonic() - closing < 30
+    finally:
+        stop.set()
+        listener.close()
+        node.close()
+
+
+def test_revocations_take_effect_when_the_rest_of_the_refresh_fails_with_any_error(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    key = SigningKey(keypair.private_path, PASSPHRASE)
+    _, v2 = _released(store, key, trust, outputs[:2])
+    node = _node(tmp_path, store.uri, trust, tiny_llama)
+    try:
+        node.start()
+        assert node.slots["intents"].active.version == v2.version
+        # v2 revoked and production moved back to v1, which must be downloaded; the
+        # staging folder is a file now, so the download fails with an OSError (not a
+        # fedlora error) after the fresh index is known.
+        revoke(store, key=key, digests={v2.digest}, trust=trust)
+        rollback(store, model="intents", key=key)
+        shutil.rmtree(tmp_path / "cache" / "staging", ignore_errors=True)
+        (tmp_path / "cache" / "staging").write_text("not a folder")
+
+        assert node.refresh("intents") is False
+
+        slot = node.slots["intents"]
+        assert slot.active is None  # the revoked release no longer serves
+        assert "FileExistsError" in (slot.last_error or "") or "NotADirectory" in (
+            slot.last_error or ""
+        ), slot.last_error
     finally:
         node.close()

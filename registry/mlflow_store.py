@@ -409,7 +409,7 @@ class MlflowStore:
                     if resp.status_code == 404:
                         return False
                     augmented_raise_for_status(resp)
-                    return self._write_capped(resp, resp.iter_content(1 << 20), name, dst, limit)
+                    return self._write_capped(resp, name, dst, limit)
 
             return self.call(f"download {name}", stream)
         if isinstance(repo, LocalArtifactRepository):  # an embedded store on this machine
@@ -423,13 +423,14 @@ class MlflowStore:
         raise RegistryError(f"{self.uri}: unsupported artifact store {repo.artifact_uri}")
 
     @staticmethod
-    def _write_capped(resp: Any, chunks: Iterator[bytes], name: str, dst: Path, limit: int) -> bool:
+    def _write_capped(resp: Any, name: str, dst: Path, limit: int) -> bool:
+        # The announced size is checked before the body is asked for at all.
         announced = resp.headers.get("Content-Length")
         if announced is not None:
             _check_size(name, int(announced), limit)
         received = 0
         with dst.open("wb") as fh:
-            for chunk in chunks:
+            for chunk in resp.iter_content(1 << 20):
                 received += len(chunk)
                 _check_size(f"{name} (while downloading)", received, limit)
                 fh.write(chunk)

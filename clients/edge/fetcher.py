@@ -48,7 +48,7 @@ from clients.task.errors import FedloraError
 from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
-from registry.index import ReleaseRecord
+from registry.index import ReleaseRecord, Revocations
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
@@ -93,9 +93,8 @@ class Prepared:
     """What one refresh of one model found, from the child.
 
     Attributes:
-        revoked_keys: Key ids the fresh index revokes; None when the index could not be
-            refreshed (then nothing is known to be revoked and ``error`` is set).
-        revoked_digests: Release digests the fresh index revokes (None as above).
+        revocations: The (key ids, release digests) the fresh index revokes; None when
+            the index could not be refreshed (then ``error`` is set).
         record: The release the index names for the alias; None with ``error``.
         accepted: The release to swap in, accepted (its folder is in the cache): the
             cached previous release accepted again, or a new one; None when the alias
@@ -105,8 +104,7 @@ class Prepared:
         verify_s: Seconds spent accepting and installing.
     """
 
-    revoked_keys: frozenset[str] | None = None
-    revoked_digests: frozenset[str] | None = None
+    revocations: Revocations | None = None
     record: ReleaseRecord | None = None
     accepted: AcceptedRelease | None = None
     error: Refusal | None = None
@@ -116,6 +114,11 @@ class Prepared:
     def raise_for_error(self) -> None:
         if self.error is not None:
             raise self.error.exception()
+
+
+def release_home(cache: Path, model: str, digest: str) -> Path:
+    """The cache folder of an accepted release: named after its manifest digest."""
+    return cache / "releases" / model / digest
 
 
 # ------------------------------------------------------------------------- child side
@@ -207,7 +210,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
     except Exception as exc:  # all of it back as data: nothing else crosses to the node
         return Prepared(error=_refusal(exc))
     keys, digests = child.index.revocations()
-    found = Prepared(revoked_keys=frozenset(keys), revoked_digests=frozenset(digests))
+    found = Prepared(revocations=(keys, digests))
     try:
         record = aliased_release(child.index, model=model, alias=alias)
         found = replace(found, record=record)
@@ -248,7 +251,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
             accepted = check(directory)
             # A folder already in the cache is never trusted as it is: it may have been
             # changed since it was accepted, or hold another release's files.
-            home = child.cache / "releases" / model / accepted.digest
+            home = release_home(child.cache, model, accepted.digest)
             swap_directory(directory, home)
         return replace(
             found,
@@ -354,7 +357,9 @@ class RegistryWorker:
         if kill and pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        pool.shutdown(wait=kill, cancel_futures=True)  # after a kill the manager sees it die
+        # Prompt in every case: an idle worker exits on its own, a dead or killed one is
+        # seen by the pool's manager thread.
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         """Stop the worker; one stuck in a refresh is killed rather than waited for."""
@@ -362,5 +367,3 @@ class RegistryWorker:
             pool = self._pool
         if pool is not None:
             self._stop(pool, kill=self._busy)
-            if not self._busy:
-                pool.shutdown(wait=True, cancel_futures=True)

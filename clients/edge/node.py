@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clients.edge.fetcher import Held, RegistryWorker
+from clients.edge.fetcher import Held, RegistryWorker, release_home
 from clients.edge.metrics import EdgeMetrics
 from clients.edge.runtime import Batching, LoadedRelease, Runtime
 from clients.edge.settings import EdgeSettings, ModelRef
@@ -40,6 +40,7 @@ from clients.task.errors import FedloraError
 from clients.task.files import write_atomic
 from registry.accept import AcceptedRelease, accept
 from registry.errors import RegistryUnavailable, VerificationError
+from registry.index import Revocations
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.policy import LocalPolicy
@@ -195,9 +196,9 @@ class EdgeNode:
             # on disk; revocations there must still take effect.
             self._revoke_from_cache()
             raise
-        if prepared.revoked_keys is not None and prepared.revoked_digests is not None:
+        if prepared.revocations is not None:
             for each in self.slots.values():  # revocations are global, not per alias
-                self._drop_revoked(each, prepared.revoked_keys, prepared.revoked_digests)
+                self._drop_revoked(each, prepared.revocations)
         prepared.raise_for_error()
         # What the signed index names for the alias; MLflow only says where its files are.
         record, accepted = prepared.record, prepared.accepted
@@ -229,15 +230,16 @@ class EdgeNode:
         """Apply the revocations of the verified index in the cache to every model."""
         try:
             self.index.load_cached()
-            keys, digests = self.index.revocations()
+            revocations = self.index.revocations()
         except FedloraError as exc:  # no verified index cached: nothing known to revoke
             log.warning("cached release index unreadable: %s", exc)
             return
         for slot in self.slots.values():
-            self._drop_revoked(slot, frozenset(keys), frozenset(digests))
+            self._drop_revoked(slot, revocations)
 
-    def _drop_revoked(self, slot: ModelSlot, keys: frozenset[str], digests: frozenset[str]) -> None:
-        """Stop serving a release the fresh index revokes; fall back to a clean previous."""
+    def _drop_revoked(self, slot: ModelSlot, revocations: Revocations) -> None:
+        """Stop serving a release the index revokes; fall back to a clean previous."""
+        keys, digests = revocations
 
         def revoked(r: LoadedRelease | None) -> bool:
             return r is not None and (r.verified.digest in digests or r.verified.key_id in keys)
@@ -342,7 +344,7 @@ class EdgeNode:
         if not re.fullmatch("[0-9a-f]{64}", digest):
             slot.last_error = f"cached state names no release digest ({digest[:80]!r})"
             return
-        home = self.settings.cache / "releases" / slot.ref.name / digest
+        home = release_home(self.settings.cache, slot.ref.name, digest)
         try:
             # The folder must hold the release it is named after.
             accepted = self._accept(slot, home, alias=alias, digest=digest)

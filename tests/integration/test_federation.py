@@ -20,6 +20,7 @@ SuperLink, SuperNodes and workers, which dominate its time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -29,8 +30,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -430,46 +433,94 @@ def _replay(
     return state
 
 
+@contextlib.contextmanager
+def _sigint_at_its_default_in_children() -> Iterator[None]:
+    """Children started inside find SIGINT as a terminal's foreground job does: not ignored.
+
+    A shell without job control starts background commands (``pytest ... &``, a CI script
+    run with ``&`` or nohup) with SIGINT ignored, an ignored signal stays ignored across
+    fork and exec, and Python then installs no KeyboardInterrupt handler: the CLI would
+    ignore this test's Ctrl-C and run its federation to the end. A handler, unlike an
+    ignore, is reset to the default on exec, so one set here while the child starts gives
+    it the default that Ctrl-C in a terminal meets.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _drain(stream: IO[str], into: list[str]) -> threading.Thread:
+    """Read `stream` to its end in the background, so a writer never blocks on a full pipe."""
+    thread = threading.Thread(target=lambda: into.extend(stream), daemon=True)
+    thread.start()
+    return thread
+
+
+def _kill_trees(processes: list[psutil.Process]) -> None:
+    """SIGKILL these processes; a failed test must not leave a federation running."""
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(processes, timeout=10)
+
+
 @pytest.mark.timeout(600, method="signal")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_federation_local_stops_everything_it_started_when_interrupted(
     signum: int, tmp_path: Path, sites: tuple[list[Path], list[str]]
 ) -> None:
     """``fedlora federation local`` interrupted mid-run (Ctrl-C, or SIGTERM) leaves nothing."""
-    import psutil
-
     paths, _ = sites
     site_dir = paths[0].parent
     out = tmp_path / "out"
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "federation", "local", "--sites", str(site_dir),
-         "--rounds", "20", "--out", str(out), "--set", "local-steps=1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=APP_DIR,
-    )  # fmt: skip
+    with _sigint_at_its_default_in_children():
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "federation", "local", "--sites", str(site_dir),
+             "--rounds", "20", "--out", str(out), "--set", "local-steps=1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=APP_DIR,
+        )  # fmt: skip
+    stderr: list[str] = []
+    ours: list[psutil.Process] = []
     try:
         assert cli.stderr is not None
         for line in cli.stderr:  # wait until round 1 runs: every process is up
+            stderr.append(line)
             if "round 1/20: training" in line:
                 break
         else:
-            pytest.fail(f"fedlora federation local ended early with {cli.wait()}")
-        ours = [
+            code = cli.wait()
+            pytest.fail(f"fedlora federation local ended early with {code}:\n{''.join(stderr)}")
+        reader = _drain(cli.stderr, stderr)
+        named = [
             p
             for p in psutil.process_iter(["cmdline"])
             if str(out) in " ".join(p.info["cmdline"] or [])
         ]
         # The SuperLink, a SuperNode per site and the pool of warm workers.
-        assert len(ours) >= 1 + len(paths) + 1
+        assert len(named) >= 1 + len(paths) + 1
+        # Everything the CLI started, traced while it lives (its children leave its tree
+        # when it dies), and what the search by path found.
+        tree = psutil.Process(cli.pid).children(recursive=True)
+        ours = tree + [p for p in named if p not in tree]
         # Act
         cli.send_signal(signum)
-        code = cli.wait(timeout=120)
+        try:
+            code = cli.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 120 s after the signal; its stderr:\n{''.join(stderr)}")
+        reader.join(timeout=10)
     finally:
         if cli.poll() is None:
+            _kill_trees([*psutil.Process(cli.pid).children(recursive=True), *ours])
             cli.kill()
+            cli.wait()
     # Assert
-    assert code != 0
+    assert code != 0, "".join(stderr)
     _, alive = psutil.wait_procs(ours, timeout=15)
     assert alive == [], [" ".join(p.cmdline()) for p in alive if p.is_running()]
+    assert "interrupted" in "".join(stderr)

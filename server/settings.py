@@ -82,8 +82,8 @@ class ClientDPSettings:
 
     def __post_init__(self) -> None:
         ClientLevelDP(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier)
-        if self.target_epsilon < 0:
-            raise ConfigError(f"dp.target-epsilon={self.target_epsilon!r} must be >= 0")
+        if not 0 <= self.target_epsilon < math.inf:  # NaN too; 0 is off
+            raise ConfigError(f"dp.target-epsilon={self.target_epsilon!r} must be finite and >= 0")
         if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             raise ConfigError(
                 f"dp.clip-norm={self.clip_norm!r} needs exactly one of dp.noise-multiplier "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -95,8 +96,12 @@ def solve_noise_multiplier(
         step_name: What one step is, in that message ("round" for client-level DP).
 
     Raises:
-        ConfigError: Naming ``setting`` if no noise multiplier reaches the target.
+        ConfigError: Naming ``setting`` if the target is not a finite ε > 0 (an infinite
+            one would pass any noise multiplier and promise nothing), or if no noise
+            multiplier reaches it.
     """
+    if not (0 < target_epsilon < math.inf):  # NaN too
+        raise ConfigError(f"{setting}={target_epsilon!r} must be a finite ε > 0")
     try:
         return float(
             get_noise_multiplier(

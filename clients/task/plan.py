@@ -84,8 +84,8 @@ class TrainPlan:
 
     def _check_sample_dp(self) -> None:
         z, target = self.site_dp_noise_multiplier, self.site_dp_target_epsilon
-        if not target >= 0:  # NaN too
-            raise ConfigError(f"site-dp.target-epsilon={target!r} must be >= 0")
+        if not 0 <= target < math.inf:  # NaN too; 0 is off
+            raise ConfigError(f"site-dp.target-epsilon={target!r} must be finite and >= 0")
         if z > 0 and target > 0:
             raise ConfigError(
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "

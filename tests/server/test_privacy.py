@@ -47,6 +47,13 @@ def test_unreachable_target_is_a_config_error() -> None:
         solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, rounds=10)
 
 
+@pytest.mark.parametrize("target", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_target_that_is_no_finite_epsilon_is_a_config_error(target: float) -> None:
+    # Opacus would return its smallest noise multiplier for ε = inf: a guarantee of nothing.
+    with pytest.raises(ConfigError, match=r"dp\.target-epsilon=.* must be a finite ε > 0"):
+        solve_noise_multiplier(target_epsilon=target, delta=1e-5, sampling_rate=1.0, rounds=10)
+
+
 def test_summary_has_one_entry_per_guarantee() -> None:
     history = [
         {

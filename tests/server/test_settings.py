@@ -111,6 +111,9 @@ SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-cli
             "needs exactly one of dp.noise-multiplier",
         ),
         ({"dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0, "dp.delta": 1.0}, "dp.delta=1.0"),
+        # An infinite target would pass any noise multiplier: DP that promises nothing.
+        ({"dp.clip-norm": 0.5, "dp.target-epsilon": float("inf")}, "dp.target-epsilon=inf must"),
+        ({"dp.clip-norm": 0.5, "dp.target-epsilon": float("nan")}, "dp.target-epsilon=nan must"),
         ({"dp.clip-norm": -1.0, "dp.noise-multiplier": 1.0}, "dp.clip-norm=-1.0 must be > 0"),
         (
             {"dp.clip-norm": 5.0, "dp.noise-multiplier": 1.0, "update.max-norm": 1.0},
@@ -160,7 +163,8 @@ def test_privacy_settings_reach_the_round_plan() -> None:
             {"site-dp.noise-multiplier": 1.0, "proximal-mu": 0.1},
             "proximal-mu=0.1 cannot be combined with site-dp.noise-multiplier",
         ),
-        ({"site-dp.target-epsilon": -8.0}, "site-dp.target-epsilon=-8.0 must be >= 0"),
+        ({"site-dp.target-epsilon": -8.0}, "site-dp.target-epsilon=-8.0 must be finite"),
+        ({"site-dp.target-epsilon": float("inf")}, "site-dp.target-epsilon=inf must be finite"),
         (
             {"site-dp.noise-multiplier": 1.0, "site-dp.target-epsilon": 8.0},
             "site-dp.noise-multiplier=1.0 and site-dp.target-epsilon=8.0: set one of them",

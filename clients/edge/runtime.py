@@ -23,8 +23,9 @@ import copy
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -134,16 +135,15 @@ class SharedBase:
         self._names = (f"slot{i}" for i in itertools.count())
         self._spares: dict[str, list[AdapterSlot]] = {}
         self._spares_lock = threading.Lock()
-        # Adapter routing: every LoRA layer and modules_to_save wrapper gets a mixed batch's
-        # adapter names through a hook registered once, instead of PEFT registering and
-        # removing hooks on every module per call (2 ms of a 25 ms MiniLM forward here).
-        # A batch whose rows all name one adapter skips PEFT's mixed-batch path (row
-        # indexing in every layer, 0.8 ms of a 10 ms MiniLM forward): its adapter becomes
-        # the layers' active one, switched only when it differs from the last batch's.
+        # Adapter routing. A batch whose rows all name one adapter skips PEFT's mixed-batch
+        # path (row indexing in every layer, 0.8 ms of a 10 ms MiniLM forward): its adapter
+        # becomes the layers' active one, switched only when it differs from the last
+        # batch's. A mixed batch hands its adapter names to every LoRA layer and
+        # modules_to_save wrapper through forward pre-hooks held for that forward only
+        # (PEFT's own per-call hooks cost 2 ms of a 25 ms MiniLM forward here; hooks held
+        # all the time would put every single-adapter batch on torch's slow hook path).
         # Both are safe because only the batcher's thread ever runs or changes the model.
-        self._route: list[str] | None = None
-        self._hooks: list[Any] = []
-        self._routed: list[Any] = []  # the hooked modules
+        self._routed: list[Any] = []  # the LoRA layers and modules_to_save wrappers
         self._active: str | None = None  # adapter the routed modules have active
         self.batcher = Batcher(
             self._run,
@@ -198,7 +198,7 @@ class SharedBase:
         else:
             self.model.add_adapter(name, config)
         self.model.eval()  # new modules start in training mode (dropout on)
-        self._hook_routing()
+        self._find_routed()
         return AdapterSlot.of(self.model, name, shape)
 
     def _add_spare(self, config: Any, shape: str) -> None:
@@ -209,43 +209,48 @@ class SharedBase:
 
     def _delete_slot(self, slot: AdapterSlot) -> None:
         self.model.delete_adapter(slot.name)
-        self._hook_routing()
+        self._find_routed()
 
-    def _hook_routing(self) -> None:
+    def _find_routed(self) -> None:
         from peft.tuners.lora import LoraLayer
         from peft.utils import AuxiliaryTrainingWrapper
-
-        for handle in self._hooks:
-            handle.remove()
-
-        def route(_: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            if self._route is not None:
-                kwargs["adapter_names"] = self._route
-            return args, kwargs
 
         self._routed = [
             module
             for module in self.model.modules()
             if isinstance(module, LoraLayer | AuxiliaryTrainingWrapper)
         ]
-        self._hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in self._routed]
         self._active = None  # adding or deleting an adapter may change the active one
 
-    def _select(self, names: list[str]) -> None:
-        """Route the next forward's rows: one adapter made active, or PEFT's mixed batch."""
-        if len(set(names)) > 1:
-            self._route = names
+    @contextmanager
+    def _routing(self, names: list[str]) -> Iterator[None]:
+        """Route one forward's rows: one adapter made active, or PEFT's mixed batch."""
+        if len(set(names)) == 1 and self._activate(names[0]):
+            yield
             return
-        self._route = None
-        if self._active != names[0]:
+
+        def route(_: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            kwargs["adapter_names"] = names
+            return args, kwargs
+
+        hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in self._routed]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _activate(self, name: str) -> bool:
+        """Make ``name`` the routed modules' active adapter; False if one lacks it."""
+        if self._active != name:
             self._active = None  # a switch that stops half-way must not be trusted later
             try:
                 for module in self._routed:  # PEFT's per-layer API, as PeftModel.set_adapter
-                    module.set_adapter(names[0], inference_mode=True)
+                    module.set_adapter(name, inference_mode=True)
             except Exception:  # e.g. a layer without this adapter (other modules_to_save)
-                self._route = names  # per-row routing, which falls back per layer
-                return
-            self._active = names[0]
+                return False  # per-row routing, which falls back per layer
+            self._active = name
+        return True
 
     # inference (on the batcher's thread) ----------------------------------------------
 
@@ -262,20 +267,18 @@ class SharedBase:
         for start in range(0, len(rows), self.batcher.max_rows):
             chunk = rows[start : start + self.batcher.max_rows]
             inputs = self._encode([text for _, text in chunk]).to(self.device)
-            self._select([job.payload.release.slot.name for job, _ in chunk])
-            try:
+            with self._routing([job.payload.release.slot.name for job, _ in chunk]):
                 logits = self.model(**inputs).logits  # (rows, labels)
-            finally:
-                self._route = None
             scores.extend(torch.softmax(logits.float(), dim=-1).cpu())
         at = 0
         for job in jobs:
             labels = job.payload.release.labels
             answers = []
             for row in scores[at : at + len(job.payload.texts)]:
+                floats = row.tolist()  # one conversion, not one per label
                 answers.append({
                     "label": labels[int(row.argmax())],
-                    "scores": {lab: round(float(p), 6) for lab, p in zip(labels, row, strict=True)},
+                    "scores": {lab: round(p, 6) for lab, p in zip(labels, floats, strict=True)},
                 })  # fmt: skip
             at += len(job.payload.texts)
             job.future.set_result(answers)
@@ -330,11 +333,8 @@ class SharedBase:
         rows = [(job, row) for job, job_rows in live for row in job_rows]
         for start in range(0, len(rows), self.batcher.max_rows):
             chunk = rows[start : start + self.batcher.max_rows]
-            self._select([job.payload.release.slot.name for job, _ in chunk])
-            try:
+            with self._routing([job.payload.release.slot.name for job, _ in chunk]):
                 run_generate(self.model, self.tokenizer, [r for _, r in chunk], device=self.device)
-            finally:
-                self._route = None
         for job, job_rows in live:
             job.future.set_result([row.result() for row in job_rows])
 

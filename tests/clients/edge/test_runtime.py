@@ -161,7 +161,10 @@ def test_one_release_batches_switch_the_active_adapter_and_match_stock_peft(
     one, two = (runtime.load("m", str(i + 1), a) for i, a in enumerate(two_releases))
     base = one.base
     routes: list[list[str] | None] = []
-    handle = base.model.register_forward_pre_hook(lambda m, a: routes.append(base._route))
+    # What the first LoRA layer's forward receives, after any routing hook of the batch.
+    handle = base._routed[0].register_forward_hook(
+        lambda m, a, kwargs, out: routes.append(kwargs.get("adapter_names")), with_kwargs=True
+    )
     texts = ["hello there", "see you later"]
     expected = [stock_scores(tiny_llama, r.directory, texts) for r in two_releases]
     for release, want in ((one, 0), (two, 1), (one, 0), (two, 1)):

@@ -143,7 +143,9 @@ class SharedBase:
         # (PEFT's own per-call hooks cost 2 ms of a 25 ms MiniLM forward here; hooks held
         # all the time would put every single-adapter batch on torch's slow hook path).
         # Both are safe because only the batcher's thread ever runs or changes the model.
-        self._routed: list[Any] = []  # the LoRA layers and modules_to_save wrappers
+        self._layers: list[Any] = []  # the LoRA layers
+        self._wrappers: list[Any] = []  # the modules_to_save wrappers
+        self._routed: list[Any] = []  # both
         self._active: str | None = None  # adapter the routed modules have active
         self.batcher = Batcher(
             self._run,
@@ -193,12 +195,15 @@ class SharedBase:
         name = next(self._names)
         config = copy.deepcopy(config)  # peft extends modules_to_save in place
         config.base_model_name_or_path = self._base.name_or_path  # the base it is added to
-        if self.model is None:
-            self.model = get_peft_model(self._base, config, adapter_name=name)
-        else:
-            self.model.add_adapter(name, config)
-        self.model.eval()  # new modules start in training mode (dropout on)
-        self._find_routed()
+        try:
+            if self.model is None:
+                self.model = get_peft_model(self._base, config, adapter_name=name)
+            else:
+                self.model.add_adapter(name, config)
+        finally:  # an add that fails half-way may still have added modules: route them too
+            if self.model is not None:
+                self.model.eval()  # new modules start in training mode (dropout on)
+                self._find_routed()
         return AdapterSlot.of(self.model, name, shape)
 
     def _add_spare(self, config: Any, shape: str) -> None:
@@ -215,11 +220,12 @@ class SharedBase:
         from peft.tuners.lora import LoraLayer
         from peft.utils import AuxiliaryTrainingWrapper
 
-        self._routed = [
-            module
-            for module in self.model.modules()
-            if isinstance(module, LoraLayer | AuxiliaryTrainingWrapper)
+        modules = list(self.model.modules())
+        self._layers = [module for module in modules if isinstance(module, LoraLayer)]
+        self._wrappers = [
+            module for module in modules if isinstance(module, AuxiliaryTrainingWrapper)
         ]
+        self._routed = [*self._layers, *self._wrappers]
         self._active = None  # adding or deleting an adapter may change the active one
 
     @contextmanager
@@ -229,11 +235,15 @@ class SharedBase:
             yield
             return
 
-        def route(_: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            kwargs["adapter_names"] = names
-            return args, kwargs
-
-        hooks = [m.register_forward_pre_hook(route, with_kwargs=True) for m in self._routed]
+        # A LoRA layer skips a row's adapter it lacks; a modules_to_save wrapper looks every
+        # name up and must be told to use its base module for a release without its copy.
+        hooks = []
+        for module in self._routed:
+            own = names
+            if module in self._wrappers:
+                own = [n if n in module._adapters else "__base__" for n in names]
+            hooks.append(module.register_forward_pre_hook(partial(_route, names=own),
+                                                          with_kwargs=True))  # fmt: skip
         try:
             yield
         finally:
@@ -241,14 +251,17 @@ class SharedBase:
                 hook.remove()
 
     def _activate(self, name: str) -> bool:
-        """Make ``name`` the routed modules' active adapter; False if one lacks it."""
+        """Make ``name`` the routed modules' active adapter; False if PEFT refuses."""
         if self._active != name:
             self._active = None  # a switch that stops half-way must not be trusted later
             try:
-                for module in self._routed:  # PEFT's per-layer API, as PeftModel.set_adapter
-                    module.set_adapter(name, inference_mode=True)
-            except Exception:  # e.g. a layer without this adapter (other modules_to_save)
-                return False  # per-row routing, which falls back per layer
+                for module in self._layers:  # PEFT's per-layer API, as PeftModel.set_adapter
+                    module.set_adapter(name, inference_mode=True)  # one without it adds nothing
+                for module in self._wrappers:  # a release without its copy of the module gets
+                    own = name if name in module._adapters else []  # the base's, as PeftModel
+                    module.set_adapter(own, inference_mode=True)  # .set_adapter does
+            except Exception:  # PEFT refused; per-row routing needs no switch
+                return False
             self._active = name
         return True
 
@@ -340,6 +353,12 @@ class SharedBase:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _route(_: Any, args: Any, kwargs: dict[str, Any], *, names: list[str]) -> tuple[Any, Any]:
+    """Forward pre-hook: hand a module the adapter name of each row of the batch."""
+    kwargs["adapter_names"] = names
+    return args, kwargs
 
 
 @dataclass(eq=False)

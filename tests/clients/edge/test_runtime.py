@@ -416,3 +416,73 @@ def test_retired_adapters_beyond_the_spares_are_deleted_and_the_rest_still_answe
     assert len(base._spares[kept.slot.shape]) == SPARES
     assert kept.predict(["hello there"]) == expected
     runtime.close()
+
+
+def trained_with_head(
+    base: Path, out: Path, *, seed: int, modules_to_save: list[str] | None
+) -> Path:
+    """A causal-LM training output whose LoRA B matrices and ``modules_to_save`` copies moved."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clients.task.model import LoadedModel
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, modules_to_save=modules_to_save)
+    peft = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    spec = ModelSpec(base=str(base), task="causal-lm", labels=(), lora_r=4, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    save_adapter(LoadedModel(spec=spec, model=peft, tokenizer=tokenizer,
+                             device=torch.device("cpu")), out / "adapter")  # fmt: skip
+    return out
+
+
+@pytest.mark.integration
+def test_a_release_without_another_releases_modules_to_save_answers_alone_and_mixed(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    # Release 2 trains lm_head (modules_to_save), release 1 does not: release 1's rows must
+    # use the base lm_head, alone (where PEFT's wrapper refuses to switch to an adapter it
+    # lacks) and in a batch with release 2 (where it looks every row's adapter up).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    accepted = [
+        signed(trained_with_head(tiny_llama, tmp_path / f"t{i}", seed=i, modules_to_save=mts),
+               tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
+        for i, mts in enumerate([None, ["lm_head"]])
+    ]  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    inputs = tokenizer("hello world", return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    expected = []
+    for release in accepted:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                          str(release.directory)).eval()  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        expected.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :].tolist(),
+                                         skip_special_tokens=True))  # fmt: skip
+    runtime = Runtime(base=str(tiny_llama))
+    one, two = (runtime.load("m", str(i + 1), a) for i, a in enumerate(accepted))
+    base = one.base
+
+    alone = [r.generate("hello world", max_new_tokens=6) for r in (one, two, one)]
+    gate = threading.Event()
+    base.batcher.call(gate.wait, wait=False)
+    sampling = Sampling(max_tokens=6)
+    futures = [r.submit_generate(["hello world"], sampling)[0] for r in (one, two)]
+    gate.set()
+    mixed = [f.result(timeout=120)[0].text for f in futures]
+
+    assert expected[0] != expected[1]
+    assert alone == [expected[0], expected[1], expected[0]]
+    assert mixed == expected
+    assert all(not m._forward_pre_hooks for m in base._routed)  # none outlive their batch
+    runtime.close()

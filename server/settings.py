@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
+from clients.task.dpsgd import MAX_TARGET_EPSILON, too_large
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
@@ -84,6 +85,8 @@ class ClientDPSettings:
         ClientLevelDP(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier)
         if not 0 <= self.target_epsilon < math.inf:  # NaN too; 0 is off
             raise ConfigError(f"dp.target-epsilon={self.target_epsilon!r} must be finite and >= 0")
+        if self.target_epsilon > MAX_TARGET_EPSILON:
+            raise ConfigError(too_large("dp.target-epsilon", self.target_epsilon))
         if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             raise ConfigError(
                 f"dp.clip-norm={self.clip_norm!r} needs exactly one of dp.noise-multiplier "
@@ -92,8 +95,8 @@ class ClientDPSettings:
             )
         if not 0 < self.delta < 1:
             raise ConfigError(f"dp.delta={self.delta!r} must be in (0, 1)")
-        if self.max_epsilon < 0:
-            raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be >= 0")
+        if not 0 <= self.max_epsilon < math.inf:  # NaN too; 0 is off
+            raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be finite and >= 0")
 
     @classmethod
     def from_values(cls, v: Mapping[str, Any]) -> ClientDPSettings | None:

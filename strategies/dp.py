@@ -42,6 +42,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -106,10 +107,13 @@ class ClientLevelDP:
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        if not self.clip_norm > 0:
-            raise ConfigError(f"dp.clip-norm={self.clip_norm!r} must be > 0")
-        if not self.noise_multiplier >= 0:
-            raise ConfigError(f"dp.noise-multiplier={self.noise_multiplier!r} must be >= 0")
+        # An infinite C or z makes the noise infinite: a model of inf/NaN, not a guarantee.
+        if not 0 < self.clip_norm < math.inf:
+            raise ConfigError(f"dp.clip-norm={self.clip_norm!r} must be > 0 and finite")
+        if not 0 <= self.noise_multiplier < math.inf:
+            raise ConfigError(
+                f"dp.noise-multiplier={self.noise_multiplier!r} must be >= 0 and finite"
+            )
 
     def mean_noise_std(self, num_updates: int) -> float:
         """Std of the noise on the uniform mean of ``num_updates`` clipped updates."""

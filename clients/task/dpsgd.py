@@ -39,6 +39,12 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from clients.task.errors import ConfigError
 from clients.task.secure_random import SecureRandom
 
+# The largest target ε a run may ask for. ε bounds an odds ratio e^ε that leaves float
+# range near ε = 709, so a target in the millions promises nothing (it is a typo); and
+# from about 1e15 Opacus' solver, which bisects to an absolute 0.01 of the target, never
+# returns.
+MAX_TARGET_EPSILON = 1e6
+
 
 @dataclass(frozen=True)
 class SampleDP:
@@ -49,10 +55,15 @@ class SampleDP:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"site-dp.noise-multiplier={self.noise_multiplier!r} must be >= 0")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"site-dp.max-grad-norm={self.max_grad_norm!r} must be > 0")
+        # NaN compares false both ways: read as "z > 0 is off", it would train without noise.
+        if not 0 <= self.noise_multiplier < math.inf:
+            raise ConfigError(
+                f"site-dp.noise-multiplier={self.noise_multiplier!r} must be >= 0 and finite"
+            )
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ConfigError(
+                f"site-dp.max-grad-norm={self.max_grad_norm!r} must be > 0 and finite"
+            )
         if not 0 < self.delta < 1:
             raise ConfigError(f"site-dp.delta={self.delta!r} must be in (0, 1)")
 
@@ -67,6 +78,14 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     if not accountant.history:
         return 0.0
     return float(accountant.get_epsilon(delta=delta))
+
+
+def too_large(setting: str, target_epsilon: float) -> str:
+    """The message refusing a target ε above `MAX_TARGET_EPSILON`."""
+    return (
+        f"{setting}={target_epsilon!r} must be at most {MAX_TARGET_EPSILON:g}: a larger ε "
+        "promises no privacy"
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,11 +116,13 @@ def solve_noise_multiplier(
 
     Raises:
         ConfigError: Naming ``setting`` if the target is not a finite ε > 0 (an infinite
-            one would pass any noise multiplier and promise nothing), or if no noise
-            multiplier reaches it.
+            one would pass any noise multiplier and promise nothing), is above
+            `MAX_TARGET_EPSILON`, or no noise multiplier reaches it.
     """
     if not (0 < target_epsilon < math.inf):  # NaN too
         raise ConfigError(f"{setting}={target_epsilon!r} must be a finite ε > 0")
+    if target_epsilon > MAX_TARGET_EPSILON:
+        raise ConfigError(too_large(setting, target_epsilon))
     try:
         return float(
             get_noise_multiplier(

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
-from clients.task.dpsgd import SampleDP, solve_noise_multiplier
+from clients.task.dpsgd import MAX_TARGET_EPSILON, SampleDP, solve_noise_multiplier, too_large
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
 from clients.task.text import short
@@ -74,8 +74,8 @@ class TrainPlan:
         if self.planned_rounds < 1:
             raise ConfigError(f"planned_rounds={self.planned_rounds!r} must be >= 1")
         self._check_sample_dp()
-        if self.clip_norm < 0:
-            raise ConfigError(f"clip-norm={self.clip_norm!r} must be >= 0")
+        if not 0 <= self.clip_norm < math.inf:  # NaN would read as 0 (no clipping)
+            raise ConfigError(f"clip-norm={self.clip_norm!r} must be finite and >= 0")
         if self.fedrs_alpha < 1.0 and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"fedrs.alpha={self.fedrs_alpha!r} applies to sequence-classification only, "
@@ -86,6 +86,8 @@ class TrainPlan:
         z, target = self.site_dp_noise_multiplier, self.site_dp_target_epsilon
         if not 0 <= target < math.inf:  # NaN too; 0 is off
             raise ConfigError(f"site-dp.target-epsilon={target!r} must be finite and >= 0")
+        if target > MAX_TARGET_EPSILON:
+            raise ConfigError(too_large("site-dp.target-epsilon", target))
         if z > 0 and target > 0:
             raise ConfigError(
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "

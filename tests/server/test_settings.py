@@ -114,6 +114,18 @@ SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-cli
         # An infinite target would pass any noise multiplier: DP that promises nothing.
         ({"dp.clip-norm": 0.5, "dp.target-epsilon": float("inf")}, "dp.target-epsilon=inf must"),
         ({"dp.clip-norm": 0.5, "dp.target-epsilon": float("nan")}, "dp.target-epsilon=nan must"),
+        # A huge finite target promises as little, and Opacus' solver never returns for it.
+        ({"dp.clip-norm": 0.5, "dp.target-epsilon": 1e16}, "dp.target-epsilon=1e\\+16 must be at"),
+        # An infinite C or z makes infinite noise: a model of inf/NaN, not a guarantee.
+        ({"dp.clip-norm": 0.5, "dp.noise-multiplier": float("inf")}, "dp.noise-multiplier=inf"),
+        (
+            {"dp.clip-norm": float("inf"), "dp.noise-multiplier": 1.0, "update.max-norm": 1e400},
+            "dp.clip-norm=inf must be > 0 and finite",
+        ),
+        (
+            {"dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0, "dp.max-epsilon": float("nan")},
+            "dp.max-epsilon=nan must be finite",
+        ),
         ({"dp.clip-norm": -1.0, "dp.noise-multiplier": 1.0}, "dp.clip-norm=-1.0 must be > 0"),
         (
             {"dp.clip-norm": 5.0, "dp.noise-multiplier": 1.0, "update.max-norm": 1.0},
@@ -165,6 +177,14 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ),
         ({"site-dp.target-epsilon": -8.0}, "site-dp.target-epsilon=-8.0 must be finite"),
         ({"site-dp.target-epsilon": float("inf")}, "site-dp.target-epsilon=inf must be finite"),
+        ({"site-dp.target-epsilon": 1e16}, "site-dp.target-epsilon=1e\\+16 must be at most"),
+        # NaN compares false with 0: it must not read as "site DP off".
+        ({"site-dp.noise-multiplier": float("nan")}, "site-dp.noise-multiplier=nan must be"),
+        ({"site-dp.noise-multiplier": float("inf")}, "site-dp.noise-multiplier=inf must be"),
+        (
+            {"site-dp.noise-multiplier": 1.0, "site-dp.max-grad-norm": float("inf")},
+            "site-dp.max-grad-norm=inf must be > 0 and finite",
+        ),
         (
             {"site-dp.noise-multiplier": 1.0, "site-dp.target-epsilon": 8.0},
             "site-dp.noise-multiplier=1.0 and site-dp.target-epsilon=8.0: set one of them",

@@ -85,6 +85,8 @@ def test_wrapper_averages_uniformly_and_adds_no_noise_at_z0() -> None:
     [
         ({"clip_norm": 0.0, "noise_multiplier": 1.0}, "dp.clip-norm=0.0 must be > 0"),
         ({"clip_norm": 1.0, "noise_multiplier": -1.0}, "dp.noise-multiplier=-1.0"),
+        ({"clip_norm": 1.0, "noise_multiplier": float("inf")}, "dp.noise-multiplier=inf"),
+        ({"clip_norm": float("inf"), "noise_multiplier": 1.0}, "dp.clip-norm=inf"),
     ],
 )
 def test_bad_mechanism_is_refused(kwargs: dict, message: str) -> None:

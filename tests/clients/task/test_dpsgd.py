@@ -106,6 +106,13 @@ def test_the_solved_noise_multiplier_never_overshoots_the_target(
     assert target - 0.011 <= reached <= target
 
 
+@pytest.mark.parametrize("target", [1e15, 1e300])
+def test_a_target_too_large_to_mean_anything_is_refused_before_the_solver(target: float) -> None:
+    # Opacus bisects to an absolute 0.01 of the target; from about 1e15 it never returns.
+    with pytest.raises(ConfigError, match=r"site-dp\.target-epsilon=.* must be at most 1e\+06"):
+        solve_noise_multiplier(target_epsilon=target, delta=1e-5, sampling_rate=0.01, steps=100)
+
+
 def test_an_unreachable_site_target_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"site-dp\.target-epsilon=1e-09 is unreachable"):
         solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, steps=10)

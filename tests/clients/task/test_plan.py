@@ -39,6 +39,10 @@ def test_plan_round_trips_through_a_flat_config() -> None:
         ({"spec.labels": ["a", 3]}, "spec.labels is not a list of strings"),
         ({"site_dp_trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
         ({"site_dp_trainable": "head"}, "site-dp.trainable='head' needs sample-level DP"),
+        # NaN compares false with 0, so it would read as "off": no DP-SGD, no clipping.
+        ({"site_dp_noise_multiplier": float("nan")}, "site-dp.noise-multiplier=nan must be"),
+        ({"clip_norm": float("nan")}, "clip-norm=nan must be finite"),
+        ({"site_dp_target_epsilon": 1e300}, "site-dp.target-epsilon=1e\\+300 must be at most"),
     ],
 )
 def test_bad_plan_is_refused_by_the_site(change: dict, message: str) -> None:

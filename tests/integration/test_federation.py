@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -466,6 +468,41 @@ def _kill_trees(processes: list[psutil.Process]) -> None:
     psutil.wait_procs(processes, timeout=10)
 
 
+MARK = "FEDLORA_TEST_FEDERATION_MARK"
+
+
+def _marked(token: str) -> list[psutil.Process]:
+    """Every live process whose environment carries ``MARK=token``.
+
+    Every process the CLI starts inherits its environment, so this finds those started
+    after any snapshot (a round's ClientApps) and orphans in sessions of their own, which
+    no tree traced from the CLI reaches once their parent has gone.
+    """
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, a zombie, or not ours to read
+            if proc.environ().get(MARK) == token and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running; a zombie waits only for its reaper and runs nothing."""
+    live = []
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+    return live
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error as exc:
+        return f"pid {proc.pid}: {type(exc).__name__}"
+
+
 @pytest.mark.timeout(600, method="signal")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_federation_local_stops_everything_it_started_when_interrupted(
@@ -475,6 +512,7 @@ def test_federation_local_stops_everything_it_started_when_interrupted(
     paths, _ = sites
     site_dir = paths[0].parent
     out = tmp_path / "out"
+    token = secrets.token_hex(8)
     with _sigint_at_its_default_in_children():
         cli = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "federation", "local", "--sites", str(site_dir),
@@ -483,9 +521,12 @@ def test_federation_local_stops_everything_it_started_when_interrupted(
             stderr=subprocess.PIPE,
             text=True,
             cwd=APP_DIR,
+            env={**os.environ, MARK: token},
         )  # fmt: skip
     stderr: list[str] = []
     ours: list[psutil.Process] = []
+    alive: list[psutil.Process] = []
+    left: list[str] = []
     try:
         assert cli.stderr is not None
         for line in cli.stderr:  # wait until round 1 runs: every process is up
@@ -499,14 +540,17 @@ def test_federation_local_stops_everything_it_started_when_interrupted(
         named = [
             p
             for p in psutil.process_iter(["cmdline"])
-            if str(out) in " ".join(p.info["cmdline"] or [])
+            if p.pid != cli.pid and str(out) in " ".join(p.info["cmdline"] or [])
         ]
         # The SuperLink, a SuperNode per site and the pool of warm workers.
-        assert len(named) >= 1 + len(paths) + 1
+        started = [" ".join(p.info["cmdline"] or []) for p in named]
+        assert any("flower-superlink" in c for c in started), started
+        assert sum("flower-supernode" in c for c in started) >= len(paths), started
+        assert any("site worker" in c for c in started), started
         # Everything the CLI started, traced while it lives (its children leave its tree
-        # when it dies), and what the search by path found.
+        # when it dies), what the search by path found, and what carries its mark.
         tree = psutil.Process(cli.pid).children(recursive=True)
-        ours = tree + [p for p in named if p not in tree]
+        ours = list({*tree, *named, *_marked(token)} - {psutil.Process(cli.pid)})
         # Act
         cli.send_signal(signum)
         try:
@@ -514,13 +558,18 @@ def test_federation_local_stops_everything_it_started_when_interrupted(
         except subprocess.TimeoutExpired:
             pytest.fail(f"still running 120 s after the signal; its stderr:\n{''.join(stderr)}")
         reader.join(timeout=10)
+        psutil.wait_procs(ours, timeout=15)
+        alive = _running([*ours, *(p for p in _marked(token) if p not in ours)])
+        left = [_cmdline(p) for p in alive]
     finally:
+        # Whatever happened above, nothing this test started outlives it.
         if cli.poll() is None:
-            _kill_trees([*psutil.Process(cli.pid).children(recursive=True), *ours])
+            with contextlib.suppress(psutil.NoSuchProcess):
+                ours += psutil.Process(cli.pid).children(recursive=True)
             cli.kill()
             cli.wait()
+        _kill_trees([*ours, *_marked(token)])
     # Assert
     assert code != 0, "".join(stderr)
-    _, alive = psutil.wait_procs(ours, timeout=15)
-    assert alive == [], [" ".join(p.cmdline()) for p in alive if p.is_running()]
+    assert alive == [], left
     assert "interrupted" in "".join(stderr)

@@ -8,7 +8,8 @@ so a file changed after verification is refused, never loaded.
 `check_servable` admits only plain LoRA configs: anything that would change the shared
 base model (a bias, PiSSA/LoftQ-style initialisations, layer replication) or that PEFT
 cannot route per request (DoRA, parameter targets) is refused, because on a shared base
-one release must never change what another answers.
+one release must never change what another answers. `check_routable` refuses, for the
+same reason, ``modules_to_save`` of a kind PEFT cannot route per row (a norm layer).
 
 An `AdapterSlot` is one adapter's room in the base model (PEFT's modules for one adapter
 name) plus the map from each tensor name of a PEFT adapter file to the parameter it fills
@@ -47,6 +48,9 @@ FREE_FIELDS = frozenset({
 })  # fmt: skip
 # Initialisations that only set the adapter's own tensors (others rewrite base weights).
 PLAIN_INITS = (True, False, "gaussian")
+# The modules PEFT's mixed batch runs per row through each adapter's modules_to_save copy
+# (peft.utils.other.AuxiliaryTrainingWrapper._mixed_batch_forward raises for any other).
+MIXABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 # Fields that change neither the adapter's modules nor its scaling (slot reuse ignores them).
 IRRELEVANT_TO_SHAPE = ("auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                        "inference_mode", "lora_dropout")  # fmt: skip
@@ -143,6 +147,35 @@ def check_servable(config: dict[str, Any], *, task: str, release: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise _unloadable(release, f"{CONFIG_FILE}: {exc}") from exc
     return lora
+
+
+def check_routable(model: torch.nn.Module, config: Any, *, release: str) -> None:
+    """Refuse ``modules_to_save`` that PEFT cannot route per row of a mixed batch.
+
+    PEFT keeps a copy of each such module per adapter and runs each row of a mixed batch
+    through its adapter's copy, which it can do for Linear, Embedding and Conv modules
+    only. Another kind (a norm layer, say) would make every mixed batch on the shared
+    base fail, whatever releases its rows ask for. Modules match as PEFT matches them:
+    by the end of their name.
+
+    Raises:
+        VerificationError: ``unloadable``, naming the module and its type.
+    """
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    wanted = list(config.modules_to_save or [])
+    for key, module in model.named_modules(remove_duplicate=False):
+        if not any(key.endswith(name) for name in wanted):
+            continue
+        if isinstance(module, AuxiliaryTrainingWrapper):  # wrapped for an earlier release
+            module = module.original_module
+        if not isinstance(module, MIXABLE):
+            raise _unloadable(
+                release,
+                f"{CONFIG_FILE}: modules_to_save={wanted!r} takes {key} "
+                f"({type(module).__name__}), which PEFT cannot route per request: every "
+                "mixed batch on the shared base would fail",
+            )
 
 
 def _plain(value: Any) -> Any:

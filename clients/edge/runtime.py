@@ -32,7 +32,14 @@ from typing import Any
 
 import torch
 
-from clients.edge.adapters import AdapterSlot, bind, check_servable, read_release, shape_key
+from clients.edge.adapters import (
+    AdapterSlot,
+    bind,
+    check_routable,
+    check_servable,
+    read_release,
+    shape_key,
+)
 from clients.edge.batching import Batcher, Job
 from clients.edge.generation import Completion, Row, Sampling, run_generate
 from clients.task.errors import FedloraError, ModelError
@@ -169,7 +176,7 @@ class SharedBase:
             spares = self._spares.setdefault(shape, [])
             slot = spares.pop() if spares else None
         if slot is None:  # PEFT builds the modules; only the batcher's thread may
-            slot = self.batcher.call(partial(self._new_slot, config, shape))
+            slot = self.batcher.call(partial(self._new_slot, config, shape, release=release))
         try:
             bind(slot, files.tensors, release=release)
         except BaseException:
@@ -189,9 +196,10 @@ class SharedBase:
                 return
         self.batcher.call(partial(self._delete_slot, slot), wait=False)
 
-    def _new_slot(self, config: Any, shape: str) -> AdapterSlot:
+    def _new_slot(self, config: Any, shape: str, *, release: str = "(spare)") -> AdapterSlot:
         from peft import get_peft_model
 
+        check_routable(self._base if self.model is None else self.model, config, release=release)
         name = next(self._names)
         config = copy.deepcopy(config)  # peft extends modules_to_save in place
         config.base_model_name_or_path = self._base.name_or_path  # the base it is added to

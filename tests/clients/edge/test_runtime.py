@@ -486,3 +486,31 @@ def test_a_release_without_another_releases_modules_to_save_answers_alone_and_mi
     assert mixed == expected
     assert all(not m._forward_pre_hooks for m in base._routed)  # none outlive their batch
     runtime.close()
+
+
+@pytest.mark.integration
+def test_a_release_whose_modules_to_save_peft_cannot_mix_is_refused_and_the_rest_still_mix(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    # A copy of the RMSNorm layers per adapter: PEFT's mixed batch raises for such modules,
+    # so once loaded every mixed batch on the base would fail, whichever releases it holds.
+    accepted = [
+        signed(trained_with_head(tiny_llama, tmp_path / f"t{i}", seed=i, modules_to_save=mts),
+               tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
+        for i, mts in enumerate([None, ["norm"], None])
+    ]  # fmt: skip
+    runtime = Runtime(base=str(tiny_llama))
+    one = runtime.load("m", "1", accepted[0])
+
+    with pytest.raises(VerificationError, match=r"release 2: .*norm.*\(LlamaRMSNorm\)") as err:
+        runtime.load("m", "2", accepted[1])
+
+    assert err.value.reason == "unloadable"
+    three = runtime.load("m", "3", accepted[2])
+    alone = [r.generate("hello world", max_new_tokens=4) for r in (one, three)]
+    gate = threading.Event()
+    one.base.batcher.call(gate.wait, wait=False)
+    futures = [r.submit_generate(["hello world"], Sampling(max_tokens=4))[0] for r in (one, three)]
+    gate.set()
+    assert [f.result(timeout=120)[0].text for f in futures] == alone
+    runtime.close()

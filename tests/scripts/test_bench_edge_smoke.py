@@ -35,3 +35,5 @@ def test_bench_edge_reports_every_target_of_the_issue(tmp_path: Path) -> None:
     assert (
         result["memory"]["adapter_bytes"] < 2**20 < result["classifier"]["adapter_bytes"]["large"]
     )
+    blocks = result["classifier"]["node_vs_direct_in_blocks"]
+    assert blocks["ratio"] == blocks["node_median_s"] / blocks["direct_forward_median_s"] > 0

@@ -221,8 +221,10 @@ class SharedBase:
             log.exception("could not add a spare adapter slot")
 
     def _delete_slot(self, slot: AdapterSlot) -> None:
-        self.model.delete_adapter(slot.name)
-        self._find_routed()
+        try:
+            self.model.delete_adapter(slot.name)
+        finally:  # a deletion that fails half-way has still changed modules
+            self._find_routed()
 
     def _find_routed(self) -> None:
         from peft.tuners.lora import LoraLayer

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
-from clients.task.dpsgd import MAX_TARGET_EPSILON, too_large
+from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest
@@ -83,10 +83,7 @@ class ClientDPSettings:
 
     def __post_init__(self) -> None:
         ClientLevelDP(clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier)
-        if not 0 <= self.target_epsilon < math.inf:  # NaN too; 0 is off
-            raise ConfigError(f"dp.target-epsilon={self.target_epsilon!r} must be finite and >= 0")
-        if self.target_epsilon > MAX_TARGET_EPSILON:
-            raise ConfigError(too_large("dp.target-epsilon", self.target_epsilon))
+        check_target_epsilon("dp.target-epsilon", self.target_epsilon)
         if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             raise ConfigError(
                 f"dp.clip-norm={self.clip_norm!r} needs exactly one of dp.noise-multiplier "

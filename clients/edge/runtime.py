@@ -152,7 +152,6 @@ class SharedBase:
         # Both are safe because only the batcher's thread ever runs or changes the model.
         self._layers: list[Any] = []  # the LoRA layers
         self._wrappers: list[Any] = []  # the modules_to_save wrappers
-        self._routed: list[Any] = []  # both
         self._active: str | None = None  # adapter the routed modules have active
         self.batcher = Batcher(
             self._run,
@@ -235,8 +234,12 @@ class SharedBase:
         self._wrappers = [
             module for module in modules if isinstance(module, AuxiliaryTrainingWrapper)
         ]
-        self._routed = [*self._layers, *self._wrappers]
         self._active = None  # adding or deleting an adapter may change the active one
+
+    @property
+    def _routed(self) -> list[Any]:
+        """Every module a batch routes: the LoRA layers and the modules_to_save wrappers."""
+        return [*self._layers, *self._wrappers]
 
     @contextmanager
     def _routing(self, names: list[str]) -> Iterator[None]:
@@ -247,13 +250,14 @@ class SharedBase:
 
         # A LoRA layer skips a row's adapter it lacks; a modules_to_save wrapper looks every
         # name up and must be told to use its base module for a release without its copy.
-        hooks = []
-        for module in self._routed:
-            own = names
-            if module in self._wrappers:
-                own = [n if n in module._adapters else "__base__" for n in names]
-            hooks.append(module.register_forward_pre_hook(partial(_route, names=own),
-                                                          with_kwargs=True))  # fmt: skip
+        routes = [(layer, names) for layer in self._layers] + [
+            (wrapper, [n if n in wrapper._adapters else "__base__" for n in names])
+            for wrapper in self._wrappers
+        ]
+        hooks = [
+            module.register_forward_pre_hook(partial(_route, names=own), with_kwargs=True)
+            for module, own in routes
+        ]
         try:
             yield
         finally:

@@ -80,12 +80,20 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     return float(accountant.get_epsilon(delta=delta))
 
 
-def too_large(setting: str, target_epsilon: float) -> str:
-    """The message refusing a target ε above `MAX_TARGET_EPSILON`."""
-    return (
-        f"{setting}={target_epsilon!r} must be at most {MAX_TARGET_EPSILON:g}: a larger ε "
-        "promises no privacy"
-    )
+def check_target_epsilon(setting: str, target_epsilon: float) -> None:
+    """Refuse a target ε that is negative, NaN, infinite or above `MAX_TARGET_EPSILON`
+    (0 is allowed: the setting is off).
+
+    Raises:
+        ConfigError: Naming ``setting`` and the value.
+    """
+    if not 0 <= target_epsilon < math.inf:  # NaN too
+        raise ConfigError(f"{setting}={target_epsilon!r} must be finite and >= 0")
+    if target_epsilon > MAX_TARGET_EPSILON:
+        raise ConfigError(
+            f"{setting}={target_epsilon!r} must be at most {MAX_TARGET_EPSILON:g}: a larger ε "
+            "promises no privacy"
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -121,8 +129,7 @@ def solve_noise_multiplier(
     """
     if not (0 < target_epsilon < math.inf):  # NaN too
         raise ConfigError(f"{setting}={target_epsilon!r} must be a finite ε > 0")
-    if target_epsilon > MAX_TARGET_EPSILON:
-        raise ConfigError(too_large(setting, target_epsilon))
+    check_target_epsilon(setting, target_epsilon)
     try:
         return float(
             get_noise_multiplier(

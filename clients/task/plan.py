@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
-from clients.task.dpsgd import MAX_TARGET_EPSILON, SampleDP, solve_noise_multiplier, too_large
+from clients.task.dpsgd import SampleDP, check_target_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
 from clients.task.text import short
@@ -84,10 +84,7 @@ class TrainPlan:
 
     def _check_sample_dp(self) -> None:
         z, target = self.site_dp_noise_multiplier, self.site_dp_target_epsilon
-        if not 0 <= target < math.inf:  # NaN too; 0 is off
-            raise ConfigError(f"site-dp.target-epsilon={target!r} must be finite and >= 0")
-        if target > MAX_TARGET_EPSILON:
-            raise ConfigError(too_large("site-dp.target-epsilon", target))
+        check_target_epsilon("site-dp.target-epsilon", target)
         if z > 0 and target > 0:
             raise ConfigError(
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "

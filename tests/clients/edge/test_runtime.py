@@ -442,6 +442,22 @@ def trained_with_head(
     return out
 
 
+def releases_with_heads(
+    base: Path,
+    tmp_path: Path,
+    heads: list[list[str] | None],
+    *,
+    keypair: KeyPair,
+    trust: TrustStore,
+) -> list[AcceptedRelease]:
+    """Signed causal-LM releases 1, 2, … whose adapters save these ``modules_to_save``."""
+    return [
+        signed(trained_with_head(base, tmp_path / f"t{i}", seed=i, modules_to_save=mts),
+               tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
+        for i, mts in enumerate(heads)
+    ]  # fmt: skip
+
+
 @pytest.mark.integration
 def test_a_release_without_another_releases_modules_to_save_answers_alone_and_mixed(
     tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
@@ -452,11 +468,8 @@ def test_a_release_without_another_releases_modules_to_save_answers_alone_and_mi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    accepted = [
-        signed(trained_with_head(tiny_llama, tmp_path / f"t{i}", seed=i, modules_to_save=mts),
-               tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
-        for i, mts in enumerate([None, ["lm_head"]])
-    ]  # fmt: skip
+    accepted = releases_with_heads(tiny_llama, tmp_path, [None, ["lm_head"]],
+                                   keypair=keypair, trust=trust)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     inputs = tokenizer("hello world", return_tensors="pt")
     inputs.pop("token_type_ids", None)
@@ -494,11 +507,8 @@ def test_a_release_whose_modules_to_save_peft_cannot_mix_is_refused_and_the_rest
 ) -> None:
     # A copy of the RMSNorm layers per adapter: PEFT's mixed batch raises for such modules,
     # so once loaded every mixed batch on the base would fail, whichever releases it holds.
-    accepted = [
-        signed(trained_with_head(tiny_llama, tmp_path / f"t{i}", seed=i, modules_to_save=mts),
-               tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
-        for i, mts in enumerate([None, ["norm"], None])
-    ]  # fmt: skip
+    accepted = releases_with_heads(tiny_llama, tmp_path, [None, ["norm"], None],
+                                   keypair=keypair, trust=trust)  # fmt: skip
     runtime = Runtime(base=str(tiny_llama))
     one = runtime.load("m", "1", accepted[0])
 

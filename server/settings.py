@@ -206,8 +206,8 @@ class RunSettings:
             raise ConfigError("fraction-train=0.0 would train no site")
         if self.min_fit_clients < 1:
             raise ConfigError(f"min-fit-clients={self.min_fit_clients!r} must be >= 1")
-        if self.round_timeout <= 0:
-            raise ConfigError(f"round-timeout={self.round_timeout!r} must be > 0")
+        if not 0 < self.round_timeout < math.inf:
+            raise ConfigError(f"round-timeout={self.round_timeout!r} must be finite and > 0")
         if self.on_round_failure not in ON_ROUND_FAILURE:
             raise ConfigError(f"on-round-failure={self.on_round_failure!r} must be stop or skip")
         if not self.max_norm > 0:

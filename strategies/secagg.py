@@ -64,8 +64,10 @@ class SecAggSettings:
                 f"secagg.reconstruction-threshold={self.reconstruction_threshold!r} must be "
                 f">= 2 and < secagg.num-shares={self.num_shares!r}"
             )
-        if not self.clipping_range > 0:
-            raise ConfigError(f"secagg.clipping-range={self.clipping_range!r} must be > 0")
+        if not 0 < self.clipping_range < math.inf:
+            raise ConfigError(
+                f"secagg.clipping-range={self.clipping_range!r} must be finite and > 0"
+            )
         if not 2 <= self.quantization_range < MODULUS_RANGE // 2:
             raise ConfigError(
                 f"secagg.quantization-range={self.quantization_range!r} must be in "

@@ -65,12 +65,12 @@ class TrainPlan:
             raise ConfigError(f"learning-rate={self.learning_rate!r} must be finite and > 0")
         if self.max_length < 8:
             raise ConfigError(f"max-length={self.max_length!r} must be >= 8")
-        if self.proximal_mu < 0:
-            raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be >= 0")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be finite and >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:
             raise ConfigError(f"fedrs.alpha={self.fedrs_alpha!r} must be in [0, 1]")
-        if not self.fedlc_tau >= 0:
-            raise ConfigError(f"fedlc.tau={self.fedlc_tau!r} must be >= 0")
+        if not 0 <= self.fedlc_tau < math.inf:
+            raise ConfigError(f"fedlc.tau={self.fedlc_tau!r} must be finite and >= 0")
         if self.planned_rounds < 1:
             raise ConfigError(f"planned_rounds={self.planned_rounds!r} must be >= 1")
         self._check_sample_dp()

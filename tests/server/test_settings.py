@@ -46,6 +46,24 @@ def test_defaults_match_pyproject() -> None:
         ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),
         ({"aggregation": "mean"}, "aggregation='mean'"),
         ({"labels": ""}, "needs at least 2 labels"),
+        # NaN compares false with everything and inf passes "> 0": each would run silently
+        # (a round that never times out, a proximal term or margin that is all NaN, a SecAgg+
+        # quantization that maps every coordinate to 0).
+        ({"round-timeout": float("nan")}, "round-timeout=nan must be finite and > 0"),
+        ({"round-timeout": float("inf")}, "round-timeout=inf must be finite and > 0"),
+        ({"proximal-mu": float("nan")}, "proximal-mu=nan must be finite and >= 0"),
+        ({"proximal-mu": float("inf")}, "proximal-mu=inf must be finite and >= 0"),
+        ({"fedlc.tau": float("inf")}, "fedlc.tau=inf must be finite and >= 0"),
+        ({"fedlc.tau": float("nan")}, "fedlc.tau=nan must be finite and >= 0"),
+        (
+            {
+                "secagg.enabled": True,
+                "secagg.clipping-range": float("inf"),
+                "min-fit-clients": 3,
+                "min-available-clients": 3,
+            },
+            "secagg.clipping-range=inf must be finite and > 0",
+        ),
     ],
 )
 def test_bad_config_names_the_key(config: dict, message: str) -> None:

@@ -111,7 +111,11 @@ def run(
     privacy = None
     if settings.client_dp is not None:
         privacy = ClientPrivacy.start(
-            settings.client_dp, planned_rate=1.0, rounds=rounds, history=[]
+            settings.client_dp,
+            planned_rate=1.0,
+            rounds=rounds,
+            history=[],
+            population=len(sites),
         )
         strategy = privacy.wrap(strategy)
     server_state: dict[str, Any] = {}

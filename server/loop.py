@@ -254,7 +254,11 @@ def _client_privacy(
         return None
     k = sample_size(connected, fraction=settings.fraction_train, minimum=settings.min_fit_clients)
     return ClientPrivacy.start(
-        settings.client_dp, planned_rate=k / connected, rounds=settings.rounds, history=history
+        settings.client_dp,
+        planned_rate=k / connected,
+        rounds=settings.rounds,
+        history=history,
+        population=connected,
     )
 
 

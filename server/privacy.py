@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from opacus.accountants import RDPAccountant
 
 from clients.task import dpsgd
+from clients.task.errors import ConfigError
 from clients.task.plan import TrainPlan
 from clients.task.secure_random import SecureRandom
 from strategies.dp import ClientLevelDP, DifferentiallyPrivate
@@ -116,13 +117,26 @@ class ClientPrivacy:
         planned_rate: float,
         rounds: int,
         history: Iterable[Mapping[str, Any]],
+        population: int,
     ) -> ClientPrivacy:
         """The run's mechanism (``z`` solved for ``dp.target-epsilon`` at the planned
         sampling rate) and a ledger replaying the rounds ``history`` released.
 
+        Args:
+            population: The sites that may be sampled (connected members). δ must be below
+                ``1 / population``: at δ ≥ 1/n, publishing one site's update in the clear
+                is (0, δ)-DP, so the guarantee would protect no site (Dwork and Roth 2014,
+                "The Algorithmic Foundations of Differential Privacy", §2.3).
+
         Raises:
-            ConfigError: If the target ε is unreachable.
+            ConfigError: If the target ε is unreachable or δ is not below 1/population.
         """
+        if not settings.delta < 1 / population:
+            raise ConfigError(
+                f"dp.delta={settings.delta!r} must be < 1/{population} (the {population} "
+                "connected sites): at δ >= 1/n a mechanism may publish one site's update "
+                "in the clear and still claim (ε, δ)-DP"
+            )
         z = settings.noise_multiplier
         if settings.target_epsilon > 0:
             z = solve_noise_multiplier(

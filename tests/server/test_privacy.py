@@ -114,3 +114,17 @@ def test_server_noise_comes_from_the_os_csprng() -> None:
     wrapped = privacy.wrap(FedAvg())
     assert isinstance(wrapped, DifferentiallyPrivate) and isinstance(wrapped.rng, SecureRandom)
     assert isinstance(DifferentiallyPrivate(FedAvg(), privacy.mechanism).rng, SecureRandom)
+
+
+def test_client_level_delta_must_be_below_one_over_the_sites() -> None:
+    # At δ ≥ 1/n a mechanism that publishes one of the n sites' updates in the clear is
+    # (0, δ)-DP: the guarantee says nothing about any site. Refused when the run starts,
+    # where the number of connected sites is known.
+    from server.privacy import ClientPrivacy
+    from server.settings import ClientDPSettings
+
+    dp = ClientDPSettings(clip_norm=1.0, noise_multiplier=1.0, delta=0.1)
+    with pytest.raises(ConfigError, match=r"dp.delta=0.1 must be < 1/10 .*10 connected sites"):
+        ClientPrivacy.start(dp, planned_rate=1.0, rounds=3, history=[], population=10)
+    ok = ClientPrivacy.start(dp, planned_rate=1.0, rounds=3, history=[], population=9)
+    assert ok.ledger.delta == 0.1

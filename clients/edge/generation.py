@@ -15,12 +15,15 @@ is held back, so a stream never shows a stop string (OpenAI's ``stop`` semantics
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
+
+log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -77,7 +80,11 @@ class Row:
     def _emit(self) -> None:
         end = len(self.text) if self.done else self._safe_end()
         if self.on_text is not None and end > self.sent:
-            self.on_text(self.text[self.sent : end])
+            try:
+                self.on_text(self.text[self.sent : end])
+            except Exception:  # the stream's reader is gone: end this row, not the batch
+                log.warning("a stream failed; its row stops", exc_info=True)
+                self.on_text, self.cancelled = None, True
         self.sent = max(self.sent, end)
 
     def _safe_end(self) -> int:

@@ -61,3 +61,21 @@ def test_row_sampling_keeps_only_the_argmax_for_greedy_rows_and_the_nucleus_for_
     rows[1] = Row([1], Sampling(max_tokens=1, temperature=1.0, top_p=0.8))
     out = RowSampling(rows, torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long), scores)
     assert torch.isfinite(out[1]).tolist() == [False, True, True]  # 0.6 < 0.8: add 0.3
+
+
+def test_a_stream_that_fails_ends_its_own_row_only() -> None:
+    # The stream's consumer can go away under the batcher (its event loop closed): the
+    # row stops there, and the other rows of the batched generate call go on.
+    def broken(text: str) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    failing = Row(prompt_ids=[1], sampling=Sampling(max_tokens=5), on_text=broken)
+    other = Row(prompt_ids=[1], sampling=Sampling(max_tokens=5))
+
+    for row in (failing, other):
+        for char in "abc":
+            if not row.done:
+                row.push(ord(char), eos=EOS, decode=lambda ids: "".join(map(chr, ids)))
+
+    assert failing.cancelled and failing.done and failing.text == "a"
+    assert not other.done and other.text == "abc"

@@ -24,8 +24,8 @@ import torch
 
 from clients.task.data import Example
 from clients.task.dpsgd import SampleDP, private
-from clients.task.errors import DataError
-from clients.task.model import LoadedModel, is_head_tensor
+from clients.task.errors import DataError, ModelError
+from clients.task.model import HEAD_MODULES, LoadedModel, is_head_tensor
 from clients.task.plan import TrainPlan
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,58 @@ def _fedlc_shift(
 
 
 @torch.no_grad()
+def head_inputs(
+    loaded: LoadedModel, examples: Sequence[Example], *, batch_size: int = 64, max_length: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """What the classification head reads, for each example, under the current adapter.
+
+    Captured by a forward pre-hook on the head (peft's ``modules_to_save`` wrapper): for a
+    BERT-style model the pooled output, (batch, hidden); for a Llama-style one the hidden
+    state of the last token that is not padding, as the model's own pooling picks it. The
+    model runs in eval mode (no dropout).
+
+    Returns:
+        (features (rows, hidden) float64, label indices (rows,) int64).
+
+    Raises:
+        ModelError: If the task is not sequence classification or the model has no head.
+    """
+    if loaded.spec.task != "sequence-classification":
+        raise ModelError(f"task={loaded.spec.task!r}: only a classifier has a head to fit")
+    heads = [
+        module
+        for name, module in loaded.model.named_modules()
+        if name.rsplit(".", 1)[-1] in HEAD_MODULES and hasattr(module, "modules_to_save")
+    ]
+    if len(heads) != 1:
+        names = "/".join(HEAD_MODULES)
+        raise ModelError(f"expected one trained head ({names}); found {len(heads)}")
+    captured: list[torch.Tensor] = []
+    hook = heads[0].register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    model = loaded.model
+    model.eval()
+    feats, labels = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                inputs = encode(loaded, examples[start : start + batch_size], max_length=max_length)
+                labels.append(inputs.pop("labels"))
+                inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+                captured.clear()
+                model(**inputs)
+                x = captured[-1].float()
+                if x.dim() == 3:  # (batch, seq, hidden): the last token that is not padding
+                    pad = loaded.tokenizer.pad_token_id
+                    ids = inputs["input_ids"]
+                    positions = torch.arange(ids.shape[1], device=ids.device)
+                    last = ((ids != pad).int() * positions).argmax(-1)  # (batch,)
+                    x = x[torch.arange(x.shape[0], device=x.device), last]
+                feats.append(x.double().cpu())
+    finally:
+        hook.remove()
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
 def evaluate(
     loaded: LoadedModel, examples: Sequence[Example], *, batch_size: int = 32, max_length: int = 64
 ) -> EvalResult:

@@ -7,6 +7,8 @@ Plain rounds speak fedlora's records::
     refusal   {"refusal": {"reason"}, "site": {"site-id"}}
     evaluate  {"metrics": {NUM_EXAMPLES, LOSS, ACCURACY}, "site": {"site-id"}}
     none      {"no-evaluation": {"reason"}, "site": {"site-id"}}  (no held-out rows)
+    head      {"head-statistics": {gram, class_sum, count}, "site": {"site-id"}}
+              (a query before round 1, strategies/lda_head.py; or a refusal record)
 
 Secure rounds (SecAgg+) go through Flower 1.41's legacy workflow, which speaks
 FitIns/FitRes: ``fitins.parameters`` (an ordered list of ``.npy`` tensors) and
@@ -19,9 +21,9 @@ cannot carry a refusal record (SecAgg+ expects an update), so there a refusing s
 error, which `is_refusal` tells apart from a failure.
 
 Site side: `read_request`, `plan_config`, `train_metrics`, `train_reply`,
-`evaluate_reply`, `no_evaluation_reply`, `refusal_reply`. Server side: `requests`,
-`secure_fitins`, `sender`, `decode_train`, `decode_evaluate`, `decode_secure_train`,
-`is_refusal`.
+`evaluate_reply`, `no_evaluation_reply`, `head_statistics_reply`, `refusal_reply`. Server
+side: `requests`, `secure_fitins`, `sender`, `decode_train`, `decode_evaluate`,
+`decode_head_statistics`, `decode_secure_train`, `is_refusal`.
 tests/strategies/test_protocol.py pins every shape with a site-to-server round trip.
 """
 
@@ -47,6 +49,7 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.task.errors import ConfigError, FedloraError
+from strategies.lda_head import HeadStatistics
 from strategies.strategy import SiteUpdate
 
 # Records of a plain request and its replies.
@@ -71,6 +74,9 @@ REASON = "reason"
 # An evaluate reply from a site that holds no rows out: no number instead of one measured
 # on its training rows.
 NO_EVALUATION = "no-evaluation"
+# A site's sums for the closed-form head (strategies/lda_head.py), and their tensor names.
+HEAD_STATISTICS = "head-statistics"
+HEAD_STATISTICS_FIELDS = ("gram", "class_sum", "count")
 # Records of a secure request and its reply, as Flower's legacy compat layer names them.
 SECURE_IN = "fitins.parameters"
 SECURE_CONFIG = "fitins.config"
@@ -296,6 +302,27 @@ def decode_evaluate(reply: Message) -> EvaluateReply | NoEvaluation:
         raise ValueError(f"unreadable metrics: {exc}") from exc
 
 
+def decode_head_statistics(reply: Message) -> HeadStatistics | Refusal:
+    """A head-statistics reply (not an error) as the site's sums, or its refusal.
+
+    The sums are returned as received: `HeadStatistics.problem` judges them.
+
+    Raises:
+        ValueError: If the reply lacks a sum or one is not numeric.
+    """
+    content = reply.content
+    if REFUSAL in content.config_records:
+        return Refusal(sender(reply), str(content.config_records[REFUSAL].get(REASON, "")))
+    if HEAD_STATISTICS not in content.array_records:
+        raise ValueError(f"reply lacks {HEAD_STATISTICS!r}")
+    try:
+        arrays = from_record(content.array_records[HEAD_STATISTICS])
+        values = [np.asarray(arrays[name], dtype=np.float64) for name in HEAD_STATISTICS_FIELDS]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"unreadable head statistics: {exc}") from exc
+    return HeadStatistics(*values)
+
+
 def decode_secure_train(res: FitRes) -> tuple[str, int, dict[str, float]]:
     """(site id, weight, numeric metrics) of a secure train reply, as the workflow hands it."""
     metrics = dict(res.metrics)
@@ -412,6 +439,12 @@ def no_evaluation_reply(message: Message, *, site_id: str, reason: str) -> Messa
     """Answer an evaluation request without a number: the site holds no rows out."""
     content = RecordDict({NO_EVALUATION: ConfigRecord({REASON: reason}), SITE: _site(site_id)})
     return Message(content, reply_to=message)
+
+
+def head_statistics_reply(message: Message, *, site_id: str, stats: HeadStatistics) -> Message:
+    """Answer a head-statistics query with the site's sums (float64)."""
+    arrays = to_record({name: getattr(stats, name) for name in HEAD_STATISTICS_FIELDS})
+    return Message(RecordDict({HEAD_STATISTICS: arrays, SITE: _site(site_id)}), reply_to=message)
 
 
 def refusal_reply(message: Message, *, site_id: str, reason: str) -> Message:

@@ -1,4 +1,5 @@
-"""The ClientApp of a training site: train and evaluate the global adapter on local data.
+"""The ClientApp of a training site: train and evaluate the global adapter on local data,
+and answer the query for the closed-form head's statistics before round 1.
 
 Only the trainable adapter tensors, the example count and scalar metrics leave the site.
 The work itself (clients/site/work.py) runs in the site's warm worker when the node
@@ -17,8 +18,11 @@ from flwr.clientapp import ClientApp
 from clients.site.mods import TRAIN_MODS
 from clients.site.settings import SiteSettings
 from clients.site.worker import WorkerAbsent, call
+from strategies.lda_head import HeadStatistics
 from strategies.protocol import (
+    HEAD_STATISTICS_FIELDS,
     evaluate_reply,
+    head_statistics_reply,
     no_evaluation_reply,
     read_request,
     refusal_reply,
@@ -45,19 +49,7 @@ def _job(kind: str, message: Message, context: Context, site: SiteSettings):
             log.warning("site %s: %s; working in the ClientApp process", site.site_id, exc)
     from clients.site import work  # torch, transformers, peft: only without a worker
 
-    if kind == "train":
-        done = work.train(site, reference, config, run=str(context.run_id))
-        if isinstance(done, work.Refused):
-            return {"refusal": done.reason}, {}
-        return {"metrics": done.metrics, "weight": done.weight}, done.local
-    result = work.evaluate_global(site, reference, config)
-    if isinstance(result, work.NoEvaluation):
-        return {"no-evaluation": result.reason}, {}
-    return {
-        "num-examples": result.num_examples,
-        "loss": result.loss,
-        "accuracy": result.accuracy,
-    }, {}
+    return work.run_job(kind, site, reference, config, run=str(context.run_id))
 
 
 @app.train(mods=list(TRAIN_MODS))
@@ -90,3 +82,14 @@ def evaluate_global(message: Message, context: Context) -> Message:
         loss=float(answer["loss"]),
         accuracy=float(answer["accuracy"]),
     )
+
+
+@app.query()
+def head_statistics(message: Message, context: Context) -> Message:
+    """Sums over the site's training rows for the closed-form head (strategies/lda_head.py)."""
+    site = SiteSettings.from_node_config(context.node_config)
+    answer, sums = _job("head-statistics", message, context, site)
+    if "refusal" in answer:
+        return refusal_reply(message, site_id=site.site_id, reason=str(answer["refusal"]))
+    stats = HeadStatistics(*(sums[name] for name in HEAD_STATISTICS_FIELDS))
+    return head_statistics_reply(message, site_id=site.site_id, stats=stats)

@@ -35,6 +35,8 @@ KEYS = {
     "max-epsilon": "the site's total sample-level ε budget; refuses runs without DP-SGD",
     "delta": "δ of the site's (ε, δ); refuses a plan with another site-dp.delta (default 1e-5)",
     "worker-socket": "the site's warm worker (fedlora site worker --socket); default: none",
+    "head-statistics": "false: refuse a run's head.init=lda query (sums over the site's rows "
+    "of the head's input); the site then sends only adapter updates (default true)",
 }
 DEFAULT_DELTA = 1e-5
 FLOWER_KEYS = ("partition-id", "num-partitions")  # set by Flower's simulation engine
@@ -52,6 +54,7 @@ class SiteSettings:
     max_epsilon: float | None = None
     delta: float = DEFAULT_DELTA
     worker_socket: Path | None = None
+    head_statistics: bool = True
 
     def __post_init__(self) -> None:
         if not valid_site_id(self.site_id):
@@ -105,6 +108,9 @@ class SiteSettings:
                 raise ConfigError(f"{key}={value!r} must be a number")
         state_dir = config.get("state-dir")
         worker = config.get("worker-socket")
+        share = config.get("head-statistics", True)
+        if not isinstance(share, bool):
+            raise ConfigError(f"head-statistics={share!r} must be true or false")
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
@@ -115,6 +121,7 @@ class SiteSettings:
             max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
             delta=float(delta),  # type: ignore[arg-type]
             worker_socket=Path(str(worker)).expanduser() if worker else None,
+            head_statistics=share,
         )
 
 

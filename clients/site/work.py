@@ -1,4 +1,5 @@
-"""A site's work on one request: train or evaluate the global adapter on local data.
+"""A site's work on one request: train or evaluate the global adapter on local data, or sum
+what its classification head reads (before round 1, for the closed-form head).
 
 The same functions run inside the ClientApp process (when the site has no warm worker)
 and inside the site's warm worker (clients/site/worker.py), which keeps the base model,
@@ -35,8 +36,9 @@ from clients.task.model import (
 )
 from clients.task.plan import TrainPlan
 from clients.task.secure_random import os_seed
-from clients.task.train import evaluate, train_local, without_truncated
-from strategies.protocol import SitePrivacy, plan_config, train_metrics
+from clients.task.train import evaluate, head_inputs, train_local, without_truncated
+from strategies.lda_head import HeadStatistics
+from strategies.protocol import HEAD_STATISTICS_FIELDS, SitePrivacy, plan_config, train_metrics
 
 log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
@@ -291,3 +293,64 @@ def evaluate_global(
         return NoEvaluation(reason)
     result = evaluate(loaded, held_out, batch_size=32, max_length=plan.max_length)
     return Evaluated(result.num_examples, result.loss, result.accuracy)
+
+
+def head_statistics(
+    site: SiteSettings, reference: Mapping[str, np.ndarray], config: Mapping[str, Any]
+) -> HeadStatistics | Refused:
+    """The sums over the site's training rows of what the head reads (strategies/lda_head.py).
+
+    The rows are those the site trains on. The site refuses when its admin said so
+    (``head-statistics = false``), when it has a budget (``max-epsilon``: it releases only
+    DP-SGD updates) and when the plan trains with DP-SGD: these sums carry no noise.
+    """
+    plan, loaded = _prepare(site, reference, config)
+    why = None
+    if not site.head_statistics:
+        why = f"site {site.site_id} has head-statistics=false"
+    elif site.max_epsilon is not None:
+        why = f"site {site.site_id} has max-epsilon={site.max_epsilon}"
+    elif plan.sample_level:
+        why = "the run trains with sample-level DP"
+    if why is not None:
+        reason = f"{why}: it shares no head statistics (sums without DP noise)"
+        log.warning("%s", reason)
+        return Refused(reason)
+    train_examples, _ = _data(site, plan.spec.task, plan.spec.labels)
+    train_examples = without_truncated(loaded, train_examples, max_length=plan.max_length)
+    features, labels = head_inputs(loaded, train_examples, max_length=plan.max_length)
+    log.info("site %s: head statistics of %d rows", site.site_id, len(train_examples))
+    return HeadStatistics.of(features, labels, num_labels=len(plan.spec.labels))
+
+
+def run_job(
+    kind: str,
+    site: SiteSettings,
+    reference: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    *,
+    run: str,
+) -> tuple[dict[str, Any], Tensors]:
+    """One request's outcome as (header, tensors), the same in a ClientApp and a worker.
+
+    Raises:
+        ValueError: For an unknown ``kind``.
+    """
+    if kind == "train":
+        done = train(site, reference, config, run=run)
+        if isinstance(done, Refused):
+            return {"refusal": done.reason}, {}
+        return {"metrics": done.metrics, "weight": done.weight}, done.local
+    if kind == "evaluate":
+        result = evaluate_global(site, reference, config)
+        if isinstance(result, NoEvaluation):
+            return {"no-evaluation": result.reason}, {}
+        header = {"num-examples": result.num_examples, "loss": result.loss,
+                  "accuracy": result.accuracy}  # fmt: skip
+        return header, {}
+    if kind == "head-statistics":
+        stats = head_statistics(site, reference, config)
+        if isinstance(stats, Refused):
+            return {"refusal": stats.reason}, {}
+        return {}, {name: getattr(stats, name) for name in HEAD_STATISTICS_FIELDS}
+    raise ValueError(f"unknown job kind {kind!r}")

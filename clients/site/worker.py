@@ -184,23 +184,10 @@ def _handle(header: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
 
     try:
         site = SiteSettings.from_node_config(header["node-config"])
-        if header["kind"] == "train":
-            done = work.train(site, tensors, header["config"], run=str(header["run"]))
-            if isinstance(done, work.Refused):
-                return encode({"refusal": done.reason})
-            return encode({"metrics": done.metrics, "weight": done.weight}, done.local)
-        if header["kind"] == "evaluate":
-            result = work.evaluate_global(site, tensors, header["config"])
-            if isinstance(result, work.NoEvaluation):
-                return encode({"no-evaluation": result.reason})
-            return encode(
-                {
-                    "num-examples": result.num_examples,
-                    "loss": result.loss,
-                    "accuracy": result.accuracy,
-                }
-            )
-        return encode({"error": f"unknown job kind {header['kind']!r}"})
+        answer, tensors = work.run_job(
+            str(header["kind"]), site, tensors, header["config"], run=str(header["run"])
+        )
+        return encode(answer, tensors)
     except Exception as exc:  # the worker outlives a bad job; the ClientApp reports it
         log.exception("job failed")
         return encode({"error": f"{type(exc).__name__}: {exc}"})

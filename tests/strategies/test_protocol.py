@@ -15,6 +15,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.task.errors import ConfigError
+from strategies.lda_head import HeadStatistics
 from strategies.protocol import (
     MAX_WEIGHT_KEY,
     NAMES_KEY,
@@ -26,9 +27,11 @@ from strategies.protocol import (
     SitePrivacy,
     SiteRefused,
     decode_evaluate,
+    decode_head_statistics,
     decode_secure_train,
     decode_train,
     evaluate_reply,
+    head_statistics_reply,
     is_refusal,
     plan_config,
     read_request,
@@ -162,6 +165,20 @@ def test_evaluate_reply_round_trip() -> None:
     assert reference.keys() == STATE.keys()
 
 
+def test_head_statistics_reply_round_trip() -> None:
+    request = _plain(MessageType.QUERY)
+    stats = HeadStatistics.of(np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([0, 2]), num_labels=3)
+
+    reply = head_statistics_reply(request, site_id="site-d", stats=stats)
+    decoded = decode_head_statistics(reply)
+
+    assert isinstance(decoded, HeadStatistics) and sender(reply) == "site-d"
+    for name in ("gram", "class_sum", "count"):
+        np.testing.assert_array_equal(getattr(decoded, name), getattr(stats, name))
+    refused = refusal_reply(request, site_id="site-e", reason="max-epsilon=1")
+    assert decode_head_statistics(refused) == Refusal("site-e", "privacy budget: max-epsilon=1")
+
+
 @pytest.mark.parametrize(
     ("content", "decode", "message"),
     [
@@ -173,6 +190,12 @@ def test_evaluate_reply_round_trip() -> None:
             "unreadable metrics",
         ),
         (RecordDict({"metrics": MetricRecord({"loss": 1.0})}), decode_evaluate, "unreadable"),
+        (RecordDict({}), decode_head_statistics, "lacks 'head-statistics'"),
+        (
+            RecordDict({"head-statistics": to_record({"gram": np.eye(2)})}),
+            decode_head_statistics,
+            "unreadable head statistics",
+        ),
     ],
 )
 def test_malformed_replies_are_value_errors(content: RecordDict, decode, message: str) -> None:

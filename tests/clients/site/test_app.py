@@ -212,3 +212,58 @@ def test_an_unreachable_target_is_a_refusal_naming_the_key(tmp_path: Path) -> No
     with pytest.raises(BudgetRefused, match=r"site-dp\.target-epsilon=1e-09 is unreachable"):
         _charge_budget(site, _target_round(1, planned=3, target=1e-9), run="r", num_train=16)
     assert not (tmp_path / "state" / LEDGER_FILE).exists()
+
+
+def _query(plan: TrainPlan, node_config: dict[str, Any]) -> Message:
+    state = _initial(plan.spec)
+    (request,) = requests([1], to_record(state), plan.to_config(), kind=MessageType.QUERY)
+    context = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(),
+                      run_config={})  # fmt: skip
+    return app(request, context)
+
+
+def _classifier_plan(tiny_llama: Path, **extra: Any) -> TrainPlan:
+    spec = ModelSpec(base=str(tiny_llama), labels=("a", "b"), lora_r=4, seed=3)
+    return TrainPlan(spec=spec, base_digest=base_digest(spec.base), max_length=16, **extra)
+
+
+@pytest.fixture
+def labelled_site(tmp_path: Path) -> dict[str, Any]:
+    data = tmp_path / "site-l.jsonl"
+    rows = [{"text": f"row {j} says {'yes' if j % 3 else 'no'}", "label": "ab"[j % 3 == 0]}
+            for j in range(20)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"data-path": str(data), "site-id": "site-l"}
+
+
+def test_head_statistics_are_sums_over_the_training_rows_only(
+    tiny_llama: Path, labelled_site: dict[str, Any]
+) -> None:
+    from strategies.lda_head import HeadStatistics
+    from strategies.protocol import decode_head_statistics
+
+    stats = decode_head_statistics(_query(_classifier_plan(tiny_llama), labelled_site))
+
+    assert isinstance(stats, HeadStatistics)
+    assert stats.problem(labels=2, hidden=stats.gram.shape[0]) is None
+    assert stats.rows == 18  # 20 rows, 10% held out: the held-out rows stay out of the sums
+
+
+@pytest.mark.parametrize("why", ["max-epsilon", "site-dp", "head-statistics"])
+def test_a_site_under_dp_shares_no_head_statistics(
+    tiny_llama: Path, labelled_site: dict[str, Any], tmp_path: Path, why: str
+) -> None:
+    # The sums carry no noise: a site whose admin said no or set a budget, or a run that
+    # trains with DP-SGD, must not release them whatever the server asks.
+    from strategies.protocol import decode_head_statistics
+
+    extra = {"site_dp_noise_multiplier": 1.0} if why == "site-dp" else {}
+    config = labelled_site | {
+        "max-epsilon": {"max-epsilon": 8.0, "state-dir": str(tmp_path / "s")},
+        "head-statistics": {"head-statistics": False},
+    }.get(why, {})
+
+    decoded = decode_head_statistics(_query(_classifier_plan(tiny_llama, **extra), config))
+
+    assert not hasattr(decoded, "gram")
+    assert "shares no head statistics" in decoded.reason  # type: ignore[union-attr]

@@ -1,6 +1,8 @@
 """The federated round loop: one place that reads top to bottom.
 
-Shaped like Flower's ``Strategy.start``. For each round: sample sites, configure (the
+Shaped like Flower's ``Strategy.start``. Before round 1 of a fresh run of a classifier,
+the head may be set in closed form from the sites' statistics (``head.init``,
+server/head_init.py). For each round: sample sites, configure (the
 round plan plus the strategy's client config), send and receive, aggregate (a
 `strategies.strategy.Strategy`), the server optimiser's step (FedAvgM or FedAdam; plain
 FedAvg by default), evaluate (federated on sites and centrally on a held-out file),
@@ -40,6 +42,7 @@ from flwr.app import MessageType
 from flwr.serverapp import Grid
 
 from server.checkpoint import Checkpoint, CheckpointStore
+from server.head_init import fit_head
 from server.identity import IdentityRejected, PinnedIdentities, SiteIdentities
 from server.privacy import ClientPrivacy
 from server.record import RoundRecord
@@ -74,6 +77,8 @@ log = logging.getLogger(__name__)
 
 # MLflow tag naming what the run's `accuracy`/`loss` metrics were measured on.
 HEADLINE_TAG = "fedlora.headline"
+# MLflow tag saying where round 1's classification head came from (server/head_init.py).
+HEAD_TAG = "fedlora.head-init"
 # Central evaluation: global state -> (loss, accuracy)
 Evaluator = Callable[[Mapping[str, np.ndarray]], tuple[float, float]]
 Tensors = dict[str, np.ndarray]  # adapter tensors by parameter name
@@ -124,6 +129,9 @@ def run_rounds(
         history,
         plan=settings.plan(first),
     )
+    if settings.lda_head and resume_from is None:
+        state, head = fit_head(grid, settings, connected, state, sites.identities)
+        tracker.set_tags({HEAD_TAG: head.tag()})
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
         nodes, sampled = _sample(grid, settings, roster, server_round)

@@ -62,6 +62,13 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
+    "head.init": (
+        str,
+        "seeded",
+        "the head before round 1: seeded (random), or lda (closed form from sums the sites "
+        "send over their training rows, strategies/lda_head.py; plain rounds without DP only)",
+    ),
+    "head.shrinkage": (float, 0.1, "lda: covariance shrinkage towards a scaled identity, (0, 1]"),
     "robust.mode": (
         str,
         "auto",

@@ -27,6 +27,7 @@ from server.selection import chosen_round
 from strategies.bounded import BoundedInfluence
 from strategies.dp import ClientLevelDP
 from strategies.fedavg import FedAvg, FedProx
+from strategies.lda_head import DEFAULT_SHRINKAGE
 from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import HEAD_MARK, ServerOptimizer
@@ -34,6 +35,7 @@ from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
 ROBUST_MODES = ("auto", "bounded", "off")
+HEAD_INITS = ("seeded", "lda")
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,8 @@ class RunSettings:
     keep_adapter: str = "best"
     # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
     robust: tuple[float, float] | None = None
+    head_init: str = "seeded"
+    head_shrinkage: float = DEFAULT_SHRINKAGE
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -232,6 +236,7 @@ class RunSettings:
         self._plan(server_round=1, digest="")
         self._check_sampling()
         self._check_privacy()
+        self._check_head()
 
     def _check_sampling(self) -> None:
         if self.min_available_clients < self.min_fit_clients:
@@ -274,6 +279,36 @@ class RunSettings:
             raise ConfigError(
                 "robust.* bounds need single updates and cannot apply with secagg.enabled=true"
             )
+
+    def _check_head(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(
+                f"head.init={self.head_init!r} must be one of {', '.join(HEAD_INITS)}"
+            )
+        if not 0 < self.head_shrinkage <= 1:
+            raise ConfigError(f"head.shrinkage={self.head_shrinkage!r} must be in (0, 1]")
+        if self.head_init == "lda" and (why := self._lda_blocker()):
+            raise ConfigError(f"head.init='lda' cannot apply: {why}")
+
+    def _lda_blocker(self) -> str | None:
+        """Why this run cannot start from the closed-form head, or None."""
+        if self.spec.task != "sequence-classification":
+            return f"task={self.spec.task!r} has no classification head"
+        if self.secagg is not None:
+            return (
+                "with secagg.enabled=true each site's head statistics would reach the "
+                "server unmasked (SecAgg+ covers the training rounds only)"
+            )
+        if self.client_dp is not None:
+            return "the head statistics carry no noise, so dp.* would not cover them"
+        if self.site_dp_noise_multiplier > 0 or self.site_dp_target_epsilon > 0:
+            return "the head statistics carry no noise, so site-dp.* would not cover them"
+        return None
+
+    @property
+    def lda_head(self) -> bool:
+        """Whether round 1 starts from the LDA head of the sites' statistics (head.init)."""
+        return self.head_init == "lda"
 
     @property
     def site_clip_norm(self) -> float:
@@ -349,6 +384,8 @@ class RunSettings:
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=_robust(v, secure=secagg is not None),
+            head_init=v["head.init"],
+            head_shrinkage=v["head.shrinkage"],
         )
 
     def bounded(self, strategy: Strategy) -> Strategy:
@@ -514,6 +551,8 @@ class RunSettings:
             "site-dp.batch-size": self.site_dp_batch_size,
             "site-dp.learning-rate": self.site_dp_learning_rate,
             "site-dp.trainable": self.site_dp_trainable,
+            "head.init": self.head_init,
+            "head.shrinkage": self.head_shrinkage,
             # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
             "robust.mode": "auto" if self.robust is not None or sa is not None else "off",
             "robust.max-weight-ratio": self.robust[0]

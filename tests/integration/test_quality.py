@@ -43,7 +43,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[SimSite]
     return base, sites, eval_file
 
 
-def _run(setup: tuple[Path, list[SimSite], Path], out: Path) -> dict:
+def _run(setup: tuple[Path, list[SimSite], Path], out: Path, **extra: object) -> dict:
     base, sites, eval_file = setup
     settings = RunSettings.from_config(
         {
@@ -60,6 +60,7 @@ def _run(setup: tuple[Path, list[SimSite], Path], out: Path) -> dict:
             "eval-file": str(eval_file),
             "out-dir": str(out),
         }
+        | extra
     )
     simulate(settings, sites)
     return json.loads((out / "metrics.json").read_text())
@@ -99,3 +100,17 @@ def test_same_data_seed_and_settings_give_bit_identical_adapters(
     assert run.data.tags["fedlora.headline"] == "central held-out file (eval-file)"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "adapter-last", "adapter-best"} <= artifacts
+
+
+@pytest.mark.timeout(900)
+def test_an_lda_head_run_starts_from_every_sites_training_rows(
+    setup: tuple[Path, list[SimSite], Path], tmp_path: Path
+) -> None:
+    # Act: the real ClientApps answer the head-statistics query before round 1.
+    metrics = _run(setup, tmp_path, **{"head.init": "lda"})
+
+    # Assert: 18 + 18 training rows (10% held out) + site-c's 9 (too few to hold one out).
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = client.get_run(metrics["mlflow_run_id"]).data.tags
+    assert tags["fedlora.head-init"] == "lda: LDA of 45 rows from 3 site(s)"
+    assert len(metrics["rounds"]) == 2 and metrics["rounds"][-1]["central_accuracy"] >= 0

@@ -4,8 +4,9 @@ The same maths as a real run, without Flower, Ray or MLflow: one MiniLM in this 
 plays every site in turn (load the global adapter, `train_local` with the site's own seeded
 generator, read the trainable tensors back), then the run's strategy and server optimiser
 (`RunSettings.strategy()`, `RunSettings.server_optimizer`) aggregate, exactly as
-server/loop.py does. A configuration is a set of run-config overrides (the keys of
-``fedlora train --set``), so what wins here is what a user sets.
+server/loop.py does; before round 1 the head is set from the sites' summed statistics
+when ``head.init`` says so (server/head_init.py). A configuration is a set of run-config
+overrides (the keys of ``fedlora train --set``), so what wins here is what a user sets.
 
 Choices are made on the validation split (CLINC150's ``val``, or rows held out of a file);
 the test split's accuracy is recorded beside it but must not be used to choose. The
@@ -212,7 +213,44 @@ SIM_KEYS: dict[str, Any] = {
     "sim.lora-momentum": 0.0,  # > 0: heavy-ball momentum (FedAvgM) on the LoRA tensors only
     # SCAFFOLD control variates on the local steps: "" off, "all" or "body" (not the head)
     "sim.scaffold": "",
+    # The head before round 1: "" as the run config says (head.init; the round loop's
+    # server/head_init.py), or "ridge" (Fed3R's ridge regression, λ = head.shrinkage·tr/d).
+    # The centralized reference starts from the seeded head unless head.init="lda".
+    "sim.head-init": "",
 }
+
+
+def _head_init(
+    loaded: Any, state: dict, sites: list, labels: Sequence[str], *, kind: str, settings: Any
+) -> dict:
+    """`state` with its head set from the sites' summed statistics, as server/head_init.py
+    sets it (without its checks and bounds: every site here is honest)."""
+    import numpy as np
+
+    from clients.task.model import load_trainable_state
+    from clients.task.train import head_inputs
+    from strategies.lda_head import HeadStatistics, lda_head
+
+    load_trainable_state(loaded.model, state)
+    parts = []
+    for _site, examples in sites:  # each site's own sums; the server adds them
+        x, y = head_inputs(loaded, examples, max_length=settings.max_length)
+        parts.append(HeadStatistics.of(x, y, num_labels=len(labels)))
+    total = sum(parts[1:], parts[0])
+    if kind == "ridge":
+        d = total.gram.shape[0]
+        lam = settings.head_shrinkage * np.trace(total.gram) / d
+        w = np.linalg.solve(total.gram + lam * np.eye(d), total.class_sum.T).T
+        b = np.zeros(len(labels))
+    else:
+        w, b = lda_head(total, shrinkage=settings.head_shrinkage)
+    out = dict(state)
+    for k in state:
+        if HEAD_MARK in k and k.endswith("weight"):
+            out[k] = w.astype(state[k].dtype)
+        elif HEAD_MARK in k and k.endswith("bias"):
+            out[k] = b.astype(state[k].dtype)
+    return out
 
 
 def _lora_step(
@@ -322,7 +360,7 @@ def run_federated(
     sim = SIM_KEYS | {k: v for k, v in overrides.items() if k in SIM_KEYS}
     overrides = {k: v for k, v in overrides.items() if k not in SIM_KEYS}
     experimental = sim != SIM_KEYS and any(
-        sim[k] != SIM_KEYS[k] for k in SIM_KEYS if k != "sim.keep-optimizer"
+        sim[k] != SIM_KEYS[k] for k in SIM_KEYS if k not in ("sim.keep-optimizer", "sim.head-init")
     )
     settings = _settings(overrides, labels=labels, rounds=rounds, sites=len(sites))
     loaded = _model(settings.spec)
@@ -333,6 +371,13 @@ def run_federated(
     controls: dict[str, dict[str, Any]] = {"server": {}}  # SCAFFOLD: c and each c_i
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
     state = trainable_state(loaded.model)
+    kind = sim["sim.head-init"] or ("lda" if settings.lda_head else "")
+    if kind:
+        state = _head_init(loaded, state, sites, labels, kind=kind, settings=settings)
+        print(
+            f"    head init: val {_accuracy(loaded, state, val, settings.max_length):.3f}",
+            file=sys.stderr,
+        )
     init = {k: v.astype("float64") for k, v in state.items()}
     strategy = settings.bounded(settings.strategy())  # robust.* as the round loop applies it
     optimizer = settings.server_optimizer
@@ -417,9 +462,20 @@ def run_centralized(
     from clients.task.plan import TrainPlan
     from clients.task.train import train_local
 
+    sim = SIM_KEYS | {k: v for k, v in overrides.items() if k in SIM_KEYS}
+    overrides = {k: v for k, v in overrides.items() if k not in SIM_KEYS}
     settings = _settings(overrides, labels=labels, rounds=1, sites=2)
     loaded = _model(settings.spec)
     _seeded_init(loaded.model, seed=settings.spec.seed)
+    kind = sim["sim.head-init"] or ("lda" if settings.head_init == "lda" else "")
+    if kind:
+        from clients.task.model import load_trainable_state
+
+        head = _head_init(
+            loaded, trainable_state(loaded.model), [("all", union)], labels, kind=kind,
+            settings=settings,
+        )  # fmt: skip
+        load_trainable_state(loaded.model, head)
     init = {k: v.astype("float64") for k, v in trainable_state(loaded.model).items()}
     plan = TrainPlan.from_config(
         settings.plan(1).to_config() | {"local_epochs": passes, "local_steps": 0}

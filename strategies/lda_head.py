@@ -97,11 +97,11 @@ class HeadStatistics:
         """Why these cannot be one site's honest sums, or None.
 
         Checked: the shapes; every value finite; counts whole and >= 0; ``gram`` symmetric
-        with a non-negative diagonal; and the two Cauchy–Schwarz bounds every real set of
+        with a non-negative diagonal; the two Cauchy–Schwarz bounds every real set of
         rows satisfies, ``|gram_ij| ≤ √(gram_ii gram_jj)`` and
-        ``|class_sum_cj| ≤ √(count_c gram_jj)``. They bound what a site can claim by what it
-        says its rows are; how large its rows may be is bounded against the other sites
-        (`bounded_statistics`).
+        ``|class_sum_cj| ≤ √(count_c gram_jj)``; and a positive semi-definite within-class
+        scatter. They bound what a site can claim by what it says its rows are; how large
+        its rows may be is bounded against the other sites (`bounded_statistics`).
         """
         shapes = {
             "gram": (self.gram.shape, (hidden, hidden)),
@@ -128,11 +128,39 @@ class HeadStatistics:
             return "gram breaks |gram_ij| <= sqrt(gram_ii gram_jj)"
         if np.any(np.abs(self.class_sum) > np.sqrt(np.outer(self.count, diagonal)) + slack):
             return "class_sum breaks |class_sum_cj| <= sqrt(count_c gram_jj)"
+        if not _semi_definite(self._unit_within_scatter(), tolerance=1e-9 * hidden):
+            return "the within-class scatter gram - Σ_c count_c μ_c μ_cᵀ is not semi-definite"
         return None
+
+    def _unit_within_scatter(self) -> np.ndarray:
+        """``gram - Σ_c class_sum_c class_sum_cᵀ / count_c`` scaled to a unit diagonal of gram.
+
+        Real rows give a positive semi-definite one (the Schur complement of their joint
+        second moment ``Σ [φ; e_y][φ; e_y]ᵀ``); the elementwise bounds above do not imply
+        it for more than two dimensions, and an indefinite one bends the summed covariance
+        towards singular along a direction the site chooses. Scaling by ``√gram_jj`` keeps
+        the check free of overflow and of the rows' size.
+        """
+        held = self.count > 0
+        root = np.sqrt(np.diag(self.gram))
+        root[root == 0] = 1.0  # a dimension where every row is 0
+        sums = self.class_sum[held] / root  # (held labels, hidden)
+        return self.gram / np.outer(root, root) - sums.T @ (sums / self.count[held, None])
 
     def mean_square(self) -> float:
         """Mean squared norm of the rows, ``tr(gram) / rows``."""
         return float(np.trace(self.gram)) / max(self.rows, 1)
+
+
+def _semi_definite(matrix: np.ndarray, *, tolerance: float) -> bool:
+    """Whether the symmetric ``matrix`` has no eigenvalue below ``-tolerance`` (NaN: no)."""
+    if not np.all(np.isfinite(matrix)):
+        return False
+    try:  # Cholesky: cheaper than eigenvalues at hidden sizes up to 4096
+        np.linalg.cholesky((matrix + matrix.T) / 2 + tolerance * np.eye(len(matrix)))
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 def bounded_statistics(

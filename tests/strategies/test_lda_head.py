@@ -89,6 +89,10 @@ def test_honest_sums_pass_the_checks(seed: int, rows: int, scale: float) -> None
     assert stats.problem(labels=4, hidden=6) is None
 
 
+_SIGN = np.array([1.0, -1.0, 1.0])
+_INDEFINITE = 2 * np.eye(3) - np.outer(_SIGN, _SIGN)  # unit diagonal, eigenvalues -1, 2, 2
+
+
 def _honest() -> HeadStatistics:
     rng = np.random.default_rng(1)
     return HeadStatistics.of(rng.normal(size=(20, 3)), rng.integers(0, 2, size=20), num_labels=2)
@@ -109,6 +113,15 @@ def _honest() -> HeadStatistics:
             lambda s: HeadStatistics(s.gram + 50 * (1 - np.eye(3)), s.class_sum, s.count),
             "gram breaks",
         ),
+        # Every entry within its Cauchy–Schwarz bound, yet an eigenvalue near -100 along
+        # (1, -1, 1): added to the others' sums it makes the covariance nearly singular
+        # along a direction the site picks, and the head follows it.
+        (
+            lambda s: HeadStatistics(s.gram + 100 * _INDEFINITE, s.class_sum, s.count),
+            "within-class scatter",
+        ),
+        # Class sums each within bound, but spread further apart than the gram allows.
+        (lambda s: HeadStatistics(s.gram, s.class_sum * 4, s.count), "within-class scatter"),
     ],
 )
 def test_sums_no_real_rows_could_give_are_named(change, problem: str) -> None:

@@ -117,6 +117,8 @@ class HeadStatistics:
                 return f"{name} holds NaN or inf"
         if np.any(self.count < 0) or np.any(self.count != np.round(self.count)):
             return "count holds a negative or fractional number of rows"
+        if not np.isfinite(total := self.count.sum()):  # whole counts near 1e308 each
+            return f"count sums to {total}"
         if self.rows < 1:
             return "no rows"
         diagonal = np.diag(self.gram)

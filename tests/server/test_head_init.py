@@ -120,6 +120,16 @@ def test_sums_no_rows_could_give_and_failures_are_left_out(tmp_path: Path) -> No
     assert done.sites == ("site-0", "site-1")
 
 
+def test_a_site_whose_counts_overflow_is_left_out_not_a_crash(tmp_path: Path) -> None:
+    overflow = HeadStatistics(_rows(3).gram, _rows(3).class_sum, np.full(LABELS, 1e308))
+    sites = {1: sending("site-0", _rows(1)), 2: sending("site-1", _rows(2)),
+             3: sending("site-x", overflow)}  # fmt: skip
+
+    _, done = _fit(tmp_path, sites)
+
+    assert done.source == "lda" and done.sites == ("site-0", "site-1")
+
+
 def test_a_site_claiming_huge_rows_is_bounded_by_the_median(tmp_path: Path) -> None:
     honest = [_rows(1), _rows(2), _rows(3)]
     big = _rows(4).scaled(1e4)  # consistent sums of 10^4 times the rows: passes the checks

@@ -122,6 +122,8 @@ def _honest() -> HeadStatistics:
         ),
         # Class sums each within bound, but spread further apart than the gram allows.
         (lambda s: HeadStatistics(s.gram, s.class_sum * 4, s.count), "within-class scatter"),
+        # Counts each finite and whole whose sum a float cannot hold: named, not raised.
+        (lambda s: HeadStatistics(s.gram, s.class_sum, np.full(2, 1e308)), "count sums to"),
     ],
 )
 def test_sums_no_real_rows_could_give_are_named(change, problem: str) -> None:

@@ -214,7 +214,10 @@ def lda_head(
     if held.sum() < 2:
         raise RoundFailed(f"the sites' rows hold {int(held.sum())} label(s); LDA needs 2")
     n, d = float(count.sum()), stats.gram.shape[0]
-    means = np.where(held[:, None], stats.class_sum / np.maximum(count, 1.0)[:, None], 0.0)
+    # Counts may be below 1 (a site's sums scaled down by `bounded_statistics`): a mean is
+    # class_sum / count however small the count.
+    safe = np.where(held, count, 1.0)
+    means = np.where(held[:, None], stats.class_sum / safe[:, None], 0.0)  # (labels, hidden)
     within = (stats.gram - (means * count[:, None]).T @ means) / max(n - held.sum(), 1.0)
     within = (within + within.T) / 2
     scale = float(np.trace(within)) / d
@@ -222,7 +225,7 @@ def lda_head(
         scale = max(float(np.trace(stats.gram)) / (n * d), 1e-12)
     covariance = (1 - shrinkage) * within + shrinkage * scale * np.eye(d)
     weight = np.linalg.solve(covariance, means.T).T  # (labels, hidden)
-    bias = -0.5 * np.sum(weight * means, axis=1) + np.log(np.maximum(count, 1.0) / n)
+    bias = -0.5 * np.sum(weight * means, axis=1) + np.log(safe / n)
     weight[~held] = 0.0
     bias[~held] = bias[held].min() - UNSEEN_MARGIN
     if not (np.all(np.isfinite(weight)) and np.all(np.isfinite(bias))):

@@ -29,6 +29,19 @@ def test_a_one_dimensional_head_worked_by_hand() -> None:
     assert bias.tolist() == pytest.approx([-1 + math.log(0.5)] * 2)
 
 
+def test_counts_below_one_keep_each_class_mean() -> None:
+    # The rows above with every sum scaled by ¼, as `bounded_statistics` scales a site that
+    # sent 4x the median's rows: counts ½, class sums ∓1, gram 5, N = 1. The means are
+    # still ∓2; Σ_w = (5 - ½·4 - ½·4) / max(1 - 2, 1) = 1, so W_c = ∓2, b_c = -2 + log ½.
+    stats = HeadStatistics.of(np.array([[-1.0], [-3.0], [1.0], [3.0]]), np.array([0, 0, 1, 1]),
+                              num_labels=2).scaled(0.25)  # fmt: skip
+
+    weight, bias = lda_head(stats, shrinkage=0.1)
+
+    assert weight.ravel().tolist() == pytest.approx([-2.0, 2.0])
+    assert bias.tolist() == pytest.approx([-2 + math.log(0.5)] * 2)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(1, 59), max_size=4))
 def test_the_head_is_the_same_however_the_rows_are_split_over_sites(

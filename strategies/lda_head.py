@@ -204,8 +204,8 @@ def lda_head(
 
     Raises:
         ConfigError: If `shrinkage` is outside (0, 1].
-        RoundFailed: If the statistics hold fewer than two labels or the head would not
-            be finite.
+        RoundFailed: If the statistics hold fewer than two labels, or the covariance is
+            singular or the head not finite.
     """
     if not 0 < shrinkage <= 1:
         raise ConfigError(f"head.shrinkage={shrinkage!r} must be in (0, 1]")
@@ -224,7 +224,10 @@ def lda_head(
     if not scale > 0:  # every row equal to its class mean: the identity's shape will do
         scale = max(float(np.trace(stats.gram)) / (n * d), 1e-12)
     covariance = (1 - shrinkage) * within + shrinkage * scale * np.eye(d)
-    weight = np.linalg.solve(covariance, means.T).T  # (labels, hidden)
+    try:
+        weight = np.linalg.solve(covariance, means.T).T  # (labels, hidden)
+    except np.linalg.LinAlgError as exc:  # shrinkage · tr/d underflowing to 0
+        raise RoundFailed(f"the shrunk covariance is singular: {exc}") from exc
     bias = -0.5 * np.sum(weight * means, axis=1) + np.log(safe / n)
     weight[~held] = 0.0
     bias[~held] = bias[held].min() - UNSEEN_MARGIN

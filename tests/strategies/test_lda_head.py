@@ -93,6 +93,19 @@ def test_one_label_is_not_enough() -> None:
         lda_head(stats)
 
 
+def test_a_singular_covariance_is_a_round_failure() -> None:
+    # Every row 0 in one dimension, and a shrinkage whose share of tr/d underflows to 0:
+    # LAPACK meets an exact zero pivot. The server keeps the seeded head on RoundFailed;
+    # numpy's LinAlgError would end the run.
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=0.1, size=(40, 4))
+    x[:, 0] = 0.0
+    stats = HeadStatistics.of(x, rng.integers(0, 2, size=40), num_labels=2)
+
+    with pytest.raises(RoundFailed, match="singular"):
+        lda_head(stats, shrinkage=5e-324)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), scale=st.floats(1e-3, 1e3))
 def test_honest_sums_pass_the_checks(seed: int, rows: int, scale: float) -> None:

@@ -351,7 +351,9 @@ def head_inputs(
                 model(**inputs)
                 x = captured[-1].float()
                 if x.dim() == 3:  # (batch, seq, hidden): the last token that is not padding
-                    pad = loaded.tokenizer.pad_token_id
+                    # the id the model's own pooling compares with: its config's, which
+                    # may differ from the tokenizer's pad id
+                    pad = model.config.get_text_config().pad_token_id
                     ids = inputs["input_ids"]
                     positions = torch.arange(ids.shape[1], device=ids.device)
                     last = ((ids != pad).int() * positions).argmax(-1)  # (batch,)

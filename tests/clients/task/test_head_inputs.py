@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,8 @@ EXAMPLES = [
 ]
 
 
-def _check(loaded) -> None:
-    features, labels = head_inputs(loaded, EXAMPLES, batch_size=3, max_length=32)
+def _check(loaded, *, batch_size: int = 3) -> None:
+    features, labels = head_inputs(loaded, EXAMPLES, batch_size=batch_size, max_length=32)
     inputs = encode(loaded, EXAMPLES, max_length=32)
     loaded.model.eval()
     with torch.no_grad():
@@ -47,6 +49,27 @@ def test_bert_pooled_output(tmp_path: Path) -> None:
 
 def test_llama_last_token_that_is_not_padding(tiny_llama: Path) -> None:
     _check(build_model(ModelSpec(base=str(tiny_llama), labels=LABELS, lora_r=4), device="cpu"))
+
+
+def test_llama_left_padded(tiny_llama: Path) -> None:
+    loaded = build_model(ModelSpec(base=str(tiny_llama), labels=LABELS, lora_r=4), device="cpu")
+    loaded.tokenizer.padding_side = "left"
+    _check(loaded)
+
+
+def test_llama_whose_config_names_another_pad_token(tiny_llama: Path, tmp_path: Path) -> None:
+    # The model pools at the last token that is not *its config's* pad id; a base whose
+    # config.json names another id than its tokenizer pads with must be read the same way.
+    # (Its pooled token then depends on the batch's padding: one batch, as the reference.)
+    base = tmp_path / "llama"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "config.json").read_text())
+    config["pad_token_id"] = 100  # [UNK] in the WordPiece vocabulary; the tokenizer pads with 0
+    (base / "config.json").write_text(json.dumps(config))
+    loaded = build_model(ModelSpec(base=str(base), labels=LABELS, lora_r=4), device="cpu")
+    assert loaded.tokenizer.pad_token_id != 100
+
+    _check(loaded, batch_size=len(EXAMPLES))
 
 
 def test_a_causal_lm_has_no_head_to_fit(tiny_llama: Path) -> None:

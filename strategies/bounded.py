@@ -43,6 +43,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -111,8 +112,9 @@ class BoundedInfluence:
             ("robust.max-weight-ratio", self.max_weight_ratio),
             ("robust.max-norm-ratio", self.max_norm_ratio),
         ):
-            if not (value == 0 or value >= 1):  # below 1 would cap the median site itself
-                raise ConfigError(f"{key}={value!r} must be 0 (off) or >= 1")
+            # below 1 would cap the median site itself; inf would bound nothing
+            if not (value == 0 or 1 <= value < math.inf):
+                raise ConfigError(f"{key}={value!r} must be 0 (off) or finite and >= 1")
 
     def client_config(self) -> dict[str, float]:
         return self.inner.client_config()

@@ -36,6 +36,7 @@ update, so they only need what secure aggregation reveals (the sum).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -83,12 +84,12 @@ class ServerOptimizer:
             raise ConfigError(
                 f"server.aggregate={self.aggregate!r} must be one of {', '.join(AGGREGATES)}"
             )
-        if not self.learning_rate > 0:
-            raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be > 0")
+        if not 0 < self.learning_rate < math.inf:  # inf times a zero step is NaN
+            raise ConfigError(f"server.learning-rate={self.learning_rate!r} must be finite and > 0")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"server.momentum={self.momentum!r} must be in [0, 1)")
-        if not self.lora_scale > 0:
-            raise ConfigError(f"server.lora-scale={self.lora_scale!r} must be > 0")
+        if not 0 < self.lora_scale < math.inf:  # inf times a zero step is NaN
+            raise ConfigError(f"server.lora-scale={self.lora_scale!r} must be finite and > 0")
 
     @property
     def is_identity(self) -> bool:

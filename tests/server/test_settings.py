@@ -42,7 +42,7 @@ def test_defaults_match_pyproject() -> None:
         ({"on-round-failure": "retry"}, "on-round-failure='retry'"),
         ({"eval-file": "/no/such/file.jsonl"}, "eval-file='/no/such/file.jsonl' does not exist"),
         ({"server.momentum": 1.0}, "server.momentum=1.0 must be in [0, 1"),
-        ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be > 0"),
+        ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be finite and > 0"),
         ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),
         ({"aggregation": "mean"}, "aggregation='mean'"),
         ({"labels": ""}, "needs at least 2 labels"),
@@ -102,7 +102,7 @@ def test_bounded_influence_is_on_in_plain_rounds_and_refused_with_secagg() -> No
     with pytest.raises(ConfigError, match=r"robust\.mode='bounded'.*secagg\.enabled=true"):
         RunSettings.from_config({**secure, "robust.mode": "bounded"})
     with pytest.raises(
-        ConfigError, match=r"robust\.max-weight-ratio=0\.5 must be 0 \(off\) or >= 1"
+        ConfigError, match=r"robust\.max-weight-ratio=0\.5 must be 0 \(off\) or finite and >= 1"
     ):
         RunSettings.from_config({**OK, "robust.max-weight-ratio": 0.5})
     with pytest.raises(ConfigError, match=r"robust\.mode='on' must be one of auto, bounded, off"):

@@ -84,10 +84,13 @@ def test_a_secure_round_is_refused_naming_both_settings() -> None:
         BoundedInfluence(FedAvg()).aggregate_mean(1, REF, mean)
 
 
-@pytest.mark.parametrize("ratio", [0.5, -1.0, float("nan")])
-def test_a_ratio_below_one_is_refused(ratio: float) -> None:
+@pytest.mark.parametrize("ratio", [0.5, -1.0, float("nan"), float("inf")])
+def test_a_ratio_below_one_or_infinite_is_refused(ratio: float) -> None:
+    # inf would bound nothing (and inf × a median of 0 is NaN) while the run says bounded.
     with pytest.raises(ConfigError, match=r"robust\.max-norm-ratio="):
         BoundedInfluence(FedAvg(), max_norm_ratio=ratio)
+    with pytest.raises(ConfigError, match=r"robust\.max-weight-ratio="):
+        BoundedInfluence(FedAvg(), max_weight_ratio=ratio)
 
 
 def test_a_site_cannot_put_its_whole_norm_into_a_summed_head() -> None:

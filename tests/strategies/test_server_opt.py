@@ -94,6 +94,14 @@ def test_bad_hyperparameters_are_refused(kind: str, lr: float, momentum: float) 
         ServerOptimizer(kind=kind, learning_rate=lr, momentum=momentum)
 
 
+@pytest.mark.parametrize("key", ["learning_rate", "lora_scale"])
+def test_an_infinite_step_is_refused(key: str) -> None:
+    # inf passed "> 0" and made the first step's global adapter inf/NaN.
+    name = "server." + key.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"{name}=inf must be finite"):
+        ServerOptimizer(**{key: float("inf")})
+
+
 def test_sum_moves_by_the_sum_of_the_updates() -> None:
     # Three sites move w from 1 by +1, +2 and +6: uniform mean 1 + 3 = 4, sum of the
     # updates 9, so the new w is 1 + 9 = 10 (and FedAvgM's momentum then works on sums).

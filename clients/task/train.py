@@ -342,28 +342,28 @@ def head_inputs(
     model.eval()
     feats, labels = [], []
     try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                inputs = encode(loaded, examples[start : start + batch_size], max_length=max_length)
-                labels.append(inputs.pop("labels"))
-                inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-                captured.clear()
-                model(**inputs)
-                x = captured[-1].float()
-                if x.dim() == 3:  # (batch, seq, hidden): the last token that is not padding
-                    # the id the model's own pooling compares with: its config's, which
-                    # may differ from the tokenizer's pad id
-                    pad = model.config.get_text_config().pad_token_id
-                    ids = inputs["input_ids"]
-                    positions = torch.arange(ids.shape[1], device=ids.device)
-                    last = ((ids != pad).int() * positions).argmax(-1)  # (batch,)
-                    x = x[torch.arange(x.shape[0], device=x.device), last]
-                feats.append(x.double().cpu())
+        for start in range(0, len(examples), batch_size):
+            inputs = encode(loaded, examples[start : start + batch_size], max_length=max_length)
+            labels.append(inputs.pop("labels"))
+            inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+            captured.clear()
+            model(**inputs)
+            x = captured[-1].float()
+            if x.dim() == 3:  # (batch, seq, hidden): the last token that is not padding
+                # the id the model's own pooling compares with: its config's, which
+                # may differ from the tokenizer's pad id
+                pad = model.config.get_text_config().pad_token_id
+                ids = inputs["input_ids"]
+                positions = torch.arange(ids.shape[1], device=ids.device)
+                last = ((ids != pad).int() * positions).argmax(-1)  # (batch,)
+                x = x[torch.arange(x.shape[0], device=x.device), last]
+            feats.append(x.double().cpu())
     finally:
         hook.remove()
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
+@torch.no_grad()
 def evaluate(
     loaded: LoadedModel, examples: Sequence[Example], *, batch_size: int = 32, max_length: int = 64
 ) -> EvalResult:

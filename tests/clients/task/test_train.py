@@ -158,3 +158,15 @@ def test_a_full_batch_dp_step_averages_over_the_rows_the_site_has(
     load_trainable_state(loaded.model, _initial(loaded))
     train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator(), dp=plan.sample_dp(12))
     assert plan.batch_size == 64 and seen == [len(EXAMPLES)]
+
+
+@pytest.mark.parametrize("read", ["evaluate", "head_inputs"])
+def test_evaluation_and_head_inputs_build_no_autograd_graph(loaded, read: str) -> None:
+    # Both only read the model: tracking gradients would cost memory and time per batch.
+    seen: list[bool] = []
+    hook = loaded.model.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    try:
+        getattr(train_module, read)(loaded, EXAMPLES, max_length=16)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)

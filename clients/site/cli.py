@@ -383,6 +383,8 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
             )
         )
     out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))
+    if "warning" in report:
+        out.print(Text(f"warning: {report['warning']}", style="bold red"))
     if report["max_epsilon"] is None:
         out.print(Text("no max-epsilon known; pass --max-epsilon to see what remains"))
     else:

@@ -314,10 +314,23 @@ def _lock(state_dir: Path) -> Iterator[None]:
 
 
 def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
-    """Spent and remaining budget from the ledger file (read as JSON: no torch here).
+    """Spent and remaining budget as the site enforces it.
+
+    The ledger is read with `SiteLedger.load` (the checks a training round applies) and
+    every run's ε is recomputed with the RDP accountant from its recorded steps, so the
+    report shows the total the site would charge against, not the ``total_epsilon`` the
+    file states. When the file's stated totals disagree with the recomputed ones (an
+    edited file, or one written by another accountant version), the report keeps the
+    stated values under ``stored_*`` and says so in ``warning``.
+
+    Returns:
+        ``ledger`` (path), ``spent_epsilon``/``spent_delta`` (recomputed), ``max_epsilon``,
+        ``remaining_epsilon`` (None without a budget), ``runs`` (per run: ε, δ, rounds),
+        ``resets``; plus ``stored_total_epsilon`` and ``warning`` on a disagreement.
 
     Raises:
-        ConfigError: If the directory or its ledger is missing or unreadable.
+        ConfigError: If the directory or its ledger is missing, or if the ledger is one a
+            site would refuse to train on (unreadable, invalid steps, a NaN or negative ε).
     """
     if not state.is_dir():
         raise ConfigError(f"--state {str(state)!r} is not a directory")
@@ -327,23 +340,30 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
             f"{path} does not exist: this site has not trained with DP-SGD (a site with "
             "max-epsilon needs one: fedlora site budget --state DIR --reset --reason ...)"
         )
-    try:
-        ledger = json.loads(path.read_text())
-        runs = {
-            run: {"epsilon": float(e["epsilon"]), "delta": float(e["delta"]), "rounds": e["rounds"]}
-            for run, e in ledger["runs"].items()
-        }
-        spent = float(ledger["total_epsilon"])
-        resets = list(ledger.get("resets", []))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a fedlora privacy ledger: {exc}") from exc
-    budget = max_epsilon if max_epsilon is not None else ledger.get("max_epsilon")
-    return {
+    ledger = SiteLedger.load(state, required=True)
+    spent = ledger.total_epsilon  # recomputed; raises on a run the site would refuse
+    runs = {
+        run: {"epsilon": e.epsilon, "delta": e.delta, "rounds": list(e.rounds)}
+        for run, e in ledger.runs.items()
+    }
+    budget = max_epsilon if max_epsilon is not None else ledger.max_epsilon
+    report: dict[str, Any] = {
         "ledger": str(path),
         "spent_epsilon": spent,
-        "spent_delta": sum(r["delta"] for r in runs.values()),
+        "spent_delta": ledger.total_delta,
         "max_epsilon": budget,
         "remaining_epsilon": max(budget - spent, 0.0) if budget is not None else None,
         "runs": runs,
-        "resets": resets,
+        "resets": ledger.resets,
     }
+    try:
+        stored = float(json.loads(path.read_text())["total_epsilon"])
+    except (OSError, ValueError, KeyError, TypeError):
+        stored = math.nan
+    if not math.isclose(stored, spent, rel_tol=1e-9, abs_tol=1e-12):
+        report["stored_total_epsilon"] = stored
+        report["warning"] = (
+            f"{path} states total ε {stored!r}, but its recorded steps give {spent!r}; "
+            "the site enforces the recomputed total (was the file edited?)"
+        )
+    return report

@@ -141,6 +141,33 @@ def test_budget_report(tmp_path: Path) -> None:
         budget_report(tmp_path / "empty", None)
 
 
+def test_budget_report_shows_the_enforced_total_not_the_stated_one(tmp_path: Path) -> None:
+    # An edited ledger that lowers its stated total must not make `site budget` report
+    # less than the site charges against: the report recomputes from the recorded steps.
+    ledger = SiteLedger.load(tmp_path)
+    ledger.max_epsilon = 10.0
+    eps = ledger.charge("run-a", 1, **ROUND)
+    raw = json.loads((tmp_path / LEDGER_FILE).read_text())
+    raw["total_epsilon"] = 0.01
+    raw["runs"]["run-a"]["epsilon"] = 0.01
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(raw))
+    report = budget_report(tmp_path, None)
+    assert eps > 0.01 and report["spent_epsilon"] == pytest.approx(eps)
+    assert report["runs"]["run-a"]["epsilon"] == pytest.approx(eps)
+    assert report["remaining_epsilon"] == pytest.approx(10.0 - eps)
+    assert report["stored_total_epsilon"] == 0.01 and "states total ε 0.01" in report["warning"]
+    # A ledger the site would refuse to train on is refused here too, not displayed.
+    raw["runs"]["run-a"]["steps"][0][0] = -1.0
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"unreadable.*noise multiplier"):
+        budget_report(tmp_path, None)
+
+
+def test_budget_report_has_no_warning_for_an_honest_ledger(tmp_path: Path) -> None:
+    SiteLedger.load(tmp_path).charge("run-a", 1, **ROUND)
+    assert "warning" not in budget_report(tmp_path, None)
+
+
 # A site process: charge a round exactly as the ClientApp does, then "train" forever.
 CHILD = """
 import sys, time

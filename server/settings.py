@@ -214,8 +214,11 @@ class RunSettings:
             raise ConfigError(f"round-timeout={self.round_timeout!r} must be finite and > 0")
         if self.on_round_failure not in ON_ROUND_FAILURE:
             raise ConfigError(f"on-round-failure={self.on_round_failure!r} must be stop or skip")
-        if not self.max_norm > 0:
-            raise ConfigError(f"update.max-norm={self.max_norm!r} must be > 0")
+        if not 0 < self.max_norm < math.inf:  # inf would accept any update: no bound at all
+            raise ConfigError(
+                f"update.max-norm={self.max_norm!r} must be finite and > 0 (it bounds every "
+                "site's update; a large finite value such as 1e6 is a loose bound)"
+            )
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.site_dp_batch_size < 1:
             raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")

@@ -6,6 +6,10 @@ check until it passes, the process exits, or a timeout passes; the error then ca
 tail of the log. `stop_processes` signals every process tree it can trace, then kills
 what outlives the grace period and, last, whatever is left in each process group:
 descendants whose parent has already died are no longer in the tree, but still in the group.
+
+If the harness process itself dies before it can stop them (SIGKILL, a crash, a CI
+timeout), its reaper (`server/harness/reaper.py`, one small process per harness process)
+sees its pipe close and stops every group still registered.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +33,7 @@ from typing import Self
 import psutil
 
 from clients.task.errors import FedloraError
+from server.harness.reaper import group_alive
 
 LOCALHOST = "127.0.0.1"
 # How often readiness is polled: fast enough that a ready process is not kept waiting.
@@ -66,6 +73,48 @@ def http_status(url: str) -> int | None:
         return int(exc.code)
     except (urllib.error.URLError, OSError):
         return None
+
+
+class _Reaper:
+    """This process's reaper: started on first use, told of every group we start and stop.
+
+    The pipe's write end lives only here (Python's pipes are not inherited by other
+    children), so the reaper reads end-of-file exactly when this process is gone.
+    """
+
+    _lock = threading.Lock()
+    _popen: subprocess.Popen[bytes] | None = None
+    _pid: int | None = None  # the process that started it: a forked child has none
+
+    @classmethod
+    def _write(cls, line: str) -> None:
+        with cls._lock:
+            if cls._popen is None or cls._pid != os.getpid() or cls._popen.poll() is not None:
+                cls._popen = subprocess.Popen(
+                    [sys.executable, "-I", str(Path(__file__).with_name("reaper.py"))],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,  # a signal to our group must not reach it
+                )
+                cls._pid = os.getpid()
+            assert cls._popen.stdin is not None
+            try:
+                cls._popen.stdin.write(f"{line}\n".encode())
+                cls._popen.stdin.flush()
+            except OSError:  # the reaper died: the next call starts another
+                cls._popen = None
+
+    @classmethod
+    def watch(cls, pgid: int) -> None:
+        """Stop group `pgid` if this process dies before `forget` is called for it."""
+        cls._write(f"+{pgid}")
+
+    @classmethod
+    def forget(cls, pgid: int) -> None:
+        with contextlib.suppress(OSError):
+            if cls._popen is not None and cls._pid == os.getpid():
+                cls._write(f"-{pgid}")
 
 
 class Service:
@@ -129,6 +178,7 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise HarnessError(f"cannot start {name} ({args[0]}): {exc}") from exc
+        _Reaper.watch(popen.pid)  # its group: stopped even if we are SIGKILLed
         return cls(name=name, popen=popen, log_path=log_path)
 
     @property
@@ -233,3 +283,5 @@ def stop_processes(processes: Sequence[ManagedProcess], timeout: float = 10.0) -
         # Reap our direct children, so they do not linger as zombies.
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.popen.wait(timeout=5.0)
+        if not group_alive(process.popen.pid):
+            _Reaper.forget(process.popen.pid)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -12,6 +14,8 @@ import pytest
 
 from server.harness.flower import config_arg, toml_value
 from server.harness.process import HarnessError, ManagedProcess, free_port, port_open
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _python(tmp_path: Path, name: str, code: str) -> ManagedProcess:
@@ -82,6 +86,58 @@ def test_stop_also_kills_an_orphan_left_in_the_process_group(tmp_path: Path) -> 
     while not _gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _gone(grandchild)
+
+
+# A service that starts a child in its own group, prints the child's pid, and waits.
+SERVICE = """import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)"""
+
+# A harness process, as `fedlora demo` or a test session is: it starts SERVICE and
+# writes "SERVICE_PID GRANDCHILD_PID" to argv[1], then waits to be killed.
+HARNESS = """import sys, time
+from pathlib import Path
+from server.harness.process import ManagedProcess
+pids, log, service = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+process = ManagedProcess.start(
+    "service", [sys.executable, "-u", "-c", service], env={"PATH": "/usr/bin:/bin"},
+    log_path=log,
+)
+while not log.read_text().strip():
+    time.sleep(0.05)
+pids.write_text(f"{process.popen.pid} {log.read_text().strip()}")
+time.sleep(120)"""
+
+
+def test_a_sigkilled_harness_leaves_no_service_behind(tmp_path: Path) -> None:
+    # SIGKILLed, the harness can stop nothing itself: its reaper must stop the service's
+    # whole group, the grandchild included.
+    pids = tmp_path / "pids"
+    argv = [sys.executable, "-c", HARNESS, str(pids), str(tmp_path / "service.log"), SERVICE]
+    parent = subprocess.Popen(argv, cwd=ROOT)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and len(pids.read_text().split()) == 2):
+            assert parent.poll() is None and time.monotonic() < deadline, "harness failed"
+            time.sleep(0.1)
+        started = [int(x) for x in pids.read_text().split()]
+        assert not any(_gone(pid) for pid in started)
+        # Act
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Assert
+        assert all(_gone(pid) for pid in started)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in started:
+            if not _gone(pid):
+                psutil.Process(pid).kill()
 
 
 def test_start_names_a_missing_executable(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def run_rounds(
         record = RoundRecord(round=server_round)
         nodes, sampled = _sample(grid, settings, roster, server_round)
         record.sampled, rate = len(sampled), len(sampled) / len(nodes)
-        if privacy and (stopped := privacy.stop_reason(server_round, rate)):
+        if privacy and (stopped := privacy.stop_reason(server_round, rate, population=len(nodes))):
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.

@@ -131,12 +131,8 @@ class ClientPrivacy:
         Raises:
             ConfigError: If the target ε is unreachable or δ is not below 1/population.
         """
-        if not settings.delta < 1 / population:
-            raise ConfigError(
-                f"dp.delta={settings.delta!r} must be < 1/{population} (the {population} "
-                "connected sites): at δ >= 1/n a mechanism may publish one site's update "
-                "in the clear and still claim (ε, δ)-DP"
-            )
+        if problem := _delta_problem(settings.delta, population):
+            raise ConfigError(problem)
         z = settings.noise_multiplier
         if settings.target_epsilon > 0:
             z = solve_noise_multiplier(
@@ -162,11 +158,21 @@ class ClientPrivacy:
         # Server-side DP noise from the OS CSPRNG, never from the run: no site can predict it.
         return DifferentiallyPrivate(strategy, self.mechanism, SecureRandom())
 
-    def stop_reason(self, server_round: int, sampling_rate: float) -> str | None:
-        """Why the run must stop before this round (ε would pass the limit), or None.
+    def stop_reason(
+        self, server_round: int, sampling_rate: float, *, population: int
+    ) -> str | None:
+        """Why the run must stop before this round, or None.
 
-        Fails closed: an ε that is NaN (not comparable) stops the run too.
+        Args:
+            population: The sites that may be sampled this round. More sites than at the
+                start can push 1/population down to δ; the round is not run then (the
+                check `start` made, made again every round).
+
+        Fails closed: an ε that is NaN (not comparable) stops the run too, as does ε
+        passing ``dp.max-epsilon``.
         """
+        if problem := _delta_problem(self.ledger.delta, population):
+            return f"stopped before round {server_round}: {problem}"
         if self.max_epsilon <= 0:
             return None
         after = self.ledger.epsilon_after(
@@ -184,6 +190,17 @@ class ClientPrivacy:
         self.ledger.step(
             noise_multiplier=self.mechanism.noise_multiplier, sampling_rate=sampling_rate
         )
+
+
+def _delta_problem(delta: float, population: int) -> str | None:
+    """Why δ protects no site among ``population``, or None."""
+    if delta < 1 / max(population, 1):
+        return None
+    return (
+        f"dp.delta={delta!r} must be < 1/{population} (the {population} connected "
+        "sites): at δ >= 1/n a mechanism may publish one site's update in the clear and "
+        "still claim (ε, δ)-DP"
+    )
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_dp_max_epsilon_stops_the_run_on_an_epsilon_it_cannot_compare(after: flo
     privacy = ClientPrivacy(
         ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0), Ledger(delta=1e-5), max_epsilon=8.0
     )
-    reason = privacy.stop_reason(3, 0.5)
+    reason = privacy.stop_reason(3, 0.5, population=10)
     assert reason is not None and "before round 3" in reason
 
 
@@ -128,3 +128,7 @@ def test_client_level_delta_must_be_below_one_over_the_sites() -> None:
         ClientPrivacy.start(dp, planned_rate=1.0, rounds=3, history=[], population=10)
     ok = ClientPrivacy.start(dp, planned_rate=1.0, rounds=3, history=[], population=9)
     assert ok.ledger.delta == 0.1
+    # Sites that join later shrink 1/n: every round checks again, before it runs.
+    assert ok.stop_reason(2, 1.0, population=9) is None
+    reason = ok.stop_reason(2, 1.0, population=12)
+    assert reason is not None and reason.startswith("stopped before round 2: dp.delta=0.1")

@@ -217,10 +217,16 @@ class SiteLedger:
         Raises:
             ConfigError: Naming the run.
         """
-        runs = (
-            check_epsilon(e.epsilon, what=f"{self.path}: run {r}") for r, e in self.runs.items()
+        return self.opening_epsilon + sum(
+            check_epsilon(self._run_epsilon(r, e), what=f"{self.path}: run {r}")
+            for r, e in self.runs.items()
         )
-        return self.opening_epsilon + sum(runs)
+
+    def _run_epsilon(self, run: str, entry: RunEntry) -> float:
+        try:
+            return entry.epsilon
+        except ConfigError as exc:  # steps the accountant cannot account: name the file
+            raise ConfigError(f"{self.path}: run {run}: {exc}; nothing charged") from exc
 
     @property
     def total_delta(self) -> float:

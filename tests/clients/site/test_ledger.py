@@ -292,3 +292,50 @@ def test_a_site_budget_that_is_not_a_positive_number_is_refused(value: object) -
         SiteSettings.from_node_config(
             {"data-path": "x.jsonl", "state-dir": "s", "max-epsilon": value}
         )
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        [1e-300, 0.25, 8],  # the accountant divides by z²: ZeroDivisionError
+        [1e300, 0.25, 8],  # OverflowError
+        [1.0, 0.25, 10**400],  # more steps than a float holds: OverflowError
+    ],
+)
+def test_steps_the_accountant_cannot_account_are_a_config_error_naming_the_file(
+    tmp_path: Path, step: list
+) -> None:
+    # A ledger whose steps make Opacus' arithmetic fail is refused by name, in `site
+    # budget` and in a training round alike, rather than crashing with a traceback.
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"runs": {"old": _entry(steps=[step])}}))
+    with pytest.raises(ConfigError, match=f"{LEDGER_FILE}: run old: .*cannot be computed"):
+        budget_report(tmp_path, None)
+    with pytest.raises(ConfigError, match="run old"):
+        SiteLedger.load(tmp_path).charge("new", 1, **ROUND)
+
+
+@pytest.mark.parametrize("noise_multiplier", [1e-300, 1e300])
+def test_a_plan_whose_epsilon_cannot_be_computed_is_refused_not_crashed(
+    tmp_path: Path, noise_multiplier: float
+) -> None:
+    # A server's site-dp.noise-multiplier is any finite z > 0: one the accountant cannot
+    # handle must give the site's ordinary refusal, not an exception out of the ClientApp.
+    from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
+    from clients.task.errors import BudgetRefused
+    from clients.task.model import ModelSpec
+    from clients.task.plan import TrainPlan
+
+    plan = TrainPlan(
+        spec=ModelSpec(base="b", task="causal-lm"),
+        base_digest="d",
+        server_round=1,
+        local_steps=8,
+        batch_size=4,
+        site_dp_noise_multiplier=noise_multiplier,
+    )
+    for state_dir in (tmp_path, None):
+        site = SiteSettings(data_path=Path("x"), site_id="s", state_dir=state_dir)
+        with pytest.raises(BudgetRefused, match="cannot be computed"):
+            _charge_budget(site, plan, run="run-1", num_train=16)
+    assert not (tmp_path / LEDGER_FILE).exists()

@@ -299,3 +299,17 @@ def test_check_prints_the_label_set_as_the_run_config_line_to_paste(
     assert main(["site", "check", "--data", str(path), "--task", CLS, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["run_config"]["line"] == pyproject
+
+
+@pytest.mark.parametrize(
+    "resets", [["a string"], [{"previous": "x"}], [{"opening_epsilon": "a"}], "abc"]
+)
+def test_site_budget_shows_reset_records_of_any_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], resets: object
+) -> None:
+    # The site trains on such a ledger (it never reads its resets); showing it must not
+    # end in "error: AttributeError: 'str' object has no attribute 'get'".
+    ledger = {"runs": {}, "total_epsilon": 0.0, "resets": resets}
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(ledger))
+    assert main(["site", "budget", "--state", str(tmp_path)]) == 0
+    assert "spent ε 0" in capsys.readouterr().out

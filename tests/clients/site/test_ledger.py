@@ -339,3 +339,46 @@ def test_a_plan_whose_epsilon_cannot_be_computed_is_refused_not_crashed(
         with pytest.raises(BudgetRefused, match="cannot be computed"):
             _charge_budget(site, plan, run="run-1", num_train=16)
     assert not (tmp_path / LEDGER_FILE).exists()
+
+
+@pytest.mark.parametrize("budget", ["NaN", "Infinity", "-5", "0"])
+def test_a_stored_budget_that_is_not_a_positive_number_is_refused(
+    tmp_path: Path, budget: str
+) -> None:
+    # A site never writes one (its max-epsilon is refused first); `site budget` showed
+    # "max-epsilon nan, remaining ε nan" and NaN in --json.
+    (tmp_path / LEDGER_FILE).write_text('{"runs": {}, "max_epsilon": ' + budget + "}")
+    with pytest.raises(ConfigError, match=f"unreadable: max_epsilon={float(budget)!r}"):
+        budget_report(tmp_path, None)
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0, 0.0])
+def test_budget_report_refuses_a_max_epsilon_that_is_not_a_positive_number(
+    tmp_path: Path, budget: float
+) -> None:
+    SiteLedger.load(tmp_path).charge("run-a", 1, **ROUND)
+    with pytest.raises(ConfigError, match="--max-epsilon="):
+        budget_report(tmp_path, budget)
+
+
+def test_a_ledger_nested_past_the_parser_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="unreadable"):
+        budget_report(tmp_path, None)
+
+
+def test_budget_report_has_no_warning_for_a_round_charged_while_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ClientApp charging between the report's reads made an honest ledger look edited:
+    # the stated total must come from the read the recomputed one comes from.
+    SiteLedger.load(tmp_path).charge("run-a", 1, **ROUND)
+    load = SiteLedger.load.__func__  # type: ignore[attr-defined]
+
+    def load_then_charge(cls: type[SiteLedger], *args: object, **kwargs: object) -> SiteLedger:
+        ledger = load(cls, *args, **kwargs)
+        load(cls, tmp_path).charge("run-a", 2, **ROUND)  # another process, in between
+        return ledger
+
+    monkeypatch.setattr(SiteLedger, "load", classmethod(load_then_charge))
+    assert "warning" not in budget_report(tmp_path, None)

@@ -33,7 +33,7 @@ from typing import Self
 import psutil
 
 from clients.task.errors import FedloraError
-from server.harness.reaper import group_alive
+from server.harness.reaper import group_alive, start_time
 
 LOCALHOST = "127.0.0.1"
 # How often readiness is polled: fast enough that a ready process is not kept waiting.
@@ -107,8 +107,12 @@ class _Reaper:
 
     @classmethod
     def watch(cls, pgid: int) -> None:
-        """Stop group `pgid` if this process dies before `forget` is called for it."""
-        cls._write(f"+{pgid}")
+        """Stop group `pgid` if this process dies before `forget` is called for it.
+
+        Call it before the leader is reaped (its number cannot be reused until then): the
+        reaper compares the leader's start time before it signals the group.
+        """
+        cls._write(f"+{pgid} {start_time(pgid) or ''}".rstrip())
 
     @classmethod
     def forget(cls, pgid: int) -> None:

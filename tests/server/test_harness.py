@@ -174,3 +174,35 @@ def test_a_list_is_refused_and_a_label_set_travels_as_its_toml_array_string() ->
     arg = config_arg({"labels": format_label_set(labels), "num-server-rounds": 2})
     parsed = parse_config_args([arg])
     assert list(parse_label_set(parsed["labels"])) == labels and parsed["num-server-rounds"] == 2
+
+
+REAPER = ROOT / "server" / "harness" / "reaper.py"
+
+
+def _reap(lines: list[str]) -> None:
+    """Run the reaper, register `lines`, then close its pipe as a dying harness would."""
+    reaper = subprocess.Popen([sys.executable, "-I", str(REAPER)], stdin=subprocess.PIPE)
+    assert reaper.stdin is not None
+    reaper.stdin.write("".join(f"{line}\n" for line in lines).encode())
+    reaper.stdin.close()
+    assert reaper.wait(timeout=30) == 0
+
+
+def test_the_reaper_leaves_a_reused_group_number_alone() -> None:
+    # A registered service died and its number went to a stranger that leads a group of
+    # its own: the reaper sees another start time and must not signal that group.
+    from server.harness.reaper import start_time
+
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        start = start_time(stranger.pid)
+        assert start is not None
+        _reap([f"+{stranger.pid} {int(start) - 1}"])  # our leader started earlier
+        assert stranger.poll() is None
+        _reap([f"+{stranger.pid} {start}"])  # the registered leader itself: stopped
+        assert stranger.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -33,7 +33,7 @@ from typing import Self
 import psutil
 
 from clients.task.errors import FedloraError
-from server.harness.reaper import group_alive, start_time
+from server.harness.reaper import group_alive, ours, start_time
 
 LOCALHOST = "127.0.0.1"
 # How often readiness is polled: fast enough that a ready process is not kept waiting.
@@ -156,6 +156,9 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # The leader's start time (reaper.start_time), read before it can be reaped: once it
+    # is, its number may lead a stranger's group, which `stop` must not signal.
+    start_time: str | None = None
 
     @classmethod
     def start(
@@ -183,7 +186,7 @@ class ManagedProcess:
             except OSError as exc:
                 raise HarnessError(f"cannot start {name} ({args[0]}): {exc}") from exc
         _Reaper.watch(popen.pid)  # its group: stopped even if we are SIGKILLed
-        return cls(name=name, popen=popen, log_path=log_path)
+        return cls(name=name, popen=popen, log_path=log_path, start_time=start_time(popen.pid))
 
     @property
     def alive(self) -> bool:
@@ -257,8 +260,8 @@ class ManagedProcess:
 def _signal_group(process: ManagedProcess, signum: int) -> None:
     """Send `signum` to the process group `process` leads (started with a new session)."""
     pgid = process.popen.pid
-    if pgid == os.getpgid(0):  # never our own group
-        return
+    if pgid == os.getpgid(0) or not ours(pgid, process.start_time):  # never our own group,
+        return  # nor one whose number another process leads now
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
 

@@ -206,3 +206,30 @@ def test_the_reaper_leaves_a_reused_group_number_alone() -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_stop_leaves_alone_a_group_whose_number_was_reused(tmp_path: Path) -> None:
+    # A service that exited on its own and was reaped (`alive` polls) frees its number;
+    # `stop` must not SIGTERM the group a stranger now leads under it.
+    from types import SimpleNamespace
+
+    from server.harness.reaper import start_time
+
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        start = start_time(stranger.pid)
+        assert start is not None
+        reaped = SimpleNamespace(
+            pid=stranger.pid, returncode=0, poll=lambda: 0, wait=lambda timeout: 0
+        )
+        dead = ManagedProcess(
+            "dead", popen=reaped, log_path=tmp_path / "dead.log", start_time=str(int(start) - 1)
+        )  # type: ignore[arg-type]
+        dead.stop(timeout=1)
+        time.sleep(0.5)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

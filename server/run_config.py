@@ -177,7 +177,12 @@ def coerce(key: str, value: Any) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} must be a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past float range, e.g. --set key=1000…0
+            raise ConfigError(
+                f"{key}: an integer of {len(str(value))} digits is too large for a number"
+            ) from None
     if kind is list:
         # A TOML array (from `--set`), or its text in a string (Flower's run config holds
         # scalars only); clients/task/labels.py parses both.

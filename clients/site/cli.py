@@ -374,12 +374,18 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
         )
     out = Console()
     out.print(table)
-    for reset in report["resets"]:
+    for reset in report["resets"]:  # the site never reads them: any shape is shown, not fatal
+        if not isinstance(reset, dict):
+            out.print(Text(f"reset (not a record): {reset!r}"))
+            continue
         before = reset.get("previous", {})
+        was = before.get("state") if isinstance(before, dict) else before
+        opening = reset.get("opening_epsilon", 0.0)
+        opening = f"{opening:g}" if isinstance(opening, int | float) else repr(opening)
         out.print(
             Text(
                 f"reset {reset.get('at')}: {reset.get('reason')!r} (ledger was "
-                f"{before.get('state')}; opening ε {reset.get('opening_epsilon', 0.0):g})"
+                f"{was}; opening ε {opening})"
             )
         )
     out.print(Text(f"spent ε {report['spent_epsilon']:.4g} (δ {report['spent_delta']:g})"))

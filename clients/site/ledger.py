@@ -114,6 +114,9 @@ class SiteLedger:
     opening_epsilon: float = 0.0
     # Every re-initialisation: when, why, and what the ledger held before.
     resets: list[dict[str, Any]] = field(default_factory=list)
+    # The total the file states (None: none, or not a finite number), read with the rest
+    # so `budget_report` compares it with the recomputed total of the same version.
+    stated_total_epsilon: float | None = field(default=None, compare=False)
 
     @classmethod
     @contextlib.contextmanager
@@ -162,12 +165,17 @@ class SiteLedger:
             resets = list(raw.get("resets", []))
             budget = raw.get("max_epsilon")
             budget = float(budget) if budget is not None else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+            if budget is not None and not (math.isfinite(budget) and budget > 0):
+                raise ConfigError(f"max_epsilon={budget!r} is not a number > 0")
+            stated = _finite(raw.get("total_epsilon"))
+        except (
+            OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, ConfigError
+        ) as exc:  # fmt: skip
             raise ConfigError(
                 f"privacy ledger {path} is unreadable: {exc}; fix it or re-initialise it with "
                 + RESET_COMMAND.format(state=state_dir)
             ) from exc
-        return cls(path, runs, budget, opening, resets)
+        return cls(path, runs, budget, opening, resets, stated)
 
     @classmethod
     def reset(
@@ -217,10 +225,16 @@ class SiteLedger:
         Raises:
             ConfigError: Naming the run.
         """
-        runs = (
-            check_epsilon(e.epsilon, what=f"{self.path}: run {r}") for r, e in self.runs.items()
+        return self.opening_epsilon + sum(
+            check_epsilon(self._run_epsilon(r, e), what=f"{self.path}: run {r}")
+            for r, e in self.runs.items()
         )
-        return self.opening_epsilon + sum(runs)
+
+    def _run_epsilon(self, run: str, entry: RunEntry) -> float:
+        try:
+            return entry.epsilon
+        except ConfigError as exc:  # steps the accountant cannot account: name the file
+            raise ConfigError(f"{self.path}: run {run}: {exc}; nothing charged") from exc
 
     @property
     def total_delta(self) -> float:
@@ -301,6 +315,17 @@ class SiteLedger:
         write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
 
 
+def _finite(value: object) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 @contextlib.contextmanager
 def _lock(state_dir: Path) -> Iterator[None]:
     """An exclusive ``flock`` on the state directory's lock file (never deleted)."""
@@ -334,6 +359,8 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
     """
     if not state.is_dir():
         raise ConfigError(f"--state {str(state)!r} is not a directory")
+    if max_epsilon is not None and not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise ConfigError(f"--max-epsilon={max_epsilon!r} must be a finite number > 0")
     path = state / LEDGER_FILE
     if not path.is_file():
         raise ConfigError(
@@ -356,14 +383,12 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
         "runs": runs,
         "resets": ledger.resets,
     }
-    try:
-        stored = float(json.loads(path.read_text())["total_epsilon"])
-    except (OSError, ValueError, KeyError, TypeError):
-        stored = math.nan
-    if not math.isclose(stored, spent, rel_tol=1e-9, abs_tol=1e-12):
-        report["stored_total_epsilon"] = stored
+    stored = ledger.stated_total_epsilon  # from the same read: no concurrent charge between
+    if stored is None or not math.isclose(stored, spent, rel_tol=1e-9, abs_tol=1e-12):
+        report["stored_total_epsilon"] = stored  # None, never NaN: --json stays valid JSON
+        states = "no valid total ε" if stored is None else f"total ε {stored!r}"
         report["warning"] = (
-            f"{path} states total ε {stored!r}, but its recorded steps give {spent!r}; "
+            f"{path} states {states}, but its recorded steps give {spent!r}; "
             "the site enforces the recomputed total (was the file edited?)"
         )
     return report

@@ -69,7 +69,13 @@ class SampleDP:
 
 
 def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> float:
-    """ε of the given (noise multiplier, sampling rate, steps) groups, by RDP."""
+    """ε of the given (noise multiplier, sampling rate, steps) groups, by RDP.
+
+    Raises:
+        ConfigError: If the accountant cannot compute it (a noise multiplier so small or
+            large, or so many steps, that its arithmetic fails): such steps are refused
+            like any other invalid ε, not left to crash the caller.
+    """
     merged: dict[tuple[float, float], int] = {}
     for z, q, n in steps:  # RDP adds up: one term per distinct (z, q) is enough
         merged[(z, q)] = merged.get((z, q), 0) + n
@@ -77,7 +83,14 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     accountant.history = [(z, q, n) for (z, q), n in merged.items() if n > 0]
     if not accountant.history:
         return 0.0
-    return float(accountant.get_epsilon(delta=delta))
+    try:
+        return float(accountant.get_epsilon(delta=delta))
+    except (ArithmeticError, ValueError) as exc:  # ZeroDivision, Overflow, a math domain
+        groups = ", ".join(f"(z={z!r}, q={q!r}, steps={n})" for z, q, n in accountant.history)
+        raise ConfigError(
+            f"ε of DP-SGD steps {groups} at δ={delta!r} cannot be computed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def check_target_epsilon(setting: str, target_epsilon: float) -> None:

@@ -28,12 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import psutil
 
 from clients.task.errors import FedloraError
-from server.harness.reaper import group_alive
+from server.harness.reaper import group_alive, ours, start_time
 
 LOCALHOST = "127.0.0.1"
 # How often readiness is polled: fast enough that a ready process is not kept waiting.
@@ -78,18 +78,27 @@ def http_status(url: str) -> int | None:
 class _Reaper:
     """This process's reaper: started on first use, told of every group we start and stop.
 
-    The pipe's write end lives only here (Python's pipes are not inherited by other
-    children), so the reaper reads end-of-file exactly when this process is gone.
+    The pipe's write end lives only here (subprocess children do not inherit it, and a
+    forked child lets go of its copy, `_after_fork`), so the reaper reads end-of-file
+    exactly when this process is gone. A reaper that died (OOM killer, a stray kill) is
+    replaced on the next call and told every group still registered.
     """
 
     _lock = threading.Lock()
     _popen: subprocess.Popen[bytes] | None = None
     _pid: int | None = None  # the process that started it: a forked child has none
+    # pgid -> its "+PGID START" line, replayed to a replacement reaper (under _lock).
+    _registered: ClassVar[dict[int, str]] = {}
+    # A forked child's copies of the parent's reaper: never finalized there (another
+    # thread may have held their buffer's lock at the fork).
+    _inherited: ClassVar[list[subprocess.Popen[bytes]]] = []
 
     @classmethod
-    def _write(cls, line: str) -> None:
-        with cls._lock:
-            if cls._popen is None or cls._pid != os.getpid() or cls._popen.poll() is not None:
+    def _send(cls, line: str) -> None:
+        """Write `line` to this process's reaper, starting one if needed (hold _lock)."""
+        for _ in range(2):  # a reaper found dead while writing is replaced once
+            fresh = cls._popen is None or cls._pid != os.getpid() or cls._popen.poll() is not None
+            if fresh:
                 cls._popen = subprocess.Popen(
                     [sys.executable, "-I", str(Path(__file__).with_name("reaper.py"))],
                     stdin=subprocess.PIPE,
@@ -98,23 +107,51 @@ class _Reaper:
                     start_new_session=True,  # a signal to our group must not reach it
                 )
                 cls._pid = os.getpid()
-            assert cls._popen.stdin is not None
+            assert cls._popen is not None and cls._popen.stdin is not None
+            lines = [*cls._registered.values(), line] if fresh else [line]
             try:
-                cls._popen.stdin.write(f"{line}\n".encode())
+                cls._popen.stdin.write("".join(f"{x}\n" for x in lines).encode())
                 cls._popen.stdin.flush()
-            except OSError:  # the reaper died: the next call starts another
+                return
+            except OSError:  # the reaper died
                 cls._popen = None
 
     @classmethod
+    def _after_fork(cls) -> None:
+        """In a forked child: let go of the pipe's write end, or the reaper would also wait
+        for this child to exit; the parent's groups stay the parent's."""
+        popen, cls._popen, cls._pid = cls._popen, None, None
+        cls._lock = threading.Lock()  # another thread may have held it at the fork
+        cls._registered = {}
+        if popen is not None and popen.stdin is not None:
+            cls._inherited.append(popen)
+            with contextlib.suppress(OSError, ValueError):
+                # Point the number at /dev/null rather than close it: the file object
+                # still owns the number and closes it some day.
+                devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                os.dup2(devnull, popen.stdin.fileno(), inheritable=False)
+                os.close(devnull)
+
+    @classmethod
     def watch(cls, pgid: int) -> None:
-        """Stop group `pgid` if this process dies before `forget` is called for it."""
-        cls._write(f"+{pgid}")
+        """Stop group `pgid` if this process dies before `forget` is called for it.
+
+        Call it before the leader is reaped (its number cannot be reused until then): the
+        reaper compares the leader's start time before it signals the group.
+        """
+        line = f"+{pgid} {start_time(pgid) or ''}".rstrip()
+        with cls._lock:
+            cls._registered[pgid] = line
+            cls._send(line)
 
     @classmethod
     def forget(cls, pgid: int) -> None:
-        with contextlib.suppress(OSError):
-            if cls._popen is not None and cls._pid == os.getpid():
-                cls._write(f"-{pgid}")
+        with cls._lock, contextlib.suppress(OSError):
+            if cls._registered.pop(pgid, None) is not None:
+                cls._send(f"-{pgid}")
+
+
+os.register_at_fork(after_in_child=_Reaper._after_fork)
 
 
 class Service:
@@ -152,6 +189,9 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # The leader's start time (reaper.start_time), read before it can be reaped: once it
+    # is, its number may lead a stranger's group, which `stop` must not signal.
+    start_time: str | None = None
 
     @classmethod
     def start(
@@ -179,7 +219,7 @@ class ManagedProcess:
             except OSError as exc:
                 raise HarnessError(f"cannot start {name} ({args[0]}): {exc}") from exc
         _Reaper.watch(popen.pid)  # its group: stopped even if we are SIGKILLed
-        return cls(name=name, popen=popen, log_path=log_path)
+        return cls(name=name, popen=popen, log_path=log_path, start_time=start_time(popen.pid))
 
     @property
     def alive(self) -> bool:
@@ -253,8 +293,8 @@ class ManagedProcess:
 def _signal_group(process: ManagedProcess, signum: int) -> None:
     """Send `signum` to the process group `process` leads (started with a new session)."""
     pgid = process.popen.pid
-    if pgid == os.getpgid(0):  # never our own group
-        return
+    if pgid == os.getpgid(0) or not ours(pgid, process.start_time):  # never our own group,
+        return  # nor one whose number another process leads now
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
 

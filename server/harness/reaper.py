@@ -2,11 +2,12 @@
 
 Run as a script (stdlib only, ``python -I reaper.py``) by `server.harness.process`, which
 starts one per harness process and keeps the write end of its stdin. The harness writes
-``+PGID`` when it starts a service in a process group of its own and ``-PGID`` once it has
-stopped that group. When the harness process dies in any way, SIGKILL included, the
-kernel closes its end of the pipe, this script reads end-of-file, and it stops every group
-still registered: SIGTERM, then SIGKILL to what is left after `GRACE_SECONDS`. A line
-``exit`` ends it without touching anything.
+``+PGID START`` when it starts a service in a process group of its own (START: the
+leader's start time, `start_time`) and ``-PGID`` once it has stopped that group. When the
+harness process dies in any way, SIGKILL included, the kernel closes its end of the pipe,
+this script reads end-of-file, and it stops every group still registered: SIGTERM, then
+SIGKILL to what is left after `GRACE_SECONDS`. A line ``exit`` ends it without touching
+anything.
 
 Without it a SIGKILLed ``fedlora demo`` or test session left its SuperLink, SuperNodes,
 MLflow server and edge node running, holding their ports.
@@ -15,10 +16,12 @@ Why a pipe rather than Linux's ``PR_SET_PDEATHSIG``: the kernel sends that signa
 *thread* that started the child exits, not the process, it reaches only the direct child
 (not an MLflow server's workers), and it exists only on Linux.
 
-Limits: a group is identified by its number. Linux never hands out a number that is still
-some group's id, so while any member lives the number is ours; only if every member died
-without the harness noticing, and a new process then became leader of a group with the
-same number, could the final SIGTERM reach a stranger.
+A group is identified by its number and its leader's start time. Linux never hands out a
+number that is still some group's id, so while any member lives the number is ours; once
+every member has died (a service that exited on its own, one the harness dropped after a
+restart) the number is free, and a new process may lead a group of that number. The
+reaper then finds a process with the group's number and another start time, and leaves
+that group alone. Without ``/proc`` (not Linux) there is no start time to compare.
 """
 
 from __future__ import annotations
@@ -31,6 +34,28 @@ import time
 
 GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.1
+
+
+def start_time(pid: int) -> str | None:
+    """Process `pid`'s start time (``/proc/PID/stat`` field 22), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()  # the name may hold ")"
+        return fields[19].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def ours(pgid: int, start: str | None) -> bool:
+    """Whether group `pgid` is still the one registered with leader start time `start`.
+
+    A process numbered `pgid` that started at another time means the number was reused:
+    our group has no member left (the number would not have been handed out otherwise).
+    """
+    if start is None:
+        return True  # nothing to compare with
+    now = start_time(pgid)
+    return now is None or now == start
 
 
 def group_alive(pgid: int) -> bool:
@@ -50,33 +75,41 @@ def _signal(pgids: set[int], signum: int) -> None:
             os.killpg(pgid, signum)
 
 
-def stop_groups(pgids: set[int], grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM every group, wait up to ``grace`` seconds, then SIGKILL what is left."""
-    _signal(pgids, signal.SIGTERM)
+def stop_groups(groups: dict[int, str | None], grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM every group that is still `ours`, wait up to ``grace`` seconds, then SIGKILL
+    what is left (``groups``: process group id -> its leader's start time, if known)."""
+
+    def live() -> set[int]:
+        return {p for p, start in groups.items() if ours(p, start) and group_alive(p)}
+
+    _signal(live(), signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(group_alive(p) for p in pgids):
+    while time.monotonic() < deadline and live():
         time.sleep(POLL_SECONDS)
-    _signal({p for p in pgids if group_alive(p)}, signal.SIGKILL)
+    _signal(live(), signal.SIGKILL)
 
 
 def main() -> int:
     """Read registrations from stdin until ``exit`` (return) or end-of-file (stop groups)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the harness, not us
     own = os.getpgid(0)
-    groups: set[int] = set()
+    groups: dict[int, str | None] = {}
     for line in sys.stdin:
         command = line.strip()
         if command == "exit":
             return 0
-        if len(command) < 2 or command[0] not in "+-" or not command[1:].isdigit():
+        number, _, start = command[1:].partition(" ")
+        if command[:1] not in ("+", "-") or not number.isdigit():
             continue  # nothing but the harness writes here; ignore what it never sends
-        pgid = int(command[1:])
+        if start and not start.isdigit():
+            continue
+        pgid = int(number)
         if pgid <= 1 or pgid == own:
             continue
         if command[0] == "+":
-            groups.add(pgid)
+            groups[pgid] = start or None
         else:
-            groups.discard(pgid)
+            groups.pop(pgid, None)
     stop_groups(groups)
     return 0
 

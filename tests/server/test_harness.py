@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -174,3 +175,117 @@ def test_a_list_is_refused_and_a_label_set_travels_as_its_toml_array_string() ->
     arg = config_arg({"labels": format_label_set(labels), "num-server-rounds": 2})
     parsed = parse_config_args([arg])
     assert list(parse_label_set(parsed["labels"])) == labels and parsed["num-server-rounds"] == 2
+
+
+REAPER = ROOT / "server" / "harness" / "reaper.py"
+
+
+def _reap(lines: list[str]) -> None:
+    """Run the reaper, register `lines`, then close its pipe as a dying harness would."""
+    reaper = subprocess.Popen([sys.executable, "-I", str(REAPER)], stdin=subprocess.PIPE)
+    assert reaper.stdin is not None
+    reaper.stdin.write("".join(f"{line}\n" for line in lines).encode())
+    reaper.stdin.close()
+    assert reaper.wait(timeout=30) == 0
+
+
+def test_the_reaper_leaves_a_reused_group_number_alone() -> None:
+    # A registered service died and its number went to a stranger that leads a group of
+    # its own: the reaper sees another start time and must not signal that group.
+    from server.harness.reaper import start_time
+
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        start = start_time(stranger.pid)
+        assert start is not None
+        _reap([f"+{stranger.pid} {int(start) - 1}"])  # our leader started earlier
+        assert stranger.poll() is None
+        _reap([f"+{stranger.pid} {start}"])  # the registered leader itself: stopped
+        assert stranger.wait(timeout=20) == -signal.SIGTERM
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_stop_leaves_alone_a_group_whose_number_was_reused(tmp_path: Path) -> None:
+    # A service that exited on its own and was reaped (`alive` polls) frees its number;
+    # `stop` must not SIGTERM the group a stranger now leads under it.
+    from types import SimpleNamespace
+
+    from server.harness.reaper import start_time
+
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        start = start_time(stranger.pid)
+        assert start is not None
+        reaped = SimpleNamespace(
+            pid=stranger.pid, returncode=0, poll=lambda: 0, wait=lambda timeout: 0
+        )
+        dead = ManagedProcess(
+            "dead", popen=reaped, log_path=tmp_path / "dead.log", start_time=str(int(start) - 1)
+        )  # type: ignore[arg-type]
+        dead.stop(timeout=1)
+        time.sleep(0.5)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+# A harness whose reaper dies (OOM killer, a stray kill) between two services, or that
+# forks a long-lived child, then waits to be SIGKILLed. argv: pids file, log dir, mode.
+HARNESS_2 = """import os, signal, sys, time
+from pathlib import Path
+from server.harness.process import ManagedProcess, _Reaper
+pids, logs, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+def start(name):
+    return ManagedProcess.start(name, [sys.executable, "-c", "import time; time.sleep(120)"],
+                                env={"PATH": "/usr/bin:/bin"}, log_path=logs / f"{name}.log")
+first = start("first")
+started = [first.popen.pid]
+if mode == "reaper-killed":
+    os.kill(_Reaper._popen.pid, signal.SIGKILL)
+    _Reaper._popen.wait()
+    started.append(start("second").popen.pid)
+elif mode == "forked" and os.fork() == 0:  # e.g. multiprocessing's default start method
+    time.sleep(120)
+    os._exit(0)
+pids.write_text(" ".join(map(str, started)))
+time.sleep(120)"""
+
+
+@pytest.mark.parametrize("mode", ["reaper-killed", "forked"])
+def test_a_sigkilled_harness_leaves_no_service_behind_even_if(tmp_path: Path, mode: str) -> None:
+    # reaper-killed: the restarted reaper must still know the first service's group.
+    # forked: a forked child holds a copy of the pipe's write end; the reaper must still
+    # see the harness die.
+    pids = tmp_path / "pids"
+    argv = [sys.executable, "-c", HARNESS_2, str(pids), str(tmp_path), mode]
+    parent = subprocess.Popen(argv, cwd=ROOT)
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (pids.exists() and pids.read_text().strip()):
+            assert parent.poll() is None and time.monotonic() < deadline, "harness failed"
+            time.sleep(0.1)
+        started = [int(x) for x in pids.read_text().split()]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in started if not _gone(pid)] == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in started:
+            if not _gone(pid):
+                psutil.Process(pid).kill()
+        for proc in psutil.process_iter(["cmdline"]):  # the forked child, if any
+            with contextlib.suppress(psutil.Error):
+                if str(pids) in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()

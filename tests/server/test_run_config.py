@@ -38,3 +38,12 @@ def test_an_unknown_key_without_a_close_one_gets_no_hint() -> None:
 def test_split_list_drops_blanks() -> None:
     assert split_list(" a, b,,c ,") == ("a", "b", "c")
     assert split_list("") == ()
+
+
+def test_an_integer_past_float_range_is_a_config_error_naming_the_key() -> None:
+    # `--set update.max-norm=1000…0` (TOML integers have no size limit in tomllib) ended
+    # in "error: OverflowError: int too large to convert to float".
+    from server.run_config import parse_overrides
+
+    with pytest.raises(ConfigError, match=r"update\.max-norm: an integer of 401 digits"):
+        read_config(parse_overrides(["update.max-norm=1" + "0" * 400]))

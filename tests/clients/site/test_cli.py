@@ -299,3 +299,37 @@ def test_check_prints_the_label_set_as_the_run_config_line_to_paste(
     assert main(["site", "check", "--data", str(path), "--task", CLS, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["run_config"]["line"] == pyproject
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str) -> float:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("stated", ["", ', "total_epsilon": NaN', ', "total_epsilon": "2"'])
+def test_site_budget_json_is_valid_json_without_a_valid_stated_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stated: str
+) -> None:
+    # A ledger with no (or a NaN) total_epsilon printed "stored_total_epsilon": NaN, which
+    # jq and every strict JSON parser reject.
+    (tmp_path / "privacy-ledger.json").write_text('{"runs": {}' + stated + "}")
+    assert main(["site", "budget", "--state", str(tmp_path), "--json"]) == 0
+    report = _strict_json(capsys.readouterr().out)
+    assert report["stored_total_epsilon"] is None
+    assert "states no valid total ε" in report["warning"]
+
+
+@pytest.mark.parametrize(
+    "resets", [["a string"], [{"previous": "x"}], [{"opening_epsilon": "a"}], "abc"]
+)
+def test_site_budget_shows_reset_records_of_any_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], resets: object
+) -> None:
+    # The site trains on such a ledger (it never reads its resets); showing it must not
+    # end in "error: AttributeError: 'str' object has no attribute 'get'".
+    ledger = {"runs": {}, "total_epsilon": 0.0, "resets": resets}
+    (tmp_path / "privacy-ledger.json").write_text(json.dumps(ledger))
+    assert main(["site", "budget", "--state", str(tmp_path)]) == 0
+    assert "spent ε 0" in capsys.readouterr().out

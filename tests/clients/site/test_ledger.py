@@ -292,3 +292,93 @@ def test_a_site_budget_that_is_not_a_positive_number_is_refused(value: object) -
         SiteSettings.from_node_config(
             {"data-path": "x.jsonl", "state-dir": "s", "max-epsilon": value}
         )
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        [1e-300, 0.25, 8],  # the accountant divides by z²: ZeroDivisionError
+        [1e300, 0.25, 8],  # OverflowError
+        [1.0, 0.25, 10**400],  # more steps than a float holds: OverflowError
+    ],
+)
+def test_steps_the_accountant_cannot_account_are_a_config_error_naming_the_file(
+    tmp_path: Path, step: list
+) -> None:
+    # A ledger whose steps make Opacus' arithmetic fail is refused by name, in `site
+    # budget` and in a training round alike, rather than crashing with a traceback.
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"runs": {"old": _entry(steps=[step])}}))
+    with pytest.raises(ConfigError, match=f"{LEDGER_FILE}: run old: .*cannot be computed"):
+        budget_report(tmp_path, None)
+    with pytest.raises(ConfigError, match="run old"):
+        SiteLedger.load(tmp_path).charge("new", 1, **ROUND)
+
+
+@pytest.mark.parametrize("noise_multiplier", [1e-300, 1e300])
+def test_a_plan_whose_epsilon_cannot_be_computed_is_refused_not_crashed(
+    tmp_path: Path, noise_multiplier: float
+) -> None:
+    # A server's site-dp.noise-multiplier is any finite z > 0: one the accountant cannot
+    # handle must give the site's ordinary refusal, not an exception out of the ClientApp.
+    from clients.site.settings import SiteSettings
+    from clients.site.work import _charge_budget
+    from clients.task.errors import BudgetRefused
+    from clients.task.model import ModelSpec
+    from clients.task.plan import TrainPlan
+
+    plan = TrainPlan(
+        spec=ModelSpec(base="b", task="causal-lm"),
+        base_digest="d",
+        server_round=1,
+        local_steps=8,
+        batch_size=4,
+        site_dp_noise_multiplier=noise_multiplier,
+    )
+    for state_dir in (tmp_path, None):
+        site = SiteSettings(data_path=Path("x"), site_id="s", state_dir=state_dir)
+        with pytest.raises(BudgetRefused, match="cannot be computed"):
+            _charge_budget(site, plan, run="run-1", num_train=16)
+    assert not (tmp_path / LEDGER_FILE).exists()
+
+
+@pytest.mark.parametrize("budget", ["NaN", "Infinity", "-5", "0"])
+def test_a_stored_budget_that_is_not_a_positive_number_is_refused(
+    tmp_path: Path, budget: str
+) -> None:
+    # A site never writes one (its max-epsilon is refused first); `site budget` showed
+    # "max-epsilon nan, remaining ε nan" and NaN in --json.
+    (tmp_path / LEDGER_FILE).write_text('{"runs": {}, "max_epsilon": ' + budget + "}")
+    with pytest.raises(ConfigError, match=f"unreadable: max_epsilon={float(budget)!r}"):
+        budget_report(tmp_path, None)
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -1.0, 0.0])
+def test_budget_report_refuses_a_max_epsilon_that_is_not_a_positive_number(
+    tmp_path: Path, budget: float
+) -> None:
+    SiteLedger.load(tmp_path).charge("run-a", 1, **ROUND)
+    with pytest.raises(ConfigError, match="--max-epsilon="):
+        budget_report(tmp_path, budget)
+
+
+def test_a_ledger_nested_past_the_parser_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="unreadable"):
+        budget_report(tmp_path, None)
+
+
+def test_budget_report_has_no_warning_for_a_round_charged_while_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ClientApp charging between the report's reads made an honest ledger look edited:
+    # the stated total must come from the read the recomputed one comes from.
+    SiteLedger.load(tmp_path).charge("run-a", 1, **ROUND)
+    load = SiteLedger.load.__func__  # type: ignore[attr-defined]
+
+    def load_then_charge(cls: type[SiteLedger], *args: object, **kwargs: object) -> SiteLedger:
+        ledger = load(cls, *args, **kwargs)
+        load(cls, tmp_path).charge("run-a", 2, **ROUND)  # another process, in between
+        return ledger
+
+    monkeypatch.setattr(SiteLedger, "load", classmethod(load_then_charge))
+    assert "warning" not in budget_report(tmp_path, None)

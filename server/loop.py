@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -120,15 +120,14 @@ def run_rounds(
     connected = wait_for_sites(
         grid, settings.min_available_clients, settings.round_timeout, roster=roster
     )
-    privacy = _client_privacy(settings, len(connected), history)
+    identities = identities or (roster if roster is not None else PinnedIdentities())
+    privacy = _client_privacy(
+        settings, len(connected), history,
+        population=_dp_population(roster, connected, history, identities),
+    )  # fmt: skip
     strategy = settings.bounded(settings.strategy())
     strategy = privacy.wrap(strategy) if privacy else strategy
-    sites = RunSites(
-        identities or (roster if roster is not None else PinnedIdentities()),
-        settings,
-        history,
-        plan=settings.plan(first),
-    )
+    sites = RunSites(identities, settings, history, plan=settings.plan(first))
     if settings.lda_head and resume_from is None:
         state, head = fit_head(grid, settings, connected, state, sites.identities)
         tracker.set_tags({HEAD_TAG: head.tag()})
@@ -136,7 +135,8 @@ def run_rounds(
         record = RoundRecord(round=server_round)
         nodes, sampled = _sample(grid, settings, roster, server_round)
         record.sampled, rate = len(sampled), len(sampled) / len(nodes)
-        if privacy and (stopped := privacy.stop_reason(server_round, rate, population=len(nodes))):
+        population = _dp_population(roster, nodes, history, sites.identities)
+        if privacy and (stopped := privacy.stop_reason(server_round, rate, population=population)):
             log.warning(stopped)
             return state, history, stopped
         # Configure, send and receive, aggregate, step.
@@ -202,7 +202,8 @@ def _sample(
 
     Seeded by the run and the round, so a resumed run asks what the original would.
     """
-    nodes = members(grid, roster)
+    # Every site gone between rounds: wait for one as at the start, up to round-timeout.
+    nodes = members(grid, roster) or wait_for_sites(grid, 1, settings.round_timeout, roster=roster)
     k = sample_size(len(nodes), fraction=settings.fraction_train, minimum=settings.min_fit_clients)
     return nodes, sample_sites(nodes, k, seed=settings.spec.seed, server_round=server_round)
 
@@ -254,10 +255,29 @@ def wait_for_sites(
         time.sleep(1.0)
 
 
+def _dp_population(
+    roster: Roster | None,
+    nodes: Sequence[int],
+    history: Sequence[Mapping[str, Any]],
+    identities: SiteIdentities,
+) -> int:
+    """How many sites a client-level (ε, δ) must cover, for the δ < 1/n rule.
+
+    With a roster, every enrolled site (any of them may connect and be sampled later);
+    without one, the sites connected now together with every site that contributed to an
+    earlier round of this run (from the history, so a resumed run remembers them).
+    """
+    if roster is not None:
+        return max(len(roster.sites), len(nodes))
+    seen = {site for row in history for site in row.get("site_ids") or ()}
+    return len(seen | {identities.name(n) for n in nodes})
+
+
 def _client_privacy(
-    settings: RunSettings, connected: int, history: list[dict[str, Any]]
+    settings: RunSettings, connected: int, history: list[dict[str, Any]], *, population: int
 ) -> ClientPrivacy | None:
-    """The run's client-level DP, planned for the share of connected sites a round samples."""
+    """The run's client-level DP, planned for the share of connected sites a round samples
+    (``population``: `_dp_population`, for the δ rule)."""
     if settings.client_dp is None:
         return None
     k = sample_size(connected, fraction=settings.fraction_train, minimum=settings.min_fit_clients)
@@ -266,7 +286,7 @@ def _client_privacy(
         planned_rate=k / connected,
         rounds=settings.rounds,
         history=history,
-        population=connected,
+        population=population,
     )
 
 

@@ -20,6 +20,7 @@ import pytest
 from flwr.app import Error, Message, MessageType
 from flwr.common.constant import ErrorCode
 
+from clients.task.errors import ConfigError
 from server.checkpoint import CheckpointStore
 from server.loop import run_rounds
 from server.roster import Roster
@@ -373,6 +374,70 @@ def test_client_level_epsilon_stops_the_run_before_it_passes_max_epsilon(tmp_pat
     assert sorted(grid.trained) == [1]  # round 2 was never sent
     # The noise (std z·C/3 ≈ 0.083) moved the state off the sites' common +0.01.
     assert not np.allclose(state["layer.lora_B"], 0.01, atol=1e-4)
+
+
+class RotatingGrid(FakeGrid):
+    """Connects the sites of ``waves[i]`` in round i + 1: as many at once, never the same."""
+
+    def __init__(self, waves: list[dict[int, Site]]) -> None:
+        super().__init__({n: site for wave in waves for n, site in wave.items()})
+        self.waves, self.wave = waves, 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.waves[min(self.wave, len(self.waves) - 1)])
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            self.wave += 1
+        return replies
+
+
+def test_client_level_delta_covers_every_site_of_the_run_not_only_those_connected(
+    tmp_path: Path,
+) -> None:
+    # δ = 0.2 is below 1/3 for the 3 sites connected in any round, but 6 different sites
+    # take part over two rounds: the second round would make δ >= 1/6 (a mechanism may
+    # then publish one site's update in the clear), so it is not run.
+    waves = [
+        {n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2, 3)},
+        {n: honest(f"site-{n}", delta=0.01, examples=10) for n in (4, 5, 6)},
+    ]
+    grid = RotatingGrid(waves)
+    settings = _settings(
+        tmp_path,
+        **{"num-server-rounds": 2, "dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0,
+           "dp.delta": 0.2},
+    )  # fmt: skip
+    _, history, stopped, _ = _run(tmp_path, grid, settings)
+    assert len(history) == 1 and sorted(grid.trained) == [1]
+    assert stopped is not None and stopped.startswith("stopped before round 2: dp.delta=0.2")
+    assert "1/6" in stopped
+
+
+def test_client_level_delta_counts_every_enrolled_site(tmp_path: Path) -> None:
+    # With a roster, any enrolled site may connect later: 3 enrolled, 2 connected, δ = 0.4
+    # is below 1/2 but not below 1/3, so the run is refused before round 1.
+    roster = Roster()
+    for i in (1, 2, 3):
+        roster = roster.enrol(f"site-{i}", node_id=i, public_key=f"k{i}")
+    grid = FakeGrid({n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2)})
+    settings = _settings(
+        tmp_path, **{"dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0, "dp.delta": 0.4}
+    )
+    with pytest.raises(ConfigError, match=r"dp.delta=0.4 must be < 1/3"):
+        _run(tmp_path, grid, settings, roster=roster)
+
+
+def test_a_round_whose_sites_all_left_waits_then_fails_with_a_reason(tmp_path: Path) -> None:
+    # Round 1 runs; then every site disconnects. The round used to divide by zero
+    # (sampled / connected); it waits round-timeout for a site, then says why it stopped.
+    grid = RotatingGrid([{n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2)}, {}])
+    settings = _settings(tmp_path, **{"num-server-rounds": 2, "round-timeout": 1.0})
+    with pytest.raises(RoundFailed, match=r"only 0 site\(s\) connected after 1s"):
+        _run(tmp_path, grid, settings)
+    assert sorted(grid.trained) == [1]
 
 
 def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(

@@ -36,6 +36,9 @@ from strategies.strategy import Strategy
 ON_ROUND_FAILURE = ("stop", "skip")
 ROBUST_MODES = ("auto", "bounded", "off")
 HEAD_INITS = ("seeded", "lda")
+# update.max-norm's ceiling: far above any honest update, and float32 sums of updates
+# under it stay finite for any number of sites a federation has.
+MAX_UPDATE_NORM = 1e6
 
 
 @dataclass(frozen=True)
@@ -214,10 +217,12 @@ class RunSettings:
             raise ConfigError(f"round-timeout={self.round_timeout!r} must be finite and > 0")
         if self.on_round_failure not in ON_ROUND_FAILURE:
             raise ConfigError(f"on-round-failure={self.on_round_failure!r} must be stop or skip")
-        if not 0 < self.max_norm < math.inf:  # inf would accept any update: no bound at all
+        # inf would accept any update; a bound past float32's range accepts updates whose
+        # float32 mean overflows to inf.
+        if not 0 < self.max_norm <= MAX_UPDATE_NORM:
             raise ConfigError(
-                f"update.max-norm={self.max_norm!r} must be finite and > 0 (it bounds every "
-                "site's update; a large finite value such as 1e6 is a loose bound)"
+                f"update.max-norm={self.max_norm!r} must be finite, > 0 and at most "
+                f"{MAX_UPDATE_NORM:g} (the largest L2 norm accepted from a site's update)"
             )
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.site_dp_batch_size < 1:

@@ -137,7 +137,7 @@ SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-cli
         # An infinite C or z makes infinite noise: a model of inf/NaN, not a guarantee.
         ({"dp.clip-norm": 0.5, "dp.noise-multiplier": float("inf")}, "dp.noise-multiplier=inf"),
         (
-            {"dp.clip-norm": float("inf"), "dp.noise-multiplier": 1.0, "update.max-norm": 1e300},
+            {"dp.clip-norm": float("inf"), "dp.noise-multiplier": 1.0, "update.max-norm": 1e6},
             "dp.clip-norm=inf must be > 0 and finite",
         ),
         (
@@ -150,8 +150,13 @@ SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-cli
             "dp.clip-norm=5.0 exceeds update.max-norm=1.0",
         ),
         # An infinite bound accepts any update, NaN accepts none: both refused by name.
-        ({"update.max-norm": float("inf")}, "update.max-norm=inf must be finite and > 0"),
-        ({"update.max-norm": float("nan")}, "update.max-norm=nan must be finite and > 0"),
+        ({"update.max-norm": float("inf")}, "update.max-norm=inf must be finite, > 0"),
+        ({"update.max-norm": float("nan")}, "update.max-norm=nan must be finite, > 0"),
+        # A bound past float32's range accepted updates whose float32 mean is inf.
+        (
+            {"update.max-norm": 1e300},
+            r"update.max-norm=1e\+300 must be finite, > 0 and at most 1e\+06",
+        ),
         ({**SECURE, "secagg.num-shares": 4}, "secagg.num-shares=4 must be odd"),
         ({**SECURE, "secagg.num-shares": 5}, "secagg.num-shares=5 exceeds the 3 site"),
         ({**SECURE, "secagg.reconstruction-threshold": 3}, "secagg.reconstruction-threshold=3"),

@@ -263,13 +263,14 @@ def _dp_population(
 ) -> int:
     """How many sites a client-level (ε, δ) must cover, for the δ < 1/n rule.
 
-    With a roster, every enrolled site (any of them may connect and be sampled later);
-    without one, the sites connected now together with every site that contributed to an
-    earlier round of this run (from the history, so a resumed run remembers them).
+    Every site that contributed to an earlier round of this run (from the history, so a
+    resumed run remembers them, a site revoked since included), together with, with a
+    roster, every enrolled site (any of them may connect and be sampled later), else the
+    sites connected now.
     """
-    if roster is not None:
-        return max(len(roster.sites), len(nodes))
     seen = {site for row in history for site in row.get("site_ids") or ()}
+    if roster is not None:
+        return len(seen | set(roster.sites) | {roster.name(n) for n in nodes})
     return len(seen | {identities.name(n) for n in nodes})
 
 

@@ -934,3 +934,39 @@ def test_a_secure_round_with_a_site_weight_above_the_plans_max_fails(
     else:
         _, history, _, _ = _run(tmp_path, FakeGrid(sites), settings)
         assert len(history) == 1
+
+
+def test_client_level_delta_counts_a_site_revoked_since_an_earlier_round(
+    tmp_path: Path,
+) -> None:
+    # Round 1 releases the updates of 3 enrolled sites; site-3 is then revoked, site-4
+    # enrolled, and the run resumed with a roster of 3. δ = 0.3 is below 1/3 but not below
+    # 1/4, and site-3's update is in what the run released: the resume is refused.
+    roster = Roster()
+    for i in (1, 2, 3):
+        roster = roster.enrol(f"site-{i}", node_id=i, public_key=f"k{i}")
+
+    def grid() -> FakeGrid:
+        return FakeGrid({n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2, 3, 4)})
+
+    settings = _settings(
+        tmp_path,
+        **{"num-server-rounds": 2, "dp.clip-norm": 0.5, "dp.noise-multiplier": 1.0,
+           "dp.delta": 0.3},
+    )  # fmt: skip
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(record: Any) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        _run(tmp_path, grid(), settings, on_round=kill_after_round_1, roster=roster)
+    checkpoint = CheckpointStore(tmp_path / "checkpoint").load()
+    assert checkpoint is not None and sorted(checkpoint.history[0]["site_ids"]) == [
+        "site-1", "site-2", "site-3"
+    ]  # fmt: skip
+    rotated = roster.revoke("site-3").enrol("site-4", node_id=4, public_key="k4")
+    with pytest.raises(ConfigError, match=r"dp.delta=0.3 must be < 1/4"):
+        _run(tmp_path, grid(), settings, resume_from=checkpoint, roster=rotated)

@@ -133,8 +133,14 @@ def run_rounds(
         tracker.set_tags({HEAD_TAG: head.tag()})
     for server_round in range(first, settings.rounds + 1):
         record = RoundRecord(round=server_round)
-        nodes, sampled = _sample(grid, settings, roster, server_round)
-        record.sampled, rate = len(sampled), len(sampled) / len(nodes)
+        try:
+            nodes, sampled = _sample(grid, settings, roster, server_round)
+            absent = None
+        except RoundFailed as exc:  # every site gone, none back within round-timeout
+            if settings.on_round_failure == "stop":
+                raise
+            nodes, sampled, absent = [], [], exc
+        record.sampled, rate = len(sampled), len(sampled) / len(nodes) if nodes else 0.0
         population = _dp_population(roster, nodes, history, sites.identities)
         if privacy and (stopped := privacy.stop_reason(server_round, rate, population=population)):
             log.warning(stopped)
@@ -148,6 +154,8 @@ def run_rounds(
             len(sampled), len(nodes), ", ".join(sites.identities.name(n) for n in sampled),
         )  # fmt: skip
         try:
+            if absent is not None:
+                raise absent
             outcome = _train(grid, settings, strategy, record, sampled, state, plan, sites)
         except RoundFailed as exc:
             if settings.on_round_failure == "stop":
@@ -467,7 +475,7 @@ def _federated_evaluate(
     trained on, loss finite, accuracy in [0, 1]); `RoundRecord.evaluated` caps the counts
     like training weights under bounded influence, so no site's claim becomes the headline.
     """
-    if settings.fraction_evaluate <= 0:
+    if settings.fraction_evaluate <= 0 or not nodes:
         return None
     k = sample_size(len(nodes), fraction=settings.fraction_evaluate, minimum=1)
     messages = requests(nodes[:k], to_record(state), plan, kind=MessageType.EVALUATE)

@@ -440,6 +440,23 @@ def test_a_round_whose_sites_all_left_waits_then_fails_with_a_reason(tmp_path: P
     assert sorted(grid.trained) == [1]
 
 
+def test_under_on_round_failure_skip_a_round_whose_sites_all_left_is_skipped(
+    tmp_path: Path,
+) -> None:
+    # on-round-failure=skip: the run goes on (adapter unchanged, the round recorded as
+    # skipped) instead of failing and losing what the rounds before it did.
+    grid = RotatingGrid([{n: honest(f"site-{n}", delta=0.01, examples=10) for n in (1, 2)}, {}])
+    settings = _settings(
+        tmp_path,
+        **{"num-server-rounds": 2, "round-timeout": 1.0, "on-round-failure": "skip",
+           "fraction-evaluate": 1.0},
+    )  # fmt: skip
+    state, history, stopped, _ = _run(tmp_path, grid, settings)
+    assert stopped is None and [r["skipped"] for r in history] == [False, True]
+    assert history[1]["sampled"] == 0 and sorted(grid.trained) == [1]
+    np.testing.assert_allclose(state["layer.lora_B"], 0.01, atol=1e-6)
+
+
 def test_under_client_level_dp_the_server_clips_an_update_the_site_did_not(
     tmp_path: Path,
 ) -> None:

@@ -197,9 +197,10 @@ def _delta_problem(delta: float, population: int) -> str | None:
     if delta < 1 / max(population, 1):
         return None
     return (
-        f"dp.delta={delta!r} must be < 1/{population} (the {population} connected "
-        "sites): at δ >= 1/n a mechanism may publish one site's update in the clear and "
-        "still claim (ε, δ)-DP"
+        f"dp.delta={delta!r} must be < 1/{population} (the {population} sites the run "
+        "covers: enrolled, connected, or in an earlier round; a connected node that has not "
+        "named its site yet counts as one more): at δ >= 1/n a mechanism may publish one "
+        "site's update in the clear and still claim (ε, δ)-DP"
     )
 
 

@@ -278,6 +278,14 @@ class RunSettings:
                 f"secagg.clipping-range={self.secagg.clipping_range!r} does not cover the "
                 f"sites' clip norm {self.site_clip_norm!r} (dp.clip-norm, else update.max-norm)"
             )
+        if self.secagg is not None and self.secagg.clipping_range > MAX_UPDATE_NORM:
+            # No coordinate exceeds the update's norm, itself at most MAX_UPDATE_NORM; a
+            # larger range only coarsens quantization and lets float32 sums overflow.
+            raise ConfigError(
+                f"secagg.clipping-range={self.secagg.clipping_range!r} must be at most "
+                f"{MAX_UPDATE_NORM:g} (update.max-norm's ceiling: no coordinate of an "
+                "accepted update is larger)"
+            )
         if self.client_dp is not None and self.client_dp.clip_norm > self.max_norm:
             raise ConfigError(
                 f"dp.clip-norm={self.client_dp.clip_norm!r} exceeds "

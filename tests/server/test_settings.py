@@ -157,6 +157,10 @@ SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-cli
             {"update.max-norm": 1e300},
             r"update.max-norm=1e\+300 must be finite, > 0 and at most 1e\+06",
         ),
+        (
+            {**SECURE, "secagg.clipping-range": 1e300},
+            r"secagg.clipping-range=1e\+300 must be at most",
+        ),
         ({**SECURE, "secagg.num-shares": 4}, "secagg.num-shares=4 must be odd"),
         ({**SECURE, "secagg.num-shares": 5}, "secagg.num-shares=5 exceeds the 3 site"),
         ({**SECURE, "secagg.reconstruction-threshold": 3}, "secagg.reconstruction-threshold=3"),

@@ -277,9 +277,8 @@ def _dp_population(
     sites connected now.
     """
     seen = {site for row in history for site in row.get("site_ids") or ()}
-    if roster is not None:
-        return len(seen | set(roster.sites) | {roster.name(n) for n in nodes})
-    return len(seen | {identities.name(n) for n in nodes})
+    enrolled = set(roster.sites) if roster is not None else set()
+    return len(seen | enrolled | {identities.name(n) for n in nodes})
 
 
 def _client_privacy(

@@ -133,13 +133,13 @@ class _Reaper:
                 os.close(devnull)
 
     @classmethod
-    def watch(cls, pgid: int) -> None:
+    def watch(cls, pgid: int, start: str | None) -> None:
         """Stop group `pgid` if this process dies before `forget` is called for it.
 
-        Call it before the leader is reaped (its number cannot be reused until then): the
-        reaper compares the leader's start time before it signals the group.
+        ``start``: its leader's `start_time`, read before the leader can be reaped (its
+        number cannot be reused until then); the reaper compares it before it signals.
         """
-        line = f"+{pgid} {start_time(pgid) or ''}".rstrip()
+        line = f"+{pgid} {start or ''}".rstrip()
         with cls._lock:
             cls._registered[pgid] = line
             cls._send(line)
@@ -218,8 +218,9 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise HarnessError(f"cannot start {name} ({args[0]}): {exc}") from exc
-        _Reaper.watch(popen.pid)  # its group: stopped even if we are SIGKILLed
-        return cls(name=name, popen=popen, log_path=log_path, start_time=start_time(popen.pid))
+        started = start_time(popen.pid)
+        _Reaper.watch(popen.pid, started)  # its group: stopped even if we are SIGKILLed
+        return cls(name=name, popen=popen, log_path=log_path, start_time=started)
 
     @property
     def alive(self) -> bool:

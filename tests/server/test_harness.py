@@ -111,34 +111,45 @@ pids.write_text(f"{process.popen.pid} {log.read_text().strip()}")
 time.sleep(120)"""
 
 
-def test_a_sigkilled_harness_leaves_no_service_behind(tmp_path: Path) -> None:
-    # SIGKILLed, the harness can stop nothing itself: its reaper must stop the service's
-    # whole group, the grandchild included.
-    pids = tmp_path / "pids"
-    argv = [sys.executable, "-c", HARNESS, str(pids), str(tmp_path / "service.log"), SERVICE]
+def _sigkill_harness(argv: list[str], pids: Path, *, count: int) -> list[int]:
+    """Start the harness process ``argv``, wait until it has written the ``count`` pids of
+    what it started to ``pids``, SIGKILL it, and return those still running 20 s later.
+
+    Whatever the test started is killed before returning, the harness's forked child too.
+    """
     parent = subprocess.Popen(argv, cwd=ROOT)
     started: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while not (pids.exists() and len(pids.read_text().split()) == 2):
+        while not (pids.exists() and len(pids.read_text().split()) == count):
             assert parent.poll() is None and time.monotonic() < deadline, "harness failed"
             time.sleep(0.1)
         started = [int(x) for x in pids.read_text().split()]
         assert not any(_gone(pid) for pid in started)
-        # Act
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.monotonic() + 20
         while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
             time.sleep(0.1)
-        # Assert
-        assert all(_gone(pid) for pid in started)
+        return [pid for pid in started if not _gone(pid)]
     finally:
         if parent.poll() is None:
             parent.kill()
         for pid in started:
             if not _gone(pid):
                 psutil.Process(pid).kill()
+        for proc in psutil.process_iter(["cmdline"]):  # a forked child, if any
+            with contextlib.suppress(psutil.Error):
+                if str(pids) in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+
+
+def test_a_sigkilled_harness_leaves_no_service_behind(tmp_path: Path) -> None:
+    # SIGKILLed, the harness can stop nothing itself: its reaper must stop the service's
+    # whole group, the grandchild included.
+    pids = tmp_path / "pids"
+    argv = [sys.executable, "-c", HARNESS, str(pids), str(tmp_path / "service.log"), SERVICE]
+    assert _sigkill_harness(argv, pids, count=2) == []
 
 
 def test_start_names_a_missing_executable(tmp_path: Path) -> None:
@@ -265,27 +276,4 @@ def test_a_sigkilled_harness_leaves_no_service_behind_even_if(tmp_path: Path, mo
     # see the harness die.
     pids = tmp_path / "pids"
     argv = [sys.executable, "-c", HARNESS_2, str(pids), str(tmp_path), mode]
-    parent = subprocess.Popen(argv, cwd=ROOT)
-    started: list[int] = []
-    try:
-        deadline = time.monotonic() + 60
-        while not (pids.exists() and pids.read_text().strip()):
-            assert parent.poll() is None and time.monotonic() < deadline, "harness failed"
-            time.sleep(0.1)
-        started = [int(x) for x in pids.read_text().split()]
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while not all(_gone(pid) for pid in started) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert [pid for pid in started if not _gone(pid)] == []
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-        for pid in started:
-            if not _gone(pid):
-                psutil.Process(pid).kill()
-        for proc in psutil.process_iter(["cmdline"]):  # the forked child, if any
-            with contextlib.suppress(psutil.Error):
-                if str(pids) in " ".join(proc.info["cmdline"] or []):
-                    proc.kill()
+    assert _sigkill_harness(argv, pids, count=2 if mode == "reaper-killed" else 1) == []

@@ -11,6 +11,7 @@ server/settings.py builds the validated `RunSettings` from that dict.
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -181,7 +182,7 @@ def coerce(key: str, value: Any) -> Any:
             return float(value)
         except OverflowError:  # an integer past float range, e.g. --set key=1000…0
             raise ConfigError(
-                f"{key}: an integer of {len(str(value))} digits is too large for a number"
+                f"{key}: an integer of {_digits(value)} digits is too large for a number"
             ) from None
     if kind is list:
         # A TOML array (from `--set`), or its text in a string (Flower's run config holds
@@ -234,3 +235,10 @@ def param_value(value: Any) -> str:
 def split_list(value: str) -> tuple[str, ...]:
     """A comma-separated key value (``labels``, ``lora.target-modules``) as a tuple."""
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _digits(value: int) -> int:
+    """The decimal digits of ``value``, without ``str()`` (refused past 4,300 digits)."""
+    magnitude = abs(value)
+    digits = int(magnitude.bit_length() * math.log10(2)) + 1
+    return digits - 1 if magnitude < 10 ** (digits - 1) else digits

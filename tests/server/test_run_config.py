@@ -47,3 +47,8 @@ def test_an_integer_past_float_range_is_a_config_error_naming_the_key() -> None:
 
     with pytest.raises(ConfigError, match=r"update\.max-norm: an integer of 401 digits"):
         read_config(parse_overrides(["update.max-norm=1" + "0" * 400]))
+    # Past Python's 4,300-digit limit of str(int) the message itself raised ValueError.
+    from server.run_config import coerce
+
+    with pytest.raises(ConfigError, match=r"update\.max-norm: an integer of 5001 digits"):
+        coerce("update.max-norm", 10**5000)

@@ -89,17 +89,13 @@ class RunEntry:
     delta: float
     steps: list[tuple[float, float, int]] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
-    _cache: tuple[Any, float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def epsilon(self) -> float:
-        """The run's ε by RDP, recomputed only when its steps or δ changed."""
-        key = (self.delta, tuple(self.steps))
-        if self._cache is None or self._cache[0] != key:
-            from clients.task.dpsgd import site_epsilon  # torch/opacus: not for `site budget`
+        """The run's ε by RDP (`site_epsilon`, which caches it on the steps and δ)."""
+        from clients.task.dpsgd import site_epsilon  # torch/opacus: not for `site budget`
 
-            self._cache = (key, site_epsilon(self.steps, delta=self.delta))
-        return self._cache[1]
+        return site_epsilon(self.steps, delta=self.delta)
 
 
 @dataclass

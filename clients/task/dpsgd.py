@@ -71,6 +71,10 @@ class SampleDP:
 def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> float:
     """ε of the given (noise multiplier, sampling rate, steps) groups, by RDP.
 
+    Groups with the same (z, q) are merged (RDP adds up), and the result is cached on the
+    merged groups and δ: a site's ledger is reloaded and re-accounted on every round and by
+    `fedlora site budget`, and one RDP evaluation costs tenths of a second.
+
     Raises:
         ConfigError: If the accountant cannot compute it (a noise multiplier so small or
             large, or so many steps, that its arithmetic fails): such steps are refused
@@ -79,14 +83,18 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     merged: dict[tuple[float, float], int] = {}
     for z, q, n in steps:  # RDP adds up: one term per distinct (z, q) is enough
         merged[(z, q)] = merged.get((z, q), 0) + n
+    history = tuple((z, q, n) for (z, q), n in merged.items() if n > 0)
+    return _rdp_epsilon(history, delta) if history else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     accountant = RDPAccountant()
-    accountant.history = [(z, q, n) for (z, q), n in merged.items() if n > 0]
-    if not accountant.history:
-        return 0.0
+    accountant.history = list(history)
     try:
         return float(accountant.get_epsilon(delta=delta))
     except (ArithmeticError, ValueError) as exc:  # ZeroDivision, Overflow, a math domain
-        groups = ", ".join(f"(z={z!r}, q={q!r}, steps={n})" for z, q, n in accountant.history)
+        groups = ", ".join(f"(z={z!r}, q={q!r}, steps={n})" for z, q, n in history)
         raise ConfigError(
             f"ε of DP-SGD steps {groups} at δ={delta!r} cannot be computed "
             f"({type(exc).__name__}: {exc})"

@@ -59,14 +59,28 @@ def ours(pgid: int, start: str | None) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether process group `pgid` has a member (one we may not signal counts)."""
+    """Whether process group `pgid` has a member that is not a zombie (one we may not
+    signal counts). A group of zombies is dead: its members wait only for their parent to
+    reap them, and waiting out `GRACE_SECONDS` for them would gain nothing."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return True  # no /proc (not Linux): no states to read
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                state, _ppid, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+        if pgrp == str(pgid).encode() and state != b"Z":
+            return True
+    return False
 
 
 def _signal(pgids: set[int], signum: int) -> None:

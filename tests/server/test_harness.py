@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -218,6 +219,29 @@ def test_the_reaper_leaves_a_reused_group_number_alone() -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_group_of_zombies_is_not_alive() -> None:
+    # Its members only wait to be reaped: waiting out the reaper's grace for them gains
+    # nothing (and cost each stop of an unreaped child five seconds).
+    from server.harness.reaper import group_alive
+
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert group_alive(leader.pid)
+        assert leader.stdin is not None
+        leader.stdin.close()  # it exits; unreaped, it stays a zombie of ours
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and group_alive(leader.pid):
+            time.sleep(0.05)
+        assert not group_alive(leader.pid)
+        os.killpg(leader.pid, 0)  # the kernel still counts the group: only the state says
+    finally:
+        leader.kill()
+        leader.wait()
 
 
 def test_stop_leaves_alone_a_group_whose_number_was_reused(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from clients.task.numbers import finite_number
 from registry.errors import RegistryError
 
 PROVENANCE_FILE = "provenance.json"
@@ -106,18 +107,19 @@ class Provenance:
         return _largest([_epsilon(g) for n, g in self.privacy.items() if n in SERVER_GUARANTEES])
 
     def headline_metric(self) -> tuple[str, float] | None:
+        """(name, value) of the first metric present of accuracy, central_accuracy and
+        federated_accuracy; the value is NaN unless it is a finite number."""
         for name in ("accuracy", "central_accuracy", "federated_accuracy"):
             if self.metrics.get(name) is not None:
-                return name, float(self.metrics[name])
+                value = finite_number(self.metrics[name])
+                return name, math.nan if value is None else value
         return None
 
 
 def _epsilon(entry: object) -> float:
     """A guarantee's ε, NaN unless it states one that is a finite number ≥ 0."""
-    value = entry.get("epsilon") if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value) if math.isfinite(value) and value >= 0 else math.nan
+    value = finite_number(entry.get("epsilon") if isinstance(entry, dict) else None)
+    return value if value is not None and value >= 0 else math.nan
 
 
 def _largest(values: list[float]) -> float | None:

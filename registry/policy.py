@@ -23,19 +23,15 @@ missing value fails every gate).
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.task.numbers import finite_number
 from registry.artifact import Provenance
 from registry.errors import PromotionRefused, RegistryError, VerificationError
 
 KEYS = {"metric", "min-metric", "max-epsilon", "require-dp"}
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -48,12 +44,14 @@ class Policy:
     require_dp: bool = False
 
     def __post_init__(self) -> None:
-        if self.min_metric is not None and not (_finite(self.min_metric) and self.min_metric >= 0):
-            raise RegistryError(f"policy gates.min-metric={self.min_metric!r} must be ≥ 0")
-        if self.max_epsilon is not None and not (
-            _finite(self.max_epsilon) and self.max_epsilon > 0
-        ):
-            raise RegistryError(f"policy gates.max-epsilon={self.max_epsilon!r} must be > 0")
+        if self.min_metric is not None:
+            number = finite_number(self.min_metric)
+            if number is None or number < 0:
+                raise RegistryError(f"policy gates.min-metric={self.min_metric!r} must be ≥ 0")
+        if self.max_epsilon is not None:
+            number = finite_number(self.max_epsilon)
+            if number is None or number <= 0:
+                raise RegistryError(f"policy gates.max-epsilon={self.max_epsilon!r} must be > 0")
 
     @classmethod
     def load(cls, path: Path | None) -> Policy:
@@ -74,9 +72,10 @@ class Policy:
             value = gates.get(key)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise RegistryError(f"policy gates.{key}={value!r} must be a number")
-            return float(value)
+            number = finite_number(value)
+            if number is None:
+                raise RegistryError(f"policy gates.{key}={value!r} must be a finite number")
+            return number
 
         require_dp = gates.get("require-dp", False)
         if not isinstance(require_dp, bool):
@@ -96,14 +95,15 @@ class Policy:
                 raise PromotionRefused(
                     "min-metric", f"the release has no metric {self.metric!r} in its provenance"
                 )
-            if not (_finite(value) and value >= self.min_metric):
+            number = finite_number(value)
+            if number is None or number < self.min_metric:
                 raise PromotionRefused(
                     "min-metric",
                     f"{self.metric}={value!r} is not >= min-metric={self.min_metric:.4g}",
                 )
         if self.require_dp:
             verified = provenance.verified_epsilon()
-            if verified is None or not _finite(verified):
+            if finite_number(verified) is None:
                 raise PromotionRefused(
                     "require-dp",
                     f"the release has no DP the server ran (client-level ε={verified!r}); "

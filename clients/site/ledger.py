@@ -48,6 +48,7 @@ from typing import Any
 
 from clients.task.errors import ConfigError
 from clients.task.files import write_atomic
+from clients.task.numbers import finite_number
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -163,10 +164,17 @@ class SiteLedger:
             budget = float(budget) if budget is not None else None
             if budget is not None and not (math.isfinite(budget) and budget > 0):
                 raise ConfigError(f"max_epsilon={budget!r} is not a number > 0")
-            stated = _finite(raw.get("total_epsilon"))
+            stated = finite_number(raw.get("total_epsilon"))
         except (
-            OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, ConfigError
-        ) as exc:  # fmt: skip
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+            OverflowError,
+            ConfigError,
+        ) as exc:  # fmt: skip  (OverflowError: an integer past float range)
             raise ConfigError(
                 f"privacy ledger {path} is unreadable: {exc}; fix it or re-initialise it with "
                 + RESET_COMMAND.format(state=state_dir)
@@ -309,17 +317,6 @@ class SiteLedger:
 
     def save(self) -> None:
         write_atomic(self.path, (json.dumps(self.to_json(), indent=2) + "\n").encode())
-
-
-def _finite(value: object) -> float | None:
-    """``value`` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 @contextlib.contextmanager

@@ -53,20 +53,22 @@ def test_policy_file_is_validated(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="unknown key 'max-epsilson'"):
         Policy.load(path)
     path.write_text('[gates]\nmin-metric = "high"\n')
-    with pytest.raises(RegistryError, match=r"gates\.min-metric='high' must be a number"):
+    with pytest.raises(RegistryError, match=r"gates\.min-metric='high' must be a finite number"):
         Policy.load(path)
 
 
 NAN, INF = float("nan"), float("inf")
-# A value that is NaN, infinite, negative, missing or not a number: every gate refuses.
-BROKEN = [NAN, INF, -INF, -1.0, "missing", "0.1"]
+# A value that is NaN, infinite, negative, missing, not a number or an integer past float
+# range (JSON reads one exactly): every gate refuses.
+BROKEN = [NAN, INF, -INF, -1.0, "missing", "0.1", 10**400]
+BROKEN_IDS = ["nan", "inf", "-inf", "negative", "missing", "string", "10**400"]
 
 
 def _broken_guarantee(value: object) -> dict:
     return {} if value == "missing" else {"epsilon": value}
 
 
-@pytest.mark.parametrize("value", BROKEN)
+@pytest.mark.parametrize("value", BROKEN, ids=BROKEN_IDS)
 def test_min_metric_fails_closed(value: object) -> None:
     provenance = _provenance(accuracy=None if value == "missing" else value)  # type: ignore[arg-type]
     with pytest.raises(PromotionRefused) as err:
@@ -75,7 +77,7 @@ def test_min_metric_fails_closed(value: object) -> None:
 
 
 @pytest.mark.parametrize("where", ["client-level", "site"])
-@pytest.mark.parametrize("value", BROKEN)
+@pytest.mark.parametrize("value", BROKEN, ids=BROKEN_IDS)
 def test_max_epsilon_fails_closed(value: object, where: str) -> None:
     entry = _broken_guarantee(value)
     privacy = (
@@ -91,7 +93,7 @@ def test_max_epsilon_fails_closed(value: object, where: str) -> None:
     assert refused.value.reason == "policy"
 
 
-@pytest.mark.parametrize("value", BROKEN)
+@pytest.mark.parametrize("value", BROKEN, ids=BROKEN_IDS)
 def test_require_dp_fails_closed(value: object) -> None:
     provenance = _provenance(privacy={"client-level": _broken_guarantee(value)})
     with pytest.raises(PromotionRefused) as err:
@@ -119,7 +121,12 @@ def test_epsilon_is_nan_whatever_the_order_of_guarantees() -> None:
         assert epsilon is not None and epsilon != epsilon
 
 
-@pytest.mark.parametrize(("key", "value"), [("min-metric", "nan"), ("max-epsilon", "inf")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("min-metric", "nan"), ("max-epsilon", "inf"), ("min-metric", "1" + "0" * 400),
+     ("max-epsilon", "1" + "0" * 400)],
+    ids=["nan", "inf", "min-metric-10**400", "max-epsilon-10**400"],
+)  # fmt: skip
 def test_a_policy_file_with_a_non_finite_bound_is_refused(
     tmp_path: Path, key: str, value: str
 ) -> None:

@@ -59,6 +59,11 @@ def _entry(**fields: object) -> dict:
         {"runs": {"r": _entry(steps=[[1.0, 0.25, 0]])}},
         {"runs": {"r": _entry()}, "max_epsilon": "eight"},
         {"runs": {"r": _entry()}, "max_epsilon": [8]},
+        # Integers past float range (JSON reads them exactly): float() overflows on them.
+        {"runs": {"r": _entry()}, "max_epsilon": 10**400},
+        {"runs": {"r": _entry()}, "opening_epsilon": 10**400},
+        {"runs": {"r": _entry(steps=[[10**400, 0.25, 8]])}},
+        {"runs": {"r": _entry(delta=10**400)}},
     ],
 )
 def test_a_corrupt_ledger_is_refused_naming_the_file(tmp_path: Path, document: dict) -> None:

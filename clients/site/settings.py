@@ -22,6 +22,7 @@ from typing import Any
 
 from clients.task.choices import SIM_SITES_ENV
 from clients.task.errors import ConfigError
+from clients.task.numbers import finite_number
 from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 # key: help
@@ -97,15 +98,7 @@ class SiteSettings:
         if not config.get("data-path"):
             raise ConfigError("node config has no data-path (the site's data file)")
         path = Path(str(config["data-path"])).expanduser()
-        eval_fraction = config.get("eval-fraction", 0.1)
-        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, int | float):
-            raise ConfigError(f"eval-fraction={eval_fraction!r} must be a number")
         max_epsilon = config.get("max-epsilon")
-        delta = config.get("delta", DEFAULT_DELTA)
-        for key, value in (("max-epsilon", max_epsilon), ("delta", delta)):
-            numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if value is not None and not numeric:
-                raise ConfigError(f"{key}={value!r} must be a number")
         state_dir = config.get("state-dir")
         worker = config.get("worker-socket")
         share = config.get("head-statistics", True)
@@ -114,15 +107,28 @@ class SiteSettings:
         return cls(
             data_path=path,
             site_id=str(config.get("site-id") or path.stem),
-            eval_fraction=float(eval_fraction),
+            eval_fraction=_number("eval-fraction", config.get("eval-fraction", 0.1)),
             base_model=str(config["base-model"]) if config.get("base-model") else None,
             device=str(config.get("device", "auto")),
             state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
-            max_epsilon=float(max_epsilon) if max_epsilon is not None else None,
-            delta=float(delta),  # type: ignore[arg-type]
+            max_epsilon=_number("max-epsilon", max_epsilon) if max_epsilon is not None else None,
+            delta=_number("delta", config.get("delta", DEFAULT_DELTA)),
             worker_socket=Path(str(worker)).expanduser() if worker else None,
             head_statistics=share,
         )
+
+
+def _number(key: str, value: object) -> float:
+    """A node config number; the TOML of ``--node-config`` reads ``1000…0`` as an int of
+    any size and ``1e400`` as inf, neither of which a float check can hold.
+
+    Raises:
+        ConfigError: Naming the key, unless ``value`` is a finite int or float.
+    """
+    number = finite_number(value)
+    if number is None:
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    return number
 
 
 def _simulated(partition_id: int) -> dict[str, Any]:

@@ -291,10 +291,13 @@ def decode_evaluate(reply: Message) -> EvaluateReply | NoEvaluation:
     if METRICS not in reply.content.metric_records:
         raise ValueError(f"reply lacks {METRICS!r}")
     m = reply.content.metric_records[METRICS]
+    count = m.get(NUM_EXAMPLES, 0)
+    if isinstance(count, bool) or not isinstance(count, int):  # int(inf) raises OverflowError
+        raise ValueError(f"unreadable metrics: {NUM_EXAMPLES}={count!r} is not an integer")
     try:
         return EvaluateReply(
             site=sender(reply),
-            num_examples=int(m.get(NUM_EXAMPLES, 0)),  # type: ignore[arg-type]
+            num_examples=count,
             loss=float(m.get(LOSS, math.nan)),  # type: ignore[arg-type]
             accuracy=float(m[ACCURACY]),  # type: ignore[arg-type]
         )

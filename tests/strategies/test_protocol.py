@@ -190,6 +190,14 @@ def test_head_statistics_reply_round_trip() -> None:
             "unreadable metrics",
         ),
         (RecordDict({"metrics": MetricRecord({"loss": 1.0})}), decode_evaluate, "unreadable"),
+        *(
+            (
+                RecordDict({"metrics": MetricRecord({"num-examples": n, "accuracy": 1.0})}),
+                decode_evaluate,
+                f"num-examples={n!r} is not an integer",
+            )
+            for n in (float("inf"), float("nan"), 2.5)  # inf: OverflowError; 2.5: became 2
+        ),
         (RecordDict({}), decode_head_statistics, "lacks 'head-statistics'"),
         (
             RecordDict({"head-statistics": to_record({"gram": np.eye(2)})}),

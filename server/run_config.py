@@ -24,6 +24,8 @@ from clients.task.labels import (
     toml_string,
 )
 
+# Flower carries a run-config integer as a signed 64-bit one ("Value out of range" past it).
+FLOWER_INT_LIMIT = 2**63
 # key: (type, default, help)
 KEYS: dict[str, tuple[type, Any, str]] = {
     "num-server-rounds": (int, 3, "training rounds"),
@@ -174,6 +176,11 @@ def coerce(key: str, value: Any) -> Any:
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} must be an integer")
+        if not -FLOWER_INT_LIMIT <= value < FLOWER_INT_LIMIT:
+            raise ConfigError(
+                f"{key}: an integer of {_digits(value)} digits is too large "
+                f"(at most {FLOWER_INT_LIMIT - 1} either way)"
+            )
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -52,3 +52,15 @@ def test_an_integer_past_float_range_is_a_config_error_naming_the_key() -> None:
 
     with pytest.raises(ConfigError, match=r"update\.max-norm: an integer of 5001 digits"):
         coerce("update.max-norm", 10**5000)
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 10**400], ids=["2^63", "-2^63-1", "10^400"])
+def test_an_integer_past_flowers_range_is_a_config_error_naming_the_key(value: int) -> None:
+    # Flower carries a config integer as a signed 64-bit one. Past it,
+    # `--set secagg.enabled=true --set min-available-clients=1000…0` ended in
+    # "OverflowError: int too large to convert to float" (sampling's fraction × count),
+    # and any other integer key in Flower's "Value out of range" when the run was sent.
+    with pytest.raises(ConfigError, match=r"^min-available-clients: an integer of \d+ digits"):
+        coerce("min-available-clients", value)
+    assert coerce("seed", 2**63 - 1) == 2**63 - 1
+    assert coerce("seed", -(2**63)) == -(2**63)

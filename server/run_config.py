@@ -142,6 +142,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = raw
+        except ValueError:  # int() past Python's 4,300-digit limit
+            raise ConfigError(f"--set {key}: a number of more than 4300 digits") from None
     return out
 
 

@@ -64,3 +64,11 @@ def test_an_integer_past_flowers_range_is_a_config_error_naming_the_key(value: i
         coerce("min-available-clients", value)
     assert coerce("seed", 2**63 - 1) == 2**63 - 1
     assert coerce("seed", -(2**63)) == -(2**63)
+
+
+def test_a_set_value_past_pythons_digit_limit_is_a_config_error_naming_the_key() -> None:
+    # tomllib raised ValueError ("Exceeds the limit (4300 digits) ...") out of --set.
+    from server.run_config import parse_overrides
+
+    with pytest.raises(ConfigError, match=r"^--set seed: a number of more than 4300 digits"):
+        parse_overrides(["seed=1" + "0" * 5000])

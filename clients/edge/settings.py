@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -84,10 +84,15 @@ class EdgeSettings:
             raise ConfigError(f"--quantization {self.quantization!r}: expected none or 4bit")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port")
-        if not self.poll_seconds > 0:
-            raise ConfigError(f"--poll-seconds {self.poll_seconds} must be > 0")
-        if not 0 < self.refresh_timeout_s < math.inf:
-            raise ConfigError(f"--refresh-timeout-s {self.refresh_timeout_s} must be > 0")
+        # Both are a thread's wait; past TIMEOUT_MAX (inf included) it raises OverflowError.
+        for flag, seconds in (
+            ("--poll-seconds", self.poll_seconds),
+            ("--refresh-timeout-s", self.refresh_timeout_s),
+        ):
+            if not 0 < seconds <= threading.TIMEOUT_MAX:
+                raise ConfigError(
+                    f"{flag} {seconds} must be > 0 and at most {threading.TIMEOUT_MAX:g}"
+                )
         if self.max_epsilon is not None and not self.max_epsilon > 0:
             raise ConfigError(f"--max-epsilon {self.max_epsilon} must be > 0")
         for name in ("max_items", "max_text_chars", "max_new_tokens", "max_batch", "max_queue"):

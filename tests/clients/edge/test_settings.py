@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -41,4 +42,24 @@ def test_a_refresh_timeout_must_be_a_positive_number_of_seconds(
             cache=tmp_path / "cache",
             registry_uri="http://127.0.0.1:5000",
             refresh_timeout_s=value,
+        )
+
+
+@pytest.mark.parametrize("field", ["poll_seconds", "refresh_timeout_s"])
+@pytest.mark.parametrize("value", [math.inf, 1e300])
+def test_a_wait_longer_than_a_thread_can_wait_is_refused(
+    tmp_path: Path, field: str, value: float
+) -> None:
+    # `--poll-seconds inf` (or 1e400, which argparse reads as inf) killed the refresh thread
+    # with "OverflowError: timestamp out of range" and every POST /refresh then failed;
+    # `--refresh-timeout-s 1e300` failed every refresh with the same error.
+    flag = "--" + field.replace("_", "-")
+    refused = rf"^{flag} {re.escape(str(value))} must be > 0 and at most "
+    with pytest.raises(ConfigError, match=refused):
+        EdgeSettings(
+            models=(ModelRef("intents"),),
+            trust=tmp_path,
+            cache=tmp_path / "cache",
+            registry_uri="http://127.0.0.1:5000",
+            **{field: value},
         )

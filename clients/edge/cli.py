@@ -93,7 +93,7 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=0,
-        help="inference threads, 0 is half the cores (default: %(default)s)",
+        help="inference threads, at most 1024; 0 is half the cores (default: %(default)s)",
     )
     for flag, default, what in (
         ("--max-items", 64, "texts or prompts per request"),

@@ -16,6 +16,8 @@ TOKEN_ENV = "FEDLORA_EDGE_TOKEN"
 UPSTREAM_KEY_ENV = "FEDLORA_UPSTREAM_KEY"
 # Chosen with scripts/bench_hybrid.py on CLINC150 (README, "Hybrid routing").
 DEFAULT_ESCALATE_BELOW = 0.6
+# More inference threads than any host has cores only contend (torch takes a C int).
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,10 @@ class EdgeSettings:
             raise ConfigError(f"--batch-wait-ms {self.batch_wait_ms} must be in 0..1000")
         if self.max_loaded < 0:
             raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
-        if self.threads < 0:
-            raise ConfigError(f"--threads {self.threads} must be ≥ 0 (0: half the cores)")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ConfigError(
+                f"--threads {self.threads} must be in 0..{MAX_THREADS} (0: half the cores)"
+            )
         self._check_routing()
 
     def _check_routing(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.edge.settings import EdgeSettings, ModelRef
+from clients.edge.settings import MAX_THREADS, EdgeSettings, ModelRef
 from clients.task.errors import ConfigError
 
 
@@ -62,4 +62,18 @@ def test_a_wait_longer_than_a_thread_can_wait_is_refused(
             cache=tmp_path / "cache",
             registry_uri="http://127.0.0.1:5000",
             **{field: value},
+        )
+
+
+@pytest.mark.parametrize("threads", [-1, MAX_THREADS + 1, 10**400], ids=["-1", "max+1", "10^400"])
+def test_threads_past_what_torch_takes_are_refused(tmp_path: Path, threads: int) -> None:
+    # `--threads 1000…0` passed and torch.set_num_threads raised "ValueError: Overflow when
+    # unpacking long long" when the node started.
+    with pytest.raises(ConfigError, match=rf"^--threads .* must be in 0\.\.{MAX_THREADS}"):
+        EdgeSettings(
+            models=(ModelRef("intents"),),
+            trust=tmp_path,
+            cache=tmp_path / "cache",
+            registry_uri="http://127.0.0.1:5000",
+            threads=threads,
         )

@@ -10,7 +10,6 @@ trace (W3C Trace Context, https://www.w3.org/TR/trace-context/).
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from clients.task.errors import FedloraError
+from clients.task.numbers import finite_number
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 MAX_TRACESTATE = 512  # the spec's limit is 32 members; a longer header is not forwarded
@@ -54,7 +54,7 @@ def _predictions(answer: Any, count: int) -> list[dict[str, Any]]:
             raise UpstreamError("answer", "a prediction has no label")
         scores = p.get("scores", {})
         if not isinstance(scores, dict) or not all(
-            isinstance(v, int | float) and math.isfinite(v) for v in scores.values()
+            finite_number(v) is not None for v in scores.values()
         ):
             raise UpstreamError("answer", "a prediction's scores are not numbers")
         checked.append(

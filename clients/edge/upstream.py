@@ -10,6 +10,8 @@ trace (W3C Trace Context, https://www.w3.org/TR/trace-context/).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import secrets
 from typing import Any
@@ -41,6 +43,19 @@ def child_traceparent(incoming: str | None) -> str:
         if version != "ff" and trace != "0" * 32 and parent != "0" * 16:
             return f"00-{trace}-{span}-{flags}"
     return f"00-{secrets.token_hex(16)}-{span}-01"
+
+
+def _refuse(constant: str) -> float:
+    """NaN and ±Infinity: Python's JSON reader takes them, no JSON response can carry them."""
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON float that stays finite (``1e400`` reads as inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past float range")
+    return value
 
 
 def _predictions(answer: Any, count: int) -> list[dict[str, Any]]:
@@ -100,9 +115,9 @@ class Upstream:
         if response.status_code != 200:
             raise UpstreamError("status", f"HTTP {response.status_code}")
         try:
-            return response.json()
+            return json.loads(response.content, parse_constant=_refuse, parse_float=_finite)
         except ValueError:
-            raise UpstreamError("answer", "not JSON") from None
+            raise UpstreamError("answer", "not JSON, or a number past float range") from None
 
     async def complete(
         self, path: str, body: dict[str, Any], *, traceparent: str, tracestate: str | None

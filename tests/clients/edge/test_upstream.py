@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 
-from clients.edge.upstream import UpstreamError, _predictions
+from clients.edge.upstream import Upstream, UpstreamError, _predictions
 
 
 @pytest.mark.parametrize(
@@ -25,3 +27,19 @@ def test_finite_scores_are_kept_as_floats() -> None:
     answer = {"predictions": [{"label": "a", "scores": {"a": 1, "b": 0.0}}]}
 
     assert _predictions(answer, 1) == [{"label": "a", "scores": {"a": 1.0, "b": 0.0}}]
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_an_answer_holding_a_number_json_cannot_carry_is_an_upstream_error(number: str) -> None:
+    # A completion answer is passed on as it is: NaN or inf in it (Python's JSON reader takes
+    # NaN and Infinity, and reads 1e400 as inf) made the node's own response fail to render,
+    # a 500 instead of the local answer.
+    content = f'{{"choices": [], "usage": {{"total_tokens": {number}}}}}'.encode()
+    upstream = Upstream("http://upstream.test", model=None, timeout_s=1.0, key=None)
+    upstream._client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, content=content))
+    )
+    sent = {"model": "m", "prompt": "hi"}
+
+    with pytest.raises(UpstreamError, match="answer"):
+        asyncio.run(upstream.complete("/v1/completions", sent, traceparent="00-x", tracestate=None))

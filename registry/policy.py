@@ -61,7 +61,7 @@ class Policy:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise RegistryError(f"cannot read policy {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # TOMLDecodeError, non-UTF-8, an int of over 4,300 digits
             raise RegistryError(f"policy {path} is not valid TOML: {exc}") from exc
         gates = data.get("gates", {})
         unknown = sorted(set(gates) - KEYS) + sorted(set(data) - {"gates"})

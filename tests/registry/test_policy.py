@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,4 +134,20 @@ def test_a_policy_file_with_a_non_finite_bound_is_refused(
     path = tmp_path / "policy.toml"
     path.write_text(f"[gates]\n{key} = {value}\n")
     with pytest.raises(RegistryError, match=f"gates.{key}="):
+        Policy.load(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[gates]\nmin-metric = 1" + b"0" * 5000 + b"\n", b"[gates]\nmetric = '\xff'\n"],
+    ids=["5001-digits", "not-utf-8"],
+)
+def test_a_policy_file_python_cannot_read_is_a_registry_error_naming_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    # tomllib raised ValueError past Python's 4,300-digit integer limit, and read_text
+    # UnicodeDecodeError: both escaped Policy.load as tracebacks.
+    path = tmp_path / "policy.toml"
+    path.write_bytes(content)
+    with pytest.raises(RegistryError, match=f"policy {re.escape(str(path))} is not valid TOML"):
         Policy.load(path)

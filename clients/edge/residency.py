@@ -128,7 +128,7 @@ class ResidencyPolicy:
         text = raw.decode("utf-8", errors="replace")
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # TOMLDecodeError, or an int of over 4,300 digits
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         return _Parser(path, text).parse(data, digest=hashlib.sha256(raw).hexdigest())
 

@@ -142,6 +142,8 @@ action = "block"
         ("[models.m]\nupstream_model = \"\"\n",
          "policy.toml:2: models.m.upstream_model = '': must be 1..256 characters"),
         ("[models.m\n", "policy.toml: not valid TOML"),
+        # tomllib raised ValueError (Python's 4,300-digit integer limit) out of load.
+        ("[budget]\nper_key_per_day = 1" + "0" * 5000 + "\n", "policy.toml: not valid TOML"),
     ],
 )  # fmt: skip
 def test_policy_errors_name_file_line_key_and_value(

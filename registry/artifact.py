@@ -305,7 +305,8 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
                     f"metrics.json: sample-level ε={claimed[site]['epsilon']!r} of site "
                     f"{site!r}, but its {len(entries)} round(s) add up to {epsilon!r}"
                 )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        # OverflowError: an integer past float range, which JSON reads exactly
         raise RegistryError(f"metrics.json: unreadable privacy record ({exc!r})") from exc
 
 

@@ -79,6 +79,9 @@ def _edit(out: Path, change) -> None:  # type: ignore[no-untyped-def]
             "sample-level sites",
         ),
         (True, lambda s: s["rounds"][0].update(noise_multiplier="x"), "unreadable privacy"),
+        # An integer past float range (JSON reads it exactly): float() raised OverflowError.
+        (True, lambda s: s["rounds"][0].update(noise_multiplier=10**400), "unreadable privacy"),
+        (True, lambda s: s["privacy"]["client-level"].update(delta=10**400), "unreadable privacy"),
     ],
 )
 def test_privacy_that_is_not_what_the_rounds_add_up_to_is_refused(

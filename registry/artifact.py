@@ -229,8 +229,10 @@ def _training_summary(source: Path) -> tuple[dict[str, Any], dict[str, float], d
     rounds = [r for r in summary.get("rounds", []) if isinstance(r, dict)]
     sites = sorted({s for r in rounds for s in r.get("site_ids", [])})
     final = summary.get("final") or {}
+    # A number that is not finite (or past float range) is kept as NaN: present, so the
+    # headline metric does not fall through to the next name, and failing every gate.
     metrics = {
-        k: float(v)
+        k: math.nan if (number := finite_number(v)) is None else number
         for k, v in final.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
     }

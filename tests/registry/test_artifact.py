@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def test_privacy_that_is_not_what_the_rounds_add_up_to_is_refused(
     with pytest.raises(RegistryError, match=message):
         build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_final_metric_past_float_range_is_recorded_as_nan(
+    outputs: list[Path], tmp_path: Path
+) -> None:
+    # float(10**400) raised OverflowError out of build_release; NaN fails every gate.
+    _edit(outputs[0], lambda s: s["final"].update(accuracy=10**400))
+
+    prov = build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+
+    assert math.isnan(prov.metrics["accuracy"])
+    assert read_provenance(tmp_path / "r").headline_metric() is not None
 
 
 def _link_to_key(adapter: Path, keys: Path) -> str:

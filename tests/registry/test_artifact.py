@@ -112,6 +112,16 @@ def test_a_final_metric_past_float_range_is_recorded_as_nan(
     assert read_provenance(tmp_path / "r").headline_metric() is not None
 
 
+def test_a_json_file_python_cannot_read_is_a_registry_error_naming_it(
+    outputs: list[Path], tmp_path: Path
+) -> None:
+    # json.loads raised ValueError past Python's 4,300-digit integer limit.
+    (outputs[0] / "metrics.json").write_text('{"final": {"accuracy": 1' + "0" * 5000 + "}}")
+
+    with pytest.raises(RegistryError, match=r"metrics\.json: .* is not valid JSON"):
+        build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+
+
 def _link_to_key(adapter: Path, keys: Path) -> str:
     (adapter / "notes.txt").symlink_to(keys / "signing-key.pem")
     return "notes.txt"

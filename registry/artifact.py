@@ -260,7 +260,9 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
     from opacus.accountants import RDPAccountant  # publisher only: edge nodes never call this
 
     def replayed(steps: list[tuple[float, float, int]], delta: float) -> float:
-        accountant = RDPAccountant()
+        if not all(math.isfinite(z) and math.isfinite(q) for z, q, _ in steps):
+            raise ValueError(f"a noise multiplier or sampling rate is not finite: {steps!r}")
+        accountant = RDPAccountant()  # (it loops forever on a NaN)
         accountant.history = steps
         return float(accountant.get_epsilon(delta=delta)) if steps else 0.0
 

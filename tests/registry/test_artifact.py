@@ -12,6 +12,8 @@ from registry.errors import RegistryError
 from registry.keys import KeyPair
 from tests.conftest import record_client_dp
 
+NAN = float("nan")
+
 
 def test_provenance_records_training_base_and_lora(outputs: list[Path], tmp_path: Path) -> None:
     task = json.loads((outputs[0] / "adapter" / "fedlora_task.json").read_text())
@@ -83,6 +85,9 @@ def _edit(out: Path, change) -> None:  # type: ignore[no-untyped-def]
         # An integer past float range (JSON reads it exactly): float() raised OverflowError.
         (True, lambda s: s["rounds"][0].update(noise_multiplier=10**400), "unreadable privacy"),
         (True, lambda s: s["privacy"]["client-level"].update(delta=10**400), "unreadable privacy"),
+        # NaN (Python's JSON reader takes it): Opacus' RDP accountant looped forever on it.
+        (True, lambda s: s["rounds"][0].update(noise_multiplier=NAN), "unreadable privacy"),
+        (True, lambda s: s["rounds"][0].update(sampling_rate=NAN), "unreadable privacy"),
     ],
 )
 def test_privacy_that_is_not_what_the_rounds_add_up_to_is_refused(

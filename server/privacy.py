@@ -231,10 +231,8 @@ class SampleLevelAccounts:
         rate = plan.sampling_rate(num_examples)
         steps = plan.steps_for(num_examples)
         self.steps.setdefault(site, []).append((noise_multiplier, rate, steps))
-        accountant = RDPAccountant()
-        accountant.history = list(self.steps[site])
         return {
-            "epsilon": float(accountant.get_epsilon(delta=self.delta)),
+            "epsilon": dpsgd.site_epsilon(self.steps[site], delta=self.delta),
             "delta": self.delta,
             "noise-multiplier": noise_multiplier,
             "max-grad-norm": plan.site_dp_max_grad_norm,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,13 @@ def test_a_target_too_large_to_mean_anything_is_refused_before_the_solver(target
 def test_an_unreachable_site_target_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"site-dp\.target-epsilon=1e-09 is unreachable"):
         solve_noise_multiplier(target_epsilon=1e-9, delta=1e-5, sampling_rate=1.0, steps=10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("step", [(math.nan, 0.1, 1), (1.0, math.nan, 1), (math.inf, 0.1, 1)])
+def test_steps_with_a_non_finite_noise_or_rate_are_refused_not_looped_on(
+    step: tuple[float, float, int],
+) -> None:
+    # Opacus' RDP accountant never returns on a NaN noise multiplier or sampling rate.
+    with pytest.raises(ConfigError, match="have no ε"):
+        site_epsilon([step], delta=1e-5)

@@ -39,21 +39,22 @@ class DemoData:
     labels: list[str]
 
 
-@pytest.fixture
-def demo_data(tmp_path: Path) -> DemoData:
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
     site_paths, eval_path, labels = generate(
-        tmp_path / "data", sites=SITES, per_site=40, eval_size=40, seed=0
+        tmp_path_factory.mktemp("data"), sites=SITES, per_site=40, eval_size=40, seed=0
     )
     return DemoData(site_paths, eval_path, labels)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def federation(
-    tmp_path: Path, demo_data: DemoData, request: pytest.FixtureRequest
+    tmp_path_factory: pytest.TempPathFactory, demo_data: DemoData, request: pytest.FixtureRequest
 ) -> Iterator[LocalFederation]:
-    """A SuperLink and one SuperNode per site, stopped (and logs shown on failure) after."""
+    """A SuperLink and one SuperNode per site, shared by the module's runs (each is a run
+    of its own on it), stopped (and logs shown on a failure) after the last."""
     fed = LocalFederation(
-        tmp_path / "federation",
+        tmp_path_factory.mktemp("federation"),
         [
             {"data-path": str(path), "site-id": f"site-{i}"}
             for i, path in enumerate(demo_data.site_paths, start=1)
@@ -82,7 +83,7 @@ def test_three_sites_two_rounds_on_deployment_engine(
 ) -> None:
     out = tmp_path / "out"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_log = federation.log_path("flwr-run")
+    run_log = federation.log_path("flwr-run-plain")
 
     try:
         result = flwr_run(
@@ -139,7 +140,7 @@ def test_secagg_with_client_dp_on_deployment_engine(
     """
     out = tmp_path / "out"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_log = federation.log_path("flwr-run")
+    run_log = federation.log_path("flwr-run-secagg")
     try:
         result = flwr_run(
             APP_DIR,

@@ -859,6 +859,7 @@ def test_sample_level_epsilon_is_the_servers_account_never_a_sites_claim(tmp_pat
     }
 
 
+@pytest.mark.integration  # ~4 s of RDP noise solving: outside the one-minute unit run
 def test_under_a_site_target_a_site_may_not_state_less_noise_than_the_target_needs(
     tmp_path: Path,
 ) -> None:

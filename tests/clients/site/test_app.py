@@ -181,6 +181,7 @@ def _target_round(server_round: int, *, planned: int, target: float = 8.0) -> Tr
     )
 
 
+@pytest.mark.integration  # ~4 s of RDP noise solving: outside the one-minute unit run
 def test_a_site_never_overshoots_its_target_over_the_run(tmp_path: Path) -> None:
     from clients.site.settings import SiteSettings
     from clients.site.work import _charge_budget

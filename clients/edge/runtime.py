@@ -42,7 +42,7 @@ from clients.edge.adapters import (
 )
 from clients.edge.batching import Batcher, Job
 from clients.edge.generation import Completion, Row, Sampling, run_generate
-from clients.task.errors import FedloraError, ModelError
+from clients.task.errors import ConfigError, FedloraError, ModelError
 from clients.task.model import base_digest, quantization_config, resolve_base
 from registry.accept import AcceptedRelease
 
@@ -136,6 +136,11 @@ class SharedBase:
         self.tokenizer = tokenizer
         self.max_length = max_length
         context = int(getattr(base.config, "max_position_embeddings", 0) or 2048)
+        if task != "sequence-classification" and max_new_tokens >= context:
+            raise ConfigError(
+                f"--max-new-tokens={max_new_tokens} leaves no room for a prompt: base "
+                f"{path!r} has a context of {context} tokens"
+            )
         self.max_prompt_tokens = max(1, context - max_new_tokens)
         self._base = base
         self.model: Any = None  # peft.PeftModel once the first release arrives

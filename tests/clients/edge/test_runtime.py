@@ -12,6 +12,7 @@ import torch
 
 from clients.edge.generation import Sampling
 from clients.edge.runtime import SPARES, ReleaseRetired, Runtime
+from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, build_model, save_adapter
 from registry.accept import AcceptedRelease, accept
 from registry.artifact import build_release, read_provenance
@@ -314,6 +315,16 @@ def test_a_signed_release_the_model_would_not_use_as_signed_is_refused(
 
 
 @pytest.mark.integration
+def test_max_new_tokens_that_fill_the_context_are_refused_naming_the_flag(
+    tiny_llama: Path,
+) -> None:
+    # Every prompt would be refused as too long (the room left for it: 0 tokens).
+    runtime = Runtime(base=str(tiny_llama), max_new_tokens=128)  # the tiny context: 128
+    with pytest.raises(ConfigError, match=r"--max-new-tokens=128 .* context of 128 tokens"):
+        runtime.shared_base("causal-lm", 0)
+    assert Runtime(base=str(tiny_llama), max_new_tokens=127).shared_base("causal-lm", 0)
+
+
 def test_mixed_generation_batch_matches_each_release_alone(
     tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
 ) -> None:

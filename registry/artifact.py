@@ -195,7 +195,8 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RegistryError(f"{what}: {path} does not exist") from None
-    except ValueError as exc:  # JSONDecodeError, not UTF-8, an int of over 4,300 digits
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, not UTF-8, an int of
+        # over 4,300 digits, nesting deeper than the parser's recursion limit
         raise RegistryError(f"{what}: {path} is not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise RegistryError(f"{what}: {path} holds {type(data).__name__}, expected an object")

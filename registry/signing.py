@@ -65,7 +65,7 @@ def _statement(signature: Path) -> tuple[str, dict[str, Any]]:
         bundle = json.loads(signature.read_text(encoding="utf-8"))
         hint = bundle["verificationMaterial"]["publicKey"]["hint"]
         statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VerificationError("signature", f"{signature} is not a key-based bundle") from exc
     return str(hint), statement
 

@@ -173,7 +173,7 @@ class Roster:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"roster={str(path)!r} does not exist") from exc
-        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecode, UnicodeDecode
             raise ConfigError(f"roster={str(path)!r} is not readable JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"roster={str(path)!r} must hold a JSON object")

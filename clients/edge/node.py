@@ -297,7 +297,7 @@ class EdgeNode:
         path = self._state_path()
         try:
             state = json.loads(path.read_bytes()) if path.exists() else {}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
             log.warning("%s is unreadable (%s); starting from the registry alone", path, exc)
             return {}
         return state if isinstance(state, dict) else {}

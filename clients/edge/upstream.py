@@ -116,7 +116,7 @@ class Upstream:
             raise UpstreamError("status", f"HTTP {response.status_code}")
         try:
             return json.loads(response.content, parse_constant=_refuse, parse_float=_finite)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
             raise UpstreamError("answer", "not JSON, or a number past float range") from None
 
     async def complete(

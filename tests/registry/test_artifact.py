@@ -120,11 +120,15 @@ def test_a_final_metric_past_float_range_is_recorded_as_nan(
 def test_a_json_file_python_cannot_read_is_a_registry_error_naming_it(
     outputs: list[Path], tmp_path: Path
 ) -> None:
-    # json.loads raised ValueError past Python's 4,300-digit integer limit.
-    (outputs[0] / "metrics.json").write_text('{"final": {"accuracy": 1' + "0" * 5000 + "}}")
-
-    with pytest.raises(RegistryError, match=r"metrics\.json: .* is not valid JSON"):
-        build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+    # json.loads raised ValueError past Python's 4,300-digit integer limit, and
+    # RecursionError on deep nesting.
+    for text in (
+        '{"final": {"accuracy": 1' + "0" * 5000 + "}}",
+        '{"final": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ):
+        (outputs[0] / "metrics.json").write_text(text)
+        with pytest.raises(RegistryError, match=r"metrics\.json: .* is not valid JSON"):
+            build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
 
 
 def _link_to_key(adapter: Path, keys: Path) -> str:

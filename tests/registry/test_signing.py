@@ -82,7 +82,7 @@ def test_changing_any_single_byte_of_any_file_fails_verification(
         assert err.value.reason == "signature"
 
 
-@pytest.mark.parametrize("change", ["add", "remove", "garbage-signature"])
+@pytest.mark.parametrize("change", ["add", "remove", "garbage-signature", "deep-signature"])
 def test_added_removed_files_and_a_broken_signature_fail(
     release: Path, trust: TrustStore, change: str
 ) -> None:
@@ -90,8 +90,10 @@ def test_added_removed_files_and_a_broken_signature_fail(
         (release / ".gitattributes").write_text("* binary\n")  # covered like any file
     elif change == "remove":
         (release / "README.md").unlink()
-    else:
+    elif change == "garbage-signature":
         (release / SIGNATURE_FILE).write_text('{"not": "a bundle"}')
+    else:  # json.loads raises RecursionError, which is no ValueError
+        (release / SIGNATURE_FILE).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(VerificationError) as err:
         verify_release(release, trust)
     assert err.value.reason == "signature"

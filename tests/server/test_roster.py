@@ -65,6 +65,9 @@ def test_a_roster_that_is_not_text_or_names_an_impossible_site_is_refused(tmp_pa
     path.write_bytes(b"\xff\xfe{}")  # e.g. a file saved as UTF-16
     with pytest.raises(ConfigError, match="is not readable JSON"):
         Roster.load(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # json.loads: RecursionError
+    with pytest.raises(ConfigError, match="is not readable JSON"):
+        Roster.load(path)
     path.write_text(json.dumps({"sites": {"../site-a": {"node-id": 1}}}))
     with pytest.raises(ConfigError, match=r"site '\.\./site-a' is not a valid site id"):
         Roster.load(path)

@@ -163,6 +163,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "state truncated": (lambda c: _truncate(_state(c)), "1"),
     "state of wrong types": (lambda c: _state(c).write_text('{"intents": {"digest": 7}}'), "1"),
     "state a directory": (lambda c: (_state(c).unlink(), _state(c).mkdir()), "1"),
+    # json.loads raises RecursionError, which is no ValueError.
+    "state nested deep": (lambda c: _state(c).write_text("[" * 100_000 + "]" * 100_000), "1"),
     "state names a path": (
         lambda c: _state(c).write_text(
             json.dumps({"intents": {"alias": "production", "version": "1", "digest": "../../x"}})

@@ -43,3 +43,17 @@ def test_an_answer_holding_a_number_json_cannot_carry_is_an_upstream_error(numbe
 
     with pytest.raises(UpstreamError, match="answer"):
         asyncio.run(upstream.complete("/v1/completions", sent, traceparent="00-x", tracestate=None))
+
+
+def test_an_answer_nested_past_the_parsers_recursion_limit_is_an_upstream_error() -> None:
+    # json.loads raises RecursionError on deep nesting, which is no ValueError: the router
+    # catches only UpstreamError, so the client got a 500 instead of the local answer.
+    content = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    upstream = Upstream("http://upstream.test", model=None, timeout_s=1.0, key=None)
+    upstream._client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, content=content))
+    )
+    sent = {"model": "m", "prompt": "hi"}
+
+    with pytest.raises(UpstreamError, match="answer"):
+        asyncio.run(upstream.complete("/v1/completions", sent, traceparent="00-x", tracestate=None))

@@ -83,13 +83,21 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     """
     merged: dict[tuple[float, float], int] = {}
     for z, q, n in steps:  # RDP adds up: one term per distinct (z, q) is enough
-        if not (math.isfinite(z) and math.isfinite(q)):  # Opacus loops for ever on a NaN
+        if not (_finite(z) and _finite(q)):  # Opacus loops for ever on a NaN
             raise ConfigError(
                 f"DP-SGD steps with noise multiplier {z!r} and sampling rate {q!r} have no ε"
             )
         merged[(z, q)] = merged.get((z, q), 0) + n
     history = tuple((z, q, n) for (z, q), n in merged.items() if n > 0)
     return _rdp_epsilon(history, delta) if history else 0.0
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is finite; an int past float range (``10**400``) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @functools.lru_cache(maxsize=1024)

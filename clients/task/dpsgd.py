@@ -76,20 +76,31 @@ def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> 
     `fedlora site budget`, and one RDP evaluation costs tenths of a second.
 
     Raises:
-        ConfigError: If a noise multiplier or sampling rate is not finite, or the
-            accountant cannot compute it (a noise multiplier so small or large, or so
-            many steps, that its arithmetic fails): such steps are refused
-            like any other invalid ε, not left to crash the caller.
+        ConfigError: If a noise multiplier or sampling rate is not finite, a step
+            count is NaN or negative, or the accountant cannot compute it (a noise
+            multiplier so small or large, or so many steps, that its arithmetic fails):
+            such steps are refused like any other invalid ε, not left to crash the caller.
     """
     merged: dict[tuple[float, float], int] = {}
     for z, q, n in steps:  # RDP adds up: one term per distinct (z, q) is enough
-        if not (math.isfinite(z) and math.isfinite(q)):  # Opacus loops for ever on a NaN
+        # Opacus loops for ever on a NaN z or q; a NaN or negative count would drop or
+        # cancel the group's other steps below (a sum that is not > 0).
+        if not (_finite(z) and _finite(q) and n >= 0):
             raise ConfigError(
-                f"DP-SGD steps with noise multiplier {z!r} and sampling rate {q!r} have no ε"
+                f"DP-SGD steps with noise multiplier {z!r}, sampling rate {q!r} and count "
+                f"{n!r} have no ε"
             )
         merged[(z, q)] = merged.get((z, q), 0) + n
     history = tuple((z, q, n) for (z, q), n in merged.items() if n > 0)
     return _rdp_epsilon(history, delta) if history else 0.0
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is finite; an int past float range (``10**400``) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 @functools.lru_cache(maxsize=1024)

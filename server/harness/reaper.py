@@ -78,8 +78,25 @@ def group_alive(pgid: int) -> bool:
                 state, _ppid, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue  # exited meanwhile
-        if pgrp == str(pgid).encode() and state != b"Z":
+        if pgrp == str(pgid).encode() and (state != b"Z" or _threads_running(pid)):
             return True
+    return False
+
+
+def _threads_running(pid: str) -> bool:
+    """Whether process `pid` has a thread that is not a zombie. A leader thread that ended
+    itself only (not the process) shows Z in ``/proc/PID/stat`` while the others run on."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False  # reaped meanwhile
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+                    return True
+        except (OSError, IndexError):
+            continue  # exited meanwhile
     return False
 
 

@@ -244,6 +244,37 @@ def test_a_group_of_zombies_is_not_alive() -> None:
         leader.wait()
 
 
+# SYS_exit, which ends the calling thread only (exit() would end every thread).
+_SYS_EXIT = {"x86_64": 60, "aarch64": 93}.get(os.uname().machine)
+
+
+@pytest.mark.skipif(_SYS_EXIT is None, reason="SYS_exit number unknown on this machine")
+def test_a_group_whose_leader_thread_exited_but_another_runs_is_alive() -> None:
+    # /proc/PID/stat shows such a leader as a zombie while its other threads run on:
+    # judged dead, the reaper would neither SIGTERM nor SIGKILL it.
+    from server.harness.reaper import group_alive
+
+    code = (
+        "import ctypes, sys, threading; "
+        "threading.Thread(target=sys.stdin.read).start(); "
+        f"ctypes.CDLL(None).syscall({_SYS_EXIT}, 0)"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and psutil.Process(leader.pid).status() != "zombie":
+            time.sleep(0.05)
+        assert psutil.Process(leader.pid).status() == "zombie"  # its leader thread is
+        assert leader.poll() is None  # but the process runs on
+
+        assert group_alive(leader.pid)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
 def test_stop_leaves_alone_a_group_whose_number_was_reused(tmp_path: Path) -> None:
     # A service that exited on its own and was reaped (`alive` polls) frees its number;
     # `stop` must not SIGTERM the group a stranger now leads under it.

@@ -127,3 +127,18 @@ def test_steps_with_a_non_finite_noise_or_rate_are_refused_not_looped_on(
     # Opacus' RDP accountant never returns on a NaN noise multiplier or sampling rate.
     with pytest.raises(ConfigError, match="have no ε"):
         site_epsilon([step], delta=1e-5)
+
+
+@pytest.mark.parametrize("step", [(10**400, 0.1, 1), (1.0, 10**400, 1)], ids=["z", "q"])
+def test_a_noise_or_rate_past_float_range_is_a_config_error(step: tuple[float, float, int]) -> None:
+    # math.isfinite raised OverflowError on such an int, past the ConfigError callers catch.
+    with pytest.raises(ConfigError, match="have no ε"):
+        site_epsilon([step], delta=1e-5)
+
+
+@pytest.mark.parametrize("count", [math.nan, -20], ids=["nan", "negative"])
+def test_a_nan_or_negative_step_count_is_refused_not_dropped(count: float) -> None:
+    # Merged with the group's 20 steps, it made a sum that is not > 0, so the group was
+    # dropped and the steps taken cost ε = 0.
+    with pytest.raises(ConfigError, match="have no ε"):
+        site_epsilon([(1.0, 0.1, 20), (1.0, 0.1, count)], delta=1e-5)  # type: ignore[list-item]

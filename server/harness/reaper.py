@@ -60,8 +60,9 @@ def ours(pgid: int, start: str | None) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """Whether process group `pgid` has a member that is not a zombie (one we may not
-    signal counts). A group of zombies is dead: its members wait only for their parent to
-    reap them, and waiting out `GRACE_SECONDS` for them would gain nothing."""
+    signal counts). A group seen in ``/proc`` to hold only zombies is dead: its members
+    wait only for their parent to reap them, and waiting out `GRACE_SECONDS` for them
+    would gain nothing. Whatever ``/proc`` cannot show counts as alive."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -72,15 +73,21 @@ def group_alive(pgid: int) -> bool:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return True  # no /proc (not Linux): no states to read
+    zombies = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 state, _ppid, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue  # exited meanwhile
-        if pgrp == str(pgid).encode() and (state != b"Z" or _threads_running(pid)):
+        if pgrp != str(pgid).encode():
+            continue
+        if state != b"Z" or _threads_running(pid):
             return True
-    return False
+        zombies += 1
+    # The kernel counts the group but /proc showed none of it (hidepid, another pid
+    # namespace, a member forked during the scan): alive, as without /proc.
+    return zombies == 0
 
 
 def _threads_running(pid: str) -> bool:

@@ -275,6 +275,23 @@ def test_a_group_whose_leader_thread_exited_but_another_runs_is_alive() -> None:
         leader.wait()
 
 
+def test_a_group_proc_does_not_show_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /proc mounted with hidepid, or another pid namespace, hides the members the kernel
+    # still counts (faked here: this machine's /proc shows everything). The group must not
+    # read as dead, or the reaper would leave it running.
+    from server.harness import reaper
+
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    try:
+        monkeypatch.setattr(reaper.os, "listdir", lambda path: [])
+        assert reaper.group_alive(leader.pid)
+    finally:
+        leader.kill()
+        leader.wait()
+
+
 def test_stop_leaves_alone_a_group_whose_number_was_reused(tmp_path: Path) -> None:
     # A service that exited on its own and was reaped (`alive` polls) frees its number;
     # `stop` must not SIGTERM the group a stranger now leads under it.

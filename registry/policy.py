@@ -61,7 +61,8 @@ class Policy:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise RegistryError(f"cannot read policy {path}: {exc.strerror}") from exc
-        except ValueError as exc:  # TOMLDecodeError, non-UTF-8, an int of over 4,300 digits
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, non-UTF-8, an int of
+            # over 4,300 digits, arrays nested past the parser's recursion limit
             raise RegistryError(f"policy {path} is not valid TOML: {exc}") from exc
         gates = data.get("gates", {})
         unknown = sorted(set(gates) - KEYS) + sorted(set(data) - {"gates"})

@@ -144,6 +144,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             out[key] = raw
         except ValueError:  # int() past Python's 4,300-digit limit
             raise ConfigError(f"--set {key}: a number of more than 4300 digits") from None
+        except RecursionError:
+            raise ConfigError(f"--set {key}: arrays nested too deep to read") from None
     return out
 
 

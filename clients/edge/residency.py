@@ -128,7 +128,8 @@ class ResidencyPolicy:
         text = raw.decode("utf-8", errors="replace")
         try:
             data = tomllib.loads(text)
-        except ValueError as exc:  # TOMLDecodeError, or an int of over 4,300 digits
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an int of over 4,300
+            # digits, arrays nested past the parser's recursion limit
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         return _Parser(path, text).parse(data, digest=hashlib.sha256(raw).hexdigest())
 

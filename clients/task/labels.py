@@ -77,7 +77,8 @@ def parse_label_set(value: str | Sequence[str], *, key: str = "labels") -> tuple
         if text.startswith("["):
             try:
                 items = tomllib.loads(f"v = {text}")["v"]
-            except tomllib.TOMLDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # TOMLDecodeError, an int of over
+                # 4,300 digits, arrays nested past the parser's recursion limit
                 raise ConfigError(
                     f"{key}={short(value)} is not a TOML array of strings ({exc})"
                 ) from None

@@ -139,8 +139,12 @@ def test_a_policy_file_with_a_non_finite_bound_is_refused(
 
 @pytest.mark.parametrize(
     "content",
-    [b"[gates]\nmin-metric = 1" + b"0" * 5000 + b"\n", b"[gates]\nmetric = '\xff'\n"],
-    ids=["5001-digits", "not-utf-8"],
+    [
+        b"[gates]\nmin-metric = 1" + b"0" * 5000 + b"\n",
+        b"[gates]\nmetric = '\xff'\n",
+        b"[gates]\nmin-metric = " + b"[" * 100_000 + b"\n",
+    ],
+    ids=["5001-digits", "not-utf-8", "nested-deep"],
 )
 def test_a_policy_file_python_cannot_read_is_a_registry_error_naming_it(
     tmp_path: Path, content: bytes

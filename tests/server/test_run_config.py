@@ -72,3 +72,5 @@ def test_a_set_value_past_pythons_digit_limit_is_a_config_error_naming_the_key()
 
     with pytest.raises(ConfigError, match=r"^--set seed: a number of more than 4300 digits"):
         parse_overrides(["seed=1" + "0" * 5000])
+    with pytest.raises(ConfigError, match=r"^--set labels: arrays nested too deep to read"):
+        parse_overrides(["labels=" + "[" * 100_000])  # tomllib raised RecursionError

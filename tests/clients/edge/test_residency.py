@@ -144,6 +144,7 @@ action = "block"
         ("[models.m\n", "policy.toml: not valid TOML"),
         # tomllib raised ValueError (Python's 4,300-digit integer limit) out of load.
         ("[budget]\nper_key_per_day = 1" + "0" * 5000 + "\n", "policy.toml: not valid TOML"),
+        ("[budget]\nper_key_per_day = " + "[" * 100_000 + "\n", "policy.toml: not valid TOML"),
     ],
 )  # fmt: skip
 def test_policy_errors_name_file_line_key_and_value(

@@ -101,6 +101,8 @@ def test_label_set_forms(value: object, labels: tuple[str, ...]) -> None:
         ('["a", "  "]', "label '  ' is empty"),
         ('["a", "a"]', "has duplicates: a"),
         ("[not toml", "is not a TOML array of strings"),
+        ('["a", 1' + "0" * 5000 + "]", "is not a TOML array of strings"),  # 4,300 digits
+        ("[" * 100_000, "is not a TOML array of strings"),  # RecursionError
         (["a", "x" * 1001], "has 1001 characters"),
         (["a", "\ud800"], "lone surrogate U\\+D800"),
     ],

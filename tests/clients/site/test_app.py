@@ -150,6 +150,7 @@ def test_a_site_id_the_server_would_reject_stops_the_site_at_start(
     )
 
 
+@pytest.mark.integration  # ~3 s of RDP noise solving: outside the one-minute unit run
 def test_under_a_target_the_site_states_the_noise_it_solved_for_its_own_rows(
     tiny_llama: Path, site_config: dict[str, Any]
 ) -> None:

@@ -51,6 +51,7 @@ def test_bad_plan_is_refused_by_the_site(change: dict, message: str) -> None:
         TrainPlan.from_config(config)
 
 
+@pytest.mark.integration  # ~3 s of RDP noise solving: outside the one-minute unit run
 def test_under_a_target_each_site_solves_its_noise_for_the_whole_planned_run() -> None:
     from clients.task.dpsgd import site_epsilon
 

@@ -29,6 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from clients.task.errors import ConfigError
 from clients.task.numbers import finite_number
 from registry.errors import RegistryError
 
@@ -252,20 +253,15 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
 
     The summary is what provenance (and so every gate) reads; the rounds are what the
     server accounted as it went. Each client-level round's (noise multiplier, sampling
-    rate) and each site's per-round DP-SGD steps are replayed through Opacus' RDP
-    accountant (as server/privacy.py accounted them) and must give the summary's ε.
+    rate) and each site's per-round DP-SGD steps are replayed through `site_epsilon`,
+    the RDP accounting sites and server share (it refuses the non-finite steps Opacus
+    never returns on), and must give the summary's ε.
 
     Raises:
         RegistryError: Naming the guarantee and both numbers.
     """
-    from opacus.accountants import RDPAccountant  # publisher only: edge nodes never call this
-
-    def replayed(steps: list[tuple[float, float, int]], delta: float) -> float:
-        if not all(math.isfinite(z) and math.isfinite(q) for z, q, _ in steps):
-            raise ValueError(f"a noise multiplier or sampling rate is not finite: {steps!r}")
-        accountant = RDPAccountant()  # (it loops forever on a NaN)
-        accountant.history = steps
-        return float(accountant.get_epsilon(delta=delta)) if steps else 0.0
+    # torch/opacus: the publisher only; edge nodes never call this.
+    from clients.task.dpsgd import site_epsilon
 
     def same(a: object, b: float) -> bool:
         return isinstance(a, int | float) and math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
@@ -281,7 +277,7 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
         if client is not None:
             released = [r for r in accounted if r.get("sampling_rate") is not None]
             steps = [(float(r["noise_multiplier"]), float(r["sampling_rate"]), 1) for r in released]
-            epsilon = replayed(steps, float(client["delta"]))
+            epsilon = site_epsilon(steps, delta=float(client["delta"]))
             if not (same(client["epsilon"], epsilon) and same(accounted[-1]["epsilon"], epsilon)):
                 raise RegistryError(
                     f"metrics.json: client-level ε={client['epsilon']!r} in the summary, "
@@ -304,14 +300,15 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
                 (float(e["noise-multiplier"]), float(e["sampling-rate"]), int(e["steps"]))
                 for e in entries
             ]
-            epsilon = replayed(steps, float(entries[-1]["delta"]))
+            epsilon = site_epsilon(steps, delta=float(entries[-1]["delta"]))
             if not same(claimed[site]["epsilon"], epsilon):
                 raise RegistryError(
                     f"metrics.json: sample-level ε={claimed[site]['epsilon']!r} of site "
                     f"{site!r}, but its {len(entries)} round(s) add up to {epsilon!r}"
                 )
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-        # OverflowError: an integer past float range, which JSON reads exactly
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ConfigError) as exc:
+        # OverflowError: an integer past float range, which JSON reads exactly;
+        # ConfigError: steps the accountant refuses or cannot account
         raise RegistryError(f"metrics.json: unreadable privacy record ({exc!r})") from exc
 
 

@@ -165,16 +165,11 @@ class SiteLedger:
             if budget is not None and not (math.isfinite(budget) and budget > 0):
                 raise ConfigError(f"max_epsilon={budget!r} is not a number > 0")
             stated = finite_number(raw.get("total_epsilon"))
+        # OverflowError: an integer past float range, which JSON reads exactly.
         except (
-            OSError,
-            ValueError,
-            KeyError,
-            TypeError,
-            AttributeError,
-            RecursionError,
-            OverflowError,
-            ConfigError,
-        ) as exc:  # fmt: skip  (OverflowError: an integer past float range)
+            OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            OverflowError, ConfigError,
+        ) as exc:  # fmt: skip
             raise ConfigError(
                 f"privacy ledger {path} is unreadable: {exc}; fix it or re-initialise it with "
                 + RESET_COMMAND.format(state=state_dir)

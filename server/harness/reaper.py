@@ -36,13 +36,22 @@ GRACE_SECONDS = 5.0
 POLL_SECONDS = 0.1
 
 
+def _stat(path: str) -> list[bytes]:
+    """The fields after the name in a ``/proc`` stat file (the name may hold ")"): field
+    3 (state) first. Empty if the file is gone or unreadable."""
+    try:
+        with open(path, "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def start_time(pid: int) -> str | None:
     """Process `pid`'s start time (``/proc/PID/stat`` field 22), or None if unknown."""
+    fields = _stat(f"/proc/{pid}/stat")
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()  # the name may hold ")"
         return fields[19].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
+    except (IndexError, UnicodeDecodeError):
         return None
 
 
@@ -73,16 +82,12 @@ def group_alive(pgid: int) -> bool:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return True  # no /proc (not Linux): no states to read
-    zombies = 0
+    group, zombies = str(pgid).encode(), 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                state, _ppid, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue  # exited meanwhile
-        if pgrp != str(pgid).encode():
+        fields = _stat(f"/proc/{pid}/stat")  # empty once it exited meanwhile
+        if len(fields) < 3 or fields[2] != group:
             continue
-        if state != b"Z" or _threads_running(pid):
+        if fields[0] != b"Z" or _threads_running(pid):
             return True
         zombies += 1
     # The kernel counts the group but /proc showed none of it (hidepid, another pid
@@ -97,14 +102,8 @@ def _threads_running(pid: str) -> bool:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False  # reaped meanwhile
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
-                if stat.read().rsplit(b")", 1)[1].split()[0] != b"Z":
-                    return True
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-    return False
+    states = (_stat(f"/proc/{pid}/task/{tid}/stat")[:1] for tid in tids)
+    return any(state and state[0] != b"Z" for state in states)  # [] : exited meanwhile
 
 
 def _signal(pgids: set[int], signum: int) -> None:

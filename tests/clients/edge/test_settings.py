@@ -31,18 +31,22 @@ def test_bad_references_are_refused(text: str) -> None:
         ModelRef.parse(text)
 
 
+def _settings(tmp_path: Path, **overrides: object) -> EdgeSettings:
+    return EdgeSettings(
+        models=(ModelRef("intents"),),
+        trust=tmp_path,
+        cache=tmp_path / "cache",
+        registry_uri="http://127.0.0.1:5000",
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
 @pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf])
 def test_a_refresh_timeout_must_be_a_positive_number_of_seconds(
     tmp_path: Path, value: float
 ) -> None:
     with pytest.raises(ConfigError, match=r"--refresh-timeout-s .* must be > 0"):
-        EdgeSettings(
-            models=(ModelRef("intents"),),
-            trust=tmp_path,
-            cache=tmp_path / "cache",
-            registry_uri="http://127.0.0.1:5000",
-            refresh_timeout_s=value,
-        )
+        _settings(tmp_path, refresh_timeout_s=value)
 
 
 @pytest.mark.parametrize("field", ["poll_seconds", "refresh_timeout_s"])
@@ -56,13 +60,7 @@ def test_a_wait_longer_than_a_thread_can_wait_is_refused(
     flag = "--" + field.replace("_", "-")
     refused = rf"^{flag} {re.escape(str(value))} must be > 0 and at most "
     with pytest.raises(ConfigError, match=refused):
-        EdgeSettings(
-            models=(ModelRef("intents"),),
-            trust=tmp_path,
-            cache=tmp_path / "cache",
-            registry_uri="http://127.0.0.1:5000",
-            **{field: value},
-        )
+        _settings(tmp_path, **{field: value})
 
 
 @pytest.mark.parametrize("threads", [-1, MAX_THREADS + 1, 10**400], ids=["-1", "max+1", "10^400"])
@@ -70,10 +68,4 @@ def test_threads_past_what_torch_takes_are_refused(tmp_path: Path, threads: int)
     # `--threads 1000…0` passed and torch.set_num_threads raised "ValueError: Overflow when
     # unpacking long long" when the node started.
     with pytest.raises(ConfigError, match=rf"^--threads .* must be in 0\.\.{MAX_THREADS}"):
-        EdgeSettings(
-            models=(ModelRef("intents"),),
-            trust=tmp_path,
-            cache=tmp_path / "cache",
-            registry_uri="http://127.0.0.1:5000",
-            threads=threads,
-        )
+        _settings(tmp_path, threads=threads)

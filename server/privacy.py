@@ -230,9 +230,12 @@ class SampleLevelAccounts:
         """Account one round the site trained in; return its record entry."""
         rate = plan.sampling_rate(num_examples)
         steps = plan.steps_for(num_examples)
-        self.steps.setdefault(site, []).append((noise_multiplier, rate, steps))
+        history = [*self.steps.get(site, []), (noise_multiplier, rate, steps)]
+        # ε first: a step the accountant refuses (ConfigError) is not kept in the history.
+        epsilon = dpsgd.site_epsilon(history, delta=self.delta)
+        self.steps[site] = history
         return {
-            "epsilon": dpsgd.site_epsilon(self.steps[site], delta=self.delta),
+            "epsilon": epsilon,
             "delta": self.delta,
             "noise-multiplier": noise_multiplier,
             "max-grad-norm": plan.site_dp_max_grad_norm,

@@ -6,7 +6,14 @@ import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.task.errors import ConfigError
-from server.privacy import PrivacyLedger, privacy_summary, solve_noise_multiplier
+from clients.task.plan import TrainPlan
+from clients.task.model import ModelSpec
+from server.privacy import (
+    PrivacyLedger,
+    SampleLevelAccounts,
+    privacy_summary,
+    solve_noise_multiplier,
+)
 from strategies.secagg import SecAggSettings
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -33,6 +40,19 @@ def test_epsilon_after_does_not_charge_and_replay_restores() -> None:
     after = ledger.epsilon_after(noise_multiplier=1.0, sampling_rate=0.5)
     assert ledger.epsilon == before < after
     assert PrivacyLedger.replay(1e-5, [(1.0, 0.5), (1.0, 0.5)]).epsilon == pytest.approx(after)
+
+
+def test_a_refused_site_dp_charge_leaves_the_site_history_as_it_was() -> None:
+    # The ε of a step the accountant refuses must not stay in the history it accounts.
+    accounts = SampleLevelAccounts(delta=1e-5)
+    plan = TrainPlan(spec=ModelSpec(labels=("a", "b")), base_digest="d", batch_size=16)
+    first = accounts.charge("site-1", noise_multiplier=1.0, num_examples=160, plan=plan)
+    with pytest.raises(ConfigError):
+        accounts.charge("site-1", noise_multiplier=float("nan"), num_examples=160, plan=plan)
+    assert accounts.steps["site-1"] == [(1.0, 0.1, 10)]
+    again = accounts.charge("site-1", noise_multiplier=1.0, num_examples=160, plan=plan)
+    assert again["epsilon"] > first["epsilon"]
+    assert accounts.steps["site-1"] == [(1.0, 0.1, 10)] * 2
 
 
 @pytest.mark.parametrize(("target", "q", "rounds"), [(8.0, 1.0, 5), (1.0, 0.3, 20)])

@@ -6,8 +6,8 @@ import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.task.errors import ConfigError
-from clients.task.plan import TrainPlan
 from clients.task.model import ModelSpec
+from clients.task.plan import TrainPlan
 from server.privacy import (
     PrivacyLedger,
     SampleLevelAccounts,

@@ -158,12 +158,15 @@ class SiteLedger:
             for entry in runs.values():  # what a charge would have refused, refused on load
                 for z, q, n in entry.steps:
                     _check_round(noise_multiplier=z, sampling_rate=q, steps=n, delta=entry.delta)
-            opening = check_epsilon(float(raw.get("opening_epsilon", 0.0)), what=str(path))
+            raw_opening = raw.get("opening_epsilon", 0.0)
+            if (opening := finite_number(raw_opening)) is None:
+                raise ConfigError(f"opening_epsilon={raw_opening!r} is not a finite number")
+            opening = check_epsilon(opening, what=str(path))
             resets = list(raw.get("resets", []))
             budget = raw.get("max_epsilon")
-            budget = float(budget) if budget is not None else None
-            if budget is not None and not (math.isfinite(budget) and budget > 0):
-                raise ConfigError(f"max_epsilon={budget!r} is not a number > 0")
+            if budget is not None and ((number := finite_number(budget)) is None or number <= 0):
+                raise ConfigError(f"max_epsilon={budget!r} is not a finite number > 0")
+            budget = number if budget is not None else None
             stated = finite_number(raw.get("total_epsilon"))
         # OverflowError: an integer past float range, which JSON reads exactly.
         except (

@@ -59,6 +59,11 @@ def _entry(**fields: object) -> dict:
         {"runs": {"r": _entry(steps=[[1.0, 0.25, 0]])}},
         {"runs": {"r": _entry()}, "max_epsilon": "eight"},
         {"runs": {"r": _entry()}, "max_epsilon": [8]},
+        # A bool or a numeric string is no number (float() took them as 1.0 and 8.0).
+        {"runs": {"r": _entry()}, "max_epsilon": True},
+        {"runs": {"r": _entry()}, "max_epsilon": "8"},
+        {"runs": {"r": _entry()}, "opening_epsilon": True},
+        {"runs": {"r": _entry()}, "opening_epsilon": "0.5"},
         # Integers past float range (JSON reads them exactly): float() overflows on them.
         {"runs": {"r": _entry()}, "max_epsilon": 10**400},
         {"runs": {"r": _entry()}, "opening_epsilon": 10**400},
@@ -353,7 +358,7 @@ def test_a_stored_budget_that_is_not_a_positive_number_is_refused(
     # A site never writes one (its max-epsilon is refused first); `site budget` showed
     # "max-epsilon nan, remaining ε nan" and NaN in --json.
     (tmp_path / LEDGER_FILE).write_text('{"runs": {}, "max_epsilon": ' + budget + "}")
-    with pytest.raises(ConfigError, match=f"unreadable: max_epsilon={float(budget)!r}"):
+    with pytest.raises(ConfigError, match=f"unreadable: max_epsilon={json.loads(budget)!r}"):
         budget_report(tmp_path, None)
 
 

@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -550,11 +551,15 @@ def finish(
 
 
 def parse_config(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:key=value,key=value`` -> (NAME, overrides); values are TOML."""
+    """``NAME:key=value,key=value`` -> (NAME, overrides); values are TOML.
+
+    A comma inside a double-quoted value belongs to the value
+    (``lora.target-modules="query,value,dense"``).
+    """
     from server.run_config import parse_overrides
 
     name, _, rest = text.partition(":")
-    pairs = [p for p in rest.split(",") if p.strip()]
+    pairs = [p for p in re.split(r',(?=(?:[^"]*"[^"]*")*[^"]*$)', rest) if p.strip()]
     return name, parse_overrides(pairs)
 
 

@@ -1,4 +1,4 @@
-"""sweep_quality's SCAFFOLD knob: the control-variate maths on made-up tensors (no training)."""
+"""sweep_quality: the SCAFFOLD knob's maths on made-up tensors (no training); --config parsing."""
 
 from __future__ import annotations
 
@@ -68,3 +68,9 @@ def test_no_hook_before_the_server_has_a_control() -> None:
         _Loaded(), {"server": {}}, "a", 0.1, sq.SIM_KEYS | {"sim.scaffold": "all"}
     )
     assert hook is None
+
+
+def test_a_config_keeps_commas_inside_a_quoted_value() -> None:
+    name, overrides = sq.parse_config('all:lora.target-modules="query,value,dense",batch-size=4')
+    assert name == "all"
+    assert overrides == {"lora.target-modules": "query,value,dense", "batch-size": 4}

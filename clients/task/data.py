@@ -148,6 +148,7 @@ def _json_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, objec
 
 
 def _json_row(line: str) -> object:
+    line = line.rstrip("\r\n")  # with its line break, an error at the end says "column 1"
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:

@@ -315,6 +315,11 @@ def test_spreadsheet_and_editor_variants_are_read(
                 "increase the limit)"
             ],
         ),
+        (  # the column of a missing closing brace is the line's end, not "column 1"
+            "no-brace.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": "world", "label": "b"\n',
+            ["no-brace.jsonl:2: invalid JSON (Expecting ',' delimiter at column 31)"],
+        ),
         (  # a JSON string is a row of the wrong kind, not an error message
             "string.jsonl",
             b'{"text": "ok", "label": "a"}\n"hello"\n',

@@ -114,10 +114,18 @@ def _comma_items(value: str, *, key: str) -> list[str]:
         guess = [item.strip() for item in items if item.strip()]
         raise ConfigError(
             f"{key}={short(value)} is ambiguous (a label may hold commas and spaces); write "
-            f"the set as a TOML array: {run_config_line(guess, key=key)}, or "
-            f"{run_config_line([value.strip()], key=key)} for a single label"
+            f"the set as a TOML array: {_written(guess, key=key)}, or "
+            f"{_written([value.strip()], key=key)} for a single label"
         )
     return items
+
+
+def _written(labels: Sequence[str], *, key: str) -> str:
+    """How to write ``labels`` for ``key``: a run-config line, or for a command-line flag
+    (``--labels``) the flag and one single-quoted shell word, ready to paste."""
+    if key.startswith("--"):
+        return f"{key} '{format_label_set(labels)}'"  # the array holds no ' (format_label_set)
+    return run_config_line(labels, key=key)
 
 
 def toml_string(label: str) -> str:

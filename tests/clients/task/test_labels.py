@@ -112,6 +112,14 @@ def test_bad_label_sets_name_the_key_and_the_cause(value: object, message: str) 
         parse_label_set(value)  # type: ignore[arg-type]
 
 
+def test_an_ambiguous_flag_value_suggests_a_flag_to_paste_not_a_config_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_label_set("a, c", key="--labels")
+    assert """--labels '["a", "c"]', or --labels '["a, c"]' for a single label""" in str(
+        caught.value
+    )
+
+
 def test_a_json_integer_label_is_its_text_as_in_csv() -> None:
     assert check_label(3) == "3"
     with pytest.raises(ValueError, match="must be a string, got bool"):

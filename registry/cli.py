@@ -19,7 +19,13 @@ from rich.console import Console
 from rich.text import Text
 
 from registry.errors import RegistryError
-from registry.keys import TrustStore, generate_keypair, key_id, load_public_key
+from registry.keys import (
+    PASSPHRASE_ENV,
+    TrustStore,
+    generate_keypair,
+    key_id,
+    load_public_key,
+)
 from registry.lifecycle import (
     CANDIDATE,
     DEFAULT_STATE,
@@ -36,7 +42,6 @@ from registry.mlflow_store import TAG, MlflowStore, default_uri
 from registry.policy import Policy
 
 out = Console(soft_wrap=True)
-PASSPHRASE_ENV = "FEDLORA_KEY_PASSPHRASE"
 
 
 def say(line: str) -> None:
@@ -121,8 +126,11 @@ def keys_group(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    pair = generate_keypair(Path(args.out), passphrase=_passphrase(args))
-    say(f"private key  {pair.private_path} (mode 0600)")
+    passphrase = _passphrase(args)
+    pair = generate_keypair(Path(args.out), passphrase=passphrase)
+    var = args.passphrase_env
+    how = f"encrypted: ${var}" if passphrase else f"NOT encrypted: ${var} is not set"
+    say(f"private key  {pair.private_path} (mode 0600, {how})")
     say(f"public key   {pair.public_path}")
     say(f"key id       {pair.key_id}")
     return 0

@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registry.errors import KeyFileError, VerificationError
 
+# Where a private key's passphrase is read from by default (never the command line).
+PASSPHRASE_ENV = "FEDLORA_KEY_PASSPHRASE"
+
 PRIVATE_NAME = "signing-key.pem"
 PUBLIC_NAME = "signing-key.pub"
 PUBLIC_SUFFIXES = (".pub", ".pem")
@@ -90,7 +93,13 @@ def load_private_key(path: Path, *, passphrase: str | None = None) -> ec.Ellipti
     try:
         key = serialization.load_pem_private_key(data, passphrase.encode() if passphrase else None)
     except TypeError as exc:
-        hint = "it is encrypted; pass its passphrase" if not passphrase else "it is not encrypted"
+        hint = (
+            "it is encrypted; pass its passphrase (fedlora reads it from the environment: "
+            f"{PASSPHRASE_ENV} by default, or the variable --passphrase-env / "
+            "registry.passphrase-env names)"
+            if not passphrase
+            else "it is not encrypted"
+        )
         raise KeyFileError(f"cannot load private key {path}: {hint}") from exc
     except ValueError as exc:
         if passphrase and b"ENCRYPTED" in data:

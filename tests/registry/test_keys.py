@@ -32,7 +32,10 @@ def test_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("passphrase", "message"),
-    [(None, "it is encrypted; pass its passphrase"), ("wrong", "wrong passphrase")],
+    [
+        (None, "it is encrypted; pass its passphrase .*FEDLORA_KEY_PASSPHRASE"),
+        ("wrong", "wrong passphrase"),
+    ],
 )
 def test_locked_key_errors_say_what_is_wrong(
     tmp_path: Path, passphrase: str | None, message: str
@@ -74,3 +77,22 @@ def test_trust_store_errors_name_the_problem(tmp_path: Path) -> None:
     )
     with pytest.raises(KeyFileError, match="not an EC P-256/384/521 public key"):
         TrustStore.load(tmp_path / "rsa")
+
+
+@pytest.mark.parametrize("passphrase", [None, "pw"])
+def test_keys_generate_says_whether_the_key_is_encrypted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, passphrase
+) -> None:
+    # A key written in the clear because the variable was not set must not pass unnoticed.
+    from server.cli import build_parser
+
+    monkeypatch.delenv("FEDLORA_KEY_PASSPHRASE", raising=False)
+    if passphrase:
+        monkeypatch.setenv("FEDLORA_KEY_PASSPHRASE", passphrase)
+    args = build_parser().parse_args(["keys", "generate", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    if passphrase:
+        assert "encrypted: $FEDLORA_KEY_PASSPHRASE" in printed
+    else:
+        assert "NOT encrypted: $FEDLORA_KEY_PASSPHRASE is not set" in printed

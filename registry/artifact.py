@@ -208,9 +208,12 @@ def adapter_dir(source: Path) -> Path:
     """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself.
 
     Raises:
-        RegistryError: a missing adapter file, or a link or a file that is not part of a
-            release (`release_files`).
+        RegistryError: ``source`` missing or not a directory, a missing adapter file, or a
+            link or a file that is not part of a release (`release_files`).
     """
+    if not source.is_dir():
+        why = "does not exist" if not source.exists() else "is not a directory"
+        raise RegistryError(f"{source} {why}; expected a training output or PEFT directory")
     inner = source / "adapter"
     if inner.is_symlink():
         raise RegistryError(f"{inner} is a symbolic link; a release takes only plain files")

@@ -48,6 +48,16 @@ def test_not_an_adapter_is_refused(tmp_path: Path) -> None:
         build_release(tmp_path / "src", tmp_path / "r", model_name="m", release=1)
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_source_that_is_no_directory_says_so(tmp_path: Path, kind: str) -> None:
+    source = tmp_path / "out"
+    if kind == "file":
+        source.write_text("x")
+    why = "does not exist" if kind == "missing" else "is not a directory"
+    with pytest.raises(RegistryError, match=f"out {why}; expected a training output"):
+        build_release(source, tmp_path / "release", model_name="m", release=1)
+
+
 def test_provenance_of_another_schema_is_refused() -> None:
     with pytest.raises(RegistryError, match="schema=None"):
         Provenance.from_dict({"model_name": "m"})

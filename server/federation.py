@@ -61,12 +61,20 @@ def check_site_id(site_id: str) -> str:
 
 @dataclass(frozen=True)
 class Federation:
-    """An initialised federation directory."""
+    """An initialised federation directory.
+
+    ``directory`` is made absolute: its paths go into the ``flwr`` CLI's config.toml
+    (Flower refuses a relative ``root-certificates``) and into printed commands that may
+    be run from another directory.
+    """
 
     directory: Path
     address: str  # host:port the SuperNodes and the CLI dial
     sans: tuple[str, ...]
     connection: str = CONNECTION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", self.directory.resolve())
 
     # ------------------------------------------------------------------ paths
 
@@ -301,7 +309,9 @@ def init_federation(
     """Make a federation directory: CA, SuperLink certificate, CLI connection, empty roster.
 
     Args:
-        directory: Created with mode 0700; must not hold a federation already.
+        directory: Created with mode 0700; must not hold a federation already. A relative
+            path is resolved against the working directory: every path written into the
+            directory's files is absolute.
         address: ``host:port`` that sites and the CLI dial (the host must be in ``sans``).
         sans: Host names and IP addresses the SuperLink's certificate is valid for.
 
@@ -314,6 +324,7 @@ def init_federation(
     host = host.strip("[]")
     if host not in sans:
         sans = [host, *sans]
+    directory = directory.resolve()
     if (directory / "ca.key").exists() or (directory / "federation.json").exists():
         raise ConfigError(f"{directory} holds a federation already; refusing to replace its CA")
     directory.mkdir(parents=True, exist_ok=True)

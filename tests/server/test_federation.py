@@ -4,6 +4,7 @@ is in tests/integration/test_federation.py), the progress lines and the URI reda
 from __future__ import annotations
 
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,32 @@ def test_init_makes_a_private_directory_with_0600_keys_and_a_tls_cli_connection(
     assert command[command.index("--port") + 1] == "9092"
     with pytest.raises(ConfigError, match="holds a federation already"):
         init_federation(fed.directory, address="link.example.org:9092", sans=[])
+
+
+def test_init_with_a_relative_directory_writes_absolute_paths_flower_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the README's `fedlora federation init fed/`, run from tmp_path.
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.chdir(tmp_path)
+    fed_dir = (tmp_path / "fed").resolve()
+    # Act
+    fed = init_federation(Path("fed/"), address="link.example.org:9092", sans=[])
+    # Assert: Flower's CLI refuses a relative root-certificates ("expected absolute path");
+    # every path written or printed names the directory absolutely.
+    cli = tomllib.loads((fed_dir / "flwr-home" / "config.toml").read_text())
+    assert cli["superlink"]["fedlora"]["root-certificates"] == str(fed_dir / "ca.pem")
+    monkeypatch.setenv("FLWR_HOME", str(fed_dir / "flwr-home"))
+    connection = read_superlink_connection("fedlora")
+    assert connection.root_certificates == str(fed_dir / "ca.pem")
+    assert connection.address == "link.example.org:9092" and not connection.insecure
+    assert fed.directory == fed_dir and fed.cli_home == fed_dir / "flwr-home"
+    command = fed.superlink_command()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert Path(command[command.index(flag) + 1]).parent == fed_dir
+    loaded = Federation.load(Path("fed"))
+    assert loaded == fed and loaded.site_dir("a") == fed_dir / "sites" / "a"
 
 
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ Nothing here prints or logs a private key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -61,12 +62,20 @@ def check_site_id(site_id: str) -> str:
 
 @dataclass(frozen=True)
 class Federation:
-    """An initialised federation directory."""
+    """An initialised federation directory.
+
+    ``directory`` is made absolute: its paths go into the ``flwr`` CLI's config.toml
+    (Flower refuses a relative ``root-certificates``) and into printed commands that may
+    be run from another directory.
+    """
 
     directory: Path
     address: str  # host:port the SuperNodes and the CLI dial
     sans: tuple[str, ...]
     connection: str = CONNECTION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", self.directory.resolve())
 
     # ------------------------------------------------------------------ paths
 
@@ -204,14 +213,22 @@ class Federation:
     def enroll(self, site_id: str, *, public_key: Path | None = None) -> Enrolment:
         """Register a site's public key with the SuperLink and put it on the roster.
 
+        A registration that fails (or is interrupted) leaves ``sites/SITE/`` as it was:
+        a key pair this call made is removed, a ``node.pub`` it replaced is put back, and
+        a key that was there before is never removed. The same command can then be run
+        again.
+
         Args:
             site_id: The site's id in the run's records.
             public_key: The site's OpenSSH public key, if the site made its own key pair;
                 otherwise one is made in ``sites/SITE/`` (private key 0600).
 
         Raises:
-            ConfigError: If the site is enrolled already or the key is unreadable.
-            FederationError: If the SuperLink refuses the registration.
+            ConfigError: If the site is enrolled already, the key is unreadable, or
+                ``public_key`` is None and ``sites/SITE/node.key`` exists (the message
+                says whether to reuse it with ``--public-key`` or remove it).
+            FederationError: If the SuperLink refuses the registration or cannot be
+                reached.
         """
         roster = self.roster()
         if site_id in roster.sites:
@@ -220,29 +237,72 @@ class Federation:
                 "revoke it first to enroll a new key"
             )
         site_dir = self.site_dir(site_id)
-        pub_path = site_dir / "node.pub"
+        key_path, pub_path = site_dir / "node.key", site_dir / "node.pub"
+        key = None
         if public_key is None:
+            if key_path.exists() or key_path.is_symlink():
+                raise ConfigError(self._existing_key(site_id, roster))
             key = pki.make_node_key()
-            pki.write_private_key(site_dir / "node.key", key, openssh=True)
-            pki.write_public(pub_path, pki.node_public_openssh(key.public_key()))
+            pub = pki.node_public_openssh(key.public_key())
         else:
-            try:
-                data = public_key.read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"--public-key {public_key}: {exc}") from exc
-            if not data.startswith(b"ecdsa-sha2-nistp"):
-                raise ConfigError(
-                    f"--public-key {public_key} is not an OpenSSH NIST EC public key "
-                    "(ecdsa-sha2-nistp384 ...), which Flower's node authentication needs"
-                )
-            pki.write_public(pub_path, data)
-        answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
-        node_id = int(answer["node-id"])
-        roster = roster.enrol(
-            site_id, node_id=node_id, public_key=pki.fingerprint(pub_path.read_bytes())
-        )
+            pub = _read_public_key(public_key)
+        # What to put back if the registration fails: the directories and node.pub as
+        # they are now (sites/ before sites/SITE/).
+        made_dirs = [d for d in (site_dir.parent, site_dir) if not d.exists()]
+        old_pub = pub_path.read_bytes() if pub_path.exists() else None
+        made_key = False
+        try:
+            if key is not None:
+                pki.write_private_key(key_path, key, openssh=True)
+                made_key = True
+            pki.write_public(pub_path, pub)
+            answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
+            node_id = int(answer["node-id"])
+        except BaseException:
+            if made_key:
+                key_path.unlink(missing_ok=True)
+            if old_pub is None:
+                pub_path.unlink(missing_ok=True)
+            else:
+                pki.write_public(pub_path, old_pub)
+            for directory in reversed(made_dirs):
+                with contextlib.suppress(OSError):  # not empty: someone else's file
+                    directory.rmdir()
+            raise
+        roster = roster.enrol(site_id, node_id=node_id, public_key=pki.fingerprint(pub))
         roster.save(self.roster_path)
         return roster.sites[site_id]
+
+    def _existing_key(self, site_id: str, roster: Roster) -> str:
+        """Why ``sites/SITE/node.key`` stops an enrol that would make a key pair, and what to do."""
+        site_dir = self.site_dir(site_id)
+        key_path, pub_path = site_dir / "node.key", site_dir / "node.pub"
+        try:
+            fingerprint = pki.fingerprint(pub_path.read_bytes())
+        except (OSError, IndexError):
+            fingerprint = None
+        revoked = roster.revoked.get(site_id)
+        if (
+            fingerprint is not None
+            and isinstance(revoked, dict)
+            and revoked.get("public-key") == fingerprint
+        ):
+            return (
+                f"{key_path} exists: the key of the revoked enrolment of {site_id!r} (node "
+                f"{revoked.get('node-id')}), which the SuperLink does not take again; "
+                f"remove {key_path} and {pub_path} to enroll with a new key pair"
+            )
+        if fingerprint is None:
+            return (
+                f"{key_path} exists, from an earlier enrol of {site_id!r}, without its "
+                f"node.pub; remove {key_path} to enroll with a new key pair"
+            )
+        return (
+            f"{key_path} exists, from an earlier enrol of {site_id!r} that is not on the "
+            "roster; if that key was never registered, reuse it: `fedlora federation "
+            f"enroll {site_id} --federation {self.directory} --public-key {pub_path}`, "
+            f"or remove {key_path} and {pub_path} to enroll with a new key pair"
+        )
 
     def revoke(self, site_id: str) -> int:
         """Unregister a site's node at the SuperLink and take it off the roster.
@@ -295,13 +355,33 @@ class Federation:
         return rows
 
 
+def _read_public_key(path: Path) -> bytes:
+    """A site's OpenSSH public key, as ``enroll --public-key`` takes it.
+
+    Raises:
+        ConfigError: If it is unreadable or not an OpenSSH NIST EC public key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--public-key {path}: {exc}") from exc
+    if not data.startswith(b"ecdsa-sha2-nistp"):
+        raise ConfigError(
+            f"--public-key {path} is not an OpenSSH NIST EC public key "
+            "(ecdsa-sha2-nistp384 ...), which Flower's node authentication needs"
+        )
+    return data
+
+
 def init_federation(
     directory: Path, *, address: str, sans: list[str], connection: str = CONNECTION
 ) -> Federation:
     """Make a federation directory: CA, SuperLink certificate, CLI connection, empty roster.
 
     Args:
-        directory: Created with mode 0700; must not hold a federation already.
+        directory: Created with mode 0700; must not hold a federation already. A relative
+            path is resolved against the working directory: every path written into the
+            directory's files is absolute.
         address: ``host:port`` that sites and the CLI dial (the host must be in ``sans``).
         sans: Host names and IP addresses the SuperLink's certificate is valid for.
 
@@ -314,6 +394,7 @@ def init_federation(
     host = host.strip("[]")
     if host not in sans:
         sans = [host, *sans]
+    directory = directory.resolve()
     if (directory / "ca.key").exists() or (directory / "federation.json").exists():
         raise ConfigError(f"{directory} holds a federation already; refusing to replace its CA")
     directory.mkdir(parents=True, exist_ok=True)

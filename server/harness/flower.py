@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 
+from clients.task.files import write_atomic
 from server.harness.process import (
     LOCALHOST,
     HarnessError,
@@ -118,19 +119,31 @@ def write_cli_connection(
 ) -> None:
     """The ``flwr`` CLI's ``$FLWR_HOME/config.toml`` with one default SuperLink connection.
 
-    Flower 1.41's CLI reads named connections from there; written before any ``flwr``
-    call so Flower does not create its default one. ``root_certificates=None`` writes an
-    ``insecure = true`` connection (no TLS).
+    Flower 1.41's CLI reads named connections from there; written (atomically) before any
+    ``flwr`` call so Flower does not create its default one. ``root_certificates=None``
+    writes an ``insecure = true`` connection (no TLS); a relative ``root_certificates`` is
+    written resolved against the working directory, as Flower refuses a relative one
+    ("expected absolute path") when it reads the file.
     """
     tls = (
-        f'root-certificates = "{root_certificates}"\n'
+        f"root-certificates = {toml_basic_string(str(root_certificates.resolve()))}\n"
         if root_certificates is not None
         else "insecure = true\n"
     )
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}'
+    table = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else toml_basic_string(name)
+    text = (
+        f"[superlink]\ndefault = {toml_basic_string(name)}\n\n"
+        f"[superlink.{table}]\naddress = {toml_basic_string(address)}\n{tls}"
     )
+    write_atomic(home / "config.toml", text.encode())
+
+
+def toml_basic_string(value: str) -> str:
+    """``value`` as a TOML basic string (``"..."``), any quote or backslash escaped.
+
+    JSON's string escapes are TOML's; TOML also wants DEL (U+007F) escaped.
+    """
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 class LocalFederation(Service):

@@ -1,17 +1,23 @@
-"""``fedlora federation init``'s directory and commands (enrolment against a real SuperLink
-is in tests/integration/test_federation.py), the progress lines and the URI redaction."""
+"""``fedlora federation init``'s directory and commands, enrolment against a SuperLink that
+is down or faked (against a real one it is in tests/integration/test_federation.py), the
+progress lines and the URI redaction."""
 
 from __future__ import annotations
 
+import re
 import stat
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 
 from clients.task.errors import ConfigError
+from server import pki
 from server.app import redact_uri
-from server.federation import Federation, check_site_id, init_federation
+from server.federation import Federation, FederationError, check_site_id, init_federation
+from server.harness.process import free_port
 from server.local import progress_line
 from server.record import RoundRecord
 
@@ -37,12 +43,129 @@ def test_init_makes_a_private_directory_with_0600_keys_and_a_tls_cli_connection(
         init_federation(fed.directory, address="link.example.org:9092", sans=[])
 
 
+def test_init_with_a_relative_directory_writes_absolute_paths_flower_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the README's `fedlora federation init fed/`, run from tmp_path.
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.chdir(tmp_path)
+    fed_dir = (tmp_path / "fed").resolve()
+    # Act
+    fed = init_federation(Path("fed/"), address="link.example.org:9092", sans=[])
+    # Assert: Flower's CLI refuses a relative root-certificates ("expected absolute path");
+    # every path written or printed names the directory absolutely.
+    cli = tomllib.loads((fed_dir / "flwr-home" / "config.toml").read_text())
+    assert cli["superlink"]["fedlora"]["root-certificates"] == str(fed_dir / "ca.pem")
+    monkeypatch.setenv("FLWR_HOME", str(fed_dir / "flwr-home"))
+    connection = read_superlink_connection("fedlora")
+    assert connection.root_certificates == str(fed_dir / "ca.pem")
+    assert connection.address == "link.example.org:9092" and not connection.insecure
+    assert fed.directory == fed_dir and fed.cli_home == fed_dir / "flwr-home"
+    command = fed.superlink_command()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"):
+        assert Path(command[command.index(flag) + 1]).parent == fed_dir
+    loaded = Federation.load(Path("fed"))
+    assert loaded == fed and loaded.site_dir("a") == fed_dir / "sites" / "a"
+
+
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be HOST:PORT"):
         init_federation(tmp_path / "fed", address="link.example.org", sans=[])
     with pytest.raises(ConfigError, match=r"site id '\.\./x'"):
         check_site_id("../x")
     assert check_site_id("hospital-a.eu_1") == "hospital-a.eu_1"
+
+
+class FakeSuperLink:
+    """`Federation.flwr` without a SuperLink: registers keys as nodes 7, 8, ..., or fails.
+
+    Set on the class, an instance is not bound: it is called without the Federation.
+    """
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.registered: list[bytes] = []
+
+    def __call__(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        if self.fail is not None:
+            raise self.fail
+        if args[:2] == ("supernode", "register"):
+            self.registered.append(Path(args[2]).read_bytes())
+            return {"success": True, "node-id": 6 + len(self.registered)}
+        return {"success": True}
+
+
+def _public_key(path: Path) -> Path:
+    path.write_bytes(pki.node_public_openssh(pki.make_node_key().public_key()))
+    return path
+
+
+def test_an_enrol_the_superlink_cannot_take_leaves_nothing_behind_and_a_retry_enrols(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: a federation whose SuperLink is down (nothing listens on its port).
+    fed = init_federation(tmp_path / "fed", address=f"127.0.0.1:{free_port()}", sans=[])
+    # Act / Assert: the registration fails, and the key pair it made is gone with it.
+    down = re.escape("`flwr supernode register` against 127.0.0.1")
+    with pytest.raises(FederationError, match=down):
+        fed.enroll("hospital-a")
+    assert not (fed.directory / "sites").exists()
+    assert fed.roster().sites == {}
+    # Act: the SuperLink is up; the same command again.
+    superlink = FakeSuperLink()
+    monkeypatch.setattr(Federation, "flwr", superlink)
+    entry = fed.enroll("hospital-a")
+    # Assert: enrolled with a fresh key pair that matches what was registered.
+    key, pub = fed.site_dir("hospital-a") / "node.key", fed.site_dir("hospital-a") / "node.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert superlink.registered == [pub.read_bytes()]
+    assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
+    assert fed.roster().sites["hospital-a"] == entry
+
+
+@pytest.mark.parametrize("failure", [FederationError("refused"), KeyboardInterrupt()])
+def test_a_failed_enrol_removes_only_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    # Arrange: site "a" has a key pair from before; site "b" has nothing.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    old_key = fed.site_dir("a") / "node.key"
+    pki.write_private_key(old_key, pki.make_node_key(), openssh=True)
+    old_pub = _public_key(fed.site_dir("a") / "node.pub").read_bytes()
+    before = old_key.read_bytes()
+    monkeypatch.setattr(Federation, "flwr", FakeSuperLink(fail=failure))
+    # Act: both enrolments fail at the SuperLink.
+    for site, public_key in (("a", _public_key(tmp_path / "new.pub")), ("b", None)):
+        with pytest.raises(type(failure)):
+            fed.enroll(site, public_key=public_key)
+    # Assert: "a"'s key pair is as it was (node.pub put back); nothing of "b" is left.
+    assert old_key.read_bytes() == before
+    assert (fed.site_dir("a") / "node.pub").read_bytes() == old_pub
+    assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a"]
+    assert fed.roster().sites == {}
+
+
+def test_an_existing_key_is_refused_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" has a key pair that was never registered (an enrol that died).
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    key = fed.site_dir("a") / "node.key"
+    pki.write_private_key(key, pki.make_node_key(), openssh=True)
+    pub = _public_key(fed.site_dir("a") / "node.pub")
+    monkeypatch.setattr(Federation, "flwr", FakeSuperLink())
+    # Act / Assert: refused, naming the option that reuses it; reusing it enrols "a".
+    reuse = rf"{re.escape(str(key))} exists.*--public-key {re.escape(str(pub))}.* or remove"
+    with pytest.raises(ConfigError, match=reuse):
+        fed.enroll("a")
+    assert fed.enroll("a", public_key=pub).public_key == pki.fingerprint(pub.read_bytes())
+    # Arrange: "a" is revoked; the SuperLink keeps a revoked key in use.
+    fed.revoke("a")
+    # Act / Assert: refused, saying the key is the revoked one and is to be removed.
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(key))} exists.*revoked.*remove"):
+        fed.enroll("a")
+    assert key.exists() and pub.exists()
 
 
 def test_the_round_summary_says_what_happened() -> None:

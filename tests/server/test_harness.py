@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.harness.flower import config_arg, toml_value
+from server.harness.flower import config_arg, toml_value, write_cli_connection
 from server.harness.process import HarnessError, ManagedProcess, free_port, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,6 +187,25 @@ def test_a_list_is_refused_and_a_label_set_travels_as_its_toml_array_string() ->
     arg = config_arg({"labels": format_label_set(labels), "num-server-rounds": 2})
     parsed = parse_config_args([arg])
     assert list(parse_label_set(parsed["labels"])) == labels and parsed["num-server-rounds"] == 2
+
+
+def test_the_cli_connection_holds_an_absolute_escaped_path_flower_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: a relative path through a directory whose name needs escaping in TOML.
+    from flwr.cli.flower_config import read_superlink_connection
+
+    monkeypatch.chdir(tmp_path)
+    awkward = 'fed "one" \\ two'
+    # Act
+    write_cli_connection(
+        Path("home"), "fedlora", address="127.0.0.1:9092", root_certificates=Path(awkward, "ca.pem")
+    )
+    # Assert: Flower parses it and gets the absolute path (it refuses a relative one).
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    connection = read_superlink_connection("fedlora")
+    assert connection.root_certificates == str(tmp_path.resolve() / awkward / "ca.pem")
+    assert connection.address == "127.0.0.1:9092" and not connection.insecure
 
 
 REAPER = ROOT / "server" / "harness" / "reaper.py"

@@ -5,7 +5,8 @@ refresh the release index (python-tuf) -> the alias's entry and its release reco
 and sizes the record names -> `accept` (signature, model, revocation, alias freshness,
 base digest, local policy) -> swap into place (`clients.task.files.swap_directory`).
 MLflow's own aliases are never read: MLflow only holds the files. Nothing unaccepted is
-ever left at ``out``.
+ever left at ``out``, and ``out`` is only replaced when it is empty or an earlier pull's
+output (`check_out`): a pull never deletes files it did not write.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -16,8 +17,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from clients.task.errors import ConfigError
 from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
+from registry.artifact import RELEASE_FILES, SIGNATURE_FILE
 from registry.errors import VerificationError
 from registry.index import ReleaseIndex, ReleaseRecord
 from registry.index_consumer import IndexClient
@@ -46,6 +49,39 @@ def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRe
     return record
 
 
+def check_out(out: Path) -> None:
+    """Refuse ``out`` unless a pull may replace it: absent, an empty directory, or an
+    earlier pull's output (plain release files only, ``model.sig`` among them).
+
+    Raises:
+        ConfigError: naming ``out`` and, for a directory, the first files a pull did not
+            write, so nothing of the user's is removed.
+    """
+    if out.is_symlink():
+        raise ConfigError(f"--out {str(out)!r} is a symbolic link; give the directory itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    others = [
+        p.name for p in entries if p.name not in RELEASE_FILES or p.is_symlink() or not p.is_file()
+    ]
+    if others:
+        raise ConfigError(
+            f"--out {str(out)!r} holds files a pull did not write ({', '.join(others[:3])}"
+            f"{', …' if len(others) > 3 else ''}); a pull only replaces an empty directory "
+            "or an earlier pull's output"
+        )
+    if not (out / SIGNATURE_FILE).is_file():
+        raise ConfigError(
+            f"--out {str(out)!r} is not an earlier pull's output (no {SIGNATURE_FILE}); "
+            "a pull only replaces an empty directory or an earlier pull's output"
+        )
+
+
 def download(store: MlflowStore, record: ReleaseRecord, *, model: str, dst: Path) -> Path:
     """The files of a recorded release in a new folder ``dst``, checked against the record
     before download."""
@@ -63,7 +99,14 @@ def pull(
     state: Path,
     policy: LocalPolicy | None = None,
 ) -> AcceptedRelease:
-    """Download the release the signed index names for ``model@alias``, accept, install."""
+    """Download the release the signed index names for ``model@alias``, accept, install.
+
+    Raises:
+        ConfigError: ``out`` is neither absent, empty nor an earlier pull's output
+            (`check_out`); checked before the registry is asked anything.
+        VerificationError: the release was refused (`accept`).
+    """
+    check_out(out)
     policy = policy or LocalPolicy()
     index = IndexClient(store.fetch_index_file, state / "tuf", trust)
     index.refresh()
@@ -79,6 +122,7 @@ def pull(
             base_digest=policy.base_digest,
             policy=policy,
         )
+        check_out(out)  # again: the download may have taken minutes
         swap_directory(directory, out)
     # The installed files are the accepted ones, moved (or copied) into place.
     return replace(accepted, directory=out)

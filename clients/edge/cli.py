@@ -162,7 +162,11 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("ref", metavar="NAME@ALIAS", help="the model and alias to pull")
     pull.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
     pull.add_argument(
-        "--out", required=True, metavar="DIR", help="where the verified PEFT directory goes"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where the verified PEFT directory goes: absent, empty or an earlier pull's "
+        "output, which is replaced (no default)",
     )
     pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
     pull.add_argument(
@@ -255,9 +259,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from registry.keys import TrustStore
     from registry.mlflow_store import MlflowStore
     from registry.policy import LocalPolicy
-    from registry.pull import pull
+    from registry.pull import check_out, pull
 
     ref = ModelRef.parse(args.ref)
+    check_out(Path(args.out))  # before the registry is asked anything
     release = pull(
         MlflowStore(_registry_uri(args.registry)),
         model=ref.name,

@@ -201,6 +201,7 @@ def _registry_uri(value: str | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from clients.edge import listener
     from clients.edge.app import create_app
     from clients.edge.node import EdgeNode
     from clients.edge.residency import ResidencyPolicy
@@ -236,22 +237,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upstream_key=EdgeSettings.upstream_key_from_env(),
     )
     router_policy = ResidencyPolicy.load(settings.policy) if settings.policy else None
+    # Bound now, so a port in use fails in milliseconds rather than after the model loads.
+    sockets = listener.bind(settings.host, settings.port)
     node = EdgeNode(settings)
-    node.start()
-    for name, model in node.health()["models"].items():
-        err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
-                  + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
-    if settings.upstream:
-        err.print(
-            f"escalating below {settings.escalate_below} to {settings.upstream}; policy: "
-            + (router_policy.source if router_policy else "none, nothing leaves")
+    try:
+        node.start()
+        for name, model in node.health()["models"].items():
+            err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
+                      + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
+        if settings.upstream:
+            err.print(
+                f"escalating below {settings.escalate_below} to {settings.upstream}; policy: "
+                + (router_policy.source if router_policy else "none, nothing leaves")
+            )
+        listener.listen(sockets, settings.host, settings.port)
+        err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
+        # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
+        # never uses the client's address) and no access log: per-request work off the path.
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(node),
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                proxy_headers=False,
+                access_log=False,
+            )
         )
-    err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
-    # never uses the client's address) and no access log: per-request work off the path.
-    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning",
-                proxy_headers=False, access_log=False)  # fmt: skip
-    return 0
+        server.run(sockets=sockets)
+    finally:
+        node.close()  # the app's lifespan closes it too; this covers a failed start
+        listener.close(sockets)
+    # uvicorn.run's own check: a server that never started (its lifespan failed) has
+    # logged why.
+    return 0 if server.started else 1
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

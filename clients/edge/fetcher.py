@@ -153,9 +153,13 @@ _child_args: tuple[str, Path, Path, str | None, float | None] | None = None
 def _start_child(
     args: tuple[str, Path, Path, str | None, float | None], environ: dict[str, str]
 ) -> None:
-    """Worker initializer: the node's environment, a lower priority. Never raises (an
-    initializer error breaks the pool without a reason); `_child_state` reports errors."""
+    """Worker initializer: the node's environment, a lower priority, no Ctrl-C. Never
+    raises (an initializer error breaks the pool without a reason); `_child_state`
+    reports errors."""
     global _child_args
+    # Ctrl-C reaches the whole process group; the node stops its worker itself
+    # (`RegistryWorker.close`), and a KeyboardInterrupt here would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The fork server started with the environment of its first user; credentials and
     # proxies are the node's as of the worker's start, as with a spawned process.
     os.environ.clear()

@@ -17,28 +17,31 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from clients.task.errors import ConfigError
+from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
 from registry.artifact import RELEASE_FILES, SIGNATURE_FILE
 from registry.errors import VerificationError
-from registry.index import ReleaseIndex, ReleaseRecord
+from registry.index import ReleaseRecord
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
 
 
-def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRecord:
+def aliased_release(index: IndexClient, *, model: str, alias: str) -> ReleaseRecord:
     """The signed record of the release ``model@alias`` must be.
 
     Raises:
-        VerificationError: ``index`` when the index names no such alias or has no record of
-            the release it names.
+        VerificationError: ``index`` when the index names no such alias (saying what the
+            model's aliases are, or which models there are) or has no record of the
+            release it names.
     """
     entry = index.alias(model, alias)
     if entry is None:
-        raise VerificationError("index", f"the release index has no {model}@{alias}")
+        raise VerificationError(
+            "index", f"the release index has no {model}@{alias}{_instead(index, model)}"
+        )
     record = index.release(model, entry.release)
     if record is None or record.digest != entry.digest:
         raise VerificationError(
@@ -47,6 +50,20 @@ def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRe
             f"({entry.digest[:16]}) of {model!r}; publish it again with this fedlora",
         )
     return record
+
+
+def _instead(index: IndexClient, model: str) -> str:
+    """What the index has instead of a missing alias, for the error: the model's aliases
+    or, for a model it does not know (a typo?), the models it has."""
+    try:
+        models = index.models()
+    except FedloraError:  # only the message is at stake
+        return ""
+    if model in models:
+        aliases = ", ".join(models[model]) or "none yet"
+        return f" ({model!r} has aliases: {aliases})"
+    names = ", ".join(repr(m) for m in models) or "none yet"
+    return f": it has no model {model!r} (its models: {names})"
 
 
 def check_out(out: Path) -> None:

@@ -242,6 +242,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node = EdgeNode(settings)
     try:
         node.start()
+        if unknown := node.unknown_models():
+            known = ", ".join(repr(m) for m in node.index_models or ()) or "none yet"
+            raise ConfigError(
+                f"--model {', '.join(repr(m) for m in unknown)}: the registry's release "
+                f"index has no such model (its models: {known})"
+            )
         for name, model in node.health()["models"].items():
             err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
                       + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip

@@ -99,6 +99,8 @@ class Prepared:
         accepted: The release to swap in, accepted (its folder is in the cache): the
             cached previous release accepted again, or a new one; None when the alias
             names the active release or with ``error``.
+        models: The models the fresh index records; None when it could not be
+            refreshed (or read back).
         error: Why the refresh stops; raise it after applying the revocations.
         download_s: Seconds spent downloading (0 when nothing was downloaded).
         verify_s: Seconds spent accepting and installing.
@@ -107,6 +109,7 @@ class Prepared:
     revocations: Revocations | None = None
     record: ReleaseRecord | None = None
     accepted: AcceptedRelease | None = None
+    models: tuple[str, ...] | None = None
     error: Refusal | None = None
     download_s: float = 0.0
     verify_s: float = 0.0
@@ -205,6 +208,13 @@ def _refusal(exc: Exception) -> Refusal:
     return Refusal("fedlora", f"refresh failed: {type(exc).__name__}: {exc}")
 
 
+def _models(index: IndexClient) -> tuple[str, ...] | None:
+    try:
+        return tuple(index.models())
+    except FedloraError:  # only `EdgeNode.unknown_models` is at stake
+        return None
+
+
 def _prepare(model: str, alias: str, active: Held | None, previous: Held | None) -> Prepared:
     """The child's refresh of one model; every fedlora error comes back as data."""
     try:
@@ -214,7 +224,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
     except Exception as exc:  # all of it back as data: nothing else crosses to the node
         return Prepared(error=_refusal(exc))
     keys, digests = child.index.revocations()
-    found = Prepared(revocations=(keys, digests))
+    found = Prepared(revocations=(keys, digests), models=_models(child.index))
     try:
         record = aliased_release(child.index, model=model, alias=alias)
         found = replace(found, record=record)

@@ -24,6 +24,7 @@ class RacedNode:
     """Loads nothing; while it "loads", another server starts listening on the port."""
 
     closed = False
+    index_models = None
 
     def __init__(self, settings) -> None:
         self.port = settings.port
@@ -33,6 +34,9 @@ class RacedNode:
         self.other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.other.bind((LOCALHOST, self.port))
         self.other.listen()
+
+    def unknown_models(self) -> list[str]:
+        return []
 
     def health(self) -> dict:
         return {"models": {}}
@@ -73,4 +77,33 @@ def test_serve_loses_a_race_for_its_port_with_the_same_error_and_stops_the_node(
     assert rc == EXIT_ERROR and RacedNode.closed
     err = capsys.readouterr().err
     assert f"error: cannot listen on {LOCALHOST}:{port} (--host/--port)" in err
+    assert "serving on" not in err
+
+
+class TypoNode(RacedNode):
+    """The release index it reached has ``intents``, not the ``intnets`` asked for."""
+
+    index_models = ("intents", "spam")
+
+    def start(self) -> None:
+        pass
+
+    def unknown_models(self) -> list[str]:
+        return ["intnets"]
+
+
+def test_serve_refuses_a_model_the_reachable_index_does_not_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(node_module, "EdgeNode", TypoNode)
+    RacedNode.closed = False
+
+    rc = main(_serve(tmp_path, free_port()))
+
+    assert rc == EXIT_ERROR and RacedNode.closed
+    err = capsys.readouterr().err
+    assert (
+        "error: --model 'intnets': the registry's release index has no such model "
+        "(its models: 'intents', 'spam')"
+    ) in err
     assert "serving on" not in err

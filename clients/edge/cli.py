@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from clients.edge.settings import (
     DEFAULT_ESCALATE_BELOW,
@@ -243,10 +244,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         node.start()
         if unknown := node.unknown_models():
+            # A warning, not a refusal: a node may be deployed before its model's first
+            # release (it serves 503 until then); a typo is what this line catches.
             known = ", ".join(repr(m) for m in node.index_models or ()) or "none yet"
-            raise ConfigError(
-                f"--model {', '.join(repr(m) for m in unknown)}: the registry's release "
-                f"index has no such model (its models: {known})"
+            err.print(
+                Text(
+                    f"warning: --model {', '.join(repr(m) for m in unknown)}: the registry's "
+                    f"release index has no such model (its models: {known}); unavailable "
+                    "until a release of it is published"
+                )
             )
         for name, model in node.health()["models"].items():
             err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -122,6 +122,19 @@ def alias_path(model: str, alias: str) -> str:
 
 def release_path(model: str, release: int) -> str:
     return f"models/{model}/releases/{release}"
+
+
+def models_of(paths: Iterable[str]) -> dict[str, list[str]]:
+    """{model: its aliases, sorted} of the target paths of an index; a model with
+    releases but no alias yet has an empty list."""
+    models: dict[str, set[str]] = {}
+    for path in paths:
+        parts = path.split("/")
+        if len(parts) == 4 and parts[0] == "models" and parts[2] in ("aliases", "releases"):
+            aliases = models.setdefault(parts[1], set())
+            if parts[2] == "aliases":
+                aliases.add(parts[3])
+    return {model: sorted(aliases) for model, aliases in sorted(models.items())}
 
 
 def release_record(target: TargetFile | None) -> ReleaseRecord | None:

@@ -38,6 +38,7 @@ from registry.index import (
     alias_entry,
     alias_path,
     check_trusted_root,
+    models_of,
     release_path,
     release_record,
     revocations_of,
@@ -152,6 +153,21 @@ class IndexClient:
 
     def alias(self, model: str, alias: str) -> AliasEntry | None:
         return alias_entry(self._target(alias_path(model, alias)))
+
+    def models(self) -> dict[str, list[str]]:
+        """{model: its aliases} of every model the index records (`models_of`)."""
+        if self._updater is not None:
+            # python-tuf lists no targets; the top-level targets it just verified are
+            # persisted in the cache (the index has no delegations).
+            try:
+                targets = Metadata[Targets].from_file(str(self._cache / "targets.json")).signed
+            except (OSError, StorageError, ValueError) as exc:
+                raise VerificationError("index", f"cached release index: {exc}") from exc
+        elif self._offline is not None:
+            targets = self._offline
+        else:
+            raise RegistryError("IndexClient.refresh() has not succeeded yet")
+        return models_of(targets.targets)
 
     def release(self, model: str, release: int) -> ReleaseRecord | None:
         return release_record(self._target(release_path(model, release)))

@@ -5,7 +5,8 @@ refresh the release index (python-tuf) -> the alias's entry and its release reco
 and sizes the record names -> `accept` (signature, model, revocation, alias freshness,
 base digest, local policy) -> swap into place (`clients.task.files.swap_directory`).
 MLflow's own aliases are never read: MLflow only holds the files. Nothing unaccepted is
-ever left at ``out``.
+ever left at ``out``, and ``out`` is only replaced when it is empty or an earlier pull's
+output (`check_out`): a pull never deletes files it did not write.
 
     release = pull(store, model="intents", alias="production", trust=trust,
                    out=Path("adapters/intents"), state=Path("~/.fedlora/edge"))
@@ -16,26 +17,31 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import swap_directory
 from registry.accept import AcceptedRelease, accept
+from registry.artifact import RELEASE_FILES, SIGNATURE_FILE
 from registry.errors import VerificationError
-from registry.index import ReleaseIndex, ReleaseRecord
+from registry.index import ReleaseRecord
 from registry.index_consumer import IndexClient
 from registry.keys import TrustStore
 from registry.mlflow_store import MlflowStore, staging
 from registry.policy import LocalPolicy
 
 
-def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRecord:
+def aliased_release(index: IndexClient, *, model: str, alias: str) -> ReleaseRecord:
     """The signed record of the release ``model@alias`` must be.
 
     Raises:
-        VerificationError: ``index`` when the index names no such alias or has no record of
-            the release it names.
+        VerificationError: ``index`` when the index names no such alias (saying what the
+            model's aliases are, or which models there are) or has no record of the
+            release it names.
     """
     entry = index.alias(model, alias)
     if entry is None:
-        raise VerificationError("index", f"the release index has no {model}@{alias}")
+        raise VerificationError(
+            "index", f"the release index has no {model}@{alias}{_instead(index, model)}"
+        )
     record = index.release(model, entry.release)
     if record is None or record.digest != entry.digest:
         raise VerificationError(
@@ -44,6 +50,53 @@ def aliased_release(index: ReleaseIndex, *, model: str, alias: str) -> ReleaseRe
             f"({entry.digest[:16]}) of {model!r}; publish it again with this fedlora",
         )
     return record
+
+
+def _instead(index: IndexClient, model: str) -> str:
+    """What the index has instead of a missing alias, for the error: the model's aliases
+    or, for a model it does not know (a typo?), the models it has."""
+    try:
+        models = index.models()
+    except FedloraError:  # only the message is at stake
+        return ""
+    if model in models:
+        aliases = ", ".join(models[model]) or "none yet"
+        return f" ({model!r} has aliases: {aliases})"
+    names = ", ".join(repr(m) for m in models) or "none yet"
+    return f": it has no model {model!r} (its models: {names})"
+
+
+def check_out(out: Path) -> None:
+    """Refuse ``out`` unless a pull may replace it: absent, an empty directory, or an
+    earlier pull's output (plain release files only, ``model.sig`` among them).
+
+    Raises:
+        ConfigError: naming ``out`` and, for a directory, the first files a pull did not
+            write, so nothing of the user's is removed.
+    """
+    if out.is_symlink():
+        raise ConfigError(f"--out {str(out)!r} is a symbolic link; give the directory itself")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    others = [
+        p.name for p in entries if p.name not in RELEASE_FILES or p.is_symlink() or not p.is_file()
+    ]
+    if others:
+        raise ConfigError(
+            f"--out {str(out)!r} holds files a pull did not write ({', '.join(others[:3])}"
+            f"{', …' if len(others) > 3 else ''}); a pull only replaces an empty directory "
+            "or an earlier pull's output"
+        )
+    if not (out / SIGNATURE_FILE).is_file():
+        raise ConfigError(
+            f"--out {str(out)!r} is not an earlier pull's output (no {SIGNATURE_FILE}); "
+            "a pull only replaces an empty directory or an earlier pull's output"
+        )
 
 
 def download(store: MlflowStore, record: ReleaseRecord, *, model: str, dst: Path) -> Path:
@@ -63,7 +116,14 @@ def pull(
     state: Path,
     policy: LocalPolicy | None = None,
 ) -> AcceptedRelease:
-    """Download the release the signed index names for ``model@alias``, accept, install."""
+    """Download the release the signed index names for ``model@alias``, accept, install.
+
+    Raises:
+        ConfigError: ``out`` is neither absent, empty nor an earlier pull's output
+            (`check_out`); checked before the registry is asked anything.
+        VerificationError: the release was refused (`accept`).
+    """
+    check_out(out)
     policy = policy or LocalPolicy()
     index = IndexClient(store.fetch_index_file, state / "tuf", trust)
     index.refresh()
@@ -79,6 +139,7 @@ def pull(
             base_digest=policy.base_digest,
             policy=policy,
         )
+        check_out(out)  # again: the download may have taken minutes
         swap_directory(directory, out)
     # The installed files are the accepted ones, moved (or copied) into place.
     return replace(accepted, directory=out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,10 @@ def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
     try:
         config.set_hashing_config(_hashing_config()).verify(directory, signature)
     except ValueError as exc:
-        raise VerificationError("signature", f"{directory}: {exc}") from exc
+        # model-signing says which files differ, but as reprs of digest bytes.
+        differences = _differences(directory, statement)
+        detail = "; ".join(differences) if differences else str(exc)
+        raise VerificationError("signature", f"{directory}: {detail}") from exc
     except Exception as exc:  # malformed bundles raise from deep inside sigstore/protobuf
         raise VerificationError("signature", f"{directory}: {type(exc).__name__}: {exc}") from exc
     try:
@@ -121,6 +125,49 @@ def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
     except RegistryError as exc:
         raise VerificationError("signature", f"signed but unreadable provenance: {exc}") from exc
     return VerifiedRelease(directory, kid, manifest_digest(statement), provenance)
+
+
+# How many names of added or missing files an error lists.
+LISTED_NAMES = 3
+
+
+def _differences(directory: Path, statement: dict[str, Any]) -> list[str]:
+    """How the files of ``directory`` differ from those a statement lists, for an error
+    message only (the verdict is model-signing's): ``README.md: sha256 expected <hex>,
+    got <hex>``, then files not signed and signed files missing."""
+    try:
+        signed = {
+            str(r["name"]): (str(r["algorithm"]), str(r["digest"]))
+            for r in statement["predicate"]["resources"]
+        }
+    except (KeyError, TypeError, AttributeError):
+        return []
+    present = set()
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            relative = path.relative_to(directory).as_posix()
+            if relative != SIGNATURE_FILE and path.is_file() and not path.is_symlink():
+                present.add(relative)
+    differences = []
+    for name in sorted(present & signed.keys()):
+        algorithm, expected = signed[name]
+        try:
+            with (directory / name).open("rb") as fh:
+                actual = hashlib.file_digest(fh, algorithm).hexdigest()
+        except (OSError, ValueError):  # unreadable, or an algorithm hashlib does not have
+            continue
+        if actual != expected:
+            differences.append(f"{name}: {algorithm} expected {expected}, got {actual}")
+    for what, names in (
+        ("not signed", present - signed.keys()),
+        ("signed but missing", signed.keys() - present),
+    ):
+        if names:
+            listed = sorted(names)
+            more = f" and {len(listed) - LISTED_NAMES} more" if len(listed) > LISTED_NAMES else ""
+            differences.append(f"{what}: {', '.join(listed[:LISTED_NAMES])}{more}")
+    return differences
 
 
 __all__ = [

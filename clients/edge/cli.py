@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from clients.edge.settings import (
     DEFAULT_ESCALATE_BELOW,
@@ -162,7 +163,11 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("ref", metavar="NAME@ALIAS", help="the model and alias to pull")
     pull.add_argument("--trust", required=True, metavar="DIR", help="trusted public keys")
     pull.add_argument(
-        "--out", required=True, metavar="DIR", help="where the verified PEFT directory goes"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where the verified PEFT directory goes: absent, empty or an earlier pull's "
+        "output, which is replaced (no default)",
     )
     pull.add_argument("--base", metavar="PATH", help="refuse a release trained on another base")
     pull.add_argument(
@@ -197,6 +202,7 @@ def _registry_uri(value: str | None) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from clients.edge import listener
     from clients.edge.app import create_app
     from clients.edge.node import EdgeNode
     from clients.edge.residency import ResidencyPolicy
@@ -232,22 +238,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upstream_key=EdgeSettings.upstream_key_from_env(),
     )
     router_policy = ResidencyPolicy.load(settings.policy) if settings.policy else None
+    # Bound now, so a port in use fails in milliseconds rather than after the model loads.
+    sockets = listener.bind(settings.host, settings.port)
     node = EdgeNode(settings)
-    node.start()
-    for name, model in node.health()["models"].items():
-        err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
-                  + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
-    if settings.upstream:
-        err.print(
-            f"escalating below {settings.escalate_below} to {settings.upstream}; policy: "
-            + (router_policy.source if router_policy else "none, nothing leaves")
+    try:
+        node.start()
+        if unknown := node.unknown_models():
+            # A warning, not a refusal: a node may be deployed before its model's first
+            # release (it serves 503 until then); a typo is what this line catches.
+            known = ", ".join(repr(m) for m in node.index_models or ()) or "none yet"
+            err.print(
+                Text(
+                    f"warning: --model {', '.join(repr(m) for m in unknown)}: the registry's "
+                    f"release index has no such model (its models: {known}); unavailable "
+                    "until a release of it is published"
+                )
+            )
+        for name, model in node.health()["models"].items():
+            err.print(f"{name}@{model['alias']}: {model['status']} (version {model['version']}"
+                      + (f"; {model['reason']}" if model["reason"] else "") + ")")  # fmt: skip
+        if settings.upstream:
+            err.print(
+                f"escalating below {settings.escalate_below} to {settings.upstream}; policy: "
+                + (router_policy.source if router_policy else "none, nothing leaves")
+            )
+        listener.listen(sockets, settings.host, settings.port)
+        err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
+        # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
+        # never uses the client's address) and no access log: per-request work off the path.
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(node),
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                proxy_headers=False,
+                access_log=False,
+            )
         )
-    err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
-    # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
-    # never uses the client's address) and no access log: per-request work off the path.
-    uvicorn.run(create_app(node), host=settings.host, port=settings.port, log_level="warning",
-                proxy_headers=False, access_log=False)  # fmt: skip
-    return 0
+        server.run(sockets=sockets)
+    finally:
+        node.close()  # the app's lifespan closes it too; this covers a failed start
+        listener.close(sockets)
+    # uvicorn.run's own check: a server that never started (its lifespan failed) has
+    # logged why.
+    return 0 if server.started else 1
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -255,9 +290,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from registry.keys import TrustStore
     from registry.mlflow_store import MlflowStore
     from registry.policy import LocalPolicy
-    from registry.pull import pull
+    from registry.pull import check_out, pull
 
     ref = ModelRef.parse(args.ref)
+    check_out(Path(args.out))  # before the registry is asked anything
     release = pull(
         MlflowStore(_registry_uri(args.registry)),
         model=ref.name,

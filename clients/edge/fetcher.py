@@ -99,6 +99,8 @@ class Prepared:
         accepted: The release to swap in, accepted (its folder is in the cache): the
             cached previous release accepted again, or a new one; None when the alias
             names the active release or with ``error``.
+        models: The models the fresh index records; None when it could not be
+            refreshed (or read back).
         error: Why the refresh stops; raise it after applying the revocations.
         download_s: Seconds spent downloading (0 when nothing was downloaded).
         verify_s: Seconds spent accepting and installing.
@@ -107,6 +109,7 @@ class Prepared:
     revocations: Revocations | None = None
     record: ReleaseRecord | None = None
     accepted: AcceptedRelease | None = None
+    models: tuple[str, ...] | None = None
     error: Refusal | None = None
     download_s: float = 0.0
     verify_s: float = 0.0
@@ -153,9 +156,13 @@ _child_args: tuple[str, Path, Path, str | None, float | None] | None = None
 def _start_child(
     args: tuple[str, Path, Path, str | None, float | None], environ: dict[str, str]
 ) -> None:
-    """Worker initializer: the node's environment, a lower priority. Never raises (an
-    initializer error breaks the pool without a reason); `_child_state` reports errors."""
+    """Worker initializer: the node's environment, a lower priority, no Ctrl-C. Never
+    raises (an initializer error breaks the pool without a reason); `_child_state`
+    reports errors."""
     global _child_args
+    # Ctrl-C reaches the whole process group; the node stops its worker itself
+    # (`RegistryWorker.close`), and a KeyboardInterrupt here would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The fork server started with the environment of its first user; credentials and
     # proxies are the node's as of the worker's start, as with a spawned process.
     os.environ.clear()
@@ -201,6 +208,13 @@ def _refusal(exc: Exception) -> Refusal:
     return Refusal("fedlora", f"refresh failed: {type(exc).__name__}: {exc}")
 
 
+def _models(index: IndexClient) -> tuple[str, ...] | None:
+    try:
+        return tuple(index.models())
+    except FedloraError:  # only `EdgeNode.unknown_models` is at stake
+        return None
+
+
 def _prepare(model: str, alias: str, active: Held | None, previous: Held | None) -> Prepared:
     """The child's refresh of one model; every fedlora error comes back as data."""
     try:
@@ -210,7 +224,7 @@ def _prepare(model: str, alias: str, active: Held | None, previous: Held | None)
     except Exception as exc:  # all of it back as data: nothing else crosses to the node
         return Prepared(error=_refusal(exc))
     keys, digests = child.index.revocations()
-    found = Prepared(revocations=(keys, digests))
+    found = Prepared(revocations=(keys, digests), models=_models(child.index))
     try:
         record = aliased_release(child.index, model=model, alias=alias)
         found = replace(found, record=record)

@@ -94,6 +94,8 @@ class EdgeNode:
             base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon
         )
         self.slots = {ref.name: ModelSlot(ref) for ref in settings.models}
+        # The models the registry's index recorded at the last refresh that reached it.
+        self.index_models: tuple[str, ...] | None = None
         self._refresh_lock = threading.Lock()  # one refresh at a time; serving never waits
         self.settings.cache.mkdir(parents=True, exist_ok=True)
         self.index = IndexClient(self._no_fetch, settings.cache / "tuf", self.trust)
@@ -143,6 +145,14 @@ class EdgeNode:
             except Exception as exc:
                 log.exception("%s: could not load", slot.ref)
                 slot.last_error = f"could not load: {type(exc).__name__}: {exc}"
+
+    def unknown_models(self) -> list[str]:
+        """The served models the release index does not know (a typo, most likely);
+        empty when no refresh has reached the registry, so a node that starts from its
+        cache is never refused by this."""
+        if self.index_models is None:
+            return []
+        return [name for name in self.slots if name not in self.index_models]
 
     def close(self) -> None:
         """Stop the refresh worker process (a later refresh starts a new one)."""
@@ -196,6 +206,8 @@ class EdgeNode:
             # on disk; revocations there must still take effect.
             self._revoke_from_cache()
             raise
+        if prepared.models is not None:
+            self.index_models = prepared.models
         if prepared.revocations is not None:
             for each in self.slots.values():  # revocations are global, not per alias
                 self._drop_revoked(each, prepared.revocations)

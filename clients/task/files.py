@@ -88,15 +88,20 @@ def swap_directory(new: Path, target: Path) -> None:
 
     ``new`` is renamed into place when it is on ``target``'s file system; otherwise it is
     first copied beside ``target`` (a rename cannot cross file systems) and stays where
-    it is. An existing ``target`` is replaced and removed.
+    it is. An existing ``target`` directory is replaced and removed; whether it may be
+    is the caller's decision (e.g. `registry.pull.check_out`).
 
     Raises:
+        NotADirectoryError: ``target`` is a file or a symbolic link; nothing is changed.
         OSError: If a step fails; ``target`` then still holds the old directory (or
             nothing, if there was none).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     aside, incoming = _aside(target), _incoming(target)
     recover_directory(target)
+    if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
+        # Renamed aside, it would outlive the swap: rmtree removes only directories.
+        raise NotADirectoryError(f"{target} is not a directory; it is left as it is")
     if _same_file_system(new, target.parent):
         staged = new
     else:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from registry.errors import RegistryError, VerificationError
-from registry.index import AliasEntry, check_alias, check_not_revoked
+from registry.index import AliasEntry, check_alias, check_not_revoked, models_of
 from registry.index_consumer import IndexClient
 from registry.index_publisher import IndexRepository
 from registry.keys import (
@@ -16,6 +16,7 @@ from registry.keys import (
     load_private_key,
     load_public_key,
 )
+from registry.pull import aliased_release
 from tests.registry.conftest import FileStore
 
 
@@ -230,3 +231,49 @@ def test_an_index_file_over_its_length_limit_is_refused(
 
     assert err.value.reason == "fetch"
     assert name in str(err.value)
+
+
+def test_models_of_lists_each_model_with_its_aliases() -> None:
+    paths = [
+        "models/intents/aliases/production",
+        "models/intents/aliases/candidate",
+        "models/intents/releases/1",
+        "models/spam/releases/1",  # published, never aliased
+        "revocations",
+    ]
+    assert models_of(paths) == {"intents": ["candidate", "production"], "spam": []}
+
+
+@pytest.mark.parametrize(
+    ("model", "alias", "detail"),
+    [
+        (
+            "intnets",
+            "production",
+            "the release index has no intnets@production: "
+            "it has no model 'intnets' (its models: 'intents', 'spam')",
+        ),
+        (
+            "intents",
+            "prod",
+            "the release index has no intents@prod ('intents' has aliases: production)",
+        ),
+    ],
+)
+def test_a_missing_alias_is_refused_saying_what_the_index_has(
+    publisher, trust: TrustStore, tmp_path: Path, model: str, alias: str, detail: str
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    repo = IndexRepository.load(store.fetch, publisher)
+    assert repo is not None
+    repo.set_alias("spam", "candidate", _entry(1, "s1"))
+    store.files.update(repo.files())
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+
+    with pytest.raises(VerificationError) as refused:
+        aliased_release(client, model=model, alias=alias)
+
+    assert refused.value.reason == "index"
+    assert refused.value.detail == detail

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from registry.artifact import SIGNATURE_FILE, build_release
 from registry.errors import VerificationError
 from registry.keys import KeyPair, TrustStore, generate_keypair
 from registry.signing import files_digest, sign_release, verify_release
+from server.cli import main
 from tests.conftest import PASSPHRASE
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
@@ -97,6 +99,44 @@ def test_added_removed_files_and_a_broken_signature_fail(
     with pytest.raises(VerificationError) as err:
         verify_release(release, trust)
     assert err.value.reason == "signature"
+
+
+def test_a_changed_file_is_named_with_both_digests_in_hex(release: Path, trust: TrustStore) -> None:
+    signed = hashlib.sha256((release / "README.md").read_bytes()).hexdigest()
+    (release / "README.md").write_text("tampered\n")
+    changed = hashlib.sha256(b"tampered\n").hexdigest()
+
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, trust)
+
+    assert err.value.reason == "signature"
+    assert err.value.detail == f"{release}: README.md: sha256 expected {signed}, got {changed}"
+
+
+def test_added_and_missing_files_are_named(release: Path, trust: TrustStore) -> None:
+    (release / "README.md").unlink()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (release / name).write_text(name)
+
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, trust)
+
+    assert err.value.detail == (
+        f"{release}: not signed: a.txt, b.txt, c.txt and 1 more; signed but missing: README.md"
+    )
+
+
+def test_edge_verify_prints_the_changed_file_readably(
+    release: Path, trust: TrustStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (release / "README.md").write_text("tampered\n")
+
+    rc = main(["edge", "verify", str(release), "--trust", str(trust.directory)])
+
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "refused (signature):" in err and "README.md: sha256 expected " in err
+    assert "Digest(" not in err and "b'" not in err
 
 
 def test_unsigned_and_untrusted_releases_fail_with_their_own_reason(

@@ -407,3 +407,37 @@ def test_revocations_take_effect_when_the_rest_of_the_refresh_fails_with_any_err
         ), slot.last_error
     finally:
         node.close()
+
+
+def test_a_model_the_reachable_index_does_not_know_is_reported_with_the_models_it_has(
+    tmp_path: Path, outputs: list[Path], keypair: KeyPair, trust: TrustStore, tiny_llama: Path
+) -> None:
+    store = MlflowStore(f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}")
+    _released(store, SigningKey(keypair.private_path, PASSPHRASE), trust, outputs[:1])
+    settings = EdgeSettings(
+        models=(ModelRef("intents"), ModelRef("intnets")), trust=trust.directory,
+        cache=tmp_path / "cache", registry_uri=store.uri, base=str(tiny_llama),
+    )  # fmt: skip
+    node = EdgeNode(settings)
+    try:
+        node.start()
+        health = node.health()["models"]
+
+        assert node.unknown_models() == ["intnets"]
+        assert health["intents"]["status"] == "ok"
+        assert health["intnets"]["status"] == "unavailable"
+        assert "it has no model 'intnets' (its models: 'intents')" in health["intnets"]["reason"]
+    finally:
+        node.close()
+
+
+def test_a_node_that_cannot_reach_the_registry_knows_of_no_unknown_model(
+    tmp_path: Path, trust: TrustStore, tiny_llama: Path
+) -> None:
+    node = _node(tmp_path, f"http://127.0.0.1:{free_port()}", trust, tiny_llama)
+    try:
+        node.start()
+        assert node.index_models is None
+        assert node.unknown_models() == []  # it may serve from its cache; nothing to refuse
+    finally:
+        node.close()

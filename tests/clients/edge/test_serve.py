@@ -3,7 +3,9 @@ swap under load, registry-side attacks, registry outage and an offline restart."
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from registry.policy import Policy
 from registry.signing import sign_release
 from server.harness.edge import EdgeNodeProcess
 from server.harness.mlflow_server import MlflowServer
+from server.harness.process import free_port
 from tests.conftest import PASSPHRASE, _training_output
 from tests.tiny_models import make_tiny_llama
 
@@ -204,3 +207,25 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             refused = _predict(url)
             assert refused.status_code == 503
             assert "no verified release" in refused.json()["detail"]
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_the_node_and_its_refresh_worker_without_a_traceback(
+    tmp_path: Path, trust: TrustStore, tiny_llama: Path
+) -> None:
+    # No registry: the node starts (degraded, nothing to serve) with its refresh worker
+    # running, which is all Ctrl-C needs to reach.
+    node = EdgeNodeProcess(
+        models=["intents"], trust=trust.directory, cache=tmp_path / "cache",
+        log_path=tmp_path / "edge.log", registry=f"http://127.0.0.1:{free_port()}",
+        base=tiny_llama, startup_timeout=180,
+    )  # fmt: skip
+    with node:
+        assert node.process is not None
+        os.killpg(node.process.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        rc = node.process.popen.wait(timeout=60)
+
+    log = (tmp_path / "edge.log").read_text()
+    assert rc == 130, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    assert log.rstrip().endswith("interrupted"), log

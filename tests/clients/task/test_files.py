@@ -161,3 +161,24 @@ def test_leftovers_of_a_finished_or_half_copied_swap_go_on_the_next_call(
     swap_directory(_tree(tmp_path / "next", NEW), target)
     assert _content(target) == NEW
     assert _siblings(target) == []
+
+
+def test_swap_refuses_a_regular_file_at_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    target.write_bytes(b"a user's file")
+    staged = _tree(tmp_path / ".adapter.tmp", NEW)
+    with pytest.raises(NotADirectoryError, match="adapter"):
+        swap_directory(staged, target)
+    assert target.read_bytes() == b"a user's file"
+    assert _siblings(target) == [".adapter.tmp"]
+
+
+def test_swap_refuses_a_symbolic_link_at_the_target(tmp_path: Path) -> None:
+    elsewhere = _tree(tmp_path / "elsewhere", OLD)
+    target = tmp_path / "adapter"
+    target.symlink_to(elsewhere, target_is_directory=True)
+    staged = _tree(tmp_path / ".adapter.tmp", NEW)
+    with pytest.raises(NotADirectoryError, match="adapter"):
+        swap_directory(staged, target)
+    assert target.readlink() == elsewhere and _content(elsewhere) == OLD
+    assert _siblings(target) == [".adapter.tmp", "elsewhere"]

@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from clients.task.errors import FedloraError
+from clients.task.errors import ConfigError, FedloraError
+from clients.task.files import write_atomic
 from server.console import round_table
 from server.demo_data import generate
 from server.harness.edge import EdgeNodeProcess
@@ -23,6 +24,11 @@ DEMO_MODEL = "demo-intents"
 # The demo key is unencrypted; this variable is never set, so a passphrase the user keeps
 # in FEDLORA_KEY_PASSPHRASE for real keys is not applied to it.
 DEMO_PASSPHRASE_ENV = "FEDLORA_DEMO_KEY_PASSPHRASE_UNUSED"
+# Everything the demo writes under OUT. A re-run replaces exactly these, and only in a
+# directory that holds DEMO_MARK: `keys/` and `trust/` are README's names for a real
+# signing key and trust store too.
+DEMO_OUTPUTS = ("data", "run", "keys", "trust", "edge-cache", "metrics.png", "edge.log")
+DEMO_MARK = ".fedlora-demo"
 
 
 def plot_history(
@@ -131,12 +137,54 @@ def ask_edge_node(
         return {"url": node.url, "health": health["status"], **answer}
 
 
+def claim_out(out: Path) -> bool:
+    """Make ``out`` the demo's: a new or empty directory, or an earlier demo's output.
+
+    A new or empty directory gets DEMO_MARK first, so an interrupted demo is recognised
+    by the next one. In a marked directory every entry of DEMO_OUTPUTS is removed (an
+    interrupted run's plot or log is not left beside the new run); anything else there
+    is left alone.
+
+    Returns:
+        Whether an earlier demo's output was removed.
+
+    Raises:
+        ConfigError: If ``out`` is a file, or a directory without the mark that holds
+            anything; nothing is touched then.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    mark = out / DEMO_MARK
+    if not mark.is_file():
+        found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if found:
+            shown = ", ".join(found[:5]) + (", …" if len(found) > 5 else "")
+            raise ConfigError(
+                f"--out {str(out)!r} holds {shown}, which no earlier `fedlora demo` wrote (it "
+                f"has no {DEMO_MARK} file); the demo writes {', '.join(DEMO_OUTPUTS)} there and "
+                "replaces them when re-run, so give it a new or empty directory"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        note = f"written by `fedlora demo`; a re-run replaces {', '.join(DEMO_OUTPUTS)} here\n"
+        write_atomic(mark, note.encode())
+        return False
+    replaced = False
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        replaced = True
+    return replaced
+
+
 def _demo_keys(out: Path) -> tuple[Path, Path]:
     """A fresh, unencrypted demo signing key and a trust store holding its public key."""
     from registry.keys import generate_keypair
 
-    for name in ("keys", "trust", "edge-cache"):
-        shutil.rmtree(out / name, ignore_errors=True)
     pair = generate_keypair(out / "keys")
     (out / "trust").mkdir()
     shutil.copy(pair.public_path, out / "trust" / "demo.pub")
@@ -152,9 +200,8 @@ def run_demo(
     from registry.policy import Policy
 
     console = Console()
-    if (out / "run").exists():  # the demo owns OUT: a re-run starts over, it never resumes
-        console.print(f"replacing the previous demo output in {out}")
-        shutil.rmtree(out / "run")
+    if claim_out(out):  # a re-run starts over, it never resumes
+        console.print(f"replaced the previous demo output in {out}")
     signing_key, trust = _demo_keys(out)
     data_dir = out / "data"
     site_paths, eval_path, labels = generate(data_dir, sites=sites, seed=seed)

@@ -95,8 +95,8 @@ def next_steps(*, out: Path, tracking_uri: str) -> list[str]:
         f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}",
         f"fedlora edge serve --model {DEMO_MODEL}@production --trust {shlex.quote(str(out))}"
         f"/trust --registry {shlex.quote(tracking_uri)} --port 8080",
-        f"fedlora train --sites {shlex.quote(str(out))}/data --rounds 5 --out my-run "
-        f"--eval {shlex.quote(str(out))}/data/eval.jsonl",
+        f"fedlora train --sites {shlex.quote(str(out / 'data' / 'sites'))} --rounds 5 "
+        f"--out my-run --eval {shlex.quote(str(out / 'data' / 'eval.jsonl'))}",
     ]
 
 

@@ -6,6 +6,7 @@ runs the simulation with a progress bar (server/simulation.py does the run itsel
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from strategies.protocol import SITE_ID_RULE, valid_site_id
 if TYPE_CHECKING:
     from server.settings import RunSettings
 
+log = logging.getLogger(__name__)
+
 
 def site_files(sites_dir: Path) -> list[Path]:
     """One site per *.jsonl / *.csv file in a directory, sorted by name.
@@ -28,6 +31,9 @@ def site_files(sites_dir: Path) -> list[Path]:
     on a case-insensitive file system): refused here, before anything starts, rather
     than by the site at its first round or by the server as two nodes claiming one id.
 
+    Only the directory's top level is read: subdirectories (hidden ones aside) are named
+    in the error when there is no site file, else in a warning.
+
     Raises:
         ConfigError: If `sites_dir` is not a directory, holds no site file, or two site
             files (or one file's stem) do not make distinct valid site ids.
@@ -35,8 +41,20 @@ def site_files(sites_dir: Path) -> list[Path]:
     if not sites_dir.is_dir():
         raise ConfigError(f"--sites {str(sites_dir)!r} is not a directory")
     files = sorted(p for p in sites_dir.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    subdirs = sorted(p.name for p in sites_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+    shown = ", ".join(repr(name) for name in subdirs[:5]) + (", …" if len(subdirs) > 5 else "")
     if not files:
-        raise ConfigError(f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files")
+        hint = f"; subdirectories are not read: {shown}" if subdirs else ""
+        raise ConfigError(
+            f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files at its top level{hint}"
+        )
+    if subdirs:
+        log.warning(
+            "--sites %r: only its top-level .jsonl/.csv files are sites; subdirectories are "
+            "not read: %s",
+            str(sites_dir),
+            shown,
+        )
     seen: dict[str, Path] = {}
     for path in files:
         if not valid_site_id(path.stem):
@@ -71,6 +89,11 @@ def build_train_config(
     if eval_file is not None:
         if not eval_file.is_file():
             raise ConfigError(f"--eval {str(eval_file)!r} does not exist")
+        if site := next((p for p in sites if p.samefile(eval_file)), None):
+            raise ConfigError(
+                f"--eval {str(eval_file)!r} is site file {str(site)!r}: the held-out file "
+                "must not be one the sites train on; move it out of the --sites directory"
+            )
         config["eval-file"] = str(eval_file)
     if task is not None:
         config["task"] = task

@@ -10,6 +10,8 @@ import pytest
 
 from clients.task.errors import ConfigError
 from server.demo import DEMO_MARK, claim_out, history_figure, next_steps, run_demo
+from server.demo_data import generate
+from server.train import site_files
 
 
 def _row(round_: int, accuracy: float, sites: dict[str, float]) -> dict:
@@ -63,6 +65,19 @@ def test_the_next_steps_are_three_runnable_commands(tmp_path: Path) -> None:
         ["fedlora", "train"],
     ]
     assert shlex.split(steps[1])[shlex.split(steps[1]).index("--trust") + 1] == f"{out}/trust"
+
+
+def test_the_next_train_command_trains_on_the_demos_sites_and_evaluates_on_its_eval_file(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "demo dir"
+    site_paths, eval_path, _ = generate(out / "data", sites=3)
+
+    train = shlex.split(next_steps(out=out, tracking_uri="sqlite:///x.db")[2])
+
+    sites = Path(train[train.index("--sites") + 1])
+    assert site_files(sites) == site_paths
+    assert Path(train[train.index("--eval") + 1]) == eval_path
 
 
 def test_the_demo_refuses_an_out_dir_holding_what_it_did_not_write(tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from clients.task.errors import ConfigError
-from server.train import site_files
+from server.train import build_train_config, site_files
 
 ROW = '{"text": "hello", "label": "a"}\n'
 
 
 def _sites(tmp_path: Path, *names: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in names:
         (tmp_path / name).write_text(ROW if name.endswith(".jsonl") else "text,label\nhello,a\n")
     return tmp_path
@@ -37,3 +38,45 @@ def test_files_that_do_not_make_distinct_valid_site_ids_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         site_files(_sites(tmp_path, *names))
+
+
+def test_a_directory_of_subdirectories_names_them(tmp_path: Path) -> None:
+    _sites(tmp_path / "sites", "a.jsonl")
+    (tmp_path / "eval.txt").write_text("not a site file")
+
+    with pytest.raises(ConfigError, match=r"no \.jsonl or \.csv files at its top level.*'sites'"):
+        site_files(tmp_path)
+
+
+def test_subdirectories_beside_site_files_are_named_as_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _sites(tmp_path, "a.jsonl")
+    _sites(tmp_path / "more", "b.jsonl")
+    (tmp_path / ".cache").mkdir()  # hidden: no site puts data there
+
+    assert [p.name for p in site_files(tmp_path)] == ["a.jsonl"]
+
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "'more'" in record.getMessage() and ".cache" not in record.getMessage()
+
+
+def _config(tmp_path: Path, eval_file: Path) -> dict:
+    return build_train_config(
+        sites=site_files(tmp_path),
+        rounds=1,
+        out=tmp_path / "out",
+        eval_file=eval_file,
+        task=None,
+        overrides={},
+        resume=False,
+    )
+
+
+def test_the_eval_file_must_not_be_a_site_file(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "data", "a.jsonl", "eval.jsonl")
+
+    # The same file by another spelling of its path is still the same file.
+    with pytest.raises(ConfigError, match=r"--eval '.*/data/\.\./data/eval\.jsonl' is site file "):
+        _config(sites, tmp_path / "data" / ".." / "data" / "eval.jsonl")

@@ -100,7 +100,9 @@ def build_train_config(
     task_name = config.get("task", "sequence-classification")
     labels = config.get("labels")
     if task_name == "sequence-classification" and not labels:
-        labels = labels_in([*sites, *([eval_file] if eval_file else [])])
+        labels = labels_in(sites)
+        if eval_file is not None:
+            labels = _with_eval_labels(labels, eval_file)
     if isinstance(labels, list | tuple):
         # A run config holds flat values (Flower's too): the label set travels as the TOML
         # array string users type (`fedlora site check` prints it); a label may hold commas.
@@ -108,6 +110,28 @@ def build_train_config(
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config
+
+
+def _with_eval_labels(site_labels: list[str], eval_file: Path) -> list[str]:
+    """The label set with the eval file's labels, warning of those no site holds.
+
+    They are kept (evaluating on them measures something real), but the head gets a row
+    no site trains, so every held-out row of such a label counts as an error.
+    """
+    eval_labels = labels_in([eval_file])
+    only = sorted(set(eval_labels) - set(site_labels))
+    if only:
+        shown = ", ".join(repr(label) for label in only[:5]) + (", …" if len(only) > 5 else "")
+        log.warning(
+            "label%s %s appear%s only in --eval %r, in no site file: no site trains %s, so "
+            "the held-out accuracy counts those rows as errors",
+            "s" if len(only) > 1 else "",
+            shown,
+            "" if len(only) > 1 else "s",
+            str(eval_file),
+            "them" if len(only) > 1 else "it",
+        )
+    return sorted({*site_labels, *eval_labels})
 
 
 def checked_run(

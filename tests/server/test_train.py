@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from clients.task.errors import ConfigError
+from clients.task.labels import parse_label_set
 from server.train import build_train_config, site_files
 
 ROW = '{"text": "hello", "label": "a"}\n'
@@ -62,7 +63,7 @@ def test_subdirectories_beside_site_files_are_named_as_not_read(
     assert "'more'" in record.getMessage() and ".cache" not in record.getMessage()
 
 
-def _config(tmp_path: Path, eval_file: Path) -> dict:
+def _config(tmp_path: Path, eval_file: Path | None) -> dict:
     return build_train_config(
         sites=site_files(tmp_path),
         rounds=1,
@@ -80,3 +81,29 @@ def test_the_eval_file_must_not_be_a_site_file(tmp_path: Path) -> None:
     # The same file by another spelling of its path is still the same file.
     with pytest.raises(ConfigError, match=r"--eval '.*/data/\.\./data/eval\.jsonl' is site file "):
         _config(sites, tmp_path / "data" / ".." / "data" / "eval.jsonl")
+
+
+def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(ROW + '{"text": "hi", "label": "only in eval"}\n')
+
+    config = _config(sites, eval_file)
+
+    assert parse_label_set(config["labels"]) == ("a", "only in eval")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "'only in eval'" in record.getMessage() and str(eval_file) in record.getMessage()
+
+
+def test_no_warning_when_every_eval_label_is_a_sites(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(ROW)
+
+    assert parse_label_set(_config(sites, eval_file)["labels"]) == ("a",)
+    assert not caplog.records

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
+from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
@@ -236,8 +237,8 @@ class RunSettings:
                 f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
                 f"{', '.join(SITE_DP_TRAINABLE)}"
             )
-        if self.eval_file is not None and not self.eval_file.is_file():
-            raise ConfigError(f"eval-file={str(self.eval_file)!r} does not exist")
+        if self.eval_file is not None and (why := not_a_file(self.eval_file)):
+            raise ConfigError(f"eval-file={str(self.eval_file)!r} {why}")
         # The sites' fields and their combinations (local-epochs or local-steps, site-dp.*,
         # proximal-mu with site-dp, fedrs.alpha with the task) are the round plan's own
         # checks, which every site runs again on what it receives.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clients.task.data import SUFFIXES, labels_in, load_examples
+from clients.task.data import SUFFIXES, labels_in, load_examples, not_a_file
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set
 from server.console import progress_bars
@@ -87,8 +87,8 @@ def build_train_config(
     config["out-dir"] = str(out)
     config["resume"] = resume
     if eval_file is not None:
-        if not eval_file.is_file():
-            raise ConfigError(f"--eval {str(eval_file)!r} does not exist")
+        if why := not_a_file(eval_file):
+            raise ConfigError(f"--eval {str(eval_file)!r} {why}")
         if site := next((p for p in sites if p.samefile(eval_file)), None):
             raise ConfigError(
                 f"--eval {str(eval_file)!r} is site file {str(site)!r}: the held-out file "

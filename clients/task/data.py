@@ -218,6 +218,15 @@ def _csv_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object
             yield start, {c: v for c, v in zip(columns, cells, strict=True) if c}
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (nothing there, or a directory), or None."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"is a directory; expected a {' or '.join(SUFFIXES)} file"
+    return "does not exist"
+
+
 def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
     """(line number, row) pairs of a JSONL or CSV file.
 
@@ -228,10 +237,11 @@ def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
     CRLF or CR line ends, rows of empty cells, and field names in another case.
 
     Raises:
-        DataError: Naming `what` and the path if the file is missing or has another suffix.
+        DataError: Naming `what` and the path if the file is missing, is a directory or has
+            another suffix.
     """
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} does not exist")
+    if why := not_a_file(path):
+        raise DataError(f"{what} {str(path)!r} {why}")
     if path.suffix not in SUFFIXES:
         raise DataError(f"{what} {str(path)!r} must end in .jsonl or .csv")
     lines, why = _physical_lines(path.read_bytes())

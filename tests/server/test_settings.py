@@ -41,6 +41,7 @@ def test_defaults_match_pyproject() -> None:
         ({"min-fit-clients": 3, "min-available-clients": 2}, "min-available-clients=2 must be >="),
         ({"on-round-failure": "retry"}, "on-round-failure='retry'"),
         ({"eval-file": "/no/such/file.jsonl"}, "eval-file='/no/such/file.jsonl' does not exist"),
+        ({"eval-file": "/"}, "eval-file='/' is a directory; expected a .jsonl or .csv file"),
         ({"server.momentum": 1.0}, "server.momentum=1.0 must be in [0, 1"),
         ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be finite and > 0"),
         ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),

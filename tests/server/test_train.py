@@ -107,3 +107,10 @@ def test_no_warning_when_every_eval_label_is_a_sites(
 
     assert parse_label_set(_config(sites, eval_file)["labels"]) == ("a",)
     assert not caplog.records
+
+
+def test_an_eval_directory_is_named_as_one(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+
+    with pytest.raises(ConfigError, match=r"--eval '.*sites' is a directory; expected a \.jsonl"):
+        _config(sites, sites)

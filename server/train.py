@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clients.task.data import SUFFIXES, labels_in, load_examples, not_a_file
-from clients.task.errors import ConfigError
+from clients.task.data import SUFFIXES, DataReport, labels_in, not_a_file, scan_file
+from clients.task.errors import ConfigError, DataError
 from clients.task.labels import format_label_set
 from server.console import progress_bars
 from strategies.protocol import SITE_ID_RULE, valid_site_id
@@ -100,7 +100,8 @@ def build_train_config(
     task_name = config.get("task", "sequence-classification")
     labels = config.get("labels")
     if task_name == "sequence-classification" and not labels:
-        labels = labels_in(sites)
+        reports = read_site_files(sites, task=task_name, labels=None)
+        labels = sorted({label for report in reports for label in report.label_counts})
         if eval_file is not None:
             labels = _with_eval_labels(labels, eval_file)
     if isinstance(labels, list | tuple):
@@ -110,6 +111,28 @@ def build_train_config(
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config
+
+
+def read_site_files(
+    sites: Sequence[Path], *, task: str, labels: Sequence[str] | None
+) -> list[DataReport]:
+    """Every site file read against the task and label set (None: any label).
+
+    Raises:
+        DataError: Naming every bad file's first problem (file:line: reason) and how many
+            more it has, not only the first bad file's.
+    """
+    reports = [scan_file(path, task=task, labels=labels) for path in sites]
+    bad = [report for report in reports if report.problems]
+    if len(bad) == 1:
+        raise DataError(bad[0].summary())
+    if bad:
+        raise DataError(
+            f"{len(bad)} of {len(reports)} site files have problems "
+            f"(`fedlora site check --data FILE` lists all of a file's): "
+            + "; ".join(report.summary() for report in bad)
+        )
+    return reports
 
 
 def _with_eval_labels(site_labels: list[str], eval_file: Path) -> list[str]:
@@ -165,8 +188,7 @@ def checked_run(
         resume=resume,
     )
     settings = RunSettings.from_config(config)
-    for path in sites:
-        load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
+    read_site_files(sites, task=settings.spec.task, labels=settings.spec.labels or None)
     return sites, config, settings
 
 

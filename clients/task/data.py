@@ -55,6 +55,12 @@ class DataReport:
     problems: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)  # the line of each example
 
+    def summary(self) -> str:
+        """The first problem (file:line: reason) and how many more there are."""
+        more = len(self.problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        return f"{self.problems[0]}{suffix}"
+
     @property
     def label_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(e.label for e in self.examples if e.label).items()))
@@ -367,9 +373,7 @@ def load_examples(
     """
     report = scan_file(path, task=task, labels=labels)
     if report.problems:
-        more = len(report.problems) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise DataError(f"{report.problems[0]}{suffix}")
+        raise DataError(report.summary())
     return report.examples
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.task.errors import ConfigError
+from clients.task.errors import ConfigError, DataError
 from clients.task.labels import parse_label_set
-from server.train import build_train_config, site_files
+from server.train import build_train_config, checked_run, site_files
 
 ROW = '{"text": "hello", "label": "a"}\n'
 
@@ -114,3 +114,34 @@ def test_an_eval_directory_is_named_as_one(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"--eval '.*sites' is a directory; expected a \.jsonl"):
         _config(sites, sites)
+
+
+BAD_TEXT = '{"text": "", "label": "a"}\n'
+
+
+@pytest.mark.parametrize("labels", [None, "a,b"])  # labels from the files, or given
+def test_every_bad_site_file_is_reported_with_its_first_bad_line(
+    tmp_path: Path, labels: str | None
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl", "c.jsonl", "good.jsonl")
+    (sites / "a.jsonl").write_text(ROW + BAD_TEXT + BAD_TEXT)
+    (sites / "b.jsonl").write_text("{oops\n")
+    (sites / "c.jsonl").write_text(ROW + ROW + '{"text": "x", "label": "c"}\n')
+
+    with pytest.raises(DataError) as raised:
+        checked_run(
+            sites_dir=sites,
+            rounds=1,
+            out=tmp_path / "out",
+            eval_file=None,
+            task=None,
+            overrides={"labels": labels} if labels else {},
+            resume=False,
+        )
+
+    message = str(raised.value)
+    assert message.startswith("2 of 4 site files " if labels is None else "3 of 4 site files ")
+    assert "a.jsonl:2: field 'text' is missing or empty ('') (and 1 more problem)" in message
+    assert "b.jsonl:1: invalid JSON" in message
+    assert ("c.jsonl:3: label 'c' is not in the run's label set" in message) == bool(labels)
+    assert "good.jsonl" not in message and "\n" not in message

@@ -29,6 +29,7 @@ DEMO_PASSPHRASE_ENV = "FEDLORA_DEMO_KEY_PASSPHRASE_UNUSED"
 # signing key and trust store too.
 DEMO_OUTPUTS = ("data", "run", "keys", "trust", "edge-cache", "metrics.png", "edge.log")
 DEMO_MARK = ".fedlora-demo"
+_MARK_NOTE = f"written by `fedlora demo`; a re-run replaces {', '.join(DEMO_OUTPUTS)} here\n"
 
 
 def plot_history(
@@ -155,6 +156,8 @@ def claim_out(out: Path) -> bool:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
     mark = out / DEMO_MARK
+    if not mark.is_file() and _unmarked_demo_output(out):
+        write_atomic(mark, _MARK_NOTE.encode())  # written before the mark existed
     if not mark.is_file():
         found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         if found:
@@ -165,8 +168,7 @@ def claim_out(out: Path) -> bool:
                 "replaces them when re-run, so give it a new or empty directory"
             )
         out.mkdir(parents=True, exist_ok=True)
-        note = f"written by `fedlora demo`; a re-run replaces {', '.join(DEMO_OUTPUTS)} here\n"
-        write_atomic(mark, note.encode())
+        write_atomic(mark, _MARK_NOTE.encode())
         return False
     replaced = False
     for name in DEMO_OUTPUTS:
@@ -179,6 +181,17 @@ def claim_out(out: Path) -> bool:
             continue
         replaced = True
     return replaced
+
+
+def _unmarked_demo_output(out: Path) -> bool:
+    """Whether ``out`` is what a demo before DEMO_MARK wrote: only demo outputs, a ``run``
+    among them, and a trust store (if any) holding nothing but the demo's key."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    trust = out / "trust"
+    trusted = {p.name for p in trust.iterdir()} if trust.is_dir() else set()
+    return "run" in names and names <= set(DEMO_OUTPUTS) and trusted <= {"demo.pub"}
 
 
 def _demo_keys(out: Path) -> tuple[Path, Path]:

@@ -128,3 +128,27 @@ def test_a_rerun_replaces_everything_an_earlier_demo_wrote_and_nothing_else(
 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DEMO_MARK, "notes.txt"])
     assert claim_out(tmp_path) is False  # nothing left to replace
+
+
+def test_a_demo_output_from_before_the_mark_is_still_replaced(tmp_path: Path) -> None:
+    # What `fedlora demo` wrote before it marked its --out: only its outputs, run/ among
+    # them, and a trust store holding only the demo's key.
+    for name in ("data/sites", "run", "keys", "trust", "edge-cache"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "trust" / "demo.pub").write_text("demo key")
+    (tmp_path / "metrics.png").write_text("old")
+
+    assert claim_out(tmp_path) is True
+    assert [p.name for p in tmp_path.iterdir()] == [DEMO_MARK]
+
+
+def test_an_unmarked_trust_store_with_other_keys_is_never_taken_for_a_demos(
+    tmp_path: Path,
+) -> None:
+    for name in ("run", "trust"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "trust" / "ops.pub").write_text("the operator's key")
+
+    with pytest.raises(ConfigError, match="which no earlier `fedlora demo` wrote"):
+        claim_out(tmp_path)
+    assert (tmp_path / "trust" / "ops.pub").read_text() == "the operator's key"

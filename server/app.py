@@ -68,13 +68,9 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
     if settings.resume:
         if found is None:
             raise ConfigError(f"resume=true but {store.directory} holds no checkpoint")
-        now = settings.fingerprint()
-        changed = sorted(k for k in now if found.fingerprint.get(k) != now[k])
-        if changed:
-            key = changed[0]
+        if changed := settings.changed_since(found.fingerprint):
             raise ConfigError(
-                f"cannot resume: setting {key!r} was {found.fingerprint.get(key)!r}, "
-                f"now {now[key]!r}"
+                f"cannot resume {store.directory}: the run config changed: {'; '.join(changed)}"
             )
         if found.completed_round >= settings.rounds:
             raise ConfigError(

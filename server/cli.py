@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default="fedlora-demo",
         metavar="DIR",
-        help="output directory (default: %(default)s)",
+        help="output directory: new, empty, or an earlier demo's, whose output a re-run "
+        "replaces (default: %(default)s)",
     )
     demo.add_argument("--sites", type=int, default=4, help="synthetic sites (default: %(default)s)")
     demo.add_argument(

@@ -13,7 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from clients.task.errors import FedloraError
+from clients.task.errors import ConfigError, FedloraError
+from clients.task.files import write_atomic
 from server.console import round_table
 from server.demo_data import generate
 from server.harness.edge import EdgeNodeProcess
@@ -23,6 +24,12 @@ DEMO_MODEL = "demo-intents"
 # The demo key is unencrypted; this variable is never set, so a passphrase the user keeps
 # in FEDLORA_KEY_PASSPHRASE for real keys is not applied to it.
 DEMO_PASSPHRASE_ENV = "FEDLORA_DEMO_KEY_PASSPHRASE_UNUSED"
+# Everything the demo writes under OUT. A re-run replaces exactly these, and only in a
+# directory that holds DEMO_MARK: `keys/` and `trust/` are README's names for a real
+# signing key and trust store too.
+DEMO_OUTPUTS = ("data", "run", "keys", "trust", "edge-cache", "metrics.png", "edge.log")
+DEMO_MARK = ".fedlora-demo"
+_MARK_NOTE = f"written by `fedlora demo`; a re-run replaces {', '.join(DEMO_OUTPUTS)} here\n"
 
 
 def plot_history(
@@ -89,8 +96,8 @@ def next_steps(*, out: Path, tracking_uri: str) -> list[str]:
         f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}",
         f"fedlora edge serve --model {DEMO_MODEL}@production --trust {shlex.quote(str(out))}"
         f"/trust --registry {shlex.quote(tracking_uri)} --port 8080",
-        f"fedlora train --sites {shlex.quote(str(out))}/data --rounds 5 --out my-run "
-        f"--eval {shlex.quote(str(out))}/data/eval.jsonl",
+        f"fedlora train --sites {shlex.quote(str(out / 'data' / 'sites'))} --rounds 5 "
+        f"--out my-run --eval {shlex.quote(str(out / 'data' / 'eval.jsonl'))}",
     ]
 
 
@@ -131,12 +138,66 @@ def ask_edge_node(
         return {"url": node.url, "health": health["status"], **answer}
 
 
+def claim_out(out: Path) -> bool:
+    """Make ``out`` the demo's: a new or empty directory, or an earlier demo's output.
+
+    A new or empty directory gets DEMO_MARK first, so an interrupted demo is recognised
+    by the next one. In a marked directory every entry of DEMO_OUTPUTS is removed (an
+    interrupted run's plot or log is not left beside the new run); anything else there
+    is left alone.
+
+    Returns:
+        Whether an earlier demo's output was removed.
+
+    Raises:
+        ConfigError: If ``out`` is a file, or a directory without the mark that holds
+            anything; nothing is touched then.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    mark = out / DEMO_MARK
+    if not mark.is_file() and _unmarked_demo_output(out):
+        write_atomic(mark, _MARK_NOTE.encode())  # written before the mark existed
+    if not mark.is_file():
+        found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if found:
+            shown = ", ".join(found[:5]) + (", …" if len(found) > 5 else "")
+            raise ConfigError(
+                f"--out {str(out)!r} holds {shown}, which no earlier `fedlora demo` wrote (it "
+                f"has no {DEMO_MARK} file); the demo writes {', '.join(DEMO_OUTPUTS)} there and "
+                "replaces them when re-run, so give it a new or empty directory"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(mark, _MARK_NOTE.encode())
+        return False
+    replaced = False
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        replaced = True
+    return replaced
+
+
+def _unmarked_demo_output(out: Path) -> bool:
+    """Whether ``out`` is what a demo before DEMO_MARK wrote: only demo outputs, a ``run``
+    among them, and a trust store (if any) holding nothing but the demo's key."""
+    if not out.is_dir():
+        return False
+    names = {p.name for p in out.iterdir()}
+    trust = out / "trust"
+    trusted = {p.name for p in trust.iterdir()} if trust.is_dir() else set()
+    return "run" in names and names <= set(DEMO_OUTPUTS) and trusted <= {"demo.pub"}
+
+
 def _demo_keys(out: Path) -> tuple[Path, Path]:
     """A fresh, unencrypted demo signing key and a trust store holding its public key."""
     from registry.keys import generate_keypair
 
-    for name in ("keys", "trust", "edge-cache"):
-        shutil.rmtree(out / name, ignore_errors=True)
     pair = generate_keypair(out / "keys")
     (out / "trust").mkdir()
     shutil.copy(pair.public_path, out / "trust" / "demo.pub")
@@ -152,9 +213,8 @@ def run_demo(
     from registry.policy import Policy
 
     console = Console()
-    if (out / "run").exists():  # the demo owns OUT: a re-run starts over, it never resumes
-        console.print(f"replacing the previous demo output in {out}")
-        shutil.rmtree(out / "run")
+    if claim_out(out):  # a re-run starts over, it never resumes
+        console.print(f"replaced the previous demo output in {out}")
     signing_key, trust = _demo_keys(out)
     data_dir = out / "data"
     site_paths, eval_path, labels = generate(data_dir, sites=sites, seed=seed)

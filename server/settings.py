@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.choices import SITE_DP_TRAINABLE
+from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
@@ -39,6 +40,44 @@ HEAD_INITS = ("seeded", "lda")
 # update.max-norm's ceiling: far above any honest update, and float32 sums of updates
 # under it stay finite for any number of sites a federation has.
 MAX_UPDATE_NORM = 1e6
+
+
+# The run-config key(s) behind each field of `RunSettings.fingerprint` (the field names are
+# what checkpoints store), so a resume that changed one names what the user typed.
+FINGERPRINT_KEYS = {
+    "rounds": "num-server-rounds",
+    "spec": "one of base-model, task, labels, lora.*, aggregation, quantization or seed",
+    "local_epochs": "local-epochs",
+    "local_steps": "local-steps",
+    "batch_size": "batch-size",
+    "learning_rate": "learning-rate",
+    "max_length": "max-length",
+    "proximal_mu": "proximal-mu",
+    "fedrs_alpha": "fedrs.alpha",
+    "fedlc_tau": "fedlc.tau",
+    "fraction_train": "fraction-train",
+    "fraction_evaluate": "fraction-evaluate",
+    "min_fit_clients": "min-fit-clients",
+    "min_available_clients": "min-available-clients",
+    "on_round_failure": "on-round-failure",
+    "max_norm": "update.max-norm",
+    "server_optimizer": "one of server.*",
+    "eval_file": "eval-file",
+    "experiment": "experiment",
+    "client_dp": "one of dp.*",
+    "secagg": "one of secagg.*",
+    "site_dp_noise_multiplier": "site-dp.noise-multiplier",
+    "site_dp_target_epsilon": "site-dp.target-epsilon",
+    "site_dp_max_grad_norm": "site-dp.max-grad-norm",
+    "site_dp_delta": "site-dp.delta",
+    "site_dp_batch_size": "site-dp.batch-size",
+    "site_dp_learning_rate": "site-dp.learning-rate",
+    "site_dp_trainable": "site-dp.trainable",
+    "keep_adapter": "adapter.keep",
+    "robust": "one of robust.*",
+    "head_init": "head.init",
+    "head_shrinkage": "head.shrinkage",
+}
 
 
 @dataclass(frozen=True)
@@ -236,8 +275,8 @@ class RunSettings:
                 f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
                 f"{', '.join(SITE_DP_TRAINABLE)}"
             )
-        if self.eval_file is not None and not self.eval_file.is_file():
-            raise ConfigError(f"eval-file={str(self.eval_file)!r} does not exist")
+        if self.eval_file is not None and (why := not_a_file(self.eval_file)):
+            raise ConfigError(f"eval-file={str(self.eval_file)!r} {why}")
         # The sites' fields and their combinations (local-epochs or local-steps, site-dp.*,
         # proximal-mu with site-dp, fedrs.alpha with the task) are the round plan's own
         # checks, which every site runs again on what it receives.
@@ -471,6 +510,16 @@ class RunSettings:
             site_dp_delta=self.site_dp_delta,
             site_dp_trainable=self.site_dp_trainable if dp else "all",
             planned_rounds=self.rounds,
+        )
+
+    def changed_since(self, fingerprint: Mapping[str, Any]) -> list[str]:
+        """What differs from an earlier `fingerprint`, each named by its run-config key(s)
+        ("learning-rate was 0.005, now 0.01"), sorted; empty when nothing does."""
+        now = self.fingerprint()
+        return sorted(
+            f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
+            for name in now
+            if fingerprint.get(name) != now[name]
         )
 
     def fingerprint(self) -> dict[str, Any]:

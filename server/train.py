@@ -6,18 +6,21 @@ runs the simulation with a progress bar (server/simulation.py does the run itsel
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clients.task.data import SUFFIXES, labels_in, load_examples
-from clients.task.errors import ConfigError
+from clients.task.data import SUFFIXES, DataReport, labels_in, not_a_file, scan_file
+from clients.task.errors import ConfigError, DataError
 from clients.task.labels import format_label_set
 from server.console import progress_bars
 from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 if TYPE_CHECKING:
     from server.settings import RunSettings
+
+log = logging.getLogger(__name__)
 
 
 def site_files(sites_dir: Path) -> list[Path]:
@@ -28,6 +31,9 @@ def site_files(sites_dir: Path) -> list[Path]:
     on a case-insensitive file system): refused here, before anything starts, rather
     than by the site at its first round or by the server as two nodes claiming one id.
 
+    Only the directory's top level is read: subdirectories (hidden ones aside) are named
+    in the error when there is no site file, else in a warning.
+
     Raises:
         ConfigError: If `sites_dir` is not a directory, holds no site file, or two site
             files (or one file's stem) do not make distinct valid site ids.
@@ -35,8 +41,20 @@ def site_files(sites_dir: Path) -> list[Path]:
     if not sites_dir.is_dir():
         raise ConfigError(f"--sites {str(sites_dir)!r} is not a directory")
     files = sorted(p for p in sites_dir.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    subdirs = sorted(p.name for p in sites_dir.iterdir() if p.is_dir() and p.name[0] != ".")
+    shown = ", ".join(repr(name) for name in subdirs[:5]) + (", …" if len(subdirs) > 5 else "")
     if not files:
-        raise ConfigError(f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files")
+        hint = f"; subdirectories are not read: {shown}" if subdirs else ""
+        raise ConfigError(
+            f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files at its top level{hint}"
+        )
+    if subdirs:
+        log.warning(
+            "--sites %r: only its top-level .jsonl/.csv files are sites; subdirectories are "
+            "not read: %s",
+            str(sites_dir),
+            shown,
+        )
     seen: dict[str, Path] = {}
     for path in files:
         if not valid_site_id(path.stem):
@@ -69,15 +87,23 @@ def build_train_config(
     config["out-dir"] = str(out)
     config["resume"] = resume
     if eval_file is not None:
-        if not eval_file.is_file():
-            raise ConfigError(f"--eval {str(eval_file)!r} does not exist")
+        if why := not_a_file(eval_file):
+            raise ConfigError(f"--eval {str(eval_file)!r} {why}")
+        if site := next((p for p in sites if p.samefile(eval_file)), None):
+            raise ConfigError(
+                f"--eval {str(eval_file)!r} is site file {str(site)!r}: the held-out file "
+                "must not be one the sites train on; move it out of the --sites directory"
+            )
         config["eval-file"] = str(eval_file)
     if task is not None:
         config["task"] = task
     task_name = config.get("task", "sequence-classification")
     labels = config.get("labels")
     if task_name == "sequence-classification" and not labels:
-        labels = labels_in([*sites, *([eval_file] if eval_file else [])])
+        reports = read_site_files(sites, task=task_name, labels=None)
+        labels = sorted({label for report in reports for label in report.label_counts})
+        if eval_file is not None:
+            labels = _with_eval_labels(labels, eval_file)
     if isinstance(labels, list | tuple):
         # A run config holds flat values (Flower's too): the label set travels as the TOML
         # array string users type (`fedlora site check` prints it); a label may hold commas.
@@ -85,6 +111,50 @@ def build_train_config(
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
     return config
+
+
+def read_site_files(
+    sites: Sequence[Path], *, task: str, labels: Sequence[str] | None
+) -> list[DataReport]:
+    """Every site file read against the task and label set (None: any label).
+
+    Raises:
+        DataError: Naming every bad file's first problem (file:line: reason) and how many
+            more it has, not only the first bad file's.
+    """
+    reports = [scan_file(path, task=task, labels=labels) for path in sites]
+    bad = [report for report in reports if report.problems]
+    if len(bad) == 1:
+        raise DataError(bad[0].summary())
+    if bad:
+        raise DataError(
+            f"{len(bad)} of {len(reports)} site files have problems "
+            f"(`fedlora site check --data FILE` lists all of a file's): "
+            + "; ".join(report.summary() for report in bad)
+        )
+    return reports
+
+
+def _with_eval_labels(site_labels: list[str], eval_file: Path) -> list[str]:
+    """The label set with the eval file's labels, warning of those no site holds.
+
+    They are kept (evaluating on them measures something real), but the head gets a row
+    no site trains, so every held-out row of such a label counts as an error.
+    """
+    eval_labels = labels_in([eval_file])
+    only = sorted(set(eval_labels) - set(site_labels))
+    if only:
+        shown = ", ".join(repr(label) for label in only[:5]) + (", …" if len(only) > 5 else "")
+        log.warning(
+            "label%s %s appear%s only in --eval %r, in no site file: no site trains %s, so "
+            "the held-out accuracy counts those rows as errors",
+            "s" if len(only) > 1 else "",
+            shown,
+            "" if len(only) > 1 else "s",
+            str(eval_file),
+            "them" if len(only) > 1 else "it",
+        )
+    return sorted({*site_labels, *eval_labels})
 
 
 def checked_run(
@@ -118,8 +188,7 @@ def checked_run(
         resume=resume,
     )
     settings = RunSettings.from_config(config)
-    for path in sites:
-        load_examples(path, task=settings.spec.task, labels=settings.spec.labels or None)
+    read_site_files(sites, task=settings.spec.task, labels=settings.spec.labels or None)
     return sites, config, settings
 
 

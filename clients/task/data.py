@@ -55,6 +55,12 @@ class DataReport:
     problems: list[str] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)  # the line of each example
 
+    def summary(self) -> str:
+        """The first problem (file:line: reason) and how many more there are."""
+        more = len(self.problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        return f"{self.problems[0]}{suffix}"
+
     @property
     def label_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(e.label for e in self.examples if e.label).items()))
@@ -219,6 +225,15 @@ def _csv_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, object
             yield start, {c: v for c, v in zip(columns, cells, strict=True) if c}
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (nothing there, or a directory), or None."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"is a directory; expected a {' or '.join(SUFFIXES)} file"
+    return "does not exist"
+
+
 def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
     """(line number, row) pairs of a JSONL or CSV file.
 
@@ -229,10 +244,11 @@ def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
     CRLF or CR line ends, rows of empty cells, and field names in another case.
 
     Raises:
-        DataError: Naming `what` and the path if the file is missing or has another suffix.
+        DataError: Naming `what` and the path if the file is missing, is a directory or has
+            another suffix.
     """
-    if not path.is_file():
-        raise DataError(f"{what} {str(path)!r} does not exist")
+    if why := not_a_file(path):
+        raise DataError(f"{what} {str(path)!r} {why}")
     if path.suffix not in SUFFIXES:
         raise DataError(f"{what} {str(path)!r} must end in .jsonl or .csv")
     lines, why = _physical_lines(path.read_bytes())
@@ -358,9 +374,7 @@ def load_examples(
     """
     report = scan_file(path, task=task, labels=labels)
     if report.problems:
-        more = len(report.problems) - 1
-        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise DataError(f"{report.problems[0]}{suffix}")
+        raise DataError(report.summary())
     return report.examples
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from clients.task.labels import parse_label_set
 from server.checkpoint import CheckpointStore
-from server.demo import next_steps
+from server.demo import DEMO_MARK, DEMO_OUTPUTS, next_steps
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
 
@@ -312,6 +312,8 @@ def test_demo_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     edge = [line for line in done.stdout.splitlines() if "served version 1" in line]
     assert edge and "(ok)" in edge[0], done.stdout[-2000:]
     assert (out / "edge-cache" / "state.json").is_file()
+    # Everything the demo wrote is what a re-run replaces (server/demo.py, DEMO_OUTPUTS).
+    assert {p.name for p in out.iterdir()} == {DEMO_MARK, *DEMO_OUTPUTS}
 
     # Quiet by default: fedlora's own lines only, no library logs, warnings or colour codes
     # (Flower's DEBUG log, SQLAlchemy deprecations, Ray actors' output).

@@ -44,3 +44,18 @@ def test_flower_s_log_of_a_refused_run_is_one_line() -> None:
     refused, bug = stream.getvalue().split("ServerApp raised an exception", 1)
     assert refused == f"fedlora run FAILED: {DEPLOYMENT_LABELS}\n"
     assert "Traceback" in bug  # anything else keeps its traceback
+
+
+def test_a_resume_with_a_changed_setting_names_its_run_config_key(tmp_path) -> None:
+    from server.app import _check_resume
+    from server.checkpoint import Checkpoint, CheckpointStore
+    from server.settings import RunSettings
+
+    config = {"labels": "a,b", "out-dir": str(tmp_path), "num-server-rounds": 3}
+    before = RunSettings.from_config({**config, "learning-rate": 0.005})
+    store = CheckpointStore(tmp_path / "checkpoint")
+    store.save(Checkpoint(1, {}, [], "run", fingerprint=before.fingerprint()))
+    now = RunSettings.from_config({**config, "learning-rate": 0.01, "resume": True})
+
+    with pytest.raises(ConfigError, match=r"changed: learning-rate was 0\.005, now 0\.01$"):
+        _check_resume(now, store)

@@ -1,11 +1,17 @@
-"""The demo's plot and closing lines (the whole demo runs in tests/integration)."""
+"""The demo's output directory, plot and closing lines (the whole demo runs in
+tests/integration)."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-from server.demo import history_figure, next_steps
+import pytest
+
+from clients.task.errors import ConfigError
+from server.demo import DEMO_MARK, claim_out, history_figure, next_steps, run_demo
+from server.demo_data import generate
+from server.train import site_files
 
 
 def _row(round_: int, accuracy: float, sites: dict[str, float]) -> dict:
@@ -59,3 +65,90 @@ def test_the_next_steps_are_three_runnable_commands(tmp_path: Path) -> None:
         ["fedlora", "train"],
     ]
     assert shlex.split(steps[1])[shlex.split(steps[1]).index("--trust") + 1] == f"{out}/trust"
+
+
+def test_the_next_train_command_trains_on_the_demos_sites_and_evaluates_on_its_eval_file(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "demo dir"
+    site_paths, eval_path, _ = generate(out / "data", sites=3)
+
+    train = shlex.split(next_steps(out=out, tracking_uri="sqlite:///x.db")[2])
+
+    sites = Path(train[train.index("--sites") + 1])
+    assert site_files(sites) == site_paths
+    assert Path(train[train.index("--eval") + 1]) == eval_path
+
+
+def test_the_demo_refuses_an_out_dir_holding_what_it_did_not_write(tmp_path: Path) -> None:
+    # README's names for a real signing key and trust store are the demo's names too.
+    (tmp_path / "keys").mkdir()
+    key = tmp_path / "keys" / "signing-key.pem"
+    key.write_bytes(b"the user's real key")
+    (tmp_path / "trust").mkdir()
+
+    with pytest.raises(
+        ConfigError, match=r"--out '.*' holds keys, trust, which no earlier `fedlora demo` wrote"
+    ):
+        run_demo(out=tmp_path)
+
+    assert key.read_bytes() == b"the user's real key"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys", "trust"]
+
+
+def test_the_demo_refuses_an_out_path_that_is_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+
+    with pytest.raises(ConfigError, match=r"is a file"):
+        claim_out(out)
+
+    assert out.read_text() == "mine"
+
+
+def test_a_new_or_empty_out_dir_is_marked_as_the_demos(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "demo", tmp_path / "empty"):
+        assert claim_out(out) is False
+        assert [p.name for p in out.iterdir()] == [DEMO_MARK]
+
+
+def test_a_rerun_replaces_everything_an_earlier_demo_wrote_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    claim_out(tmp_path)
+    # An earlier (perhaps interrupted) demo's outputs, and a file the user put beside them.
+    for name in ("data/sites", "run/checkpoint", "keys", "trust", "edge-cache"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "data" / "sites" / "site-6.jsonl").write_text("{}\n")
+    for name in ("metrics.png", "edge.log", "notes.txt"):
+        (tmp_path / name).write_text("old")
+
+    assert claim_out(tmp_path) is True
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DEMO_MARK, "notes.txt"])
+    assert claim_out(tmp_path) is False  # nothing left to replace
+
+
+def test_a_demo_output_from_before_the_mark_is_still_replaced(tmp_path: Path) -> None:
+    # What `fedlora demo` wrote before it marked its --out: only its outputs, run/ among
+    # them, and a trust store holding only the demo's key.
+    for name in ("data/sites", "run", "keys", "trust", "edge-cache"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "trust" / "demo.pub").write_text("demo key")
+    (tmp_path / "metrics.png").write_text("old")
+
+    assert claim_out(tmp_path) is True
+    assert [p.name for p in tmp_path.iterdir()] == [DEMO_MARK]
+
+
+def test_an_unmarked_trust_store_with_other_keys_is_never_taken_for_a_demos(
+    tmp_path: Path,
+) -> None:
+    for name in ("run", "trust"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "trust" / "ops.pub").write_text("the operator's key")
+
+    with pytest.raises(ConfigError, match="which no earlier `fedlora demo` wrote"):
+        claim_out(tmp_path)
+    assert (tmp_path / "trust" / "ops.pub").read_text() == "the operator's key"

@@ -41,6 +41,7 @@ def test_defaults_match_pyproject() -> None:
         ({"min-fit-clients": 3, "min-available-clients": 2}, "min-available-clients=2 must be >="),
         ({"on-round-failure": "retry"}, "on-round-failure='retry'"),
         ({"eval-file": "/no/such/file.jsonl"}, "eval-file='/no/such/file.jsonl' does not exist"),
+        ({"eval-file": "/"}, "eval-file='/' is a directory; expected a .jsonl or .csv file"),
         ({"server.momentum": 1.0}, "server.momentum=1.0 must be in [0, 1"),
         ({"server.learning-rate": 0}, "server.learning-rate=0.0 must be finite and > 0"),
         ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),
@@ -114,6 +115,30 @@ def test_fingerprint_ignores_bookkeeping_only() -> None:
     b = RunSettings.from_config({**OK, "out-dir": "y", "resume": True})
     c = RunSettings.from_config({**OK, "learning-rate": 0.1})
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_a_changed_setting_is_named_by_its_run_config_key() -> None:
+    before = RunSettings.from_config({**OK, "learning-rate": 0.005, "lora.r": 4})
+    now = RunSettings.from_config({**OK, "learning-rate": 0.01, "fedrs.alpha": 0.5})
+
+    changes = now.changed_since(before.fingerprint())
+
+    assert changes[0] == "fedrs.alpha was 1.0, now 0.5"
+    assert changes[1] == "learning-rate was 0.005, now 0.01"
+    # A part of the settings several keys make names them all.
+    assert changes[2].startswith("one of base-model, task, labels, lora.*, ")
+    assert len(changes) == 3
+    assert now.changed_since(now.fingerprint()) == []
+
+
+def test_every_fingerprinted_setting_has_its_run_config_keys() -> None:
+    from server.settings import FINGERPRINT_KEYS
+
+    assert set(RunSettings.from_config(OK).fingerprint()) == set(FINGERPRINT_KEYS)
+    # Every key named is a run-config key (or a family of them, `lora.*`).
+    for named in FINGERPRINT_KEYS.values():
+        for key in named.removeprefix("one of ").replace(" or ", ", ").split(", "):
+            assert key in KEYS or any(k.startswith(key.removesuffix("*")) for k in KEYS), key
 
 
 SECURE = {**OK, "secagg.enabled": True, "min-available-clients": 3, "min-fit-clients": 3}

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.task.errors import ConfigError
-from server.train import site_files
+from clients.task.errors import ConfigError, DataError
+from clients.task.labels import parse_label_set
+from server.train import build_train_config, checked_run, site_files
 
 ROW = '{"text": "hello", "label": "a"}\n'
 
 
 def _sites(tmp_path: Path, *names: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for name in names:
         (tmp_path / name).write_text(ROW if name.endswith(".jsonl") else "text,label\nhello,a\n")
     return tmp_path
@@ -37,3 +39,109 @@ def test_files_that_do_not_make_distinct_valid_site_ids_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         site_files(_sites(tmp_path, *names))
+
+
+def test_a_directory_of_subdirectories_names_them(tmp_path: Path) -> None:
+    _sites(tmp_path / "sites", "a.jsonl")
+    (tmp_path / "eval.txt").write_text("not a site file")
+
+    with pytest.raises(ConfigError, match=r"no \.jsonl or \.csv files at its top level.*'sites'"):
+        site_files(tmp_path)
+
+
+def test_subdirectories_beside_site_files_are_named_as_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _sites(tmp_path, "a.jsonl")
+    _sites(tmp_path / "more", "b.jsonl")
+    (tmp_path / ".cache").mkdir()  # hidden: no site puts data there
+
+    assert [p.name for p in site_files(tmp_path)] == ["a.jsonl"]
+
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "'more'" in record.getMessage() and ".cache" not in record.getMessage()
+
+
+def _config(tmp_path: Path, eval_file: Path | None) -> dict:
+    return build_train_config(
+        sites=site_files(tmp_path),
+        rounds=1,
+        out=tmp_path / "out",
+        eval_file=eval_file,
+        task=None,
+        overrides={},
+        resume=False,
+    )
+
+
+def test_the_eval_file_must_not_be_a_site_file(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "data", "a.jsonl", "eval.jsonl")
+
+    # The same file by another spelling of its path is still the same file.
+    with pytest.raises(ConfigError, match=r"--eval '.*/data/\.\./data/eval\.jsonl' is site file "):
+        _config(sites, tmp_path / "data" / ".." / "data" / "eval.jsonl")
+
+
+def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(ROW + '{"text": "hi", "label": "only in eval"}\n')
+
+    config = _config(sites, eval_file)
+
+    assert parse_label_set(config["labels"]) == ("a", "only in eval")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "'only in eval'" in record.getMessage() and str(eval_file) in record.getMessage()
+
+
+def test_no_warning_when_every_eval_label_is_a_sites(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(ROW)
+
+    assert parse_label_set(_config(sites, eval_file)["labels"]) == ("a",)
+    assert not caplog.records
+
+
+def test_an_eval_directory_is_named_as_one(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+
+    with pytest.raises(ConfigError, match=r"--eval '.*sites' is a directory; expected a \.jsonl"):
+        _config(sites, sites)
+
+
+BAD_TEXT = '{"text": "", "label": "a"}\n'
+
+
+@pytest.mark.parametrize("labels", [None, "a,b"])  # labels from the files, or given
+def test_every_bad_site_file_is_reported_with_its_first_bad_line(
+    tmp_path: Path, labels: str | None
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl", "c.jsonl", "good.jsonl")
+    (sites / "a.jsonl").write_text(ROW + BAD_TEXT + BAD_TEXT)
+    (sites / "b.jsonl").write_text("{oops\n")
+    (sites / "c.jsonl").write_text(ROW + ROW + '{"text": "x", "label": "c"}\n')
+
+    with pytest.raises(DataError) as raised:
+        checked_run(
+            sites_dir=sites,
+            rounds=1,
+            out=tmp_path / "out",
+            eval_file=None,
+            task=None,
+            overrides={"labels": labels} if labels else {},
+            resume=False,
+        )
+
+    message = str(raised.value)
+    assert message.startswith("2 of 4 site files " if labels is None else "3 of 4 site files ")
+    assert "a.jsonl:2: field 'text' is missing or empty ('') (and 1 more problem)" in message
+    assert "b.jsonl:1: invalid JSON" in message
+    assert ("c.jsonl:3: label 'c' is not in the run's label set" in message) == bool(labels)
+    assert "good.jsonl" not in message and "\n" not in message

@@ -118,6 +118,7 @@ def test_check_a_causal_lm_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     [
         (["--data", "{tmp}/missing.jsonl", "--task", CLS], "missing.jsonl' does not exist"),
         (["--data", "{tmp}/good.txt", "--task", CLS], "must end in .jsonl or .csv"),
+        (["--data", "{tmp}", "--task", CLS], "is a directory; expected a .jsonl or .csv file"),
         (["--data", "{good}", "--task", "translation"], "task='translation' is not supported"),
         (["--data", "{good}", "--task", CLS, "--labels", "a,a"], "--labels has duplicates: a"),
         (["--data", "{good}", "--task", CLS, "--labels", " , "], "--labels gives no labels"),

@@ -104,6 +104,13 @@ def test_unusable_files(
         load_examples(path, task=CLS)
 
 
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    folder = tmp_path / "sites.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"sites\.jsonl' is a directory; expected a \.jsonl or"):
+        scan_file(folder, task=CLS)
+
+
 def test_unknown_task(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="task='translation' is not supported"):
         scan_file(tmp_path / "x.jsonl", task="translation")

@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 from clients.task.labels import parse_label_set
 from server.checkpoint import CheckpointStore
 from server.demo import next_steps
+from server.harness.reaper import group_alive
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
 
@@ -333,6 +334,11 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
         interrupted = time.monotonic()
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - interrupted
+        # Ray's processes shared the group; they stop with the run (Ray's own fate-sharing
+        # may take a moment after the driver has gone).
+        while group_alive(proc.pid) and time.monotonic() < interrupted + took + 15:
+            time.sleep(0.2)
+        assert not group_alive(proc.pid), "processes of the run outlived it by 15 s"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

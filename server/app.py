@@ -201,6 +201,9 @@ def run_training(
             }
         )
         tracker.client.log_artifact(run_id, str(metrics_path))
+    except KeyboardInterrupt:  # stopped, not failed: `--resume` reopens it
+        tracker.finish("KILLED")
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -68,6 +68,20 @@ class CheckpointStore:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
+    def completed_round(self) -> int:
+        """The newest checkpoint's round, 0 when there is none; reads no tensors.
+
+        Raises:
+            ConfigError: If ``state.json`` is unreadable.
+        """
+        meta_path = self.directory / "state.json"
+        if not meta_path.is_file():
+            return 0
+        try:
+            return int(json.loads(meta_path.read_text(encoding="utf-8"))["completed_round"])
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
+
     def load(self) -> Checkpoint | None:
         """The newest checkpoint, or None when there is none."""
         meta_path = self.directory / "state.json"

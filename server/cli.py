@@ -10,34 +10,54 @@ exit non-zero; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from clients.task.data import TASKS
 from clients.task.errors import FedloraError
 from server.console import console, quiet_libraries, round_table
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+# After Ctrl-C, how long the process waits for threads that libraries left running.
+THREAD_GRACE_SECONDS = 3.0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from server.checkpoint import CheckpointStore
     from server.run_config import parse_overrides
     from server.train import run_train
 
-    result = run_train(
-        sites_dir=Path(args.sites),
-        rounds=args.rounds,
-        out=Path(args.out),
-        eval_file=Path(args.eval) if args.eval else None,
-        task=args.task,
-        overrides=parse_overrides(args.set or []),
-        resume=args.resume,
-        verbose=args.verbose,
-    )
+    try:
+        result = run_train(
+            sites_dir=Path(args.sites),
+            rounds=args.rounds,
+            out=Path(args.out),
+            eval_file=Path(args.eval) if args.eval else None,
+            task=args.task,
+            overrides=parse_overrides(args.set or []),
+            resume=args.resume,
+            verbose=args.verbose,
+        )
+    except KeyboardInterrupt:
+        # Read once the round loop has stopped: no later round is checkpointed.
+        store = CheckpointStore(Path(args.out) / "checkpoint")
+        done = store.completed_round()
+        if not done:
+            raise KeyboardInterrupt("before round 1 ended; nothing was checkpointed") from None
+        raise KeyboardInterrupt(
+            f"{store.directory} holds round {done} of {args.rounds}; run the same command "
+            "with --resume to continue"
+        ) from None
     out = Console()
     out.print(round_table(result.history))
     out.print(f"adapter: {result.adapter_dir}")
@@ -317,6 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_exit() -> int:
+    """`EXIT_INTERRUPTED`, or leave the process with it at once if a library's thread hangs.
+
+    After Ctrl-C, Flower's simulation workers can stay blocked for good in ``ray.get`` on
+    a Ray that has been shut down, and the interpreter waits for every non-daemon thread
+    before it exits: a process that said "interrupted" would hang. fedlora's own work has
+    stopped by now (the round loop and its checkpoint), so after `THREAD_GRACE_SECONDS`
+    the process exits without those threads.
+    """
+    deadline = time.monotonic() + THREAD_GRACE_SECONDS
+
+    def hanging() -> list[threading.Thread]:
+        me = threading.current_thread()
+        return [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+
+    for thread in hanging():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if hanging():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -328,9 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
-        return 130
+    except KeyboardInterrupt as exc:
+        reason = f": {escape(str(exc))}" if str(exc) else ""
+        console.print(f"[red]interrupted[/red]{reason}", highlight=False)
+        return _interrupted_exit()
     except Exception as exc:
         if args.debug:
             raise

@@ -1,4 +1,4 @@
-"""What fedlora's commands show on a terminal: progress bars, the round table, quiet libraries.
+"""What fedlora's commands show: progress (bars or plain lines), the round table, quiet libraries.
 
 Libraries log and return values; the CLIs, the demo and the benchmark scripts render them
 with these helpers, so every command looks the same.
@@ -6,10 +6,13 @@ with these helpers, so every command looks the same.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 from rich.console import Console
@@ -81,7 +84,7 @@ def quiet_libraries(*, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def progress_bars() -> Progress:
+def progress_bars(*, out: Console = console) -> Progress:
     """The progress display of fedlora's long work (rounds, epochs): bar, count, status."""
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -89,8 +92,70 @@ def progress_bars() -> Progress:
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        console=console,
+        console=out,
     )
+
+
+class RoundProgress:
+    """A run's rounds as they end: a live bar on a terminal, one plain line each elsewhere.
+
+    Rich draws a live display only on a terminal; written to a file, a pipe, CI or nohup's
+    log it would show nothing until the run ends. There each round prints one line
+    instead, ``round 2/6: acc 0.412, 4 sites, 0 rejected, 0:01:12 elapsed``, after a
+    first line saying the rounds have started.
+
+    Usage::
+
+        with RoundProgress("federated rounds", total=6) as progress:
+            progress.update(1, "acc 0.412, 4 sites, 0 rejected")
+    """
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        total: int,
+        out: Console = console,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.description = description
+        self.total = total
+        self.out = out
+        self.clock = clock
+        self.live = out.is_terminal and not out.is_dumb_terminal
+        self._bars: Progress | None = None
+        self._task: Any = None
+        self._started = 0.0
+
+    def __enter__(self) -> RoundProgress:
+        self._started = self.clock()
+        if self.live:
+            self._bars = progress_bars(out=self.out)
+            self._bars.start()
+            self._task = self._bars.add_task(self.description, total=self.total, status="starting")
+        else:
+            self._line(f"{self.description}: starting {self.total} round(s)")
+        return self
+
+    def update(self, completed: int, status: str) -> None:
+        """Round ``completed`` (of ``total``) has ended; ``status`` says how it went."""
+        if self._bars is not None:
+            self._bars.update(self._task, completed=completed, status=status)
+            return
+        elapsed = datetime.timedelta(seconds=int(self.clock() - self._started))
+        self._line(f"round {completed}/{self.total}: {status}, {elapsed} elapsed")
+
+    def _line(self, text: str) -> None:
+        self.out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._bars is not None:
+            self._bars.stop()
 
 
 def round_table(history: Sequence[dict[str, Any]]) -> Table:

@@ -2,6 +2,11 @@
 
 The ClientApp is named by its component reference, as pyproject.toml names it for
 ``flwr run``, so the server package never imports site code.
+
+Ctrl-C stops the run, not only Ray: the round loop runs on a Grid that raises
+`KeyboardInterrupt` at its next call once the run is stopped (instead of waiting up to
+``round-timeout`` for sites Ray no longer runs), in a daemon thread, so a round that is
+still evaluating or saving cannot keep the process alive after `STOP_GRACE_SECONDS`.
 """
 
 from __future__ import annotations
@@ -9,13 +14,18 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.task.choices import SIM_SITES_ENV
@@ -23,7 +33,16 @@ from server.app import TrainingResult, run_training
 from server.record import RoundRecord
 from server.settings import RunSettings
 
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run
+
 CLIENT_APP = "clients.site.app:app"  # same reference as [tool.flwr.app.components]
+# How long Ctrl-C waits for the round loop to stop by itself: it stops at its next Grid
+# call, or after the central evaluation and checkpoint of the round in flight.
+STOP_GRACE_SECONDS = 15.0
+POLL_SECONDS = 0.1  # how often a stoppable Grid looks for replies (InMemoryGrid's pace)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,123 @@ class _HideRunSimulationDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+class StoppableGrid(Grid):
+    """A Grid whose calls raise `KeyboardInterrupt` once ``stop`` is set.
+
+    ``send_and_receive`` polls for the replies itself, as Flower's InMemoryGrid does, and
+    looks at ``stop`` between polls: a stopped run ends at once rather than after
+    ``round-timeout`` spent waiting for sites that are gone with Ray.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        self._grid = grid
+        self._stop = stop
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise KeyboardInterrupt("the run was stopped")
+
+    def __getattr__(self, name: str) -> Any:  # what a Grid adds to the interface
+        return getattr(self._grid, name)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._check()
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+        replies: list[Message] = []
+        while True:
+            got = list(self.pull_messages(pending))  # raises once stopped
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if not pending or time.monotonic() >= deadline:
+                return replies
+            self._stop.wait(POLL_SECONDS)
+
+
+class _Hush(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextmanager
+def _stop_on_interrupt(stop: threading.Event, *, verbose: bool) -> Iterator[None]:
+    """While inside, Ctrl-C sets ``stop`` at once, then raises `KeyboardInterrupt` as usual.
+
+    The round loop then stops at its next Grid call while Flower shuts Ray down. Without
+    ``verbose``, Flower's records are dropped from then on, also after this block (its
+    workers may still log): they are about the actors Ctrl-C stopped. Only on the main
+    thread, and only where Ctrl-C is not ignored (a background job's stays ignored).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    flwr_logger = logging.getLogger("flwr")
+    hush = _Hush()
+
+    def interrupted(signum: int, frame: object) -> None:
+        stop.set()
+        if not verbose:
+            flwr_logger.addFilter(hush)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _wait_for_training(training: Sequence[threading.Thread]) -> None:
+    """Give the stopped round loop `STOP_GRACE_SECONDS` to end; a second Ctrl-C cuts it short.
+
+    The thread is a daemon: if it is still busy after that, the process exits without it,
+    and whatever it had not checkpointed is lost (the previous checkpoint stays whole).
+    """
+    for thread in training:
+        if thread.is_alive():
+            log.warning(
+                "stopping: the round in flight has up to %.0f s to end (Ctrl-C again: exit now)",
+                STOP_GRACE_SECONDS,
+            )
+        thread.join(STOP_GRACE_SECONDS)
+        if thread.is_alive():
+            log.warning("the round in flight did not stop in time and is abandoned")
 
 
 def load_component(ref: str):
@@ -99,25 +235,42 @@ def simulate(
         ]
     )
     outcome: dict[str, object] = {}
+    stop = threading.Event()
+    training: list[threading.Thread] = []
     server_app = ServerApp()
 
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
+    def train(grid: Grid) -> None:
         try:
-            outcome["result"] = run_training(grid, settings, on_round=on_round)
+            outcome["result"] = run_training(StoppableGrid(grid, stop), settings, on_round=on_round)
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc
 
-    run_simulation(
-        server_app=server_app,
-        client_app=load_component(client_app),
-        num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        # Flower's ServerApp thread is not a daemon and the interpreter waits for it at
+        # exit, so it only watches the round loop, which runs in a daemon thread.
+        thread = threading.Thread(target=train, args=(grid,), name="fedlora-rounds", daemon=True)
+        training.append(thread)
+        thread.start()
+        while thread.is_alive() and not stop.is_set():
+            thread.join(POLL_SECONDS)
+
+    try:
+        with _stop_on_interrupt(stop, verbose=verbose):
+            run_simulation(
+                server_app=server_app,
+                client_app=load_component(client_app),
+                num_supernodes=len(sites),
+                backend_config={
+                    "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+                    "init_args": {"logging_level": logging.ERROR, "log_to_driver": verbose},
+                },
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt:
+        stop.set()
+        _wait_for_training(training)
+        raise
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     if "result" not in outcome:

@@ -1,7 +1,7 @@
 """``fedlora train`` as a library call: a directory of site files to a local simulation.
 
 `run_train` checks the sites' files and the run config before anything is written, then
-runs the simulation with a progress bar (server/simulation.py does the run itself).
+runs the simulation showing its rounds as they end (server/simulation.py does the run itself).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from clients.task.data import SUFFIXES, DataReport, labels_in, not_a_file, scan_file
 from clients.task.errors import ConfigError, DataError
 from clients.task.labels import format_label_set
-from server.console import progress_bars
+from server.console import RoundProgress
 from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def run_train(
     resume: bool = False,
     verbose: bool = False,
 ):
-    """Validate everything, then run a local simulation with a progress bar.
+    """Validate everything, then run a local simulation that shows its rounds as they end.
 
     ``verbose`` forwards the simulated sites' output and Flower's debug log.
 
@@ -224,15 +224,12 @@ def run_train(
         overrides=overrides or {},
         resume=resume,
     )
-    with progress_bars() as progress:
-        bar = progress.add_task("federated rounds", total=settings.rounds, status="starting")
+    with RoundProgress("federated rounds", total=settings.rounds) as progress:
 
         def on_round(record) -> None:
             acc = "-" if record.accuracy is None else f"{record.accuracy:.3f}"
             progress.update(
-                bar,
-                completed=record.round,
-                status=f"acc {acc}, {record.sites} sites, {record.rejected} rejected",
+                record.round, f"acc {acc}, {record.sites} sites, {record.rejected} rejected"
             )
 
         result = simulate(

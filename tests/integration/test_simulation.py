@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from safetensors.numpy import load_file
 from clients.task.labels import parse_label_set
 from server.checkpoint import CheckpointStore
 from server.demo import DEMO_MARK, DEMO_OUTPUTS, next_steps
+from server.harness.reaper import group_alive
 from server.settings import RunSettings
 from server.simulation import SimSite, simulate
 
@@ -285,6 +287,82 @@ def test_killed_run_resumes_in_the_same_mlflow_run(tiny_llama: Path, tmp_path: P
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = _assert_run_recorded(out, rounds=4)
     assert metrics["mlflow_run_id"] == json.loads(state.read_text())["run_id"]
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default, which a background job's shell replaces by SIG_IGN."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) -> None:
+    data = _cls_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    args = [
+        *FEDLORA,
+        "train",
+        "--sites",
+        str(data / "sites"),
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--eval",
+        str(data / "eval.jsonl"),
+        "--set",
+        "local-steps=3",
+        "--set",
+        "max-length=32",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        start_new_session=True,  # a group of its own, as a terminal's foreground job
+        preexec_fn=_default_sigint,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    try:
+        while not state.exists():
+            assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+        interrupted = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - interrupted
+        # Ray's processes shared the group; they stop with the run (Ray's own fate-sharing
+        # may take a moment after the driver has gone).
+        while group_alive(proc.pid) and time.monotonic() < interrupted + took + 15:
+            time.sleep(0.2)
+        assert not group_alive(proc.pid), "processes of the run outlived it by 15 s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    # Round 2 was training when Ctrl-C came: the run stopped without it, said so, and left
+    # round 1's checkpoint whole; the MLflow run is marked as stopped, not as failed.
+    assert proc.returncode == 130, err[-3000:]
+    assert took < 30, f"{took:.1f} s from Ctrl-C to exit"
+    assert "round 1/2: acc " in err  # stderr is not a terminal: one plain line per round
+    assert f"interrupted: {out / 'checkpoint'} holds round 1 of 2; run the same command" in err
+    assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
+    saved = CheckpointStore(out / "checkpoint").load()
+    assert saved is not None and saved.completed_round == 1
+    tracking = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert tracking.get_run(saved.run_id).info.status == "KILLED"
+    assert not (out / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = _assert_run_recorded(out, rounds=2)
+    assert metrics["mlflow_run_id"] == saved.run_id
 
 
 @pytest.mark.timeout(600)

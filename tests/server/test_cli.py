@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from server.cli import build_parser
 
 # The entry points of pyproject.toml add site, data, keys, registry and edge.
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"train", "demo", "site", "data", "keys", "registry", "edge", "federation"}
 
 
@@ -62,3 +68,33 @@ def test_every_argument_has_help_that_states_its_default(
 def test_every_help_page_renders() -> None:
     for path, parser in _walk(build_parser(), "fedlora"):
         assert parser.format_help(), path  # a stray % in a help text would raise here
+
+
+def test_an_interrupted_command_exits_130_though_a_library_thread_hangs() -> None:
+    # Arrange: a command that leaves a non-daemon thread blocked for good, as Flower's
+    # simulation workers can stay in ray.get after Ctrl-C, then is interrupted.
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        from server import cli
+
+        def hang_then_interrupt(args):
+            threading.Thread(target=threading.Event().wait).start()
+            raise KeyboardInterrupt("what was kept")
+
+        cli.THREAD_GRACE_SECONDS = 0.5
+        cli.cmd_demo = hang_then_interrupt
+        sys.exit(cli.main(["demo"]))
+        """
+    )
+
+    # Act
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    # Assert: the interpreter did not wait for the thread at exit
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "interrupted: what was kept"
+    assert time.monotonic() - started < 30

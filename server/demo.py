@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -156,9 +158,9 @@ def claim_out(out: Path) -> bool:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
     mark = out / DEMO_MARK
-    if not mark.is_file() and _unmarked_demo_output(out):
+    if not _is_mark(mark) and _unmarked_demo_output(out):
         write_atomic(mark, _MARK_NOTE.encode())  # written before the mark existed
-    if not mark.is_file():
+    if not _is_mark(mark):
         found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
         if found:
             shown = ", ".join(found[:5]) + (", …" if len(found) > 5 else "")
@@ -183,15 +185,38 @@ def claim_out(out: Path) -> bool:
     return replaced
 
 
-def _unmarked_demo_output(out: Path) -> bool:
-    """Whether ``out`` is what a demo before DEMO_MARK wrote: only demo outputs, a ``run``
-    among them, and a trust store (if any) holding nothing but the demo's key."""
-    if not out.is_dir():
+def _is_mark(mark: Path) -> bool:
+    """Whether ``mark`` is a DEMO_MARK this user's demo wrote: a regular file (not a link)
+    owned by this user, so no one else who can write the directory can arm a deletion."""
+    try:
+        st = mark.lstat()
+    except OSError:
         return False
-    names = {p.name for p in out.iterdir()}
-    trust = out / "trust"
-    trusted = {p.name for p in trust.iterdir()} if trust.is_dir() else set()
-    return "run" in names and names <= set(DEMO_OUTPUTS) and trusted <= {"demo.pub"}
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _unmarked_demo_output(out: Path) -> bool:
+    """Whether ``out`` is what a demo before DEMO_MARK wrote, proven by its keys: only demo
+    outputs with ``run`` among them, ``keys/`` holding exactly the unencrypted key pair
+    `_demo_keys` writes, and ``trust/`` exactly ``demo.pub``, a byte copy of its public
+    key. Names alone would take a user's own ``keys/`` and ``run/`` for the demo's."""
+    try:
+        names = {p.name for p in out.iterdir()}
+        keys, trust = out / "keys", out / "trust"
+        if not ("run" in names and names <= set(DEMO_OUTPUTS)):
+            return False
+        if {p.name for p in keys.iterdir()} != {"signing-key.pem", "signing-key.pub"}:
+            return False
+        if {p.name for p in trust.iterdir()} != {"demo.pub"}:
+            return False
+        files = (keys / "signing-key.pem", keys / "signing-key.pub", trust / "demo.pub")
+        if any(f.is_symlink() or not f.is_file() for f in files):
+            return False
+        return b"ENCRYPTED" not in files[0].read_bytes() and (
+            files[1].read_bytes() == files[2].read_bytes()
+        )
+    except OSError:  # not a directory, unreadable: not provably the demo's
+        return False
 
 
 def _demo_keys(out: Path) -> tuple[Path, Path]:

@@ -4,6 +4,7 @@ tests/integration)."""
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,25 +131,62 @@ def test_a_rerun_replaces_everything_an_earlier_demo_wrote_and_nothing_else(
     assert claim_out(tmp_path) is False  # nothing left to replace
 
 
+def _old_demo_output(out: Path) -> None:
+    """What `fedlora demo` wrote before it marked its --out (its _demo_keys layout)."""
+    from registry.keys import generate_keypair
+
+    pair = generate_keypair(out / "keys")
+    (out / "trust").mkdir()
+    (out / "trust" / "demo.pub").write_bytes(pair.public_path.read_bytes())
+    for name in ("data/sites", "run"):
+        (out / name).mkdir(parents=True)
+    (out / "metrics.png").write_text("old")
+
+
 def test_a_demo_output_from_before_the_mark_is_still_replaced(tmp_path: Path) -> None:
-    # What `fedlora demo` wrote before it marked its --out: only its outputs, run/ among
-    # them, and a trust store holding only the demo's key.
-    for name in ("data/sites", "run", "keys", "trust", "edge-cache"):
-        (tmp_path / name).mkdir(parents=True)
-    (tmp_path / "trust" / "demo.pub").write_text("demo key")
-    (tmp_path / "metrics.png").write_text("old")
+    _old_demo_output(tmp_path)
 
     assert claim_out(tmp_path) is True
     assert [p.name for p in tmp_path.iterdir()] == [DEMO_MARK]
 
 
-def test_an_unmarked_trust_store_with_other_keys_is_never_taken_for_a_demos(
-    tmp_path: Path,
+@pytest.mark.parametrize("layout", ["real-keys", "no-trust", "other-trust", "encrypted"])
+def test_an_unmarked_directory_is_taken_for_a_demos_only_on_proof_from_its_keys(
+    tmp_path: Path, layout: str
 ) -> None:
-    for name in ("run", "trust"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "trust" / "ops.pub").write_text("the operator's key")
+    # A user's own layout as the README writes it (keys generate --out keys/, train --out
+    # run/) must never pass for an old demo's output by its names alone.
+    from registry.keys import generate_keypair
+
+    if layout == "encrypted":
+        generate_keypair(tmp_path / "keys", passphrase="s3cret")
+        (tmp_path / "trust").mkdir()
+        (tmp_path / "trust" / "demo.pub").write_bytes(
+            (tmp_path / "keys" / "signing-key.pub").read_bytes()
+        )
+    else:
+        _old_demo_output(tmp_path)
+        if layout == "real-keys":
+            (tmp_path / "trust" / "demo.pub").write_text("another key")
+        elif layout == "no-trust":
+            shutil.rmtree(tmp_path / "trust")
+        else:
+            (tmp_path / "trust" / "ops.pub").write_text("the operator's key")
+    (tmp_path / "run").mkdir(exist_ok=True)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
 
     with pytest.raises(ConfigError, match="which no earlier `fedlora demo` wrote"):
         claim_out(tmp_path)
-    assert (tmp_path / "trust" / "ops.pub").read_text() == "the operator's key"
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_mark_that_is_a_link_arms_nothing(tmp_path: Path) -> None:
+    # Someone who can write the directory plants the mark as a link to any file.
+    (tmp_path / "elsewhere").write_text("x")
+    (tmp_path / DEMO_MARK).symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "signing-key.pem").write_text("the user's real key")
+
+    with pytest.raises(ConfigError, match="which no earlier `fedlora demo` wrote"):
+        claim_out(tmp_path)
+    assert (tmp_path / "keys" / "signing-key.pem").read_text() == "the user's real key"

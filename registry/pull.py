@@ -14,6 +14,7 @@ output (`check_out`): a pull never deletes files it did not write.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def check_out(out: Path) -> None:
     """
     if out.is_symlink():
         raise ConfigError(f"--out {str(out)!r} is a symbolic link; give the directory itself")
+    # What an interrupted swap leaves beside --out (the old output put aside, a partial
+    # copy) is put back or removed by the next swap: it must be a pull's too.
+    for side in (out.parent / f".{out.name}.old", out.parent / f".{out.name}.incoming"):
+        if os.path.lexists(side) and (side.is_symlink() or not side.is_dir() or _foreign(side)):
+            raise ConfigError(
+                f"{str(side)!r} beside --out {str(out)!r} is not what an interrupted pull "
+                "leaves there "
+                "(a pull would put it back or remove it); move it away first"
+            )
     if not out.exists():
         return
     if not out.is_dir():
@@ -83,10 +93,7 @@ def check_out(out: Path) -> None:
     entries = sorted(out.iterdir())
     if not entries:
         return
-    others = [
-        p.name for p in entries if p.name not in RELEASE_FILES or p.is_symlink() or not p.is_file()
-    ]
-    if others:
+    if others := _foreign(out):
         raise ConfigError(
             f"--out {str(out)!r} holds files a pull did not write ({', '.join(others[:3])}"
             f"{', …' if len(others) > 3 else ''}); a pull only replaces an empty directory "
@@ -97,6 +104,15 @@ def check_out(out: Path) -> None:
             f"--out {str(out)!r} is not an earlier pull's output (no {SIGNATURE_FILE}); "
             "a pull only replaces an empty directory or an earlier pull's output"
         )
+
+
+def _foreign(directory: Path) -> list[str]:
+    """Names in ``directory`` that are not plain release files (what a pull writes)."""
+    return [
+        p.name
+        for p in sorted(directory.iterdir())
+        if p.name not in RELEASE_FILES or p.is_symlink() or not p.is_file()
+    ]
 
 
 def download(store: MlflowStore, record: ReleaseRecord, *, model: str, dst: Path) -> Path:

@@ -98,10 +98,11 @@ def swap_directory(new: Path, target: Path) -> None:
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     aside, incoming = _aside(target), _incoming(target)
-    recover_directory(target)
     if os.path.lexists(target) and (target.is_symlink() or not target.is_dir()):
         # Renamed aside, it would outlive the swap: rmtree removes only directories.
+        # Checked before recovery, which could remove what lies beside it.
         raise NotADirectoryError(f"{target} is not a directory; it is left as it is")
+    recover_directory(target)
     if _same_file_system(new, target.parent):
         staged = new
     else:

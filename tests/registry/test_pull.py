@@ -73,10 +73,22 @@ def _a_link_to_a_directory(out: Path) -> None:
     out.symlink_to(out.parent / "real", target_is_directory=True)
 
 
+def _users_folder_named_like_the_aside(out: Path) -> None:
+    # A swap's recovery would rename it to --out, then remove it as the old output.
+    _users_notes(out.parent / f".{out.name}.old")
+
+
+def _users_folder_named_like_the_partial_copy(out: Path) -> None:
+    _earlier_pull(out)
+    _users_notes(out.parent / f".{out.name}.incoming")
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (_users_notes, "holds files a pull did not write (notes.txt)"),
+        (_users_folder_named_like_the_aside, "is not what an interrupted pull leaves there"),
+        (_users_folder_named_like_the_partial_copy, "is not what an interrupted pull leaves"),
         (_a_regular_file, "is a file, not a directory"),
         (_a_pull_plus_notes, "holds files a pull did not write (notes.txt)"),
         (_release_names_but_no_signature, "not an earlier pull's output (no model.sig)"),

@@ -182,3 +182,13 @@ def test_swap_refuses_a_symbolic_link_at_the_target(tmp_path: Path) -> None:
         swap_directory(staged, target)
     assert target.readlink() == elsewhere and _content(elsewhere) == OLD
     assert _siblings(target) == [".adapter.tmp", "elsewhere"]
+
+
+def test_a_refused_target_leaves_what_lies_beside_it_too(tmp_path: Path) -> None:
+    # The refusal comes before recovery, which would remove an aside next to a link.
+    target = tmp_path / "adapter"
+    target.symlink_to(_tree(tmp_path / "elsewhere", OLD), target_is_directory=True)
+    aside = _tree(tmp_path / ".adapter.old", OLD)
+    with pytest.raises(NotADirectoryError, match="adapter"):
+        swap_directory(_tree(tmp_path / ".adapter.tmp", NEW), target)
+    assert _content(aside) == OLD

@@ -114,8 +114,12 @@ def verify_release(directory: Path, trust: TrustStore) -> VerifiedRelease:
     try:
         config.set_hashing_config(_hashing_config()).verify(directory, signature)
     except ValueError as exc:
-        # model-signing says which files differ, but as reprs of digest bytes.
-        differences = _differences(directory, statement)
+        # model-signing says which files differ, but as reprs of digest bytes. Only its
+        # "Signature mismatch" comes after the statement's signature verified; any other
+        # ValueError (a bundle that fails its schema) leaves the statement unverified, and
+        # a message is never built from what an attacker wrote.
+        verified = str(exc).startswith("Signature mismatch")
+        differences = _differences(directory, statement) if verified else []
         detail = "; ".join(differences) if differences else str(exc)
         raise VerificationError("signature", f"{directory}: {detail}") from exc
     except Exception as exc:  # malformed bundles raise from deep inside sigstore/protobuf
@@ -140,8 +144,10 @@ def _differences(directory: Path, statement: dict[str, Any]) -> list[str]:
             str(r["name"]): (str(r["algorithm"]), str(r["digest"]))
             for r in statement["predicate"]["resources"]
         }
-    except (KeyError, TypeError, AttributeError):
+    except Exception:  # a message helper: any odd statement gives no detail
         return []
+    if any(algorithm != "sha256" for algorithm, _ in signed.values()):
+        return []  # what fedlora signs (_hashing_config); anything else: model-signing's words
     present = set()
     for root, _dirs, names in os.walk(directory):
         for name in names:
@@ -155,7 +161,7 @@ def _differences(directory: Path, statement: dict[str, Any]) -> list[str]:
         try:
             with (directory / name).open("rb") as fh:
                 actual = hashlib.file_digest(fh, algorithm).hexdigest()
-        except (OSError, ValueError):  # unreadable, or an algorithm hashlib does not have
+        except OSError:  # unreadable
             continue
         if actual != expected:
             differences.append(f"{name}: {algorithm} expected {expected}, got {actual}")

@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedloraError as exc:
         if args.debug:
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         reason = f": {escape(str(exc))}" if str(exc) else ""
@@ -380,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        console.print(
+            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False
+        )
         return 1
 
 

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from clients.edge.settings import (
@@ -332,7 +333,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             base_digest=base_digest(args.base) if args.base else None,
         )
     except VerificationError as exc:
-        err.print(f"[red]refused ({exc.reason}):[/red] {exc.detail}", highlight=False)
+        err.print(f"[red]refused ({exc.reason}):[/red] {escape(exc.detail)}", highlight=False)
         return EXIT_REFUSED
     prov = accepted.provenance
     out.print(f"verified: {prov.model_name} release {prov.release}, digest {accepted.digest}, "

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -167,3 +169,25 @@ def test_the_stock_model_signing_cli_verifies_our_signature(
     (release / "provenance.json").write_text("{}")
     bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert bad.returncode != 0
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "shake_128"])
+def test_a_message_is_never_built_from_a_statement_whose_signature_did_not_verify(
+    release: Path, trust: TrustStore, algorithm: str
+) -> None:
+    # Someone who can write the registry swaps model.sig for a bundle that fails its schema
+    # (model-signing raises before checking the signature) and names files of their own.
+    bundle = json.loads((release / SIGNATURE_FILE).read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"] = [
+        {"name": "x\n[bold green]signature OK[/]", "algorithm": algorithm, "digest": "00"}
+    ]
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    bundle["mediaType"] = "application/vnd.dev.sigstore.bundle.v0.2+json"
+    (release / SIGNATURE_FILE).write_text(json.dumps(bundle))
+
+    with pytest.raises(VerificationError) as err:
+        verify_release(release, trust)
+
+    assert err.value.reason == "signature"
+    assert "signature OK" not in err.value.detail and "signed but missing" not in err.value.detail

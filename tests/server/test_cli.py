@@ -98,3 +98,16 @@ def test_an_interrupted_command_exits_130_though_a_library_thread_hangs() -> Non
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "interrupted: what was kept"
     assert time.monotonic() - started < 30
+
+
+def test_an_error_naming_a_value_with_markup_prints_it_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A path (or any value an error names) holding "[/red]" broke rich's markup: a
+    # MarkupError traceback instead of the error line.
+    from server.cli import EXIT_ERROR, main
+
+    missing = tmp_path / "sites[/red][bold]"
+    args = ["train", "--sites", str(missing), "--rounds", "1", "--out", str(tmp_path / "o")]
+    assert main(args) == EXIT_ERROR
+    assert "sites[/red][bold]' is not a directory" in capsys.readouterr().err

@@ -79,7 +79,7 @@ class CheckpointStore:
             return 0
         try:
             return int(json.loads(meta_path.read_text(encoding="utf-8"))["completed_round"])
-        except (OSError, KeyError, TypeError, ValueError) as exc:
+        except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
 
     def load(self) -> Checkpoint | None:

@@ -51,7 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         # Read once the round loop has stopped: no later round is checkpointed.
         store = CheckpointStore(Path(args.out) / "checkpoint")
-        done = store.completed_round()
+        try:
+            done = store.completed_round()
+        except FedloraError as exc:  # still an interruption, not an error (exit 130)
+            raise KeyboardInterrupt(str(exc)) from None
         if not done:
             raise KeyboardInterrupt("before round 1 ended; nothing was checkpointed") from None
         raise KeyboardInterrupt(

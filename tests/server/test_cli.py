@@ -111,3 +111,25 @@ def test_an_error_naming_a_value_with_markup_prints_it_as_text(
     args = ["train", "--sites", str(missing), "--rounds", "1", "--out", str(tmp_path / "o")]
     assert main(args) == EXIT_ERROR
     assert "sites[/red][bold]' is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state", ["{not json", '{"completed_round": 1e400}', "[" * 100_000])
+def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str
+) -> None:
+    # Reading the checkpoint's round to report it must not turn Ctrl-C into an error
+    # (exit 2), which would skip the interrupted exit.
+    import server.train
+    from server.cli import build_parser
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server.train, "run_train", interrupted)
+    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint" / "state.json").write_text(state)
+    args = build_parser().parse_args(
+        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(tmp_path / "out")]
+    )
+    with pytest.raises(KeyboardInterrupt, match=r"checkpoint in .* is unreadable"):
+        args.func(args)

@@ -86,12 +86,15 @@ def build_train_config(
     config["num-server-rounds"] = rounds
     config["out-dir"] = str(out)
     config["resume"] = resume
+    flag = "--eval"
+    if eval_file is None and isinstance(given := config.get("eval-file"), str) and given:
+        eval_file, flag = Path(given), "eval-file"  # `--set eval-file=…`: the same checks
     if eval_file is not None:
         if why := not_a_file(eval_file):
-            raise ConfigError(f"--eval {str(eval_file)!r} {why}")
+            raise ConfigError(f"{flag} {str(eval_file)!r} {why}")
         if site := next((p for p in sites if p.samefile(eval_file)), None):
             raise ConfigError(
-                f"--eval {str(eval_file)!r} is site file {str(site)!r}: the held-out file "
+                f"{flag} {str(eval_file)!r} is site file {str(site)!r}: the held-out file "
                 "must not be one the sites train on; move it out of the --sites directory"
             )
         config["eval-file"] = str(eval_file)

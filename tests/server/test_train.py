@@ -83,6 +83,15 @@ def test_the_eval_file_must_not_be_a_site_file(tmp_path: Path) -> None:
         _config(sites, tmp_path / "data" / ".." / "data" / "eval.jsonl")
 
 
+def test_an_eval_file_set_in_the_run_config_gets_the_same_check(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "data", "a.jsonl", "eval.jsonl")
+    with pytest.raises(ConfigError, match=r"^eval-file '.*/eval\.jsonl' is site file "):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=tmp_path / "out", eval_file=None, task=None,
+            overrides={"eval-file": str(sites / "eval.jsonl")}, resume=False,
+        )  # fmt: skip
+
+
 def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -241,7 +241,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     router_policy = ResidencyPolicy.load(settings.policy) if settings.policy else None
     # Bound now, so a port in use fails in milliseconds rather than after the model loads.
     sockets = listener.bind(settings.host, settings.port)
-    node = EdgeNode(settings)
+    try:
+        node = EdgeNode(settings)
+    except BaseException:
+        listener.close(sockets)
+        raise
     try:
         node.start()
         if unknown := node.unknown_models():

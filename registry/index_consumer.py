@@ -161,7 +161,7 @@ class IndexClient:
             # persisted in the cache (the index has no delegations).
             try:
                 targets = Metadata[Targets].from_file(str(self._cache / "targets.json")).signed
-            except (OSError, StorageError, ValueError) as exc:
+            except (OSError, StorageError, tuf_errors.RepositoryError, ValueError) as exc:
                 raise VerificationError("index", f"cached release index: {exc}") from exc
         elif self._offline is not None:
             targets = self._offline

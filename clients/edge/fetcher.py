@@ -211,7 +211,9 @@ def _refusal(exc: Exception) -> Refusal:
 def _models(index: IndexClient) -> tuple[str, ...] | None:
     try:
         return tuple(index.models())
-    except FedloraError:  # only `EdgeNode.unknown_models` is at stake
+    # Only `EdgeNode.unknown_models`'s warning is at stake: no error reading the cached
+    # listing (python-tuf's included) may cost the refresh the revocations it read.
+    except Exception:
         return None
 
 

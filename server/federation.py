@@ -246,6 +246,18 @@ class Federation:
             pub = pki.node_public_openssh(key.public_key())
         else:
             pub = _read_public_key(public_key)
+            if key_path.exists() or key_path.is_symlink():
+                # Replacing node.pub beside it would leave a pair that does not match.
+                try:
+                    beside = pki.fingerprint(pub_path.read_bytes())
+                except (OSError, IndexError, ValueError):
+                    beside = None
+                if beside != pki.fingerprint(pub):
+                    raise ConfigError(
+                        f"{key_path} exists and --public-key {str(public_key)!r} is not its "
+                        f"public key ({pub_path}); enrolling it would leave a mismatched pair: "
+                        "remove both files first, or pass that node.pub"
+                    )
         # What to put back if the registration fails: the directories and node.pub as
         # they are now (sites/ before sites/SITE/).
         made_dirs = [d for d in (site_dir.parent, site_dir) if not d.exists()]

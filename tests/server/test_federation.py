@@ -128,22 +128,43 @@ def test_an_enrol_the_superlink_cannot_take_leaves_nothing_behind_and_a_retry_en
 def test_a_failed_enrol_removes_only_what_it_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
-    # Arrange: site "a" has a key pair from before; site "b" has nothing.
+    # Arrange: site "a" has a key pair from before (enrolled again with its own node.pub);
+    # site "c" has only a node.pub, replaced by another key; site "b" has nothing.
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     old_key = fed.site_dir("a") / "node.key"
-    pki.write_private_key(old_key, pki.make_node_key(), openssh=True)
-    old_pub = _public_key(fed.site_dir("a") / "node.pub").read_bytes()
+    key = pki.make_node_key()
+    pki.write_private_key(old_key, key, openssh=True)
+    (fed.site_dir("a") / "node.pub").write_bytes(pki.node_public_openssh(key.public_key()))
+    (tmp_path / "a.pub").write_bytes((fed.site_dir("a") / "node.pub").read_bytes())
     before = old_key.read_bytes()
+    fed.site_dir("c").mkdir()
+    old_pub = _public_key(fed.site_dir("c") / "node.pub").read_bytes()
     monkeypatch.setattr(Federation, "flwr", FakeSuperLink(fail=failure))
-    # Act: both enrolments fail at the SuperLink.
-    for site, public_key in (("a", _public_key(tmp_path / "new.pub")), ("b", None)):
+    # Act: every enrolment fails at the SuperLink.
+    enrols = (("a", tmp_path / "a.pub"), ("c", _public_key(tmp_path / "new.pub")), ("b", None))
+    for site, public_key in enrols:
         with pytest.raises(type(failure)):
             fed.enroll(site, public_key=public_key)
-    # Assert: "a"'s key pair is as it was (node.pub put back); nothing of "b" is left.
+    # Assert: "a"'s key pair is as it was, "c"'s node.pub put back; nothing of "b" is left.
     assert old_key.read_bytes() == before
-    assert (fed.site_dir("a") / "node.pub").read_bytes() == old_pub
-    assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a"]
+    assert (fed.site_dir("c") / "node.pub").read_bytes() == old_pub
+    assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a", "c"]
     assert fed.roster().sites == {}
+
+
+def test_a_public_key_that_is_not_the_site_keys_own_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enrolling it would replace node.pub beside a node.key it does not match.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    key = fed.site_dir("a") / "node.key"
+    pki.write_private_key(key, pki.make_node_key(), openssh=True)
+    pub = _public_key(fed.site_dir("a") / "node.pub")
+    before = pub.read_bytes()
+    monkeypatch.setattr(Federation, "flwr", FakeSuperLink())
+    with pytest.raises(ConfigError, match="mismatched pair: remove both files first"):
+        fed.enroll("a", public_key=_public_key(tmp_path / "other.pub"))
+    assert pub.read_bytes() == before and fed.roster().sites == {}
 
 
 def test_an_existing_key_is_refused_with_what_to_do(

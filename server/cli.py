@@ -55,6 +55,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             done = store.completed_round()
         except FedloraError as exc:  # still an interruption, not an error (exit 130)
             raise KeyboardInterrupt(str(exc)) from None
+        if done >= args.rounds:  # stopped while writing the outputs, after the last round
+            raise KeyboardInterrupt(
+                f"{store.directory} holds all {done} rounds; the run was writing its outputs "
+                f"({Path(args.out) / 'adapter'}, metrics.json, the MLflow run, a publish) and "
+                "may not have finished them, which --resume does not redo"
+            ) from None
         if not done:
             raise KeyboardInterrupt("before round 1 ended; nothing was checkpointed") from None
         raise KeyboardInterrupt(

@@ -133,3 +133,24 @@ def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
     )
     with pytest.raises(KeyboardInterrupt, match=r"checkpoint in .* is unreadable"):
         args.func(args)
+
+
+def test_ctrl_c_after_the_last_round_does_not_advise_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --resume refuses a run whose every round is checkpointed ("already completed").
+    import server.train
+    from server.cli import build_parser
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server.train, "run_train", interrupted)
+    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
+    args = build_parser().parse_args(
+        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(tmp_path / "out")]
+    )
+    with pytest.raises(KeyboardInterrupt, match="holds all 2 rounds") as stopped:
+        args.func(args)
+    assert "--resume to continue" not in str(stopped.value)

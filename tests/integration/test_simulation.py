@@ -139,27 +139,19 @@ def _cls_sites(root: Path) -> Path:
     return root
 
 
+def _train_args(data: Path, out: Path) -> list[str]:
+    """`fedlora train` of the demo-like sites in ``data`` for 2 short rounds into ``out``."""
+    return [*FEDLORA, "train", "--sites", str(data / "sites"), "--rounds", "2",
+            "--out", str(out), "--eval", str(data / "eval.jsonl"),
+            "--set", "local-steps=3", "--set", "max-length=32"]  # fmt: skip
+
+
 @pytest.mark.timeout(400)
 def test_cli_trains_minilm_classifier(tmp_path: Path) -> None:
     data = _cls_sites(tmp_path / "data")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [
-            *FEDLORA,
-            "train",
-            "--sites",
-            str(data / "sites"),
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-            "--eval",
-            str(data / "eval.jsonl"),
-            "--set",
-            "local-steps=3",
-            "--set",
-            "max-length=32",
-        ],
+        _train_args(data, out),
         capture_output=True,
         text=True,
         timeout=380,
@@ -298,22 +290,7 @@ def _default_sigint() -> None:
 def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) -> None:
     data = _cls_sites(tmp_path / "data")
     out = tmp_path / "out"
-    args = [
-        *FEDLORA,
-        "train",
-        "--sites",
-        str(data / "sites"),
-        "--rounds",
-        "2",
-        "--out",
-        str(out),
-        "--eval",
-        str(data / "eval.jsonl"),
-        "--set",
-        "local-steps=3",
-        "--set",
-        "max-length=32",
-    ]
+    args = _train_args(data, out)
     proc = subprocess.Popen(
         args,
         cwd=ROOT,

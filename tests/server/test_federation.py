@@ -152,16 +152,25 @@ def test_a_failed_enrol_removes_only_what_it_made(
     assert fed.roster().sites == {}
 
 
-def test_a_public_key_that_is_not_the_site_keys_own_is_refused(
+def _site_with_key_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Enrolling it would replace node.pub beside a node.key it does not match.
+) -> tuple[Federation, Path, Path]:
+    """A federation (its SuperLink a FakeSuperLink) where site "a" has a node.key and a
+    node.pub that were never registered: (federation, node.key, node.pub)."""
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     key = fed.site_dir("a") / "node.key"
     pki.write_private_key(key, pki.make_node_key(), openssh=True)
     pub = _public_key(fed.site_dir("a") / "node.pub")
-    before = pub.read_bytes()
     monkeypatch.setattr(Federation, "flwr", FakeSuperLink())
+    return fed, key, pub
+
+
+def test_a_public_key_that_is_not_the_site_keys_own_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enrolling it would replace node.pub beside a node.key it does not match.
+    fed, _key, pub = _site_with_key_files(tmp_path, monkeypatch)
+    before = pub.read_bytes()
     with pytest.raises(ConfigError, match="mismatched pair: remove both files first"):
         fed.enroll("a", public_key=_public_key(tmp_path / "other.pub"))
     assert pub.read_bytes() == before and fed.roster().sites == {}
@@ -171,11 +180,7 @@ def test_an_existing_key_is_refused_with_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Arrange: "a" has a key pair that was never registered (an enrol that died).
-    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
-    key = fed.site_dir("a") / "node.key"
-    pki.write_private_key(key, pki.make_node_key(), openssh=True)
-    pub = _public_key(fed.site_dir("a") / "node.pub")
-    monkeypatch.setattr(Federation, "flwr", FakeSuperLink())
+    fed, key, pub = _site_with_key_files(tmp_path, monkeypatch)
     # Act / Assert: refused, naming the option that reuses it; reusing it enrols "a".
     reuse = rf"{re.escape(str(key))} exists.*--public-key {re.escape(str(pub))}.* or remove"
     with pytest.raises(ConfigError, match=reuse):

@@ -214,16 +214,24 @@ def test_ctrl_c_stops_the_node_and_its_refresh_worker_without_a_traceback(
     tmp_path: Path, trust: TrustStore, tiny_llama: Path
 ) -> None:
     # No registry: the node starts (degraded, nothing to serve) with its refresh worker
-    # running, which is all Ctrl-C needs to reach.
+    # running, which is all Ctrl-C needs to reach. The node gets Ctrl-C's default
+    # handling, as from a terminal: a test session started in the background (nohup, CI)
+    # ignores SIGINT, its children inherit that, and uvicorn would then shut down
+    # gracefully and exit 0.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     node = EdgeNodeProcess(
         models=["intents"], trust=trust.directory, cache=tmp_path / "cache",
         log_path=tmp_path / "edge.log", registry=f"http://127.0.0.1:{free_port()}",
         base=tiny_llama, startup_timeout=180,
     )  # fmt: skip
-    with node:
-        assert node.process is not None
-        os.killpg(node.process.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-        rc = node.process.popen.wait(timeout=60)
+    try:
+        with node:
+            signal.signal(signal.SIGINT, previous)  # the node has started: inherited
+            assert node.process is not None
+            os.killpg(node.process.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+            rc = node.process.popen.wait(timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     log = (tmp_path / "edge.log").read_text()
     assert rc == 130, log

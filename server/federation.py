@@ -38,6 +38,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import write_atomic
 from server import pki
-from server.harness.flower import VENV_BIN, flower_env, write_cli_connection
+from server.harness.flower import VENV_BIN, flower_env, toml_basic_string, write_cli_connection
 from server.roster import Enrolment, Roster
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Federation:
         """Read a directory made by `init_federation`.
 
         Raises:
-            ConfigError: If it is not one.
+            ConfigError: If it is not one, or its ``flwr`` connection is one Flower refuses.
         """
         meta = directory / "federation.json"
         try:
@@ -165,11 +166,53 @@ class Federation:
             ) from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{meta}: {exc}") from exc
-        return cls(
+        fed = cls(
             directory=directory,
             address=str(data["address"]),
             sans=tuple(data.get("sans", ())),
             connection=str(data.get("connection", CONNECTION)),
+        )
+        fed._check_cli_connection()
+        return fed
+
+    def _check_cli_connection(self) -> None:
+        """Refuse a relative ``root-certificates`` in ``flwr-home/config.toml``.
+
+        ``init`` wrote one when given a relative directory, before it made paths absolute;
+        Flower refuses it ("expected absolute path") on every ``flwr`` call, and
+        ``init`` does not replace a federation. The path was relative to the directory
+        ``init`` ran in, which nothing recorded, so the file is not rewritten here: the
+        error gives the line that replaces it, naming this federation's ``ca.pem``.
+
+        Raises:
+            ConfigError: Naming the file, the line, the value and the replacement line.
+        """
+        path = self.cli_home / "config.toml"
+        try:
+            text = path.read_text()
+            config = tomllib.loads(text)
+        except FileNotFoundError:
+            return  # flwr's own error names the connection it cannot find
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        superlink = config.get("superlink")
+        connection = superlink.get(self.connection) if isinstance(superlink, dict) else None
+        value = connection.get("root-certificates") if isinstance(connection, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return
+        line = next(
+            (
+                number
+                for number, row in enumerate(text.splitlines(), start=1)
+                if row.split("=", 1)[0].strip() == "root-certificates" and value in row
+            ),
+            "?",
+        )
+        raise ConfigError(
+            f"{path}, line {line}: root-certificates = {toml_basic_string(value)} is a "
+            "relative path, which Flower refuses (an older `fedlora federation init` run "
+            "with a relative directory wrote it); replace that line with: "
+            f"root-certificates = {toml_basic_string(str(self.ca_cert))}"
         )
 
     def roster(self) -> Roster:

@@ -78,6 +78,43 @@ def test_init_with_a_relative_directory_writes_absolute_paths_flower_reads(
     assert loaded == fed and loaded.site_dir("a") == fed_dir / "sites" / "a"
 
 
+def test_a_relative_root_certificates_from_an_older_init_is_refused_with_the_line_to_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange: config.toml as `init fed/` wrote it before it made paths absolute.
+    from flwr.cli.flower_config import read_superlink_connection
+
+    from server.cli import EXIT_ERROR, main
+
+    fed = init_federation(tmp_path / "fed", address="link.example.org:9092", sans=[])
+    config = fed.cli_home / "config.toml"
+    config.write_text(
+        '[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\n'
+        'address = "link.example.org:9092"\nroot-certificates = "fed/ca.pem"\n'
+    )
+    # Act / Assert: `sites` and `enroll` refuse it, naming the file, the line, the value
+    # and the line to write instead; enroll makes nothing.
+    expected = (
+        f'{config}, line 6: root-certificates = "fed/ca.pem" is a relative path, which '
+        "Flower refuses"
+    )
+    for command in (["sites"], ["enroll", "a"]):
+        assert main(["federation", *command, "--federation", str(fed.directory)]) == EXIT_ERROR
+        assert expected in " ".join(capsys.readouterr().err.split())
+    assert not (fed.directory / "sites").exists()
+    with pytest.raises(ConfigError) as refused:
+        Federation.load(fed.directory)
+    # Act: the edit the error names.
+    fix = str(refused.value).split("replace that line with: ", 1)[1]
+    lines = config.read_text().splitlines()
+    lines[5] = fix
+    config.write_text("\n".join(lines) + "\n")
+    # Assert: fedlora and Flower read it.
+    assert Federation.load(fed.directory) == fed
+    monkeypatch.setenv("FLWR_HOME", str(fed.cli_home))
+    assert read_superlink_connection("fedlora").root_certificates == str(fed.ca_cert)
+
+
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be HOST:PORT"):
         init_federation(tmp_path / "fed", address="link.example.org", sans=[])

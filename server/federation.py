@@ -160,15 +160,19 @@ class Federation:
         try:
             data = json.loads(meta.read_text())
         except FileNotFoundError as exc:
+            if (directory / "ca.key").exists():
+                raise ConfigError(_unfinished_init(directory)) from exc
             raise ConfigError(
                 f"{directory} is not a federation directory (no federation.json); "
                 "run `fedlora federation init` first"
             ) from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{meta}: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+            raise ConfigError(f'{meta} has no "address" (HOST:PORT); it is not as init wrote it')
         fed = cls(
             directory=directory,
-            address=str(data["address"]),
+            address=data["address"],
             sans=tuple(data.get("sans", ())),
             connection=str(data.get("connection", CONNECTION)),
         )
@@ -405,7 +409,16 @@ class Federation:
                 ) from exc
             raise NoAnswer(f"{exc}; {finish}") from exc
         roster = roster.enrol(site_id, node_id=node_id, public_key=pki.fingerprint(pub))
-        roster.save(self.roster_path)
+        try:
+            roster.save(self.roster_path)
+        except OSError as exc:
+            raise FederationError(
+                f"the SuperLink registered {site_id!r}'s key as node {node_id}, but "
+                f"{self.roster_path} could not be written ({exc}); {pub_path} is kept: once "
+                f"it can be, run: fedlora federation enroll {shlex.quote(site_id)} "
+                f"--federation {shlex.quote(str(self.directory))} "
+                f"--public-key {shlex.quote(str(pub_path))} (it enrols node {node_id})"
+            ) from exc
         return roster.sites[site_id]
 
     def _register(self, site_id: str, pub_path: Path, roster: Roster) -> int:
@@ -519,7 +532,18 @@ class Federation:
         revoked = roster.revoke(site_id)
         revoked.save(self.roster_path)
         node_id = roster.sites[site_id].node_id
-        self.flwr("supernode", "unregister", str(node_id))
+        try:
+            self.flwr("supernode", "unregister", str(node_id))
+        except (FederationError, KeyboardInterrupt) as exc:
+            finish = (
+                f"{site_id!r} is off the roster (no more work for it), but node {node_id} may "
+                "still be registered; once the SuperLink answers, run: "
+                f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
+                f"{node_id} {shlex.quote(self.connection)}"
+            )
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(finish) from exc
+            raise type(exc)(f"{exc}; {finish}") from exc
         return node_id
 
     def sites(self) -> list[dict[str, Any]]:
@@ -616,8 +640,10 @@ def init_federation(
     if host not in sans:
         sans = [host, *sans]
     directory = directory.resolve()
-    if (directory / "ca.key").exists() or (directory / "federation.json").exists():
+    if (directory / "federation.json").exists():
         raise ConfigError(f"{directory} holds a federation already; refusing to replace its CA")
+    if (directory / "ca.key").exists():
+        raise ConfigError(_unfinished_init(directory))
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     ca = pki.make_ca("fedlora federation CA")
@@ -634,6 +660,15 @@ def init_federation(
     meta = {"address": address, "sans": list(sans), "connection": fed.connection}
     write_atomic(directory / "federation.json", (json.dumps(meta, indent=2) + "\n").encode())
     return fed
+
+
+def _unfinished_init(directory: Path) -> str:
+    """What to do with a directory holding a CA key and no federation.json."""
+    return (
+        f"{directory} holds a CA key (ca.key) but no federation.json, which `fedlora "
+        "federation init` writes last: an init that did not finish, whose CA nothing was "
+        f"enrolled with; refusing to replace the key: remove {directory} and run init again"
+    )
 
 
 def shell(command: list[str]) -> str:

@@ -353,6 +353,76 @@ def test_ctrl_c_during_the_registration_keeps_a_key_pair_it_made_and_says_how_to
     assert fed.roster().sites == {}
 
 
+def test_a_roster_that_cannot_be_written_after_the_registration_says_how_to_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the disk is full when the roster is written (faked: as root, the test
+    # cannot make a write fail otherwise), after the SuperLink registered the key.
+    import errno
+
+    from server.roster import Roster
+
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    real_save = Roster.save
+
+    def full(self: Roster, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Roster, "save", full)
+    # Act
+    with pytest.raises(FederationError, match="registered 'a''s key as node 7, but") as failed:
+        fed.enroll("a")
+    # Assert: the key pair is kept; once the roster can be written, the named command
+    # enrols node 7.
+    assert (fed.site_dir("a") / "node.key").exists() and fed.roster().sites == {}
+    monkeypatch.setattr(Roster, "save", real_save)
+    args = _finishing_command(str(failed.value))
+    assert fed.enroll("a", public_key=Path(args[-1])).node_id == 7
+    assert len(superlink.nodes) == 1
+
+
+def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is enrolled; then the SuperLink goes down (nothing listens on its port).
+    fed = init_federation(tmp_path / "fed", address=f"127.0.0.1:{free_port()}", sans=[])
+    FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    monkeypatch.undo()
+    # Act
+    with pytest.raises(NoAnswer) as failed:
+        fed.revoke("a")
+    # Assert: off the roster, and the error names the unregister still to be done.
+    assert fed.roster().sites == {}
+    assert str(failed.value).endswith(
+        f"'a' is off the roster (no more work for it), but node 7 may still be registered; "
+        f"once the SuperLink answers, run: FLWR_HOME={fed.cli_home} flwr supernode "
+        "unregister 7 fedlora"
+    )
+
+
+def test_an_init_that_did_not_finish_is_named_as_such_by_init_and_by_the_commands(
+    tmp_path: Path,
+) -> None:
+    # Arrange: init stopped after the CA key (it writes federation.json last).
+    directory = tmp_path / "fed"
+    directory.mkdir()
+    pki.write_private_key(directory / "ca.key", pki.make_ca("x").key)
+    unfinished = "holds a CA key \\(ca.key\\) but no federation.json.*remove .* run init again"
+    # Act / Assert: each says what happened and what to do, instead of sending the
+    # admin from one to the other.
+    with pytest.raises(ConfigError, match=unfinished):
+        Federation.load(directory)
+    with pytest.raises(ConfigError, match=unfinished):
+        init_federation(directory, address="127.0.0.1:9092", sans=[])
+    assert (directory / "ca.key").exists()
+    # A federation.json without an address is named, not a KeyError.
+    (directory / "federation.json").write_text('{"sans": []}')
+    with pytest.raises(ConfigError, match=r'federation\.json has no "address"'):
+        Federation.load(directory)
+
+
 def test_the_failures_flower_reports_are_the_ones_fedlora_tells_apart() -> None:
     # The words `flwr` prints for a lost connection and the SuperLink for a key it holds
     # (Flower 1.41); if an upgrade changes them, lost answers would count as refusals.

@@ -288,7 +288,7 @@ class Federation:
         argv = [sys.executable, "-I", str(NODE_LIST), self.connection]
         data = self._control(argv, what="`flwr supernode ls`", timeout=timeout)
         return [
-            Node(int(n["node-id"]), str(n["status"]), _fingerprint_pem(n), str(n.get("name")))
+            Node(int(n["node-id"]), str(n["status"]), _fingerprint_pem(n), str(n.get("name") or ""))
             for n in data.get("nodes", [])
         ]
 

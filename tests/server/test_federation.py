@@ -194,8 +194,10 @@ def _finishing_command(message: str) -> list[str]:
 
 
 def test_an_enrol_while_the_superlink_is_down_keeps_the_key_pair_and_names_what_finishes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from server.cli import main
+
     # Arrange: a federation whose SuperLink is down (nothing listens on its port). The
     # real `flwr` says the same when a connection is refused as when an answer is lost,
     # so the registration may have been done.
@@ -215,13 +217,16 @@ def test_an_enrol_while_the_superlink_is_down_keeps_the_key_pair_and_names_what_
         "federation", "enroll", "hospital-a", "--federation", str(fed.directory),
         "--public-key", str(pub),
     ]  # fmt: skip
-    # Act: the SuperLink is up; the named command.
+    # Act: the SuperLink is up; the named command, through the CLI.
     superlink = FakeSuperLink().install(monkeypatch)
-    entry = fed.enroll("hospital-a", public_key=Path(args[-1]))
-    # Assert: enrolled with the key pair that was kept.
+    assert main(args) == 0
+    # Assert: enrolled with the key pair that was kept, which the site is to be given.
     assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    entry = fed.roster().sites["hospital-a"]
     assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
-    assert fed.roster().sites["hospital-a"] == entry
+    out = "".join(capsys.readouterr().out.split())  # as rich wraps it, without the wraps
+    assert f"givethesite{key}(0600,secret)" in out
+    assert "--auth-supernode-private-keynode.key" in out
 
 
 def test_an_answer_lost_after_the_superlink_registered_the_key_enrols_that_node(

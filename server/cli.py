@@ -118,8 +118,11 @@ def cmd_federation_enroll(args: argparse.Namespace) -> int:
     site_dir = fed.site_dir(args.site)
     out = Console()
     out.print(f"site {args.site} enrolled as node {entry.node_id} (key {entry.public_key})")
-    key = "node.key" if args.public_key is None else "YOUR-PRIVATE-KEY"
-    if args.public_key is None:
+    # A node.key here is the enrolled key's (enroll refuses a --public-key that is not its
+    # public key), also when a kept key pair is enrolled with --public-key node.pub.
+    made_here = (site_dir / "node.key").exists()
+    key = "node.key" if made_here else "YOUR-PRIVATE-KEY"
+    if made_here:
         out.print(f"give the site {site_dir / 'node.key'} (0600, secret) and {fed.ca_cert}")
     command = fed.supernode_command(args.site, key_path=key, ca_path="ca.pem")
     out.print("on the site:", highlight=False)

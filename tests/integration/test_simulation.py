@@ -287,7 +287,16 @@ def _default_sigint() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),  # Ctrl-C, sent to the terminal's foreground group
+        (signal.SIGTERM, 143, "terminated"),  # `kill PID`: the CLI alone
+    ],
+)
+def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_resume_continues_it(
+    tmp_path: Path, signum: int, code: int, said: str
+) -> None:
     data = _cls_sites(tmp_path / "data")
     out = tmp_path / "out"
     args = _train_args(data, out)
@@ -307,7 +316,10 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
             assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+        else:
+            proc.send_signal(signum)
         interrupted = time.monotonic()
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - interrupted
@@ -321,12 +333,12 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    # Round 2 was training when Ctrl-C came: the run stopped without it, said so, and left
-    # round 1's checkpoint whole; the MLflow run is marked as stopped, not as failed.
-    assert proc.returncode == 130, err[-3000:]
-    assert took < 30, f"{took:.1f} s from Ctrl-C to exit"
+    # Round 2 was training when the signal came: the run stopped without it, said so, and
+    # left round 1's checkpoint whole; the MLflow run is marked as stopped, not as failed.
+    assert proc.returncode == code, err[-3000:]
+    assert took < 30, f"{took:.1f} s from the signal to exit"
     assert "round 1/2: acc " in err  # stderr is not a terminal: one plain line per round
-    assert f"interrupted: {out / 'checkpoint'} holds round 1 of 2; run the same command" in err
+    assert f"{said}: {out / 'checkpoint'} holds round 1 of 2; run the same command" in err
     assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     saved = CheckpointStore(out / "checkpoint").load()
     assert saved is not None and saved.completed_round == 1

@@ -91,8 +91,14 @@ def run_training(
     settings: RunSettings,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
+    on_tracking: Callable[[Tracker], None] | None = None,
 ) -> TrainingResult:
-    """Run a whole training run on a Grid (simulation or Deployment Engine)."""
+    """Run a whole training run on a Grid (simulation or Deployment Engine).
+
+    Args:
+        on_tracking: Called with the run's `Tracker` once its MLflow run is open (the
+            simulation marks the run KILLED with it if it has to abandon this call).
+    """
     quiet_transformers()
     # Everything that can be refused is checked before the first write.
     digest = base_digest(settings.spec.base)
@@ -126,6 +132,8 @@ def run_training(
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
     log.info("MLflow run %s at %s", run_id, redact_uri(uri))
+    if on_tracking is not None:
+        on_tracking(tracker)
 
     evaluator: Evaluator | None = None
     if eval_examples is not None:

@@ -35,6 +35,7 @@ from server.app import TrainingResult, run_training
 from server.interrupt import Terminated, at_default, watch_signals
 from server.record import RoundRecord
 from server.settings import RunSettings
+from server.tracking import Tracker
 
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
@@ -185,22 +186,45 @@ def _hush_flower(*, verbose: bool) -> None:
         flwr_logger.addFilter(_Hush())
 
 
-def _wait_for_training(training: Sequence[threading.Thread], *, again: str) -> None:
+def _wait_for_training(
+    training: Sequence[threading.Thread], *, again: str, trackers: Sequence[Tracker]
+) -> None:
     """Give the stopped round loop `STOP_GRACE_SECONDS` to end; ``again`` cuts it short.
 
     The thread is a daemon: if it is still busy after that, the process exits without it,
     and whatever it had not checkpointed is lost (the previous checkpoint stays whole).
+    Its MLflow run, which it can no longer end, is marked KILLED from here (`--resume`
+    reopens it), unless it had ended it already.
+
+    Raises:
+        KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
-    for thread in training:
-        if thread.is_alive():
-            log.warning(
-                "stopping: the round in flight has up to %.0f s to end (%s again: exit now)",
-                STOP_GRACE_SECONDS,
-                again,
-            )
-        thread.join(STOP_GRACE_SECONDS)
-        if thread.is_alive():
-            log.warning("the round in flight did not stop in time and is abandoned")
+    ended = False
+    try:
+        for thread in training:
+            if thread.is_alive():
+                log.warning(
+                    "stopping: the round in flight has up to %.0f s to end (%s again: exit now)",
+                    STOP_GRACE_SECONDS,
+                    again,
+                )
+            thread.join(STOP_GRACE_SECONDS)
+        ended = not any(thread.is_alive() for thread in training)
+    finally:  # also when a second signal cuts the wait short (after which is_alive()
+        # can say False of a thread still running: CPython 3.11's join, bpo-45274)
+        if not ended:
+            log.warning("the round in flight did not stop and is abandoned")
+            for tracker in trackers:
+                _mark_killed(tracker)
+
+
+def _mark_killed(tracker: Tracker) -> None:
+    if tracker.status is not None:
+        return
+    try:
+        tracker.finish("KILLED")
+    except Exception as exc:  # the store down: the run stays RUNNING, the exit goes on
+        log.warning("could not mark MLflow run %s KILLED: %s", tracker.run_id, exc)
 
 
 def load_component(ref: str):
@@ -257,11 +281,14 @@ def simulate(
     outcome: dict[str, object] = {}
     stop = threading.Event()
     training: list[threading.Thread] = []
+    trackers: list[Tracker] = []
     server_app = ServerApp()
 
     def train(grid: Grid) -> None:
         try:
-            outcome["result"] = run_training(StoppableGrid(grid, stop), settings, on_round=on_round)
+            outcome["result"] = run_training(
+                StoppableGrid(grid, stop), settings, on_round=on_round, on_tracking=trackers.append
+            )
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc
 
@@ -289,14 +316,15 @@ def simulate(
             )
     except KeyboardInterrupt as exc:
         stop.set()
-        _wait_for_training(training, again="SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
+        again = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        _wait_for_training(training, again=again, trackers=trackers)
         raise
     except SystemExit as exc:  # ray.init's own SIGTERM handler (see _stop_on_interrupt)
         if exc.code != signal.SIGTERM:
             raise
         stop.set()
         _hush_flower(verbose=verbose)
-        _wait_for_training(training, again="SIGTERM")
+        _wait_for_training(training, again="SIGTERM", trackers=trackers)
         raise Terminated from None
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]

@@ -35,35 +35,47 @@ THREAD_GRACE_SECONDS = 3.0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.checkpoint import CheckpointStore
+    from server.checkpoint import CheckpointStore, outputs_round
     from server.run_config import parse_overrides
     from server.train import run_train
 
+    overrides = parse_overrides(args.set or [])
+    out = Path(args.out)
     try:
         with terminate_as_interrupt():  # SIGTERM stops the run as Ctrl-C does
             result = run_train(
                 sites_dir=Path(args.sites),
                 rounds=args.rounds,
-                out=Path(args.out),
+                out=out,
                 eval_file=Path(args.eval) if args.eval else None,
                 task=args.task,
-                overrides=parse_overrides(args.set or []),
+                overrides=overrides,
                 resume=args.resume,
                 verbose=args.verbose,
             )
     except KeyboardInterrupt as exc:
         stopped = type(exc)  # Terminated (SIGTERM) or KeyboardInterrupt (Ctrl-C)
         # Read once the round loop has stopped: no later round is checkpointed.
-        store = CheckpointStore(Path(args.out) / "checkpoint")
+        store = CheckpointStore(out / "checkpoint")
         try:
             done = store.completed_round()
         except FedloraError as error:  # still an interruption, not an error
             raise stopped(str(error)) from None
+        if done and outputs_round(out) == done:  # the outputs are written; a publish?
+            model = overrides.get("registry.model-name")
+            key = overrides.get("registry.signing-key", "KEY")
+            publish = (
+                f"; if it was publishing, `fedlora registry publish {out} --model {model} "
+                f"--key {key}` finishes that"
+                if model
+                else ""
+            )
+            raise stopped(f"the run's outputs in {out} are complete{publish}") from None
         if done >= args.rounds:  # stopped while writing the outputs, after the last round
             raise stopped(
                 f"{store.directory} holds all {done} rounds; the run was writing its outputs "
-                f"({Path(args.out) / 'adapter'}, metrics.json, the MLflow run, a publish) and "
-                "may not have finished them, which --resume does not redo"
+                f"({out / 'adapter'}, metrics.json, the MLflow run); run the same command "
+                "with --resume to finish them (no round runs again)"
             ) from None
         if not done:
             raise stopped("before round 1 ended; nothing was checkpointed") from None
@@ -71,11 +83,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{store.directory} holds round {done} of {args.rounds}; run the same command "
             "with --resume to continue"
         ) from None
-    out = Console()
-    out.print(round_table(result.history))
-    out.print(f"adapter: {result.adapter_dir}")
-    out.print(f"metrics: {result.metrics_path}")
-    out.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
+    shown = Console()
+    if result.outputs_only:
+        shown.print(
+            f"no round left to run: {out / 'checkpoint'} holds the last one; wrote the "
+            "run's outputs from it"
+        )
+    shown.print(round_table(result.history))
+    shown.print(f"adapter: {result.adapter_dir}")
+    shown.print(f"metrics: {result.metrics_path}")
+    shown.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0
 
 

@@ -174,10 +174,12 @@ def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
         args.func(args)
 
 
-def test_ctrl_c_after_the_last_round_does_not_advise_a_resume(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("outputs_written", [False, True])
+def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs_written: bool
 ) -> None:
-    # --resume refuses a run whose every round is checkpointed ("already completed").
+    # Every round checkpointed: --resume writes the outputs, unless metrics.json (written
+    # last) says they are done, when only a publish can be unfinished.
     import server.train
     from server.cli import build_parser
 
@@ -185,11 +187,26 @@ def test_ctrl_c_after_the_last_round_does_not_advise_a_resume(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(server.train, "run_train", interrupted)
-    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
+    if outputs_written:
+        (out / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
     args = build_parser().parse_args(
-        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(tmp_path / "out")]
-    )
-    with pytest.raises(KeyboardInterrupt, match="holds all 2 rounds") as stopped:
+        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(out),
+         "--set", "registry.model-name=m", "--set", "registry.signing-key=k.pem"]
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt) as stopped:
         args.func(args)
-    assert "--resume to continue" not in str(stopped.value)
+
+    said = str(stopped.value)
+    if outputs_written:
+        assert said == (
+            f"the run's outputs in {out} are complete; if it was publishing, "
+            f"`fedlora registry publish {out} --model m --key k.pem` finishes that"
+        )
+    else:
+        assert "holds all 2 rounds" in said
+        assert said.endswith(
+            "run the same command with --resume to finish them (no round runs again)"
+        )

@@ -14,7 +14,9 @@ A ``flwr`` call that fails without an answer (a timeout, a lost connection) may 
 have been done: `NoAnswer`. ``enroll`` then looks the key up in the SuperLink's node list
 (server/node_list.py, the listing ``sites`` shows) before it removes anything, and a key
 the SuperLink holds already, on a node not on the roster, is enrolled as that node; so
-the same ``enroll`` finishes an enrolment whose answer was lost.
+the same ``enroll`` finishes an enrolment whose answer was lost. A key or node of a
+revoked enrolment (the roster's revoked records) is never enrolled again: its node may
+still be live, if the unregister that ``revoke`` ran got no answer.
 
 Layout::
 
@@ -336,10 +338,10 @@ class Federation:
                 otherwise one is made in ``sites/SITE/`` (private key 0600).
 
         Raises:
-            ConfigError: If the site is enrolled already, the key is unreadable or is
-                another site's, or ``public_key`` is None and ``sites/SITE/node.key``
-                exists (the message says whether to reuse it with ``--public-key`` or
-                remove it).
+            ConfigError: If the site is enrolled already, the key is unreadable, another
+                site's or a revoked enrolment's (the message names the unregister to
+                finish), or ``public_key`` is None and ``sites/SITE/node.key`` exists (the
+                message says whether to reuse it with ``--public-key`` or remove it).
             NoAnswer: If the SuperLink may have registered the key and cannot say.
             FederationError: If the SuperLink refuses the registration or cannot be
                 reached.
@@ -362,6 +364,13 @@ class Federation:
             pub = pki.node_public_openssh(key.public_key())
         else:
             pub = _read_public_key(public_key)
+            revoked = roster.revocation(public_key=pki.fingerprint(pub))
+            if revoked is not None:
+                raise ConfigError(
+                    self._revoked(
+                        f"--public-key {str(public_key)!r}", revoked, then=f"enroll {site_id!r}"
+                    )
+                )
             if key_path.exists() or key_path.is_symlink():
                 # Replacing node.pub beside it would leave a pair that does not match.
                 try:
@@ -431,7 +440,8 @@ class Federation:
             NoAnswer: If neither the registration nor the node list got an answer.
             FederationError: If the key is not registered after all, or the SuperLink
                 refuses it (as a key of an unregistered node, say).
-            ConfigError: If the key is another site's on the roster.
+            ConfigError: If the key is another site's on the roster, or its node is that
+                of a revoked enrolment.
         """
         fingerprint = pki.fingerprint(pub_path.read_bytes())
         try:
@@ -469,6 +479,15 @@ class Federation:
                 f"{failure}; the key is that of node {node.node_id}, {node.status}, which "
                 f"the SuperLink does not take again: {site_id!r} needs a new key pair"
             ) from failure
+        revoked = roster.revocation(node_id=node.node_id)
+        if revoked is not None:
+            raise ConfigError(
+                self._revoked(
+                    f"{failure}; the key's node",
+                    revoked,
+                    then=f"enroll {site_id!r}",
+                )
+            )
         enrolled = [s for s, e in roster.sites.items() if e.node_id == node.node_id]
         if enrolled:
             raise ConfigError(
@@ -492,16 +511,12 @@ class Federation:
             fingerprint = pki.fingerprint(pub_path.read_bytes())
         except (OSError, IndexError):
             fingerprint = None
-        revoked = roster.revoked.get(site_id)
-        if (
-            fingerprint is not None
-            and isinstance(revoked, dict)
-            and revoked.get("public-key") == fingerprint
-        ):
-            return (
-                f"{key_path} exists: the key of the revoked enrolment of {site_id!r} (node "
-                f"{revoked.get('node-id')}), which the SuperLink does not take again; "
-                f"remove {key_path} and {pub_path} to enroll with a new key pair"
+        revoked = roster.revocation(public_key=fingerprint) if fingerprint else None
+        if revoked is not None:
+            return self._revoked(
+                f"{key_path} exists: its key",
+                revoked,
+                then=f"remove {key_path} and {pub_path} and enroll {site_id!r}",
             )
         if fingerprint is None:
             return (
@@ -513,6 +528,24 @@ class Federation:
             "roster; reuse it (whether or not the SuperLink registered it): `fedlora "
             f"federation enroll {site_id} --federation {self.directory} --public-key "
             f"{pub_path}`, or remove {key_path} and {pub_path} to enroll with a new key pair"
+        )
+
+    def _revoked(self, what: str, revoked: tuple[str, dict[str, Any]], *, then: str) -> str:
+        """Why a key or node of a revoked enrolment is refused, and what to do."""
+        site, record = revoked
+        node_id = record["node-id"]
+        return (
+            f"{what} is that of site {site!r}, revoked as node {node_id}: a revoked key is "
+            f"never enrolled again; if the unregister that revoke ran got no answer, node "
+            f"{node_id} is still registered at the SuperLink: finish that first, with: "
+            f"{self._unregister_command(node_id)}; then {then} with a new key pair"
+        )
+
+    def _unregister_command(self, node_id: int) -> str:
+        """The ``flwr`` command that unregisters ``node_id``, as revoke runs it."""
+        return (
+            f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
+            f"{node_id} {shlex.quote(self.connection)}"
         )
 
     def revoke(self, site_id: str) -> int:
@@ -538,8 +571,7 @@ class Federation:
             finish = (
                 f"{site_id!r} is off the roster (no more work for it), but node {node_id} may "
                 "still be registered; once the SuperLink answers, run: "
-                f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
-                f"{node_id} {shlex.quote(self.connection)}"
+                f"{self._unregister_command(node_id)}"
             )
             if isinstance(exc, KeyboardInterrupt):
                 raise KeyboardInterrupt(finish) from exc

@@ -407,6 +407,44 @@ def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it
     )
 
 
+def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregister_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    superlink.fail = NoAnswer("`flwr supernode unregister` against x failed: timed out")
+    with pytest.raises(NoAnswer):
+        fed.revoke("a")
+    superlink.fail = None
+    key, pub = fed.site_dir("a") / "node.key", fed.site_dir("a") / "node.pub"
+    live = dict(superlink.nodes)
+    assert live[7][1] == "registered"
+    finish = (
+        f"node 7 is still registered at the SuperLink: finish that first, with: "
+        f"FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora; then "
+    )
+    # Act / Assert: its key, as another site's or as its own again, is refused, naming
+    # the unregister to finish; nothing is registered or made.
+    with pytest.raises(ConfigError) as other:
+        fed.enroll("new-site", public_key=pub)
+    assert f"--public-key '{pub}' is that of site 'a', revoked as node 7" in str(other.value)
+    assert f"{finish}enroll 'new-site' with a new key pair" in str(other.value)
+    with pytest.raises(ConfigError, match=re.escape(f"{finish}enroll 'a' with a new key pair")):
+        fed.enroll("a", public_key=pub)
+    with pytest.raises(ConfigError, match=re.escape(f"{finish}remove {key} and {pub} and")):
+        fed.enroll("a")
+    assert superlink.nodes == live and fed.roster().sites == {}
+    assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a"]
+    # Act / Assert: a revoked record without the key's fingerprint (written by hand) is
+    # found by its node, which the SuperLink lists for the key it holds already.
+    fed.roster_path.write_text('{"sites": {}, "revoked": {"a": {"node-id": 7}}}')
+    with pytest.raises(ConfigError, match="the key's node is that of site 'a', revoked as"):
+        fed.enroll("new-site", public_key=pub)
+    assert superlink.nodes == live and fed.roster().sites == {}
+
+
 def test_an_init_that_did_not_finish_is_named_as_such_by_init_and_by_the_commands(
     tmp_path: Path,
 ) -> None:

@@ -11,10 +11,12 @@ nodes that are *not* on the roster; ``revoke`` unregisters a site's node and tak
 off the roster.
 
 A ``flwr`` call that fails without an answer (a timeout, a lost connection) may still
-have been done: `NoAnswer`. ``enroll`` then looks the key up in the SuperLink's node list
-(server/node_list.py, the listing ``sites`` shows) before it removes anything, and a key
-the SuperLink holds already, on a node not on the roster, is enrolled as that node; so
-the same ``enroll`` finishes an enrolment whose answer was lost. A key or node of a
+have been done, or be done later: `NoAnswer`. ``enroll`` then looks the key up in the
+SuperLink's node list (server/node_list.py, the listing ``sites`` shows), and never
+removes a key pair it made: the registration may land after the list was read. A key the
+SuperLink holds already, on a node not on the roster, is enrolled as that node; so
+``enroll --public-key`` with the kept ``node.pub`` finishes an enrolment whose answer was
+lost. A key or node of a
 revoked enrolment (the roster's revoked records) is never enrolled again: its node may
 still be live, if the unregister that ``revoke`` ran got no answer.
 
@@ -326,11 +328,12 @@ class Federation:
         A registration the SuperLink refuses leaves ``sites/SITE/`` as it was: a key pair
         this call made is removed, a ``node.pub`` it replaced is put back, and a key that
         was there before is never removed. One that gets no answer is looked up in the
-        SuperLink's node list: found, the site is enrolled as that node; not found, it
-        is as for a refusal; if the list cannot be read either, a key pair this call made
-        is kept (the SuperLink may hold its public key) and the error names the command
-        that finishes the enrolment. A key the SuperLink holds already, on a node not on
-        the roster, is enrolled as that node. So the same command can be run again.
+        SuperLink's node list: found, the site is enrolled as that node; not found, or if
+        the list cannot be read, a key pair this call made is kept (the SuperLink may hold
+        its public key, or register it after the list was read) and the error names the
+        command that finishes the enrolment, ``enroll SITE --public-key
+        DIR/sites/SITE/node.pub``: a key the SuperLink holds already, on a node not on the
+        roster, is enrolled as that node, and one it does not hold is registered.
 
         Args:
             site_id: The site's id in the run's records.
@@ -437,9 +440,10 @@ class Federation:
         says which node the key stands for, if any.
 
         Raises:
-            NoAnswer: If neither the registration nor the node list got an answer.
-            FederationError: If the key is not registered after all, or the SuperLink
-                refuses it (as a key of an unregistered node, say).
+            NoAnswer: If the registration got no answer and the node list does not hold
+                the key or cannot be read: the registration may land yet.
+            FederationError: If the SuperLink refuses the key (as a key of an
+                unregistered node, say).
             ConfigError: If the key is another site's on the roster, or its node is that
                 of a revoked enrolment.
         """
@@ -465,9 +469,11 @@ class Federation:
                 f"{failure}; its node list could not be read to find the key's node ({exc})"
             ) from exc
         if node is None and isinstance(failure, NoAnswer):
-            raise FederationError(
-                f"{failure}; the SuperLink's node list does not hold the key, so it is not "
-                "registered: run the same command again"
+            # A request whose answer was lost may still be on its way: not listed is not
+            # "not registered".
+            raise NoAnswer(
+                f"{failure}; the SuperLink's node list does not hold the key, but may "
+                "register it yet"
             ) from failure
         if node is None:
             raise FederationError(

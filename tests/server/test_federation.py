@@ -247,19 +247,34 @@ def test_an_answer_lost_after_the_superlink_registered_the_key_enrols_that_node(
     assert "holds the key as node 7 (not on the roster), which is enrolled as 'a'" in caplog.text
 
 
-def test_an_answer_lost_before_the_key_was_registered_removes_what_the_enrol_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("lands_later", [True, False])
+def test_an_answer_lost_with_the_key_not_listed_keeps_the_key_pair_it_may_be_registered_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lands_later: bool
 ) -> None:
-    # Arrange: the registration never reaches the SuperLink, which lists no such key.
+    # Arrange: the registration gets no answer and the node list, read next, lacks the
+    # key; a request delayed on its way may still be done after that (lands_later).
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     superlink = FakeSuperLink().install(monkeypatch)
     superlink.lose, superlink.lose_after = LOST, False
-    # Act / Assert: as for a refusal: nothing of it is left, and the same command enrols.
-    with pytest.raises(FederationError, match="does not hold the key, so it is not registered"):
+    # Act
+    with pytest.raises(NoAnswer, match="node list does not hold the key, but may") as failed:
         fed.enroll("a")
-    assert not (fed.directory / "sites").exists() and fed.roster().sites == {}
+    # Assert: the key pair is kept, off the roster, with the command that finishes.
+    key, pub = fed.site_dir("a") / "node.key", fed.site_dir("a") / "node.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and fed.roster().sites == {}
+    args = _finishing_command(str(failed.value))
+    assert args == [
+        "federation", "enroll", "a", "--federation", str(fed.directory),
+        "--public-key", str(pub),
+    ]  # fmt: skip
+    # Act: the registration lands (or not); then the named command.
     superlink.lose = None
-    assert fed.enroll("a").node_id == 7
+    if lands_later:
+        superlink.nodes[7] = (pub.read_bytes(), "registered")
+    entry = fed.enroll("a", public_key=Path(args[-1]))
+    # Assert: either way the site is enrolled as the one node that holds its kept key.
+    assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
 
 
 @pytest.mark.parametrize("registered", [True, False])

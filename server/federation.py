@@ -50,7 +50,13 @@ from typing import Any
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import write_atomic
 from server import pki
-from server.harness.flower import VENV_BIN, flower_env, toml_basic_string, write_cli_connection
+from server.harness.flower import (
+    VENV_BIN,
+    flower_env,
+    toml_basic_string,
+    toml_key,
+    write_cli_connection,
+)
 from server.roster import Enrolment, Roster
 
 log = logging.getLogger(__name__)
@@ -193,7 +199,8 @@ class Federation:
         error gives the line that replaces it, naming this federation's ``ca.pem``.
 
         Raises:
-            ConfigError: Naming the file, the line, the value and the replacement line.
+            ConfigError: Naming the file, the line (the connection's table where no
+                line alone sets it), the value and the replacement line.
         """
         path = self.cli_home / "config.toml"
         try:
@@ -208,19 +215,13 @@ class Federation:
         value = connection.get("root-certificates") if isinstance(connection, dict) else None
         if not isinstance(value, str) or Path(value).is_absolute():
             return
-        line = next(
-            (
-                number
-                for number, row in enumerate(text.splitlines(), start=1)
-                if row.split("=", 1)[0].strip() == "root-certificates" and value in row
-            ),
-            "?",
-        )
+        line = _line_of(text, ("superlink", self.connection, "root-certificates"), value)
+        where = f"line {line}" if line else f"[superlink.{toml_key(self.connection)}]"
         raise ConfigError(
-            f"{path}, line {line}: root-certificates = {toml_basic_string(value)} is a "
+            f"{path}, {where}: root-certificates = {toml_basic_string(value)} is a "
             "relative path, which Flower refuses (an older `fedlora federation init` run "
-            "with a relative directory wrote it); replace that line with: "
-            f"root-certificates = {toml_basic_string(str(self.ca_cert))}"
+            f"with a relative directory wrote it); replace that {'line' if line else 'value'} "
+            f"with: root-certificates = {toml_basic_string(str(self.ca_cert))}"
         )
 
     def roster(self) -> Roster:
@@ -621,6 +622,34 @@ def _fingerprint_pem(node: dict[str, Any]) -> str:
         return pki.fingerprint_pem(str(node.get("public-key", "")).encode())
     except ValueError:
         return ""
+
+
+def _line_of(text: str, key: tuple[str, ...], value: object) -> int | None:
+    """The number of the line of TOML ``text`` that sets ``key`` (a dotted path) to ``value``.
+
+    A scan that tracks the table header each line is under; each line is read as TOML on
+    its own, so quoted keys, escapes, dotted keys and inline tables are matched as TOML
+    reads them, and a value written over several lines is not found (None).
+    """
+    table: tuple[str, ...] | None = ()  # the current header's path; None: [[array]]
+    for number, row in enumerate(text.splitlines(), start=1):
+        try:
+            parsed: Any = tomllib.loads(row)
+        except tomllib.TOMLDecodeError:
+            continue
+        if row.lstrip().startswith("[["):
+            table = None
+        elif row.lstrip().startswith("["):
+            table = ()
+            while isinstance(parsed, dict) and len(parsed) == 1:  # {"a": {"b": {}}}
+                ((name, parsed),) = parsed.items()
+                table += (name,)
+        elif table is not None and key[: len(table)] == table:
+            for name in key[len(table) :]:
+                parsed = parsed.get(name) if isinstance(parsed, dict) else None
+            if parsed == value:
+                return number
+    return None
 
 
 def _put_back(

@@ -115,6 +115,47 @@ def test_a_relative_root_certificates_from_an_older_init_is_refused_with_the_lin
     assert read_superlink_connection("fedlora").root_certificates == str(fed.ca_cert)
 
 
+HEAD = '[superlink]\ndefault = "fedlora"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # Another connection holds the same value, earlier in the file.
+        (
+            f'{HEAD}[superlink.other]\nroot-certificates = "fed/ca.pem"\n'
+            '[superlink.fedlora]\naddress = "x:1"\nroot-certificates = "fed/ca.pem"\n',
+            "line 7",
+        ),
+        # An escaped value, a quoted key, under a quoted table name.
+        (f'{HEAD}[superlink."fedlora"]\n"root-certificates" = "fed\\u002Fca.pem"\n', "line 4"),
+        # A dotted key in the parent table.
+        (f'{HEAD}fedlora.root-certificates = "fed/ca.pem"\n', "line 3"),
+        # A value no line holds alone: the connection's table is named.
+        (
+            f'{HEAD}[superlink.fedlora]\nroot-certificates = """\nfed/ca.pem"""\n',
+            "[superlink.fedlora]",
+        ),
+    ],
+    ids=["another-connection-first", "escaped-and-quoted", "dotted-key", "multi-line"],
+)
+def test_the_relative_root_certificates_named_is_the_connections_own(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    # Arrange: config.toml as a hand edit may have left it.
+    fed = init_federation(tmp_path / "fed", address="link.example.org:9092", sans=[])
+    config = fed.cli_home / "config.toml"
+    config.write_text(text)
+    # Act
+    with pytest.raises(ConfigError) as refused:
+        Federation.load(fed.directory)
+    # Assert: the connection's own line (or table), the value as TOML reads it, the fix.
+    assert str(refused.value).startswith(
+        f'{config}, {where}: root-certificates = "fed/ca.pem" is a relative path'
+    )
+    assert str(refused.value).endswith(f'with: root-certificates = "{fed.ca_cert}"')
+
+
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be HOST:PORT"):
         init_federation(tmp_path / "fed", address="link.example.org", sans=[])

@@ -11,10 +11,14 @@ nodes that are *not* on the roster; ``revoke`` unregisters a site's node and tak
 off the roster.
 
 A ``flwr`` call that fails without an answer (a timeout, a lost connection) may still
-have been done: `NoAnswer`. ``enroll`` then looks the key up in the SuperLink's node list
-(server/node_list.py, the listing ``sites`` shows) before it removes anything, and a key
-the SuperLink holds already, on a node not on the roster, is enrolled as that node; so
-the same ``enroll`` finishes an enrolment whose answer was lost.
+have been done, or be done later: `NoAnswer`. ``enroll`` then looks the key up in the
+SuperLink's node list (server/node_list.py, the listing ``sites`` shows), and never
+removes a key pair it made: the registration may land after the list was read. A key the
+SuperLink holds already, on a node not on the roster, is enrolled as that node; so
+``enroll --public-key`` with the kept ``node.pub`` finishes an enrolment whose answer was
+lost. A key or node of a
+revoked enrolment (the roster's revoked records) is never enrolled again: its node may
+still be live, if the unregister that ``revoke`` ran got no answer.
 
 Layout::
 
@@ -46,7 +50,13 @@ from typing import Any
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import write_atomic
 from server import pki
-from server.harness.flower import VENV_BIN, flower_env, toml_basic_string, write_cli_connection
+from server.harness.flower import (
+    VENV_BIN,
+    flower_env,
+    toml_basic_string,
+    toml_key,
+    write_cli_connection,
+)
 from server.roster import Enrolment, Roster
 
 log = logging.getLogger(__name__)
@@ -189,7 +199,8 @@ class Federation:
         error gives the line that replaces it, naming this federation's ``ca.pem``.
 
         Raises:
-            ConfigError: Naming the file, the line, the value and the replacement line.
+            ConfigError: Naming the file, the line (the connection's table where no
+                line alone sets it), the value and the replacement line.
         """
         path = self.cli_home / "config.toml"
         try:
@@ -204,19 +215,13 @@ class Federation:
         value = connection.get("root-certificates") if isinstance(connection, dict) else None
         if not isinstance(value, str) or Path(value).is_absolute():
             return
-        line = next(
-            (
-                number
-                for number, row in enumerate(text.splitlines(), start=1)
-                if row.split("=", 1)[0].strip() == "root-certificates" and value in row
-            ),
-            "?",
-        )
+        line = _line_of(text, ("superlink", self.connection, "root-certificates"), value)
+        where = f"line {line}" if line else f"[superlink.{toml_key(self.connection)}]"
         raise ConfigError(
-            f"{path}, line {line}: root-certificates = {toml_basic_string(value)} is a "
+            f"{path}, {where}: root-certificates = {toml_basic_string(value)} is a "
             "relative path, which Flower refuses (an older `fedlora federation init` run "
-            "with a relative directory wrote it); replace that line with: "
-            f"root-certificates = {toml_basic_string(str(self.ca_cert))}"
+            f"with a relative directory wrote it); replace that {'line' if line else 'value'} "
+            f"with: root-certificates = {toml_basic_string(str(self.ca_cert))}"
         )
 
     def roster(self) -> Roster:
@@ -324,11 +329,12 @@ class Federation:
         A registration the SuperLink refuses leaves ``sites/SITE/`` as it was: a key pair
         this call made is removed, a ``node.pub`` it replaced is put back, and a key that
         was there before is never removed. One that gets no answer is looked up in the
-        SuperLink's node list: found, the site is enrolled as that node; not found, it
-        is as for a refusal; if the list cannot be read either, a key pair this call made
-        is kept (the SuperLink may hold its public key) and the error names the command
-        that finishes the enrolment. A key the SuperLink holds already, on a node not on
-        the roster, is enrolled as that node. So the same command can be run again.
+        SuperLink's node list: found, the site is enrolled as that node; not found, or if
+        the list cannot be read, a key pair this call made is kept (the SuperLink may hold
+        its public key, or register it after the list was read) and the error names the
+        command that finishes the enrolment, ``enroll SITE --public-key
+        DIR/sites/SITE/node.pub``: a key the SuperLink holds already, on a node not on the
+        roster, is enrolled as that node, and one it does not hold is registered.
 
         Args:
             site_id: The site's id in the run's records.
@@ -336,10 +342,10 @@ class Federation:
                 otherwise one is made in ``sites/SITE/`` (private key 0600).
 
         Raises:
-            ConfigError: If the site is enrolled already, the key is unreadable or is
-                another site's, or ``public_key`` is None and ``sites/SITE/node.key``
-                exists (the message says whether to reuse it with ``--public-key`` or
-                remove it).
+            ConfigError: If the site is enrolled already, the key is unreadable, another
+                site's or a revoked enrolment's (the message names the unregister to
+                finish), or ``public_key`` is None and ``sites/SITE/node.key`` exists (the
+                message says whether to reuse it with ``--public-key`` or remove it).
             NoAnswer: If the SuperLink may have registered the key and cannot say.
             FederationError: If the SuperLink refuses the registration or cannot be
                 reached.
@@ -362,6 +368,13 @@ class Federation:
             pub = pki.node_public_openssh(key.public_key())
         else:
             pub = _read_public_key(public_key)
+            revoked = roster.revocation(public_key=pki.fingerprint(pub))
+            if revoked is not None:
+                raise ConfigError(
+                    self._revoked(
+                        f"--public-key {str(public_key)!r}", revoked, then=f"enroll {site_id!r}"
+                    )
+                )
             if key_path.exists() or key_path.is_symlink():
                 # Replacing node.pub beside it would leave a pair that does not match.
                 try:
@@ -428,10 +441,12 @@ class Federation:
         says which node the key stands for, if any.
 
         Raises:
-            NoAnswer: If neither the registration nor the node list got an answer.
-            FederationError: If the key is not registered after all, or the SuperLink
-                refuses it (as a key of an unregistered node, say).
-            ConfigError: If the key is another site's on the roster.
+            NoAnswer: If the registration got no answer and the node list does not hold
+                the key or cannot be read: the registration may land yet.
+            FederationError: If the SuperLink refuses the key (as a key of an
+                unregistered node, say).
+            ConfigError: If the key is another site's on the roster, or its node is that
+                of a revoked enrolment.
         """
         fingerprint = pki.fingerprint(pub_path.read_bytes())
         try:
@@ -455,9 +470,11 @@ class Federation:
                 f"{failure}; its node list could not be read to find the key's node ({exc})"
             ) from exc
         if node is None and isinstance(failure, NoAnswer):
-            raise FederationError(
-                f"{failure}; the SuperLink's node list does not hold the key, so it is not "
-                "registered: run the same command again"
+            # A request whose answer was lost may still be on its way: not listed is not
+            # "not registered".
+            raise NoAnswer(
+                f"{failure}; the SuperLink's node list does not hold the key, but may "
+                "register it yet"
             ) from failure
         if node is None:
             raise FederationError(
@@ -469,6 +486,15 @@ class Federation:
                 f"{failure}; the key is that of node {node.node_id}, {node.status}, which "
                 f"the SuperLink does not take again: {site_id!r} needs a new key pair"
             ) from failure
+        revoked = roster.revocation(node_id=node.node_id)
+        if revoked is not None:
+            raise ConfigError(
+                self._revoked(
+                    f"{failure}; the key's node",
+                    revoked,
+                    then=f"enroll {site_id!r}",
+                )
+            )
         enrolled = [s for s, e in roster.sites.items() if e.node_id == node.node_id]
         if enrolled:
             raise ConfigError(
@@ -492,16 +518,12 @@ class Federation:
             fingerprint = pki.fingerprint(pub_path.read_bytes())
         except (OSError, IndexError):
             fingerprint = None
-        revoked = roster.revoked.get(site_id)
-        if (
-            fingerprint is not None
-            and isinstance(revoked, dict)
-            and revoked.get("public-key") == fingerprint
-        ):
-            return (
-                f"{key_path} exists: the key of the revoked enrolment of {site_id!r} (node "
-                f"{revoked.get('node-id')}), which the SuperLink does not take again; "
-                f"remove {key_path} and {pub_path} to enroll with a new key pair"
+        revoked = roster.revocation(public_key=fingerprint) if fingerprint else None
+        if revoked is not None:
+            return self._revoked(
+                f"{key_path} exists: its key",
+                revoked,
+                then=f"remove {key_path} and {pub_path} and enroll {site_id!r}",
             )
         if fingerprint is None:
             return (
@@ -513,6 +535,24 @@ class Federation:
             "roster; reuse it (whether or not the SuperLink registered it): `fedlora "
             f"federation enroll {site_id} --federation {self.directory} --public-key "
             f"{pub_path}`, or remove {key_path} and {pub_path} to enroll with a new key pair"
+        )
+
+    def _revoked(self, what: str, revoked: tuple[str, dict[str, Any]], *, then: str) -> str:
+        """Why a key or node of a revoked enrolment is refused, and what to do."""
+        site, record = revoked
+        node_id = record["node-id"]
+        return (
+            f"{what} is that of site {site!r}, revoked as node {node_id}: a revoked key is "
+            f"never enrolled again; if the unregister that revoke ran got no answer, node "
+            f"{node_id} is still registered at the SuperLink: finish that first, with: "
+            f"{self._unregister_command(node_id)}; then {then} with a new key pair"
+        )
+
+    def _unregister_command(self, node_id: int) -> str:
+        """The ``flwr`` command that unregisters ``node_id``, as revoke runs it."""
+        return (
+            f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
+            f"{node_id} {shlex.quote(self.connection)}"
         )
 
     def revoke(self, site_id: str) -> int:
@@ -538,8 +578,7 @@ class Federation:
             finish = (
                 f"{site_id!r} is off the roster (no more work for it), but node {node_id} may "
                 "still be registered; once the SuperLink answers, run: "
-                f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
-                f"{node_id} {shlex.quote(self.connection)}"
+                f"{self._unregister_command(node_id)}"
             )
             if isinstance(exc, KeyboardInterrupt):
                 raise KeyboardInterrupt(finish) from exc
@@ -583,6 +622,34 @@ def _fingerprint_pem(node: dict[str, Any]) -> str:
         return pki.fingerprint_pem(str(node.get("public-key", "")).encode())
     except ValueError:
         return ""
+
+
+def _line_of(text: str, key: tuple[str, ...], value: object) -> int | None:
+    """The number of the line of TOML ``text`` that sets ``key`` (a dotted path) to ``value``.
+
+    A scan that tracks the table header each line is under; each line is read as TOML on
+    its own, so quoted keys, escapes, dotted keys and inline tables are matched as TOML
+    reads them, and a value written over several lines is not found (None).
+    """
+    table: tuple[str, ...] | None = ()  # the current header's path; None: [[array]]
+    for number, row in enumerate(text.splitlines(), start=1):
+        try:
+            parsed: Any = tomllib.loads(row)
+        except tomllib.TOMLDecodeError:
+            continue
+        if row.lstrip().startswith("[["):
+            table = None
+        elif row.lstrip().startswith("["):
+            table = ()
+            while isinstance(parsed, dict) and len(parsed) == 1:  # {"a": {"b": {}}}
+                ((name, parsed),) = parsed.items()
+                table += (name,)
+        elif table is not None and key[: len(table)] == table:
+            for name in key[len(table) :]:
+                parsed = parsed.get(name) if isinstance(parsed, dict) else None
+            if parsed == value:
+                return number
+    return None
 
 
 def _put_back(

@@ -19,7 +19,14 @@ The file (``roster.json``)::
 
     {"sites": {"hospital-a": {"node-id": 2144869105770604849,
                               "public-key": "sha256:...", "enrolled": "2026-11-30T..."}},
-     "revoked": {"hospital-b": {"node-id": ..., "revoked": "2026-..."}}}
+     "revoked": {"hospital-b": {"node-id": ..., "public-key": "sha256:...",
+                                "revoked": "2026-...", "earlier": [...]}}}
+
+A revoked record stays when its site is enrolled again (with a new key), and a site
+revoked again keeps its earlier records under ``earlier``: the node of a revoked key may
+still be live at the SuperLink (its unregister got no answer), and
+``fedlora federation enroll`` refuses every key and node the records name
+(`Roster.revocation`).
 """
 
 from __future__ import annotations
@@ -97,13 +104,12 @@ class Roster:
     # ------------------------------------------------------------------ the file
 
     def enrol(self, site_id: str, *, node_id: int, public_key: str) -> Roster:
-        """A roster with ``site_id`` (re-)enrolled under ``node_id``."""
+        """A roster with ``site_id`` (re-)enrolled under ``node_id``; its revoked records stay."""
         sites = {k: v for k, v in self.sites.items() if k != site_id}
         sites[site_id] = Enrolment(
             site_id, node_id, public_key, datetime.now(UTC).isoformat(timespec="seconds")
         )
-        revoked = {k: v for k, v in self.revoked.items() if k != site_id}
-        return Roster(sites=sites, revoked=revoked)
+        return Roster(sites=sites, revoked=dict(self.revoked))
 
     def revoke(self, site_id: str) -> Roster:
         """A roster without ``site_id``, which is remembered as revoked.
@@ -115,13 +121,32 @@ class Roster:
             raise ConfigError(f"site {site_id!r} is not enrolled (enrolled: {sorted(self.sites)})")
         entry = self.sites[site_id]
         sites = {k: v for k, v in self.sites.items() if k != site_id}
-        revoked = dict(self.revoked)
-        revoked[site_id] = {
+        record: dict[str, Any] = {
             "node-id": entry.node_id,
             "public-key": entry.public_key,
             "revoked": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        return Roster(sites=sites, revoked=revoked)
+        before = self.revoked.get(site_id)
+        if before is not None:  # revoked before, then enrolled with another key
+            last = {k: v for k, v in before.items() if k != "earlier"}
+            record["earlier"] = [*before.get("earlier", []), last]
+        return Roster(sites=sites, revoked={**self.revoked, site_id: record})
+
+    def revocation(
+        self, *, public_key: str = "", node_id: int | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The revoked enrolment of the key fingerprint ``public_key`` or of ``node_id``.
+
+        Returns:
+            (site id, its record: ``node-id``, ``public-key``, ``revoked``), or None.
+        """
+        for site, record in self.revoked.items():
+            for each in (record, *record.get("earlier", [])):
+                if (public_key and each.get("public-key") == public_key) or (
+                    node_id is not None and each.get("node-id") == node_id
+                ):
+                    return site, each
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +185,20 @@ class Roster:
         revoked = data.get("revoked", {})
         if not isinstance(revoked, dict):
             raise ConfigError(f"{source}: 'revoked' must be an object")
+        for site, record in revoked.items():
+            # Enrolment refuses the keys and nodes these name: a record it could not
+            # read would let one through.
+            earlier = record.get("earlier", []) if isinstance(record, dict) else None
+            if not isinstance(earlier, list):
+                raise ConfigError(
+                    f"{source}: revoked site {site!r} must be an object, its 'earlier' a list"
+                )
+            for each in (record, *earlier):
+                node = each.get("node-id") if isinstance(each, dict) else None
+                if isinstance(node, bool) or not isinstance(node, int):
+                    raise ConfigError(
+                        f"{source}: revoked site {site!r} has node-id={node!r}, not an integer"
+                    )
         return cls(sites=out, revoked=revoked)
 
     @classmethod

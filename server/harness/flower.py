@@ -130,12 +130,16 @@ def write_cli_connection(
         if root_certificates is not None
         else "insecure = true\n"
     )
-    table = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else toml_basic_string(name)
     text = (
         f"[superlink]\ndefault = {toml_basic_string(name)}\n\n"
-        f"[superlink.{table}]\naddress = {toml_basic_string(address)}\n{tls}"
+        f"[superlink.{toml_key(name)}]\naddress = {toml_basic_string(address)}\n{tls}"
     )
     write_atomic(home / "config.toml", text.encode())
+
+
+def toml_key(name: str) -> str:
+    """``name`` as a TOML key: bare where it can be, else a basic string."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else toml_basic_string(name)
 
 
 def toml_basic_string(value: str) -> str:

@@ -115,6 +115,47 @@ def test_a_relative_root_certificates_from_an_older_init_is_refused_with_the_lin
     assert read_superlink_connection("fedlora").root_certificates == str(fed.ca_cert)
 
 
+HEAD = '[superlink]\ndefault = "fedlora"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # Another connection holds the same value, earlier in the file.
+        (
+            f'{HEAD}[superlink.other]\nroot-certificates = "fed/ca.pem"\n'
+            '[superlink.fedlora]\naddress = "x:1"\nroot-certificates = "fed/ca.pem"\n',
+            "line 7",
+        ),
+        # An escaped value, a quoted key, under a quoted table name.
+        (f'{HEAD}[superlink."fedlora"]\n"root-certificates" = "fed\\u002Fca.pem"\n', "line 4"),
+        # A dotted key in the parent table.
+        (f'{HEAD}fedlora.root-certificates = "fed/ca.pem"\n', "line 3"),
+        # A value no line holds alone: the connection's table is named.
+        (
+            f'{HEAD}[superlink.fedlora]\nroot-certificates = """\nfed/ca.pem"""\n',
+            "[superlink.fedlora]",
+        ),
+    ],
+    ids=["another-connection-first", "escaped-and-quoted", "dotted-key", "multi-line"],
+)
+def test_the_relative_root_certificates_named_is_the_connections_own(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    # Arrange: config.toml as a hand edit may have left it.
+    fed = init_federation(tmp_path / "fed", address="link.example.org:9092", sans=[])
+    config = fed.cli_home / "config.toml"
+    config.write_text(text)
+    # Act
+    with pytest.raises(ConfigError) as refused:
+        Federation.load(fed.directory)
+    # Assert: the connection's own line (or table), the value as TOML reads it, the fix.
+    assert str(refused.value).startswith(
+        f'{config}, {where}: root-certificates = "fed/ca.pem" is a relative path'
+    )
+    assert str(refused.value).endswith(f'with: root-certificates = "{fed.ca_cert}"')
+
+
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be HOST:PORT"):
         init_federation(tmp_path / "fed", address="link.example.org", sans=[])
@@ -247,19 +288,34 @@ def test_an_answer_lost_after_the_superlink_registered_the_key_enrols_that_node(
     assert "holds the key as node 7 (not on the roster), which is enrolled as 'a'" in caplog.text
 
 
-def test_an_answer_lost_before_the_key_was_registered_removes_what_the_enrol_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("lands_later", [True, False])
+def test_an_answer_lost_with_the_key_not_listed_keeps_the_key_pair_it_may_be_registered_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lands_later: bool
 ) -> None:
-    # Arrange: the registration never reaches the SuperLink, which lists no such key.
+    # Arrange: the registration gets no answer and the node list, read next, lacks the
+    # key; a request delayed on its way may still be done after that (lands_later).
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     superlink = FakeSuperLink().install(monkeypatch)
     superlink.lose, superlink.lose_after = LOST, False
-    # Act / Assert: as for a refusal: nothing of it is left, and the same command enrols.
-    with pytest.raises(FederationError, match="does not hold the key, so it is not registered"):
+    # Act
+    with pytest.raises(NoAnswer, match="node list does not hold the key, but may") as failed:
         fed.enroll("a")
-    assert not (fed.directory / "sites").exists() and fed.roster().sites == {}
+    # Assert: the key pair is kept, off the roster, with the command that finishes.
+    key, pub = fed.site_dir("a") / "node.key", fed.site_dir("a") / "node.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and fed.roster().sites == {}
+    args = _finishing_command(str(failed.value))
+    assert args == [
+        "federation", "enroll", "a", "--federation", str(fed.directory),
+        "--public-key", str(pub),
+    ]  # fmt: skip
+    # Act: the registration lands (or not); then the named command.
     superlink.lose = None
-    assert fed.enroll("a").node_id == 7
+    if lands_later:
+        superlink.nodes[7] = (pub.read_bytes(), "registered")
+    entry = fed.enroll("a", public_key=Path(args[-1]))
+    # Assert: either way the site is enrolled as the one node that holds its kept key.
+    assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
 
 
 @pytest.mark.parametrize("registered", [True, False])
@@ -405,6 +461,44 @@ def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it
         f"once the SuperLink answers, run: FLWR_HOME={fed.cli_home} flwr supernode "
         "unregister 7 fedlora"
     )
+
+
+def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregister_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    superlink.fail = NoAnswer("`flwr supernode unregister` against x failed: timed out")
+    with pytest.raises(NoAnswer):
+        fed.revoke("a")
+    superlink.fail = None
+    key, pub = fed.site_dir("a") / "node.key", fed.site_dir("a") / "node.pub"
+    live = dict(superlink.nodes)
+    assert live[7][1] == "registered"
+    finish = (
+        f"node 7 is still registered at the SuperLink: finish that first, with: "
+        f"FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora; then "
+    )
+    # Act / Assert: its key, as another site's or as its own again, is refused, naming
+    # the unregister to finish; nothing is registered or made.
+    with pytest.raises(ConfigError) as other:
+        fed.enroll("new-site", public_key=pub)
+    assert f"--public-key '{pub}' is that of site 'a', revoked as node 7" in str(other.value)
+    assert f"{finish}enroll 'new-site' with a new key pair" in str(other.value)
+    with pytest.raises(ConfigError, match=re.escape(f"{finish}enroll 'a' with a new key pair")):
+        fed.enroll("a", public_key=pub)
+    with pytest.raises(ConfigError, match=re.escape(f"{finish}remove {key} and {pub} and")):
+        fed.enroll("a")
+    assert superlink.nodes == live and fed.roster().sites == {}
+    assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a"]
+    # Act / Assert: a revoked record without the key's fingerprint (written by hand) is
+    # found by its node, which the SuperLink lists for the key it holds already.
+    fed.roster_path.write_text('{"sites": {}, "revoked": {"a": {"node-id": 7}}}')
+    with pytest.raises(ConfigError, match="the key's node is that of site 'a', revoked as"):
+        fed.enroll("new-site", public_key=pub)
+    assert superlink.nodes == live and fed.roster().sites == {}
 
 
 def test_an_init_that_did_not_finish_is_named_as_such_by_init_and_by_the_commands(

@@ -39,9 +39,43 @@ def test_revoke_takes_a_site_off_and_remembers_it(tmp_path: Path) -> None:
     assert roster.revoked["site-a"]["node-id"] == 11
     with pytest.raises(ConfigError, match="'site-a' is not enrolled"):
         roster.revoke("site-a")
-    # Enrolling again (a new key) clears the revocation.
     again = roster.enrol("site-a", node_id=55, public_key="sha256:cc")
-    assert "site-a" not in again.revoked and again.members([11, 55]) == [55]
+    assert again.members([11, 55]) == [55]
+
+
+def test_a_revoked_key_and_node_stay_known_when_the_site_is_enrolled_and_revoked_again() -> None:
+    # Arrange: site-a revoked (node 11, key aa), enrolled with a new key (node 55, key cc).
+    # Node 11 may still be registered at the SuperLink (an unregister that got no answer).
+    again = _roster().revoke("site-a").enrol("site-a", node_id=55, public_key="sha256:cc")
+    # Act
+    twice = again.revoke("site-a")
+    # Assert: both enrolments are found by key and by node; a live one is not.
+    for roster in (again, twice):
+        site, record = roster.revocation(public_key="sha256:aa") or ("", {})
+        assert site == "site-a" and record["node-id"] == 11
+        assert roster.revocation(node_id=11) == (site, record)
+    assert twice.revocation(public_key="sha256:cc") == twice.revocation(node_id=55)
+    assert twice.revocation(node_id=55) == ("site-a", twice.revoked["site-a"])
+    assert twice.revocation(public_key="sha256:bb", node_id=22) is None
+    assert twice.revocation() is None
+
+
+def test_a_revoked_record_that_cannot_be_read_is_refused_by_name(tmp_path: Path) -> None:
+    # Enrolment refuses the keys and nodes the records name; one it cannot read would
+    # let a revoked node in.
+    path = tmp_path / "roster.json"
+    twice = _roster().revoke("site-a").enrol("site-a", node_id=55, public_key="x").revoke("site-a")
+    twice.save(path)
+    assert Roster.load(path).revocation(node_id=11) == twice.revocation(node_id=11)
+    for bad, says in (
+        ({"site-a": {"node-id": "11"}}, "revoked site 'site-a' has node-id='11'"),
+        ({"site-a": {"node-id": 11, "earlier": [{}]}}, "has node-id=None"),
+        ({"site-a": {"node-id": 11, "earlier": {}}}, "its 'earlier' a list"),
+        ({"site-a": "11"}, "revoked site 'site-a' must be an object"),
+    ):
+        path.write_text(json.dumps({"sites": {}, "revoked": bad}))
+        with pytest.raises(ConfigError, match=says):
+            Roster.load(path)
 
 
 def test_the_file_round_trips_and_bad_files_are_refused_by_name(tmp_path: Path) -> None:

@@ -63,7 +63,11 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.r": (int, 8, "LoRA rank"),
     "lora.alpha": (int, 16, "LoRA alpha"),
     "lora.dropout": (float, 0.0, "LoRA dropout"),
-    "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
+    "lora.target-modules": (
+        str,
+        "",
+        "comma-separated module names, or all-linear; empty: peft's default per model type",
+    ),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
     "head.init": (
         str,

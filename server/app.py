@@ -3,8 +3,9 @@
 `run_training` parses nothing itself: it takes validated `RunSettings`, checks everything
 that could fail before anything is written (base model, eval file, checkpoint state,
 MLflow), then runs the rounds and writes ``OUT/adapter/`` and ``OUT/metrics.json``
-atomically. ``flwr run .`` enters through `app`; ``fedlora train`` through
-`server.simulation.simulate`.
+atomically, metrics.json last. Resumed from a checkpoint of the last round (a run stopped
+while it wrote its outputs), it runs no round and writes the outputs. ``flwr run .``
+enters through `app`; ``fedlora train`` through `server.simulation.simulate`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from registry.errors import KeyFileError
 from registry.keys import load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
-from server.checkpoint import CheckpointStore
+from server.checkpoint import CheckpointStore, outputs_round
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
@@ -61,6 +62,8 @@ class TrainingResult:
     tracking_uri: str
     history: list[dict[str, Any]]
     published: PublishResult | None = None
+    # The resumed checkpoint held the last round: no round ran, only the outputs were written.
+    outputs_only: bool = False
 
 
 def _check_resume(settings: RunSettings, store: CheckpointStore):
@@ -72,12 +75,11 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
             raise ConfigError(
                 f"cannot resume {store.directory}: the run config changed: {'; '.join(changed)}"
             )
-        if found.completed_round >= settings.rounds:
-            raise ConfigError(
-                f"cannot resume: the checkpoint already completed round {found.completed_round} "
-                f"of num-server-rounds={settings.rounds}"
-            )
-        return found
+        if found.completed_round >= settings.rounds and (
+            outputs_round(settings.out_dir) == found.completed_round
+        ):
+            raise ConfigError(_complete_run(settings, found.completed_round))
+        return found  # a run stopped after its last round has its outputs written
     if found is not None:
         raise ConfigError(
             f"out-dir={str(settings.out_dir)!r} holds a checkpoint of an earlier run; "
@@ -86,13 +88,36 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
     return None
 
 
+def _complete_run(settings: RunSettings, completed_round: int) -> str:
+    """Why a resume of a run whose outputs are all written is refused, and what to do."""
+    out = str(settings.out_dir)
+    text = (
+        f"cannot resume {out}: the run is complete (round {completed_round} of "
+        f"num-server-rounds={settings.rounds}; {out}/adapter and {out}/metrics.json are "
+        "written); for a new run choose another --out"
+    )
+    if settings.publish is not None:  # a publish stopped midway is completed by its CLI
+        p = settings.publish
+        text += (
+            f"; to publish it (or finish a publish that was stopped): fedlora registry "
+            f"publish {out} --model {p.model_name} --key {p.signing_key}"
+        )
+    return text
+
+
 def run_training(
     grid: Grid,
     settings: RunSettings,
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
+    on_tracking: Callable[[Tracker], None] | None = None,
 ) -> TrainingResult:
-    """Run a whole training run on a Grid (simulation or Deployment Engine)."""
+    """Run a whole training run on a Grid (simulation or Deployment Engine).
+
+    Args:
+        on_tracking: Called with the run's `Tracker` once its MLflow run is open (the
+            simulation marks the run KILLED with it if it has to abandon this call).
+    """
     quiet_transformers()
     # Everything that can be refused is checked before the first write.
     digest = base_digest(settings.spec.base)
@@ -107,6 +132,7 @@ def run_training(
     roster = Roster.load(settings.roster) if settings.roster else None
     store = CheckpointStore(settings.out_dir / "checkpoint")
     resume_from = _check_resume(settings, store)
+    outputs_only = resume_from is not None and resume_from.completed_round >= settings.rounds
     if settings.publish is not None:
         try:  # a wrong passphrase is found now, not after hours of training
             load_private_key(settings.publish.signing_key, passphrase=settings.publish.passphrase)
@@ -126,6 +152,14 @@ def run_training(
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
     log.info("MLflow run %s at %s", run_id, redact_uri(uri))
+    if on_tracking is not None:
+        on_tracking(tracker)
+    if outputs_only:
+        log.info(
+            "%s holds the last round (%d): writing the run's outputs only",
+            store.directory,
+            settings.rounds,
+        )
 
     evaluator: Evaluator | None = None
     if eval_examples is not None:
@@ -189,7 +223,7 @@ def run_training(
             "privacy": privacy,
             "stopped": stopped,
         }
-        write_atomic(metrics_path, (json.dumps(summary, indent=2) + "\n").encode())
+        metrics_text = json.dumps(summary, indent=2) + "\n"
         tracker.log_artifacts(adapter_dir, "adapter")
         for name in extra:
             tracker.log_artifacts(settings.out_dir / name, name)
@@ -200,14 +234,17 @@ def run_training(
                 "fedlora.adapter.best_round": str(best.round or ""),
             }
         )
-        tracker.client.log_artifact(run_id, str(metrics_path))
+        tracker.client.log_text(run_id, metrics_text, metrics_path.name)
+        tracker.finish()
+        # Last: a metrics.json of the checkpoint's round says every output above is done
+        # (`_check_resume` refuses to redo them; a resume before it writes them again).
+        write_atomic(metrics_path, metrics_text.encode())
     except KeyboardInterrupt:  # stopped, not failed: `--resume` reopens it
         tracker.finish("KILLED")
         raise
     except BaseException:
         tracker.finish("FAILED")
         raise
-    tracker.finish()
     published = None
     if settings.publish is not None:
         # The registry is the run's tracking store; the run is finished and its outputs are
@@ -229,6 +266,7 @@ def run_training(
         tracking_uri=uri,
         history=history,
         published=published,
+        outputs_only=outputs_only,
     )
 
 

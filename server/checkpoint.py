@@ -39,6 +39,20 @@ class Checkpoint:
     best_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def outputs_round(out_dir: Path) -> int | None:
+    """The last round ``OUT/metrics.json`` reports; None without a readable one.
+
+    A run writes metrics.json last of its outputs (after ``OUT/adapter`` and the MLflow
+    run's artifacts, server/app.py), so where this is the checkpoint's round, the run's
+    outputs are complete.
+    """
+    try:
+        summary = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+        return int(summary["rounds"][-1]["round"])
+    except (OSError, KeyError, IndexError, TypeError, ValueError, RecursionError):
+        return None
+
+
 class CheckpointStore:
     """Saves and loads checkpoints in one directory."""
 

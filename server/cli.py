@@ -25,66 +25,88 @@ from rich.markup import escape
 from clients.task.data import TASKS
 from clients.task.errors import FedloraError
 from server.console import console, quiet_libraries, round_table
+from server.interrupt import Terminated, terminate_as_interrupt
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
-# After Ctrl-C, how long the process waits for threads that libraries left running.
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports `kill PID`
+# After Ctrl-C or SIGTERM, how long the process waits for threads libraries left running.
 THREAD_GRACE_SECONDS = 3.0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.checkpoint import CheckpointStore
+    from server.checkpoint import CheckpointStore, outputs_round
     from server.run_config import parse_overrides
     from server.train import run_train
 
+    overrides = parse_overrides(args.set or [])
+    out = Path(args.out)
     try:
-        result = run_train(
-            sites_dir=Path(args.sites),
-            rounds=args.rounds,
-            out=Path(args.out),
-            eval_file=Path(args.eval) if args.eval else None,
-            task=args.task,
-            overrides=parse_overrides(args.set or []),
-            resume=args.resume,
-            verbose=args.verbose,
-        )
-    except KeyboardInterrupt:
+        with terminate_as_interrupt():  # SIGTERM stops the run as Ctrl-C does
+            result = run_train(
+                sites_dir=Path(args.sites),
+                rounds=args.rounds,
+                out=out,
+                eval_file=Path(args.eval) if args.eval else None,
+                task=args.task,
+                overrides=overrides,
+                resume=args.resume,
+                verbose=args.verbose,
+            )
+    except KeyboardInterrupt as exc:
+        stopped = type(exc)  # Terminated (SIGTERM) or KeyboardInterrupt (Ctrl-C)
         # Read once the round loop has stopped: no later round is checkpointed.
-        store = CheckpointStore(Path(args.out) / "checkpoint")
+        store = CheckpointStore(out / "checkpoint")
         try:
             done = store.completed_round()
-        except FedloraError as exc:  # still an interruption, not an error (exit 130)
-            raise KeyboardInterrupt(str(exc)) from None
+        except FedloraError as error:  # still an interruption, not an error
+            raise stopped(str(error)) from None
+        if done and outputs_round(out) == done:  # the outputs are written; a publish?
+            model = overrides.get("registry.model-name")
+            key = overrides.get("registry.signing-key", "KEY")
+            publish = (
+                f"; if it was publishing, `fedlora registry publish {out} --model {model} "
+                f"--key {key}` finishes that"
+                if model
+                else ""
+            )
+            raise stopped(f"the run's outputs in {out} are complete{publish}") from None
         if done >= args.rounds:  # stopped while writing the outputs, after the last round
-            raise KeyboardInterrupt(
+            raise stopped(
                 f"{store.directory} holds all {done} rounds; the run was writing its outputs "
-                f"({Path(args.out) / 'adapter'}, metrics.json, the MLflow run, a publish) and "
-                "may not have finished them, which --resume does not redo"
+                f"({out / 'adapter'}, metrics.json, the MLflow run); run the same command "
+                "with --resume to finish them (no round runs again)"
             ) from None
         if not done:
-            raise KeyboardInterrupt("before round 1 ended; nothing was checkpointed") from None
-        raise KeyboardInterrupt(
+            raise stopped("before round 1 ended; nothing was checkpointed") from None
+        raise stopped(
             f"{store.directory} holds round {done} of {args.rounds}; run the same command "
             "with --resume to continue"
         ) from None
-    out = Console()
-    out.print(round_table(result.history))
-    out.print(f"adapter: {result.adapter_dir}")
-    out.print(f"metrics: {result.metrics_path}")
-    out.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
+    shown = Console()
+    if result.outputs_only:
+        shown.print(
+            f"no round left to run: {out / 'checkpoint'} holds the last one; wrote the "
+            "run's outputs from it"
+        )
+    shown.print(round_table(result.history))
+    shown.print(f"adapter: {result.adapter_dir}")
+    shown.print(f"metrics: {result.metrics_path}")
+    shown.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
-    return run_demo(
-        out=Path(args.out),
-        sites=args.sites,
-        rounds=args.rounds,
-        seed=args.seed,
-        verbose=args.verbose,
-    )
+    with terminate_as_interrupt():  # SIGTERM stops the demo as Ctrl-C does
+        return run_demo(
+            out=Path(args.out),
+            sites=args.sites,
+            rounds=args.rounds,
+            seed=args.seed,
+            verbose=args.verbose,
+        )
 
 
 def _verbose_arg(parser: argparse.ArgumentParser) -> None:
@@ -118,8 +140,11 @@ def cmd_federation_enroll(args: argparse.Namespace) -> int:
     site_dir = fed.site_dir(args.site)
     out = Console()
     out.print(f"site {args.site} enrolled as node {entry.node_id} (key {entry.public_key})")
-    key = "node.key" if args.public_key is None else "YOUR-PRIVATE-KEY"
-    if args.public_key is None:
+    # A node.key here is the enrolled key's (enroll refuses a --public-key that is not its
+    # public key), also when a kept key pair is enrolled with --public-key node.pub.
+    made_here = (site_dir / "node.key").exists()
+    key = "node.key" if made_here else "YOUR-PRIVATE-KEY"
+    if made_here:
         out.print(f"give the site {site_dir / 'node.key'} (0600, secret) and {fed.ca_cert}")
     command = fed.supernode_command(args.site, key_path=key, ca_path="ca.pem")
     out.print("on the site:", highlight=False)
@@ -346,14 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupted_exit() -> int:
-    """`EXIT_INTERRUPTED`, or leave the process with it at once if a library's thread hangs.
+def _interrupted_exit(code: int) -> int:
+    """``code``, or leave the process with it at once if a library's thread hangs.
 
-    After Ctrl-C, Flower's simulation workers can stay blocked for good in ``ray.get`` on
-    a Ray that has been shut down, and the interpreter waits for every non-daemon thread
-    before it exits: a process that said "interrupted" would hang. fedlora's own work has
-    stopped by now (the round loop and its checkpoint), so after `THREAD_GRACE_SECONDS`
-    the process exits without those threads.
+    After Ctrl-C or SIGTERM, Flower's simulation workers can stay blocked for good in
+    ``ray.get`` on a Ray that has been shut down, and the interpreter waits for every
+    non-daemon thread before it exits: a process that said "interrupted" would hang.
+    fedlora's own work has stopped by now (the round loop and its checkpoint), so after
+    `THREAD_GRACE_SECONDS` the process exits without those threads.
     """
     deadline = time.monotonic() + THREAD_GRACE_SECONDS
 
@@ -367,8 +392,8 @@ def _interrupted_exit() -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
-    return EXIT_INTERRUPTED
+        os._exit(code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -383,9 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         reason = f": {escape(str(exc))}" if str(exc) else ""
-        console.print(f"[red]interrupted[/red]{reason}", highlight=False)
-        return _interrupted_exit()
+        word = "terminated" if terminated else "interrupted"
+        console.print(f"[red]{word}[/red]{reason}", highlight=False)
+        return _interrupted_exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except Exception as exc:
         if args.debug:
             raise

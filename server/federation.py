@@ -10,6 +10,12 @@ Flower's Control API (``flwr supernode register``) and writes the node id it got
 nodes that are *not* on the roster; ``revoke`` unregisters a site's node and takes it
 off the roster.
 
+A ``flwr`` call that fails without an answer (a timeout, a lost connection) may still
+have been done: `NoAnswer`. ``enroll`` then looks the key up in the SuperLink's node list
+(server/node_list.py, the listing ``sites`` shows) before it removes anything, and a key
+the SuperLink holds already, on a node not on the roster, is enrolled as that node; so
+the same ``enroll`` finishes an enrolment whose answer was lost.
+
 Layout::
 
     DIR/federation.json       address sites dial, SANs, connection name
@@ -27,9 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import subprocess
+import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,17 +46,49 @@ from typing import Any
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import write_atomic
 from server import pki
-from server.harness.flower import VENV_BIN, flower_env, write_cli_connection
+from server.harness.flower import VENV_BIN, flower_env, toml_basic_string, write_cli_connection
 from server.roster import Enrolment, Roster
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "fedlora"
 DEFAULT_PORT = 9092
+NODE_LIST = Path(__file__).with_name("node_list.py")
+# Flower 1.41's `flwr` reports every transport failure (connection refused or reset,
+# read timeout, closed before the answer) in these words
+# (flwr.cli.utils.SUPERLINK_UNAVAILABLE_MESSAGE): they do not tell a request never sent
+# from an answer lost.
+UNAVAILABLE = "Connection to the SuperLink is unavailable"
+# httpx's words for an HTTP 5xx without Flower's error body (a proxy's 502 or 504): the
+# SuperLink behind it may have done the work.
+SERVER_ERROR = "Server error '"
+# The SuperLink's refusal of a key it holds already
+# (flwr.common.constant.PUBLIC_KEY_ALREADY_IN_USE_MESSAGE).
+KEY_IN_USE = "Public key already in use"
+# Statuses of a node whose key the SuperLink accepts; the other, "unregistered", is a
+# node whose key it never takes again.
+LIVE = ("registered", "online", "offline")
 # The same rule as site ids in metrics and logs: printable, no spaces, short.
 SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 class FederationError(FedloraError):
     """A federation command failed (the SuperLink refused or could not be reached)."""
+
+
+class NoAnswer(FederationError):
+    """A ``flwr`` call whose outcome is unknown: it timed out, lost its connection or
+    ended without an answer, so the SuperLink may have done what it asked."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node as the SuperLink lists it."""
+
+    node_id: int
+    status: str  # registered, online, offline or unregistered
+    public_key: str  # fingerprint of the key it stands for ("" if unreadable)
+    name: str = ""
 
 
 def check_site_id(site_id: str) -> str:
@@ -113,23 +154,69 @@ class Federation:
         """Read a directory made by `init_federation`.
 
         Raises:
-            ConfigError: If it is not one.
+            ConfigError: If it is not one, or its ``flwr`` connection is one Flower refuses.
         """
         meta = directory / "federation.json"
         try:
             data = json.loads(meta.read_text())
         except FileNotFoundError as exc:
+            if (directory / "ca.key").exists():
+                raise ConfigError(_unfinished_init(directory)) from exc
             raise ConfigError(
                 f"{directory} is not a federation directory (no federation.json); "
                 "run `fedlora federation init` first"
             ) from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"{meta}: {exc}") from exc
-        return cls(
+        if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+            raise ConfigError(f'{meta} has no "address" (HOST:PORT); it is not as init wrote it')
+        fed = cls(
             directory=directory,
-            address=str(data["address"]),
+            address=data["address"],
             sans=tuple(data.get("sans", ())),
             connection=str(data.get("connection", CONNECTION)),
+        )
+        fed._check_cli_connection()
+        return fed
+
+    def _check_cli_connection(self) -> None:
+        """Refuse a relative ``root-certificates`` in ``flwr-home/config.toml``.
+
+        ``init`` wrote one when given a relative directory, before it made paths absolute;
+        Flower refuses it ("expected absolute path") on every ``flwr`` call, and
+        ``init`` does not replace a federation. The path was relative to the directory
+        ``init`` ran in, which nothing recorded, so the file is not rewritten here: the
+        error gives the line that replaces it, naming this federation's ``ca.pem``.
+
+        Raises:
+            ConfigError: Naming the file, the line, the value and the replacement line.
+        """
+        path = self.cli_home / "config.toml"
+        try:
+            text = path.read_text()
+            config = tomllib.loads(text)
+        except FileNotFoundError:
+            return  # flwr's own error names the connection it cannot find
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        superlink = config.get("superlink")
+        connection = superlink.get(self.connection) if isinstance(superlink, dict) else None
+        value = connection.get("root-certificates") if isinstance(connection, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            return
+        line = next(
+            (
+                number
+                for number, row in enumerate(text.splitlines(), start=1)
+                if row.split("=", 1)[0].strip() == "root-certificates" and value in row
+            ),
+            "?",
+        )
+        raise ConfigError(
+            f"{path}, line {line}: root-certificates = {toml_basic_string(value)} is a "
+            "relative path, which Flower refuses (an older `fedlora federation init` run "
+            "with a relative directory wrote it); replace that line with: "
+            f"root-certificates = {toml_basic_string(str(self.ca_cert))}"
         )
 
     def roster(self) -> Roster:
@@ -184,11 +271,32 @@ class Federation:
         """Run a ``flwr`` command with ``--format json`` against this federation's SuperLink.
 
         Raises:
-            FederationError: If it fails; the message holds Flower's own words.
+            NoAnswer: If it got no answer (a timeout, a lost connection): what it asked
+                for may have been done.
+            FederationError: If it failed otherwise; the message holds Flower's own words.
         """
+        argv = [str(VENV_BIN / "flwr"), *args, self.connection, "--format", "json"]
+        return self._control(argv, what=f"`flwr {' '.join(args[:2])}`", timeout=timeout)
+
+    def nodes(self, *, timeout: float = 60.0) -> list[Node]:
+        """The SuperLink's nodes, each with the fingerprint of its key (server/node_list.py).
+
+        Raises:
+            NoAnswer: If the SuperLink gave no answer.
+            FederationError: If it refused.
+        """
+        argv = [sys.executable, "-I", str(NODE_LIST), self.connection]
+        data = self._control(argv, what="`flwr supernode ls`", timeout=timeout)
+        return [
+            Node(int(n["node-id"]), str(n["status"]), _fingerprint_pem(n), str(n.get("name") or ""))
+            for n in data.get("nodes", [])
+        ]
+
+    def _control(self, argv: list[str], *, what: str, timeout: float) -> dict[str, Any]:
+        """Run a command that prints Flower's JSON answer; return it if it says success."""
         try:
             result = subprocess.run(
-                [str(VENV_BIN / "flwr"), *args, self.connection, "--format", "json"],
+                argv,
                 env=flower_env(self.cli_home),
                 capture_output=True,
                 text=True,
@@ -196,27 +304,31 @@ class Federation:
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
-            raise FederationError(
-                f"`flwr {' '.join(args[:2])}` got no answer from {self.address} in {timeout:.0f}s"
-            ) from exc
+            raise NoAnswer(f"{what} got no answer from {self.address} in {timeout:.0f}s") from exc
         try:
             data = json.loads(result.stdout[result.stdout.find("{") :])
         except json.JSONDecodeError:
             data = {}
-        if result.returncode != 0 or not data.get("success", False):
-            detail = data.get("error-message") or (result.stderr or result.stdout).strip()[-400:]
-            raise FederationError(
-                f"`flwr {' '.join(args[:2])}` against {self.address} failed: {detail}"
-            )
-        return data
+        if result.returncode == 0 and data.get("success", False):
+            return data
+        detail = data.get("error-message") or (result.stderr or result.stdout).strip()[-400:]
+        detail = " ".join(detail.split())  # Flower's progress lines and message, on one line
+        message = f"{what} against {self.address} failed: {detail}"
+        if not data or UNAVAILABLE in detail or SERVER_ERROR in detail:
+            raise NoAnswer(message)
+        raise FederationError(message)
 
     def enroll(self, site_id: str, *, public_key: Path | None = None) -> Enrolment:
         """Register a site's public key with the SuperLink and put it on the roster.
 
-        A registration that fails (or is interrupted) leaves ``sites/SITE/`` as it was:
-        a key pair this call made is removed, a ``node.pub`` it replaced is put back, and
-        a key that was there before is never removed. The same command can then be run
-        again.
+        A registration the SuperLink refuses leaves ``sites/SITE/`` as it was: a key pair
+        this call made is removed, a ``node.pub`` it replaced is put back, and a key that
+        was there before is never removed. One that gets no answer is looked up in the
+        SuperLink's node list: found, the site is enrolled as that node; not found, it
+        is as for a refusal; if the list cannot be read either, a key pair this call made
+        is kept (the SuperLink may hold its public key) and the error names the command
+        that finishes the enrolment. A key the SuperLink holds already, on a node not on
+        the roster, is enrolled as that node. So the same command can be run again.
 
         Args:
             site_id: The site's id in the run's records.
@@ -224,11 +336,15 @@ class Federation:
                 otherwise one is made in ``sites/SITE/`` (private key 0600).
 
         Raises:
-            ConfigError: If the site is enrolled already, the key is unreadable, or
-                ``public_key`` is None and ``sites/SITE/node.key`` exists (the message
-                says whether to reuse it with ``--public-key`` or remove it).
+            ConfigError: If the site is enrolled already, the key is unreadable or is
+                another site's, or ``public_key`` is None and ``sites/SITE/node.key``
+                exists (the message says whether to reuse it with ``--public-key`` or
+                remove it).
+            NoAnswer: If the SuperLink may have registered the key and cannot say.
             FederationError: If the SuperLink refuses the registration or cannot be
                 reached.
+            KeyboardInterrupt: Interrupted; while the registration was in flight, the
+                message says what was kept and how to finish.
         """
         roster = self.roster()
         if site_id in roster.sites:
@@ -262,28 +378,111 @@ class Federation:
         # they are now (sites/ before sites/SITE/).
         made_dirs = [d for d in (site_dir.parent, site_dir) if not d.exists()]
         old_pub = pub_path.read_bytes() if pub_path.exists() else None
-        made_key = False
+        made_key = sent = False
         try:
             if key is not None:
                 pki.write_private_key(key_path, key, openssh=True)
                 made_key = True
             pki.write_public(pub_path, pub)
-            answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
-            node_id = int(answer["node-id"])
-        except BaseException:
+            sent = True
+            node_id = self._register(site_id, pub_path, roster)
+        except BaseException as exc:
+            if not (sent and isinstance(exc, NoAnswer | KeyboardInterrupt)):
+                _put_back(made_key, key_path, pub_path, old_pub, made_dirs)
+                raise
+            # The SuperLink may hold the key: keep a key pair made here, with its node.pub.
             if made_key:
-                key_path.unlink(missing_ok=True)
-            if old_pub is None:
-                pub_path.unlink(missing_ok=True)
+                finish = (
+                    f"the key pair is kept in {site_dir}; to finish, once the SuperLink "
+                    f"answers, run: fedlora federation enroll {shlex.quote(site_id)} "
+                    f"--federation {shlex.quote(str(self.directory))} "
+                    f"--public-key {shlex.quote(str(pub_path))}"
+                )
             else:
-                pki.write_public(pub_path, old_pub)
-            for directory in reversed(made_dirs):
-                with contextlib.suppress(OSError):  # not empty: someone else's file
-                    directory.rmdir()
-            raise
+                _put_back(made_key, key_path, pub_path, old_pub, made_dirs)
+                finish = "to finish, once the SuperLink answers, run the same command again"
+            finish += " (it enrols the key whether or not the SuperLink registered it)"
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(
+                    f"while registering {site_id!r}'s key, which the SuperLink may have "
+                    f"done; {finish}"
+                ) from exc
+            raise NoAnswer(f"{exc}; {finish}") from exc
         roster = roster.enrol(site_id, node_id=node_id, public_key=pki.fingerprint(pub))
-        roster.save(self.roster_path)
+        try:
+            roster.save(self.roster_path)
+        except OSError as exc:
+            raise FederationError(
+                f"the SuperLink registered {site_id!r}'s key as node {node_id}, but "
+                f"{self.roster_path} could not be written ({exc}); {pub_path} is kept: once "
+                f"it can be, run: fedlora federation enroll {shlex.quote(site_id)} "
+                f"--federation {shlex.quote(str(self.directory))} "
+                f"--public-key {shlex.quote(str(pub_path))} (it enrols node {node_id})"
+            ) from exc
         return roster.sites[site_id]
+
+    def _register(self, site_id: str, pub_path: Path, roster: Roster) -> int:
+        """Register the key in ``pub_path``; return the node id it stands for.
+
+        Where the SuperLink gives no answer, or holds the key already, its node list
+        says which node the key stands for, if any.
+
+        Raises:
+            NoAnswer: If neither the registration nor the node list got an answer.
+            FederationError: If the key is not registered after all, or the SuperLink
+                refuses it (as a key of an unregistered node, say).
+            ConfigError: If the key is another site's on the roster.
+        """
+        fingerprint = pki.fingerprint(pub_path.read_bytes())
+        try:
+            answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
+            return int(answer["node-id"])
+        except NoAnswer as exc:
+            failure: FederationError = exc
+        except FederationError as exc:
+            if KEY_IN_USE not in str(exc):
+                raise
+            failure = exc
+        try:
+            node = next((n for n in self.nodes() if n.public_key == fingerprint), None)
+        except FederationError as exc:
+            if isinstance(failure, NoAnswer):
+                raise NoAnswer(
+                    f"{failure}; the SuperLink may have registered the key, and its node "
+                    f"list could not be read to tell ({exc})"
+                ) from exc
+            raise FederationError(
+                f"{failure}; its node list could not be read to find the key's node ({exc})"
+            ) from exc
+        if node is None and isinstance(failure, NoAnswer):
+            raise FederationError(
+                f"{failure}; the SuperLink's node list does not hold the key, so it is not "
+                "registered: run the same command again"
+            ) from failure
+        if node is None:
+            raise FederationError(
+                f"{failure}; the key's node is not in the SuperLink's node list for this "
+                "connection's account"
+            ) from failure
+        if node.status not in LIVE:
+            raise FederationError(
+                f"{failure}; the key is that of node {node.node_id}, {node.status}, which "
+                f"the SuperLink does not take again: {site_id!r} needs a new key pair"
+            ) from failure
+        enrolled = [s for s, e in roster.sites.items() if e.node_id == node.node_id]
+        if enrolled:
+            raise ConfigError(
+                f"the key is that of site {enrolled[0]!r} (node {node.node_id}) on the "
+                f"roster; {site_id!r} needs a key pair of its own"
+            )
+        log.warning(
+            "%s; the SuperLink's node list holds the key as node %d (not on the roster), "
+            "which is enrolled as %r",
+            failure,
+            node.node_id,
+            site_id,
+        )
+        return node.node_id
 
     def _existing_key(self, site_id: str, roster: Roster) -> str:
         """Why ``sites/SITE/node.key`` stops an enrol that would make a key pair, and what to do."""
@@ -311,9 +510,9 @@ class Federation:
             )
         return (
             f"{key_path} exists, from an earlier enrol of {site_id!r} that is not on the "
-            "roster; if that key was never registered, reuse it: `fedlora federation "
-            f"enroll {site_id} --federation {self.directory} --public-key {pub_path}`, "
-            f"or remove {key_path} and {pub_path} to enroll with a new key pair"
+            "roster; reuse it (whether or not the SuperLink registered it): `fedlora "
+            f"federation enroll {site_id} --federation {self.directory} --public-key "
+            f"{pub_path}`, or remove {key_path} and {pub_path} to enroll with a new key pair"
         )
 
     def revoke(self, site_id: str) -> int:
@@ -333,7 +532,18 @@ class Federation:
         revoked = roster.revoke(site_id)
         revoked.save(self.roster_path)
         node_id = roster.sites[site_id].node_id
-        self.flwr("supernode", "unregister", str(node_id))
+        try:
+            self.flwr("supernode", "unregister", str(node_id))
+        except (FederationError, KeyboardInterrupt) as exc:
+            finish = (
+                f"{site_id!r} is off the roster (no more work for it), but node {node_id} may "
+                "still be registered; once the SuperLink answers, run: "
+                f"FLWR_HOME={shlex.quote(str(self.cli_home))} flwr supernode unregister "
+                f"{node_id} {shlex.quote(self.connection)}"
+            )
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(finish) from exc
+            raise type(exc)(f"{exc}; {finish}") from exc
         return node_id
 
     def sites(self) -> list[dict[str, Any]]:
@@ -342,7 +552,7 @@ class Federation:
         Raises:
             FederationError: If the SuperLink cannot be asked.
         """
-        nodes = {int(n["node-id"]): n for n in self.flwr("supernode", "ls").get("nodes", [])}
+        nodes = {node.node_id: node for node in self.nodes()}
         roster = self.roster()
         rows = []
         for site, entry in sorted(roster.sites.items()):
@@ -352,7 +562,7 @@ class Federation:
                     "site": site,
                     "node-id": entry.node_id,
                     "public-key": entry.public_key,
-                    "status": node.get("status", "?") if node else "not registered",
+                    "status": node.status if node else "not registered",
                 }
             )
         for node_id, node in sorted(nodes.items()):
@@ -360,11 +570,34 @@ class Federation:
                 {
                     "site": None,
                     "node-id": node_id,
-                    "public-key": "",
-                    "status": f"{node.get('status', '?')}, NOT ON THE ROSTER (gets no work)",
+                    "public-key": node.public_key,
+                    "status": f"{node.status}, NOT ON THE ROSTER (gets no work)",
                 }
             )
         return rows
+
+
+def _fingerprint_pem(node: dict[str, Any]) -> str:
+    """The fingerprint of a listed node's key ("" if it is not a PEM EC public key)."""
+    try:
+        return pki.fingerprint_pem(str(node.get("public-key", "")).encode())
+    except ValueError:
+        return ""
+
+
+def _put_back(
+    made_key: bool, key_path: Path, pub_path: Path, old_pub: bytes | None, made_dirs: list[Path]
+) -> None:
+    """Undo what a failed enrol made: its key pair, its node.pub, its directories."""
+    if made_key:
+        key_path.unlink(missing_ok=True)
+    if old_pub is None:
+        pub_path.unlink(missing_ok=True)
+    else:
+        pki.write_public(pub_path, old_pub)
+    for directory in reversed(made_dirs):
+        with contextlib.suppress(OSError):  # not empty: someone else's file
+            directory.rmdir()
 
 
 def _read_public_key(path: Path) -> bytes:
@@ -407,8 +640,10 @@ def init_federation(
     if host not in sans:
         sans = [host, *sans]
     directory = directory.resolve()
-    if (directory / "ca.key").exists() or (directory / "federation.json").exists():
+    if (directory / "federation.json").exists():
         raise ConfigError(f"{directory} holds a federation already; refusing to replace its CA")
+    if (directory / "ca.key").exists():
+        raise ConfigError(_unfinished_init(directory))
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     ca = pki.make_ca("fedlora federation CA")
@@ -425,6 +660,15 @@ def init_federation(
     meta = {"address": address, "sans": list(sans), "connection": fed.connection}
     write_atomic(directory / "federation.json", (json.dumps(meta, indent=2) + "\n").encode())
     return fed
+
+
+def _unfinished_init(directory: Path) -> str:
+    """What to do with a directory holding a CA key and no federation.json."""
+    return (
+        f"{directory} holds a CA key (ca.key) but no federation.json, which `fedlora "
+        "federation init` writes last: an init that did not finish, whose CA nothing was "
+        f"enrolled with; refusing to replace the key: remove {directory} and run init again"
+    )
 
 
 def shell(command: list[str]) -> str:

@@ -98,7 +98,7 @@ def run_rounds(
     identities: SiteIdentities | None = None,
     roster: Roster | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]], str | None]:
-    """Run the remaining rounds.
+    """Run the remaining rounds (none when `resume_from` holds the last one).
 
     Args:
         best: Kept up to date with the best round on the central held-out file (and
@@ -117,6 +117,8 @@ def run_rounds(
     server_state = dict(resume_from.server_state) if resume_from else {}
     history = list(resume_from.history) if resume_from else []
     first = resume_from.completed_round + 1 if resume_from else 1
+    if first > settings.rounds:  # every round is checkpointed: the run has only its outputs left
+        return state, history, None
     connected = wait_for_sites(
         grid, settings.min_available_clients, settings.round_timeout, roster=roster
     )

@@ -146,6 +146,18 @@ def fingerprint(public_openssh: bytes) -> str:
     return "sha256:" + hashlib.sha256(public_openssh.split()[1]).hexdigest()
 
 
+def fingerprint_pem(public_pem: bytes) -> str:
+    """`fingerprint` of a PEM public key (how Flower's SuperLink stores a node's key).
+
+    Raises:
+        ValueError: If it is not a PEM EC public key.
+    """
+    key = serialization.load_pem_public_key(public_pem)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"not an EC public key: {type(key).__name__}")
+    return fingerprint(node_public_openssh(key))
+
+
 def write_private_key(
     path: Path, key: ec.EllipticCurvePrivateKey, *, openssh: bool = False
 ) -> None:

@@ -3,10 +3,12 @@
 The ClientApp is named by its component reference, as pyproject.toml names it for
 ``flwr run``, so the server package never imports site code.
 
-Ctrl-C stops the run, not only Ray: the round loop runs on a Grid that raises
+Ctrl-C or SIGTERM stops the run, not only Ray: the round loop runs on a Grid that raises
 `KeyboardInterrupt` at its next call once the run is stopped (instead of waiting up to
 ``round-timeout`` for sites Ray no longer runs), in a daemon thread, so a round that is
 still evaluating or saving cannot keep the process alive after `STOP_GRACE_SECONDS`.
+SIGTERM ends `simulate` with `server.interrupt.Terminated`, Ctrl-C with a plain
+`KeyboardInterrupt`.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.task.choices import SIM_SITES_ENV
 from server.app import TrainingResult, run_training
+from server.interrupt import Terminated, at_default, watch_signals
 from server.record import RoundRecord
 from server.settings import RunSettings
+from server.tracking import Tracker
 
 if TYPE_CHECKING:
     from flwr.supercore.run import Run
 
 CLIENT_APP = "clients.site.app:app"  # same reference as [tool.flwr.app.components]
-# How long Ctrl-C waits for the round loop to stop by itself: it stops at its next Grid
-# call, or after the central evaluation and checkpoint of the round in flight.
+# How long Ctrl-C or SIGTERM waits for the round loop to stop by itself: it stops at its
+# next Grid call, or after the central evaluation and checkpoint of the round in flight.
 STOP_GRACE_SECONDS = 15.0
 POLL_SECONDS = 0.1  # how often a stoppable Grid looks for replies (InMemoryGrid's pace)
 
@@ -140,51 +144,87 @@ class _Hush(logging.Filter):
 
 @contextmanager
 def _stop_on_interrupt(stop: threading.Event, *, verbose: bool) -> Iterator[None]:
-    """While inside, Ctrl-C sets ``stop`` at once, then raises `KeyboardInterrupt` as usual.
+    """While inside, Ctrl-C or SIGTERM sets ``stop`` at once, then raises as usual.
 
-    The round loop then stops at its next Grid call while Flower shuts Ray down. Without
-    ``verbose``, Flower's records are dropped from then on, also after this block (its
-    workers may still log): they are about the actors Ctrl-C stopped. Only on the main
-    thread, and only where Ctrl-C is not ignored (a background job's stays ignored).
+    Ctrl-C raises `KeyboardInterrupt`, SIGTERM `Terminated`. The round loop then stops at
+    its next Grid call while Flower shuts Ray down. Without ``verbose``, Flower's records
+    are dropped from then on, also after this block (its workers may still log): they
+    are about the actors the signal stopped. Each signal is handled only where
+    `server.interrupt.at_default` allows (a background job's ignored Ctrl-C stays ignored).
+
+    ``ray.init`` replaces the SIGTERM handler set here with its own, which raises
+    ``SystemExit(SIGTERM)`` (`simulate` takes that for SIGTERM too); the run is stopped
+    and Flower hushed all the same, by `server.interrupt.watch_signals`.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    handled = [signum for signum in (signal.SIGINT, signal.SIGTERM) if at_default(signum)]
+    if not handled:
         yield
         return
 
-    flwr_logger = logging.getLogger("flwr")
-    hush = _Hush()
+    def stopping(signum: int) -> None:
+        if signum in handled:
+            stop.set()
+            _hush_flower(verbose=verbose)
 
     def interrupted(signum: int, frame: object) -> None:
-        stop.set()
-        if not verbose:
-            flwr_logger.addFilter(hush)
-        raise KeyboardInterrupt
+        stopping(signum)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupted)
+    previous = {signum: signal.signal(signum, interrupted) for signum in handled}
     try:
-        yield
+        with watch_signals(stopping):
+            yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _wait_for_training(training: Sequence[threading.Thread]) -> None:
-    """Give the stopped round loop `STOP_GRACE_SECONDS` to end; a second Ctrl-C cuts it short.
+def _hush_flower(*, verbose: bool) -> None:
+    """Drop Flower's records from now on, unless ``verbose`` (see `_stop_on_interrupt`)."""
+    flwr_logger = logging.getLogger("flwr")
+    if not verbose and not any(isinstance(f, _Hush) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_Hush())
+
+
+def _wait_for_training(
+    training: Sequence[threading.Thread], *, again: str, trackers: Sequence[Tracker]
+) -> None:
+    """Give the stopped round loop `STOP_GRACE_SECONDS` to end; ``again`` cuts it short.
 
     The thread is a daemon: if it is still busy after that, the process exits without it,
     and whatever it had not checkpointed is lost (the previous checkpoint stays whole).
+    Its MLflow run, which it can no longer end, is marked KILLED from here (`--resume`
+    reopens it), unless it had ended it already.
+
+    Raises:
+        KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
-    for thread in training:
-        if thread.is_alive():
-            log.warning(
-                "stopping: the round in flight has up to %.0f s to end (Ctrl-C again: exit now)",
-                STOP_GRACE_SECONDS,
-            )
-        thread.join(STOP_GRACE_SECONDS)
-        if thread.is_alive():
-            log.warning("the round in flight did not stop in time and is abandoned")
+    ended = False
+    try:
+        for thread in training:
+            if thread.is_alive():
+                log.warning(
+                    "stopping: the round in flight has up to %.0f s to end (%s again: exit now)",
+                    STOP_GRACE_SECONDS,
+                    again,
+                )
+            thread.join(STOP_GRACE_SECONDS)
+        ended = not any(thread.is_alive() for thread in training)
+    finally:  # also when a second signal cuts the wait short (after which is_alive()
+        # can say False of a thread still running: CPython 3.11's join, bpo-45274)
+        if not ended:
+            log.warning("the round in flight did not stop and is abandoned")
+            for tracker in trackers:
+                _mark_killed(tracker)
+
+
+def _mark_killed(tracker: Tracker) -> None:
+    if tracker.status is not None:
+        return
+    try:
+        tracker.finish("KILLED")
+    except Exception as exc:  # the store down: the run stays RUNNING, the exit goes on
+        log.warning("could not mark MLflow run %s KILLED: %s", tracker.run_id, exc)
 
 
 def load_component(ref: str):
@@ -223,6 +263,10 @@ def simulate(
     # Ray's worker processes inherit the environment: keep library deprecation noise out
     # of the user's terminal (fedlora's own errors are logged, not warned).
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    # Ray's C++ core installs a failure signal handler for SIGTERM that, after chaining to
+    # the Python handler, aborts the process 3 s later (a core dump, exit 134) while the
+    # stopped run is still marking its MLflow run and leaving its checkpoint.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     os.environ[SIM_SITES_ENV] = json.dumps(
         [
             {
@@ -237,11 +281,14 @@ def simulate(
     outcome: dict[str, object] = {}
     stop = threading.Event()
     training: list[threading.Thread] = []
+    trackers: list[Tracker] = []
     server_app = ServerApp()
 
     def train(grid: Grid) -> None:
         try:
-            outcome["result"] = run_training(StoppableGrid(grid, stop), settings, on_round=on_round)
+            outcome["result"] = run_training(
+                StoppableGrid(grid, stop), settings, on_round=on_round, on_tracking=trackers.append
+            )
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc
 
@@ -267,10 +314,18 @@ def simulate(
                 },
                 verbose_logging=verbose,
             )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         stop.set()
-        _wait_for_training(training)
+        again = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        _wait_for_training(training, again=again, trackers=trackers)
         raise
+    except SystemExit as exc:  # ray.init's own SIGTERM handler (see _stop_on_interrupt)
+        if exc.code != signal.SIGTERM:
+            raise
+        stop.set()
+        _hush_flower(verbose=verbose)
+        _wait_for_training(training, again="SIGTERM", trackers=trackers)
+        raise Terminated from None
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     if "result" not in outcome:

@@ -57,6 +57,7 @@ class Tracker:
         except Exception as exc:
             raise ConfigError(f"tracking-uri={uri!r}: MLflow is unreachable: {exc}") from exc
         self.run_id: str | None = None
+        self.status: str | None = None  # how `finish` ended the run; None while it runs
         self._site_keys: set[str] = set()
 
     def start(
@@ -138,6 +139,7 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)
+            self.status = status
 
 
 def _param(key: str, value: str):

@@ -80,8 +80,18 @@ def build_train_config(
     task: str | None,
     overrides: dict[str, Any],
     resume: bool,
-) -> dict[str, Any]:
-    """Turn CLI arguments into a run config; fills labels and site counts from the files."""
+) -> tuple[dict[str, Any], list[DataReport] | None]:
+    """Turn CLI arguments into a run config; fills labels and site counts from the files.
+
+    Returns:
+        The run config, and the site files' reports when the label set was inferred from
+        them (every file was then read and found valid: none holds a label outside the
+        set); None when the config gave the labels, or the task has none.
+
+    Raises:
+        ConfigError: For a bad eval file.
+        DataError: For a bad site file read to infer the labels.
+    """
     config = dict(overrides)
     config["num-server-rounds"] = rounds
     config["out-dir"] = str(out)
@@ -102,18 +112,19 @@ def build_train_config(
         config["task"] = task
     task_name = config.get("task", "sequence-classification")
     labels = config.get("labels")
+    reports = None
     if task_name == "sequence-classification" and not labels:
         reports = read_site_files(sites, task=task_name, labels=None)
         labels = sorted({label for report in reports for label in report.label_counts})
         if eval_file is not None:
-            labels = _with_eval_labels(labels, eval_file)
+            labels = _with_eval_labels(labels, eval_file, flag=flag)
     if isinstance(labels, list | tuple):
         # A run config holds flat values (Flower's too): the label set travels as the TOML
         # array string users type (`fedlora site check` prints it); a label may hold commas.
         config["labels"] = format_label_set(labels)
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
-    return config
+    return config, reports
 
 
 def read_site_files(
@@ -138,8 +149,10 @@ def read_site_files(
     return reports
 
 
-def _with_eval_labels(site_labels: list[str], eval_file: Path) -> list[str]:
+def _with_eval_labels(site_labels: list[str], eval_file: Path, *, flag: str) -> list[str]:
     """The label set with the eval file's labels, warning of those no site holds.
+
+    ``flag`` names where the eval file came from (``--eval``, or ``eval-file`` of ``--set``).
 
     They are kept (evaluating on them measures something real), but the head gets a row
     no site trains, so every held-out row of such a label counts as an error.
@@ -149,11 +162,12 @@ def _with_eval_labels(site_labels: list[str], eval_file: Path) -> list[str]:
     if only:
         shown = ", ".join(repr(label) for label in only[:5]) + (", …" if len(only) > 5 else "")
         log.warning(
-            "label%s %s appear%s only in --eval %r, in no site file: no site trains %s, so "
+            "label%s %s appear%s only in %s %r, in no site file: no site trains %s, so "
             "the held-out accuracy counts those rows as errors",
             "s" if len(only) > 1 else "",
             shown,
             "" if len(only) > 1 else "s",
+            flag,
             str(eval_file),
             "them" if len(only) > 1 else "it",
         )
@@ -181,7 +195,7 @@ def checked_run(
     from server.settings import RunSettings
 
     sites = site_files(sites_dir)
-    config = build_train_config(
+    config, reports = build_train_config(
         sites=sites,
         rounds=rounds,
         out=out,
@@ -191,7 +205,8 @@ def checked_run(
         resume=resume,
     )
     settings = RunSettings.from_config(config)
-    read_site_files(sites, task=settings.spec.task, labels=settings.spec.labels or None)
+    if reports is None:  # else read already, against a label set made from them
+        read_site_files(sites, task=settings.spec.task, labels=settings.spec.labels or None)
     return sites, config, settings
 
 

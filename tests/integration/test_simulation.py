@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,7 +288,16 @@ def _default_sigint() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),  # Ctrl-C, sent to the terminal's foreground group
+        (signal.SIGTERM, 143, "terminated"),  # `kill PID`: the CLI alone
+    ],
+)
+def test_ctrl_c_or_sigterm_stops_the_run_at_once_and_resume_continues_it(
+    tmp_path: Path, signum: int, code: int, said: str
+) -> None:
     data = _cls_sites(tmp_path / "data")
     out = tmp_path / "out"
     args = _train_args(data, out)
@@ -307,7 +317,10 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
             assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: to the whole foreground group
+        else:
+            proc.send_signal(signum)
         interrupted = time.monotonic()
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - interrupted
@@ -321,12 +334,12 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    # Round 2 was training when Ctrl-C came: the run stopped without it, said so, and left
-    # round 1's checkpoint whole; the MLflow run is marked as stopped, not as failed.
-    assert proc.returncode == 130, err[-3000:]
-    assert took < 30, f"{took:.1f} s from Ctrl-C to exit"
+    # Round 2 was training when the signal came: the run stopped without it, said so, and
+    # left round 1's checkpoint whole; the MLflow run is marked as stopped, not as failed.
+    assert proc.returncode == code, err[-3000:]
+    assert took < 30, f"{took:.1f} s from the signal to exit"
     assert "round 1/2: acc " in err  # stderr is not a terminal: one plain line per round
-    assert f"interrupted: {out / 'checkpoint'} holds round 1 of 2; run the same command" in err
+    assert f"{said}: {out / 'checkpoint'} holds round 1 of 2; run the same command" in err
     assert "Traceback" not in err and "ERROR" not in err, err[-3000:]
     saved = CheckpointStore(out / "checkpoint").load()
     assert saved is not None and saved.completed_round == 1
@@ -340,6 +353,59 @@ def test_ctrl_c_stops_the_run_at_once_and_resume_continues_it(tmp_path: Path) ->
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = _assert_run_recorded(out, rounds=2)
     assert metrics["mlflow_run_id"] == saved.run_id
+
+
+@pytest.mark.timeout(600)
+def test_resume_after_the_last_round_writes_the_outputs_and_runs_no_round(tmp_path: Path) -> None:
+    # Arrange: a finished 1-round run put back as a stop after its last checkpoint leaves
+    # it (the moment cannot be hit with a signal): no OUT/adapter*, no metrics.json, none
+    # of them among its MLflow run's artifacts, the run KILLED.
+    data = _cls_sites(tmp_path / "data")
+    out = tmp_path / "out"
+    args = _train_args(data, out)
+    args[args.index("--rounds") + 1] = "1"
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=380)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = _assert_run_recorded(out, rounds=1)["mlflow_run_id"]
+    tracking = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    artifacts = Path(tracking.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    outputs = ("adapter", "adapter-last", "adapter-best")
+    for name in outputs:
+        shutil.rmtree(out / name)
+        shutil.rmtree(artifacts / name)
+    (out / "metrics.json").unlink()
+    (artifacts / "metrics.json").unlink()
+    tracking.set_terminated(run_id, status="KILLED")
+
+    # Act: the resume publishes too (the registry settings may change across a resume)
+    from registry.keys import generate_keypair
+
+    key = generate_keypair(tmp_path / "keys").private_path
+    args += ["--set", "registry.model-name=m", "--set", f"registry.signing-key={key}"]
+    resumed = subprocess.run(
+        [*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=380
+    )
+
+    # Assert: the outputs and the MLflow run are complete; round 1 was not run again (its
+    # metrics would be logged twice); it said so.
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "no round left to run" in resumed.stdout
+    metrics = _assert_run_recorded(out, rounds=1)
+    assert metrics["mlflow_run_id"] == run_id
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    logged = {a.path for a in tracking.list_artifacts(run_id)}
+    assert {*outputs, "metrics.json", "run-config.toml"} <= logged, logged
+    (version,) = tracking.search_model_versions("name = 'm'")
+    assert version.run_id == run_id
+
+    # A resume of the complete run is refused, naming OUT and what to do.
+    again = subprocess.run(
+        [*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 2
+    assert f"error: cannot resume {out}: the run is complete" in again.stderr
+    assert "choose another --out" in again.stderr
+    assert f"fedlora registry publish {out} --model m --key {key}" in again.stderr
 
 
 @pytest.mark.timeout(600)

@@ -59,3 +59,47 @@ def test_a_resume_with_a_changed_setting_names_its_run_config_key(tmp_path) -> N
 
     with pytest.raises(ConfigError, match=r"changed: learning-rate was 0\.005, now 0\.01$"):
         _check_resume(now, store)
+
+
+def _stopped_after_the_last_round(tmp_path, **extra):
+    """A run config and a checkpoint of its last round, as a run stopped while it wrote
+    its outputs leaves them; and the settings of its resume."""
+    from server.checkpoint import Checkpoint, CheckpointStore
+    from server.settings import RunSettings
+
+    config = {"labels": "a,b", "out-dir": str(tmp_path), "num-server-rounds": 2, **extra}
+    store = CheckpointStore(tmp_path / "checkpoint")
+    fingerprint = RunSettings.from_config(config).fingerprint()
+    store.save(Checkpoint(2, {}, [{"round": 1}, {"round": 2}], "run", fingerprint=fingerprint))
+    return store, RunSettings.from_config({**config, "resume": True})
+
+
+def test_a_resume_after_the_last_round_is_taken_while_outputs_are_missing(tmp_path) -> None:
+    from server.app import _check_resume
+
+    store, settings = _stopped_after_the_last_round(tmp_path)
+    # A metrics.json of an earlier round is not this run's outputs.
+    (tmp_path / "metrics.json").write_text('{"rounds": [{"round": 1}]}')
+
+    found = _check_resume(settings, store)
+
+    assert found is not None and found.completed_round == 2
+
+
+@pytest.mark.parametrize("publish", [False, True])
+def test_a_resume_of_a_complete_run_says_where_and_what_to_do(tmp_path, publish: bool) -> None:
+    from server.app import _check_resume
+
+    (tmp_path / "key.pem").write_text("")  # named only, never read here
+    extra = {"registry.model-name": "m", "registry.signing-key": str(tmp_path / "key.pem")}
+    store, settings = _stopped_after_the_last_round(tmp_path, **(extra if publish else {}))
+    (tmp_path / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+
+    with pytest.raises(ConfigError) as refused:
+        _check_resume(settings, store)
+
+    said = str(refused.value)
+    assert said.startswith(f"cannot resume {tmp_path}: the run is complete (round 2 of ")
+    assert "for a new run choose another --out" in said
+    publish_line = f"fedlora registry publish {tmp_path} --model m --key {tmp_path / 'key.pem'}"
+    assert (publish_line in said) is publish

@@ -70,17 +70,24 @@ def test_every_help_page_renders() -> None:
         assert parser.format_help(), path  # a stray % in a help text would raise here
 
 
-def test_an_interrupted_command_exits_130_though_a_library_thread_hangs() -> None:
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")],
+)
+def test_an_interrupted_command_exits_130_or_143_though_a_library_thread_hangs(
+    raised: str, code: int, said: str
+) -> None:
     # Arrange: a command that leaves a non-daemon thread blocked for good, as Flower's
     # simulation workers can stay in ray.get after Ctrl-C, then is interrupted.
     script = textwrap.dedent(
-        """
+        f"""
         import sys, threading
         from server import cli
+        from server.interrupt import Terminated
 
         def hang_then_interrupt(args):
             threading.Thread(target=threading.Event().wait).start()
-            raise KeyboardInterrupt("what was kept")
+            raise {raised}("what was kept")
 
         cli.THREAD_GRACE_SECONDS = 0.5
         cli.cmd_demo = hang_then_interrupt
@@ -95,9 +102,41 @@ def test_an_interrupted_command_exits_130_though_a_library_thread_hangs() -> Non
     )
 
     # Assert: the interpreter did not wait for the thread at exit
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr.strip() == "interrupted: what was kept"
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip() == f"{said}: what was kept"
     assert time.monotonic() - started < 30
+
+
+def test_sigterm_during_the_demo_unwinds_and_exits_143(tmp_path: Path) -> None:
+    # The demo's own work is replaced by one that gets `kill PID` (the real one trains for
+    # minutes; tests/integration/test_simulation.py sends SIGTERM to a real training run).
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        import server.demo
+        from server import cli
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a service manager starts it
+
+        def terminated_mid_run(**_):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+            finally:
+                print("unwound", file=sys.stderr)  # finally clauses run: files stay whole
+
+        server.demo.run_demo = terminated_mid_run
+        sys.exit(cli.main(["demo", "--out", sys.argv[1]]))
+        """
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "demo")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["unwound", "terminated"]
 
 
 def test_an_error_naming_a_value_with_markup_prints_it_as_text(
@@ -135,10 +174,12 @@ def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
         args.func(args)
 
 
-def test_ctrl_c_after_the_last_round_does_not_advise_a_resume(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("outputs_written", [False, True])
+def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs_written: bool
 ) -> None:
-    # --resume refuses a run whose every round is checkpointed ("already completed").
+    # Every round checkpointed: --resume writes the outputs, unless metrics.json (written
+    # last) says they are done, when only a publish can be unfinished.
     import server.train
     from server.cli import build_parser
 
@@ -146,11 +187,26 @@ def test_ctrl_c_after_the_last_round_does_not_advise_a_resume(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(server.train, "run_train", interrupted)
-    (tmp_path / "out" / "checkpoint").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
+    if outputs_written:
+        (out / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
     args = build_parser().parse_args(
-        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(tmp_path / "out")]
-    )
-    with pytest.raises(KeyboardInterrupt, match="holds all 2 rounds") as stopped:
+        ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(out),
+         "--set", "registry.model-name=m", "--set", "registry.signing-key=k.pem"]
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt) as stopped:
         args.func(args)
-    assert "--resume to continue" not in str(stopped.value)
+
+    said = str(stopped.value)
+    if outputs_written:
+        assert said == (
+            f"the run's outputs in {out} are complete; if it was publishing, "
+            f"`fedlora registry publish {out} --model m --key k.pem` finishes that"
+        )
+    else:
+        assert "holds all 2 rounds" in said
+        assert said.endswith(
+            "run the same command with --resume to finish them (no round runs again)"
+        )

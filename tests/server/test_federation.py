@@ -1,10 +1,12 @@
 """``fedlora federation init``'s directory and commands, enrolment against a SuperLink that
-is down or faked (against a real one it is in tests/integration/test_federation.py), the
-progress lines and the URI redaction."""
+is down or faked (against a real one, answers lost included, it is in
+tests/integration/test_enrolment.py), the progress lines and the URI redaction."""
 
 from __future__ import annotations
 
+import logging
 import re
+import shlex
 import stat
 import tomllib
 from pathlib import Path
@@ -14,9 +16,16 @@ import pytest
 from cryptography import x509
 
 from clients.task.errors import ConfigError
-from server import pki
+from server import federation, pki
 from server.app import redact_uri
-from server.federation import Federation, FederationError, check_site_id, init_federation
+from server.federation import (
+    Federation,
+    FederationError,
+    NoAnswer,
+    Node,
+    check_site_id,
+    init_federation,
+)
 from server.harness.process import free_port
 from server.local import progress_line
 from server.record import RoundRecord
@@ -69,6 +78,43 @@ def test_init_with_a_relative_directory_writes_absolute_paths_flower_reads(
     assert loaded == fed and loaded.site_dir("a") == fed_dir / "sites" / "a"
 
 
+def test_a_relative_root_certificates_from_an_older_init_is_refused_with_the_line_to_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Arrange: config.toml as `init fed/` wrote it before it made paths absolute.
+    from flwr.cli.flower_config import read_superlink_connection
+
+    from server.cli import EXIT_ERROR, main
+
+    fed = init_federation(tmp_path / "fed", address="link.example.org:9092", sans=[])
+    config = fed.cli_home / "config.toml"
+    config.write_text(
+        '[superlink]\ndefault = "fedlora"\n\n[superlink.fedlora]\n'
+        'address = "link.example.org:9092"\nroot-certificates = "fed/ca.pem"\n'
+    )
+    # Act / Assert: `sites` and `enroll` refuse it, naming the file, the line, the value
+    # and the line to write instead; enroll makes nothing.
+    expected = (
+        f'{config}, line 6: root-certificates = "fed/ca.pem" is a relative path, which '
+        "Flower refuses"
+    )
+    for command in (["sites"], ["enroll", "a"]):
+        assert main(["federation", *command, "--federation", str(fed.directory)]) == EXIT_ERROR
+        assert expected in " ".join(capsys.readouterr().err.split())
+    assert not (fed.directory / "sites").exists()
+    with pytest.raises(ConfigError) as refused:
+        Federation.load(fed.directory)
+    # Act: the edit the error names.
+    fix = str(refused.value).split("replace that line with: ", 1)[1]
+    lines = config.read_text().splitlines()
+    lines[5] = fix
+    config.write_text("\n".join(lines) + "\n")
+    # Assert: fedlora and Flower read it.
+    assert Federation.load(fed.directory) == fed
+    monkeypatch.setenv("FLWR_HOME", str(fed.cli_home))
+    assert read_superlink_connection("fedlora").root_certificates == str(fed.ca_cert)
+
+
 def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be HOST:PORT"):
         init_federation(tmp_path / "fed", address="link.example.org", sans=[])
@@ -78,22 +124,62 @@ def test_init_refuses_a_bad_address_and_enroll_a_bad_site_id(tmp_path: Path) -> 
 
 
 class FakeSuperLink:
-    """`Federation.flwr` without a SuperLink: registers keys as nodes 7, 8, ..., or fails.
+    """`Federation.flwr` and `Federation.nodes` without a SuperLink: registers keys as nodes
+    7, 8, ... and refuses a key it holds, as Flower does; or fails as told.
 
-    Set on the class, an instance is not bound: it is called without the Federation.
+    ``fail`` is raised by every call. ``lose`` makes a registration raise `NoAnswer`
+    after it registered the key (``lose_after=True``) or before: a lost answer, which
+    tests/integration/test_enrolment.py causes for real; here it is faked to check each
+    outcome without a SuperLink. ``unlisted`` is raised by `nodes`. Set on the class, an
+    instance is not bound: it is called without the Federation.
     """
 
     def __init__(self, fail: BaseException | None = None) -> None:
         self.fail = fail
-        self.registered: list[bytes] = []
+        self.lose: NoAnswer | None = None
+        self.lose_after = True
+        self.unlisted: FederationError | None = None
+        self.nodes: dict[int, tuple[bytes, str]] = {}  # node id -> (public key, status)
 
     def __call__(self, *args: str, timeout: float = 60.0) -> dict[str, Any]:
         if self.fail is not None:
             raise self.fail
         if args[:2] == ("supernode", "register"):
-            self.registered.append(Path(args[2]).read_bytes())
-            return {"success": True, "node-id": 6 + len(self.registered)}
+            pub = Path(args[2]).read_bytes()
+            if self.lose is not None and not self.lose_after:
+                raise self.lose
+            if any(key == pub for key, _ in self.nodes.values()):
+                raise FederationError(
+                    "`flwr supernode register` against x failed: [code: 5] Public key "
+                    "already in use while registering node for flwr_aid=, account_name=none."
+                )
+            node_id = 7 + len(self.nodes)
+            self.nodes[node_id] = (pub, "registered")
+            if self.lose is not None:
+                raise self.lose
+            return {"success": True, "node-id": node_id}
+        if args[:2] == ("supernode", "unregister"):
+            pub, _ = self.nodes[int(args[2])]
+            self.nodes[int(args[2])] = (pub, "unregistered")
         return {"success": True}
+
+    def list(self, *, timeout: float = 60.0) -> list[Node]:
+        if self.fail is not None or self.unlisted is not None:
+            raise self.unlisted or self.fail  # type: ignore[misc]
+        return [
+            Node(node_id, status, pki.fingerprint(pub))
+            for node_id, (pub, status) in self.nodes.items()
+        ]
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeSuperLink:
+        monkeypatch.setattr(Federation, "flwr", self)
+        monkeypatch.setattr(Federation, "nodes", self.list)
+        return self
+
+
+LOST = NoAnswer(
+    "`flwr supernode register` against x failed: Connection to the SuperLink is unavailable"
+)
 
 
 def _public_key(path: Path) -> Path:
@@ -101,32 +187,131 @@ def _public_key(path: Path) -> Path:
     return path
 
 
-def test_an_enrol_the_superlink_cannot_take_leaves_nothing_behind_and_a_retry_enrols(
+def _finishing_command(message: str) -> list[str]:
+    """The arguments of the ``fedlora`` command an error names to finish an enrolment."""
+    command = message.split("run: fedlora ", 1)[1].split(" (it enrols", 1)[0]
+    return shlex.split(command)
+
+
+def test_an_enrol_while_the_superlink_is_down_keeps_the_key_pair_and_names_what_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    # Arrange: a federation whose SuperLink is down (nothing listens on its port). The
+    # real `flwr` says the same when a connection is refused as when an answer is lost,
+    # so the registration may have been done.
+    fed = init_federation(tmp_path / "fed", address=f"127.0.0.1:{free_port()}", sans=[])
+    # Act: the registration fails, and so does the node list that would tell.
+    with pytest.raises(NoAnswer) as failed:
+        fed.enroll("hospital-a")
+    # Assert: the key pair is kept, off the roster, and the error says how to finish.
+    message = str(failed.value)
+    assert message.startswith("`flwr supernode register` against 127.0.0.1")
+    assert "its node list could not be read to tell" in message
+    key, pub = fed.site_dir("hospital-a") / "node.key", fed.site_dir("hospital-a") / "node.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and pub.exists()
+    assert fed.roster().sites == {}
+    args = _finishing_command(message)
+    assert args == [
+        "federation", "enroll", "hospital-a", "--federation", str(fed.directory),
+        "--public-key", str(pub),
+    ]  # fmt: skip
+    # Act: the SuperLink is up; the named command, through the CLI.
+    superlink = FakeSuperLink().install(monkeypatch)
+    assert main(args) == 0
+    # Assert: enrolled with the key pair that was kept, which the site is to be given.
+    assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    entry = fed.roster().sites["hospital-a"]
+    assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
+    out = "".join(capsys.readouterr().out.split())  # as rich wraps it, without the wraps
+    assert f"givethesite{key}(0600,secret)" in out
+    assert "--auth-supernode-private-keynode.key" in out
+
+
+def test_an_answer_lost_after_the_superlink_registered_the_key_enrols_that_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Arrange: the SuperLink registers the key, and its answer is lost.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    superlink.lose = LOST
+    # Act
+    with caplog.at_level(logging.WARNING, logger="server.federation"):
+        entry = fed.enroll("a")
+    # Assert: the node list shows the key on node 7; that node is enrolled, the key kept.
+    pub = fed.site_dir("a") / "node.pub"
+    assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    assert (fed.site_dir("a") / "node.key").exists()
+    assert entry.node_id == 7 and fed.roster().sites["a"] == entry
+    assert "holds the key as node 7 (not on the roster), which is enrolled as 'a'" in caplog.text
+
+
+def test_an_answer_lost_before_the_key_was_registered_removes_what_the_enrol_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Arrange: a federation whose SuperLink is down (nothing listens on its port).
-    fed = init_federation(tmp_path / "fed", address=f"127.0.0.1:{free_port()}", sans=[])
-    # Act / Assert: the registration fails, and the key pair it made is gone with it.
-    down = re.escape("`flwr supernode register` against 127.0.0.1")
-    with pytest.raises(FederationError, match=down):
-        fed.enroll("hospital-a")
+    # Arrange: the registration never reaches the SuperLink, which lists no such key.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    superlink.lose, superlink.lose_after = LOST, False
+    # Act / Assert: as for a refusal: nothing of it is left, and the same command enrols.
+    with pytest.raises(FederationError, match="does not hold the key, so it is not registered"):
+        fed.enroll("a")
+    assert not (fed.directory / "sites").exists() and fed.roster().sites == {}
+    superlink.lose = None
+    assert fed.enroll("a").node_id == 7
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_an_answer_lost_with_no_node_list_keeps_the_key_and_the_named_command_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registered: bool
+) -> None:
+    # Arrange: the answer is lost, whether or not the key was registered, and the node
+    # list cannot be read either.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    superlink.lose, superlink.lose_after = LOST, registered
+    superlink.unlisted = NoAnswer("`flwr supernode ls` against x failed: timed out")
+    # Act
+    with pytest.raises(NoAnswer, match="may have registered the key") as failed:
+        fed.enroll("a")
+    # Assert: the key pair is kept, and the named command enrols it either way.
+    pub = fed.site_dir("a") / "node.pub"
+    assert (fed.site_dir("a") / "node.key").exists() and fed.roster().sites == {}
+    superlink.lose = superlink.unlisted = None
+    args = _finishing_command(str(failed.value))
+    entry = fed.enroll("a", public_key=Path(args[args.index("--public-key") + 1]))
+    assert superlink.nodes == {7: (pub.read_bytes(), "registered")}
+    assert entry.node_id == 7 and fed.roster().sites["a"] == entry
+
+
+def test_a_key_the_superlink_holds_already_is_enrolled_as_its_node_if_it_can_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: three keys the SuperLink holds: "free" on a node not on the roster,
+    # "gone" on an unregistered node, "taken" on a node enrolled as site "b".
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    free, gone, taken = (_public_key(tmp_path / f"{n}.pub") for n in ("free", "gone", "taken"))
+    superlink.nodes = {
+        7: (free.read_bytes(), "online"),
+        8: (gone.read_bytes(), "unregistered"),
+        9: (taken.read_bytes(), "online"),
+    }
+    fed.roster().enrol("b", node_id=9, public_key="sha256:x").save(fed.roster_path)
+    # Act / Assert: only the live node no site has is enrolled; the others are refused
+    # and leave nothing behind.
+    with pytest.raises(FederationError, match="node 8, unregistered, which the SuperLink"):
+        fed.enroll("a", public_key=gone)
+    with pytest.raises(ConfigError, match=r"the key is that of site 'b' \(node 9\) on the roster"):
+        fed.enroll("a", public_key=taken)
     assert not (fed.directory / "sites").exists()
-    assert fed.roster().sites == {}
-    # Act: the SuperLink is up; the same command again.
-    superlink = FakeSuperLink()
-    monkeypatch.setattr(Federation, "flwr", superlink)
-    entry = fed.enroll("hospital-a")
-    # Assert: enrolled with a fresh key pair that matches what was registered.
-    key, pub = fed.site_dir("hospital-a") / "node.key", fed.site_dir("hospital-a") / "node.pub"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert superlink.registered == [pub.read_bytes()]
-    assert entry.node_id == 7 and entry.public_key == pki.fingerprint(pub.read_bytes())
-    assert fed.roster().sites["hospital-a"] == entry
+    assert fed.enroll("a", public_key=free).node_id == 7
+    assert len(superlink.nodes) == 3
 
 
-@pytest.mark.parametrize("failure", [FederationError("refused"), KeyboardInterrupt()])
-def test_a_failed_enrol_removes_only_what_it_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+def test_a_refused_enrol_removes_only_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Arrange: site "a" has a key pair from before (enrolled again with its own node.pub);
     # site "c" has only a node.pub, replaced by another key; site "b" has nothing.
@@ -139,17 +324,118 @@ def test_a_failed_enrol_removes_only_what_it_made(
     before = old_key.read_bytes()
     fed.site_dir("c").mkdir()
     old_pub = _public_key(fed.site_dir("c") / "node.pub").read_bytes()
-    monkeypatch.setattr(Federation, "flwr", FakeSuperLink(fail=failure))
-    # Act: every enrolment fails at the SuperLink.
+    FakeSuperLink(fail=FederationError("[code: 3] refused")).install(monkeypatch)
+    # Act: every enrolment is refused.
     enrols = (("a", tmp_path / "a.pub"), ("c", _public_key(tmp_path / "new.pub")), ("b", None))
     for site, public_key in enrols:
-        with pytest.raises(type(failure)):
+        with pytest.raises(FederationError, match="refused"):
             fed.enroll(site, public_key=public_key)
     # Assert: "a"'s key pair is as it was, "c"'s node.pub put back; nothing of "b" is left.
     assert old_key.read_bytes() == before
     assert (fed.site_dir("c") / "node.pub").read_bytes() == old_pub
     assert sorted(p.name for p in (fed.directory / "sites").iterdir()) == ["a", "c"]
     assert fed.roster().sites == {}
+
+
+def test_ctrl_c_during_the_registration_keeps_a_key_pair_it_made_and_says_how_to_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: Ctrl-C while `flwr supernode register` runs (raised by the fake in its
+    # place): the SuperLink may have registered the key.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    fed.site_dir("c").mkdir(parents=True)
+    old_pub = _public_key(fed.site_dir("c") / "node.pub").read_bytes()
+    FakeSuperLink(fail=KeyboardInterrupt()).install(monkeypatch)
+    # Act / Assert: "b"'s new key pair is kept, with the command that finishes it; "c"'s
+    # key was the caller's (--public-key), so its node.pub is put back.
+    with pytest.raises(KeyboardInterrupt, match="may have done; the key pair is kept") as b:
+        fed.enroll("b")
+    assert _finishing_command(str(b.value))[-1] == str(fed.site_dir("b") / "node.pub")
+    assert (fed.site_dir("b") / "node.key").exists()
+    with pytest.raises(KeyboardInterrupt, match="run the same command again"):
+        fed.enroll("c", public_key=_public_key(tmp_path / "new.pub"))
+    assert (fed.site_dir("c") / "node.pub").read_bytes() == old_pub
+    assert fed.roster().sites == {}
+
+
+def test_a_roster_that_cannot_be_written_after_the_registration_says_how_to_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: the disk is full when the roster is written (faked: as root, the test
+    # cannot make a write fail otherwise), after the SuperLink registered the key.
+    import errno
+
+    from server.roster import Roster
+
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    real_save = Roster.save
+
+    def full(self: Roster, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Roster, "save", full)
+    # Act
+    with pytest.raises(FederationError, match="registered 'a''s key as node 7, but") as failed:
+        fed.enroll("a")
+    # Assert: the key pair is kept; once the roster can be written, the named command
+    # enrols node 7.
+    assert (fed.site_dir("a") / "node.key").exists() and fed.roster().sites == {}
+    monkeypatch.setattr(Roster, "save", real_save)
+    args = _finishing_command(str(failed.value))
+    assert fed.enroll("a", public_key=Path(args[-1])).node_id == 7
+    assert len(superlink.nodes) == 1
+
+
+def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is enrolled; then the SuperLink goes down (nothing listens on its port).
+    fed = init_federation(tmp_path / "fed", address=f"127.0.0.1:{free_port()}", sans=[])
+    FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    monkeypatch.undo()
+    # Act
+    with pytest.raises(NoAnswer) as failed:
+        fed.revoke("a")
+    # Assert: off the roster, and the error names the unregister still to be done.
+    assert fed.roster().sites == {}
+    assert str(failed.value).endswith(
+        f"'a' is off the roster (no more work for it), but node 7 may still be registered; "
+        f"once the SuperLink answers, run: FLWR_HOME={fed.cli_home} flwr supernode "
+        "unregister 7 fedlora"
+    )
+
+
+def test_an_init_that_did_not_finish_is_named_as_such_by_init_and_by_the_commands(
+    tmp_path: Path,
+) -> None:
+    # Arrange: init stopped after the CA key (it writes federation.json last).
+    directory = tmp_path / "fed"
+    directory.mkdir()
+    pki.write_private_key(directory / "ca.key", pki.make_ca("x").key)
+    unfinished = "holds a CA key \\(ca.key\\) but no federation.json.*remove .* run init again"
+    # Act / Assert: each says what happened and what to do, instead of sending the
+    # admin from one to the other.
+    with pytest.raises(ConfigError, match=unfinished):
+        Federation.load(directory)
+    with pytest.raises(ConfigError, match=unfinished):
+        init_federation(directory, address="127.0.0.1:9092", sans=[])
+    assert (directory / "ca.key").exists()
+    # A federation.json without an address is named, not a KeyError.
+    (directory / "federation.json").write_text('{"sans": []}')
+    with pytest.raises(ConfigError, match=r'federation\.json has no "address"'):
+        Federation.load(directory)
+
+
+def test_the_failures_flower_reports_are_the_ones_fedlora_tells_apart() -> None:
+    # The words `flwr` prints for a lost connection and the SuperLink for a key it holds
+    # (Flower 1.41); if an upgrade changes them, lost answers would count as refusals.
+    from flwr.cli.utils import SUPERLINK_UNAVAILABLE_MESSAGE
+    from flwr.common.constant import PUBLIC_KEY_ALREADY_IN_USE_MESSAGE
+
+    assert SUPERLINK_UNAVAILABLE_MESSAGE.startswith(federation.UNAVAILABLE)
+    assert PUBLIC_KEY_ALREADY_IN_USE_MESSAGE == federation.KEY_IN_USE
 
 
 def _site_with_key_files(
@@ -161,7 +447,7 @@ def _site_with_key_files(
     key = fed.site_dir("a") / "node.key"
     pki.write_private_key(key, pki.make_node_key(), openssh=True)
     pub = _public_key(fed.site_dir("a") / "node.pub")
-    monkeypatch.setattr(Federation, "flwr", FakeSuperLink())
+    FakeSuperLink().install(monkeypatch)
     return fed, key, pub
 
 

@@ -1,15 +1,20 @@
-"""`StoppableGrid`: Ctrl-C ends a wait for replies at once, not after round-timeout."""
+"""`StoppableGrid`: Ctrl-C ends a wait for replies at once, not after round-timeout; a round
+loop abandoned after the grace period leaves its MLflow run KILLED, not RUNNING."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from server.simulation import POLL_SECONDS, StoppableGrid
+from server import simulation
+from server.simulation import POLL_SECONDS, StoppableGrid, _wait_for_training
+from server.tracking import Tracker
 
 
 class PendingGrid:
@@ -85,3 +90,53 @@ def test_a_stopped_grid_refuses_every_call_to_the_sites() -> None:
     ):
         with pytest.raises(KeyboardInterrupt):
             call()
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("cut_short", [False, True], ids=["grace-passed", "second-ctrl-c"])
+def test_an_abandoned_round_loop_leaves_its_mlflow_run_killed(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_short: bool
+) -> None:
+    # A round that ignores the stop past the grace period (a hung evaluation or store)
+    # cannot be made on purpose with real sites, so a thread that waits until released
+    # stands in for the round loop. The MLflow runs are real; a run its loop had ended
+    # already (it was publishing) keeps its status.
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(simulation, "STOP_GRACE_SECONDS", 30.0 if cut_short else 0.2)
+    running, ended = (
+        Tracker(tracking_uri, "abandoned", artifact_root=tmp_path / "artifacts") for _ in range(2)
+    )
+    running.start(params={})
+    ended.start(params={})
+    ended.finish()
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, daemon=True)
+    stuck.start()
+    try:
+        if cut_short:  # Ctrl-C again, 0.3 s into the 30 s wait
+            main = threading.main_thread().ident
+            assert main is not None
+            # Ctrl-C's default here, though a test session in the background ignores it.
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            again = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+            try:
+                again.start()
+                with pytest.raises(KeyboardInterrupt):
+                    _wait_for_training([stuck], again="Ctrl-C", trackers=[running, ended])
+            finally:
+                again.cancel()
+                signal.signal(signal.SIGINT, previous)
+        else:
+            _wait_for_training([stuck], again="Ctrl-C", trackers=[running, ended])
+            assert stuck.is_alive()  # abandoned, not waited for
+    finally:
+        release.set()
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert client.get_run(str(running.run_id)).info.status == "KILLED"
+    assert client.get_run(str(ended.run_id)).info.status == "FINISHED"

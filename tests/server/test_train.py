@@ -63,16 +63,17 @@ def test_subdirectories_beside_site_files_are_named_as_not_read(
     assert "'more'" in record.getMessage() and ".cache" not in record.getMessage()
 
 
-def _config(tmp_path: Path, eval_file: Path | None) -> dict:
-    return build_train_config(
+def _config(tmp_path: Path, eval_file: Path | None, **overrides: object) -> dict:
+    config, _ = build_train_config(
         sites=site_files(tmp_path),
         rounds=1,
         out=tmp_path / "out",
         eval_file=eval_file,
         task=None,
-        overrides={},
+        overrides=dict(overrides),
         resume=False,
     )
+    return config
 
 
 def test_the_eval_file_must_not_be_a_site_file(tmp_path: Path) -> None:
@@ -104,7 +105,22 @@ def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning(
     assert parse_label_set(config["labels"]) == ("a", "only in eval")
     (record,) = caplog.records
     assert record.levelname == "WARNING"
-    assert "'only in eval'" in record.getMessage() and str(eval_file) in record.getMessage()
+    assert "'only in eval'" in record.getMessage()
+    assert f"only in --eval {str(eval_file)!r}" in record.getMessage()
+
+
+def test_the_warning_names_an_eval_file_set_in_the_run_config_as_such(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl")
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(ROW + '{"text": "hi", "label": "only in eval"}\n')
+
+    _config(sites, None, **{"eval-file": str(eval_file)})
+
+    (record,) = caplog.records
+    assert f"only in eval-file {str(eval_file)!r}" in record.getMessage()
+    assert "--eval" not in record.getMessage()  # no --eval was given
 
 
 def test_no_warning_when_every_eval_label_is_a_sites(
@@ -126,6 +142,35 @@ def test_an_eval_directory_is_named_as_one(tmp_path: Path) -> None:
 
 
 BAD_TEXT = '{"text": "", "label": "a"}\n'
+
+
+@pytest.mark.parametrize("labels", [None, "a,b"])  # labels from the files, or given
+def test_each_site_file_is_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, labels: str | None
+) -> None:
+    # A spy, not a fake: it counts the reads and passes each on to the real reader. Site
+    # files can be large, and reading them once to infer the labels and again to check
+    # them against those same labels finds nothing new.
+    import server.train
+
+    read: list[str] = []
+
+    def scan_file(path: Path, **kwargs: object):
+        read.append(Path(path).name)
+        return real(path, **kwargs)
+
+    real = server.train.scan_file
+    monkeypatch.setattr(server.train, "scan_file", scan_file)
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    (sites / "b.jsonl").write_text('{"text": "bye", "label": "b"}\n')
+
+    _, _, settings = checked_run(
+        sites_dir=sites, rounds=1, out=tmp_path / "out", eval_file=None, task=None,
+        overrides={"labels": labels} if labels else {}, resume=False,
+    )  # fmt: skip
+
+    assert sorted(read) == ["a.jsonl", "b.jsonl"]
+    assert settings.spec.labels == ("a", "b")
 
 
 @pytest.mark.parametrize("labels", [None, "a,b"])  # labels from the files, or given

@@ -63,7 +63,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.r": (int, 8, "LoRA rank"),
     "lora.alpha": (int, 16, "LoRA alpha"),
     "lora.dropout": (float, 0.0, "LoRA dropout"),
-    "lora.target-modules": (str, "", "comma-separated module names; default per model type"),
+    "lora.target-modules": (
+        str,
+        "auto",
+        "auto (all-linear; peft's default under DP), comma-separated names, all-linear, "
+        "or empty (peft's default per model type)",
+    ),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
     "head.init": (
         str,

@@ -42,6 +42,8 @@ TASK_FILE = "fedlora_task.json"
 # adapter (peft's PeftModelForSequenceClassification: BERT-style ``classifier``, Llama-style
 # ``score``).
 HEAD_MODULES = ("classifier", "score")
+# peft's shorthand for every linear layer but the output or classifier layer.
+ALL_LINEAR = "all-linear"
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,11 @@ class ModelSpec:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"quantization={self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}"
+            )
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(
+                f"lora.target-modules={','.join(self.target_modules)!r}: {ALL_LINEAR!r} "
+                "stands alone (it already names every linear layer)"
             )
 
 
@@ -266,7 +273,7 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
-        target_modules=list(spec.target_modules) or None,
+        target_modules=peft_target_modules(spec.target_modules),
     )
     try:
         peft_model = get_peft_model(model, lora)
@@ -281,6 +288,20 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
     if spec.quantization != "4bit":
         peft_model.to(dev)
     return LoadedModel(spec=spec, model=peft_model, tokenizer=tokenizer, device=dev)
+
+
+def peft_target_modules(names: tuple[str, ...]) -> list[str] | str | None:
+    """`lora.target-modules` as peft's ``LoraConfig.target_modules`` takes it.
+
+    ``()`` is peft's default per model type (``query,value`` for BERT-type bases,
+    ``q_proj,v_proj`` for Llama); ``("all-linear",)`` is peft's shorthand for every linear
+    layer but the output or classifier layer (the QLoRA recipe: Dettmers et al. 2023,
+    "QLoRA: Efficient Finetuning of Quantized LLMs", Sec. 4); anything else is a list of
+    module-name suffixes.
+    """
+    if not names:
+        return None
+    return ALL_LINEAR if names == (ALL_LINEAR,) else list(names)
 
 
 def is_head_tensor(name: str) -> bool:

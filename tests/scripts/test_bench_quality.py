@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,3 +53,19 @@ def test_a_run_on_target_and_stable_exits_0(tmp_path: Path) -> None:
 
     out = json.loads((tmp_path / "b.json").read_text())
     assert code == 0 and out["federated"]["stability"]["stable"]
+
+
+@pytest.mark.parametrize(
+    ("given", "own", "expected"),
+    [
+        ([], ("all-linear",), ["all-linear", ""]),  # the run's layers and peft's default
+        ([], (), [""]),  # the run uses peft's default: one reference
+        ([], ("query", "value"), ["query,value", ""]),
+        (["", "all-linear", ""], ("all-linear",), ["", "all-linear"]),  # as given, once each
+    ],
+)
+def test_the_centralized_reference_trains_each_variant_once(
+    given: list[str], own: tuple[str, ...], expected: list[str]
+) -> None:
+    settings = SimpleNamespace(spec=SimpleNamespace(target_modules=own))
+    assert bq.central_targets(given, settings) == expected

@@ -152,6 +152,11 @@ def test_bench_quality_writes_results_and_compares(tmp_path: Path) -> None:
     assert sum(results["scale"]["site_rows"]) == results["scale"]["train_rows"] == 450
     assert results["settings"]["federated_overrides"] == ["server.momentum=0.5"]
     assert float(results["settings"]["federated"]["server.momentum"]) == 0.5
+    # The reference is the stronger of the centralized variants, each named.
+    variants = results["centralized_variants"]
+    own = results["settings"]["federated"]["lora.target-modules"]
+    assert [v["target_modules"] for v in variants] == ([own, ""] if own else [""])
+    assert comparison["centralized_best"] == max(v["best_accuracy"] for v in variants)
 
 
 @pytest.mark.timeout(120)

@@ -173,11 +173,38 @@ def test_four_bit_sequence_classification_keeps_its_head_in_full_precision(
         ({"task": "qa"}, "task='qa'"),
         ({"labels": ("a", "\ud800")}, "lone surrogate"),
         ({"labels": ("a", " ")}, "is empty"),
+        (
+            {"labels": ("a", "b"), "target_modules": ("all-linear", "query")},
+            "'all-linear' stands alone",
+        ),
     ],
 )
 def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ModelSpec(**kwargs)
+
+
+def test_all_linear_is_every_linear_layer_but_the_head(tiny_llama: Path, tiny_bert: Path) -> None:
+    """peft's ``all-linear`` shorthand: the same adapter as naming every linear layer."""
+    for base, task, labels, names in [
+        (tiny_bert, "sequence-classification", ("a", "b"), ("query", "key", "value", "dense")),
+        (
+            tiny_llama,
+            "causal-lm",
+            (),
+            ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ),
+    ]:
+        spec = ModelSpec(base=str(base), task=task, labels=labels, lora_r=4)
+        shorthand = build_model(ModelSpec(**{**spec.__dict__, "target_modules": ("all-linear",)}))
+        listed = build_model(ModelSpec(**{**spec.__dict__, "target_modules": names}))
+        default = build_model(spec)
+        a, b = trainable_state(shorthand.model), trainable_state(listed.model)
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k], b[k]) for k in a)  # same seeded init
+        assert len(a) > len(trainable_state(default.model))  # more than peft's default
+        # The output/classifier layer stays a plain (trained or frozen) layer, never LoRA.
+        assert not any(("classifier" in k or "lm_head" in k) and "lora_" in k for k in a)
 
 
 def test_missing_base_model_is_named(tmp_path: Path) -> None:

@@ -93,34 +93,26 @@ def test_an_eval_file_set_in_the_run_config_gets_the_same_check(tmp_path: Path) 
         )  # fmt: skip
 
 
-def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("given_as", ["--eval", "eval-file"])
+def test_a_label_only_the_eval_file_holds_is_kept_with_a_warning_naming_its_source(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, given_as: str
 ) -> None:
     sites = _sites(tmp_path / "sites", "a.jsonl")
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(ROW + '{"text": "hi", "label": "only in eval"}\n')
 
-    config = _config(sites, eval_file)
+    if given_as == "--eval":
+        config = _config(sites, eval_file)
+    else:
+        config = _config(sites, None, **{"eval-file": str(eval_file)})
 
     assert parse_label_set(config["labels"]) == ("a", "only in eval")
     (record,) = caplog.records
     assert record.levelname == "WARNING"
     assert "'only in eval'" in record.getMessage()
-    assert f"only in --eval {str(eval_file)!r}" in record.getMessage()
-
-
-def test_the_warning_names_an_eval_file_set_in_the_run_config_as_such(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    sites = _sites(tmp_path / "sites", "a.jsonl")
-    eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text(ROW + '{"text": "hi", "label": "only in eval"}\n')
-
-    _config(sites, None, **{"eval-file": str(eval_file)})
-
-    (record,) = caplog.records
-    assert f"only in eval-file {str(eval_file)!r}" in record.getMessage()
-    assert "--eval" not in record.getMessage()  # no --eval was given
+    assert f"only in {given_as} {str(eval_file)!r}" in record.getMessage()
+    other = "eval-file" if given_as == "--eval" else "--eval"
+    assert other not in record.getMessage().replace(str(eval_file), "")
 
 
 def test_no_warning_when_every_eval_label_is_a_sites(

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -371,29 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupted_exit(code: int) -> int:
-    """``code``, or leave the process with it at once if a library's thread hangs.
+def _interrupted_exit(code: int) -> NoReturn:
+    """Leave the process with ``code`` at once, without the interpreter's shutdown.
 
-    After Ctrl-C or SIGTERM, Flower's simulation workers can stay blocked for good in
-    ``ray.get`` on a Ray that has been shut down, and the interpreter waits for every
-    non-daemon thread before it exits: a process that said "interrupted" would hang.
-    fedlora's own work has stopped by now (the round loop and its checkpoint), so after
-    `THREAD_GRACE_SECONDS` the process exits without those threads.
+    After Ctrl-C or SIGTERM, libraries' threads are still running. Flower's simulation
+    workers can stay blocked for good in ``ray.get`` on a Ray that has been shut down, and
+    the interpreter waits for every non-daemon thread before it exits: a process that said
+    "interrupted" would hang. Daemon threads (Ray's, an abandoned round loop importing or
+    computing) may be inside C code while the interpreter tears its modules down under
+    them, which crashed the process (SIGSEGV) after it had said "terminated". fedlora's own
+    work has ended by now (the round loop and its checkpoint, the MLflow run marked), so
+    the process gives non-daemon threads `THREAD_GRACE_SECONDS` to end, flushes its
+    output and leaves with ``os._exit``.
     """
     deadline = time.monotonic() + THREAD_GRACE_SECONDS
-
-    def hanging() -> list[threading.Thread]:
-        me = threading.current_thread()
-        return [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
-
-    for thread in hanging():
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if hanging():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = f": {escape(str(exc))}" if str(exc) else ""
         word = "terminated" if terminated else "interrupted"
         console.print(f"[red]{word}[/red]{reason}", highlight=False)
-        return _interrupted_exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+        _interrupted_exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except Exception as exc:
         if args.debug:
             raise

@@ -107,6 +107,40 @@ def test_an_interrupted_command_exits_130_or_143_though_a_library_thread_hangs(
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")],
+)
+def test_an_interrupted_command_leaves_without_the_interpreter_s_shutdown(
+    raised: str, code: int, said: str
+) -> None:
+    # A real SIGTERM of `fedlora train` crashed (SIGSEGV) in 3 of 10 runs after it said
+    # "terminated", while the interpreter shut down under the threads Ray and an abandoned
+    # round loop left running. That crash cannot be caused on purpose; an exit hook that
+    # crashes stands in for it: it runs only if the interpreter shuts down.
+    script = textwrap.dedent(
+        f"""
+        import atexit, os, signal, sys
+        from server import cli
+        from server.interrupt import Terminated
+
+        def interrupted(args):
+            atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+            raise {raised}("what was kept")
+
+        cli.cmd_demo = interrupted
+        sys.exit(cli.main(["demo"]))
+        """
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip() == f"{said}: what was kept"
+
+
 def test_sigterm_during_the_demo_unwinds_and_exits_143(tmp_path: Path) -> None:
     # The demo's own work is replaced by one that gets `kill PID` (the real one trains for
     # minutes; tests/integration/test_simulation.py sends SIGTERM to a real training run).

@@ -40,7 +40,7 @@ from registry.errors import KeyFileError
 from registry.keys import load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
-from server.checkpoint import CheckpointStore, outputs_round
+from server.checkpoint import CheckpointStore, outputs_complete
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
@@ -75,8 +75,8 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
             raise ConfigError(
                 f"cannot resume {store.directory}: the run config changed: {'; '.join(changed)}"
             )
-        if found.completed_round >= settings.rounds and (
-            outputs_round(settings.out_dir) == found.completed_round
+        if outputs_complete(
+            settings.out_dir, completed_round=found.completed_round, run_id=found.run_id
         ):
             raise ConfigError(_complete_run(settings, found.completed_round))
         return found  # a run stopped after its last round has its outputs written
@@ -91,10 +91,11 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
 def _complete_run(settings: RunSettings, completed_round: int) -> str:
     """Why a resume of a run whose outputs are all written is refused, and what to do."""
     out = str(settings.out_dir)
+    early = ", where it stopped early" if completed_round < settings.rounds else ""
     text = (
         f"cannot resume {out}: the run is complete (round {completed_round} of "
-        f"num-server-rounds={settings.rounds}; {out}/adapter and {out}/metrics.json are "
-        "written); for a new run choose another --out"
+        f"num-server-rounds={settings.rounds}{early}; {out}/adapter and {out}/metrics.json "
+        "are written); for a new run choose another --out"
     )
     if settings.publish is not None:  # a publish stopped midway is completed by its CLI
         p = settings.publish
@@ -236,8 +237,9 @@ def run_training(
         )
         tracker.client.log_text(run_id, metrics_text, metrics_path.name)
         tracker.finish()
-        # Last: a metrics.json of the checkpoint's round says every output above is done
-        # (`_check_resume` refuses to redo them; a resume before it writes them again).
+        # Last: a metrics.json of this run at its checkpoint's round says every output
+        # above is done (`_check_resume` refuses to redo them; a resume before it writes
+        # them again).
         write_atomic(metrics_path, metrics_text.encode())
     except KeyboardInterrupt:  # stopped, not failed: `--resume` reopens it
         tracker.finish("KILLED")

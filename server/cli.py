@@ -36,7 +36,7 @@ THREAD_GRACE_SECONDS = 3.0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.checkpoint import CheckpointStore, outputs_round
+    from server.checkpoint import CheckpointStore, outputs_complete
     from server.run_config import parse_overrides
     from server.train import run_train
 
@@ -59,10 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Read once the round loop has stopped: no later round is checkpointed.
         store = CheckpointStore(out / "checkpoint")
         try:
-            done = store.completed_round()
+            done, run_id = store.newest()
         except FedloraError as error:  # still an interruption, not an error
             raise stopped(str(error)) from None
-        if done and outputs_round(out) == done:  # the outputs are written; a publish?
+        if outputs_complete(out, completed_round=done, run_id=run_id):  # a publish?
             model = overrides.get("registry.model-name")
             key = overrides.get("registry.signing-key", "KEY")
             publish = (

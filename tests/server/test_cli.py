@@ -208,12 +208,15 @@ def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
         args.func(args)
 
 
-@pytest.mark.parametrize("outputs_written", [False, True])
+@pytest.mark.parametrize(
+    "metrics_of", [None, "run", "an-earlier-run"], ids=["none", "this-run", "an-earlier-run"]
+)
 def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs_written: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics_of: str | None
 ) -> None:
     # Every round checkpointed: --resume writes the outputs, unless metrics.json (written
-    # last) says they are done, when only a publish can be unfinished.
+    # last) of this run says they are done, when only a publish can be unfinished; an
+    # earlier run's in the same OUT says nothing.
     import server.train
     from server.cli import build_parser
 
@@ -223,9 +226,11 @@ def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
     monkeypatch.setattr(server.train, "run_train", interrupted)
     out = tmp_path / "out"
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
-    if outputs_written:
-        (out / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2, "run_id": "run"}')
+    if metrics_of:
+        (out / "metrics.json").write_text(
+            f'{{"rounds": [{{"round": 1}}, {{"round": 2}}], "mlflow_run_id": "{metrics_of}"}}'
+        )
     args = build_parser().parse_args(
         ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(out),
          "--set", "registry.model-name=m", "--set", "registry.signing-key=k.pem"]
@@ -234,7 +239,7 @@ def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
         args.func(args)
 
     said = str(stopped.value)
-    if outputs_written:
+    if metrics_of == "run":
         assert said == (
             f"the run's outputs in {out} are complete; if it was publishing, "
             f"`fedlora registry publish {out} --model m --key k.pem` finishes that"

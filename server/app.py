@@ -3,8 +3,9 @@
 `run_training` parses nothing itself: it takes validated `RunSettings`, checks everything
 that could fail before anything is written (base model, eval file, checkpoint state,
 MLflow), then runs the rounds and writes ``OUT/adapter/`` and ``OUT/metrics.json``
-atomically, metrics.json last. Resumed from a checkpoint of the last round (a run stopped
-while it wrote its outputs), it runs no round and writes the outputs. ``flwr run .``
+atomically, metrics.json last (an earlier run's metrics.json is removed before the run
+writes anything). Resumed from a checkpoint of the last round (a run stopped while it
+wrote its outputs), it runs no round and writes the outputs. ``flwr run .``
 enters through `app`; ``fedlora train`` through `server.simulation.simulate`.
 """
 
@@ -142,6 +143,13 @@ def run_training(
     loaded = build_model(settings.spec)
     initial = trainable_state(loaded.model)
 
+    # Refused above if it were this run's: an earlier run's metrics.json would make this
+    # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
+    # with that run's provenance. This run writes its own last.
+    stale = settings.out_dir / "metrics.json"
+    if stale.is_file():
+        log.warning("removing %s: it is not this run's (this run writes its own)", stale)
+        stale.unlink()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")

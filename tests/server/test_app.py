@@ -129,3 +129,31 @@ def test_a_run_its_privacy_budget_stopped_early_is_complete(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=r"complete \(round 2 of num-server-rounds=5, where it"):
         _check_resume(settings, store)
+
+
+def test_a_new_run_removes_an_earlier_run_s_metrics_json_before_it_writes(
+    tmp_path, tiny_bert: Path
+) -> None:
+    # Left in OUT, it made the new run look complete until the new run wrote its own, and
+    # `fedlora registry publish OUT` signed the new adapter with the old run's provenance.
+    # A run stopped before its first round (a stopped Grid) shows what it wrote.
+    import threading
+
+    from server.app import run_training
+    from server.settings import RunSettings
+    from server.simulation import StoppableGrid
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _metrics_json(out, run_id="an-earlier-run", last_round=2)
+    settings = RunSettings.from_config(
+        {"labels": "a,b", "out-dir": str(out), "num-server-rounds": 2, "base-model": str(tiny_bert)}
+    )
+    stopped = threading.Event()
+    stopped.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(StoppableGrid(None, stopped), settings)  # type: ignore[arg-type]
+
+    assert (out / "mlflow.db").is_file()  # it had started writing
+    assert not (out / "metrics.json").exists()

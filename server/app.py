@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from clients.task.model import (
 )
 from clients.task.train import evaluate
 from registry.errors import KeyFileError
-from registry.keys import load_private_key
+from registry.keys import PASSPHRASE_ENV, load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
 from server.checkpoint import CheckpointStore, outputs_complete
@@ -48,7 +49,7 @@ from server.record import RoundRecord
 from server.roster import Roster
 from server.run_config import read_config, to_toml
 from server.selection import BestRound, chosen_round
-from server.settings import RunSettings
+from server.settings import PublishSettings, RunSettings
 from server.tracking import Tracker, resolve_tracking_uri, run_name
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,25 @@ def _complete_run(settings: RunSettings, completed_round: int) -> str:
         "are written); for a new run choose another --out"
     )
     if settings.publish is not None:  # a publish stopped midway is completed by its CLI
-        p = settings.publish
-        text += (
-            f"; to publish it (or finish a publish that was stopped): fedlora registry "
-            f"publish {out} --model {p.model_name} --key {p.signing_key}"
-        )
+        uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
+        command = publish_command(settings.out_dir, settings.publish, tracking_uri=uri)
+        text += f"; to publish it (or finish a publish that was stopped): {command}"
     return text
+
+
+def publish_command(out_dir: Path, publish: PublishSettings, *, tracking_uri: str) -> str:
+    """The ``fedlora registry publish`` command line that publishes a run's outputs as
+    the run does: into its tracking store, with its model name, key, alias and passphrase
+    variable. Shell-quoted; a password in the tracking URI is shown as ``***``.
+    """
+    words = [
+        *("fedlora", "registry", "publish", str(out_dir)),
+        *("--model", publish.model_name, "--key", str(publish.signing_key)),
+        *("--alias", publish.alias, "--registry", redact_uri(tracking_uri)),
+    ]
+    if publish.passphrase_env != PASSPHRASE_ENV:
+        words += ["--passphrase-env", publish.passphrase_env]
+    return shlex.join(words)
 
 
 def run_training(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -63,14 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         except FedloraError as error:  # still an interruption, not an error
             raise stopped(str(error)) from None
         if outputs_complete(out, completed_round=done, run_id=run_id):  # a publish?
-            model = overrides.get("registry.model-name")
-            key = overrides.get("registry.signing-key", "KEY")
-            publish = (
-                f"; if it was publishing, `fedlora registry publish {out} --model {model} "
-                f"--key {key}` finishes that"
-                if model
-                else ""
-            )
+            command = _publish_command(overrides, out)
+            publish = f"; if it was publishing, `{command}` finishes that" if command else ""
             raise stopped(f"the run's outputs in {out} are complete{publish}") from None
         if done >= args.rounds:  # stopped while writing the outputs, after the last round
             raise stopped(
@@ -95,6 +89,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown.print(f"metrics: {result.metrics_path}")
     shown.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0
+
+
+def _publish_command(overrides: dict[str, Any], out: Path) -> str | None:
+    """The publish command of a run with these ``--set`` overrides; None where the run does
+    not publish, or its key file is gone."""
+    from server.app import publish_command
+    from server.run_config import read_config
+    from server.settings import PublishSettings
+    from server.tracking import resolve_tracking_uri
+
+    try:  # the values the run accepted when it started
+        values = read_config(overrides)
+        publish = PublishSettings.from_values(values)
+    except FedloraError:
+        return None
+    if publish is None:
+        return None
+    uri = resolve_tracking_uri(values["tracking-uri"], out)
+    return publish_command(out, publish, tracking_uri=uri)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -119,6 +119,42 @@ def test_a_resume_of_a_complete_run_says_where_and_what_to_do(tmp_path, publish:
     assert (publish_line in said) is publish
 
 
+def test_the_publish_command_of_a_complete_run_is_the_run_s_own_and_shell_quoted(
+    tmp_path,
+) -> None:
+    from server.app import _check_resume
+    from server.cli import build_parser
+
+    key = tmp_path / "my keys" / "key.pem"
+    key.parent.mkdir()
+    key.write_text("")  # named only, never read here
+    out = tmp_path / "my out"
+    out.mkdir()
+    registry = {
+        "tracking-uri": "http://bob:s3cret@mlflow.internal:5000",
+        "registry.model-name": "m",
+        "registry.signing-key": str(key),
+        "registry.alias": "staging",
+        "registry.passphrase-env": "MY_PASSPHRASE",
+    }
+    store, settings = _stopped_after_the_last_round(out, **registry)
+    _metrics_json(out, run_id="run", last_round=2)
+
+    with pytest.raises(ConfigError) as refused:
+        _check_resume(settings, store)
+
+    said = str(refused.value)
+    command = shlex.split(said.split("finish a publish that was stopped): ", 1)[1])
+    assert command == [
+        *("fedlora", "registry", "publish", str(out), "--model", "m", "--key", str(key)),
+        *("--alias", "staging", "--registry", "http://bob:***@mlflow.internal:5000"),
+        *("--passphrase-env", "MY_PASSPHRASE"),
+    ]
+    assert "s3cret" not in said
+    args = build_parser().parse_args(command[1:])  # what the CLI takes
+    assert (args.source, args.registry) == (str(out), "http://bob:***@mlflow.internal:5000")
+
+
 def test_a_run_its_privacy_budget_stopped_early_is_complete(tmp_path) -> None:
     # dp.max-epsilon stopped it after round 2 of 5 and it wrote its outputs: a resume would
     # reopen (or fail) a complete MLflow run.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -224,7 +225,10 @@ def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(server.train, "run_train", interrupted)
-    out = tmp_path / "out"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's store: OUT/mlflow.db
+    out = tmp_path / "my out"  # the command said is shell-quoted
+    key = tmp_path / "k.pem"
+    key.write_text("")
     (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "state.json").write_text('{"completed_round": 2, "run_id": "run"}')
     if metrics_of:
@@ -233,16 +237,22 @@ def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
         )
     args = build_parser().parse_args(
         ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(out),
-         "--set", "registry.model-name=m", "--set", "registry.signing-key=k.pem"]
+         "--set", "registry.model-name=m", "--set", f"registry.signing-key={key}",
+         "--set", "registry.alias=staging"]
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt) as stopped:
         args.func(args)
 
     said = str(stopped.value)
     if metrics_of == "run":
+        registry = f"sqlite:///{out.resolve() / 'mlflow.db'}"  # the run's tracking store
+        command = shlex.join(
+            ["fedlora", "registry", "publish", str(out), "--model", "m", "--key", str(key),
+             "--alias", "staging", "--registry", registry]
+        )  # fmt: skip
         assert said == (
             f"the run's outputs in {out} are complete; if it was publishing, "
-            f"`fedlora registry publish {out} --model m --key k.pem` finishes that"
+            f"`{command}` finishes that"
         )
     else:
         assert "holds all 2 rounds" in said

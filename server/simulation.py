@@ -192,8 +192,8 @@ def _wait_for_training(
     """Give the stopped round loop `STOP_GRACE_SECONDS` to end; ``again`` cuts it short.
 
     Its MLflow run is marked KILLED first (`--resume` reopens it), unless the loop had
-    ended it: a service manager may kill the process before the wait is over. A loop
-    that ends its run during the wait (it completed the last round) marks it again.
+    ended it: a service manager may kill the process before the wait is over. The loop
+    may still end the run its own way during the wait (FINISHED after its last round).
     The thread is a daemon: if it is still busy after the wait, the process exits
     without it, and whatever it had not checkpointed is lost (the previous checkpoint
     stays whole); a run it opened during the wait is marked KILLED then.
@@ -201,10 +201,10 @@ def _wait_for_training(
     Raises:
         KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
-    for tracker in trackers:
-        _mark_killed(tracker)
     ended = False
     try:
+        for tracker in trackers:
+            _mark_killed(tracker)
         for thread in training:
             if thread.is_alive():
                 log.warning(

@@ -3,8 +3,9 @@
 `run_training` parses nothing itself: it takes validated `RunSettings`, checks everything
 that could fail before anything is written (base model, eval file, checkpoint state,
 MLflow), then runs the rounds and writes ``OUT/adapter/`` and ``OUT/metrics.json``
-atomically, metrics.json last. Resumed from a checkpoint of the last round (a run stopped
-while it wrote its outputs), it runs no round and writes the outputs. ``flwr run .``
+atomically, metrics.json last (an earlier run's metrics.json is removed before the run
+writes anything). Resumed from a checkpoint of the last round (a run stopped while it
+wrote its outputs), it runs no round and writes the outputs. ``flwr run .``
 enters through `app`; ``fedlora train`` through `server.simulation.simulate`.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,17 +39,17 @@ from clients.task.model import (
 )
 from clients.task.train import evaluate
 from registry.errors import KeyFileError
-from registry.keys import load_private_key
+from registry.keys import PASSPHRASE_ENV, load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
-from server.checkpoint import CheckpointStore, outputs_round
+from server.checkpoint import CheckpointStore, outputs_complete
 from server.loop import Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
 from server.roster import Roster
 from server.run_config import read_config, to_toml
 from server.selection import BestRound, chosen_round
-from server.settings import RunSettings
+from server.settings import PublishSettings, RunSettings
 from server.tracking import Tracker, resolve_tracking_uri, run_name
 
 log = logging.getLogger(__name__)
@@ -75,8 +77,8 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
             raise ConfigError(
                 f"cannot resume {store.directory}: the run config changed: {'; '.join(changed)}"
             )
-        if found.completed_round >= settings.rounds and (
-            outputs_round(settings.out_dir) == found.completed_round
+        if outputs_complete(
+            settings.out_dir, completed_round=found.completed_round, run_id=found.run_id
         ):
             raise ConfigError(_complete_run(settings, found.completed_round))
         return found  # a run stopped after its last round has its outputs written
@@ -91,18 +93,32 @@ def _check_resume(settings: RunSettings, store: CheckpointStore):
 def _complete_run(settings: RunSettings, completed_round: int) -> str:
     """Why a resume of a run whose outputs are all written is refused, and what to do."""
     out = str(settings.out_dir)
+    early = ", where it stopped early" if completed_round < settings.rounds else ""
     text = (
         f"cannot resume {out}: the run is complete (round {completed_round} of "
-        f"num-server-rounds={settings.rounds}; {out}/adapter and {out}/metrics.json are "
-        "written); for a new run choose another --out"
+        f"num-server-rounds={settings.rounds}{early}; {out}/adapter and {out}/metrics.json "
+        "are written); for a new run choose another --out"
     )
     if settings.publish is not None:  # a publish stopped midway is completed by its CLI
-        p = settings.publish
-        text += (
-            f"; to publish it (or finish a publish that was stopped): fedlora registry "
-            f"publish {out} --model {p.model_name} --key {p.signing_key}"
-        )
+        uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
+        command = publish_command(settings.out_dir, settings.publish, tracking_uri=uri)
+        text += f"; to publish it (or finish a publish that was stopped): {command}"
     return text
+
+
+def publish_command(out_dir: Path, publish: PublishSettings, *, tracking_uri: str) -> str:
+    """The ``fedlora registry publish`` command line that publishes a run's outputs as
+    the run does: into its tracking store, with its model name, key, alias and passphrase
+    variable. Shell-quoted; a password in the tracking URI is shown as ``***``.
+    """
+    words = [
+        *("fedlora", "registry", "publish", str(out_dir)),
+        *("--model", publish.model_name, "--key", str(publish.signing_key)),
+        *("--alias", publish.alias, "--registry", redact_uri(tracking_uri)),
+    ]
+    if publish.passphrase_env != PASSPHRASE_ENV:
+        words += ["--passphrase-env", publish.passphrase_env]
+    return shlex.join(words)
 
 
 def run_training(
@@ -141,6 +157,13 @@ def run_training(
     loaded = build_model(settings.spec)
     initial = trainable_state(loaded.model)
 
+    # Refused above if it were this run's: an earlier run's metrics.json would make this
+    # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
+    # with that run's provenance. This run writes its own last.
+    stale = settings.out_dir / "metrics.json"
+    if stale.is_file():
+        log.warning("removing %s: it is not this run's (this run writes its own)", stale)
+        stale.unlink()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
@@ -236,8 +259,9 @@ def run_training(
         )
         tracker.client.log_text(run_id, metrics_text, metrics_path.name)
         tracker.finish()
-        # Last: a metrics.json of the checkpoint's round says every output above is done
-        # (`_check_resume` refuses to redo them; a resume before it writes them again).
+        # Last: a metrics.json of this run at its checkpoint's round says every output
+        # above is done (`_check_resume` refuses to redo them; a resume before it writes
+        # them again).
         write_atomic(metrics_path, metrics_text.encode())
     except KeyboardInterrupt:  # stopped, not failed: `--resume` reopens it
         tracker.finish("KILLED")

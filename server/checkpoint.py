@@ -39,18 +39,26 @@ class Checkpoint:
     best_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def outputs_round(out_dir: Path) -> int | None:
-    """The last round ``OUT/metrics.json`` reports; None without a readable one.
+def outputs_complete(out_dir: Path, *, completed_round: int, run_id: str | None) -> bool:
+    """Whether ``OUT/metrics.json`` says the checkpointed run has written all its outputs.
 
     A run writes metrics.json last of its outputs (after ``OUT/adapter`` and the MLflow
-    run's artifacts, server/app.py), so where this is the checkpoint's round, the run's
-    outputs are complete.
+    run's artifacts, server/app.py), naming its MLflow run and every round up to the one
+    its checkpoint holds: the last, or an earlier one where its privacy budget
+    (``dp.max-epsilon``) stopped it. So the run is complete where metrics.json names the
+    checkpoint's MLflow run and round; one of another run (an earlier run in the same
+    OUT) says nothing of this one.
     """
+    if run_id is None or completed_round < 1:
+        return False
     try:
         summary = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
-        return int(summary["rounds"][-1]["round"])
+        return (
+            summary["mlflow_run_id"] == run_id
+            and int(summary["rounds"][-1]["round"]) == completed_round
+        )
     except (OSError, KeyError, IndexError, TypeError, ValueError, RecursionError):
-        return None
+        return False
 
 
 class CheckpointStore:
@@ -82,18 +90,29 @@ class CheckpointStore:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def completed_round(self) -> int:
-        """The newest checkpoint's round, 0 when there is none; reads no tensors.
+    def newest(self) -> tuple[int, str | None]:
+        """The newest checkpoint's round and MLflow run id, (0, None) when there is none;
+        reads no tensors.
 
         Raises:
             ConfigError: If ``state.json`` is unreadable.
         """
         meta_path = self.directory / "state.json"
         if not meta_path.is_file():
-            return 0
+            return 0, None
         try:
-            return int(json.loads(meta_path.read_text(encoding="utf-8"))["completed_round"])
-        except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            run_id = meta.get("run_id")
+            return int(meta["completed_round"]), run_id if isinstance(run_id, str) else None
+        except (
+            OSError,
+            AttributeError,
+            KeyError,
+            TypeError,
+            ValueError,
+            OverflowError,
+            RecursionError,
+        ) as exc:
             raise ConfigError(f"checkpoint in {self.directory} is unreadable: {exc}") from exc
 
     def load(self) -> Checkpoint | None:

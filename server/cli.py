@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,7 +36,7 @@ THREAD_GRACE_SECONDS = 3.0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.checkpoint import CheckpointStore, outputs_round
+    from server.checkpoint import CheckpointStore, outputs_complete
     from server.run_config import parse_overrides
     from server.train import run_train
 
@@ -58,18 +59,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Read once the round loop has stopped: no later round is checkpointed.
         store = CheckpointStore(out / "checkpoint")
         try:
-            done = store.completed_round()
+            done, run_id = store.newest()
         except FedloraError as error:  # still an interruption, not an error
             raise stopped(str(error)) from None
-        if done and outputs_round(out) == done:  # the outputs are written; a publish?
-            model = overrides.get("registry.model-name")
-            key = overrides.get("registry.signing-key", "KEY")
-            publish = (
-                f"; if it was publishing, `fedlora registry publish {out} --model {model} "
-                f"--key {key}` finishes that"
-                if model
-                else ""
-            )
+        if outputs_complete(out, completed_round=done, run_id=run_id):  # a publish?
+            command = _publish_command(overrides, out)
+            publish = f"; if it was publishing, `{command}` finishes that" if command else ""
             raise stopped(f"the run's outputs in {out} are complete{publish}") from None
         if done >= args.rounds:  # stopped while writing the outputs, after the last round
             raise stopped(
@@ -94,6 +89,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown.print(f"metrics: {result.metrics_path}")
     shown.print(f"MLflow:  {result.tracking_uri} (run {result.run_id})", soft_wrap=True)
     return 0
+
+
+def _publish_command(overrides: dict[str, Any], out: Path) -> str | None:
+    """The publish command of a run with these ``--set`` overrides; None where the run does
+    not publish, or its key file is gone."""
+    from server.app import publish_command
+    from server.run_config import read_config
+    from server.settings import PublishSettings
+    from server.tracking import resolve_tracking_uri
+
+    try:  # the values the run accepted when it started
+        values = read_config(overrides)
+        publish = PublishSettings.from_values(values)
+    except FedloraError:
+        return None
+    if publish is None:
+        return None
+    uri = resolve_tracking_uri(values["tracking-uri"], out)
+    return publish_command(out, publish, tracking_uri=uri)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -371,29 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupted_exit(code: int) -> int:
-    """``code``, or leave the process with it at once if a library's thread hangs.
+def _interrupted_exit(code: int) -> NoReturn:
+    """Leave the process with ``code`` at once, without the interpreter's shutdown.
 
-    After Ctrl-C or SIGTERM, Flower's simulation workers can stay blocked for good in
-    ``ray.get`` on a Ray that has been shut down, and the interpreter waits for every
-    non-daemon thread before it exits: a process that said "interrupted" would hang.
-    fedlora's own work has stopped by now (the round loop and its checkpoint), so after
-    `THREAD_GRACE_SECONDS` the process exits without those threads.
+    After Ctrl-C or SIGTERM, libraries' threads are still running. Flower's simulation
+    workers can stay blocked for good in ``ray.get`` on a Ray that has been shut down, and
+    the interpreter waits for every non-daemon thread before it exits: a process that said
+    "interrupted" would hang. Daemon threads (Ray's, an abandoned round loop importing or
+    computing) may be inside C code while the interpreter tears its modules down under
+    them, which crashed the process (SIGSEGV) after it had said "terminated". fedlora's own
+    work has ended by now (the round loop and its checkpoint, the MLflow run marked), so
+    the process gives non-daemon threads `THREAD_GRACE_SECONDS` to end, flushes its
+    output and leaves with ``os._exit``.
     """
     deadline = time.monotonic() + THREAD_GRACE_SECONDS
-
-    def hanging() -> list[threading.Thread]:
-        me = threading.current_thread()
-        return [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
-
-    for thread in hanging():
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if hanging():
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = f": {escape(str(exc))}" if str(exc) else ""
         word = "terminated" if terminated else "interrupted"
         console.print(f"[red]{word}[/red]{reason}", highlight=False)
-        return _interrupted_exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+        _interrupted_exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except Exception as exc:
         if args.debug:
             raise

@@ -65,11 +65,13 @@ def terminate_as_interrupt() -> Iterator[None]:
 def watch_signals(callback: Callable[[int], None]) -> Iterator[None]:
     """While inside, ``callback(signum)`` runs in a watcher thread as each signal arrives.
 
-    It runs whichever Python handler the signal has then, and before that handler runs
-    in the main thread (which may be busy in C code for a while). Python's C-level
-    handler writes each signal's number to the wakeup fd (`signal.set_wakeup_fd`), which
-    the watcher reads. Signals at SIG_DFL or SIG_IGN never reach Python and are not seen.
-    Only on the main thread, and only where no one else uses the wakeup fd.
+    The callback is called whichever Python handler the signal has (a library may have
+    put its own in place of fedlora's), and before that handler runs: Python runs signal
+    handlers in the main thread only, once it is back in Python code, which takes a while
+    when it is busy in C code. The watcher reads each signal's number from the wakeup fd
+    (`signal.set_wakeup_fd`), to which Python's C-level handler writes it at once. Signals
+    at SIG_DFL or SIG_IGN never reach Python and are not seen. Only on the main thread, and
+    only where no one else uses the wakeup fd.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -191,16 +191,20 @@ def _wait_for_training(
 ) -> None:
     """Give the stopped round loop `STOP_GRACE_SECONDS` to end; ``again`` cuts it short.
 
-    The thread is a daemon: if it is still busy after that, the process exits without it,
-    and whatever it had not checkpointed is lost (the previous checkpoint stays whole).
-    Its MLflow run, which it can no longer end, is marked KILLED from here (`--resume`
-    reopens it), unless it had ended it already.
+    Its MLflow run is marked KILLED first (`--resume` reopens it), unless the loop had
+    ended it: a service manager may kill the process before the wait is over. The loop
+    may still end the run its own way during the wait (FINISHED after its last round).
+    The thread is a daemon: if it is still busy after the wait, the process exits
+    without it, and whatever it had not checkpointed is lost (the previous checkpoint
+    stays whole); a run it opened during the wait is marked KILLED then.
 
     Raises:
         KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
     ended = False
     try:
+        for tracker in trackers:
+            _mark_killed(tracker)
         for thread in training:
             if thread.is_alive():
                 log.warning(
@@ -219,10 +223,8 @@ def _wait_for_training(
 
 
 def _mark_killed(tracker: Tracker) -> None:
-    if tracker.status is not None:
-        return
     try:
-        tracker.finish("KILLED")
+        tracker.kill_unless_ended()
     except Exception as exc:  # the store down: the run stays RUNNING, the exit goes on
         log.warning("could not mark MLflow run %s KILLED: %s", tracker.run_id, exc)
 

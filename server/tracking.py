@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,6 +59,7 @@ class Tracker:
             raise ConfigError(f"tracking-uri={uri!r}: MLflow is unreachable: {exc}") from exc
         self.run_id: str | None = None
         self.status: str | None = None  # how `finish` ended the run; None while it runs
+        self._ending = threading.Lock()  # see `kill_unless_ended`
         self._site_keys: set[str] = set()
 
     def start(
@@ -137,9 +139,22 @@ class Tracker:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
-            self.status = status
+        with self._ending:
+            if self.run_id is not None:
+                self.client.set_terminated(self.run_id, status=status)
+                self.status = status
+
+    def kill_unless_ended(self) -> None:
+        """Mark the run KILLED unless `finish` has ended it.
+
+        For a run whose loop is being stopped from another thread, which may be ending it
+        at the same moment: the check and the mark are one step, so a run its loop
+        finished is never marked KILLED after that. The loop's own `finish` still counts.
+        """
+        with self._ending:
+            if self.status is None and self.run_id is not None:
+                self.client.set_terminated(self.run_id, status="KILLED")
+                self.status = "KILLED"
 
 
 def _param(key: str, value: str):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shlex
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -61,25 +63,37 @@ def test_a_resume_with_a_changed_setting_names_its_run_config_key(tmp_path) -> N
         _check_resume(now, store)
 
 
-def _stopped_after_the_last_round(tmp_path, **extra):
-    """A run config and a checkpoint of its last round, as a run stopped while it wrote
-    its outputs leaves them; and the settings of its resume."""
+def _stopped_after_the_last_round(tmp_path, *, rounds: int = 2, **extra):
+    """A run config and a checkpoint of round 2 of MLflow run "run", as a run stopped while
+    it wrote its outputs leaves them; and the settings of its resume."""
     from server.checkpoint import Checkpoint, CheckpointStore
     from server.settings import RunSettings
 
-    config = {"labels": "a,b", "out-dir": str(tmp_path), "num-server-rounds": 2, **extra}
+    config = {"labels": "a,b", "out-dir": str(tmp_path), "num-server-rounds": rounds, **extra}
     store = CheckpointStore(tmp_path / "checkpoint")
     fingerprint = RunSettings.from_config(config).fingerprint()
     store.save(Checkpoint(2, {}, [{"round": 1}, {"round": 2}], "run", fingerprint=fingerprint))
     return store, RunSettings.from_config({**config, "resume": True})
 
 
-def test_a_resume_after_the_last_round_is_taken_while_outputs_are_missing(tmp_path) -> None:
+def _metrics_json(out: Path, *, run_id: str, last_round: int) -> None:
+    rounds = [{"round": k} for k in range(1, last_round + 1)]
+    (out / "metrics.json").write_text(json.dumps({"rounds": rounds, "mlflow_run_id": run_id}))
+
+
+@pytest.mark.parametrize(
+    ("run_id", "last_round"),
+    [("run", 1), ("an-earlier-run", 2)],
+    ids=["an-earlier-round", "an-earlier-run-in-the-same-out"],
+)
+def test_a_resume_after_the_last_round_is_taken_while_outputs_are_missing(
+    tmp_path, run_id: str, last_round: int
+) -> None:
     from server.app import _check_resume
 
     store, settings = _stopped_after_the_last_round(tmp_path)
-    # A metrics.json of an earlier round is not this run's outputs.
-    (tmp_path / "metrics.json").write_text('{"rounds": [{"round": 1}]}')
+    # A metrics.json of another round, or of another MLflow run, is not this run's outputs.
+    _metrics_json(tmp_path, run_id=run_id, last_round=last_round)
 
     found = _check_resume(settings, store)
 
@@ -93,7 +107,7 @@ def test_a_resume_of_a_complete_run_says_where_and_what_to_do(tmp_path, publish:
     (tmp_path / "key.pem").write_text("")  # named only, never read here
     extra = {"registry.model-name": "m", "registry.signing-key": str(tmp_path / "key.pem")}
     store, settings = _stopped_after_the_last_round(tmp_path, **(extra if publish else {}))
-    (tmp_path / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+    _metrics_json(tmp_path, run_id="run", last_round=2)
 
     with pytest.raises(ConfigError) as refused:
         _check_resume(settings, store)
@@ -103,3 +117,79 @@ def test_a_resume_of_a_complete_run_says_where_and_what_to_do(tmp_path, publish:
     assert "for a new run choose another --out" in said
     publish_line = f"fedlora registry publish {tmp_path} --model m --key {tmp_path / 'key.pem'}"
     assert (publish_line in said) is publish
+
+
+def test_the_publish_command_of_a_complete_run_is_the_run_s_own_and_shell_quoted(
+    tmp_path,
+) -> None:
+    from server.app import _check_resume
+    from server.cli import build_parser
+
+    key = tmp_path / "my keys" / "key.pem"
+    key.parent.mkdir()
+    key.write_text("")  # named only, never read here
+    out = tmp_path / "my out"
+    out.mkdir()
+    registry = {
+        "tracking-uri": "http://bob:s3cret@mlflow.internal:5000",
+        "registry.model-name": "m",
+        "registry.signing-key": str(key),
+        "registry.alias": "staging",
+        "registry.passphrase-env": "MY_PASSPHRASE",
+    }
+    store, settings = _stopped_after_the_last_round(out, **registry)
+    _metrics_json(out, run_id="run", last_round=2)
+
+    with pytest.raises(ConfigError) as refused:
+        _check_resume(settings, store)
+
+    said = str(refused.value)
+    command = shlex.split(said.split("finish a publish that was stopped): ", 1)[1])
+    assert command == [
+        *("fedlora", "registry", "publish", str(out), "--model", "m", "--key", str(key)),
+        *("--alias", "staging", "--registry", "http://bob:***@mlflow.internal:5000"),
+        *("--passphrase-env", "MY_PASSPHRASE"),
+    ]
+    assert "s3cret" not in said
+    args = build_parser().parse_args(command[1:])  # what the CLI takes
+    assert (args.source, args.registry) == (str(out), "http://bob:***@mlflow.internal:5000")
+
+
+def test_a_run_its_privacy_budget_stopped_early_is_complete(tmp_path) -> None:
+    # dp.max-epsilon stopped it after round 2 of 5 and it wrote its outputs: a resume would
+    # reopen (or fail) a complete MLflow run.
+    from server.app import _check_resume
+
+    store, settings = _stopped_after_the_last_round(tmp_path, rounds=5)
+    _metrics_json(tmp_path, run_id="run", last_round=2)
+
+    with pytest.raises(ConfigError, match=r"complete \(round 2 of num-server-rounds=5, where it"):
+        _check_resume(settings, store)
+
+
+def test_a_new_run_removes_an_earlier_run_s_metrics_json_before_it_writes(
+    tmp_path, tiny_bert: Path
+) -> None:
+    # Left in OUT, it made the new run look complete until the new run wrote its own, and
+    # `fedlora registry publish OUT` signed the new adapter with the old run's provenance.
+    # A run stopped before its first round (a stopped Grid) shows what it wrote.
+    import threading
+
+    from server.app import run_training
+    from server.settings import RunSettings
+    from server.simulation import StoppableGrid
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _metrics_json(out, run_id="an-earlier-run", last_round=2)
+    settings = RunSettings.from_config(
+        {"labels": "a,b", "out-dir": str(out), "num-server-rounds": 2, "base-model": str(tiny_bert)}
+    )
+    stopped = threading.Event()
+    stopped.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(StoppableGrid(None, stopped), settings)  # type: ignore[arg-type]
+
+    assert (out / "mlflow.db").is_file()  # it had started writing
+    assert not (out / "metrics.json").exists()

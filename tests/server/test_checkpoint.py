@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clients.task.errors import ConfigError
-from server.checkpoint import Checkpoint, CheckpointStore
+from server.checkpoint import Checkpoint, CheckpointStore, outputs_complete
 
 
 def _ckpt(k: int) -> Checkpoint:
@@ -69,3 +69,34 @@ def test_best_round_and_its_tensors_round_trip_apart_from_the_state(tmp_path: Pa
     assert set(loaded.state) == {"w"} and set(loaded.best_state) == {"w"}
     np.testing.assert_array_equal(loaded.state["w"], [3, 3, 3])
     np.testing.assert_array_equal(loaded.best_state["w"], best["w"])
+
+
+@pytest.mark.parametrize(
+    ("metrics", "complete"),
+    [
+        ('{"rounds": [{"round": 1}, {"round": 2}], "mlflow_run_id": "r"}', True),
+        ('{"rounds": [{"round": 1}], "mlflow_run_id": "r"}', False),  # an earlier round
+        ('{"rounds": [{"round": 1}, {"round": 2}], "mlflow_run_id": "old"}', False),
+        ('{"rounds": [{"round": 1}, {"round": 2}]}', False),  # names no run
+        ('{"rounds": [], "mlflow_run_id": "r"}', False),
+        ("[1, 2]", False),
+        ("{not json", False),
+        (None, False),
+    ],
+)
+def test_outputs_are_complete_only_where_metrics_json_is_the_run_s_at_its_round(
+    tmp_path: Path, metrics: str | None, complete: bool
+) -> None:
+    if metrics is not None:
+        (tmp_path / "metrics.json").write_text(metrics)
+
+    assert outputs_complete(tmp_path, completed_round=2, run_id="r") is complete
+
+
+def test_newest_reads_the_round_and_run_id_without_the_tensors(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.newest() == (0, None)
+    store.save(_ckpt(2))
+    (tmp_path / "round-2.npz").unlink()  # not read
+
+    assert store.newest() == (2, "r")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -107,6 +108,40 @@ def test_an_interrupted_command_exits_130_or_143_though_a_library_thread_hangs(
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")],
+)
+def test_an_interrupted_command_leaves_without_the_interpreter_s_shutdown(
+    raised: str, code: int, said: str
+) -> None:
+    # A real SIGTERM of `fedlora train` crashed (SIGSEGV) in 3 of 10 runs after it said
+    # "terminated", while the interpreter shut down under the threads Ray and an abandoned
+    # round loop left running. That crash cannot be caused on purpose; an exit hook that
+    # crashes stands in for it: it runs only if the interpreter shuts down.
+    script = textwrap.dedent(
+        f"""
+        import atexit, os, signal, sys
+        from server import cli
+        from server.interrupt import Terminated
+
+        def interrupted(args):
+            atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
+            raise {raised}("what was kept")
+
+        cli.cmd_demo = interrupted
+        sys.exit(cli.main(["demo"]))
+        """
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip() == f"{said}: what was kept"
+
+
 def test_sigterm_during_the_demo_unwinds_and_exits_143(tmp_path: Path) -> None:
     # The demo's own work is replaced by one that gets `kill PID` (the real one trains for
     # minutes; tests/integration/test_simulation.py sends SIGTERM to a real training run).
@@ -174,12 +209,15 @@ def test_ctrl_c_with_an_unreadable_checkpoint_is_still_an_interruption(
         args.func(args)
 
 
-@pytest.mark.parametrize("outputs_written", [False, True])
+@pytest.mark.parametrize(
+    "metrics_of", [None, "run", "an-earlier-run"], ids=["none", "this-run", "an-earlier-run"]
+)
 def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs_written: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics_of: str | None
 ) -> None:
     # Every round checkpointed: --resume writes the outputs, unless metrics.json (written
-    # last) says they are done, when only a publish can be unfinished.
+    # last) of this run says they are done, when only a publish can be unfinished; an
+    # earlier run's in the same OUT says nothing.
     import server.train
     from server.cli import build_parser
 
@@ -187,23 +225,34 @@ def test_ctrl_c_after_the_last_round_advises_what_finishes_the_run(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(server.train, "run_train", interrupted)
-    out = tmp_path / "out"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's store: OUT/mlflow.db
+    out = tmp_path / "my out"  # the command said is shell-quoted
+    key = tmp_path / "k.pem"
+    key.write_text("")
     (out / "checkpoint").mkdir(parents=True)
-    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2}')
-    if outputs_written:
-        (out / "metrics.json").write_text('{"rounds": [{"round": 1}, {"round": 2}]}')
+    (out / "checkpoint" / "state.json").write_text('{"completed_round": 2, "run_id": "run"}')
+    if metrics_of:
+        (out / "metrics.json").write_text(
+            f'{{"rounds": [{{"round": 1}}, {{"round": 2}}], "mlflow_run_id": "{metrics_of}"}}'
+        )
     args = build_parser().parse_args(
         ["train", "--sites", str(tmp_path), "--rounds", "2", "--out", str(out),
-         "--set", "registry.model-name=m", "--set", "registry.signing-key=k.pem"]
+         "--set", "registry.model-name=m", "--set", f"registry.signing-key={key}",
+         "--set", "registry.alias=staging"]
     )  # fmt: skip
     with pytest.raises(KeyboardInterrupt) as stopped:
         args.func(args)
 
     said = str(stopped.value)
-    if outputs_written:
+    if metrics_of == "run":
+        registry = f"sqlite:///{out.resolve() / 'mlflow.db'}"  # the run's tracking store
+        command = shlex.join(
+            ["fedlora", "registry", "publish", str(out), "--model", "m", "--key", str(key),
+             "--alias", "staging", "--registry", registry]
+        )  # fmt: skip
         assert said == (
             f"the run's outputs in {out} are complete; if it was publishing, "
-            f"`fedlora registry publish {out} --model m --key k.pem` finishes that"
+            f"`{command}` finishes that"
         )
     else:
         assert "holds all 2 rounds" in said

@@ -140,3 +140,37 @@ def test_an_abandoned_round_loop_leaves_its_mlflow_run_killed(
     client = MlflowClient(tracking_uri=tracking_uri)
     assert client.get_run(str(running.run_id)).info.status == "KILLED"
     assert client.get_run(str(ended.run_id)).info.status == "FINISHED"
+
+
+def test_the_mlflow_run_is_killed_as_soon_as_the_stop_begins(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `docker stop` sends SIGKILL 10 s after SIGTERM, before a round that does not stop
+    # has had its grace period: the run must not be left RUNNING. A thread stands in for
+    # the round loop (a real one stops too soon to be watched): it waits for its MLflow
+    # run to be marked while the wait for it is still on, then ends its last round and
+    # finishes the run, which then stands as FINISHED.
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(simulation, "STOP_GRACE_SECONDS", 30.0)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    tracker = Tracker(tracking_uri, "stopping", artifact_root=tmp_path / "artifacts")
+    tracker.start(params={})
+    seen: list[str] = []
+
+    def round_loop() -> None:
+        deadline = time.monotonic() + 10
+        while (status := client.get_run(str(tracker.run_id)).info.status) != "KILLED":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        seen.append(status)
+        tracker.finish()
+
+    loop = threading.Thread(target=round_loop, daemon=True)
+    loop.start()
+
+    _wait_for_training([loop], again="SIGTERM", trackers=[tracker])
+
+    assert seen == ["KILLED"]  # marked before the wait, which the loop then ended
+    assert client.get_run(str(tracker.run_id)).info.status == "FINISHED"

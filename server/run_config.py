@@ -65,9 +65,8 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "lora.dropout": (float, 0.0, "LoRA dropout"),
     "lora.target-modules": (
         str,
-        "auto",
-        "auto (all-linear; peft's default under DP), comma-separated names, all-linear, "
-        "or empty (peft's default per model type)",
+        "",
+        "comma-separated module names, or all-linear; empty: peft's default per model type",
     ),
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
     "head.init": (

@@ -21,7 +21,7 @@ from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set
-from clients.task.model import ALL_LINEAR, ModelSpec, base_digest
+from clients.task.model import ModelSpec, base_digest
 from clients.task.plan import TrainPlan
 from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
@@ -33,9 +33,6 @@ from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import HEAD_MARK, ServerOptimizer
 from strategies.strategy import Strategy
-
-# `lora.target-modules` resolved by the run's privacy mode (`_target_modules`).
-AUTO_TARGETS = "auto"
 
 ON_ROUND_FAILURE = ("stop", "skip")
 ROBUST_MODES = ("auto", "bounded", "off")
@@ -157,28 +154,6 @@ class ClientDPSettings:
             delta=v["dp.delta"],
             max_epsilon=v["dp.max-epsilon"],
         )
-
-
-def _target_modules(v: Mapping[str, Any], *, private: bool) -> tuple[str, ...]:
-    """``lora.target-modules`` as `ModelSpec` takes it, with ``auto`` resolved.
-
-    ``auto`` is every linear layer (peft's ``all-linear``) for a run without DP, and
-    peft's default layers per model type under client-level (``dp.*``) or sample-level
-    (``site-dp.*``) DP: the noise of both grows with the number of trained coordinates,
-    which all-linear multiplies by about 4 (README "Quality": all-linear lifted the
-    non-private runs and halved the DP-SGD run's accuracy).
-
-    Raises:
-        ConfigError: If ``auto`` comes with other names.
-    """
-    names = split_list(v["lora.target-modules"])
-    if AUTO_TARGETS not in names:
-        return names
-    if len(names) > 1:
-        raise ConfigError(
-            f"lora.target-modules={v['lora.target-modules']!r}: {AUTO_TARGETS!r} stands alone"
-        )
-    return () if private else (ALL_LINEAR,)
 
 
 def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
@@ -419,12 +394,7 @@ class RunSettings:
                 lora_r=v["lora.r"],
                 lora_alpha=v["lora.alpha"],
                 lora_dropout=v["lora.dropout"],
-                target_modules=_target_modules(
-                    v,
-                    private=client_dp is not None
-                    or v["site-dp.noise-multiplier"] > 0
-                    or v["site-dp.target-epsilon"] > 0,
-                ),
+                target_modules=split_list(v["lora.target-modules"]),
                 aggregation=v["aggregation"],
                 quantization=v["quantization"],
                 seed=v["seed"],

@@ -47,8 +47,6 @@ def test_defaults_match_pyproject() -> None:
         ({"server.optimizer": "yogi"}, "server.optimizer='yogi' must be one of sgd, adam"),
         ({"aggregation": "mean"}, "aggregation='mean'"),
         ({"labels": ""}, "needs at least 2 labels"),
-        ({"lora.target-modules": "auto,query"}, "lora.target-modules='auto,query': 'auto' stands"),
-        ({"lora.target-modules": "all-linear,dense"}, "'all-linear' stands alone"),
         # NaN compares false with everything and inf passes "> 0": each would run silently
         # (a round that never times out, a proximal term or margin that is all NaN, a SecAgg+
         # quantization that maps every coordinate to 0).
@@ -84,28 +82,6 @@ def test_overrides_are_typed_like_toml() -> None:
     }
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_overrides(["novalue"])
-
-
-@pytest.mark.parametrize(
-    ("config", "layers"),
-    [
-        ({}, ("all-linear",)),  # the default, auto, without DP: every linear layer
-        ({"site-dp.target-epsilon": 8.0}, ()),  # under DP: peft's default layers
-        ({"site-dp.noise-multiplier": 1.0}, ()),
-        ({"dp.clip-norm": 0.5, "dp.target-epsilon": 8.0}, ()),
-        ({"lora.target-modules": "", "site-dp.target-epsilon": 0.0}, ()),  # as given
-        ({"lora.target-modules": "all-linear", "site-dp.target-epsilon": 8.0}, ("all-linear",)),
-        ({"lora.target-modules": "query,key"}, ("query", "key")),
-    ],
-)
-def test_auto_layers_follow_the_privacy_mode(config: dict, layers: tuple[str, ...]) -> None:
-    settings = RunSettings.from_config({**OK, **config})
-    assert settings.spec.target_modules == layers
-    # What a run records and a resume compares is the resolved value, never "auto".
-    params = settings.as_params()
-    assert params["lora.target-modules"] == ",".join(layers)
-    again = RunSettings.from_config({**OK, **config, "lora.target-modules": ",".join(layers)})
-    assert again.spec.target_modules == layers and not settings.changed_since(again.fingerprint())
 
 
 def test_strategy_follows_proximal_mu() -> None:

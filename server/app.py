@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 from collections.abc import Callable, Mapping
@@ -109,16 +110,35 @@ def _complete_run(settings: RunSettings, completed_round: int) -> str:
 def publish_command(out_dir: Path, publish: PublishSettings, *, tracking_uri: str) -> str:
     """The ``fedlora registry publish`` command line that publishes a run's outputs as
     the run does: into its tracking store, with its model name, key, alias and passphrase
-    variable. Shell-quoted; a password in the tracking URI is shown as ``***``.
+    variable. Shell-quoted.
+
+    A tracking URI that may hold a credential (any user part, query or fragment: a
+    password, a token as user name, ``?password=``) is never printed: the command then
+    has no ``--registry`` and says to run it with ``MLFLOW_TRACKING_URI`` set to the run's
+    tracking URI, the registry command's default; so is a URI equal to that variable.
     """
     words = [
         *("fedlora", "registry", "publish", str(out_dir)),
         *("--model", publish.model_name, "--key", str(publish.signing_key)),
-        *("--alias", publish.alias, "--registry", redact_uri(tracking_uri)),
+        *("--alias", publish.alias),
     ]
+    from_env = tracking_uri == os.environ.get("MLFLOW_TRACKING_URI") or _may_hold_secret(
+        tracking_uri
+    )
+    if not from_env:
+        words += ["--registry", tracking_uri]
     if publish.passphrase_env != PASSPHRASE_ENV:
         words += ["--passphrase-env", publish.passphrase_env]
-    return shlex.join(words)
+    command = shlex.join(words)
+    if from_env and tracking_uri != os.environ.get("MLFLOW_TRACKING_URI"):
+        command += " (with MLFLOW_TRACKING_URI set to the run's tracking-uri)"
+    return command
+
+
+def _may_hold_secret(uri: str) -> bool:
+    """Whether a URI has a part a credential can hide in: a user part, query or fragment."""
+    parts = urlsplit(uri)
+    return bool("@" in parts.netloc or parts.query or parts.fragment)
 
 
 def run_training(
@@ -157,13 +177,6 @@ def run_training(
     loaded = build_model(settings.spec)
     initial = trainable_state(loaded.model)
 
-    # Refused above if it were this run's: an earlier run's metrics.json would make this
-    # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
-    # with that run's provenance. This run writes its own last.
-    stale = settings.out_dir / "metrics.json"
-    if stale.is_file():
-        log.warning("removing %s: it is not this run's (this run writes its own)", stale)
-        stale.unlink()
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
@@ -175,6 +188,14 @@ def run_training(
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
     log.info("MLflow run %s at %s", run_id, redact_uri(uri))
+    # Refused above if it were this run's: an earlier run's metrics.json would make this
+    # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
+    # with that run's provenance. Removed only now that every check has passed and the
+    # MLflow run is open (a refused run loses nothing); this run writes its own last.
+    stale = settings.out_dir / "metrics.json"
+    if stale.is_file():
+        log.warning("removing %s: it is not this run's (this run writes its own)", stale)
+        stale.unlink()
     if on_tracking is not None:
         on_tracking(tracker)
     if outputs_only:

@@ -144,15 +144,46 @@ def test_the_publish_command_of_a_complete_run_is_the_run_s_own_and_shell_quoted
         _check_resume(settings, store)
 
     said = str(refused.value)
-    command = shlex.split(said.split("finish a publish that was stopped): ", 1)[1])
+    advice = said.split("finish a publish that was stopped): ", 1)[1]
+    # A URI with a user part may hold a credential: never printed, the registry comes
+    # from MLFLOW_TRACKING_URI (the registry command's default), and the advice says so.
+    assert advice.endswith(" (with MLFLOW_TRACKING_URI set to the run's tracking-uri)")
+    command = shlex.split(
+        advice.removesuffix(" (with MLFLOW_TRACKING_URI set to the run's tracking-uri)")
+    )
     assert command == [
         *("fedlora", "registry", "publish", str(out), "--model", "m", "--key", str(key)),
-        *("--alias", "staging", "--registry", "http://bob:***@mlflow.internal:5000"),
-        *("--passphrase-env", "MY_PASSPHRASE"),
+        *("--alias", "staging", "--passphrase-env", "MY_PASSPHRASE"),
     ]
-    assert "s3cret" not in said
+    assert "s3cret" not in said and "bob" not in said
     args = build_parser().parse_args(command[1:])  # what the CLI takes
-    assert (args.source, args.registry) == (str(out), "http://bob:***@mlflow.internal:5000")
+    assert (args.source, args.registry) == (str(out), None)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://tok3n@mlflow.internal",  # a token as the user name
+        "postgresql://u@db/mlflow?password=s3cret",
+        "https://u:p@h:5000?token=abc",
+        "https://mlflow.internal/#s3cret",
+    ],
+)
+def test_a_tracking_uri_that_may_hold_a_credential_is_never_printed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, uri: str
+) -> None:
+    from server.app import publish_command
+    from server.settings import PublishSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    publish = PublishSettings("m", tmp_path / "k.pem", "FEDLORA_KEY_PASSPHRASE", "candidate")
+    said = publish_command(tmp_path, publish, tracking_uri=uri)
+    assert "--registry" not in said and "MLFLOW_TRACKING_URI" in said
+    assert not any(secret in said for secret in ("tok3n", "s3cret", "abc", "u:p"))
+    plain = publish_command(tmp_path, publish, tracking_uri="http://[::1]:5000")
+    assert shlex.split(plain)[-2:] == ["--registry", "http://[::1]:5000"]  # as given
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://[::1]:5000")
+    assert "--registry" not in publish_command(tmp_path, publish, tracking_uri="http://[::1]:5000")
 
 
 def test_a_run_its_privacy_budget_stopped_early_is_complete(tmp_path) -> None:
@@ -193,3 +224,28 @@ def test_a_new_run_removes_an_earlier_run_s_metrics_json_before_it_writes(
 
     assert (out / "mlflow.db").is_file()  # it had started writing
     assert not (out / "metrics.json").exists()
+
+
+def test_a_run_refused_by_its_tracking_store_keeps_an_earlier_run_s_metrics_json(
+    tmp_path, tiny_bert: Path
+) -> None:
+    # Everything that can be refused is checked before the first write: a tracking store
+    # that cannot be opened refuses the run, which must not have removed anything yet.
+    from server.app import run_training
+    from server.settings import RunSettings
+
+    out = tmp_path / "out"
+    out.mkdir()
+    _metrics_json(out, run_id="an-earlier-run", last_round=2)
+    earlier = (out / "metrics.json").read_text()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a directory path through a regular file: sqlite cannot open it
+    settings = RunSettings.from_config(
+        {"labels": "a,b", "out-dir": str(out), "num-server-rounds": 2,
+         "base-model": str(tiny_bert), "tracking-uri": f"sqlite:///{blocker}/mlflow.db"}
+    )  # fmt: skip
+
+    with pytest.raises(Exception):  # noqa: B017 (MLflow's own error type varies)
+        run_training(None, settings)  # type: ignore[arg-type]  # refused before any round
+
+    assert (out / "metrics.json").read_text() == earlier

@@ -47,6 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import write_atomic
 from server import pki
@@ -451,7 +455,7 @@ class Federation:
         fingerprint = pki.fingerprint(pub_path.read_bytes())
         try:
             answer = self.flwr("supernode", "register", str(pub_path), "--name", site_id)
-            return int(answer["node-id"])
+            return _node_id(answer)
         except NoAnswer as exc:
             failure: FederationError = exc
         except FederationError as exc:
@@ -667,8 +671,32 @@ def _put_back(
             directory.rmdir()
 
 
+def _node_id(answer: dict[str, Any]) -> int:
+    """The node id of a ``flwr supernode register`` success answer.
+
+    Raises:
+        NoAnswer: If the answer says success but names no integer node id: the SuperLink
+            has probably registered the key, so nothing may be removed on this answer.
+    """
+    try:
+        node_id = answer["node-id"]
+        if isinstance(node_id, bool):
+            raise TypeError("a bool")
+        return int(node_id)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NoAnswer(
+            f"`flwr supernode register` said success without a node id ({exc!r} in "
+            f"{str(answer)[:200]})"
+        ) from exc
+
+
 def _read_public_key(path: Path) -> bytes:
-    """A site's OpenSSH public key, as ``enroll --public-key`` takes it.
+    """A site's OpenSSH public key, as ``enroll --public-key`` takes it, in the one
+    canonical spelling `pki.node_public_openssh` writes (no comment, canonical base64).
+
+    The spelling matters: fingerprints (the roster's, the revoked records', the
+    SuperLink's node list) are taken over the OpenSSH key blob, and a base64 text that
+    decodes to the same key with other padding bits would get another fingerprint.
 
     Raises:
         ConfigError: If it is unreadable or not an OpenSSH NIST EC public key.
@@ -677,12 +705,16 @@ def _read_public_key(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"--public-key {path}: {exc}") from exc
-    if not data.startswith(b"ecdsa-sha2-nistp"):
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"--public-key {path} is not an OpenSSH public key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ConfigError(
             f"--public-key {path} is not an OpenSSH NIST EC public key "
             "(ecdsa-sha2-nistp384 ...), which Flower's node authentication needs"
         )
-    return data
+    return pki.node_public_openssh(key)
 
 
 def init_federation(

@@ -501,6 +501,57 @@ def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregist
     assert superlink.nodes == live and fed.roster().sites == {}
 
 
+def test_a_revoked_key_spelled_another_way_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same key with a comment and other padding bits in its base64 (both decode to
+    # the same key): a fingerprint of the text would differ from the roster's.
+    import base64
+
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    superlink.fail = NoAnswer("`flwr supernode unregister` against x failed: timed out")
+    with pytest.raises(NoAnswer):
+        fed.revoke("a")
+    superlink.fail = None
+    kind, blob = (fed.site_dir("a") / "node.pub").read_bytes().split()[:2]
+    raw = base64.b64decode(blob)
+    assert len(raw) % 3, "the blob needs padding for the last character to have spare bits"
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    text = blob.rstrip(b"=")
+    last = alphabet.index(text[-1:]) | (1 if len(raw) % 3 == 2 else 3)  # spare bits set
+    respelled = text[:-1] + alphabet[last : last + 1] + b"=" * (len(blob) - len(text))
+    assert respelled != blob and base64.b64decode(respelled) == raw
+    other = tmp_path / "other.pub"
+    other.write_bytes(kind + b" " + respelled + b" admin@laptop\n")
+
+    with pytest.raises(ConfigError, match="is that of site 'a', revoked as node 7"):
+        fed.enroll("new-site", public_key=other)
+    assert fed.roster().sites == {}
+
+
+def test_a_success_answer_without_a_node_id_keeps_the_key_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `flwr` said success, so the SuperLink has probably registered the key: a malformed
+    # answer (faked: Flower always sends the id) is no reason to remove the key pair.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    superlink.unlisted = NoAnswer("`flwr supernode ls` against x failed: timed out")
+    real = FakeSuperLink.__call__
+
+    def no_node_id(self: FakeSuperLink, *args: str, timeout: float = 60.0) -> dict[str, Any]:
+        answer = real(self, *args, timeout=timeout)
+        return {"success": True} if args[:2] == ("supernode", "register") else answer
+
+    monkeypatch.setattr(FakeSuperLink, "__call__", no_node_id)
+
+    with pytest.raises(NoAnswer, match="said success without a node id"):
+        fed.enroll("a")
+    assert (fed.site_dir("a") / "node.key").exists() and (fed.site_dir("a") / "node.pub").exists()
+
+
 def test_an_init_that_did_not_finish_is_named_as_such_by_init_and_by_the_commands(
     tmp_path: Path,
 ) -> None:

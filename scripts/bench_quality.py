@@ -588,13 +588,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "epochs": passes,
         "optimizer": "AdamW (one optimizer for the whole run), weight decay 0",
         "model": f"{settings.spec.base}, LoRA r={settings.spec.lora_r} "
-        f"({settings.spec.aggregation}), same seeded init as the federated run",
+        f"({settings.spec.aggregation}), the federated run's seed (the same init where the "
+        "layers are the same)",
         # LoRA on more layers can make centralized training at the run's learning rate
         # unstable (all-linear collapsed on the supersense set at 5e-3, README "Quality"),
         # so the reference also trains with peft's default layers and keeps the stronger.
         "target_modules": central_targets(args.central_target_modules, settings),
         "reference_rule": "the variant with the best test accuracy at any epoch",
     }
+    from clients.task.errors import ConfigError
+    from server.run_config import split_list
+
+    for targets in central["target_modules"]:  # refused now, not after the federated run
+        try:
+            replace(settings.spec, target_modules=split_list(targets))
+        except ConfigError as exc:
+            console.print(f"[red]error:[/red] centralized reference: {exc}", highlight=False)
+            return 2
     console.print(
         f"{data.name}: {len(data.train)} train rows ({len(labels)} labels) over "
         f"{args.sites} sites (α={args.alpha}, sizes {min(map(len, parts))}-"

@@ -505,6 +505,13 @@ class Federation:
                 f"the key is that of site {enrolled[0]!r} (node {node.node_id}) on the "
                 f"roster; {site_id!r} needs a key pair of its own"
             )
+        if node.name and node.name != site_id:
+            # Registered for another site (``--name``): a roster written before revoked
+            # records were kept may have lost that site's record, so its name decides.
+            raise ConfigError(
+                f"the key's node {node.node_id} was registered for site {node.name!r}, "
+                f"not {site_id!r}; {site_id!r} needs a key pair of its own"
+            )
         log.warning(
             "%s; the SuperLink's node list holds the key as node %d (not on the roster), "
             "which is enrolled as %r",

@@ -9,6 +9,7 @@ import re
 import shlex
 import stat
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +529,27 @@ def test_a_revoked_key_spelled_another_way_is_still_refused(
 
     with pytest.raises(ConfigError, match="is that of site 'a', revoked as node 7"):
         fed.enroll("new-site", public_key=other)
+    assert fed.roster().sites == {}
+
+
+def test_a_node_registered_for_another_site_is_not_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A roster from before revoked records were kept may have lost a revoked site's
+    # record; the node's registered name (enroll's --name) still tells whose it is.
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    pub = _public_key(tmp_path / "old.pub")
+    superlink.nodes[7] = (pub.read_bytes(), "registered")
+    listed = superlink.list
+    monkeypatch.setattr(
+        Federation,
+        "nodes",
+        lambda _self, *, timeout=60.0: [replace(n, name="a") for n in listed(timeout=timeout)],
+    )
+
+    with pytest.raises(ConfigError, match="node 7 was registered for site 'a', not 'b'"):
+        fed.enroll("b", public_key=pub)
     assert fed.roster().sites == {}
 
 

@@ -198,6 +198,7 @@ def test_a_run_its_privacy_budget_stopped_early_is_complete(tmp_path) -> None:
         _check_resume(settings, store)
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_a_new_run_removes_an_earlier_run_s_metrics_json_before_it_writes(
     tmp_path, tiny_bert: Path
 ) -> None:
@@ -226,6 +227,7 @@ def test_a_new_run_removes_an_earlier_run_s_metrics_json_before_it_writes(
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_a_run_refused_by_its_tracking_store_keeps_an_earlier_run_s_metrics_json(
     tmp_path, tiny_bert: Path
 ) -> None:

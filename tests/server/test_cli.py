@@ -71,6 +71,7 @@ def test_every_help_page_renders() -> None:
         assert parser.format_help(), path  # a stray % in a help text would raise here
 
 
+@pytest.mark.integration  # a real subprocess that waits out a hung thread: seconds
 @pytest.mark.parametrize(
     ("raised", "code", "said"),
     [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")],
@@ -108,6 +109,7 @@ def test_an_interrupted_command_exits_130_or_143_though_a_library_thread_hangs(
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.integration  # a real subprocess that waits out a hung thread: seconds
 @pytest.mark.parametrize(
     ("raised", "code", "said"),
     [("KeyboardInterrupt", 130, "interrupted"), ("Terminated", 143, "terminated")],

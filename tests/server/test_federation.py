@@ -235,6 +235,7 @@ def _finishing_command(message: str) -> list[str]:
     return shlex.split(command)
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_an_enrol_while_the_superlink_is_down_keeps_the_key_pair_and_names_what_finishes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -444,6 +445,7 @@ def test_a_roster_that_cannot_be_written_after_the_registration_says_how_to_fini
     assert len(superlink.nodes) == 1
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,6 +97,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 @pytest.mark.parametrize("cut_short", [False, True], ids=["grace-passed", "second-ctrl-c"])
 def test_an_abandoned_round_loop_leaves_its_mlflow_run_killed(
     tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_short: bool

@@ -144,6 +144,7 @@ def test_an_interrupted_command_leaves_without_the_interpreter_s_shutdown(
     assert proc.stderr.strip() == f"{said}: what was kept"
 
 
+@pytest.mark.integration  # waits out a real grace period or signal: seconds
 def test_sigterm_during_the_demo_unwinds_and_exits_143(tmp_path: Path) -> None:
     # The demo's own work is replaced by one that gets `kill PID` (the real one trains for
     # minutes; tests/integration/test_simulation.py sends SIGTERM to a real training run).

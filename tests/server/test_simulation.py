@@ -143,6 +143,7 @@ def test_an_abandoned_round_loop_leaves_its_mlflow_run_killed(
     assert client.get_run(str(ended.run_id)).info.status == "FINISHED"
 
 
+@pytest.mark.integration  # waits out a real grace period or signal: seconds
 def test_the_mlflow_run_is_killed_as_soon_as_the_stop_begins(
     tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -466,10 +466,10 @@ def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it
     )
 
 
-def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregister_is_named(
+def _revoked_with_its_node_live(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
+) -> tuple[Federation, FakeSuperLink]:
+    """A federation whose site "a" (node 7) is revoked, its unregister unanswered."""
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     superlink = FakeSuperLink().install(monkeypatch)
     fed.enroll("a")
@@ -477,6 +477,14 @@ def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregist
     with pytest.raises(NoAnswer):
         fed.revoke("a")
     superlink.fail = None
+    return fed, superlink
+
+
+def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregister_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
+    fed, superlink = _revoked_with_its_node_live(tmp_path, monkeypatch)
     key, pub = fed.site_dir("a") / "node.key", fed.site_dir("a") / "node.pub"
     live = dict(superlink.nodes)
     assert live[7][1] == "registered"
@@ -511,13 +519,7 @@ def test_a_revoked_key_spelled_another_way_is_still_refused(
     # the same key): a fingerprint of the text would differ from the roster's.
     import base64
 
-    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
-    superlink = FakeSuperLink().install(monkeypatch)
-    fed.enroll("a")
-    superlink.fail = NoAnswer("`flwr supernode unregister` against x failed: timed out")
-    with pytest.raises(NoAnswer):
-        fed.revoke("a")
-    superlink.fail = None
+    fed, _ = _revoked_with_its_node_live(tmp_path, monkeypatch)
     kind, blob = (fed.site_dir("a") / "node.pub").read_bytes().split()[:2]
     raw = base64.b64decode(blob)
     assert len(raw) % 3, "the blob needs padding for the last character to have spare bits"

@@ -122,15 +122,14 @@ def publish_command(out_dir: Path, publish: PublishSettings, *, tracking_uri: st
         *("--model", publish.model_name, "--key", str(publish.signing_key)),
         *("--alias", publish.alias),
     ]
-    from_env = tracking_uri == os.environ.get("MLFLOW_TRACKING_URI") or _may_hold_secret(
-        tracking_uri
-    )
-    if not from_env:
+    is_default = tracking_uri == os.environ.get("MLFLOW_TRACKING_URI")
+    hidden = not is_default and _may_hold_secret(tracking_uri)
+    if not (is_default or hidden):
         words += ["--registry", tracking_uri]
     if publish.passphrase_env != PASSPHRASE_ENV:
         words += ["--passphrase-env", publish.passphrase_env]
     command = shlex.join(words)
-    if from_env and tracking_uri != os.environ.get("MLFLOW_TRACKING_URI"):
+    if hidden:
         command += " (with MLFLOW_TRACKING_URI set to the run's tracking-uri)"
     return command
 

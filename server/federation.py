@@ -411,9 +411,7 @@ class Federation:
             if made_key:
                 finish = (
                     f"the key pair is kept in {site_dir}; to finish, once the SuperLink "
-                    f"answers, run: fedlora federation enroll {shlex.quote(site_id)} "
-                    f"--federation {shlex.quote(str(self.directory))} "
-                    f"--public-key {shlex.quote(str(pub_path))}"
+                    f"answers, run: {self._enroll_command(site_id, pub_path)}"
                 )
             else:
                 _put_back(made_key, key_path, pub_path, old_pub, made_dirs)
@@ -432,9 +430,8 @@ class Federation:
             raise FederationError(
                 f"the SuperLink registered {site_id!r}'s key as node {node_id}, but "
                 f"{self.roster_path} could not be written ({exc}); {pub_path} is kept: once "
-                f"it can be, run: fedlora federation enroll {shlex.quote(site_id)} "
-                f"--federation {shlex.quote(str(self.directory))} "
-                f"--public-key {shlex.quote(str(pub_path))} (it enrols node {node_id})"
+                f"it can be, run: {self._enroll_command(site_id, pub_path)} "
+                f"(it enrols node {node_id})"
             ) from exc
         return roster.sites[site_id]
 
@@ -543,9 +540,9 @@ class Federation:
             )
         return (
             f"{key_path} exists, from an earlier enrol of {site_id!r} that is not on the "
-            "roster; reuse it (whether or not the SuperLink registered it): `fedlora "
-            f"federation enroll {site_id} --federation {self.directory} --public-key "
-            f"{pub_path}`, or remove {key_path} and {pub_path} to enroll with a new key pair"
+            "roster; reuse it (whether or not the SuperLink registered it): "
+            f"`{self._enroll_command(site_id, pub_path)}`, or remove {key_path} and "
+            f"{pub_path} to enroll with a new key pair"
         )
 
     def _revoked(self, what: str, revoked: tuple[str, dict[str, Any]], *, then: str) -> str:
@@ -558,6 +555,13 @@ class Federation:
             f"{node_id} is still registered at the SuperLink: finish that first, with: "
             f"{self._unregister_command(node_id)}; then {then} with a new key pair"
         )
+
+    def _enroll_command(self, site_id: str, pub_path: Path) -> str:
+        """The ``fedlora`` command that enrols ``site_id`` with the key in ``pub_path``."""
+        return shell(
+            ["fedlora", "federation", "enroll", site_id, "--federation", str(self.directory),
+             "--public-key", str(pub_path)]
+        )  # fmt: skip
 
     def _unregister_command(self, node_id: int) -> str:
         """The ``flwr`` command that unregisters ``node_id``, as revoke runs it."""

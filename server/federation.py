@@ -625,10 +625,23 @@ class Federation:
                     "site": None,
                     "node-id": node_id,
                     "public-key": node.public_key,
-                    "status": f"{node.status}, NOT ON THE ROSTER (gets no work)",
+                    "status": self._off_roster_status(roster, node),
                 }
             )
         return rows
+
+    def _off_roster_status(self, roster: Roster, node: Node) -> str:
+        """A listed node that is not on the roster: whose it was, if a revoked site's."""
+        status = f"{node.status}, NOT ON THE ROSTER (gets no work)"
+        found = roster.revocation(public_key=node.public_key, node_id=node.node_id)
+        if found is None:
+            return status
+        site, record = found
+        when = f" on {record['revoked']}" if record.get("revoked") else ""
+        status += f"; site {site!r}'s, revoked{when}"
+        if node.status != "unregistered":  # revoke's unregister got no answer
+            status += f"; finish its revoke with: {self._unregister_command(node.node_id)}"
+        return status
 
 
 def _fingerprint_pem(node: dict[str, Any]) -> str:

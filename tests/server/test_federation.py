@@ -512,6 +512,28 @@ def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregist
     assert superlink.nodes == live and fed.roster().sites == {}
 
 
+def test_sites_names_the_revoked_site_of_a_node_still_registered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
+    fed, superlink = _revoked_with_its_node_live(tmp_path, monkeypatch)
+    revoked_on = fed.roster().revoked["a"]["revoked"]
+    # Act
+    (row,) = [r for r in fed.sites() if r["node-id"] == 7]
+    # Assert: off the roster, whose it was, and the command that finishes the revoke.
+    assert row["site"] is None
+    assert row["status"] == (
+        f"registered, NOT ON THE ROSTER (gets no work); site 'a''s, revoked on {revoked_on}; "
+        f"finish its revoke with: FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora"
+    )
+    # Act / Assert: once unregistered, the node is named as the revoked site's, no more.
+    superlink.nodes[7] = (superlink.nodes[7][0], "unregistered")
+    (row,) = [r for r in fed.sites() if r["node-id"] == 7]
+    assert row["status"] == (
+        f"unregistered, NOT ON THE ROSTER (gets no work); site 'a''s, revoked on {revoked_on}"
+    )
+
+
 def test_a_revoked_key_spelled_another_way_is_still_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -196,29 +196,29 @@ def cmd_federation_revoke(args: argparse.Namespace) -> int:
 
 def cmd_federation_local(args: argparse.Namespace) -> int:
     import os
-    import signal
 
     from server.local import progress_line, run_local
     from server.run_config import parse_overrides
-
-    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so every process is stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     def show(line: str) -> None:
         shown = progress_line(line)
         if shown is not None:
             console.print(shown, highlight=False, markup=False)
 
-    result = run_local(
-        sites_dir=Path(args.sites),
-        rounds=args.rounds,
-        out=Path(args.out),
-        insecure=args.insecure,
-        overrides=parse_overrides(args.set or []),
-        workers=not args.cold,
-        worker_pool=(os.cpu_count() or 1) if args.worker_pool is None else args.worker_pool or None,
-        on_line=show,
-    )
+    pool = (os.cpu_count() or 1) if args.worker_pool is None else args.worker_pool or None
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C, so every process is
+    # stopped; the CLI then says "terminated" and exits 143 (Ctrl-C: 130).
+    with terminate_as_interrupt():
+        result = run_local(
+            sites_dir=Path(args.sites),
+            rounds=args.rounds,
+            out=Path(args.out),
+            insecure=args.insecure,
+            overrides=parse_overrides(args.set or []),
+            workers=not args.cold,
+            worker_pool=pool,
+            on_line=show,
+        )
     out = Console()
     out.print(round_table(result.history))
     security = "TLS + SuperNode authentication + roster" if result.secure else "INSECURE"

@@ -150,8 +150,9 @@ def run_training(
     """Run a whole training run on a Grid (simulation or Deployment Engine).
 
     Args:
-        on_tracking: Called with the run's `Tracker` once its MLflow run is open (the
-            simulation marks the run KILLED with it if it has to abandon this call).
+        on_tracking: Called with the run's `Tracker` before its MLflow run opens (the
+            simulation marks the run KILLED with it when a stop begins, and if it has to
+            abandon this call; a run opened after that is marked as it opens).
     """
     quiet_transformers()
     # Everything that can be refused is checked before the first write.
@@ -179,6 +180,8 @@ def run_training(
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(settings.tracking_uri, settings.out_dir)
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
+    if on_tracking is not None:  # before the run opens: a stop meanwhile marks it as it opens
+        on_tracking(tracker)
     params = settings.as_params() | {"base-model-digest": digest}
     run_id = tracker.start(
         params=params,
@@ -195,8 +198,6 @@ def run_training(
     if stale.is_file():
         log.warning("removing %s: it is not this run's (this run writes its own)", stale)
         stale.unlink()
-    if on_tracking is not None:
-        on_tracking(tracker)
     if outputs_only:
         log.info(
             "%s holds the last round (%d): writing the run's outputs only",

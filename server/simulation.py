@@ -192,26 +192,28 @@ def _wait_for_training(
     """Give the stopped round loop `STOP_GRACE_SECONDS` to end; ``again`` cuts it short.
 
     Its MLflow run is marked KILLED first (`--resume` reopens it), unless the loop had
-    ended it: a service manager may kill the process before the wait is over. The loop
-    may still end the run its own way during the wait (FINISHED after its last round).
-    The thread is a daemon: if it is still busy after the wait, the process exits
+    ended it: a service manager may kill the process before the wait is over. The hint
+    that ``again`` exits at once is logged before that call to the tracking store. A run
+    the loop has not opened yet is marked as it opens (`Tracker.kill_unless_ended`). The
+    loop may still end the run its own way during the wait (FINISHED after its last
+    round). The thread is a daemon: if it is still busy after the wait, the process exits
     without it, and whatever it had not checkpointed is lost (the previous checkpoint
-    stays whole); a run it opened during the wait is marked KILLED then.
+    stays whole).
 
     Raises:
         KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
     ended = False
     try:
+        if any(thread.is_alive() for thread in training):  # said before the MLflow calls
+            log.warning(
+                "stopping: the round in flight has up to %.0f s to end (%s again: exit now)",
+                STOP_GRACE_SECONDS,
+                again,
+            )
         for tracker in trackers:
             _mark_killed(tracker)
         for thread in training:
-            if thread.is_alive():
-                log.warning(
-                    "stopping: the round in flight has up to %.0f s to end (%s again: exit now)",
-                    STOP_GRACE_SECONDS,
-                    again,
-                )
             thread.join(STOP_GRACE_SECONDS)
         ended = not any(thread.is_alive() for thread in training)
     finally:  # also when a second signal cuts the wait short (after which is_alive()

@@ -25,6 +25,8 @@ CONFIG_ARTIFACT = "run-config.toml"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 MAX_TAG_CHARS = 8000  # and on a tag value
 BATCH_METRICS = 1000  # most metrics one log_batch call takes
+# How long a stop's KILLED mark waits for the run's loop to leave `start` or `finish`.
+KILL_WAIT_SECONDS = 1.0
 
 
 def resolve_tracking_uri(configured: str, out_dir: Path) -> str:
@@ -60,6 +62,7 @@ class Tracker:
         self.run_id: str | None = None
         self.status: str | None = None  # how `finish` ended the run; None while it runs
         self._ending = threading.Lock()  # see `kill_unless_ended`
+        self._kill_requested = False  # a stop began: a run opened from now on is KILLED
         self._site_keys: set[str] = set()
 
     def start(
@@ -76,20 +79,24 @@ class Tracker:
         run's ``run-config.toml``: ``flwr run . --run-config run-config.toml`` repeats it,
         and it holds values longer than MLflow's param limit.
         """
-        if run_id is not None:
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-            return run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={"fedlora.kind": "training"}
-        )
-        self.run_id = run.info.run_id
-        self.client.log_batch(
-            self.run_id,
-            params=[_param(k, v) for k, v in params.items()],
-        )
-        if config_toml is not None:
-            self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
+        with self._ending:  # a stop that begins meanwhile is applied once the run is open
+            if run_id is not None:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+            else:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=run_name, tags={"fedlora.kind": "training"}
+                )
+                self.run_id = run.info.run_id
+                self.client.log_batch(
+                    self.run_id,
+                    params=[_param(k, v) for k, v in params.items()],
+                )
+                if config_toml is not None:
+                    self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
+            if self._kill_requested and self.status is None:
+                self.client.set_terminated(self.run_id, status="KILLED")
+                self.status = "KILLED"
         return self.run_id
 
     def log_round(
@@ -145,16 +152,24 @@ class Tracker:
                 self.status = status
 
     def kill_unless_ended(self) -> None:
-        """Mark the run KILLED unless `finish` has ended it.
+        """Mark the run KILLED unless `finish` has ended it; a run not yet open is marked
+        as `start` opens it.
 
         For a run whose loop is being stopped from another thread, which may be ending it
         at the same moment: the check and the mark are one step, so a run its loop
         finished is never marked KILLED after that. The loop's own `finish` still counts.
+        Where the loop is inside `finish` (a slow remote store), that call ends the run and
+        this one returns after `KILL_WAIT_SECONDS` instead of waiting for it.
         """
-        with self._ending:
+        self._kill_requested = True  # before the lock: `start` reads it under the lock
+        if not self._ending.acquire(timeout=KILL_WAIT_SECONDS):
+            return  # `finish` is ending the run, or `start` opens it and sees the flag
+        try:
             if self.status is None and self.run_id is not None:
                 self.client.set_terminated(self.run_id, status="KILLED")
                 self.status = "KILLED"
+        finally:
+            self._ending.release()
 
 
 def _param(key: str, value: str):

@@ -3,6 +3,7 @@ loop abandoned after the grace period leaves its MLflow run KILLED, not RUNNING.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -176,3 +177,96 @@ def test_the_mlflow_run_is_killed_as_soon_as_the_stop_begins(
 
     assert seen == ["KILLED"]  # marked before the wait, which the loop then ended
     assert client.get_run(str(tracker.run_id)).info.status == "FINISHED"
+
+
+@pytest.mark.integration  # a real MLflow store: seconds, kept out of the unit run
+@pytest.mark.parametrize("resumed", [False, True], ids=["new-run", "resumed-run"])
+def test_a_stop_before_the_run_opens_marks_it_killed_as_it_opens(
+    tracking_uri: str, tmp_path: Path, resumed: bool
+) -> None:
+    # The stop begins while the round loop is still before `start` (loading the model,
+    # or inside a slow create_run): the run it then opens must not stay RUNNING.
+    from mlflow.tracking import MlflowClient
+
+    earlier = None
+    if resumed:  # a run stopped before, which --resume reopens
+        first = Tracker(tracking_uri, "opening", artifact_root=tmp_path / "artifacts")
+        earlier = first.start(params={})
+        first.finish("KILLED")
+    tracker = Tracker(tracking_uri, "opening", artifact_root=tmp_path / "artifacts")
+
+    tracker.kill_unless_ended()  # the stop: nothing to mark yet
+    run_id = tracker.start(params={"a": "1"}, run_id=earlier)
+
+    assert run_id == (earlier or run_id) and tracker.status == "KILLED"
+    assert MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.integration  # a real MLflow store: seconds, kept out of the unit run
+def test_a_stop_while_the_loop_ends_its_run_in_a_slow_store_does_not_wait_for_it(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    # A remote store that takes its time to answer cannot be made on purpose with a
+    # local one, so the loop's own set_terminated call is held until released; the
+    # store underneath is real. The loop is ending its run: the stop's KILLED mark gives
+    # way after KILL_WAIT_SECONDS and is never sent.
+    from mlflow.tracking import MlflowClient
+
+    from server.tracking import KILL_WAIT_SECONDS
+
+    tracker = Tracker(tracking_uri, "slow", artifact_root=tmp_path / "artifacts")
+    tracker.start(params={})
+    real, release, inside = tracker.client.set_terminated, threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def slow(run_id: str, status: str) -> None:
+        sent.append(status)
+        inside.set()
+        release.wait(30)
+        real(run_id, status=status)
+
+    tracker.client.set_terminated = slow  # type: ignore[method-assign]
+    loop = threading.Thread(target=tracker.finish, daemon=True)
+    loop.start()
+    assert inside.wait(10)
+    try:
+        started = time.monotonic()
+        tracker.kill_unless_ended()
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    loop.join(10)
+
+    assert KILL_WAIT_SECONDS <= took < KILL_WAIT_SECONDS + 2
+    assert sent == ["FINISHED"] and tracker.status == "FINISHED"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert client.get_run(str(tracker.run_id)).info.status == "FINISHED"
+
+
+def test_the_exit_now_hint_is_shown_before_the_mlflow_run_is_marked() -> None:
+    # The mark is a call to the tracking store, which may be slow: the user learns first
+    # that a second Ctrl-C exits at once. A recording tracker is the unit seam here.
+    events: list[str] = []
+
+    class Recording:
+        run_id = "r"
+
+        def kill_unless_ended(self) -> None:
+            events.append("marked")
+
+    class Logged(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            events.append(record.getMessage())
+
+    handler = Logged(level=logging.WARNING)
+    simulation.log.addHandler(handler)
+    stuck = threading.Thread(target=time.sleep, args=(0.5,), daemon=True)
+    stuck.start()
+    try:
+        _wait_for_training([stuck], again="Ctrl-C", trackers=[Recording()])  # type: ignore[list-item]
+    finally:
+        simulation.log.removeHandler(handler)
+
+    assert events[0].startswith("stopping: the round in flight has up to")
+    assert "(Ctrl-C again: exit now)" in events[0]
+    assert events[1] == "marked"

@@ -181,8 +181,18 @@ def cmd_federation_sites(args: argparse.Namespace) -> int:
     for col in ("site", "node id", "key", "status"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["site"] or "-", str(row["node-id"]), row["public-key"], row["status"])
-    Console().print(table)
+        cells = (row["site"] or "-", str(row["node-id"]), row["public-key"], row["status"])
+        table.add_row(*(escape(cell) for cell in cells))
+    shown = Console()
+    shown.print(table)
+    for row in rows:  # whole lines, to copy: a table cell would wrap them
+        if row["finish"]:
+            shown.print(
+                f"node {row['node-id']}: finish its revoke with: {row['finish']}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     return 0
 
 

@@ -603,6 +603,11 @@ class Federation:
     def sites(self) -> list[dict[str, Any]]:
         """The roster beside the SuperLink's nodes: enrolled sites, then nodes not enrolled.
 
+        Returns:
+            One row per site or node: ``site`` (None for a node not on the roster),
+            ``node-id``, ``public-key`` (its fingerprint), ``status``, and ``finish``: the
+            command that finishes a revoke whose unregister is still undone, else None.
+
         Raises:
             FederationError: If the SuperLink cannot be asked.
         """
@@ -617,31 +622,35 @@ class Federation:
                     "node-id": entry.node_id,
                     "public-key": entry.public_key,
                     "status": node.status if node else "not registered",
+                    "finish": None,
                 }
             )
         for node_id, node in sorted(nodes.items()):
+            status, finish = self._off_roster(roster, node)
             rows.append(
                 {
                     "site": None,
                     "node-id": node_id,
                     "public-key": node.public_key,
-                    "status": self._off_roster_status(roster, node),
+                    "status": status,
+                    "finish": finish,
                 }
             )
         return rows
 
-    def _off_roster_status(self, roster: Roster, node: Node) -> str:
-        """A listed node that is not on the roster: whose it was, if a revoked site's."""
+    def _off_roster(self, roster: Roster, node: Node) -> tuple[str, str | None]:
+        """A listed node that is not on the roster: its status, saying whose it was if a
+        revoked site's, and the command that finishes that revoke while it is registered."""
         status = f"{node.status}, NOT ON THE ROSTER (gets no work)"
         found = roster.revocation(public_key=node.public_key, node_id=node.node_id)
         if found is None:
-            return status
+            return status, None
         site, record = found
         when = f" on {record['revoked']}" if record.get("revoked") else ""
-        status += f"; site {site!r}'s, revoked{when}"
-        if node.status != "unregistered":  # revoke's unregister got no answer
-            status += f"; finish its revoke with: {self._unregister_command(node.node_id)}"
-        return status
+        status += f"; held by revoked site {site!r} (revoked{when})"
+        if node.status == "unregistered":
+            return status, None
+        return status, self._unregister_command(node.node_id)
 
 
 def _fingerprint_pem(node: dict[str, Any]) -> str:

@@ -205,5 +205,6 @@ def test_sites_shows_the_key_of_a_node_that_is_not_on_the_roster(
             "node-id": node_id,
             "public-key": pki.fingerprint(pub.read_bytes()),
             "status": "registered, NOT ON THE ROSTER (gets no work)",
+            "finish": None,
         }
     ]

@@ -513,25 +513,31 @@ def test_a_revoked_sites_key_is_never_enrolled_again_and_its_unfinished_unregist
 
 
 def test_sites_names_the_revoked_site_of_a_node_still_registered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
     fed, superlink = _revoked_with_its_node_live(tmp_path, monkeypatch)
     revoked_on = fed.roster().revoked["a"]["revoked"]
+    unregister = f"FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora"
     # Act
     (row,) = [r for r in fed.sites() if r["node-id"] == 7]
     # Assert: off the roster, whose it was, and the command that finishes the revoke.
     assert row["site"] is None
     assert row["status"] == (
-        f"registered, NOT ON THE ROSTER (gets no work); site 'a''s, revoked on {revoked_on}; "
-        f"finish its revoke with: FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora"
+        "registered, NOT ON THE ROSTER (gets no work); held by revoked site 'a' "
+        f"(revoked on {revoked_on})"
     )
+    assert row["finish"] == unregister
+    # Act / Assert: the CLI prints the command whole, on a line of its own.
+    from server.cli import main
+
+    assert main(["federation", "sites", "--federation", str(fed.directory)]) == 0
+    assert f"node 7: finish its revoke with: {unregister}\n" in capsys.readouterr().out
     # Act / Assert: once unregistered, the node is named as the revoked site's, no more.
     superlink.nodes[7] = (superlink.nodes[7][0], "unregistered")
     (row,) = [r for r in fed.sites() if r["node-id"] == 7]
-    assert row["status"] == (
-        f"unregistered, NOT ON THE ROSTER (gets no work); site 'a''s, revoked on {revoked_on}"
-    )
+    assert row["status"].startswith("unregistered, NOT ON THE ROSTER (gets no work); held by")
+    assert row["finish"] is None
 
 
 def test_a_revoked_key_spelled_another_way_is_still_refused(

@@ -146,6 +146,7 @@ def run_training(
     *,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_tracking: Callable[[Tracker], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainingResult:
     """Run a whole training run on a Grid (simulation or Deployment Engine).
 
@@ -153,6 +154,13 @@ def run_training(
         on_tracking: Called with the run's `Tracker` before its MLflow run opens (the
             simulation marks the run KILLED with it when a stop begins, and if it has to
             abandon this call; a run opened after that is marked as it opens).
+        stop_requested: Whether the run has been told to stop (the simulation's Ctrl-C or
+            SIGTERM). Looked at before the MLflow run opens and before the publish, the
+            two steps after which a stop would otherwise go unseen where no Grid call
+            follows (the Grid's own calls raise once stopped).
+
+    Raises:
+        KeyboardInterrupt: ``stop_requested()`` said so at one of those two steps.
     """
     quiet_transformers()
     # Everything that can be refused is checked before the first write.
@@ -182,6 +190,7 @@ def run_training(
     tracker = Tracker(uri, settings.experiment, artifact_root=settings.out_dir / "mlartifacts")
     if on_tracking is not None:  # before the run opens: a stop meanwhile marks it as it opens
         on_tracking(tracker)
+    _unless_stopped(stop_requested, "before its MLflow run opened")
     params = settings.as_params() | {"base-model-digest": digest}
     run_id = tracker.start(
         params=params,
@@ -292,6 +301,7 @@ def run_training(
         raise
     published = None
     if settings.publish is not None:
+        _unless_stopped(stop_requested, "after writing its outputs, before the publish")
         # The registry is the run's tracking store; the run is finished and its outputs are
         # in place, so a publish failure loses nothing: `fedlora registry publish OUT` redoes it.
         p = settings.publish
@@ -313,6 +323,12 @@ def run_training(
         published=published,
         outputs_only=outputs_only,
     )
+
+
+def _unless_stopped(stop_requested: Callable[[], bool] | None, where: str) -> None:
+    """Raises KeyboardInterrupt if ``stop_requested()`` says the run was told to stop."""
+    if stop_requested is not None and stop_requested():
+        raise KeyboardInterrupt(f"the run was stopped {where}")
 
 
 def _publish_adapter(loaded, out_dir: Path, *, name: str = "adapter") -> Path:

@@ -54,8 +54,9 @@ def terminate_as_interrupt() -> Iterator[None]:
     if not at_default(signal.SIGTERM):
         yield
         return
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:  # set inside: a SIGTERM as it is set still finds the old handler put back
+        signal.signal(signal.SIGTERM, raise_terminated)
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)

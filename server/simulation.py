@@ -204,6 +204,8 @@ def _wait_for_training(
         KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
     ended = False
+    tried: list[Tracker] = []  # each run's mark is tried once: a second signal must not
+    # wait for another call to a slow store
     try:
         if any(thread.is_alive() for thread in training):  # said before the MLflow calls
             log.warning(
@@ -211,7 +213,8 @@ def _wait_for_training(
                 STOP_GRACE_SECONDS,
                 again,
             )
-        for tracker in trackers:
+        for tracker in list(trackers):
+            tried.append(tracker)
             _mark_killed(tracker)
         for thread in training:
             thread.join(STOP_GRACE_SECONDS)
@@ -220,8 +223,9 @@ def _wait_for_training(
         # can say False of a thread still running: CPython 3.11's join, bpo-45274)
         if not ended:
             log.warning("the round in flight did not stop and is abandoned")
-            for tracker in trackers:
-                _mark_killed(tracker)
+            for tracker in trackers:  # one the loop registered during the wait
+                if not any(tracker is done for done in tried):
+                    _mark_killed(tracker)
 
 
 def _mark_killed(tracker: Tracker) -> None:
@@ -291,7 +295,11 @@ def simulate(
     def train(grid: Grid) -> None:
         try:
             outcome["result"] = run_training(
-                StoppableGrid(grid, stop), settings, on_round=on_round, on_tracking=trackers.append
+                StoppableGrid(grid, stop),
+                settings,
+                on_round=on_round,
+                on_tracking=trackers.append,
+                stop_requested=stop.is_set,
             )
         except BaseException as exc:  # re-raised in the caller's thread below
             outcome["error"] = exc

@@ -80,23 +80,25 @@ class Tracker:
         and it holds values longer than MLflow's param limit.
         """
         with self._ending:  # a stop that begins meanwhile is applied once the run is open
-            if run_id is not None:
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-            else:
-                run = self.client.create_run(
-                    self.experiment_id, run_name=run_name, tags={"fedlora.kind": "training"}
-                )
-                self.run_id = run.info.run_id
-                self.client.log_batch(
-                    self.run_id,
-                    params=[_param(k, v) for k, v in params.items()],
-                )
-                if config_toml is not None:
-                    self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
-            if self._kill_requested and self.status is None:
-                self.client.set_terminated(self.run_id, status="KILLED")
-                self.status = "KILLED"
+            try:
+                if run_id is not None:
+                    self.run_id = run_id
+                    if not self._kill_requested:  # a stopped resume stays KILLED
+                        self.client.update_run(run_id, status="RUNNING")
+                else:
+                    run = self.client.create_run(
+                        self.experiment_id, run_name=run_name, tags={"fedlora.kind": "training"}
+                    )
+                    self.run_id = run.info.run_id
+                    self.client.log_batch(
+                        self.run_id,
+                        params=[_param(k, v) for k, v in params.items()],
+                    )
+                    if config_toml is not None:
+                        self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
+            finally:  # also where a call after create_run failed: the run exists
+                if self._kill_requested and self.status is None and self.run_id is not None:
+                    self._mark_killed_in_start()
         return self.run_id
 
     def log_round(
@@ -150,6 +152,16 @@ class Tracker:
             if self.run_id is not None:
                 self.client.set_terminated(self.run_id, status=status)
                 self.status = status
+
+    def _mark_killed_in_start(self) -> None:
+        """`start`'s KILLED mark, under its lock; a store that refuses it is logged (the
+        stop goes on, and an error `start` raised stays the one that propagates)."""
+        try:
+            self.client.set_terminated(str(self.run_id), status="KILLED")
+        except Exception as exc:
+            log.warning("could not mark MLflow run %s KILLED: %s", self.run_id, exc)
+            return
+        self.status = "KILLED"
 
     def kill_unless_ended(self) -> None:
         """Mark the run KILLED unless `finish` has ended it; a run not yet open is marked

@@ -251,3 +251,76 @@ def test_a_run_refused_by_its_tracking_store_keeps_an_earlier_run_s_metrics_json
         run_training(None, settings)  # type: ignore[arg-type]  # refused before any round
 
     assert (out / "metrics.json").read_text() == earlier
+
+
+@pytest.mark.integration  # a real model and MLflow store: seconds, kept out of the unit run
+def test_a_run_stopped_before_its_mlflow_run_opens_opens_none(tmp_path, tiny_bert: Path) -> None:
+    # Ctrl-C while the model loads: the round loop must not open a run after the stop.
+    from mlflow.tracking import MlflowClient
+
+    from server.app import run_training
+    from server.settings import RunSettings
+
+    out = tmp_path / "out"
+    settings = RunSettings.from_config(
+        {"labels": "a,b", "out-dir": str(out), "num-server-rounds": 2, "base-model": str(tiny_bert)}
+    )
+
+    opened: list[str | None] = []  # the run id when the tracker was handed over
+
+    with pytest.raises(KeyboardInterrupt, match="stopped before its MLflow run opened"):
+        run_training(
+            None,  # type: ignore[arg-type]
+            settings,
+            on_tracking=lambda tracker: opened.append(tracker.run_id),
+            stop_requested=lambda: True,
+        )
+
+    assert opened == [None]  # handed over before it opened: a stop can reach it
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(ids) == []
+
+
+@pytest.mark.integration  # a real model, MLflow store and signing key: seconds
+def test_a_run_stopped_while_it_writes_its_outputs_does_not_publish(
+    tmp_path, tiny_bert: Path
+) -> None:
+    # A resume with no round left runs no Grid call, so only the stop flag can tell it
+    # that the user stopped it before the publish; its outputs are complete.
+    from mlflow.tracking import MlflowClient
+
+    from clients.task.model import build_model, trainable_state
+    from registry.keys import generate_keypair
+    from server.app import run_training
+    from server.checkpoint import Checkpoint, CheckpointStore, outputs_complete
+    from server.settings import RunSettings
+    from server.tracking import Tracker
+
+    out = tmp_path / "out"
+    key = generate_keypair(tmp_path / "keys").private_path
+    config = {
+        "labels": "a,b", "out-dir": str(out), "num-server-rounds": 1,
+        "base-model": str(tiny_bert), "registry.model-name": "m",
+        "registry.signing-key": str(key),
+    }  # fmt: skip
+    settings = RunSettings.from_config(config)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    out.mkdir()
+    run_id = Tracker(uri, settings.experiment).start(params={})
+    state = trainable_state(build_model(settings.spec).model)
+    CheckpointStore(out / "checkpoint").save(
+        Checkpoint(1, state, [{"round": 1}], run_id, fingerprint=settings.fingerprint())
+    )
+    asked: list[str] = []
+
+    def stopped() -> bool:  # the stop comes once the MLflow run is open
+        asked.append("asked")
+        return len(asked) > 1
+
+    resumed = RunSettings.from_config({**config, "resume": True})
+    with pytest.raises(KeyboardInterrupt, match="after writing its outputs, before the publish"):
+        run_training(None, resumed, stop_requested=stopped)  # type: ignore[arg-type]
+
+    assert outputs_complete(out, completed_round=1, run_id=run_id)
+    assert MlflowClient(tracking_uri=uri).search_model_versions("name = 'm'") == []

@@ -270,3 +270,108 @@ def test_the_exit_now_hint_is_shown_before_the_mlflow_run_is_marked() -> None:
     assert events[0].startswith("stopping: the round in flight has up to")
     assert "(Ctrl-C again: exit now)" in events[0]
     assert events[1] == "marked"
+
+
+class _FakeStore:
+    """The MLflow client calls `Tracker` makes, recorded; ``slow`` names calls that wait
+    ``delay`` s and ``fail`` one that raises. A store that answers slowly or fails midway
+    through opening a run cannot be made on purpose with a real one."""
+
+    def __init__(self, *, slow: tuple[str, ...] = (), delay: float = 0.0, fail: str = "") -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.slow, self.delay, self.fail = slow, delay, fail
+
+    def _call(self, name: str, detail: str = "") -> None:
+        self.calls.append((name, detail))
+        if name in self.slow:
+            time.sleep(self.delay)
+        if name == self.fail:
+            raise OSError(f"{name} failed")
+
+    def create_run(self, experiment_id: str, **_: object) -> SimpleNamespace:
+        self._call("create_run")
+        return SimpleNamespace(info=SimpleNamespace(run_id="r1"))
+
+    def update_run(self, run_id: str, status: str) -> None:
+        self._call("update_run", status)
+
+    def log_batch(self, run_id: str, **_: object) -> None:
+        self._call("log_batch")
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self._call("log_text")
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        self._call("set_terminated", status)
+
+
+def _fake_tracker(store: _FakeStore) -> Tracker:
+    tracker = Tracker.__new__(Tracker)  # no store to reach: the fake stands in for it
+    tracker.client, tracker.experiment_id = store, "0"
+    tracker.run_id, tracker.status = None, None
+    tracker._ending, tracker._kill_requested = threading.Lock(), False
+    tracker._site_keys = set()
+    return tracker
+
+
+def test_a_stop_that_gives_way_to_a_slow_start_is_applied_as_the_run_opens() -> None:
+    from server.tracking import KILL_WAIT_SECONDS
+
+    store = _FakeStore(slow=("create_run",), delay=KILL_WAIT_SECONDS + 0.5)
+    tracker = _fake_tracker(store)
+    opening = threading.Thread(target=tracker.start, kwargs={"params": {}, "config_toml": "x"})
+    opening.start()
+    time.sleep(0.1)  # inside create_run, holding the lock
+
+    tracker.kill_unless_ended()  # gives way after KILL_WAIT_SECONDS
+    opening.join(10)
+
+    assert tracker.status == "KILLED"
+    assert store.calls[-1] == ("set_terminated", "KILLED")
+    assert [c for c in store.calls if c[0] == "set_terminated"] == [("set_terminated", "KILLED")]
+
+
+def test_a_start_that_fails_after_the_run_exists_still_marks_a_stopped_run_killed() -> None:
+    store = _FakeStore(fail="log_text")
+    tracker = _fake_tracker(store)
+    tracker.kill_unless_ended()  # the stop came first: nothing open yet
+
+    with pytest.raises(OSError, match="log_text failed"):  # start's own error propagates
+        tracker.start(params={}, config_toml="x")
+
+    assert tracker.status == "KILLED" and store.calls[-1] == ("set_terminated", "KILLED")
+
+
+def test_a_stopped_resume_is_not_set_running_again() -> None:
+    store = _FakeStore()
+    tracker = _fake_tracker(store)
+    tracker.kill_unless_ended()
+
+    assert tracker.start(params={}, run_id="earlier") == "earlier"
+
+    assert store.calls == [("set_terminated", "KILLED")]
+
+
+def test_a_second_signal_during_a_slow_kill_mark_exits_without_another_store_call() -> None:
+    # The first mark waits on a store that takes 3 s; Ctrl-C again 0.3 s in must end the
+    # wait at once, not make the same slow call a second time.
+    store = _FakeStore(slow=("set_terminated",), delay=3.0)
+    tracker = _fake_tracker(store)
+    tracker.start(params={})
+    stuck = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+    stuck.start()
+    main = threading.main_thread().ident
+    assert main is not None
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    again = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+    started = time.monotonic()
+    try:
+        again.start()
+        with pytest.raises(KeyboardInterrupt):
+            _wait_for_training([stuck], again="Ctrl-C", trackers=[tracker])
+    finally:
+        again.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    assert time.monotonic() - started < 2.5
+    assert [c for c in store.calls if c[0] == "set_terminated"] == [("set_terminated", "KILLED")]

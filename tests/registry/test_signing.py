@@ -155,6 +155,7 @@ def test_unsigned_and_untrusted_releases_fail_with_their_own_reason(
     assert err.value.reason == "unsigned"
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_the_stock_model_signing_cli_verifies_our_signature(
     release: Path, keypair: KeyPair
 ) -> None:

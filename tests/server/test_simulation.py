@@ -260,7 +260,7 @@ def test_the_exit_now_hint_is_shown_before_the_mlflow_run_is_marked() -> None:
 
     handler = Logged(level=logging.WARNING)
     simulation.log.addHandler(handler)
-    stuck = threading.Thread(target=time.sleep, args=(0.5,), daemon=True)
+    stuck = threading.Thread(target=time.sleep, args=(0.1,), daemon=True)
     stuck.start()
     try:
         _wait_for_training([stuck], again="Ctrl-C", trackers=[Recording()])  # type: ignore[list-item]
@@ -314,10 +314,13 @@ def _fake_tracker(store: _FakeStore) -> Tracker:
     return tracker
 
 
-def test_a_stop_that_gives_way_to_a_slow_start_is_applied_as_the_run_opens() -> None:
-    from server.tracking import KILL_WAIT_SECONDS
+def test_a_stop_that_gives_way_to_a_slow_start_is_applied_as_the_run_opens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server import tracking
 
-    store = _FakeStore(slow=("create_run",), delay=KILL_WAIT_SECONDS + 0.5)
+    monkeypatch.setattr(tracking, "KILL_WAIT_SECONDS", 0.2)  # the unit run stays short
+    store = _FakeStore(slow=("create_run",), delay=0.6)
     tracker = _fake_tracker(store)
     opening = threading.Thread(target=tracker.start, kwargs={"params": {}, "config_toml": "x"})
     opening.start()

@@ -143,6 +143,7 @@ def test_check_usage_errors_exit_2_with_one_line(
     assert err.startswith("error:") and _squeezed(message) in _squeezed(err)
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_check_and_split_import_no_torch(tmp_path: Path, good: Path) -> None:
     script = (
         "import sys; from server.cli import main; "

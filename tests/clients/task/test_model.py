@@ -184,6 +184,7 @@ def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:
         ModelSpec(**kwargs)
 
 
+@pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_all_linear_is_every_linear_layer_but_the_head(tiny_llama: Path, tiny_bert: Path) -> None:
     """peft's ``all-linear`` shorthand: the same adapter as naming every linear layer."""
     for base, task, labels, names in [

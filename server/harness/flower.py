@@ -198,6 +198,7 @@ class LocalFederation(Service):
         self.site_env = dict(site_env or {})
         self.startup_timeout = startup_timeout
         self.port = free_port()
+        self._ports = {self.port}
         self.processes: list[ManagedProcess] = []
         self.superlink: ManagedProcess | None = None
         self.cli_env = flower_env(self.home("cli"))
@@ -230,8 +231,14 @@ class LocalFederation(Service):
         try:
             self._write_cli_config()
             self.start_superlink()
+            # Every worker and SuperNode is spawned before any is waited for: each spends
+            # seconds importing (torch, Flower), and those start-ups overlap one another
+            # and the enrolments, which run one at a time here.
+            pending: list[tuple[ManagedProcess, Callable[[], bool], str]] = []
             for index, node_config in enumerate(self.node_configs, start=1):
-                self._start_site(index, node_config)
+                pending += self._start_site(index, node_config)
+            for process, ready, what in pending:
+                process.wait_ready(ready, timeout=self.startup_timeout, what=what)
             self.wait_for_nodes(len(self.node_configs))
         except BaseException as exc:
             report = self.log_tails()
@@ -298,31 +305,35 @@ class LocalFederation(Service):
         """Where site `name`'s warm worker listens: a 0700 directory of its own."""
         return self.workdir / "workers" / name / "worker.sock"
 
-    def _start_site(self, index: int, node_config: Mapping[str, ConfigValue]) -> None:
+    def _start_site(
+        self, index: int, node_config: Mapping[str, ConfigValue]
+    ) -> list[tuple[ManagedProcess, Callable[[], bool], str]]:
+        """Spawn site `index`'s worker (if any, and not yet spawned) and SuperNode.
+
+        Returns each spawned process with its readiness check, not yet waited for.
+        """
         name = str(node_config.get("site-id") or f"supernode-{index}")
         config = dict(node_config)
+        pending: list[tuple[ManagedProcess, Callable[[], bool], str]] = []
         if self.workers:
             owner = name
             if self.worker_pool:
                 owner = f"pool-{(index - 1) % self.worker_pool + 1}"
             socket_path = self.worker_socket(owner)
-            if not socket_path.exists():
+            if not any(p.name == f"{owner}-worker" for p in self.processes):
                 worker = self._spawn(
                     f"{owner}-worker",
                     [str(VENV_BIN / "fedlora"), "site", "worker", "--socket", str(socket_path)],
                     flower_env(self.home(owner), self.site_env),
                 )
-                worker.wait_ready(
-                    socket_path.exists,
-                    timeout=self.startup_timeout,
-                    what=f"listening on {socket_path}",
-                )
+                pending.append((worker, socket_path.exists, f"listening on {socket_path}"))
             config["worker-socket"] = str(socket_path)
         key = None
         if self.federation is not None:
             self.federation.enroll(name)
             key = self.federation.site_dir(name) / "node.key"
-        self.start_supernode(name, config, key=key)
+        pending.append(self._spawn_supernode(name, config, key=key))
+        return pending
 
     def start_supernode(
         self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None = None
@@ -332,7 +343,19 @@ class LocalFederation(Service):
         A secure federation's SuperNodes dial with TLS whether or not they have a key;
         the SuperLink refuses those whose key is not registered.
         """
+        process, ready, what = self._spawn_supernode(name, node_config, key=key)
+        process.wait_ready(ready, timeout=self.startup_timeout, what=what)
+        return process
+
+    def _spawn_supernode(
+        self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None
+    ) -> tuple[ManagedProcess, Callable[[], bool], str]:
+        """Spawn one SuperNode; return it with its readiness check, not yet waited for."""
+        # Not one handed to a SuperNode spawned before, which may not be listening yet.
         runtime_port = free_port()
+        while runtime_port in self._ports:
+            runtime_port = free_port()
+        self._ports.add(runtime_port)
         if self.federation is not None:
             tls = ["--root-certificates", str(self.federation.ca_cert)]
             tls += ["--auth-supernode-private-key", str(key)] if key is not None else []
@@ -352,12 +375,7 @@ class LocalFederation(Service):
             str(runtime_port),
         ]
         process = self._spawn(name, args, flower_env(self.home(name), self.site_env))
-        process.wait_ready(
-            lambda: port_open(runtime_port),
-            timeout=self.startup_timeout,
-            what=f"listening on {LOCALHOST}:{runtime_port}",
-        )
-        return process
+        return process, lambda: port_open(runtime_port), f"listening on {LOCALHOST}:{runtime_port}"
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         """Send `signum` to process `name`, its descendants and its group (failure drills).

@@ -61,6 +61,16 @@ RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 ConfigValue = str | int | float | bool
 
+# Set before any Flower module binds the constant by name (see LocalFederation).
+HEARTBEAT_HOOK = """\
+try:
+    import flwr.common.constant
+except ImportError:
+    pass
+else:
+    flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL = {interval}
+"""
+
 
 def toml_value(value: ConfigValue) -> str:
     """Render one value as TOML, the syntax Flower's ``--node-config``/``--run-config`` use.
@@ -174,6 +184,12 @@ class LocalFederation(Service):
             instead of one each: on one small machine 20 workers would each hold torch
             and the model (about 0.5 GB) while only as many sites as cores train at once.
             Across machines every site runs its own. None: one per site.
+        heartbeat_interval: Seconds between the heartbeats of SuperNodes, ServerApps and
+            ClientApps, which then count as gone after twice that (Flower's patience).
+            Flower 1.41 fixes it at 30 s and offers no option, so this sets the constant
+            in every Flower process started here (a ``sitecustomize`` on their
+            ``PYTHONPATH``): failure drills then see a lost site in 20 s, not 60. At
+            least 10, the least the SuperLink accepts. None: Flower's own.
     """
 
     def __init__(
@@ -187,8 +203,12 @@ class LocalFederation(Service):
         secure: bool = False,
         workers: bool = False,
         worker_pool: int | None = None,
+        heartbeat_interval: int | None = None,
     ) -> None:
+        if heartbeat_interval is not None and not 10 <= heartbeat_interval <= 1800:
+            raise ValueError(f"heartbeat_interval={heartbeat_interval} is not in [10, 1800]")
         self.workdir = workdir
+        self.heartbeat_interval = heartbeat_interval
         self.secure = secure
         self.workers = workers
         self.worker_pool = worker_pool
@@ -292,7 +312,7 @@ class LocalFederation(Service):
                 "--disable-runtime-dependency-installation",
             ]
         args[0] = str(VENV_BIN / args[0])
-        superlink = self._spawn("superlink", args, flower_env(self.home("superlink")))
+        superlink = self._spawn("superlink", args, self._flower_env("superlink"))
         self.superlink = superlink
         superlink.wait_ready(
             lambda: port_open(self.port),
@@ -374,8 +394,21 @@ class LocalFederation(Service):
             "--port",
             str(runtime_port),
         ]
-        process = self._spawn(name, args, flower_env(self.home(name), self.site_env))
+        process = self._spawn(name, args, self._flower_env(name, self.site_env))
         return process, lambda: port_open(runtime_port), f"listening on {LOCALHOST}:{runtime_port}"
+
+    def _flower_env(self, name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """`flower_env` for the SuperLink or a SuperNode (and so their children)."""
+        env = flower_env(self.home(name), extra)
+        if self.heartbeat_interval is not None:
+            hook = self.workdir / "heartbeat-hook"
+            hook.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                hook / "sitecustomize.py",
+                HEARTBEAT_HOOK.format(interval=self.heartbeat_interval).encode(),
+            )
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+        return env
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         """Send `signum` to process `name`, its descendants and its group (failure drills).

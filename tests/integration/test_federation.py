@@ -92,6 +92,9 @@ def _federation(
         startup_timeout=240.0,
         secure=True,
         workers=True,
+        # The drills' lost sites (and the dead SuperLink's run) are found by Flower's
+        # heartbeats, after twice the interval: 20 s at 10, not the 60 s of Flower's 30.
+        heartbeat_interval=10,
     )
     failed_before = request.session.testsfailed
 
@@ -219,8 +222,9 @@ def test_drill_one_site_killed_and_one_frozen_mid_round(
     tmp_path: Path, base: Path, request: pytest.FixtureRequest
 ) -> None:
     """Once each has the round, site-3's SuperNode (and its worker) is killed and site-4's
-    is frozen (SIGSTOP) past round-timeout. Both drills share one round: each waits out
-    round-timeout on its own, so one run of four sites costs what one of three did.
+    is frozen (SIGSTOP) until the SuperLink finds both gone (missed heartbeats). Both
+    drills share one round: each is waited out on its own, so one run of four sites costs
+    what one of three did.
     """
     paths, _, labels = generate(tmp_path / "data", sites=4, per_site=24, eval_size=8, seed=0)
     fed = _federation(tmp_path, paths, request)

@@ -676,9 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: small counts")
     p.add_argument("--out", type=Path, default=REPO / "bench-out")
     args = p.parse_args(argv)
-    if args.quick:
-        args.pairs, args.gap, args.rounds, args.swaps, args.large_swaps = 30, 1.0, 1, 2, 1
-        args.seconds, args.llm_requests, args.releases = 2.0, 2, "1,2,3"
+    if args.quick:  # every part and every verdict once, at the smallest counts that do
+        args.pairs, args.gap, args.rounds, args.swaps, args.large_swaps = 20, 1.0, 1, 1, 1
+        args.seconds, args.llm_requests, args.releases = 1.0, 1, "1,2"
     counts = sorted({int(n) for n in args.releases.split(",")})
     args.node_threads = max(1, (os.cpu_count() or 2) // 2)  # the node's default
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -290,23 +291,27 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             options=["--threads", "1", *options],
         )
 
-    upstream = node("upstream", "cloud").start()
-    hybrid = None
+    upstream = node("upstream", "cloud")
+    hybrid = node(
+        "hybrid",
+        "intents",
+        [
+            "--upstream",
+            upstream.url,
+            "--upstream-model",
+            "cloud",
+            "--escalate-below",
+            str(p),
+            "--policy",
+            str(policy),
+        ],
+    )
     try:
-        hybrid = node(
-            "hybrid",
-            "intents",
-            [
-                "--upstream",
-                upstream.url,
-                "--upstream-model",
-                "cloud",
-                "--escalate-below",
-                str(p),
-                "--policy",
-                str(policy),
-            ],
-        ).start()
+        # Both start at once (each start waits for its own node): the hybrid node calls
+        # its upstream only when a request escalates, and none is sent before both answer.
+        with ThreadPoolExecutor(2) as pool:
+            for started in [pool.submit(n.start) for n in (upstream, hybrid)]:
+                started.result()
         texts, gold = [t for t, _ in test], [g for _, g in test]
         with httpx.Client(timeout=30) as client:
             for _ in range(5):  # warm both nodes up
@@ -315,8 +320,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             remote = [ask(client, upstream.url, t) for t in texts]
             hybrid_run = [ask(client, hybrid.url, t) for t in texts]
     finally:
-        if hybrid is not None:
-            hybrid.stop()
+        hybrid.stop()
         upstream.stop()
 
     def accuracy(rows: list[dict[str, Any]]) -> float:

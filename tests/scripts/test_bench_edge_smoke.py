@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# About 3 minutes on 2 shared cores: an mlflow server, two edge nodes, 15 releases.
+# About 1.5 minutes on 2 idle cores: an mlflow server, two edge nodes, 7 releases.
 @pytest.mark.timeout(900)
 def test_bench_edge_reports_every_target_of_the_issue(tmp_path: Path) -> None:
     done = subprocess.run(

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,11 +42,10 @@ TOKEN = "edge-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@contextmanager
-def edge_node(
+def _node(
     *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
-) -> Iterator[str]:
-    node = EdgeNodeProcess(
+) -> EdgeNodeProcess:
+    return EdgeNodeProcess(
         models=["intents"],
         trust=trust,
         cache=cache,
@@ -56,7 +56,13 @@ def edge_node(
         env={"MLFLOW_TRACKING_URI": uri, "FEDLORA_EDGE_TOKEN": TOKEN},
         startup_timeout=180,
     )
-    with node:
+
+
+@contextmanager
+def edge_node(
+    *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
+) -> Iterator[str]:
+    with _node(uri=uri, trust=trust, base=base, cache=cache, log=log, poll=poll) as node:
         yield node.url
 
 
@@ -192,21 +198,32 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             _wait("degraded", lambda: httpx.get(f"{url}/healthz").json()["status"] == "degraded")
             assert _predict(url).status_code == 200
 
-        # 8. Restart with the registry still down: the re-verified cache is served.
-        with edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
-                       cache=tmp_path / "cache", log=node_log) as url:  # fmt: skip
-            health = httpx.get(f"{url}/healthz").json()
+        # 8 and 9 are two fresh nodes with the registry down, on caches of their own: they
+        # start side by side (each start waits for its own node), one start's time less.
+        cached = _node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                       cache=tmp_path / "cache", log=node_log)  # fmt: skip
+        empty = _node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                      cache=tmp_path / "empty-cache", log=tmp_path / "edge-empty.log")  # fmt: skip
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                for started in [pool.submit(n.start) for n in (cached, empty)]:
+                    started.result()
+
+            # 8. Restart with the registry still down: the re-verified cache is served.
+            health = httpx.get(f"{cached.url}/healthz").json()
             assert health["status"] == "degraded", health
             assert health["models"]["intents"]["source"] == "cache"
-            assert _predict(url).json()["version"] == v3
+            assert _predict(cached.url).json()["version"] == v3
 
-        # 9. Nothing verified and no registry: 503 with the reason, never an unverified model.
-        with edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
-                       cache=tmp_path / "empty-cache", log=node_log) as url:  # fmt: skip
-            assert httpx.get(f"{url}/healthz").status_code == 503
-            refused = _predict(url)
+            # 9. Nothing verified and no registry: 503 with the reason, never an unverified
+            # model.
+            assert httpx.get(f"{empty.url}/healthz").status_code == 503
+            refused = _predict(empty.url)
             assert refused.status_code == 503
             assert "no verified release" in refused.json()["detail"]
+        finally:
+            cached.stop()
+            empty.stop()
 
 
 @pytest.mark.timeout(300)

@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +80,19 @@ def nodes(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         EXAMPLE.read_text().replace("per_key_per_day = 100000", "per_key_per_day = 2")
         .replace("global_per_day = 100000", "global_per_day = 3")
     )  # fmt: skip
-    upstream = node("upstream", ["cloud", "lm-cloud"]).start()
-    proxy = CaptureProxy(target=upstream.url, log_path=root / "capture.log").start()
+    upstream = node("upstream", ["cloud", "lm-cloud"])
+    proxy = CaptureProxy(target=upstream.url, log_path=root / "capture.log")
     routing = ["--upstream", proxy.url, "--upstream-model", "cloud", "--escalate-below", "1"]
     hybrid_options = [*routing, "--policy", str(EXAMPLE), "--upstream-timeout-s", "1",
                       "--breaker-failures", "2", "--breaker-backoff-s", "1"]  # fmt: skip
     hybrid = node("hybrid", ["intents", "private", "lm"], hybrid_options)
     budgeted = node("budgeted", ["intents"], [*routing, "--policy", str(budget_policy)])
     try:
-        hybrid.start()
-        budgeted.start()
+        # All four start at once (each start waits for its own process to answer): no node
+        # calls its upstream before a request asks it to, and none comes before all are ok.
+        with ThreadPoolExecutor(4) as pool:
+            for started in [pool.submit(s.start) for s in (upstream, proxy, hybrid, budgeted)]:
+                started.result()
         for n in (upstream, hybrid, budgeted):
             _wait("ok", lambda n=n: httpx.get(f"{n.url}/healthz").json()["status"] == "ok", 180)
         yield {"upstream": upstream, "proxy": proxy, "hybrid": hybrid, "budgeted": budgeted}

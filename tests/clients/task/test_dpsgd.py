@@ -88,9 +88,12 @@ def test_the_solved_noise_multiplier_reaches_the_target_from_below(
 
 
 # The property over the whole range: about 0.75 s an example (Opacus' bisection), so it
-# runs with the integration tests and the unit suite keeps the two cases above.
+# runs with the integration tests and the unit suite keeps the two cases above. 10
+# examples, not 25: each runs the same search (Opacus doubles z, then bisects) and the
+# same check, so the extra draws add no new path, only seconds; the whole range stays
+# drawable (ε 0.5 to 20, rate 1 when rows < batch, 1 to 400 steps).
 @pytest.mark.integration
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     target=st.floats(0.5, 20.0),
     rows=st.integers(20, 5000),

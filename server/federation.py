@@ -417,8 +417,8 @@ class Federation:
                 _put_back(made_key, key_path, pub_path, old_pub, made_dirs)
                 finish = "to finish, once the SuperLink answers, run the same command again"
             finish += " (it enrols the key whether or not the SuperLink registered it)"
-            if isinstance(exc, KeyboardInterrupt):
-                raise KeyboardInterrupt(
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM's Terminated
+                raise type(exc)(
                     f"while registering {site_id!r}'s key, which the SuperLink may have "
                     f"done; {finish}"
                 ) from exc
@@ -595,9 +595,7 @@ class Federation:
                 "still be registered; once the SuperLink answers, run: "
                 f"{self._unregister_command(node_id)}"
             )
-            if isinstance(exc, KeyboardInterrupt):
-                raise KeyboardInterrupt(finish) from exc
-            raise type(exc)(f"{exc}; {finish}") from exc
+            raise type(exc)(f"{exc}; {finish}" if str(exc) else finish) from exc
         return node_id
 
     def sites(self) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from server.federation import (
     init_federation,
 )
 from server.harness.process import free_port
+from server.interrupt import Terminated
 from server.local import progress_line
 from server.record import RoundRecord
 
@@ -395,23 +396,27 @@ def test_a_refused_enrol_removes_only_what_it_made(
     assert fed.roster().sites == {}
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_during_the_registration_keeps_a_key_pair_it_made_and_says_how_to_finish(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[KeyboardInterrupt]
 ) -> None:
-    # Arrange: Ctrl-C while `flwr supernode register` runs (raised by the fake in its
-    # place): the SuperLink may have registered the key.
+    # Arrange: Ctrl-C (or SIGTERM) while `flwr supernode register` runs (raised by the
+    # fake in its place): the SuperLink may have registered the key.
     fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
     fed.site_dir("c").mkdir(parents=True)
     old_pub = _public_key(fed.site_dir("c") / "node.pub").read_bytes()
-    FakeSuperLink(fail=KeyboardInterrupt()).install(monkeypatch)
+    FakeSuperLink(fail=stop()).install(monkeypatch)
     # Act / Assert: "b"'s new key pair is kept, with the command that finishes it; "c"'s
-    # key was the caller's (--public-key), so its node.pub is put back.
-    with pytest.raises(KeyboardInterrupt, match="may have done; the key pair is kept") as b:
+    # key was the caller's (--public-key), so its node.pub is put back. The stop keeps its
+    # kind: the CLI exits 143 for SIGTERM, 130 for Ctrl-C.
+    with pytest.raises(stop, match="may have done; the key pair is kept") as b:
         fed.enroll("b")
+    assert type(b.value) is stop
     assert _finishing_command(str(b.value))[-1] == str(fed.site_dir("b") / "node.pub")
     assert (fed.site_dir("b") / "node.key").exists()
-    with pytest.raises(KeyboardInterrupt, match="run the same command again"):
+    with pytest.raises(stop, match="run the same command again") as c:
         fed.enroll("c", public_key=_public_key(tmp_path / "new.pub"))
+    assert type(c.value) is stop
     assert (fed.site_dir("c") / "node.pub").read_bytes() == old_pub
     assert fed.roster().sites == {}
 
@@ -466,6 +471,23 @@ def test_a_revoke_the_superlink_does_not_take_names_the_command_that_finishes_it
     )
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["ctrl-c", "sigterm"])
+def test_a_revoke_stopped_during_the_unregister_keeps_the_stop_s_kind_and_names_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: type[KeyboardInterrupt]
+) -> None:
+    fed = init_federation(tmp_path / "fed", address="127.0.0.1:9092", sans=[])
+    superlink = FakeSuperLink().install(monkeypatch)
+    fed.enroll("a")
+    superlink.fail = stop()  # Ctrl-C or SIGTERM while `flwr supernode unregister` runs
+
+    with pytest.raises(stop) as stopped:
+        fed.revoke("a")
+
+    assert type(stopped.value) is stop
+    assert str(stopped.value).startswith("'a' is off the roster (no more work for it), but node 7")
+    assert fed.roster().sites == {}
+
+
 def _revoked_with_its_node_live(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Federation, FakeSuperLink]:
@@ -516,9 +538,12 @@ def test_sites_names_the_revoked_site_of_a_node_still_registered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Arrange: "a" is revoked, and the unregister gets no answer: node 7 stays registered.
-    fed, superlink = _revoked_with_its_node_live(tmp_path, monkeypatch)
+    # Brackets in the directory: rich markup would eat "[prod]" from the printed command.
+    (tmp_path / "[prod]").mkdir()
+    fed, superlink = _revoked_with_its_node_live(tmp_path / "[prod]", monkeypatch)
     revoked_on = fed.roster().revoked["a"]["revoked"]
-    unregister = f"FLWR_HOME={fed.cli_home} flwr supernode unregister 7 fedlora"
+    unregister = f"FLWR_HOME='{fed.cli_home}' flwr supernode unregister 7 fedlora"
+    assert "[prod]" in unregister
     # Act
     (row,) = [r for r in fed.sites() if r["node-id"] == 7]
     # Assert: off the roster, whose it was, and the command that finishes the revoke.

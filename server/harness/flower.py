@@ -48,10 +48,12 @@ from server.harness.process import (
     LOCALHOST,
     HarnessError,
     ManagedProcess,
+    Pending,
     Service,
     free_port,
     port_open,
     stop_processes,
+    wait_all_ready,
 )
 
 DEFAULT_CONNECTION = "local-deploy"
@@ -61,15 +63,35 @@ RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 ConfigValue = str | int | float | bool
 
-# Set before any Flower module binds the constant by name (see LocalFederation).
+# Set before any Flower module binds the constant by name (see LocalFederation); then
+# the sitecustomize this one shadows, if any, runs too (Python imports only the first).
 HEARTBEAT_HOOK = """\
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
 try:
     import flwr.common.constant
 except ImportError:
     pass
 else:
     flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL = {interval}
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+_spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _rest)
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 """
+
+
+def write_heartbeat_hook(directory: Path, interval: int) -> Path:
+    """Write `HEARTBEAT_HOOK` as ``directory/sitecustomize.py``; return ``directory``, to
+    put first on a Flower process's ``PYTHONPATH``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "sitecustomize.py", HEARTBEAT_HOOK.format(interval=interval).encode())
+    return directory
 
 
 def toml_value(value: ConfigValue) -> str:
@@ -252,13 +274,19 @@ class LocalFederation(Service):
             self._write_cli_config()
             self.start_superlink()
             # Every worker and SuperNode is spawned before any is waited for: each spends
-            # seconds importing (torch, Flower), and those start-ups overlap one another
-            # and the enrolments, which run one at a time here.
-            pending: list[tuple[ManagedProcess, Callable[[], bool], str]] = []
+            # seconds importing (torch, Flower), and those start-ups overlap. The workers
+            # (at most one per CPU core with a pool) import while the sites are enrolled,
+            # one `flwr` call at a time; the SuperNodes are spawned only then, so no
+            # enrolment competes with a crowd of them for the CPU and the SuperLink.
+            pending: list[Pending] = []
+            sites = []
             for index, node_config in enumerate(self.node_configs, start=1):
-                pending += self._start_site(index, node_config)
-            for process, ready, what in pending:
-                process.wait_ready(ready, timeout=self.startup_timeout, what=what)
+                worker, site = self._prepare_site(index, node_config)
+                pending += worker
+                sites.append(site)
+            for name, config, key in sites:
+                pending.append(self._spawn_supernode(name, config, key=key))
+            wait_all_ready(pending, timeout=self.startup_timeout)
             self.wait_for_nodes(len(self.node_configs))
         except BaseException as exc:
             report = self.log_tails()
@@ -325,16 +353,18 @@ class LocalFederation(Service):
         """Where site `name`'s warm worker listens: a 0700 directory of its own."""
         return self.workdir / "workers" / name / "worker.sock"
 
-    def _start_site(
+    def _prepare_site(
         self, index: int, node_config: Mapping[str, ConfigValue]
-    ) -> list[tuple[ManagedProcess, Callable[[], bool], str]]:
-        """Spawn site `index`'s worker (if any, and not yet spawned) and SuperNode.
+    ) -> tuple[list[Pending], tuple[str, dict[str, ConfigValue], Path | None]]:
+        """Spawn site `index`'s worker (if any, and not yet spawned) and enrol the site.
 
-        Returns each spawned process with its readiness check, not yet waited for.
+        Returns:
+            (the worker spawned, with its readiness check, not yet waited for; the
+            site's SuperNode to spawn: name, node config, private key or None).
         """
         name = str(node_config.get("site-id") or f"supernode-{index}")
         config = dict(node_config)
-        pending: list[tuple[ManagedProcess, Callable[[], bool], str]] = []
+        pending: list[Pending] = []
         if self.workers:
             owner = name
             if self.worker_pool:
@@ -352,8 +382,7 @@ class LocalFederation(Service):
         if self.federation is not None:
             self.federation.enroll(name)
             key = self.federation.site_dir(name) / "node.key"
-        pending.append(self._spawn_supernode(name, config, key=key))
-        return pending
+        return pending, (name, config, key)
 
     def start_supernode(
         self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None = None
@@ -369,7 +398,7 @@ class LocalFederation(Service):
 
     def _spawn_supernode(
         self, name: str, node_config: Mapping[str, ConfigValue], *, key: Path | None
-    ) -> tuple[ManagedProcess, Callable[[], bool], str]:
+    ) -> Pending:
         """Spawn one SuperNode; return it with its readiness check, not yet waited for."""
         # Not one handed to a SuperNode spawned before, which may not be listening yet.
         runtime_port = free_port()
@@ -401,12 +430,7 @@ class LocalFederation(Service):
         """`flower_env` for the SuperLink or a SuperNode (and so their children)."""
         env = flower_env(self.home(name), extra)
         if self.heartbeat_interval is not None:
-            hook = self.workdir / "heartbeat-hook"
-            hook.mkdir(parents=True, exist_ok=True)
-            write_atomic(
-                hook / "sitecustomize.py",
-                HEARTBEAT_HOOK.format(interval=self.heartbeat_interval).encode(),
-            )
+            hook = write_heartbeat_hook(self.workdir / "heartbeat-hook", self.heartbeat_interval)
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
         return env
 

@@ -246,19 +246,26 @@ class ManagedProcess:
             HarnessError: If the process exits first or `timeout` passes; the message
                 ends with the last lines of the log.
         """
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if not self.alive:
-                raise HarnessError(
-                    f"{self.name} exited with code {self.popen.returncode} before "
-                    f"{what}; last lines of {self.log_path}:\n{self.tail(40)}"
-                )
-            if time.monotonic() > deadline:
-                raise HarnessError(
-                    f"{self.name} was not {what} within {timeout:.0f} s; "
-                    f"last lines of {self.log_path}:\n{self.tail(40)}"
-                )
-            time.sleep(POLL_SECONDS)
+        wait_all_ready([(self, ready, what)], timeout=timeout)
+
+    def ready_or_raise(
+        self, ready: Callable[[], bool], *, started: float, timeout: float, what: str
+    ) -> bool:
+        """One look of `wait_ready`, begun at ``started`` (`time.monotonic`): whether
+        `ready()` is true; raises as `wait_ready` does."""
+        if ready():
+            return True
+        if not self.alive:
+            raise HarnessError(
+                f"{self.name} exited with code {self.popen.returncode} before "
+                f"{what}; last lines of {self.log_path}:\n{self.tail(40)}"
+            )
+        if time.monotonic() > started + timeout:
+            raise HarnessError(
+                f"{self.name} was not {what} within {timeout:.0f} s; "
+                f"last lines of {self.log_path}:\n{self.tail(40)}"
+            )
+        return False
 
     def tree(self) -> list[psutil.Process]:
         """This process and every descendant now running (empty once it has exited).
@@ -289,6 +296,32 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# A spawned process, its readiness check and what readiness means (`wait_ready`).
+Pending = tuple[ManagedProcess, Callable[[], bool], str]
+
+
+def wait_all_ready(pending: Sequence[Pending], *, timeout: float) -> None:
+    """`ManagedProcess.wait_ready` for several processes at once, started side by side.
+
+    Each is looked at on every pass, so the first that exits fails the wait at once,
+    naming itself, rather than after another's whole timeout.
+
+    Raises:
+        HarnessError: As `wait_ready`, for the first process that exits, or one not ready
+            within ``timeout`` seconds.
+    """
+    started = time.monotonic()
+    left = list(pending)
+    while left:
+        left = [
+            (process, ready, what)
+            for process, ready, what in left
+            if not process.ready_or_raise(ready, started=started, timeout=timeout, what=what)
+        ]
+        if left:
+            time.sleep(POLL_SECONDS)
 
 
 def _signal_group(process: ManagedProcess, signum: int) -> None:

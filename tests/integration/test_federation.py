@@ -10,7 +10,9 @@ one registered key per site, the roster, and a warm worker beside every SuperNod
 - Failure drills, each on real processes, each asserting that the global adapter equals
   FedAvg of the surviving sites' updates, recomputed here by running the sites' own code
   (clients/site/work.py) on the same inputs: in one round, a SuperNode killed once it
-  has the round and another frozen (SIGSTOP) past round-timeout; the SuperLink killed
+  has the round and another frozen (SIGSTOP) until the SuperLink finds both gone (their
+  missed heartbeats, at a 10 s interval here: `LocalFederation(heartbeat_interval=...)`);
+  the SuperLink killed
   after round 1 and restarted on the same database, the run resumed from its checkpoint
   into the same MLflow run; under SecAgg+, a site killed after key sharing (unmasked
   from the shares).

@@ -59,6 +59,28 @@ def test_a_process_that_exits_first_is_reported_with_its_code_and_log(tmp_path: 
     assert "bad flag --frobnicate" in message
 
 
+def test_of_processes_started_side_by_side_the_first_to_exit_fails_the_wait_at_once(
+    tmp_path: Path,
+) -> None:
+    # The first process is still loading; the second has crashed. The wait must not sit
+    # out the first one's timeout before it looks at the second.
+    from server.harness.process import wait_all_ready
+
+    with (
+        _python(tmp_path, "loading", "import time; time.sleep(60)") as loading,
+        _python(tmp_path, "crasher", "print('bad flag'); raise SystemExit(3)") as crasher,
+    ):
+        started = time.monotonic()
+        with pytest.raises(HarnessError) as caught:
+            wait_all_ready(
+                [(loading, lambda: False, "listening"), (crasher, lambda: False, "listening")],
+                timeout=30,
+            )
+        assert time.monotonic() - started < 10
+    assert "crasher exited with code 3 before listening" in str(caught.value)
+    assert "bad flag" in str(caught.value)
+
+
 def test_a_process_not_ready_in_time_is_reported_with_its_log(tmp_path: Path) -> None:
     code = "import time; print('still loading the model'); time.sleep(60)"
     with _python(tmp_path, "slow", code) as process:
@@ -368,3 +390,26 @@ def test_a_sigkilled_harness_leaves_no_service_behind_even_if(tmp_path: Path, mo
     pids = tmp_path / "pids"
     argv = [sys.executable, "-c", HARNESS_2, str(pids), str(tmp_path), mode]
     assert _sigkill_harness(argv, pids, count=2 if mode == "reaper-killed" else 1) == []
+
+
+@pytest.mark.integration  # a real subprocess importing Flower: seconds
+def test_the_heartbeat_hook_sets_flowers_interval_and_runs_the_sitecustomize_it_shadows(
+    tmp_path: Path,
+) -> None:
+    from server.harness.flower import write_heartbeat_hook
+
+    hook = write_heartbeat_hook(tmp_path / "hook", 10)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import os\nos.environ['OTHER_HOOK_RAN'] = '1'\n")
+    code = (
+        "import os, flwr.common.constant as c; "
+        "print(c.HEARTBEAT_DEFAULT_INTERVAL, os.environ.get('OTHER_HOOK_RAN'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(other)])},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["10", "1"]

@@ -278,15 +278,17 @@ class _FakeStore:
     through opening a run cannot be made on purpose with a real one."""
 
     def __init__(self, *, slow: tuple[str, ...] = (), delay: float = 0.0, fail: str = "") -> None:
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str]] = []  # as the store applied them
+        self.started: list[tuple[str, str]] = []  # as they were made
         self.slow, self.delay, self.fail = slow, delay, fail
 
     def _call(self, name: str, detail: str = "") -> None:
-        self.calls.append((name, detail))
+        self.started.append((name, detail))
         if name in self.slow:
             time.sleep(self.delay)
         if name == self.fail:
             raise OSError(f"{name} failed")
+        self.calls.append((name, detail))  # as the store applies it: the last one stands
 
     def create_run(self, experiment_id: str, **_: object) -> SimpleNamespace:
         self._call("create_run")
@@ -314,23 +316,35 @@ def _fake_tracker(store: _FakeStore) -> Tracker:
     return tracker
 
 
+@pytest.mark.parametrize("resumed", [False, True], ids=["new-run", "resumed-run"])
 def test_a_stop_that_gives_way_to_a_slow_start_is_applied_as_the_run_opens(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, resumed: bool
 ) -> None:
+    # The stop comes while `start` is inside the store's slow call that opens the run
+    # (create_run, or update_run to RUNNING on a resume). It must give way after
+    # KILL_WAIT_SECONDS, not wait for the store nor mark at once: a KILLED mark the store
+    # applied before the reopening RUNNING would be undone by it.
     from server import tracking
 
     monkeypatch.setattr(tracking, "KILL_WAIT_SECONDS", 0.2)  # the unit run stays short
-    store = _FakeStore(slow=("create_run",), delay=0.6)
+    store = _FakeStore(slow=("update_run" if resumed else "create_run",), delay=0.8)
     tracker = _fake_tracker(store)
-    opening = threading.Thread(target=tracker.start, kwargs={"params": {}, "config_toml": "x"})
+    opening = threading.Thread(
+        target=tracker.start,
+        kwargs={"params": {}, "run_id": "r1" if resumed else None},
+    )
     opening.start()
-    time.sleep(0.1)  # inside create_run, holding the lock
+    time.sleep(0.1)  # inside the slow call, holding the lock
 
-    tracker.kill_unless_ended()  # gives way after KILL_WAIT_SECONDS
+    started = time.monotonic()
+    tracker.kill_unless_ended()
+    took = time.monotonic() - started
     opening.join(10)
 
-    assert tracker.status == "KILLED"
-    assert store.calls[-1] == ("set_terminated", "KILLED")
+    assert 0.2 <= took < 0.5  # gave way; did not wait the store's 0.8 s out
+    opened = ("update_run", "RUNNING") if resumed else ("create_run", "")
+    assert store.calls[0] == opened
+    assert store.calls[-1] == ("set_terminated", "KILLED") and tracker.status == "KILLED"
     assert [c for c in store.calls if c[0] == "set_terminated"] == [("set_terminated", "KILLED")]
 
 
@@ -377,4 +391,4 @@ def test_a_second_signal_during_a_slow_kill_mark_exits_without_another_store_cal
         signal.signal(signal.SIGINT, previous)
 
     assert time.monotonic() - started < 2.5
-    assert [c for c in store.calls if c[0] == "set_terminated"] == [("set_terminated", "KILLED")]
+    assert [c for c in store.started if c[0] == "set_terminated"] == [("set_terminated", "KILLED")]

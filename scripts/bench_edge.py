@@ -682,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.pairs, args.gap, args.rounds, args.swaps, args.large_swaps = 20, 1.0, 1, 1, 1
         args.seconds, args.llm_requests, args.releases = 1.0, 1, "1,2"
     counts = sorted({int(n) for n in args.releases.split(",")})
+    if len(counts) < 2 or counts[0] < 1:
+        p.error(f"--releases {args.releases!r}: give two or more counts of at least 1 (1,4,16)")
     args.node_threads = max(1, (os.cpu_count() or 2) // 2)  # the node's default
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -150,7 +150,8 @@ def cmd_federation_enroll(args: argparse.Namespace) -> int:
     from server.federation import Federation, shell
 
     fed = Federation.load(Path(args.federation))
-    entry = fed.enroll(args.site, public_key=Path(args.public_key) if args.public_key else None)
+    with terminate_as_interrupt():  # SIGTERM mid-register still says what to finish
+        entry = fed.enroll(args.site, public_key=Path(args.public_key) if args.public_key else None)
     site_dir = fed.site_dir(args.site)
     out = Console()
     out.print(f"site {args.site} enrolled as node {entry.node_id} (key {entry.public_key})")
@@ -199,7 +200,8 @@ def cmd_federation_sites(args: argparse.Namespace) -> int:
 def cmd_federation_revoke(args: argparse.Namespace) -> int:
     from server.federation import Federation
 
-    node = Federation.load(Path(args.federation)).revoke(args.site)
+    with terminate_as_interrupt():  # SIGTERM mid-unregister still names the command left
+        node = Federation.load(Path(args.federation)).revoke(args.site)
     Console().print(f"site {args.site} revoked: node {node} unregistered and off the roster")
     return 0
 

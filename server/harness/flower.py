@@ -78,10 +78,15 @@ except ImportError:
 else:
     flwr.common.constant.HEARTBEAT_DEFAULT_INTERVAL = {interval}
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+_here = os.path.dirname(os.path.realpath(__file__))
+_rest = [p for p in sys.path if os.path.realpath(p or os.curdir) != _here]
 _spec = importlib.machinery.PathFinder.find_spec("sitecustomize", _rest)
-if _spec is not None and _spec.loader is not None:
+if (
+    _spec is not None
+    and _spec.loader is not None
+    and _spec.origin
+    and os.path.realpath(_spec.origin) != os.path.realpath(__file__)
+):
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 """
 
@@ -194,7 +199,8 @@ class LocalFederation(Service):
             present, names the process and its log.
         connection: Name of the SuperLink connection written to the CLI's config.toml.
         site_env: Extra environment of the SuperNodes (and so of their ClientApps).
-        startup_timeout: Seconds to wait for each port to open and for the SuperNodes to
+        startup_timeout: Seconds to wait for the SuperLink's port to open, then for every
+            worker and SuperNode together (`wait_all_ready`), then for the SuperNodes to
             register.
         secure: TLS on every API and SuperNode authentication, as ``fedlora federation``
             sets them up (server/federation.py): a CA and SuperLink certificate, one key

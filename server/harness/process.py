@@ -315,11 +315,11 @@ def wait_all_ready(pending: Sequence[Pending], *, timeout: float) -> None:
     started = time.monotonic()
     left = list(pending)
     while left:
-        left = [
-            (process, ready, what)
-            for process, ready, what in left
-            if not process.ready_or_raise(ready, started=started, timeout=timeout, what=what)
-        ]
+        left = [(process, ready, what) for process, ready, what in left if not ready()]
+        # One that has exited is named before one that is merely late.
+        left.sort(key=lambda item: item[0].alive)
+        for process, ready, what in left:
+            process.ready_or_raise(ready, started=started, timeout=timeout, what=what)
         if left:
             time.sleep(POLL_SECONDS)
 

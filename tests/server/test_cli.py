@@ -177,6 +177,48 @@ def test_sigterm_during_the_demo_unwinds_and_exits_143(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == ["unwound", "terminated"]
 
 
+@pytest.mark.integration  # a real subprocess and signal: seconds
+@pytest.mark.parametrize("command", ["enroll", "revoke"])
+def test_sigterm_during_enroll_or_revoke_says_what_is_left_and_exits_143(
+    tmp_path: Path, command: str
+) -> None:
+    # `kill PID` while the `flwr` call to the SuperLink runs (the call is replaced by one
+    # that gets the signal; tests/server/test_federation.py drives the same paths on a
+    # fake SuperLink): the command must unwind and name what is left to do, not die.
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from pathlib import Path
+        from server import cli, federation
+        from server.federation import init_federation
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a service manager starts it
+        fed = init_federation(Path(sys.argv[1]), address="127.0.0.1:9092", sans=[])
+        if sys.argv[2] == "revoke":  # "a" enrolled as node 7, as enroll would write it
+            from server.roster import Roster
+            Roster().enrol("a", node_id=7, public_key="sha256:x").save(fed.roster_path)
+
+        def terminated_mid_call(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+
+        federation.Federation.flwr = terminated_mid_call
+        sys.exit(cli.main(["federation", sys.argv[2], "a", "--federation", sys.argv[1]]))
+        """
+    )
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "fed"), command],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.startswith("terminated"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    if command == "revoke":
+        assert "flwr supernode unregister 7" in proc.stderr
+
+
 def test_an_error_naming_a_value_with_markup_prints_it_as_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -399,6 +399,8 @@ def test_the_heartbeat_hook_sets_flowers_interval_and_runs_the_sitecustomize_it_
     from server.harness.flower import write_heartbeat_hook
 
     hook = write_heartbeat_hook(tmp_path / "hook", 10)
+    link = tmp_path / "link"  # the hook's directory again, spelled another way
+    link.symlink_to(hook, target_is_directory=True)
     other = tmp_path / "other"
     other.mkdir()
     (other / "sitecustomize.py").write_text("import os\nos.environ['OTHER_HOOK_RAN'] = '1'\n")
@@ -408,8 +410,8 @@ def test_the_heartbeat_hook_sets_flowers_interval_and_runs_the_sitecustomize_it_
     )
     done = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(other)])},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(link), str(other)])},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["10", "1"]
+    assert done.stdout.split() == ["10", "1"] and "Error" not in done.stderr, done.stderr

@@ -204,8 +204,8 @@ def _wait_for_training(
         KeyboardInterrupt: ``again`` (a second Ctrl-C or SIGTERM) during the wait.
     """
     ended = False
-    tried: list[Tracker] = []  # each run's mark is tried once: a second signal must not
-    # wait for another call to a slow store
+    tried = 0  # trackers[:tried] had their mark tried: once each, as a second signal
+    # must not wait for another call to a slow store (trackers only grows, by append)
     try:
         if any(thread.is_alive() for thread in training):  # said before the MLflow calls
             log.warning(
@@ -214,7 +214,7 @@ def _wait_for_training(
                 again,
             )
         for tracker in list(trackers):
-            tried.append(tracker)
+            tried += 1
             _mark_killed(tracker)
         for thread in training:
             thread.join(STOP_GRACE_SECONDS)
@@ -223,9 +223,8 @@ def _wait_for_training(
         # can say False of a thread still running: CPython 3.11's join, bpo-45274)
         if not ended:
             log.warning("the round in flight did not stop and is abandoned")
-            for tracker in trackers:  # one the loop registered during the wait
-                if not any(tracker is done for done in tried):
-                    _mark_killed(tracker)
+            for tracker in trackers[tried:]:  # one the loop registered during the wait
+                _mark_killed(tracker)
 
 
 def _mark_killed(tracker: Tracker) -> None:

@@ -98,7 +98,10 @@ class Tracker:
                         self.client.log_text(self.run_id, config_toml, CONFIG_ARTIFACT)
             finally:  # also where a call after create_run failed: the run exists
                 if self._kill_requested and self.status is None and self.run_id is not None:
-                    self._mark_killed_in_start()
+                    try:  # an error `start` raised stays the one that propagates
+                        self._terminate("KILLED")
+                    except Exception as exc:
+                        log.warning("could not mark MLflow run %s KILLED: %s", self.run_id, exc)
         return self.run_id
 
     def log_round(
@@ -150,18 +153,12 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         with self._ending:
             if self.run_id is not None:
-                self.client.set_terminated(self.run_id, status=status)
-                self.status = status
+                self._terminate(status)
 
-    def _mark_killed_in_start(self) -> None:
-        """`start`'s KILLED mark, under its lock; a store that refuses it is logged (the
-        stop goes on, and an error `start` raised stays the one that propagates)."""
-        try:
-            self.client.set_terminated(str(self.run_id), status="KILLED")
-        except Exception as exc:
-            log.warning("could not mark MLflow run %s KILLED: %s", self.run_id, exc)
-            return
-        self.status = "KILLED"
+    def _terminate(self, status: str) -> None:
+        """End the open run with ``status``; the caller holds ``_ending``."""
+        self.client.set_terminated(str(self.run_id), status=status)
+        self.status = status
 
     def kill_unless_ended(self) -> None:
         """Mark the run KILLED unless `finish` has ended it; a run not yet open is marked
@@ -178,8 +175,7 @@ class Tracker:
             return  # `finish` is ending the run, or `start` opens it and sees the flag
         try:
             if self.status is None and self.run_id is not None:
-                self.client.set_terminated(self.run_id, status="KILLED")
-                self.status = "KILLED"
+                self._terminate("KILLED")
         finally:
             self._ending.release()
 

@@ -237,6 +237,7 @@ class LocalFederation(Service):
             raise ValueError(f"heartbeat_interval={heartbeat_interval} is not in [10, 1800]")
         self.workdir = workdir
         self.heartbeat_interval = heartbeat_interval
+        self._heartbeat_hook = workdir / "heartbeat-hook"
         self.secure = secure
         self.workers = workers
         self.worker_pool = worker_pool
@@ -278,6 +279,8 @@ class LocalFederation(Service):
         """
         try:
             self._write_cli_config()
+            if self.heartbeat_interval is not None:
+                write_heartbeat_hook(self._heartbeat_hook, self.heartbeat_interval)
             self.start_superlink()
             # Every worker and SuperNode is spawned before any is waited for: each spends
             # seconds importing (torch, Flower), and those start-ups overlap. The workers
@@ -435,9 +438,9 @@ class LocalFederation(Service):
     def _flower_env(self, name: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """`flower_env` for the SuperLink or a SuperNode (and so their children)."""
         env = flower_env(self.home(name), extra)
-        if self.heartbeat_interval is not None:
-            hook = write_heartbeat_hook(self.workdir / "heartbeat-hook", self.heartbeat_interval)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+        if self.heartbeat_interval is not None:  # the hook `start` wrote
+            hook = str(self._heartbeat_hook)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [hook, env.get("PYTHONPATH")]))
         return env
 
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:

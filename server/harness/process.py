@@ -248,13 +248,9 @@ class ManagedProcess:
         """
         wait_all_ready([(self, ready, what)], timeout=timeout)
 
-    def ready_or_raise(
-        self, ready: Callable[[], bool], *, started: float, timeout: float, what: str
-    ) -> bool:
-        """One look of `wait_ready`, begun at ``started`` (`time.monotonic`): whether
-        `ready()` is true; raises as `wait_ready` does."""
-        if ready():
-            return True
+    def raise_if_failed(self, *, started: float, timeout: float, what: str) -> None:
+        """For a process not yet ready, waited for since ``started`` (`time.monotonic`):
+        raises as `wait_ready` does if it has exited or ``timeout`` has passed."""
         if not self.alive:
             raise HarnessError(
                 f"{self.name} exited with code {self.popen.returncode} before "
@@ -265,7 +261,6 @@ class ManagedProcess:
                 f"{self.name} was not {what} within {timeout:.0f} s; "
                 f"last lines of {self.log_path}:\n{self.tail(40)}"
             )
-        return False
 
     def tree(self) -> list[psutil.Process]:
         """This process and every descendant now running (empty once it has exited).
@@ -318,8 +313,8 @@ def wait_all_ready(pending: Sequence[Pending], *, timeout: float) -> None:
         left = [(process, ready, what) for process, ready, what in left if not ready()]
         # One that has exited is named before one that is merely late.
         left.sort(key=lambda item: item[0].alive)
-        for process, ready, what in left:
-            process.ready_or_raise(ready, started=started, timeout=timeout, what=what)
+        for process, _, what in left:
+            process.raise_if_failed(started=started, timeout=timeout, what=what)
         if left:
             time.sleep(POLL_SECONDS)
 

@@ -218,7 +218,36 @@ SIM_KEYS: dict[str, Any] = {
     # server/head_init.py), or "ridge" (Fed3R's ridge regression, λ = head.shrinkage·tr/d).
     # The centralized reference starts from the seeded head unless head.init="lda".
     "sim.head-init": "",
+    # The frozen LoRA A under FFA: "" seeded uniform; "principal" PiSSA's sqrt(S_r) V_r^T of
+    # the base weight (Meng et al. 2024; under FFA, PiSSA's residual base and B0 cancel);
+    # "principal-norm" V_r^T rescaled to the seeded A's norm; "minor" MiLoRA's last r
+    # right-singular vectors at the seeded A's norm (Wang et al. 2024).
+    "sim.a-init": "",
 }
+
+
+def _a_init(model: Any, kind: str) -> None:
+    """Set every lora_A from its base layer's SVD (see SIM_KEYS["sim.a-init"])."""
+    import torch
+
+    if not kind:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+                continue
+            a = module.lora_A["default"].weight  # (r, in)
+            w = module.get_base_layer().weight.float()  # (out, in)
+            _u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            r = a.shape[0]
+            if kind == "principal":
+                new = s[:r].sqrt()[:, None] * vh[:r]
+            elif kind in ("principal-norm", "minor"):
+                rows = vh[:r] if kind == "principal-norm" else vh[-r:]
+                new = rows * (a.float().norm() / rows.norm())
+            else:
+                raise SystemExit(f"sim.a-init={kind!r}: principal, principal-norm or minor")
+            a.copy_(new.to(a.dtype))
 
 
 def _head_init(
@@ -360,9 +389,8 @@ def run_federated(
 
     sim = SIM_KEYS | {k: v for k, v in overrides.items() if k in SIM_KEYS}
     overrides = {k: v for k, v in overrides.items() if k not in SIM_KEYS}
-    experimental = sim != SIM_KEYS and any(
-        sim[k] != SIM_KEYS[k] for k in SIM_KEYS if k not in ("sim.keep-optimizer", "sim.head-init")
-    )
+    inert = ("sim.keep-optimizer", "sim.head-init", "sim.a-init")  # not in the server step
+    experimental = any(sim[k] != SIM_KEYS[k] for k in SIM_KEYS if k not in inert)
     settings = _settings(overrides, labels=labels, rounds=rounds, sites=len(sites))
     loaded = _model(settings.spec)
     from clients.task.model import _seeded_init
@@ -371,6 +399,7 @@ def run_federated(
     moments: dict[str, Any] = {}
     controls: dict[str, dict[str, Any]] = {"server": {}}  # SCAFFOLD: c and each c_i
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
+    _a_init(loaded.model, sim["sim.a-init"])
     state = trainable_state(loaded.model)
     kind = sim["sim.head-init"] or ("lda" if settings.lda_head else "")
     if kind:
@@ -468,6 +497,7 @@ def run_centralized(
     settings = _settings(overrides, labels=labels, rounds=1, sites=2)
     loaded = _model(settings.spec)
     _seeded_init(loaded.model, seed=settings.spec.seed)
+    _a_init(loaded.model, sim["sim.a-init"])
     kind = sim["sim.head-init"] or ("lda" if settings.head_init == "lda" else "")
     if kind:
         from clients.task.model import load_trainable_state

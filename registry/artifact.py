@@ -4,7 +4,9 @@ A release directory holds the files of the trained adapter (``adapter_config.jso
 ``adapter_model.safetensors``, fedlora's ``fedlora_task.json`` with the task and label
 order, peft's model card ``README.md``), a ``provenance.json`` that says what the adapter
 is and how it was made, and, once signed, ``model.sig``: `RELEASE_FILES`, nothing else.
-`PeftModel.from_pretrained(base, DIR)` loads it with stock peft.
+`PeftModel.from_pretrained(base, DIR)` loads it with stock peft; a release whose
+provenance says ``pooling: mean`` needs ``clients.task.pooling.apply_pooling(base, "mean")``
+on the base first (the head reads the mean of the token states, not BERT's pooler).
 
 Everything signed is copied from a folder by `copy_release_files`, which takes only those
 names and refuses a symbolic link, a folder or any other file by name: a link in the
@@ -29,8 +31,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from clients.task.choices import LEGACY_POOLING, RESOLVED_POOLINGS
 from clients.task.errors import ConfigError
 from clients.task.numbers import finite_number
+from clients.task.text import short
 from registry.errors import RegistryError
 
 PROVENANCE_FILE = "provenance.json"
@@ -64,6 +68,9 @@ class Provenance:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    # What the classifier head reads (clients/task/pooling.py): "model" or "mean". Releases
+    # from before the field have none and were trained with the model's own pooling.
+    pooling: str = LEGACY_POOLING
     schema: str = PROVENANCE_SCHEMA
 
     def to_json(self) -> str:
@@ -76,10 +83,16 @@ class Provenance:
                 f"{PROVENANCE_FILE}: schema={data.get('schema')!r}, expected {PROVENANCE_SCHEMA!r}"
             )
         known = set(cls.__dataclass_fields__)
-        missing = sorted(k for k in known if k not in data)
+        missing = sorted(k for k in known - {"pooling"} if k not in data)
         if missing:
             raise RegistryError(f"{PROVENANCE_FILE}: missing field {missing[0]!r}")
-        return cls(**{k: data[k] for k in known})
+        pooling = data.get("pooling", LEGACY_POOLING)
+        if pooling not in RESOLVED_POOLINGS:
+            raise RegistryError(
+                f"{PROVENANCE_FILE}: pooling={short(pooling)}, expected one of "
+                f"{', '.join(RESOLVED_POOLINGS)}"
+            )
+        return cls(**{k: data[k] for k in known if k in data})
 
     def epsilon(self) -> float | None:
         """The largest ε over all guarantees, or None when no DP was used.
@@ -353,6 +366,7 @@ def build_release(
         training=training,
         metrics=metrics,
         privacy=privacy,
+        pooling=str(task.get("pooling", LEGACY_POOLING)),
     )
     (out / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
     return provenance

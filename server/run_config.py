@@ -75,6 +75,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
         "the head before round 1: seeded (random), or lda (closed form from sums the sites "
         "send over their training rows, strategies/lda_head.py; plain rounds without DP only)",
     ),
+    "head.pooling": (
+        str,
+        "auto",
+        "what the classifier head reads: auto (mean when the base declares sentence-"
+        "transformers mean pooling), model (the model's own pooler), or mean (masked mean)",
+    ),
     "head.shrinkage": (float, 0.1, "lda: covariance shrinkage towards a scaled identity, (0, 1]"),
     "robust.mode": (
         str,
@@ -88,7 +94,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.optimizer": (str, "sgd", "sgd (FedAvg/FedAvgM), adam (FedAdam) or fedexp (FedExP)"),
     "server.learning-rate": (float, 1.0, "server step on the averaged update; 1 is FedAvg"),
     "server.momentum": (float, 0.0, "sgd: heavy-ball momentum (FedAvgM); adam: beta1"),
-    "server.aggregate": (str, "sum-head", "mean (FedAvg), sum, or sum-head of the updates"),
+    "server.aggregate": (
+        str,
+        "auto",
+        "mean (FedAvg), sum, or sum-head of the updates; auto: mean when the head reads "
+        "mean-pooled features (head.pooling), else sum-head",
+    ),
     "server.lora-scale": (float, 1.0, "server step of the LoRA tensors (not the head) x this"),
     "registry.model-name": (str, "", "publish the final adapter as this registered model"),
     "registry.signing-key": (str, "", "EC P-256 private key (PEM) that signs the release"),

@@ -19,10 +19,11 @@ from typing import Any
 from clients.task.choices import SITE_DP_TRAINABLE
 from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
-from clients.task.errors import ConfigError
+from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import format_label_set, parse_label_set
-from clients.task.model import ModelSpec, base_digest
+from clients.task.model import ModelSpec, base_digest, resolve_base
 from clients.task.plan import TrainPlan
+from clients.task.pooling import declared_pooling
 from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
 from strategies.bounded import BoundedInfluence
@@ -172,6 +173,30 @@ def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None
     if mode == "off" or (mode == "auto" and secure) or ratios == (0.0, 0.0):
         return None
     return ratios
+
+
+def _aggregate(value: str, spec: ModelSpec) -> str:
+    """``server.aggregate``, with ``auto`` resolved: ``mean`` (FedAvg) when the head reads
+    the base's mean-pooled sentence embedding (``head.pooling``), else ``sum-head``.
+
+    Summing the head's updates lets a head that starts at random over features made for
+    another objective (BERT's pooler) move at the pace of the pooled data; over features
+    that already separate the labels the summed step overshoots and accuracy swings from
+    round to round (README, "Quality"). Only JSON files of the base are read.
+
+    Raises:
+        ConfigError: If the base's pooling declaration cannot be read.
+    """
+    if value != "auto":
+        return value
+    try:
+        mean = spec.task == "sequence-classification" and (
+            spec.pooling == "mean"
+            or (spec.pooling == "auto" and declared_pooling(resolve_base(spec.base)) == "mean")
+        )
+    except ModelError as exc:
+        raise ConfigError(f"server.aggregate='auto': {exc}") from exc
+    return "mean" if mean else "sum-head"
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -381,24 +406,26 @@ class RunSettings:
             ConfigError: Naming the unknown key (with a suggestion) or the bad value.
         """
         v = read_config(config)
+        spec = ModelSpec(
+            base=v["base-model"],
+            task=v["task"],
+            labels=parse_label_set(v["labels"]),
+            lora_r=v["lora.r"],
+            lora_alpha=v["lora.alpha"],
+            lora_dropout=v["lora.dropout"],
+            target_modules=split_list(v["lora.target-modules"]),
+            aggregation=v["aggregation"],
+            quantization=v["quantization"],
+            pooling=v["head.pooling"],
+            seed=v["seed"],
+        )
         client_dp = ClientDPSettings.from_values(v)
         secagg = _secagg(
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
         )
         return cls(
             rounds=v["num-server-rounds"],
-            spec=ModelSpec(
-                base=v["base-model"],
-                task=v["task"],
-                labels=parse_label_set(v["labels"]),
-                lora_r=v["lora.r"],
-                lora_alpha=v["lora.alpha"],
-                lora_dropout=v["lora.dropout"],
-                target_modules=split_list(v["lora.target-modules"]),
-                aggregation=v["aggregation"],
-                quantization=v["quantization"],
-                seed=v["seed"],
-            ),
+            spec=spec,
             local_epochs=v["local-epochs"],
             local_steps=v["local-steps"],
             batch_size=v["batch-size"],
@@ -418,7 +445,7 @@ class RunSettings:
                 kind=v["server.optimizer"],
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
-                aggregate=v["server.aggregate"],
+                aggregate=_aggregate(v["server.aggregate"], spec),
                 lora_scale=v["server.lora-scale"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
@@ -617,6 +644,7 @@ class RunSettings:
             "site-dp.learning-rate": self.site_dp_learning_rate,
             "site-dp.trainable": self.site_dp_trainable,
             "head.init": self.head_init,
+            "head.pooling": spec.pooling,
             "head.shrinkage": self.head_shrinkage,
             # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
             "robust.mode": "auto" if self.robust is not None or sa is not None else "off",

@@ -44,6 +44,7 @@ from clients.edge.batching import Batcher, Job
 from clients.edge.generation import Completion, Row, Sampling, run_generate
 from clients.task.errors import ConfigError, FedloraError, ModelError
 from clients.task.model import base_digest, quantization_config, resolve_base
+from clients.task.pooling import apply_pooling
 from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class SharedBase:
         num_labels: int,
         quantization: str,
         device: torch.device,
+        pooling: str = "model",
         max_length: int,
         max_new_tokens: int,
         batching: Batching,
@@ -121,6 +123,7 @@ class SharedBase:
             base = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, **kwargs
             )
+            apply_pooling(base, pooling)  # what the releases on this base were trained with
         else:
             base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             tokenizer.padding_side = "left"
@@ -163,7 +166,7 @@ class SharedBase:
             max_rows=batching.max_rows,
             max_queue=batching.max_queue,
             max_wait_s=batching.max_wait_s,
-            name=f"{task}-{num_labels}",
+            name=f"{task}-{num_labels}" + ("" if pooling == "model" else f"-{pooling}"),
             on_batch=batching.on_batch,
         )
 
@@ -509,12 +512,13 @@ class Runtime:
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.batching = batching or Batching()
-        self._bases: dict[tuple[str, int], SharedBase] = {}
+        self._bases: dict[tuple[str, int, str], SharedBase] = {}
         self._bases_lock = threading.Lock()
 
-    def shared_base(self, task: str, num_labels: int) -> SharedBase:
-        """The one base for (task, label count), loaded from disk on first use."""
-        key = (task, num_labels if task == "sequence-classification" else 0)
+    def shared_base(self, task: str, num_labels: int, pooling: str = "model") -> SharedBase:
+        """The one base for (task, label count, pooling), loaded from disk on first use."""
+        classify = task == "sequence-classification"
+        key = (task, num_labels if classify else 0, pooling if classify else "model")
         with self._bases_lock:
             if key not in self._bases:
                 try:
@@ -522,6 +526,7 @@ class Runtime:
                         path=str(self.base_path),
                         task=task,
                         num_labels=key[1],
+                        pooling=key[2],
                         quantization=self.quantization,
                         device=self.device,
                         max_length=self.max_length,
@@ -548,7 +553,7 @@ class Runtime:
                 f"or a signature-only VerifiedRelease (got {type(accepted).__name__})"
             )
         prov = accepted.provenance
-        base = self.shared_base(prov.task, len(prov.labels))
+        base = self.shared_base(prov.task, len(prov.labels), prov.pooling)
         slot = base.attach(accepted)
         return LoadedRelease(model_name, version, accepted, base, slot)
 

@@ -11,3 +11,7 @@ SITE_DP_TRAINABLE = ("all", "head")
 # site id) in this environment variable as a JSON list indexed by partition id. The data
 # path thus still comes from the site's own process, never from a server message.
 SIM_SITES_ENV = "FEDLORA_SIM_SITES"
+POOLINGS = ("auto", "model", "mean")  # head.pooling: clients/task/pooling.py
+RESOLVED_POOLINGS = ("model", "mean")  # what a release records: auto resolved
+# Pooling a release or task file means when it predates the field: the model's own.
+LEGACY_POOLING = "model"

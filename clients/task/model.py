@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.task.choices import AGGREGATIONS, DEFAULT_BASE, QUANTIZATIONS
+from clients.task.choices import AGGREGATIONS, DEFAULT_BASE, POOLINGS, QUANTIZATIONS
 from clients.task.data import check_task
 from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import check_label
+from clients.task.pooling import apply_pooling, resolve_pooling
 from clients.task.text import short
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class ModelSpec:
     target_modules: tuple[str, ...] = ()
     aggregation: str = "ffa"
     quantization: str = "none"
+    pooling: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +95,8 @@ class ModelSpec:
             raise ConfigError(
                 f"quantization={self.quantization!r} must be one of {', '.join(QUANTIZATIONS)}"
             )
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"head.pooling={self.pooling!r} must be one of {', '.join(POOLINGS)}")
         if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
             raise ConfigError(
                 f"lora.target-modules={','.join(self.target_modules)!r}: {ALL_LINEAR!r} "
@@ -108,6 +112,7 @@ class LoadedModel:
     model: Any  # peft.PeftModel
     tokenizer: Any
     device: torch.device
+    pooling: str = "model"  # what the head reads: spec.pooling resolved (clients/task/pooling.py)
 
 
 def resolve_base(base: str) -> Path:
@@ -267,6 +272,12 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    pooling = "model"
+    if spec.task == "sequence-classification":
+        pooling = resolve_pooling(spec.pooling, model=model, path=path)
+        apply_pooling(model, pooling)
+    elif spec.pooling == "mean":
+        raise ModelError(f"head.pooling='mean': task={spec.task!r} has no classifier head")
 
     lora = LoraConfig(
         task_type=task_type,
@@ -287,7 +298,9 @@ def build_model(spec: ModelSpec, *, device: str | None = None) -> LoadedModel:
     _seeded_init(peft_model, seed=spec.seed)
     if spec.quantization != "4bit":
         peft_model.to(dev)
-    return LoadedModel(spec=spec, model=peft_model, tokenizer=tokenizer, device=dev)
+    return LoadedModel(
+        spec=spec, model=peft_model, tokenizer=tokenizer, device=dev, pooling=pooling
+    )
 
 
 def peft_target_modules(names: tuple[str, ...]) -> list[str] | str | None:
@@ -356,6 +369,7 @@ def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
         "base_digest": base_digest(loaded.spec.base),
         "aggregation": loaded.spec.aggregation,
         "quantization": loaded.spec.quantization,
+        "pooling": loaded.pooling,
     }
     (out_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
 

@@ -211,8 +211,8 @@ def test_bad_privacy_config_names_the_key(config: dict, message: str) -> None:
 def test_privacy_settings_reach_the_round_plan() -> None:
     plain = RunSettings.from_config({**OK, "server.aggregate": "mean"})
     assert plain.plan(1).clip_norm == 0.0 and not plain.plan(1).uniform_weight
-    # The default sums the head's updates, so every site weighs the same.
-    assert RunSettings.from_config(OK).plan(1).uniform_weight
+    # Summing the head's updates weighs every site the same.
+    assert RunSettings.from_config({**OK, "server.aggregate": "sum-head"}).plan(1).uniform_weight
     dp = RunSettings.from_config({**OK, "dp.clip-norm": 0.5, "dp.target-epsilon": 8.0})
     assert dp.plan(1).clip_norm == 0.5 and dp.plan(1).uniform_weight
     secure = RunSettings.from_config({**SECURE, "update.max-norm": 3.0})
@@ -327,3 +327,23 @@ def test_settings_built_directly_check_the_same_cross_field_rules() -> None:
         replace(ok, max_norm=0.25)
     with pytest.raises(ConfigError, match=r"dp\.clip-norm=-1\.0 must be > 0"):
         replace(ok.client_dp, clip_norm=-1.0)  # the mechanism's own bound, checked once
+
+
+@pytest.mark.parametrize(
+    ("extra", "aggregate"),
+    [
+        ({}, "mean"),  # the default base declares mean pooling: FedAvg
+        ({"head.pooling": "model"}, "sum-head"),  # BERT's pooler: the head's updates summed
+        ({"head.pooling": "mean"}, "mean"),
+        ({"head.pooling": "model", "server.aggregate": "mean"}, "mean"),  # as given
+        ({"server.aggregate": "sum"}, "sum"),
+    ],
+)
+def test_auto_aggregate_follows_what_the_head_reads(extra: dict, aggregate: str) -> None:
+    assert RunSettings.from_config({**OK, **extra}).server_optimizer.aggregate == aggregate
+
+
+def test_auto_aggregate_on_a_base_without_a_pooling_declaration(tiny_bert: Path) -> None:
+    settings = RunSettings.from_config({**OK, "base-model": str(tiny_bert)})
+    assert settings.server_optimizer.aggregate == "sum-head"
+    assert settings.to_config()["server.aggregate"] == "sum-head"  # resolved once, sent as is

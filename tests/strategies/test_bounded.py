@@ -94,7 +94,8 @@ def test_a_ratio_below_one_or_infinite_is_refused(ratio: float) -> None:
 
 
 def test_a_site_cannot_put_its_whole_norm_into_a_summed_head() -> None:
-    # Arrange: the default run (server.aggregate = "sum-head", uniform weights): the step is
+    # Arrange: a run over a model's own pooler (server.aggregate = "auto" is then "sum-head",
+    # uniform weights): the step is
     # the mean of the LoRA updates plus the *sum* of the head updates. Nine honest sites move
     # the LoRA tensor by 0.99 and the head by 0.1 (norm ~1); the hostile site moves only the
     # head, by 1 (norm 1: within the median norm, so a whole-update bound passes it).
@@ -102,8 +103,8 @@ def test_a_site_cannot_put_its_whole_norm_into_a_summed_head() -> None:
     from strategies.server_opt import HEAD_MARK
     from tests.server.test_settings import OK
 
-    settings = RunSettings.from_config(OK)
-    assert settings.server_optimizer.aggregate == "sum-head"  # the default this test is about
+    settings = RunSettings.from_config({**OK, "head.pooling": "model"})
+    assert settings.server_optimizer.aggregate == "sum-head"  # the case this test is about
     lora, head = "layer.lora_B.default.weight", f"classifier.{HEAD_MARK}.default.weight"
     ref = {lora: np.zeros(2, np.float32), head: np.zeros(2, np.float32)}
     n = 10

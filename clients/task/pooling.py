@@ -1,0 +1,152 @@
+"""What a classifier's head reads: the base's own pooling, or the mean of its token states.
+
+A BERT-type sequence classifier feeds its head the *pooler output*: the first token's
+hidden state through a dense layer and tanh, trained by BERT's next-sentence objective.
+A sentence-embedding base such as all-MiniLM-L6-v2 (fedlora's default) was trained
+instead to be read as the attention-masked **mean of its last hidden states**
+(Reimers and Gurevych 2019, "Sentence-BERT", Sec. 3; the base declares it in
+sentence-transformers' ``modules.json`` / ``1_Pooling/config.json``); its pooler weights
+were never trained for that. ``pooling = "mean"`` swaps the pooler for that mean, so the
+head (and the LDA head's statistics) read the features the base was made to produce.
+
+``head.pooling`` values:
+
+- ``auto`` (the default): ``mean`` when the base's directory declares sentence-
+  transformers mean pooling and the model has a pooler to replace, else ``model``.
+- ``model``: the model class's own pooling (BERT's pooler; Llama's last token).
+- ``mean``: the masked mean; needs a base whose classifier reads a ``pooler`` module
+  (BERT-type), otherwise `ModelError`.
+
+The mean pooler has no parameters, so the adapter's tensors and names are the same as
+with the model's own pooling except that ``pooler.dense`` is no longer a layer LoRA can
+target. A release records the pooling it was trained with (``fedlora_task.json``), and
+the edge node builds its base the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clients.task.choices import POOLINGS
+from clients.task.errors import ModelError
+
+
+class MeanPooler(torch.nn.Module):
+    """Masked mean of the last hidden states: (batch, seq, hidden) -> (batch, hidden).
+
+    Stands in a BERT-type model's ``pooler``, which its model calls with the hidden states
+    only; the attention mask of the same forward reaches it through `bind_mask`'s
+    pre-hook on the backbone, kept per thread (the edge node's batcher and a site's
+    training each run a forward in one thread). Without a mask every position counts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        self._local.mask = mask
+
+    def __deepcopy__(self, memo: dict) -> MeanPooler:  # a thread-local cannot be copied
+        return MeanPooler()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask = getattr(self._local, "mask", None)
+        if mask is None:
+            return hidden.mean(dim=1)
+        weights = mask[:, : hidden.shape[1]].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def declared_pooling(path: str | Path) -> str | None:
+    """The pooling a sentence-transformers base directory declares: ``mean``, another
+    mode's name (``cls``, ``max``, ...), or None when it declares none.
+
+    Reads ``modules.json`` for the ``sentence_transformers.models.Pooling`` module and its
+    ``config.json`` (``pooling_mode_mean_tokens`` and friends).
+
+    Raises:
+        ModelError: If those files exist but cannot be read, naming the file.
+    """
+    root = Path(path)
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        entry = next(
+            (m for m in modules if str(m.get("type", "")).endswith(".Pooling")),
+            None,
+        )
+        if entry is None:
+            return None
+        config_file = root / str(entry.get("path", "")) / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ModelError(f"{root}: unreadable sentence-transformers pooling config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    modes = [k.removeprefix("pooling_mode_") for k, v in config.items() if k.startswith(
+        "pooling_mode_") and v is True]  # fmt: skip
+    if modes == ["mean_tokens"]:
+        return "mean"
+    return ",".join(modes) or None
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module holding a replaceable ``pooler`` (BERT-type models), or None."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(backbone, "pooler", None)
+    return backbone if isinstance(pooler, torch.nn.Module) else None
+
+
+def resolve_pooling(requested: str, *, model: torch.nn.Module, path: str | Path) -> str:
+    """``model`` or ``mean``: what ``requested`` (one of `POOLINGS`) means for this base.
+
+    Raises:
+        ModelError: If ``mean`` is asked of a model without a pooler to replace, or the
+            value is unknown.
+    """
+    if requested not in POOLINGS:
+        raise ModelError(f"head.pooling={requested!r} must be one of {', '.join(POOLINGS)}")
+    has_pooler = _backbone(model) is not None
+    if requested == "auto":
+        return "mean" if has_pooler and declared_pooling(path) == "mean" else "model"
+    if requested == "mean" and not has_pooler:
+        raise ModelError(
+            f"head.pooling='mean': {type(model).__name__} has no pooler to replace "
+            "(only BERT-type classifiers read one); use 'model' or 'auto'"
+        )
+    return requested
+
+
+def apply_pooling(model: torch.nn.Module, pooling: str) -> None:
+    """Make ``model``'s classifier read ``pooling`` (resolved: ``model`` or ``mean``).
+
+    Call it on the transformers model before peft wraps it. ``model`` leaves it as is.
+
+    Raises:
+        ModelError: If ``mean`` cannot apply (see `resolve_pooling`).
+    """
+    if pooling == "model":
+        return
+    backbone = _backbone(model)
+    if pooling != "mean" or backbone is None:
+        raise ModelError(f"head.pooling={pooling!r} cannot apply to {type(model).__name__}")
+    backbone.pooler = MeanPooler()
+    backbone.register_forward_pre_hook(_bind_mask, with_kwargs=True)
+
+
+def _bind_mask(backbone: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the backbone: hand this forward's attention mask to its pooler
+    (looked up on the module called, so a deep copy of the model binds its own pooler)."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:  # BertModel.forward(input_ids, attention_mask, ...)
+        mask = args[1]
+    backbone.pooler.set_mask(mask)

@@ -1,0 +1,85 @@
+"""A release trained with mean pooling is served on a base that pools the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients.edge.runtime import Runtime
+from clients.task.data import Example
+from clients.task.model import ModelSpec, build_model, save_adapter
+from clients.task.train import encode
+from registry.keys import KeyPair, TrustStore
+from tests.clients.edge.test_runtime import LABELS, signed
+from tests.clients.task.test_pooling import _declare
+from tests.tiny_models import make_tiny_bert
+
+TEXTS = ["hello", "goodbye and see you again tomorrow"]
+
+
+def _trained(base: Path, out: Path, *, pooling: str, seed: int) -> tuple[Path, torch.Tensor]:
+    """A training output with random LoRA B and head, and its own softmax on TEXTS."""
+    loaded = build_model(ModelSpec(base=str(base), labels=LABELS, lora_r=4, seed=seed,
+                                   pooling=pooling))  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    save_adapter(loaded, out / "adapter")
+    loaded.model.eval()
+    inputs = encode(loaded, [Example(text=t, label=LABELS[0]) for t in TEXTS], max_length=32)
+    inputs.pop("labels")
+    with torch.no_grad():
+        return out, torch.softmax(loaded.model(**inputs).logits, dim=-1)
+
+
+def test_mean_and_model_pooled_releases_get_their_own_base(
+    tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    runtime = Runtime(base=str(base))
+    served = []
+    for i, pooling in enumerate(("auto", "model")):
+        out, expected = _trained(base, tmp_path / f"t{i}", pooling=pooling, seed=i)
+        accepted = signed(out, tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
+        assert accepted.provenance.pooling == ("mean", "model")[i]
+        release = runtime.load("m", str(i + 1), accepted)
+        scores = torch.tensor([list(row["scores"].values()) for row in release.predict(TEXTS)])
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+        served.append(release)
+    assert served[0].base is not served[1].base  # a base pools one way
+    runtime.close()
+
+
+def test_a_release_from_before_the_field_is_served_with_the_models_pooling(
+    tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    out, expected = _trained(base, tmp_path / "t", pooling="model", seed=3)
+    task_file = out / "adapter" / "fedlora_task.json"
+    task = json.loads(task_file.read_text(encoding="utf-8"))
+    del task["pooling"]  # an adapter saved before head.pooling existed
+    task_file.write_text(json.dumps(task), encoding="utf-8")
+    accepted = signed(out, tmp_path / "r", keypair=keypair, trust=trust)
+    assert accepted.provenance.pooling == "model"
+    runtime = Runtime(base=str(base))
+    rows = runtime.load("m", "1", accepted).predict(TEXTS)
+    scores = torch.tensor([list(row["scores"].values()) for row in rows])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
+    runtime.close()
+
+
+@pytest.mark.parametrize("value", ["max", 3, None])
+def test_a_provenance_naming_an_unknown_pooling_is_refused(value: object) -> None:
+    from registry.artifact import PROVENANCE_SCHEMA, Provenance
+    from registry.errors import RegistryError
+
+    data = {f: "" for f in Provenance.__dataclass_fields__} | {
+        "schema": PROVENANCE_SCHEMA, "pooling": value, "labels": [], "lora": {},
+    }  # fmt: skip
+    with pytest.raises(RegistryError, match=r"pooling=.*expected one of model, mean"):
+        Provenance.from_dict(data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest, resolve_base
 from clients.task.plan import TrainPlan
-from clients.task.pooling import declared_pooling
+from clients.task.pooling import pooling_of_base
 from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
 from strategies.bounded import BoundedInfluence
@@ -175,28 +175,39 @@ def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None
     return ratios
 
 
+def _resolved_pooling(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with ``head.pooling`` resolved to ``model`` or ``mean`` for its base, once,
+    on the server: the round plan carries the resolved value, so every site pools the same
+    way whatever its copy of the base declares, and a resume compares it (fingerprint).
+
+    Raises:
+        ConfigError: Naming ``head.pooling`` when it cannot apply or the base is unusable.
+    """
+    if spec.pooling == "model" or (
+        spec.pooling == "auto" and spec.task != "sequence-classification"
+    ):
+        return replace(spec, pooling="model")
+    try:
+        pooling = pooling_of_base(spec.pooling, path=resolve_base(spec.base), task=spec.task)
+    except ModelError as exc:
+        raise ConfigError(
+            str(exc) if "head.pooling" in str(exc) else f"head.pooling: {exc}"
+        ) from exc
+    return replace(spec, pooling=pooling)
+
+
 def _aggregate(value: str, spec: ModelSpec) -> str:
     """``server.aggregate``, with ``auto`` resolved: ``mean`` (FedAvg) when the head reads
-    the base's mean-pooled sentence embedding (``head.pooling``), else ``sum-head``.
+    the base's mean-pooled sentence embedding (``head.pooling``, resolved), else ``sum-head``.
 
     Summing the head's updates lets a head that starts at random over features made for
     another objective (BERT's pooler) move at the pace of the pooled data; over features
     that already separate the labels the summed step overshoots and accuracy swings from
-    round to round (README, "Quality"). Only JSON files of the base are read.
-
-    Raises:
-        ConfigError: If the base's pooling declaration cannot be read.
+    round to round (README, "Quality").
     """
     if value != "auto":
         return value
-    try:
-        mean = spec.task == "sequence-classification" and (
-            spec.pooling == "mean"
-            or (spec.pooling == "auto" and declared_pooling(resolve_base(spec.base)) == "mean")
-        )
-    except ModelError as exc:
-        raise ConfigError(f"server.aggregate='auto': {exc}") from exc
-    return "mean" if mean else "sum-head"
+    return "mean" if spec.pooling == "mean" else "sum-head"
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -406,7 +417,7 @@ class RunSettings:
             ConfigError: Naming the unknown key (with a suggestion) or the bad value.
         """
         v = read_config(config)
-        spec = ModelSpec(
+        spec = _resolved_pooling(ModelSpec(
             base=v["base-model"],
             task=v["task"],
             labels=parse_label_set(v["labels"]),
@@ -418,7 +429,7 @@ class RunSettings:
             quantization=v["quantization"],
             pooling=v["head.pooling"],
             seed=v["seed"],
-        )
+        ))  # fmt: skip
         client_dp = ClientDPSettings.from_values(v)
         secagg = _secagg(
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]

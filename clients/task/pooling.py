@@ -25,6 +25,7 @@ the edge node builds its base the same way.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -124,6 +125,41 @@ def resolve_pooling(requested: str, *, model: torch.nn.Module, path: str | Path)
             "(only BERT-type classifiers read one); use 'model' or 'auto'"
         )
     return requested
+
+
+def pooling_of_base(requested: str, *, path: str | Path, task: str) -> str:
+    """``model`` or ``mean``: `resolve_pooling` for the base at ``path`` without loading its
+    weights (its classifier is built on torch's meta device), so a run's settings can fix
+    the pooling once and send the sites the resolved value.
+
+    Raises:
+        ModelError: As `resolve_pooling`; also ``mean`` for a task without a classifier, and
+            a base whose config cannot be read.
+    """
+    if requested not in POOLINGS:
+        raise ModelError(f"head.pooling={requested!r} must be one of {', '.join(POOLINGS)}")
+    if task != "sequence-classification":
+        if requested == "mean":
+            raise ModelError(f"head.pooling='mean': task={task!r} has no classifier head")
+        return "model"
+    if requested == "model" or (requested == "auto" and declared_pooling(path) != "mean"):
+        return "model"  # nothing to build: auto picks mean only where the base declares it
+    return _pooling_of_base(requested, str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _pooling_of_base(requested: str, path: str) -> str:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:  # transformers raises assorted errors for unusable configs
+        raise ModelError(
+            f"{path}: cannot build its classifier to resolve head.pooling: {exc}"
+        ) from exc
+    return resolve_pooling(requested, model=model, path=path)
 
 
 def apply_pooling(model: torch.nn.Module, pooling: str) -> None:

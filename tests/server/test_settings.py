@@ -347,3 +347,15 @@ def test_auto_aggregate_on_a_base_without_a_pooling_declaration(tiny_bert: Path)
     settings = RunSettings.from_config({**OK, "base-model": str(tiny_bert)})
     assert settings.server_optimizer.aggregate == "sum-head"
     assert settings.to_config()["server.aggregate"] == "sum-head"  # resolved once, sent as is
+
+
+def test_head_pooling_is_resolved_once_and_sent_resolved(tiny_bert: Path, tiny_llama: Path) -> None:
+    default = RunSettings.from_config(OK)
+    assert default.spec.pooling == "mean"  # the default base declares mean pooling
+    assert default.plan(1).to_config()["spec.pooling"] == "mean"  # sites get no "auto"
+    assert default.to_config()["head.pooling"] == "mean"
+    assert RunSettings.from_config({**OK, "base-model": str(tiny_bert)}).spec.pooling == "model"
+    with pytest.raises(ConfigError, match=r"head\.pooling='mean': LlamaForSequenceClassification"):
+        RunSettings.from_config({**OK, "base-model": str(tiny_llama), "head.pooling": "mean"})
+    with pytest.raises(ConfigError, match=r"head\.pooling='max' must be one of auto, model, mean"):
+        RunSettings.from_config({**OK, "head.pooling": "max"})

@@ -45,6 +45,11 @@ MODEL_CARD = "README.md"  # peft's save_pretrained writes it
 # Every file a signed release may hold; the edge downloads nothing else.
 RELEASE_FILES = (*ADAPTER_FILES, TASK_FILE, MODEL_CARD, PROVENANCE_FILE, SIGNATURE_FILE)
 PROVENANCE_SCHEMA = "fedlora.provenance/v1"
+# v2 adds ``pooling`` and is written only for a release whose head reads the mean of the
+# token states: a reader from before the field refuses it by name instead of serving it
+# with BERT's pooler (wrong answers, no error). Releases with the model's pooling stay v1.
+PROVENANCE_SCHEMA_V2 = "fedlora.provenance/v2"
+PROVENANCE_SCHEMAS = (PROVENANCE_SCHEMA, PROVENANCE_SCHEMA_V2)
 # The privacy guarantees whose mechanism the server ran, and so can vouch for: clipping
 # and noise of client-level DP. Sample-level DP (DP-SGD) runs at the sites: its ε is the
 # server's account of its plan, which no gate may take as proof of privacy.
@@ -78,20 +83,20 @@ class Provenance:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Provenance:
-        if data.get("schema") != PROVENANCE_SCHEMA:
+        schema = data.get("schema")
+        if schema not in PROVENANCE_SCHEMAS:
             raise RegistryError(
-                f"{PROVENANCE_FILE}: schema={data.get('schema')!r}, expected {PROVENANCE_SCHEMA!r}"
+                f"{PROVENANCE_FILE}: schema={short(schema)}, expected one of "
+                f"{', '.join(PROVENANCE_SCHEMAS)}"
             )
         known = set(cls.__dataclass_fields__)
         missing = sorted(k for k in known - {"pooling"} if k not in data)
         if missing:
             raise RegistryError(f"{PROVENANCE_FILE}: missing field {missing[0]!r}")
-        pooling = data.get("pooling", LEGACY_POOLING)
-        if pooling not in RESOLVED_POOLINGS:
-            raise RegistryError(
-                f"{PROVENANCE_FILE}: pooling={short(pooling)}, expected one of "
-                f"{', '.join(RESOLVED_POOLINGS)}"
-            )
+        try:
+            check_pooling(data.get("pooling", LEGACY_POOLING), schema=schema, task=data["task"])
+        except RegistryError as exc:
+            raise RegistryError(f"{PROVENANCE_FILE}: {exc}") from None
         return cls(**{k: data[k] for k in known if k in data})
 
     def epsilon(self) -> float | None:
@@ -328,6 +333,26 @@ def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) 
         raise RegistryError(f"metrics.json: unreadable privacy record ({exc!r})") from exc
 
 
+def check_pooling(pooling: object, *, schema: object, task: object) -> None:
+    """Refuse a ``pooling`` a release cannot be served with.
+
+    Raises:
+        RegistryError: If it is not ``model`` or ``mean``, ``mean`` on a task without a
+            classifier head, or ``mean`` in a v1 provenance (which an older reader would
+            serve with the model's pooling).
+    """
+    if pooling not in RESOLVED_POOLINGS:
+        raise RegistryError(
+            f"pooling={short(pooling)}, expected one of {', '.join(RESOLVED_POOLINGS)}"
+        )
+    if pooling != LEGACY_POOLING and task != "sequence-classification":
+        raise RegistryError(
+            f"pooling={pooling!r} needs task 'sequence-classification', not {short(task)}"
+        )
+    if pooling != LEGACY_POOLING and schema != PROVENANCE_SCHEMA_V2:
+        raise RegistryError(f"pooling={pooling!r} needs schema {PROVENANCE_SCHEMA_V2!r}")
+
+
 def build_release(
     source: Path,
     out: Path,
@@ -345,6 +370,11 @@ def build_release(
     task = _read_json(adapter / TASK_FILE, "adapter task file")
     lora = _read_json(adapter / "adapter_config.json", "adapter config")
     training, metrics, privacy = _training_summary(source)
+    pooling = task.get("pooling", LEGACY_POOLING)
+    try:
+        check_pooling(pooling, schema=PROVENANCE_SCHEMA_V2, task=task.get("task"))
+    except RegistryError as exc:
+        raise RegistryError(f"{adapter / TASK_FILE}: {exc}") from None
     if out.exists():
         raise RegistryError(f"{out} already exists")
     copy_release_files(adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE))
@@ -366,7 +396,8 @@ def build_release(
         training=training,
         metrics=metrics,
         privacy=privacy,
-        pooling=str(task.get("pooling", LEGACY_POOLING)),
+        pooling=pooling,
+        schema=PROVENANCE_SCHEMA_V2 if pooling != LEGACY_POOLING else PROVENANCE_SCHEMA,
     )
     (out / PROVENANCE_FILE).write_text(provenance.to_json(), encoding="utf-8")
     return provenance

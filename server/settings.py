@@ -47,7 +47,8 @@ MAX_UPDATE_NORM = 1e6
 # what checkpoints store), so a resume that changed one names what the user typed.
 FINGERPRINT_KEYS = {
     "rounds": "num-server-rounds",
-    "spec": "one of base-model, task, labels, lora.*, aggregation, quantization or seed",
+    "spec": "one of base-model, task, labels, lora.*, aggregation, quantization, head.pooling "
+    "or seed",
     "local_epochs": "local-epochs",
     "local_steps": "local-steps",
     "batch_size": "batch-size",
@@ -196,18 +197,23 @@ def _resolved_pooling(spec: ModelSpec) -> ModelSpec:
     return replace(spec, pooling=pooling)
 
 
-def _aggregate(value: str, spec: ModelSpec) -> str:
+def _aggregate(value: str, spec: ModelSpec, *, secure: bool) -> str:
     """``server.aggregate``, with ``auto`` resolved: ``mean`` (FedAvg) when the head reads
     the base's mean-pooled sentence embedding (``head.pooling``, resolved), else ``sum-head``.
 
     Summing the head's updates lets a head that starts at random over features made for
     another objective (BERT's pooler) move at the pace of the pooled data; over features
     that already separate the labels the summed step overshoots and accuracy swings from
-    round to round (README, "Quality").
+    round to round (README, "Quality"). Under SecAgg+ the mean is uniform
+    (``uniform-mean``): there the server can check no site's claimed row count (bounded
+    influence is off), and a weight below ``secagg.max-weight`` also coarsens each update's
+    quantisation.
     """
     if value != "auto":
         return value
-    return "mean" if spec.pooling == "mean" else "sum-head"
+    if spec.pooling != "mean":
+        return "sum-head"
+    return "uniform-mean" if secure else "mean"
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -456,7 +462,7 @@ class RunSettings:
                 kind=v["server.optimizer"],
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
-                aggregate=_aggregate(v["server.aggregate"], spec),
+                aggregate=_aggregate(v["server.aggregate"], spec, secure=secagg is not None),
                 lora_scale=v["server.lora-scale"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
@@ -554,6 +560,11 @@ class RunSettings:
         """What differs from an earlier `fingerprint`, each named by its run-config key(s)
         ("learning-rate was 0.005, now 0.01"), sorted; empty when nothing does."""
         now = self.fingerprint()
+        spec = fingerprint.get("spec")
+        if isinstance(spec, str) and "pooling=" not in spec and ", seed=" in spec:
+            # A checkpoint from before head.pooling: its head read the model's own pooling.
+            head, _, tail = spec.rpartition(", seed=")
+            fingerprint = {**fingerprint, "spec": f"{head}, pooling='model', seed={tail}"}
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
             for name in now

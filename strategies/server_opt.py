@@ -46,10 +46,13 @@ from clients.task.errors import ConfigError
 from strategies.fedexp import extrapolation
 
 KINDS = ("sgd", "adam", "fedexp")
-# What the pseudo-gradient is: the (example-weighted) mean of the sites' updates; their
-# sum (the uniform mean times the number of updates); or the sum for the classification
-# head and the uniform mean for the rest ("sum-head").
-AGGREGATES = ("mean", "sum", "sum-head")
+# What the pseudo-gradient is: the example-weighted mean of the sites' updates (FedAvg), or
+# their uniform mean; their sum (the uniform mean times the number of updates); or the sum
+# for the classification head and the uniform mean for the rest ("sum-head").
+AGGREGATES = ("mean", "uniform-mean", "sum", "sum-head")
+# The pseudo-gradient is the average itself: weighted by examples (FedAvg) or uniformly,
+# which the round's weighting decides (server/settings.py `uniform_weight`).
+MEANS = ("mean", "uniform-mean")
 # PEFT stores fully trained modules (the classification head) under this name part.
 HEAD_MARK = "modules_to_save"
 BETA2 = 0.99  # FedAdam's second-moment decay (Reddi et al. 2021)
@@ -97,7 +100,7 @@ class ServerOptimizer:
             self.kind == "sgd"
             and self.learning_rate == 1.0
             and self.momentum == 0.0
-            and self.aggregate == "mean"
+            and self.aggregate in MEANS
             and self.lora_scale == 1.0
         )
 
@@ -132,7 +135,7 @@ class ServerOptimizer:
         """
         if self.is_identity:
             return dict(average), {}
-        if self.aggregate != "mean":
+        if self.aggregate not in MEANS:
             average = _summed(current, average, num_updates, only_head=self.aggregate == "sum-head")
         if self.kind == "fedexp":
             return self._fedexp_step(current, average, state, spread)

@@ -44,7 +44,7 @@ from clients.edge.batching import Batcher, Job
 from clients.edge.generation import Completion, Row, Sampling, run_generate
 from clients.task.errors import ConfigError, FedloraError, ModelError
 from clients.task.model import base_digest, quantization_config, resolve_base
-from clients.task.pooling import apply_pooling
+from clients.task.pooling import apply_pooling, pooling_of_base
 from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
@@ -521,6 +521,8 @@ class Runtime:
         key = (task, num_labels if classify else 0, pooling if classify else "model")
         with self._bases_lock:
             if key not in self._bases:
+                if key[2] != "model":  # refused before the weights load, not after
+                    pooling_of_base(key[2], path=self.base_path, task=task)
                 try:
                     self._bases[key] = SharedBase(
                         path=str(self.base_path),

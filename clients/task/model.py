@@ -60,7 +60,9 @@ class ModelSpec:
     target_modules: tuple[str, ...] = ()
     aggregation: str = "ffa"
     quantization: str = "none"
-    pooling: str = "auto"
+    # head.pooling (clients/task/pooling.py). The run config's default is "auto", which the
+    # server resolves (server/settings.py); a spec built in code keeps the model's own.
+    pooling: str = "model"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from clients.task.choices import SITE_DP_TRAINABLE
+from clients.task.choices import LEGACY_POOLING, RESOLVED_POOLINGS, SITE_DP_TRAINABLE
 from clients.task.dpsgd import SampleDP, check_target_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
@@ -183,6 +183,14 @@ class TrainPlan:
                 spec_kwargs[key[5:]] = value
             else:
                 plan_kwargs[key] = value
+        # The server resolves head.pooling; a plan from a server before the field means the
+        # model's own pooling, and a site never decides it from its own copy of the base.
+        pooling = spec_kwargs.setdefault("pooling", LEGACY_POOLING)
+        if pooling not in RESOLVED_POOLINGS:
+            raise ConfigError(
+                f"round plan field spec.pooling={short(pooling)}: expected one of "
+                f"{', '.join(RESOLVED_POOLINGS)} (the server resolves 'auto')"
+            )
         for key in ("labels", "target_modules"):
             value = spec_kwargs.get(key, [])
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

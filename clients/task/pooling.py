@@ -53,15 +53,40 @@ class MeanPooler(torch.nn.Module):
     def set_mask(self, mask: torch.Tensor | None) -> None:
         self._local.mask = mask
 
-    def __deepcopy__(self, memo: dict) -> MeanPooler:  # a thread-local cannot be copied
-        return MeanPooler()
+    # A thread-local can be neither copied nor pickled: a copy starts with no mask.
+    def __deepcopy__(self, memo: dict) -> MeanPooler:
+        copy = MeanPooler()
+        copy.train(self.training)
+        memo[id(self)] = copy
+        return copy
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Raises:
+        ModelError: If ``hidden`` is not (batch, seq, hidden) or the mask does not match it.
+        """
+        if hidden.dim() != 3:
+            raise ModelError(
+                f"head.pooling='mean': the pooler got shape {tuple(hidden.shape)}, expected "
+                "(batch, seq, hidden): this model's pooler does not read the token states"
+            )
         mask = getattr(self._local, "mask", None)
         if mask is None:
             return hidden.mean(dim=1)
-        weights = mask[:, : hidden.shape[1]].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ModelError(
+                f"head.pooling='mean': attention mask {tuple(mask.shape)} does not match the "
+                f"token states {tuple(hidden.shape[:2])}"
+            )
+        weights = mask.to(device=hidden.device, dtype=torch.float32).unsqueeze(-1)
+        total = (hidden.float() * weights).sum(dim=1)  # float32: fp16 sums and 1e-9 underflow
+        return (total / weights.sum(dim=1).clamp(min=1e-9)).to(hidden.dtype)
 
 
 def declared_pooling(path: str | Path) -> str | None:
@@ -78,18 +103,19 @@ def declared_pooling(path: str | Path) -> str | None:
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return None
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8"))
-        entry = next(
-            (m for m in modules if str(m.get("type", "")).endswith(".Pooling")),
-            None,
+    modules = _json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelError(f"{modules_file}: expected a JSON list of objects")
+    entry = next((m for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+    if entry is None:
+        return None
+    where = entry.get("path", "")
+    if not isinstance(where, str) or Path(where).is_absolute() or ".." in Path(where).parts:
+        raise ModelError(
+            f"{modules_file}: the Pooling module's path {where!r} must lie inside the base"
         )
-        if entry is None:
-            return None
-        config_file = root / str(entry.get("path", "")) / "config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise ModelError(f"{root}: unreadable sentence-transformers pooling config: {exc}") from exc
+    config_file = root / where / "config.json"
+    config = _json(config_file)
     if not isinstance(config, dict):
         raise ModelError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     modes = [k.removeprefix("pooling_mode_") for k, v in config.items() if k.startswith(
@@ -99,12 +125,31 @@ def declared_pooling(path: str | Path) -> str | None:
     return ",".join(modes) or None
 
 
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable sentence-transformers pooling config: {exc}") from exc
+
+
 def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The module holding a replaceable ``pooler`` (BERT-type models), or None."""
+    """The module holding a replaceable ``pooler``, or None.
+
+    Only BERT's ``BertPooler`` and transformers' copies of it (``...Pooler`` classes, which
+    read the (batch, seq, hidden) token states and take the first token) qualify: ALBERT's
+    and BigBird's ``pooler`` is a plain ``Linear`` fed the first token's vector, which a
+    mean cannot stand in for.
+    """
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
     pooler = getattr(backbone, "pooler", None)
-    return backbone if isinstance(pooler, torch.nn.Module) else None
+    if isinstance(pooler, MeanPooler) or (
+        isinstance(pooler, torch.nn.Module)
+        and not isinstance(pooler, torch.nn.Linear)
+        and type(pooler).__name__.endswith("Pooler")
+    ):
+        return backbone
+    return None
 
 
 def resolve_pooling(requested: str, *, model: torch.nn.Module, path: str | Path) -> str:

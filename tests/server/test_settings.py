@@ -359,3 +359,23 @@ def test_head_pooling_is_resolved_once_and_sent_resolved(tiny_bert: Path, tiny_l
         RunSettings.from_config({**OK, "base-model": str(tiny_llama), "head.pooling": "mean"})
     with pytest.raises(ConfigError, match=r"head\.pooling='max' must be one of auto, model, mean"):
         RunSettings.from_config({**OK, "head.pooling": "max"})
+
+
+def test_auto_aggregate_under_secagg_weighs_sites_alike() -> None:
+    # Under SecAgg+ no site's claimed row count can be checked (bounded influence is off):
+    # a hostile site claiming 10,000 rows must not get most of the round's weight.
+    secure = RunSettings.from_config(SECURE)
+    assert secure.server_optimizer.aggregate == "uniform-mean"
+    assert secure.uniform_weight and secure.plan(1).uniform_weight
+    assert not RunSettings.from_config(OK).uniform_weight  # plain rounds: FedAvg's weights
+    given = RunSettings.from_config({**SECURE, "server.aggregate": "mean"})
+    assert not given.uniform_weight  # an explicit mean keeps secagg.max-weight's weights
+
+
+def test_a_checkpoint_from_before_head_pooling_resumes_with_the_models_pooling() -> None:
+    old = RunSettings.from_config({**OK, "head.pooling": "model"}).fingerprint()
+    old["spec"] = old["spec"].replace("pooling='model', ", "")  # as fingerprinted before
+    assert "pooling" not in old["spec"]
+    assert RunSettings.from_config({**OK, "head.pooling": "model"}).changed_since(old) == []
+    changed = RunSettings.from_config(OK).changed_since(old)
+    assert changed and "head.pooling" in changed[0]

@@ -12,6 +12,8 @@ from clients.edge.runtime import Runtime
 from clients.task.data import Example
 from clients.task.model import ModelSpec, build_model, save_adapter
 from clients.task.train import encode
+from registry.artifact import PROVENANCE_SCHEMA, PROVENANCE_SCHEMA_V2, Provenance, build_release
+from registry.errors import RegistryError
 from registry.keys import KeyPair, TrustStore
 from tests.clients.edge.test_runtime import LABELS, signed
 from tests.clients.task.test_pooling import _declare
@@ -47,6 +49,8 @@ def test_mean_and_model_pooled_releases_get_their_own_base(
         out, expected = _trained(base, tmp_path / f"t{i}", pooling=pooling, seed=i)
         accepted = signed(out, tmp_path / f"r{i}", keypair=keypair, trust=trust, release=i + 1)
         assert accepted.provenance.pooling == ("mean", "model")[i]
+        # A reader from before the field refuses v2 by name instead of serving it wrongly.
+        assert accepted.provenance.schema == (PROVENANCE_SCHEMA_V2, PROVENANCE_SCHEMA)[i]
         release = runtime.load("m", str(i + 1), accepted)
         scores = torch.tensor([list(row["scores"].values()) for row in release.predict(TEXTS)])
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
@@ -75,11 +79,33 @@ def test_a_release_from_before_the_field_is_served_with_the_models_pooling(
 
 @pytest.mark.parametrize("value", ["max", 3, None])
 def test_a_provenance_naming_an_unknown_pooling_is_refused(value: object) -> None:
-    from registry.artifact import PROVENANCE_SCHEMA, Provenance
-    from registry.errors import RegistryError
-
     data = {f: "" for f in Provenance.__dataclass_fields__} | {
         "schema": PROVENANCE_SCHEMA, "pooling": value, "labels": [], "lora": {},
     }  # fmt: skip
-    with pytest.raises(RegistryError, match=r"pooling=.*expected one of model, mean"):
+    with pytest.raises(RegistryError, match=r"provenance\.json: pooling=.*one of model, mean"):
         Provenance.from_dict(data)
+
+
+def test_a_v1_provenance_that_says_mean_is_refused() -> None:
+    data = {f: "" for f in Provenance.__dataclass_fields__} | {
+        "schema": PROVENANCE_SCHEMA, "pooling": "mean", "labels": [], "lora": {},
+        "task": "sequence-classification",
+    }  # fmt: skip
+    with pytest.raises(RegistryError, match=r"'mean' needs schema 'fedlora\.provenance/v2'"):
+        Provenance.from_dict(data)
+    with pytest.raises(RegistryError, match="pooling='mean' needs task 'sequence-classification'"):
+        Provenance.from_dict(data | {"schema": PROVENANCE_SCHEMA_V2, "task": "causal-lm"})
+    assert Provenance.from_dict(data | {"schema": PROVENANCE_SCHEMA_V2}).pooling == "mean"
+
+
+@pytest.mark.parametrize("value", ["auto", None, "MEAN"])
+def test_a_task_file_with_an_unservable_pooling_is_not_released(
+    tmp_path: Path, value: object
+) -> None:
+    base = make_tiny_bert(tmp_path / "bert", dropout=0.0)
+    out, _ = _trained(base, tmp_path / "t", pooling="model", seed=1)
+    task_file = out / "adapter" / "fedlora_task.json"
+    task_file.write_text(json.dumps(json.loads(task_file.read_text()) | {"pooling": value}))
+    with pytest.raises(RegistryError, match=r"fedlora_task\.json: pooling="):
+        build_release(out, tmp_path / "release", model_name="m", release=1)
+    assert not (tmp_path / "release").exists()

@@ -168,3 +168,84 @@ def test_dp_sgd_through_the_mean_pooler_is_plain_training_at_zero_noise(mean_ber
         states.append(trainable_state(loaded.model))
     for name in states[0]:
         np.testing.assert_allclose(states[1][name], states[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_mask_reaches_the_pooler_when_passed_positionally(mean_bert: Path) -> None:
+    loaded = build_model(ModelSpec(base=str(mean_bert), labels=LABELS, lora_r=4, pooling="mean"))
+    loaded.model.eval()
+    inputs = encode(loaded, [SHORT, LONG], max_length=32)
+    bert = loaded.model.get_base_model().bert
+    with torch.no_grad():
+        by_name = bert(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        by_place = bert(inputs["input_ids"], inputs["attention_mask"])
+        alone = bert(**{k: v[:1, :3] for k, v in inputs.items() if k != "labels"})
+    torch.testing.assert_close(by_place.pooler_output, by_name.pooler_output)
+    torch.testing.assert_close(by_place.pooler_output[0], alone.pooler_output[0])
+
+
+def test_only_a_declaration_of_mean_alone_is_mean(tmp_path: Path) -> None:
+    both = declared_pooling(_declare(tmp_path, mean_tokens=True, max_tokens=True))
+    assert both == "mean_tokens,max_tokens"  # concatenated embeddings: not a mean
+
+
+@pytest.mark.parametrize("where", ["/etc", "../elsewhere", 3])
+def test_a_pooling_module_path_outside_the_base_is_refused(tmp_path: Path, where: object) -> None:
+    _declare(tmp_path, mean_tokens=True)
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"path": where, "type": "sentence_transformers.models.Pooling"}]),
+        encoding="utf-8",
+    )
+    with pytest.raises(ModelError, match=r"modules\.json: the Pooling module's path"):
+        declared_pooling(tmp_path)
+
+
+def test_an_unreadable_declaration_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "modules.json").write_text("[{", encoding="utf-8")
+    with pytest.raises(ModelError, match=r"modules\.json: unreadable"):
+        declared_pooling(tmp_path)
+
+
+def test_a_pooler_that_reads_only_the_first_token_is_not_replaced(tmp_path: Path) -> None:
+    # ALBERT's (and BigBird's) pooler is a Linear fed the first token's vector: a mean
+    # cannot stand in for it, so auto keeps it and mean is refused.
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=16)  # fmt: skip
+    albert = AlbertForSequenceClassification(config)
+    declared = _declare(tmp_path, mean_tokens=True)
+    assert resolve_pooling("auto", model=albert, path=declared) == "model"
+    with pytest.raises(ModelError, match="has no pooler to replace"):
+        resolve_pooling("mean", model=albert, path=declared)
+    with pytest.raises(ModelError, match=r"expected \(batch, seq, hidden\)"):
+        MeanPooler()(torch.zeros(2, 16))
+
+
+def test_auto_on_a_declared_base_without_a_pooler_is_the_models(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "llama"
+    shutil.copytree(tiny_llama, base)
+    _declare(base, mean_tokens=True)
+    loaded = build_model(ModelSpec(base=str(base), labels=LABELS, lora_r=4, pooling="auto"))
+    assert loaded.pooling == "model"
+
+
+def test_half_precision_and_an_empty_mask_row_stay_finite() -> None:
+    pooler = MeanPooler()
+    hidden = torch.full((2, 3, 4), 1000.0, dtype=torch.float16)  # its sum overflows in fp16
+    pooler.set_mask(torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    out = pooler(hidden)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert float(out[0, 0]) == 1000.0 and float(out[1, 0]) == 0.0
+
+
+def test_a_pooler_pickles_without_its_mask() -> None:
+    import pickle
+
+    pooler = MeanPooler()
+    pooler.set_mask(torch.tensor([[1, 0]]))
+    again = pickle.loads(pickle.dumps(pooler))
+    assert float(again(torch.tensor([[[1.0], [3.0]]]))) == 2.0  # no mask came along

@@ -423,7 +423,7 @@ class RunSettings:
             ConfigError: Naming the unknown key (with a suggestion) or the bad value.
         """
         v = read_config(config)
-        spec = _resolved_pooling(ModelSpec(
+        spec = ModelSpec(
             base=v["base-model"],
             task=v["task"],
             labels=parse_label_set(v["labels"]),
@@ -435,7 +435,8 @@ class RunSettings:
             quantization=v["quantization"],
             pooling=v["head.pooling"],
             seed=v["seed"],
-        ))  # fmt: skip
+        )
+        spec = _resolved_pooling(spec)  # the sites get "model" or "mean", never "auto"
         client_dp = ClientDPSettings.from_values(v)
         secagg = _secagg(
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]

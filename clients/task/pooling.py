@@ -41,9 +41,9 @@ class MeanPooler(torch.nn.Module):
     """Masked mean of the last hidden states: (batch, seq, hidden) -> (batch, hidden).
 
     Stands in a BERT-type model's ``pooler``, which its model calls with the hidden states
-    only; the attention mask of the same forward reaches it through `bind_mask`'s
-    pre-hook on the backbone, kept per thread (the edge node's batcher and a site's
-    training each run a forward in one thread). Without a mask every position counts.
+    only; the attention mask of the same forward reaches it through a pre-hook on the
+    backbone (`_bind_mask`), kept per thread (the edge node's batcher and a site's training
+    each run a forward in one thread). Without a mask every position counts.
     """
 
     def __init__(self) -> None:

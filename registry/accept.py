@@ -35,11 +35,13 @@ The callers differ only in the arguments, never in the order:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from registry.artifact import Provenance
+from clients.task.choices import LEGACY_POOLING
+from registry.artifact import TASK_FILE, Provenance
 from registry.errors import RegistryError, VerificationError
 from registry.index import ReleaseIndex, check_alias, check_not_revoked
 from registry.keys import TrustStore
@@ -62,6 +64,27 @@ class ReleasePolicy(Protocol):
     def check(self, provenance: Provenance) -> None:
         """Raise (`VerificationError` or `PromotionRefused`) if the release is not wanted."""
         ...
+
+
+def check_same_pooling(directory: Path, prov: Provenance) -> None:
+    """Refuse a signed release whose ``fedlora_task.json`` and provenance disagree on what
+    the head reads (a publisher from before ``pooling`` signs a v1 provenance without it
+    over a task file that says ``mean``: served with BERT's pooler, it would answer wrong).
+
+    Raises:
+        VerificationError: ``unloadable``, naming both values.
+    """
+    try:
+        task = json.loads((directory / TASK_FILE).read_text(encoding="utf-8"))
+        said = task.get("pooling", LEGACY_POOLING) if isinstance(task, dict) else None
+    except (OSError, ValueError) as exc:
+        raise VerificationError("unloadable", f"{TASK_FILE}: unreadable: {exc}") from exc
+    if said != prov.pooling:
+        raise VerificationError(
+            "unloadable",
+            f"{TASK_FILE} says pooling={said!r}, provenance.json says {prov.pooling!r}: the "
+            "head would be served with another pooling than it was trained with",
+        )
 
 
 def accept(
@@ -101,6 +124,7 @@ def accept(
         raise RegistryError(f"alias {alias!r} can only be checked with a model and an index")
     verified = verify_release(directory, trust)
     prov = verified.provenance
+    check_same_pooling(verified.directory, prov)
     if digest is not None and verified.digest != digest:
         raise VerificationError(
             "wrong-release",

@@ -78,6 +78,9 @@ class Provenance:
     pooling: str = LEGACY_POOLING
     schema: str = PROVENANCE_SCHEMA
 
+    def __post_init__(self) -> None:
+        check_pooling(self.pooling, schema=self.schema, task=self.task)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -93,11 +96,12 @@ class Provenance:
         missing = sorted(k for k in known - {"pooling"} if k not in data)
         if missing:
             raise RegistryError(f"{PROVENANCE_FILE}: missing field {missing[0]!r}")
+        if schema == PROVENANCE_SCHEMA_V2 and "pooling" not in data:
+            raise RegistryError(f"{PROVENANCE_FILE}: schema {schema!r} needs a pooling field")
         try:
-            check_pooling(data.get("pooling", LEGACY_POOLING), schema=schema, task=data["task"])
+            return cls(**{k: data[k] for k in known if k in data})
         except RegistryError as exc:
             raise RegistryError(f"{PROVENANCE_FILE}: {exc}") from None
-        return cls(**{k: data[k] for k in known if k in data})
 
     def epsilon(self) -> float | None:
         """The largest ε over all guarantees, or None when no DP was used.

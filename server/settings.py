@@ -32,7 +32,7 @@ from strategies.fedavg import FedAvg, FedProx
 from strategies.lda_head import DEFAULT_SHRINKAGE
 from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
-from strategies.server_opt import HEAD_MARK, ServerOptimizer
+from strategies.server_opt import AGGREGATES, HEAD_MARK, ServerOptimizer
 from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
@@ -189,7 +189,11 @@ def _resolved_pooling(spec: ModelSpec) -> ModelSpec:
     ):
         return replace(spec, pooling="model")
     try:
-        pooling = pooling_of_base(spec.pooling, path=resolve_base(spec.base), task=spec.task)
+        path = resolve_base(spec.base)
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        pooling = pooling_of_base(spec.pooling, path=path, task=spec.task)
     except ModelError as exc:
         raise ConfigError(
             str(exc) if "head.pooling" in str(exc) else f"head.pooling: {exc}"
@@ -197,23 +201,31 @@ def _resolved_pooling(spec: ModelSpec) -> ModelSpec:
     return replace(spec, pooling=pooling)
 
 
-def _aggregate(value: str, spec: ModelSpec, *, secure: bool) -> str:
+def _aggregate(value: str, spec: ModelSpec, *, capped: bool) -> str:
     """``server.aggregate``, with ``auto`` resolved: ``mean`` (FedAvg) when the head reads
     the base's mean-pooled sentence embedding (``head.pooling``, resolved), else ``sum-head``.
 
     Summing the head's updates lets a head that starts at random over features made for
     another objective (BERT's pooler) move at the pace of the pooled data; over features
     that already separate the labels the summed step overshoots and accuracy swings from
-    round to round (README, "Quality"). Under SecAgg+ the mean is uniform
-    (``uniform-mean``): there the server can check no site's claimed row count (bounded
-    influence is off), and a weight below ``secagg.max-weight`` also coarsens each update's
-    quantisation.
+    round to round (README, "Quality"). The mean is weighted by the sites' row counts only
+    where bounded influence caps each site's weight (``capped``: ``robust.max-weight-ratio``
+    in plain rounds); otherwise, under SecAgg+ or with the cap off, nobody checks a claimed
+    count and the mean is uniform (``uniform-mean``; under SecAgg+ a weight below
+    ``secagg.max-weight`` would also coarsen each update's quantisation).
+
+    Raises:
+        ConfigError: If ``value`` is not ``auto`` or one of `AGGREGATES`.
     """
     if value != "auto":
+        if value not in AGGREGATES:
+            raise ConfigError(
+                f"server.aggregate={value!r} must be auto or one of {', '.join(AGGREGATES)}"
+            )
         return value
     if spec.pooling != "mean":
         return "sum-head"
-    return "uniform-mean" if secure else "mean"
+    return "mean" if capped else "uniform-mean"
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -441,6 +453,8 @@ class RunSettings:
         secagg = _secagg(
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
         )
+        robust = _robust(v, secure=secagg is not None)
+        capped = robust is not None and robust[0] > 0  # each site's weight bounded
         return cls(
             rounds=v["num-server-rounds"],
             spec=spec,
@@ -463,7 +477,7 @@ class RunSettings:
                 kind=v["server.optimizer"],
                 learning_rate=v["server.learning-rate"],
                 momentum=v["server.momentum"],
-                aggregate=_aggregate(v["server.aggregate"], spec, secure=secagg is not None),
+                aggregate=_aggregate(v["server.aggregate"], spec, capped=capped),
                 lora_scale=v["server.lora-scale"],
             ),
             eval_file=Path(v["eval-file"]).expanduser() if v["eval-file"] else None,
@@ -483,7 +497,7 @@ class RunSettings:
             site_dp_trainable=v["site-dp.trainable"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
-            robust=_robust(v, secure=secagg is not None),
+            robust=robust,
             head_init=v["head.init"],
             head_shrinkage=v["head.shrinkage"],
         )
@@ -516,7 +530,8 @@ class RunSettings:
     @property
     def uniform_weight(self) -> bool:
         """Every site's update weighs the same: under client-level DP (the sensitivity
-        bound needs it) and when the server sums updates (``server.aggregate``)."""
+        bound needs it) and for every ``server.aggregate`` but ``mean`` (the sums and
+        ``uniform-mean``)."""
         return self.client_dp is not None or self.server_optimizer.aggregate != "mean"
 
     def plan(self, server_round: int) -> TrainPlan:
@@ -561,13 +576,17 @@ class RunSettings:
         """What differs from an earlier `fingerprint`, each named by its run-config key(s)
         ("learning-rate was 0.005, now 0.01"), sorted; empty when nothing does."""
         now = self.fingerprint()
+        hint = ""
         spec = fingerprint.get("spec")
         if isinstance(spec, str) and "pooling=" not in spec and ", seed=" in spec:
             # A checkpoint from before head.pooling: its head read the model's own pooling.
             head, _, tail = spec.rpartition(", seed=")
             fingerprint = {**fingerprint, "spec": f"{head}, pooling='model', seed={tail}"}
+            if now["spec"] != fingerprint["spec"]:
+                hint = " (a run from before head.pooling: resume with head.pooling=model)"
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
+            + (hint if name == "spec" else "")
             for name in now
             if fingerprint.get(name) != now[name]
         )

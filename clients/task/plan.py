@@ -164,6 +164,8 @@ class TrainPlan:
         # ConfigRecord carries list[str], empty lists included).
         out["spec.labels"] = list(self.spec.labels)
         out["spec.target_modules"] = list(self.spec.target_modules)
+        if self.spec.pooling == LEGACY_POOLING:  # what a plan without the field means, so a
+            del out["spec.pooling"]  # site from before head.pooling still takes such a run
         for f in fields(self):
             if f.name != "spec":
                 out[f.name] = getattr(self, f.name)

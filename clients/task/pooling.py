@@ -26,6 +26,7 @@ the edge node builds its base the same way.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import threading
 from pathlib import Path
@@ -143,13 +144,34 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
     pooler = getattr(backbone, "pooler", None)
-    if isinstance(pooler, MeanPooler) or (
-        isinstance(pooler, torch.nn.Module)
-        and not isinstance(pooler, torch.nn.Linear)
-        and type(pooler).__name__.endswith("Pooler")
+    if _mask_position(backbone) is not None and (
+        isinstance(pooler, MeanPooler)
+        or (
+            isinstance(pooler, torch.nn.Module)
+            and not isinstance(pooler, torch.nn.Linear)
+            and type(pooler).__name__.endswith("Pooler")
+        )
     ):
         return backbone
     return None
+
+
+def _mask_position(backbone: Any) -> int | None:
+    """Where ``attention_mask`` sits among the backbone's positional arguments (1 for
+    BertModel, 2 for LayoutLM's after ``bbox``), or None when it takes no mask (FNet):
+    without one the mean would count the padding."""
+    if not isinstance(backbone, torch.nn.Module):
+        return None
+    return _mask_position_of(type(backbone))
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_position_of(cls: type) -> int | None:  # once per class: the hook runs every forward
+    try:
+        names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+    except (TypeError, ValueError):
+        return None
+    return names.index("attention_mask") if "attention_mask" in names else None
 
 
 def resolve_pooling(requested: str, *, model: torch.nn.Module, path: str | Path) -> str:
@@ -228,6 +250,7 @@ def _bind_mask(backbone: Any, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook on the backbone: hand this forward's attention mask to its pooler
     (looked up on the module called, so a deep copy of the model binds its own pooler)."""
     mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1:  # BertModel.forward(input_ids, attention_mask, ...)
-        mask = args[1]
+    where = _mask_position(backbone)
+    if mask is None and where is not None and len(args) > where:  # passed by position
+        mask = args[where]
     backbone.pooler.set_mask(mask)

@@ -378,4 +378,21 @@ def test_a_checkpoint_from_before_head_pooling_resumes_with_the_models_pooling()
     assert "pooling" not in old["spec"]
     assert RunSettings.from_config({**OK, "head.pooling": "model"}).changed_since(old) == []
     changed = RunSettings.from_config(OK).changed_since(old)
-    assert changed and "head.pooling" in changed[0]
+    assert changed and changed[0].endswith("resume with head.pooling=model)")
+
+
+@pytest.mark.parametrize("extra", [{"robust.mode": "off"}, {"robust.max-weight-ratio": 0.0}])
+def test_auto_aggregate_without_a_weight_cap_weighs_sites_alike(extra: dict) -> None:
+    # Nobody checks a claimed row count when bounded influence caps no weight.
+    settings = RunSettings.from_config({**OK, **extra})
+    assert settings.server_optimizer.aggregate == "uniform-mean" and settings.uniform_weight
+
+
+def test_a_base_that_does_not_exist_is_named_as_the_base() -> None:
+    with pytest.raises(ConfigError, match=r"^base-model='/nonexistent/base'"):
+        RunSettings.from_config({**OK, "base-model": "/nonexistent/base"})
+
+
+def test_an_unknown_aggregate_lists_auto() -> None:
+    with pytest.raises(ConfigError, match=r"must be auto or one of mean, uniform-mean, sum"):
+        RunSettings.from_config({**OK, "server.aggregate": "median"})

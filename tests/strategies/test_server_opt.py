@@ -166,3 +166,13 @@ def test_lora_scale_steps_the_lora_tensors_further_and_leaves_the_head() -> None
     np.testing.assert_allclose(w2[lora], [2.0 + 2.0 * 1.5])
     with pytest.raises(ConfigError, match=r"server\.lora-scale=0\.0"):
         ServerOptimizer(lora_scale=0.0)
+
+
+def test_a_uniform_mean_steps_to_the_average_like_fedavg() -> None:
+    # The round's weighting makes the average uniform; the server step is the average
+    # itself, not the sum the other uniform modes take (n times too far here).
+    current = {"w": np.zeros(2, np.float32)}
+    average = {"w": np.array([1.0, -2.0], np.float32)}
+    new, state = ServerOptimizer(aggregate="uniform-mean").step(current, average, {}, num_updates=5)
+    np.testing.assert_allclose(new["w"], average["w"])
+    assert state == {}

@@ -109,3 +109,49 @@ def test_a_task_file_with_an_unservable_pooling_is_not_released(
     with pytest.raises(RegistryError, match=r"fedlora_task\.json: pooling="):
         build_release(out, tmp_path / "release", model_name="m", release=1)
     assert not (tmp_path / "release").exists()
+
+
+def test_a_task_file_and_provenance_that_disagree_on_pooling_are_refused(
+    tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    # A publisher from before the field copies a task file that says mean and writes a v1
+    # provenance without it: served with BERT's pooler, the release would answer wrong.
+    from registry.errors import VerificationError
+
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    out, _ = _trained(base, tmp_path / "t", pooling="auto", seed=4)
+
+    def old_publisher(release: Path) -> None:
+        prov = json.loads((release / "provenance.json").read_text(encoding="utf-8"))
+        del prov["pooling"]
+        prov["schema"] = PROVENANCE_SCHEMA
+        (release / "provenance.json").write_text(json.dumps(prov), encoding="utf-8")
+
+    with pytest.raises(VerificationError, match=r"fedlora_task\.json says pooling='mean'"):
+        signed(out, tmp_path / "r", keypair=keypair, trust=trust, edit=old_publisher)
+
+
+def test_a_v2_provenance_without_pooling_is_refused() -> None:
+    data = {f: "" for f in Provenance.__dataclass_fields__ if f != "pooling"} | {
+        "schema": PROVENANCE_SCHEMA_V2, "labels": [], "lora": {},
+    }  # fmt: skip
+    with pytest.raises(RegistryError, match="needs a pooling field"):
+        Provenance.from_dict(data)
+
+
+def test_an_inapplicable_pooling_is_refused_before_any_weights_load(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seam: SharedBase is what loads a base's weights; replacing it with one that fails
+    # the test shows the refusal comes first (loading a large base to refuse it, on every
+    # retry, is the failure this prevents).
+    import clients.edge.runtime as runtime_module
+    from clients.task.errors import ModelError
+
+    def never(**_: object) -> None:
+        raise AssertionError("the base's weights were loaded")
+
+    monkeypatch.setattr(runtime_module, "SharedBase", never)
+    runtime = Runtime(base=str(tiny_llama))
+    with pytest.raises(ModelError, match=r"head\.pooling='mean': LlamaForSequenceClassification"):
+        runtime.shared_base("sequence-classification", 2, "mean")

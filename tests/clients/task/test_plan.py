@@ -73,3 +73,16 @@ def test_under_a_target_each_site_solves_its_noise_for_the_whole_planned_run() -
     )
     assert fixed.sample_dp(16) == fixed.sample_dp(400) == SampleDP(1.3, 1.0)
     assert TrainPlan(spec=ModelSpec(task="causal-lm"), base_digest="d").sample_dp(16) is None
+
+
+def test_the_plan_carries_only_a_resolved_pooling() -> None:
+    mean = TrainPlan(spec=ModelSpec(labels=("a", "b"), pooling="mean"), base_digest="d")
+    assert TrainPlan.from_config(mean.to_config()).spec.pooling == "mean"
+    # The model's own pooling travels as no field, which a site from before the key reads
+    # as it always did; a new site reads a plan without the field the same way.
+    plain = TrainPlan(spec=ModelSpec(labels=("a", "b"), pooling="model"), base_digest="d")
+    assert "spec.pooling" not in plain.to_config()
+    assert TrainPlan.from_config(plain.to_config()).spec.pooling == "model"
+    # A site never resolves "auto" from its own copy of the base.
+    with pytest.raises(ConfigError, match=r"spec\.pooling='auto': expected one of model, mean"):
+        TrainPlan.from_config(mean.to_config() | {"spec.pooling": "auto"})

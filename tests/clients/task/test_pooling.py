@@ -249,3 +249,21 @@ def test_a_pooler_pickles_without_its_mask() -> None:
     pooler.set_mask(torch.tensor([[1, 0]]))
     again = pickle.loads(pickle.dumps(pooler))
     assert float(again(torch.tensor([[[1.0], [3.0]]]))) == 2.0  # no mask came along
+
+
+def test_a_mask_that_does_not_match_the_token_states_is_refused() -> None:
+    pooler = MeanPooler()
+    pooler.set_mask(torch.ones(2, 5))
+    with pytest.raises(ModelError, match=r"attention mask \(2, 5\) does not match"):
+        pooler(torch.zeros(2, 4, 3))
+
+
+def test_a_backbone_without_an_attention_mask_is_not_mean_pooled(tmp_path: Path) -> None:
+    # FNet mixes tokens by Fourier transform and takes no attention mask: a mean would
+    # count the padding, so its pooler is not replaced.
+    from transformers import FNetConfig, FNetForSequenceClassification
+
+    config = FNetConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=16)
+    fnet = FNetForSequenceClassification(config)
+    declared = _declare(tmp_path, mean_tokens=True)
+    assert resolve_pooling("auto", model=fnet, path=declared) == "model"

@@ -7,7 +7,8 @@ repeats. `accept` runs these steps and stops at the first that fails, raising
 1. signature: every file matches ``model.sig``, made by a key in the local trust store
    (``unsigned``, ``untrusted-key``, ``signature``), and, when the caller knows which
    release it must be (a cache entry named by its digest), it is that one
-   (``wrong-release``);
+   (``wrong-release``); and its ``fedlora_task.json`` and provenance name the same
+   pooling of the head (``unloadable``: an older publisher's provenance lacks it);
 2. model name: the signed provenance names the model asked for (``index``);
 3. revocation: the release index revokes neither the signing key nor the release
    (``revoked-key``, ``revoked-release``);

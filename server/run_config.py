@@ -97,8 +97,9 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "server.aggregate": (
         str,
         "auto",
-        "mean (FedAvg), uniform-mean, sum, or sum-head of the updates; auto: mean (under "
-        "SecAgg+ uniform-mean) when the head reads mean-pooled features, else sum-head",
+        "mean (FedAvg), uniform-mean, sum, or sum-head of the updates; auto: mean (uniform-"
+        "mean where no weight cap applies) when the head reads mean-pooled features, else "
+        "sum-head",
     ),
     "server.lora-scale": (float, 1.0, "server step of the LoRA tensors (not the head) x this"),
     "registry.model-name": (str, "", "publish the final adapter as this registered model"),

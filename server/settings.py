@@ -210,8 +210,8 @@ def _aggregate(value: str, spec: ModelSpec, *, capped: bool) -> str:
     that already separate the labels the summed step overshoots and accuracy swings from
     round to round (README, "Quality"). The mean is weighted by the sites' row counts only
     where bounded influence caps each site's weight (``capped``: ``robust.max-weight-ratio``
-    in plain rounds); otherwise, under SecAgg+ or with the cap off, nobody checks a claimed
-    count and the mean is uniform (``uniform-mean``; under SecAgg+ a weight below
+    in plain rounds, without client-level DP); otherwise (SecAgg+, the cap off, client-level
+    DP) the mean is uniform (``uniform-mean``; under SecAgg+ a weight below
     ``secagg.max-weight`` would also coarsen each update's quantisation).
 
     Raises:
@@ -454,7 +454,9 @@ class RunSettings:
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]
         )
         robust = _robust(v, secure=secagg is not None)
-        capped = robust is not None and robust[0] > 0  # each site's weight bounded
+        # Sites weigh by their row counts only where each one's weight is bounded (and not
+        # under client-level DP, whose sensitivity bound needs alike weights).
+        capped = robust is not None and robust[0] > 0 and client_dp is None
         return cls(
             rounds=v["num-server-rounds"],
             spec=spec,
@@ -582,7 +584,7 @@ class RunSettings:
             # A checkpoint from before head.pooling: its head read the model's own pooling.
             head, _, tail = spec.rpartition(", seed=")
             fingerprint = {**fingerprint, "spec": f"{head}, pooling='model', seed={tail}"}
-            if now["spec"] != fingerprint["spec"]:
+            if "pooling='model'" not in now["spec"]:
                 hint = " (a run from before head.pooling: resume with head.pooling=model)"
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"

@@ -42,7 +42,7 @@ class FedAvg:
     max_norm: float = 1000.0
     min_fit_clients: int = 1
     # "examples": weight each update by its site's example count (McMahan et al. 2017);
-    # "uniform": every accepted update weighs the same (client-level DP, and
+    # "uniform": every accepted update weighs the same (client-level DP, `uniform-mean`, and
     # `server.aggregate` sum modes, where the server optimiser scales the mean to a sum).
     weighting: str = "examples"
 

@@ -135,6 +135,7 @@ class SharedBase:
             base.to(device)
         base.eval()
         self.task = task
+        self.pooling = pooling if task == "sequence-classification" else "model"
         self.device = device
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -175,6 +176,11 @@ class SharedBase:
     def attach(self, accepted: AcceptedRelease) -> AdapterSlot:
         """Load the verified tensors of ``accepted`` into a slot of this base."""
         release = str(accepted.provenance.release)
+        if accepted.provenance.pooling != self.pooling:
+            raise ModelError(
+                f"release {release} was trained with pooling={accepted.provenance.pooling!r}; "
+                f"this base pools with {self.pooling!r}"
+            )
         files = read_release(accepted)  # the bytes accept verified, read once
         config = check_servable(files.config, task=self.task, release=release)
         shape = shape_key(config)
@@ -522,7 +528,13 @@ class Runtime:
         with self._bases_lock:
             if key not in self._bases:
                 if key[2] != "model":  # refused before the weights load, not after
-                    pooling_of_base(key[2], path=self.base_path, task=task)
+                    try:
+                        pooling_of_base(key[2], path=self.base_path, task=task)
+                    except ModelError as exc:
+                        raise ModelError(
+                            f"a release whose provenance.json says pooling={key[2]!r} cannot "
+                            f"be served on base {self.base!r}: {exc}"
+                        ) from exc
                 try:
                     self._bases[key] = SharedBase(
                         path=str(self.base_path),

@@ -359,8 +359,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -
 def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
     """Save a standard PEFT directory plus the task description fedlora needs to serve it.
 
-    `PeftModel.from_pretrained(base, out_dir)` loads it with stock peft; ``fedlora_task.json``
-    records the task, the label order and the base model digest.
+    `PeftModel.from_pretrained(base, out_dir)` loads it with stock peft (for ``pooling:
+    mean`` after ``clients.task.pooling.apply_pooling(base, "mean")``); ``fedlora_task.json``
+    records the task, the label order, the base model digest and the head's pooling.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(str(out_dir))

@@ -37,7 +37,8 @@ class TrainPlan:
     fedlc_tau: float = 0.0
     # The site clips its update (local - global) to this L2 norm before it leaves; 0 is off.
     clip_norm: float = 0.0
-    # Under client-level DP every site weighs the same (the sensitivity bound needs it).
+    # Every site weighs the same: under client-level DP (the sensitivity bound needs it) and
+    # for every server.aggregate but "mean" (the sums, uniform-mean).
     uniform_weight: bool = False
     # Sample-level DP-SGD at the site (clients/task/dpsgd.py): a fixed noise multiplier,
     # or a target ε each site solves its own noise multiplier for; both 0 is off.

@@ -396,3 +396,15 @@ def test_a_base_that_does_not_exist_is_named_as_the_base() -> None:
 def test_an_unknown_aggregate_lists_auto() -> None:
     with pytest.raises(ConfigError, match=r"must be auto or one of mean, uniform-mean, sum"):
         RunSettings.from_config({**OK, "server.aggregate": "median"})
+
+
+def test_auto_aggregate_under_client_level_dp_is_uniform() -> None:
+    dp = RunSettings.from_config({**OK, "dp.clip-norm": 0.5, "dp.target-epsilon": 8.0})
+    assert dp.server_optimizer.aggregate == "uniform-mean"  # what MLflow records
+
+
+def test_the_old_checkpoint_hint_is_not_given_to_a_run_that_already_pools_as_it_did() -> None:
+    old = RunSettings.from_config({**OK, "head.pooling": "model"}).fingerprint()
+    old["spec"] = old["spec"].replace("pooling='model', ", "")
+    changed = RunSettings.from_config({**OK, "head.pooling": "model", "seed": 7}).changed_since(old)
+    assert changed and "resume with head.pooling=model" not in changed[0]

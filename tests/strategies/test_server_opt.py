@@ -176,3 +176,8 @@ def test_a_uniform_mean_steps_to_the_average_like_fedavg() -> None:
     new, state = ServerOptimizer(aggregate="uniform-mean").step(current, average, {}, num_updates=5)
     np.testing.assert_allclose(new["w"], average["w"])
     assert state == {}
+    # Past the identity shortcut: half the average's step, not half of five times it.
+    half, _ = ServerOptimizer(aggregate="uniform-mean", learning_rate=0.5).step(
+        current, average, {}, num_updates=5
+    )
+    np.testing.assert_allclose(half["w"], [0.5, -1.0])

@@ -56,6 +56,10 @@ def test_mean_and_model_pooled_releases_get_their_own_base(
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
         served.append(release)
     assert served[0].base is not served[1].base  # a base pools one way
+    from clients.task.errors import ModelError
+
+    with pytest.raises(ModelError, match="pooling='mean'; this base pools with 'model'"):
+        served[1].base.attach(served[0].verified)  # the other pooling's base refuses it
     runtime.close()
 
 

@@ -31,7 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from clients.task.choices import LEGACY_POOLING, RESOLVED_POOLINGS
+from clients.task.choices import LEGACY_POOLING, MEAN_POOLING_FENCE, RESOLVED_POOLINGS
 from clients.task.errors import ConfigError
 from clients.task.numbers import finite_number
 from clients.task.text import short
@@ -44,6 +44,9 @@ TASK_FILE = "fedlora_task.json"
 MODEL_CARD = "README.md"  # peft's save_pretrained writes it
 # Every file a signed release may hold; the edge downloads nothing else.
 RELEASE_FILES = (*ADAPTER_FILES, TASK_FILE, MODEL_CARD, PROVENANCE_FILE, SIGNATURE_FILE)
+# Files a training output's adapter may hold besides, never copied into a release: the
+# fence that keeps publishers from before ``head.pooling`` off a mean-pooled adapter.
+ADAPTER_ONLY_FILES = (MEAN_POOLING_FENCE,)
 PROVENANCE_SCHEMA = "fedlora.provenance/v1"
 # v2 adds ``pooling`` and is written only for a release whose head reads the mean of the
 # token states: a reader from before the field refuses it by name instead of serving it
@@ -170,11 +173,14 @@ def adapter_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def release_files(directory: Path) -> list[str]:
+def release_files(directory: Path, *, also: tuple[str, ...] = ()) -> list[str]:
     """The names in ``directory``, refused unless each is a plain release file (no link).
 
+    ``also`` names further files the folder may hold (an adapter's `MEAN_POOLING_FENCE`).
+
     Raises:
-        RegistryError: naming the first link, folder or file that is not in `RELEASE_FILES`.
+        RegistryError: naming the first link, folder or file that is not in `RELEASE_FILES`
+            or ``also``.
     """
     names = []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
@@ -183,7 +189,7 @@ def release_files(directory: Path) -> list[str]:
             raise RegistryError(f"{path} is a symbolic link; a release takes only plain files")
         if not entry.is_file(follow_symlinks=False):
             raise RegistryError(f"{path} is not a plain file; a release takes only plain files")
-        if entry.name not in RELEASE_FILES:
+        if entry.name not in RELEASE_FILES and entry.name not in also:
             raise RegistryError(
                 f"{path} is not a file of an adapter release (allowed: {', '.join(RELEASE_FILES)})"
             )
@@ -195,9 +201,10 @@ def copy_release_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> N
     """Copy the release files of ``src`` into a new folder ``dst``, never through a link.
 
     Each file is opened with ``O_NOFOLLOW`` and checked to be a regular file, so a link
-    swapped in after the listing is refused too.
+    swapped in after the listing is refused too. ``src`` may hold the names in ``skip``,
+    which are not copied.
     """
-    names = [n for n in release_files(src) if n not in skip]
+    names = [n for n in release_files(src, also=skip) if n not in skip]
     dst.mkdir()
     for name in names:
         try:
@@ -231,7 +238,8 @@ def adapter_dir(source: Path) -> Path:
 
     Raises:
         RegistryError: ``source`` missing or not a directory, a missing adapter file, or a
-            link or a file that is not part of a release (`release_files`).
+            link or a file that is not part of a release (`release_files`) nor
+            `ADAPTER_ONLY_FILES`.
     """
     if not source.is_dir():
         why = "does not exist" if not source.exists() else "is not a directory"
@@ -243,7 +251,7 @@ def adapter_dir(source: Path) -> Path:
     for name in ADAPTER_FILES:
         if not (candidate / name).is_file():
             raise RegistryError(f"{source} is not a training output or PEFT directory: no {name}")
-    release_files(candidate)
+    release_files(candidate, also=ADAPTER_ONLY_FILES)
     return candidate
 
 
@@ -379,9 +387,16 @@ def build_release(
         check_pooling(pooling, schema=PROVENANCE_SCHEMA_V2, task=task.get("task"))
     except RegistryError as exc:
         raise RegistryError(f"{adapter / TASK_FILE}: {exc}") from None
+    if (adapter / MEAN_POOLING_FENCE).exists() and pooling != "mean":
+        # which of the two is right is unknown; an adapter trained before the fence may
+        # lack it, which a current publisher (v2 provenance) serves right
+        raise RegistryError(
+            f"{adapter / MEAN_POOLING_FENCE} marks a mean-pooled head, but {TASK_FILE} says "
+            f"pooling={pooling!r}; refusing to guess which one the adapter was trained with"
+        )
     if out.exists():
         raise RegistryError(f"{out} already exists")
-    copy_release_files(adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE))
+    copy_release_files(adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE, *ADAPTER_ONLY_FILES))
     provenance = Provenance(
         model_name=model_name,
         release=release,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from registry.accept import AcceptedRelease, accept
 from registry.artifact import (
+    ADAPTER_ONLY_FILES,
     PROVENANCE_FILE,
     SIGNATURE_FILE,
     adapter_digest,
@@ -177,7 +178,12 @@ def _tags(accepted: AcceptedRelease) -> dict[str, str]:
 
 
 def _sizes(directory: Path) -> dict[str, int]:
-    return {name: (directory / name).stat().st_size for name in release_files(directory)}
+    """Each release file's size in bytes; an adapter's `ADAPTER_ONLY_FILES` are left out."""
+    return {
+        name: (directory / name).stat().st_size
+        for name in release_files(directory, also=ADAPTER_ONLY_FILES)
+        if name not in ADAPTER_ONLY_FILES
+    }
 
 
 @dataclass(frozen=True)

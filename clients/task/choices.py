@@ -15,3 +15,10 @@ POOLINGS = ("auto", "model", "mean")  # head.pooling: clients/task/pooling.py
 RESOLVED_POOLINGS = ("model", "mean")  # what a release records: auto resolved
 # Pooling a release or task file means when it predates the field: the model's own.
 LEGACY_POOLING = "model"
+# Written next to fedlora_task.json in an adapter whose head reads the mean of the token
+# states. It is not a release file: a publisher from before ``head.pooling`` lists an
+# adapter's files against its own release files and refuses this one by name, instead of
+# signing the adapter under a v1 provenance that older edge nodes would serve with the
+# model's pooler (wrong answers, no error). A current publisher checks it against the task
+# file and leaves it out of the release, whose v2 provenance fences older nodes instead.
+MEAN_POOLING_FENCE = "fedlora_mean_pooling.txt"

@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.task.choices import AGGREGATIONS, DEFAULT_BASE, POOLINGS, QUANTIZATIONS
+from clients.task.choices import (
+    AGGREGATIONS,
+    DEFAULT_BASE,
+    MEAN_POOLING_FENCE,
+    POOLINGS,
+    QUANTIZATIONS,
+)
 from clients.task.data import check_task
 from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import check_label
@@ -361,7 +367,9 @@ def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
 
     `PeftModel.from_pretrained(base, out_dir)` loads it with stock peft (for ``pooling:
     mean`` after ``clients.task.pooling.apply_pooling(base, "mean")``); ``fedlora_task.json``
-    records the task, the label order, the base model digest and the head's pooling.
+    records the task, the label order, the base model digest and the head's pooling. A
+    mean-pooled adapter also holds `MEAN_POOLING_FENCE`, which publishers from before
+    ``head.pooling`` refuse by name.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(str(out_dir))
@@ -375,6 +383,17 @@ def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
         "pooling": loaded.pooling,
     }
     (out_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
+    fence = out_dir / MEAN_POOLING_FENCE
+    if loaded.pooling == "mean":
+        fence.write_text(
+            "This adapter's classification head reads the mean of the base's token states\n"
+            f"({TASK_FILE}: pooling=mean), not the base's own pooler. Publish and serve it\n"
+            "with a fedlora that knows head.pooling: an older publisher refuses this file\n"
+            "by name rather than sign a release older edge nodes would serve wrongly.\n",
+            encoding="utf-8",
+        )
+    else:
+        fence.unlink(missing_ok=True)  # a folder reused from a mean run
 
 
 def quiet_transformers() -> None:

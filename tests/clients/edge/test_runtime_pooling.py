@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from clients.edge.runtime import Runtime
+from clients.task.choices import MEAN_POOLING_FENCE
 from clients.task.data import Example
 from clients.task.model import ModelSpec, build_model, save_adapter
 from clients.task.train import encode
-from registry.artifact import PROVENANCE_SCHEMA, PROVENANCE_SCHEMA_V2, Provenance, build_release
+from registry.artifact import (
+    PROVENANCE_SCHEMA,
+    PROVENANCE_SCHEMA_V2,
+    Provenance,
+    build_release,
+    release_files,
+)
 from registry.errors import RegistryError
 from registry.keys import KeyPair, TrustStore
 from tests.clients.edge.test_runtime import LABELS, signed
@@ -133,6 +140,35 @@ def test_a_task_file_and_provenance_that_disagree_on_pooling_are_refused(
 
     with pytest.raises(VerificationError, match=r"fedlora_task\.json says pooling='mean'"):
         signed(out, tmp_path / "r", keypair=keypair, trust=trust, edit=old_publisher)
+
+
+def test_a_mean_adapter_is_fenced_from_publishers_before_the_field(tmp_path: Path) -> None:
+    # A publisher from before head.pooling lists the adapter's files against its own release
+    # files, which is release_files without ``also``: the fence stops it by name, before it
+    # could sign the adapter under a v1 provenance that older edge nodes serve wrong.
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    out, _ = _trained(base, tmp_path / "t", pooling="auto", seed=5)
+    adapter = out / "adapter"
+    assert (adapter / MEAN_POOLING_FENCE).is_file()
+    with pytest.raises(RegistryError, match=MEAN_POOLING_FENCE.replace(".", r"\.")):
+        release_files(adapter)
+    # a current publisher takes it, leaves it out of the release, and writes v2
+    prov = build_release(out, tmp_path / "release", model_name="m", release=1)
+    assert prov.pooling == "mean" and prov.schema == PROVENANCE_SCHEMA_V2
+    assert MEAN_POOLING_FENCE not in release_files(tmp_path / "release")
+    # the same folder saved again by a run with the model's pooler drops the fence
+    _trained(base, tmp_path / "t", pooling="model", seed=5)
+    assert not (adapter / MEAN_POOLING_FENCE).exists()
+    assert build_release(out, tmp_path / "again", model_name="m", release=1).pooling == "model"
+
+
+def test_a_fence_over_a_task_file_that_says_model_is_refused(tmp_path: Path) -> None:
+    base = make_tiny_bert(tmp_path / "bert", dropout=0.0)
+    out, _ = _trained(base, tmp_path / "t", pooling="model", seed=6)
+    (out / "adapter" / MEAN_POOLING_FENCE).write_text("copied in\n", encoding="utf-8")
+    with pytest.raises(RegistryError, match=r"marks a mean-pooled head, but fedlora_task\.json"):
+        build_release(out, tmp_path / "release", model_name="m", release=1)
+    assert not (tmp_path / "release").exists()
 
 
 def test_a_v2_provenance_without_pooling_is_refused() -> None:

@@ -100,8 +100,10 @@ def run(
             "update.max-norm": args.max_norm,
             "robust.mode": "off" if name.startswith("fedavg") else "bounded",
             # The configuration its README numbers were measured with: the model's pooler and
-            # sum-head, uniform weights (the 2/(n+1) share bound holds among alike weights).
+            # sum-head, uniform weights (the 2/(n+1) share bound holds among alike weights),
+            # FedAvg's server step.
             "head.pooling": "model",
+            "server.learning-rate": 1.0,
             "out-dir": str(work / name),
         }
     )

@@ -179,8 +179,10 @@ def _settings(tmp_path: Path, **extra: Any) -> RunSettings:
         "round-timeout": 5.0,
         "fraction-evaluate": 0.0,
         "update.max-norm": 10.0,
-        # FedAvg's example-weighted mean: what these tests work out by hand.
+        # FedAvg's example-weighted mean, stepped to (server lr 1): what these tests work
+        # out by hand.
         "server.aggregate": "mean",
+        "server.learning-rate": 1.0,
         "out-dir": str(tmp_path / "out"),
         # FedAvg's own arithmetic; the tests of bounded influence set robust.mode.
         "robust.mode": "off",

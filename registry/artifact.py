@@ -197,14 +197,16 @@ def release_files(directory: Path, *, also: tuple[str, ...] = ()) -> list[str]:
     return names
 
 
-def copy_release_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
+def copy_release_files(
+    src: Path, dst: Path, *, skip: tuple[str, ...] = (), also: tuple[str, ...] = ()
+) -> None:
     """Copy the release files of ``src`` into a new folder ``dst``, never through a link.
 
     Each file is opened with ``O_NOFOLLOW`` and checked to be a regular file, so a link
-    swapped in after the listing is refused too. ``src`` may hold the names in ``skip``,
-    which are not copied.
+    swapped in after the listing is refused too. Names in ``skip`` are not copied; ``src``
+    may also hold the names in ``also`` (`release_files`), which are not copied either.
     """
-    names = [n for n in release_files(src, also=skip) if n not in skip]
+    names = [n for n in release_files(src, also=also) if n not in skip and n not in also]
     dst.mkdir()
     for name in names:
         try:
@@ -239,7 +241,8 @@ def adapter_dir(source: Path) -> Path:
     Raises:
         RegistryError: ``source`` missing or not a directory, a missing adapter file, or a
             link or a file that is not part of a release (`release_files`) nor
-            `ADAPTER_ONLY_FILES`.
+            `ADAPTER_ONLY_FILES`, or a `MEAN_POOLING_FENCE` over a task file that does not
+            say ``pooling: mean``.
     """
     if not source.is_dir():
         why = "does not exist" if not source.exists() else "is not a directory"
@@ -252,6 +255,17 @@ def adapter_dir(source: Path) -> Path:
         if not (candidate / name).is_file():
             raise RegistryError(f"{source} is not a training output or PEFT directory: no {name}")
     release_files(candidate, also=ADAPTER_ONLY_FILES)
+    if (candidate / MEAN_POOLING_FENCE).exists():
+        # checked here, so a re-publish of an already recorded adapter checks it too; an
+        # adapter trained before the fence may lack it, which a current publisher serves
+        # right (v2 provenance)
+        said = _read_json(candidate / TASK_FILE, "adapter task file").get("pooling")
+        if said != "mean":
+            raise RegistryError(
+                f"{candidate / MEAN_POOLING_FENCE} marks a mean-pooled head, but {TASK_FILE} "
+                f"says pooling={short(said)}; refusing to guess which one the adapter was "
+                "trained with"
+            )
     return candidate
 
 
@@ -387,16 +401,11 @@ def build_release(
         check_pooling(pooling, schema=PROVENANCE_SCHEMA_V2, task=task.get("task"))
     except RegistryError as exc:
         raise RegistryError(f"{adapter / TASK_FILE}: {exc}") from None
-    if (adapter / MEAN_POOLING_FENCE).exists() and pooling != "mean":
-        # which of the two is right is unknown; an adapter trained before the fence may
-        # lack it, which a current publisher (v2 provenance) serves right
-        raise RegistryError(
-            f"{adapter / MEAN_POOLING_FENCE} marks a mean-pooled head, but {TASK_FILE} says "
-            f"pooling={pooling!r}; refusing to guess which one the adapter was trained with"
-        )
     if out.exists():
         raise RegistryError(f"{out} already exists")
-    copy_release_files(adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE, *ADAPTER_ONLY_FILES))
+    copy_release_files(
+        adapter, out, skip=(PROVENANCE_FILE, SIGNATURE_FILE), also=ADAPTER_ONLY_FILES
+    )
     provenance = Provenance(
         model_name=model_name,
         release=release,

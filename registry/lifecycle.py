@@ -177,12 +177,14 @@ def _tags(accepted: AcceptedRelease) -> dict[str, str]:
     return tags
 
 
-def _sizes(directory: Path) -> dict[str, int]:
-    """Each release file's size in bytes; an adapter's `ADAPTER_ONLY_FILES` are left out."""
+def _sizes(directory: Path, *, adapter: bool = False) -> dict[str, int]:
+    """Each release file's size in bytes; an ``adapter`` folder's `ADAPTER_ONLY_FILES` are
+    left out (a release folder holding one is refused)."""
+    also = ADAPTER_ONLY_FILES if adapter else ()
     return {
         name: (directory / name).stat().st_size
-        for name in release_files(directory, also=ADAPTER_ONLY_FILES)
-        if name not in ADAPTER_ONLY_FILES
+        for name in release_files(directory, also=also)
+        if name not in also
     }
 
 
@@ -233,7 +235,7 @@ def publish(
                 return _existing(model, done)
             number = max((r.release for r in records), default=0) + 1
             own = _own_trust(key, tmp)
-            allowed = _sizes(adapter) | {PROVENANCE_FILE: MAX_METADATA_BYTES}
+            allowed = _sizes(adapter, adapter=True) | {PROVENANCE_FILE: MAX_METADATA_BYTES}
             found = _unfinished(
                 store, index, model=model, trust=own, tmp=tmp, adapter_digest=wanted,
                 release=number, allowed=allowed | {SIGNATURE_FILE: MAX_METADATA_BYTES},

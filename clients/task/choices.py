@@ -16,9 +16,11 @@ RESOLVED_POOLINGS = ("model", "mean")  # what a release records: auto resolved
 # Pooling a release or task file means when it predates the field: the model's own.
 LEGACY_POOLING = "model"
 # Written next to fedlora_task.json in an adapter whose head reads the mean of the token
-# states. It is not a release file: a publisher from before ``head.pooling`` lists an
-# adapter's files against its own release files and refuses this one by name, instead of
-# signing the adapter under a v1 provenance that older edge nodes would serve with the
-# model's pooler (wrong answers, no error). A current publisher checks it against the task
-# file and leaves it out of the release, whose v2 provenance fences older nodes instead.
+# states. It is not a release file: a publisher from before ``head.pooling`` but from
+# 2026-11-30 on (registry/artifact.py: release_files) lists an adapter's files against its
+# own release files and refuses this one by name, instead of signing the adapter under a
+# v1 provenance that older edge nodes would serve with the model's pooler (wrong answers,
+# no error); publishers from before 2026-11-30 copied every file and are not fenced. A
+# current publisher checks it against the task file and leaves it out of the release,
+# whose v2 provenance fences older nodes instead.
 MEAN_POOLING_FENCE = "fedlora_mean_pooling.txt"

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,16 +385,21 @@ def save_adapter(loaded: LoadedModel, out_dir: Path) -> None:
     }
     (out_dir / TASK_FILE).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
     fence = out_dir / MEAN_POOLING_FENCE
+    try:
+        fence.unlink(missing_ok=True)  # a folder reused: never write through a link
+    except IsADirectoryError:
+        raise ModelError(f"{fence} is a directory; it must be a file or absent") from None
     if loaded.pooling == "mean":
-        fence.write_text(
+        text = (
             "This adapter's classification head reads the mean of the base's token states\n"
             f"({TASK_FILE}: pooling=mean), not the base's own pooler. Publish and serve it\n"
-            "with a fedlora that knows head.pooling: an older publisher refuses this file\n"
-            "by name rather than sign a release older edge nodes would serve wrongly.\n",
-            encoding="utf-8",
+            "with a fedlora that knows head.pooling (from 2026-12-02). A publisher from\n"
+            "2026-11-30 or later that predates it refuses this file by name; one from\n"
+            "before copies it into a release its edge nodes would serve wrongly.\n"
         )
-    else:
-        fence.unlink(missing_ok=True)  # a folder reused from a mean run
+        fd = os.open(fence, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
 
 
 def quiet_transformers() -> None:

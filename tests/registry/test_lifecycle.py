@@ -262,3 +262,38 @@ def test_a_version_links_to_its_training_run_and_the_index_run_is_finished(
     )
     index_run = client.get_run(store.index_run(create=False))
     assert index_run.info.status == "FINISHED"
+
+
+def test_a_mean_adapter_publishes_without_its_fence_and_pulls_as_mean(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
+) -> None:
+    # The default base pools by mean, so every default run's adapter holds the fence: the
+    # publisher takes it, leaves it out of the version, and a re-publish finds the version.
+    from clients.task.choices import MEAN_POOLING_FENCE
+    from registry.artifact import read_provenance
+    from tests.clients.edge.test_runtime_pooling import _declare, _trained
+    from tests.tiny_models import make_tiny_bert
+
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    out, _ = _trained(base, tmp_path / "mean-run", pooling="auto", seed=7)
+    assert (out / "adapter" / MEAN_POOLING_FENCE).is_file()
+
+    first = publish(store, out, model="intents", key=key)
+    again = publish(store, out, model="intents", key=key)
+
+    assert (first.created, again.created, again.version) == (True, False, first.version)
+    pulled = _pull(store, trust, tmp_path, alias="candidate")
+    assert pulled.digest == first.digest
+    served = tmp_path / "serving" / "intents"
+    assert not (served / MEAN_POOLING_FENCE).exists()
+    assert read_provenance(served).pooling == "mean"
+
+    # A fence copied next to a task file that says model is refused, on the re-publish of
+    # a recorded adapter too (checked before the digest lookup), and adds no version.
+    model_out = outputs[0]
+    publish(store, model_out, model="intents", key=key)
+    (model_out / "adapter" / MEAN_POOLING_FENCE).write_text("copied in\n", encoding="utf-8")
+    versions = _state(store)[0]
+    with pytest.raises(RegistryError, match="marks a mean-pooled head"):
+        publish(store, model_out, model="intents", key=key)
+    assert _state(store)[0] == versions

@@ -162,6 +162,35 @@ def test_a_mean_adapter_is_fenced_from_publishers_before_the_field(tmp_path: Pat
     assert build_release(out, tmp_path / "again", model_name="m", release=1).pooling == "model"
 
 
+def test_the_fence_is_no_release_file_and_a_release_folder_holding_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    from registry.artifact import RELEASE_FILES, copy_release_files
+    from registry.lifecycle import _sizes
+
+    assert MEAN_POOLING_FENCE not in RELEASE_FILES
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    out, _ = _trained(base, tmp_path / "t", pooling="auto", seed=8)
+    adapter = out / "adapter"
+    assert MEAN_POOLING_FENCE not in _sizes(adapter, adapter=True)
+    with pytest.raises(RegistryError, match="is not a file of an adapter release"):
+        _sizes(adapter)  # a release folder takes release files only
+    with pytest.raises(RegistryError, match="is not a file of an adapter release"):
+        copy_release_files(adapter, tmp_path / "copy")  # a signed release's copy, too
+
+
+def test_saving_never_writes_through_a_link_named_like_the_fence(tmp_path: Path) -> None:
+    base = _declare(make_tiny_bert(tmp_path / "bert", dropout=0.0), mean_tokens=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n", encoding="utf-8")
+    (tmp_path / "t" / "adapter").mkdir(parents=True)
+    (tmp_path / "t" / "adapter" / MEAN_POOLING_FENCE).symlink_to(victim)
+    out, _ = _trained(base, tmp_path / "t", pooling="auto", seed=9)
+    fence = out / "adapter" / MEAN_POOLING_FENCE
+    assert victim.read_text(encoding="utf-8") == "keep me\n"
+    assert fence.is_file() and not fence.is_symlink()
+
+
 def test_a_fence_over_a_task_file_that_says_model_is_refused(tmp_path: Path) -> None:
     base = make_tiny_bert(tmp_path / "bert", dropout=0.0)
     out, _ = _trained(base, tmp_path / "t", pooling="model", seed=6)

@@ -31,7 +31,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from clients.task.choices import LEGACY_POOLING, MEAN_POOLING_FENCE, RESOLVED_POOLINGS
+from clients.task.choices import (
+    LEGACY_POOLING,
+    MEAN_POOLING_FENCE,
+    RESOLVED_POOLINGS,
+    TASK_FILE,
+)
 from clients.task.errors import ConfigError
 from clients.task.numbers import finite_number
 from clients.task.text import short
@@ -40,7 +45,6 @@ from registry.errors import RegistryError
 PROVENANCE_FILE = "provenance.json"
 SIGNATURE_FILE = "model.sig"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TASK_FILE = "fedlora_task.json"
 MODEL_CARD = "README.md"  # peft's save_pretrained writes it
 # Every file a signed release may hold; the edge downloads nothing else.
 RELEASE_FILES = (*ADAPTER_FILES, TASK_FILE, MODEL_CARD, PROVENANCE_FILE, SIGNATURE_FILE)

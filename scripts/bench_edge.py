@@ -333,8 +333,7 @@ class DirectForward:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from clients.task.choices import LEGACY_POOLING
-        from clients.task.model import TASK_FILE
+        from clients.task.choices import LEGACY_POOLING, TASK_FILE
         from clients.task.pooling import apply_pooling
 
         torch.set_num_threads(threads)  # as many as the node uses for inference

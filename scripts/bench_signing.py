@@ -39,6 +39,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from clients.task.choices import TASK_FILE  # noqa: E402
 from registry.artifact import build_release  # noqa: E402
 from registry.keys import TrustStore, generate_keypair  # noqa: E402
 from registry.signing import sign_release, verify_release  # noqa: E402
@@ -69,7 +70,7 @@ def _source(directory: Path, size: int) -> Path:
     (directory / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}\n')
     task = {"task": "sequence-classification", "labels": ["a", "b"], "base_model": "bench",
             "base_digest": "sha256:" + "0" * 64}  # fmt: skip
-    (directory / "fedlora_task.json").write_text(json.dumps(task))
+    (directory / TASK_FILE).write_text(json.dumps(task))
     return directory
 
 

@@ -15,6 +15,9 @@ POOLINGS = ("auto", "model", "mean")  # head.pooling: clients/task/pooling.py
 RESOLVED_POOLINGS = ("model", "mean")  # what a release records: auto resolved
 # Pooling a release or task file means when it predates the field: the model's own.
 LEGACY_POOLING = "model"
+# The task file an adapter carries next to its weights: the head's labels and pooling
+# (written by clients/task/model.py: save_adapter; a release file, registry/artifact.py).
+TASK_FILE = "fedlora_task.json"
 # Written next to fedlora_task.json in an adapter whose head reads the mean of the token
 # states. It is not a release file: a publisher from before ``head.pooling`` but from
 # 2026-11-30 on (registry/artifact.py: release_files) lists an adapter's files against its

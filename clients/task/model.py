@@ -35,6 +35,7 @@ from clients.task.choices import (
     MEAN_POOLING_FENCE,
     POOLINGS,
     QUANTIZATIONS,
+    TASK_FILE,
 )
 from clients.task.data import check_task
 from clients.task.errors import ConfigError, ModelError
@@ -45,7 +46,6 @@ from clients.task.text import short
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TASK_FILE = "fedlora_task.json"
 # Classifier heads that peft trains as ``modules_to_save`` for a sequence-classification
 # adapter (peft's PeftModelForSequenceClassification: BERT-style ``classifier``, Llama-style
 # ``score``).

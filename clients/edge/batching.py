@@ -122,6 +122,10 @@ class Batcher:
     def waiting(self) -> int:
         return len(self._jobs)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

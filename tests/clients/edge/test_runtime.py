@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +25,16 @@ from tests.conftest import PASSPHRASE
 LABELS = ("greet", "bye")
 
 
-def trained(base: Path, out: Path, *, seed: int, task: str = "sequence-classification") -> Path:
+def trained(
+    base: Path,
+    out: Path,
+    *,
+    seed: int,
+    task: str = "sequence-classification",
+    labels: tuple[str, ...] = LABELS,
+) -> Path:
     """A training output whose LoRA B matrices are not zero, so every adapter matters."""
-    spec = ModelSpec(base=str(base), task=task, labels=LABELS if task != "causal-lm" else (),
+    spec = ModelSpec(base=str(base), task=task, labels=labels if task != "causal-lm" else (),
                      lora_r=4, seed=seed)  # fmt: skip
     loaded = build_model(spec)
     gen = torch.Generator().manual_seed(seed)
@@ -247,6 +255,43 @@ def test_a_swap_reuses_a_spare_slot_and_frees_the_old_one_after_its_requests(
     assert queued.result(timeout=60)[0]["label"] in LABELS
     base.batcher.call(lambda: None)
     assert first.slot in base._spares[first.slot.shape]  # freed after its last request
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_a_base_is_closed_once_its_last_release_is_freed(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    two = runtime.load("m", "1", signed(trained(tiny_llama, tmp_path / "t2", seed=0),
+                                        tmp_path / "r2", keypair=keypair, trust=trust))  # fmt: skip
+    old_base = two.base
+    three = runtime.load("m", "2", signed(
+        trained(tiny_llama, tmp_path / "t3", seed=1, labels=("a", "b", "c")),
+        tmp_path / "r3", keypair=keypair, trust=trust, release=2,
+    ))  # fmt: skip
+    assert runtime.bases == [("sequence-classification", 2, "model"),
+                             ("sequence-classification", 3, "model")]  # fmt: skip
+
+    gate = threading.Event()
+    old_base.batcher.call(gate.wait, wait=False)
+    queued = two.submit_predict(["still on the two-label release"])
+    two.retire()  # the node moved to the three-label release while a request holds this one
+    assert len(runtime.bases) == 2  # held: the base stays
+    gate.set()
+    assert queued.result(timeout=60)[0]["label"] in LABELS
+    deadline = time.monotonic() + 30
+    while old_base.model is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # closed on a thread of its own, after the batch in progress
+
+    assert runtime.bases == [("sequence-classification", 3, "model")]
+    assert old_base.model is None and old_base.batcher.closed  # no weights held any more
+    assert three.predict(["hello"])[0]["label"] in ("a", "b", "c")
+    again = runtime.load("m", "1", signed(trained(tiny_llama, tmp_path / "t4", seed=2),
+                                          tmp_path / "r4", keypair=keypair, trust=trust,
+                                          release=3))  # fmt: skip
+    assert again.base is not old_base  # loaded again when a release needs it
+    assert again.predict(["hello"])[0]["label"] in LABELS
     runtime.close()
 
 

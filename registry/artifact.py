@@ -239,6 +239,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def read_task(adapter: Path) -> dict[str, Any]:
+    """An adapter's task file (`TASK_FILE`: task, labels, base, pooling) as a dict.
+
+    Raises:
+        RegistryError: naming the file when it is missing, a link, or not a JSON object.
+    """
+    return _read_json(adapter / TASK_FILE, "adapter task file")
+
+
 def adapter_dir(source: Path) -> Path:
     """The PEFT directory inside a training output (``OUT/adapter``) or ``source`` itself.
 
@@ -397,7 +406,7 @@ def build_release(
     directory. ``out`` must not exist; the caller signs it afterwards.
     """
     adapter = adapter_dir(source)
-    task = _read_json(adapter / TASK_FILE, "adapter task file")
+    task = read_task(adapter)
     lora = _read_json(adapter / "adapter_config.json", "adapter config")
     training, metrics, privacy = _training_summary(source)
     pooling = task.get("pooling", LEGACY_POOLING)

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.task.choices import LEGACY_POOLING, TASK_FILE
 from registry.accept import AcceptedRelease, accept
 from registry.artifact import (
     ADAPTER_ONLY_FILES,
@@ -36,6 +37,8 @@ from registry.artifact import (
     adapter_dir,
     build_release,
     copy_release_files,
+    read_provenance,
+    read_task,
     release_files,
 )
 from registry.errors import PromotionRefused, RegistryError, VerificationError
@@ -230,9 +233,16 @@ def publish(
         else:
             adapter = adapter_dir(source)  # names a missing, linked or foreign file
             wanted = adapter_digest(adapter)
-            done = next((r for r in records if r.adapter_digest == wanted), None)
+            alike = [r for r in records if r.adapter_digest == wanted]
+            done = _with_same_task(store, model, alike, adapter, tmp)
             if done is not None:
                 return _existing(model, done)
+            if alike:
+                log.warning(
+                    "%s: release(s) %s hold these adapter tensors with another task file or "
+                    "pooling; publishing a new release (revoke the old one if it was wrong)",
+                    model, ", ".join(str(r.release) for r in alike),
+                )  # fmt: skip
             number = max((r.release for r in records), default=0) + 1
             own = _own_trust(key, tmp)
             allowed = _sizes(adapter, adapter=True) | {PROVENANCE_FILE: MAX_METADATA_BYTES}
@@ -351,6 +361,41 @@ def _unfinished(
         if digest is None and (prov.adapter_digest != adapter_digest or prov.release != release):
             continue
         return _Release(accepted, _sizes(folder), str(mv.version))
+    return None
+
+
+def _with_same_task(
+    store: MlflowStore, model: str, records: list[ReleaseRecord], adapter: Path, tmp: Path
+) -> ReleaseRecord | None:
+    """The first of ``records`` (releases of these adapter tensors) that also has this
+    adapter's task file and pooling, or None.
+
+    The adapter digest covers the config and weights only; the task file (labels, base,
+    pooling) travels beside them. A release of the same tensors with another task file (labels
+    renamed), or a mean head signed under a v1 provenance by a publisher from before
+    ``head.pooling`` (served with the model's pooler), is not this release. The recorded
+    files are read from MLflow without their signature: a registry account that changes
+    them can only make a publisher add a release, never skip one.
+    """
+    if not records:
+        return None
+    task_bytes = (adapter / TASK_FILE).read_bytes()
+    pooling = read_task(adapter).get("pooling", LEGACY_POOLING)
+    for record in records:
+        folder = tmp / f"recorded-{record.version}"
+        folder.mkdir()
+        try:
+            store.download_release(model, record.version, folder, allowed=record.files)
+            same = (folder / TASK_FILE).read_bytes() == task_bytes and (
+                read_provenance(folder).pooling == pooling
+            )
+        except (RegistryError, OSError) as exc:  # VerificationError, RegistryUnavailable
+            log.warning("%s version %s: its task file could not be compared (%s); taking "
+                        "it as this release, as its signed record says", model,
+                        record.version, exc)  # fmt: skip
+            return record
+        if same:
+            return record
     return None
 
 

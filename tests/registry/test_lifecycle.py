@@ -264,6 +264,44 @@ def test_a_version_links_to_its_training_run_and_the_index_run_is_finished(
     assert index_run.info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("change", ["labels renamed", "pooling mean"])
+def test_the_same_tensors_with_another_task_file_are_a_new_release(
+    store: MlflowStore,
+    key: SigningKey,
+    trust: TrustStore,
+    outputs: list[Path],
+    tmp_path: Path,
+    change: str,
+) -> None:
+    # The adapter digest covers the weights and config, not the task file beside them: a
+    # re-publish after the labels were renamed, or after a publisher from before
+    # head.pooling signed a mean head as v1 (served with the model's pooler), must not be
+    # answered with the old release.
+    from clients.task.choices import MEAN_POOLING_FENCE
+    from registry.artifact import read_provenance
+
+    first = publish(store, outputs[0], model="intents", key=key)
+    task_file = outputs[0] / "adapter" / "fedlora_task.json"
+    task = json.loads(task_file.read_text(encoding="utf-8"))
+    if change == "labels renamed":
+        task["labels"] = [f"{label}-v2" for label in task["labels"]]
+    else:
+        task["pooling"] = "mean"
+        (outputs[0] / "adapter" / MEAN_POOLING_FENCE).write_text("mean\n", encoding="utf-8")
+    task_file.write_text(json.dumps(task), encoding="utf-8")
+
+    second = publish(store, outputs[0], model="intents", key=key)
+    again = publish(store, outputs[0], model="intents", key=key)
+
+    assert (first.release, second.release, second.created) == (1, 2, True)
+    assert (again.created, again.version) == (False, second.version)
+    pulled = _pull(store, trust, tmp_path, alias="candidate")
+    assert pulled.digest == second.digest
+    served = read_provenance(tmp_path / "serving" / "intents")
+    assert served.labels == task["labels"]
+    assert served.pooling == ("mean" if change == "pooling mean" else "model")
+
+
 def test_a_mean_adapter_publishes_without_its_fence_and_pulls_as_mean(
     store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
 ) -> None:

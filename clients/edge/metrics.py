@@ -59,6 +59,11 @@ class EdgeMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.bases = Gauge(
+            "fedlora_edge_bases_loaded",
+            "Base models in memory: one per (task, label count, pooling) of a loaded release",
+            registry=self.registry,
+        )
         # Hybrid routing (clients.edge.hybrid); every label value comes from a fixed set
         # or the operator's policy file, never from a client.
         self.routed = Counter(

@@ -90,6 +90,7 @@ class EdgeNode:
                 ),
             )
         self.runtime = runtime
+        self.metrics.bases.set_function(lambda: len(self.runtime.bases))
         self.policy = LocalPolicy(
             base_digest=self.runtime.base_digest, max_epsilon=settings.max_epsilon
         )

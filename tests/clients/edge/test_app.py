@@ -138,6 +138,7 @@ def test_metrics_count_requests_in_prometheus_format(client: TestClient) -> None
         text
     )
     assert "fedlora_edge_request_seconds_bucket" in text
+    assert "fedlora_edge_bases_loaded 2.0" in text  # the classifier's base and the LM's
 
 
 JSON = st.recursive(

@@ -47,7 +47,7 @@ from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
 from registry.policy import Policy
-from registry.signing import sign_release
+from registry.signing import files_digest, sign_release
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ def publish(
             found = _unfinished(
                 store, index, model=model, trust=own, tmp=tmp, adapter_digest=wanted,
                 release=number, allowed=allowed | {SIGNATURE_FILE: MAX_METADATA_BYTES},
+                adapter=adapter,
             )  # fmt: skip
             if found is None:
                 build_release(source, tmp / "release", model_name=model, release=number)
@@ -331,12 +332,14 @@ def _unfinished(
     digest: str | None = None,
     adapter_digest: str | None = None,
     release: int | None = None,
+    adapter: Path | None = None,
 ) -> _Release | None:
     """A version an interrupted publish of this release created, verified, or None.
 
     Candidates are the versions the index does not record whose tags name this release;
     each is downloaded within ``allowed`` and accepted only if its own signed files are
-    this release (by ``digest``, or by adapter digest and release number).
+    this release (by ``digest``, or by adapter digest, release number and ``adapter``'s
+    task file and pooling).
     """
     if store.registered(model) is None:
         return None
@@ -360,41 +363,61 @@ def _unfinished(
         prov = accepted.provenance
         if digest is None and (prov.adapter_digest != adapter_digest or prov.release != release):
             continue
+        if digest is None and adapter is not None and not _same_task(folder, adapter):
+            continue  # the same tensors with another task file: not this publish
         return _Release(accepted, _sizes(folder), str(mv.version))
     return None
+
+
+def _same_task(folder: Path, adapter: Path) -> bool:
+    """Whether the release in ``folder`` has ``adapter``'s task file and its pooling.
+
+    The adapter digest covers the config and weights only; the task file (labels, base,
+    pooling) travels beside them. A release of the same tensors with another task file
+    (labels renamed), or a mean head that a publisher from before ``head.pooling`` signed
+    under a v1 provenance (served with the model's pooler), is another release.
+    """
+    pooling = read_task(adapter).get("pooling", LEGACY_POOLING)
+    return (folder / TASK_FILE).read_bytes() == (adapter / TASK_FILE).read_bytes() and (
+        read_provenance(folder).pooling == pooling
+    )
 
 
 def _with_same_task(
     store: MlflowStore, model: str, records: list[ReleaseRecord], adapter: Path, tmp: Path
 ) -> ReleaseRecord | None:
     """The first of ``records`` (releases of these adapter tensors) that also has this
-    adapter's task file and pooling, or None.
+    adapter's task file and pooling (`_same_task`), or None.
 
-    The adapter digest covers the config and weights only; the task file (labels, base,
-    pooling) travels beside them. A release of the same tensors with another task file (labels
-    renamed), or a mean head signed under a v1 provenance by a publisher from before
-    ``head.pooling`` (served with the model's pooler), is not this release. The recorded
-    files are read from MLflow without their signature: a registry account that changes
-    them can only make a publisher add a release, never skip one.
+    Each recorded release is downloaded within its recorded sizes and must hash to the
+    digest its signed record names before its files are compared.
+
+    Raises:
+        RegistryError: when a recorded release cannot be read or does not match its signed
+            record (nothing is published: whether it is this release cannot be told).
     """
-    if not records:
-        return None
-    task_bytes = (adapter / TASK_FILE).read_bytes()
-    pooling = read_task(adapter).get("pooling", LEGACY_POOLING)
     for record in records:
         folder = tmp / f"recorded-{record.version}"
         folder.mkdir()
+        where = f"{model} version {record.version} (release {record.release})"
         try:
             store.download_release(model, record.version, folder, allowed=record.files)
-            same = (folder / TASK_FILE).read_bytes() == task_bytes and (
-                read_provenance(folder).pooling == pooling
-            )
+            files = {
+                name: (folder / name).read_bytes()
+                for name in release_files(folder)
+                if name != SIGNATURE_FILE
+            }
         except (RegistryError, OSError) as exc:  # VerificationError, RegistryUnavailable
-            log.warning("%s version %s: its task file could not be compared (%s); taking "
-                        "it as this release, as its signed record says", model,
-                        record.version, exc)  # fmt: skip
-            return record
-        if same:
+            raise RegistryError(
+                f"{where} holds these adapter tensors, but its files could not be read to "
+                f"tell whether it is this release: {exc}; nothing was published, run it again"
+            ) from exc
+        if files_digest(files) != record.digest:
+            raise RegistryError(
+                f"{where} holds these adapter tensors, but its files in MLflow do not match "
+                "its signed record (changed in the registry); nothing was published"
+            )
+        if _same_task(folder, adapter):
             return record
     return None
 

@@ -302,6 +302,89 @@ def test_the_same_tensors_with_another_task_file_are_a_new_release(
     assert served.pooling == ("mean" if change == "pooling mean" else "model")
 
 
+def test_a_mean_head_signed_as_v1_is_not_the_same_release(
+    outputs: list[Path], tmp_path: Path
+) -> None:
+    # What a publisher from before head.pooling made of a mean adapter: the task file
+    # copied as it was (it says mean), a v1 provenance (read as the model's pooling).
+    from registry.artifact import build_release
+    from registry.lifecycle import _same_task
+
+    adapter = outputs[0] / "adapter"
+    build_release(outputs[0], tmp_path / "old", model_name="intents", release=1)
+    assert _same_task(tmp_path / "old", adapter)
+    task = json.loads((adapter / "fedlora_task.json").read_text(encoding="utf-8"))
+    task["pooling"] = "mean"
+    for folder in (adapter, tmp_path / "old"):
+        (folder / "fedlora_task.json").write_text(json.dumps(task), encoding="utf-8")
+
+    assert not _same_task(tmp_path / "old", adapter)
+
+
+def test_a_recorded_release_changed_in_mlflow_stops_a_republish(
+    store: MlflowStore, key: SigningKey, outputs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether a recorded release of the same tensors has this task file is read from its
+    # files in MLflow, which a registry account can edit: they must match the signed
+    # record, or the publisher can tell nothing and publishes nothing.
+    first = publish(store, outputs[0], model="intents", key=key)
+    recorded = _files_of(store, first.version) / "fedlora_task.json"
+    source = outputs[0] / "adapter" / "fedlora_task.json"
+    task = json.loads(source.read_text(encoding="utf-8"))
+    task["labels"] = [f"{label}-v2" for label in task["labels"]]
+    source.write_text(json.dumps(task), encoding="utf-8")
+    recorded.write_bytes(source.read_bytes())  # "already published", says the registry
+    before = _state(store)
+
+    with pytest.raises(RegistryError, match="do not match its signed record"):
+        publish(store, outputs[0], model="intents", key=key)
+    recorded.unlink()
+    with pytest.raises(RegistryError, match="do not match its signed record"):
+        publish(store, outputs[0], model="intents", key=key)
+
+    # A fake, because the embedded store cannot be made unreachable between two calls.
+    def down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("connection refused")
+
+    monkeypatch.setattr(store, "download_release", down)
+    with pytest.raises(RegistryError, match=r"could not be read.*connection refused"):
+        publish(store, outputs[0], model="intents", key=key)
+    assert _state(store) == before
+
+
+def test_an_interrupted_publish_is_not_completed_for_another_task_file(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from registry.index_publisher import IndexRepository
+    from registry.lifecycle import IndexRace
+
+    # The index write loses a race after the version was created: the version stays for
+    # the re-run to complete (a fake: a lost race cannot be caused on cue).
+    def lost(self, *args, **kwargs):
+        raise IndexRace("another publisher wrote the index")
+
+    add_release = IndexRepository.add_release
+    monkeypatch.setattr(IndexRepository, "add_release", lost)
+    with pytest.raises(IndexRace):
+        publish(store, outputs[1], model="intents", key=key)
+    monkeypatch.setattr(IndexRepository, "add_release", add_release)
+    assert _state(store)[0] == ["1"]
+    source = outputs[1] / "adapter" / "fedlora_task.json"
+    task = json.loads(source.read_text(encoding="utf-8"))
+    task["labels"] = [f"{label}-v2" for label in task["labels"]]
+    source.write_text(json.dumps(task), encoding="utf-8")
+
+    again = publish(store, outputs[1], model="intents", key=key)
+
+    assert again.created and again.version == "2"  # not version 1 with the old labels
+    pulled = _pull(store, trust, tmp_path, alias="candidate")
+    assert pulled.digest == again.digest
+    from registry.artifact import read_provenance
+
+    assert read_provenance(tmp_path / "serving" / "intents").labels == task["labels"]
+
+
 def test_a_mean_adapter_publishes_without_its_fence_and_pulls_as_mean(
     store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], tmp_path: Path
 ) -> None:

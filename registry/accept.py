@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from clients.task.choices import LEGACY_POOLING
-from registry.artifact import TASK_FILE, Provenance
+from clients.task.choices import LEGACY_POOLING, TASK_FILE
+from registry.artifact import Provenance
 from registry.errors import RegistryError, VerificationError
 from registry.index import ReleaseIndex, check_alias, check_not_revoked
 from registry.keys import TrustStore

@@ -126,14 +126,20 @@ class Batcher:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Refuse new work, fail the queued jobs, end the worker; False if it still runs
+        after 30 s (a batch in progress is never cut short)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=30)
-        for job in self._jobs:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        with self._cond:
+            queued = list(self._jobs)
+            self._jobs.clear()
+        for job in queued:  # outside the lock: their callbacks may call back in
             job.future.set_exception(RuntimeError("the node is shutting down"))
-        self._jobs.clear()
+        return not self._thread.is_alive()
 
     # the worker --------------------------------------------------------------------
 

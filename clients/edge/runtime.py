@@ -28,7 +28,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -52,6 +52,7 @@ from registry.accept import AcceptedRelease
 
 log = logging.getLogger(__name__)
 
+Key = tuple[str, int, str]  # a base: (task, label count, pooling)
 SPARES = 2  # free slots kept per adapter shape: a swap then never waits for PEFT
 # The first `max_length` tokens of a text depend only on its first characters: tokenizers
 # get a prefix this many characters per token long (wider only if it came out short).
@@ -212,7 +213,8 @@ class SharedBase:
             if len(spares) < SPARES:
                 spares.append(slot)
                 return
-        self.batcher.call(partial(self._delete_slot, slot), wait=False)
+        with suppress(RuntimeError):  # closed meanwhile: the whole base is going
+            self.batcher.call(partial(self._delete_slot, slot), wait=False)
 
     def _new_slot(self, config: Any, shape: str, *, release: str = "(spare)") -> AdapterSlot:
         from peft import get_peft_model
@@ -233,6 +235,8 @@ class SharedBase:
         return AdapterSlot.of(self.model, name, shape)
 
     def _add_spare(self, config: Any, shape: str) -> None:
+        if self.batcher.closed:  # queued before the base began to close
+            return
         try:
             self.recycle(self._new_slot(config, shape))
         except Exception:  # a missing spare only makes the next swap slower
@@ -385,12 +389,20 @@ class SharedBase:
             job.future.set_result([row.result() for row in job_rows])
 
     def close(self) -> None:
-        """Stop the batcher (the batch in progress finishes) and let go of the model."""
-        self.batcher.close()
+        """Stop the batcher (the batch in progress finishes) and let go of the model.
+
+        The model is let go only once the batcher's thread has ended (a batch may run longer
+        than the batcher waits for it; the model then goes with the last reference).
+        """
+        if not self.batcher.close():
+            log.warning("base %s: a batch still runs after the close timeout", self.batcher.name)
+            return
         self.model = self._base = None  # a retired release still naming it holds no weights
         self._layers, self._wrappers = [], []
         with self._spares_lock:
             self._spares.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back to the driver
 
 
 def _route(_: Any, args: Any, kwargs: dict[str, Any], *, names: list[str]) -> tuple[Any, Any]:
@@ -410,8 +422,9 @@ class LoadedRelease:
     slot: AdapterSlot = field(repr=False)
     _holders: int = field(default=0, repr=False)
     _retired: bool = field(default=False, repr=False)
-    # Called once its slot is freed (the runtime's count of releases on the base).
-    on_free: Callable[[], None] | None = field(default=None, repr=False)
+    # Called once its last request is done after `retire` (the runtime's count of releases
+    # on the base); True when the whole base goes, so the slot is not recycled.
+    on_free: Callable[[], bool] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -455,9 +468,9 @@ class LoadedRelease:
             self._free()
 
     def _free(self) -> None:
+        if self.on_free is not None and self.on_free():
+            return  # the whole base goes: no slot to give back
         self.base.recycle(self.slot)
-        if self.on_free is not None:
-            self.on_free()
 
     def _submit(self, payload: Any, rows: int) -> Future[Any]:
         with self._lock:
@@ -535,31 +548,66 @@ class Runtime:
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
         self.batching = batching or Batching()
-        self._bases: dict[tuple[str, int, str], SharedBase] = {}
-        self._users: dict[tuple[str, int, str], int] = {}  # releases loaded on each base
+        # Guards the dicts below only: never held while a base loads or closes, so a
+        # request's callback (on a batcher thread) that frees a release never waits.
         self._bases_lock = threading.Lock()
+        self._bases: dict[Key, SharedBase] = {}
+        self._users: dict[Key, int] = {}  # releases loaded on each base
+        self._idle: set[Key] = set()  # kept after a refused release: the next one is cheap
+        self._closed = False
+        self._load_lock = threading.Lock()  # one base loads from disk at a time
+        self._closers: list[threading.Thread] = []
 
     @staticmethod
-    def _key(task: str, num_labels: int, pooling: str) -> tuple[str, int, str]:
+    def _key(task: str, num_labels: int, pooling: str) -> Key:
         classify = task == "sequence-classification"
         return (task, num_labels if classify else 0, pooling if classify else "model")
 
     @property
-    def bases(self) -> list[tuple[str, int, str]]:
+    def bases(self) -> list[Key]:
         """The (task, label count, pooling) of every base in memory."""
         with self._bases_lock:
             return sorted(self._bases)
 
     def shared_base(self, task: str, num_labels: int, pooling: str = "model") -> SharedBase:
-        """The one base for (task, label count, pooling), loaded from disk on first use."""
-        with self._bases_lock:
-            return self._base_locked(self._key(task, num_labels, pooling))
+        """The one base for (task, label count, pooling), loaded from disk on first use.
 
-    def _base_locked(self, key: tuple[str, int, str]) -> SharedBase:
-        """The base for ``key``, loaded if missing; the caller holds ``_bases_lock``."""
+        Not counted as in use: `load` counts the releases on a base and frees it with the
+        last; a base taken here alone stays until `close`.
+        """
+        return self._acquire(self._key(task, num_labels, pooling), count=False)
+
+    def _acquire(self, key: Key, *, count: bool) -> SharedBase:
+        """The base for ``key`` (loaded if missing), counted as used by one more release."""
+
+        def held() -> SharedBase | None:  # the caller holds _bases_lock
+            if self._closed:
+                raise ModelError("the runtime is closed")
+            base = self._bases.get(key)
+            if base is not None and count:
+                self._users[key] = self._users.get(key, 0) + 1
+                self._idle.discard(key)
+            return base
+
+        with self._bases_lock:
+            if (base := held()) is not None:
+                return base
+        with self._load_lock:
+            with self._bases_lock:  # another thread may have loaded it meanwhile
+                if (base := held()) is not None:
+                    return base
+            base = self._new_base(key)
+            with self._bases_lock:
+                if not self._closed:
+                    self._bases[key] = base
+                    if count:
+                        self._users[key] = 1
+                    return base
+        base.close()
+        raise ModelError("the runtime is closed")
+
+    def _new_base(self, key: Key) -> SharedBase:
         task, num_labels, pooling = key
-        if key in self._bases:
-            return self._bases[key]
         if pooling != "model":  # refused before the weights load, not after
             try:
                 pooling_of_base(pooling, path=self.base_path, task=task)
@@ -569,7 +617,7 @@ class Runtime:
                     f"be served on base {self.base!r}: {exc}"
                 ) from exc
         try:
-            base = SharedBase(
+            return SharedBase(
                 path=str(self.base_path),
                 task=task,
                 num_labels=num_labels,
@@ -584,24 +632,41 @@ class Runtime:
             raise
         except Exception as exc:
             raise ModelError(f"base {self.base!r} for {task}: {exc}") from exc
-        self._bases[key] = base
-        return base
 
-    def _release_base(self, key: tuple[str, int, str], base: SharedBase) -> None:
-        """One release on ``base`` is freed; the base goes with its last one."""
+    def _release_base(self, key: Key, base: SharedBase, *, refused: bool = False) -> bool:
+        """One release on ``base`` is gone; True if the base goes with it (closed apart).
+
+        A base whose last release is freed is closed. The base of a refused release is kept
+        idle instead, so that a release the node retries at every poll does not load the
+        whole base again each time; the next release freed anywhere closes the idle ones.
+        """
         with self._bases_lock:
             left = self._users.get(key, 0) - 1
             if left > 0:
                 self._users[key] = left
-                return
-            self._users.pop(key, None)
-            if self._bases.get(key) is not base:
-                return
-            del self._bases[key]
-        log.info("no release left on the %s base %s: closing it", self.base, key)
-        # Not on this thread: a release is often freed from its last request's callback,
-        # which runs on the base's own batcher thread, and closing joins that thread.
-        threading.Thread(target=base.close, name=f"close-{key[0]}-{key[1]}", daemon=True).start()
+            else:
+                self._users.pop(key, None)
+            last = left <= 0 and self._bases.get(key) is base  # False once closed
+            if refused:
+                if last:
+                    self._idle.add(key)
+                return False
+            # Any freed release also takes the idle bases with it: the node has moved on.
+            idle = [(k, self._bases.pop(k, None)) for k in sorted(self._idle) if k != key]
+            going = [(k, b) for k, b in idle if b is not None]
+            self._idle.clear()
+            if last:
+                going.append((key, self._bases.pop(key)))
+            self._closers = [t for t in self._closers if t.is_alive()]
+        for k, gone in going:
+            log.info("no release left on the %s base %s: closing it", self.base, k)
+            # Not on this thread: a release is often freed from its last request's
+            # callback, which runs on the base's own batcher thread, and closing joins it.
+            closer = threading.Thread(target=gone.close, name=f"close-{k[0]}-{k[1]}", daemon=True)
+            with self._bases_lock:
+                self._closers.append(closer)
+            closer.start()
+        return last
 
     def load(self, model_name: str, version: str, accepted: AcceptedRelease) -> LoadedRelease:
         """Load a release that has passed every check of `registry.accept` (its type).
@@ -618,19 +683,27 @@ class Runtime:
             )
         prov = accepted.provenance
         key = self._key(prov.task, len(prov.labels), prov.pooling)
-        with self._bases_lock:  # counted before the lock is let go: never closed under us
-            base = self._base_locked(key)
-            self._users[key] = self._users.get(key, 0) + 1
+        base = self._acquire(key, count=True)  # counted first: never closed under us
         try:
             slot = base.attach(accepted)
         except BaseException:
-            self._release_base(key, base)
+            self._release_base(key, base, refused=True)
             raise
         release = LoadedRelease(model_name, version, accepted, base, slot)
         release.on_free = partial(self._release_base, key, base)
         return release
 
     def close(self) -> None:
+        """Close every base (each finishes the batch in progress); later loads are refused."""
         with self._bases_lock:
-            for base in self._bases.values():
-                base.close()
+            self._closed = True
+            bases = list(self._bases.values())
+            self._bases.clear()
+            self._users.clear()
+            self._idle.clear()
+        for base in bases:  # outside the lock: failing queued jobs runs their callbacks
+            base.close()
+        with self._bases_lock:
+            closers = list(self._closers)
+        for closer in closers:
+            closer.join(timeout=30)

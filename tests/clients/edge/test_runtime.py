@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 
 from clients.edge.generation import Sampling
 from clients.edge.runtime import SPARES, ReleaseRetired, Runtime
-from clients.task.errors import ConfigError
+from clients.task.errors import ConfigError, ModelError
 from clients.task.model import ModelSpec, build_model, save_adapter
 from registry.accept import AcceptedRelease, accept
 from registry.artifact import build_release, read_provenance
@@ -266,6 +268,7 @@ def test_a_base_is_closed_once_its_last_release_is_freed(
     two = runtime.load("m", "1", signed(trained(tiny_llama, tmp_path / "t2", seed=0),
                                         tmp_path / "r2", keypair=keypair, trust=trust))  # fmt: skip
     old_base = two.base
+    weights = weakref.ref(old_base._base)  # the transformers model under the adapters
     three = runtime.load("m", "2", signed(
         trained(tiny_llama, tmp_path / "t3", seed=1, labels=("a", "b", "c")),
         tmp_path / "r3", keypair=keypair, trust=trust, release=2,
@@ -285,7 +288,9 @@ def test_a_base_is_closed_once_its_last_release_is_freed(
         time.sleep(0.05)  # closed on a thread of its own, after the batch in progress
 
     assert runtime.bases == [("sequence-classification", 3, "model")]
-    assert old_base.model is None and old_base.batcher.closed  # no weights held any more
+    assert old_base.model is None and old_base.batcher.closed
+    gc.collect()
+    assert weights() is None  # freed, though the retired release still names its base
     assert three.predict(["hello"])[0]["label"] in ("a", "b", "c")
     again = runtime.load("m", "1", signed(trained(tiny_llama, tmp_path / "t4", seed=2),
                                           tmp_path / "r4", keypair=keypair, trust=trust,
@@ -293,6 +298,67 @@ def test_a_base_is_closed_once_its_last_release_is_freed(
     assert again.base is not old_base  # loaded again when a release needs it
     assert again.predict(["hello"])[0]["label"] in LABELS
     runtime.close()
+
+
+@pytest.mark.integration
+def test_a_refused_release_keeps_its_base_idle_until_the_node_moves_on(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    # The node retries a refused release at every poll: its base must not be loaded from
+    # disk again each time, nor kept once another release has been freed.
+    runtime = Runtime(base=str(tiny_llama))
+    source = trained(tiny_llama, tmp_path / "t1", seed=1)
+    first = runtime.load("m", "1", signed(source, tmp_path / "r1", keypair=keypair, trust=trust))
+    bad = signed(trained(tiny_llama, tmp_path / "t3", seed=3, labels=("a", "b", "c")),
+                 tmp_path / "r3", keypair=keypair, trust=trust, release=2)  # fmt: skip
+    weights = bad.directory / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # changed after it was accepted
+    with pytest.raises(VerificationError):
+        runtime.load("m", "2", bad)
+    idle = runtime.shared_base("sequence-classification", 3)
+    with pytest.raises(VerificationError):
+        runtime.load("m", "2", bad)
+    assert runtime.shared_base("sequence-classification", 3) is idle  # not loaded again
+    assert len(runtime.bases) == 2
+
+    second = runtime.load("m", "3", signed(trained(tiny_llama, tmp_path / "t2", seed=2),
+                                           tmp_path / "r2", keypair=keypair, trust=trust,
+                                           release=3))  # fmt: skip
+    first.retire()  # a swap on the two-label base: the idle base goes
+    deadline = time.monotonic() + 30
+    while idle.model is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.bases == [("sequence-classification", 2, "model")]
+    assert idle.model is None
+    assert second.predict(["hello"])[0]["label"] in LABELS
+    runtime.close()
+
+
+@pytest.mark.integration
+def test_close_fails_queued_requests_of_retired_releases_and_refuses_later_loads(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    runtime = Runtime(base=str(tiny_llama))
+    accepted = signed(trained(tiny_llama, tmp_path / "t", seed=1), tmp_path / "r",
+                      keypair=keypair, trust=trust)  # fmt: skip
+    release = runtime.load("m", "1", accepted)
+    gate = threading.Event()
+    release.base.batcher.call(gate.wait, wait=False)
+    queued = release.submit_predict(["waiting"])
+    release.retire()  # its slot is freed by the queued request's callback, during close
+
+    closing = threading.Thread(target=runtime.close)
+    closing.start()
+    time.sleep(0.2)
+    gate.set()
+    closing.join(timeout=60)
+
+    assert not closing.is_alive()  # no deadlock between close and the freeing callback
+    with pytest.raises(RuntimeError, match="shutting down"):
+        queued.result(timeout=10)
+    assert runtime.bases == []
+    with pytest.raises(ModelError, match="runtime is closed"):
+        runtime.load("m", "1", accepted)
 
 
 @pytest.mark.integration

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from clients.task.choices import TASK_FILE
 from clients.task.data import Example
 from clients.task.errors import ConfigError, ModelError
-from clients.task.model import TASK_FILE, ModelSpec, build_model, quiet_transformers, save_adapter
+from clients.task.model import ModelSpec, build_model, quiet_transformers, save_adapter
 from clients.task.pooling import MeanPooler, declared_pooling, resolve_pooling
 from clients.task.train import encode, head_inputs
 from tests.tiny_models import make_tiny_bert

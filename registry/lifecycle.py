@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,12 @@ from registry.artifact import (
     read_task,
     release_files,
 )
-from registry.errors import PromotionRefused, RegistryError, VerificationError
+from registry.errors import (
+    PromotionRefused,
+    RegistryError,
+    RegistryUnavailable,
+    VerificationError,
+)
 from registry.index import MAX_LENGTH, AliasEntry, ReleaseRecord
 from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
@@ -233,7 +239,12 @@ def publish(
         else:
             adapter = adapter_dir(source)  # names a missing, linked or foreign file
             wanted = adapter_digest(adapter)
-            alike = [r for r in records if r.adapter_digest == wanted]
+            keys, digests = index.revocations()
+            alike = [
+                r
+                for r in records
+                if r.adapter_digest == wanted and r.digest not in digests and r.key_id not in keys
+            ]  # fmt: skip  (a revoked release is never "already published")
             done = _with_same_task(store, model, alike, adapter, tmp)
             if done is not None:
                 return _existing(model, done)
@@ -364,7 +375,10 @@ def _unfinished(
         if digest is None and (prov.adapter_digest != adapter_digest or prov.release != release):
             continue
         if digest is None and adapter is not None and not _same_task(folder, adapter):
-            continue  # the same tensors with another task file: not this publish
+            log.warning("%s version %s: an unfinished publish of these tensors with another "
+                        "task file; left as it is (nothing serves it; it may be deleted)",
+                        model, mv.version)  # fmt: skip
+            continue
         return _Release(accepted, _sizes(folder), str(mv.version))
     return None
 
@@ -386,16 +400,18 @@ def _same_task(folder: Path, adapter: Path) -> bool:
 def _with_same_task(
     store: MlflowStore, model: str, records: list[ReleaseRecord], adapter: Path, tmp: Path
 ) -> ReleaseRecord | None:
-    """The first of ``records`` (releases of these adapter tensors) that also has this
-    adapter's task file and pooling (`_same_task`), or None.
+    """The first of ``records`` (releases of these adapter tensors, none revoked) that also
+    has this adapter's task file and pooling (`_same_task`), or None.
 
     Each recorded release is downloaded within its recorded sizes and must hash to the
     digest its signed record names before its files are compared.
 
     Raises:
-        RegistryError: when a recorded release cannot be read or does not match its signed
-            record (nothing is published: whether it is this release cannot be told).
+        RegistryError: when none matches and one could not be read or does not match its
+            signed record (whether that one is this release cannot be told, so nothing is
+            published); revoke it to publish past it.
     """
+    unknown: list[str] = []
     for record in records:
         folder = tmp / f"recorded-{record.version}"
         folder.mkdir()
@@ -407,18 +423,26 @@ def _with_same_task(
                 for name in release_files(folder)
                 if name != SIGNATURE_FILE
             }
-        except (RegistryError, OSError) as exc:  # VerificationError, RegistryUnavailable
+            if files_digest(files) != record.digest:
+                unknown.append(f"{where}: its files in MLflow do not match its signed record")
+                continue
+            if TASK_FILE in files and _same_task(folder, adapter):
+                return record
+        except RegistryUnavailable as exc:
             raise RegistryError(
-                f"{where} holds these adapter tensors, but its files could not be read to "
-                f"tell whether it is this release: {exc}; nothing was published, run it again"
+                f"{where} holds these adapter tensors, but the registry could not serve it to "
+                f"tell whether it is this release ({exc}); nothing was published, run it again"
             ) from exc
-        if files_digest(files) != record.digest:
-            raise RegistryError(
-                f"{where} holds these adapter tensors, but its files in MLflow do not match "
-                "its signed record (changed in the registry); nothing was published"
-            )
-        if _same_task(folder, adapter):
-            return record
+        except (RegistryError, OSError) as exc:  # VerificationError: refused listing
+            unknown.append(f"{where}: {exc}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    if unknown:
+        raise RegistryError(
+            "a recorded release holds these adapter tensors but cannot be compared with this "
+            f"one ({'; '.join(unknown)}); nothing was published. Revoke it "
+            "(`fedlora registry revoke`) to publish these tensors as a new release"
+        )
     return None
 
 

@@ -138,7 +138,8 @@ class Batcher:
             queued = list(self._jobs)
             self._jobs.clear()
         for job in queued:  # outside the lock: their callbacks may call back in
-            job.future.set_exception(RuntimeError("the node is shutting down"))
+            if job.future.set_running_or_notify_cancel():  # a cancelled one is settled
+                job.future.set_exception(RuntimeError("the node is shutting down"))
         return not self._thread.is_alive()
 
     # the worker --------------------------------------------------------------------

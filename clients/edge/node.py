@@ -186,6 +186,8 @@ class EdgeNode:
                 log.exception("%s: refresh failed", slot.ref)
                 slot.last_error = f"refresh failed: {type(exc).__name__}: {exc}"
                 return False
+            finally:  # a base kept for a release refused at load, no longer tried, goes
+                self.runtime.trim_idle(2 * self.settings.poll_seconds)
 
     def _refresh(self, slot: ModelSlot) -> bool:
         def held(release: LoadedRelease | None) -> Held | None:

@@ -26,6 +26,7 @@ import copy
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
@@ -553,7 +554,8 @@ class Runtime:
         self._bases_lock = threading.Lock()
         self._bases: dict[Key, SharedBase] = {}
         self._users: dict[Key, int] = {}  # releases loaded on each base
-        self._idle: set[Key] = set()  # kept after a refused release: the next one is cheap
+        # Bases kept after a refused release, so the next try is cheap -> when refused.
+        self._idle: dict[Key, float] = {}
         self._closed = False
         self._load_lock = threading.Lock()  # one base loads from disk at a time
         self._closers: list[threading.Thread] = []
@@ -573,7 +575,8 @@ class Runtime:
         """The one base for (task, label count, pooling), loaded from disk on first use.
 
         Not counted as in use: `load` counts the releases on a base and frees it with the
-        last; a base taken here alone stays until `close`.
+        last; a base taken here alone stays until `close`, unless a refused release left it
+        idle (then it goes as idle bases do).
         """
         return self._acquire(self._key(task, num_labels, pooling), count=False)
 
@@ -586,7 +589,7 @@ class Runtime:
             base = self._bases.get(key)
             if base is not None and count:
                 self._users[key] = self._users.get(key, 0) + 1
-                self._idle.discard(key)
+                self._idle.pop(key, None)
             return base
 
         with self._bases_lock:
@@ -638,7 +641,8 @@ class Runtime:
 
         A base whose last release is freed is closed. The base of a refused release is kept
         idle instead, so that a release the node retries at every poll does not load the
-        whole base again each time; the next release freed anywhere closes the idle ones.
+        whole base again each time; the next release freed anywhere closes the idle ones,
+        and so does `trim_idle` once the release is no longer tried.
         """
         with self._bases_lock:
             left = self._users.get(key, 0) - 1
@@ -649,24 +653,39 @@ class Runtime:
             last = left <= 0 and self._bases.get(key) is base  # False once closed
             if refused:
                 if last:
-                    self._idle.add(key)
+                    self._idle[key] = time.monotonic()
                 return False
             # Any freed release also takes the idle bases with it: the node has moved on.
-            idle = [(k, self._bases.pop(k, None)) for k in sorted(self._idle) if k != key]
-            going = [(k, b) for k, b in idle if b is not None]
-            self._idle.clear()
+            going = [k for k in self._idle if k != key]
             if last:
-                going.append((key, self._bases.pop(key)))
-            self._closers = [t for t in self._closers if t.is_alive()]
-        for k, gone in going:
-            log.info("no release left on the %s base %s: closing it", self.base, k)
-            # Not on this thread: a release is often freed from its last request's
-            # callback, which runs on the base's own batcher thread, and closing joins it.
-            closer = threading.Thread(target=gone.close, name=f"close-{k[0]}-{k[1]}", daemon=True)
-            with self._bases_lock:
-                self._closers.append(closer)
-            closer.start()
+                going.append(key)
+            self._close_locked(going)
         return last
+
+    def trim_idle(self, older_than_s: float) -> None:
+        """Close the bases kept idle after a refused release not tried for ``older_than_s``
+        seconds (the node calls it after every refresh)."""
+        now = time.monotonic()
+        with self._bases_lock:
+            self._close_locked([k for k, t in self._idle.items() if now - t > older_than_s])
+
+    def _close_locked(self, keys: list[Key]) -> None:
+        """Drop the bases of ``keys`` and close each on a thread of its own (lock held).
+
+        Not on the caller's thread: a release is often freed from its last request's
+        callback, which runs on the base's own batcher thread, and closing joins it.
+        """
+        self._closers = [t for t in self._closers if t.is_alive()]
+        for key in sorted(set(keys)):
+            self._idle.pop(key, None)
+            base = self._bases.pop(key, None)
+            if base is None:
+                continue
+            log.info("no release left on the %s base %s: closing it", self.base, key)
+            closer = threading.Thread(target=base.close, name=f"close-{key[0]}-{key[1]}",
+                                      daemon=True)  # fmt: skip
+            closer.start()
+            self._closers.append(closer)
 
     def load(self, model_name: str, version: str, accepted: AcceptedRelease) -> LoadedRelease:
         """Load a release that has passed every check of `registry.accept` (its type).

@@ -311,10 +311,8 @@ def test_a_refused_release_keeps_its_base_idle_until_the_node_moves_on(
     first = runtime.load("m", "1", signed(source, tmp_path / "r1", keypair=keypair, trust=trust))
     bad = signed(trained(tiny_llama, tmp_path / "t3", seed=3, labels=("a", "b", "c")),
                  tmp_path / "r3", keypair=keypair, trust=trust, release=2)  # fmt: skip
-    weights = bad.directory / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # changed after it was accepted
     with pytest.raises(VerificationError):
-        runtime.load("m", "2", bad)
+        runtime.load("m", "2", _tampered(bad))
     idle = runtime.shared_base("sequence-classification", 3)
     with pytest.raises(VerificationError):
         runtime.load("m", "2", bad)
@@ -334,6 +332,48 @@ def test_a_refused_release_keeps_its_base_idle_until_the_node_moves_on(
     runtime.close()
 
 
+def _tampered(accepted: AcceptedRelease) -> AcceptedRelease:
+    weights = accepted.directory / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # changed after it was accepted
+    return accepted
+
+
+@pytest.mark.integration
+def test_idle_bases_never_close_under_a_live_release(
+    tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
+) -> None:
+    def release(n: int, labels: tuple[str, ...] = LABELS) -> AcceptedRelease:
+        return signed(trained(tiny_llama, tmp_path / f"t{n}", seed=n, labels=labels),
+                      tmp_path / f"r{n}", keypair=keypair, trust=trust, release=n)  # fmt: skip
+
+    three, four = ("a", "b", "c"), ("a", "b", "c", "d")
+    runtime = Runtime(base=str(tiny_llama))
+    live = runtime.load("m", "1", release(1))
+    with pytest.raises(VerificationError):  # refused on the base `live` is on
+        runtime.load("m", "2", _tampered(release(2)))
+    other = runtime.load("m", "3", release(3, three))
+    with pytest.raises(VerificationError):  # refused on a base of its own: kept idle
+        runtime.load("m", "4", _tampered(release(4, four)))
+    good = runtime.load("m", "5", release(5, four))  # takes the idle base
+    other.retire()  # a free anywhere closes idle bases, and the three-label one
+
+    deadline = time.monotonic() + 30
+    while len(runtime.bases) > 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runtime.bases == [("sequence-classification", 2, "model"),
+                             ("sequence-classification", 4, "model")]  # fmt: skip
+    assert live.predict(["hello"])[0]["label"] in LABELS
+    assert good.predict(["hello"])[0]["label"] in four
+
+    with pytest.raises(VerificationError):
+        runtime.load("m", "6", _tampered(release(6, three)))
+    runtime.trim_idle(60)  # tried a moment ago: kept
+    assert len(runtime.bases) == 3
+    runtime.trim_idle(0)  # no longer tried
+    assert len(runtime.bases) == 2
+    runtime.close()
+
+
 @pytest.mark.integration
 def test_close_fails_queued_requests_of_retired_releases_and_refuses_later_loads(
     tiny_llama: Path, tmp_path: Path, keypair: KeyPair, trust: TrustStore
@@ -345,11 +385,15 @@ def test_close_fails_queued_requests_of_retired_releases_and_refuses_later_loads
     gate = threading.Event()
     release.base.batcher.call(gate.wait, wait=False)
     queued = release.submit_predict(["waiting"])
+    dropped = release.submit_predict(["its client went away"])
+    assert dropped.cancel()  # as asyncio does when the HTTP request is cancelled
     release.retire()  # its slot is freed by the queued request's callback, during close
 
     closing = threading.Thread(target=runtime.close)
     closing.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while not release.base.batcher.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
     gate.set()
     closing.join(timeout=60)
 

@@ -23,6 +23,7 @@ the last one this publisher saw (``SigningKey.state``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -238,6 +239,7 @@ def publish(
             ) or _Release(accepted, _sizes(tmp / "release"))  # fmt: skip
         else:
             adapter = adapter_dir(source)  # names a missing, linked or foreign file
+            read_task(adapter)  # its own task file: a fault there is named before any other
             wanted = adapter_digest(adapter)
             keys, digests = index.revocations()
             alike = [
@@ -374,7 +376,11 @@ def _unfinished(
         prov = accepted.provenance
         if digest is None and (prov.adapter_digest != adapter_digest or prov.release != release):
             continue
-        if digest is None and adapter is not None and not _same_task(folder, adapter):
+        if (
+            digest is None
+            and adapter is not None
+            and not _same_task(folder, (adapter / TASK_FILE).read_bytes())
+        ):
             log.warning("%s version %s: an unfinished publish of these tensors with another "
                         "task file; left as it is (nothing serves it; it may be deleted)",
                         model, mv.version)  # fmt: skip
@@ -383,7 +389,7 @@ def _unfinished(
     return None
 
 
-def _same_task(folder: Path, adapter: Path) -> bool:
+def _same_task(folder: Path, task_bytes: bytes) -> bool:
     """Whether the release in ``folder`` has ``adapter``'s task file and its pooling.
 
     The adapter digest covers the config and weights only; the task file (labels, base,
@@ -391,8 +397,8 @@ def _same_task(folder: Path, adapter: Path) -> bool:
     (labels renamed), or a mean head that a publisher from before ``head.pooling`` signed
     under a v1 provenance (served with the model's pooler), is another release.
     """
-    pooling = read_task(adapter).get("pooling", LEGACY_POOLING)
-    return (folder / TASK_FILE).read_bytes() == (adapter / TASK_FILE).read_bytes() and (
+    pooling = json.loads(task_bytes).get("pooling", LEGACY_POOLING)
+    return (folder / TASK_FILE).read_bytes() == task_bytes and (
         read_provenance(folder).pooling == pooling
     )
 
@@ -411,6 +417,9 @@ def _with_same_task(
             signed record (whether that one is this release cannot be told, so nothing is
             published); revoke it to publish past it.
     """
+    if not records:
+        return None
+    task_bytes = (adapter / TASK_FILE).read_bytes()
     unknown: list[str] = []
     for record in records:
         folder = tmp / f"recorded-{record.version}"
@@ -426,7 +435,7 @@ def _with_same_task(
             if files_digest(files) != record.digest:
                 unknown.append(f"{where}: its files in MLflow do not match its signed record")
                 continue
-            if TASK_FILE in files and _same_task(folder, adapter):
+            if TASK_FILE in files and _same_task(folder, task_bytes):
                 return record
         except RegistryUnavailable as exc:
             raise RegistryError(

@@ -160,7 +160,11 @@ class EdgeNode:
         self.worker.close()
 
     def refresh_all(self) -> dict[str, bool]:
-        return {name: self.refresh(name) for name in self.slots}
+        cycle = time.monotonic()
+        try:
+            return {name: self.refresh(name) for name in self.slots}
+        finally:  # the base kept for a release refused at load goes once it is not retried
+            self.runtime.trim_idle(before=cycle)
 
     def refresh(self, name: str) -> bool:
         """Bring one model up to its alias; True if a new release was swapped in."""
@@ -186,8 +190,6 @@ class EdgeNode:
                 log.exception("%s: refresh failed", slot.ref)
                 slot.last_error = f"refresh failed: {type(exc).__name__}: {exc}"
                 return False
-            finally:  # a base kept for a release refused at load, no longer tried, goes
-                self.runtime.trim_idle(2 * self.settings.poll_seconds)
 
     def _refresh(self, slot: ModelSlot) -> bool:
         def held(release: LoadedRelease | None) -> Held | None:

@@ -642,7 +642,7 @@ class Runtime:
         A base whose last release is freed is closed. The base of a refused release is kept
         idle instead, so that a release the node retries at every poll does not load the
         whole base again each time; the next release freed anywhere closes the idle ones,
-        and so does `trim_idle` once the release is no longer tried.
+        and so does `trim_idle` once the release is no longer retried.
         """
         with self._bases_lock:
             left = self._users.get(key, 0) - 1
@@ -662,12 +662,12 @@ class Runtime:
             self._close_locked(going)
         return last
 
-    def trim_idle(self, older_than_s: float) -> None:
-        """Close the bases kept idle after a refused release not tried for ``older_than_s``
-        seconds (the node calls it after every refresh)."""
-        now = time.monotonic()
+    def trim_idle(self, *, before: float) -> None:
+        """Close the bases kept idle after a release last refused before ``before`` (a
+        `time.monotonic` reading; the node passes the start of each full refresh, so a base
+        stays while its release is retried at every refresh)."""
         with self._bases_lock:
-            self._close_locked([k for k, t in self._idle.items() if now - t > older_than_s])
+            self._close_locked([k for k, t in self._idle.items() if t < before])
 
     def _close_locked(self, keys: list[Key]) -> None:
         """Drop the bases of ``keys`` and close each on a thread of its own (lock held).

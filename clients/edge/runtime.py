@@ -10,8 +10,8 @@ A release is loaded by copying its verified tensors into a free adapter slot of 
 (`clients.edge.adapters`), so a swap moves only adapter tensors and never stops serving.
 A release the node no longer serves is retired; once the last request that holds it has
 finished, its slot leaves the routing and becomes a spare for the next release of the
-same shape (at most `SPARES` per shape; more are deleted from the model). A base whose last
-release is freed so is closed and dropped, so a node that moves to releases of another
+same shape (at most `SPARES` per shape; more are deleted from the model). A base is closed
+and dropped once its last release is freed, so a node that moves to releases of another
 label count or pooling does not keep the old base in memory (the next release that needs
 it loads it again).
 
@@ -554,7 +554,7 @@ class Runtime:
         self._bases_lock = threading.Lock()
         self._bases: dict[Key, SharedBase] = {}
         self._users: dict[Key, int] = {}  # releases loaded on each base
-        # Bases kept after a refused release, so the next try is cheap -> when refused.
+        # Bases kept after a release was refused on them (a retry is then cheap) -> when.
         self._idle: dict[Key, float] = {}
         self._closed = False
         self._load_lock = threading.Lock()  # one base loads from disk at a time

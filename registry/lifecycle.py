@@ -242,11 +242,12 @@ def publish(
             read_task(adapter)  # its own task file: a fault there is named before any other
             wanted = adapter_digest(adapter)
             keys, digests = index.revocations()
+            # Releases of these tensors; a revoked one is never "already published".
             alike = [
                 r
                 for r in records
                 if r.adapter_digest == wanted and r.digest not in digests and r.key_id not in keys
-            ]  # fmt: skip  (a revoked release is never "already published")
+            ]
             done = _with_same_task(store, model, alike, adapter, tmp)
             if done is not None:
                 return _existing(model, done)
@@ -390,7 +391,7 @@ def _unfinished(
 
 
 def _same_task(folder: Path, task_bytes: bytes) -> bool:
-    """Whether the release in ``folder`` has ``adapter``'s task file and its pooling.
+    """Whether the release in ``folder`` has the task file ``task_bytes`` and its pooling.
 
     The adapter digest covers the config and weights only; the task file (labels, base,
     pooling) travels beside them. A release of the same tensors with another task file

@@ -106,6 +106,7 @@ def run(
     settings = sq._settings(overrides, labels=labels, rounds=rounds, sites=len(sites))
     loaded = sq._model(settings.spec)
     _seeded_init(loaded.model, seed=settings.spec.seed)  # the same start for every run
+    sq._label_head(loaded, settings)
     state = trainable_state(loaded.model)
     strategy = settings.bounded(settings.strategy())
     privacy = None

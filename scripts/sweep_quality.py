@@ -250,6 +250,14 @@ def _a_init(model: Any, kind: str) -> None:
             a.copy_(new.to(a.dtype))
 
 
+def _label_head(loaded: Any, settings: Any) -> None:
+    """The head from the label names, as server/app.py starts a run with head.init=label-names."""
+    if settings.head_init == "label-names":
+        from clients.task.label_head import set_label_name_head
+
+        set_label_name_head(loaded, scale=settings.head_label_scale, max_length=settings.max_length)
+
+
 def _head_init(
     loaded: Any, state: dict, sites: list, labels: Sequence[str], *, kind: str, settings: Any
 ) -> dict:
@@ -400,6 +408,7 @@ def run_federated(
     controls: dict[str, dict[str, Any]] = {"server": {}}  # SCAFFOLD: c and each c_i
     _seeded_init(loaded.model, seed=settings.spec.seed)  # fresh start for every config
     _a_init(loaded.model, sim["sim.a-init"])
+    _label_head(loaded, settings)
     state = trainable_state(loaded.model)
     kind = sim["sim.head-init"] or ("lda" if settings.lda_head else "")
     if kind:
@@ -498,6 +507,7 @@ def run_centralized(
     loaded = _model(settings.spec)
     _seeded_init(loaded.model, seed=settings.spec.seed)
     _a_init(loaded.model, sim["sim.a-init"])
+    _label_head(loaded, settings)
     kind = sim["sim.head-init"] or ("lda" if settings.head_init == "lda" else "")
     if kind:
         from clients.task.model import load_trainable_state

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.task.data import load_examples
 from clients.task.errors import ConfigError, FedloraError
 from clients.task.files import swap_directory, write_atomic
+from clients.task.label_head import set_label_name_head
 from clients.task.labels import parse_label_set, run_config_arg
 from clients.task.model import (
     base_digest,
@@ -44,7 +45,7 @@ from registry.keys import PASSPHRASE_ENV, load_private_key
 from registry.lifecycle import PublishResult, SigningKey, publish
 from registry.mlflow_store import MlflowStore
 from server.checkpoint import CheckpointStore, outputs_complete
-from server.loop import Evaluator, run_rounds
+from server.loop import HEAD_TAG, Evaluator, run_rounds
 from server.privacy import privacy_summary
 from server.record import RoundRecord
 from server.roster import Roster
@@ -183,6 +184,9 @@ def run_training(
         except KeyFileError as exc:
             raise ConfigError(f"registry.signing-key: {exc}") from exc
     loaded = build_model(settings.spec)
+    if settings.head_init == "label-names" and resume_from is None:
+        set_label_name_head(loaded, scale=settings.head_label_scale, max_length=settings.max_length)
+        log.info("head: round 1 starts from the embeddings of the label names")
     initial = trainable_state(loaded.model)
 
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +203,8 @@ def run_training(
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
     log.info("MLflow run %s at %s", run_id, redact_uri(uri))
+    if settings.head_init == "label-names" and resume_from is None:
+        tracker.set_tags({HEAD_TAG: f"label-names: scale {settings.head_label_scale:g}"})
     # Refused above if it were this run's: an earlier run's metrics.json would make this
     # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
     # with that run's provenance. Removed only now that every check has passed and the

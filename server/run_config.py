@@ -72,8 +72,15 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "head.init": (
         str,
         "seeded",
-        "the head before round 1: seeded (random), or lda (closed form from sums the sites "
-        "send over their training rows, strategies/lda_head.py; plain rounds without DP only)",
+        "the head before round 1: seeded (random), label-names (the base's embeddings of "
+        "the label names, clients/task/label_head.py; no site data), or lda (closed form "
+        "from sums the sites send over their training rows, strategies/lda_head.py; plain "
+        "rounds without DP only)",
+    ),
+    "head.label-scale": (
+        float,
+        10.0,
+        "label-names: the logit of one unit of cosine between a text and a label name",
     ),
     "head.pooling": (
         str,

@@ -37,7 +37,7 @@ from strategies.strategy import Strategy
 
 ON_ROUND_FAILURE = ("stop", "skip")
 ROBUST_MODES = ("auto", "bounded", "off")
-HEAD_INITS = ("seeded", "lda")
+HEAD_INITS = ("seeded", "lda", "label-names")
 # update.max-norm's ceiling: far above any honest update, and float32 sums of updates
 # under it stay finite for any number of sites a federation has.
 MAX_UPDATE_NORM = 1e6
@@ -77,7 +77,6 @@ FINGERPRINT_KEYS = {
     "site_dp_trainable": "site-dp.trainable",
     "keep_adapter": "adapter.keep",
     "robust": "one of robust.*",
-    "head_init": "head.init",
     "head_shrinkage": "head.shrinkage",
 }
 
@@ -228,6 +227,18 @@ def _aggregate(value: str, spec: ModelSpec, *, capped: bool) -> str:
     return "mean" if capped else "uniform-mean"
 
 
+def _head_init(value: str, spec: ModelSpec) -> str:
+    """``head.init``, with ``auto`` resolved: ``label-names`` when the head reads the base's
+    mean-pooled sentence embedding (``head.pooling``, resolved), the space that base was
+    trained to place a text and the words naming its meaning close in; else ``seeded``.
+
+    Any other value is returned as given (`RunSettings` checks it).
+    """
+    if value != "auto":
+        return value
+    return "label-names" if spec.pooling == "mean" else "seeded"
+
+
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
     """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
     if not v["secagg.enabled"]:
@@ -291,6 +302,7 @@ class RunSettings:
     robust: tuple[float, float] | None = None
     head_init: str = "seeded"
     head_shrinkage: float = DEFAULT_SHRINKAGE
+    head_label_scale: float = 10.0
 
     def __post_init__(self) -> None:
         """Each field's own range, then the rules between fields (one place each)."""
@@ -392,12 +404,21 @@ class RunSettings:
     def _check_head(self) -> None:
         if self.head_init not in HEAD_INITS:
             raise ConfigError(
-                f"head.init={self.head_init!r} must be one of {', '.join(HEAD_INITS)}"
+                f"head.init={self.head_init!r} must be auto or one of {', '.join(HEAD_INITS)}"
             )
         if not 0 < self.head_shrinkage <= 1:
             raise ConfigError(f"head.shrinkage={self.head_shrinkage!r} must be in (0, 1]")
         if self.head_init == "lda" and (why := self._lda_blocker()):
             raise ConfigError(f"head.init='lda' cannot apply: {why}")
+        if not (math.isfinite(self.head_label_scale) and self.head_label_scale > 0):
+            raise ConfigError(
+                f"head.label-scale={self.head_label_scale!r} must be a positive finite number"
+            )
+        if self.head_init == "label-names" and self.spec.task != "sequence-classification":
+            raise ConfigError(
+                f"head.init='label-names' cannot apply: task={self.spec.task!r} has no "
+                "classification head"
+            )
 
     def _lda_blocker(self) -> str | None:
         """Why this run cannot start from the closed-form head, or None."""
@@ -500,8 +521,9 @@ class RunSettings:
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=robust,
-            head_init=v["head.init"],
+            head_init=_head_init(v["head.init"], spec),
             head_shrinkage=v["head.shrinkage"],
+            head_label_scale=v["head.label-scale"],
         )
 
     def bounded(self, strategy: Strategy) -> Strategy:
@@ -596,7 +618,9 @@ class RunSettings:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
         # A roster may change between a run and its resume (a site revoked meanwhile).
+        # The head's start shapes round 1 only, and a resume starts after a checkpointed round.
         skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
+        skip |= {"head_init", "head_label_scale"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:
@@ -690,6 +714,7 @@ class RunSettings:
             "head.init": self.head_init,
             "head.pooling": spec.pooling,
             "head.shrinkage": self.head_shrinkage,
+            "head.label-scale": self.head_label_scale,
             # Bounded influence: "auto" stands for both plain "bounded" and secure "off".
             "robust.mode": "auto" if self.robust is not None or sa is not None else "off",
             "robust.max-weight-ratio": self.robust[0]

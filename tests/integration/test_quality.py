@@ -114,3 +114,18 @@ def test_an_lda_head_run_starts_from_every_sites_training_rows(
     tags = client.get_run(metrics["mlflow_run_id"]).data.tags
     assert tags["fedlora.head-init"] == "lda: LDA of 45 rows from 3 site(s)"
     assert len(metrics["rounds"]) == 2 and metrics["rounds"][-1]["central_accuracy"] >= 0
+
+
+@pytest.mark.timeout(900)
+def test_a_label_names_run_starts_from_the_label_embeddings(
+    setup: tuple[Path, list[SimSite], Path], tmp_path: Path
+) -> None:
+    # Act: the server sets the head before round 1; no site is asked for anything.
+    metrics = _run(setup, tmp_path, **{"head.init": "label-names", "head.label-scale": 4.0})
+
+    # Assert: the run says where its head came from and trained as usual.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["fedlora.head-init"] == "label-names: scale 4"
+    assert run.data.params["head.init"] == "label-names"
+    assert len(metrics["rounds"]) == 2 and metrics["rounds"][-1]["central_accuracy"] >= 0

@@ -175,12 +175,50 @@ def test_the_seeded_head_is_the_default_and_lda_is_opt_in(tmp_path: Path) -> Non
         ({"head.init": "lda", "dp.clip-norm": 1.0, "dp.noise-multiplier": 1.0}, "dp.\\*"),
         ({"head.init": "lda", "site-dp.noise-multiplier": 1.0}, "site-dp.\\*"),
         ({"head.init": "lda", "task": "causal-lm", "labels": ""}, "no classification head"),
-        ({"head.init": "ridge"}, "head.init='ridge' must be one of seeded, lda"),
+        (
+            {"head.init": "ridge"},
+            "head.init='ridge' must be auto or one of seeded, lda, label-names",
+        ),
         ({"head.shrinkage": 0.0}, "head.shrinkage=0.0 must be in"),
         ({"head.shrinkage": float("nan")}, "head.shrinkage=nan must be in"),
     ],
 )
 def test_an_lda_head_where_no_guarantee_would_cover_it_is_refused(
+    tmp_path: Path, extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _settings(tmp_path, **extra)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"secagg.enabled": True, "min-fit-clients": 3, "min-available-clients": 3},
+        {"dp.clip-norm": 1.0, "dp.noise-multiplier": 1.0},
+        {"site-dp.target-epsilon": 8.0},
+    ],
+)
+def test_a_head_from_the_label_names_needs_no_site_data_so_every_mode_takes_it(
+    tmp_path: Path, extra: dict[str, Any]
+) -> None:
+    settings = _settings(tmp_path, **{"head.init": "label-names"} | extra)
+    assert settings.head_init == "label-names" and settings.lda_head is False
+    assert settings.to_config()["head.init"] == "label-names"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"head.label-scale": 0.0}, "head.label-scale=0.0 must be a positive finite number"),
+        ({"head.label-scale": float("nan")}, "head.label-scale=nan must be"),
+        ({"head.label-scale": float("inf")}, "head.label-scale=inf must be"),
+        (
+            {"head.init": "label-names", "task": "causal-lm", "labels": ""},
+            "head.init='label-names' cannot apply: task='causal-lm' has no classification",
+        ),
+    ],
+)
+def test_a_label_name_head_that_cannot_apply_is_refused(
     tmp_path: Path, extra: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ConfigError, match=message):

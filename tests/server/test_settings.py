@@ -408,3 +408,19 @@ def test_the_old_checkpoint_hint_is_not_given_to_a_run_that_already_pools_as_it_
     old["spec"] = old["spec"].replace("pooling='model', ", "")
     changed = RunSettings.from_config({**OK, "head.pooling": "model", "seed": 7}).changed_since(old)
     assert changed and "resume with head.pooling=model" not in changed[0]
+
+
+def test_the_heads_start_does_not_block_a_resume() -> None:
+    # A resume starts after a checkpointed round, so how round 1's head began is moot: a
+    # checkpoint from before head.init=label-names (or with another start) resumes.
+    old = RunSettings.from_config(OK).fingerprint()
+    old["head_init"] = "seeded"  # as fingerprinted before
+    now = RunSettings.from_config({**OK, "head.init": "label-names", "head.label-scale": 3.0})
+    assert now.changed_since(old) == []
+
+
+def test_auto_head_init_reads_the_label_names_only_over_a_sentence_embedding() -> None:
+    assert RunSettings.from_config({**OK, "head.init": "auto"}).head_init == "label-names"
+    model = RunSettings.from_config({**OK, "head.init": "auto", "head.pooling": "model"})
+    assert model.head_init == "seeded"  # BERT's pooler was not trained to embed sentences
+    assert model.to_config()["head.init"] == "seeded"  # MLflow records the resolved value

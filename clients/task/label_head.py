@@ -1,0 +1,104 @@
+"""A classifier head read off the label names: the base's embedding of each label's name.
+
+A sentence-embedding base (fedlora's default, all-MiniLM-L6-v2) places a request near the
+words that name its intent, so the head whose row for label ``c`` is the base's own
+embedding of ``c``'s name (``card_arrival`` read as "card arrival") classifies before any
+training: zero-shot classification by semantic similarity to the label names (Veeranna et
+al. 2016, "Using semantic similarity for multi-label zero-shot classification of text
+documents", ESANN), the zero-shot head that fine-tuning then starts from (Wortsman et al.
+2022, "Robust fine-tuning of zero-shot models"; Kumar et al. 2022, LP-FT).
+The label set is part of the run's task and of every release, not a site's data, so this
+start reveals nothing about any row and needs no privacy budget: it works the same under
+SecAgg+, client-level DP and DP-SGD at the sites, where a head fitted from the sites'
+statistics (``head.init=lda``) is refused.
+
+Each row is ``scale · e_c / |e_c|²``, so a text whose head input ``x`` has the norm of the
+label embeddings gets logits ``scale · |x|/|e_c| · cos(x, e_c)``: ``scale`` is the logit of
+one unit of cosine. Names that say nothing (``0``, ``1``, ``label_7``) give rows that are
+nearly the same vector, hence nearly equal logits, which softmax reads as no preference:
+such a start costs little against the seeded random head.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from clients.task.data import Example
+from clients.task.errors import ModelError
+from clients.task.model import LoadedModel, is_head_tensor
+from clients.task.train import head_inputs
+
+_SEPARATORS = re.compile(r"[_\-./:]+")
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+
+
+def label_text(label: str) -> str:
+    """The text a label's name is read as: ``card_arrival`` → "card arrival".
+
+    Underscores, hyphens, dots, slashes and colons become spaces and a camelCase name is
+    split (``cardArrival`` → "card Arrival"); a name that is only separators stays as it is.
+    """
+    words = _SEPARATORS.sub(" ", _CAMEL.sub(" ", label)).strip()
+    return words or label
+
+
+def label_name_head(
+    loaded: LoadedModel, *, scale: float, max_length: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """The head whose rows are the base's embeddings of the label names.
+
+    Args:
+        loaded: A sequence classifier; its current adapter (at the start, LoRA's identity)
+            gives the head inputs of the label texts.
+        scale: Logit of one unit of cosine (see the module docstring); > 0.
+        max_length: Token limit of a label text.
+
+    Returns:
+        (weight (labels, hidden), bias (labels,)), float64; the bias is zero.
+
+    Raises:
+        ModelError: If the task has no classifier head, ``scale`` is not a positive finite
+            number, or a label's embedding is not finite or is zero (it names the label).
+    """
+    if not (isinstance(scale, int | float) and np.isfinite(scale) and scale > 0):
+        raise ModelError(f"head.label-scale={scale!r} must be a positive finite number")
+    labels = loaded.spec.labels
+    texts = [Example(text=label_text(label), label=label) for label in labels]
+    x, _ = head_inputs(loaded, texts, max_length=max_length)
+    norms = np.linalg.norm(x, axis=1)
+    for label, row, norm in zip(labels, x, norms, strict=True):
+        if not (np.all(np.isfinite(row)) and norm > 0):
+            raise ModelError(
+                f"head.init='label-names': the embedding of label {label!r} "
+                f"(read as {label_text(label)!r}) is not usable (norm {norm!r})"
+            )
+    return scale * x / (norms**2)[:, None], np.zeros(len(labels))
+
+
+def set_label_name_head(loaded: LoadedModel, *, scale: float, max_length: int = 64) -> None:
+    """Write `label_name_head` into the model's trained head (peft's ``modules_to_save``).
+
+    Raises:
+        ModelError: As `label_name_head`, or if the model has not exactly one trained head
+            weight and bias of the expected shapes.
+    """
+    weight, bias = label_name_head(loaded, scale=scale, max_length=max_length)
+    params = {n: p for n, p in loaded.model.named_parameters() if is_head_tensor(n)}
+    weights = [p for n, p in params.items() if n.endswith(".weight")]
+    biases = [p for n, p in params.items() if n.endswith(".bias")]
+    if len(weights) != 1 or len(biases) != 1:
+        raise ModelError(
+            f"head.init='label-names' needs one trained head weight and bias; found "
+            f"{sorted(params)}"
+        )
+    if tuple(weights[0].shape) != weight.shape or tuple(biases[0].shape) != bias.shape:
+        raise ModelError(
+            f"head.init='label-names': head of shape {tuple(weights[0].shape)} does not "
+            f"take the label embeddings {weight.shape}"
+        )
+    with torch.no_grad():
+        weights[0].copy_(torch.from_numpy(weight).to(weights[0].dtype))
+        biases[0].copy_(torch.from_numpy(bias).to(biases[0].dtype))

@@ -122,6 +122,8 @@ def run(
     server_state: dict[str, Any] = {}
     site_steps: dict[str, list[tuple[float, float, int]]] = {}
     history = []
+    start = sq._accuracy(loaded, state, test, settings.max_length)
+    print(f"    {label} start ({settings.head_init} head): test {start:.3f}", file=sys.stderr)
     started = time.perf_counter()
     for server_round in range(1, rounds + 1):
         plan = TrainPlan.from_config(
@@ -179,6 +181,7 @@ def run(
             file=sys.stderr,
         )
     out: dict[str, Any] = {
+        "start_accuracy": start,  # the initial state's (head.init), before any round
         "history": history,
         "best_accuracy": max(r["accuracy"] for r in history),
         "final_accuracy": history[-1]["accuracy"],

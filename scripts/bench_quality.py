@@ -283,7 +283,8 @@ def run_centralized(
     """`train_local` on the union of the sites' training rows for the same passes.
 
     One call with ``local_epochs = passes`` (one optimizer for the whole run, as a
-    centralized job would); the test accuracy is taken at every epoch end.
+    centralized job would); the test accuracy is taken at every epoch end. The head starts
+    as the run's does (``head.init``: the label names, or the seeded init).
     """
     import torch
 
@@ -295,6 +296,12 @@ def run_centralized(
     quiet_transformers()
     spec = replace(settings.spec, target_modules=split_list(central["target_modules"]))
     loaded = build_model(spec, device="cpu")
+    if settings.head_init == "label-names":  # the run's own start, so both begin alike
+        from clients.task.label_head import set_label_name_head
+
+        set_label_name_head(
+            loaded, scale=settings.head_label_scale, max_length=central["max_length"]
+        )
     plan = TrainPlan(
         spec=spec,
         base_digest=settings.plan(1).base_digest,
@@ -335,6 +342,7 @@ def run_centralized(
     wall = time.perf_counter() - started
     return {
         "target_modules": central["target_modules"],
+        "head_init": settings.head_init,
         "per_epoch": per_epoch,
         "final_accuracy": per_epoch[-1]["accuracy"],
         "best_accuracy": max(e["accuracy"] for e in per_epoch),

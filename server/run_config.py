@@ -71,11 +71,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "update.max-norm": (float, 1000.0, "largest accepted L2 norm of one site's update"),
     "head.init": (
         str,
-        "seeded",
-        "the head before round 1: seeded (random), label-names (the base's embeddings of "
-        "the label names, clients/task/label_head.py; no site data), or lda (closed form "
-        "from sums the sites send over their training rows, strategies/lda_head.py; plain "
-        "rounds without DP only)",
+        "auto",
+        "the head before round 1: auto (label-names over a mean-pooled sentence embedding, "
+        "else seeded), seeded (random), label-names (the base's embeddings of the label "
+        "names, clients/task/label_head.py; no site data), or lda (closed form from sums "
+        "the sites send over their training rows, strategies/lda_head.py; plain rounds "
+        "without DP only)",
     ),
     "head.label-scale": (
         float,

@@ -298,3 +298,6 @@ def test_bench_dp_sites_quick_writes_the_curve(tmp_path: Path) -> None:
             client["noise_multiplier"] * 0.5 / row["sites"]
         )
         assert "client_level" not in row["non_private"]
+        # Both runs start from the same state (the defaults' head.init), before any noise.
+        assert row["dp"]["start_accuracy"] == row["non_private"]["start_accuracy"]
+        assert 0 <= row["dp"]["start_accuracy"] <= 1

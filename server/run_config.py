@@ -142,7 +142,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     ),
     "site-dp.learning-rate": (
         float,
-        0.05,
+        0.1,
         "DP-SGD at sites: the AdamW learning rate, in place of learning-rate when site DP is on",
     ),
     "site-dp.trainable": (

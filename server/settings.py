@@ -293,7 +293,7 @@ class RunSettings:
     site_dp_delta: float = 1e-5
     # Under site DP these replace batch-size and learning-rate in the round plan.
     site_dp_batch_size: int = 512
-    site_dp_learning_rate: float = 0.05
+    site_dp_learning_rate: float = 0.1
     site_dp_trainable: str = "all"
     # The enrolled sites (server/roster.py); None: every connected node is a site.
     roster: Path | None = None

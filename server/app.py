@@ -32,6 +32,7 @@ from clients.task.files import swap_directory, write_atomic
 from clients.task.label_head import set_label_name_head
 from clients.task.labels import parse_label_set, run_config_arg
 from clients.task.model import (
+    LoadedModel,
     base_digest,
     build_model,
     load_trainable_state,
@@ -68,6 +69,26 @@ class TrainingResult:
     published: PublishResult | None = None
     # The resumed checkpoint held the last round: no round ran, only the outputs were written.
     outputs_only: bool = False
+
+
+def start_head(loaded: LoadedModel, settings: RunSettings, *, fresh: bool) -> str | None:
+    """Set round 1's classification head as ``head.init`` says; the MLflow tag to record.
+
+    Only a fresh run's head is set (a resumed run's comes from its checkpoint), and only
+    here for ``label-names`` and ``seeded`` (``build_model``'s init); ``lda`` is fitted by
+    the round loop from the sites' statistics and tagged there. Returns None where this
+    step sets nothing (a resume, ``lda``, a model without a classifier).
+
+    Raises:
+        ModelError: From `set_label_name_head` (a label whose embedding is unusable).
+    """
+    if not fresh or settings.spec.task != "sequence-classification":
+        return None
+    if settings.head_init == "label-names":
+        set_label_name_head(loaded, scale=settings.head_label_scale, max_length=settings.max_length)
+        log.info("head: round 1 starts from the embeddings of the label names")
+        return f"label-names: scale {settings.head_label_scale:g}"
+    return "seeded" if settings.head_init == "seeded" else None
 
 
 def _check_resume(settings: RunSettings, store: CheckpointStore):
@@ -184,9 +205,7 @@ def run_training(
         except KeyFileError as exc:
             raise ConfigError(f"registry.signing-key: {exc}") from exc
     loaded = build_model(settings.spec)
-    if settings.head_init == "label-names" and resume_from is None:
-        set_label_name_head(loaded, scale=settings.head_label_scale, max_length=settings.max_length)
-        log.info("head: round 1 starts from the embeddings of the label names")
+    head_tag = start_head(loaded, settings, fresh=resume_from is None)
     initial = trainable_state(loaded.model)
 
     settings.out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,8 +222,8 @@ def run_training(
         config_toml=to_toml(settings.to_config() | {"tracking-uri": ""}),
     )
     log.info("MLflow run %s at %s", run_id, redact_uri(uri))
-    if settings.head_init == "label-names" and resume_from is None:
-        tracker.set_tags({HEAD_TAG: f"label-names: scale {settings.head_label_scale:g}"})
+    if head_tag is not None:
+        tracker.set_tags({HEAD_TAG: head_tag})
     # Refused above if it were this run's: an earlier run's metrics.json would make this
     # one look complete, and `fedlora registry publish OUT` would sign this run's adapter
     # with that run's provenance. Removed only now that every check has passed and the

@@ -1,12 +1,12 @@
 """Before round 1: the classification head in closed form from the sites' statistics.
 
-With ``head.init`` = lda (opt-in; the default ``seeded`` keeps the random head, and
-server/settings.py refuses lda with SecAgg+, dp.* or site-dp.*), the server asks every
-connected site (a Flower QUERY message carrying the initial adapter and round 1's plan)
-for the sums of what its head reads over its training rows (strategies/lda_head.py),
-checks each site's sums, bounds each site against the median site as bounded influence
-bounds updates, adds them, and sets the head to Fisher's LDA of the total. Training then
-starts from that head.
+With ``head.init`` = lda (opt-in; the default ``auto`` starts from the label names or the
+seeded head, server/app.py: start_head; server/settings.py refuses lda with SecAgg+,
+dp.* or site-dp.*), the server asks every connected site (a Flower QUERY message
+carrying the initial adapter and round 1's plan) for the sums of what its head reads
+over its training rows (strategies/lda_head.py), checks each site's sums, bounds each
+site against the median site as bounded influence bounds updates, adds them, and sets
+the head to Fisher's LDA of the total. Training then starts from that head.
 
 This step never stops a run: a site that fails, refuses (a site under DP shares no sums)
 or sends sums no real rows could give is left out, and with fewer than

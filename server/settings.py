@@ -410,14 +410,21 @@ class RunSettings:
             raise ConfigError(f"head.shrinkage={self.head_shrinkage!r} must be in (0, 1]")
         if self.head_init == "lda" and (why := self._lda_blocker()):
             raise ConfigError(f"head.init='lda' cannot apply: {why}")
-        if not (math.isfinite(self.head_label_scale) and self.head_label_scale > 0):
+        if not (math.isfinite(self.head_label_scale) and 0 < self.head_label_scale <= 1000):
             raise ConfigError(
-                f"head.label-scale={self.head_label_scale!r} must be a positive finite number"
+                f"head.label-scale={self.head_label_scale!r} must be in (0, 1000] (logits "
+                "per unit of cosine)"
             )
         if self.head_init == "label-names" and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"head.init='label-names' cannot apply: task={self.spec.task!r} has no "
                 "classification head"
+            )
+        if self.head_init == "label-names" and self.spec.pooling != "mean":
+            raise ConfigError(
+                "head.init='label-names' cannot apply: it reads the label names as sentence "
+                f"embeddings, which needs head.pooling='mean' (this run's is "
+                f"{self.spec.pooling!r})"
             )
 
     def _lda_blocker(self) -> str | None:

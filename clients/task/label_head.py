@@ -12,15 +12,19 @@ start reveals nothing about any row and needs no privacy budget: it works the sa
 SecAgg+, client-level DP and DP-SGD at the sites, where a head fitted from the sites'
 statistics (``head.init=lda``) is refused.
 
-Each row is ``scale · e_c / |e_c|²``, so a text whose head input ``x`` has the norm of the
-label embeddings gets logits ``scale · |x|/|e_c| · cos(x, e_c)``: ``scale`` is the logit of
-one unit of cosine. Names that say nothing (``0``, ``1``, ``label_7``) give rows that are
+Each row is ``scale · e_c / |e_c|²``, so a text whose head input is ``x`` gets logits
+``scale · |x|/|e_c| · cos(x, e_c)``: where ``|x| = |e_c|``, ``scale`` is the logit of one
+unit of cosine. It is not a pure cosine classifier: a label whose name embeds with a small
+norm gets larger logits. Two labels whose names read alike (``a_b`` and ``a-b``) start with
+the same row; that is logged. Names that say nothing (``0``, ``1``, ``label_7``) give rows that are
 nearly the same vector, hence nearly equal logits, which softmax reads as no preference:
 such a start costs little against the seeded random head.
 """
 
 from __future__ import annotations
 
+import logging
+import numbers
 import re
 
 import numpy as np
@@ -31,6 +35,7 @@ from clients.task.errors import ModelError
 from clients.task.model import LoadedModel, is_head_tensor
 from clients.task.train import head_inputs
 
+log = logging.getLogger(__name__)
 _SEPARATORS = re.compile(r"[_\-./:]+")
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
@@ -61,11 +66,27 @@ def label_name_head(
 
     Raises:
         ModelError: If the task has no classifier head, ``scale`` is not a positive finite
-            number, or a label's embedding is not finite or is zero (it names the label).
+            number, or a label's embedding is not finite or is zero (it names the label),
+            or the scaled head overflows the head's dtype.
     """
-    if not (isinstance(scale, int | float) and np.isfinite(scale) and scale > 0):
+    if not (
+        isinstance(scale, numbers.Real)
+        and not isinstance(scale, bool)
+        and np.isfinite(scale)
+        and scale > 0
+    ):
         raise ModelError(f"head.label-scale={scale!r} must be a positive finite number")
     labels = loaded.spec.labels
+    read: dict[str, str] = {}
+    for label in labels:  # alike texts give alike rows: ties the training must break
+        if (other := read.setdefault(label_text(label), label)) != label:
+            log.warning(
+                "head.init='label-names': labels %r and %r both read as %r; their rows "
+                "start the same",
+                other,
+                label,
+                label_text(label),
+            )
     texts = [Example(text=label_text(label), label=label) for label in labels]
     x, _ = head_inputs(loaded, texts, max_length=max_length)
     norms = np.linalg.norm(x, axis=1)
@@ -80,6 +101,11 @@ def label_name_head(
 
 def set_label_name_head(loaded: LoadedModel, *, scale: float, max_length: int = 64) -> None:
     """Write `label_name_head` into the model's trained head (peft's ``modules_to_save``).
+
+    Args:
+        loaded: A sequence classifier whose head has one weight and one bias.
+        scale: As `label_name_head`.
+        max_length: As `label_name_head`.
 
     Raises:
         ModelError: As `label_name_head`, or if the model has not exactly one trained head
@@ -99,6 +125,12 @@ def set_label_name_head(loaded: LoadedModel, *, scale: float, max_length: int = 
             f"head.init='label-names': head of shape {tuple(weights[0].shape)} does not "
             f"take the label embeddings {weight.shape}"
         )
+    cast = torch.from_numpy(weight).to(weights[0].dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise ModelError(
+            f"head.label-scale={scale!r}: the head does not fit in {weights[0].dtype} "
+            "(a value overflows); use a smaller scale"
+        )
     with torch.no_grad():
-        weights[0].copy_(torch.from_numpy(weight).to(weights[0].dtype))
+        weights[0].copy_(cast)
         biases[0].copy_(torch.from_numpy(bias).to(biases[0].dtype))

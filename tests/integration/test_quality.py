@@ -121,7 +121,11 @@ def test_a_label_names_run_starts_from_the_label_embeddings(
     setup: tuple[Path, list[SimSite], Path], tmp_path: Path
 ) -> None:
     # Act: the server sets the head before round 1; no site is asked for anything.
-    metrics = _run(setup, tmp_path, **{"head.init": "label-names", "head.label-scale": 4.0})
+    metrics = _run(
+        setup,
+        tmp_path,
+        **{"head.init": "label-names", "head.label-scale": 4.0, "head.pooling": "mean"},
+    )
 
     # Assert: the run says where its head came from and trained as usual.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -9,12 +9,16 @@ import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from flwr.common.config import parse_config_args
 
 from clients.task.errors import ConfigError
+from clients.task.label_head import label_name_head
 from clients.task.labels import parse_label_set
-from server.app import DEPLOYMENT_LABELS, OneLineRefusal, main
+from clients.task.model import build_model, is_head_tensor
+from server.app import DEPLOYMENT_LABELS, OneLineRefusal, main, start_head
+from server.settings import RunSettings
 
 
 def test_a_classification_run_without_labels_says_how_to_get_them() -> None:
@@ -324,3 +328,48 @@ def test_a_run_stopped_while_it_writes_its_outputs_does_not_publish(
 
     assert outputs_complete(out, completed_round=1, run_id=run_id)
     assert MlflowClient(tracking_uri=uri).search_model_versions("name = 'm'") == []
+
+
+def _head(loaded) -> np.ndarray:
+    return next(
+        p.detach().numpy().copy()
+        for n, p in loaded.model.named_parameters()
+        if is_head_tensor(n) and n.endswith(".weight")
+    )
+
+
+def test_a_fresh_label_names_run_starts_from_the_label_embeddings(tiny_bert: Path) -> None:
+    settings = RunSettings.from_config(
+        {"base-model": str(tiny_bert), "labels": "greet,bye", "head.init": "label-names",
+         "head.pooling": "mean", "head.label-scale": 3.0}
+    )  # fmt: skip
+    loaded = build_model(settings.spec, device="cpu")
+    expected, _ = label_name_head(loaded, scale=3.0, max_length=settings.max_length)
+
+    tag = start_head(loaded, settings, fresh=True)
+
+    assert tag == "label-names: scale 3"
+    np.testing.assert_allclose(_head(loaded), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_keeps_its_checkpointed_head_and_sets_no_tag(tiny_bert: Path) -> None:
+    settings = RunSettings.from_config(
+        {"base-model": str(tiny_bert), "labels": "greet,bye", "head.init": "label-names",
+         "head.pooling": "mean"}
+    )  # fmt: skip
+    loaded = build_model(settings.spec, device="cpu")
+    before = _head(loaded)
+
+    assert start_head(loaded, settings, fresh=False) is None
+    np.testing.assert_array_equal(_head(loaded), before)
+
+
+def test_a_seeded_run_keeps_the_seeded_head_and_says_so(tiny_bert: Path) -> None:
+    # tiny_bert declares no sentence-embedding pooling: auto resolves to the seeded head.
+    settings = RunSettings.from_config({"base-model": str(tiny_bert), "labels": "greet,bye"})
+    assert settings.head_init == "seeded"
+    loaded = build_model(settings.spec, device="cpu")
+    before = _head(loaded)
+
+    assert start_head(loaded, settings, fresh=True) == "seeded"
+    np.testing.assert_array_equal(_head(loaded), before)

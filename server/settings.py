@@ -300,7 +300,7 @@ class RunSettings:
     keep_adapter: str = "best"
     # Bounded influence (robust.*): None when off, else (max weight ratio, max norm ratio).
     robust: tuple[float, float] | None = None
-    head_init: str = "seeded"
+    head_init: str = "seeded"  # resolved: from_config turns head.init=auto into one of these
     head_shrinkage: float = DEFAULT_SHRINKAGE
     head_label_scale: float = 10.0
 
@@ -402,6 +402,11 @@ class RunSettings:
             )
 
     def _check_head(self) -> None:
+        if self.head_init == "auto":  # the settings hold a resolved value
+            raise ConfigError(
+                "head.init='auto' is resolved by RunSettings.from_config; settings built "
+                f"directly take one of {', '.join(HEAD_INITS)}"
+            )
         if self.head_init not in HEAD_INITS:
             raise ConfigError(
                 f"head.init={self.head_init!r} must be auto or one of {', '.join(HEAD_INITS)}"
@@ -628,6 +633,12 @@ class RunSettings:
         # The head's start shapes round 1 only, and a resume starts after a checkpointed round.
         skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         skip |= {"head_init", "head_label_scale"}
+        if not self.site_dp:
+            # Without site DP the other site-dp.* keys shape nothing (_plan reads them only
+            # under DP), so a changed default (site-dp.learning-rate 0.05 -> 0.1) does not
+            # refuse the resume of a non-private run.
+            skip |= {f.name for f in fields(self) if f.name.startswith("site_dp_")}
+            skip -= {"site_dp_noise_multiplier", "site_dp_target_epsilon"}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:

@@ -396,13 +396,16 @@ def _replay(
     from clients.site.settings import SiteSettings
     from clients.site.work import Trained, train
     from clients.task.model import build_model, trainable_state
+    from server.app import start_head
     from strategies.dp import clip_update
     from strategies.protocol import NUM_EXAMPLES
     from strategies.strategy import MeanUpdate, SiteUpdate
 
     settings = RunSettings.from_config({k: v for k, v in config.items() if k != "roster"})
     strategy = settings.bounded(settings.strategy())  # robust.* as server/loop.py applies it
-    state = trainable_state(build_model(settings.spec).model)
+    loaded = build_model(settings.spec)
+    start_head(loaded, settings, fresh=True)  # round 1's head, as server/app.py sets it
+    state = trainable_state(loaded.model)
     server_state: dict = {}
     for server_round in range(1, rounds + 1):
         plan = settings.plan(server_round).to_config() | strategy.client_config()

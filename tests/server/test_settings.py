@@ -134,7 +134,8 @@ def test_a_changed_setting_is_named_by_its_run_config_key() -> None:
 def test_every_fingerprinted_setting_has_its_run_config_keys() -> None:
     from server.settings import FINGERPRINT_KEYS
 
-    assert set(RunSettings.from_config(OK).fingerprint()) == set(FINGERPRINT_KEYS)
+    private = RunSettings.from_config({**OK, "site-dp.target-epsilon": 8.0})
+    assert set(private.fingerprint()) == set(FINGERPRINT_KEYS)
     # Every key named is a run-config key (or a family of them, `lora.*`).
     for named in FINGERPRINT_KEYS.values():
         for key in named.removeprefix("one of ").replace(" or ", ", ").split(", "):
@@ -419,8 +420,33 @@ def test_the_heads_start_does_not_block_a_resume() -> None:
     assert now.changed_since(old) == []
 
 
+def test_a_non_private_run_resumes_across_a_changed_site_dp_default() -> None:
+    # site-dp.learning-rate's default went from 0.05 to 0.1; a run without site DP never
+    # read it, so its checkpoint resumes. A private run's does not: the plan changed.
+    old = RunSettings.from_config(OK).fingerprint()
+    old["site_dp_learning_rate"] = 0.05  # as fingerprinted before the change
+    assert RunSettings.from_config(OK).changed_since(old) == []
+
+    private = {**OK, "site-dp.target-epsilon": 8.0}
+    old = RunSettings.from_config({**private, "site-dp.learning-rate": 0.05}).fingerprint()
+    changed = RunSettings.from_config(private).changed_since(old)
+    assert changed == ["site-dp.learning-rate was 0.05, now 0.1"]
+    # Turning site DP on (or off) across a resume is still refused.
+    assert RunSettings.from_config(private).changed_since(RunSettings.from_config(OK).fingerprint())
+
+
 def test_auto_head_init_reads_the_label_names_only_over_a_sentence_embedding() -> None:
     assert RunSettings.from_config({**OK, "head.init": "auto"}).head_init == "label-names"
     model = RunSettings.from_config({**OK, "head.init": "auto", "head.pooling": "model"})
     assert model.head_init == "seeded"  # BERT's pooler was not trained to embed sentences
     assert model.to_config()["head.init"] == "seeded"  # MLflow records the resolved value
+
+
+def test_settings_built_directly_say_where_auto_is_resolved() -> None:
+    settings = RunSettings.from_config(OK)
+    with pytest.raises(
+        ConfigError, match=r"head.init='auto' is resolved by RunSettings.from_config"
+    ):
+        replace(settings, head_init="auto")
+    with pytest.raises(ConfigError, match=r"head.init='lsa' must be auto or one of"):
+        replace(settings, head_init="lsa")

@@ -15,11 +15,11 @@ statistics (``head.init=lda``) is refused.
 Each row is ``scale · e_c / |e_c|²``, so a text whose head input is ``x`` gets logits
 ``scale · |x|/|e_c| · cos(x, e_c)``: where ``|x| = |e_c|``, ``scale`` is the logit of one
 unit of cosine. It is not a pure cosine classifier: a label whose name embeds with a small
-norm gets larger logits. Two labels whose names read alike (``a_b`` and ``a-b``) start
-with the same row; that is logged. Names that say nothing (``0``, ``1``, ``label_7``) give
-rows that are nearly the same vector, hence nearly equal logits, which softmax reads as
-little preference (a spread below 1.5 logits at scale 10 on the default base,
-tests/clients/task/test_label_head.py).
+norm gets larger logits. Two labels whose names embed alike (``a_b`` and ``A-B`` on an
+uncased base) start with the same row; that is logged. Names that say nothing (``0``,
+``1``, ``label_7``) give rows that are nearly the same vector, hence nearly equal logits,
+which softmax reads as little preference (a spread below 1.5 logits at scale 10 on the
+default base, tests/clients/task/test_label_head.py).
 """
 
 from __future__ import annotations
@@ -78,16 +78,6 @@ def label_name_head(
     ):
         raise ModelError(f"head.label-scale={scale!r} must be a positive finite number")
     labels = loaded.spec.labels
-    read: dict[str, str] = {}
-    for label in labels:  # alike texts give alike rows: ties the training must break
-        if (other := read.setdefault(label_text(label), label)) != label:
-            log.warning(
-                "head.init='label-names': labels %r and %r both read as %r; their rows "
-                "start the same",
-                other,
-                label,
-                label_text(label),
-            )
     texts = [Example(text=label_text(label), label=label) for label in labels]
     x, _ = head_inputs(loaded, texts, max_length=max_length)
     norms = np.linalg.norm(x, axis=1)
@@ -97,7 +87,25 @@ def label_name_head(
                 f"head.init='label-names': the embedding of label {label!r} "
                 f"(read as {label_text(label)!r}) is not usable (norm {norm!r})"
             )
+    _warn_alike(labels, x / norms[:, None])
     return scale * x / (norms**2)[:, None], np.zeros(len(labels))
+
+
+def _warn_alike(labels: tuple[str, ...], unit: np.ndarray, *, shown: int = 5) -> None:
+    """Log the labels whose names embed alike (cosine above 1 - 1e-5): their rows start
+    the same, a tie the training must break. The embeddings are compared, not the texts,
+    so names the tokenizer reads alike (``a_b`` / ``A-B``, ``café`` / ``cafe`` on an
+    uncased base, or two names it maps to ``[UNK]``) are caught too."""
+    first, second = np.nonzero(np.triu(unit @ unit.T > 1 - 1e-5, k=1))
+    pairs = [(labels[i], labels[j]) for i, j in zip(first, second, strict=True)]
+    if pairs:
+        log.warning(
+            "head.init='label-names': %d pair(s) of labels embed alike, so their rows start "
+            "the same (the training must tell them apart): %s%s",
+            len(pairs),
+            ", ".join(f"{a!r} and {b!r}" for a, b in pairs[:shown]),
+            ", …" if len(pairs) > shown else "",
+        )
 
 
 def set_label_name_head(loaded: LoadedModel, *, scale: float, max_length: int = 64) -> None:

@@ -114,13 +114,24 @@ def test_a_label_whose_embedding_is_not_finite_is_named(tiny_bert: Path) -> None
         set_label_name_head(loaded, scale=10.0)
 
 
-def test_labels_that_read_alike_are_logged(tiny_bert: Path, caplog) -> None:
-    labels = ("a_b", "a-b", "c")
+def test_labels_that_embed_alike_are_logged(tiny_bert: Path, caplog) -> None:
+    # Different texts the (uncased, accent-stripping) tokenizer reads alike count too.
+    labels = ("a_b", "A-B", "café", "cafe", "c")
     loaded = build_model(ModelSpec(base=str(tiny_bert), labels=labels, lora_r=2), device="cpu")
     with caplog.at_level("WARNING"):
         weight, _ = label_name_head(loaded, scale=10.0)
-    assert "labels 'a_b' and 'a-b' both read as 'a b'" in caplog.text
-    np.testing.assert_allclose(weight[0], weight[1])
+    assert "2 pair(s) of labels embed alike" in caplog.text
+    assert "'a_b' and 'A-B', 'café' and 'cafe'" in caplog.text
+    np.testing.assert_allclose(weight[0], weight[1], rtol=1e-5)
+    np.testing.assert_allclose(weight[2], weight[3], rtol=1e-5)
+
+
+def test_labels_that_embed_apart_are_not_logged(tiny_bert: Path, caplog) -> None:
+    labels = ("balance", "transfer", "card_arrival")
+    loaded = build_model(ModelSpec(base=str(tiny_bert), labels=labels, lora_r=2), device="cpu")
+    with caplog.at_level("WARNING"):
+        label_name_head(loaded, scale=10.0)
+    assert "embed alike" not in caplog.text
 
 
 def test_a_head_that_would_overflow_its_dtype_is_refused(tiny_bert: Path) -> None:

@@ -9,6 +9,7 @@ together. Every message names the run-config key and the value.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -227,14 +228,30 @@ def _aggregate(value: str, spec: ModelSpec, *, capped: bool) -> str:
     return "mean" if capped else "uniform-mean"
 
 
+def _set_back(name: str, value: Any) -> str:
+    """A refused resume's way out for one changed setting named by a single run-config key:
+    `` (set site-dp.learning-rate=0.05 again to resume)``; empty otherwise."""
+    key = FINGERPRINT_KEYS.get(name, "")
+    if not key or " " in key or isinstance(value, bool) or value in (None, "None"):
+        return ""  # several keys, or an unset path (fingerprinted as "None")
+    if isinstance(value, str):
+        value = json.dumps(value)  # a TOML basic string, as --set and --run-config read it
+    elif not isinstance(value, int | float):
+        return ""
+    return f" (set {key}={value} again to resume)"
+
+
 def _head_init(value: str, spec: ModelSpec) -> str:
     """``head.init``, with ``auto`` resolved: ``label-names`` when the head reads the base's
     mean-pooled sentence embedding (``head.pooling``, resolved), the space that base was
     trained to place a text and the words naming its meaning close in; else ``seeded``.
 
-    Any other value is returned as given (`RunSettings` checks it).
+    Raises:
+        ConfigError: Any other value than ``auto`` or one of `HEAD_INITS`.
     """
     if value != "auto":
+        if value not in HEAD_INITS:
+            raise ConfigError(f"head.init={value!r} must be auto or one of {', '.join(HEAD_INITS)}")
         return value
     return "label-names" if spec.pooling == "mean" else "seeded"
 
@@ -408,9 +425,8 @@ class RunSettings:
                 f"directly take one of {', '.join(HEAD_INITS)}"
             )
         if self.head_init not in HEAD_INITS:
-            raise ConfigError(
-                f"head.init={self.head_init!r} must be auto or one of {', '.join(HEAD_INITS)}"
-            )
+            choices = ", ".join(HEAD_INITS)
+            raise ConfigError(f"head.init={self.head_init!r} must be one of {choices}")
         if not 0 < self.head_shrinkage <= 1:
             raise ConfigError(f"head.shrinkage={self.head_shrinkage!r} must be in (0, 1]")
         if self.head_init == "lda" and (why := self._lda_blocker()):
@@ -622,9 +638,12 @@ class RunSettings:
                 hint = " (a run from before head.pooling: resume with head.pooling=model)"
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
-            + (hint if name == "spec" else "")
+            + (hint if name == "spec" else _set_back(name, fingerprint.get(name)))
             for name in now
+            # A non-private run's fingerprint leaves the other site-dp.* keys out: turning
+            # site DP on is named by site-dp.noise-multiplier / target-epsilon alone.
             if fingerprint.get(name) != now[name]
+            and (name in fingerprint or not name.startswith("site_dp_"))
         )
 
     def fingerprint(self) -> dict[str, Any]:

@@ -403,8 +403,11 @@ def _replay(
 
     settings = RunSettings.from_config({k: v for k, v in config.items() if k != "roster"})
     strategy = settings.bounded(settings.strategy())  # robust.* as server/loop.py applies it
+    # head.init=lda is fitted by the round loop from the sites' statistics: not replayed here.
+    assert not settings.lda_head
     loaded = build_model(settings.spec)
-    start_head(loaded, settings, fresh=True)  # round 1's head, as server/app.py sets it
+    # Round 1's head as server/app.py sets it (up to thread-order rounding, in rtol).
+    start_head(loaded, settings, fresh=True)
     state = trainable_state(loaded.model)
     server_state: dict = {}
     for server_round in range(1, rounds + 1):

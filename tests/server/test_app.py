@@ -63,7 +63,9 @@ def test_a_resume_with_a_changed_setting_names_its_run_config_key(tmp_path) -> N
     store.save(Checkpoint(1, {}, [], "run", fingerprint=before.fingerprint()))
     now = RunSettings.from_config({**config, "learning-rate": 0.01, "resume": True})
 
-    with pytest.raises(ConfigError, match=r"changed: learning-rate was 0\.005, now 0\.01$"):
+    changed = r"changed: learning-rate was 0\.005, now 0\.01"
+    hint = r" \(set learning-rate=0\.005 again to resume\)$"
+    with pytest.raises(ConfigError, match=changed + hint):
         _check_resume(now, store)
 
 

@@ -123,8 +123,10 @@ def test_a_changed_setting_is_named_by_its_run_config_key() -> None:
 
     changes = now.changed_since(before.fingerprint())
 
-    assert changes[0] == "fedrs.alpha was 1.0, now 0.5"
-    assert changes[1] == "learning-rate was 0.005, now 0.01"
+    assert changes[0] == "fedrs.alpha was 1.0, now 0.5 (set fedrs.alpha=1.0 again to resume)"
+    assert (
+        changes[1] == "learning-rate was 0.005, now 0.01 (set learning-rate=0.005 again to resume)"
+    )
     # A part of the settings several keys make names them all.
     assert changes[2].startswith("one of base-model, task, labels, lora.*, ")
     assert len(changes) == 3
@@ -430,9 +432,25 @@ def test_a_non_private_run_resumes_across_a_changed_site_dp_default() -> None:
     private = {**OK, "site-dp.target-epsilon": 8.0}
     old = RunSettings.from_config({**private, "site-dp.learning-rate": 0.05}).fingerprint()
     changed = RunSettings.from_config(private).changed_since(old)
-    assert changed == ["site-dp.learning-rate was 0.05, now 0.1"]
-    # Turning site DP on (or off) across a resume is still refused.
-    assert RunSettings.from_config(private).changed_since(RunSettings.from_config(OK).fingerprint())
+    assert changed == [
+        "site-dp.learning-rate was 0.05, now 0.1 (set site-dp.learning-rate=0.05 again to resume)"
+    ]
+    # Turning site DP on (or off) across a resume is still refused, named by its one key.
+    on = RunSettings.from_config(private).changed_since(RunSettings.from_config(OK).fingerprint())
+    assert on == [
+        "site-dp.target-epsilon was 0.0, now 8.0 (set site-dp.target-epsilon=0.0 again to resume)"
+    ]
+    off = RunSettings.from_config(OK).changed_since(RunSettings.from_config(private).fingerprint())
+    assert off == [
+        "site-dp.target-epsilon was 8.0, now 0.0 (set site-dp.target-epsilon=8.0 again to resume)"
+    ]
+
+
+def test_the_way_back_is_named_only_for_a_single_key() -> None:
+    before = RunSettings.from_config({**OK, "lora.r": 4, "on-round-failure": "skip"})
+    changes = RunSettings.from_config(OK).changed_since(before.fingerprint())
+    assert any(c.startswith("one of base-model") and "again" not in c for c in changes)
+    assert '(set on-round-failure="skip" again to resume)' in "".join(changes)
 
 
 def test_auto_head_init_reads_the_label_names_only_over_a_sentence_embedding() -> None:
@@ -448,5 +466,7 @@ def test_settings_built_directly_say_where_auto_is_resolved() -> None:
         ConfigError, match=r"head.init='auto' is resolved by RunSettings.from_config"
     ):
         replace(settings, head_init="auto")
-    with pytest.raises(ConfigError, match=r"head.init='lsa' must be auto or one of"):
+    with pytest.raises(ConfigError, match=r"head.init='lsa' must be one of seeded, lda"):
         replace(settings, head_init="lsa")
+    with pytest.raises(ConfigError, match=r"head.init='lsa' must be auto or one of seeded"):
+        RunSettings.from_config({**OK, "head.init": "lsa"})

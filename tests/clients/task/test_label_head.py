@@ -120,10 +120,27 @@ def test_labels_that_embed_alike_are_logged(tiny_bert: Path, caplog) -> None:
     loaded = build_model(ModelSpec(base=str(tiny_bert), labels=labels, lora_r=2), device="cpu")
     with caplog.at_level("WARNING"):
         weight, _ = label_name_head(loaded, scale=10.0)
-    assert "2 pair(s) of labels embed alike" in caplog.text
-    assert "'a_b' and 'A-B', 'café' and 'cafe'" in caplog.text
+    assert "2 group(s) of labels embed alike" in caplog.text
+    assert "'a_b', 'A-B'; 'café', 'cafe'" in caplog.text
     np.testing.assert_allclose(weight[0], weight[1], rtol=1e-5)
     np.testing.assert_allclose(weight[2], weight[3], rtol=1e-5)
+
+
+def test_alike_labels_are_logged_as_groups_whatever_their_number(caplog) -> None:
+    # Unit rows stand for embeddings here (a pure seam): 2,500 labels span three blocks of
+    # 1,024, and the 2,000 that embed alike (as names a tokenizer reads as [UNK] do) are one
+    # group, named by its first five and its size.
+    from clients.task.label_head import _warn_alike
+
+    rng = np.random.default_rng(0)
+    unit = rng.standard_normal((2500, 64))
+    unit[500:] = unit[500]
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    labels = tuple(f"l{i}" for i in range(2500))
+    with caplog.at_level("WARNING"):
+        _warn_alike(labels, unit)
+    assert "1 group(s) of labels embed alike" in caplog.text
+    assert "'l500', 'l501', 'l502', 'l503', 'l504', … (2000 in all)" in caplog.text
 
 
 def test_labels_that_embed_apart_are_not_logged(tiny_bert: Path, caplog) -> None:

@@ -81,6 +81,20 @@ FINGERPRINT_KEYS = {
     "head_shrinkage": "head.shrinkage",
 }
 
+# The site-dp.* settings that shape a round only under site DP (`RunSettings._plan`): a
+# non-private run's fingerprint leaves them out, so a changed default of one of them does
+# not refuse its resume. Listed, not matched by prefix: a new site-dp.* setting stays
+# fingerprinted (a refused resume) until it is added here.
+SITE_DP_ONLY = frozenset(
+    {
+        "site_dp_max_grad_norm",
+        "site_dp_delta",
+        "site_dp_batch_size",
+        "site_dp_learning_rate",
+        "site_dp_trainable",
+    }
+)
+
 
 @dataclass(frozen=True)
 class PublishSettings:
@@ -640,10 +654,10 @@ class RunSettings:
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
             + (hint if name == "spec" else _set_back(name, fingerprint.get(name)))
             for name in now
-            # A non-private run's fingerprint leaves the other site-dp.* keys out: turning
-            # site DP on is named by site-dp.noise-multiplier / target-epsilon alone.
+            # Turning site DP on is named by site-dp.noise-multiplier / target-epsilon
+            # alone, not by the SITE_DP_ONLY keys a non-private fingerprint leaves out.
             if fingerprint.get(name) != now[name]
-            and (name in fingerprint or not name.startswith("site_dp_"))
+            and (name in fingerprint or name not in SITE_DP_ONLY)
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -653,11 +667,7 @@ class RunSettings:
         skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
         skip |= {"head_init", "head_label_scale"}
         if not self.site_dp:
-            # Without site DP the other site-dp.* keys shape nothing (_plan reads them only
-            # under DP), so a changed default (site-dp.learning-rate 0.05 -> 0.1) does not
-            # refuse the resume of a non-private run.
-            skip |= {f.name for f in fields(self) if f.name.startswith("site_dp_")}
-            skip -= {"site_dp_noise_multiplier", "site_dp_target_epsilon"}
+            skip |= SITE_DP_ONLY  # e.g. site-dp.learning-rate's default went 0.05 -> 0.1
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name in skip:

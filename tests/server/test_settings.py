@@ -134,10 +134,12 @@ def test_a_changed_setting_is_named_by_its_run_config_key() -> None:
 
 
 def test_every_fingerprinted_setting_has_its_run_config_keys() -> None:
-    from server.settings import FINGERPRINT_KEYS
+    from server.settings import FINGERPRINT_KEYS, SITE_DP_ONLY
 
     private = RunSettings.from_config({**OK, "site-dp.target-epsilon": 8.0})
     assert set(private.fingerprint()) == set(FINGERPRINT_KEYS)
+    # A run without site DP leaves out exactly the settings only site DP reads.
+    assert set(RunSettings.from_config(OK).fingerprint()) == set(FINGERPRINT_KEYS) - SITE_DP_ONLY
     # Every key named is a run-config key (or a family of them, `lora.*`).
     for named in FINGERPRINT_KEYS.values():
         for key in named.removeprefix("one of ").replace(" or ", ", ").split(", "):

@@ -78,7 +78,6 @@ FINGERPRINT_KEYS = {
     "site_dp_trainable": "site-dp.trainable",
     "keep_adapter": "adapter.keep",
     "robust": "one of robust.*",
-    "head_shrinkage": "head.shrinkage",
 }
 
 # The site-dp.* settings that shape a round only under site DP (`RunSettings._plan`): a
@@ -663,9 +662,11 @@ class RunSettings:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that must not change across a resume (everything but bookkeeping)."""
         # A roster may change between a run and its resume (a site revoked meanwhile).
-        # The head's start shapes round 1 only, and a resume starts after a checkpointed round.
+        # The head's start (head.init, its scale, the LDA fit's shrinkage: server/loop.py
+        # fits only a fresh run) shapes round 1 only, and a resume starts after a
+        # checkpointed round.
         skip = {"resume", "tracking_uri", "out_dir", "round_timeout", "publish", "roster"}
-        skip |= {"head_init", "head_label_scale"}
+        skip |= {"head_init", "head_label_scale", "head_shrinkage"}
         if not self.site_dp:
             skip |= SITE_DP_ONLY  # e.g. site-dp.learning-rate's default went 0.05 -> 0.1
         out: dict[str, Any] = {}

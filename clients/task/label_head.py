@@ -38,17 +38,26 @@ from clients.task.train import head_inputs
 
 log = logging.getLogger(__name__)
 _SEPARATORS = re.compile(r"[_\-./:]+")
-_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
 def label_text(label: str) -> str:
     """The text a label's name is read as: ``card_arrival`` → "card arrival".
 
     Underscores, hyphens, dots, slashes and colons become spaces and a camelCase name is
-    split (``cardArrival`` → "card Arrival"); a name that is only separators stays as it is.
+    split at each lower-to-upper case change, in any script (``cardArrival`` → "card
+    Arrival", ``étatCivil`` → "état Civil"); a name that is only separators stays as it is.
     """
-    words = _SEPARATORS.sub(" ", _CAMEL.sub(" ", label)).strip()
+    words = _SEPARATORS.sub(" ", _split_camel(label)).strip()
     return words or label
+
+
+def _split_camel(name: str) -> str:
+    """``name`` with a space before each upper-case letter that follows a lower-case one
+    (Unicode's cases, ``str.islower``/``isupper``: ``re`` has no class for them)."""
+    return "".join(
+        f" {ch}" if i and ch.isupper() and name[i - 1].islower() else ch
+        for i, ch in enumerate(name)
+    )
 
 
 def label_name_head(

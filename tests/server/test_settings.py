@@ -422,6 +422,10 @@ def test_the_heads_start_does_not_block_a_resume() -> None:
     old["head_init"] = "seeded"  # as fingerprinted before
     now = RunSettings.from_config({**OK, "head.init": "label-names", "head.label-scale": 3.0})
     assert now.changed_since(old) == []
+    # head.shrinkage shapes only the LDA fit, which a resume never repeats (server/loop.py).
+    lda = {**OK, "head.init": "lda"}
+    old = RunSettings.from_config({**lda, "head.shrinkage": 0.1}).fingerprint()
+    assert RunSettings.from_config({**lda, "head.shrinkage": 0.5}).changed_since(old) == []
 
 
 def test_a_non_private_run_resumes_across_a_changed_site_dp_default() -> None:

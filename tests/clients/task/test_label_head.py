@@ -23,6 +23,9 @@ quiet_transformers()
         ("card_arrival", "card arrival"),
         ("noun.animal", "noun animal"),
         ("pto-request", "pto request"),
+        ("étatCivil", "état Civil"),  # camelCase in any script, not only ASCII
+        ("straßeÜberweisung", "straße Überweisung"),
+        ("ABCDef", "ABCDef"),  # an acronym's upper-to-upper run is not split
         ("billing/refunds", "billing refunds"),
         ("cardArrival", "card Arrival"),
         ("  spaced  ", "spaced"),

@@ -26,8 +26,9 @@ labels, 1,500 training rows at every site count (2 to 14 rows per site at 200 si
 
 With ``--dp-set site-dp.target-epsilon=8`` the same loop measures sample-level DP-SGD
 at every site against the non-private run (``--sites 10`` for the quality benchmark's
-scale); the DP run then trains with the ``site-dp.batch-size``, ``site-dp.learning-rate``
-and ``site-dp.trainable`` defaults, which replace the non-private ones under site DP.
+scale); the DP run then trains with the ``site-dp.batch-size``, ``site-dp.optimizer``,
+``site-dp.learning-rate`` and ``site-dp.trainable`` defaults, which replace the
+non-private ones under site DP.
 
 Usage::
 
@@ -207,6 +208,7 @@ def run(
             # What the sites trained with: under site DP the site-dp.* keys replace
             # batch-size and learning-rate in the round plan.
             "batch_size": settings.site_dp_batch_size,
+            "optimizer": settings.site_dp_optimizer,
             "learning_rate": settings.site_dp_learning_rate,
             "trainable": settings.site_dp_trainable,
             "sampling_rate_range": [

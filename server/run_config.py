@@ -141,10 +141,16 @@ KEYS: dict[str, tuple[type, Any, str]] = {
         "DP-SGD at sites: the batch size, in place of batch-size when site DP is on; a site "
         "with fewer rows trains on all of them each step (sampling rate 1)",
     ),
+    "site-dp.optimizer": (
+        str,
+        "sgd",
+        "DP-SGD at sites: the local optimiser, sgd (plain DP-SGD) or adamw (DP-Adam)",
+    ),
     "site-dp.learning-rate": (
         float,
-        0.1,
-        "DP-SGD at sites: the AdamW learning rate, in place of learning-rate when site DP is on",
+        0.0,
+        "DP-SGD at sites: the learning rate, in place of learning-rate when site DP is on; "
+        "0 is the optimiser's own (sgd 10, adamw 0.1)",
     ),
     "site-dp.trainable": (
         str,

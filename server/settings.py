@@ -17,7 +17,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from clients.task.choices import SITE_DP_TRAINABLE
+from clients.task.choices import (
+    LEGACY_SITE_DP_OPTIMIZER,
+    SITE_DP_LEARNING_RATES,
+    SITE_DP_OPTIMIZERS,
+    SITE_DP_TRAINABLE,
+)
 from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError, ModelError
@@ -75,6 +80,7 @@ FINGERPRINT_KEYS = {
     "site_dp_delta": "site-dp.delta",
     "site_dp_batch_size": "site-dp.batch-size",
     "site_dp_learning_rate": "site-dp.learning-rate",
+    "site_dp_optimizer": "site-dp.optimizer",
     "site_dp_trainable": "site-dp.trainable",
     "keep_adapter": "adapter.keep",
     "robust": "one of robust.*",
@@ -90,6 +96,7 @@ SITE_DP_ONLY = frozenset(
         "site_dp_delta",
         "site_dp_batch_size",
         "site_dp_learning_rate",
+        "site_dp_optimizer",
         "site_dp_trainable",
     }
 )
@@ -269,6 +276,15 @@ def _head_init(value: str, spec: ModelSpec) -> str:
     return "label-names" if spec.pooling == "mean" else "seeded"
 
 
+def _site_dp_learning_rate(value: float, optimizer: str) -> float:
+    """``site-dp.learning-rate``, with 0 resolved to ``site-dp.optimizer``'s own rate
+    (`SITE_DP_LEARNING_RATES`): plain DP-SGD and DP-Adam step on scales a hundred times
+    apart, so one default cannot serve both. Other values are checked by `RunSettings`."""
+    if value == 0 and optimizer in SITE_DP_LEARNING_RATES:
+        return SITE_DP_LEARNING_RATES[optimizer]
+    return value
+
+
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
     """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
     if not v["secagg.enabled"]:
@@ -323,7 +339,9 @@ class RunSettings:
     site_dp_delta: float = 1e-5
     # Under site DP these replace batch-size and learning-rate in the round plan.
     site_dp_batch_size: int = 512
-    site_dp_learning_rate: float = 0.1
+    # site-dp.learning-rate=0 is resolved by from_config to the optimiser's own rate.
+    site_dp_learning_rate: float = SITE_DP_LEARNING_RATES["sgd"]
+    site_dp_optimizer: str = "sgd"
     site_dp_trainable: str = "all"
     # The enrolled sites (server/roster.py); None: every connected node is a site.
     roster: Path | None = None
@@ -362,9 +380,15 @@ class RunSettings:
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
         if self.site_dp_batch_size < 1:
             raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")
+        if self.site_dp_optimizer not in SITE_DP_OPTIMIZERS:
+            raise ConfigError(
+                f"site-dp.optimizer={self.site_dp_optimizer!r} must be one of "
+                f"{', '.join(SITE_DP_OPTIMIZERS)}"
+            )
         if not 0 < self.site_dp_learning_rate < math.inf:
             raise ConfigError(
                 f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be finite and > 0"
+                " (0, the optimiser's own rate, is resolved by RunSettings.from_config)"
             )
         if self.site_dp_trainable not in SITE_DP_TRAINABLE:
             raise ConfigError(
@@ -557,7 +581,10 @@ class RunSettings:
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             site_dp_batch_size=v["site-dp.batch-size"],
-            site_dp_learning_rate=v["site-dp.learning-rate"],
+            site_dp_learning_rate=_site_dp_learning_rate(
+                v["site-dp.learning-rate"], v["site-dp.optimizer"]
+            ),
+            site_dp_optimizer=v["site-dp.optimizer"],
             site_dp_trainable=v["site-dp.trainable"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
@@ -634,6 +661,7 @@ class RunSettings:
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
             site_dp_trainable=self.site_dp_trainable if dp else "all",
+            site_dp_optimizer=self.site_dp_optimizer if dp else LEGACY_SITE_DP_OPTIMIZER,
             planned_rounds=self.rounds,
         )
 
@@ -649,6 +677,9 @@ class RunSettings:
             fingerprint = {**fingerprint, "spec": f"{head}, pooling='model', seed={tail}"}
             if "pooling='model'" not in now["spec"]:
                 hint = " (a run from before head.pooling: resume with head.pooling=model)"
+        if "site_dp_learning_rate" in fingerprint and "site_dp_optimizer" not in fingerprint:
+            # A checkpoint from before site-dp.optimizer: its sites ran DP-Adam.
+            fingerprint = {**fingerprint, "site_dp_optimizer": LEGACY_SITE_DP_OPTIMIZER}
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
             + (hint if name == "spec" else _set_back(name, fingerprint.get(name)))
@@ -757,6 +788,7 @@ class RunSettings:
             "site-dp.max-grad-norm": self.site_dp_max_grad_norm,
             "site-dp.delta": self.site_dp_delta,
             "site-dp.batch-size": self.site_dp_batch_size,
+            "site-dp.optimizer": self.site_dp_optimizer,
             "site-dp.learning-rate": self.site_dp_learning_rate,
             "site-dp.trainable": self.site_dp_trainable,
             "head.init": self.head_init,

@@ -6,6 +6,12 @@ QUANTIZATIONS = ("none", "4bit")
 # What sample-level DP-SGD at a site trains (site-dp.trainable): the LoRA and head tensors,
 # or the classifier head alone.
 SITE_DP_TRAINABLE = ("all", "head")
+# The local optimiser of DP-SGD at a site (site-dp.optimizer), and the learning rate each
+# takes when site-dp.learning-rate is 0 (README "Quality under DP" has the measurements).
+SITE_DP_OPTIMIZERS = ("sgd", "adamw")
+SITE_DP_LEARNING_RATES = {"sgd": 10.0, "adamw": 0.1}
+# What a round plan without the field means: sites before site-dp.optimizer used AdamW.
+LEGACY_SITE_DP_OPTIMIZER = "adamw"
 # In local simulation every site runs on this machine and Flower gives each simulated
 # SuperNode only a partition id; the launcher puts the per-site node configs (data path,
 # site id) in this environment variable as a JSON list indexed by partition id. The data

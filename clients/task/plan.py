@@ -11,7 +11,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from clients.task.choices import LEGACY_POOLING, RESOLVED_POOLINGS, SITE_DP_TRAINABLE
+from clients.task.choices import (
+    LEGACY_POOLING,
+    LEGACY_SITE_DP_OPTIMIZER,
+    RESOLVED_POOLINGS,
+    SITE_DP_OPTIMIZERS,
+    SITE_DP_TRAINABLE,
+)
 from clients.task.dpsgd import SampleDP, check_target_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
@@ -49,6 +55,10 @@ class TrainPlan:
     # What DP-SGD trains (clients/task/choices.py): all trainable tensors, or the
     # classifier head alone (the LoRA tensors then stay as received).
     site_dp_trainable: str = "all"
+    # DP-SGD's local optimiser (clients/task/choices.py): plain SGD or AdamW. A plan from a
+    # server before the field means AdamW, what every site ran then. Without site DP it is
+    # not read (plain training is AdamW).
+    site_dp_optimizer: str = LEGACY_SITE_DP_OPTIMIZER
     # Rounds of the whole run (num-server-rounds): what a target ε is solved over.
     planned_rounds: int = 1
 
@@ -95,6 +105,11 @@ class TrainPlan:
             raise ConfigError(
                 f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
                 f"{', '.join(SITE_DP_TRAINABLE)}"
+            )
+        if self.site_dp_optimizer not in SITE_DP_OPTIMIZERS:
+            raise ConfigError(
+                f"site-dp.optimizer={short(self.site_dp_optimizer)} must be one of "
+                f"{', '.join(SITE_DP_OPTIMIZERS)}"
             )
         if self.site_dp_trainable != "all" and self.spec.task != "sequence-classification":
             raise ConfigError(

@@ -1,8 +1,9 @@
 """Local training and evaluation loops for both tasks.
 
-`train_local` runs the site's epochs (or a fixed number of steps) with AdamW over the
-trainable tensors, optionally with the FedProx proximal term (Li et al. 2020, "Federated
-Optimization in Heterogeneous Networks") and, for classification, FedRS's restricted
+`train_local` runs the site's epochs (or a fixed number of steps) with AdamW (under DP-SGD
+the plan's ``site-dp.optimizer``, plain SGD by default) over the trainable tensors,
+optionally with the FedProx proximal term (Li et al. 2020, "Federated Optimization in
+Heterogeneous Networks") and, for classification, FedRS's restricted
 softmax (Li and Zhan 2021, "FedRS: Federated Learning with Restricted Softmax for Label
 Distribution Non-IID Data"): the logits of labels the site has no example of are scaled
 by ``fedrs_alpha`` during local training, so a site stops pushing down classes it never
@@ -143,7 +144,8 @@ def train_local(
         dp: Train with DP-SGD (clipped, noised per-example gradients; clients/task/dpsgd.py);
             its noise is always drawn from the OS CSPRNG, whatever ``generator`` is.
         optimizer_state: An AdamW ``state_dict`` from this site's previous round, to
-            continue its moments instead of starting them at zero.
+            continue its moments instead of starting them at zero (ignored where the
+            optimiser is plain SGD, which keeps no state).
     """
     examples = without_truncated(loaded, examples, max_length=plan.max_length)
     if not examples:
@@ -203,8 +205,8 @@ def _train(
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
-    if optimizer_state is not None:
+    optimizer = _optimizer(params, plan, private=dp is not None)
+    if optimizer_state is not None and isinstance(optimizer, torch.optim.AdamW):
         optimizer.load_state_dict(optimizer_state)
     logit_scale = _fedrs_scale(loaded, examples, plan)
     logit_shift = _fedlc_shift(loaded, examples, plan)
@@ -257,6 +259,24 @@ def _train(
         seconds=time.perf_counter() - started,
         optimizer_state=optimizer.state_dict(),
     )
+
+
+def _optimizer(
+    params: list[torch.nn.Parameter], plan: TrainPlan, *, private: bool
+) -> torch.optim.Optimizer:
+    """AdamW, or under DP-SGD the plan's ``site-dp.optimizer``: plain SGD (no momentum,
+    no weight decay) or AdamW, at the plan's learning rate.
+
+    Plain SGD is DP-SGD as Abadi et al. 2016 state it: the step is the learning rate
+    times the noised mean of clipped per-example gradients (norm at most ``C`` before
+    the noise), so it shrinks with the signal and the noise. AdamW divides
+    each coordinate by its own scale: its first step is ``lr · sign(g)`` on every
+    coordinate, signal or noise, so with little noise (a large ε, or a site with many
+    rows) a rate tuned for noisy steps overshoots (README "Quality under DP").
+    """
+    if private and plan.site_dp_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.0, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
 
 
 @contextlib.contextmanager

@@ -256,7 +256,8 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ({"site-dp.target-epsilon": 8.0, "site-dp.delta": 2.0}, "site-dp.delta=2.0 must be in"),
         ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
         ({"site-dp.batch-size": 0}, "site-dp.batch-size=0 must be >= 1"),
-        ({"site-dp.learning-rate": 0.0}, "site-dp.learning-rate=0.0 must be finite and > 0"),
+        ({"site-dp.learning-rate": -0.1}, "site-dp.learning-rate=-0.1 must be finite and > 0"),
+        ({"site-dp.optimizer": "adam"}, "site-dp.optimizer='adam' must be one of sgd, adamw"),
         ({"site-dp.learning-rate": float("inf")}, "site-dp.learning-rate=inf must be finite"),
         ({"learning-rate": float("inf")}, "learning-rate=inf must be finite"),
         ({"site-dp.trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
@@ -301,8 +302,39 @@ def test_site_dp_keys_replace_batch_size_and_learning_rate_only_under_site_dp() 
     # The defaults under site DP, as KEYS states them.
     plan = RunSettings.from_config({**OK, "site-dp.target-epsilon": 8.0}).plan(1)
     assert plan.batch_size == KEYS["site-dp.batch-size"][1]
-    assert plan.learning_rate == KEYS["site-dp.learning-rate"][1]
+    assert plan.site_dp_optimizer == KEYS["site-dp.optimizer"][1] == "sgd"
+    assert KEYS["site-dp.learning-rate"][1] == 0.0  # the optimiser's own rate:
+    assert plan.learning_rate == 10.0
     assert plan.site_dp_trainable == KEYS["site-dp.trainable"][1]
+
+
+def test_site_dp_learning_rate_zero_is_the_optimizers_own_and_mlflow_gets_the_resolved() -> None:
+    private = {**OK, "site-dp.target-epsilon": 8.0}
+    adam = RunSettings.from_config({**private, "site-dp.optimizer": "adamw"})
+    assert (adam.plan(1).site_dp_optimizer, adam.plan(1).learning_rate) == ("adamw", 0.1)
+    assert adam.to_config()["site-dp.learning-rate"] == 0.1  # what MLflow records
+    sgd = RunSettings.from_config({**private, "site-dp.learning-rate": 3.0})
+    assert (sgd.plan(1).site_dp_optimizer, sgd.plan(1).learning_rate) == ("sgd", 3.0)
+    # Round-tripped, the resolved rate stays (to_config is what a resume reads back).
+    assert RunSettings.from_config(adam.to_config()).site_dp_learning_rate == 0.1
+    # Without site DP the plan says AdamW, what plain training uses (and a site before the
+    # field assumes): the plan is what it was before the key existed.
+    plain = RunSettings.from_config(OK).plan(1)
+    assert plain.site_dp_optimizer == "adamw"
+    assert "site_dp_optimizer" not in RunSettings.from_config(OK).fingerprint()
+
+
+def test_a_private_checkpoint_from_before_site_dp_optimizer_names_both_ways_back() -> None:
+    private = {**OK, "site-dp.target-epsilon": 8.0}
+    old = RunSettings.from_config({**private, "site-dp.optimizer": "adamw"}).fingerprint()
+    del old["site_dp_optimizer"]  # as fingerprinted before the key: the sites ran AdamW
+    assert RunSettings.from_config(private).changed_since(old) == [
+        "site-dp.learning-rate was 0.1, now 10.0 (set site-dp.learning-rate=0.1 again to resume)",
+        "site-dp.optimizer was 'adamw', now 'sgd' (set site-dp.optimizer=\"adamw\" again to "
+        "resume)",
+    ]
+    back = RunSettings.from_config({**private, "site-dp.optimizer": "adamw"})
+    assert back.changed_since(old) == []
 
 
 def test_a_site_with_fewer_rows_than_the_dp_batch_is_accounted_at_sampling_rate_one() -> None:
@@ -439,7 +471,7 @@ def test_a_non_private_run_resumes_across_a_changed_site_dp_default() -> None:
     old = RunSettings.from_config({**private, "site-dp.learning-rate": 0.05}).fingerprint()
     changed = RunSettings.from_config(private).changed_since(old)
     assert changed == [
-        "site-dp.learning-rate was 0.05, now 0.1 (set site-dp.learning-rate=0.05 again to resume)"
+        "site-dp.learning-rate was 0.05, now 10.0 (set site-dp.learning-rate=0.05 again to resume)"
     ]
     # Turning site DP on (or off) across a resume is still refused, named by its one key.
     on = RunSettings.from_config(private).changed_since(RunSettings.from_config(OK).fingerprint())

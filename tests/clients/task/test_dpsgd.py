@@ -173,6 +173,7 @@ def test_dp_sgd_with_the_sgd_optimizer_steps_by_minus_lr_times_the_mean_gradient
         batch_size=len(EXAMPLES),
         learning_rate=0.5,
         max_length=16,
+        site_dp_noise_multiplier=1.0,  # the plan's DP; the step below is given no noise
         site_dp_optimizer="sgd",
     )
     dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1e6)

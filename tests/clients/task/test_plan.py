@@ -86,3 +86,22 @@ def test_the_plan_carries_only_a_resolved_pooling() -> None:
     # A site never resolves "auto" from its own copy of the base.
     with pytest.raises(ConfigError, match=r"spec\.pooling='auto': expected one of model, mean"):
         TrainPlan.from_config(mean.to_config() | {"spec.pooling": "auto"})
+
+
+def test_the_plan_carries_the_dp_optimizer_only_where_it_is_plain_sgd() -> None:
+    spec = ModelSpec(labels=("a", "b"))
+    sgd = TrainPlan(
+        spec=spec, base_digest="d", site_dp_noise_multiplier=1.0, site_dp_optimizer="sgd"
+    )
+    assert TrainPlan.from_config(sgd.to_config()).site_dp_optimizer == "sgd"
+    # AdamW travels as no field: a site from before site-dp.optimizer takes such a plan
+    # (and refuses an sgd plan as an unknown field rather than run AdamW at SGD's rate).
+    for adam in (
+        TrainPlan(spec=spec, base_digest="d"),
+        TrainPlan(spec=spec, base_digest="d", site_dp_noise_multiplier=1.0),
+    ):
+        assert "site_dp_optimizer" not in adam.to_config()
+        assert TrainPlan.from_config(adam.to_config()).site_dp_optimizer == "adamw"
+    # Plain training is AdamW; a plan asking for SGD without DP is refused, naming the key.
+    with pytest.raises(ConfigError, match=r"site-dp\.optimizer='sgd' needs sample-level DP"):
+        TrainPlan(spec=spec, base_digest="d", site_dp_optimizer="sgd")

@@ -279,11 +279,14 @@ def _head_init(value: str, spec: ModelSpec) -> str:
     return "label-names" if spec.pooling == "mean" else "seeded"
 
 
-def _off_scale(optimizer: str, learning_rate: float) -> bool:
-    """A DP learning rate more than 10x away from the optimiser's own (`SITE_DP_LEARNING_RATES`):
-    e.g. AdamW's 0.1 given to plain SGD, whose own is 10."""
+def _own_rate(optimizer: str, max_grad_norm: float) -> float:
+    """The DP learning rate ``site-dp.learning-rate=0`` stands for (`SITE_DP_LEARNING_RATES`,
+    measured at ``site-dp.max-grad-norm`` 1). Plain SGD's step is the rate times a mean of
+    gradients clipped to C, so its rate is 10/C; AdamW's step does not depend on C."""
     own = SITE_DP_LEARNING_RATES[optimizer]
-    return not own / 10 <= learning_rate <= own * 10
+    if optimizer == "sgd" and 0 < max_grad_norm < math.inf:  # else SampleDP names the key
+        own /= max_grad_norm
+    return own
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
@@ -388,21 +391,24 @@ class RunSettings:
                 f"{', '.join(SITE_DP_OPTIMIZERS)}"
             )
         if self.site_dp_learning_rate == 0:  # frozen: set once, here, on every path
-            rate = SITE_DP_LEARNING_RATES[self.site_dp_optimizer]
+            rate = _own_rate(self.site_dp_optimizer, self.site_dp_max_grad_norm)
             object.__setattr__(self, "site_dp_learning_rate", rate)
         if not 0 < self.site_dp_learning_rate < math.inf:
             raise ConfigError(
                 f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be 0 (the "
                 "optimiser's own) or finite and > 0"
             )
-        if self.site_dp and _off_scale(self.site_dp_optimizer, self.site_dp_learning_rate):
+        own = _own_rate(self.site_dp_optimizer, self.site_dp_max_grad_norm)
+        if self.site_dp and not own / 10 <= self.site_dp_learning_rate <= own * 10:
             log.warning(
-                "site-dp.learning-rate=%g is on another scale than site-dp.optimizer=%r "
-                "(its own rate is %g; a config from before site-dp.optimizer ran adamw): "
-                "set site-dp.learning-rate=0 for the optimiser's own",
+                "site-dp.learning-rate=%g is on another scale than site-dp.optimizer=%r, "
+                "whose own rate here is %g%s: set site-dp.learning-rate=0 for it",
                 self.site_dp_learning_rate,
                 self.site_dp_optimizer,
-                SITE_DP_LEARNING_RATES[self.site_dp_optimizer],
+                own,
+                " (a config from before site-dp.optimizer ran adamw)"
+                if self.site_dp_optimizer == "sgd"
+                else "",
             )
         if self.site_dp_trainable not in SITE_DP_TRAINABLE:
             raise ConfigError(

@@ -56,8 +56,8 @@ class TrainPlan:
     # classifier head alone (the LoRA tensors then stay as received).
     site_dp_trainable: str = "all"
     # DP-SGD's local optimiser (clients/task/choices.py): plain SGD or AdamW. A plan from a
-    # server before the field means AdamW, what every site ran then. Without site DP it is
-    # not read (plain training is AdamW).
+    # server before the field means AdamW, what every site ran then. Without site DP it
+    # must be AdamW, what plain training uses (an sgd plan without DP is refused).
     site_dp_optimizer: str = LEGACY_SITE_DP_OPTIMIZER
     # Rounds of the whole run (num-server-rounds): what a target ε is solved over.
     planned_rounds: int = 1

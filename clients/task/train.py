@@ -25,7 +25,7 @@ import torch
 
 from clients.task.data import Example
 from clients.task.dpsgd import SampleDP, private
-from clients.task.errors import DataError, ModelError
+from clients.task.errors import ConfigError, DataError, ModelError
 from clients.task.model import HEAD_MODULES, LoadedModel, is_head_tensor
 from clients.task.plan import TrainPlan
 
@@ -277,7 +277,12 @@ def _optimizer(
     coordinate, signal or noise, so with little noise (a large ε, or a site with many
     rows) a rate tuned for noisy steps overshoots (README "Quality under DP").
     """
-    if private and plan.site_dp_optimizer == "sgd":
+    if plan.site_dp_optimizer == "sgd":
+        if not private:  # AdamW at SGD's rate (10) would wreck the model
+            raise ConfigError(
+                "the plan asks for site-dp.optimizer='sgd' (DP-SGD) but the site trains "
+                "without DP; pass its SampleDP to train_local"
+            )
         return torch.optim.SGD(params, lr=plan.learning_rate, momentum=0.0, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=0.0)
 

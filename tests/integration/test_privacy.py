@@ -75,7 +75,7 @@ def test_client_and_sample_level_dp_with_a_refusing_site_and_max_epsilon(
             "site-dp.noise-multiplier": 1.0,
             "site-dp.max-grad-norm": 1.0,
             "site-dp.batch-size": 4,  # under site DP these replace batch-size, learning-rate
-            "site-dp.learning-rate": 0.01,
+            "site-dp.learning-rate": 1.0,  # plain DP-SGD (the default optimiser) over the wire
             "dp.clip-norm": 0.5,
             "dp.noise-multiplier": 0.5,
             "dp.max-epsilon": 12.0,
@@ -130,7 +130,7 @@ def test_under_a_site_target_every_site_solves_its_noise_and_ends_at_the_target(
             "num-server-rounds": 2,
             "site-dp.target-epsilon": 4.0,
             "site-dp.batch-size": 4,
-            "site-dp.learning-rate": 0.01,
+            "site-dp.learning-rate": 1.0,  # plain DP-SGD (the default optimiser) over the wire
             "fraction-evaluate": 0.0,
         },
     )

@@ -321,6 +321,9 @@ def test_site_dp_learning_rate_zero_is_the_optimizers_own_and_mlflow_gets_the_re
     assert (sgd.plan(1).site_dp_optimizer, sgd.plan(1).learning_rate) == ("sgd", 3.0)
     # Round-tripped, the resolved rate stays (to_config is what a resume reads back).
     assert RunSettings.from_config(adam.to_config()).site_dp_learning_rate == 0.1
+    # SGD's step scales with the clip C, so its own rate is 10/C; AdamW's does not.
+    half = RunSettings.from_config({**private, "site-dp.max-grad-norm": 0.5})
+    assert half.site_dp_learning_rate == 20.0
     # Resolved on every construction path, not only from_config.
     direct = replace(sgd, site_dp_optimizer="adamw", site_dp_learning_rate=0.0)
     assert direct.site_dp_learning_rate == 0.1

@@ -181,6 +181,9 @@ def test_dp_sgd_with_the_sgd_optimizer_steps_by_minus_lr_times_the_mean_gradient
     after = trainable_state(loaded.model)
 
     assert set(after) == set(grads)
+    # The same plan without its DP is refused: AdamW at SGD's rate would wreck the model.
+    with pytest.raises(ConfigError, match=r"site-dp\.optimizer='sgd' \(DP-SGD\) but"):
+        train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator(), dp=None)
     assert any(np.any(g) for g in grads.values())
     for name, grad in grads.items():
         np.testing.assert_allclose(after[name], before[name] - 0.5 * grad, rtol=1e-4, atol=1e-6)

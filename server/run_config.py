@@ -150,7 +150,7 @@ KEYS: dict[str, tuple[type, Any, str]] = {
         float,
         0.0,
         "DP-SGD at sites: the learning rate, in place of learning-rate when site DP is on; "
-        "0 is the optimiser's own (sgd 10, adamw 0.1)",
+        "0 is the optimiser's own (sgd 10/site-dp.max-grad-norm, adamw 0.1)",
     ),
     "site-dp.trainable": (
         str,

@@ -390,15 +390,14 @@ class RunSettings:
                 f"site-dp.optimizer={self.site_dp_optimizer!r} must be one of "
                 f"{', '.join(SITE_DP_OPTIMIZERS)}"
             )
+        own = _own_rate(self.site_dp_optimizer, self.site_dp_max_grad_norm)
         if self.site_dp_learning_rate == 0:  # frozen: set once, here, on every path
-            rate = _own_rate(self.site_dp_optimizer, self.site_dp_max_grad_norm)
-            object.__setattr__(self, "site_dp_learning_rate", rate)
+            object.__setattr__(self, "site_dp_learning_rate", own)
         if not 0 < self.site_dp_learning_rate < math.inf:
             raise ConfigError(
                 f"site-dp.learning-rate={self.site_dp_learning_rate!r} must be 0 (the "
                 "optimiser's own) or finite and > 0"
             )
-        own = _own_rate(self.site_dp_optimizer, self.site_dp_max_grad_norm)
         if self.site_dp and not own / 10 <= self.site_dp_learning_rate <= own * 10:
             log.warning(
                 "site-dp.learning-rate=%g is on another scale than site-dp.optimizer=%r, "

@@ -526,11 +526,14 @@ class RunSettings:
 
     @property
     def site_clip_norm(self) -> float:
-        """L2 bound each site applies to its update: C under DP; the server's update
-        bound under SecAgg+, where the server cannot check it; 0 (none) otherwise."""
+        """L2 bound each site applies to its update: C under client-level DP; else the
+        server's update bound (``update.max-norm``) under SecAgg+, where the server cannot
+        check it, and under site DP, where a site of a few rows has an update of mostly noise
+        that the server would reject after the site paid the round's ε (clipping the DP
+        output is post-processing: it costs no privacy); 0 (none) otherwise."""
         if self.client_dp is not None:
             return self.client_dp.clip_norm
-        return self.max_norm if self.secagg is not None else 0.0
+        return self.max_norm if self.secagg is not None or self.site_dp else 0.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:

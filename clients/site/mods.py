@@ -19,13 +19,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from clients.site.wire import replace_update, reply_update
-from strategies.dp import clip_update
+from strategies.dp import clip_update, global_norm
 from strategies.protocol import COMPACT_KEY, PRG_KEY, SECURE_CONFIG, read_request
 from strategies.secagg import PRGS, compact_masked, mask_generator
 
 log = logging.getLogger(__name__)
 # The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
 FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+# Rounds of aiming lower in `clip_mod` (one almost always suffices; two cover the rest).
+_CLIP_TRIES = 8
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -61,11 +63,26 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
     if clip_norm <= 0 or not reply.content.array_records:
         return reply
     _, update = reply_update(msg, reply)
-    clipped, norm = clip_update(update, clip_norm=clip_norm)
-    if norm > clip_norm:
-        log.info("update norm %.4g clipped to %.4g", norm, clip_norm)
-    replace_update(msg, reply, clipped)
-    return reply
+    norm = global_norm(update)
+    if norm <= clip_norm:
+        return reply
+    # The reply carries ``global + update`` in the tensors' dtype: rounding float32 there
+    # lands above the bound about half the time (by ~1e-7 relative), and the server rejects
+    # an update above ``update.max-norm``. Aim a little lower until the reply holds.
+    target = clip_norm
+    for _ in range(_CLIP_TRIES):
+        clipped, _ = clip_update(update, clip_norm=target)
+        replace_update(msg, reply, clipped)
+        _, sent = reply_update(msg, reply)
+        got = global_norm(sent)
+        if got <= clip_norm:
+            log.info("update norm %.4g clipped to %.4g", norm, got)
+            return reply
+        target *= (clip_norm / got) * (1 - 1e-6)
+    raise ValueError(
+        f"cannot clip the update to clip_norm={clip_norm} in the reply's dtype "
+        f"(still {got:.9g} after {_CLIP_TRIES} tries)"
+    )
 
 
 # Outermost first: masking wraps clipping, so an update is clipped before it is masked.

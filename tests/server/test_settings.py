@@ -224,6 +224,12 @@ def test_privacy_settings_reach_the_round_plan() -> None:
     secure = RunSettings.from_config({**SECURE, "update.max-norm": 3.0})
     assert secure.secagg is not None and secure.secagg.clipping_range == 3.0
     assert secure.plan(1).clip_norm == 3.0  # sites bound what the server cannot check
+    # A site-DP update of a site with a few rows is mostly noise (norm ~1/n under SGD): the
+    # site clips it to the server's bound rather than be rejected after paying its ε.
+    private = RunSettings.from_config(
+        {**OK, "site-dp.target-epsilon": 8.0, "update.max-norm": 50.0}
+    )
+    assert private.plan(1).clip_norm == 50.0
 
 
 @pytest.mark.parametrize(

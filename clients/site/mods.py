@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 
 from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod  # Flower 1.41: legacy path only
@@ -26,7 +27,7 @@ from strategies.secagg import PRGS, compact_masked, mask_generator
 log = logging.getLogger(__name__)
 # The module whose `pseudo_rand_gen` the mod calls (the package re-exports the function).
 FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-# Rounds of aiming lower in `clip_mod` (one almost always suffices; two cover the rest).
+# Rounds of aiming lower in `clip_mod`: the margin grows from 1e-6 to 0.5 of the bound.
 _CLIP_TRIES = 8
 
 
@@ -64,13 +65,17 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         return reply
     _, update = reply_update(msg, reply)
     norm = global_norm(update)
+    if not math.isfinite(norm):
+        return reply  # the server rejects a non-finite update and says why ("finite")
     if norm <= clip_norm:
         return reply
-    # The reply carries ``global + update`` in the tensors' dtype: rounding float32 there
-    # lands above the bound about half the time (by ~1e-7 relative), and the server rejects
-    # an update above ``update.max-norm``. Aim a little lower until the reply holds.
-    target = clip_norm
-    for _ in range(_CLIP_TRIES):
+    # The reply carries ``global + update`` in the tensors' dtype: rounding there can land
+    # above the bound (by ~1e-7 relative in float32 about half the time; systematically,
+    # and by more, with coarse dtypes or bounds far below the global's values), and the
+    # server rejects an update above ``update.max-norm``. Aim lower, by a margin that grows
+    # tenfold each try, until the reply holds.
+    target, got = clip_norm, norm
+    for attempt in range(_CLIP_TRIES):
         clipped, _ = clip_update(update, clip_norm=target)
         replace_update(msg, reply, clipped)
         _, sent = reply_update(msg, reply)
@@ -78,10 +83,11 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         if got <= clip_norm:
             log.info("update norm %.4g clipped to %.4g", norm, got)
             return reply
-        target *= (clip_norm / got) * (1 - 1e-6)
+        target *= (clip_norm / got) * (1 - min(0.5, 1e-6 * 10**attempt))
     raise ValueError(
-        f"cannot clip the update to clip_norm={clip_norm} in the reply's dtype "
-        f"(still {got:.9g} after {_CLIP_TRIES} tries)"
+        f"cannot clip the update to the plan's clip_norm={clip_norm} (update.max-norm, or "
+        f"dp.clip-norm under client-level DP) in the reply's dtype: its norm is still "
+        f"{got:.9g} after {_CLIP_TRIES} tries"
     )
 
 

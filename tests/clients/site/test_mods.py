@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.client.mod.utils import make_ffn
 
@@ -79,6 +80,22 @@ def test_a_secure_request_config_still_parses_as_the_round_plan() -> None:
     assert TrainPlan.from_config(plan_config(config)) == plan
 
 
+def _clip_through_the_chain(
+    reference: np.ndarray, step: np.ndarray, clip_norm: float
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(reference, the reply's local tensors) for a site that adds ``step`` to ``reference``."""
+
+    def train(message: Message, context: Context) -> Message:
+        ref, _ = read_request(message)
+        local = {"w": ref["w"] + step}
+        return train_reply(message, local=local, reference=ref, metrics={}, site_id="s", weight=1)
+
+    request = _request(clip_norm)
+    request.content["arrays"] = to_record({"w": reference})
+    reply = make_ffn(train, list(TRAIN_MODS))(request, _context())
+    return {"w": reference}, from_record(reply.content.array_records["arrays"])
+
+
 def test_a_clipped_reply_holds_the_bound_after_float32_rounding() -> None:
     # The reply carries global + update in float32; clipping the float64 update to exactly
     # the bound lands above it after that rounding in about half of all cases, and the
@@ -88,24 +105,35 @@ def test_a_clipped_reply_holds_the_bound_after_float32_rounding() -> None:
 
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        reference = {"w": rng.normal(0.0, 0.5, 20_000).astype(np.float32)}
+        reference = rng.normal(0.0, 0.5, 20_000).astype(np.float32)
         step = rng.normal(0.0, 20.0, 20_000).astype(np.float32)
-
-        def train(message: Message, context: Context, step: np.ndarray = step) -> Message:
-            ref, _ = read_request(message)
-            return train_reply(
-                message,
-                local={"w": ref["w"] + step},
-                reference=ref,
-                metrics={},
-                site_id="s",
-                weight=1,
-            )
-
-        request = _request(1000.0)
-        request.content["arrays"] = to_record(reference)
-        reply = make_ffn(train, list(TRAIN_MODS))(request, _context())
-        local = from_record(reply.content.array_records["arrays"])
+        ref, local = _clip_through_the_chain(reference, step, 1000.0)
         assert local["w"].dtype == np.float32
-        norm = validate_update(local, reference=reference, num_examples=1, max_norm=1000.0)
+        norm = validate_update(local, reference=ref, num_examples=1, max_norm=1000.0)
         assert 999.9 < norm <= 1000.0, (seed, norm)
+
+
+def test_a_bound_far_below_the_globals_float32_spacing_still_holds() -> None:
+    # Global values near 1e4 are 1e-3 apart in float32: a bound of 0.01 over 20 values
+    # overshoots by far more than 1e-7, so aiming 1e-6 lower each time would not converge.
+    from strategies.validation import validate_update
+
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        reference = (1e4 * (1 + rng.random(20))).astype(np.float32)
+        ref, local = _clip_through_the_chain(
+            reference, rng.normal(0.0, 1.0, 20).astype(np.float32), 0.01
+        )
+        norm = validate_update(local, reference=ref, num_examples=1, max_norm=0.01)
+        assert 0.004 < norm <= 0.01, (seed, norm)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_update_is_sent_as_it_is_for_the_server_to_reject(bad: float) -> None:
+    from strategies.validation import UpdateRejected, validate_update
+
+    step = np.array([3.0, bad, 0.0, 0.0], np.float32)
+    ref, local = _clip_through_the_chain(np.zeros(4, np.float32), step, 1.0)
+    np.testing.assert_array_equal(local["w"], step)
+    with pytest.raises(UpdateRejected, match="non-finite"):
+        validate_update(local, reference=ref, num_examples=1, max_norm=1.0)

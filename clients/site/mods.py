@@ -21,7 +21,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from clients.site.wire import replace_update, reply_update
 from strategies.dp import clip_update, global_norm
-from strategies.protocol import COMPACT_KEY, PRG_KEY, SECURE_CONFIG, read_request
+from strategies.protocol import COMPACT_KEY, PRG_KEY, SECURE_CONFIG, SECURE_OUT, read_request
 from strategies.secagg import PRGS, compact_masked, mask_generator
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,20 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
 
 
 def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Clip the reply's update (``local - global``) to the plan's ``clip_norm`` (L2)."""
+    """Clip the reply's update (``local - global``) to the plan's ``clip_norm`` (L2).
+
+    The bound holds for what is sent: the reply's tensors are re-read after clipping and
+    the target lowered until ``local - global`` in the reply's dtype is within
+    ``clip_norm`` (with 1e-12 to spare for the server's summation order,
+    strategies/validation.py). A non-finite update is sent as it is in a plain reply,
+    for the server to reject it by name (``finite``); under SecAgg+ the server cannot
+    see it and Flower's quantization would turn NaN into a large finite value, so there
+    the site fails the round instead.
+
+    Raises:
+        ValueError: A non-finite update under SecAgg+, or one that 8 tries of aiming
+            lower cannot bring within the bound in the reply's dtype.
+    """
     reply = call_next(msg, ctxt)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return reply
@@ -66,8 +79,15 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
     _, update = reply_update(msg, reply)
     norm = global_norm(update)
     if not math.isfinite(norm):
-        return reply  # the server rejects a non-finite update and says why ("finite")
-    if norm <= clip_norm:
+        if SECURE_OUT in reply.content.array_records:
+            raise ValueError(
+                f"the update's norm is {norm}: a non-finite update cannot be masked for "
+                "SecAgg+ (quantization would turn it into large finite values)"
+            )
+        log.warning("update norm is %s: sent as it is; the server will reject it", norm)
+        return reply
+    bound = clip_norm * (1 - 1e-12)  # the server sums in another order (ulps apart)
+    if norm <= bound:
         return reply
     # The reply carries ``global + update`` in the tensors' dtype: rounding there can land
     # above the bound (by ~1e-7 relative in float32 about half the time; systematically,
@@ -80,10 +100,10 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         replace_update(msg, reply, clipped)
         _, sent = reply_update(msg, reply)
         got = global_norm(sent)
-        if got <= clip_norm:
+        if got <= bound:
             log.info("update norm %.4g clipped to %.4g", norm, got)
             return reply
-        target *= (clip_norm / got) * (1 - min(0.5, 1e-6 * 10**attempt))
+        target *= (bound / got) * (1 - min(0.5, 1e-6 * 10**attempt))
     raise ValueError(
         f"cannot clip the update to the plan's clip_norm={clip_norm} (update.max-norm, or "
         f"dp.clip-norm under client-level DP) in the reply's dtype: its norm is still "

@@ -230,6 +230,11 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         {**OK, "site-dp.target-epsilon": 8.0, "update.max-norm": 50.0}
     )
     assert private.plan(1).clip_norm == 50.0
+    # With client-level DP on as well, its C is the bound (the server's DP sum needs it).
+    both = RunSettings.from_config(
+        {**OK, "site-dp.target-epsilon": 8.0, "dp.clip-norm": 0.5, "dp.target-epsilon": 8.0}
+    )
+    assert both.plan(1).clip_norm == 0.5
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -137,3 +138,47 @@ def test_a_non_finite_update_is_sent_as_it_is_for_the_server_to_reject(bad: floa
     np.testing.assert_array_equal(local["w"], step)
     with pytest.raises(UpdateRejected, match="non-finite"):
         validate_update(local, reference=ref, num_examples=1, max_norm=1.0)
+
+
+def _secure_request(clip_norm: float) -> Message:
+    # A SecAgg+ training request as the server's workflow builds it (Flower's compat layer).
+    from flwr.compat.common import recorddict_compat as compat
+
+    from strategies.protocol import secure_fitins
+
+    state = {"w": np.zeros(4, np.float32)}
+    fitins = secure_fitins(state, {"clip_norm": clip_norm}, max_weight=100, prg="aes-ctr")
+    request = _request(clip_norm)
+    return Message(
+        metadata=request.metadata,
+        content=compat.fitins_to_recorddict(fitins, keep_input=True),
+    )
+
+
+def _secure_step(step: np.ndarray) -> Callable[[Message, Context], Message]:
+    def train(message: Message, context: Context) -> Message:
+        ref, _ = read_request(message)
+        return train_reply(
+            message, local={"w": ref["w"] + step}, reference=ref, metrics={}, site_id="s", weight=1
+        )
+
+    return train
+
+
+def test_a_secure_reply_is_clipped_before_masking() -> None:
+    from clients.site.wire import reply_update
+
+    request = _secure_request(1.0)
+    reply = clip_mod(request, _context(), _secure_step(np.array([3, 4, 0, 0], np.float32)))
+    _, update = reply_update(request, reply)
+    assert 1.0 - 1e-5 < global_norm(update) <= 1.0
+    np.testing.assert_allclose(update["w"], [0.6, 0.8, 0.0, 0.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_update_under_secagg_fails_the_round_at_the_site(bad: float) -> None:
+    # Under SecAgg+ the server cannot see the update, and Flower's quantization turns NaN
+    # into a large finite value that would enter the masked sum unnoticed.
+    step = np.array([3.0, bad, 0.0, 0.0], np.float32)
+    with pytest.raises(ValueError, match="non-finite update cannot be masked"):
+        clip_mod(_secure_request(1.0), _context(), _secure_step(step))

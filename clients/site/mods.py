@@ -61,9 +61,10 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
     the target lowered until ``local - global`` in the reply's dtype is within
     ``clip_norm`` (with 1e-12 to spare for the server's summation order,
     strategies/validation.py). A non-finite update is sent as it is in a plain reply,
-    for the server to reject it by name (``finite``); under SecAgg+ the server cannot
-    see it and Flower's quantization would turn NaN into a large finite value, so there
-    the site fails the round instead.
+    for the server to reject it by name (``finite``). Under SecAgg+ the server cannot
+    see it: Flower's quantization maps ±inf to ±the clipping range, silently in range,
+    and NaN to an out-of-range value that fails the whole round's mean check; so there
+    the site drops out of the round instead (an error reply: a dropout).
 
     Raises:
         ValueError: A non-finite update under SecAgg+, or one that 8 tries of aiming
@@ -82,7 +83,7 @@ def clip_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Messa
         if SECURE_OUT in reply.content.array_records:
             raise ValueError(
                 f"the update's norm is {norm}: a non-finite update cannot be masked for "
-                "SecAgg+ (quantization would turn it into large finite values)"
+                "SecAgg+ (quantization would map it to finite values)"
             )
         log.warning("update norm is %s: sent as it is; the server will reject it", norm)
         return reply

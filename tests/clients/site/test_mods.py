@@ -165,7 +165,7 @@ def _secure_step(step: np.ndarray) -> Callable[[Message, Context], Message]:
     return train
 
 
-def test_a_secure_reply_is_clipped_before_masking() -> None:
+def test_a_secure_reply_is_clipped_in_its_secure_record() -> None:
     from clients.site.wire import reply_update
 
     request = _secure_request(1.0)
@@ -177,8 +177,18 @@ def test_a_secure_reply_is_clipped_before_masking() -> None:
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_update_under_secagg_fails_the_round_at_the_site(bad: float) -> None:
-    # Under SecAgg+ the server cannot see the update, and Flower's quantization turns NaN
-    # into a large finite value that would enter the masked sum unnoticed.
+    # Under SecAgg+ the server cannot see the update: Flower's quantization maps ±inf to
+    # ±the clipping range (in range, unnoticed) and NaN to a value that fails the whole
+    # round's mean check. Raising makes the site one dropout instead.
     step = np.array([3.0, bad, 0.0, 0.0], np.float32)
     with pytest.raises(ValueError, match="non-finite update cannot be masked"):
         clip_mod(_secure_request(1.0), _context(), _secure_step(step))
+
+
+def test_an_update_within_ulps_of_the_bound_is_clipped_below_it() -> None:
+    # The server sums the norm in another order (np.dot, strategies/validation.py), a few
+    # ulps from the site's sum: an update that is at the bound by the site's count may be
+    # above it by the server's, so the site keeps 1e-12 of the bound to spare.
+    step = np.array([1.0 - 1e-13, 0.0, 0.0, 0.0])
+    _, local = _clip_through_the_chain(np.zeros(4), step, 1.0)
+    assert 1.0 - 1e-5 < global_norm(local) <= 1.0 - 1e-12

@@ -211,6 +211,7 @@ def run(
             "optimizer": settings.site_dp_optimizer,
             "learning_rate": settings.site_dp_learning_rate,
             "trainable": settings.site_dp_trainable,
+            "adapter_clip_share": settings.site_dp_adapter_clip_share,
             "sampling_rate_range": [
                 min(s[0][1] for s in site_steps.values()),
                 max(s[0][1] for s in site_steps.values()),

@@ -158,6 +158,12 @@ KEYS: dict[str, tuple[type, Any, str]] = {
         "DP-SGD at sites: the tensors sites train, all (LoRA and head) or head (the "
         "classifier head only; the LoRA tensors stay as received)",
     ),
+    "site-dp.adapter-clip-share": (
+        float,
+        0.0,
+        "DP-SGD at sites: group-wise clipping, the adapter tensors' bound as a share s of "
+        "site-dp.max-grad-norm (the head's is sqrt(1 - s^2) of it); 0 is one flat bound",
+    ),
     "site-dp.delta": (float, 1e-5, "DP-SGD at sites: δ of each site's per-run (ε, δ)"),
 }
 

@@ -85,6 +85,7 @@ FINGERPRINT_KEYS = {
     "site_dp_learning_rate": "site-dp.learning-rate",
     "site_dp_optimizer": "site-dp.optimizer",
     "site_dp_trainable": "site-dp.trainable",
+    "site_dp_adapter_clip_share": "site-dp.adapter-clip-share",
     "keep_adapter": "adapter.keep",
     "robust": "one of robust.*",
 }
@@ -101,6 +102,7 @@ SITE_DP_ONLY = frozenset(
         "site_dp_learning_rate",
         "site_dp_optimizer",
         "site_dp_trainable",
+        "site_dp_adapter_clip_share",
     }
 )
 
@@ -348,6 +350,8 @@ class RunSettings:
     site_dp_learning_rate: float = 0.0
     site_dp_optimizer: str = "sgd"
     site_dp_trainable: str = "all"
+    # Group-wise clipping: the adapter's share of site-dp.max-grad-norm (0 is flat).
+    site_dp_adapter_clip_share: float = 0.0
     # The enrolled sites (server/roster.py); None: every connected node is a site.
     roster: Path | None = None
     keep_adapter: str = "best"
@@ -413,6 +417,11 @@ class RunSettings:
             raise ConfigError(
                 f"site-dp.trainable={self.site_dp_trainable!r} must be one of "
                 f"{', '.join(SITE_DP_TRAINABLE)}"
+            )
+        if not 0 <= self.site_dp_adapter_clip_share < 1:  # NaN too
+            raise ConfigError(
+                f"site-dp.adapter-clip-share={self.site_dp_adapter_clip_share!r} must be in "
+                "[0, 1) (0 is flat clipping)"
             )
         if self.eval_file is not None and (why := not_a_file(self.eval_file)):
             raise ConfigError(f"eval-file={str(self.eval_file)!r} {why}")
@@ -606,6 +615,7 @@ class RunSettings:
             site_dp_learning_rate=v["site-dp.learning-rate"],
             site_dp_optimizer=v["site-dp.optimizer"],
             site_dp_trainable=v["site-dp.trainable"],
+            site_dp_adapter_clip_share=v["site-dp.adapter-clip-share"],
             roster=Path(v["roster"]).expanduser() if v["roster"] else None,
             keep_adapter=v["adapter.keep"],
             robust=robust,
@@ -681,6 +691,7 @@ class RunSettings:
             site_dp_max_grad_norm=self.site_dp_max_grad_norm,
             site_dp_delta=self.site_dp_delta,
             site_dp_trainable=self.site_dp_trainable if dp else "all",
+            site_dp_adapter_clip_share=self.site_dp_adapter_clip_share if dp else 0.0,
             site_dp_optimizer=self.site_dp_optimizer if dp else LEGACY_SITE_DP_OPTIMIZER,
             planned_rounds=self.rounds,
         )
@@ -700,6 +711,9 @@ class RunSettings:
         if "site_dp_learning_rate" in fingerprint and "site_dp_optimizer" not in fingerprint:
             # A checkpoint from before site-dp.optimizer: its sites ran DP-Adam.
             fingerprint = {**fingerprint, "site_dp_optimizer": LEGACY_SITE_DP_OPTIMIZER}
+        if "site_dp_learning_rate" in fingerprint:
+            # A site-DP checkpoint from before site-dp.adapter-clip-share clipped flat.
+            fingerprint = {"site_dp_adapter_clip_share": 0.0, **fingerprint}
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"
             + (hint if name == "spec" else _set_back(name, fingerprint.get(name)))
@@ -811,6 +825,7 @@ class RunSettings:
             "site-dp.optimizer": self.site_dp_optimizer,
             "site-dp.learning-rate": self.site_dp_learning_rate,
             "site-dp.trainable": self.site_dp_trainable,
+            "site-dp.adapter-clip-share": self.site_dp_adapter_clip_share,
             "head.init": self.head_init,
             "head.pooling": spec.pooling,
             "head.shrinkage": self.head_shrinkage,

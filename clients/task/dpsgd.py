@@ -15,6 +15,14 @@ above, so the result never overshoots).
 Batches are shuffled fixed-size slices rather than Poisson samples, the usual
 approximation of the analysis.
 
+Group-wise clipping (``SampleDP.adapter_clip_share`` s > 0; He et al. 2023, "Exploring the
+Limits of Differentially Private Deep Learning with Group-wise Clipping", ICLR; per-layer
+clipping in McMahan et al. 2018): each example's adapter gradient is clipped to ``s · C``
+and its head gradient to ``√(1 − s²) · C`` separately, so the whole per-example gradient
+still has norm at most ``C`` and the noise, sensitivity and accounting are those of flat
+clipping. With one flat bound the head's larger gradients take most of it and the
+adapter's share of the signal shrinks with them (README "Quality under DP").
+
 The noise is drawn from `clients.task.secure_random.SecureRandom` (the OS CSPRNG), never
 from a generator the caller passes: the server knows every run seed, round and site id,
 and noise it could regenerate protects nothing (that module says why Opacus'
@@ -26,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +43,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.optimizers.utils import params as optimizer_params
 
 from clients.task.errors import ConfigError
 from clients.task.secure_random import SecureRandom
@@ -53,6 +62,9 @@ class SampleDP:
     noise_multiplier: float
     max_grad_norm: float
     delta: float = 1e-5
+    # Group-wise clipping: the adapter tensors' bound as a share of max_grad_norm (the
+    # head's is √(1 − s²) of it); 0 is flat clipping, one bound over every tensor.
+    adapter_clip_share: float = 0.0
 
     def __post_init__(self) -> None:
         # NaN compares false both ways: read as "z > 0 is off", it would train without noise.
@@ -66,6 +78,10 @@ class SampleDP:
             )
         if not 0 < self.delta < 1:
             raise ConfigError(f"site-dp.delta={self.delta!r} must be in (0, 1)")
+        if not 0 <= self.adapter_clip_share < 1:  # NaN too
+            raise ConfigError(
+                f"site-dp.adapter-clip-share={self.adapter_clip_share!r} must be in [0, 1)"
+            )
 
 
 def site_epsilon(steps: Sequence[tuple[float, float, int]], *, delta: float) -> float:
@@ -185,15 +201,55 @@ def solve_noise_multiplier(
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
-    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`.
+    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`, with
+    optional group-wise clipping.
 
-    Only `DPOptimizer.add_noise` changes: clipping, scaling and stepping stay Opacus'.
-    The noise is drawn in float64 and added in the parameter's dtype and device.
+    `DPOptimizer.add_noise` changes: the noise is drawn in float64 and added in the
+    parameter's dtype and device. With ``group_bounds`` (one bound per group, whose L2
+    norm is ``max_grad_norm``) and ``group_of`` (each of ``self.params``' group), each
+    example's gradient is clipped per group (`clip_and_accumulate`); scaling and stepping
+    stay Opacus'.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, **kwargs: object) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        group_of: Sequence[int] = (),
+        group_bounds: Sequence[float] = (),
+        **kwargs: object,
+    ) -> None:
         super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
         self.noise_source = SecureRandom()  # a fresh key for every DP-SGD run
+        if group_bounds and (
+            len(group_of) != len(self.params)
+            or math.hypot(*group_bounds) > self.max_grad_norm * (1 + 1e-9)
+        ):
+            raise ValueError(
+                f"clip groups {list(group_bounds)} over {len(group_of)} of "
+                f"{len(self.params)} tensors do not fit max_grad_norm={self.max_grad_norm}"
+            )
+        self.group_of, self.group_bounds = tuple(group_of), tuple(group_bounds)
+
+    def clip_and_accumulate(self) -> None:
+        """Opacus' flat clipping, or each group's per-example norm clipped to its bound."""
+        if not self.group_bounds or len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+        factors = []
+        for group, bound in enumerate(self.group_bounds):
+            mine = [n for n, g in zip(norms, self.group_of, strict=True) if g == group]
+            total = torch.stack(mine, dim=1).norm(2, dim=1) if mine else None
+            # Opacus' own factor, per group: C / (norm + 1e-6), at most 1
+            factors.append(None if total is None else (bound / (total + 1e-6)).clamp(max=1.0))
+        for p, group in zip(self.params, self.group_of, strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            factor = factors[group].to(device=grad_sample.device, dtype=p.dtype)
+            grad = torch.einsum("i,i...", factor, grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -214,19 +270,33 @@ def private(
     *,
     dp: SampleDP,
     batch_size: int,
+    is_head: Callable[[str], bool] = lambda name: False,
 ) -> Iterator[tuple[torch.nn.Module, torch.optim.Optimizer]]:
     """Yield (per-example-gradient model, DP optimizer); remove Opacus' hooks after.
 
     The model is the one cached across rounds, so the hooks must not outlive training.
-    The optimizer's noise is secret by construction (`SecureNoiseDPOptimizer`).
+    The optimizer's noise is secret by construction (`SecureNoiseDPOptimizer`). With
+    ``dp.adapter_clip_share`` > 0 and both head tensors (``is_head`` of the parameter's
+    name) and adapter tensors in the optimizer, clipping is group-wise; otherwise flat.
     """
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    names = {id(p): name for name, p in model.named_parameters()}
+    # The tensors Opacus clips, in its order (optimizer_params: those that need a grad)
+    group_of = [int(is_head(names.get(id(p), ""))) for p in optimizer_params(optimizer)]
+    share = dp.adapter_clip_share
+    grouped = share > 0 and len(set(group_of)) == 2
     dp_optimizer = SecureNoiseDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         expected_batch_size=batch_size,
         loss_reduction="mean",
+        group_of=group_of if grouped else (),
+        group_bounds=(
+            (share * dp.max_grad_norm, math.sqrt(1 - share * share) * dp.max_grad_norm)
+            if grouped
+            else ()
+        ),
     )
     try:
         yield wrapped, dp_optimizer

@@ -59,6 +59,10 @@ class TrainPlan:
     # server before the field means AdamW, what every site ran then. Without site DP it
     # must be AdamW, what plain training uses (an sgd plan without DP is refused).
     site_dp_optimizer: str = LEGACY_SITE_DP_OPTIMIZER
+    # Group-wise clipping under DP-SGD (clients/task/dpsgd.py): the adapter tensors' bound
+    # as a share of site-dp.max-grad-norm; 0 (what a plan without the field means) is
+    # flat clipping.
+    site_dp_adapter_clip_share: float = 0.0
     # Rounds of the whole run (num-server-rounds): what a target ε is solved over.
     planned_rounds: int = 1
 
@@ -123,9 +127,14 @@ class TrainPlan:
                     "(site-dp.noise-multiplier or site-dp.target-epsilon); plain training "
                     "is AdamW"
                 )
-            if self.site_dp_trainable != "all":
+            if self.site_dp_trainable != "all" or self.site_dp_adapter_clip_share != 0:
+                key, value = (
+                    ("site-dp.trainable", self.site_dp_trainable)
+                    if self.site_dp_trainable != "all"
+                    else ("site-dp.adapter-clip-share", self.site_dp_adapter_clip_share)
+                )
                 raise ConfigError(
-                    f"site-dp.trainable={self.site_dp_trainable!r} needs sample-level DP "
+                    f"{key}={value!r} needs sample-level DP "
                     "(site-dp.noise-multiplier or site-dp.target-epsilon)"
                 )
             return
@@ -133,6 +142,7 @@ class TrainPlan:
             noise_multiplier=z,
             max_grad_norm=self.site_dp_max_grad_norm,
             delta=self.site_dp_delta,
+            adapter_clip_share=self.site_dp_adapter_clip_share,
         )
         if self.proximal_mu > 0:
             key = "site-dp.noise-multiplier" if z > 0 else "site-dp.target-epsilon"
@@ -176,7 +186,10 @@ class TrainPlan:
                 steps=self.planned_rounds * self.steps_for(num_examples),
             )
         return SampleDP(
-            noise_multiplier=z, max_grad_norm=self.site_dp_max_grad_norm, delta=self.site_dp_delta
+            noise_multiplier=z,
+            max_grad_norm=self.site_dp_max_grad_norm,
+            delta=self.site_dp_delta,
+            adapter_clip_share=self.site_dp_adapter_clip_share,
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -196,6 +209,8 @@ class TrainPlan:
         # AdamW at SGD's learning rate.
         if self.site_dp_optimizer == LEGACY_SITE_DP_OPTIMIZER:
             del out["site_dp_optimizer"]
+        if self.site_dp_adapter_clip_share == 0:  # flat clipping: any site takes it
+            del out["site_dp_adapter_clip_share"]
         return out
 
     @classmethod

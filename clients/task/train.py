@@ -224,7 +224,13 @@ def _train(
         _seeded_dropout(dropout_seed, loaded.device) if dp is None else contextlib.nullcontext(),
         # A batch is never larger than the site's rows: Opacus divides the noised sum by
         # this expected size, which is then the size of every full-batch step.
-        private(model, optimizer, dp=dp, batch_size=min(plan.batch_size, len(examples)))
+        private(
+            model,
+            optimizer,
+            dp=dp,
+            batch_size=min(plan.batch_size, len(examples)),
+            is_head=is_head_tensor,
+        )
         if dp is not None
         else contextlib.nullcontext((model, optimizer)) as (forward, opt),
     ):

@@ -277,6 +277,11 @@ def test_privacy_settings_reach_the_round_plan() -> None:
         ({"learning-rate": float("inf")}, "learning-rate=inf must be finite"),
         ({"site-dp.trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
         (
+            {"site-dp.adapter-clip-share": 1.0},
+            r"site-dp.adapter-clip-share=1.0 must be in \[0, 1\)",
+        ),
+        ({"site-dp.adapter-clip-share": float("nan")}, "site-dp.adapter-clip-share=nan must be"),
+        (
             {"site-dp.target-epsilon": 8.0, "site-dp.trainable": "head", "task": "causal-lm"},
             "site-dp.trainable='head' applies to sequence-classification only",
         ),
@@ -321,6 +326,12 @@ def test_site_dp_keys_replace_batch_size_and_learning_rate_only_under_site_dp() 
     assert KEYS["site-dp.learning-rate"][1] == 0.0  # the optimiser's own rate:
     assert plan.learning_rate == 10.0
     assert plan.site_dp_trainable == KEYS["site-dp.trainable"][1]
+    assert plan.site_dp_adapter_clip_share == KEYS["site-dp.adapter-clip-share"][1] == 0.0
+    # Without site DP the plan clips nothing per example: the field stays at flat (0).
+    grouped = {**OK, "site-dp.adapter-clip-share": 0.6}
+    assert RunSettings.from_config(grouped).plan(1).site_dp_adapter_clip_share == 0.0
+    private = RunSettings.from_config({**grouped, "site-dp.target-epsilon": 8.0})
+    assert private.plan(1).site_dp_adapter_clip_share == 0.6
 
 
 def test_site_dp_learning_rate_zero_is_the_optimizers_own_and_mlflow_gets_the_resolved() -> None:
@@ -377,6 +388,22 @@ def test_a_private_checkpoint_from_before_site_dp_optimizer_names_both_ways_back
     ]
     back = RunSettings.from_config({**private, "site-dp.optimizer": "adamw"})
     assert back.changed_since(old) == []
+
+
+def test_a_private_checkpoint_from_before_group_wise_clipping_resumes_only_flat() -> None:
+    private = {**OK, "site-dp.target-epsilon": 8.0}
+    old = RunSettings.from_config(private).fingerprint()
+    del old["site_dp_adapter_clip_share"]  # as fingerprinted before the key: flat clipping
+    assert RunSettings.from_config(private).changed_since(old) == []  # the default is flat
+    grouped = RunSettings.from_config({**private, "site-dp.adapter-clip-share": 0.6})
+    assert grouped.changed_since(old) == [
+        "site-dp.adapter-clip-share was 0.0, now 0.6 (set site-dp.adapter-clip-share=0.0 "
+        "again to resume)"
+    ]
+    # A non-private checkpoint never had the key and needs none.
+    plain = RunSettings.from_config(OK).fingerprint()
+    assert "site_dp_adapter_clip_share" not in plain
+    assert RunSettings.from_config(OK).changed_since(plain) == []
 
 
 def test_a_site_with_fewer_rows_than_the_dp_batch_is_accounted_at_sampling_rate_one() -> None:

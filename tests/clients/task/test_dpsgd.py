@@ -195,3 +195,103 @@ def test_a_plan_names_an_unknown_site_dp_optimizer() -> None:
         TrainPlan(spec=spec, base_digest="d", site_dp_optimizer="adam")
     # A plan from a server before the field means AdamW, what every site ran then.
     assert TrainPlan(spec=spec, base_digest="d").site_dp_optimizer == "adamw"
+
+
+class _TwoGroups(torch.nn.Module):
+    """A stand-in for adapter + head: two linear maps, named as the groups are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter = torch.nn.Linear(3, 3, bias=False)
+        self.classifier = torch.nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.adapter(x))
+
+
+def _one_dp_step(share: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients (no DP) and the step one noiseless DP-SGD step (lr 1) takes."""
+    from clients.task.dpsgd import private
+
+    torch.manual_seed(0)
+    model = _TwoGroups()
+    per_example = []
+    for i in range(len(x)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        per_example.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1.0, adapter_clip_share=share)
+    with private(
+        model, optimizer, dp=dp, batch_size=len(x), is_head=lambda n: n.startswith("classifier")
+    ) as (forward, opt):
+        torch.nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+    step = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    return {"step": step, "per_example": per_example}  # type: ignore[dict-item]
+
+
+def _clipped(grads: dict[str, torch.Tensor], names: list[str], bound: float) -> list[torch.Tensor]:
+    norm = math.sqrt(sum(float(grads[n].pow(2).sum()) for n in names))
+    factor = min(1.0, bound / (norm + 1e-6))
+    return [grads[n] * factor for n in names]
+
+
+@pytest.mark.parametrize("share", [0.6, 0.0])
+def test_group_wise_clipping_bounds_the_adapter_and_the_head_separately(share: float) -> None:
+    # He et al. 2023: each example's adapter gradient is clipped to s·C and its head
+    # gradient to sqrt(1 - s²)·C, so the whole stays within C (the noise's sensitivity);
+    # share 0 is Opacus' flat clipping of the whole. One example with large gradients
+    # (clipped) and one with small ones, checked against clipping by hand.
+    x = torch.tensor([[300.0, -200.0, 100.0], [0.01, 0.02, -0.01]])
+    y = torch.tensor([0, 1])
+    out = _one_dp_step(share, x, y)
+    groups = [["adapter.weight"], ["classifier.weight"]]
+    expected: dict[str, torch.Tensor] = {}
+    for grads in out["per_example"]:
+        if share:
+            parts = [
+                (groups[0], _clipped(grads, groups[0], share)),
+                (groups[1], _clipped(grads, groups[1], math.sqrt(1 - share**2))),
+            ]
+        else:
+            names = groups[0] + groups[1]
+            parts = [(names, _clipped(grads, names, 1.0))]
+        for names, clipped in parts:
+            for n, g in zip(names, clipped, strict=True):
+                expected[n] = expected.get(n, 0) + g / len(x)
+    big = out["per_example"][0]
+    assert float(big["adapter.weight"].norm()) > 1 and float(big["classifier.weight"].norm()) > 1
+    for n, step in out["step"].items():
+        torch.testing.assert_close(step, expected[n], rtol=1e-4, atol=1e-7)
+    if share:  # alone, the large example's groups take s and sqrt(1 - s²) of the bound
+        flat = _one_dp_step(0.0, x[:1], y[:1])["step"]
+        grouped = _one_dp_step(share, x[:1], y[:1])["step"]
+        assert float(grouped["adapter.weight"].norm()) == pytest.approx(share, rel=1e-4)
+        assert float(grouped["classifier.weight"].norm()) == pytest.approx(0.8, rel=1e-4)
+        assert abs(float(flat["adapter.weight"].norm()) - share) > 0.1  # flat differs
+
+
+def test_group_wise_clipping_needs_both_groups_and_keeps_the_noise_of_the_bound() -> None:
+    from clients.task.dpsgd import private
+
+    model = _TwoGroups()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=2.0, adapter_clip_share=0.6)
+    head = lambda n: n.startswith("classifier")  # noqa: E731
+    with private(model, optimizer, dp=dp, batch_size=2, is_head=head) as (_, opt):
+        # The noise is z·C whatever the groups: their bounds' L2 norm is C.
+        assert opt.max_grad_norm == 2.0 and opt.noise_multiplier == 1.0
+        assert opt.group_bounds == pytest.approx((1.2, 1.6)) and opt.group_of == (0, 1)
+    model.adapter.weight.requires_grad_(False)  # site-dp.trainable=head: the head alone
+    optimizer = torch.optim.SGD([model.classifier.weight], lr=1.0)
+    with private(model, optimizer, dp=dp, batch_size=2, is_head=head) as (_, opt):
+        assert opt.group_bounds == () and opt.max_grad_norm == 2.0  # flat, at the whole C
+
+
+@pytest.mark.parametrize("share", [1.0, -0.1, float("nan"), 1.5])
+def test_an_adapter_clip_share_outside_0_1_is_refused(share: float) -> None:
+    with pytest.raises(ConfigError, match=r"site-dp\.adapter-clip-share=.* must be in \[0, 1\)"):
+        SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, adapter_clip_share=share)

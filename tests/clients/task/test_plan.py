@@ -39,6 +39,14 @@ def test_plan_round_trips_through_a_flat_config() -> None:
         ({"spec.labels": ["a", 3]}, "spec.labels is not a list of strings"),
         ({"site_dp_trainable": "lora"}, "site-dp.trainable='lora' must be one of all, head"),
         ({"site_dp_trainable": "head"}, "site-dp.trainable='head' needs sample-level DP"),
+        (
+            {"site_dp_adapter_clip_share": 0.6},
+            "site-dp.adapter-clip-share=0.6 needs sample-level DP",
+        ),
+        (
+            {"site_dp_noise_multiplier": 1.0, "site_dp_adapter_clip_share": 1.0},
+            r"site-dp.adapter-clip-share=1.0 must be in \[0, 1\)",
+        ),
         # NaN compares false with 0, so it would read as "off": no DP-SGD, no clipping.
         ({"site_dp_noise_multiplier": float("nan")}, "site-dp.noise-multiplier=nan must be"),
         ({"clip_norm": float("nan")}, "clip-norm=nan must be finite"),
@@ -105,3 +113,18 @@ def test_the_plan_carries_the_dp_optimizer_only_where_it_is_plain_sgd() -> None:
     # Plain training is AdamW; a plan asking for SGD without DP is refused, naming the key.
     with pytest.raises(ConfigError, match=r"site-dp\.optimizer='sgd' needs sample-level DP"):
         TrainPlan(spec=spec, base_digest="d", site_dp_optimizer="sgd")
+
+
+def test_the_plan_carries_group_wise_clipping_only_where_it_is_on() -> None:
+    spec = ModelSpec(labels=("a", "b"))
+    grouped = TrainPlan(
+        spec=spec, base_digest="d", site_dp_noise_multiplier=1.0, site_dp_adapter_clip_share=0.6
+    )
+    wire = TrainPlan.from_config(grouped.to_config())
+    assert wire.site_dp_adapter_clip_share == 0.6
+    assert wire.sample_dp(100).adapter_clip_share == 0.6  # what the site trains with
+    # Flat clipping travels as no field: a site from before the key takes such a plan (and
+    # refuses a grouped one as an unknown field rather than clip flat unannounced).
+    flat = TrainPlan(spec=spec, base_digest="d", site_dp_noise_multiplier=1.0)
+    assert "site_dp_adapter_clip_share" not in flat.to_config()
+    assert TrainPlan.from_config(flat.to_config()).sample_dp(100).adapter_clip_share == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -104,7 +106,7 @@ def test_fedlc_with_an_absent_label_still_trains_to_finite_tensors(loaded) -> No
     assert all(np.all(np.isfinite(v)) for v in trainable_state(loaded.model).values())
 
 
-def _dp_plan(loaded, *, trainable: str) -> TrainPlan:
+def _dp_plan(loaded, *, trainable: str, share: float = 0.0) -> TrainPlan:
     return TrainPlan(
         spec=loaded.spec,
         base_digest=base_digest(loaded.spec.base),
@@ -112,7 +114,38 @@ def _dp_plan(loaded, *, trainable: str) -> TrainPlan:
         learning_rate=0.05,
         site_dp_noise_multiplier=1.0,
         site_dp_trainable=trainable,
+        site_dp_adapter_clip_share=share,
     )
+
+
+@pytest.mark.parametrize(("trainable", "share"), [("all", 0.6), ("head", 0.6), ("all", 0.0)])
+def test_dp_sgd_clips_the_head_and_the_lora_tensors_as_groups_when_asked(
+    loaded, monkeypatch: pytest.MonkeyPatch, trainable: str, share: float
+) -> None:
+    # The groups come from the real model's tensor names (PEFT's head copy, the LoRA
+    # matrices): a spy on the DP-SGD wrapper (a pure unit seam) reads the optimiser's.
+    seen: list[tuple] = []
+    original = train_module.private
+
+    @contextlib.contextmanager
+    def spy(model, optimizer, **kwargs):
+        with original(model, optimizer, **kwargs) as (forward, opt):
+            named = {id(p): n for n, p in model.named_parameters()}
+            pairs = zip(opt.params, opt.group_of, strict=False)  # no groups when flat
+            seen.append((opt.group_bounds, [(named[id(p)], g) for p, g in pairs]))
+            yield forward, opt
+
+    monkeypatch.setattr(train_module, "private", spy)
+    plan = _dp_plan(loaded, trainable=trainable, share=share)
+    load_trainable_state(loaded.model, _initial(loaded))
+    train_local(loaded, EXAMPLES, plan=plan, generator=torch.Generator(), dp=plan.sample_dp(12))
+    [(bounds, groups)] = seen
+    if trainable == "all" and share:
+        assert bounds == pytest.approx((0.6, 0.8))  # of site-dp.max-grad-norm 1
+        assert {g for n, g in groups if is_head_tensor(n)} == {1}
+        assert {g for n, g in groups if "lora_B" in n} == {0} and len(groups) > 2
+    else:  # one group (the head alone), or flat: Opacus' own clipping
+        assert bounds == () and groups == []
 
 
 @pytest.mark.parametrize("trainable", ["head", "all"])
@@ -149,9 +182,9 @@ def test_a_full_batch_dp_step_averages_over_the_rows_the_site_has(
     seen: list[int] = []
     original = train_module.private
 
-    def spy(model, optimizer, *, dp, batch_size):
+    def spy(model, optimizer, *, dp, batch_size, **kwargs):
         seen.append(batch_size)
-        return original(model, optimizer, dp=dp, batch_size=batch_size)
+        return original(model, optimizer, dp=dp, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(train_module, "private", spy)
     plan = _dp_plan(loaded, trainable="all")

@@ -711,8 +711,13 @@ class RunSettings:
         if "site_dp_learning_rate" in fingerprint and "site_dp_optimizer" not in fingerprint:
             # A checkpoint from before site-dp.optimizer: its sites ran DP-Adam.
             fingerprint = {**fingerprint, "site_dp_optimizer": LEGACY_SITE_DP_OPTIMIZER}
-        if "site_dp_learning_rate" in fingerprint:
-            # A site-DP checkpoint from before site-dp.adapter-clip-share clipped flat.
+        if any(
+            isinstance(v, int | float) and v > 0
+            for v in (
+                fingerprint.get("site_dp_noise_multiplier"),
+                fingerprint.get("site_dp_target_epsilon"),
+            )
+        ):  # A site-DP checkpoint from before site-dp.adapter-clip-share clipped flat.
             fingerprint = {"site_dp_adapter_clip_share": 0.0, **fingerprint}
         return sorted(
             f"{FINGERPRINT_KEYS.get(name, name)} was {fingerprint.get(name)!r}, now {now[name]!r}"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from opacus.optimizers.utils import params as optimizer_params
 
 from clients.task.errors import ConfigError
 from clients.task.secure_random import SecureRandom
+
+log = logging.getLogger(__name__)
 
 # The largest target ε a run may ask for. ε bounds an odds ratio e^ε that leaves float
 # range near ε = 709, so a target in the millions promises nothing (it is a typo); and
@@ -201,14 +204,26 @@ def solve_noise_multiplier(
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
-    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`, with
-    optional group-wise clipping.
+    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`, clipping in
+    float32 at least, optionally group-wise.
 
-    `DPOptimizer.add_noise` changes: the noise is drawn in float64 and added in the
-    parameter's dtype and device. With ``group_bounds`` (one bound per group, whose L2
-    norm is ``max_grad_norm``) and ``group_of`` (each of ``self.params``' group), each
-    example's gradient is clipped per group (`clip_and_accumulate`); scaling and stepping
-    stay Opacus'.
+    Opacus' per-example clipping, with two changes that keep the sensitivity at
+    ``max_grad_norm`` (C):
+
+    - Clipping runs in float32 or wider whatever the tensor's dtype: a bfloat16 head's
+      norms and sums would otherwise round past C (by a few tenths of a percent). The noised sum is
+      rounded to the tensor's dtype only after the noise, which is post-processing.
+    - With ``group_bounds`` (one bound per group, their L2 norm at most C) and
+      ``group_of`` (the group of each of ``self.params``, every group used), each
+      example's gradient is clipped per group. Flat clipping is one group at C, Opacus'
+      maths (its factor ``bound / (norm + 1e-6)``, at most 1, aimed 1e-6 lower so that
+      float32 rounding keeps each clipped gradient within its bound).
+
+    The noise is drawn in float64 with std ``noise_multiplier · C`` on every coordinate
+    and added in the summed gradient's dtype; scaling and stepping stay Opacus'.
+
+    Raises:
+        ValueError: If the groups do not cover the tensors or the bounds exceed C.
     """
 
     def __init__(
@@ -221,34 +236,46 @@ class SecureNoiseDPOptimizer(DPOptimizer):
     ) -> None:
         super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
         self.noise_source = SecureRandom()  # a fresh key for every DP-SGD run
-        if group_bounds and (
-            len(group_of) != len(self.params)
-            or math.hypot(*group_bounds) > self.max_grad_norm * (1 + 1e-9)
+        if not group_bounds:  # flat: one group at the whole bound
+            group_of, group_bounds = (0,) * len(self.params), (self.max_grad_norm,)
+        self.group_of, self.group_bounds = tuple(group_of), tuple(group_bounds)
+        if (
+            len(self.group_of) != len(self.params)
+            or (self.params and set(self.group_of) != set(range(len(self.group_bounds))))
+            or not all(0 <= b < math.inf for b in self.group_bounds)
+            or math.hypot(*self.group_bounds) > self.max_grad_norm * (1 + 1e-9)
         ):
             raise ValueError(
-                f"clip groups {list(group_bounds)} over {len(group_of)} of "
-                f"{len(self.params)} tensors do not fit max_grad_norm={self.max_grad_norm}"
+                f"clip groups {list(self.group_bounds)} (tensors' groups "
+                f"{list(self.group_of)}) do not cover the {len(self.params)} tensors within "
+                f"max_grad_norm={self.max_grad_norm}"
             )
-        self.group_of, self.group_bounds = tuple(group_of), tuple(group_bounds)
 
     def clip_and_accumulate(self) -> None:
-        """Opacus' flat clipping, or each group's per-example norm clipped to its bound."""
-        if not self.group_bounds or len(self.grad_samples[0]) == 0:
-            super().clip_and_accumulate()
+        """Clip each example's gradient per group to the group's bound (in float32 at
+        least) and add the clipped gradients to each tensor's ``summed_grad``."""
+        if not self.params or len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()  # an empty batch: Opacus' zero sum
             return
-        norms = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        samples = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in samples]
+        device = samples[0].device
+        norms = [g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in samples]
         factors = []
         for group, bound in enumerate(self.group_bounds):
             mine = [n for n, g in zip(norms, self.group_of, strict=True) if g == group]
-            total = torch.stack(mine, dim=1).norm(2, dim=1) if mine else None
-            # Opacus' own factor, per group: C / (norm + 1e-6), at most 1
-            factors.append(None if total is None else (bound / (total + 1e-6)).clamp(max=1.0))
-        for p, group in zip(self.params, self.group_of, strict=True):
+            total = torch.stack(mine, dim=1).norm(2, dim=1)
+            # Opacus' factor aimed 1e-6 below the bound: the float32 rounding of the
+            # clipped gradient (2^-24 of each coordinate) cannot take it past.
+            factors.append((bound * (1 - 1e-6) / (total + 1e-6)).clamp(max=1.0))
+        for p, sample, group in zip(self.params, samples, self.group_of, strict=True):
             _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            factor = factors[group].to(device=grad_sample.device, dtype=p.dtype)
-            grad = torch.einsum("i,i...", factor, grad_sample)
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            factor = factors[group].to(device=sample.device, dtype=sample.dtype)
+            grad = torch.einsum("i,i...", factor, sample)
+            if p.summed_grad is None:
+                p.summed_grad = grad
+            else:
+                p.summed_grad += grad
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
@@ -259,7 +286,7 @@ class SecureNoiseDPOptimizer(DPOptimizer):
             if std > 0:
                 noise = self.noise_source.normal(0.0, std, size=tuple(grad.shape))
                 grad = grad + torch.from_numpy(noise).to(device=grad.device, dtype=grad.dtype)
-            p.grad = grad.view_as(p)
+            p.grad = grad.to(p.dtype).view_as(p)  # rounded after the noise: post-processing
             _mark_as_processed(p.summed_grad)
 
 
@@ -270,14 +297,17 @@ def private(
     *,
     dp: SampleDP,
     batch_size: int,
-    is_head: Callable[[str], bool] = lambda name: False,
+    is_head: Callable[[str], bool],
 ) -> Iterator[tuple[torch.nn.Module, torch.optim.Optimizer]]:
     """Yield (per-example-gradient model, DP optimizer); remove Opacus' hooks after.
 
     The model is the one cached across rounds, so the hooks must not outlive training.
     The optimizer's noise is secret by construction (`SecureNoiseDPOptimizer`). With
-    ``dp.adapter_clip_share`` > 0 and both head tensors (``is_head`` of the parameter's
-    name) and adapter tensors in the optimizer, clipping is group-wise; otherwise flat.
+    ``dp.adapter_clip_share`` s > 0, the head group is the trained tensors ``is_head``
+    matches by name and the adapter group every other trained tensor (a head tensor it
+    misses would share the adapter's bound: worse training, the same privacy); with both
+    groups present clipping is group-wise, else flat (warned of: the round plan refuses
+    the settings where a site has no head or trains it alone).
     """
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     names = {id(p): name for name, p in model.named_parameters()}
@@ -285,6 +315,12 @@ def private(
     group_of = [int(is_head(names.get(id(p), ""))) for p in optimizer_params(optimizer)]
     share = dp.adapter_clip_share
     grouped = share > 0 and len(set(group_of)) == 2
+    if share > 0 and not grouped:
+        log.warning(
+            "site-dp.adapter-clip-share=%g: the trained tensors are not both head and "
+            "adapter tensors, so clipping is flat",
+            share,
+        )
     dp_optimizer = SecureNoiseDPOptimizer(
         optimizer,
         noise_multiplier=dp.noise_multiplier,

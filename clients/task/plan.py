@@ -115,6 +115,16 @@ class TrainPlan:
                 f"site-dp.optimizer={short(self.site_dp_optimizer)} must be one of "
                 f"{', '.join(SITE_DP_OPTIMIZERS)}"
             )
+        share = self.site_dp_adapter_clip_share
+        if share and (
+            self.site_dp_trainable != "all" or self.spec.task != "sequence-classification"
+        ):
+            raise ConfigError(
+                f"site-dp.adapter-clip-share={share!r} applies to sequence-classification "
+                f"with site-dp.trainable='all' only, not task={self.spec.task!r} with "
+                f"site-dp.trainable={self.site_dp_trainable!r}: clipping is flat where a "
+                "site has no head or trains it alone (set 0)"
+            )
         if self.site_dp_trainable != "all" and self.spec.task != "sequence-classification":
             raise ConfigError(
                 f"site-dp.trainable={self.site_dp_trainable!r} applies to "

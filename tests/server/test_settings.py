@@ -400,6 +400,9 @@ def test_a_private_checkpoint_from_before_group_wise_clipping_resumes_only_flat(
         "site-dp.adapter-clip-share was 0.0, now 0.6 (set site-dp.adapter-clip-share=0.0 "
         "again to resume)"
     ]
+    # A private checkpoint from before site-dp.learning-rate too: still read as flat.
+    del old["site_dp_learning_rate"]
+    assert grouped.changed_since(old)[0].startswith("site-dp.adapter-clip-share was 0.0")
     # A non-private checkpoint never had the key and needs none.
     plain = RunSettings.from_config(OK).fingerprint()
     assert "site_dp_adapter_clip_share" not in plain

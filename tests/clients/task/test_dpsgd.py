@@ -198,23 +198,55 @@ def test_a_plan_names_an_unknown_site_dp_optimizer() -> None:
 
 
 class _TwoGroups(torch.nn.Module):
-    """A stand-in for adapter + head: two linear maps, named as the groups are."""
+    """A stand-in for adapter + head, several tensors each, named as the groups are."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.adapter = torch.nn.Linear(3, 3, bias=False)
-        self.classifier = torch.nn.Linear(3, 2, bias=False)
+        self.adapter = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+        self.classifier = torch.nn.Linear(3, 2).to(head_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.adapter(x))
+        hidden = self.adapter(x).to(self.classifier.weight.dtype)
+        return self.classifier(hidden).float()
+
+    def shuffled(self) -> list[torch.nn.Parameter]:
+        """The tensors in another order than named_parameters, groups interleaved."""
+        a0, a1 = self.adapter
+        return [
+            self.classifier.bias,
+            a1.weight,
+            a0.bias,
+            self.classifier.weight,
+            a0.weight,
+            a1.bias,
+        ]
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith("classifier")
+
+
+def _dp_optimizer(model: _TwoGroups, share: float, batch: int):
+    from clients.task.dpsgd import private
+
+    optimizer = torch.optim.SGD(
+        [{"params": model.shuffled()[:3]}, {"params": model.shuffled()[3:]}], lr=1.0
+    )
+    dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1.0, adapter_clip_share=share)
+    return private(model, optimizer, dp=dp, batch_size=batch, is_head=_is_head)
+
+
+def _wrong(model: _TwoGroups, x: torch.Tensor) -> torch.Tensor:
+    """The label each row's logits like least: a large input then has a large gradient."""
+    with torch.no_grad():
+        return model(x).argmin(dim=1)
 
 
 def _one_dp_step(share: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients (no DP) and the step one noiseless DP-SGD step (lr 1) takes."""
-    from clients.task.dpsgd import private
-
     torch.manual_seed(0)
     model = _TwoGroups()
+    y = torch.where(y < 0, _wrong(model, x), y)
     per_example = []
     for i in range(len(x)):
         model.zero_grad()
@@ -222,73 +254,134 @@ def _one_dp_step(share: float, x: torch.Tensor, y: torch.Tensor) -> dict[str, to
         per_example.append({n: p.grad.clone() for n, p in model.named_parameters()})
     model.zero_grad()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1.0, adapter_clip_share=share)
-    with private(
-        model, optimizer, dp=dp, batch_size=len(x), is_head=lambda n: n.startswith("classifier")
-    ) as (forward, opt):
+    with _dp_optimizer(model, share, len(x)) as (forward, opt):
         torch.nn.functional.cross_entropy(forward(x), y).backward()
         opt.step()
     step = {n: before[n] - p.detach() for n, p in model.named_parameters()}
     return {"step": step, "per_example": per_example}  # type: ignore[dict-item]
 
 
-def _clipped(grads: dict[str, torch.Tensor], names: list[str], bound: float) -> list[torch.Tensor]:
-    norm = math.sqrt(sum(float(grads[n].pow(2).sum()) for n in names))
-    factor = min(1.0, bound / (norm + 1e-6))
-    return [grads[n] * factor for n in names]
+def _norm(tensors: dict[str, torch.Tensor], head: bool | None = None) -> float:
+    return math.sqrt(
+        sum(
+            float(t.double().pow(2).sum())
+            for n, t in tensors.items()
+            if head in (None, _is_head(n))
+        )
+    )
 
 
 @pytest.mark.parametrize("share", [0.6, 0.0])
 def test_group_wise_clipping_bounds_the_adapter_and_the_head_separately(share: float) -> None:
     # He et al. 2023: each example's adapter gradient is clipped to s·C and its head
-    # gradient to sqrt(1 - s²)·C, so the whole stays within C (the noise's sensitivity);
-    # share 0 is Opacus' flat clipping of the whole. One example with large gradients
-    # (clipped) and one with small ones, checked against clipping by hand.
-    x = torch.tensor([[300.0, -200.0, 100.0], [0.01, 0.02, -0.01]])
-    y = torch.tensor([0, 1])
+    # gradient to sqrt(1 - s²)·C, each over all of the group's tensors, so the whole stays
+    # within C (the noise's sensitivity); share 0 is Opacus' flat clipping of the whole.
+    # One example with large gradients (clipped) and one with small ones, checked against
+    # clipping by hand; the optimiser lists the tensors in another order than the model.
+    x = torch.tensor([[30.0, -20.0, 10.0], [0.01, 0.02, -0.01]])
+    y = torch.tensor([-1, 1])  # the first row: its least likely label
     out = _one_dp_step(share, x, y)
-    groups = [["adapter.weight"], ["classifier.weight"]]
     expected: dict[str, torch.Tensor] = {}
     for grads in out["per_example"]:
-        if share:
-            parts = [
-                (groups[0], _clipped(grads, groups[0], share)),
-                (groups[1], _clipped(grads, groups[1], math.sqrt(1 - share**2))),
-            ]
-        else:
-            names = groups[0] + groups[1]
-            parts = [(names, _clipped(grads, names, 1.0))]
-        for names, clipped in parts:
-            for n, g in zip(names, clipped, strict=True):
-                expected[n] = expected.get(n, 0) + g / len(x)
+        groups = [[True, False]] if not share else [[True], [False]]
+        for members in groups:
+            part = {n: g for n, g in grads.items() if _is_head(n) in members}
+            bound = 1.0 if not share else (math.sqrt(1 - share**2) if members[0] else share)
+            factor = min(1.0, bound * (1 - 1e-6) / (_norm(part) + 1e-6))
+            for n, g in part.items():
+                expected[n] = expected.get(n, 0) + g * factor / len(x)
     big = out["per_example"][0]
-    assert float(big["adapter.weight"].norm()) > 1 and float(big["classifier.weight"].norm()) > 1
+    assert _norm(big, head=True) > 1 and _norm(big, head=False) > 1  # both clipped
+    assert len(out["step"]) == 6
     for n, step in out["step"].items():
         torch.testing.assert_close(step, expected[n], rtol=1e-4, atol=1e-7)
-    if share:  # alone, the large example's groups take s and sqrt(1 - s²) of the bound
+    # Alone, the large example's groups take s and sqrt(1 - s²) of the bound, all C.
+    alone = _one_dp_step(share, x[:1], y[:1])["step"]
+    assert _norm(alone) == pytest.approx(1.0, rel=1e-4)
+    if share:
+        assert _norm(alone, head=False) == pytest.approx(share, rel=1e-4)
+        assert _norm(alone, head=True) == pytest.approx(0.8, rel=1e-4)
         flat = _one_dp_step(0.0, x[:1], y[:1])["step"]
-        grouped = _one_dp_step(share, x[:1], y[:1])["step"]
-        assert float(grouped["adapter.weight"].norm()) == pytest.approx(share, rel=1e-4)
-        assert float(grouped["classifier.weight"].norm()) == pytest.approx(0.8, rel=1e-4)
-        assert abs(float(flat["adapter.weight"].norm()) - share) > 0.1  # flat differs
+        assert abs(_norm(flat, head=False) - share) > 0.1  # flat would split it otherwise
 
 
-def test_group_wise_clipping_needs_both_groups_and_keeps_the_noise_of_the_bound() -> None:
+@pytest.mark.parametrize("share", [0.6, 0.0])
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
+def test_a_clipped_example_stays_within_the_bound_after_rounding(
+    share: float, head_dtype: torch.dtype
+) -> None:
+    # The clipped gradient of one example, what the noise's std z·C is set against, must
+    # stay within C (and each group within its bound) after float rounding. A bf16 head
+    # (a base saved in bf16) would round its norms and sums past C by a few tenths of a percent:
+    # clipping runs in float32, and the sum is rounded to bf16 only after the noise
+    # (post-processing).
+    torch.manual_seed(1)
+    model = _TwoGroups(head_dtype=head_dtype)
+    worst = 0.0
+    for _ in range(32):
+        x = torch.randn(1, 3) * 30
+        with _dp_optimizer(model, share, 1) as (forward, opt):
+            torch.nn.functional.cross_entropy(forward(x), _wrong(model, x)).backward()
+            opt.clip_and_accumulate()
+            sums = {n: p.summed_grad for n, p in model.named_parameters()}
+            assert sums["classifier.weight"].dtype == torch.float32
+            worst = max(worst, _norm(sums))
+            if share:
+                assert _norm(sums, head=False) <= share
+                assert _norm(sums, head=True) <= math.sqrt(1 - share**2)
+            opt.zero_grad(set_to_none=True)
+    assert 0.999 < worst <= 1.0
+
+
+def test_group_wise_clipping_needs_both_groups_and_keeps_the_noise_of_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from clients.task.dpsgd import private
 
     model = _TwoGroups()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     dp = SampleDP(noise_multiplier=1.0, max_grad_norm=2.0, adapter_clip_share=0.6)
-    head = lambda n: n.startswith("classifier")  # noqa: E731
-    with private(model, optimizer, dp=dp, batch_size=2, is_head=head) as (_, opt):
+    with private(model, optimizer, dp=dp, batch_size=2, is_head=_is_head) as (_, opt):
         # The noise is z·C whatever the groups: their bounds' L2 norm is C.
         assert opt.max_grad_norm == 2.0 and opt.noise_multiplier == 1.0
-        assert opt.group_bounds == pytest.approx((1.2, 1.6)) and opt.group_of == (0, 1)
-    model.adapter.weight.requires_grad_(False)  # site-dp.trainable=head: the head alone
-    optimizer = torch.optim.SGD([model.classifier.weight], lr=1.0)
-    with private(model, optimizer, dp=dp, batch_size=2, is_head=head) as (_, opt):
-        assert opt.group_bounds == () and opt.max_grad_norm == 2.0  # flat, at the whole C
+        assert opt.group_bounds == pytest.approx((1.2, 1.6))
+        assert opt.group_of == (0, 0, 0, 0, 1, 1)
+    head = [model.classifier.weight, model.classifier.bias]  # site-dp.trainable=head
+    with (
+        caplog.at_level("WARNING", logger="clients.task.dpsgd"),
+        private(model, torch.optim.SGD(head, lr=1.0), dp=dp, batch_size=2, is_head=_is_head) as (
+            _,
+            opt,
+        ),
+    ):
+        assert opt.group_bounds == (2.0,) and opt.group_of == (0, 0)  # flat, at the whole C
+    assert "site-dp.adapter-clip-share=0.6: the trained tensors are not both" in caplog.text
+
+
+def test_clip_groups_that_miss_a_tensor_or_exceed_the_bound_are_refused() -> None:
+    from clients.task.dpsgd import SecureNoiseDPOptimizer
+
+    def build(group_of, bounds):
+        model = torch.nn.Linear(2, 2)
+        return SecureNoiseDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=2,
+            group_of=group_of,
+            group_bounds=bounds,
+        )
+
+    assert build((0, 1), (0.6, 0.8)).group_bounds == (0.6, 0.8)
+    for group_of, bounds in [
+        ((-1, 1), (0.6, 0.8)),  # a tensor in no group would escape every norm
+        ((0, 0), (0.6, 0.8)),  # an empty group
+        ((0,), (0.6, 0.8)),  # a tensor without a group
+        ((0, 1), (0.7, 0.8)),  # above C together
+        ((0, 1), (float("nan"), 0.8)),
+    ]:
+        with pytest.raises(ValueError, match="do not cover"):
+            build(group_of, bounds)
 
 
 @pytest.mark.parametrize("share", [1.0, -0.1, float("nan"), 1.5])

@@ -128,3 +128,19 @@ def test_the_plan_carries_group_wise_clipping_only_where_it_is_on() -> None:
     flat = TrainPlan(spec=spec, base_digest="d", site_dp_noise_multiplier=1.0)
     assert "site_dp_adapter_clip_share" not in flat.to_config()
     assert TrainPlan.from_config(flat.to_config()).sample_dp(100).adapter_clip_share == 0.0
+    # Where a site would clip flat anyway (no head, or the head alone), the key is refused
+    # rather than recorded as if it had applied.
+    for change in (
+        {"site_dp_trainable": "head"},
+        {"spec": ModelSpec(task="causal-lm")},
+    ):
+        with pytest.raises(ConfigError, match=r"site-dp\.adapter-clip-share=0\.6 applies to seq"):
+            TrainPlan(
+                **{
+                    "spec": spec,
+                    "base_digest": "d",
+                    "site_dp_noise_multiplier": 1.0,
+                    "site_dp_adapter_clip_share": 0.6,
+                    **change,
+                }
+            )

@@ -118,7 +118,7 @@ def _dp_plan(loaded, *, trainable: str, share: float = 0.0) -> TrainPlan:
     )
 
 
-@pytest.mark.parametrize(("trainable", "share"), [("all", 0.6), ("head", 0.6), ("all", 0.0)])
+@pytest.mark.parametrize(("trainable", "share"), [("all", 0.6), ("head", 0.0), ("all", 0.0)])
 def test_dp_sgd_clips_the_head_and_the_lora_tensors_as_groups_when_asked(
     loaded, monkeypatch: pytest.MonkeyPatch, trainable: str, share: float
 ) -> None:
@@ -131,7 +131,7 @@ def test_dp_sgd_clips_the_head_and_the_lora_tensors_as_groups_when_asked(
     def spy(model, optimizer, **kwargs):
         with original(model, optimizer, **kwargs) as (forward, opt):
             named = {id(p): n for n, p in model.named_parameters()}
-            pairs = zip(opt.params, opt.group_of, strict=False)  # no groups when flat
+            pairs = zip(opt.params, opt.group_of, strict=True)
             seen.append((opt.group_bounds, [(named[id(p)], g) for p, g in pairs]))
             yield forward, opt
 
@@ -144,8 +144,8 @@ def test_dp_sgd_clips_the_head_and_the_lora_tensors_as_groups_when_asked(
         assert bounds == pytest.approx((0.6, 0.8))  # of site-dp.max-grad-norm 1
         assert {g for n, g in groups if is_head_tensor(n)} == {1}
         assert {g for n, g in groups if "lora_B" in n} == {0} and len(groups) > 2
-    else:  # one group (the head alone), or flat: Opacus' own clipping
-        assert bounds == () and groups == []
+    else:  # the head alone, or flat: one group at the whole bound
+        assert bounds == (1.0,) and {g for _, g in groups} == {0}
 
 
 @pytest.mark.parametrize("trainable", ["head", "all"])

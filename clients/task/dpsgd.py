@@ -204,26 +204,32 @@ def solve_noise_multiplier(
 
 
 class SecureNoiseDPOptimizer(DPOptimizer):
-    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`, clipping in
-    float32 at least, optionally group-wise.
+    """Opacus' `DPOptimizer` whose Gaussian noise comes from `SecureRandom`, with
+    clipping that holds each example within its bound after rounding, optionally
+    group-wise.
 
-    Opacus' per-example clipping, with two changes that keep the sensitivity at
-    ``max_grad_norm`` (C):
+    Opacus' per-example clipping (its factor ``bound / (norm + 1e-6)``, at most 1), with
+    these changes:
 
-    - Clipping runs in float32 or wider whatever the tensor's dtype: a bfloat16 head's
-      norms and sums would otherwise round past C (by a few tenths of a percent). The noised sum is
-      rounded to the tensor's dtype only after the noise, which is post-processing.
-    - With ``group_bounds`` (one bound per group, their L2 norm at most C) and
-      ``group_of`` (the group of each of ``self.params``, every group used), each
-      example's gradient is clipped per group. Flat clipping is one group at C, Opacus'
-      maths (its factor ``bound / (norm + 1e-6)``, at most 1, aimed 1e-6 lower so that
-      float32 rounding keeps each clipped gradient within its bound).
+    - The per-example norms, group totals and factors are float64, and the factor aims
+      1e-6 below the bound: a float32 norm over a large tensor (a 768 × 768 head) reads
+      low by up to about 1e-5, and the clipped gradient then lands past the bound.
+    - Each clipped gradient is float32 or wider whatever the tensor's dtype (a bfloat16
+      head's would round past the bound by a few tenths of a percent), accumulated in
+      ``summed_grad`` at that width, and rounded to the tensor's dtype only after the
+      noise is added (post-processing). The batch sum's own float32 rounding (about 1e-6
+      of it) is not covered, as in Opacus.
+    - With ``group_bounds`` (one bound per group, their L2 norm at most C =
+      ``max_grad_norm``) and ``group_of`` (the group of each of ``self.params``, every
+      group used), each example's gradient is clipped per group (He et al. 2023). Flat
+      clipping is one group at C.
 
-    The noise is drawn in float64 with std ``noise_multiplier · C`` on every coordinate
-    and added in the summed gradient's dtype; scaling and stepping stay Opacus'.
+    The noise is drawn in float64 with std ``noise_multiplier · C`` on every coordinate;
+    scaling and stepping stay Opacus'.
 
     Raises:
-        ValueError: If the groups do not cover the tensors or the bounds exceed C.
+        ValueError: If the groups do not match the tensors, or the bounds are not finite
+            or their L2 norm exceeds C.
     """
 
     def __init__(
@@ -239,37 +245,43 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         if not group_bounds:  # flat: one group at the whole bound
             group_of, group_bounds = (0,) * len(self.params), (self.max_grad_norm,)
         self.group_of, self.group_bounds = tuple(group_of), tuple(group_bounds)
-        if (
-            len(self.group_of) != len(self.params)
-            or (self.params and set(self.group_of) != set(range(len(self.group_bounds))))
-            or not all(0 <= b < math.inf for b in self.group_bounds)
-            or math.hypot(*self.group_bounds) > self.max_grad_norm * (1 + 1e-9)
+        if len(self.group_of) != len(self.params) or (
+            self.params and set(self.group_of) != set(range(len(self.group_bounds)))
         ):
             raise ValueError(
-                f"clip groups {list(self.group_bounds)} (tensors' groups "
-                f"{list(self.group_of)}) do not cover the {len(self.params)} tensors within "
-                f"max_grad_norm={self.max_grad_norm}"
+                f"clip groups {list(self.group_of)} of the {len(self.params)} tensors must "
+                f"use each of the {len(self.group_bounds)} bounds' groups and no other"
+            )
+        if not all(0 <= b < math.inf for b in self.group_bounds) or math.hypot(
+            *self.group_bounds
+        ) > self.max_grad_norm * (1 + 1e-9):
+            raise ValueError(
+                f"clip bounds {list(self.group_bounds)} must be finite, >= 0 and of L2 norm "
+                f"at most max_grad_norm={self.max_grad_norm}"
             )
 
     def clip_and_accumulate(self) -> None:
-        """Clip each example's gradient per group to the group's bound (in float32 at
-        least) and add the clipped gradients to each tensor's ``summed_grad``."""
+        """Clip each example's gradient per group to the group's bound (see the class) and
+        add the clipped gradients to each tensor's ``summed_grad``."""
         if not self.params or len(self.grad_samples[0]) == 0:
-            super().clip_and_accumulate()  # an empty batch: Opacus' zero sum
+            super().clip_and_accumulate()  # an empty batch: Opacus' zero sum, widened
+            for p in self.params:
+                p.summed_grad = p.summed_grad.to(_wide(p.summed_grad.dtype))
             return
-        samples = [self._get_flat_grad_sample(p) for p in self.params]
-        samples = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in samples]
-        device = samples[0].device
-        norms = [g.reshape(len(g), -1).norm(2, dim=-1).to(device) for g in samples]
+        device = self._get_flat_grad_sample(self.params[0]).device
+        norms = [
+            torch.linalg.vector_norm(g.reshape(len(g), -1), dim=-1, dtype=torch.float64).to(device)
+            for g in (self._get_flat_grad_sample(p) for p in self.params)
+        ]
         factors = []
         for group, bound in enumerate(self.group_bounds):
             mine = [n for n, g in zip(norms, self.group_of, strict=True) if g == group]
             total = torch.stack(mine, dim=1).norm(2, dim=1)
-            # Opacus' factor aimed 1e-6 below the bound: the float32 rounding of the
-            # clipped gradient (2^-24 of each coordinate) cannot take it past.
             factors.append((bound * (1 - 1e-6) / (total + 1e-6)).clamp(max=1.0))
-        for p, sample, group in zip(self.params, samples, self.group_of, strict=True):
+        for p, group in zip(self.params, self.group_of, strict=True):
             _check_processed_flag(p.grad_sample)
+            sample = self._get_flat_grad_sample(p)  # widened one tensor at a time
+            sample = sample.to(_wide(sample.dtype))
             factor = factors[group].to(device=sample.device, dtype=sample.dtype)
             grad = torch.einsum("i,i...", factor, sample)
             if p.summed_grad is None:
@@ -288,6 +300,11 @@ class SecureNoiseDPOptimizer(DPOptimizer):
                 grad = grad + torch.from_numpy(noise).to(device=grad.device, dtype=grad.dtype)
             p.grad = grad.to(p.dtype).view_as(p)  # rounded after the noise: post-processing
             _mark_as_processed(p.summed_grad)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the dtype where it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @contextlib.contextmanager
@@ -321,20 +338,20 @@ def private(
             "adapter tensors, so clipping is flat",
             share,
         )
-    dp_optimizer = SecureNoiseDPOptimizer(
-        optimizer,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=batch_size,
-        loss_reduction="mean",
-        group_of=group_of if grouped else (),
-        group_bounds=(
-            (share * dp.max_grad_norm, math.sqrt(1 - share * share) * dp.max_grad_norm)
-            if grouped
-            else ()
-        ),
-    )
-    try:
+    try:  # the hooks come off whatever fails from here on
+        dp_optimizer = SecureNoiseDPOptimizer(
+            optimizer,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+            group_of=group_of if grouped else (),
+            group_bounds=(
+                (share * dp.max_grad_norm, math.sqrt(1 - share * share) * dp.max_grad_norm)
+                if grouped
+                else ()
+            ),
+        )
         yield wrapped, dp_optimizer
     finally:
         wrapped.cleanup()  # removes the hooks and the grad_sample attributes

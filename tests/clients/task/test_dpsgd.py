@@ -373,15 +373,80 @@ def test_clip_groups_that_miss_a_tensor_or_exceed_the_bound_are_refused() -> Non
         )
 
     assert build((0, 1), (0.6, 0.8)).group_bounds == (0.6, 0.8)
-    for group_of, bounds in [
-        ((-1, 1), (0.6, 0.8)),  # a tensor in no group would escape every norm
-        ((0, 0), (0.6, 0.8)),  # an empty group
-        ((0,), (0.6, 0.8)),  # a tensor without a group
-        ((0, 1), (0.7, 0.8)),  # above C together
-        ((0, 1), (float("nan"), 0.8)),
+    for group_of, bounds, message in [
+        ((-1, 1), (0.6, 0.8), "must use each"),  # a tensor in no group escapes every norm
+        ((0, 0), (0.6, 0.8), "must use each"),  # an empty group
+        ((0,), (0.6, 0.8), "must use each"),  # a tensor without a group
+        ((0, 1), (0.7, 0.8), r"of L2 norm at most max_grad_norm=1\.0"),  # above C together
+        ((0, 1), (float("nan"), 0.8), "must be finite"),
     ]:
-        with pytest.raises(ValueError, match="do not cover"):
+        with pytest.raises(ValueError, match=message):
             build(group_of, bounds)
+
+
+class _Wide(torch.nn.Module):
+    """A float32 adapter and head 768 wide: float32 norms over them read low."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapter = torch.nn.Linear(768, 768)
+        self.classifier = torch.nn.Linear(768, 768)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.adapter(x))
+
+
+@pytest.mark.parametrize("share", [0.6, 0.0])
+def test_a_wide_float32_tensors_clipped_gradient_stays_within_the_bound(share: float) -> None:
+    # A float32 norm over 590k coordinates reads low by up to about 1e-5, more than the
+    # 1e-6 aim: the norms are float64, so each example's clipped gradient stays within C.
+    from clients.task.dpsgd import private
+
+    torch.manual_seed(2)
+    model = _Wide()
+    dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1.0, adapter_clip_share=share)
+    worst = 0.0
+    for _ in range(3):
+        x = torch.randn(1, 768) * 30
+        with torch.no_grad():
+            y = model(x).argmin(dim=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        with private(model, optimizer, dp=dp, batch_size=1, is_head=_is_head) as (forward, opt):
+            torch.nn.functional.cross_entropy(forward(x), y).backward()
+            opt.clip_and_accumulate()
+            sums = {n: p.summed_grad for n, p in model.named_parameters()}
+            worst = max(worst, _norm(sums))
+            if share:
+                assert _norm(sums, head=False) <= share
+            opt.zero_grad(set_to_none=True)
+    assert 0.99 < worst <= 1.0
+
+
+def test_the_noised_sum_is_rounded_to_a_bfloat16_tensor_only_after_the_noise() -> None:
+    # Rounding to bf16 after the noise is post-processing of the float32 noised sum;
+    # rounding before it would put back the rounding past the bound that clipping avoids.
+    torch.manual_seed(3)
+    model = _TwoGroups(head_dtype=torch.bfloat16)
+    x = torch.randn(2, 3) * 30
+    with _dp_optimizer(model, 0.6, 2) as (forward, opt):
+        torch.nn.functional.cross_entropy(forward(x), _wrong(model, x)).backward()
+        opt.noise_multiplier = 1.0  # a fixed "noise" in place of the CSPRNG's, to compare
+        noise = {}
+
+        def fixed(mean: float, std: float, size: tuple[int, ...]) -> np.ndarray:
+            value = np.full(size, 0.123456789 * std) + np.arange(np.prod(size)).reshape(size)
+            noise[size] = value
+            return value
+
+        opt.noise_source.normal = fixed
+        opt.clip_and_accumulate()
+        summed = {n: p.summed_grad.clone() for n, p in model.named_parameters()}
+        opt.add_noise()
+        for n, p in model.named_parameters():
+            assert summed[n].dtype == torch.float32 and p.grad.dtype == p.dtype
+            added = summed[n] + torch.from_numpy(noise[tuple(summed[n].shape)]).float()
+            torch.testing.assert_close(p.grad, added.to(p.dtype), rtol=0, atol=0)
+        assert model.classifier.weight.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("share", [1.0, -0.1, float("nan"), 1.5])

@@ -263,16 +263,15 @@ class SecureNoiseDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self) -> None:
         """Clip each example's gradient per group to the group's bound (see the class) and
         add the clipped gradients to each tensor's ``summed_grad``."""
-        if not self.params or len(self.grad_samples[0]) == 0:
+        if not self.params:
+            return
+        if len(self.grad_samples[0]) == 0:
             super().clip_and_accumulate()  # an empty batch: Opacus' zero sum, widened
             for p in self.params:
                 p.summed_grad = p.summed_grad.to(_wide(p.summed_grad.dtype))
             return
         device = self._get_flat_grad_sample(self.params[0]).device
-        norms = [
-            torch.linalg.vector_norm(g.reshape(len(g), -1), dim=-1, dtype=torch.float64).to(device)
-            for g in (self._get_flat_grad_sample(p) for p in self.params)
-        ]
+        norms = [_norms(self._get_flat_grad_sample(p)).to(device) for p in self.params]
         factors = []
         for group, bound in enumerate(self.group_bounds):
             mine = [n for n, g in zip(norms, self.group_of, strict=True) if g == group]
@@ -298,8 +297,19 @@ class SecureNoiseDPOptimizer(DPOptimizer):
             if std > 0:
                 noise = self.noise_source.normal(0.0, std, size=tuple(grad.shape))
                 grad = grad + torch.from_numpy(noise).to(device=grad.device, dtype=grad.dtype)
-            p.grad = grad.to(p.dtype).view_as(p)  # rounded after the noise: post-processing
+            # Rounded after the noise: post-processing. A new tensor, as Opacus' is, so that
+            # scaling p.grad never scales summed_grad.
+            p.grad = grad.to(p.dtype, copy=True).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+def _norms(samples: torch.Tensor) -> torch.Tensor:
+    """Each example's L2 norm of ``samples`` (examples first), in float64, 64 examples at a
+    time: the float64 copy stays a slice of the per-example gradients."""
+    flat = samples.reshape(len(samples), -1)
+    return torch.cat(
+        [torch.linalg.vector_norm(c, dim=-1, dtype=torch.float64) for c in flat.split(64)]
+    )
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -326,7 +336,6 @@ def private(
     groups present clipping is group-wise, else flat (warned of: the round plan refuses
     the settings where a site has no head or trains it alone).
     """
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     names = {id(p): name for name, p in model.named_parameters()}
     # The tensors Opacus clips, in its order (optimizer_params: those that need a grad)
     group_of = [int(is_head(names.get(id(p), ""))) for p in optimizer_params(optimizer)]
@@ -338,6 +347,7 @@ def private(
             "adapter tensors, so clipping is flat",
             share,
         )
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     try:  # the hooks come off whatever fails from here on
         dp_optimizer = SecureNoiseDPOptimizer(
             optimizer,

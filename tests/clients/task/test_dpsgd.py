@@ -418,8 +418,54 @@ def test_a_wide_float32_tensors_clipped_gradient_stays_within_the_bound(share: f
             worst = max(worst, _norm(sums))
             if share:
                 assert _norm(sums, head=False) <= share
+                assert _norm(sums, head=True) <= math.sqrt(1 - share**2)
             opt.zero_grad(set_to_none=True)
     assert 0.99 < worst <= 1.0
+
+
+@pytest.mark.parametrize("share", [0.6, 0.0])
+def test_the_noise_is_z_times_the_whole_bound_on_every_coordinate(share: float) -> None:
+    # The guarantee is the Gaussian mechanism's with sensitivity C: std z·C on every
+    # coordinate of every tensor, grouped or flat (the groups' bounds add up to C).
+    from clients.task.dpsgd import private
+
+    model = _TwoGroups()
+    x = torch.randn(2, 3)
+    dp = SampleDP(noise_multiplier=1.3, max_grad_norm=2.0, adapter_clip_share=share)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with private(model, optimizer, dp=dp, batch_size=2, is_head=_is_head) as (forward, opt):
+        torch.nn.functional.cross_entropy(forward(x), _wrong(model, x)).backward()
+        asked = []
+
+        def record(mean: float, std: float, size: tuple[int, ...]) -> np.ndarray:
+            asked.append((mean, std, size))
+            return np.zeros(size)
+
+        opt.noise_source.normal = record
+        opt.clip_and_accumulate()
+        opt.add_noise()
+    shapes = sorted(tuple(p.shape) for p in model.parameters())
+    assert sorted(size for _, _, size in asked) == shapes
+    assert all(mean == 0.0 and std == pytest.approx(1.3 * 2.0) for mean, std, _ in asked)
+
+
+def test_an_empty_batch_sums_to_wide_zeros() -> None:
+    # Opacus' own zero sum for an empty batch is in the tensor's dtype; widened, a later
+    # accumulated batch adds to it without rounding to bf16.
+    from clients.task.dpsgd import SecureNoiseDPOptimizer
+
+    layer = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    opt = SecureNoiseDPOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=2,
+    )
+    for p in layer.parameters():
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    opt.clip_and_accumulate()
+    for p in layer.parameters():
+        assert p.summed_grad.dtype == torch.float32 and not p.summed_grad.any()
 
 
 def test_the_noised_sum_is_rounded_to_a_bfloat16_tensor_only_after_the_noise() -> None:

@@ -4,8 +4,10 @@ DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy"): per-examp
 gradients of the trainable tensors are clipped to ``max_grad_norm``, summed, noised with
 ``N(0, (noise_multiplier · max_grad_norm)²)`` and divided by the batch size. Opacus'
 `GradSampleModule` computes the per-example gradients of the trainable modules only
-(frozen base weights get none) and its `DPOptimizer` clips, noises and steps the wrapped
-optimizer, so the rest of the training loop is unchanged.
+(frozen base weights get none) and `SecureNoiseDPOptimizer`, Opacus' `DPOptimizer` with
+its own clipping (held to the bound after rounding, optionally group-wise) and OS noise,
+clips, noises and steps the wrapped optimizer, so the rest of the training loop is
+unchanged.
 
 Each local step is one step of the sampled Gaussian mechanism with sampling rate
 ``batch_size / n``; `site_epsilon` accounts a run's steps with Opacus' RDP accountant, and

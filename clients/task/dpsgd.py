@@ -267,22 +267,19 @@ class SecureNoiseDPOptimizer(DPOptimizer):
         add the clipped gradients to each tensor's ``summed_grad``."""
         if not self.params:
             return
-        if len(self.grad_samples[0]) == 0:
-            super().clip_and_accumulate()  # an empty batch: Opacus' zero sum, widened
-            for p in self.params:
-                p.summed_grad = p.summed_grad.to(_wide(p.summed_grad.dtype))
-            return
-        device = self._get_flat_grad_sample(self.params[0]).device
-        norms = [_norms(self._get_flat_grad_sample(p)).to(device) for p in self.params]
+        # Each tensor's per-example gradients, read once (Opacus concatenates accumulated
+        # batches here); an empty batch gives zero sums.
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        device = samples[0].device
+        norms = [_norms(sample).to(device) for sample in samples]
         factors = []
         for group, bound in enumerate(self.group_bounds):
             mine = [n for n, g in zip(norms, self.group_of, strict=True) if g == group]
             total = torch.stack(mine, dim=1).norm(2, dim=1)
             factors.append((bound * (1 - 1e-6) / (total + 1e-6)).clamp(max=1.0))
-        for p, group in zip(self.params, self.group_of, strict=True):
+        for p, sample, group in zip(self.params, samples, self.group_of, strict=True):
             _check_processed_flag(p.grad_sample)
-            sample = self._get_flat_grad_sample(p)  # widened one tensor at a time
-            sample = sample.to(_wide(sample.dtype))
+            sample = sample.to(_wide(sample.dtype))  # widened one tensor at a time
             factor = factors[group].to(device=sample.device, dtype=sample.dtype)
             grad = torch.einsum("i,i...", factor, sample)
             if p.summed_grad is None:
@@ -308,7 +305,7 @@ class SecureNoiseDPOptimizer(DPOptimizer):
 def _norms(samples: torch.Tensor) -> torch.Tensor:
     """Each example's L2 norm of ``samples`` (examples first), in float64, 64 examples at a
     time: the float64 copy stays a slice of the per-example gradients."""
-    flat = samples.reshape(len(samples), -1)
+    flat = samples.flatten(start_dim=1)
     return torch.cat(
         [torch.linalg.vector_norm(c, dim=-1, dtype=torch.float64) for c in flat.split(64)]
     )

@@ -236,7 +236,7 @@ def _dp_optimizer(model: _TwoGroups, share: float, batch: int):
     return private(model, optimizer, dp=dp, batch_size=batch, is_head=_is_head)
 
 
-def _wrong(model: _TwoGroups, x: torch.Tensor) -> torch.Tensor:
+def _wrong(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The label each row's logits like least: a large input then has a large gradient."""
     with torch.no_grad():
         return model(x).argmin(dim=1)
@@ -317,20 +317,27 @@ def test_a_clipped_example_stays_within_the_bound_after_rounding(
     # (post-processing).
     torch.manual_seed(1)
     model = _TwoGroups(head_dtype=head_dtype)
-    worst = 0.0
-    for _ in range(32):
-        x = torch.randn(1, 3) * 30
-        with _dp_optimizer(model, share, 1) as (forward, opt):
-            torch.nn.functional.cross_entropy(forward(x), _wrong(model, x)).backward()
-            opt.clip_and_accumulate()
-            sums = {n: p.summed_grad for n, p in model.named_parameters()}
-            assert sums["classifier.weight"].dtype == torch.float32
-            worst = max(worst, _norm(sums))
-            if share:
-                assert _norm(sums, head=False) <= share
-                assert _norm(sums, head=True) <= math.sqrt(1 - share**2)
-            opt.zero_grad(set_to_none=True)
+    worst = max(
+        _clipped_norm(model, _dp_optimizer(model, share, 1), torch.randn(1, 3) * 30, share)
+        for _ in range(32)
+    )
     assert 0.999 < worst <= 1.0
+
+
+def _clipped_norm(model: torch.nn.Module, private_ctx, x: torch.Tensor, share: float) -> float:
+    """The norm of one example's clipped gradient (``x`` a batch of one, given its least
+    likely label), after asserting each group within its bound and the sum kept float32."""
+    y = _wrong(model, x)
+    with private_ctx as (forward, opt):
+        torch.nn.functional.cross_entropy(forward(x), y).backward()
+        opt.clip_and_accumulate()
+        sums = {n: p.summed_grad for n, p in model.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+    assert sums["classifier.weight"].dtype == torch.float32
+    if share:
+        assert _norm(sums, head=False) <= share
+        assert _norm(sums, head=True) <= math.sqrt(1 - share**2)
+    return _norm(sums)
 
 
 def test_group_wise_clipping_needs_both_groups_and_keeps_the_noise_of_the_bound(
@@ -405,21 +412,21 @@ def test_a_wide_float32_tensors_clipped_gradient_stays_within_the_bound(share: f
     torch.manual_seed(2)
     model = _Wide()
     dp = SampleDP(noise_multiplier=0.0, max_grad_norm=1.0, adapter_clip_share=share)
-    worst = 0.0
-    for _ in range(3):
-        x = torch.randn(1, 768) * 30
-        with torch.no_grad():
-            y = model(x).argmin(dim=1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        with private(model, optimizer, dp=dp, batch_size=1, is_head=_is_head) as (forward, opt):
-            torch.nn.functional.cross_entropy(forward(x), y).backward()
-            opt.clip_and_accumulate()
-            sums = {n: p.summed_grad for n, p in model.named_parameters()}
-            worst = max(worst, _norm(sums))
-            if share:
-                assert _norm(sums, head=False) <= share
-                assert _norm(sums, head=True) <= math.sqrt(1 - share**2)
-            opt.zero_grad(set_to_none=True)
+    worst = max(
+        _clipped_norm(
+            model,
+            private(
+                model,
+                torch.optim.SGD(model.parameters(), lr=1.0),
+                dp=dp,
+                batch_size=1,
+                is_head=_is_head,
+            ),
+            torch.randn(1, 768) * 30,
+            share,
+        )
+        for _ in range(3)
+    )
     assert 0.99 < worst <= 1.0
 
 
@@ -450,7 +457,7 @@ def test_the_noise_is_z_times_the_whole_bound_on_every_coordinate(share: float) 
 
 
 def test_an_empty_batch_sums_to_wide_zeros() -> None:
-    # Opacus' own zero sum for an empty batch is in the tensor's dtype; widened, a later
+    # Zeros in float32, not in the tensor's dtype as Opacus' own zero sum is: a later
     # accumulated batch adds to it without rounding to bf16.
     from clients.task.dpsgd import SecureNoiseDPOptimizer
 

@@ -424,7 +424,9 @@ def _interrupted_exit(code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    quiet_libraries(verbose=getattr(args, "verbose", False))
+    quiet_libraries(
+        verbose=getattr(args, "verbose", False), timestamps=getattr(args, "log_timestamps", False)
+    )
     try:
         return int(args.func(args) or 0)
     except FedloraError as exc:

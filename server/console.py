@@ -48,7 +48,7 @@ class _Quiet(logging.Filter):
         return record.levelno >= self.level
 
 
-def quiet_libraries(*, verbose: bool = False) -> None:
+def quiet_libraries(*, verbose: bool = False, timestamps: bool = False) -> None:
     """Keep Ray, Flower, MLflow, SQLAlchemy and deprecation chatter out of the terminal.
 
     Called once by the CLI before any library is imported. Without ``verbose``, only
@@ -62,7 +62,8 @@ def quiet_libraries(*, verbose: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     handler = logging.StreamHandler()  # stderr
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    when = "%(asctime)s " if timestamps else ""
+    handler.setFormatter(logging.Formatter(when + "%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "fedlora", False)]:
         root.removeHandler(old)

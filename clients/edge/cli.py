@@ -158,7 +158,8 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         help="first back-off of an open breaker; doubles while the upstream "
         "stays down, up to 300 s (default: %(default)s)",
     )
-    serve.set_defaults(func=cmd_serve)
+    # A service's log: each line says when (a refresh that stalls, a refusal, an outage).
+    serve.set_defaults(func=cmd_serve, log_timestamps=True)
 
     pull = commands.add_parser("pull", help="download and verify NAME@ALIAS into a PEFT directory")
     pull.add_argument("ref", metavar="NAME@ALIAS", help="the model and alias to pull")

@@ -3,6 +3,7 @@ swap under load, registry-side attacks, registry outage and an offline restart."
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -66,11 +67,34 @@ def edge_node(
         yield node.url
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+def _wait(
+    what: str,
+    check: Callable[[], bool],
+    *,
+    url: str | None = None,
+    log: Path | None = None,
+    timeout: float = 120,
+) -> None:
+    """Poll ``check`` until it holds; a node's refresh takes about a second (0.4 to 1.2 s
+    per step here, beside 6 busy processes), so the timeout is only for a stalled node,
+    and its failure shows the node's health and the end of its log."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{_node_state(url, log)}")
         time.sleep(0.25)
+
+
+def _node_state(url: str | None, log: Path | None) -> str:
+    state = ""
+    if url is not None:
+        try:
+            state += f"\n/healthz: {httpx.get(f'{url}/healthz', timeout=10).text}"
+        except httpx.HTTPError as exc:
+            state += f"\n/healthz: {exc!r}"
+    if log is not None and log.is_file():
+        state += "\nnode log (end):\n" + "\n".join(log.read_text().splitlines()[-40:])
+    return state
 
 
 def _active(url: str) -> str | None:
@@ -111,7 +135,8 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
         node = edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
                          cache=tmp_path / "cache", log=node_log)  # fmt: skip
         with node as url:
-            _wait("v1 served", lambda: _active(url) == v1)
+            wait = functools.partial(_wait, url=url, log=node_log)
+            wait("v1 served", lambda: _active(url) == v1)
 
             # 1. A new release while a client sends a steady stream: no request fails.
             statuses: list[int] = []
@@ -130,7 +155,7 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             time.sleep(1)
             started = time.monotonic()
             v2 = release(outputs[1]).version
-            _wait("v2 served", lambda: _active(url) == v2)
+            wait("v2 served", lambda: _active(url) == v2)
             swap_seconds = time.monotonic() - started
             time.sleep(1)
             stop.set()
@@ -165,7 +190,7 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
                 digest=published.digest, key_id=published.key_id,
             )  # fmt: skip
             move_alias(store, index, model="intents", alias="production", entry=entry)
-            _wait("untrusted-key refusal", lambda: _refusals(url, "untrusted-key") >= 1)
+            wait("untrusted-key refusal", lambda: _refusals(url, "untrusted-key") >= 1)
             assert _active(url) == v2
 
             # 4. ... then its weights changed, with its own signature back in place.
@@ -173,29 +198,29 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             good = weights.read_bytes()
             weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
             (stored / "model.sig").write_bytes(signature)
-            _wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
+            wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
             assert _active(url) == v2
             assert httpx.get(f"{url}/healthz").json()["status"] == "degraded"
             weights.write_bytes(good)  # repaired: the node takes it on the next poll
             v3 = published.version
-            _wait("v3 served", lambda: _active(url) == v3)
+            wait("v3 served", lambda: _active(url) == v3)
 
             # 5. A promoted release that is then revoked: never served (or dropped at once).
             v4 = release(outputs[3])
             revoke(store, key=key, digests={v4.digest})
-            _wait("revoked refusal", lambda: _refusals(url, "revoked-release") >= 1)
-            _wait("back on v3", lambda: _active(url) == v3)
+            wait("revoked refusal", lambda: _refusals(url, "revoked-release") >= 1)
+            wait("back on v3", lambda: _active(url) == v3)
 
             # 6. A release trained on another base model.
             other_base = make_tiny_llama(tmp_path / "other-base", seed=7)
             foreign = _training_output(other_base, tmp_path / "foreign", seed=5, accuracy=0.99)
             release(foreign)
-            _wait("base-mismatch refusal", lambda: _refusals(url, "base-mismatch") >= 1)
+            wait("base-mismatch refusal", lambda: _refusals(url, "base-mismatch") >= 1)
             assert _predict(url).json()["version"] == v3
 
             # 7. The registry goes away: the node keeps serving and says so.
             server.stop()
-            _wait("degraded", lambda: httpx.get(f"{url}/healthz").json()["status"] == "degraded")
+            wait("degraded", lambda: httpx.get(f"{url}/healthz").json()["status"] == "degraded")
             assert _predict(url).status_code == 200
 
         # 8 and 9 are two fresh nodes with the registry down, on caches of their own: they

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -56,45 +57,66 @@ def _node(
         poll_seconds=poll,
         env={"MLFLOW_TRACKING_URI": uri, "FEDLORA_EDGE_TOKEN": TOKEN},
         startup_timeout=180,
+        # A refresh stuck on the registry is killed (and logged) within a wait, not after
+        # the default 600 s.
+        options=["--refresh-timeout-s", "30"],
     )
 
 
 @contextmanager
 def edge_node(
     *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
-) -> Iterator[str]:
+) -> Iterator[EdgeNodeProcess]:
     with _node(uri=uri, trust=trust, base=base, cache=cache, log=log, poll=poll) as node:
-        yield node.url
+        yield node
 
 
 def _wait(
     what: str,
     check: Callable[[], bool],
     *,
-    url: str | None = None,
-    log: Path | None = None,
+    node: EdgeNodeProcess | None = None,
     timeout: float = 120,
 ) -> None:
-    """Poll ``check`` until it holds; a node's refresh takes about a second (0.4 to 1.2 s
-    per step here, beside 6 busy processes), so the timeout is only for a stalled node,
-    and its failure shows the node's health and the end of its log."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}{_node_state(url, log)}")
-        time.sleep(0.25)
-
-
-def _node_state(url: str | None, log: Path | None) -> str:
-    state = ""
-    if url is not None:
+    """Poll ``check`` until it holds. A node's refresh takes about a second (0.4 to 1.2 s
+    per step here, also beside 6 busy processes), so the timeout is only for a stalled
+    node; its failure, and a wait over 10 s that passes (as a warning), show the node's
+    state. An error of ``check`` (the node down, a body that is not JSON) counts as not
+    yet and is shown with it."""
+    start = time.monotonic()
+    error: Exception | None = None
+    while True:
         try:
-            state += f"\n/healthz: {httpx.get(f'{url}/healthz', timeout=10).text}"
+            if check():
+                break
+        except Exception as exc:  # shown below, with the node's state
+            error = exc
+        if time.monotonic() - start >= timeout:
+            pytest.fail(
+                f"timed out after {timeout:g} s waiting for {what}; last error of the check: "
+                f"{error!r}{_node_state(node)}"
+            )
+        time.sleep(0.25)
+    took = time.monotonic() - start
+    if took > 10:
+        warnings.warn(f"waited {took:.0f} s for {what}{_node_state(node)}", stacklevel=2)
+
+
+def _node_state(node: EdgeNodeProcess | None) -> str:
+    if node is None or node.process is None:
+        return ""
+    process = node.process
+    state = f"\nnode alive: {process.alive} (exit code {process.popen.returncode})"
+    for path in ("healthz", "metrics"):
+        try:
+            body = httpx.get(f"{node.url}/{path}", timeout=10).text
+            if path == "metrics":  # the node's own counters: refusals, registry errors, swaps
+                lines = body.splitlines()
+                body = "\n".join(ln for ln in lines if ln.startswith("fedlora_edge_"))
         except httpx.HTTPError as exc:
-            state += f"\n/healthz: {exc!r}"
-    if log is not None and log.is_file():
-        state += "\nnode log (end):\n" + "\n".join(log.read_text().splitlines()[-40:])
-    return state
+            body = repr(exc)
+        state += f"\n/{path}: {body}"
+    return state + "\nnode log (end):\n" + process.tail(40)
 
 
 def _active(url: str) -> str | None:
@@ -134,8 +156,9 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
         v1 = release(outputs[0]).version
         node = edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
                          cache=tmp_path / "cache", log=node_log)  # fmt: skip
-        with node as url:
-            wait = functools.partial(_wait, url=url, log=node_log)
+        with node as running:
+            url = running.url
+            wait = functools.partial(_wait, node=running)
             wait("v1 served", lambda: _active(url) == v1)
 
             # 1. A new release while a client sends a steady stream: no request fails.

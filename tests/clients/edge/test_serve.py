@@ -10,9 +10,8 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -61,14 +60,6 @@ def _node(
         # the default 600 s.
         options=["--refresh-timeout-s", "30"],
     )
-
-
-@contextmanager
-def edge_node(
-    *, uri: str, trust: Path, base: Path, cache: Path, log: Path, poll: float = 1.0
-) -> Iterator[EdgeNodeProcess]:
-    with _node(uri=uri, trust=trust, base=base, cache=cache, log=log, poll=poll) as node:
-        yield node
 
 
 def _wait(
@@ -154,8 +145,8 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             return done
 
         v1 = release(outputs[0]).version
-        node = edge_node(uri=server.uri, trust=trust.directory, base=tiny_llama,
-                         cache=tmp_path / "cache", log=node_log)  # fmt: skip
+        node = _node(uri=server.uri, trust=trust.directory, base=tiny_llama,
+                     cache=tmp_path / "cache", log=node_log)  # fmt: skip
         with node as running:
             url = running.url
             wait = functools.partial(_wait, node=running)

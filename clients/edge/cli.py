@@ -158,6 +158,12 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         help="first back-off of an open breaker; doubles while the upstream "
         "stays down, up to 300 s (default: %(default)s)",
     )
+    serve.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also log the libraries' warnings and info lines (uvicorn, MLflow, urllib3; "
+        "default: off, only their errors)",
+    )
     # A service's log: each line says when (a refresh that stalls, a refusal, an outage).
     serve.set_defaults(func=cmd_serve, log_timestamps=True)
 
@@ -272,11 +278,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         err.print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)")
         # No X-Forwarded-* rewriting (uvicorn trusts it from 127.0.0.1 by default; the node
         # never uses the client's address) and no access log: per-request work off the path.
+        # No log config of uvicorn's own: its records go to the root handler, in the node's
+        # format (time stamps) and under its filter (errors; warnings with --verbose).
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(node),
                 host=settings.host,
                 port=settings.port,
+                log_config=None,
                 log_level="warning",
                 proxy_headers=False,
                 access_log=False,

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -152,14 +153,49 @@ class _Child:
 _child: _Child | None = None
 _child_args: tuple[str, Path, Path, str | None, float | None] | None = None
 
+# The root logger's level and, per plain stderr handler, its formatter, filters and level.
+_LogSetup = tuple[int, list[tuple[logging.Formatter | None, list, int]]]
+
+
+def _log_setup() -> _LogSetup:
+    """How this process logs (the CLI's `quiet_libraries`: format, time stamps, filters),
+    for the worker to log the same way; a handler whose parts cannot be pickled, or that
+    writes elsewhere than a stream (a file, a test's capture), is left out."""
+    root = logging.getLogger()
+    handlers = []
+    for handler in root.handlers:
+        if type(handler) is not logging.StreamHandler:
+            continue
+        part = (handler.formatter, list(handler.filters), handler.level)
+        try:
+            pickle.dumps(part)
+        except Exception:  # e.g. a lambda filter: that handler's format is not copied
+            continue
+        handlers.append(part)
+    return root.level, handlers
+
 
 def _start_child(
-    args: tuple[str, Path, Path, str | None, float | None], environ: dict[str, str]
+    args: tuple[str, Path, Path, str | None, float | None],
+    environ: dict[str, str],
+    logs: _LogSetup,
 ) -> None:
-    """Worker initializer: the node's environment, a lower priority, no Ctrl-C. Never
-    raises (an initializer error breaks the pool without a reason); `_child_state`
-    reports errors."""
+    """Worker initializer: the node's environment and log format, a lower priority, no
+    Ctrl-C. Never raises (an initializer error breaks the pool without a reason);
+    `_child_state` reports errors."""
     global _child_args
+    # A fresh process from the fork server has no handlers: without these its records
+    # (a refresh's traceback) would reach stderr bare, with no time or level.
+    level, handlers = logs
+    root = logging.getLogger()
+    root.setLevel(level)
+    for formatter, filters, handler_level in handlers:
+        handler = logging.StreamHandler()  # the fork server's stderr: the node's
+        handler.setFormatter(formatter)
+        handler.setLevel(handler_level)
+        for f in filters:
+            handler.addFilter(f)
+        root.addHandler(handler)
     # Ctrl-C reaches the whole process group; the node stops its worker itself
     # (`RegistryWorker.close`), and a KeyboardInterrupt here would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -329,7 +365,7 @@ class RegistryWorker:
                     max_workers=1,
                     mp_context=context,
                     initializer=_start_child,
-                    initargs=(self._args, dict(os.environ)),
+                    initargs=(self._args, dict(os.environ), _log_setup()),
                 )
                 self._pool = pool
                 self._pid = pool.submit(os.getpid).result(timeout=self._timeout_s)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -307,6 +310,50 @@ def test_refresh_work_runs_in_a_lower_priority_child_with_the_nodes_environment(
         assert pool.submit(os.getenv, "FEDLORA_TEST_MARK").result() == "node-environment"
     finally:
         node.close()
+
+
+# A node's process as `fedlora edge serve` sets it up (time-stamped lines, fedlora's
+# warnings, other libraries' errors only), whose refresh worker logs three records. A
+# process of its own: the fork server's stderr is the stderr of the process that started it.
+WORKER_LOGS = """
+import logging, sys
+from pathlib import Path
+from clients.edge.fetcher import RegistryWorker
+from server.console import quiet_libraries
+
+if __name__ == "__main__":
+    quiet_libraries(timestamps=True)
+    home = Path(sys.argv[1])
+    worker = RegistryWorker(registry_uri=f"sqlite:///{home / 'r.db'}", trust=home,
+                            cache=home, base_digest=None)
+    pool = worker._executor()
+    for name, level in (("registry.pull", logging.WARNING), ("urllib3", logging.WARNING),
+                        ("urllib3", logging.ERROR)):
+        record = pool.submit(logging.getLogger(name).log, level, "worker %s %s", name, level)
+        record.result()
+    worker.close()
+"""
+
+
+def test_the_refresh_worker_logs_in_the_nodes_format_and_under_its_filter(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "node.py"
+    script.write_text(WORKER_LOGS)
+    root = Path(__file__).resolve().parents[3]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.getenv("PYTHONPATH")])),
+    }
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    when = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert any(re.fullmatch(f"{when} WARNING registry.pull: worker registry.pull 30", x)
+               for x in lines), lines  # fmt: skip
+    assert any(re.fullmatch(f"{when} ERROR urllib3: worker urllib3 40", x) for x in lines), lines
+    assert not any("urllib3 30" in x for x in lines), lines  # a library's warning: dropped
 
 
 def test_a_killed_refresh_worker_fails_one_refresh_and_the_next_one_works(

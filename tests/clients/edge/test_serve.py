@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import signal
 import threading
@@ -37,6 +38,9 @@ from server.harness.mlflow_server import MlflowServer
 from server.harness.process import free_port
 from tests.conftest import PASSPHRASE, _training_output
 from tests.tiny_models import make_tiny_llama
+
+# `fedlora edge serve`'s log line: local time, level, logger, message.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING clients\.edge\.node: ")
 
 pytestmark = pytest.mark.integration
 TOKEN = "edge-admin-token"
@@ -215,6 +219,11 @@ def test_edge_node_swaps_without_dropping_and_refuses_every_attack(
             wait("signature refusal", lambda: _refusals(url, "signature") >= 1)
             assert _active(url) == v2
             assert httpx.get(f"{url}/healthz").json()["status"] == "degraded"
+            # The node's log says when: its warning of each refusal starts with the time.
+            logged = node_log.read_text(errors="replace").splitlines()
+            refusals = [line for line in logged if "WARNING clients.edge.node: intents@" in line]
+            assert refusals, logged[-20:]
+            assert all(LOG_LINE.match(line) for line in refusals), refusals
             weights.write_bytes(good)  # repaired: the node takes it on the next poll
             v3 = published.version
             wait("v3 served", lambda: _active(url) == v3)

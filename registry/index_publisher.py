@@ -70,6 +70,9 @@ class IndexRepository:
         self._signer = signer
         self._expiry = dict(EXPIRY) | (expiry or {})
         self._changed: set[str] = set()
+        # Roles signed since `files` last handed them out: their version-named copies are
+        # still to be written (consistent snapshots).
+        self._unwritten: set[str] = set()
         self._state = state
         # timestamp.json as read from the registry (None for a new index): `write_index`
         # writes only while the registry still holds it.
@@ -94,7 +97,7 @@ class IndexRepository:
         """A new repository whose four top-level roles are held by one release key."""
         signer = cls.signer_for(private_key)
         now, lifetimes = utc_now(), dict(EXPIRY) | (expiry or {})
-        root = Root(expires=now + lifetimes[Root.type], consistent_snapshot=False)
+        root = Root(expires=now + lifetimes[Root.type], consistent_snapshot=True)
         for role in TOP_LEVEL:
             root.add_key(signer.public_key, role)
         roles: dict[str, Metadata[Any]] = {
@@ -105,7 +108,7 @@ class IndexRepository:
         }
         repo = cls(roles, signer, expiry=expiry, state=state)
         repo._changed = set(TOP_LEVEL)
-        repo._resign(bump=False)
+        repo._resign(bump=False)  # every role is unwritten
         repo._changed.clear()
         return repo
 
@@ -187,6 +190,11 @@ class IndexRepository:
         repo = cls(roles, signer, expiry=expiry, state=state)
         repo.loaded_timestamp = data  # the last role read is the timestamp
         repo.remember()
+        if not root.consistent_snapshot and own in root.roles[Root.type].keyids:
+            # An index from before consistent snapshots (2026-12-03) takes them at its next
+            # change: a new root version, so every role is signed and written by version.
+            root.consistent_snapshot = True
+            repo._changed.add(Root.type)
         return repo
 
     def remember(self) -> None:
@@ -301,19 +309,31 @@ class IndexRepository:
                 signed.snapshot_meta = MetaFile(version=self._roles[Snapshot.type].signed.version)
             self._roles[role].signatures.clear()
             self._roles[role].sign(self._signer, append=False)
+            self._unwritten.add(role)
 
     def files(self) -> dict[str, bytes]:
-        """Re-sign what changed (new versions); the files to upload.
+        """Re-sign what changed (new versions); the files to upload, in any order that
+        writes ``timestamp.json`` last (`MlflowStore.upload_index`).
 
-        Root is written twice, as ``root.json`` and ``N.root.json``, because python-tuf
-        walks root versions by number.
+        Every role is written as ``ROLE.json``. A role signed since the last call is also
+        written as ``N.ROLE.json``, N its version, and that file is never written again:
+        python-tuf walks root versions by number, and with consistent snapshots (TUF
+        specification 1.0, 5.5 and 5.6; the root's ``consistent_snapshot``) its client
+        reads the snapshot and targets versions the timestamp names. So a consumer that
+        refreshes while an upload is half done reads the previous index whole, not
+        targets of the new one under the old snapshot (which it would refuse as replayed).
+        The timestamp has no numbered copy (the specification names none).
         """
         if self._changed:
             self._resign()
             self._changed.clear()
-        root = self._roles[Root.type]
         out = {f"{role}.json": self._roles[role].to_bytes() for role in TOP_LEVEL}
-        out[f"{root.signed.version}.root.json"] = root.to_bytes()
+        consistent = self._roles[Root.type].signed.consistent_snapshot
+        for role in sorted(self._unwritten - {Timestamp.type}):
+            if role == Root.type or consistent:
+                md = self._roles[role]
+                out[f"{md.signed.version}.{role}.json"] = md.to_bytes()
+        self._unwritten.clear()
         return out
 
 

@@ -149,8 +149,11 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
         )
     files = index.files()
     store.upload_index(files)
-    for name in ("root.json", "targets.json", "snapshot.json", "timestamp.json"):
-        if store.fetch_index_file(name, MAX_LENGTH[name.removesuffix(".json")]) != files[name]:
+    # Every file, the version-named ones too: two publishers that raced both wrote
+    # N.targets.json, and consumers read that one.
+    for name, data in files.items():
+        role = name.removesuffix(".json").rsplit(".", 1)[-1]
+        if store.fetch_index_file(name, MAX_LENGTH[role]) != data:
             raise IndexRace(
                 f"another publisher wrote the release index at the same time ({name} is not "
                 "what this command wrote): run the command again to complete this change"

@@ -277,3 +277,63 @@ def test_a_missing_alias_is_refused_saying_what_the_index_has(
 
     assert refused.value.reason == "index"
     assert refused.value.detail == detail
+
+
+def test_a_consumer_refreshing_during_an_upload_reads_the_previous_index_whole(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    warm = IndexClient(store.fetch, tmp_path / "warm", trust)
+    warm.refresh()
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.set_alias("intents", "production", _entry(2, "d2"))
+    files = repo.files()
+    # Numbered copies of what was signed anew (the root was not), never the timestamp.
+    assert set(files) == {"root.json", "targets.json", "3.targets.json", "snapshot.json",
+                          "3.snapshot.json", "timestamp.json"}  # fmt: skip
+
+    # The upload (MlflowStore.upload_index's order) has written the targets, not yet the
+    # snapshot and timestamp: without consistent snapshots a consumer would read the new
+    # targets under the old snapshot and refuse them as replayed.
+    store.files.update({k: v for k, v in files.items() if "targets" in k})
+    cold = IndexClient(store.fetch, tmp_path / "cold", trust)
+    for client in (warm, cold):
+        client.refresh()
+        assert client.alias("intents", "production").digest == "d1"
+
+    store.files.update(files)
+    for client in (warm, cold):
+        client.refresh()
+        assert client.alias("intents", "production").digest == "d2"
+
+
+def test_an_index_from_before_consistent_snapshots_takes_them_at_its_next_change(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    from tuf.api.metadata import Metadata, Root
+
+    # What `create` wrote before 2026-12-03: a root without consistent snapshots, and
+    # only root had a numbered copy.
+    legacy = IndexRepository.create(publisher)
+    legacy._roles["root"].signed.consistent_snapshot = False
+    legacy._roles["root"].sign(legacy._signer, append=False)
+    legacy.set_alias("intents", "production", _entry(1, "d1"))
+    store = FileStore()
+    store.files.update(legacy.files())
+    assert set(store.files) == {"root.json", "1.root.json", "targets.json", "snapshot.json",
+                                "timestamp.json"}  # fmt: skip
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.set_alias("intents", "production", _entry(2, "d2"))
+    files = repo.files()
+
+    assert Metadata[Root].from_bytes(files["2.root.json"]).signed.consistent_snapshot
+    assert {"3.targets.json", "3.snapshot.json"} <= set(files)
+    store.files.update(files)
+    client.refresh()  # follows root 2, then reads the numbered snapshot and targets
+    assert client.alias("intents", "production").digest == "d2"
+    del store.files["targets.json"], store.files["snapshot.json"]  # read by number only
+    IndexClient(store.fetch, tmp_path / "fresh", trust).refresh()

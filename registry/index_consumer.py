@@ -19,6 +19,7 @@ lists it as longer than python-tuf's limit for it (``fetch``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,9 @@ from registry.index import (
 )
 from registry.keys import TrustStore
 
+# The numbered names python-tuf reads under consistent snapshots (TUF 1.0, 5.5 and 5.6).
+_NUMBERED = re.compile(r"[0-9]+\.(snapshot|targets)\.json")
+
 
 class _IndexFetcher(FetcherInterface):
     """Hands python-tuf the metadata files the registry holds, within python-tuf's limits.
@@ -63,6 +67,12 @@ class _IndexFetcher(FetcherInterface):
         name = url.removeprefix(self.PREFIX)
         try:
             data = self._fetch_file(name, max_length)
+            if data is None and _NUMBERED.fullmatch(name):
+                # A publisher from before consistent snapshots (2026-12-03) writes only
+                # ROLE.json. python-tuf checks the version it asked for either way, so this
+                # reads a snapshot or targets as the index did before: a file of another
+                # version is refused as it would be under any name.
+                data = self._fetch_file(name.split(".", 1)[1], max_length)
         except RegistryUnavailable as exc:
             raise tuf_errors.DownloadError(str(exc)) from exc
         if data is None:

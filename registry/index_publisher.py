@@ -24,6 +24,7 @@ would sign it again, nor make it start a new, empty one.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ from registry.index import (
     utc_now,
 )
 from registry.keys import key_id
+
+log = logging.getLogger(__name__)
 
 
 class IndexRepository:
@@ -186,6 +189,8 @@ class IndexRepository:
                     f"{md.signed.version}, this publisher already saw version "
                     f"{seen[role].signed.version} ({state})",
                 )
+            if role == Targets.type and role in seen:
+                _warn_if_overwritten(seen[role], md)
             roles[role] = md
         repo = cls(roles, signer, expiry=expiry, state=state)
         repo.loaded_timestamp = data  # the last role read is the timestamp
@@ -312,29 +317,53 @@ class IndexRepository:
             self._unwritten.add(role)
 
     def files(self) -> dict[str, bytes]:
-        """Re-sign what changed (new versions); the files to upload, in any order that
-        writes ``timestamp.json`` last (`MlflowStore.upload_index`).
+        """Re-sign what changed (new versions); the files to upload, in the order of
+        `MlflowStore.upload_index` (timestamp after targets and snapshot, root last).
 
-        Every role is written as ``ROLE.json``. A role signed since the last call is also
-        written as ``N.ROLE.json``, N its version, and that file is never written again:
-        python-tuf walks root versions by number, and with consistent snapshots (TUF
-        specification 1.0, 5.5 and 5.6; the root's ``consistent_snapshot``) its client
-        reads the snapshot and targets versions the timestamp names. So a consumer that
-        refreshes while an upload is half done reads the previous index whole, not
-        targets of the new one under the old snapshot (which it would refuse as replayed).
-        The timestamp has no numbered copy (the specification names none).
+        A role signed since the last call is written as ``ROLE.json`` and, N its version,
+        as ``N.ROLE.json``, which is written once (two publishers that race may both
+        write one: `registry.lifecycle.write_index`). python-tuf walks root versions by
+        number, and with
+        consistent snapshots (TUF specification 1.0, 5.5 and 5.6; the root's
+        ``consistent_snapshot``) its client reads the snapshot and targets versions the
+        timestamp names, so a consumer that refreshes while an upload is half done reads
+        the previous index whole, not targets of the new one under the old snapshot
+        (which it would refuse as replayed). The timestamp has no numbered copy (the
+        specification names none); roles not signed anew are not written at all.
         """
         if self._changed:
             self._resign()
             self._changed.clear()
-        out = {f"{role}.json": self._roles[role].to_bytes() for role in TOP_LEVEL}
         consistent = self._roles[Root.type].signed.consistent_snapshot
-        for role in sorted(self._unwritten - {Timestamp.type}):
-            if role == Root.type or consistent:
-                md = self._roles[role]
-                out[f"{md.signed.version}.{role}.json"] = md.to_bytes()
+        out: dict[str, bytes] = {}
+        for role in TOP_LEVEL:
+            if role not in self._unwritten:
+                continue
+            md = self._roles[role]
+            data = md.to_bytes()
+            if role == Root.type or (consistent and role != Timestamp.type):
+                out[f"{md.signed.version}.{role}.json"] = data
+            out[f"{role}.json"] = data
         self._unwritten.clear()
         return out
+
+
+def _warn_if_overwritten(seen: Metadata[Targets], now: Metadata[Targets]) -> None:
+    """Warn when the targets version this publisher last saw (usually: wrote) now holds
+    other targets: another publisher wrote the same version at the same time, after this
+    one read its own back, so this one's change of that version may be lost."""
+    if now.signed.version != seen.signed.version:
+        return
+    old, new = seen.signed.targets, now.signed.targets
+    differ = sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
+    if differ:
+        log.warning(
+            "release index targets version %d is not the one this publisher saw: another "
+            "publisher wrote that version at the same time, and what differs (%s) may be a "
+            "lost change of this publisher's; check `fedlora registry show` and run it again",
+            now.signed.version,
+            ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else ""),
+        )
 
 
 def _metadata(data: bytes, role: str) -> Metadata[Any]:

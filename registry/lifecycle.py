@@ -137,8 +137,10 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
 
     Both checks narrow, without closing, the window in which two publishers race (MLflow
     has no lock to build on): the timestamp must still be the one loaded before anything
-    is written, and every role must read back as written afterwards. A publisher that lost
-    the race raises `IndexRace`; running the command again completes its change.
+    is written, and every file must read back as written afterwards. A publisher that lost
+    the race raises `IndexRace`; running the command again completes its change. One whose
+    files were overwritten after its read-back is told at its next load
+    (`IndexRepository.load` warns of a version it wrote that now holds other targets).
     """
     loaded = index.loaded_timestamp
     current = store.fetch_index_file("timestamp.json", MAX_LENGTH["timestamp"])
@@ -152,14 +154,18 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
     # Every file, the version-named ones too: two publishers that raced both wrote
     # N.targets.json, and consumers read that one.
     for name, data in files.items():
-        role = name.removesuffix(".json").rsplit(".", 1)[-1]
-        if store.fetch_index_file(name, MAX_LENGTH[role]) != data:
+        if store.fetch_index_file(name, MAX_LENGTH[_role(name)]) != data:
             raise IndexRace(
                 f"another publisher wrote the release index at the same time ({name} is not "
                 "what this command wrote): run the command again to complete this change"
             )
     index.loaded_timestamp = files["timestamp.json"]
     index.remember()
+
+
+def _role(name: str) -> str:
+    """The role of an index file name: ``targets`` for ``targets.json`` and ``4.targets.json``."""
+    return name.removesuffix(".json").rsplit(".", 1)[-1]
 
 
 def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:

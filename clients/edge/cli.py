@@ -161,8 +161,8 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--verbose",
         action="store_true",
-        help="also log the libraries' warnings and info lines (uvicorn, MLflow, urllib3; "
-        "default: off, only their errors)",
+        help="also log other libraries' warnings (uvicorn's, urllib3's; default: off, "
+        "only their errors; MLflow logs its warnings itself)",
     )
     # A service's log: each line says when (a refresh that stalls, a refusal, an outage).
     serve.set_defaults(func=cmd_serve, log_timestamps=True)

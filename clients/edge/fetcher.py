@@ -38,8 +38,10 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
@@ -153,49 +155,68 @@ class _Child:
 _child: _Child | None = None
 _child_args: tuple[str, Path, Path, str | None, float | None] | None = None
 
-# The root logger's level and, per plain stderr handler, its formatter, filters and level.
-_LogSetup = tuple[int, list[tuple[logging.Formatter | None, list, int]]]
 
-
-def _log_setup() -> _LogSetup:
+def _log_setup() -> bytes:
     """How this process logs (the CLI's `quiet_libraries`: format, time stamps, filters),
-    for the worker to log the same way; a handler whose parts cannot be pickled, or that
-    writes elsewhere than a stream (a file, a test's capture), is left out."""
+    pickled for the worker to log the same way (`_install_logging`): the root's level,
+    whether warnings are captured, and each plain stream handler's stream, formatter,
+    filters and level. Handlers of other kinds (a file, a test's capture) are not copied.
+    A handler that cannot be pickled (a lambda filter) is not copied either, and then the
+    worker logs nothing (a filter may redact), which is warned of here."""
     root = logging.getLogger()
-    handlers = []
+    handlers: list[tuple[bool, logging.Formatter | None, list, int]] | None = []
     for handler in root.handlers:
         if type(handler) is not logging.StreamHandler:
             continue
-        part = (handler.formatter, list(handler.filters), handler.level)
+        stdout = handler.stream in (sys.stdout, sys.__stdout__)
+        part = (stdout, handler.formatter, list(handler.filters), handler.level)
         try:
             pickle.dumps(part)
-        except Exception:  # e.g. a lambda filter: that handler's format is not copied
-            continue
-        handlers.append(part)
-    return root.level, handlers
+        except Exception as exc:
+            log.warning("the refresh worker will log nothing: a log handler of this process "
+                        "cannot be passed to it (%s)", exc)  # fmt: skip
+            handlers = None
+            break
+        handlers.append(part)  # type: ignore[union-attr]  # None only after the break
+    captured = getattr(warnings.showwarning, "__module__", None) == "logging"
+    return pickle.dumps((root.level, captured, handlers))
 
 
-def _start_child(
-    args: tuple[str, Path, Path, str | None, float | None],
-    environ: dict[str, str],
-    logs: _LogSetup,
-) -> None:
-    """Worker initializer: the node's environment and log format, a lower priority, no
-    Ctrl-C. Never raises (an initializer error breaks the pool without a reason);
-    `_child_state` reports errors."""
-    global _child_args
-    # A fresh process from the fork server has no handlers: without these its records
-    # (a refresh's traceback) would reach stderr bare, with no time or level.
-    level, handlers = logs
+def _install_logging(setup: bytes) -> None:
+    """The worker's side of `_log_setup`. A fresh process from the fork server has no
+    handlers, and without these its records (a refresh's traceback) would reach stderr
+    bare, with no time or level. Fails closed: what cannot be set up logs nothing."""
     root = logging.getLogger()
+    try:
+        level, captured, handlers = pickle.loads(setup)
+    except Exception as exc:  # e.g. a filter's class the worker cannot import
+        sys.stderr.write(f"refresh worker: its log records are dropped ({exc!r})\n")
+        handlers = None
+    if handlers is None:
+        root.addHandler(logging.NullHandler())  # not Python's last resort either
+        return
     root.setLevel(level)
-    for formatter, filters, handler_level in handlers:
-        handler = logging.StreamHandler()  # the fork server's stderr: the node's
+    logging.captureWarnings(captured)
+    for stdout, formatter, filters, handler_level in handlers:
+        # The fork server's streams: the node's.
+        handler = logging.StreamHandler(sys.stdout if stdout else sys.stderr)
         handler.setFormatter(formatter)
         handler.setLevel(handler_level)
         for f in filters:
             handler.addFilter(f)
         root.addHandler(handler)
+
+
+def _start_child(
+    args: tuple[str, Path, Path, str | None, float | None],
+    environ: dict[str, str],
+    logs: bytes,
+) -> None:
+    """Worker initializer: the node's environment and log format, a lower priority, no
+    Ctrl-C. Never raises (an initializer error breaks the pool without a reason);
+    `_child_state` reports errors."""
+    global _child_args
+    _install_logging(logs)
     # Ctrl-C reaches the whole process group; the node stops its worker itself
     # (`RegistryWorker.close`), and a KeyboardInterrupt here would only print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

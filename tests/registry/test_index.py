@@ -16,6 +16,7 @@ from registry.keys import (
     load_private_key,
     load_public_key,
 )
+from registry.mlflow_store import index_upload_order
 from registry.pull import aliased_release
 from tests.registry.conftest import FileStore
 
@@ -289,23 +290,105 @@ def test_a_consumer_refreshing_during_an_upload_reads_the_previous_index_whole(
     repo = IndexRepository.load(store.fetch, publisher)
     repo.set_alias("intents", "production", _entry(2, "d2"))
     files = repo.files()
-    # Numbered copies of what was signed anew (the root was not), never the timestamp.
-    assert set(files) == {"root.json", "targets.json", "3.targets.json", "snapshot.json",
+    # What was signed anew, also under its number (the timestamp has none); the root was
+    # not signed anew, so it is not written.
+    assert set(files) == {"targets.json", "3.targets.json", "snapshot.json",
                           "3.snapshot.json", "timestamp.json"}  # fmt: skip
 
-    # The upload (MlflowStore.upload_index's order) has written the targets, not yet the
-    # snapshot and timestamp: without consistent snapshots a consumer would read the new
-    # targets under the old snapshot and refuse them as replayed.
-    store.files.update({k: v for k, v in files.items() if "targets" in k})
-    cold = IndexClient(store.fetch, tmp_path / "cold", trust)
-    for client in (warm, cold):
-        client.refresh()
-        assert client.alias("intents", "production").digest == "d1"
+    # Without consistent snapshots a consumer reading between the targets and the
+    # timestamp would get the new targets under the old snapshot and refuse them as
+    # replayed; a cold one is made at each step.
+    seen = []
+    for name in index_upload_order(files):
+        store.files[name] = files[name]
+        clients = [warm, IndexClient(store.fetch, tmp_path / f"cold-{name}", trust)]
+        for client in clients:
+            client.refresh()
+        seen.append({c.alias("intents", "production").digest for c in clients})
+    assert seen[:-1] == [{"d1"}] * 4 and seen[-1] == {"d2"}, seen
 
-    store.files.update(files)
-    for client in (warm, cold):
+
+def test_removing_the_key_that_signed_the_index_refuses_no_consumer_during_the_upload(
+    publisher, trust: TrustStore, keypair: KeyPair, tmp_path: Path
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    other = generate_keypair(tmp_path / "other")
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.add_signer(load_public_key(other.public_path))
+    store.files.update(repo.files())
+    # The other key signs the index last; then the publisher retires it.
+    other_key = load_private_key(other.private_path)
+    _publish(store, other_key, 2, "d2", trusted=frozenset({keypair.key_id}))
+    warm = IndexClient(store.fetch, tmp_path / "warm", trust)
+    warm.refresh()
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.remove_signer(other.key_id)
+    repo.set_alias("intents", "production", _entry(3, "d3"))
+    files = repo.files()
+    assert {"3.root.json", "root.json"} <= set(files)
+
+    # A root written first would refuse the timestamp the removed key signed.
+    seen = []
+    for name in index_upload_order(files):
+        store.files[name] = files[name]
+        clients = [warm, IndexClient(store.fetch, tmp_path / f"cold-{name}", trust)]
+        for client in clients:
+            client.refresh()
+        seen.append({c.alias("intents", "production").digest for c in clients})
+    assert seen[-1] == {"d3"} and {"d2"} in seen, seen
+
+
+def test_a_publisher_from_before_consistent_snapshots_still_reaches_every_consumer(
+    publisher, trust: TrustStore, tmp_path: Path
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")  # a consistent index
+    warm = IndexClient(store.fetch, tmp_path / "warm", trust)
+    warm.refresh()
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.set_alias("intents", "production", _entry(2, "d2"))
+    # What such a publisher writes: every role by name only, no numbered copies.
+    store.files.update({k: v for k, v in repo.files().items() if not k[0].isdigit()})
+
+    # The client asks for 3.snapshot.json and 3.targets.json and falls back to the names,
+    # whose versions python-tuf still checks.
+    for client in (warm, IndexClient(store.fetch, tmp_path / "cold", trust)):
         client.refresh()
         assert client.alias("intents", "production").digest == "d2"
+    stale = dict(store.files)
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.set_alias("intents", "production", _entry(3, "d3"))
+    new = {k: v for k, v in repo.files().items() if not k[0].isdigit()}
+    store.files["timestamp.json"] = new["timestamp.json"]  # the timestamp, not yet its snapshot
+    with pytest.raises(VerificationError) as err:
+        IndexClient(store.fetch, tmp_path / "cold2", trust).refresh()
+    assert err.value.reason == "stale"  # a snapshot of another version: refused, as before
+    assert stale["snapshot.json"] == store.files["snapshot.json"]
+
+
+def test_a_publisher_whose_version_was_overwritten_by_a_racing_one_is_warned(
+    publisher, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    a = IndexRepository.load(store.fetch, publisher, state=tmp_path / "a")
+    b = IndexRepository.load(store.fetch, publisher, state=tmp_path / "b")
+    a.revoke(releases={"d1"})
+    store.files.update(a.files())
+    a.remember()  # A read its files back: done, as far as A can tell
+    b.set_alias("intents", "production", _entry(2, "d2"))  # B checked before A wrote
+    store.files.update(b.files())  # ... and now writes the same version over A's
+    b.remember()
+
+    with caplog.at_level("WARNING", logger="registry.index_publisher"):
+        IndexRepository.load(store.fetch, publisher, state=tmp_path / "a")
+    assert "targets version 3 is not the one this publisher saw" in caplog.text
+    assert "models/intents/aliases/production, revocations" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="registry.index_publisher"):
+        IndexRepository.load(store.fetch, publisher, state=tmp_path / "b")  # B's own version
+    assert caplog.text == ""
 
 
 def test_an_index_from_before_consistent_snapshots_takes_them_at_its_next_change(

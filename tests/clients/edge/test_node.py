@@ -324,6 +324,8 @@ from server.console import quiet_libraries
 if __name__ == "__main__":
     quiet_libraries(timestamps=True)
     home = Path(sys.argv[1])
+    if sys.argv[2:] == ["redacting"]:  # a filter that cannot be passed to the worker
+        logging.getLogger().handlers[0].addFilter(lambda r: "SECRET" not in r.getMessage())
     worker = RegistryWorker(registry_uri=f"sqlite:///{home / 'r.db'}", trust=home,
                             cache=home, base_digest=None)
     pool = worker._executor()
@@ -354,6 +356,13 @@ def test_the_refresh_worker_logs_in_the_nodes_format_and_under_its_filter(
                for x in lines), lines  # fmt: skip
     assert any(re.fullmatch(f"{when} ERROR urllib3: worker urllib3 40", x) for x in lines), lines
     assert not any("urllib3 30" in x for x in lines), lines  # a library's warning: dropped
+
+    # Fails closed: with a handler the worker cannot have, the worker logs nothing.
+    command = [sys.executable, str(script), str(tmp_path), "redacting"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "worker registry.pull" not in done.stderr and "worker urllib3" not in done.stderr
+    assert "the refresh worker will log nothing" in done.stderr, done.stderr
 
 
 def test_a_killed_refresh_worker_fails_one_refresh_and_the_next_one_works(

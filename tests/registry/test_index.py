@@ -280,6 +280,29 @@ def test_a_missing_alias_is_refused_saying_what_the_index_has(
     assert refused.value.detail == detail
 
 
+def _refresh_after_each_file(
+    store: FileStore, files: dict[str, bytes], warm: IndexClient, trust: TrustStore, tmp: Path
+) -> list[tuple[str, set[str]]]:
+    """Write ``files`` one by one in `MlflowStore.upload_index`'s order; after each, the
+    ``warm`` client and a new (cold) one refresh, and any refusal fails the test. Per file:
+    its name and the production digests the two clients then saw."""
+    seen = []
+    for name in index_upload_order(files):
+        store.files[name] = files[name]
+        clients = [warm, IndexClient(store.fetch, tmp / f"cold-{name}", trust)]
+        for client in clients:
+            client.refresh()
+        seen.append((name, {c.alias("intents", "production").digest for c in clients}))
+    return seen
+
+
+def _switch_at_timestamp(files: dict[str, bytes], old: str, new: str) -> list:
+    """What `_refresh_after_each_file` should see: ``old`` until the timestamp is written."""
+    order = index_upload_order(files)
+    at = order.index("timestamp.json")
+    return [(name, {old} if i < at else {new}) for i, name in enumerate(order)]
+
+
 def test_a_consumer_refreshing_during_an_upload_reads_the_previous_index_whole(
     publisher, trust: TrustStore, tmp_path: Path
 ) -> None:
@@ -297,15 +320,9 @@ def test_a_consumer_refreshing_during_an_upload_reads_the_previous_index_whole(
 
     # Without consistent snapshots a consumer reading between the targets and the
     # timestamp would get the new targets under the old snapshot and refuse them as
-    # replayed; a cold one is made at each step.
-    seen = []
-    for name in index_upload_order(files):
-        store.files[name] = files[name]
-        clients = [warm, IndexClient(store.fetch, tmp_path / f"cold-{name}", trust)]
-        for client in clients:
-            client.refresh()
-        seen.append({c.alias("intents", "production").digest for c in clients})
-    assert seen[:-1] == [{"d1"}] * 4 and seen[-1] == {"d2"}, seen
+    # replayed.
+    seen = _refresh_after_each_file(store, files, warm, trust, tmp_path)
+    assert seen == _switch_at_timestamp(files, "d1", "d2"), seen
 
 
 def test_removing_the_key_that_signed_the_index_refuses_no_consumer_during_the_upload(
@@ -329,14 +346,8 @@ def test_removing_the_key_that_signed_the_index_refuses_no_consumer_during_the_u
     assert {"3.root.json", "root.json"} <= set(files)
 
     # A root written first would refuse the timestamp the removed key signed.
-    seen = []
-    for name in index_upload_order(files):
-        store.files[name] = files[name]
-        clients = [warm, IndexClient(store.fetch, tmp_path / f"cold-{name}", trust)]
-        for client in clients:
-            client.refresh()
-        seen.append({c.alias("intents", "production").digest for c in clients})
-    assert seen[-1] == {"d3"} and {"d2"} in seen, seen
+    seen = _refresh_after_each_file(store, files, warm, trust, tmp_path)
+    assert seen == _switch_at_timestamp(files, "d2", "d3"), seen
 
 
 def test_a_publisher_from_before_consistent_snapshots_still_reaches_every_consumer(

@@ -190,11 +190,22 @@ class IndexRepository:
                     f"{seen[role].signed.version} ({state})",
                 )
             if role == Targets.type and role in seen:
-                _warn_if_overwritten(seen[role], md)
+                _warn_if_overwritten(fetch, root, seen[role], md)
             roles[role] = md
         repo = cls(roles, signer, expiry=expiry, state=state)
         repo.loaded_timestamp = data  # the last role read is the timestamp
         repo.remember()
+        revoked_keys, _ = repo.revocations()
+        if own in revoked_keys:
+            raise RegistryError(
+                f"key {own[:16]} is revoked in the release index; sign with another key"
+            )
+        for kid in sorted(revoked_keys & set(root.keys)):
+            # A revoke whose upload stopped before the root (written last) left the key
+            # in it: this change completes the removal.
+            log.warning("key %s is revoked but may still sign the release index: this "
+                        "change removes it", kid[:16])  # fmt: skip
+            repo.remove_signer(kid)
         if not root.consistent_snapshot and own in root.roles[Root.type].keyids:
             # An index from before consistent snapshots (2026-12-03) takes them at its next
             # change: a new root version, so every role is signed and written by version.
@@ -348,20 +359,35 @@ class IndexRepository:
         return out
 
 
-def _warn_if_overwritten(seen: Metadata[Targets], now: Metadata[Targets]) -> None:
-    """Warn when the targets version this publisher last saw (usually: wrote) now holds
-    other targets: another publisher wrote the same version at the same time, after this
-    one read its own back, so this one's change of that version may be lost."""
-    if now.signed.version != seen.signed.version:
+def _warn_if_overwritten(
+    fetch: Fetch, root: Root, seen: Metadata[Targets], now: Metadata[Targets]
+) -> None:
+    """Warn when the targets version this publisher last saw (usually: wrote) is now held
+    by other, validly signed targets: another publisher wrote the same version at the same
+    time, after this one read its own back, so this one's change may be lost. Compared
+    with that version's numbered copy (written once per version, so also after later
+    versions), else with ``now`` if it is that version; unreadable copies are ignored."""
+    version = seen.signed.version
+    other: Metadata[Targets] | None = now if now.signed.version == version else None
+    if other is None and root.consistent_snapshot:
+        try:
+            data = fetch(f"{version}.targets.json", MAX_LENGTH[Targets.type])
+            if data is not None:
+                md = _metadata(data, Targets.type)
+                root.verify_delegate(Targets.type, md.signed_bytes, md.signatures)
+                other = md if md.signed.version == version else None
+        except (RegistryError, tuf_errors.RepositoryError):
+            return  # nothing a consumer reads; not this check's business
+    if other is None:
         return
-    old, new = seen.signed.targets, now.signed.targets
+    old, new = seen.signed.targets, other.signed.targets
     differ = sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
     if differ:
         log.warning(
             "release index targets version %d is not the one this publisher saw: another "
             "publisher wrote that version at the same time, and what differs (%s) may be a "
             "lost change of this publisher's; check `fedlora registry show` and run it again",
-            now.signed.version,
+            version,
             ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else ""),
         )
 

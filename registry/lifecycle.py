@@ -150,6 +150,8 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
             "the index was not written: run the command again"
         )
     files = index.files()
+    if not files:
+        return  # nothing was changed
     store.upload_index(files)
     # Every file, the version-named ones too: two publishers that raced both wrote
     # N.targets.json, and consumers read that one.

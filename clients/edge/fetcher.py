@@ -190,7 +190,8 @@ def _install_logging(setup: bytes) -> None:
     try:
         level, captured, handlers = pickle.loads(setup)
     except Exception as exc:  # e.g. a filter's class the worker cannot import
-        sys.stderr.write(f"refresh worker: its log records are dropped ({exc!r})\n")
+        with contextlib.suppress(Exception):  # no stderr at all: nothing to say it on
+            sys.stderr.write(f"refresh worker: its log records are dropped ({exc!r})\n")
         handlers = None
     if handlers is None:
         root.addHandler(logging.NullHandler())  # not Python's last resort either

@@ -378,8 +378,9 @@ def test_a_publisher_from_before_consistent_snapshots_still_reaches_every_consum
     assert stale["snapshot.json"] == store.files["snapshot.json"]
 
 
+@pytest.mark.parametrize("b_again", [False, True], ids=["same-version", "b-wrote-again"])
 def test_a_publisher_whose_version_was_overwritten_by_a_racing_one_is_warned(
-    publisher, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    publisher, tmp_path: Path, caplog: pytest.LogCaptureFixture, b_again: bool
 ) -> None:
     store = FileStore()
     _publish(store, publisher, 1, "d1")
@@ -391,6 +392,10 @@ def test_a_publisher_whose_version_was_overwritten_by_a_racing_one_is_warned(
     b.set_alias("intents", "production", _entry(2, "d2"))  # B checked before A wrote
     store.files.update(b.files())  # ... and now writes the same version over A's
     b.remember()
+    if b_again:  # a later version on top: A's version is compared by its numbered copy
+        b.set_alias("intents", "candidate", _entry(2, "d2"))
+        store.files.update(b.files())
+        b.remember()
 
     with caplog.at_level("WARNING", logger="registry.index_publisher"):
         IndexRepository.load(store.fetch, publisher, state=tmp_path / "a")
@@ -431,3 +436,32 @@ def test_an_index_from_before_consistent_snapshots_takes_them_at_its_next_change
     assert client.alias("intents", "production").digest == "d2"
     del store.files["targets.json"], store.files["snapshot.json"]  # read by number only
     IndexClient(store.fetch, tmp_path / "fresh", trust).refresh()
+
+
+def test_a_revoke_whose_upload_stopped_before_the_root_is_completed_by_the_next_change(
+    publisher, keypair: KeyPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tuf.api.metadata import Metadata, Root
+
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    thief = generate_keypair(tmp_path / "thief")
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.add_signer(load_public_key(thief.public_path))
+    store.files.update(repo.files())
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.revoke(keys={thief.key_id})
+    repo.remove_signer(thief.key_id)
+    # The upload stops after the timestamp: the root (written last) still lists the key.
+    store.files.update({k: v for k, v in repo.files().items() if not k.endswith("root.json")})
+
+    thief_key = load_private_key(thief.private_path)
+    trusted = frozenset({keypair.key_id})
+    with pytest.raises(RegistryError, match="is revoked in the release index"):
+        IndexRepository.load(store.fetch, thief_key, trusted=trusted)
+    with caplog.at_level("WARNING", logger="registry.index_publisher"):
+        repo = IndexRepository.load(store.fetch, publisher)
+    assert f"key {thief.key_id[:16]} is revoked but may still sign" in caplog.text
+    files = repo.files()  # the next change, whatever it is
+    root = Metadata[Root].from_bytes(files["root.json"]).signed
+    assert thief.key_id not in root.keys and keypair.key_id in root.keys

@@ -15,8 +15,18 @@ from registry.errors import (
     RegistryUnavailable,
     VerificationError,
 )
+from registry.index import AliasEntry
 from registry.keys import KeyPair, TrustStore, generate_keypair
-from registry.lifecycle import SigningKey, add_signer, promote, publish, revoke, rollback
+from registry.lifecycle import (
+    SigningKey,
+    add_signer,
+    load_index,
+    promote,
+    publish,
+    revoke,
+    rollback,
+    write_index,
+)
 from registry.mlflow_store import MlflowStore
 from registry.policy import LocalPolicy, Policy
 from registry.pull import pull
@@ -431,3 +441,14 @@ def test_a_mean_adapter_publishes_without_its_fence_and_pulls_as_mean(
     with pytest.raises(RegistryError, match="marks a mean-pooled head"):
         publish(store, model_out, model="intents", key=key)
     assert _state(store)[0] == versions
+
+
+def test_writing_an_unchanged_index_writes_nothing(store: MlflowStore, key: SigningKey) -> None:
+    index = load_index(store, key, create=True)
+    index.set_alias("intents", "production", AliasEntry(1, "1", "d1", "k"))
+    write_index(store, index)
+    timestamp = store.fetch_index_file("timestamp.json", 16384)
+
+    write_index(store, load_index(store, key, create=False))  # loaded, nothing changed
+
+    assert store.fetch_index_file("timestamp.json", 16384) == timestamp

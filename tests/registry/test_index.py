@@ -325,15 +325,21 @@ def test_a_consumer_refreshing_during_an_upload_reads_the_previous_index_whole(
     assert seen == _switch_at_timestamp(files, "d1", "d2"), seen
 
 
+def _second_signer(store: FileStore, publisher, directory: Path) -> KeyPair:
+    """An index with release d1 whose root lets a second, new key sign it too."""
+    _publish(store, publisher, 1, "d1")
+    second = generate_keypair(directory)
+    repo = IndexRepository.load(store.fetch, publisher)
+    repo.add_signer(load_public_key(second.public_path))
+    store.files.update(repo.files())
+    return second
+
+
 def test_removing_the_key_that_signed_the_index_refuses_no_consumer_during_the_upload(
     publisher, trust: TrustStore, keypair: KeyPair, tmp_path: Path
 ) -> None:
     store = FileStore()
-    _publish(store, publisher, 1, "d1")
-    other = generate_keypair(tmp_path / "other")
-    repo = IndexRepository.load(store.fetch, publisher)
-    repo.add_signer(load_public_key(other.public_path))
-    store.files.update(repo.files())
+    other = _second_signer(store, publisher, tmp_path / "other")
     # The other key signs the index last; then the publisher retires it.
     other_key = load_private_key(other.private_path)
     _publish(store, other_key, 2, "d2", trusted=frozenset({keypair.key_id}))
@@ -444,11 +450,7 @@ def test_a_revoke_whose_upload_stopped_before_the_root_is_completed_by_the_next_
     from tuf.api.metadata import Metadata, Root
 
     store = FileStore()
-    _publish(store, publisher, 1, "d1")
-    thief = generate_keypair(tmp_path / "thief")
-    repo = IndexRepository.load(store.fetch, publisher)
-    repo.add_signer(load_public_key(thief.public_path))
-    store.files.update(repo.files())
+    thief = _second_signer(store, publisher, tmp_path / "thief")
     repo = IndexRepository.load(store.fetch, publisher)
     repo.revoke(keys={thief.key_id})
     repo.remove_signer(thief.key_id)

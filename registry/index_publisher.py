@@ -334,10 +334,9 @@ class IndexRepository:
         A role signed since the last call is written as ``ROLE.json`` and, N its version,
         as ``N.ROLE.json``, which is written once (two publishers that race may both
         write one: `registry.lifecycle.write_index`). python-tuf walks root versions by
-        number, and with
-        consistent snapshots (TUF specification 1.0, 5.5 and 5.6; the root's
-        ``consistent_snapshot``) its client reads the snapshot and targets versions the
-        timestamp names, so a consumer that refreshes while an upload is half done reads
+        number, and with consistent snapshots (TUF specification 1.0, 5.5 and 5.6; the
+        root's ``consistent_snapshot``) its client reads the snapshot and targets versions
+        the timestamp names, so a consumer that refreshes while an upload is half done reads
         the previous index whole, not targets of the new one under the old snapshot
         (which it would refuse as replayed). The timestamp has no numbered copy (the
         specification names none); roles not signed anew are not written at all.

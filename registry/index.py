@@ -62,6 +62,33 @@ MAX_LENGTH = {
     Timestamp.type: _LIMITS.timestamp_max_length,
 }
 
+# Upload order of the index's roles (`index_upload_order`): a reader that races a publisher
+# may see new targets before the timestamp that points at them, never a timestamp without
+# its targets. The root goes last: every role is signed by the publisher's key, which the
+# loaded root lists (`IndexRepository.load` checks), so the new files verify under the old
+# root until the new one lands, where a root written first would refuse the old timestamp
+# if it removed the key that signed it.
+UPLOAD_ORDER = (Targets.type, Snapshot.type, Timestamp.type, Root.type)
+
+
+def index_file(name: str) -> tuple[str, bool]:
+    """The role an index file holds, and whether the name is a numbered copy (consistent
+    snapshots): ``("targets", True)`` for ``4.targets.json``, ``("root", False)`` for
+    ``root.json``."""
+    prefix, _, role = name.removesuffix(".json").rpartition(".")
+    return role, prefix.isdigit()
+
+
+def index_upload_order(names: Iterable[str]) -> list[str]:
+    """Index file names in the order they are uploaded: by role (`UPLOAD_ORDER`), each
+    role's numbered copy before its ``ROLE.json``."""
+
+    def rank(name: str) -> tuple[int, bool]:
+        role, numbered = index_file(name)
+        return UPLOAD_ORDER.index(role), not numbered
+
+    return sorted(names, key=rank)
+
 
 @dataclass(frozen=True)
 class AliasEntry:

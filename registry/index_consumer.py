@@ -19,13 +19,12 @@ lists it as longer than python-tuf's limit for it (``fetch``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from securesystemslib.exceptions import StorageError
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from registry.errors import RegistryError, RegistryUnavailable, VerificationError
@@ -39,15 +38,13 @@ from registry.index import (
     alias_entry,
     alias_path,
     check_trusted_root,
+    index_file,
     models_of,
     release_path,
     release_record,
     revocations_of,
 )
 from registry.keys import TrustStore
-
-# The numbered names python-tuf reads under consistent snapshots (TUF 1.0, 5.5 and 5.6).
-_NUMBERED = re.compile(r"[0-9]+\.(snapshot|targets)\.json")
 
 
 class _IndexFetcher(FetcherInterface):
@@ -67,12 +64,13 @@ class _IndexFetcher(FetcherInterface):
         name = url.removeprefix(self.PREFIX)
         try:
             data = self._fetch_file(name, max_length)
-            if data is None and _NUMBERED.fullmatch(name):
+            role, numbered = index_file(name)
+            if data is None and numbered and role in (Snapshot.type, Targets.type):
                 # A publisher from before consistent snapshots (2026-12-03) writes only
                 # ROLE.json. python-tuf checks the version it asked for either way, so this
                 # reads a snapshot or targets as the index did before: a file of another
                 # version is refused as it would be under any name.
-                data = self._fetch_file(name.split(".", 1)[1], max_length)
+                data = self._fetch_file(f"{role}.json", max_length)
         except RegistryUnavailable as exc:
             raise tuf_errors.DownloadError(str(exc)) from exc
         if data is None:

@@ -49,7 +49,7 @@ from registry.errors import (
     RegistryUnavailable,
     VerificationError,
 )
-from registry.index import MAX_LENGTH, AliasEntry, ReleaseRecord
+from registry.index import MAX_LENGTH, AliasEntry, ReleaseRecord, index_file
 from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
@@ -156,18 +156,13 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
     # Every file, the version-named ones too: two publishers that raced both wrote
     # N.targets.json, and consumers read that one.
     for name, data in files.items():
-        if store.fetch_index_file(name, MAX_LENGTH[_role(name)]) != data:
+        if store.fetch_index_file(name, MAX_LENGTH[index_file(name)[0]]) != data:
             raise IndexRace(
                 f"another publisher wrote the release index at the same time ({name} is not "
                 "what this command wrote): run the command again to complete this change"
             )
     index.loaded_timestamp = files["timestamp.json"]
     index.remember()
-
-
-def _role(name: str) -> str:
-    """The role of an index file name: ``targets`` for ``targets.json`` and ``4.targets.json``."""
-    return name.removesuffix(".json").rsplit(".", 1)[-1]
 
 
 def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:

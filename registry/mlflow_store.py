@@ -25,12 +25,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from registry.errors import RegistryError, RegistryUnavailable, VerificationError
+from registry.index import index_upload_order
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,6 @@ INDEX_DIR = "tuf"
 RELEASE_DIR = "release"
 TAG = "fedlora."
 T = TypeVar("T")
-
-# Upload order of the release index (by name ending; numbered roots before root.json): a
-# reader that races a publisher may see new targets before the timestamp that points at
-# them, never a timestamp without its targets. The root goes last: every role is signed by
-# the publisher's key, which the loaded root lists (`IndexRepository.load` checks), so the
-# new files verify under the old root until the new one lands, where a root written first
-# would refuse the old timestamp if it removed the key that signed it.
-INDEX_ORDER = ("targets.json", "snapshot.json", "timestamp.json", ".root.json", "root.json")
-
-
-def index_upload_order(names: Iterable[str]) -> list[str]:
-    """Release index file names in the order they are uploaded (`INDEX_ORDER`)."""
-
-    def rank(name: str) -> int:
-        return next((i for i, end in enumerate(INDEX_ORDER) if name.endswith(end)), 0)
-
-    return sorted(names, key=rank)
 
 
 def default_uri() -> str:

@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 
 from registry.errors import RegistryError, VerificationError
-from registry.index import AliasEntry, check_alias, check_not_revoked, models_of
+from registry.index import (
+    AliasEntry,
+    check_alias,
+    check_not_revoked,
+    index_upload_order,
+    models_of,
+)
 from registry.index_consumer import IndexClient
 from registry.index_publisher import IndexRepository
 from registry.keys import (
@@ -16,7 +22,6 @@ from registry.keys import (
     load_private_key,
     load_public_key,
 )
-from registry.mlflow_store import index_upload_order
 from registry.pull import aliased_release
 from tests.registry.conftest import FileStore
 

@@ -347,10 +347,14 @@ def test_the_refresh_worker_logs_in_the_nodes_format_and_under_its_filter(
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.getenv("PYTHONPATH")])),
     }
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    lines = done.stderr.splitlines()
+
+    def node(*mode: str) -> str:
+        command = [sys.executable, str(script), str(tmp_path), *mode]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    lines = node().splitlines()
     when = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
     assert any(re.fullmatch(f"{when} WARNING registry.pull: worker registry.pull 30", x)
                for x in lines), lines  # fmt: skip
@@ -358,11 +362,9 @@ def test_the_refresh_worker_logs_in_the_nodes_format_and_under_its_filter(
     assert not any("urllib3 30" in x for x in lines), lines  # a library's warning: dropped
 
     # Fails closed: with a handler the worker cannot have, the worker logs nothing.
-    command = [sys.executable, str(script), str(tmp_path), "redacting"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "worker registry.pull" not in done.stderr and "worker urllib3" not in done.stderr
-    assert "the refresh worker will log nothing" in done.stderr, done.stderr
+    stderr = node("redacting")
+    assert "worker registry.pull" not in stderr and "worker urllib3" not in stderr
+    assert "the refresh worker will log nothing" in stderr, stderr
 
 
 def test_a_killed_refresh_worker_fails_one_refresh_and_the_next_one_works(

@@ -19,12 +19,15 @@ lists it as longer than python-tuf's limit for it (``fetch``).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from securesystemslib.exceptions import StorageError
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets
+from tuf.api.serialization import DeserializationError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from registry.errors import RegistryError, RegistryUnavailable, VerificationError
@@ -45,6 +48,13 @@ from registry.index import (
     revocations_of,
 )
 from registry.keys import TrustStore
+
+log = logging.getLogger(__name__)
+# How long to wait before reading the index again when a file of it did not parse: MLflow
+# rewrites timestamp.json in place (its local artifact store copies over the old file), so
+# a read in the middle of a publish can get a truncated file. A KB-sized copy takes
+# microseconds; this leaves it ample time and costs a refresh nothing otherwise.
+REREAD_AFTER_S = 0.2
 
 
 class _IndexFetcher(FetcherInterface):
@@ -120,10 +130,21 @@ class IndexClient:
         )
 
     def refresh(self) -> None:
-        """Fetch and verify the newest metadata; raise `VerificationError` if it is not."""
+        """Fetch and verify the newest metadata; raise `VerificationError` if it is not.
+
+        A file that does not parse is read once more after `REREAD_AFTER_S` (a publish may
+        have been rewriting it in place) before it is refused: what the second read gets
+        is checked in full, so this only spares a consumer a false refusal.
+        """
         try:
-            updater = self._make_updater()
-            updater.refresh()
+            try:
+                updater = self._make_updater()
+                updater.refresh()
+            except DeserializationError as exc:
+                log.info("release index: a file did not parse (%s); reading it again", exc)
+                time.sleep(REREAD_AFTER_S)
+                updater = self._make_updater()  # from what the cache holds verified
+                updater.refresh()
         except tuf_errors.ExpiredMetadataError as exc:
             raise VerificationError("expired", f"release index: {exc}") from exc
         except tuf_errors.BadVersionNumberError as exc:

@@ -472,3 +472,46 @@ def test_a_revoke_whose_upload_stopped_before_the_root_is_completed_by_the_next_
     files = repo.files()  # the next change, whatever it is
     root = Metadata[Root].from_bytes(files["root.json"]).signed
     assert thief.key_id not in root.keys and keypair.key_id in root.keys
+
+
+@pytest.mark.parametrize("cut", [0, 40])
+def test_a_timestamp_read_while_mlflow_rewrites_it_is_read_again(
+    publisher, trust: TrustStore, tmp_path: Path, monkeypatch, cut: int
+) -> None:
+    # A fake read: the in-place rewrite's window is microseconds, too short to hit on purpose.
+    monkeypatch.setattr("registry.index_consumer.REREAD_AFTER_S", 0.0)
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+    _publish(store, publisher, 2, "d2")
+    reads = []
+
+    def mid_write(name: str, max_length: int | None = None) -> bytes | None:
+        reads.append(name)
+        data = store.fetch(name, max_length)
+        return data[:cut] if name == "timestamp.json" and reads.count(name) == 1 else data
+
+    client._fetch = mid_write
+    client.refresh()
+
+    assert client.alias("intents", "production").digest == "d2"
+    assert reads.count("timestamp.json") == 2
+
+
+def test_a_timestamp_that_never_parses_is_still_refused(
+    publisher, trust: TrustStore, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("registry.index_consumer.REREAD_AFTER_S", 0.0)
+    store = FileStore()
+    _publish(store, publisher, 1, "d1")
+    client = IndexClient(store.fetch, tmp_path / "cache", trust)
+    client.refresh()
+    _publish(store, publisher, 2, "d2")
+    store.files["timestamp.json"] = store.files["timestamp.json"][:-1]
+
+    with pytest.raises(VerificationError) as err:
+        client.refresh()
+
+    assert err.value.reason == "index"
+    assert client.alias("intents", "production").digest == "d1"

@@ -20,6 +20,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PASSPHRASE = "correct horse battery staple"
+# The time stamp the node's log lines start with (logging's asctime, server/console.py).
+LOG_TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 
 def _training_output(base: Path, out: Path, *, seed: int, accuracy: float) -> Path:

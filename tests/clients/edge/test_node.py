@@ -28,7 +28,7 @@ from registry.policy import Policy
 from registry.signing import verify_release
 from server.harness.process import free_port
 from tests.clients.edge.test_runtime import LABELS, stock_scores
-from tests.conftest import PASSPHRASE
+from tests.conftest import LOG_TIME, PASSPHRASE
 
 pytestmark = pytest.mark.integration
 TEXTS = ["hello there", "see you later"]
@@ -355,7 +355,7 @@ def test_the_refresh_worker_logs_in_the_nodes_format_and_under_its_filter(
         return done.stderr
 
     lines = node().splitlines()
-    when = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    when = LOG_TIME
     assert any(re.fullmatch(f"{when} WARNING registry.pull: worker registry.pull 30", x)
                for x in lines), lines  # fmt: skip
     assert any(re.fullmatch(f"{when} ERROR urllib3: worker urllib3 40", x) for x in lines), lines

@@ -36,11 +36,11 @@ from registry.signing import sign_release
 from server.harness.edge import EdgeNodeProcess
 from server.harness.mlflow_server import MlflowServer
 from server.harness.process import free_port
-from tests.conftest import PASSPHRASE, _training_output
+from tests.conftest import LOG_TIME, PASSPHRASE, _training_output
 from tests.tiny_models import make_tiny_llama
 
 # `fedlora edge serve`'s log line: local time, level, logger, message.
-LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING clients\.edge\.node: ")
+LOG_LINE = re.compile(rf"{LOG_TIME} WARNING clients\.edge\.node: ")
 
 pytestmark = pytest.mark.integration
 TOKEN = "edge-admin-token"

@@ -354,8 +354,9 @@ def _print_report(out: Console, report: DataReport, labels: list[str] | None) ->
 
 def cmd_site_budget(args: argparse.Namespace) -> int:
     if args.reset:
-        from clients.site.ledger import SiteLedger
+        from clients.site.ledger import SiteLedger, check_max_epsilon
 
+        check_max_epsilon(args.max_epsilon)  # every argument checked before the ledger changes
         SiteLedger.reset(Path(args.state), reason=args.reason or "", spent=args.spent)
     elif args.reason is not None or args.spent:
         raise ConfigError("--reason and --spent go with --reset")

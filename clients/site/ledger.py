@@ -72,6 +72,59 @@ def check_epsilon(value: float, *, what: str) -> float:
     return value
 
 
+def check_max_epsilon(value: float | None, *, what: str = "--max-epsilon") -> None:
+    """Refuse a budget that is not a finite number > 0 (None is no budget).
+
+    Raises:
+        ConfigError: Naming ``what`` and the value.
+    """
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{what}={value!r} must be a finite number > 0")
+
+
+def _stored_number(value: object, *, what: str) -> float:
+    """A number the ledger file holds, as a float: an int or float, never a bool or a
+    numeric string (which ``float()`` would take), and finite.
+
+    Raises:
+        ConfigError: Naming ``what`` and the value.
+    """
+    if (number := finite_number(value)) is None:
+        raise ConfigError(f"{what} {value!r} is not a finite number")
+    return number
+
+
+def _stored_count(value: object, *, what: str) -> int:
+    """A count the ledger file holds: an int, never a bool, a float (``int(1.9)`` is 1,
+    which would under-count ε) or a numeric string.
+
+    Raises:
+        ConfigError: Naming ``what`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} {value!r} is not an integer")
+    return value
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` with every non-finite float replaced by None, so the ledger file and
+    ``site budget --json`` stay valid JSON (NaN and Infinity are not JSON); reset records
+    are copied from files the site does not otherwise read, whatever they hold.
+
+    Raises:
+        ConfigError: If it nests deeper than 64 levels.
+    """
+    if depth > 64:
+        raise ConfigError("a ledger reset record nests deeper than 64 levels")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v, depth + 1) for v in value]
+    return value
+
+
 def _check_round(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float):
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ConfigError(f"ledger: noise multiplier {noise_multiplier!r} must be > 0")
@@ -149,9 +202,16 @@ class SiteLedger:
             raw = json.loads(path.read_text())
             runs = {
                 str(run): RunEntry(
-                    delta=float(e["delta"]),
-                    steps=[(float(z), float(q), int(n)) for z, q, n in e["steps"]],
-                    rounds=[int(r) for r in e["rounds"]],
+                    delta=_stored_number(e["delta"], what=f"run {run}: delta"),
+                    steps=[
+                        (
+                            _stored_number(z, what=f"run {run}: noise multiplier"),
+                            _stored_number(q, what=f"run {run}: sampling rate"),
+                            _stored_count(n, what=f"run {run}: steps"),
+                        )
+                        for z, q, n in e["steps"]
+                    ],
+                    rounds=[_stored_count(r, what=f"run {run}: round") for r in e["rounds"]],
                 )
                 for run, e in raw["runs"].items()
             }
@@ -162,7 +222,7 @@ class SiteLedger:
             if (opening := finite_number(raw_opening)) is None:
                 raise ConfigError(f"opening_epsilon={raw_opening!r} is not a finite number")
             opening = check_epsilon(opening, what=str(path))
-            resets = list(raw.get("resets", []))
+            resets = _json_safe(list(raw.get("resets", [])))
             budget = raw.get("max_epsilon")
             if budget is not None and ((number := finite_number(budget)) is None or number <= 0):
                 raise ConfigError(f"max_epsilon={budget!r} is not a finite number > 0")
@@ -207,15 +267,19 @@ class SiteLedger:
                     raw = json.loads(path.read_text())
                     previous = {
                         "state": "present",
-                        "total_epsilon": raw["total_epsilon"],
-                        "runs": sorted(raw["runs"]),
+                        "total_epsilon": finite_number(raw["total_epsilon"]),
+                        "runs": sorted(map(str, raw["runs"])),
                     }
                     history = [r for r in raw.get("resets", []) if isinstance(r, dict)]
-                except (OSError, ValueError, KeyError, TypeError) as exc:
+                # RecursionError: nesting past the parser's depth
+                except (
+                    OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                ) as exc:  # fmt: skip
                     previous = {"state": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
+                    history = []
             at = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
             entry = {"at": at, "reason": reason, "opening_epsilon": spent, "previous": previous}
-            ledger = cls(path, opening_epsilon=spent, resets=[*history, entry])
+            ledger = cls(path, opening_epsilon=spent, resets=_json_safe([*history, entry]))
             ledger.save()
             return ledger
 
@@ -319,7 +383,13 @@ class SiteLedger:
 
 @contextlib.contextmanager
 def _lock(state_dir: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the state directory's lock file (never deleted)."""
+    """An exclusive ``flock`` on the state directory's lock file (never deleted).
+
+    Raises:
+        ConfigError: If ``state_dir`` exists and is not a directory.
+    """
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"state directory {str(state_dir)!r} is not a directory")
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -350,8 +420,7 @@ def budget_report(state: Path, max_epsilon: float | None) -> dict[str, Any]:
     """
     if not state.is_dir():
         raise ConfigError(f"--state {str(state)!r} is not a directory")
-    if max_epsilon is not None and not (math.isfinite(max_epsilon) and max_epsilon > 0):
-        raise ConfigError(f"--max-epsilon={max_epsilon!r} must be a finite number > 0")
+    check_max_epsilon(max_epsilon)
     path = state / LEDGER_FILE
     if not path.is_file():
         raise ConfigError(

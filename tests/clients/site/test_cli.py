@@ -276,6 +276,23 @@ def test_site_budget_reset_initialises_and_records_the_reason(
     assert "disk replaced" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("budget", ["0", "nan", "-3"])
+def test_a_site_budget_reset_with_a_bad_argument_leaves_the_ledger_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], budget: str
+) -> None:
+    # The reset ran before --max-epsilon was checked: the command failed, and the spent ε
+    # was gone.
+    state = ["site", "budget", "--state", str(tmp_path)]
+    assert main([*state, "--reset", "--reason", "new", "--spent", "5"]) == 0
+    before = (tmp_path / "privacy-ledger.json").read_bytes()
+    capsys.readouterr()
+
+    assert main([*state, "--reset", "--reason", "oops", "--max-epsilon", budget]) == 2
+
+    assert f"--max-epsilon={float(budget)!r}" in capsys.readouterr().err
+    assert (tmp_path / "privacy-ledger.json").read_bytes() == before
+
+
 def test_check_prints_the_label_set_as_the_run_config_line_to_paste(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -69,6 +69,16 @@ def _entry(**fields: object) -> dict:
         {"runs": {"r": _entry()}, "opening_epsilon": 10**400},
         {"runs": {"r": _entry(steps=[[10**400, 0.25, 8]])}},
         {"runs": {"r": _entry(delta=10**400)}},
+        # Steps and rounds are read as they are, not converted: int(1.9) is 1 (a lower ε),
+        # and a bool or a numeric string is no number.
+        {"runs": {"r": _entry(steps=[[1.0, 0.25, 1.9]])}},
+        {"runs": {"r": _entry(steps=[[1.0, 0.25, True]])}},
+        {"runs": {"r": _entry(steps=[[1.0, 0.25, "8"]])}},
+        {"runs": {"r": _entry(steps=[[True, 0.25, 8]])}},
+        {"runs": {"r": _entry(steps=[["1.0", 0.25, 8]])}},
+        {"runs": {"r": _entry(steps=[[1.0, "0.25", 8]])}},
+        {"runs": {"r": _entry(delta="1e-5")}},
+        {"runs": {"r": _entry(rounds=[1.5])}},
     ],
 )
 def test_a_corrupt_ledger_is_refused_naming_the_file(tmp_path: Path, document: dict) -> None:
@@ -375,6 +385,36 @@ def test_a_ledger_nested_past_the_parser_is_a_config_error(tmp_path: Path) -> No
     (tmp_path / LEDGER_FILE).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="unreadable"):
         budget_report(tmp_path, None)
+
+    # The reset the error asks for works on it (it read the file with json.loads and let
+    # the RecursionError out).
+    SiteLedger.reset(tmp_path, reason="replace the lost ledger")
+    assert SiteLedger.load(tmp_path, required=True).resets[-1]["previous"]["state"] == (
+        "unreadable"
+    )
+
+
+def test_a_reset_writes_valid_json_whatever_the_old_ledger_held(tmp_path: Path) -> None:
+    # NaN and Infinity in the old ledger's total and reset records were copied into the
+    # new one, which no strict JSON reader then reads.
+    old = '{"total_epsilon": NaN, "runs": {}, "resets": [{"opening_epsilon": Infinity}]}'
+    (tmp_path / LEDGER_FILE).write_text(old)
+
+    SiteLedger.reset(tmp_path, reason="r")
+
+    def refuse(constant: str) -> float:
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / LEDGER_FILE).read_text(), parse_constant=refuse)
+    assert written["resets"][0] == {"opening_epsilon": None}
+    assert written["resets"][1]["previous"]["total_epsilon"] is None
+
+
+def test_a_state_directory_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("")
+    with pytest.raises(ConfigError, match=r"'.*state' is not a directory"):
+        SiteLedger.reset(state, reason="r")
 
 
 def test_budget_report_has_no_warning_for_a_round_charged_while_it_reads(

@@ -153,10 +153,26 @@ def _json_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, objec
         yield lineno, _json_row(line)
 
 
+class _RepeatedKey(Exception):
+    """A JSON object names a key twice; json.loads alone would keep the last value."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object's pairs as a dict, refusing a repeated key (as a CSV header's column)."""
+    row: dict[str, object] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _RepeatedKey(key)
+        row[key] = value
+    return row
+
+
 def _json_row(line: str) -> object:
     line = line.rstrip("\r\n")  # with its line break, an error at the end says "column 1"
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        return BadRow(f"the object names key {short(exc.args[0])} more than once")
     except json.JSONDecodeError as exc:
         hint = " (NUL bytes: a UTF-16 file without its byte-order mark?)" if "\x00" in line else ""
         return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno}){hint}")

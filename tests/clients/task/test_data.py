@@ -358,6 +358,16 @@ def test_spreadsheet_and_editor_variants_are_read(
                 "in the label column?)"
             ],
         ),
+        (  # json.loads would keep the last "label"; a CSV header naming a column twice is refused
+            "repeated-key.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": "x", "label": "a", "label": "b"}\n',
+            ["repeated-key.jsonl:2: the object names key 'label' more than once"],
+        ),
+        (
+            "repeated-nested-key.jsonl",
+            b'{"text": "ok", "label": "a", "meta": {"id": 1, "id": 2}}\n',
+            ["repeated-nested-key.jsonl:1: the object names key 'id' more than once"],
+        ),
     ],
 )
 def test_broken_files_name_the_actual_cause_with_file_and_line(

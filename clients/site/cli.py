@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.site.ledger import budget_report
-from clients.task.choices import DEFAULT_BASE
+from clients.task.choices import DEFAULT_BASE, MIN_MAX_LENGTH
 from clients.task.data import TASKS, DataReport, scan_file
 from clients.task.errors import ConfigError
 from clients.task.labels import format_label_set, parse_label_set, run_config_arg, run_config_line
@@ -77,7 +77,7 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=64,
         metavar="TOKENS",
-        help="causal-lm: the run's max-length (default: %(default)s)",
+        help=f"causal-lm: the run's max-length, >= {MIN_MAX_LENGTH} (default: %(default)s)",
     )
     check.add_argument("--json", action="store_true", help="print a machine-readable report")
     check.set_defaults(func=cmd_site_check)
@@ -258,6 +258,8 @@ def _label_counts(report: DataReport, labels: list[str] | None) -> dict[str, int
 
 
 def cmd_site_check(args: argparse.Namespace) -> int:
+    if args.max_length < MIN_MAX_LENGTH:  # what training refuses (clients/task/plan.py)
+        raise ConfigError(f"--max-length={args.max_length} must be >= {MIN_MAX_LENGTH}")
     labels = read_labels(args.labels, args.labels_file)
     if labels is not None and args.task != "sequence-classification":
         raise ConfigError("--labels and --labels-file apply to sequence-classification only")

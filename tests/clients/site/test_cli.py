@@ -143,6 +143,31 @@ def test_check_usage_errors_exit_2_with_one_line(
     assert err.startswith("error:") and _squeezed(message) in _squeezed(err)
 
 
+@pytest.mark.parametrize("max_length", ["-1", "0", "7"])
+def test_check_refuses_a_max_length_training_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_length: str
+) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm",
+                 "--max-length", max_length])  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: --max-length={max_length} must be >= 8")
+
+
+def test_check_accepts_the_smallest_max_length_training_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm", "--max-length", "8"])
+
+    assert code == 0
+    assert "valid" in capsys.readouterr().out
+
+
 @pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_check_and_split_import_no_torch(tmp_path: Path, good: Path) -> None:
     script = (

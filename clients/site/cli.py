@@ -18,9 +18,16 @@ from rich.text import Text
 
 from clients.site.ledger import budget_report
 from clients.task.choices import DEFAULT_BASE, MIN_MAX_LENGTH
-from clients.task.data import TASKS, DataReport, scan_file
+from clients.task.data import TASKS, BadRow, DataReport, scan_file, text_lines
 from clients.task.errors import ConfigError
-from clients.task.labels import format_label_set, parse_label_set, run_config_arg, run_config_line
+from clients.task.labels import (
+    check_label,
+    format_label_set,
+    parse_label_set,
+    run_config_arg,
+    run_config_line,
+)
+from clients.task.text import short
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the data has problems; usage errors exit 2 through server.cli
@@ -198,17 +205,13 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None
     label a line, exactly as written; blank lines skipped); None if neither.
 
     Raises:
-        ConfigError: If the file is missing, or the set is empty, malformed or has
-            duplicates.
+        ConfigError: If the file is missing or a line of it does not decode (naming the
+            line), or the set is empty, malformed or has duplicates.
     """
     if labels is None and labels_file is None:
         return None
     if labels_file is not None:
-        path = Path(labels_file)
-        if not path.is_file():
-            raise ConfigError(f"--labels-file {labels_file!r} does not exist")
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        found = parse_label_set([line for line in lines if line.strip()], key="--labels-file")
+        found = parse_label_set(_read_labels_file(labels_file), key="--labels-file")
         flag = "--labels-file"
     else:
         assert labels is not None
@@ -217,6 +220,31 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None
     if not found:
         raise ConfigError(f"{flag} gives no labels")
     return list(found)
+
+
+def _read_labels_file(labels_file: str) -> list[str]:
+    """The labels a ``--labels-file`` holds, one a line; the file is decoded as data files
+    are (`text_lines`: a UTF-8 or UTF-16 byte-order mark, CRLF or CR line ends).
+
+    Raises:
+        ConfigError: If the file is missing, or naming its line if a line does not decode
+            or is no label.
+    """
+    path = Path(labels_file)
+    if not path.is_file():
+        raise ConfigError(f"--labels-file {labels_file!r} does not exist")
+    labels = []
+    for lineno, line in text_lines(path):
+        where = f"--labels-file {labels_file}:{lineno}"
+        if isinstance(line, BadRow):
+            raise ConfigError(f"{where}: {line.reason}")
+        if not line.strip():
+            continue
+        try:
+            labels.append(check_label(line))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: label {short(line)} {exc}") from None
+    return labels
 
 
 def report_json(

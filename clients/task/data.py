@@ -153,10 +153,26 @@ def _json_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, objec
         yield lineno, _json_row(line)
 
 
+class _RepeatedKey(Exception):
+    """A JSON object names a key twice; json.loads alone would keep the last value."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object's pairs as a dict, refusing a repeated key (as a CSV header's column)."""
+    row: dict[str, object] = {}
+    for key, value in pairs:
+        if key in row:
+            raise _RepeatedKey(key)
+        row[key] = value
+    return row
+
+
 def _json_row(line: str) -> object:
     line = line.rstrip("\r\n")  # with its line break, an error at the end says "column 1"
     try:
-        return json.loads(line)
+        return json.loads(line, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        return BadRow(f"the object names key {short(exc.args[0])} more than once")
     except json.JSONDecodeError as exc:
         hint = " (NUL bytes: a UTF-16 file without its byte-order mark?)" if "\x00" in line else ""
         return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno}){hint}")
@@ -256,6 +272,19 @@ def read_rows(path: Path, *, what: str) -> Iterator[tuple[int, object]]:
         yield 1, BadRow(f"the file {why}")
         return
     yield from (_json_rows(lines) if path.suffix == ".jsonl" else _csv_rows(lines))
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str | BadRow]]:
+    """(line number, line without its line end) of a text file, decoded as data files are
+    (`read_rows`); a line that does not decode is a `BadRow` naming the cause, and a file
+    that does not decode at all is one `BadRow` for line 1. Blank lines are kept.
+    """
+    lines, why = _physical_lines(path.read_bytes())
+    if why:
+        yield 1, BadRow(f"the file {why}")
+        return
+    for lineno, (line, undecodable) in enumerate(lines, start=1):
+        yield lineno, BadRow(f"the line {undecodable}") if undecodable else line.rstrip("\r\n")
 
 
 def _field(row: dict, name: str) -> str | None:

@@ -41,14 +41,14 @@ def check_label(value: object) -> str:
     """The label a data row's (or the run config's) value stands for.
 
     A string is the label as is; an integer (JSON ``3``) is its decimal text, as a CSV
-    file would hold it.
+    file would hold it, and meets the same rule.
 
     Raises:
         ValueError: Saying why the value is no label (type, blank, not valid Unicode,
             too long).
     """
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        value = str(value)
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {type(value).__name__} {short(value)}")
     if not value.strip():

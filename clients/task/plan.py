@@ -14,6 +14,7 @@ from typing import Any
 from clients.task.choices import (
     LEGACY_POOLING,
     LEGACY_SITE_DP_OPTIMIZER,
+    MIN_MAX_LENGTH,
     RESOLVED_POOLINGS,
     SITE_DP_OPTIMIZERS,
     SITE_DP_TRAINABLE,
@@ -78,8 +79,8 @@ class TrainPlan:
             raise ConfigError(f"batch-size={self.batch_size!r} must be >= 1")
         if not 0 < self.learning_rate < math.inf:
             raise ConfigError(f"learning-rate={self.learning_rate!r} must be finite and > 0")
-        if self.max_length < 8:
-            raise ConfigError(f"max-length={self.max_length!r} must be >= 8")
+        if self.max_length < MIN_MAX_LENGTH:
+            raise ConfigError(f"max-length={self.max_length!r} must be >= {MIN_MAX_LENGTH}")
         if not 0 <= self.proximal_mu < math.inf:
             raise ConfigError(f"proximal-mu={self.proximal_mu!r} must be finite and >= 0")
         if not 0.0 <= self.fedrs_alpha <= 1.0:

@@ -143,6 +143,78 @@ def test_check_usage_errors_exit_2_with_one_line(
     assert err.startswith("error:") and _squeezed(message) in _squeezed(err)
 
 
+@pytest.mark.parametrize("max_length", ["-1", "0", "7"])
+def test_check_refuses_a_max_length_training_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_length: str
+) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm",
+                 "--max-length", max_length])  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: --max-length={max_length} must be >= 8")
+
+
+def test_check_accepts_the_smallest_max_length_training_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm", "--max-length", "8"])
+
+    assert code == 0
+    assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (  # Latin-1, as an editor on Windows may save it
+            b"x\n\xe9\n",
+            "labels.txt:2: the line is not UTF-8 text (byte 0xE9 at column 1)",
+        ),
+        (b"x\n" + b"y" * 1001 + b"\n", "labels.txt:2: label 'yyyy"),
+        (b"x\n\n\xed\xa0\x80\n", "labels.txt:3: the line is not UTF-8 text (byte 0xED"),
+        ("x\n".encode("utf-16-le"), "labels.txt:1: the file looks like UTF-16 text without"),
+    ],
+)
+def test_a_bad_labels_file_line_is_named_with_file_and_line(
+    tmp_path: Path,
+    good: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    message: str,
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(content)
+
+    code = main(["site", "check", "--data", str(good), "--task", CLS, "--labels-file", str(labels)])
+
+    err = _squeezed(capsys.readouterr().err)
+    assert code == 2
+    assert err.startswith(_squeezed(f"error: --labels-file {labels}:"))
+    assert _squeezed(message) in err
+
+
+def test_a_labels_file_is_read_as_data_files_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """UTF-16 with its byte-order mark and CRLF are read; a Unicode line separator inside a
+    label (as a JSON string may hold one) does not split it."""
+    labels = ["greet", "leave\u2028now"]
+    path = _jsonl(tmp_path / "d.jsonl", [{"text": "hi", "label": lab} for lab in labels])
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_bytes(("\ufeff" + "\r\n".join(labels) + "\r\n").encode("utf-16-le"))
+
+    code = main(["site", "check", "--data", str(path), "--task", CLS, "--labels-file",
+                 str(labels_file), "--json"])  # fmt: skip
+
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["label_counts"] == dict.fromkeys(labels, 1)
+
+
 @pytest.mark.integration  # a real subprocess or model: seconds, kept out of the unit run
 def test_check_and_split_import_no_torch(tmp_path: Path, good: Path) -> None:
     script = (

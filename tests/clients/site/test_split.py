@@ -90,6 +90,7 @@ def test_read_rows_keeps_every_column(tmp_path: Path) -> None:
         ("d.jsonl", "", "has no rows"),
         ("d.jsonl", '{"text": "a"}\n{oops\n', r"d\.jsonl:2: invalid JSON"),
         ("d.jsonl", "[1]\n", r"d\.jsonl:1: row must be an object"),
+        ("d.jsonl", '{"a": 1, "a": 2}\n', r"d\.jsonl:1: the object names key 'a' more than once"),
         ("d.csv", "text,label\na,b,c\n", r"d\.csv:2: more cells than the header"),
     ],
 )

@@ -345,6 +345,29 @@ def test_spreadsheet_and_editor_variants_are_read(
             b'{"text": "ok", "label": "a"}\n{"text": "x", "label": NaN}\n',
             ["float-label.jsonl:2: field 'label' must be a string, got float nan"],
         ),
+        (
+            "infinite-text.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": -Infinity, "label": "a"}\n',
+            ["infinite-text.jsonl:2: field 'text' must be a string, got float -inf"],
+        ),
+        (  # an integer label is its decimal text, held to the same length as a string label
+            "long-int-label.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": "x", "label": ' + b"1" * 1500 + b"}\n",
+            [
+                "long-int-label.jsonl:2: field 'label' has 1500 characters (max 1000; a text "
+                "in the label column?)"
+            ],
+        ),
+        (  # json.loads would keep the last "label"; a CSV header naming a column twice is refused
+            "repeated-key.jsonl",
+            b'{"text": "ok", "label": "a"}\n{"text": "x", "label": "a", "label": "b"}\n',
+            ["repeated-key.jsonl:2: the object names key 'label' more than once"],
+        ),
+        (
+            "repeated-nested-key.jsonl",
+            b'{"text": "ok", "label": "a", "meta": {"id": 1, "id": 2}}\n',
+            ["repeated-nested-key.jsonl:1: the object names key 'id' more than once"],
+        ),
     ],
 )
 def test_broken_files_name_the_actual_cause_with_file_and_line(

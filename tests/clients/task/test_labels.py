@@ -104,6 +104,7 @@ def test_label_set_forms(value: object, labels: tuple[str, ...]) -> None:
         ('["a", 1' + "0" * 5000 + "]", "is not a TOML array of strings"),  # 4,300 digits
         ("[" * 100_000, "is not a TOML array of strings"),  # RecursionError
         (["a", "x" * 1001], "has 1001 characters"),
+        (["a", int("1" * 1001)], "has 1001 characters"),  # a JSON integer's text too
         (["a", "\ud800"], "lone surrogate U\\+D800"),
     ],
 )

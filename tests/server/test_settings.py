@@ -609,3 +609,15 @@ def test_a_max_length_up_to_the_bases_positions_is_taken(tiny_llama: Path) -> No
     assert RunSettings.from_config({**llama, "max-length": 128}).max_length == 128
     with pytest.raises(ConfigError, match=r"^max-length=129 exceeds the 128 tokens .*"):
         RunSettings.from_config({**llama, "max-length": 129})
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n", "x" * 257])
+def test_an_experiment_name_mlflow_cannot_hold_is_refused_naming_the_key(name: str) -> None:
+    # MLflow refuses it only when the run opens, after OUT/mlflow.db was written, and the
+    # error then named tracking-uri.
+    with pytest.raises(ConfigError, match=r"^experiment='.*' must name an MLflow experiment"):
+        RunSettings.from_config({**OK, "experiment": name})
+
+
+def test_an_experiment_name_up_to_the_sql_column_is_taken() -> None:
+    assert RunSettings.from_config({**OK, "experiment": "x" * 256}).experiment == "x" * 256

@@ -163,8 +163,7 @@ class ClientDPSettings:
                 f"(got {self.noise_multiplier!r}) and dp.target-epsilon "
                 f"(got {self.target_epsilon!r}) > 0"
             )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"dp.delta={self.delta!r} must be in (0, 1)")
+        _check_dp_delta(self.delta)
         if not 0 <= self.max_epsilon < math.inf:  # NaN too; 0 is off
             raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be finite and >= 0")
 
@@ -175,6 +174,7 @@ class ClientDPSettings:
             for key in ("dp.noise-multiplier", "dp.target-epsilon", "dp.max-epsilon"):
                 if v[key] != 0.0:
                     raise ConfigError(f"{key}={v[key]!r} needs dp.clip-norm > 0")
+            _check_dp_delta(v["dp.delta"])  # off too: a bad value is refused, not kept
             return None
         return cls(
             clip_norm=v["dp.clip-norm"],
@@ -183,6 +183,11 @@ class ClientDPSettings:
             delta=v["dp.delta"],
             max_epsilon=v["dp.max-epsilon"],
         )
+
+
+def _check_dp_delta(delta: float) -> None:
+    if not 0 < delta < 1:  # NaN too
+        raise ConfigError(f"dp.delta={delta!r} must be in (0, 1)")
 
 
 def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
@@ -294,17 +299,32 @@ def _own_rate(optimizer: str, max_grad_norm: float) -> float:
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
-    """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
-    if not v["secagg.enabled"]:
-        return None
-    return SecAggSettings(
+    """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``); None
+    when ``secagg.enabled`` is false, after the same checks of each key's own range, so a
+    bad value is refused rather than kept for a run that turns SecAgg+ on."""
+    enabled = v["secagg.enabled"]
+    settings = SecAggSettings(
         num_shares=v["secagg.num-shares"],
         reconstruction_threshold=v["secagg.reconstruction-threshold"],
-        clipping_range=v["secagg.clipping-range"] or site_clip,
+        # Off, 0 stands for nothing: the range's own default takes its place.
+        clipping_range=v["secagg.clipping-range"]
+        or (site_clip if enabled else SecAggSettings.clipping_range),
         quantization_range=v["secagg.quantization-range"],
         max_weight=v["secagg.max-weight"],
         prg=v["secagg.prg"],
     )
+    _check_clipping_ceiling(v["secagg.clipping-range"])  # the value given: 0 passes
+    return settings if enabled else None
+
+
+def _check_clipping_ceiling(clipping_range: float) -> None:
+    # No coordinate exceeds the update's norm, itself at most MAX_UPDATE_NORM; a larger
+    # range only coarsens quantization and lets float32 sums overflow.
+    if clipping_range > MAX_UPDATE_NORM:
+        raise ConfigError(
+            f"secagg.clipping-range={clipping_range!r} must be at most {MAX_UPDATE_NORM:g} "
+            "(update.max-norm's ceiling: no coordinate of an accepted update is larger)"
+        )
 
 
 @dataclass(frozen=True)
@@ -473,14 +493,8 @@ class RunSettings:
                 f"secagg.clipping-range={self.secagg.clipping_range!r} does not cover the "
                 f"sites' clip norm {self.site_clip_norm!r} (dp.clip-norm, else update.max-norm)"
             )
-        if self.secagg is not None and self.secagg.clipping_range > MAX_UPDATE_NORM:
-            # No coordinate exceeds the update's norm, itself at most MAX_UPDATE_NORM; a
-            # larger range only coarsens quantization and lets float32 sums overflow.
-            raise ConfigError(
-                f"secagg.clipping-range={self.secagg.clipping_range!r} must be at most "
-                f"{MAX_UPDATE_NORM:g} (update.max-norm's ceiling: no coordinate of an "
-                "accepted update is larger)"
-            )
+        if self.secagg is not None:
+            _check_clipping_ceiling(self.secagg.clipping_range)
         if self.client_dp is not None and self.client_dp.clip_norm > self.max_norm:
             raise ConfigError(
                 f"dp.clip-norm={self.client_dp.clip_norm!r} exceeds "

@@ -28,7 +28,7 @@ from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import format_label_set, parse_label_set
-from clients.task.model import ModelSpec, base_digest, resolve_base
+from clients.task.model import ModelSpec, base_digest, check_max_length, resolve_base
 from clients.task.plan import TrainPlan
 from clients.task.pooling import pooling_of_base
 from server.run_config import KEYS, param_value, read_config, split_list
@@ -50,6 +50,8 @@ HEAD_INITS = ("seeded", "lda", "label-names")
 # update.max-norm's ceiling: far above any honest update, and float32 sums of updates
 # under it stay finite for any number of sites a federation has.
 MAX_UPDATE_NORM = 1e6
+# The longest experiment name: the column of MLflow's SQL stores (its own check allows 500).
+MAX_EXPERIMENT_NAME = 256
 
 
 # The run-config key(s) behind each field of `RunSettings.fingerprint` (the field names are
@@ -161,8 +163,7 @@ class ClientDPSettings:
                 f"(got {self.noise_multiplier!r}) and dp.target-epsilon "
                 f"(got {self.target_epsilon!r}) > 0"
             )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"dp.delta={self.delta!r} must be in (0, 1)")
+        _check_dp_delta(self.delta)
         if not 0 <= self.max_epsilon < math.inf:  # NaN too; 0 is off
             raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be finite and >= 0")
 
@@ -173,6 +174,7 @@ class ClientDPSettings:
             for key in ("dp.noise-multiplier", "dp.target-epsilon", "dp.max-epsilon"):
                 if v[key] != 0.0:
                     raise ConfigError(f"{key}={v[key]!r} needs dp.clip-norm > 0")
+            _check_dp_delta(v["dp.delta"])  # off too: a bad value is refused, not kept
             return None
         return cls(
             clip_norm=v["dp.clip-norm"],
@@ -181,6 +183,11 @@ class ClientDPSettings:
             delta=v["dp.delta"],
             max_epsilon=v["dp.max-epsilon"],
         )
+
+
+def _check_dp_delta(delta: float) -> None:
+    if not 0 < delta < 1:  # NaN too
+        raise ConfigError(f"dp.delta={delta!r} must be in (0, 1)")
 
 
 def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:
@@ -292,17 +299,32 @@ def _own_rate(optimizer: str, max_grad_norm: float) -> float:
 
 
 def _secagg(v: Mapping[str, Any], *, site_clip: float) -> SecAggSettings | None:
-    """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``)."""
-    if not v["secagg.enabled"]:
-        return None
-    return SecAggSettings(
+    """The ``secagg.*`` keys as settings (a clipping range of 0 is ``site_clip``); None
+    when ``secagg.enabled`` is false, after the same checks of each key's own range, so a
+    bad value is refused rather than kept for a run that turns SecAgg+ on."""
+    enabled = v["secagg.enabled"]
+    settings = SecAggSettings(
         num_shares=v["secagg.num-shares"],
         reconstruction_threshold=v["secagg.reconstruction-threshold"],
-        clipping_range=v["secagg.clipping-range"] or site_clip,
+        # Off, 0 stands for nothing: the range's own default takes its place.
+        clipping_range=v["secagg.clipping-range"]
+        or (site_clip if enabled else SecAggSettings.clipping_range),
         quantization_range=v["secagg.quantization-range"],
         max_weight=v["secagg.max-weight"],
         prg=v["secagg.prg"],
     )
+    _check_clipping_ceiling(v["secagg.clipping-range"])  # the value given: 0 passes
+    return settings if enabled else None
+
+
+def _check_clipping_ceiling(clipping_range: float) -> None:
+    # No coordinate exceeds the update's norm, itself at most MAX_UPDATE_NORM; a larger
+    # range only coarsens quantization and lets float32 sums overflow.
+    if clipping_range > MAX_UPDATE_NORM:
+        raise ConfigError(
+            f"secagg.clipping-range={clipping_range!r} must be at most {MAX_UPDATE_NORM:g} "
+            "(update.max-norm's ceiling: no coordinate of an accepted update is larger)"
+        )
 
 
 @dataclass(frozen=True)
@@ -387,6 +409,12 @@ class RunSettings:
                 f"{MAX_UPDATE_NORM:g} (the largest L2 norm accepted from a site's update)"
             )
         chosen_round(rule=self.keep_adapter, best_round=0, last_round=0)  # names adapter.keep
+        # MLflow refuses an empty name only as the run opens, after OUT/mlflow.db is written.
+        if not self.experiment.strip() or len(self.experiment) > MAX_EXPERIMENT_NAME:
+            raise ConfigError(
+                f"experiment={self.experiment[:80]!r} must name an MLflow experiment: not "
+                f"blank, at most {MAX_EXPERIMENT_NAME} characters"
+            )
         if self.site_dp_batch_size < 1:
             raise ConfigError(f"site-dp.batch-size={self.site_dp_batch_size!r} must be >= 1")
         if self.site_dp_optimizer not in SITE_DP_OPTIMIZERS:
@@ -465,14 +493,8 @@ class RunSettings:
                 f"secagg.clipping-range={self.secagg.clipping_range!r} does not cover the "
                 f"sites' clip norm {self.site_clip_norm!r} (dp.clip-norm, else update.max-norm)"
             )
-        if self.secagg is not None and self.secagg.clipping_range > MAX_UPDATE_NORM:
-            # No coordinate exceeds the update's norm, itself at most MAX_UPDATE_NORM; a
-            # larger range only coarsens quantization and lets float32 sums overflow.
-            raise ConfigError(
-                f"secagg.clipping-range={self.secagg.clipping_range!r} must be at most "
-                f"{MAX_UPDATE_NORM:g} (update.max-norm's ceiling: no coordinate of an "
-                "accepted update is larger)"
-            )
+        if self.secagg is not None:
+            _check_clipping_ceiling(self.secagg.clipping_range)
         if self.client_dp is not None and self.client_dp.clip_norm > self.max_norm:
             raise ConfigError(
                 f"dp.clip-norm={self.client_dp.clip_norm!r} exceeds "
@@ -566,6 +588,10 @@ class RunSettings:
             seed=v["seed"],
         )
         spec = _resolved_pooling(spec)  # the sites get "model" or "mean", never "auto"
+        try:  # here, where the base is known: a longer plan fails inside every site's forward
+            check_max_length(v["max-length"], base=spec.base)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from exc
         client_dp = ClientDPSettings.from_values(v)
         secagg = _secagg(
             v, site_clip=client_dp.clip_norm if client_dp is not None else v["update.max-norm"]

@@ -7,7 +7,7 @@ runs the simulation showing its rounds as they end (server/simulation.py does th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +89,8 @@ def build_train_config(
         set); None when the config gave the labels, or the task has none.
 
     Raises:
-        ConfigError: For a bad eval file.
+        ConfigError: For a bad eval file, or ``min-available-clients`` or
+            ``min-fit-clients`` above the number of site files.
         DataError: For a bad site file read to infer the labels.
     """
     config = dict(overrides)
@@ -124,7 +125,26 @@ def build_train_config(
         config["labels"] = format_label_set(labels)
     config.setdefault("min-available-clients", len(sites))
     config.setdefault("min-fit-clients", min(2, len(sites)))
+    _check_site_counts(config, sites)
     return config, reports
+
+
+def _check_site_counts(config: Mapping[str, Any], sites: Sequence[Path]) -> None:
+    """Refuse a count of sites above the number of site files (one site each): the run
+    would wait ``round-timeout`` for sites that never connect, or fail every round. A
+    value of another type is left to `RunSettings`, which names its type.
+
+    Raises:
+        ConfigError: Naming the key, its value and the number of site files.
+    """
+    for key in ("min-available-clients", "min-fit-clients"):
+        value = config[key]
+        if isinstance(value, int) and not isinstance(value, bool) and value > len(sites):
+            where = f" in --sites {str(sites[0].parent)!r}" if sites else ""
+            raise ConfigError(
+                f"{key}={value!r} exceeds the {len(sites)} site file(s){where}, one site "
+                f"each; set {key} <= {len(sites)}"
+            )
 
 
 def read_site_files(

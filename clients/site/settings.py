@@ -95,27 +95,45 @@ class SiteSettings:
         unknown = sorted(set(config) - set(KEYS) - set(FLOWER_KEYS))
         if unknown:
             raise ConfigError(f"unknown node config key(s) {unknown}; known: {sorted(KEYS)}")
-        if not config.get("data-path"):
+        data = _text(config, "data-path")
+        if not data:
             raise ConfigError("node config has no data-path (the site's data file)")
-        path = Path(str(config["data-path"])).expanduser()
+        path = Path(data).expanduser()
         max_epsilon = config.get("max-epsilon")
-        state_dir = config.get("state-dir")
-        worker = config.get("worker-socket")
+        state_dir = _text(config, "state-dir")
+        worker = _text(config, "worker-socket")
         share = config.get("head-statistics", True)
         if not isinstance(share, bool):
             raise ConfigError(f"head-statistics={share!r} must be true or false")
         return cls(
             data_path=path,
-            site_id=str(config.get("site-id") or path.stem),
+            site_id=_text(config, "site-id") or path.stem,
             eval_fraction=_number("eval-fraction", config.get("eval-fraction", 0.1)),
-            base_model=str(config["base-model"]) if config.get("base-model") else None,
-            device=str(config.get("device", "auto")),
-            state_dir=Path(str(state_dir)).expanduser() if state_dir else None,
+            base_model=_text(config, "base-model") or None,
+            device=_text(config, "device") if "device" in config else "auto",
+            state_dir=Path(state_dir).expanduser() if state_dir else None,
             max_epsilon=_number("max-epsilon", max_epsilon) if max_epsilon is not None else None,
             delta=_number("delta", config.get("delta", DEFAULT_DELTA)),
-            worker_socket=Path(str(worker)).expanduser() if worker else None,
+            worker_socket=Path(worker).expanduser() if worker else None,
             head_statistics=share,
         )
+
+
+def _text(config: Mapping[str, Any], key: str) -> str:
+    """A node config path or name; empty when absent. The TOML of ``--node-config`` reads
+    ``state-dir=true`` as a bool and ``base-model=1.5`` as a float, which as text would
+    name a directory ``True`` or a base ``1.5`` nobody meant.
+
+    Raises:
+        ConfigError: Naming the key, unless the value is a string.
+    """
+    value = config.get(key, "")
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{key}={value!r} must be a string ({type(value).__name__} given); quote it: "
+            f"{key}='...'"
+        )
+    return value
 
 
 def _number(key: str, value: object) -> float:

@@ -30,6 +30,7 @@ from clients.task.model import (
     ModelSpec,
     base_digest,
     build_model,
+    check_max_length,
     load_trainable_state,
     quiet_transformers,
     trainable_state,
@@ -115,6 +116,10 @@ def _prepare(
             f"site {site.site_id}: base model {spec.base!r} has digest {digest}, "
             f"the run expects {plan.base_digest}"
         )
+    try:  # else a shape error deep in the forward pass
+        check_max_length(plan.max_length, base=spec.base)
+    except ConfigError as exc:
+        raise ConfigError(f"site {site.site_id} refuses the round plan: {exc}") from None
     loaded = _model(spec, site.torch_device)
     load_trainable_state(loaded.model, dict(reference))
     return plan, loaded

@@ -143,6 +143,72 @@ def resolve_base(base: str) -> Path:
     return path.resolve()
 
 
+def position_limit(path: Path) -> tuple[int, str] | None:
+    """The most tokens one sequence of the base at ``path`` may hold, and where it is stated.
+
+    The config's ``max_position_embeddings`` (GPT-2's ``n_positions``): a BERT-type base's
+    position table has that many rows, so a longer sequence fails inside the forward pass;
+    a rotary base (Llama) runs past it on positions it was never trained on, stretched by
+    its ``rope_scaling`` factor where it has one. The tokenizer's ``model_max_length``
+    applies where it is smaller (RoBERTa: 514 rows, 2 of them taken by its padding
+    offset, so 512 tokens); transformers writes 1e30 there for "no limit". None when
+    neither states a limit.
+
+    Raises:
+        ModelError: If the config (or the tokenizer's config) is not a JSON object.
+    """
+    config = _json_object(path / "config.json")
+    limits: list[tuple[int, str]] = []
+    key = next((k for k in ("max_position_embeddings", "n_positions") if k in config), None)
+    positions = config.get(key) if key else None
+    if _count(positions):
+        source = f"config.json {key}"
+        scaling = config.get("rope_scaling")
+        factor = scaling.get("factor") if isinstance(scaling, dict) else None
+        if isinstance(factor, int | float) and 1 < factor < math.inf:
+            original = scaling.get("original_max_position_embeddings")
+            stretched = int(factor * (original if _count(original) else positions))
+            if stretched > positions:
+                positions, source = stretched, f"{source} with its rope_scaling factor {factor}"
+        limits.append((positions, source))
+    tokenizer = path / "tokenizer_config.json"
+    if tokenizer.is_file():
+        length = _json_object(tokenizer).get("model_max_length")
+        if _count(length) and length < 1e29:  # transformers' VERY_LARGE_INTEGER is 1e30
+            limits.append((length, "tokenizer_config.json model_max_length"))
+    return min(limits, default=None)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: cannot be read as JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_max_length(max_length: int, *, base: str) -> None:
+    """Refuse a ``max-length`` longer than the base takes (`position_limit`).
+
+    Raises:
+        ConfigError: Naming ``max-length``, its value, the limit and where it is stated.
+        ModelError: If the base cannot be found or its config read.
+    """
+    path = resolve_base(base)
+    limit = position_limit(path)
+    if limit is not None and max_length > limit[0]:
+        raise ConfigError(
+            f"max-length={max_length!r} exceeds the {limit[0]} tokens base-model={base!r} "
+            f"takes ({limit[1]}); set max-length <= {limit[0]}"
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def _digest_cached(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     manifest = hashlib.sha256()

@@ -101,6 +101,13 @@ class TrainPlan:
     def _check_sample_dp(self) -> None:
         z, target = self.site_dp_noise_multiplier, self.site_dp_target_epsilon
         check_target_epsilon("site-dp.target-epsilon", target)
+        # Checked without DP-SGD too: a bad value is refused, not kept in the run's record.
+        if not 0 < self.site_dp_max_grad_norm < math.inf:
+            raise ConfigError(
+                f"site-dp.max-grad-norm={self.site_dp_max_grad_norm!r} must be > 0 and finite"
+            )
+        if not 0 < self.site_dp_delta < 1:
+            raise ConfigError(f"site-dp.delta={self.site_dp_delta!r} must be in (0, 1)")
         if z > 0 and target > 0:
             raise ConfigError(
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "

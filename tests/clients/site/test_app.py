@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,14 @@ def test_a_site_under_dp_shares_no_head_statistics(
 
     assert not hasattr(decoded, "gram")
     assert "shares no head statistics" in decoded.reason  # type: ignore[union-attr]
+
+
+def test_a_plan_longer_than_the_sites_base_takes_is_refused_naming_max_length(
+    tiny_llama: Path, site_config: dict[str, Any]
+) -> None:
+    # The tiny Llama has 128 positions: a server that did not check would have the site
+    # fail deep in its forward pass (a BERT-type base) or train on positions it never saw.
+    plan = replace(_plan(tiny_llama), max_length=129)
+    with pytest.raises(ConfigError, match=r"^site site-a refuses the round plan: max-length=129"):
+        _train(plan, site_config)
+    _local(_train(replace(plan, max_length=128), site_config))

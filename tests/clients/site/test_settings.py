@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from clients.site.settings import SiteSettings
@@ -22,3 +25,26 @@ def test_a_number_key_that_is_not_a_float_sized_number_is_refused_naming_it(
 
     with pytest.raises(ConfigError, match=f"^{key}="):
         SiteSettings.from_node_config(config)
+
+
+@pytest.mark.parametrize(
+    "key", ["data-path", "site-id", "state-dir", "worker-socket", "base-model", "device"]
+)
+@pytest.mark.parametrize("value", [True, 1.5, 7, ["x"]], ids=repr_short)
+def test_a_path_or_name_key_that_is_not_a_string_is_refused_naming_it(
+    key: str, value: object
+) -> None:
+    """``--node-config "state-dir=true"`` reaches here as a bool, not as the text 'true'."""
+    config = {"data-path": "site.jsonl", key: value}
+
+    with pytest.raises(ConfigError, match=f"^{key}={re.escape(repr(value))} must be a string"):
+        SiteSettings.from_node_config(config)
+
+
+def test_path_and_name_keys_given_as_strings_are_taken_as_given() -> None:
+    config = {"data-path": "site.jsonl", "site-id": "true", "state-dir": "True", "device": "cpu"}
+
+    site = SiteSettings.from_node_config(config)
+
+    assert (site.site_id, site.state_dir, site.device) == ("true", Path("True"), "cpu")
+    assert SiteSettings.from_node_config({"data-path": "ward.csv"}).site_id == "ward"

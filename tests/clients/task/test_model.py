@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from clients.task.choices import DEFAULT_BASE
 from clients.task.data import Example
 from clients.task.errors import ConfigError, ModelError
 from clients.task.model import (
     ModelSpec,
     base_digest,
     build_model,
+    check_max_length,
     load_trainable_state,
+    position_limit,
     quiet_transformers,
     resolve_base,
     save_adapter,
@@ -259,3 +263,57 @@ def test_fedrs_stops_a_site_from_training_labels_it_never_sees(
 def test_fedrs_is_refused_for_causal_lm(lm_spec: ModelSpec) -> None:
     with pytest.raises(ConfigError, match=r"fedrs\.alpha=0\.5 applies to sequence-classification"):
         TrainPlan(spec=lm_spec, base_digest="x", fedrs_alpha=0.5)
+
+
+# Qwen2.5's YaRN (32768 positions stretched 4x) and Llama 3.1's (already 131072).
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(
+    ("config", "tokenizer", "limit"),
+    [
+        # BERT-type: a table of position embeddings; the tokenizer agrees.
+        ({"max_position_embeddings": 512}, {"model_max_length": 512}, 512),
+        # RoBERTa: 514 rows, 2 taken by its padding offset; its tokenizer says 512.
+        ({"max_position_embeddings": 514}, {"model_max_length": 512}, 512),
+        ({"n_positions": 1024}, None, 1024),  # GPT-2's name for it
+        # A tokenizer without a limit (transformers writes 1e30) leaves the config's.
+        ({"max_position_embeddings": 128}, {"model_max_length": int(1e30)}, 128),
+        # Llama: rotary positions, stretched by a rope_scaling factor where one is set.
+        ({"max_position_embeddings": 4096}, {}, 4096),
+        ({"max_position_embeddings": 32768, "rope_scaling": YARN}, None, 131072),
+        ({"max_position_embeddings": 131072, "rope_scaling": LLAMA3}, None, 131072),
+        ({"max_position_embeddings": 2048, "rope_scaling": None}, None, 2048),
+        ({"model_type": "t5"}, {"model_max_length": int(1e30)}, None),  # no stated limit
+        ({"model_type": "x"}, {"model_max_length": 256}, 256),
+        ({"max_position_embeddings": True}, None, None),  # not a count
+    ],
+)
+def test_position_limit_is_the_smaller_of_the_config_and_the_tokenizer(
+    tmp_path: Path, config: dict, tokenizer: dict | None, limit: int | None
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if tokenizer is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+
+    found = position_limit(tmp_path)
+
+    assert (found[0] if found else None) == limit
+
+
+def test_the_packaged_base_takes_512_tokens(tiny_bert: Path) -> None:
+    limit = position_limit(resolve_base(DEFAULT_BASE))
+    assert limit == (512, "config.json max_position_embeddings")
+    check_max_length(512, base=DEFAULT_BASE)
+    with pytest.raises(ConfigError, match=r"^max-length=513 exceeds the 512 tokens base-model="):
+        check_max_length(513, base=DEFAULT_BASE)
+    check_max_length(128, base=str(tiny_bert))
+    with pytest.raises(ConfigError, match=r"\(config\.json max_position_embeddings\); set "):
+        check_max_length(129, base=str(tiny_bert))
+
+
+def test_a_base_config_that_is_not_a_json_object_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[1]")
+    with pytest.raises(ModelError, match=r"config\.json: expected a JSON object, got list"):
+        position_limit(tmp_path)

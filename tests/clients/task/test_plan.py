@@ -51,6 +51,11 @@ def test_plan_round_trips_through_a_flat_config() -> None:
         ({"site_dp_noise_multiplier": float("nan")}, "site-dp.noise-multiplier=nan must be"),
         ({"clip_norm": float("nan")}, "clip-norm=nan must be finite"),
         ({"site_dp_target_epsilon": 1e300}, "site-dp.target-epsilon=1e\\+300 must be at most"),
+        # Checked without DP-SGD too: refused, not carried on.
+        ({"site_dp_delta": float("nan")}, r"site-dp.delta=nan must be in \(0, 1\)"),
+        ({"site_dp_delta": -1.0}, r"site-dp.delta=-1.0 must be in \(0, 1\)"),
+        ({"site_dp_max_grad_norm": -5.0}, "site-dp.max-grad-norm=-5.0 must be > 0"),
+        ({"site_dp_max_grad_norm": float("inf")}, "site-dp.max-grad-norm=inf must be > 0"),
     ],
 )
 def test_bad_plan_is_refused_by_the_site(change: dict, message: str) -> None:

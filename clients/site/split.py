@@ -62,6 +62,9 @@ class SplitSpec:
             raise ConfigError("--by needs a column name")
         if not self.label_column:
             raise ConfigError("--label-column needs a column name")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's generators take no negative seed
+            raise ConfigError(f"--seed {self.seed!r} must be an integer >= 0")
         if (
             isinstance(self.min_per_site, bool)
             or not isinstance(self.min_per_site, int)
@@ -185,12 +188,12 @@ def split_rows(rows: Sequence[dict], *, spec: SplitSpec) -> Split:
         DataError: For a row without a label/group value, or if some site would get fewer
             than ``spec.min_per_site`` rows (after `MAX_ATTEMPTS` seeds for Dirichlet).
     """
-    names = site_names(spec.sites)
     if len(rows) < spec.sites * spec.min_per_site:
         raise DataError(
             f"{len(rows)} rows cannot give --sites {spec.sites} sites "
             f"--min-per-site {spec.min_per_site} rows each"
         )
+    names = site_names(spec.sites)  # after the check above: as many as rows at most
     if spec.by is not None:
         groups = column_values(rows, spec.by, flag="--by")
         try:

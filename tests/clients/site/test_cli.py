@@ -232,6 +232,7 @@ def test_split_refuses_a_non_empty_out_dir_then_force_replaces_it(
         (["--sites", "4", "--by", "domain"], "--by 'domain': only 3 distinct values"),
         (["--sites", "2", "--by", "site"], "available: domain, label, text"),
         (["--sites", "2", "--alpha", "1", "--label-column", "y"], "column 'y' is not in"),
+        (["--sites", "2", "--alpha", "1", "--seed", "-1"], "--seed -1 must be an integer >= 0"),
     ],
 )
 def test_split_usage_errors_exit_2_and_write_nothing(

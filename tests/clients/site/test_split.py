@@ -51,6 +51,8 @@ def _multiset(rows: list[dict]) -> Counter[str]:
         ({"sites": 2, "alpha": 1.0, "by": "domain"}, "exactly one of --alpha and --by"),
         ({"sites": 2, "by": ""}, "--by needs a column name"),
         ({"sites": 2, "alpha": 1.0, "min_per_site": 0}, "--min-per-site 0"),
+        ({"sites": 2, "alpha": 1.0, "seed": -1}, "--seed -1 must be an integer >= 0"),
+        ({"sites": 2, "alpha": 1.0, "seed": True}, "--seed True"),
     ],
 )
 def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:
@@ -200,6 +202,12 @@ def test_a_row_without_a_label_is_named() -> None:
 
     with pytest.raises(DataError, match="row 3 has no value for column 'label'"):
         split_rows(rows, spec=SplitSpec(sites=2, alpha=1.0))
+
+
+def test_too_many_sites_are_refused_before_naming_them() -> None:
+    # Naming 10**9 sites took a minute and then ran out of memory.
+    with pytest.raises(DataError, match="4 rows cannot give --sites 1000000000 sites"):
+        split_rows(_rows("abab"), spec=SplitSpec(sites=10**9, alpha=1.0))
 
 
 # --- by a group column ------------------------------------------------------------------

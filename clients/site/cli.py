@@ -417,8 +417,9 @@ def cmd_data_split(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         min_per_site=args.min_per_site,
     )
-    rows = read_rows(args.src)
-    split = split_rows(rows, spec=spec)
+    source = read_rows(args.src)
+    rows = source.rows
+    split = split_rows(rows, spec=spec, places=source.places)
     paths = write_sites(split.parts, Path(args.out), force=args.force)
 
     how = f"Dirichlet alpha={spec.alpha}" if spec.by is None else f"by {spec.by!r}"

@@ -260,6 +260,38 @@ def test_split_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no.jsonl'doesnotexist" in _squeezed(capsys.readouterr().err)
 
 
+def test_split_names_the_file_and_line_of_a_missing_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "by.csv"
+    src.write_text("text,label,domain\na,x,d1\nb,y,d2\nc,x,\nd,y,d1\n")
+
+    code = main(
+        ["data", "split", str(src), "--sites", "2", "--by", "domain", "--out", str(tmp_path / "o")]
+    )
+
+    assert code == 2
+    assert _squeezed("error: by.csv:4: no value for column 'domain' (--by)") in _squeezed(
+        capsys.readouterr().err
+    )
+
+
+def test_split_refuses_non_finite_numbers_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _jsonl(
+        tmp_path / "nan.jsonl",
+        ['{"text": "a", "label": "x"}', '{"text": "b", "label": "y", "domain": NaN}'] * 2,
+    )
+    out = tmp_path / "sites"
+
+    code = main(["data", "split", str(src), "--sites", "2", "--alpha", "1", "--out", str(out)])
+
+    assert code == 2
+    assert _squeezed("nan.jsonl:2: field 'domain' holds NaN") in _squeezed(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.jsonl"]
+
+
 def test_site_budget_reset_initialises_and_records_the_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

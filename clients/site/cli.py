@@ -408,6 +408,7 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from clients.site.split import SplitSpec, read_rows, site_names, split_rows, write_sites
+    from clients.task.interrupt import terminate_as_interrupt
 
     spec = SplitSpec(
         sites=args.sites,
@@ -420,7 +421,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     source = read_rows(args.src)
     rows = source.rows
     split = split_rows(rows, spec=spec, places=source.places)
-    paths = write_sites(split.parts, Path(args.out), force=args.force)
+    with terminate_as_interrupt():  # SIGTERM mid-write removes the partial files as Ctrl-C
+        paths = write_sites(split.parts, Path(args.out), force=args.force)
 
     how = f"Dirichlet alpha={spec.alpha}" if spec.by is None else f"by {spec.by!r}"
     table = Table(title=Text(f"{len(rows)} rows split {how} into {args.out}"))

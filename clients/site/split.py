@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import numpy as np
 
 from clients.task import data
 from clients.task.errors import ConfigError, DataError
-from clients.task.files import swap_directory
+from clients.task.files import swap_directory, temp_directory
 from clients.task.labels import check_label
 
 # A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
@@ -306,7 +305,9 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
     """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then swapped in.
 
     With `force`, an existing `out` holding only an earlier split's ``site-*.jsonl`` files is
-    replaced whole, so no stale site from a split into more sites is left behind.
+    replaced whole, so no stale site from a split into more sites is left behind. The
+    temporary directory (`temp_directory`) is removed on any failure, Ctrl-C or SIGTERM
+    included; one a killed process left is removed by the next call on `out`.
 
     Raises:
         ConfigError: If `out` is a file, or a non-empty directory without `force`, or with
@@ -315,8 +316,7 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
     """
     out = Path(out)
     _check_out(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_directory(out)
     try:
         paths = []
         for name, part in zip(site_names(len(parts)), parts, strict=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,39 @@ def test_split_refuses_non_finite_numbers_and_writes_nothing(
     assert code == 2
     assert _squeezed("nan.jsonl:2: field 'domain' holds NaN") in _squeezed(capsys.readouterr().err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.jsonl"]
+
+
+@pytest.mark.integration  # a real subprocess that gets SIGTERM: a second
+def test_split_stopped_by_sigterm_mid_write_exits_143_and_leaves_nothing(
+    tmp_path: Path, src: Path
+) -> None:
+    # Arrange: `kill PID` arrives once the site files are written, before they are swapped in
+    out = tmp_path / "sites"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from clients.site import split
+        from server.cli import main
+
+        def killed(new, target):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal's handler runs here
+
+        split.swap_directory = killed
+        sys.exit(main(["data", "split", {str(src)!r}, "--sites", "2", "--alpha", "1",
+                       "--out", {str(out)!r}]))
+        """
+    )
+
+    # Act
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    # Assert: stopped as `fedlora train` is, and no partial temporary directory is left
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
 
 
 def test_site_budget_reset_initialises_and_records_the_reason(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from clients.site.split import (
     write_sites,
 )
 from clients.task.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _rows(labels: str, *, domain: str = "") -> list[dict]:
@@ -400,3 +406,29 @@ def test_a_row_with_nan_is_not_written(tmp_path: Path) -> None:
         write_sites([[{"a": 1}], [{"a": math.nan}]], out, force=False)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nor a temporary directory
+
+
+@pytest.mark.integration  # a real subprocess, killed: a second
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next_split(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a writer killed (SIGKILL: no clean-up of its own) after writing its files
+    out = tmp_path / "sites"
+    script = (
+        "import os, signal, sys\n"
+        "from clients.site import split\n"
+        "split.swap_directory = lambda new, target: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"split.write_sites([[{{'a': 1}}], [{{'a': 2}}]], {str(out)!r}, force=False)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [p for p in tmp_path.iterdir()]
+    assert (left / "site-02.jsonl").is_file()  # what the bug left for good
+    live = tmp_path / f".sites.{os.getppid()}.abc123.tmp"  # a live writer's, kept
+    live.mkdir()
+
+    # Act
+    write_sites([[{"b": 1}], [{"b": 2}]], out, force=False)
+
+    # Assert
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sites", live.name])

@@ -422,7 +422,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     rows = source.rows
     split = split_rows(rows, spec=spec, places=source.places)
     with terminate_as_interrupt():  # SIGTERM mid-write removes the partial files as Ctrl-C
-        paths = write_sites(split.parts, Path(args.out), force=args.force)
+        paths = write_sites(split.parts, Path(args.out), force=args.force, source=source.path)
 
     how = f"Dirichlet alpha={spec.alpha}" if spec.by is None else f"by {spec.by!r}"
     table = Table(title=Text(f"{len(rows)} rows split {how} into {args.out}"))

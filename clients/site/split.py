@@ -19,7 +19,7 @@ Usage::
     source = read_rows("clinc.jsonl")
     spec = SplitSpec(sites=4, alpha=0.5, seed=0)
     split = split_rows(source.rows, spec=spec, places=source.places)
-    write_sites(split.parts, Path("sites"), force=False)
+    write_sites(split.parts, Path("sites"), force=False, source=source.path)
 """
 
 from __future__ import annotations
@@ -301,7 +301,13 @@ def _first_small(parts: Sequence[Sequence[int]], minimum: int) -> int | None:
     return next((site for site, part in enumerate(parts) if len(part) < minimum), None)
 
 
-def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool) -> list[Path]:
+def write_sites(
+    parts: Sequence[Sequence[dict]],
+    out: str | Path,
+    *,
+    force: bool,
+    source: str | Path | None = None,
+) -> list[Path]:
     """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then swapped in.
 
     With `force`, an existing `out` holding only an earlier split's ``site-*.jsonl`` files is
@@ -311,11 +317,11 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
 
     Raises:
         ConfigError: If `out` is a file, or a non-empty directory without `force`, or with
-            `force` holds anything but site files.
+            `force` holds anything but site files, or holds the `source` file.
         ValueError: If a row holds NaN or an infinity (`read_rows` refuses them in files).
     """
     out = Path(out)
-    _check_out(out, force=force)
+    _check_out(out, force=force, source=None if source is None else Path(source))
     tmp = temp_directory(out)
     try:
         paths = []
@@ -333,9 +339,14 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
     return paths
 
 
-def _check_out(out: Path, *, force: bool) -> None:
+def _check_out(out: Path, *, force: bool, source: Path | None) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    if source is not None and source.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(
+            f"--out {str(out)!r} holds the source file {str(source)!r}, which writing the "
+            "sites there would delete; choose another --out"
+        )
     if not out.exists() or not any(out.iterdir()):
         return
     if not force:

@@ -293,6 +293,25 @@ def test_split_refuses_non_finite_numbers_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.jsonl"]
 
 
+def test_split_refuses_an_out_that_holds_the_source(
+    tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sites"
+    assert main(["data", "split", str(src), "--sites", "2", "--alpha", "5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    again = out / "site-01.jsonl"
+    before = again.read_text()
+
+    code = main(
+        ["data", "split", str(again), "--sites", "2", "--alpha", "5", "--out", str(out), "--force"]
+    )
+
+    assert code == 2
+    err = _squeezed(capsys.readouterr().err)
+    assert _squeezed(f"--out {str(out)!r} holds the source file {str(again)!r}") in err
+    assert again.read_text() == before
+
+
 @pytest.mark.integration  # a real subprocess that gets SIGTERM: a second
 def test_split_stopped_by_sigterm_mid_write_exits_143_and_leaves_nothing(
     tmp_path: Path, src: Path

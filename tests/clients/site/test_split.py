@@ -398,6 +398,20 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
         write_sites([[{"a": 1}], [{"a": 2}]], out, force=True)
 
 
+def test_an_out_that_holds_the_source_is_refused_and_the_source_kept(tmp_path: Path) -> None:
+    # An earlier split's site file, split again into its own directory with --force.
+    out = tmp_path / "sites"
+    write_sites([[{"text": "a", "label": "x"}], [{"text": "b", "label": "y"}]], out, force=False)
+    source = out / ".." / "sites" / "site-01.jsonl"  # another spelling of a path inside
+    before = source.read_text()
+
+    with pytest.raises(ConfigError) as info:
+        write_sites([[{"a": 1}], [{"a": 2}]], out, force=True, source=source)
+
+    assert f"--out {str(out)!r} holds the source file {str(source)!r}" in str(info.value)
+    assert source.read_text() == before
+
+
 def test_a_row_with_nan_is_not_written(tmp_path: Path) -> None:
     # Rows from a file are refused on reading; rows built in code meet this backstop.
     out = tmp_path / "sites"

@@ -25,8 +25,8 @@ from rich.markup import escape
 
 from clients.task.data import TASKS
 from clients.task.errors import FedloraError
+from clients.task.interrupt import Terminated, terminate_as_interrupt
 from server.console import console, quiet_libraries, round_table
-from server.interrupt import Terminated, terminate_as_interrupt
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C

@@ -7,7 +7,7 @@ Ctrl-C or SIGTERM stops the run, not only Ray: the round loop runs on a Grid tha
 `KeyboardInterrupt` at its next call once the run is stopped (instead of waiting up to
 ``round-timeout`` for sites Ray no longer runs), in a daemon thread, so a round that is
 still evaluating or saving cannot keep the process alive after `STOP_GRACE_SECONDS`.
-SIGTERM ends `simulate` with `server.interrupt.Terminated`, Ctrl-C with a plain
+SIGTERM ends `simulate` with `clients.task.interrupt.Terminated`, Ctrl-C with a plain
 `KeyboardInterrupt`.
 """
 
@@ -31,8 +31,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients.task.choices import SIM_SITES_ENV
+from clients.task.interrupt import Terminated, at_default, watch_signals
 from server.app import TrainingResult, run_training
-from server.interrupt import Terminated, at_default, watch_signals
 from server.record import RoundRecord
 from server.settings import RunSettings
 from server.tracking import Tracker
@@ -150,11 +150,12 @@ def _stop_on_interrupt(stop: threading.Event, *, verbose: bool) -> Iterator[None
     its next Grid call while Flower shuts Ray down. Without ``verbose``, Flower's records
     are dropped from then on, also after this block (its workers may still log): they
     are about the actors the signal stopped. Each signal is handled only where
-    `server.interrupt.at_default` allows (a background job's ignored Ctrl-C stays ignored).
+    `clients.task.interrupt.at_default` allows (a background job's ignored Ctrl-C stays
+    ignored).
 
     ``ray.init`` replaces the SIGTERM handler set here with its own, which raises
     ``SystemExit(SIGTERM)`` (`simulate` takes that for SIGTERM too); the run is stopped
-    and Flower hushed all the same, by `server.interrupt.watch_signals`.
+    and Flower hushed all the same, by `clients.task.interrupt.watch_signals`.
     """
     handled = [signum for signum in (signal.SIGINT, signal.SIGTERM) if at_default(signum)]
     if not handled:

@@ -439,6 +439,7 @@ def cmd_site_budget(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from clients.site.split import SplitSpec, read_rows, site_names, split_rows, write_sites
+    from clients.task.interrupt import terminate_as_interrupt
 
     spec = SplitSpec(
         sites=args.sites,
@@ -448,9 +449,11 @@ def cmd_data_split(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         min_per_site=args.min_per_site,
     )
-    rows = read_rows(args.src)
-    split = split_rows(rows, spec=spec)
-    paths = write_sites(split.parts, Path(args.out), force=args.force)
+    source = read_rows(args.src)
+    rows = source.rows
+    split = split_rows(rows, spec=spec, places=source.places)
+    with terminate_as_interrupt():  # SIGTERM mid-write removes the partial files as Ctrl-C
+        paths = write_sites(split.parts, Path(args.out), force=args.force, source=source.path)
 
     how = f"Dirichlet alpha={spec.alpha}" if spec.by is None else f"by {spec.by!r}"
     table = Table(title=Text(f"{len(rows)} rows split {how} into {args.out}"))

@@ -10,11 +10,16 @@ one site:
 - ``by``: feature skew. Each distinct value of a column (a domain, a hospital, a user) goes
   wholly to one site; groups are dealt largest first to the site with the fewest rows.
 
+Labels follow training's rule (`clients.task.labels.check_label`): a string, or an integer
+that stands for its decimal text, so every site file trains. Group values may be any JSON
+value; values of different types (``true`` and ``"true"``) are different groups.
+
 Usage::
 
-    rows = read_rows("clinc.jsonl")
-    split = split_rows(rows, spec=SplitSpec(sites=4, alpha=0.5, seed=0))
-    write_sites(split.parts, Path("sites"), force=False)
+    source = read_rows("clinc.jsonl")
+    spec = SplitSpec(sites=4, alpha=0.5, seed=0)
+    split = split_rows(source.rows, spec=spec, places=source.places)
+    write_sites(split.parts, Path("sites"), force=False, source=source.path)
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +36,8 @@ import numpy as np
 
 from clients.task import data
 from clients.task.errors import ConfigError, DataError
-from clients.task.files import swap_directory
+from clients.task.files import swap_directory, temp_directory
+from clients.task.labels import check_label
 
 # A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
 # near-feasible split succeeds while an impossible one (tiny alpha, few rows) still fails fast.
@@ -62,6 +67,9 @@ class SplitSpec:
             raise ConfigError("--by needs a column name")
         if not self.label_column:
             raise ConfigError("--label-column needs a column name")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            # numpy's generators take no negative seed
+            raise ConfigError(f"--seed {self.seed!r} must be an integer >= 0")
         if (
             isinstance(self.min_per_site, bool)
             or not isinstance(self.min_per_site, int)
@@ -84,14 +92,24 @@ def site_names(sites: int) -> list[str]:
     return [f"site-{i:0{width}d}" for i in range(1, sites + 1)]
 
 
-def read_rows(path: str | Path) -> list[dict]:
+@dataclass(frozen=True)
+class Source:
+    """The rows of a source file and where each one is (``name:line``, for errors)."""
+
+    path: Path
+    rows: list[dict]
+    places: list[str]
+
+
+def read_rows(path: str | Path) -> Source:
     """Read every row of a JSONL or CSV file as a dict, keeping all columns.
 
     Raises:
-        DataError: If the file is missing, has another suffix or a row is not an object.
+        DataError: Naming the file and line, if the file is missing, has another suffix,
+            a row is not an object or holds NaN or an infinity (no JSON file can).
     """
     path = Path(path)
-    rows = []
+    rows, places = [], []
     for lineno, row in data.read_rows(path, what="source file"):
         if isinstance(row, data.Header):
             continue
@@ -99,23 +117,69 @@ def read_rows(path: str | Path) -> list[dict]:
             raise DataError(f"{path.name}:{lineno}: {row.reason}")
         if not isinstance(row, dict):
             raise DataError(f"{path.name}:{lineno}: row must be an object")
+        if (field := _non_finite_field(row)) is not None:
+            raise DataError(
+                f"{path.name}:{lineno}: field {field!r} holds NaN or an infinity, which is "
+                "not valid JSON: a site file cannot hold it"
+            )
         rows.append(row)
+        places.append(f"{path.name}:{lineno}")
     if not rows:
         raise DataError(f"source file {str(path)!r} has no rows")
-    return rows
+    return Source(path=path, rows=rows, places=places)
 
 
-def _key(value: object) -> str:
-    """A label or group value as a sortable, hashable string (JSON for non-strings)."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+def _non_finite_field(row: dict) -> str | None:
+    """The first field of ``row`` whose value holds NaN or an infinity, at any depth."""
+    for name, value in row.items():
+        stack = [value]
+        while stack:  # a loop, not recursion: however deep the row that json.loads took
+            item = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                return name
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
 
 
-def column_values(rows: Sequence[dict], column: str, *, flag: str) -> list[str]:
+def _group_key(value: object) -> str:
+    """A group value as a sortable key that keeps JSON types apart: a string is itself
+    behind one tag, any other value its JSON text behind another (``true`` ≠ ``"true"``)."""
+    if isinstance(value, str):
+        return f"s:{value}"
+    return f"j:{json.dumps(value, sort_keys=True)}"
+
+
+def _label_key(value: object) -> str:
+    """A label as training reads it (JSON 3 and "3" are one label), or ValueError."""
+    try:
+        return check_label(value)
+    except ValueError as exc:
+        raise ValueError(f"the label {exc}") from None
+
+
+def column_values(
+    rows: Sequence[dict],
+    column: str,
+    *,
+    flag: str,
+    key: Callable[[object], str],
+    places: Sequence[str] | None = None,
+) -> list[str]:
     """The value of `column` in every row, as keys for grouping.
+
+    Args:
+        rows: The rows.
+        column: The column to read.
+        flag: The option that names the column, for errors.
+        key: A value's key; raises ValueError saying why a value cannot be one.
+        places: Each row's place for errors (`Source.places`); default ``row N``.
 
     Raises:
         ConfigError: If no row has the column, listing the columns there are.
-        DataError: If some row lacks a value for it, naming the row.
+        DataError: If some row lacks a value for it, or `key` refuses it, naming the row.
     """
     if not any(column in row for row in rows):
         available = sorted({name for row in rows for name in row})
@@ -124,10 +188,14 @@ def column_values(rows: Sequence[dict], column: str, *, flag: str) -> list[str]:
         )
     values = []
     for number, row in enumerate(rows, start=1):
+        place = places[number - 1] if places is not None else f"row {number}"
         value = row.get(column)
         if value is None or value == "":
-            raise DataError(f"row {number} has no value for column {column!r}")
-        values.append(_key(value))
+            raise DataError(f"{place}: no value for column {column!r} ({flag})")
+        try:
+            values.append(key(value))
+        except ValueError as exc:
+            raise DataError(f"{place}: column {column!r} ({flag}): {exc}") from None
     return values
 
 
@@ -177,22 +245,28 @@ def group_partition(groups: Sequence[str], *, sites: int) -> list[list[int]]:
     return parts
 
 
-def split_rows(rows: Sequence[dict], *, spec: SplitSpec) -> Split:
+def split_rows(
+    rows: Sequence[dict], *, spec: SplitSpec, places: Sequence[str] | None = None
+) -> Split:
     """Split rows into ``spec.sites`` parts; deterministic for ``spec.seed``.
+
+    `places` names each row in errors (`Source.places`: file and line); without it, rows
+    are named by their number.
 
     Raises:
         ConfigError: For a column that is not in the rows, or too few groups.
-        DataError: For a row without a label/group value, or if some site would get fewer
-            than ``spec.min_per_site`` rows (after `MAX_ATTEMPTS` seeds for Dirichlet).
+        DataError: For a row without a label/group value or with a label training refuses,
+            or if some site would get fewer than ``spec.min_per_site`` rows (after
+            `MAX_ATTEMPTS` seeds for Dirichlet).
     """
-    names = site_names(spec.sites)
     if len(rows) < spec.sites * spec.min_per_site:
         raise DataError(
             f"{len(rows)} rows cannot give --sites {spec.sites} sites "
             f"--min-per-site {spec.min_per_site} rows each"
         )
+    names = site_names(spec.sites)  # after the check above: as many as rows at most
     if spec.by is not None:
-        groups = column_values(rows, spec.by, flag="--by")
+        groups = column_values(rows, spec.by, flag="--by", key=_group_key, places=places)
         try:
             indices = group_partition(groups, sites=spec.sites)
         except ConfigError as exc:
@@ -206,7 +280,9 @@ def split_rows(rows: Sequence[dict], *, spec: SplitSpec) -> Split:
         return Split(parts=[[rows[i] for i in part] for part in indices])
 
     assert spec.alpha is not None  # SplitSpec guarantees exactly one of alpha and by
-    labels = column_values(rows, spec.label_column, flag="--label-column")
+    labels = column_values(
+        rows, spec.label_column, flag="--label-column", key=_label_key, places=places
+    )
     for attempt in range(MAX_ATTEMPTS):
         rng = np.random.default_rng(spec.seed + attempt)
         indices = dirichlet_partition(labels, sites=spec.sites, alpha=spec.alpha, rng=rng)
@@ -225,26 +301,36 @@ def _first_small(parts: Sequence[Sequence[int]], minimum: int) -> int | None:
     return next((site for site, part in enumerate(parts) if len(part) < minimum), None)
 
 
-def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool) -> list[Path]:
+def write_sites(
+    parts: Sequence[Sequence[dict]],
+    out: str | Path,
+    *,
+    force: bool,
+    source: str | Path | None = None,
+) -> list[Path]:
     """Write ``out/site-01.jsonl`` … as one step: into a temporary directory, then swapped in.
 
     With `force`, an existing `out` holding only an earlier split's ``site-*.jsonl`` files is
-    replaced whole, so no stale site from a split into more sites is left behind.
+    replaced whole, so no stale site from a split into more sites is left behind. The
+    temporary directory (`temp_directory`) is removed on any failure, Ctrl-C or SIGTERM
+    included; one a killed process left is removed by the next call on `out`.
 
     Raises:
         ConfigError: If `out` is a file, or a non-empty directory without `force`, or with
-            `force` holds anything but site files.
+            `force` holds anything but site files, or holds the `source` file.
+        ValueError: If a row holds NaN or an infinity (`read_rows` refuses them in files).
     """
     out = Path(out)
-    _check_out(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _check_out(out, force=force, source=None if source is None else Path(source))
+    tmp = temp_directory(out)
     try:
         paths = []
         for name, part in zip(site_names(len(parts)), parts, strict=True):
             path = tmp / f"{name}.jsonl"
             with path.open("w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
+                fh.writelines(
+                    json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in part
+                )
             paths.append(out / path.name)
         swap_directory(tmp, out)
     finally:
@@ -253,9 +339,14 @@ def write_sites(parts: Sequence[Sequence[dict]], out: str | Path, *, force: bool
     return paths
 
 
-def _check_out(out: Path, *, force: bool) -> None:
+def _check_out(out: Path, *, force: bool, source: Path | None) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file, not a directory")
+    if source is not None and source.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(
+            f"--out {str(out)!r} holds the source file {str(source)!r}, which writing the "
+            "sites there would delete; choose another --out"
+        )
     if not out.exists() or not any(out.iterdir()):
         return
     if not force:

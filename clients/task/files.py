@@ -12,6 +12,8 @@ renames puts the old directory back; a kill between them leaves the old director
 beside the target, and the next call on that target puts it back first. Leftovers of an
 interrupted call (a temporary file of a dead writer, a half-copied directory, the old
 directory of a finished swap) are removed by the next call on the same target.
+`temp_directory` gives the directory to build beside the target, named so that a dead
+writer's is removed by the next `write_atomic` or `temp_directory` call on that target.
 
 Usage::
 
@@ -63,11 +65,32 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def temp_directory(target: Path) -> Path:
+    """A new empty directory beside ``target`` to build what `swap_directory` installs there.
+
+    It is named like `write_atomic`'s temporary file, ``.<name>.<pid>.<random>.tmp``, so
+    that the next call on ``target`` removes it if its writer died (killed mid-write)
+    while a live writer's is left alone; the caller removes it when done.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(target)
+    return Path(
+        tempfile.mkdtemp(
+            dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX
+        )
+    )
+
+
 def _remove_dead_writers_files(path: Path) -> None:
+    """Remove the temporary files and directories of dead writers to ``path``."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+{re.escape(TMP_SUFFIX)}")
     for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
         match = pattern.fullmatch(leftover.name)
-        if match and not _alive(int(match.group(1))):
+        if not match or _alive(int(match.group(1))):
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
             leftover.unlink(missing_ok=True)
 
 

@@ -85,7 +85,7 @@ def test_an_interrupted_command_exits_130_or_143_though_a_library_thread_hangs(
         f"""
         import sys, threading
         from server import cli
-        from server.interrupt import Terminated
+        from clients.task.interrupt import Terminated
 
         def hang_then_interrupt(args):
             threading.Thread(target=threading.Event().wait).start()
@@ -125,7 +125,7 @@ def test_an_interrupted_command_leaves_without_the_interpreter_s_shutdown(
         f"""
         import atexit, os, signal, sys
         from server import cli
-        from server.interrupt import Terminated
+        from clients.task.interrupt import Terminated
 
         def interrupted(args):
             atexit.register(os.kill, os.getpid(), signal.SIGSEGV)

@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 
 from clients.task.errors import ConfigError
+from clients.task.interrupt import Terminated
 from server import federation, pki
 from server.app import redact_uri
 from server.federation import (
@@ -28,7 +29,6 @@ from server.federation import (
     init_federation,
 )
 from server.harness.process import free_port
-from server.interrupt import Terminated
 from server.local import progress_line
 from server.record import RoundRecord
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -304,6 +305,7 @@ def test_split_refuses_a_non_empty_out_dir_then_force_replaces_it(
         (["--sites", "4", "--by", "domain"], "--by 'domain': only 3 distinct values"),
         (["--sites", "2", "--by", "site"], "available: domain, label, text"),
         (["--sites", "2", "--alpha", "1", "--label-column", "y"], "column 'y' is not in"),
+        (["--sites", "2", "--alpha", "1", "--seed", "-1"], "--seed -1 must be an integer >= 0"),
     ],
 )
 def test_split_usage_errors_exit_2_and_write_nothing(
@@ -329,6 +331,90 @@ def test_split_a_missing_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert code == 2
     assert "no.jsonl'doesnotexist" in _squeezed(capsys.readouterr().err)
+
+
+def test_split_names_the_file_and_line_of_a_missing_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "by.csv"
+    src.write_text("text,label,domain\na,x,d1\nb,y,d2\nc,x,\nd,y,d1\n")
+
+    code = main(
+        ["data", "split", str(src), "--sites", "2", "--by", "domain", "--out", str(tmp_path / "o")]
+    )
+
+    assert code == 2
+    assert _squeezed("error: by.csv:4: no value for column 'domain' (--by)") in _squeezed(
+        capsys.readouterr().err
+    )
+
+
+def test_split_refuses_non_finite_numbers_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = _jsonl(
+        tmp_path / "nan.jsonl",
+        ['{"text": "a", "label": "x"}', '{"text": "b", "label": "y", "domain": NaN}'] * 2,
+    )
+    out = tmp_path / "sites"
+
+    code = main(["data", "split", str(src), "--sites", "2", "--alpha", "1", "--out", str(out)])
+
+    assert code == 2
+    assert _squeezed("nan.jsonl:2: field 'domain' holds NaN") in _squeezed(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.jsonl"]
+
+
+def test_split_refuses_an_out_that_holds_the_source(
+    tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sites"
+    assert main(["data", "split", str(src), "--sites", "2", "--alpha", "5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    again = out / "site-01.jsonl"
+    before = again.read_text()
+
+    code = main(
+        ["data", "split", str(again), "--sites", "2", "--alpha", "5", "--out", str(out), "--force"]
+    )
+
+    assert code == 2
+    err = _squeezed(capsys.readouterr().err)
+    assert _squeezed(f"--out {str(out)!r} holds the source file {str(again)!r}") in err
+    assert again.read_text() == before
+
+
+@pytest.mark.integration  # a real subprocess that gets SIGTERM: a second
+def test_split_stopped_by_sigterm_mid_write_exits_143_and_leaves_nothing(
+    tmp_path: Path, src: Path
+) -> None:
+    # Arrange: `kill PID` arrives once the site files are written, before they are swapped in
+    out = tmp_path / "sites"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from clients.site import split
+        from server.cli import main
+
+        def killed(new, target):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal's handler runs here
+
+        split.swap_directory = killed
+        sys.exit(main(["data", "split", {str(src)!r}, "--sites", "2", "--alpha", "1",
+                       "--out", {str(out)!r}]))
+        """
+    )
+
+    # Act
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    # Assert: stopped as `fedlora train` is, and no partial temporary directory is left
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
 
 
 def test_site_budget_reset_initialises_and_records_the_reason(

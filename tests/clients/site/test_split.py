@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from clients.site.split import (
 )
 from clients.task.errors import ConfigError, DataError
 
+ROOT = Path(__file__).resolve().parents[3]
+
 
 def _rows(labels: str, *, domain: str = "") -> list[dict]:
     """One row per character of `labels`, with an id so equal rows stay distinguishable."""
@@ -32,6 +38,11 @@ def _rows(labels: str, *, domain: str = "") -> list[dict]:
         {"id": i, "text": f"t{i}", "label": label, **({"domain": domain} if domain else {})}
         for i, label in enumerate(labels)
     ]
+
+
+def _write(path: Path, content: str) -> Path:
+    path.write_text(content)
+    return path
 
 
 def _multiset(rows: list[dict]) -> Counter[str]:
@@ -51,6 +62,8 @@ def _multiset(rows: list[dict]) -> Counter[str]:
         ({"sites": 2, "alpha": 1.0, "by": "domain"}, "exactly one of --alpha and --by"),
         ({"sites": 2, "by": ""}, "--by needs a column name"),
         ({"sites": 2, "alpha": 1.0, "min_per_site": 0}, "--min-per-site 0"),
+        ({"sites": 2, "alpha": 1.0, "seed": -1}, "--seed -1 must be an integer >= 0"),
+        ({"sites": 2, "alpha": 1.0, "seed": True}, "--seed True"),
     ],
 )
 def test_spec_names_the_bad_field(kwargs: dict, message: str) -> None:
@@ -72,14 +85,16 @@ def test_read_rows_keeps_every_column(tmp_path: Path) -> None:
     csv_path = tmp_path / "d.csv"
     csv_path.write_text('text,label,domain\n"a, b",x,bank\nc,y,travel\n')
 
-    assert read_rows(jsonl) == [
+    assert read_rows(jsonl).rows == [
         {"text": "a", "label": "x", "extra": 1},
         {"text": "b", "label": "y"},
     ]
-    assert read_rows(csv_path) == [
+    assert read_rows(jsonl).places == ["d.jsonl:1", "d.jsonl:3"]
+    assert read_rows(csv_path).rows == [
         {"text": "a, b", "label": "x", "domain": "bank"},
         {"text": "c", "label": "y", "domain": "travel"},
     ]
+    assert read_rows(csv_path).places == ["d.csv:2", "d.csv:3"]
 
 
 @pytest.mark.parametrize(
@@ -92,6 +107,9 @@ def test_read_rows_keeps_every_column(tmp_path: Path) -> None:
         ("d.jsonl", "[1]\n", r"d\.jsonl:1: row must be an object"),
         ("d.jsonl", '{"a": 1, "a": 2}\n', r"d\.jsonl:1: the object names key 'a' more than once"),
         ("d.csv", "text,label\na,b,c\n", r"d\.csv:2: more cells than the header"),
+        ("d.jsonl", '{"text": "a"}\n{"text": "b", "label": NaN}\n', r"d\.jsonl:2: field 'label'"),
+        ("d.jsonl", '{"text": "a", "x": Infinity}\n', r"d\.jsonl:1: field 'x' holds NaN or an inf"),
+        ("d.jsonl", '{"text": "a", "x": {"y": [1, -Infinity]}}\n', r"d\.jsonl:1: field 'x'"),
     ],
 )
 def test_read_rows_refuses(tmp_path: Path, name: str, content: str | None, message: str) -> None:
@@ -199,8 +217,67 @@ def test_a_row_without_a_label_is_named() -> None:
     rows = _rows("abab")
     del rows[2]["label"]
 
-    with pytest.raises(DataError, match="row 3 has no value for column 'label'"):
+    with pytest.raises(DataError, match=r"^row 3: no value for column 'label' \(--label-column\)"):
         split_rows(rows, spec=SplitSpec(sites=2, alpha=1.0))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "spec", "message"),
+    [
+        (  # a CSV header takes line 1: the third row is on line 4
+            "by.csv",
+            "text,label,domain\na,x,d1\nb,y,d2\nc,x,\nd,y,d1\n",
+            SplitSpec(sites=2, by="domain"),
+            "by.csv:4: no value for column 'domain' (--by)",
+        ),
+        (  # blank lines are skipped, not counted away
+            "gaps.jsonl",
+            '{"text": "a", "label": "x"}\n\n\n{"text": "b"}\n{"text": "c", "label": "y"}\n',
+            SplitSpec(sites=2, alpha=1.0),
+            "gaps.jsonl:4: no value for column 'label' (--label-column)",
+        ),
+        (  # training refuses a bool label, so the split does too
+            "bool.jsonl",
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": true}\n'
+            '{"text": "c", "label": "y"}\n',
+            SplitSpec(sites=2, alpha=1.0),
+            "bool.jsonl:2: column 'label' (--label-column): the label must be a string, got bool",
+        ),
+        (
+            "float.jsonl",
+            '{"text": "a", "label": 1.5}\n{"text": "b", "label": "y"}\n',
+            SplitSpec(sites=2, alpha=1.0),
+            "float.jsonl:1: column 'label' (--label-column): the label must be a string",
+        ),
+    ],
+)
+def test_a_bad_value_names_the_file_and_line(
+    tmp_path: Path, name: str, content: str, spec: SplitSpec, message: str
+) -> None:
+    source = read_rows(_write(tmp_path / name, content))
+
+    with pytest.raises(DataError) as info:
+        split_rows(source.rows, spec=spec, places=source.places)
+
+    assert str(info.value).startswith(message)
+
+
+def test_labels_are_read_as_training_reads_them() -> None:
+    # Training reads JSON 3 as the label "3" (check_label): the split deals them as one.
+    mixed = [{"id": i, "label": [3, "3", "x"][i % 3]} for i in range(30)]
+    as_text = [{**row, "label": str(row["label"])} for row in mixed]
+    spec = SplitSpec(sites=3, alpha=0.3, seed=5)
+
+    split = split_rows(mixed, spec=spec)
+
+    ids = [[row["id"] for row in part] for part in split.parts]
+    assert ids == [[row["id"] for row in part] for part in split_rows(as_text, spec=spec).parts]
+
+
+def test_too_many_sites_are_refused_before_naming_them() -> None:
+    # Naming 10**9 sites took a minute and then ran out of memory.
+    with pytest.raises(DataError, match="4 rows cannot give --sites 1000000000 sites"):
+        split_rows(_rows("abab"), spec=SplitSpec(sites=10**9, alpha=1.0))
 
 
 # --- by a group column ------------------------------------------------------------------
@@ -244,6 +321,19 @@ def test_fewer_groups_than_sites_names_the_column_and_the_count() -> None:
         split_rows(rows, spec=SplitSpec(sites=3, by="domain"))
 
 
+def test_group_values_of_different_json_types_are_different_groups() -> None:
+    rows = [
+        {"text": "a", "g": True},
+        {"text": "b", "g": "true"},
+        {"text": "c", "g": 1},
+        {"text": "d", "g": "1"},
+    ]
+
+    split = split_rows(rows, spec=SplitSpec(sites=4, by="g"))
+
+    assert sorted(len(part) for part in split.parts) == [1, 1, 1, 1]
+
+
 def test_a_missing_group_column_lists_the_columns_there_are() -> None:
     with pytest.raises(ConfigError, match="--by column 'dom' is not in the rows; available: "):
         split_rows(_rows("abab", domain="x"), spec=SplitSpec(sites=2, by="dom"))
@@ -266,7 +356,7 @@ def test_written_sites_hold_exactly_the_input_rows(tmp_path: Path) -> None:
     paths = write_sites(split.parts, tmp_path / "sites", force=False)
 
     assert [p.name for p in paths] == ["site-01.jsonl", "site-02.jsonl", "site-03.jsonl"]
-    assert _multiset([row for p in paths for row in read_rows(p)]) == _multiset(rows)
+    assert _multiset([row for p in paths for row in read_rows(p).rows]) == _multiset(rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites"]  # no temp dir left
 
 
@@ -287,7 +377,7 @@ def test_force_replaces_an_earlier_split_whole(tmp_path: Path) -> None:
     write_sites([[{"b": 1}], [{"b": 2}]], out, force=True)
 
     assert sorted(p.name for p in out.iterdir()) == ["site-01.jsonl", "site-02.jsonl"]
-    assert read_rows(out / "site-02.jsonl") == [{"b": 2}]
+    assert read_rows(out / "site-02.jsonl").rows == [{"b": 2}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sites"]
 
 
@@ -307,3 +397,53 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         write_sites([[{"a": 1}], [{"a": 2}]], out, force=True)
+
+
+def test_an_out_that_holds_the_source_is_refused_and_the_source_kept(tmp_path: Path) -> None:
+    # An earlier split's site file, split again into its own directory with --force.
+    out = tmp_path / "sites"
+    write_sites([[{"text": "a", "label": "x"}], [{"text": "b", "label": "y"}]], out, force=False)
+    source = out / ".." / "sites" / "site-01.jsonl"  # another spelling of a path inside
+    before = source.read_text()
+
+    with pytest.raises(ConfigError) as info:
+        write_sites([[{"a": 1}], [{"a": 2}]], out, force=True, source=source)
+
+    assert f"--out {str(out)!r} holds the source file {str(source)!r}" in str(info.value)
+    assert source.read_text() == before
+
+
+def test_a_row_with_nan_is_not_written(tmp_path: Path) -> None:
+    # Rows from a file are refused on reading; rows built in code meet this backstop.
+    out = tmp_path / "sites"
+
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_sites([[{"a": 1}], [{"a": math.nan}]], out, force=False)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nor a temporary directory
+
+
+@pytest.mark.integration  # a real subprocess, killed: a second
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next_split(
+    tmp_path: Path,
+) -> None:
+    # Arrange: a writer killed (SIGKILL: no clean-up of its own) after writing its files
+    out = tmp_path / "sites"
+    script = (
+        "import os, signal, sys\n"
+        "from clients.site import split\n"
+        "split.swap_directory = lambda new, target: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"split.write_sites([[{{'a': 1}}], [{{'a': 2}}]], {str(out)!r}, force=False)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [p for p in tmp_path.iterdir()]
+    assert (left / "site-02.jsonl").is_file()  # what the bug left for good
+    live = tmp_path / f".sites.{os.getppid()}.abc123.tmp"  # a live writer's, kept
+    live.mkdir()
+
+    # Act
+    write_sites([[{"b": 1}], [{"b": 2}]], out, force=False)
+
+    # Assert
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sites", live.name])

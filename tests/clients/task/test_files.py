@@ -97,6 +97,28 @@ def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Pat
     assert not dead.exists() and live.exists() and other.exists()
 
 
+def test_temp_directory_removes_dead_writers_directories_and_keeps_live_ones(
+    tmp_path: Path,
+) -> None:
+    # Arrange: what a killed writer left beside the target (a partial file inside), a live
+    # writer's directory, and a dead writer's directory for another target.
+    target = tmp_path / "sites"
+    dead = tmp_path / f".sites.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    live = tmp_path / f".sites.{os.getppid()}.def456{files.TMP_SUFFIX}"
+    other = tmp_path / f".other.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    for leftover in (dead, live, other):
+        leftover.mkdir()
+        (leftover / "site-01.jsonl").write_text('{"text": "ha')
+
+    # Act
+    made = files.temp_directory(target)
+
+    # Assert
+    assert made.is_dir() and not any(made.iterdir())
+    assert made.name.startswith(f".sites.{os.getpid()}.") and made.name.endswith(".tmp")
+    assert not dead.exists() and live.exists() and other.exists()
+
+
 # --- swap_directory ---------------------------------------------------------------------
 
 

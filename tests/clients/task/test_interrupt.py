@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.interrupt import Terminated, at_default, terminate_as_interrupt, watch_signals
+from clients.task.interrupt import Terminated, at_default, terminate_as_interrupt, watch_signals
 
 
 @pytest.fixture

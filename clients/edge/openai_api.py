@@ -26,18 +26,25 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clients.edge.generation import Completion, Sampling
 from clients.edge.guards import SafeJSONResponse, Text
 from clients.edge.hybrid import LOCAL, UPSTREAM, HybridRouter
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.routing import submit_to
-from clients.edge.runtime import LoadedRelease
+from clients.edge.runtime import LoadedRelease, PromptRefused
 
 OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
+NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream"})  # nullable in OpenAI's API
+INTERNAL_ERROR = "the node failed to answer this request; its log has the reason"
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-compatible endpoint, whose errors have OpenAI's shape."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def openai_error(
@@ -73,6 +80,14 @@ class _Common(BaseModel):
     residency: Literal["local-only", "any"] | None = Field(
         None, description="fedlora: local-only is never sent upstream (not sent on either)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's clients send null for an option the caller passed as None: its default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_IS_DEFAULT}
+        return data
 
 
 class CompletionRequest(_Common):
@@ -116,10 +131,13 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _sampling(body: _Common, max_tokens: int | None, *, limit: int) -> Sampling:
+def _sampling(
+    body: _Common, max_tokens: int | None, *, limit: int, name: str = "max_tokens"
+) -> Sampling:
+    """The row's sampling; ``name`` is the field the client sent ``max_tokens`` as."""
     tokens = limit if max_tokens is None else max_tokens
     if not 1 <= tokens <= limit:
-        raise HTTPException(422, f"max_tokens={tokens} must be in 1..{limit}")
+        raise HTTPException(422, f"{name}={tokens} must be in 1..{limit}")
     return Sampling(
         max_tokens=tokens, temperature=body.temperature, top_p=body.top_p, stop=_stops(body.stop)
     )
@@ -151,6 +169,16 @@ class _Stream:
         future.add_done_callback(
             lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
         )
+
+
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    """The error event of a stream that failed after it began: the client's own mistake
+    with its reason, anything else without internals (the node's log has them)."""
+    if isinstance(error, PromptRefused):
+        return {"error": {"message": str(error), "type": "invalid_request_error",
+                          "param": None, "code": error.code}}  # fmt: skip
+    return {"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None,
+                      "code": None}}  # fmt: skip
 
 
 def served_headers(served_by: str, reason: str) -> dict[str, str]:
@@ -293,8 +321,9 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
                     started = True
                     item = await stream.queue.get()
                 error = future.exception()
-                if error is not None:
-                    yield _sse({"error": {"message": str(error), "type": "server_error"}})
+                if error is not None:  # status 200 is sent: the error is an event, then DONE
+                    yield _sse(_stream_error(error))
+                    yield _sse("[DONE]")
                     return
                 completions = future.result()
                 yield chunk([shape("", i, c.finish_reason, not started)
@@ -342,8 +371,11 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
         messages = [m.as_template_input() for m in body.messages]
         check_prompt("".join(m["content"] for m in messages), "messages")
         slot = resolve(body.model, request)
-        tokens = body.max_completion_tokens or body.max_tokens
-        sampling = _sampling(body, tokens, limit=settings.max_new_tokens)
+        if body.max_completion_tokens is not None:  # OpenAI's newer name wins
+            tokens, name = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            tokens, name = body.max_tokens, "max_tokens"
+        sampling = _sampling(body, tokens, limit=settings.max_new_tokens, name=name)
 
         def shape(text: str, index: int, finish: str | None, first: bool) -> dict[str, Any]:
             delta = {"role": "assistant", "content": text} if first else {"content": text}

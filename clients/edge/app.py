@@ -164,7 +164,9 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
     max_body = settings.max_items * settings.max_text_chars * 4 + 65536
     # Added last, outermost: requests are counted and timed, their bodies bounded before
     # anything reads them.
-    app.add_middleware(BodyLimit, max_bytes=max_body, error_body=_error_body)
+    app.add_middleware(
+        BodyLimit, max_bytes=max_body, timeout_s=settings.body_timeout_s, error_body=_error_body
+    )
     app.add_middleware(RequestMetrics, metrics=node.metrics)
     _handlers(app)
     app.include_router(openai_routes(node, router))

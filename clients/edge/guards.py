@@ -1,7 +1,8 @@
 """The edge node's HTTP guards: body limits, encodable text, safe errors, bounded metrics.
 
 * `BodyLimit` reads a request body, declared or chunked, up to a byte limit and answers
-  413 past it, before any JSON parsing or application code sees the request.
+  413 past it (408 past a deadline), before any JSON parsing or application code sees the
+  request.
 * `Text` is a string that is valid Unicode: JSON can carry lone surrogates (``"\\ud800"``),
   which Python accepts but tokenizers and UTF-8 encoders do not, so they are refused (422).
 * `SafeJSONResponse` writes ASCII-only JSON, so no answer (an error that repeats a
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -101,8 +103,13 @@ async def _answer(send: Send, content: dict[str, Any], status: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _TooLarge(Exception):
+    """A body past `BodyLimit`'s ``max_bytes``."""
+
+
 class BodyLimit:
-    """ASGI middleware: read at most ``max_bytes`` of any request body, else answer 413.
+    """ASGI middleware: read at most ``max_bytes`` of any request body, else answer 413,
+    within ``timeout_s`` seconds, else answer 408 (and close the connection).
 
     The body is buffered (it is small by construction) and handed on in one piece, so the
     limit holds for ``Transfer-Encoding: chunked`` bodies as well as declared ones.
@@ -114,11 +121,29 @@ class BodyLimit:
         app: ASGIApp,
         *,
         max_bytes: int,
+        timeout_s: float = 30.0,
         error_body: Callable[[str, int, str], dict[str, Any]] = detail_body,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.error_body = error_body
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body; None if the client left; `_TooLarge` past ``max_bytes``."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _refuse(self, scope: Scope, send: Send, status: int, message: str) -> None:
         await _answer(send, self.error_body(str(scope.get("path", "")), status, message), status)
@@ -137,21 +162,18 @@ class BodyLimit:
                     scope, send, 413, f"body of {int(declared)} bytes; at most {self.max_bytes}"
                 )
                 return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, send, 413, f"body of more than {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, handed = b"".join(chunks), False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except _TooLarge:
+            await self._refuse(scope, send, 413, f"body of more than {self.max_bytes} bytes")
+            return
+        except TimeoutError:  # a stalled client must not hold its buffer for ever
+            await self._refuse(scope, send, 408, f"the body took more than {self.timeout_s:g} s")
+            return
+        if body is None:  # the client left
+            return
+        handed = False
 
         async def replay() -> Message:
             nonlocal handed

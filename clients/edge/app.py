@@ -46,6 +46,7 @@ from clients.edge.openai_api import (
 from clients.edge.refresher import Refresher
 from clients.edge.routing import check_texts, find_slot, submit_to
 from clients.edge.runtime import PromptRefused
+from clients.edge.settings import MAX_ITEMS
 
 log = logging.getLogger(__name__)
 REFRESH_TIMEOUT_S = 300
@@ -55,7 +56,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = Field(None, description="model name; optional when one is served")
-    texts: list[Text] = Field(..., description="texts to classify")
+    texts: list[Text] = Field(..., max_length=MAX_ITEMS, description="texts to classify")
     residency: Literal["local-only", "any"] | None = Field(
         None, description="local-only: never sent upstream, whatever the node's policy allows"
     )
@@ -114,11 +115,14 @@ def _handlers(app: FastAPI) -> None:
 
 def _deepest(detail: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The first field's most precise error: a union (``prompt``: a string or a list of
-    them) fails once per branch, and the branch that went deepest is the one meant."""
+    them) fails once per branch; the branch meant went deepest, or got the right type."""
     if not detail:
         return None
     field = detail[0]["loc"][:2]
-    return max((e for e in detail if e["loc"][:2] == field), key=lambda e: len(e["loc"]))
+    return max(
+        (e for e in detail if e["loc"][:2] == field),
+        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
+    )
 
 
 def _error_body(path: str, status: int, message: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from clients.edge.settings import (
     DEFAULT_ESCALATE_BELOW,
+    MAX_ITEMS,
     TOKEN_ENV,
     UPSTREAM_KEY_ENV,
     EdgeSettings,
@@ -98,7 +99,7 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         help="inference threads, at most 1024; 0 is half the cores (default: %(default)s)",
     )
     for flag, default, what in (
-        ("--max-items", 64, "texts or prompts per request"),
+        ("--max-items", 64, f"texts or prompts per request, at most {MAX_ITEMS}"),
         ("--max-text-chars", 4000, "characters per text or prompt"),
         ("--max-new-tokens", 64, "largest max_tokens a request may ask for"),
         ("--max-batch", 32, "texts or prompts per batched forward"),

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
@@ -34,6 +34,7 @@ from clients.edge.hybrid import LOCAL, UPSTREAM, HybridRouter
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.routing import submit_to
 from clients.edge.runtime import LoadedRelease, PromptRefused
+from clients.edge.settings import MAX_ITEMS
 
 OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
 MAX_STOPS = 4  # OpenAI's limit
@@ -45,6 +46,11 @@ INTERNAL_ERROR = "the node failed to answer this request; its log has the reason
 def is_openai_path(path: str) -> bool:
     """Whether ``path`` is an OpenAI-compatible endpoint, whose errors have OpenAI's shape."""
     return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+T = TypeVar("T")
+# A list refused past the ceiling of --max-items before its items are validated.
+Items = Annotated[list[T], Field(max_length=MAX_ITEMS)]
 
 
 def openai_error(
@@ -72,7 +78,7 @@ class _Common(BaseModel):
     model: Text = Field(..., max_length=256, description="NAME or NAME@ALIAS (GET /v1/models)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: Text | list[Text] | None = None
+    stop: Text | Items[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1")
@@ -91,7 +97,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: Text | list[Text]
+    prompt: Text | Items[Text]
     max_tokens: int | None = Field(16, ge=1, description="bounded by --max-new-tokens")
 
 
@@ -106,7 +112,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Items[TextPart]
     name: Text | None = Field(None, max_length=64)
 
     def as_template_input(self) -> dict[str, str]:
@@ -117,7 +123,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_ITEMS)
     max_tokens: int | None = Field(None, ge=1, description="bounded by --max-new-tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
 

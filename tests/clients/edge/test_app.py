@@ -12,12 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from clients.edge.app import create_app
+from clients.edge.app import PredictRequest, create_app
 from clients.edge.generation import Sampling
 from clients.edge.node import EdgeNode
+from clients.edge.openai_api import ChatRequest, CompletionRequest
 from clients.edge.runtime import PromptRefused, SharedBase
-from clients.edge.settings import EdgeSettings, ModelRef
+from clients.edge.settings import MAX_ITEMS, EdgeSettings, ModelRef
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, build_model, save_adapter
 from registry.keys import TrustStore
@@ -498,3 +500,33 @@ def test_a_body_past_the_limit_is_refused_in_each_paths_shape_and_counted(
     assert "at most 71936" in classic.json()["detail"]
     text = client.get("/metrics").text
     assert 'fedlora_edge_requests_total{endpoint="unmatched",model="-",status="413"}' in text
+
+
+N = 20_000  # wrongly typed items in a body under the fixture node's 71,936 bytes
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"model": "lm", "prompt": [0] * N}, "prompt: List should"),
+        ("/v1/completions", {"model": "lm", "prompt": "a", "stop": [0] * N}, "stop: List"),
+        ("/v1/chat/completions", {"model": "lm", "messages": [{}] * N}, "messages: List"),
+        ("/v1/chat/completions", {"model": "lm", "messages": [{"role": "user",
+                                                               "content": [{}] * N}]},
+         "messages.0.content: List should"),
+        ("/v1/predict", {"model": "intents", "texts": [0] * N}, "List should"),
+    ],
+)  # fmt: skip
+def test_a_list_past_the_item_ceiling_is_refused_before_its_items_are_validated(
+    client: TestClient, path: str, body: dict, message: str
+) -> None:
+    model = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+             "/v1/predict": PredictRequest}[path]  # fmt: skip
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate(body)
+
+    response = client.post(path, json=body)
+
+    assert refused.value.error_count() <= 2  # not one error per item
+    assert response.status_code == 422
+    assert message in response.text and f"at most {MAX_ITEMS} items" in response.text

@@ -31,14 +31,22 @@ from clients.edge.guards import (
     RequestMetrics,
     SafeJSONResponse,
     Text,
+    detail_body,
     validation_detail,
 )
 from clients.edge.hybrid import HybridRouter, summary
 from clients.edge.node import EdgeNode
-from clients.edge.openai_api import OPENAI_PATHS, openai_error, openai_routes, served_headers
+from clients.edge.openai_api import (
+    INTERNAL_ERROR,
+    is_openai_path,
+    openai_error,
+    openai_routes,
+    served_headers,
+)
 from clients.edge.refresher import Refresher
 from clients.edge.routing import check_texts, find_slot, submit_to
-from clients.edge.runtime import PromptTooLong
+from clients.edge.runtime import PromptRefused
+from clients.edge.settings import MAX_ITEMS
 
 log = logging.getLogger(__name__)
 REFRESH_TIMEOUT_S = 300
@@ -48,7 +56,7 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text | None = Field(None, description="model name; optional when one is served")
-    texts: list[Text] = Field(..., description="texts to classify")
+    texts: list[Text] = Field(..., max_length=MAX_ITEMS, description="texts to classify")
     residency: Literal["local-only", "any"] | None = Field(
         None, description="local-only: never sent upstream, whatever the node's policy allows"
     )
@@ -64,15 +72,16 @@ class GenerateRequest(BaseModel):
 
 def _handlers(app: FastAPI) -> None:
     def openai_path(request: Request) -> bool:
-        return request.url.path in OPENAI_PATHS or request.url.path.startswith("/v1/models/")
+        return is_openai_path(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
         detail = validation_detail(list(exc.errors()))
         if openai_path(request):
-            first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+            first = _deepest(detail) or {"loc": [], "msg": "invalid request"}
             where = ".".join(str(p) for p in first["loc"] if p != "body")
-            return openai_error(422, f"{where}: {first['msg']}", param=where or None)
+            message = f"{where}: {first['msg']}" if where else first["msg"]
+            return openai_error(422, message, param=where or None)
         return SafeJSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -89,11 +98,39 @@ def _handlers(app: FastAPI) -> None:
             return openai_error(503, str(exc), headers=headers, kind="overloaded_error")
         return SafeJSONResponse({"detail": str(exc)}, 503, headers=headers)
 
-    @app.exception_handler(PromptTooLong)
-    async def too_long(request: Request, exc: PromptTooLong) -> Response:
+    @app.exception_handler(PromptRefused)
+    async def refused(request: Request, exc: PromptRefused) -> Response:
         if openai_path(request):
-            return openai_error(400, str(exc), param="prompt", code="context_length_exceeded")
+            param = "messages" if request.url.path == "/v1/chat/completions" else "prompt"
+            return openai_error(400, str(exc), param=param, code=exc.code)
         return SafeJSONResponse({"detail": str(exc)}, 400)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> Response:
+        # Starlette logs the exception; the client gets JSON that repeats none of it.
+        if openai_path(request):
+            return openai_error(500, INTERNAL_ERROR, kind="server_error")
+        return SafeJSONResponse({"detail": INTERNAL_ERROR}, 500)
+
+
+def _deepest(detail: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first field's most precise error: a union (``prompt``: a string or a list of
+    them) fails once per branch; the branch meant went deepest, or got the right type."""
+    if not detail:
+        return None
+    field = detail[0]["loc"][:2]
+    return max(
+        (e for e in detail if e["loc"][:2] == field),
+        key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")),
+    )
+
+
+def _error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """A refusal before routing, in OpenAI's shape on its paths (`BodyLimit`)."""
+    if is_openai_path(path):
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                          "code": None}}  # fmt: skip
+    return detail_body(path, status, message)
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -129,8 +166,12 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
     settings = node.settings
     # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts
     max_body = settings.max_items * settings.max_text_chars * 4 + 65536
+    # Added last, outermost: requests are counted and timed, their bodies bounded before
+    # anything reads them.
+    app.add_middleware(
+        BodyLimit, max_bytes=max_body, timeout_s=settings.body_timeout_s, error_body=_error_body
+    )
     app.add_middleware(RequestMetrics, metrics=node.metrics)
-    app.add_middleware(BodyLimit, max_bytes=max_body)  # outermost: before anything reads
     _handlers(app)
     app.include_router(openai_routes(node, router))
 

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from clients.edge.settings import (
     DEFAULT_ESCALATE_BELOW,
+    MAX_ITEMS,
     TOKEN_ENV,
     UPSTREAM_KEY_ENV,
     EdgeSettings,
@@ -98,7 +99,7 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         help="inference threads, at most 1024; 0 is half the cores (default: %(default)s)",
     )
     for flag, default, what in (
-        ("--max-items", 64, "texts or prompts per request"),
+        ("--max-items", 64, f"texts or prompts per request, at most {MAX_ITEMS}"),
         ("--max-text-chars", 4000, "characters per text or prompt"),
         ("--max-new-tokens", 64, "largest max_tokens a request may ask for"),
         ("--max-batch", 32, "texts or prompts per batched forward"),
@@ -110,6 +111,19 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=2.0,
         help="how long a batch may wait for more requests while others wait (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=30.0,
+        help="seconds to receive a request's body; a slower one gets 408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections, each of which may hold a body of up to --max-items x "
+        "--max-text-chars x 4 bytes; more get 503 (default: %(default)s)",
     )
     routing = serve.add_argument_group(
         "hybrid routing",
@@ -236,6 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,
+        body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections,
         upstream=args.upstream,
         upstream_model=args.upstream_model,
         escalate_below=args.escalate_below,
@@ -289,6 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 proxy_headers=False,
                 access_log=False,
+                limit_concurrency=settings.max_connections,  # bounds the bodies buffered
             )
         )
         server.run(sockets=sockets)

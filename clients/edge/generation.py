@@ -26,6 +26,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+MIN_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it, sampling is greedy
 
 
 @dataclass(frozen=True)
@@ -109,24 +110,36 @@ class Row:
 
 
 class RowSampling(LogitsProcessor):
-    """Per-row temperature and top-p; rows with temperature 0 keep only their argmax."""
+    """Per-row temperature and top-p; greedy rows keep only their argmax.
+
+    A temperature below `MIN_TEMPERATURE` is greedy, as in vLLM: dividing by a smaller one
+    only rounds away the distribution. Logits are shifted so that their maximum is 0 before
+    they are divided, so no temperature can overflow them to +inf; a row whose scores still
+    leave nothing to sample (NaN or no finite logit) falls back to its argmax, so that one
+    row can never make the batch's ``torch.multinomial`` fail for every row.
+    """
 
     def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
-        self.temperature = torch.tensor([r.sampling.temperature for r in rows], device=device)
+        temperature = torch.tensor([r.sampling.temperature for r in rows], device=device)
+        self.greedy = temperature < MIN_TEMPERATURE
+        self.temperature = torch.where(self.greedy, 1.0, temperature)
         self.top_p = torch.tensor([r.sampling.top_p for r in rows], device=device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        greedy = self.temperature == 0
-        scaled = scores / torch.where(greedy, 1.0, self.temperature)[:, None]  # (batch, vocab)
+        inf = float("inf")
+        scores = scores.float().nan_to_num(nan=-inf, posinf=inf, neginf=-inf)  # (batch, vocab)
+        best = torch.full_like(scores, float("-inf"))
+        best.scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
+        shifted = scores - scores.amax(dim=-1, keepdim=True)  # <= 0, or NaN if inf - inf
+        scaled = shifted / self.temperature[:, None]
         ordered, order = scaled.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
         # drop a token once the tokens before it already hold top_p of the mass (keeps >= 1)
         drop = probs.cumsum(dim=-1) - probs > self.top_p[:, None]
         ordered = ordered.masked_fill(drop, float("-inf"))
         nucleus = torch.empty_like(scaled).scatter_(-1, order, ordered)
-        best = torch.full_like(scores, float("-inf"))
-        best.scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
-        return torch.where(greedy[:, None], best, nucleus)  # type: ignore[return-value]
+        usable = (nucleus == 0).any(dim=-1) & ~nucleus.isnan().any(dim=-1)  # the max is 0
+        return torch.where((self.greedy | ~usable)[:, None], best, nucleus)  # type: ignore[return-value]
 
 
 class RowStops(StoppingCriteria):
@@ -159,12 +172,14 @@ def run_generate(model: Any, tokenizer: Any, rows: Sequence[Row], *, device: tor
     """
     width = max(len(r.prompt_ids) for r in rows)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+    input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
+                             dtype=torch.long)  # fmt: skip
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+                        dtype=torch.long)  # fmt: skip
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(
         max_new_tokens=max(r.sampling.max_tokens for r in rows),
-        do_sample=any(r.sampling.temperature > 0 for r in rows),
+        do_sample=any(r.sampling.temperature >= MIN_TEMPERATURE for r in rows),
         temperature=1.0,  # RowSampling does it per row
         top_k=0,
         top_p=1.0,

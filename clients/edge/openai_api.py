@@ -22,22 +22,35 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clients.edge.generation import Completion, Sampling
 from clients.edge.guards import SafeJSONResponse, Text
 from clients.edge.hybrid import LOCAL, UPSTREAM, HybridRouter
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.routing import submit_to
-from clients.edge.runtime import LoadedRelease
+from clients.edge.runtime import LoadedRelease, PromptRefused
+from clients.edge.settings import MAX_ITEMS
 
 OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions"})
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
+NULL_IS_DEFAULT = frozenset({"temperature", "top_p", "n", "stream"})  # nullable in OpenAI's API
+INTERNAL_ERROR = "the node failed to answer this request; its log has the reason"
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-compatible endpoint, whose errors have OpenAI's shape."""
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
+T = TypeVar("T")
+# A list refused past the ceiling of --max-items before its items are validated.
+Items = Annotated[list[T], Field(max_length=MAX_ITEMS)]
 
 
 def openai_error(
@@ -65,7 +78,7 @@ class _Common(BaseModel):
     model: Text = Field(..., max_length=256, description="NAME or NAME@ALIAS (GET /v1/models)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    stop: Text | list[Text] | None = None
+    stop: Text | Items[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1")
@@ -74,9 +87,17 @@ class _Common(BaseModel):
         None, description="fedlora: local-only is never sent upstream (not sent on either)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's clients send null for an option the caller passed as None: its default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in NULL_IS_DEFAULT}
+        return data
+
 
 class CompletionRequest(_Common):
-    prompt: Text | list[Text]
+    prompt: Text | Items[Text]
     max_tokens: int | None = Field(16, ge=1, description="bounded by --max-new-tokens")
 
 
@@ -91,7 +112,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Items[TextPart]
     name: Text | None = Field(None, max_length=64)
 
     def as_template_input(self) -> dict[str, str]:
@@ -102,7 +123,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_ITEMS)
     max_tokens: int | None = Field(None, ge=1, description="bounded by --max-new-tokens")
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -116,10 +137,13 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _sampling(body: _Common, max_tokens: int | None, *, limit: int) -> Sampling:
+def _sampling(
+    body: _Common, max_tokens: int | None, *, limit: int, name: str = "max_tokens"
+) -> Sampling:
+    """The row's sampling; ``name`` is the field the client sent ``max_tokens`` as."""
     tokens = limit if max_tokens is None else max_tokens
     if not 1 <= tokens <= limit:
-        raise HTTPException(422, f"max_tokens={tokens} must be in 1..{limit}")
+        raise HTTPException(422, f"{name}={tokens} must be in 1..{limit}")
     return Sampling(
         max_tokens=tokens, temperature=body.temperature, top_p=body.top_p, stop=_stops(body.stop)
     )
@@ -151,6 +175,16 @@ class _Stream:
         future.add_done_callback(
             lambda _: self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
         )
+
+
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    """The error event of a stream that failed after it began: the client's own mistake
+    with its reason, anything else without internals (the node's log has them)."""
+    if isinstance(error, PromptRefused):
+        return {"error": {"message": str(error), "type": "invalid_request_error",
+                          "param": None, "code": error.code}}  # fmt: skip
+    return {"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None,
+                      "code": None}}  # fmt: skip
 
 
 def served_headers(served_by: str, reason: str) -> dict[str, str]:
@@ -293,8 +327,9 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
                     started = True
                     item = await stream.queue.get()
                 error = future.exception()
-                if error is not None:
-                    yield _sse({"error": {"message": str(error), "type": "server_error"}})
+                if error is not None:  # status 200 is sent: the error is an event, then DONE
+                    yield _sse(_stream_error(error))
+                    yield _sse("[DONE]")
                     return
                 completions = future.result()
                 yield chunk([shape("", i, c.finish_reason, not started)
@@ -342,8 +377,11 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
         messages = [m.as_template_input() for m in body.messages]
         check_prompt("".join(m["content"] for m in messages), "messages")
         slot = resolve(body.model, request)
-        tokens = body.max_completion_tokens or body.max_tokens
-        sampling = _sampling(body, tokens, limit=settings.max_new_tokens)
+        if body.max_completion_tokens is not None:  # OpenAI's newer name wins
+            tokens, name = body.max_completion_tokens, "max_completion_tokens"
+        else:
+            tokens, name = body.max_tokens, "max_tokens"
+        sampling = _sampling(body, tokens, limit=settings.max_new_tokens, name=name)
 
         def shape(text: str, index: int, finish: str | None, first: bool) -> dict[str, Any]:
             delta = {"role": "assistant", "content": text} if first else {"content": text}

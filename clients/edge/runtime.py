@@ -64,8 +64,16 @@ class ReleaseRetired(FedloraError):
     """The release left service between reading it and using it; read the slot again."""
 
 
-class PromptTooLong(FedloraError):
+class PromptRefused(FedloraError):
+    """A prompt the base cannot continue as sent: the client's to change (HTTP 400)."""
+
+    code: str | None = None  # OpenAI's error code, when it has one
+
+
+class PromptTooLong(PromptRefused):
     """A prompt has more tokens than the base's context leaves room for."""
+
+    code = "context_length_exceeded"
 
 
 @dataclass(frozen=True)
@@ -349,21 +357,33 @@ class SharedBase:
             for i in short:
                 given[i] = texts[i][: len(given[i]) * 4]
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    def prompt_ids(
+        self, prompt: str | list[dict[str, str]], *, name: str = "the prompt"
+    ) -> list[int]:
+        """The prompt's token ids; `PromptRefused` (naming it ``name``) if it cannot be served."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = self.tokenizer(self.render_chat(prompt), add_special_tokens=False)["input_ids"]
+        if not ids:  # a base whose tokenizer adds no BOS token: nothing to continue (as vLLM)
+            raise PromptRefused(f"{name} is empty: it has no tokens to continue")
         if len(ids) > self.max_prompt_tokens:
-            raise PromptTooLong(f"the prompt has {len(ids)} tokens; this model takes at most "
+            raise PromptTooLong(f"{name} has {len(ids)} tokens; this model takes at most "
                                 f"{self.max_prompt_tokens}")  # fmt: skip
         return list(ids)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The base's chat template when it has one, else ``role: content`` lines."""
         if self.tokenizer.chat_template:
-            return str(self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True))  # fmt: skip
+            from jinja2 import TemplateError  # what transformers renders templates with
+
+            try:
+                return str(self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True))  # fmt: skip
+            except TemplateError as exc:  # raise_exception(...): roles must alternate, say
+                raise PromptRefused(
+                    f"the model's chat template refused the messages: {str(exc)[:500]}"
+                ) from None
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join([*lines, "assistant:"])
 
@@ -373,7 +393,9 @@ class SharedBase:
         for job in jobs:
             request: _Generate = job.payload
             try:
-                ids = [self.prompt_ids(p) for p in request.prompts]
+                several = len(request.prompts) > 1
+                ids = [self.prompt_ids(p, name=f"prompt[{i}]" if several else "the prompt")
+                       for i, p in enumerate(request.prompts)]  # fmt: skip
             except Exception as exc:  # a bad prompt fails its request only
                 job.future.set_exception(exc)
                 continue
@@ -382,12 +404,21 @@ class SharedBase:
                 request.rows.append(Row(prompt, request.sampling, on_text))
             live.append((job, request.rows))
         rows = [(job, row) for job, job_rows in live for row in job_rows]
+        failed: dict[Job, BaseException] = {}
         for start in range(0, len(rows), self.batcher.max_rows):
             chunk = rows[start : start + self.batcher.max_rows]
-            with self._routing([job.payload.release.slot.name for job, _ in chunk]):
-                run_generate(self.model, self.tokenizer, [r for _, r in chunk], device=self.device)
+            try:
+                with self._routing([job.payload.release.slot.name for job, _ in chunk]):
+                    run_generate(self.model, self.tokenizer, [r for _, r in chunk],
+                                 device=self.device)  # fmt: skip
+            except Exception as exc:  # fails the requests of this call, not the next calls'
+                log.exception("a generate call of %d rows failed", len(chunk))
+                failed.update((job, exc) for job, _ in chunk)
         for job, job_rows in live:
-            job.future.set_result([row.result() for row in job_rows])
+            if job in failed:
+                job.future.set_exception(failed[job])
+            else:
+                job.future.set_result([row.result() for row in job_rows])
 
     def close(self) -> None:
         """Stop the batcher (the batch in progress finishes) and let go of the model.

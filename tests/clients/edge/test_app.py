@@ -6,15 +6,20 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from clients.edge.app import create_app
+from clients.edge.app import PredictRequest, create_app
+from clients.edge.generation import Sampling
 from clients.edge.node import EdgeNode
-from clients.edge.settings import EdgeSettings, ModelRef
+from clients.edge.openai_api import ChatRequest, CompletionRequest
+from clients.edge.runtime import PromptRefused, SharedBase
+from clients.edge.settings import MAX_ITEMS, EdgeSettings, ModelRef
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec, build_model, save_adapter
 from registry.keys import TrustStore
@@ -317,3 +322,211 @@ def test_fuzzed_openai_requests_never_get_a_5xx_except_a_missing_release(
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert set(response.json()["error"]) >= {"message", "type"}
+
+
+RAISING_TEMPLATE = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+
+class NoSpecialTokens:
+    """The base's tokenizer adding no BOS or EOS token, as many bases': "" has no tokens."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return self.tokenizer(text, **(kwargs | {"add_special_tokens": False}))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
+def lm_base(client: TestClient) -> SharedBase:
+    return client.app.state.node.slots["lm"].active.base  # type: ignore[attr-defined]
+
+
+def test_one_bad_row_never_fails_the_other_requests_of_its_batch(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = client.app.state.node.slots["lm"].active  # type: ignore[attr-defined]
+    monkeypatch.setattr(release.base, "tokenizer", NoSpecialTokens(release.base.tokenizer))
+    monkeypatch.setattr(release.base.tokenizer.tokenizer, "chat_template", RAISING_TEMPLATE)
+    gate = threading.Event()
+    release.base.batcher.call(gate.wait, wait=False)  # the requests below make one batch
+    requests = {
+        "subnormal temperature": (["hello"], Sampling(max_tokens=4, temperature=1e-40)),
+        "no tokens": ([" "], Sampling(max_tokens=4)),
+        "template refuses": ([[{"role": "user", "content": "hi"}]], Sampling(max_tokens=4)),
+        "greedy": (["hello world", "bye"], Sampling(max_tokens=4)),
+        "sampled": (["hello"], Sampling(max_tokens=4, temperature=0.7, top_p=0.9)),
+    }
+    futures = {name: release.submit_generate(*args)[0] for name, args in requests.items()}
+    gate.set()
+
+    for name in ("subnormal temperature", "greedy", "sampled"):
+        done = futures[name].result(timeout=120)
+        assert all(c.completion_tokens >= 1 for c in done), name
+    with pytest.raises(PromptRefused, match="the prompt is empty"):
+        futures["no tokens"].result(timeout=120)
+    with pytest.raises(PromptRefused, match="roles must alternate"):
+        futures["template refuses"].result(timeout=120)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("path", "body", "message", "param"),
+    [
+        ("/v1/completions", {"prompt": ""}, "the prompt is empty", "prompt"),
+        ("/v1/completions", {"prompt": ["hello", " "]}, "prompt[1] is empty", "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+         "chat template refused the messages: Conversation roles must alternate", "messages"),
+    ],
+)  # fmt: skip
+def test_a_prompt_the_base_cannot_take_is_a_400_whole_or_streamed(
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    body: dict,
+    message: str,
+    param: str,
+    stream: bool,
+) -> None:
+    base = lm_base(client)
+    monkeypatch.setattr(base, "tokenizer", NoSpecialTokens(base.tokenizer))
+    monkeypatch.setattr(base.tokenizer.tokenizer, "chat_template", RAISING_TEMPLATE)
+
+    response = client.post(path, json={"model": "lm", "max_tokens": 2, "stream": stream} | body)
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+def test_a_tiny_temperature_is_answered_on_every_endpoint(client: TestClient) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, body in (("/v1/completions", {"prompt": "hello"}), ("/v1/chat/completions", chat)):
+        for stream in (False, True):
+            tiny = {"model": "lm", "max_tokens": 3, "temperature": 1e-40, "stream": stream}
+            response = client.post(path, json=tiny | body)
+            assert response.status_code == 200, response.text
+            assert not stream or response.text.endswith("data: [DONE]\n\n")
+
+
+def _failing_generate(model: Any, tokenizer: Any, rows: Any, *, device: Any) -> None:
+    rows[0].on_text("partial")
+    raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_a_batch_that_fails_answers_json_and_a_stream_still_ends_with_done(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("clients.edge.runtime.run_generate", _failing_generate)
+    node = TestClient(client.app, raise_server_exceptions=False)  # as a real node answers
+    completion = {"model": "lm", "prompt": "hello", "max_tokens": 2}
+
+    whole = node.post("/v1/completions", json=completion)
+    generate = node.post("/v1/generate", json={"model": "lm", "prompt": "hello"})
+    streamed = node.post("/v1/completions", json=completion | {"stream": True})
+
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+    assert generate.status_code == 500 and "log" in generate.json()["detail"]
+    assert streamed.status_code == 200  # the stream had begun: an error event, then DONE
+    events = [line for line in streamed.text.split("\n\n") if line]
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "partial"
+    assert json.loads(events[1].removeprefix("data: "))["error"]["type"] == "server_error"
+    assert events[2:] == ["data: [DONE]"]
+    assert "CUDA" not in whole.text + generate.text + streamed.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_openai_nullable_options_sent_as_null_take_their_default(
+    client: TestClient, path: str, body: dict
+) -> None:
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None}
+
+    response = client.post(path, json={"model": "lm", "max_tokens": 2} | nulls | body)
+
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1  # n=1, not streamed
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "message", "param"),
+    [
+        ("/v1/completions", '{"model": "lm", "prompt": "\\ud800"}',
+         "prompt: not valid Unicode at character 0 (a lone surrogate)", "prompt"),
+        ("/v1/completions", '{"model": "lm", "prompt": ["a", 1]}',
+         "prompt.1: Input should be a valid string", "prompt.1"),
+        ("/v1/chat/completions",
+         '{"model": "lm", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+         "messages.0.content.0.text: Field required", "messages.0.content.0.text"),
+        ("/v1/completions", '{"model": "lm", "prompt": "a", "a b": 1}',
+         "a b: Extra inputs are not permitted", "a b"),
+        ("/v1/completions", '{"model": "lm", "prompt":',
+         "the body is not valid JSON: Expecting value at byte 25", None),
+        ("/v1/chat/completions",
+         '{"model": "lm", "messages": [{"role": "user", "content": "hi"}], '
+         '"max_completion_tokens": 1000}',
+         "max_completion_tokens=1000 must be in 1..64", None),
+    ],
+)  # fmt: skip
+def test_openai_errors_name_the_clients_field_not_pydantics_internals(
+    client: TestClient, path: str, raw: str, message: str, param: str | None
+) -> None:
+    response = client.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+
+    error = response.json()["error"]
+    assert response.status_code in (400, 422)
+    assert (error["message"], error["param"]) == (message, param)
+
+
+def test_a_body_past_the_limit_is_refused_in_each_paths_shape_and_counted(
+    client: TestClient,
+) -> None:
+    big = b"x" * 80_000  # the fixture's node takes 8 x 200 characters: 71,936 bytes
+
+    openai = client.post("/v1/completions", content=big)
+    classic = client.post("/v1/predict", content=big)
+
+    assert openai.status_code == classic.status_code == 413
+    assert "at most 71936" in openai.json()["error"]["message"]
+    assert openai.json()["error"]["type"] == "invalid_request_error"
+    assert "at most 71936" in classic.json()["detail"]
+    text = client.get("/metrics").text
+    assert 'fedlora_edge_requests_total{endpoint="unmatched",model="-",status="413"}' in text
+
+
+N = 20_000  # wrongly typed items in a body under the fixture node's 71,936 bytes
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"model": "lm", "prompt": [0] * N}, "prompt: List should"),
+        ("/v1/completions", {"model": "lm", "prompt": "a", "stop": [0] * N}, "stop: List"),
+        ("/v1/chat/completions", {"model": "lm", "messages": [{}] * N}, "messages: List"),
+        ("/v1/chat/completions", {"model": "lm", "messages": [{"role": "user",
+                                                               "content": [{}] * N}]},
+         "messages.0.content: List should"),
+        ("/v1/predict", {"model": "intents", "texts": [0] * N}, "List should"),
+    ],
+)  # fmt: skip
+def test_a_list_past_the_item_ceiling_is_refused_before_its_items_are_validated(
+    client: TestClient, path: str, body: dict, message: str
+) -> None:
+    model = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+             "/v1/predict": PredictRequest}[path]  # fmt: skip
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate(body)
+
+    response = client.post(path, json=body)
+
+    assert refused.value.error_count() <= 2  # not one error per item
+    assert response.status_code == 422
+    assert message in response.text and f"at most {MAX_ITEMS} items" in response.text

@@ -63,6 +63,36 @@ def test_row_sampling_keeps_only_the_argmax_for_greedy_rows_and_the_nucleus_for_
     assert torch.isfinite(out[1]).tolist() == [False, True, True]  # 0.6 < 0.8: add 0.3
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 1e-6])  # float32 subnormals, tiny
+def test_a_tiny_temperature_samples_the_argmax_and_leaves_other_rows_sampleable(
+    temperature: float,
+) -> None:
+    rows = [Row([1], Sampling(max_tokens=1, temperature=temperature)),
+            Row([1], Sampling(max_tokens=1, temperature=1.0))]  # fmt: skip
+    scores = torch.tensor([[-3.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+
+    out = RowSampling(rows, torch.device("cpu"))(torch.zeros(2, 1, dtype=torch.long), scores)
+
+    probs = out.softmax(dim=-1)  # what generate samples from
+    assert probs[0].tolist() == [0.0, 1.0, 0.0]
+    assert probs[1].tolist() == pytest.approx(torch.tensor([0.0, 1.0, 2.0]).softmax(-1).tolist())
+    assert torch.multinomial(probs, 1).shape == (2, 1)  # raised for the whole batch before
+
+
+def test_a_row_with_nothing_to_sample_falls_back_to_its_argmax_alone() -> None:
+    rows = [Row([1], Sampling(max_tokens=1, temperature=1.0)) for _ in range(3)]
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[nan, 1.0, 2.0], [-inf, -inf, -inf], [0.0, inf, 1.0]])
+
+    out = RowSampling(rows, torch.device("cpu"))(torch.zeros(3, 1, dtype=torch.long), scores)
+
+    probs = out.softmax(dim=-1)
+    # NaN is never drawn, the rest as softmax([1, 2]); all -inf and +inf: the argmax
+    assert probs[0].tolist() == pytest.approx([0.0, 0.2689, 0.7311], abs=1e-4)
+    assert probs[1:].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert torch.multinomial(probs, 1).shape == (3, 1)
+
+
 def test_a_stream_that_fails_ends_its_own_row_only() -> None:
     # The stream's consumer can go away under the batcher (its event loop closed): the
     # row stops there, and the other rows of the batched generate call go on.

@@ -69,3 +69,19 @@ def test_threads_past_what_torch_takes_are_refused(tmp_path: Path, threads: int)
     # unpacking long long" when the node started.
     with pytest.raises(ConfigError, match=rf"^--threads .* must be in 0\.\.{MAX_THREADS}"):
         _settings(tmp_path, threads=threads)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"body_timeout_s": 0.0}, "--body-timeout-s 0.0 must be in (0, 3600]"),
+        ({"body_timeout_s": math.inf}, "--body-timeout-s inf must be in (0, 3600]"),
+        ({"max_connections": 0}, "--max-connections 0 must be ≥ 1"),
+        ({"max_items": 1025}, "--max-items 1025 must be at most 1024"),
+    ],
+)
+def test_body_deadline_connections_and_items_are_bounded(
+    tmp_path: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _settings(tmp_path, **overrides)

@@ -32,21 +32,38 @@ def site_files(sites_dir: Path) -> list[Path]:
     than by the site at its first round or by the server as two nodes claiming one id.
 
     Only the directory's top level is read: subdirectories (hidden ones aside) are named
-    in the error when there is no site file, else in a warning.
+    in the error when there is no site file, else in a warning, as are ``.json`` files. A
+    file whose suffix is ``.jsonl`` or ``.csv`` in other case (``S2.JSONL``) is refused.
 
     Raises:
-        ConfigError: If `sites_dir` is not a directory, holds no site file, or two site
-            files (or one file's stem) do not make distinct valid site ids.
+        ConfigError: If `sites_dir` is not a directory, holds no site file or a file whose
+            suffix is a site file's in other case, or two site files (or one file's stem)
+            do not make distinct valid site ids.
     """
     if not sites_dir.is_dir():
         raise ConfigError(f"--sites {str(sites_dir)!r} is not a directory")
     files = sorted(p for p in sites_dir.iterdir() if p.suffix in SUFFIXES and p.is_file())
+    cased = sorted(p.name for p in sites_dir.iterdir()
+                   if p.suffix not in SUFFIXES and p.suffix.lower() in SUFFIXES)  # fmt: skip
+    if cased:  # read as which format? a site left out without a word is worse
+        raise ConfigError(
+            f"--sites {str(sites_dir)!r}: {', '.join(map(repr, cased[:5]))} "
+            f"{'is' if len(cased) == 1 else 'are'} not read as a site file (the suffix must be "
+            "lower-case .jsonl or .csv); rename it"
+        )
+    near = sorted(p.name for p in sites_dir.iterdir() if p.suffix.lower() == ".json")
     subdirs = sorted(p.name for p in sites_dir.iterdir() if p.is_dir() and p.name[0] != ".")
     shown = ", ".join(repr(name) for name in subdirs[:5]) + (", …" if len(subdirs) > 5 else "")
     if not files:
         hint = f"; subdirectories are not read: {shown}" if subdirs else ""
         raise ConfigError(
             f"--sites {str(sites_dir)!r} holds no .jsonl or .csv files at its top level{hint}"
+        )
+    if near:
+        log.warning(
+            "--sites %r: .json files are not sites (a site file is JSON Lines, .jsonl): %s",
+            str(sites_dir),
+            ", ".join(map(repr, near[:5])),
         )
     if subdirs:
         log.warning(

@@ -63,6 +63,26 @@ def test_subdirectories_beside_site_files_are_named_as_not_read(
     assert "'more'" in record.getMessage() and ".cache" not in record.getMessage()
 
 
+@pytest.mark.parametrize("name", ["S2.JSONL", "s3.Csv"])
+def test_a_site_file_suffix_in_other_case_is_refused_not_skipped(tmp_path: Path, name: str) -> None:
+    # It was left out of the run without a word: one site fewer than the admin meant.
+    _sites(tmp_path, "a.jsonl", name)
+
+    with pytest.raises(ConfigError, match=f"'{name}' is not read as a site file"):
+        site_files(tmp_path)
+
+
+def test_a_json_file_beside_site_files_is_named_as_not_a_site(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _sites(tmp_path, "a.jsonl", "s3.json")
+
+    assert [p.name for p in site_files(tmp_path)] == ["a.jsonl"]
+
+    (record,) = caplog.records
+    assert "'s3.json'" in record.getMessage() and record.levelname == "WARNING"
+
+
 def _config(tmp_path: Path, eval_file: Path | None, **overrides: object) -> dict:
     config, _ = build_train_config(
         sites=site_files(tmp_path),

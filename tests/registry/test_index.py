@@ -474,17 +474,23 @@ def test_a_revoke_whose_upload_stopped_before_the_root_is_completed_by_the_next_
     assert thief.key_id not in root.keys and keypair.key_id in root.keys
 
 
-@pytest.mark.parametrize("cut", [0, 40])
-def test_a_timestamp_read_while_mlflow_rewrites_it_is_read_again(
-    publisher, trust: TrustStore, tmp_path: Path, monkeypatch, cut: int
-) -> None:
-    # A fake read: the in-place rewrite's window is microseconds, too short to hit on purpose.
+def _warm_client_behind(publisher, trust: TrustStore, tmp_path: Path, monkeypatch):
+    """A client that has seen release 1 while the store already holds release 2."""
     monkeypatch.setattr("registry.index_consumer.REREAD_AFTER_S", 0.0)
     store = FileStore()
     _publish(store, publisher, 1, "d1")
     client = IndexClient(store.fetch, tmp_path / "cache", trust)
     client.refresh()
     _publish(store, publisher, 2, "d2")
+    return store, client
+
+
+@pytest.mark.parametrize("cut", [0, 40])
+def test_a_timestamp_read_while_mlflow_rewrites_it_is_read_again(
+    publisher, trust: TrustStore, tmp_path: Path, monkeypatch, cut: int
+) -> None:
+    # A fake read: the in-place rewrite's window is microseconds, too short to hit on purpose.
+    store, client = _warm_client_behind(publisher, trust, tmp_path, monkeypatch)
     reads = []
 
     def mid_write(name: str, max_length: int | None = None) -> bytes | None:
@@ -502,12 +508,7 @@ def test_a_timestamp_read_while_mlflow_rewrites_it_is_read_again(
 def test_a_timestamp_that_never_parses_is_still_refused(
     publisher, trust: TrustStore, tmp_path: Path, monkeypatch
 ) -> None:
-    monkeypatch.setattr("registry.index_consumer.REREAD_AFTER_S", 0.0)
-    store = FileStore()
-    _publish(store, publisher, 1, "d1")
-    client = IndexClient(store.fetch, tmp_path / "cache", trust)
-    client.refresh()
-    _publish(store, publisher, 2, "d2")
+    store, client = _warm_client_behind(publisher, trust, tmp_path, monkeypatch)
     store.files["timestamp.json"] = store.files["timestamp.json"][:-1]
 
     with pytest.raises(VerificationError) as err:

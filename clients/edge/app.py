@@ -166,8 +166,9 @@ def create_app(node: EdgeNode, *, poll: bool = True, router: HybridRouter | None
     settings = node.settings
     # JSON may spell a character in up to 4 bytes; 64 KiB for everything around the texts
     max_body = settings.max_items * settings.max_text_chars * 4 + 65536
-    # Added last, outermost: requests are counted and timed, their bodies bounded before
-    # anything reads them.
+    # Starlette puts the middleware added last outermost: RequestMetrics wraps BodyLimit,
+    # so the body limit's refusals are counted and timed too, and bodies are bounded
+    # before the app reads them.
     app.add_middleware(
         BodyLimit, max_bytes=max_body, timeout_s=settings.body_timeout_s, error_body=_error_body
     )

@@ -118,13 +118,6 @@ def edge_group(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds to receive a request's body; a slower one gets 408 (default: %(default)s)",
     )
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=512,
-        help="open connections, each of which may hold a body of up to --max-items x "
-        "--max-text-chars x 4 bytes; more get 503 (default: %(default)s)",
-    )
     routing = serve.add_argument_group(
         "hybrid routing",
         "Escalate low-confidence classifications to an upstream fedlora node where the "
@@ -251,7 +244,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,
         body_timeout_s=args.body_timeout_s,
-        max_connections=args.max_connections,
         upstream=args.upstream,
         upstream_model=args.upstream_model,
         escalate_below=args.escalate_below,
@@ -305,7 +297,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log_level="warning",
                 proxy_headers=False,
                 access_log=False,
-                limit_concurrency=settings.max_connections,  # bounds the bodies buffered
             )
         )
         server.run(sockets=sockets)

@@ -380,7 +380,10 @@ class SharedBase:
             try:
                 return str(self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=True))  # fmt: skip
-            except TemplateError as exc:  # raise_exception(...): roles must alternate, say
+            except TemplateError as exc:
+                if type(exc) is not TemplateError:  # a syntax or undefined-name error: the
+                    raise  # template is broken (the operator's, a 500), not the messages
+                # raise_exception(...) in the template: roles must alternate, say
                 raise PromptRefused(
                     f"the model's chat template refused the messages: {str(exc)[:500]}"
                 ) from None

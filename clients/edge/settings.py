@@ -67,7 +67,6 @@ class EdgeSettings:
     max_queue: int = 256  # requests waiting per base; more get 503 + Retry-After
     batch_wait_ms: float = 2.0  # how long a batch may wait for more requests under load
     body_timeout_s: float = 30.0  # to receive a request's whole body; then 408
-    max_connections: int = 512  # open connections; more get 503 (each may buffer a body)
     threads: int = 0  # torch threads for inference; 0: half the cores (see `torch_threads`)
     # Hybrid routing (clients.edge.hybrid): nothing leaves without an upstream and a policy.
     upstream: str | None = None
@@ -111,8 +110,6 @@ class EdgeSettings:
             raise ConfigError(f"--batch-wait-ms {self.batch_wait_ms} must be in 0..1000")
         if not 0 < self.body_timeout_s <= 3600:
             raise ConfigError(f"--body-timeout-s {self.body_timeout_s} must be in (0, 3600]")
-        if self.max_connections < 1:
-            raise ConfigError(f"--max-connections {self.max_connections} must be ≥ 1")
         if self.max_loaded < 0:
             raise ConfigError(f"--max-loaded {self.max_loaded} must be ≥ 0")
         if not 0 <= self.threads <= MAX_THREADS:

@@ -371,6 +371,21 @@ def test_one_bad_row_never_fails_the_other_requests_of_its_batch(
         futures["template refuses"].result(timeout=120)
 
 
+@pytest.mark.parametrize("template", ["{{ messages | no_such_filter }}", "{% if %}"])
+def test_a_broken_chat_template_is_not_blamed_on_the_client(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, template: str
+) -> None:
+    # Only the template's own raise_exception refuses the messages (400); a template that
+    # cannot render anything is the operator's to fix and must not pass for a bad request.
+    base = lm_base(client)
+    monkeypatch.setattr(base.tokenizer, "chat_template", template)
+
+    with pytest.raises(Exception) as err:
+        base.render_chat([{"role": "user", "content": "hi"}])
+
+    assert not isinstance(err.value, PromptRefused)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("path", "body", "message", "param"),

@@ -125,6 +125,15 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     return value
 
 
+def _kept_record(record: Any) -> Any:
+    """An old reset record as a reset keeps it (`_json_safe`), or a note in its place where
+    it nests too deep: a reset must work on whatever the old ledger holds."""
+    try:
+        return _json_safe(record)
+    except ConfigError as exc:
+        return {"state": "unreadable", "error": str(exc)}
+
+
 def _check_round(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float):
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ConfigError(f"ledger: noise multiplier {noise_multiplier!r} must be > 0")
@@ -222,7 +231,7 @@ class SiteLedger:
             if (opening := finite_number(raw_opening)) is None:
                 raise ConfigError(f"opening_epsilon={raw_opening!r} is not a finite number")
             opening = check_epsilon(opening, what=str(path))
-            resets = _json_safe(list(raw.get("resets", [])))
+            resets = [_kept_record(r) for r in raw.get("resets", [])]
             budget = raw.get("max_epsilon")
             if budget is not None and ((number := finite_number(budget)) is None or number <= 0):
                 raise ConfigError(f"max_epsilon={budget!r} is not a finite number > 0")
@@ -270,7 +279,9 @@ class SiteLedger:
                         "total_epsilon": finite_number(raw["total_epsilon"]),
                         "runs": sorted(map(str, raw["runs"])),
                     }
-                    history = [r for r in raw.get("resets", []) if isinstance(r, dict)]
+                    history = [
+                        _kept_record(r) for r in raw.get("resets", []) if isinstance(r, dict)
+                    ]
                 # RecursionError: nesting past the parser's depth
                 except (
                     OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
@@ -279,7 +290,7 @@ class SiteLedger:
                     history = []
             at = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds")
             entry = {"at": at, "reason": reason, "opening_epsilon": spent, "previous": previous}
-            ledger = cls(path, opening_epsilon=spent, resets=_json_safe([*history, entry]))
+            ledger = cls(path, opening_epsilon=spent, resets=[*history, _json_safe(entry)])
             ledger.save()
             return ledger
 

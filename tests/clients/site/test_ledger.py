@@ -432,3 +432,20 @@ def test_budget_report_has_no_warning_for_a_round_charged_while_it_reads(
 
     monkeypatch.setattr(SiteLedger, "load", classmethod(load_then_charge))
     assert "warning" not in budget_report(tmp_path, None)
+
+
+def test_reset_records_nested_past_what_is_kept_neither_block_training_nor_a_reset(
+    tmp_path: Path,
+) -> None:
+    deep: object = 0
+    for _ in range(100):
+        deep = {"x": deep}
+    document = {"runs": {"r": _entry()}, "total_epsilon": 0.0, "resets": [deep]}
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(document))
+
+    assert SiteLedger.load(tmp_path, required=True).runs  # the site still trains on it
+    SiteLedger.reset(tmp_path, reason="r")
+
+    first, second = SiteLedger.load(tmp_path, required=True).resets
+    assert first["state"] == "unreadable" and "64 levels" in first["error"]
+    assert second["reason"] == "r"

@@ -151,32 +151,60 @@ def position_limit(path: Path) -> tuple[int, str] | None:
     a rotary base (Llama) runs past it on positions it was never trained on, stretched by
     its ``rope_scaling`` factor where it has one. The tokenizer's ``model_max_length``
     applies where it is smaller (RoBERTa: 514 rows, 2 of them taken by its padding
-    offset, so 512 tokens); transformers writes 1e30 there for "no limit". None when
-    neither states a limit.
+    offset, so 512 tokens) only when it is 1 or 2 below the table: elsewhere it is advice
+    (a sentence-transformers tokenizer may say 256 over 512 positions), not a limit. The
+    scaling factor is read from ``rope_scaling`` and from transformers 5's
+    ``rope_parameters``. None when the config states no position table (T5's relative
+    positions).
 
     Raises:
         ModelError: If the config (or the tokenizer's config) is not a JSON object.
     """
     config = _json_object(path / "config.json")
-    limits: list[tuple[int, str]] = []
     key = next((k for k in ("max_position_embeddings", "n_positions") if k in config), None)
     positions = config.get(key) if key else None
-    if _count(positions):
-        source = f"config.json {key}"
-        scaling = config.get("rope_scaling")
-        factor = scaling.get("factor") if isinstance(scaling, dict) else None
-        if isinstance(factor, int | float) and 1 < factor < math.inf:
-            original = scaling.get("original_max_position_embeddings")
-            stretched = int(factor * (original if _count(original) else positions))
-            if stretched > positions:
-                positions, source = stretched, f"{source} with its rope_scaling factor {factor}"
-        limits.append((positions, source))
+    if not _count(positions):
+        return None
+    source = f"config.json {key}"
+    factor = _rope_factor(config)
+    if factor is not None:
+        original = _rope_original(config)
+        stretched = int(factor * (original if _count(original) else positions))
+        if stretched > positions:
+            return stretched, f"{source} with its rope scaling factor {factor:g}"
     tokenizer = path / "tokenizer_config.json"
     if tokenizer.is_file():
         length = _json_object(tokenizer).get("model_max_length")
-        if _count(length) and length < 1e29:  # transformers' VERY_LARGE_INTEGER is 1e30
-            limits.append((length, "tokenizer_config.json model_max_length"))
-    return min(limits, default=None)
+        # Advisory elsewhere (a sentence-transformers base may say 256 over 512 positions);
+        # 1 or 2 below the table, it is the positions a padding offset takes (RoBERTa).
+        if _count(length) and positions - 2 <= length < positions:
+            return length, "tokenizer_config.json model_max_length"
+    return positions, source
+
+
+def _rope_tables(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rope settings of a config: ``rope_scaling`` (transformers 4) or
+    ``rope_parameters`` (transformers 5, also per layer type: ``{"full_attention": {...}}``)."""
+    found = [config.get(k) for k in ("rope_scaling", "rope_parameters")]
+    tables = [t for t in found if isinstance(t, dict)]
+    return tables + [v for t in tables for v in t.values() if isinstance(v, dict)]
+
+
+def _rope_factor(config: dict[str, Any]) -> float | None:
+    """The largest finite rope scaling factor above 1 the config states; None without one."""
+    factors = [
+        float(f) for t in _rope_tables(config)
+        if isinstance(f := t.get("factor"), int | float) and not isinstance(f, bool)
+        and 1 < f < math.inf
+    ]  # fmt: skip
+    return max(factors, default=None)
+
+
+def _rope_original(config: dict[str, Any]) -> object:
+    return next(
+        (t["original_max_position_embeddings"] for t in _rope_tables(config)
+         if "original_max_position_embeddings" in t), None,
+    )  # fmt: skip
 
 
 def _count(value: object) -> bool:

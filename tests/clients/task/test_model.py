@@ -286,11 +286,20 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embedding
         ({"max_position_embeddings": 131072, "rope_scaling": LLAMA3}, None, 131072),
         ({"max_position_embeddings": 2048, "rope_scaling": None}, None, 2048),
         ({"model_type": "t5"}, {"model_max_length": int(1e30)}, None),  # no stated limit
-        ({"model_type": "x"}, {"model_max_length": 256}, 256),
+        # Elsewhere the tokenizer's length is advice, not a limit (sentence-transformers
+        # bases may say 256 over 512 positions, and train past it).
+        ({"model_type": "x"}, {"model_max_length": 256}, None),
+        ({"max_position_embeddings": 512}, {"model_max_length": 256}, 512),
         ({"max_position_embeddings": True}, None, None),  # not a count
+        # transformers 5 saves rope_parameters, also per layer type.
+        ({"max_position_embeddings": 128, "rope_parameters": {"rope_type": "linear",
+                                                              "factor": 2.0}}, None, 256),
+        ({"max_position_embeddings": 128,
+          "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0}}},
+         None, 512),
     ],
-)
-def test_position_limit_is_the_smaller_of_the_config_and_the_tokenizer(
+)  # fmt: skip
+def test_position_limit_is_the_config_table_stretched_by_its_rope_scaling(
     tmp_path: Path, config: dict, tokenizer: dict | None, limit: int | None
 ) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -107,7 +107,7 @@ class SiteSettings:
             raise ConfigError(f"head-statistics={share!r} must be true or false")
         return cls(
             data_path=path,
-            site_id=_text(config, "site-id") or path.stem,
+            site_id=_text(config, "site-id", numbers=True) or path.stem,
             eval_fraction=_number("eval-fraction", config.get("eval-fraction", 0.1)),
             base_model=_text(config, "base-model") or None,
             device=_text(config, "device") if "device" in config else "auto",
@@ -119,15 +119,18 @@ class SiteSettings:
         )
 
 
-def _text(config: Mapping[str, Any], key: str) -> str:
+def _text(config: Mapping[str, Any], key: str, *, numbers: bool = False) -> str:
     """A node config path or name; empty when absent. The TOML of ``--node-config`` reads
     ``state-dir=true`` as a bool and ``base-model=1.5`` as a float, which as text would
-    name a directory ``True`` or a base ``1.5`` nobody meant.
+    name a directory ``True`` or a base ``1.5`` nobody meant. With ``numbers``, an integer
+    is its decimal text (``site-id=3`` is site ``3``, as it always was).
 
     Raises:
         ConfigError: Naming the key, unless the value is a string.
     """
     value = config.get(key, "")
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
         raise ConfigError(
             f"{key}={value!r} must be a string ({type(value).__name__} given); quote it: "

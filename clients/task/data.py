@@ -153,26 +153,33 @@ def _json_rows(lines: list[tuple[str, str | None]]) -> Iterator[tuple[int, objec
         yield lineno, _json_row(line)
 
 
-class _RepeatedKey(Exception):
-    """A JSON object names a key twice; json.loads alone would keep the last value."""
+class _Object(dict[str, object]):
+    """A JSON object, with the first key it names twice (json.loads alone keeps the last
+    value without a word)."""
+
+    repeated: str | None = None
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """An object's pairs as a dict, refusing a repeated key (as a CSV header's column)."""
-    row: dict[str, object] = {}
-    for key, value in pairs:
-        if key in row:
-            raise _RepeatedKey(key)
-        row[key] = value
-    return row
+def _object(pairs: list[tuple[str, object]]) -> _Object:
+    obj = _Object(pairs)
+    seen: set[str] = set()
+    for key, _ in pairs if len(obj) < len(pairs) else ():
+        if key in seen:
+            obj.repeated = key
+            break
+        seen.add(key)
+    return obj
 
 
 def _json_row(line: str) -> object:
     line = line.rstrip("\r\n")  # with its line break, an error at the end says "column 1"
     try:
-        return json.loads(line, object_pairs_hook=_unique_keys)
-    except _RepeatedKey as exc:
-        return BadRow(f"the object names key {short(exc.args[0])} more than once")
+        row = json.loads(line, object_pairs_hook=_object)
+        # The row's own keys only, as a CSV header's columns: nested objects are the
+        # data's own business (training reads none of them).
+        if isinstance(row, _Object) and row.repeated is not None:
+            return BadRow(f"the object names key {short(row.repeated)} more than once")
+        return row
     except json.JSONDecodeError as exc:
         hint = " (NUL bytes: a UTF-16 file without its byte-order mark?)" if "\x00" in line else ""
         return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno}){hint}")

@@ -106,7 +106,9 @@ def read_rows(path: str | Path) -> Source:
 
     Raises:
         DataError: Naming the file and line, if the file is missing, has another suffix,
-            a row is not an object or holds NaN or an infinity (no JSON file can).
+            or a row is not an object. NaN and infinities pass through as Python's json
+            writes them (``NaN``), which site check and training read too; a label that is
+            one is refused where labels are read.
     """
     path = Path(path)
     rows, places = [], []
@@ -117,31 +119,11 @@ def read_rows(path: str | Path) -> Source:
             raise DataError(f"{path.name}:{lineno}: {row.reason}")
         if not isinstance(row, dict):
             raise DataError(f"{path.name}:{lineno}: row must be an object")
-        if (field := _non_finite_field(row)) is not None:
-            raise DataError(
-                f"{path.name}:{lineno}: field {field!r} holds NaN or an infinity, which is "
-                "not valid JSON: a site file cannot hold it"
-            )
         rows.append(row)
         places.append(f"{path.name}:{lineno}")
     if not rows:
         raise DataError(f"source file {str(path)!r} has no rows")
     return Source(path=path, rows=rows, places=places)
-
-
-def _non_finite_field(row: dict) -> str | None:
-    """The first field of ``row`` whose value holds NaN or an infinity, at any depth."""
-    for name, value in row.items():
-        stack = [value]
-        while stack:  # a loop, not recursion: however deep the row that json.loads took
-            item = stack.pop()
-            if isinstance(item, float) and not math.isfinite(item):
-                return name
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
-    return None
 
 
 def _group_key(value: object) -> str:
@@ -318,7 +300,6 @@ def write_sites(
     Raises:
         ConfigError: If `out` is a file, or a non-empty directory without `force`, or with
             `force` holds anything but site files, or holds the `source` file.
-        ValueError: If a row holds NaN or an infinity (`read_rows` refuses them in files).
     """
     out = Path(out)
     _check_out(out, force=force, source=None if source is None else Path(source))
@@ -328,9 +309,7 @@ def write_sites(
         for name, part in zip(site_names(len(parts)), parts, strict=True):
             path = tmp / f"{name}.jsonl"
             with path.open("w", encoding="utf-8") as fh:
-                fh.writelines(
-                    json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in part
-                )
+                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
             paths.append(out / path.name)
         swap_directory(tmp, out)
     finally:

@@ -40,6 +40,7 @@ from typing import Any
 
 from clients.task.errors import ConfigError
 from clients.task.files import write_atomic
+from clients.task.numbers import is_integer
 from server.identity import IdentityRejected
 from strategies.protocol import SITE_ID_RULE, node_name, valid_site_id
 
@@ -177,7 +178,7 @@ class Roster:
                     f"{source}: site {site!r} is not a valid site id ({SITE_ID_RULE})"
                 )
             node = entry.get("node-id") if isinstance(entry, dict) else None
-            if isinstance(node, bool) or not isinstance(node, int):
+            if not is_integer(node):
                 raise ConfigError(f"{source}: site {site!r} has node-id={node!r}, not an integer")
             out[site] = Enrolment(
                 site, node, str(entry.get("public-key", "")), str(entry.get("enrolled", ""))
@@ -195,7 +196,7 @@ class Roster:
                 )
             for each in (record, *earlier):
                 node = each.get("node-id") if isinstance(each, dict) else None
-                if isinstance(node, bool) or not isinstance(node, int):
+                if not is_integer(node):
                     raise ConfigError(
                         f"{source}: revoked site {site!r} has node-id={node!r}, not an integer"
                     )

@@ -23,6 +23,7 @@ from clients.task.labels import (
     run_config_line,
     toml_string,
 )
+from clients.task.numbers import is_integer
 
 # Flower carries a run-config integer as a signed 64-bit one ("Value out of range" past it).
 FLOWER_INT_LIMIT = 2**63
@@ -215,7 +216,7 @@ def coerce(key: str, value: Any) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} must be true or false")
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             raise ConfigError(f"{key}={value!r} must be an integer")
         if not -FLOWER_INT_LIMIT <= value < FLOWER_INT_LIMIT:
             raise ConfigError(

@@ -29,6 +29,7 @@ from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import format_label_set, parse_label_set
 from clients.task.model import ModelSpec, base_digest, check_max_length, resolve_base
+from clients.task.numbers import check_delta
 from clients.task.plan import TrainPlan
 from clients.task.pooling import pooling_of_base
 from server.run_config import KEYS, param_value, read_config, split_list
@@ -163,7 +164,7 @@ class ClientDPSettings:
                 f"(got {self.noise_multiplier!r}) and dp.target-epsilon "
                 f"(got {self.target_epsilon!r}) > 0"
             )
-        _check_dp_delta(self.delta)
+        check_delta("dp.delta", self.delta)
         if not 0 <= self.max_epsilon < math.inf:  # NaN too; 0 is off
             raise ConfigError(f"dp.max-epsilon={self.max_epsilon!r} must be finite and >= 0")
 
@@ -174,7 +175,7 @@ class ClientDPSettings:
             for key in ("dp.noise-multiplier", "dp.target-epsilon", "dp.max-epsilon"):
                 if v[key] != 0.0:
                     raise ConfigError(f"{key}={v[key]!r} needs dp.clip-norm > 0")
-            _check_dp_delta(v["dp.delta"])  # off too: a bad value is refused, not kept
+            check_delta("dp.delta", v["dp.delta"])  # off too: a bad value is refused, not kept
             return None
         return cls(
             clip_norm=v["dp.clip-norm"],
@@ -183,11 +184,6 @@ class ClientDPSettings:
             delta=v["dp.delta"],
             max_epsilon=v["dp.max-epsilon"],
         )
-
-
-def _check_dp_delta(delta: float) -> None:
-    if not 0 < delta < 1:  # NaN too
-        raise ConfigError(f"dp.delta={delta!r} must be in (0, 1)")
 
 
 def _robust(v: Mapping[str, Any], *, secure: bool) -> tuple[float, float] | None:

@@ -49,6 +49,7 @@ from flwr.common import (
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.task.errors import ConfigError, FedloraError
+from clients.task.numbers import is_integer
 from strategies.lda_head import HeadStatistics
 from strategies.strategy import SiteUpdate
 
@@ -292,7 +293,7 @@ def decode_evaluate(reply: Message) -> EvaluateReply | NoEvaluation:
         raise ValueError(f"reply lacks {METRICS!r}")
     m = reply.content.metric_records[METRICS]
     count = m.get(NUM_EXAMPLES, 0)
-    if isinstance(count, bool) or not isinstance(count, int):  # int(inf) raises OverflowError
+    if not is_integer(count):  # int(inf) raises OverflowError
         raise ValueError(f"unreadable metrics: {NUM_EXAMPLES}={count!r} is not an integer")
     try:
         return EvaluateReply(

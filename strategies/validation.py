@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from clients.task.numbers import is_integer
 from strategies.errors import UpdateRejected
 from strategies.protocol import (
     SITE_DELTA,
@@ -175,7 +176,7 @@ def validate_evaluation(
     """
     limit = min(max_examples, trained_on) if trained_on is not None else max_examples
     count = result.num_examples
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
+    if not is_integer(count) or not 1 <= count <= limit:
         raise UpdateRejected("metrics", f"evaluation num-examples={count!r} is outside 1..{limit}")
     _in_range("loss", result.loss, 0.0, math.inf)
     _in_range("accuracy", result.accuracy, 0.0, 1.0)

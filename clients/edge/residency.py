@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.task.errors import ConfigError
+from clients.task.numbers import is_integer
 
 LOCAL_ONLY = "local-only"
 ACTIONS = ("block", "redact")
@@ -282,7 +283,7 @@ class _Parser:
                     f"unknown key; expected one of {list(BUDGET_KEYS)}",
                     line=line,
                 )
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_integer(value):
                 raise self.fail(f"budget.{key}", value, "must be a whole number", line=line)
             if not 0 <= value <= MAX_BUDGET:
                 raise self.fail(f"budget.{key}", value, f"must be in 0..{MAX_BUDGET}", line=line)

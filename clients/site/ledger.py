@@ -48,7 +48,7 @@ from typing import Any
 
 from clients.task.errors import ConfigError
 from clients.task.files import write_atomic
-from clients.task.numbers import finite_number
+from clients.task.numbers import check_delta, finite_number, is_integer
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = "privacy-ledger.lock"
@@ -101,7 +101,7 @@ def _stored_count(value: object, *, what: str) -> int:
     Raises:
         ConfigError: Naming ``what`` and the value.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_integer(value):
         raise ConfigError(f"{what} {value!r} is not an integer")
     return value
 
@@ -139,10 +139,9 @@ def _check_round(*, noise_multiplier: float, sampling_rate: float, steps: int, d
         raise ConfigError(f"ledger: noise multiplier {noise_multiplier!r} must be > 0")
     if not 0 < sampling_rate <= 1:
         raise ConfigError(f"ledger: sampling rate {sampling_rate!r} must be in (0, 1]")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise ConfigError(f"ledger: steps {steps!r} must be an integer >= 1")
-    if not 0 < delta < 1:
-        raise ConfigError(f"ledger: δ={delta!r} must be in (0, 1)")
+    check_delta("ledger: δ", delta)
 
 
 @dataclass

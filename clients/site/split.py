@@ -38,6 +38,7 @@ from clients.task import data
 from clients.task.errors import ConfigError, DataError
 from clients.task.files import swap_directory, temp_directory
 from clients.task.labels import check_label
+from clients.task.numbers import is_integer
 
 # A Dirichlet draw can leave a site empty; the next seeds are tried before giving up, so a
 # near-feasible split succeeds while an impossible one (tiny alpha, few rows) still fails fast.
@@ -57,7 +58,7 @@ class SplitSpec:
     min_per_site: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.sites, bool) or not isinstance(self.sites, int) or self.sites < 2:
+        if not is_integer(self.sites) or self.sites < 2:
             raise ConfigError(f"--sites {self.sites!r} must be an integer of at least 2")
         if (self.alpha is None) == (self.by is None):
             raise ConfigError("give exactly one of --alpha and --by")
@@ -67,7 +68,7 @@ class SplitSpec:
             raise ConfigError("--by needs a column name")
         if not self.label_column:
             raise ConfigError("--label-column needs a column name")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not is_integer(self.seed) or self.seed < 0:
             # numpy's generators take no negative seed
             raise ConfigError(f"--seed {self.seed!r} must be an integer >= 0")
         if (

@@ -22,6 +22,7 @@ from clients.task.choices import (
 from clients.task.dpsgd import SampleDP, check_target_epsilon, solve_noise_multiplier
 from clients.task.errors import ConfigError
 from clients.task.model import ModelSpec
+from clients.task.numbers import check_delta
 from clients.task.text import short
 
 
@@ -106,8 +107,7 @@ class TrainPlan:
             raise ConfigError(
                 f"site-dp.max-grad-norm={self.site_dp_max_grad_norm!r} must be > 0 and finite"
             )
-        if not 0 < self.site_dp_delta < 1:
-            raise ConfigError(f"site-dp.delta={self.site_dp_delta!r} must be in (0, 1)")
+        check_delta("site-dp.delta", self.site_dp_delta)
         if z > 0 and target > 0:
             raise ConfigError(
                 f"site-dp.noise-multiplier={z!r} and site-dp.target-epsilon={target!r}: "

@@ -40,6 +40,7 @@ from clients.edge.openai_api import (
     INTERNAL_ERROR,
     is_openai_path,
     openai_error,
+    openai_error_body,
     openai_routes,
     served_headers,
 )
@@ -128,8 +129,7 @@ def _deepest(detail: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _error_body(path: str, status: int, message: str) -> dict[str, Any]:
     """A refusal before routing, in OpenAI's shape on its paths (`BodyLimit`)."""
     if is_openai_path(path):
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                          "code": None}}  # fmt: skip
+        return openai_error_body(message)
     return detail_body(path, status, message)
 
 

@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clients.edge.generation import Completion, Sampling
-from clients.edge.guards import SafeJSONResponse, Text
+from clients.edge.guards import CLIENT_LEFT, SafeJSONResponse, Text
 from clients.edge.hybrid import LOCAL, UPSTREAM, HybridRouter
 from clients.edge.node import EdgeNode, ModelSlot
 from clients.edge.routing import submit_to
@@ -62,8 +62,21 @@ def openai_error(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """An error answer in OpenAI's shape (`openai_error_body`) with HTTP ``status``."""
+    body = openai_error_body(message, kind=kind, param=param, code=code)
     return SafeJSONResponse(body, status_code=status, headers=headers)
+
+
+def openai_error_body(
+    message: str,
+    *,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``, the one
+    its clients parse (``openai.APIStatusError.body``); also a stream's error event."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class StreamOptions(BaseModel):
@@ -161,6 +174,37 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {text}\n\n"
 
 
+async def _unless_client_leaves(
+    request: Request, future: Future[list[Completion]], stop: Callable[[], None]
+) -> list[Completion] | None:
+    """The completions, or None after calling ``stop`` if the client disconnects first.
+
+    Without this a non-streamed generation runs to ``max_tokens`` for a client that is
+    gone, holding its batch row (a stream stops in its generator's ``finally``). After the
+    body, the ASGI ``receive`` blocks until ``http.disconnect`` (as vLLM listens for it).
+    """
+
+    async def client_leaves() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    answer = asyncio.ensure_future(asyncio.wrap_future(future))
+    watcher = asyncio.ensure_future(client_leaves())
+    try:
+        await asyncio.wait({answer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler is cancelled (shutdown): its rows stop too
+        stop()
+        answer.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if answer.done():
+        return answer.result()
+    stop()
+    answer.cancel()
+    return None
+
+
 class _Stream:
     """Generated text from the batcher's thread to the event loop, then out as SSE."""
 
@@ -181,10 +225,8 @@ def _stream_error(error: BaseException) -> dict[str, Any]:
     """The error event of a stream that failed after it began: the client's own mistake
     with its reason, anything else without internals (the node's log has them)."""
     if isinstance(error, PromptRefused):
-        return {"error": {"message": str(error), "type": "invalid_request_error",
-                          "param": None, "code": error.code}}  # fmt: skip
-    return {"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None,
-                      "code": None}}  # fmt: skip
+        return openai_error_body(str(error), code=error.code)
+    return openai_error_body(INTERNAL_ERROR, kind="server_error")
 
 
 def served_headers(served_by: str, reason: str) -> dict[str, str]:
@@ -265,6 +307,7 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
         )
 
     async def respond(
+        request: Request,
         slot: ModelSlot,
         prompts: list[str | list[dict[str, str]]],
         sampling: Sampling,
@@ -286,10 +329,17 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
         head = {"id": rid, "created": created, "model": name}
         headers = served_headers(LOCAL, reason)
         if not body.stream:
-            release, future = await submit_to(
-                slot, "causal-lm", lambda r: r.submit_generate(prompts, sampling)[0]
-            )
-            completions: list[Completion] = await asyncio.wrap_future(future)
+            stop: Callable[[], None] = lambda: None  # noqa: E731
+
+            def submit_whole(release: LoadedRelease) -> Future[list[Completion]]:
+                nonlocal stop
+                future, stop = release.submit_generate(prompts, sampling)
+                return future
+
+            release, future = await submit_to(slot, "causal-lm", submit_whole)
+            completions = await _unless_client_leaves(request, future, stop)
+            if completions is None:  # the client left: nobody reads the answer
+                return Response(status_code=CLIENT_LEFT)  # counted in /metrics as 499
             answer = {
                 "object": "chat.completion" if kind == "chatcmpl" else "text_completion",
                 "choices": whole(completions),
@@ -367,7 +417,9 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
             return sent | {"prompt": texts[0] if isinstance(body.prompt, str) else texts}
 
         routed = await escalate(request, slot, body, list(prompts), rewrite)
-        return await respond(slot, list(prompts), sampling, body, shape, whole, "cmpl", routed)
+        return await respond(
+            request, slot, list(prompts), sampling, body, shape, whole, "cmpl", routed
+        )
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -399,6 +451,8 @@ def openai_routes(node: EdgeNode, hybrid: HybridRouter) -> APIRouter:
             return sent | {"messages": rewritten}
 
         routed = await escalate(request, slot, body, [m["content"] for m in messages], rewrite)
-        return await respond(slot, [messages], sampling, body, shape, whole, "chatcmpl", routed)
+        return await respond(
+            request, slot, [messages], sampling, body, shape, whole, "chatcmpl", routed
+        )
 
     return router

@@ -286,3 +286,39 @@ def test_a_client_that_leaves_a_stream_stops_its_generation(client: openai.OpenA
     closed = next_request_after(close=True)
 
     assert closed < left_open / 3, (closed, left_open)
+
+
+def test_a_client_that_leaves_a_whole_answer_stops_its_generation(
+    client: openai.OpenAI, served: dict
+) -> None:
+    url = f"{served['url']}/v1/completions"
+    body = {"model": "lm", "prompt": "hello world", "max_tokens": 64, "temperature": 0}
+
+    def whole_answer() -> None:
+        assert httpx.post(url, json=body, timeout=60).status_code == 200
+
+    def next_request_after(*, leave: bool) -> float:
+        if leave:  # the client gives up once its 64 tokens are under way, and disconnects
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, timeout=httpx.Timeout(60, read=0.1))
+            waiter = None
+        else:
+            waiter = threading.Thread(target=whole_answer)
+            waiter.start()
+            time.sleep(0.1)
+        start = time.perf_counter()
+        client.completions.create(model="lm", prompt="hi", max_tokens=1)
+        waited = time.perf_counter() - start
+        if waiter is not None:
+            waiter.join()
+        time.sleep(1)
+        return waited
+
+    kept = next_request_after(leave=False)  # behind the rest of 64 tokens someone reads
+    left = next_request_after(leave=True)
+    metrics = httpx.get(f"{served['url']}/metrics", timeout=10).text
+
+    assert left < kept / 3, (left, kept)
+    assert 'fedlora_edge_requests_total{endpoint="/v1/completions",model="lm",status="499"}' in (
+        metrics
+    )

@@ -84,7 +84,8 @@ def site_group(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=64,
         metavar="TOKENS",
-        help=f"causal-lm: the run's max-length, >= {MIN_MAX_LENGTH} (default: %(default)s)",
+        help=f"causal-lm: the run's max-length, >= {MIN_MAX_LENGTH} and at most the tokens "
+        "--base-model takes (default: %(default)s)",
     )
     check.add_argument("--json", action="store_true", help="print a machine-readable report")
     check.set_defaults(func=cmd_site_check)
@@ -294,6 +295,9 @@ def cmd_site_check(args: argparse.Namespace) -> int:
     report = scan_file(Path(args.data), task=args.task, labels=labels)
     truncated = None
     if args.task == "causal-lm" and report.examples:
+        from clients.task.model import check_max_length  # transformers: not for other checks
+
+        check_max_length(args.max_length, base=args.base_model)  # as training refuses it
         truncated = truncated_lines(report, base=args.base_model, max_length=args.max_length)
         if len(truncated) == len(report.examples):
             report.problems.append(

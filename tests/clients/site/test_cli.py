@@ -158,6 +158,19 @@ def test_check_refuses_a_max_length_training_refuses(
     assert err.startswith(f"error: --max-length={max_length} must be >= 8")
 
 
+def test_check_refuses_a_max_length_past_the_base_position_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _jsonl(tmp_path / "lm.jsonl", [{"prompt": "Q ", "response": "A"}])
+
+    code = main(["site", "check", "--data", str(path), "--task", "causal-lm",
+                 "--max-length", "513"])  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: max-length=513 exceeds the 512 tokens"), err
+
+
 def test_check_accepts_the_smallest_max_length_training_accepts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,9 +23,12 @@ Usage::
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -44,14 +47,15 @@ def fsync_directory(directory: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
 
-    The temporary file is ``.<name>.<pid>.<random>.tmp`` beside ``path``: the same
-    directory, so the rename never crosses a file system; the writer's pid, so the next
-    call can tell a dead writer's leftover from a live writer's file and remove it.
+    The temporary file is ``.<name>.<pid>-<host>.<random>.tmp`` beside ``path``: the same
+    directory, so the rename never crosses a file system; the writer's pid and host
+    (`writer_tag`), so the next call can tell a dead writer's leftover from a live writer's
+    file and remove it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_files(path)
     fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX
+        dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=TMP_SUFFIX
     )
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -68,7 +72,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def temp_directory(target: Path) -> Path:
     """A new empty directory beside ``target`` to build what `swap_directory` installs there.
 
-    It is named like `write_atomic`'s temporary file, ``.<name>.<pid>.<random>.tmp``, so
+    It is named like `write_atomic`'s temporary file, ``.<name>.<pid>-<host>.<random>.tmp``, so
     that the next call on ``target`` removes it if its writer died (killed mid-write)
     while a live writer's is left alone; the caller removes it when done.
     """
@@ -76,17 +80,42 @@ def temp_directory(target: Path) -> Path:
     _remove_dead_writers_files(target)
     return Path(
         tempfile.mkdtemp(
-            dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=TMP_SUFFIX
+            dir=target.parent, prefix=f".{target.name}.{writer_tag()}.", suffix=TMP_SUFFIX
         )
     )
 
 
+@functools.cache
+def _host() -> str:
+    """12 hex digits naming this host and PID namespace (a container has its own)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux, or no /proc: the host name alone
+        namespace = 0
+    seen = f"{socket.gethostname()}\0{namespace}".encode()
+    return hashlib.sha256(seen).hexdigest()[:12]
+
+
+def writer_tag() -> str:
+    """``<pid>-<host>``: who writes a temporary file, in its name.
+
+    A pid means something only in its own PID namespace: on a directory that two hosts or
+    containers share, a live writer elsewhere can have a pid that is free here. So a
+    leftover is removed only when its host is this one and its pid is dead here; another
+    host's leftovers are left alone (names from before the host part, ``<pid>`` alone, are
+    judged by the pid, as they were).
+    """
+    return f"{os.getpid()}-{_host()}"
+
+
 def _remove_dead_writers_files(path: Path) -> None:
-    """Remove the temporary files and directories of dead writers to ``path``."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+{re.escape(TMP_SUFFIX)}")
+    """Remove the temporary files and directories of dead writers to ``path`` on this host."""
+    pattern = re.compile(
+        rf"\.{re.escape(path.name)}\.(\d+)(?:-([0-9a-f]{{12}}))?\.[^.]+{re.escape(TMP_SUFFIX)}"
+    )
     for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
         match = pattern.fullmatch(leftover.name)
-        if not match or _alive(int(match.group(1))):
+        if not match or match.group(2) not in (None, _host()) or _alive(int(match.group(1))):
             continue
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)

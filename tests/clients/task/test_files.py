@@ -85,16 +85,40 @@ def test_a_crash_inside_write_atomic_keeps_the_old_file(
     assert _siblings(path) == []  # the temporary file went with the failure
 
 
+def _tag(pid: int) -> str:
+    """A writer tag of ``pid`` on this host, as `files.writer_tag` writes it."""
+    return f"{pid}-{files.writer_tag().split('-')[1]}"
+
+
 def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    dead = tmp_path / f".state.json.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
-    live = tmp_path / f".state.json.{os.getppid()}.def456{files.TMP_SUFFIX}"
-    other = tmp_path / f".other.json.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    dead = tmp_path / f".state.json.{_tag(_dead_pid())}.abc123{files.TMP_SUFFIX}"
+    live = tmp_path / f".state.json.{_tag(os.getppid())}.def456{files.TMP_SUFFIX}"
+    other = tmp_path / f".other.json.{_tag(_dead_pid())}.abc123{files.TMP_SUFFIX}"
     for leftover in (dead, live, other):
         leftover.write_bytes(b"half")
     write_atomic(path, b"whole")
     assert path.read_bytes() == b"whole"
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_another_hosts_temporary_file_is_left_whatever_its_pid(tmp_path: Path) -> None:
+    # A directory two containers share: a pid free here may be a live writer there.
+    path = tmp_path / "state.json"
+    elsewhere = tmp_path / f".state.json.{_dead_pid()}-0123456789ab.abc123{files.TMP_SUFFIX}"
+    legacy = tmp_path / f".state.json.{_dead_pid()}.def456{files.TMP_SUFFIX}"  # no host part
+    for leftover in (elsewhere, legacy):
+        leftover.write_bytes(b"half")
+    assert files.writer_tag().split("-")[1] != "0123456789ab"
+
+    write_atomic(path, b"whole")
+
+    assert elsewhere.exists() and not legacy.exists()
+
+
+def test_the_writer_tag_is_the_pid_and_a_host_digest() -> None:
+    pid, host = files.writer_tag().split("-")
+    assert int(pid) == os.getpid() and len(host) == 12 and int(host, 16) >= 0
 
 
 def test_temp_directory_removes_dead_writers_directories_and_keeps_live_ones(
@@ -103,9 +127,9 @@ def test_temp_directory_removes_dead_writers_directories_and_keeps_live_ones(
     # Arrange: what a killed writer left beside the target (a partial file inside), a live
     # writer's directory, and a dead writer's directory for another target.
     target = tmp_path / "sites"
-    dead = tmp_path / f".sites.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
-    live = tmp_path / f".sites.{os.getppid()}.def456{files.TMP_SUFFIX}"
-    other = tmp_path / f".other.{_dead_pid()}.abc123{files.TMP_SUFFIX}"
+    dead = tmp_path / f".sites.{_tag(_dead_pid())}.abc123{files.TMP_SUFFIX}"
+    live = tmp_path / f".sites.{_tag(os.getppid())}.def456{files.TMP_SUFFIX}"
+    other = tmp_path / f".other.{_tag(_dead_pid())}.abc123{files.TMP_SUFFIX}"
     for leftover in (dead, live, other):
         leftover.mkdir()
         (leftover / "site-01.jsonl").write_text('{"text": "ha')
@@ -115,7 +139,7 @@ def test_temp_directory_removes_dead_writers_directories_and_keeps_live_ones(
 
     # Assert
     assert made.is_dir() and not any(made.iterdir())
-    assert made.name.startswith(f".sites.{os.getpid()}.") and made.name.endswith(".tmp")
+    assert made.name.startswith(f".sites.{files.writer_tag()}.") and made.name.endswith(".tmp")
     assert not dead.exists() and live.exists() and other.exists()
 
 

@@ -239,14 +239,19 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
         "revoke", help="add signing keys or releases to the signed revocation list"
     )
     rev.add_argument(
-        "--key-id", action="append", default=[], metavar="KID", help="key id to revoke (repeatable)"
+        "--key-id",
+        action="append",
+        default=[],
+        metavar="KID",
+        help="whole key id (64 hex digits) to revoke (repeatable; default: none)",
     )
     rev.add_argument(
         "--digest",
         action="append",
         default=[],
         metavar="DIGEST",
-        help="release digest to revoke (repeatable)",
+        help="whole release digest (64 hex digits, as `show` prints it) to revoke "
+        "(repeatable; default: none)",
     )
     rev.add_argument("--model", metavar="NAME", help="with --version: revoke that release")
     rev.add_argument(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,9 @@ MAX_UNFINISHED = 3
 # Largest provenance.json or model.sig accepted from an unfinished version (both are a
 # few kB; the adapter's own files must match the source's sizes exactly).
 MAX_METADATA_BYTES = 1 << 20
+# A release digest and a key id are both SHA-256 in lowercase hex; revocation compares
+# them whole, so anything else revokes nothing.
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -587,10 +591,22 @@ def revoke(
     """Add keys and releases to the signed revocation list; return the whole list.
 
     ``versions`` are (model, MLflow version) pairs; each revokes the digest the signed
-    index records for that version, whatever MLflow's tags or files say now.
+    index records for that version, whatever MLflow's tags or files say now. Each of
+    ``key_ids`` and ``digests`` must be whole (`SHA256_HEX`), checked before the index is
+    loaded: consumers compare them whole, so a prefix would be signed in and revoke nothing.
     """
     if not key_ids and not digests and not versions:
         raise RegistryError("nothing to revoke: give --key-id, --digest or --version")
+    for what, values, where in (
+        ("digest", digests, "`registry show` prints"),
+        ("key id", key_ids, "`registry show` and `keys id PUB` print"),
+    ):
+        for value in sorted(values):
+            if not SHA256_HEX.fullmatch(value):
+                raise RegistryError(
+                    f"{what} {value!r} is not a whole {what} (64 lowercase hex digits, as "
+                    f"{where} it); a prefix or a typo would revoke nothing"
+                )
     index = load_index(store, key, create=False, trust=trust)
     digests = set(digests) | {
         recorded_version(index, model=model, version=version).digest for model, version in versions

@@ -452,3 +452,29 @@ def test_writing_an_unchanged_index_writes_nothing(store: MlflowStore, key: Sign
     write_index(store, load_index(store, key, create=False))  # loaded, nothing changed
 
     assert store.fetch_index_file("timestamp.json", 16384) == timestamp
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("digests", "27b28bcca8e85e75"),  # the 16 characters `publish` and `promote` print
+        ("key_ids", "c34d7919bd79b42c"),
+        ("digests", "sha256:" + "a" * 64),
+        ("digests", "A" * 63 + "g"),
+        ("key_ids", " " + "b" * 64),
+    ],
+)
+def test_a_revocation_that_names_no_whole_digest_or_key_id_is_refused(
+    store: MlflowStore, key: SigningKey, field: str, value: str
+) -> None:
+    # A prefix or a typo revokes nothing a consumer checks (revocation compares whole ids),
+    # so signing it into the list would leave the release it meant loadable.
+    index = load_index(store, key, create=True)
+    index.set_alias("intents", "production", AliasEntry(1, "1", "d" * 64, "k" * 64))
+    write_index(store, index)
+    timestamp = store.fetch_index_file("timestamp.json", 16384)
+
+    with pytest.raises(RegistryError, match=f"{field[:-1].replace('_', ' ')} {value!r}"):
+        revoke(store, key=key, **{field: {value}})
+
+    assert store.fetch_index_file("timestamp.json", 16384) == timestamp

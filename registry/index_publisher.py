@@ -80,6 +80,9 @@ class IndexRepository:
         # timestamp.json as read from the registry (None for a new index): `write_index`
         # writes only while the registry still holds it.
         self.loaded_timestamp: bytes | None = None
+        # Set by `write_index` as it starts to upload timestamp.json: from then on the
+        # registry may serve this change, so a failure must not undo what it names.
+        self.timestamp_sent = False
 
     @staticmethod
     def signer_for(private_key: ec.EllipticCurvePrivateKey) -> CryptoSigner:

@@ -50,7 +50,7 @@ from registry.errors import (
     RegistryUnavailable,
     VerificationError,
 )
-from registry.index import MAX_LENGTH, AliasEntry, ReleaseRecord, index_file
+from registry.index import MAX_LENGTH, UPLOAD_ORDER, AliasEntry, ReleaseRecord, index_file
 from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
 from registry.mlflow_store import TAG, MlflowStore, staging
@@ -145,6 +145,11 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
     the race raises `IndexRace`; running the command again completes its change. One whose
     files were overwritten after its read-back is told at its next load
     (`IndexRepository.load` warns of a version it wrote that now holds other targets).
+
+    From the moment timestamp.json starts to upload (``index.timestamp_sent``), the
+    registry may serve the change even if this function then fails (a dropped connection,
+    Ctrl-C), so callers keep the model version and alias it names: running the command
+    again completes it.
     """
     loaded = index.loaded_timestamp
     current = store.fetch_index_file("timestamp.json", MAX_LENGTH["timestamp"])
@@ -156,7 +161,11 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
     files = index.files()
     if not files:
         return  # nothing was changed
-    store.upload_index(files)
+    # Targets and snapshot first; nothing serves them until the timestamp names them.
+    unserved = UPLOAD_ORDER.index("timestamp")
+    store.upload_index({n: d for n, d in files.items() if _rank(n) < unserved})
+    index.timestamp_sent = True
+    store.upload_index({n: d for n, d in files.items() if _rank(n) >= unserved})
     # Every file, the version-named ones too: two publishers that raced both wrote
     # N.targets.json, and consumers read that one.
     for name, data in files.items():
@@ -167,6 +176,10 @@ def write_index(store: MlflowStore, index: IndexRepository) -> None:
             )
     index.loaded_timestamp = files["timestamp.json"]
     index.remember()
+
+
+def _rank(name: str) -> int:
+    return UPLOAD_ORDER.index(index_file(name)[0])
 
 
 def _own_trust(key: SigningKey, tmp: Path) -> TrustStore:
@@ -309,8 +322,9 @@ def publish(
         index.add_release(model, record)
         move_alias(store, index, model=model, alias=alias, entry=entry)
     except BaseException as exc:
-        # After a lost race the index may already name this version: keep it.
-        if ready.version is None and not isinstance(exc, IndexRace):
+        # After a lost race, or once the timestamp was sent, the index may already name
+        # this version: keep it (a version it does not name is completed by a re-run).
+        if ready.version is None and not isinstance(exc, IndexRace) and not index.timestamp_sent:
             store.quietly(lambda: store.client.delete_model_version(model, version))
         raise
     return PublishResult(model, version, release, accepted.digest, accepted.key_id, True)
@@ -502,9 +516,9 @@ def move_alias(
     try:
         index.set_alias(model, alias, new)
         write_index(store, index)
-    except IndexRace:
-        raise  # the index may name ``entry`` already: the MLflow alias stays with it
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, IndexRace) or index.timestamp_sent:
+            raise  # the index may name ``entry`` already: the MLflow alias stays with it
         if before is None:
             store.quietly(lambda: store.client.delete_registered_model_alias(model, alias))
         else:

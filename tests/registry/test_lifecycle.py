@@ -221,6 +221,51 @@ def test_failures_leave_no_version_and_no_alias_change(
     assert _state(store) == before
 
 
+@pytest.mark.parametrize(
+    "stop",
+    [
+        RegistryUnavailable("connection reset while reading back timestamp.json"),
+        KeyboardInterrupt(),
+    ],
+)
+def test_a_publish_stopped_after_its_index_landed_keeps_the_version_the_index_names(
+    store: MlflowStore,
+    key: SigningKey,
+    trust: TrustStore,
+    outputs: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: BaseException,
+) -> None:
+    publish(store, outputs[0], model="intents", key=key)
+    # A fake, because neither a dropped connection nor Ctrl-C can be made to land on cue
+    # between the upload and its read-back: the whole index is uploaded, then reading it
+    # back stops. The registry now holds an index whose candidate is the new version.
+    real_upload, real_fetch = store.upload_index, store.fetch_index_file
+    uploaded: list[dict[str, bytes]] = []
+
+    def upload(files: dict[str, bytes]) -> None:
+        real_upload(files)
+        uploaded.append(files)
+
+    def fetch(name: str, max_length: int) -> bytes | None:
+        if uploaded:
+            raise stop
+        return real_fetch(name, max_length)
+
+    monkeypatch.setattr(store, "upload_index", upload)
+    monkeypatch.setattr(store, "fetch_index_file", fetch)
+    with pytest.raises(type(stop)):
+        publish(store, outputs[1], model="intents", key=key)
+    monkeypatch.undo()
+
+    # The version the signed index names is still there: consumers get it, and running
+    # the publish again finds it published.
+    assert _pull(store, trust, tmp_path, alias="candidate").provenance.release == 2
+    again = publish(store, outputs[1], model="intents", key=key)
+    assert (again.created, again.version, again.release) == (False, "2", 2)
+
+
 def test_an_unreachable_registry_is_a_clear_error() -> None:
     with pytest.raises(RegistryUnavailable, match="is unreachable"):
         MlflowStore(f"http://127.0.0.1:{free_port()}")

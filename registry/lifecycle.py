@@ -53,7 +53,7 @@ from registry.errors import (
 from registry.index import MAX_LENGTH, UPLOAD_ORDER, AliasEntry, ReleaseRecord, index_file
 from registry.index_publisher import IndexRepository
 from registry.keys import TrustStore, key_id, load_private_key, load_public_key, public_pem
-from registry.mlflow_store import TAG, MlflowStore, staging
+from registry.mlflow_store import TAG, MlflowStore, check_alias, staging
 from registry.policy import Policy
 from registry.signing import files_digest, sign_release
 
@@ -244,6 +244,7 @@ def publish(
     The same release published again returns its recorded version (``created`` False); a
     publish interrupted after its version was created is completed with that version.
     """
+    check_alias(alias)
     # wrong passphrase, foreign key or a replayed index: stop here
     index = load_index(store, key, create=True, trust=trust)
     records = index.releases(model)
@@ -541,6 +542,7 @@ def promote(
     ``version`` must be a release the signed index records for ``model`` (gate
     ``release``), and its files must verify to the recorded digest.
     """
+    check_alias(alias)
     index = load_index(store, key, create=False, trust=trust)
     try:
         record = recorded_version(index, model=model, version=version)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.parse
@@ -50,6 +51,26 @@ def default_uri() -> str:
             "(e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)"
         )
     return uri
+
+
+# MLflow's rules for an alias name (mlflow.utils.validation): word characters and '-',
+# at most 255; 'latest' and version-like 'v3' are reserved for its own lookups.
+ALIAS_NAME = re.compile(r"[\w-]{1,255}")
+RESERVED_ALIAS = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
+
+
+def check_alias(alias: str) -> None:
+    """Refuse an alias name MLflow would refuse, before a command changes anything.
+
+    Raises:
+        RegistryError: naming the alias and the rule it breaks.
+    """
+    if not ALIAS_NAME.fullmatch(alias):
+        raise RegistryError(
+            f"alias {alias!r}: MLflow takes 1 to 255 letters, digits, '_' and '-' only"
+        )
+    if RESERVED_ALIAS.fullmatch(alias):
+        raise RegistryError(f"alias {alias!r} is reserved by MLflow ('latest', 'v1', 'v2', ...)")
 
 
 def _denied(exc: Exception) -> bool:

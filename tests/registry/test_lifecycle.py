@@ -266,6 +266,23 @@ def test_a_publish_stopped_after_its_index_landed_keeps_the_version_the_index_na
     assert (again.created, again.version, again.release) == (False, "2", 2)
 
 
+@pytest.mark.parametrize("alias", ["v1", "Latest", "", "prod/eu", "prod uction", "a" * 256])
+def test_an_alias_mlflow_refuses_is_named_before_anything_is_written(
+    store: MlflowStore, key: SigningKey, trust: TrustStore, outputs: list[Path], alias: str
+) -> None:
+    with pytest.raises(RegistryError, match=f"alias {alias!r}"):
+        publish(store, outputs[0], model="intents", key=key, alias=alias)
+    # No registered model, no release run, not even the registry's experiment.
+    assert store.registered("intents") is None
+    assert store.experiment_id(create=False) is None
+
+    publish(store, outputs[0], model="intents", key=key)
+    with pytest.raises(RegistryError, match=f"alias {alias!r}"):
+        promote(store, model="intents", version="1", key=key, trust=trust, policy=Policy(),
+                alias=alias)  # fmt: skip
+    assert _state(store) == (["1"], {"candidate": "1"})
+
+
 def test_an_unreachable_registry_is_a_clear_error() -> None:
     with pytest.raises(RegistryUnavailable, match="is unreachable"):
         MlflowStore(f"http://127.0.0.1:{free_port()}")

@@ -94,8 +94,9 @@ def _trust(args: argparse.Namespace) -> TrustStore | None:
     return TrustStore.load(Path(args.trust)) if args.trust else None
 
 
-def _store(args: argparse.Namespace) -> MlflowStore:
-    return MlflowStore(args.registry or default_uri())
+def _store(args: argparse.Namespace, *, create: bool = False) -> MlflowStore:
+    """The registry; only ``publish`` (``create``) may start one in a new SQLite file."""
+    return MlflowStore(args.registry or default_uri(), create=create)
 
 
 def _signing_key(args: argparse.Namespace) -> SigningKey:
@@ -268,7 +269,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
 def cmd_publish(args: argparse.Namespace) -> int:
     trust = _trust(args)
     result = publish(
-        _store(args),
+        _store(args, create=True),
         Path(args.source),
         model=args.model,
         key=_signing_key(args),

@@ -73,6 +73,15 @@ def check_alias(alias: str) -> None:
         raise RegistryError(f"alias {alias!r} is reserved by MLflow ('latest', 'v1', 'v2', ...)")
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (SQLAlchemy's form: ``sqlite:///rel.db``,
+    ``sqlite:////abs.db``, maybe with a ``?query``), or None for an in-memory one."""
+    path = uri.removeprefix("sqlite:").removeprefix("///").partition("?")[0]
+    if uri.startswith("sqlite://") and not uri.startswith("sqlite:///"):
+        return None  # sqlite:// is SQLAlchemy's in-memory database
+    return None if path in ("", ":memory:") else Path(path)
+
+
 def _denied(exc: Exception) -> bool:
     code = str(getattr(exc, "error_code", ""))
     text = str(exc)
@@ -101,7 +110,10 @@ def name_filter(model: str) -> str:
 class MlflowStore:
     """Thin wrapper over `MlflowClient` with fedlora's error messages."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, create: bool = True) -> None:
+        """``create`` False refuses a SQLite file that does not exist (MLflow would make a
+        new, empty registry there): commands that only read or change a registry pass it.
+        """
         # Fail fast instead of MLflow's minutes of retries against a server that is down.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
@@ -111,6 +123,7 @@ class MlflowStore:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.create = create
         self.check_reachable()
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None
@@ -118,6 +131,14 @@ class MlflowStore:
         self._index_repo: Any = None
 
     def check_reachable(self) -> None:
+        if self.uri.startswith("sqlite:") and not self.create:
+            path = sqlite_file(self.uri)
+            if path is None or not path.is_file():
+                where = "an in-memory database" if path is None else f"{path} does not exist"
+                raise RegistryUnavailable(
+                    f"registry {self.uri}: {where} (a typo in --registry or "
+                    "MLFLOW_TRACKING_URI?); only `registry publish` creates a registry"
+                )
         if not self.uri.startswith(("http://", "https://")):
             return
         try:

@@ -318,7 +318,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ref = ModelRef.parse(args.ref)
     check_out(Path(args.out))  # before the registry is asked anything
     release = pull(
-        MlflowStore(_registry_uri(args.registry)),
+        MlflowStore(_registry_uri(args.registry), create=False),  # a pull makes no registry
         model=ref.name,
         alias=ref.alias,
         trust=TrustStore.load(Path(args.trust)),

@@ -129,3 +129,17 @@ def test_edge_pull_refuses_before_asking_the_registry(
     assert rc == EXIT_ERROR
     assert "holds files a pull did not write (notes.txt)" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_pull_from_a_sqlite_file_that_is_not_there_makes_no_registry(
+    tmp_path: Path, trust: TrustStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "runs" / "mlfow.db"
+
+    rc = main(["edge", "pull", "intents@production", "--trust", str(trust.directory),
+               "--out", str(tmp_path / "out"), "--registry", f"sqlite:///{typo}",
+               "--state", str(tmp_path / "state")])  # fmt: skip
+
+    assert rc == EXIT_ERROR
+    assert f"{typo} does not exist" in capsys.readouterr().err
+    assert not typo.parent.exists()

@@ -1,0 +1,49 @@
+"""``fedlora registry`` as an operator types it: a wrong value is named, nothing is changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry.keys import KeyPair
+from server.cli import main
+from tests.conftest import PASSPHRASE
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["show", "intents"],
+        ["promote", "intents", "--version", "1", "--trust", "{trust}", "--key", "{key}"],
+        ["rollback", "intents", "--key", "{key}"],
+        ["renew", "--key", "{key}"],
+        ["revoke", "--digest", "a" * 64, "--key", "{key}"],
+        ["add-signer", "--new-key", "{pub}", "--key", "{key}"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_a_command_that_only_reads_a_registry_refuses_a_sqlite_file_that_is_not_there(
+    command: list[str],
+    keypair: KeyPair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A typo in --registry (mlfow.db) must not answer from a new, empty registry made there.
+    monkeypatch.setenv("FEDLORA_KEY_PASSPHRASE", PASSPHRASE)
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "p.pub").write_bytes(keypair.public_path.read_bytes())
+    typo = tmp_path / "runs" / "mlfow.db"
+    args = [
+        a.format(trust=tmp_path / "trust", key=keypair.private_path, pub=keypair.public_path)
+        for a in command
+    ]
+
+    code = main(["registry", *args, "--registry", f"sqlite:///{typo}"])
+
+    assert code != 0
+    err = capsys.readouterr().err
+    assert str(typo) in err and "does not exist" in err
+    assert not typo.parent.exists()

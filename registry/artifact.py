@@ -288,9 +288,18 @@ def _training_summary(source: Path) -> tuple[dict[str, Any], dict[str, float], d
     if not path.is_file():
         return {}, {}, {}
     summary = _read_json(path, "metrics.json")
-    rounds = [r for r in summary.get("rounds", []) if isinstance(r, dict)]
-    sites = sorted({s for r in rounds for s in r.get("site_ids", [])})
-    final = summary.get("final") or {}
+    rounds = [r for r in _shaped(summary, "rounds", list) if isinstance(r, dict)]
+    for i, row in enumerate(rounds):
+        ids = _shaped(row, "site_ids", list, where=f"rounds[{i}].")
+        if not all(isinstance(s, str) for s in ids):
+            raise RegistryError(f"metrics.json: 'rounds[{i}].site_ids' is list, expected names")
+    sites = sorted({s for r in rounds for s in r.get("site_ids") or []})
+    final = _shaped(summary, "final", dict)
+    run_id = summary.get("mlflow_run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        raise RegistryError(
+            f"metrics.json: 'mlflow_run_id' is {type(run_id).__name__}, expected a string"
+        )
     # A number that is not finite (or past float range) is kept as NaN: present, so the
     # headline metric does not fall through to the next name, and failing every gate.
     metrics = {
@@ -299,13 +308,30 @@ def _training_summary(source: Path) -> tuple[dict[str, Any], dict[str, float], d
         if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
     }
     training = {
-        "mlflow_run_id": summary.get("mlflow_run_id"),
+        "mlflow_run_id": run_id,
         "rounds": len([r for r in rounds if not r.get("skipped")]),
         "sites": len(sites),
     }
-    privacy = dict(summary.get("privacy") or {})
+    privacy = dict(_shaped(summary, "privacy", dict))
     check_privacy_record(privacy, rounds)
     return training, metrics, privacy
+
+
+def _shaped(data: dict[str, Any], key: str, kind: type, *, where: str = "") -> Any:
+    """``data[key]`` if it is a ``kind`` (list or dict), an empty one when absent or null.
+
+    Raises:
+        RegistryError: naming the field of metrics.json and what it holds instead.
+    """
+    value = data.get(key)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        expected = "a list" if kind is list else "an object"
+        raise RegistryError(
+            f"metrics.json: '{where}{key}' is {type(value).__name__}, expected {expected}"
+        )
+    return value
 
 
 def check_privacy_record(privacy: dict[str, Any], rounds: list[dict[str, Any]]) -> None:

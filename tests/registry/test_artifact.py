@@ -141,6 +141,33 @@ def test_a_json_file_python_cannot_read_is_a_registry_error_naming_it(
             build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.update(final=5), "'final' is int, expected an object"),
+        (lambda s: s.update(final=["accuracy", 0.9]), "'final' is list, expected an object"),
+        (lambda s: s.update(privacy=[1]), "'privacy' is list, expected an object"),
+        (lambda s: s.update(privacy="x"), "'privacy' is str, expected an object"),
+        (lambda s: s.update(rounds={"1": {}}), "'rounds' is dict, expected a list"),
+        (lambda s: s["rounds"][0].update(site_ids=5), r"'rounds\[0\].site_ids' is int"),
+        (lambda s: s["rounds"][1].update(site_ids=[1]), r"'rounds\[1\].site_ids' is list"),
+        (lambda s: s.update(mlflow_run_id=["x"]), "'mlflow_run_id' is list, expected a string"),
+    ],
+)
+def test_a_metrics_file_of_the_wrong_shape_is_refused_naming_the_field(
+    outputs: list[Path],
+    tmp_path: Path,
+    change,  # type: ignore[no-untyped-def]
+    message: str,
+) -> None:
+    # A hand-edited or half-written metrics.json raised AttributeError or TypeError out of
+    # build_release, or signed a wrong summary (a dict of rounds counted as none).
+    _edit(outputs[0], change)
+    with pytest.raises(RegistryError, match=f"metrics.json: {message}"):
+        build_release(outputs[0], tmp_path / "r", model_name="intents", release=1)
+    assert not (tmp_path / "r").exists()
+
+
 def _link_to_key(adapter: Path, keys: Path) -> str:
     (adapter / "notes.txt").symlink_to(keys / "signing-key.pem")
     return "notes.txt"

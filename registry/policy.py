@@ -65,9 +65,19 @@ class Policy:
             # over 4,300 digits, arrays nested past the parser's recursion limit
             raise RegistryError(f"policy {path} is not valid TOML: {exc}") from exc
         gates = data.get("gates", {})
+        if not isinstance(gates, dict):
+            raise RegistryError(
+                f"policy {path}: 'gates' must be a table ([gates]), not {type(gates).__name__}"
+            )
+        misplaced = sorted(set(data) & KEYS)
+        if misplaced:
+            raise RegistryError(f"policy {path}: {misplaced[0]} must be under [gates]")
         unknown = sorted(set(gates) - KEYS) + sorted(set(data) - {"gates"})
         if unknown:
             raise RegistryError(f"policy {path}: unknown key {unknown[0]!r}; known: {sorted(KEYS)}")
+        metric = gates.get("metric", "accuracy")
+        if not isinstance(metric, str) or not metric.strip():
+            raise RegistryError(f"policy gates.metric={metric!r} must be a metric name")
 
         def number(key: str) -> float | None:
             value = gates.get(key)
@@ -82,7 +92,7 @@ class Policy:
         if not isinstance(require_dp, bool):
             raise RegistryError(f"policy gates.require-dp={require_dp!r} must be true or false")
         return cls(
-            metric=str(gates.get("metric", "accuracy")),
+            metric=metric,
             min_metric=number("min-metric"),
             max_epsilon=number("max-epsilon"),
             require_dp=require_dp,

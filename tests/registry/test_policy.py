@@ -155,3 +155,28 @@ def test_a_policy_file_python_cannot_read_is_a_registry_error_naming_it(
     path.write_bytes(content)
     with pytest.raises(RegistryError, match=f"policy {re.escape(str(path))} is not valid TOML"):
         Policy.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("gates = 1\n", "policy .*: 'gates' must be a table .*, not int"),
+        ('gates = "min-metric"\n', "policy .*: 'gates' must be a table .*, not str"),
+        ("min-metric = 0.8\n", r"policy .*: min-metric must be under \[gates\]"),
+        (
+            "[gates]\nmetric = 5\nmin-metric = 0.5\n",
+            r"policy gates\.metric=5 must be a metric name",
+        ),
+        ('[gates]\nmetric = ""\nmin-metric = 0.5\n', r"policy gates\.metric='' must be a metric"),
+    ],
+    ids=["int", "string", "no-table", "metric-int", "metric-empty"],
+)
+def test_a_policy_file_of_the_wrong_shape_is_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # `gates = 1` raised TypeError; a gate above [gates] was "unknown" though listed as
+    # known; a metric that is no name was turned into one ("5").
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(RegistryError, match=message):
+        Policy.load(path)

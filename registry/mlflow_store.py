@@ -125,7 +125,10 @@ class MlflowStore:
         self.uri = uri
         self.create = create
         self.check_reachable()
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        # A scheme MLflow does not know, a store it refuses, a missing database driver.
+        self.client = self.call(
+            "open the registry", lambda: MlflowClient(tracking_uri=uri, registry_uri=uri)
+        )
         self._experiment_id: str | None = None
         self._index_run: str | None = None
         self._index_repo: Any = None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from registry.keys import KeyPair
-from server.cli import main
+from server.cli import EXIT_ERROR, main
 from tests.conftest import PASSPHRASE
 
 
@@ -47,3 +47,16 @@ def test_a_command_that_only_reads_a_registry_refuses_a_sqlite_file_that_is_not_
     err = capsys.readouterr().err
     assert str(typo) in err and "does not exist" in err
     assert not typo.parent.exists()
+
+
+@pytest.mark.parametrize("uri", ["htp://registry:5000", "registry.example:5000"])
+def test_a_registry_uri_mlflow_cannot_open_is_a_registry_error_naming_it(
+    uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # MLflow's own exception escaped the constructor: "error: <ExceptionClass>: ..." and
+    # exit 1, the code of an unexpected failure.
+    code = main(["registry", "list", "--registry", uri])
+
+    assert code == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"open the registry failed at {uri}" in err and len(err.strip().splitlines()) == 1

@@ -141,7 +141,9 @@ class _Child:
 
     def registry(self) -> MlflowStore:
         if self.store is None:
-            self.store = MlflowStore(self.registry_uri)
+            # A node only reads: a mistyped SQLite path is an unreachable registry, never a
+            # new empty one (a node started before the first publish finds it later).
+            self.store = MlflowStore(self.registry_uri, create=False)
         else:
             self.store.check_reachable()
         return self.store

@@ -499,3 +499,19 @@ def test_a_node_that_cannot_reach_the_registry_knows_of_no_unknown_model(
         assert node.unknown_models() == []  # it may serve from its cache; nothing to refuse
     finally:
         node.close()
+
+
+def test_a_mistyped_sqlite_registry_is_unreachable_and_never_created(
+    tmp_path: Path, trust: TrustStore, tiny_llama: Path
+) -> None:
+    missing = tmp_path / "typo" / "mlflow.db"
+    node = _node(tmp_path, f"sqlite:///{missing}", trust, tiny_llama)
+    try:
+        node.start()
+        errors = node.metrics.registry.get_sample_value("fedlora_edge_registry_errors_total")
+
+        assert node.health()["status"] == "unavailable"
+        assert errors and errors >= 1  # the refresh found no registry (`RegistryUnavailable`)
+        assert not missing.exists() and not missing.parent.exists()
+    finally:
+        node.close()

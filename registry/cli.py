@@ -10,14 +10,17 @@ passphrase is read from the environment variable named by ``--passphrase-env``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
+from clients.task.interrupt import terminate_as_interrupt
 from registry.errors import RegistryError
 from registry.keys import (
     PASSPHRASE_ENV,
@@ -124,6 +127,19 @@ def keys_group(sub: argparse._SubParsersAction) -> None:
     ident = commands.add_parser("id", help="print the key id (SHA-256 of the DER public key)")
     ident.add_argument("public_key", metavar="PUB", help="a public key (PEM)")
     ident.set_defaults(func=cmd_keys_id)
+
+
+def _unwinds_on_sigterm(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Run a command that writes the registry with SIGTERM unwinding as Ctrl-C does, so
+    `kill PID` (a CI job's timeout, a service manager) runs the same cleanup: a publish
+    cut short removes its version, a promote puts the alias back (`registry.lifecycle`)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        with terminate_as_interrupt():
+            return command(args)
+
+    return run
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -266,6 +282,7 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
     rev.set_defaults(func=cmd_revoke)
 
 
+@_unwinds_on_sigterm
 def cmd_publish(args: argparse.Namespace) -> int:
     trust = _trust(args)
     result = publish(
@@ -341,6 +358,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+@_unwinds_on_sigterm
 def cmd_promote(args: argparse.Namespace) -> int:
     entry = promote(
         _store(args),
@@ -355,6 +373,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+@_unwinds_on_sigterm
 def cmd_rollback(args: argparse.Namespace) -> int:
     entry = rollback(
         _store(args),
@@ -370,12 +389,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+@_unwinds_on_sigterm
 def cmd_renew(args: argparse.Namespace) -> int:
     version = renew(_store(args), key=_signing_key(args), trust=_trust(args))
     say(f"release index renewed (timestamp version {version})")
     return 0
 
 
+@_unwinds_on_sigterm
 def cmd_add_signer(args: argparse.Namespace) -> int:
     kid = add_signer(
         _store(args), key=_signing_key(args), public_key=Path(args.new_key), trust=_trust(args)
@@ -384,6 +405,7 @@ def cmd_add_signer(args: argparse.Namespace) -> int:
     return 0
 
 
+@_unwinds_on_sigterm
 def cmd_revoke(args: argparse.Namespace) -> int:
     store = _store(args)
     versions: set[tuple[str, str]] = set()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from registry.keys import KeyPair
+from registry.mlflow_store import MlflowStore
 from server.cli import EXIT_ERROR, main
 from tests.conftest import PASSPHRASE
 
@@ -60,3 +64,41 @@ def test_a_registry_uri_mlflow_cannot_open_is_a_registry_error_naming_it(
     assert code == EXIT_ERROR
     err = capsys.readouterr().err
     assert f"open the registry failed at {uri}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.integration  # a real subprocess that gets SIGTERM mid-publish
+def test_a_publish_stopped_by_sigterm_exits_143_and_leaves_no_version(
+    outputs: list[Path], keypair: KeyPair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arrange: `kill PID` arrives once the version is registered, as the index is written.
+    uri = f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}"
+    argv = ["registry", "publish", str(outputs[0]), "--model", "intents",
+            "--key", str(keypair.private_path), "--registry", uri]  # fmt: skip
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        from registry import lifecycle
+        from server.cli import main
+
+        def killed(store, index):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal's handler runs here
+
+        lifecycle.write_index = killed
+        sys.exit(main({argv!r}))
+        """
+    )
+    monkeypatch.setenv("FEDLORA_KEY_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the publisher's state lives under ~
+
+    # Act
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+    # Assert: the cleanup Ctrl-C gets ran (the version is gone), and a re-run publishes.
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "terminated" in done.stderr
+    store = MlflowStore(uri)
+    assert store.client.search_model_versions("name='intents'") == []
+    assert store.fetch_index_file("timestamp.json", 2**20) is None
+    assert main([*argv]) == 0

@@ -7,6 +7,7 @@ runs the simulation showing its rounds as they end (server/simulation.py does th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,10 +107,12 @@ def build_train_config(
         set); None when the config gave the labels, or the task has none.
 
     Raises:
-        ConfigError: For a bad eval file, or ``min-available-clients`` or
-            ``min-fit-clients`` above the number of site files.
+        ConfigError: For an ``out`` that cannot be the run's directory, a bad eval file,
+            or ``min-available-clients`` or ``min-fit-clients`` above the number of site
+            files.
         DataError: For a bad site file read to infer the labels.
     """
+    check_out(out)
     config = dict(overrides)
     config["num-server-rounds"] = rounds
     config["out-dir"] = str(out)
@@ -144,6 +147,30 @@ def build_train_config(
     config.setdefault("min-fit-clients", min(2, len(sites)))
     _check_site_counts(config, sites)
     return config, reports
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` the run could not make or write, before anything starts: a
+    file (or a link to nothing) at ``out`` or in place of one of its directories, or a
+    directory this user cannot write. Found only as the run opened its MLflow store, after
+    the model had loaded, it ended in an ``OSError`` naming no option.
+
+    Raises:
+        ConfigError: Naming ``--out`` and the path in the way.
+    """
+    where = out.absolute()
+    while not where.exists():  # the nearest existing directory, where the run writes first
+        if where.is_symlink():  # a dangling link: exists() follows it, mkdir cannot
+            raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a link to nothing")
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a file, not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(out)!r}: {str(where)!r} is not writable")
+
+
+def _inside(where: Path, out: Path) -> str:
+    return "" if where == out.absolute() else f"inside {str(where)!r}, "
 
 
 def _check_site_counts(config: Mapping[str, Any], sites: Sequence[Path]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,40 @@ def test_site_counts_up_to_the_site_files_are_taken(tmp_path: Path) -> None:
     config = _config(sites, None, **{"min-available-clients": 2, "min-fit-clients": 2})
     assert (config["min-available-clients"], config["min-fit-clients"]) == (2, 2)
     assert _config(sites, None)["min-fit-clients"] == 2  # the defaults: min(2, n) and n
+
+
+@pytest.mark.parametrize("where", ["run.log", "run.log/out", "link"])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_anything_starts(
+    tmp_path: Path, where: str
+) -> None:
+    # `--out run.log` went on to load the model and start Ray, then ended in
+    # "error: FileExistsError: [Errno 17] File exists: 'run.log'".
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    (tmp_path / "run.log").write_text("an earlier run's log\n")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link: mkdir fails too
+    out = tmp_path / where
+    with pytest.raises(ConfigError, match=rf"^--out '{re.escape(str(out))}' is "):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+    assert (tmp_path / "run.log").read_text() == "an earlier run's log\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes past a directory's mode")
+def test_an_out_in_a_directory_this_user_cannot_write_is_refused(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ConfigError, match=r"^--out '.*/locked/out': .*/locked' is not writable"):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=locked / "out", eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+
+
+def test_a_new_out_under_new_directories_is_taken(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    config = _config(sites, None)
+    assert config["out-dir"] == str(tmp_path / "sites" / "out")
+    assert not (tmp_path / "sites" / "out").exists()  # checked, not made

@@ -16,6 +16,7 @@ from clients.task.data import SUFFIXES, DataReport, labels_in, not_a_file, scan_
 from clients.task.errors import ConfigError, DataError
 from clients.task.labels import format_label_set
 from server.console import RoundProgress
+from server.run_config import param_value
 from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def build_train_config(
         DataError: For a bad site file read to infer the labels.
     """
     check_out(out)
+    _check_flags(overrides, rounds=rounds, out=out, resume=resume, task=task, eval_file=eval_file)
     config = dict(overrides)
     config["num-server-rounds"] = rounds
     config["out-dir"] = str(out)
@@ -167,6 +169,50 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a file, not a directory")
     if not os.access(where, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {str(out)!r}: {str(where)!r} is not writable")
+
+
+def _check_flags(
+    overrides: Mapping[str, Any],
+    *,
+    rounds: int,
+    out: Path,
+    resume: bool,
+    task: str | None,
+    eval_file: Path | None,
+) -> None:
+    """Refuse a ``--set`` of a key that one of the command's flags sets to another value:
+    the flag's value replaces it in the run config, and the run would ignore the ``--set``
+    without a word (``--set num-server-rounds=10 --rounds 1`` trained one round).
+
+    Raises:
+        ConfigError: Naming the ``--set`` key and value, and the flag.
+    """
+    flags: dict[str, tuple[str, Any]] = {
+        "num-server-rounds": (f"--rounds {rounds}", rounds),
+        "out-dir": (f"--out {str(out)!r}", out),
+        "resume": ("--resume" if resume else "--resume (not given)", resume),
+    }
+    if task is not None:
+        flags["task"] = (f"--task {task}", task)
+    if eval_file is not None:
+        flags["eval-file"] = (f"--eval {str(eval_file)!r}", eval_file)
+    for key, (flag, value) in flags.items():
+        if key not in overrides:
+            continue
+        given = overrides[key]
+        if isinstance(value, Path):
+            same = isinstance(given, str) and _same_path(Path(given), value)
+        else:
+            same = (type(given), given) == (type(value), value)
+        if not same:
+            raise ConfigError(
+                f"--set {key}={param_value(given)} disagrees with {flag}, which sets it; "
+                "drop the --set"
+            )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def _inside(where: Path, out: Path) -> str:

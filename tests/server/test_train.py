@@ -278,3 +278,45 @@ def test_a_new_out_under_new_directories_is_taken(tmp_path: Path) -> None:
     config = _config(sites, None)
     assert config["out-dir"] == str(tmp_path / "sites" / "out")
     assert not (tmp_path / "sites" / "out").exists()  # checked, not made
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flags", "message"),
+    [
+        (
+            {"num-server-rounds": 10},
+            {},
+            r"^--set num-server-rounds=10 disagrees with --rounds 1, which sets it; drop the "
+            r"--set$",
+        ),
+        ({"out-dir": "elsewhere"}, {}, r"^--set out-dir=elsewhere disagrees with --out '.*/out'"),
+        ({"resume": True}, {}, r"^--set resume=true disagrees with --resume \(not given\)"),
+        ({"resume": False}, {"resume": True}, r"^--set resume=false disagrees with --resume"),
+        ({"task": "causal-lm"}, {"task": "sequence-classification"}, r"^--set task=causal-lm "),
+        ({"eval-file": "x.jsonl"}, {"eval": "held-out.jsonl"}, r"^--set eval-file=x.jsonl "),
+    ],
+)
+def test_a_set_key_that_disagrees_with_its_flag_is_refused_not_dropped(
+    tmp_path: Path, overrides: dict, flags: dict, message: str
+) -> None:
+    # `--set num-server-rounds=10 --rounds 1` trained one round without a word: the flag
+    # overwrote the --set value in the run config (as it did out-dir, resume, task and
+    # eval-file), and a refused resume's hint "set num-server-rounds=3 again" led nowhere.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    (tmp_path / "held-out.jsonl").write_text(ROW)
+    eval_file = tmp_path / "held-out.jsonl" if "eval" in flags else None
+    with pytest.raises(ConfigError, match=message):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=tmp_path / "out", eval_file=eval_file,
+            task=flags.get("task"), overrides=overrides, resume=flags.get("resume", False),
+        )  # fmt: skip
+
+
+def test_a_set_key_that_agrees_with_its_flag_is_taken(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    config, _ = build_train_config(
+        sites=site_files(sites), rounds=3, out=tmp_path / "out", eval_file=None, task=None,
+        overrides={"num-server-rounds": 3, "out-dir": f"{tmp_path}/./out/", "resume": False},
+        resume=False,
+    )  # fmt: skip
+    assert (config["num-server-rounds"], config["out-dir"]) == (3, str(tmp_path / "out"))

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a run writes in OUT and replaces there at its end (server/app.py).
+RUN_OUTPUTS = ("adapter", "adapter-best", "adapter-last", "metrics.json")
+
 
 def site_files(sites_dir: Path) -> list[Path]:
     """One site per *.jsonl / *.csv file in a directory, sorted by name.
@@ -155,7 +158,8 @@ def check_out(out: Path) -> None:
     """Refuse an ``--out`` the run could not make or write, before anything starts: a
     file (or a link to nothing) at ``out`` or in place of one of its directories, or a
     directory this user cannot write. Found only as the run opened its MLflow store, after
-    the model had loaded, it ended in an ``OSError`` naming no option.
+    the model had loaded, it ended in an ``OSError`` naming no option. Also refused: an
+    ``out`` holding `RUN_OUTPUTS` no run of it wrote, which the run would replace.
 
     Raises:
         ConfigError: Naming ``--out`` and the path in the way.
@@ -169,6 +173,17 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a file, not a directory")
     if not os.access(where, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {str(out)!r}: {str(where)!r} is not writable")
+    # A run replaces these at its end; one that wrote them left its checkpoint beside them
+    # (server/app.py then refuses a new run there, or resumes it). Without one they are
+    # someone else's: a user's own adapter/ would be lost after the run's last round.
+    if where == out.absolute() and not os.path.lexists(out / "checkpoint"):
+        found = [name for name in RUN_OUTPUTS if os.path.lexists(out / name)]
+        if found:
+            raise ConfigError(
+                f"--out {str(out)!r} holds {', '.join(found)} but no checkpoint/, so no "
+                "earlier run there wrote them, and this run would replace them; choose "
+                "another --out"
+            )
 
 
 def _check_flags(

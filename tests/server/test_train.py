@@ -320,3 +320,28 @@ def test_a_set_key_that_agrees_with_its_flag_is_taken(tmp_path: Path) -> None:
         resume=False,
     )  # fmt: skip
     assert (config["num-server-rounds"], config["out-dir"]) == (3, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter-best", "metrics.json"])
+def test_an_out_holding_outputs_no_run_of_it_wrote_is_refused(tmp_path: Path, name: str) -> None:
+    # `--out ~/models/intents` holding the user's own adapter/ (peft's save_pretrained
+    # name) trained for hours, then replaced it with this run's; a metrics.json of theirs
+    # was deleted as "not this run's". A fedlora run leaves its checkpoint/ beside them.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    out = tmp_path / "models"
+    out.mkdir()
+    if name == "metrics.json":
+        (out / name).write_text("{}")
+    else:
+        (out / name).mkdir()
+    with pytest.raises(ConfigError, match=rf"^--out '.*/models' holds {name} but no checkpoint"):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+
+    (out / "checkpoint").mkdir()  # an earlier run's: the run itself refuses or resumes it
+    build_train_config(
+        sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+        overrides={}, resume=True,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from clients.task.files import write_atomic
 from server.console import round_table
 from server.demo_data import generate
 from server.harness.edge import EdgeNodeProcess
+from server.run_config import FLOWER_INT_LIMIT
 from server.train import run_train
 
 DEMO_MODEL = "demo-intents"
@@ -229,6 +230,21 @@ def _demo_keys(out: Path) -> tuple[Path, Path]:
     return pair.private_path, out / "trust"
 
 
+def _check_args(*, sites: int, rounds: int, seed: int) -> None:
+    """Refuse the demo's own arguments out of range, before its output directory is
+    touched: later, ``--sites 0`` failed as an IndexError, a negative ``--seed`` in numpy's
+    generator, and ``--rounds 0`` named a run-config key the user never typed.
+
+    Raises:
+        ConfigError: Naming the option and its value.
+    """
+    for flag, value in (("--sites", sites), ("--rounds", rounds)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if not 0 <= seed < FLOWER_INT_LIMIT:  # numpy's generator takes no negative seed
+        raise ConfigError(f"--seed {seed} must be >= 0 and below 2**63")
+
+
 def run_demo(
     *, out: Path, sites: int = 4, rounds: int = 5, seed: int = 0, verbose: bool = False
 ) -> int:
@@ -237,6 +253,7 @@ def run_demo(
     from registry.mlflow_store import MlflowStore
     from registry.policy import Policy
 
+    _check_args(sites=sites, rounds=rounds, seed=seed)
     console = Console()
     if claim_out(out):  # a re-run starts over, it never resumes
         console.print(f"replaced the previous demo output in {out}")

@@ -172,18 +172,24 @@ KEYS: dict[str, tuple[type, Any, str]] = {
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings; values are TOML (3, 0.1, true, "x"), else plain text."""
     out: dict[str, Any] = {}
+    texts: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r} must look like key=value")
         key, raw = (s.strip() for s in pair.split("=", 1))
         try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key] = raw
+            value = raw
         except ValueError:  # int() past Python's 4,300-digit limit
             raise ConfigError(f"--set {key}: a number of more than 4300 digits") from None
         except RecursionError:
             raise ConfigError(f"--set {key}: arrays nested too deep to read") from None
+        # A key given twice is refused, as a TOML file refuses it, rather than the later
+        # value silently dropping the earlier one.
+        if key in out and (type(out[key]), out[key]) != (type(value), value):
+            raise ConfigError(f"--set {key} is given twice: {texts[key]}, then {raw}")
+        out[key], texts[key] = value, raw
     return out
 
 

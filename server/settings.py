@@ -28,7 +28,13 @@ from clients.task.data import not_a_file
 from clients.task.dpsgd import check_target_epsilon
 from clients.task.errors import ConfigError, ModelError
 from clients.task.labels import format_label_set, parse_label_set
-from clients.task.model import ModelSpec, base_digest, check_max_length, resolve_base
+from clients.task.model import (
+    ModelSpec,
+    base_digest,
+    check_lora_rank,
+    check_max_length,
+    resolve_base,
+)
 from clients.task.numbers import check_delta
 from clients.task.plan import TrainPlan
 from clients.task.pooling import pooling_of_base
@@ -586,6 +592,7 @@ class RunSettings:
         spec = _resolved_pooling(spec)  # the sites get "model" or "mean", never "auto"
         try:  # here, where the base is known: a longer plan fails inside every site's forward
             check_max_length(v["max-length"], base=spec.base)
+            check_lora_rank(spec.lora_r, base=spec.base)
         except ModelError as exc:
             raise ConfigError(str(exc)) from exc
         client_dp = ClientDPSettings.from_values(v)

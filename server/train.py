@@ -7,6 +7,7 @@ runs the simulation showing its rounds as they end (server/simulation.py does th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,16 @@ from clients.task.data import SUFFIXES, DataReport, labels_in, not_a_file, scan_
 from clients.task.errors import ConfigError, DataError
 from clients.task.labels import format_label_set
 from server.console import RoundProgress
+from server.run_config import param_value
 from strategies.protocol import SITE_ID_RULE, valid_site_id
 
 if TYPE_CHECKING:
     from server.settings import RunSettings
 
 log = logging.getLogger(__name__)
+
+# What a run writes in OUT and replaces there at its end (server/app.py).
+RUN_OUTPUTS = ("adapter", "adapter-best", "adapter-last", "metrics.json")
 
 
 def site_files(sites_dir: Path) -> list[Path]:
@@ -106,10 +111,13 @@ def build_train_config(
         set); None when the config gave the labels, or the task has none.
 
     Raises:
-        ConfigError: For a bad eval file, or ``min-available-clients`` or
-            ``min-fit-clients`` above the number of site files.
+        ConfigError: For an ``out`` that cannot be the run's directory, a bad eval file,
+            or ``min-available-clients`` or ``min-fit-clients`` above the number of site
+            files.
         DataError: For a bad site file read to infer the labels.
     """
+    check_out(out)
+    _check_flags(overrides, rounds=rounds, out=out, resume=resume, task=task, eval_file=eval_file)
     config = dict(overrides)
     config["num-server-rounds"] = rounds
     config["out-dir"] = str(out)
@@ -144,6 +152,86 @@ def build_train_config(
     config.setdefault("min-fit-clients", min(2, len(sites)))
     _check_site_counts(config, sites)
     return config, reports
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` the run could not make or write, before anything starts: a
+    file (or a link to nothing) at ``out`` or in place of one of its directories, or a
+    directory this user cannot write. Found only as the run opened its MLflow store, after
+    the model had loaded, it ended in an ``OSError`` naming no option. Also refused: an
+    ``out`` holding `RUN_OUTPUTS` no run of it wrote, which the run would replace.
+
+    Raises:
+        ConfigError: Naming ``--out`` and the path in the way.
+    """
+    where = out.absolute()
+    while not where.exists():  # the nearest existing directory, where the run writes first
+        if where.is_symlink():  # a dangling link: exists() follows it, mkdir cannot
+            raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a link to nothing")
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a file, not a directory")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {str(out)!r}: {str(where)!r} is not writable")
+    # A run replaces these at its end; one that wrote them left its checkpoint beside them
+    # (server/app.py then refuses a new run there, or resumes it). Without one they are
+    # someone else's: a user's own adapter/ would be lost after the run's last round.
+    if where == out.absolute() and not os.path.lexists(out / "checkpoint"):
+        found = [name for name in RUN_OUTPUTS if os.path.lexists(out / name)]
+        if found:
+            raise ConfigError(
+                f"--out {str(out)!r} holds {', '.join(found)} but no checkpoint/, so no "
+                "earlier run there wrote them, and this run would replace them; choose "
+                "another --out"
+            )
+
+
+def _check_flags(
+    overrides: Mapping[str, Any],
+    *,
+    rounds: int,
+    out: Path,
+    resume: bool,
+    task: str | None,
+    eval_file: Path | None,
+) -> None:
+    """Refuse a ``--set`` of a key that one of the command's flags sets to another value:
+    the flag's value replaces it in the run config, and the run would ignore the ``--set``
+    without a word (``--set num-server-rounds=10 --rounds 1`` trained one round).
+
+    Raises:
+        ConfigError: Naming the ``--set`` key and value, and the flag.
+    """
+    flags: dict[str, tuple[str, Any]] = {
+        "num-server-rounds": (f"--rounds {rounds}", rounds),
+        "out-dir": (f"--out {str(out)!r}", out),
+        "resume": ("--resume" if resume else "--resume (not given)", resume),
+    }
+    if task is not None:
+        flags["task"] = (f"--task {task}", task)
+    if eval_file is not None:
+        flags["eval-file"] = (f"--eval {str(eval_file)!r}", eval_file)
+    for key, (flag, value) in flags.items():
+        if key not in overrides:
+            continue
+        given = overrides[key]
+        if isinstance(value, Path):
+            same = isinstance(given, str) and _same_path(Path(given), value)
+        else:
+            same = (type(given), given) == (type(value), value)
+        if not same:
+            raise ConfigError(
+                f"--set {key}={param_value(given)} disagrees with {flag}, which sets it; "
+                "drop the --set"
+            )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _inside(where: Path, out: Path) -> str:
+    return "" if where == out.absolute() else f"inside {str(where)!r}, "
 
 
 def _check_site_counts(config: Mapping[str, Any], sites: Sequence[Path]) -> None:

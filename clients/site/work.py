@@ -30,6 +30,7 @@ from clients.task.model import (
     ModelSpec,
     base_digest,
     build_model,
+    check_lora_rank,
     check_max_length,
     load_trainable_state,
     quiet_transformers,
@@ -116,8 +117,9 @@ def _prepare(
             f"site {site.site_id}: base model {spec.base!r} has digest {digest}, "
             f"the run expects {plan.base_digest}"
         )
-    try:  # else a shape error deep in the forward pass
+    try:  # else a shape error deep in the forward pass, or matrices of gigabytes
         check_max_length(plan.max_length, base=spec.base)
+        check_lora_rank(spec.lora_r, base=spec.base)
     except ConfigError as exc:
         raise ConfigError(f"site {site.site_id} refuses the round plan: {exc}") from None
     loaded = _model(spec, site.torch_device)

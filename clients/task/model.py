@@ -237,6 +237,33 @@ def check_max_length(max_length: int, *, base: str) -> None:
         )
 
 
+# Where a Hugging Face config states the model's hidden size, by model family.
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def check_lora_rank(rank: int, *, base: str) -> None:
+    """Refuse a ``lora.r`` above the base's hidden size.
+
+    Every linear layer LoRA can target in a transformer (attention, MLP, pooler, an
+    embedding) has the hidden size as its input or output width, so no update B·A has a
+    higher rank: a larger ``lora.r`` adds only memory, and a slip (``lora.r=8000000`` for
+    8) would allocate matrices of gigabytes on the server and at every site. A config
+    that states no hidden size under a known name sets no bound.
+
+    Raises:
+        ConfigError: Naming ``lora.r``, its value and the limit.
+        ModelError: If the base cannot be found or its config read.
+    """
+    config = _json_object(resolve_base(base) / "config.json")
+    key = next((k for k in HIDDEN_SIZE_KEYS if _count(config.get(k))), None)
+    if key is not None and rank > config[key]:
+        raise ConfigError(
+            f"lora.r={rank!r} exceeds the hidden size {config[key]} of base-model={base!r} "
+            f"(config.json {key}): no layer's update has a higher rank; set lora.r <= "
+            f"{config[key]}"
+        )
+
+
 @functools.lru_cache(maxsize=8)
 def _digest_cached(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     manifest = hashlib.sha256()

@@ -97,6 +97,28 @@ def test_the_demo_refuses_an_out_dir_holding_what_it_did_not_write(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys", "trust"]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"sites": 0}, r"^--sites 0 must be >= 1$"),
+        ({"sites": -2}, r"^--sites -2 must be >= 1$"),
+        ({"rounds": 0}, r"^--rounds 0 must be >= 1$"),
+        ({"seed": -1}, r"^--seed -1 must be >= 0 and below 2\*\*63$"),
+        ({"seed": 2**63}, r"^--seed 9223372036854775808 must be >= 0 and below 2\*\*63$"),
+    ],
+)
+def test_demo_arguments_out_of_range_are_refused_before_anything_is_written(
+    tmp_path: Path, args: dict, message: str
+) -> None:
+    # `fedlora demo --sites 0` wrote keys and data, then ended in "error: IndexError: list
+    # index out of range"; `--seed -1` in numpy's "ValueError: expected non-negative
+    # integer"; `--rounds 0` named num-server-rounds, a key the user never typed.
+    out = tmp_path / "demo"
+    with pytest.raises(ConfigError, match=message):
+        run_demo(out=out, **args)
+    assert not out.exists()
+
+
 def test_the_demo_refuses_an_out_path_that_is_a_file(tmp_path: Path) -> None:
     out = tmp_path / "notes.txt"
     out.write_text("mine")

@@ -74,3 +74,13 @@ def test_a_set_value_past_pythons_digit_limit_is_a_config_error_naming_the_key()
         parse_overrides(["seed=1" + "0" * 5000])
     with pytest.raises(ConfigError, match=r"^--set labels: arrays nested too deep to read"):
         parse_overrides(["labels=" + "[" * 100_000])  # tomllib raised RecursionError
+
+
+def test_a_key_set_twice_with_different_values_is_refused() -> None:
+    # `--set lora.r=4 ... --set lora.r=16` (a line grown in the shell's history) ran with
+    # 16 alone, and nothing said the 4 was dropped.
+    from server.run_config import parse_overrides
+
+    with pytest.raises(ConfigError, match=r"^--set lora\.r is given twice: 4, then 16$"):
+        parse_overrides(["lora.r=4", "seed=1", " lora.r = 16"])
+    assert parse_overrides(["lora.r=4", "lora.r=4"]) == {"lora.r": 4}

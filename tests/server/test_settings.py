@@ -611,6 +611,13 @@ def test_a_max_length_up_to_the_bases_positions_is_taken(tiny_llama: Path) -> No
         RunSettings.from_config({**llama, "max-length": 129})
 
 
+def test_a_lora_rank_past_the_bases_hidden_size_is_refused_before_anything_starts() -> None:
+    # It was built as asked, each A and B at that rank, on the server and at every site.
+    assert RunSettings.from_config({**OK, "lora.r": 384}).spec.lora_r == 384
+    with pytest.raises(ConfigError, match=r"^lora\.r=385 exceeds the hidden size 384 "):
+        RunSettings.from_config({**OK, "lora.r": 385})
+
+
 @pytest.mark.parametrize("name", ["", " ", "\t\n", "x" * 257])
 def test_an_experiment_name_mlflow_cannot_hold_is_refused_naming_the_key(name: str) -> None:
     # MLflow refuses it only when the run opens, after OUT/mlflow.db was written, and the

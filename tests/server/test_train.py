@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,107 @@ def test_site_counts_up_to_the_site_files_are_taken(tmp_path: Path) -> None:
     config = _config(sites, None, **{"min-available-clients": 2, "min-fit-clients": 2})
     assert (config["min-available-clients"], config["min-fit-clients"]) == (2, 2)
     assert _config(sites, None)["min-fit-clients"] == 2  # the defaults: min(2, n) and n
+
+
+@pytest.mark.parametrize("where", ["run.log", "run.log/out", "link"])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_anything_starts(
+    tmp_path: Path, where: str
+) -> None:
+    # `--out run.log` went on to load the model and start Ray, then ended in
+    # "error: FileExistsError: [Errno 17] File exists: 'run.log'".
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    (tmp_path / "run.log").write_text("an earlier run's log\n")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link: mkdir fails too
+    out = tmp_path / where
+    with pytest.raises(ConfigError, match=rf"^--out '{re.escape(str(out))}' is "):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+    assert (tmp_path / "run.log").read_text() == "an earlier run's log\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes past a directory's mode")
+def test_an_out_in_a_directory_this_user_cannot_write_is_refused(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ConfigError, match=r"^--out '.*/locked/out': .*/locked' is not writable"):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=locked / "out", eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+
+
+def test_a_new_out_under_new_directories_is_taken(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    config = _config(sites, None)
+    assert config["out-dir"] == str(tmp_path / "sites" / "out")
+    assert not (tmp_path / "sites" / "out").exists()  # checked, not made
+
+
+@pytest.mark.parametrize(
+    ("overrides", "flags", "message"),
+    [
+        (
+            {"num-server-rounds": 10},
+            {},
+            r"^--set num-server-rounds=10 disagrees with --rounds 1, which sets it; drop the "
+            r"--set$",
+        ),
+        ({"out-dir": "elsewhere"}, {}, r"^--set out-dir=elsewhere disagrees with --out '.*/out'"),
+        ({"resume": True}, {}, r"^--set resume=true disagrees with --resume \(not given\)"),
+        ({"resume": False}, {"resume": True}, r"^--set resume=false disagrees with --resume"),
+        ({"task": "causal-lm"}, {"task": "sequence-classification"}, r"^--set task=causal-lm "),
+        ({"eval-file": "x.jsonl"}, {"eval": "held-out.jsonl"}, r"^--set eval-file=x.jsonl "),
+    ],
+)
+def test_a_set_key_that_disagrees_with_its_flag_is_refused_not_dropped(
+    tmp_path: Path, overrides: dict, flags: dict, message: str
+) -> None:
+    # `--set num-server-rounds=10 --rounds 1` trained one round without a word: the flag
+    # overwrote the --set value in the run config (as it did out-dir, resume, task and
+    # eval-file), and a refused resume's hint "set num-server-rounds=3 again" led nowhere.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    (tmp_path / "held-out.jsonl").write_text(ROW)
+    eval_file = tmp_path / "held-out.jsonl" if "eval" in flags else None
+    with pytest.raises(ConfigError, match=message):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=tmp_path / "out", eval_file=eval_file,
+            task=flags.get("task"), overrides=overrides, resume=flags.get("resume", False),
+        )  # fmt: skip
+
+
+def test_a_set_key_that_agrees_with_its_flag_is_taken(tmp_path: Path) -> None:
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    config, _ = build_train_config(
+        sites=site_files(sites), rounds=3, out=tmp_path / "out", eval_file=None, task=None,
+        overrides={"num-server-rounds": 3, "out-dir": f"{tmp_path}/./out/", "resume": False},
+        resume=False,
+    )  # fmt: skip
+    assert (config["num-server-rounds"], config["out-dir"]) == (3, str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter-best", "metrics.json"])
+def test_an_out_holding_outputs_no_run_of_it_wrote_is_refused(tmp_path: Path, name: str) -> None:
+    # `--out ~/models/intents` holding the user's own adapter/ (peft's save_pretrained
+    # name) trained for hours, then replaced it with this run's; a metrics.json of theirs
+    # was deleted as "not this run's". A fedlora run leaves its checkpoint/ beside them.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    out = tmp_path / "models"
+    out.mkdir()
+    if name == "metrics.json":
+        (out / name).write_text("{}")
+    else:
+        (out / name).mkdir()
+    with pytest.raises(ConfigError, match=rf"^--out '.*/models' holds {name} but no checkpoint"):
+        build_train_config(
+            sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+            overrides={}, resume=False,
+        )  # fmt: skip
+
+    (out / "checkpoint").mkdir()  # an earlier run's: the run itself refuses or resumes it
+    build_train_config(
+        sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
+        overrides={}, resume=True,
+    )  # fmt: skip

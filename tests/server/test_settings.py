@@ -661,3 +661,25 @@ def test_the_documented_off_values_of_inactive_keys_are_taken() -> None:
     settings = RunSettings.from_config({**OK, "secagg.clipping-range": 0.0})
     assert settings.secagg is None and settings.client_dp is None and not settings.site_dp
     assert settings.to_config()["site-dp.delta"] == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("alias", "rule"),
+    [("v1", "reserved by MLflow"), ("latest", "reserved by MLflow"), ("prod ready", "'_' and '-'")],
+)
+def test_a_publish_alias_mlflow_refuses_is_refused_before_the_run_trains(
+    tmp_path: Path, alias: str, rule: str
+) -> None:
+    from server.settings import PublishSettings
+
+    key = tmp_path / "k.pem"
+    key.write_text("a key file")
+    values = {
+        "registry.model-name": "m",
+        "registry.signing-key": str(key),
+        "registry.passphrase-env": "FEDLORA_KEY_PASSPHRASE",
+        "registry.alias": alias,
+    }
+
+    with pytest.raises(ConfigError, match=rf"^registry\.alias={alias!r}: alias .*{rule}"):
+        PublishSettings.from_values(values)

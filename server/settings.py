@@ -278,7 +278,8 @@ def _set_back(name: str, value: Any) -> str:
         value = json.dumps(value)  # a TOML basic string, as --set and --run-config read it
     elif not isinstance(value, int | float):
         return ""
-    return f" (set {key}={value} again to resume)"
+    flag = f": --rounds {value} with fedlora train" if key == "num-server-rounds" else ""
+    return f" (set {key}={value} again to resume{flag})"  # train refuses a --set --rounds sets
 
 
 def _head_init(value: str, spec: ModelSpec) -> str:

@@ -179,9 +179,10 @@ def check_out(out: Path) -> None:
     if where == out.absolute() and not os.path.lexists(out / "checkpoint"):
         found = [name for name in RUN_OUTPUTS if os.path.lexists(out / name)]
         if found:
+            them = "them" if len(found) > 1 else "it"
             raise ConfigError(
                 f"--out {str(out)!r} holds {', '.join(found)} but no checkpoint/, so no "
-                "earlier run there wrote them, and this run would replace them; choose "
+                f"earlier run there wrote {them}, and this run would replace {them}; choose "
                 "another --out"
             )
 

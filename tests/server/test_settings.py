@@ -134,6 +134,16 @@ def test_a_changed_setting_is_named_by_its_run_config_key() -> None:
     assert now.changed_since(now.fingerprint()) == []
 
 
+def test_a_changed_round_count_names_the_flag_fedlora_train_sets_it_by() -> None:
+    before = RunSettings.from_config({**OK, "num-server-rounds": 3})
+    now = RunSettings.from_config({**OK, "num-server-rounds": 5})
+
+    assert now.changed_since(before.fingerprint()) == [
+        "num-server-rounds was 3, now 5 (set num-server-rounds=3 again to resume: --rounds 3 "
+        "with fedlora train)"
+    ]
+
+
 def test_every_fingerprinted_setting_has_its_run_config_keys() -> None:
     from server.settings import FINGERPRINT_KEYS, SITE_DP_ONLY
 

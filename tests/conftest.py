@@ -3,6 +3,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,3 +132,33 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import make_tiny_bert
 
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=64)
+
+
+def fedlora_killed_at(
+    target: str, argv: list[str], *, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fedlora ARGV`` in a subprocess in which calling ``module:function`` sends the
+    process SIGTERM (then waits for its handler), as `kill PID` would arrive at that step.
+
+    Returns:
+        The finished `subprocess.CompletedProcess`, with text stdout and stderr.
+    """
+    module, _, function = target.partition(":")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        import {module} as target
+        from server.cli import main
+
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the signal's handler runs here
+
+        target.{function} = killed
+        sys.exit(main({argv!r}))
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=timeout
+    )

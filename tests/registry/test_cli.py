@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import pytest
 from registry.keys import KeyPair
 from registry.mlflow_store import MlflowStore
 from server.cli import EXIT_ERROR, main
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, fedlora_killed_at
 
 
 @pytest.mark.parametrize(
@@ -74,26 +71,11 @@ def test_a_publish_stopped_by_sigterm_exits_143_and_leaves_no_version(
     uri = f"sqlite:///{tmp_path / 'reg' / 'mlflow.db'}"
     argv = ["registry", "publish", str(outputs[0]), "--model", "intents",
             "--key", str(keypair.private_path), "--registry", uri]  # fmt: skip
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys, time
-        from registry import lifecycle
-        from server.cli import main
-
-        def killed(store, index):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)  # the signal's handler runs here
-
-        lifecycle.write_index = killed
-        sys.exit(main({argv!r}))
-        """
-    )
     monkeypatch.setenv("FEDLORA_KEY_PASSPHRASE", PASSPHRASE)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the publisher's state lives under ~
 
     # Act
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = fedlora_killed_at("registry.lifecycle:write_index", argv)
 
     # Assert: the cleanup Ctrl-C gets ran (the version is gone), and a re-run publishes.
     assert done.returncode == 143, done.stderr[-2000:]

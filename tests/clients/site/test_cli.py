@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from server.cli import main
+from tests.conftest import fedlora_killed_at
 
 CLS = "sequence-classification"
 ROOT = Path(__file__).resolve().parents[3]
@@ -403,26 +403,10 @@ def test_split_stopped_by_sigterm_mid_write_exits_143_and_leaves_nothing(
 ) -> None:
     # Arrange: `kill PID` arrives once the site files are written, before they are swapped in
     out = tmp_path / "sites"
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys, time
-        from clients.site import split
-        from server.cli import main
-
-        def killed(new, target):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)  # the signal's handler runs here
-
-        split.swap_directory = killed
-        sys.exit(main(["data", "split", {str(src)!r}, "--sites", "2", "--alpha", "1",
-                       "--out", {str(out)!r}]))
-        """
-    )
+    argv = ["data", "split", str(src), "--sites", "2", "--alpha", "1", "--out", str(out)]
 
     # Act
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    done = fedlora_killed_at("clients.site.split:swap_directory", argv, timeout=60)
 
     # Assert: stopped as `fedlora train` is, and no partial temporary directory is left
     assert done.returncode == 143, done.stderr

@@ -35,6 +35,7 @@ from registry.lifecycle import (
     PRODUCTION,
     SigningKey,
     add_signer,
+    check_publish,
     promote,
     publish,
     renew,
@@ -285,11 +286,15 @@ def registry_group(sub: argparse._SubParsersAction) -> None:
 @_unwinds_on_sigterm
 def cmd_publish(args: argparse.Namespace) -> int:
     trust = _trust(args)
+    key = _signing_key(args)
+    # Before the registry opens: it may be a new SQLite file, made only by a publish that
+    # can go ahead.
+    check_publish(Path(args.source), key=key, alias=args.alias)
     result = publish(
         _store(args, create=True),
         Path(args.source),
         model=args.model,
-        key=_signing_key(args),
+        key=key,
         trust=trust,
         alias=args.alias,
     )

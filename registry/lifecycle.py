@@ -230,6 +230,23 @@ class _Release:
     version: str | None = None  # an unfinished version that already holds it
 
 
+def check_publish(source: Path, *, key: SigningKey, alias: str) -> None:
+    """What `publish` refuses without asking the registry: the alias, the signing key (its
+    file and passphrase) and an unsigned source's adapter files.
+
+    The CLI checks them before it opens the registry, so a refused publish makes no
+    registry in a new SQLite file (`MlflowStore` ``create``): a typo in ``--registry``
+    with a wrong passphrase left an empty one there, which ``list`` then answered from.
+
+    Raises:
+        RegistryError: Naming the alias, the key file or the source.
+    """
+    check_alias(alias)
+    load_private_key(key.path, passphrase=key.passphrase)
+    if not (source / SIGNATURE_FILE).is_file():  # a signed release is checked as accepted
+        read_task(adapter_dir(source))
+
+
 def publish(
     store: MlflowStore,
     source: Path,

@@ -161,18 +161,22 @@ def check_out(out: Path) -> None:
     the model had loaded, it ended in an ``OSError`` naming no option. Also refused: an
     ``out`` holding `RUN_OUTPUTS` no run of it wrote, which the run would replace.
 
+    ``out`` is checked where the run writes it: with ``~`` expanded, as the settings
+    expand ``out-dir`` (``--out=~/runs`` reaches the command unexpanded).
+
     Raises:
-        ConfigError: Naming ``--out`` and the path in the way.
+        ConfigError: Naming ``--out`` as given and the path in the way.
     """
+    given, out = out, out.expanduser()
     where = out.absolute()
     while not where.exists():  # the nearest existing directory, where the run writes first
         if where.is_symlink():  # a dangling link: exists() follows it, mkdir cannot
-            raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a link to nothing")
+            raise ConfigError(f"--out {str(given)!r} is {_inside(where, out)}a link to nothing")
         where = where.parent
     if not where.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is {_inside(where, out)}a file, not a directory")
+        raise ConfigError(f"--out {str(given)!r} is {_inside(where, out)}a file, not a directory")
     if not os.access(where, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {str(out)!r}: {str(where)!r} is not writable")
+        raise ConfigError(f"--out {str(given)!r}: {str(where)!r} is not writable")
     # A run replaces these at its end; one that wrote them left its checkpoint beside them
     # (server/app.py then refuses a new run there, or resumes it). Without one they are
     # someone else's: a user's own adapter/ would be lost after the run's last round.
@@ -181,7 +185,7 @@ def check_out(out: Path) -> None:
         if found:
             them = "them" if len(found) > 1 else "it"
             raise ConfigError(
-                f"--out {str(out)!r} holds {', '.join(found)} but no checkpoint/, so no "
+                f"--out {str(given)!r} holds {', '.join(found)} but no checkpoint/, so no "
                 f"earlier run there wrote {them}, and this run would replace {them}; choose "
                 "another --out"
             )

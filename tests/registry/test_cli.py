@@ -50,6 +50,51 @@ def test_a_command_that_only_reads_a_registry_refuses_a_sqlite_file_that_is_not_
     assert not typo.parent.exists()
 
 
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ("alias", "alias 'v1' is reserved"),
+        ("passphrase", "wrong passphrase"),
+        ("key", "cannot read private key"),
+        ("source", "does not exist; expected a training output"),
+    ],
+)
+def test_a_refused_publish_makes_no_registry_in_a_new_sqlite_file(
+    wrong: str,
+    message: str,
+    outputs: list[Path],
+    keypair: KeyPair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Only publish may start a registry, but one refused for its own arguments opened the
+    # registry first: `--registry sqlite:///mlfow.db` (a typo) with a wrong alias, key or
+    # passphrase left an empty mlfow.db, where `registry list` then answered nothing.
+    monkeypatch.setenv("FEDLORA_KEY_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("WRONG_PASSPHRASE", "not-" + PASSPHRASE)
+    typo = tmp_path / "runs" / "mlfow.db"
+    typo.parent.mkdir()
+    source, key, flags = str(outputs[0]), str(keypair.private_path), []
+    if wrong == "alias":
+        flags = ["--alias", "v1"]
+    elif wrong == "passphrase":
+        flags = ["--passphrase-env", "WRONG_PASSPHRASE"]
+    elif wrong == "key":
+        key = str(tmp_path / "missing.pem")
+    else:
+        source = str(tmp_path / "missing")
+
+    code = main(
+        ["registry", "publish", source, "--model", "intents", "--key", key, *flags,
+         "--registry", f"sqlite:///{typo}"]
+    )  # fmt: skip
+
+    assert code == EXIT_ERROR
+    assert message in capsys.readouterr().err
+    assert list(typo.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("uri", ["htp://registry:5000", "registry.example:5000"])
 def test_a_registry_uri_mlflow_cannot_open_is_a_registry_error_naming_it(
     uri: str, capsys: pytest.CaptureFixture[str]

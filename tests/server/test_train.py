@@ -352,3 +352,30 @@ def test_an_out_holding_outputs_no_run_of_it_wrote_is_refused(tmp_path: Path, na
         sites=site_files(sites), rounds=1, out=out, eval_file=None, task=None,
         overrides={}, resume=True,
     )  # fmt: skip
+
+
+def test_an_out_starting_with_a_tilde_is_checked_where_the_run_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--out=~/models` reaches fedlora unexpanded (the shell expands ~ only at a word's
+    # start), and the run writes to $HOME/models (out-dir is expanded by the settings); the
+    # check looked at ./~/models instead: it missed the user's own adapter in
+    # $HOME/models, and refused the run for a file named '~' in the working directory.
+    sites = _sites(tmp_path / "sites", "a.jsonl", "b.jsonl")
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "models" / "adapter").mkdir(parents=True)
+    work.mkdir()
+    (work / "~").write_text("not a directory\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+
+    def config(out: str) -> dict:
+        return build_train_config(
+            sites=site_files(sites), rounds=1, out=Path(out), eval_file=None, task=None,
+            overrides={}, resume=False,
+        )[0]  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"^--out '~/models' holds adapter but no checkpoint"):
+        config("~/models")
+    assert config("~/new")["out-dir"] == "~/new"  # the settings expand it, as before
+    assert (work / "~").read_text() == "not a directory\n"

@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from server.train import run_train
 
     overrides = parse_overrides(args.set or [])
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # where the run writes (--out=~/x reaches us as typed)
     try:
         with terminate_as_interrupt():  # SIGTERM stops the run as Ctrl-C does
             result = run_train(

@@ -210,7 +210,7 @@ def _check_flags(
     flags: dict[str, tuple[str, Any]] = {
         "num-server-rounds": (f"--rounds {rounds}", rounds),
         "out-dir": (f"--out {str(out)!r}", out),
-        "resume": ("--resume" if resume else "--resume (not given)", resume),
+        "resume": ("--resume", resume),
     }
     if task is not None:
         flags["task"] = (f"--task {task}", task)
@@ -224,6 +224,11 @@ def _check_flags(
             same = isinstance(given, str) and _same_path(Path(given), value)
         else:
             same = (type(given), given) == (type(value), value)
+        if not same and key == "resume":  # `federation local` has no such flag
+            raise ConfigError(
+                f"--set resume={param_value(given)}: a run resumes by fedlora train's "
+                "--resume flag only; drop the --set"
+            )
         if not same:
             raise ConfigError(
                 f"--set {key}={param_value(given)} disagrees with {flag}, which sets it; "

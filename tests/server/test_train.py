@@ -297,8 +297,16 @@ def test_a_new_out_under_new_directories_is_taken(tmp_path: Path) -> None:
             r"--set$",
         ),
         ({"out-dir": "elsewhere"}, {}, r"^--set out-dir=elsewhere disagrees with --out '.*/out'"),
-        ({"resume": True}, {}, r"^--set resume=true disagrees with --resume \(not given\)"),
-        ({"resume": False}, {"resume": True}, r"^--set resume=false disagrees with --resume"),
+        (
+            {"resume": True},
+            {},
+            r"^--set resume=true: a run resumes by fedlora train.s --resume flag",
+        ),
+        (
+            {"resume": False},
+            {"resume": True},
+            r"^--set resume=false: a run resumes by fedlora train.s --resume flag",
+        ),
         ({"task": "causal-lm"}, {"task": "sequence-classification"}, r"^--set task=causal-lm "),
         ({"eval-file": "x.jsonl"}, {"eval": "held-out.jsonl"}, r"^--set eval-file=x.jsonl "),
     ],

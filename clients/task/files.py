@@ -30,9 +30,13 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# Another host's leftover untouched this long is a dead writer's: every writer here
+# (a file, a data split, a pulled release) finishes in minutes.
+FOREIGN_LEFTOVER_S = 24 * 3600.0
 
 
 def fsync_directory(directory: Path) -> None:
@@ -101,9 +105,10 @@ def writer_tag() -> str:
 
     A pid means something only in its own PID namespace: on a directory that two hosts or
     containers share, a live writer elsewhere can have a pid that is free here. So a
-    leftover is removed only when its host is this one and its pid is dead here; another
-    host's leftovers are left alone (names from before the host part, ``<pid>`` alone, are
-    judged by the pid, as they were).
+    leftover is removed when its host is this one and its pid is dead here, or when it is
+    another host's and untouched for `FOREIGN_LEFTOVER_S` (a container's restart is a new
+    host: its dead predecessor's leftovers would otherwise stay for ever). Names from before
+    the host part, ``<pid>`` alone, are judged by the pid, as they were.
     """
     return f"{os.getpid()}-{_host()}"
 
@@ -115,12 +120,24 @@ def _remove_dead_writers_files(path: Path) -> None:
     )
     for leftover in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
         match = pattern.fullmatch(leftover.name)
-        if not match or match.group(2) not in (None, _host()) or _alive(int(match.group(1))):
+        if not match:
+            continue
+        if match.group(2) in (None, _host()):
+            if _alive(int(match.group(1))):
+                continue
+        elif not _untouched_for(leftover, FOREIGN_LEFTOVER_S):
             continue
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > seconds
+    except FileNotFoundError:
+        return False  # gone already
 
 
 def _alive(pid: int) -> bool:

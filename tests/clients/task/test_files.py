@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,18 +103,24 @@ def test_a_dead_writers_temporary_file_is_removed_a_live_ones_kept(tmp_path: Pat
     assert not dead.exists() and live.exists() and other.exists()
 
 
-def test_another_hosts_temporary_file_is_left_whatever_its_pid(tmp_path: Path) -> None:
-    # A directory two containers share: a pid free here may be a live writer there.
+def test_another_hosts_temporary_file_is_left_whatever_its_pid_until_a_day_old(
+    tmp_path: Path,
+) -> None:
+    # A directory two containers share: a pid free here may be a live writer there; after a
+    # day untouched it is a dead one's (a restarted container is a new host).
     path = tmp_path / "state.json"
     elsewhere = tmp_path / f".state.json.{_dead_pid()}-0123456789ab.abc123{files.TMP_SUFFIX}"
+    stale = tmp_path / f".state.json.{os.getppid()}-0123456789ab.def456{files.TMP_SUFFIX}"
     legacy = tmp_path / f".state.json.{_dead_pid()}.def456{files.TMP_SUFFIX}"  # no host part
-    for leftover in (elsewhere, legacy):
+    for leftover in (elsewhere, stale, legacy):
         leftover.write_bytes(b"half")
+    day_ago = time.time() - files.FOREIGN_LEFTOVER_S - 60
+    os.utime(stale, (day_ago, day_ago))
     assert files.writer_tag().split("-")[1] != "0123456789ab"
 
     write_atomic(path, b"whole")
 
-    assert elsewhere.exists() and not legacy.exists()
+    assert elsewhere.exists() and not stale.exists() and not legacy.exists()
 
 
 def test_the_writer_tag_is_the_pid_and_a_host_digest() -> None:

@@ -207,16 +207,22 @@ def _check_flags(
     Raises:
         ConfigError: Naming the ``--set`` key and value, and the flag.
     """
+
+    def sets(flag: str) -> str:
+        return f" disagrees with {flag}, which sets it"
+
+    # key: (why the --set cannot stand, the flag's value)
     flags: dict[str, tuple[str, Any]] = {
-        "num-server-rounds": (f"--rounds {rounds}", rounds),
-        "out-dir": (f"--out {str(out)!r}", out),
-        "resume": ("--resume", resume),
+        "num-server-rounds": (sets(f"--rounds {rounds}"), rounds),
+        "out-dir": (sets(f"--out {str(out)!r}"), out),
+        # `federation local` has no such flag: name the one command that does
+        "resume": (": a run resumes by fedlora train's --resume flag only", resume),
     }
     if task is not None:
-        flags["task"] = (f"--task {task}", task)
+        flags["task"] = (sets(f"--task {task}"), task)
     if eval_file is not None:
-        flags["eval-file"] = (f"--eval {str(eval_file)!r}", eval_file)
-    for key, (flag, value) in flags.items():
+        flags["eval-file"] = (sets(f"--eval {str(eval_file)!r}"), eval_file)
+    for key, (why, value) in flags.items():
         if key not in overrides:
             continue
         given = overrides[key]
@@ -224,16 +230,8 @@ def _check_flags(
             same = isinstance(given, str) and _same_path(Path(given), value)
         else:
             same = (type(given), given) == (type(value), value)
-        if not same and key == "resume":  # `federation local` has no such flag
-            raise ConfigError(
-                f"--set resume={param_value(given)}: a run resumes by fedlora train's "
-                "--resume flag only; drop the --set"
-            )
         if not same:
-            raise ConfigError(
-                f"--set {key}={param_value(given)} disagrees with {flag}, which sets it; "
-                "drop the --set"
-            )
+            raise ConfigError(f"--set {key}={param_value(given)}{why}; drop the --set")
 
 
 def _same_path(a: Path, b: Path) -> bool:
